@@ -1,0 +1,6 @@
+//! The wgxdp data plane: packet views, the WireGuard protocol core and the
+//! lock-free tables the workers read. No HTTP, no database.
+
+pub mod noise;
+pub mod table;
+pub mod wire;
