@@ -7,9 +7,11 @@ pub mod cookie;
 pub mod crypto;
 pub mod handshake;
 pub mod keys;
+pub mod peer;
 pub mod replay;
 pub mod session;
 pub mod tai64n;
+pub mod timers;
 
 pub use aead::{AeadBackend, TransportKey};
 pub use keys::{KeyParseError, PresharedKey, PrivateKey, PublicKey};

@@ -1,0 +1,579 @@
+//! One remote peer's protocol state (I/O-free): handshake in progress, the
+//! current / previous / next keypairs, the cookie jar, timers and the replay
+//! defences on initiations. The caller owns the receiver-index table and the
+//! sockets: each method says which local indices it created or retired.
+
+use super::aead::AeadBackend;
+use super::constants::{
+    INITIATIONS_MIN_INTERVAL, KEEPALIVE_TIMEOUT, REJECT_AFTER_TIME, REKEY_TIMEOUT,
+};
+use super::cookie::{CookieJar, MacKeys};
+use super::crypto::AeadError;
+use super::handshake::{
+    consume_response, create_initiation, create_response, ConsumedInitiation, HandshakeError,
+    InitiatorState, PeerKeys, StaticIdentity,
+};
+use super::keys::{PresharedKey, PublicKey};
+use super::session::{Keypair, ReceiveError, SendError, WorkerToken};
+use super::tai64n::Tai64N;
+use super::timers::{TimerActions, Timers};
+use crate::wire::{CookieReply, HandshakeInitiation, HandshakeResponse, TransportHeader};
+use rand_core::{OsRng, RngCore};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How a peer is configured.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub public_key: PublicKey,
+    pub preshared_key: PresharedKey,
+    pub persistent_keepalive: Option<Duration>,
+}
+
+/// Local indices that stopped being valid; remove them from the index table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retired {
+    indices: [Option<u32>; 4],
+}
+
+impl Retired {
+    fn push(&mut self, index: u32) {
+        if let Some(slot) = self.indices.iter_mut().find(|s| s.is_none()) {
+            *slot = Some(index);
+        }
+    }
+
+    fn push_keypair(&mut self, kp: Option<Arc<Keypair>>) {
+        if let Some(kp) = kp {
+            self.push(kp.local_index);
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.indices.iter().flatten().copied()
+    }
+}
+
+/// Result of sending on a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub len: usize,
+    /// The session is due for rekeying: start a handshake (section 6.2).
+    pub rekey: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PeerSendError {
+    #[error("no usable session: a handshake is needed")]
+    NoSession,
+    #[error("output buffer too small")]
+    BufferTooSmall,
+}
+
+/// Result of receiving on a peer.
+#[derive(Debug)]
+pub struct Received<'a> {
+    /// The padded inner packet; empty for a keepalive.
+    pub payload: &'a mut [u8],
+    pub retired: Retired,
+    /// Section 6.2: an initiator receiving on an old session starts a handshake.
+    pub rekey: bool,
+}
+
+#[derive(Debug, Default)]
+struct Keypairs {
+    current: Option<Arc<Keypair>>,
+    previous: Option<Arc<Keypair>>,
+    /// A responder's keypair, unconfirmed until the initiator first uses it.
+    next: Option<Arc<Keypair>>,
+}
+
+pub struct Peer {
+    keys: PeerKeys,
+    mac_keys: MacKeys,
+    backend: AeadBackend,
+    cookies: CookieJar,
+    handshake: Option<InitiatorState>,
+    keypairs: Keypairs,
+    pub timers: Timers,
+    latest_timestamp: Option<Tai64N>,
+    last_initiation_received: Option<Instant>,
+    last_initiation_sent: Option<Instant>,
+    /// Set when we already started a handshake because a session is near
+    /// REJECT_AFTER_TIME on receive (so we do it once per session).
+    sent_last_minute_handshake: bool,
+    last_handshake: Option<SystemTime>,
+}
+
+impl core::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Peer")
+            .field("public_key", &self.keys.remote_static)
+            .field("keypairs", &self.keypairs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Peer {
+    pub fn new(
+        local: &StaticIdentity,
+        config: PeerConfig,
+        backend: AeadBackend,
+    ) -> Result<Self, HandshakeError> {
+        Ok(Self {
+            mac_keys: MacKeys::new(&config.public_key),
+            keys: PeerKeys::new(local, config.public_key, config.preshared_key)?,
+            backend,
+            cookies: CookieJar::default(),
+            handshake: None,
+            keypairs: Keypairs::default(),
+            timers: Timers::new(config.persistent_keepalive),
+            latest_timestamp: None,
+            last_initiation_received: None,
+            last_initiation_sent: None,
+            sent_last_minute_handshake: false,
+            last_handshake: None,
+        })
+    }
+
+    pub fn public_key(&self) -> &PublicKey {
+        &self.keys.remote_static
+    }
+
+    pub fn keys(&self) -> &PeerKeys {
+        &self.keys
+    }
+
+    /// Wall-clock time of the last completed handshake.
+    pub fn last_handshake(&self) -> Option<SystemTime> {
+        self.last_handshake
+    }
+
+    pub fn current_keypair(&self) -> Option<&Arc<Keypair>> {
+        self.keypairs.current.as_ref()
+    }
+
+    /// The local index of the handshake in progress, if any.
+    pub fn handshake_index(&self) -> Option<u32> {
+        self.handshake.as_ref().map(|h| h.local_index)
+    }
+
+    /// Initiations are sent at most once per REKEY_TIMEOUT (section 6.1).
+    pub fn may_initiate(&self, now: Instant) -> bool {
+        self.last_initiation_sent
+            .is_none_or(|t| now.saturating_duration_since(t) >= REKEY_TIMEOUT)
+    }
+
+    /// Writes a complete initiation (body and MACs) into `out` using `local_index`.
+    /// A handshake already in progress is replaced; its index is retired.
+    pub fn write_initiation(
+        &mut self,
+        local: &StaticIdentity,
+        local_index: u32,
+        retry: bool,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut [u8; 148],
+    ) -> Result<Retired, HandshakeError> {
+        let mut retired = Retired::default();
+        let mut msg =
+            HandshakeInitiation::new_zeroed(&mut out[..]).expect("148 bytes is an initiation");
+        let state = create_initiation(
+            local,
+            &self.keys,
+            local_index,
+            Tai64N::from_system_time(wall),
+            now,
+            &mut msg,
+        )?;
+        self.cookies.stamp(&self.mac_keys, &mut out[..], now);
+        if let Some(old) = self.handshake.replace(state) {
+            retired.push(old.local_index);
+        }
+        self.last_initiation_sent = Some(now);
+        self.timers.on_initiation_sent(now, jitter(), retry);
+        Ok(retired)
+    }
+
+    /// Answers a consumed initiation from this peer: checks that its timestamp is
+    /// newer than any before (replay) and that initiations are not flooding,
+    /// writes the response into `out`, and installs the new keypair as `next`.
+    pub fn write_response(
+        &mut self,
+        init: &ConsumedInitiation,
+        local_index: u32,
+        now: Instant,
+        out: &mut [u8; 92],
+    ) -> Result<(Arc<Keypair>, Retired), HandshakeError> {
+        if init.remote_static != self.keys.remote_static {
+            return Err(HandshakeError::UnknownPeer);
+        }
+        if self.latest_timestamp.is_some_and(|t| init.timestamp <= t) {
+            return Err(HandshakeError::ReplayedInitiation);
+        }
+        if self
+            .last_initiation_received
+            .is_some_and(|t| now.saturating_duration_since(t) < INITIATIONS_MIN_INTERVAL)
+        {
+            return Err(HandshakeError::Flood);
+        }
+        let mut msg = HandshakeResponse::new_zeroed(&mut out[..]).expect("92 bytes is a response");
+        let keypair = Arc::new(create_response(
+            init,
+            &self.keys,
+            local_index,
+            self.backend,
+            now,
+            &mut msg,
+        )?);
+        self.cookies.stamp(&self.mac_keys, &mut out[..], now);
+        self.latest_timestamp = Some(init.timestamp);
+        self.last_initiation_received = Some(now);
+
+        let mut retired = Retired::default();
+        // A responder's keypair waits in `next` until the initiator uses it.
+        retired.push_keypair(self.keypairs.next.replace(keypair.clone()));
+        self.timers.on_session_derived(now);
+        self.timers.on_authenticated_sent(now);
+        Ok((keypair, retired))
+    }
+
+    /// Consumes a response to our initiation and makes its keypair current.
+    pub fn consume_response(
+        &mut self,
+        local: &StaticIdentity,
+        msg: &HandshakeResponse<&[u8]>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<(Arc<Keypair>, Retired), HandshakeError> {
+        let state = self
+            .handshake
+            .as_ref()
+            .ok_or(HandshakeError::UnexpectedResponse)?;
+        let keypair = Arc::new(consume_response(
+            state,
+            local,
+            &self.keys,
+            msg,
+            self.backend,
+            now,
+        )?);
+        self.handshake = None;
+        let mut retired = Retired::default();
+        // Initiator: the new keypair is current at once. An unconfirmed `next`
+        // is dropped; the old current becomes previous.
+        let k = &mut self.keypairs;
+        retired.push_keypair(k.next.take());
+        retired.push_keypair(k.previous.take());
+        k.previous = k.current.replace(keypair.clone());
+        self.sent_last_minute_handshake = false;
+        self.last_handshake = Some(wall);
+        self.timers.on_handshake_complete();
+        self.timers.on_session_derived(now);
+        self.timers.on_authenticated_received(now);
+        Ok((keypair, retired))
+    }
+
+    /// Stores the cookie from a reply to our last handshake message.
+    pub fn consume_cookie_reply(
+        &mut self,
+        msg: &CookieReply<&[u8]>,
+        now: Instant,
+    ) -> Result<(), AeadError> {
+        self.cookies.consume_reply(&self.mac_keys, msg, now)
+    }
+
+    /// Encrypts `payload` on the current keypair into `out` (see `Keypair::encrypt`).
+    /// An empty payload is a keepalive.
+    pub fn encrypt(
+        &mut self,
+        payload: &[u8],
+        out: &mut [u8],
+        now: Instant,
+    ) -> Result<Sent, PeerSendError> {
+        let kp = self
+            .keypairs
+            .current
+            .as_ref()
+            .ok_or(PeerSendError::NoSession)?;
+        let len = match kp.encrypt(payload, out, now) {
+            Ok(len) => len,
+            Err(SendError::BufferTooSmall) => return Err(PeerSendError::BufferTooSmall),
+            Err(SendError::Expired) => return Err(PeerSendError::NoSession),
+        };
+        let rekey = kp.needs_rekey_for_send(now) && self.handshake.is_none();
+        if !payload.is_empty() {
+            self.timers.on_data_sent(now);
+        }
+        self.timers.on_authenticated_sent(now);
+        Ok(Sent { len, rekey })
+    }
+
+    /// Opens a transport message on `keypair` (found by the caller through the
+    /// index table, and belonging to this peer). Promotes a confirmed `next`.
+    pub fn decrypt<'a>(
+        &mut self,
+        token: &WorkerToken,
+        keypair: &Arc<Keypair>,
+        msg: TransportHeader<&'a mut [u8]>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Received<'a>, ReceiveError> {
+        let payload = keypair.open(token, msg, now)?;
+        let mut retired = Retired::default();
+        let k = &mut self.keypairs;
+        if k.next.as_ref().is_some_and(|n| Arc::ptr_eq(n, keypair)) {
+            // The initiator used the responder's new keypair: it is confirmed.
+            retired.push_keypair(k.previous.take());
+            k.previous = k.current.take();
+            k.current = k.next.take();
+            self.last_handshake = Some(wall);
+            self.timers.on_handshake_complete();
+        }
+        let rekey = keypair.is_initiator
+            && !self.sent_last_minute_handshake
+            && self.handshake.is_none()
+            && now.saturating_duration_since(keypair.created)
+                >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT;
+        if rekey {
+            self.sent_last_minute_handshake = true;
+        }
+        if !payload.is_empty() {
+            self.timers.on_data_received(now);
+        }
+        self.timers.on_authenticated_received(now);
+        Ok(Received {
+            payload,
+            retired,
+            rekey,
+        })
+    }
+
+    /// Runs due timers. When keys are zeroed, their indices are returned.
+    pub fn tick(&mut self, now: Instant) -> (TimerActions, Retired) {
+        let mut actions = self.timers.poll(now);
+        let mut retired = Retired::default();
+        if actions.gave_up {
+            if let Some(h) = self.handshake.take() {
+                retired.push(h.local_index);
+            }
+        }
+        if actions.zero_keys {
+            retired = self.zero_keys();
+            actions.send_initiation = false;
+        }
+        if actions.send_keepalive && self.keypairs.current.is_none() {
+            actions.send_keepalive = false;
+        }
+        (actions, retired)
+    }
+
+    /// Drops every keypair and the handshake state (their keys zeroize on drop).
+    pub fn zero_keys(&mut self) -> Retired {
+        let mut retired = Retired::default();
+        let k = &mut self.keypairs;
+        retired.push_keypair(k.current.take());
+        retired.push_keypair(k.previous.take());
+        retired.push_keypair(k.next.take());
+        if let Some(h) = self.handshake.take() {
+            retired.push(h.local_index);
+        }
+        retired
+    }
+}
+
+/// A uniform value in [0, 1) for timer jitter.
+fn jitter() -> f64 {
+    f64::from(OsRng.next_u32()) / (f64::from(u32::MAX) + 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::noise::handshake::consume_initiation_static;
+    use crate::noise::keys::PrivateKey;
+
+    static BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+    struct Side {
+        id: StaticIdentity,
+        peer: Peer,
+        token: WorkerToken,
+    }
+
+    fn sides() -> (Side, Side) {
+        let a = StaticIdentity::new(PrivateKey::generate());
+        let b = StaticIdentity::new(PrivateKey::generate());
+        let psk = PresharedKey::generate();
+        let cfg = |pk| PeerConfig {
+            public_key: pk,
+            preshared_key: psk.clone(),
+            persistent_keepalive: None,
+        };
+        let pa = Peer::new(&a, cfg(b.public), AeadBackend::Ring).unwrap();
+        let pb = Peer::new(&b, cfg(a.public), AeadBackend::Ring).unwrap();
+        (
+            Side {
+                id: a,
+                peer: pa,
+                token: WorkerToken::new(),
+            },
+            Side {
+                id: b,
+                peer: pb,
+                token: WorkerToken::new(),
+            },
+        )
+    }
+
+    /// i initiates to r; returns (i's keypair, r's keypair).
+    fn handshake(
+        i: &mut Side,
+        r: &mut Side,
+        idx: (u32, u32),
+        now: Instant,
+    ) -> (Arc<Keypair>, Arc<Keypair>) {
+        // Wall clock advancing with `now`, so TAI64N timestamps keep increasing.
+        let wall =
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + now.duration_since(*BASE);
+        let mut init = [0u8; 148];
+        i.peer
+            .write_initiation(&i.id, idx.0, false, now, wall, &mut init)
+            .unwrap();
+        let view = HandshakeInitiation::new_checked(&init[..]).unwrap();
+        let consumed = consume_initiation_static(&r.id, &view)
+            .unwrap()
+            .finish(r.peer.keys(), &view)
+            .unwrap();
+        let mut resp = [0u8; 92];
+        let (rk, _) = r
+            .peer
+            .write_response(&consumed, idx.1, now, &mut resp)
+            .unwrap();
+        let view = HandshakeResponse::new_checked(&resp[..]).unwrap();
+        let (ik, _) = i
+            .peer
+            .consume_response(&i.id, &view, now, SystemTime::now())
+            .unwrap();
+        (ik, rk)
+    }
+
+    fn send(
+        from: &mut Side,
+        to: &mut Side,
+        to_kp: &Arc<Keypair>,
+        payload: &[u8],
+        now: Instant,
+    ) -> Vec<u8> {
+        let mut buf = [0u8; 256];
+        let sent = from.peer.encrypt(payload, &mut buf, now).unwrap();
+        let msg = TransportHeader::new_checked(&mut buf[..sent.len]).unwrap();
+        let r = to
+            .peer
+            .decrypt(&to.token, to_kp, msg, now, SystemTime::now())
+            .unwrap();
+        r.payload.to_vec()
+    }
+
+    #[test]
+    fn responder_promotes_next_on_first_data_and_rotation_keeps_old_sessions() {
+        let (mut a, mut b) = sides();
+        let now = *BASE;
+        let (ak1, bk1) = handshake(&mut a, &mut b, (1, 2), now);
+        assert!(b.peer.current_keypair().is_none(), "unconfirmed until used");
+        assert_eq!(
+            b.peer.encrypt(b"x", &mut [0u8; 64], now).unwrap_err(),
+            PeerSendError::NoSession
+        );
+        assert_eq!(&send(&mut a, &mut b, &bk1, b"hi", now)[..2], b"hi");
+        assert!(Arc::ptr_eq(b.peer.current_keypair().unwrap(), &bk1));
+        assert_eq!(&send(&mut b, &mut a, &ak1, b"yo", now)[..2], b"yo");
+
+        // Rekey, b initiating this time. Packets in flight on the old keypair still open.
+        let mut in_flight = [0u8; 64];
+        let n = a.peer.encrypt(b"old", &mut in_flight, now).unwrap().len;
+        let later = now + Duration::from_secs(1);
+        let (bk2, ak2) = handshake(&mut b, &mut a, (3, 4), later);
+        assert!(Arc::ptr_eq(b.peer.current_keypair().unwrap(), &bk2));
+        let msg = TransportHeader::new_checked(&mut in_flight[..n]).unwrap();
+        let r = b
+            .peer
+            .decrypt(&b.token, &bk1, msg, later, SystemTime::now())
+            .unwrap();
+        assert_eq!(&r.payload[..3], b"old");
+        // a still sends on the old current until b's new keypair is used...
+        assert!(Arc::ptr_eq(a.peer.current_keypair().unwrap(), &ak1));
+        send(&mut b, &mut a, &ak2, b"new", later);
+        assert!(Arc::ptr_eq(a.peer.current_keypair().unwrap(), &ak2));
+        // ...and a third handshake retires the oldest keypair.
+        let (_, _) = handshake(&mut b, &mut a, (5, 6), later + Duration::from_secs(1));
+        let mut init = [0u8; 148];
+        let retired = b
+            .peer
+            .write_initiation(&b.id, 7, false, later, SystemTime::now(), &mut init)
+            .unwrap();
+        assert_eq!(retired.iter().count(), 0, "no handshake was pending");
+        let retired = b
+            .peer
+            .write_initiation(&b.id, 8, true, later, SystemTime::now(), &mut init)
+            .unwrap();
+        assert_eq!(retired.iter().collect::<Vec<_>>(), vec![7]);
+    }
+
+    #[test]
+    fn replayed_and_flooding_initiations_are_refused() {
+        let (mut a, mut b) = sides();
+        let now = Instant::now();
+        let mut init = [0u8; 148];
+        a.peer
+            .write_initiation(&a.id, 1, false, now, SystemTime::now(), &mut init)
+            .unwrap();
+        let view = HandshakeInitiation::new_checked(&init[..]).unwrap();
+        let consumed = consume_initiation_static(&b.id, &view)
+            .unwrap()
+            .finish(b.peer.keys(), &view)
+            .unwrap();
+        let mut resp = [0u8; 92];
+        b.peer.write_response(&consumed, 2, now, &mut resp).unwrap();
+        let again = now + Duration::from_secs(1);
+        assert_eq!(
+            b.peer
+                .write_response(&consumed, 3, again, &mut resp)
+                .unwrap_err(),
+            HandshakeError::ReplayedInitiation
+        );
+        // A newer initiation arriving within 50 ms of the last is a flood.
+        let mut init2 = [0u8; 148];
+        let wall = SystemTime::now() + Duration::from_secs(1);
+        a.peer
+            .write_initiation(&a.id, 4, false, now, wall, &mut init2)
+            .unwrap();
+        let view = HandshakeInitiation::new_checked(&init2[..]).unwrap();
+        let consumed2 = consume_initiation_static(&b.id, &view)
+            .unwrap()
+            .finish(b.peer.keys(), &view)
+            .unwrap();
+        assert_eq!(
+            b.peer
+                .write_response(&consumed2, 5, now + Duration::from_millis(10), &mut resp)
+                .unwrap_err(),
+            HandshakeError::Flood
+        );
+        assert!(b
+            .peer
+            .write_response(&consumed2, 5, now + Duration::from_millis(60), &mut resp)
+            .is_ok());
+    }
+
+    #[test]
+    fn zeroing_retires_every_index() {
+        let (mut a, mut b) = sides();
+        let now = Instant::now();
+        let (_, bk) = handshake(&mut a, &mut b, (1, 2), now);
+        send(&mut a, &mut b, &bk, b"x", now);
+        let (actions, retired) = b.peer.tick(now + crate::noise::constants::ZERO_KEYS_AFTER);
+        assert!(actions.zero_keys);
+        assert_eq!(retired.iter().collect::<Vec<_>>(), vec![2]);
+        assert!(b.peer.current_keypair().is_none());
+    }
+}
