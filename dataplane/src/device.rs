@@ -1,0 +1,988 @@
+//! A WireGuard device, I/O-free: many peers, one static identity, the receiver-
+//! index table and cryptokey routing. The caller moves bytes (UDP payloads in,
+//! inner IP packets in) and passes `now`; the device answers with what to send
+//! or deliver, and counts every drop by reason.
+//!
+//! Outputs that are not a direct answer to an input (staged packets after a
+//! handshake, timer-driven initiations and keepalives) are pulled with
+//! `poll_transmit` after each input and after `tick`.
+
+use crate::noise::cookie::{CookieChecker, MacVerdict};
+use crate::noise::handshake::{consume_initiation_static, HandshakeError, StaticIdentity};
+use crate::noise::peer::{Peer, PeerConfig, PeerSendError, Retired};
+use crate::noise::session::{sealed_len, Keypair, ReceiveError, WorkerToken};
+use crate::noise::{AeadBackend, PrivateKey, PublicKey};
+use crate::table::{IndexTable, IpPrefix, SharedAllowedIps};
+use crate::wire::{
+    HandshakeInitiation, HandshakeResponse, Ipv4Packet, Ipv6Packet, Message, WireError,
+    HANDSHAKE_INITIATION_LEN, HANDSHAKE_RESPONSE_LEN,
+};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// A peer's handle inside one device.
+pub type PeerId = u32;
+
+/// Packets held per peer while a handshake completes (as wireguard-go does).
+pub const MAX_STAGED_PACKETS: usize = 128;
+
+/// What the receiver index points at: a handshake we initiated, or a keypair.
+#[derive(Debug, Clone)]
+pub struct IndexValue {
+    pub peer: PeerId,
+    pub keypair: Option<Arc<Keypair>>,
+}
+
+/// Why an input was dropped. Each has a counter in `DropCounters`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Drop {
+    #[error("malformed message: {0}")]
+    Malformed(WireError),
+    #[error("invalid MAC1")]
+    InvalidMac1,
+    #[error("unknown receiver index")]
+    UnknownIndex,
+    #[error("handshake rejected: {0}")]
+    Handshake(HandshakeError),
+    #[error("cookie reply rejected")]
+    BadCookieReply,
+    #[error("transport message rejected: {0}")]
+    Receive(ReceiveError),
+    #[error("inner packet is not IPv4/IPv6 or is truncated")]
+    BadInnerPacket,
+    #[error("inner source address is not an allowed IP of the sending peer")]
+    SourceNotAllowed,
+    #[error("no peer's allowed IPs contain the destination")]
+    NoRoute,
+    #[error("peer has no known endpoint")]
+    NoEndpoint,
+    #[error("staging queue full while waiting for a handshake")]
+    StagingFull,
+    #[error("the receiver-index table is full")]
+    IndexTableFull,
+    #[error("output buffer too small")]
+    BufferTooSmall,
+}
+
+/// Drop counters, one per reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DropCounters {
+    pub malformed: u64,
+    pub invalid_mac1: u64,
+    pub unknown_index: u64,
+    pub handshake: u64,
+    pub bad_cookie_reply: u64,
+    pub replay: u64,
+    pub authentication: u64,
+    pub expired: u64,
+    pub wrong_worker: u64,
+    pub bad_inner_packet: u64,
+    pub source_not_allowed: u64,
+    pub no_route: u64,
+    pub no_endpoint: u64,
+    pub staging_full: u64,
+    pub other: u64,
+}
+
+impl DropCounters {
+    fn count(&mut self, d: Drop) {
+        let c = match d {
+            Drop::Malformed(_) => &mut self.malformed,
+            Drop::InvalidMac1 => &mut self.invalid_mac1,
+            Drop::UnknownIndex => &mut self.unknown_index,
+            Drop::Handshake(_) => &mut self.handshake,
+            Drop::BadCookieReply => &mut self.bad_cookie_reply,
+            Drop::Receive(ReceiveError::Replay) => &mut self.replay,
+            Drop::Receive(ReceiveError::Authentication) => &mut self.authentication,
+            Drop::Receive(ReceiveError::Expired) => &mut self.expired,
+            Drop::Receive(ReceiveError::WrongWorker) => &mut self.wrong_worker,
+            Drop::BadInnerPacket => &mut self.bad_inner_packet,
+            Drop::SourceNotAllowed => &mut self.source_not_allowed,
+            Drop::NoRoute => &mut self.no_route,
+            Drop::NoEndpoint => &mut self.no_endpoint,
+            Drop::StagingFull => &mut self.staging_full,
+            Drop::IndexTableFull | Drop::BufferTooSmall => &mut self.other,
+        };
+        *c += 1;
+    }
+}
+
+/// What to do with an input that was accepted.
+#[derive(Debug)]
+pub enum Action<'a> {
+    /// Send `bytes` as one UDP datagram to `to`.
+    Send { to: SocketAddr, bytes: &'a [u8] },
+    /// Deliver this inner IP packet (padding removed) from `peer` to the site.
+    Deliver { peer: PeerId, packet: &'a [u8] },
+    /// Accepted; nothing to send right now (keepalive, cookie, handshake done).
+    Nothing,
+}
+
+/// A datagram produced by `poll_transmit`, in the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    pub to: SocketAddr,
+    pub len: usize,
+}
+
+/// Per-peer traffic counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub handshakes: u64,
+}
+
+struct PeerSlot {
+    peer: Peer,
+    endpoint: Option<SocketAddr>,
+    staged: VecDeque<Vec<u8>>,
+    want_initiation: bool,
+    want_keepalive: bool,
+    stats: PeerStats,
+}
+
+pub struct Device {
+    identity: StaticIdentity,
+    backend: AeadBackend,
+    cookies: CookieChecker,
+    peers: HashMap<PeerId, PeerSlot>,
+    by_key: HashMap<PublicKey, PeerId>,
+    next_peer_id: PeerId,
+    indices: Arc<IndexTable<IndexValue>>,
+    allowed_ips: Arc<SharedAllowedIps<PeerId>>,
+    token: WorkerToken,
+    ready: VecDeque<PeerId>,
+    pub drops: DropCounters,
+    pub cookie_replies_sent: u64,
+}
+
+impl core::fmt::Debug for Device {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Device")
+            .field("public_key", &self.identity.public)
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PeerConfigError {
+    #[error("a peer with this public key already exists")]
+    DuplicateKey,
+    #[error("the public key is invalid (low-order point) or our own")]
+    InvalidKey,
+}
+
+/// Source and length of an inner IP packet (padding excluded).
+fn inner_packet(payload: &[u8]) -> Result<(IpAddr, IpAddr, usize), Drop> {
+    match payload.first().map(|b| b >> 4) {
+        Some(4) => {
+            let p = Ipv4Packet::new_checked(payload).map_err(|_| Drop::BadInnerPacket)?;
+            Ok((p.source().into(), p.destination().into(), p.total_len()))
+        }
+        Some(6) => {
+            let p = Ipv6Packet::new_checked(payload).map_err(|_| Drop::BadInnerPacket)?;
+            Ok((p.source().into(), p.destination().into(), p.total_len()))
+        }
+        _ => Err(Drop::BadInnerPacket),
+    }
+}
+
+impl Device {
+    pub fn new(
+        private_key: PrivateKey,
+        backend: AeadBackend,
+        index_slot_bits: u32,
+        now: Instant,
+    ) -> Self {
+        let identity = StaticIdentity::new(private_key);
+        Self {
+            cookies: CookieChecker::new(&identity.public, now),
+            identity,
+            backend,
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            next_peer_id: 1,
+            indices: Arc::new(IndexTable::new(index_slot_bits)),
+            allowed_ips: Arc::new(SharedAllowedIps::default()),
+            token: WorkerToken::new(),
+            ready: VecDeque::new(),
+            drops: DropCounters::default(),
+            cookie_replies_sent: 0,
+        }
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.identity.public
+    }
+
+    pub fn add_peer(
+        &mut self,
+        config: PeerConfig,
+        endpoint: Option<SocketAddr>,
+        allowed_ips: &[IpPrefix],
+    ) -> Result<PeerId, PeerConfigError> {
+        if self.by_key.contains_key(&config.public_key) {
+            return Err(PeerConfigError::DuplicateKey);
+        }
+        if config.public_key == self.identity.public {
+            return Err(PeerConfigError::InvalidKey);
+        }
+        let key = config.public_key;
+        let peer = Peer::new(&self.identity, config, self.backend)
+            .map_err(|_| PeerConfigError::InvalidKey)?;
+        let id = self.next_peer_id;
+        self.next_peer_id += 1;
+        self.peers.insert(
+            id,
+            PeerSlot {
+                peer,
+                endpoint,
+                staged: VecDeque::new(),
+                want_initiation: false,
+                want_keepalive: false,
+                stats: PeerStats::default(),
+            },
+        );
+        self.by_key.insert(key, id);
+        self.allowed_ips.set_prefixes(id, allowed_ips);
+        Ok(id)
+    }
+
+    /// Removes a peer, its routes and its indices; its keys are zeroized.
+    pub fn remove_peer(&mut self, id: PeerId) -> bool {
+        let Some(mut slot) = self.peers.remove(&id) else {
+            return false;
+        };
+        self.by_key.remove(slot.peer.public_key());
+        self.allowed_ips.remove_value(id);
+        self.retire(slot.peer.zero_keys());
+        true
+    }
+
+    pub fn set_allowed_ips(&mut self, id: PeerId, prefixes: &[IpPrefix]) {
+        self.allowed_ips.set_prefixes(id, prefixes);
+    }
+
+    pub fn peer_stats(&self, id: PeerId) -> Option<PeerStats> {
+        self.peers.get(&id).map(|s| s.stats)
+    }
+
+    pub fn peer_endpoint(&self, id: PeerId) -> Option<SocketAddr> {
+        self.peers.get(&id).and_then(|s| s.endpoint)
+    }
+
+    pub fn peer_last_handshake(&self, id: PeerId) -> Option<SystemTime> {
+        self.peers.get(&id).and_then(|s| s.peer.last_handshake())
+    }
+
+    pub fn indices(&self) -> &Arc<IndexTable<IndexValue>> {
+        &self.indices
+    }
+
+    pub fn allowed_ips(&self) -> &Arc<SharedAllowedIps<PeerId>> {
+        &self.allowed_ips
+    }
+
+    fn retire(&self, retired: Retired) {
+        for index in retired.iter() {
+            self.indices.remove(index);
+        }
+    }
+
+    /// Handles one received UDP payload from `src`. `under_load` is the caller's
+    /// judgement (e.g. its handshake queue is filling): then initiations and
+    /// responses without a valid cookie get a cookie reply instead of an answer.
+    pub fn receive<'a>(
+        &mut self,
+        src: SocketAddr,
+        datagram: &'a mut [u8],
+        under_load: bool,
+        now: Instant,
+        wall: SystemTime,
+        out: &'a mut [u8],
+    ) -> Result<Action<'a>, Drop> {
+        let result = self.receive_inner(src, datagram, under_load, now, wall, out);
+        if let Err(d) = result {
+            self.drops.count(d);
+        }
+        result
+    }
+
+    fn receive_inner<'a>(
+        &mut self,
+        src: SocketAddr,
+        datagram: &'a mut [u8],
+        under_load: bool,
+        now: Instant,
+        wall: SystemTime,
+        out: &'a mut [u8],
+    ) -> Result<Action<'a>, Drop> {
+        let kind = Message::parse(&*datagram).map_err(Drop::Malformed)?;
+        match kind {
+            Message::HandshakeInitiation(_) | Message::HandshakeResponse(_) => {
+                let sender = match &kind {
+                    Message::HandshakeInitiation(m) => m.sender(),
+                    Message::HandshakeResponse(m) => m.sender(),
+                    _ => unreachable!("matched above"),
+                };
+                match self.cookies.verify(datagram, src, now) {
+                    MacVerdict::InvalidMac1 => return Err(Drop::InvalidMac1),
+                    MacVerdict::ValidWithoutCookie if under_load => {
+                        let reply: &mut [u8; 64] = (&mut out[..64])
+                            .try_into()
+                            .map_err(|_| Drop::BufferTooSmall)?;
+                        self.cookies.write_reply(datagram, sender, src, now, reply);
+                        self.cookie_replies_sent += 1;
+                        return Ok(Action::Send {
+                            to: src,
+                            bytes: &out[..64],
+                        });
+                    }
+                    _ => {}
+                }
+                if matches!(kind, Message::HandshakeInitiation(_)) {
+                    self.on_initiation(src, datagram, now, out)
+                } else {
+                    self.on_response(src, datagram, now, wall, out)
+                }
+            }
+            Message::CookieReply(m) => {
+                let entry = self.indices.get(m.receiver()).ok_or(Drop::UnknownIndex)?;
+                let slot = self
+                    .peers
+                    .get_mut(&entry.value.peer)
+                    .ok_or(Drop::UnknownIndex)?;
+                slot.peer
+                    .consume_cookie_reply(&m, now)
+                    .map_err(|_| Drop::BadCookieReply)?;
+                Ok(Action::Nothing)
+            }
+            Message::Transport(_) => self.on_transport(src, datagram, now, wall),
+        }
+    }
+
+    fn on_initiation<'a>(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        out: &'a mut [u8],
+    ) -> Result<Action<'a>, Drop> {
+        let msg = HandshakeInitiation::new_checked(datagram).map_err(Drop::Malformed)?;
+        let partial = consume_initiation_static(&self.identity, &msg).map_err(Drop::Handshake)?;
+        let id = *self
+            .by_key
+            .get(&partial.remote_static)
+            .ok_or(Drop::Handshake(HandshakeError::UnknownPeer))?;
+        let slot = self
+            .peers
+            .get_mut(&id)
+            .ok_or(Drop::Handshake(HandshakeError::UnknownPeer))?;
+        let consumed = partial
+            .finish(slot.peer.keys(), &msg)
+            .map_err(Drop::Handshake)?;
+        let index = self
+            .indices
+            .insert(IndexValue {
+                peer: id,
+                keypair: None,
+            })
+            .map_err(|_| Drop::IndexTableFull)?;
+        let buf: &mut [u8; HANDSHAKE_RESPONSE_LEN] = (&mut out[..HANDSHAKE_RESPONSE_LEN])
+            .try_into()
+            .map_err(|_| Drop::BufferTooSmall)?;
+        match slot.peer.write_response(&consumed, index, now, buf) {
+            Ok((keypair, retired)) => {
+                self.indices.replace(
+                    index,
+                    IndexValue {
+                        peer: id,
+                        keypair: Some(keypair),
+                    },
+                );
+                slot.endpoint = Some(src);
+                slot.stats.handshakes += 1;
+                self.retire(retired);
+                Ok(Action::Send {
+                    to: src,
+                    bytes: &out[..HANDSHAKE_RESPONSE_LEN],
+                })
+            }
+            Err(e) => {
+                self.indices.remove(index);
+                Err(Drop::Handshake(e))
+            }
+        }
+    }
+
+    fn on_response<'a>(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        wall: SystemTime,
+        _out: &'a mut [u8],
+    ) -> Result<Action<'a>, Drop> {
+        let msg = HandshakeResponse::new_checked(datagram).map_err(Drop::Malformed)?;
+        let entry = self.indices.get(msg.receiver()).ok_or(Drop::UnknownIndex)?;
+        if entry.value.keypair.is_some() {
+            return Err(Drop::Handshake(HandshakeError::UnexpectedResponse));
+        }
+        let id = entry.value.peer;
+        drop(entry);
+        let slot = self.peers.get_mut(&id).ok_or(Drop::UnknownIndex)?;
+        let (keypair, retired) = slot
+            .peer
+            .consume_response(&self.identity, &msg, now, wall)
+            .map_err(Drop::Handshake)?;
+        slot.endpoint = Some(src);
+        slot.stats.handshakes += 1;
+        // Section 6.3 / wireguard-go: confirm the session at once, with the staged
+        // packets if there are any, else with a keepalive.
+        if slot.staged.is_empty() {
+            slot.want_keepalive = true;
+        }
+        self.indices.replace(
+            keypair.local_index,
+            IndexValue {
+                peer: id,
+                keypair: Some(keypair),
+            },
+        );
+        self.retire(retired);
+        self.ready.push_back(id);
+        Ok(Action::Nothing)
+    }
+
+    fn on_transport<'a>(
+        &mut self,
+        src: SocketAddr,
+        datagram: &'a mut [u8],
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Action<'a>, Drop> {
+        let msg = crate::wire::TransportHeader::new_checked(datagram).map_err(Drop::Malformed)?;
+        let entry = self.indices.get(msg.receiver()).ok_or(Drop::UnknownIndex)?;
+        let id = entry.value.peer;
+        let keypair = entry.value.keypair.clone().ok_or(Drop::UnknownIndex)?;
+        drop(entry);
+        let slot = self.peers.get_mut(&id).ok_or(Drop::UnknownIndex)?;
+        let received = slot
+            .peer
+            .decrypt(&self.token, &keypair, msg, now, wall)
+            .map_err(Drop::Receive)?;
+        // Roaming (section 2.1): the endpoint follows the last authenticated packet.
+        slot.endpoint = Some(src);
+        if received.rekey {
+            slot.want_initiation = true;
+            self.ready.push_back(id);
+        }
+        let retired = received.retired;
+        let payload = received.payload;
+        for index in retired.iter() {
+            self.indices.remove(index);
+        }
+        if payload.is_empty() {
+            return Ok(Action::Nothing);
+        }
+        let (source, _, len) = inner_packet(payload)?;
+        if self.allowed_ips.load().lookup(source) != Some(id) {
+            return Err(Drop::SourceNotAllowed);
+        }
+        let slot = self.peers.get_mut(&id).ok_or(Drop::UnknownIndex)?;
+        slot.stats.rx_bytes += len as u64;
+        slot.stats.rx_packets += 1;
+        Ok(Action::Deliver {
+            peer: id,
+            packet: &payload[..len],
+        })
+    }
+
+    /// Encrypts an inner IP packet for the peer that owns its destination. If no
+    /// session exists yet, the packet is staged and a handshake initiation is
+    /// returned instead (the packet follows via `poll_transmit`).
+    pub fn send<'a>(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+        wall: SystemTime,
+        out: &'a mut [u8],
+    ) -> Result<Action<'a>, Drop> {
+        let r = self.send_inner(packet, now, wall, out);
+        if let Err(d) = r {
+            self.drops.count(d);
+        }
+        r
+    }
+
+    fn send_inner<'a>(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+        wall: SystemTime,
+        out: &'a mut [u8],
+    ) -> Result<Action<'a>, Drop> {
+        let (_, dst, len) = inner_packet(packet)?;
+        let id = self.allowed_ips.load().lookup(dst).ok_or(Drop::NoRoute)?;
+        let slot = self.peers.get_mut(&id).ok_or(Drop::NoRoute)?;
+        let to = slot.endpoint.ok_or(Drop::NoEndpoint)?;
+        match slot.peer.encrypt(&packet[..len], out, now) {
+            Ok(sent) => {
+                slot.stats.tx_bytes += len as u64;
+                slot.stats.tx_packets += 1;
+                if sent.rekey {
+                    slot.want_initiation = true;
+                    self.ready.push_back(id);
+                }
+                Ok(Action::Send {
+                    to,
+                    bytes: &out[..sent.len],
+                })
+            }
+            Err(PeerSendError::BufferTooSmall) => Err(Drop::BufferTooSmall),
+            Err(PeerSendError::NoSession) => {
+                if slot.staged.len() >= MAX_STAGED_PACKETS {
+                    slot.staged.pop_front();
+                    self.drops.count(Drop::StagingFull);
+                }
+                slot.staged.push_back(packet[..len].to_vec());
+                slot.want_initiation = true;
+                self.ready.push_back(id);
+                match self.poll_transmit(now, wall, out) {
+                    Some(t) => Ok(Action::Send {
+                        to: t.to,
+                        bytes: &out[..t.len],
+                    }),
+                    None => Ok(Action::Nothing),
+                }
+            }
+        }
+    }
+
+    /// Starts a handshake with `id` now (e.g. on configuration), if allowed.
+    pub fn initiate(&mut self, id: PeerId) {
+        if let Some(slot) = self.peers.get_mut(&id) {
+            slot.want_initiation = true;
+            self.ready.push_back(id);
+        }
+    }
+
+    /// Runs every peer's timers; due work is then pulled with `poll_transmit`.
+    pub fn tick(&mut self, now: Instant) {
+        let mut retired_all = Vec::new();
+        for (id, slot) in self.peers.iter_mut() {
+            let (actions, retired) = slot.peer.tick(now);
+            retired_all.push(retired);
+            if actions.gave_up {
+                slot.staged.clear();
+            }
+            if actions.send_initiation {
+                slot.want_initiation = true;
+            }
+            if actions.send_keepalive {
+                slot.want_keepalive = true;
+            }
+            if slot.want_initiation || slot.want_keepalive || !slot.staged.is_empty() {
+                self.ready.push_back(*id);
+            }
+        }
+        for r in retired_all {
+            self.retire(r);
+        }
+    }
+
+    /// The next datagram the device wants to send, written into `out`.
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut [u8],
+    ) -> Option<Transmit> {
+        while let Some(&id) = self.ready.front() {
+            let Some(slot) = self.peers.get_mut(&id) else {
+                self.ready.pop_front();
+                continue;
+            };
+            let Some(to) = slot.endpoint else {
+                slot.want_initiation = false;
+                slot.want_keepalive = false;
+                self.ready.pop_front();
+                continue;
+            };
+            if slot.want_initiation {
+                slot.want_initiation = false;
+                let retry = slot.peer.timers.handshake_pending();
+                if slot.peer.may_initiate(now) && out.len() >= HANDSHAKE_INITIATION_LEN {
+                    let Ok(index) = self.indices.insert(IndexValue {
+                        peer: id,
+                        keypair: None,
+                    }) else {
+                        self.drops.count(Drop::IndexTableFull);
+                        continue;
+                    };
+                    let buf: &mut [u8; HANDSHAKE_INITIATION_LEN] = (&mut out
+                        [..HANDSHAKE_INITIATION_LEN])
+                        .try_into()
+                        .expect("length checked");
+                    match slot
+                        .peer
+                        .write_initiation(&self.identity, index, retry, now, wall, buf)
+                    {
+                        Ok(retired) => {
+                            self.retire(retired);
+                            return Some(Transmit {
+                                to,
+                                len: HANDSHAKE_INITIATION_LEN,
+                            });
+                        }
+                        Err(e) => {
+                            self.indices.remove(index);
+                            self.drops.count(Drop::Handshake(e));
+                        }
+                    }
+                }
+                continue;
+            }
+            if slot.peer.current_keypair().is_some() {
+                if let Some(packet) = slot.staged.pop_front() {
+                    if out.len() < sealed_len(packet.len()) {
+                        self.drops.count(Drop::BufferTooSmall);
+                        continue;
+                    }
+                    if let Ok(sent) = slot.peer.encrypt(&packet, out, now) {
+                        slot.stats.tx_bytes += packet.len() as u64;
+                        slot.stats.tx_packets += 1;
+                        slot.want_keepalive = false;
+                        return Some(Transmit { to, len: sent.len });
+                    }
+                    continue;
+                }
+                if slot.want_keepalive {
+                    slot.want_keepalive = false;
+                    if let Ok(sent) = slot.peer.encrypt(&[], out, now) {
+                        return Some(Transmit { to, len: sent.len });
+                    }
+                }
+            }
+            slot.want_keepalive = false;
+            self.ready.pop_front();
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::noise::PresharedKey;
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    const A_ADDR: &str = "192.0.2.1:51820";
+    const B_ADDR: &str = "192.0.2.2:51821";
+
+    struct Pair {
+        a: Device,
+        b: Device,
+        a_peer: PeerId,
+        b_peer: PeerId,
+    }
+
+    fn pair(now: Instant) -> Pair {
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let psk = PresharedKey::generate();
+        let (pa, pb) = (ka.public_key(), kb.public_key());
+        let mut a = Device::new(ka, AeadBackend::Ring, 8, now);
+        let mut b = Device::new(kb, AeadBackend::RustCrypto, 8, now);
+        let cfg = |k| PeerConfig {
+            public_key: k,
+            preshared_key: psk.clone(),
+            persistent_keepalive: None,
+        };
+        let a_peer = a
+            .add_peer(
+                cfg(pb),
+                Some(B_ADDR.parse().unwrap()),
+                &["10.0.2.0/24".parse().unwrap()],
+            )
+            .unwrap();
+        let b_peer = b
+            .add_peer(cfg(pa), None, &["10.0.1.0/24".parse().unwrap()])
+            .unwrap();
+        Pair {
+            a,
+            b,
+            a_peer,
+            b_peer,
+        }
+    }
+
+    fn ipv4(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; 20 + payload.len()];
+        Ipv4Packet::emit(
+            &mut buf[..],
+            Ipv4Addr::from(src),
+            Ipv4Addr::from(dst),
+            17,
+            64,
+            payload.len(),
+        )
+        .unwrap();
+        buf[20..].copy_from_slice(payload);
+        buf
+    }
+
+    /// Delivers `bytes` from `from_addr` into `to`, returns what it wants sent.
+    fn deliver(
+        to: &mut Device,
+        from_addr: &str,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<Vec<u8>, Drop> {
+        let mut d = bytes.to_vec();
+        let mut out = vec![0u8; 2048];
+        match to.receive(
+            from_addr.parse().unwrap(),
+            &mut d,
+            false,
+            now,
+            SystemTime::now(),
+            &mut out,
+        )? {
+            Action::Send { bytes, .. } | Action::Deliver { packet: bytes, .. } => {
+                Ok(bytes.to_vec())
+            }
+            Action::Nothing => Ok(Vec::new()),
+        }
+    }
+
+    fn drain(dev: &mut Device, now: Instant) -> Vec<Vec<u8>> {
+        let mut out = vec![0u8; 2048];
+        let mut v = Vec::new();
+        while let Some(t) = dev.poll_transmit(now, SystemTime::now(), &mut out) {
+            v.push(out[..t.len].to_vec());
+        }
+        v
+    }
+
+    #[test]
+    fn staged_packet_flows_after_handshake_and_answers_come_back() {
+        let now = Instant::now();
+        let mut p = pair(now);
+        let mut out = vec![0u8; 2048];
+        let ping = ipv4([10, 0, 1, 5], [10, 0, 2, 9], b"ping");
+        let init = match p.a.send(&ping, now, SystemTime::now(), &mut out).unwrap() {
+            Action::Send { bytes, .. } => bytes.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(init.len(), 148, "no session yet: an initiation goes first");
+        let resp = deliver(&mut p.b, A_ADDR, &init, now).unwrap();
+        assert_eq!(resp.len(), 92);
+        assert_eq!(p.b.peer_endpoint(p.b_peer), Some(A_ADDR.parse().unwrap()));
+        assert!(deliver(&mut p.a, B_ADDR, &resp, now).unwrap().is_empty());
+        let flushed = drain(&mut p.a, now);
+        assert_eq!(flushed.len(), 1, "the staged ping, and no extra keepalive");
+        let delivered = deliver(&mut p.b, A_ADDR, &flushed[0], now).unwrap();
+        assert_eq!(delivered, ping);
+        // The answer goes straight out on the now-confirmed session.
+        let pong = ipv4([10, 0, 2, 9], [10, 0, 1, 5], b"pong");
+        let enc = match p.b.send(&pong, now, SystemTime::now(), &mut out).unwrap() {
+            Action::Send { bytes, .. } => bytes.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(deliver(&mut p.a, B_ADDR, &enc, now).unwrap(), pong);
+        assert_eq!(p.a.peer_stats(p.a_peer).unwrap().rx_packets, 1);
+        assert_eq!(p.b.peer_stats(p.b_peer).unwrap().handshakes, 1);
+
+        // Replays and forgeries are dropped and counted.
+        assert_eq!(
+            deliver(&mut p.a, B_ADDR, &enc, now),
+            Err(Drop::Receive(ReceiveError::Replay))
+        );
+        let mut forged = enc.clone();
+        forged[20] ^= 0x40;
+        assert_eq!(
+            deliver(&mut p.a, B_ADDR, &forged, now),
+            Err(Drop::Receive(ReceiveError::Replay))
+        );
+        let enc2 = match p.b.send(&pong, now, SystemTime::now(), &mut out).unwrap() {
+            Action::Send { bytes, .. } => bytes.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let mut forged = enc2.clone();
+        forged[40] ^= 0x01;
+        assert_eq!(
+            deliver(&mut p.a, B_ADDR, &forged, now),
+            Err(Drop::Receive(ReceiveError::Authentication))
+        );
+        assert_eq!(deliver(&mut p.a, B_ADDR, &enc2, now).unwrap(), pong);
+        assert_eq!((p.a.drops.replay, p.a.drops.authentication), (2, 1));
+
+        // A peer may only send from its own allowed IPs.
+        let spoof = ipv4([10, 0, 3, 1], [10, 0, 1, 5], b"spoof");
+        let enc3 = match p.b.send(
+            &ipv4([10, 0, 2, 9], [10, 0, 1, 5], b"x"),
+            now,
+            SystemTime::now(),
+            &mut out,
+        ) {
+            Ok(Action::Send { .. }) => {
+                // Build a spoofed packet by encrypting it on b's session directly.
+                let kp =
+                    p.b.peers
+                        .get(&p.b_peer)
+                        .unwrap()
+                        .peer
+                        .current_keypair()
+                        .unwrap()
+                        .clone();
+                let mut buf = vec![0u8; 2048];
+                let n = kp.encrypt(&spoof, &mut buf, now).unwrap();
+                buf[..n].to_vec()
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            deliver(&mut p.a, B_ADDR, &enc3, now),
+            Err(Drop::SourceNotAllowed)
+        );
+        assert_eq!(p.a.drops.source_not_allowed, 1);
+        // Nobody owns 10.9.0.0: no route.
+        let err =
+            p.a.send(
+                &ipv4([10, 0, 1, 5], [10, 9, 0, 1], b"?"),
+                now,
+                SystemTime::now(),
+                &mut out,
+            )
+            .unwrap_err();
+        assert_eq!(err, Drop::NoRoute);
+    }
+
+    #[test]
+    fn under_load_initiations_get_cookie_replies_then_succeed_with_mac2() {
+        let now = Instant::now();
+        let mut p = pair(now);
+        p.a.initiate(p.a_peer);
+        let init = drain(&mut p.a, now).remove(0);
+        let mut out = vec![0u8; 256];
+        let mut d = init.clone();
+        let reply = match p.b.receive(
+            A_ADDR.parse().unwrap(),
+            &mut d,
+            true,
+            now,
+            SystemTime::now(),
+            &mut out,
+        ) {
+            Ok(Action::Send { bytes, .. }) => bytes.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reply.len(), 64, "a cookie reply, not a response");
+        assert_eq!(p.b.cookie_replies_sent, 1);
+        assert!(deliver(&mut p.a, B_ADDR, &reply, now).unwrap().is_empty());
+        // The retry carries MAC2 and is answered even under load.
+        let later = now + Duration::from_secs(6);
+        p.a.tick(later);
+        let retry = drain(&mut p.a, later).remove(0);
+        let mut d = retry.clone();
+        match p.b.receive(
+            A_ADDR.parse().unwrap(),
+            &mut d,
+            true,
+            later,
+            SystemTime::now(),
+            &mut out,
+        ) {
+            Ok(Action::Send { bytes, .. }) => assert_eq!(bytes.len(), 92),
+            other => panic!("{other:?}"),
+        }
+        // The same message from another port has no valid cookie there.
+        let mut d = retry.clone();
+        match p.b.receive(
+            "192.0.2.1:1".parse().unwrap(),
+            &mut d,
+            true,
+            later,
+            SystemTime::now(),
+            &mut out,
+        ) {
+            Ok(Action::Send { bytes, .. }) => assert_eq!(bytes.len(), 64),
+            other => panic!("{other:?}"),
+        }
+        // Garbage MAC1 is dropped silently, under load or not.
+        let mut bad = init.clone();
+        bad[120] ^= 1;
+        assert_eq!(deliver(&mut p.b, A_ADDR, &bad, now), Err(Drop::InvalidMac1));
+    }
+
+    #[test]
+    fn keepalive_timer_and_removal() {
+        let now = Instant::now();
+        let mut p = pair(now);
+        p.a.initiate(p.a_peer);
+        let init = drain(&mut p.a, now).remove(0);
+        let resp = deliver(&mut p.b, A_ADDR, &init, now).unwrap();
+        deliver(&mut p.a, B_ADDR, &resp, now).unwrap();
+        let confirm = drain(&mut p.a, now);
+        assert_eq!(confirm.len(), 1);
+        assert_eq!(confirm[0].len(), 32, "a keepalive confirms the session");
+        assert!(deliver(&mut p.b, A_ADDR, &confirm[0], now)
+            .unwrap()
+            .is_empty());
+        // Data from a, nothing back from b for 10 s: b sends a keepalive.
+        let mut out = vec![0u8; 2048];
+        let data = match p.a.send(
+            &ipv4([10, 0, 1, 5], [10, 0, 2, 9], b"d"),
+            now,
+            SystemTime::now(),
+            &mut out,
+        ) {
+            Ok(Action::Send { bytes, .. }) => bytes.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        deliver(&mut p.b, A_ADDR, &data, now).unwrap();
+        let t = now + Duration::from_secs(10);
+        p.b.tick(t);
+        let ka = drain(&mut p.b, t);
+        assert_eq!(ka.len(), 1);
+        assert_eq!(ka[0].len(), 32);
+        assert!(p.b.indices().len() > 0);
+        assert!(p.b.remove_peer(p.b_peer));
+        assert_eq!(p.b.indices().len(), 0, "removing a peer frees its indices");
+        assert_eq!(
+            deliver(&mut p.b, A_ADDR, &data, now),
+            Err(Drop::UnknownIndex)
+        );
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let now = Instant::now();
+        let mut p = pair(now);
+        let mut out = vec![0u8; 2048];
+        for len in 0..200usize {
+            for first in [0u8, 1, 2, 3, 4, 5, 0x45, 0x60, 0xff] {
+                let mut d = vec![first; len];
+                if len >= 4 {
+                    d[1..4].fill(0);
+                }
+                let _ = p.a.receive(
+                    B_ADDR.parse().unwrap(),
+                    &mut d,
+                    len % 2 == 0,
+                    now,
+                    SystemTime::now(),
+                    &mut out,
+                );
+                let _ = p.a.send(&d, now, SystemTime::now(), &mut out);
+            }
+        }
+    }
+}
