@@ -1,1 +1,253 @@
+//! Test harness for tests that need real network plumbing: network namespaces
+//! joined by veth pairs, a wireguard-go peer, and sockets opened inside a
+//! namespace. Everything created here is removed on drop.
+//!
+//! These tests need root, `ip`, `wireguard-go` and `wg`. `cargo xtask test`
+//! installs them; when run without them, the tests fail with a message saying
+//! what is missing (they never pass vacuously).
 
+use std::fs::File;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub mod icmp;
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fails the test (with the fix) if a prerequisite is missing.
+pub fn require_tools(tools: &[&str]) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "network-namespace tests need root (run `cargo xtask test` as root)"
+    );
+    for t in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| o.status.success());
+        assert!(
+            found.unwrap_or(false),
+            "`{t}` is not installed: run `cargo xtask setup` first"
+        );
+    }
+}
+
+/// A short name unique to this process and call, for namespaces and interfaces
+/// (Linux interface names are at most 15 bytes).
+pub fn unique_name(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique_name(prefix);
+        run("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME ...`
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+
+    /// `ip netns exec NAME cmd args...`, returning stdout (panics on failure).
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> String {
+        let mut a = vec!["netns", "exec", self.name.as_str(), cmd];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+
+    /// A command to run inside the namespace.
+    pub fn command(&self, cmd: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, cmd]);
+        c
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it opens
+    /// stay in the namespace afterwards, whichever thread uses them.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: `file` is an open namespace file descriptor for the duration
+            // of the call; setns only affects this (short-lived) thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread inside the namespace panicked")
+    }
+
+    /// A UDP socket bound inside this namespace.
+    pub fn udp_socket(&self, addr: &str) -> UdpSocket {
+        let addr = addr.to_owned();
+        self.enter(move || UdpSocket::bind(&addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Joins two namespaces with a veth pair and gives each end an IPv4 address
+/// (a /24 whose first three octets are `net`), plus optional IPv6 (`fdXX::1/64`
+/// style prefixes given whole).
+pub fn veth_pair(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> (String, String) {
+    let (ea, eb) = (unique_name("va"), unique_name("vb"));
+    run(
+        "ip",
+        &[
+            "link", "add", &ea, "netns", &a.name, "type", "veth", "peer", "name", &eb, "netns",
+            &b.name,
+        ],
+    );
+    a.ip(&["addr", "add", a_addr, "dev", &ea]);
+    b.ip(&["addr", "add", b_addr, "dev", &eb]);
+    a.ip(&["link", "set", &ea, "up"]);
+    b.ip(&["link", "set", &eb, "up"]);
+    (ea, eb)
+}
+
+/// A wireguard-go instance in a namespace; stopped (SIGTERM) on drop.
+#[derive(Debug)]
+pub struct WireguardGo {
+    pub interface: String,
+    child: Child,
+    log: PathBuf,
+    key_file: PathBuf,
+}
+
+impl WireguardGo {
+    /// Starts wireguard-go on a fresh interface in `ns`, with `private_key`
+    /// (base64), listening on `port`.
+    pub fn start(ns: &Netns, private_key: &str, port: u16) -> Self {
+        let interface = unique_name("wgi");
+        let log = std::env::temp_dir().join(format!("{interface}.log"));
+        let key_file = std::env::temp_dir().join(format!("{interface}.key"));
+        std::fs::write(&key_file, private_key).expect("write key file");
+        let child = ns
+            .command("wireguard-go")
+            .args(["-f", &interface])
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .env("LOG_LEVEL", "debug")
+            .stdout(File::create(&log).expect("log file"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start wireguard-go");
+        let sock = PathBuf::from(format!("/var/run/wireguard/{interface}.sock"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "wireguard-go did not create {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let wg = Self {
+            interface,
+            child,
+            log,
+            key_file,
+        };
+        wg.set(&[
+            "private-key",
+            wg.key_file.to_str().expect("utf-8 path"),
+            "listen-port",
+            &port.to_string(),
+        ]);
+        wg
+    }
+
+    /// `wg set IFACE args...`
+    pub fn set(&self, args: &[&str]) {
+        let mut a = vec!["set", self.interface.as_str()];
+        a.extend_from_slice(args);
+        run("wg", &a);
+    }
+
+    /// `wg show IFACE what` (e.g. "transfer", "latest-handshakes").
+    pub fn show(&self, what: &str) -> String {
+        run("wg", &["show", &self.interface, what])
+    }
+
+    /// (rx, tx) bytes of the first peer, from `wg show transfer`.
+    pub fn transfer(&self) -> (u64, u64) {
+        let s = self.show("transfer");
+        let f: Vec<&str> = s.split_whitespace().collect();
+        assert!(f.len() >= 3, "unexpected `wg show transfer` output: {s:?}");
+        (
+            f[1].parse().expect("rx bytes"),
+            f[2].parse().expect("tx bytes"),
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for WireguardGo {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; at worst it fails with ESRCH.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.key_file);
+        let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.interface));
+    }
+}
+
+/// Convenience: an IPv4 address from a string literal.
+pub fn v4(s: &str) -> Ipv4Addr {
+    s.parse().expect("IPv4 literal")
+}

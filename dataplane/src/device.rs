@@ -573,6 +573,22 @@ impl Device {
         }
     }
 
+    /// Sends a keepalive to `id` now on its current session.
+    pub fn send_keepalive(
+        &mut self,
+        id: PeerId,
+        now: Instant,
+        out: &mut [u8],
+    ) -> Result<Transmit, Drop> {
+        let slot = self.peers.get_mut(&id).ok_or(Drop::NoRoute)?;
+        let to = slot.endpoint.ok_or(Drop::NoEndpoint)?;
+        match slot.peer.encrypt(&[], out, now) {
+            Ok(sent) => Ok(Transmit { to, len: sent.len }),
+            Err(PeerSendError::BufferTooSmall) => Err(Drop::BufferTooSmall),
+            Err(PeerSendError::NoSession) => Err(Drop::Receive(ReceiveError::Expired)),
+        }
+    }
+
     /// Runs every peer's timers; due work is then pulled with `poll_transmit`.
     pub fn tick(&mut self, now: Instant) {
         let mut retired_all = Vec::new();
