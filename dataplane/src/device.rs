@@ -87,6 +87,42 @@ pub struct DropCounters {
 }
 
 impl DropCounters {
+    /// Every drop, whatever the reason.
+    pub fn total(&self) -> u64 {
+        let Self {
+            malformed,
+            invalid_mac1,
+            unknown_index,
+            handshake,
+            bad_cookie_reply,
+            replay,
+            authentication,
+            expired,
+            wrong_worker,
+            bad_inner_packet,
+            source_not_allowed,
+            no_route,
+            no_endpoint,
+            staging_full,
+            other,
+        } = self;
+        malformed
+            + invalid_mac1
+            + unknown_index
+            + handshake
+            + bad_cookie_reply
+            + replay
+            + authentication
+            + expired
+            + wrong_worker
+            + bad_inner_packet
+            + source_not_allowed
+            + no_route
+            + no_endpoint
+            + staging_full
+            + other
+    }
+
     fn count(&mut self, d: Drop) {
         let c = match d {
             Drop::Malformed(_) => &mut self.malformed,
