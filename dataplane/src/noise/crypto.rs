@@ -200,6 +200,41 @@ mod tests {
         }
     }
 
+    /// Vectors computed independently with Python's hashlib (its own BLAKE2s)
+    /// and the `hmac` module, following section 5.4's definitions.
+    #[test]
+    fn hmac_and_kdf_known_answers() {
+        let key: [u8; 32] = core::array::from_fn(|i| i as u8);
+        let msg = b"WireGuard HMAC-BLAKE2s known answer";
+        assert_eq!(
+            hmac(&key, &[msg]).to_vec(),
+            hex("e926b86517b738788103c8dbd37ffd1f6156762fd59b5e695feec13e3d5ddad2")
+        );
+        let (t1, t2, t3) = kdf3(&key, msg);
+        assert_eq!(
+            t1.to_vec(),
+            hex("71fcfa45bedb75bef0e86cdfac139d636c06ec4820d90895c47caf52b41a0b16")
+        );
+        assert_eq!(
+            t2.to_vec(),
+            hex("c84a1664a9e9f43bd454434a3a0d6d4e40d692a0dc40b977eaa247eca2dd0f14")
+        );
+        assert_eq!(
+            t3.to_vec(),
+            hex("ffda8519b6e6150f8cdc55cf8b8ee761a0138426e4b3929d500c8aeccde1358b")
+        );
+        // MAC: keyed BLAKE2s-128 under the MAC1 key of the all-zero public key.
+        let mac1_key = hash(&[b"mac1----", &[0u8; 32]]);
+        assert_eq!(
+            mac1_key.to_vec(),
+            hex("d84d593e94aac535d9107d24b9e4576f12a1d0c96b630c2961edee4259e3e3c5")
+        );
+        assert_eq!(
+            mac(&mac1_key, &[b"message"]).to_vec(),
+            hex("05e2974b4b4bf15e2bd16732c457e424")
+        );
+    }
+
     #[test]
     fn kdf_follows_section_5_4() {
         let key = [3u8; 32];

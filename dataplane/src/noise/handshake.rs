@@ -441,6 +441,22 @@ mod tests {
         assert_eq!(&plain[..4], b"pong");
     }
 
+    /// Ci and Hi before any key is mixed in: HASH(CONSTRUCTION) and
+    /// HASH(Ci || IDENTIFIER). The kernel ships these two values precomputed.
+    #[test]
+    fn initial_chaining_key_and_hash() {
+        let (ck, h) = initial_chain();
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        assert_eq!(
+            hex(ck),
+            "60e26daef327efc02ec335e2a025d2d016eb4206f87277f52d38d1988b78cd36"
+        );
+        assert_eq!(
+            hex(h),
+            "2211b361081ac566691243db458ad5322d9c6c662293e8b70ee19c65ba079ef3"
+        );
+    }
+
     #[test]
     fn mismatched_psk_fails_at_the_response() {
         let err = run_handshake(PresharedKey::generate(), PresharedKey::generate()).unwrap_err();
