@@ -363,27 +363,33 @@ mod tests {
 
     #[test]
     fn readers_never_block_while_a_writer_publishes() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let table = Arc::new(SharedAllowedIps::default());
         table.set_prefixes(1u32, &["10.0.0.0/8".parse().unwrap()]);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let hits = Arc::new(AtomicU64::new(0));
         let reader = {
-            let (table, stop) = (table.clone(), stop.clone());
+            let (table, stop, hits) = (table.clone(), stop.clone(), hits.clone());
             std::thread::spawn(move || {
-                let mut hits = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     // Peer 1 owns 10/8 in every snapshot the writer publishes.
                     assert_eq!(table.load().lookup("10.9.9.9".parse().unwrap()), Some(1));
-                    hits += 1;
+                    hits.fetch_add(1, Ordering::Relaxed);
                 }
-                hits
             })
         };
+        // Start writing only once the reader is running, so they overlap.
+        while hits.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        let before = hits.load(Ordering::Relaxed);
         for i in 0..200u32 {
             let p = IpPrefix::new(Ipv4Addr::from(0xc000_0200 + i).into(), 32).unwrap();
             table.set_prefixes(2 + i, &[p]);
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        assert!(reader.join().unwrap() > 0);
+        stop.store(true, Ordering::Relaxed);
+        reader.join().unwrap();
+        assert!(hits.load(Ordering::Relaxed) >= before);
         assert_eq!(table.entries().len(), 201);
     }
 }
