@@ -2,8 +2,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use wgxdp_dataplane::wire::{
-    internet_checksum, ip_protocol, pseudo_header_sum, Ipv4Packet, Ipv6Packet, IPV4_HEADER_LEN,
-    IPV6_HEADER_LEN,
+    internet_checksum, ip_protocol, pseudo_header_sum, Ipv4Packet, Ipv6Packet, IPV4_HEADER_LEN, IPV6_HEADER_LEN,
 };
 
 const ECHO_REQUEST_V4: u8 = 8;
@@ -20,24 +19,8 @@ fn echo_body(kind: u8, id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
 }
 
 /// An IPv4 ICMP echo request (or reply, with `reply`).
-pub fn echo_v4(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    id: u16,
-    seq: u16,
-    data: &[u8],
-    reply: bool,
-) -> Vec<u8> {
-    let mut body = echo_body(
-        if reply {
-            ECHO_REPLY_V4
-        } else {
-            ECHO_REQUEST_V4
-        },
-        id,
-        seq,
-        data,
-    );
+pub fn echo_v4(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16, data: &[u8], reply: bool) -> Vec<u8> {
+    let mut body = echo_body(if reply { ECHO_REPLY_V4 } else { ECHO_REQUEST_V4 }, id, seq, data);
     let c = internet_checksum(&body);
     body[2..4].copy_from_slice(&c.to_be_bytes());
     let mut pkt = vec![0u8; IPV4_HEADER_LEN + body.len()];
@@ -47,30 +30,9 @@ pub fn echo_v4(
 }
 
 /// An IPv6 ICMPv6 echo request (or reply).
-pub fn echo_v6(
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    id: u16,
-    seq: u16,
-    data: &[u8],
-    reply: bool,
-) -> Vec<u8> {
-    let mut body = echo_body(
-        if reply {
-            ECHO_REPLY_V6
-        } else {
-            ECHO_REQUEST_V6
-        },
-        id,
-        seq,
-        data,
-    );
-    let mut acc = pseudo_header_sum(
-        &src.octets(),
-        &dst.octets(),
-        ip_protocol::ICMPV6,
-        body.len() as u32,
-    );
+pub fn echo_v6(src: Ipv6Addr, dst: Ipv6Addr, id: u16, seq: u16, data: &[u8], reply: bool) -> Vec<u8> {
+    let mut body = echo_body(if reply { ECHO_REPLY_V6 } else { ECHO_REQUEST_V6 }, id, seq, data);
+    let mut acc = pseudo_header_sum(&src.octets(), &dst.octets(), ip_protocol::ICMPV6, body.len() as u32);
     let c = acc.add(&body).finish();
     body[2..4].copy_from_slice(&c.to_be_bytes());
     let mut pkt = vec![0u8; IPV6_HEADER_LEN + body.len()];
@@ -98,12 +60,7 @@ pub fn parse_echo(packet: &[u8]) -> Option<Echo> {
             if p.protocol() != ip_protocol::ICMP || internet_checksum(p.payload()) != 0 {
                 return None;
             }
-            (
-                p.source().into(),
-                p.destination().into(),
-                p.payload().to_vec(),
-                false,
-            )
+            (p.source().into(), p.destination().into(), p.payload().to_vec(), false)
         }
         6 => {
             let p = Ipv6Packet::new_checked(packet).ok()?;
@@ -119,12 +76,7 @@ pub fn parse_echo(packet: &[u8]) -> Option<Echo> {
             if acc.add(p.payload()).finish() != 0 {
                 return None;
             }
-            (
-                p.source().into(),
-                p.destination().into(),
-                p.payload().to_vec(),
-                true,
-            )
+            (p.source().into(), p.destination().into(), p.payload().to_vec(), true)
         }
         _ => return None,
     };
@@ -149,12 +101,8 @@ pub fn parse_echo(packet: &[u8]) -> Option<Echo> {
 /// The reply to an echo request, addressed back to its sender.
 pub fn reply_to(req: &Echo) -> Vec<u8> {
     match (req.dst, req.src) {
-        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
-            echo_v4(s, d, req.id, req.seq, &req.data, true)
-        }
-        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
-            echo_v6(s, d, req.id, req.seq, &req.data, true)
-        }
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => echo_v4(s, d, req.id, req.seq, &req.data, true),
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => echo_v6(s, d, req.id, req.seq, &req.data, true),
         _ => unreachable!("an echo has one address family"),
     }
 }
@@ -165,26 +113,12 @@ mod tests {
 
     #[test]
     fn echo_round_trip_both_families() {
-        let p = echo_v4(
-            Ipv4Addr::new(10, 0, 0, 1),
-            Ipv4Addr::new(10, 0, 0, 2),
-            7,
-            9,
-            b"abc",
-            false,
-        );
+        let p = echo_v4(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2), 7, 9, b"abc", false);
         let e = parse_echo(&p).unwrap();
         assert!(e.request && e.id == 7 && e.seq == 9 && e.data == b"abc");
         let r = parse_echo(&reply_to(&e)).unwrap();
         assert!(!r.request && r.dst == e.src);
-        let p6 = echo_v6(
-            "fd00::1".parse().unwrap(),
-            "fd00::2".parse().unwrap(),
-            1,
-            2,
-            b"x",
-            false,
-        );
+        let p6 = echo_v6("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap(), 1, 2, b"x", false);
         let e6 = parse_echo(&p6).unwrap();
         assert!(e6.request);
         let mut bad = p6.clone();

@@ -31,30 +31,19 @@ enum Event {
 
 impl Gateway {
     fn new(sock: UdpSocket, key: PrivateKey) -> Self {
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        Self {
-            dev: Device::new(key, AeadBackend::Ring, 10, Instant::now()),
-            sock,
-            out: vec![0u8; 65536],
-        }
+        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        Self { dev: Device::new(key, AeadBackend::Ring, 10, Instant::now()), sock, out: vec![0u8; 65536] }
     }
 
     fn flush(&mut self) {
-        while let Some(t) = self
-            .dev
-            .poll_transmit(Instant::now(), SystemTime::now(), &mut self.out)
-        {
+        while let Some(t) = self.dev.poll_transmit(Instant::now(), SystemTime::now(), &mut self.out) {
             self.sock.send_to(&self.out[..t.len], t.to).unwrap();
         }
     }
 
     /// Encrypts an inner packet (or starts a handshake for it) and sends it.
     fn send_inner(&mut self, packet: &[u8]) {
-        match self
-            .dev
-            .send(packet, Instant::now(), SystemTime::now(), &mut self.out)
-        {
+        match self.dev.send(packet, Instant::now(), SystemTime::now(), &mut self.out) {
             Ok(Action::Send { to, bytes }) => {
                 self.sock.send_to(bytes, to).unwrap();
             }
@@ -67,23 +56,13 @@ impl Gateway {
     /// Feeds one datagram to the device and sends whatever it answers.
     fn process(&mut self, src: SocketAddr, raw: Vec<u8>) -> Event {
         let mut buf = raw.clone();
-        let result = self.dev.receive(
-            src,
-            &mut buf,
-            false,
-            Instant::now(),
-            SystemTime::now(),
-            &mut self.out,
-        );
+        let result = self.dev.receive(src, &mut buf, false, Instant::now(), SystemTime::now(), &mut self.out);
         let event = match result {
             Ok(Action::Send { to, bytes }) => {
                 self.sock.send_to(bytes, to).unwrap();
                 Event::Accepted { raw }
             }
-            Ok(Action::Deliver { packet, .. }) => Event::Delivered {
-                packet: packet.to_vec(),
-                raw,
-            },
+            Ok(Action::Deliver { packet, .. }) => Event::Delivered { packet: packet.to_vec(), raw },
             Ok(Action::Nothing) => Event::Accepted { raw },
             Err(reason) => Event::Dropped { reason },
         };
@@ -110,11 +89,7 @@ impl Gateway {
                         return Some((t, src));
                     }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
                 Err(e) => panic!("recv: {e}"),
             }
         }
@@ -149,14 +124,8 @@ fn topology(wg_knows_our_endpoint: bool, persistent_keepalive: Option<u16>) -> T
     let sock = our_ns.udp_socket(&format!("10.200.0.2:{OUR_PORT}"));
     let wg = WireguardGo::start(&wg_ns, &wg_key.to_base64_secret(), WG_PORT);
     let our_pub = our_key.public_key().to_base64();
-    let mut args = vec![
-        "peer",
-        &our_pub,
-        "preshared-key",
-        psk_file.to_str().unwrap(),
-        "allowed-ips",
-        "10.201.0.2/32,fd01::2/128",
-    ];
+    let mut args =
+        vec!["peer", &our_pub, "preshared-key", psk_file.to_str().unwrap(), "allowed-ips", "10.201.0.2/32,fd01::2/128"];
     let endpoint = format!("10.200.0.2:{OUR_PORT}");
     if wg_knows_our_endpoint {
         args.extend_from_slice(&["endpoint", &endpoint]);
@@ -168,41 +137,19 @@ fn topology(wg_knows_our_endpoint: bool, persistent_keepalive: Option<u16>) -> T
     wg.set(&args);
     std::fs::remove_file(&psk_file).unwrap();
     wg_ns.ip(&["addr", "add", "10.201.0.1/24", "dev", &wg.interface]);
-    wg_ns.ip(&[
-        "-6",
-        "addr",
-        "add",
-        "fd01::1/64",
-        "dev",
-        &wg.interface,
-        "nodad",
-    ]);
+    wg_ns.ip(&["-6", "addr", "add", "fd01::1/64", "dev", &wg.interface, "nodad"]);
     wg_ns.ip(&["link", "set", &wg.interface, "up"]);
 
     let mut gw = Gateway::new(sock, our_key);
     let peer = gw
         .dev
         .add_peer(
-            PeerConfig {
-                public_key: wg_key.public_key(),
-                preshared_key: psk,
-                persistent_keepalive: None,
-            },
-            Some(format!("10.200.0.1:{WG_PORT}").parse().unwrap())
-                .filter(|_| !wg_knows_our_endpoint),
-            &[
-                "10.201.0.1/32".parse().unwrap(),
-                "fd01::1/128".parse().unwrap(),
-            ],
+            PeerConfig { public_key: wg_key.public_key(), preshared_key: psk, persistent_keepalive: None },
+            Some(format!("10.200.0.1:{WG_PORT}").parse().unwrap()).filter(|_| !wg_knows_our_endpoint),
+            &["10.201.0.1/32".parse().unwrap(), "fd01::1/128".parse().unwrap()],
         )
         .unwrap();
-    Topology {
-        wg_ns,
-        _our_ns: our_ns,
-        wg,
-        gw,
-        peer,
-    }
+    Topology { wg_ns, _our_ns: our_ns, wg, gw, peer }
 }
 
 fn delivered_echo(event: Event) -> Option<(Echo, Vec<u8>)> {
@@ -222,56 +169,35 @@ fn we_initiate_and_wireguard_go_responds() {
     // wireguard-go's response arrives. wireguard-go answers the ping.
     t.gw.send_inner(&echo_v4(ours, theirs, 0x4242, 1, b"hello over ipv4", false));
     let (reply, _) =
-        t.gw.until(Duration::from_secs(10), |_, e| {
-            delivered_echo(e).map(|(e, _)| e)
-        })
-        .unwrap_or_else(|| panic!("no echo reply from wireguard-go; its log:\n{}", t.wg.log()));
+        t.gw.until(Duration::from_secs(10), |_, e| delivered_echo(e).map(|(e, _)| e))
+            .unwrap_or_else(|| panic!("no echo reply from wireguard-go; its log:\n{}", t.wg.log()));
     assert!(!reply.request);
-    assert_eq!(
-        (reply.id, reply.seq, reply.data.as_slice()),
-        (0x4242, 1, &b"hello over ipv4"[..])
-    );
+    assert_eq!((reply.id, reply.seq, reply.data.as_slice()), (0x4242, 1, &b"hello over ipv4"[..]));
     assert_eq!(reply.src, std::net::IpAddr::V4(theirs));
     assert_eq!(t.gw.dev.peer_stats(t.peer).unwrap().handshakes, 1);
     let hs = t.wg.show("latest-handshakes");
-    assert!(
-        hs.split_whitespace().nth(1).is_some_and(|v| v != "0"),
-        "wireguard-go saw no handshake: {hs}"
-    );
+    assert!(hs.split_whitespace().nth(1).is_some_and(|v| v != "0"), "wireguard-go saw no handshake: {hs}");
 
     // IPv6 inside the tunnel.
     let (o6, t6) = ("fd01::2".parse().unwrap(), "fd01::1".parse().unwrap());
     t.gw.send_inner(&echo_v6(o6, t6, 0x77, 2, b"hello over ipv6", false));
     let (reply6, _) =
-        t.gw.until(Duration::from_secs(5), |_, e| {
-            delivered_echo(e).map(|(e, _)| e)
-        })
-        .expect("ICMPv6 echo reply");
+        t.gw.until(Duration::from_secs(5), |_, e| delivered_echo(e).map(|(e, _)| e)).expect("ICMPv6 echo reply");
     assert_eq!((reply6.id, reply6.seq, reply6.request), (0x77, 2, false));
 
     // Our keepalive is accepted: wireguard-go's receive counter grows by one
     // 32-byte message and nothing else happens.
     let (rx_before, _) = t.wg.transfer();
     let mut buf = [0u8; 64];
-    let tx =
-        t.gw.dev
-            .send_keepalive(t.peer, Instant::now(), &mut buf)
-            .unwrap();
+    let tx = t.gw.dev.send_keepalive(t.peer, Instant::now(), &mut buf).unwrap();
     assert_eq!(tx.len, 32);
     t.gw.sock.send_to(&buf[..tx.len], tx.to).unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
     while t.wg.transfer().0 == rx_before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        t.wg.transfer().0 > rx_before,
-        "wireguard-go did not count our keepalive"
-    );
-    assert_eq!(
-        t.gw.dev.drops,
-        Default::default(),
-        "no drops on a clean exchange"
-    );
+    assert!(t.wg.transfer().0 > rx_before, "wireguard-go did not count our keepalive");
+    assert_eq!(t.gw.dev.drops, Default::default(), "no drops on a clean exchange");
 }
 
 #[test]
@@ -296,18 +222,16 @@ fn wireguard_go_initiates_and_we_respond() {
         }
         (replies == 3).then_some(())
     });
+    assert!(done.is_some(), "did not see 3 echo requests; wireguard-go log:\n{}", t.wg.log());
+    let status = ping.wait().unwrap();
     assert!(
-        done.is_some(),
-        "did not see 3 echo requests; wireguard-go log:\n{}",
+        status.success(),
+        "ping inside wireguard-go's namespace got no replies through our tunnel; transfer {:?}; log:\n{}",
+        t.wg.transfer(),
         t.wg.log()
     );
-    let status = ping.wait().unwrap();
-    assert!(status.success(), "ping inside wireguard-go's namespace got no replies through our tunnel; transfer {:?}; log:\n{}", t.wg.transfer(), t.wg.log());
     assert_eq!(t.gw.dev.peer_stats(t.peer).unwrap().handshakes, 1);
-    assert_eq!(
-        t.gw.dev.peer_endpoint(t.peer),
-        Some(format!("10.200.0.1:{WG_PORT}").parse().unwrap())
-    );
+    assert_eq!(t.gw.dev.peer_endpoint(t.peer), Some(format!("10.200.0.1:{WG_PORT}").parse().unwrap()));
 
     // A replayed transport packet is rejected and counted, not delivered.
     let src: SocketAddr = format!("10.200.0.1:{WG_PORT}").parse().unwrap();
@@ -324,27 +248,16 @@ fn wireguard_go_initiates_and_we_respond() {
         Event::Accepted { raw } if raw.len() == 32 && raw[0] == 4 => Some(()),
         _ => None,
     });
-    assert!(
-        keepalive.is_some(),
-        "wireguard-go's keepalive was not accepted"
-    );
+    assert!(keepalive.is_some(), "wireguard-go's keepalive was not accepted");
     assert_eq!(t.gw.dev.drops, drops_before);
 
     // A packet with one flipped bit is rejected and counted; the genuine one
     // still gets through. Ask wireguard-go for one more echo and intercept it.
-    let mut ping = t
-        .wg_ns
-        .command("ping")
-        .args(["-c", "1", "-w", "5", "10.201.0.2"])
-        .spawn()
-        .unwrap();
+    let mut ping = t.wg_ns.command("ping").args(["-c", "1", "-w", "5", "10.201.0.2"]).spawn().unwrap();
     let mut buf = vec![0u8; 65536];
     let deadline = Instant::now() + Duration::from_secs(5);
     let (genuine, from) = loop {
-        assert!(
-            Instant::now() < deadline,
-            "no further transport packet from wireguard-go"
-        );
+        assert!(Instant::now() < deadline, "no further transport packet from wireguard-go");
         if let Ok((n, from)) = t.gw.sock.recv_from(&mut buf) {
             if n > 32 && buf[0] == 4 {
                 break (buf[..n].to_vec(), from);

@@ -18,10 +18,7 @@ pub mod icmp;
 
 /// Runs a command, panicking with its output if it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {} failed: {}{}",
@@ -36,19 +33,10 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 pub fn require_tools(tools: &[&str]) {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "network-namespace tests need root (run `cargo xtask test` as root)"
-    );
+    assert_eq!(euid, 0, "network-namespace tests need root (run `cargo xtask test` as root)");
     for t in tools {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .map(|o| o.status.success());
-        assert!(
-            found.unwrap_or(false),
-            "`{t}` is not installed: run `cargo xtask setup` first"
-        );
+        let found = Command::new("sh").args(["-c", &format!("command -v {t}")]).output().map(|o| o.status.success());
+        assert!(found.unwrap_or(false), "`{t}` is not installed: run `cargo xtask setup` first");
     }
 }
 
@@ -56,11 +44,7 @@ pub fn require_tools(tools: &[&str]) {
 /// (Linux interface names are at most 15 bytes).
 pub fn unique_name(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}{}{}",
-        std::process::id() % 100_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}{}{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A network namespace, deleted on drop.
@@ -124,9 +108,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
@@ -135,13 +117,7 @@ impl Drop for Netns {
 /// style prefixes given whole).
 pub fn veth_pair(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> (String, String) {
     let (ea, eb) = (unique_name("va"), unique_name("vb"));
-    run(
-        "ip",
-        &[
-            "link", "add", &ea, "netns", &a.name, "type", "veth", "peer", "name", &eb, "netns",
-            &b.name,
-        ],
-    );
+    run("ip", &["link", "add", &ea, "netns", &a.name, "type", "veth", "peer", "name", &eb, "netns", &b.name]);
     a.ip(&["addr", "add", a_addr, "dev", &ea]);
     b.ip(&["addr", "add", b_addr, "dev", &eb]);
     a.ip(&["link", "set", &ea, "up"]);
@@ -178,25 +154,11 @@ impl WireguardGo {
         let sock = PathBuf::from(format!("/var/run/wireguard/{interface}.sock"));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "wireguard-go did not create {}",
-                sock.display()
-            );
+            assert!(Instant::now() < deadline, "wireguard-go did not create {}", sock.display());
             std::thread::sleep(Duration::from_millis(20));
         }
-        let wg = Self {
-            interface,
-            child,
-            log,
-            key_file,
-        };
-        wg.set(&[
-            "private-key",
-            wg.key_file.to_str().expect("utf-8 path"),
-            "listen-port",
-            &port.to_string(),
-        ]);
+        let wg = Self { interface, child, log, key_file };
+        wg.set(&["private-key", wg.key_file.to_str().expect("utf-8 path"), "listen-port", &port.to_string()]);
         wg
     }
 
@@ -217,10 +179,7 @@ impl WireguardGo {
         let s = self.show("transfer");
         let f: Vec<&str> = s.split_whitespace().collect();
         assert!(f.len() >= 3, "unexpected `wg show transfer` output: {s:?}");
-        (
-            f[1].parse().expect("rx bytes"),
-            f[2].parse().expect("tx bytes"),
-        )
+        (f[1].parse().expect("rx bytes"), f[2].parse().expect("tx bytes"))
     }
 
     pub fn log(&self) -> String {

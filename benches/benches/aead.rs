@@ -4,9 +4,10 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
-use wgxdp_benches::SIZES;
 use wgxdp_dataplane::noise::crypto::counter_nonce;
 use wgxdp_dataplane::noise::{AeadBackend, TransportKey};
+
+const SIZES: [usize; 3] = [64, 512, 1420];
 
 fn aead(c: &mut Criterion) {
     let mut g = c.benchmark_group("aead");
@@ -15,33 +16,22 @@ fn aead(c: &mut Criterion) {
         for size in SIZES {
             g.throughput(Throughput::Bytes(size as u64));
             let mut buf = vec![0x5au8; size + 16];
-            g.bench_with_input(
-                BenchmarkId::new(format!("seal/{backend:?}"), size),
-                &size,
-                |b, _| {
-                    let mut n = 0u64;
-                    b.iter(|| {
-                        n += 1;
-                        key.seal(&counter_nonce(n), &[], black_box(&mut buf));
-                    })
-                },
-            );
+            g.bench_with_input(BenchmarkId::new(format!("seal/{backend:?}"), size), &size, |b, _| {
+                let mut n = 0u64;
+                b.iter(|| {
+                    n += 1;
+                    key.seal(&counter_nonce(n), &[], black_box(&mut buf));
+                })
+            });
             let mut sealed = vec![0x5au8; size + 16];
             key.seal(&counter_nonce(1), &[], &mut sealed);
             let mut work = sealed.clone();
-            g.bench_with_input(
-                BenchmarkId::new(format!("open/{backend:?}"), size),
-                &size,
-                |b, _| {
-                    b.iter(|| {
-                        work.copy_from_slice(&sealed);
-                        black_box(
-                            key.open(&counter_nonce(1), &[], black_box(&mut work))
-                                .is_ok(),
-                        )
-                    })
-                },
-            );
+            g.bench_with_input(BenchmarkId::new(format!("open/{backend:?}"), size), &size, |b, _| {
+                b.iter(|| {
+                    work.copy_from_slice(&sealed);
+                    black_box(key.open(&counter_nonce(1), &[], black_box(&mut work)).is_ok())
+                })
+            });
         }
     }
     g.finish();

@@ -17,15 +17,9 @@ fn allowed_ips(c: &mut Criterion) {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for i in 0..10_000u32 {
-        let p4 = IpPrefix::new(
-            IpAddr::V4(Ipv4Addr::from(xorshift(&mut rng) as u32)),
-            8 + (i % 25) as u8,
-        )
-        .unwrap();
+        let p4 = IpPrefix::new(IpAddr::V4(Ipv4Addr::from(xorshift(&mut rng) as u32)), 8 + (i % 25) as u8).unwrap();
         let p6 = IpPrefix::new(
-            IpAddr::V6(Ipv6Addr::from(
-                (0xfd00u128 << 112) | u128::from(xorshift(&mut rng)) << 40,
-            )),
+            IpAddr::V6(Ipv6Addr::from((0xfd00u128 << 112) | u128::from(xorshift(&mut rng)) << 40)),
             24 + (i % 100) as u8,
         )
         .unwrap();
@@ -34,18 +28,10 @@ fn allowed_ips(c: &mut Criterion) {
     }
     let t4 = AllowedIps::from_entries(v4.iter().map(|(p, v)| (p, v)));
     let t6 = AllowedIps::from_entries(v6.iter().map(|(p, v)| (p, v)));
-    let probes4: Vec<[u8; 4]> = (0..1024)
-        .map(|_| (xorshift(&mut rng) as u32).to_be_bytes())
-        .collect();
+    let probes4: Vec<[u8; 4]> = (0..1024).map(|_| (xorshift(&mut rng) as u32).to_be_bytes()).collect();
     let probes6: Vec<[u8; 16]> = (0..1024)
         .map(|i| v6[i * 7 % v6.len()].0.addr())
-        .map(|a| {
-            if let IpAddr::V6(a) = a {
-                a.octets()
-            } else {
-                unreachable!()
-            }
-        })
+        .map(|a| if let IpAddr::V6(a) = a { a.octets() } else { unreachable!() })
         .collect();
     let mut g = c.benchmark_group("allowed_ips_10000");
     g.throughput(Throughput::Elements(1));

@@ -13,21 +13,23 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
-use wgxdp_benches::{inner_packet, session, CLIENT_ADDR, SIZES};
 use wgxdp_dataplane::device::Action;
 use wgxdp_dataplane::noise::crypto::counter_nonce;
 use wgxdp_dataplane::noise::{AeadBackend, TransportKey};
+use wgxdp_dataplane::testing::{connected_pair, ipv4_packet, CLIENT_ADDR};
 
 const CHUNK: usize = 1024;
+/// Inner packet sizes: minimum-ish, middle, and a full 1420-byte tunnel MTU.
+const SIZES: [usize; 3] = [64, 512, 1420];
 
 fn decrypt(c: &mut Criterion) {
     let mut g = c.benchmark_group("transport_decrypt");
     let src: SocketAddr = CLIENT_ADDR.parse().unwrap();
     for size in SIZES {
         g.throughput(Throughput::Bytes(size as u64));
-        let packet = inner_packet(size, [10, 0, 2, 7], [10, 0, 1, 1]);
+        let packet = ipv4_packet(size, [10, 0, 2, 7], [10, 0, 1, 1]);
 
-        let mut s = session(AeadBackend::Ring);
+        let mut s = connected_pair(AeadBackend::Ring);
         let mut out = vec![0u8; 2048];
         let mut chunk: Vec<Vec<u8>> = Vec::with_capacity(CHUNK);
         let mut work = vec![0u8; 2048];
@@ -60,11 +62,7 @@ fn decrypt(c: &mut Criterion) {
                 timed
             })
         });
-        assert_eq!(
-            s.gateway.drops.total(),
-            0,
-            "every benchmarked message must be delivered"
-        );
+        assert_eq!(s.gateway.drops.total(), 0, "every benchmarked message must be delivered");
 
         // The bare AEAD open of the same message size, same copying, same chunking.
         let key = TransportKey::new(AeadBackend::Ring, &[9u8; 32]);
@@ -102,8 +100,8 @@ fn encrypt(c: &mut Criterion) {
     let mut g = c.benchmark_group("transport_encrypt");
     for size in SIZES {
         g.throughput(Throughput::Bytes(size as u64));
-        let packet = inner_packet(size, [10, 0, 1, 1], [10, 0, 2, 7]);
-        let mut s = session(AeadBackend::Ring);
+        let packet = ipv4_packet(size, [10, 0, 1, 1], [10, 0, 2, 7]);
+        let mut s = connected_pair(AeadBackend::Ring);
         // The gateway needs the client's endpoint: it has it from the handshake.
         let mut out = vec![0u8; 2048];
         let now = Instant::now();

@@ -13,10 +13,7 @@ pub fn genkey(out: &mut impl Write) -> anyhow::Result<()> {
 pub fn pubkey(input: &mut impl Read, out: &mut impl Write) -> anyhow::Result<()> {
     let mut text = zeroize::Zeroizing::new(String::new());
     input.take(1024).read_to_string(&mut text)?;
-    let key: PrivateKey = text
-        .trim()
-        .parse()
-        .map_err(|e| anyhow::anyhow!("invalid private key on stdin: {e}"))?;
+    let key: PrivateKey = text.trim().parse().map_err(|e| anyhow::anyhow!("invalid private key on stdin: {e}"))?;
     writeln!(out, "{}", key.public_key())?;
     Ok(())
 }
@@ -33,12 +30,7 @@ mod tests {
         assert_eq!(text.trim().len(), 44);
         let mut public = Vec::new();
         pubkey(&mut &private[..], &mut public).unwrap();
-        let expected = text
-            .trim()
-            .parse::<PrivateKey>()
-            .unwrap()
-            .public_key()
-            .to_base64();
+        let expected = text.trim().parse::<PrivateKey>().unwrap().public_key().to_base64();
         assert_eq!(String::from_utf8(public).unwrap().trim(), expected);
     }
 
@@ -46,15 +38,8 @@ mod tests {
     fn rfc7748_key_gives_the_known_public_key() {
         // RFC 7748 section 6.1, Alice: private 77076d0a…, public 8520f009…, in base64.
         let mut public = Vec::new();
-        pubkey(
-            &mut &b"dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=\n"[..],
-            &mut public,
-        )
-        .unwrap();
-        assert_eq!(
-            String::from_utf8(public).unwrap().trim(),
-            "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
-        );
+        pubkey(&mut &b"dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=\n"[..], &mut public).unwrap();
+        assert_eq!(String::from_utf8(public).unwrap().trim(), "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=");
     }
 
     #[test]

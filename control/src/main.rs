@@ -3,11 +3,7 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "wgxdp",
-    version,
-    about = "WireGuard-compatible VPN gateway on AF_XDP"
-)]
+#[command(name = "wgxdp", version, about = "WireGuard-compatible VPN gateway on AF_XDP")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

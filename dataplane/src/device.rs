@@ -14,8 +14,8 @@ use crate::noise::session::{sealed_len, Keypair, ReceiveError, WorkerToken};
 use crate::noise::{AeadBackend, PrivateKey, PublicKey};
 use crate::table::{IndexTable, IpPrefix, SharedAllowedIps};
 use crate::wire::{
-    HandshakeInitiation, HandshakeResponse, Ipv4Packet, Ipv6Packet, Message, WireError,
-    HANDSHAKE_INITIATION_LEN, HANDSHAKE_RESPONSE_LEN,
+    HandshakeInitiation, HandshakeResponse, Ipv4Packet, Ipv6Packet, Message, WireError, HANDSHAKE_INITIATION_LEN,
+    HANDSHAKE_RESPONSE_LEN,
 };
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -230,12 +230,7 @@ fn inner_packet(payload: &[u8]) -> Result<(IpAddr, IpAddr, usize), Drop> {
 }
 
 impl Device {
-    pub fn new(
-        private_key: PrivateKey,
-        backend: AeadBackend,
-        index_slot_bits: u32,
-        now: Instant,
-    ) -> Self {
+    pub fn new(private_key: PrivateKey, backend: AeadBackend, index_slot_bits: u32, now: Instant) -> Self {
         let identity = StaticIdentity::new(private_key);
         Self {
             cookies: CookieChecker::new(&identity.public, now),
@@ -270,8 +265,7 @@ impl Device {
             return Err(PeerConfigError::InvalidKey);
         }
         let key = config.public_key;
-        let peer = Peer::new(&self.identity, config, self.backend)
-            .map_err(|_| PeerConfigError::InvalidKey)?;
+        let peer = Peer::new(&self.identity, config, self.backend).map_err(|_| PeerConfigError::InvalidKey)?;
         let id = self.next_peer_id;
         self.next_peer_id += 1;
         self.peers.insert(
@@ -370,15 +364,10 @@ impl Device {
                 match self.cookies.verify(datagram, src, now) {
                     MacVerdict::InvalidMac1 => return Err(Drop::InvalidMac1),
                     MacVerdict::ValidWithoutCookie if under_load => {
-                        let reply: &mut [u8; 64] = (&mut out[..64])
-                            .try_into()
-                            .map_err(|_| Drop::BufferTooSmall)?;
+                        let reply: &mut [u8; 64] = (&mut out[..64]).try_into().map_err(|_| Drop::BufferTooSmall)?;
                         self.cookies.write_reply(datagram, sender, src, now, reply);
                         self.cookie_replies_sent += 1;
-                        return Ok(Action::Send {
-                            to: src,
-                            bytes: &out[..64],
-                        });
+                        return Ok(Action::Send { to: src, bytes: &out[..64] });
                     }
                     _ => {}
                 }
@@ -390,13 +379,8 @@ impl Device {
             }
             Message::CookieReply(m) => {
                 let entry = self.indices.get(m.receiver()).ok_or(Drop::UnknownIndex)?;
-                let slot = self
-                    .peers
-                    .get_mut(&entry.value.peer)
-                    .ok_or(Drop::UnknownIndex)?;
-                slot.peer
-                    .consume_cookie_reply(&m, now)
-                    .map_err(|_| Drop::BadCookieReply)?;
+                let slot = self.peers.get_mut(&entry.value.peer).ok_or(Drop::UnknownIndex)?;
+                slot.peer.consume_cookie_reply(&m, now).map_err(|_| Drop::BadCookieReply)?;
                 Ok(Action::Nothing)
             }
             Message::Transport(_) => self.on_transport(src, datagram, now, wall),
@@ -412,43 +396,19 @@ impl Device {
     ) -> Result<Action<'a>, Drop> {
         let msg = HandshakeInitiation::new_checked(datagram).map_err(Drop::Malformed)?;
         let partial = consume_initiation_static(&self.identity, &msg).map_err(Drop::Handshake)?;
-        let id = *self
-            .by_key
-            .get(&partial.remote_static)
-            .ok_or(Drop::Handshake(HandshakeError::UnknownPeer))?;
-        let slot = self
-            .peers
-            .get_mut(&id)
-            .ok_or(Drop::Handshake(HandshakeError::UnknownPeer))?;
-        let consumed = partial
-            .finish(slot.peer.keys(), &msg)
-            .map_err(Drop::Handshake)?;
-        let index = self
-            .indices
-            .insert(IndexValue {
-                peer: id,
-                keypair: None,
-            })
-            .map_err(|_| Drop::IndexTableFull)?;
-        let buf: &mut [u8; HANDSHAKE_RESPONSE_LEN] = (&mut out[..HANDSHAKE_RESPONSE_LEN])
-            .try_into()
-            .map_err(|_| Drop::BufferTooSmall)?;
+        let id = *self.by_key.get(&partial.remote_static).ok_or(Drop::Handshake(HandshakeError::UnknownPeer))?;
+        let slot = self.peers.get_mut(&id).ok_or(Drop::Handshake(HandshakeError::UnknownPeer))?;
+        let consumed = partial.finish(slot.peer.keys(), &msg).map_err(Drop::Handshake)?;
+        let index = self.indices.insert(IndexValue { peer: id, keypair: None }).map_err(|_| Drop::IndexTableFull)?;
+        let buf: &mut [u8; HANDSHAKE_RESPONSE_LEN] =
+            (&mut out[..HANDSHAKE_RESPONSE_LEN]).try_into().map_err(|_| Drop::BufferTooSmall)?;
         match slot.peer.write_response(&consumed, index, now, buf) {
             Ok((keypair, retired)) => {
-                self.indices.replace(
-                    index,
-                    IndexValue {
-                        peer: id,
-                        keypair: Some(keypair),
-                    },
-                );
+                self.indices.replace(index, IndexValue { peer: id, keypair: Some(keypair) });
                 slot.endpoint = Some(src);
                 slot.stats.handshakes += 1;
                 self.retire(retired);
-                Ok(Action::Send {
-                    to: src,
-                    bytes: &out[..HANDSHAKE_RESPONSE_LEN],
-                })
+                Ok(Action::Send { to: src, bytes: &out[..HANDSHAKE_RESPONSE_LEN] })
             }
             Err(e) => {
                 self.indices.remove(index);
@@ -473,10 +433,8 @@ impl Device {
         let id = entry.value.peer;
         drop(entry);
         let slot = self.peers.get_mut(&id).ok_or(Drop::UnknownIndex)?;
-        let (keypair, retired) = slot
-            .peer
-            .consume_response(&self.identity, &msg, now, wall)
-            .map_err(Drop::Handshake)?;
+        let (keypair, retired) =
+            slot.peer.consume_response(&self.identity, &msg, now, wall).map_err(Drop::Handshake)?;
         slot.endpoint = Some(src);
         slot.stats.handshakes += 1;
         // Section 6.3 / wireguard-go: confirm the session at once, with the staged
@@ -484,13 +442,7 @@ impl Device {
         if slot.staged.is_empty() {
             slot.want_keepalive = true;
         }
-        self.indices.replace(
-            keypair.local_index,
-            IndexValue {
-                peer: id,
-                keypair: Some(keypair),
-            },
-        );
+        self.indices.replace(keypair.local_index, IndexValue { peer: id, keypair: Some(keypair) });
         self.retire(retired);
         self.ready.push_back(id);
         Ok(Action::Nothing)
@@ -509,10 +461,7 @@ impl Device {
         let keypair = entry.value.keypair.clone().ok_or(Drop::UnknownIndex)?;
         drop(entry);
         let slot = self.peers.get_mut(&id).ok_or(Drop::UnknownIndex)?;
-        let received = slot
-            .peer
-            .decrypt(&self.token, &keypair, msg, now, wall)
-            .map_err(Drop::Receive)?;
+        let received = slot.peer.decrypt(&self.token, &keypair, msg, now, wall).map_err(Drop::Receive)?;
         // Roaming (section 2.1): the endpoint follows the last authenticated packet.
         slot.endpoint = Some(src);
         if received.rekey {
@@ -534,10 +483,7 @@ impl Device {
         let slot = self.peers.get_mut(&id).ok_or(Drop::UnknownIndex)?;
         slot.stats.rx_bytes += len as u64;
         slot.stats.rx_packets += 1;
-        Ok(Action::Deliver {
-            peer: id,
-            packet: &payload[..len],
-        })
+        Ok(Action::Deliver { peer: id, packet: &payload[..len] })
     }
 
     /// Encrypts an inner IP packet for the peer that owns its destination. If no
@@ -576,10 +522,7 @@ impl Device {
                     slot.want_initiation = true;
                     self.ready.push_back(id);
                 }
-                Ok(Action::Send {
-                    to,
-                    bytes: &out[..sent.len],
-                })
+                Ok(Action::Send { to, bytes: &out[..sent.len] })
             }
             Err(PeerSendError::BufferTooSmall) => Err(Drop::BufferTooSmall),
             Err(PeerSendError::NoSession) => {
@@ -591,10 +534,7 @@ impl Device {
                 slot.want_initiation = true;
                 self.ready.push_back(id);
                 match self.poll_transmit(now, wall, out) {
-                    Some(t) => Ok(Action::Send {
-                        to: t.to,
-                        bytes: &out[..t.len],
-                    }),
+                    Some(t) => Ok(Action::Send { to: t.to, bytes: &out[..t.len] }),
                     None => Ok(Action::Nothing),
                 }
             }
@@ -610,12 +550,7 @@ impl Device {
     }
 
     /// Sends a keepalive to `id` now on its current session.
-    pub fn send_keepalive(
-        &mut self,
-        id: PeerId,
-        now: Instant,
-        out: &mut [u8],
-    ) -> Result<Transmit, Drop> {
+    pub fn send_keepalive(&mut self, id: PeerId, now: Instant, out: &mut [u8]) -> Result<Transmit, Drop> {
         let slot = self.peers.get_mut(&id).ok_or(Drop::NoRoute)?;
         let to = slot.endpoint.ok_or(Drop::NoEndpoint)?;
         match slot.peer.encrypt(&[], out, now) {
@@ -650,12 +585,7 @@ impl Device {
     }
 
     /// The next datagram the device wants to send, written into `out`.
-    pub fn poll_transmit(
-        &mut self,
-        now: Instant,
-        wall: SystemTime,
-        out: &mut [u8],
-    ) -> Option<Transmit> {
+    pub fn poll_transmit(&mut self, now: Instant, wall: SystemTime, out: &mut [u8]) -> Option<Transmit> {
         while let Some(&id) = self.ready.front() {
             let Some(slot) = self.peers.get_mut(&id) else {
                 self.ready.pop_front();
@@ -671,27 +601,16 @@ impl Device {
                 slot.want_initiation = false;
                 let retry = slot.peer.timers.handshake_pending();
                 if slot.peer.may_initiate(now) && out.len() >= HANDSHAKE_INITIATION_LEN {
-                    let Ok(index) = self.indices.insert(IndexValue {
-                        peer: id,
-                        keypair: None,
-                    }) else {
+                    let Ok(index) = self.indices.insert(IndexValue { peer: id, keypair: None }) else {
                         self.drops.count(Drop::IndexTableFull);
                         continue;
                     };
-                    let buf: &mut [u8; HANDSHAKE_INITIATION_LEN] = (&mut out
-                        [..HANDSHAKE_INITIATION_LEN])
-                        .try_into()
-                        .expect("length checked");
-                    match slot
-                        .peer
-                        .write_initiation(&self.identity, index, retry, now, wall, buf)
-                    {
+                    let buf: &mut [u8; HANDSHAKE_INITIATION_LEN] =
+                        (&mut out[..HANDSHAKE_INITIATION_LEN]).try_into().expect("length checked");
+                    match slot.peer.write_initiation(&self.identity, index, retry, now, wall, buf) {
                         Ok(retired) => {
                             self.retire(retired);
-                            return Some(Transmit {
-                                to,
-                                len: HANDSHAKE_INITIATION_LEN,
-                            });
+                            return Some(Transmit { to, len: HANDSHAKE_INITIATION_LEN });
                         }
                         Err(e) => {
                             self.indices.remove(index);
@@ -733,6 +652,7 @@ impl Device {
 mod tests {
     use super::*;
     use crate::noise::PresharedKey;
+    use crate::testing::sent_bytes;
     use std::net::Ipv4Addr;
     use std::time::Duration;
 
@@ -752,64 +672,25 @@ mod tests {
         let (pa, pb) = (ka.public_key(), kb.public_key());
         let mut a = Device::new(ka, AeadBackend::Ring, 8, now);
         let mut b = Device::new(kb, AeadBackend::RustCrypto, 8, now);
-        let cfg = |k| PeerConfig {
-            public_key: k,
-            preshared_key: psk.clone(),
-            persistent_keepalive: None,
-        };
-        let a_peer = a
-            .add_peer(
-                cfg(pb),
-                Some(B_ADDR.parse().unwrap()),
-                &["10.0.2.0/24".parse().unwrap()],
-            )
-            .unwrap();
-        let b_peer = b
-            .add_peer(cfg(pa), None, &["10.0.1.0/24".parse().unwrap()])
-            .unwrap();
-        Pair {
-            a,
-            b,
-            a_peer,
-            b_peer,
-        }
+        let cfg = |k| PeerConfig { public_key: k, preshared_key: psk.clone(), persistent_keepalive: None };
+        let a_peer = a.add_peer(cfg(pb), Some(B_ADDR.parse().unwrap()), &["10.0.2.0/24".parse().unwrap()]).unwrap();
+        let b_peer = b.add_peer(cfg(pa), None, &["10.0.1.0/24".parse().unwrap()]).unwrap();
+        Pair { a, b, a_peer, b_peer }
     }
 
     fn ipv4(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
         let mut buf = vec![0u8; 20 + payload.len()];
-        Ipv4Packet::emit(
-            &mut buf[..],
-            Ipv4Addr::from(src),
-            Ipv4Addr::from(dst),
-            17,
-            64,
-            payload.len(),
-        )
-        .unwrap();
+        Ipv4Packet::emit(&mut buf[..], Ipv4Addr::from(src), Ipv4Addr::from(dst), 17, 64, payload.len()).unwrap();
         buf[20..].copy_from_slice(payload);
         buf
     }
 
     /// Delivers `bytes` from `from_addr` into `to`, returns what it wants sent.
-    fn deliver(
-        to: &mut Device,
-        from_addr: &str,
-        bytes: &[u8],
-        now: Instant,
-    ) -> Result<Vec<u8>, Drop> {
+    fn deliver(to: &mut Device, from_addr: &str, bytes: &[u8], now: Instant) -> Result<Vec<u8>, Drop> {
         let mut d = bytes.to_vec();
         let mut out = vec![0u8; 2048];
-        match to.receive(
-            from_addr.parse().unwrap(),
-            &mut d,
-            false,
-            now,
-            SystemTime::now(),
-            &mut out,
-        )? {
-            Action::Send { bytes, .. } | Action::Deliver { packet: bytes, .. } => {
-                Ok(bytes.to_vec())
-            }
+        match to.receive(from_addr.parse().unwrap(), &mut d, false, now, SystemTime::now(), &mut out)? {
+            Action::Send { bytes, .. } | Action::Deliver { packet: bytes, .. } => Ok(bytes.to_vec()),
             Action::Nothing => Ok(Vec::new()),
         }
     }
@@ -829,10 +710,7 @@ mod tests {
         let mut p = pair(now);
         let mut out = vec![0u8; 2048];
         let ping = ipv4([10, 0, 1, 5], [10, 0, 2, 9], b"ping");
-        let init = match p.a.send(&ping, now, SystemTime::now(), &mut out).unwrap() {
-            Action::Send { bytes, .. } => bytes.to_vec(),
-            other => panic!("{other:?}"),
-        };
+        let init = sent_bytes(&mut p.a, &ping, now);
         assert_eq!(init.len(), 148, "no session yet: an initiation goes first");
         let resp = deliver(&mut p.b, A_ADDR, &init, now).unwrap();
         assert_eq!(resp.len(), 92);
@@ -844,76 +722,39 @@ mod tests {
         assert_eq!(delivered, ping);
         // The answer goes straight out on the now-confirmed session.
         let pong = ipv4([10, 0, 2, 9], [10, 0, 1, 5], b"pong");
-        let enc = match p.b.send(&pong, now, SystemTime::now(), &mut out).unwrap() {
-            Action::Send { bytes, .. } => bytes.to_vec(),
-            other => panic!("{other:?}"),
-        };
+        let enc = sent_bytes(&mut p.b, &pong, now);
         assert_eq!(deliver(&mut p.a, B_ADDR, &enc, now).unwrap(), pong);
         assert_eq!(p.a.peer_stats(p.a_peer).unwrap().rx_packets, 1);
         assert_eq!(p.b.peer_stats(p.b_peer).unwrap().handshakes, 1);
 
         // Replays and forgeries are dropped and counted.
-        assert_eq!(
-            deliver(&mut p.a, B_ADDR, &enc, now),
-            Err(Drop::Receive(ReceiveError::Replay))
-        );
+        assert_eq!(deliver(&mut p.a, B_ADDR, &enc, now), Err(Drop::Receive(ReceiveError::Replay)));
         let mut forged = enc.clone();
         forged[20] ^= 0x40;
-        assert_eq!(
-            deliver(&mut p.a, B_ADDR, &forged, now),
-            Err(Drop::Receive(ReceiveError::Replay))
-        );
-        let enc2 = match p.b.send(&pong, now, SystemTime::now(), &mut out).unwrap() {
-            Action::Send { bytes, .. } => bytes.to_vec(),
-            other => panic!("{other:?}"),
-        };
+        assert_eq!(deliver(&mut p.a, B_ADDR, &forged, now), Err(Drop::Receive(ReceiveError::Replay)));
+        let enc2 = sent_bytes(&mut p.b, &pong, now);
         let mut forged = enc2.clone();
         forged[40] ^= 0x01;
-        assert_eq!(
-            deliver(&mut p.a, B_ADDR, &forged, now),
-            Err(Drop::Receive(ReceiveError::Authentication))
-        );
+        assert_eq!(deliver(&mut p.a, B_ADDR, &forged, now), Err(Drop::Receive(ReceiveError::Authentication)));
         assert_eq!(deliver(&mut p.a, B_ADDR, &enc2, now).unwrap(), pong);
         assert_eq!((p.a.drops.replay, p.a.drops.authentication), (2, 1));
 
         // A peer may only send from its own allowed IPs.
         let spoof = ipv4([10, 0, 3, 1], [10, 0, 1, 5], b"spoof");
-        let enc3 = match p.b.send(
-            &ipv4([10, 0, 2, 9], [10, 0, 1, 5], b"x"),
-            now,
-            SystemTime::now(),
-            &mut out,
-        ) {
+        let enc3 = match p.b.send(&ipv4([10, 0, 2, 9], [10, 0, 1, 5], b"x"), now, SystemTime::now(), &mut out) {
             Ok(Action::Send { .. }) => {
                 // Build a spoofed packet by encrypting it on b's session directly.
-                let kp =
-                    p.b.peers
-                        .get(&p.b_peer)
-                        .unwrap()
-                        .peer
-                        .current_keypair()
-                        .unwrap()
-                        .clone();
+                let kp = p.b.peers.get(&p.b_peer).unwrap().peer.current_keypair().unwrap().clone();
                 let mut buf = vec![0u8; 2048];
                 let n = kp.encrypt(&spoof, &mut buf, now).unwrap();
                 buf[..n].to_vec()
             }
             other => panic!("{other:?}"),
         };
-        assert_eq!(
-            deliver(&mut p.a, B_ADDR, &enc3, now),
-            Err(Drop::SourceNotAllowed)
-        );
+        assert_eq!(deliver(&mut p.a, B_ADDR, &enc3, now), Err(Drop::SourceNotAllowed));
         assert_eq!(p.a.drops.source_not_allowed, 1);
         // Nobody owns 10.9.0.0: no route.
-        let err =
-            p.a.send(
-                &ipv4([10, 0, 1, 5], [10, 9, 0, 1], b"?"),
-                now,
-                SystemTime::now(),
-                &mut out,
-            )
-            .unwrap_err();
+        let err = p.a.send(&ipv4([10, 0, 1, 5], [10, 9, 0, 1], b"?"), now, SystemTime::now(), &mut out).unwrap_err();
         assert_eq!(err, Drop::NoRoute);
     }
 
@@ -925,14 +766,7 @@ mod tests {
         let init = drain(&mut p.a, now).remove(0);
         let mut out = vec![0u8; 256];
         let mut d = init.clone();
-        let reply = match p.b.receive(
-            A_ADDR.parse().unwrap(),
-            &mut d,
-            true,
-            now,
-            SystemTime::now(),
-            &mut out,
-        ) {
+        let reply = match p.b.receive(A_ADDR.parse().unwrap(), &mut d, true, now, SystemTime::now(), &mut out) {
             Ok(Action::Send { bytes, .. }) => bytes.to_vec(),
             other => panic!("{other:?}"),
         };
@@ -944,27 +778,13 @@ mod tests {
         p.a.tick(later);
         let retry = drain(&mut p.a, later).remove(0);
         let mut d = retry.clone();
-        match p.b.receive(
-            A_ADDR.parse().unwrap(),
-            &mut d,
-            true,
-            later,
-            SystemTime::now(),
-            &mut out,
-        ) {
+        match p.b.receive(A_ADDR.parse().unwrap(), &mut d, true, later, SystemTime::now(), &mut out) {
             Ok(Action::Send { bytes, .. }) => assert_eq!(bytes.len(), 92),
             other => panic!("{other:?}"),
         }
         // The same message from another port has no valid cookie there.
         let mut d = retry.clone();
-        match p.b.receive(
-            "192.0.2.1:1".parse().unwrap(),
-            &mut d,
-            true,
-            later,
-            SystemTime::now(),
-            &mut out,
-        ) {
+        match p.b.receive("192.0.2.1:1".parse().unwrap(), &mut d, true, later, SystemTime::now(), &mut out) {
             Ok(Action::Send { bytes, .. }) => assert_eq!(bytes.len(), 64),
             other => panic!("{other:?}"),
         }
@@ -985,17 +805,10 @@ mod tests {
         let confirm = drain(&mut p.a, now);
         assert_eq!(confirm.len(), 1);
         assert_eq!(confirm[0].len(), 32, "a keepalive confirms the session");
-        assert!(deliver(&mut p.b, A_ADDR, &confirm[0], now)
-            .unwrap()
-            .is_empty());
+        assert!(deliver(&mut p.b, A_ADDR, &confirm[0], now).unwrap().is_empty());
         // Data from a, nothing back from b for 10 s: b sends a keepalive.
         let mut out = vec![0u8; 2048];
-        let data = match p.a.send(
-            &ipv4([10, 0, 1, 5], [10, 0, 2, 9], b"d"),
-            now,
-            SystemTime::now(),
-            &mut out,
-        ) {
+        let data = match p.a.send(&ipv4([10, 0, 1, 5], [10, 0, 2, 9], b"d"), now, SystemTime::now(), &mut out) {
             Ok(Action::Send { bytes, .. }) => bytes.to_vec(),
             other => panic!("{other:?}"),
         };
@@ -1008,10 +821,7 @@ mod tests {
         assert!(p.b.indices().len() > 0);
         assert!(p.b.remove_peer(p.b_peer));
         assert_eq!(p.b.indices().len(), 0, "removing a peer frees its indices");
-        assert_eq!(
-            deliver(&mut p.b, A_ADDR, &data, now),
-            Err(Drop::UnknownIndex)
-        );
+        assert_eq!(deliver(&mut p.b, A_ADDR, &data, now), Err(Drop::UnknownIndex));
     }
 
     #[test]
@@ -1025,14 +835,7 @@ mod tests {
                 if len >= 4 {
                     d[1..4].fill(0);
                 }
-                let _ = p.a.receive(
-                    B_ADDR.parse().unwrap(),
-                    &mut d,
-                    len % 2 == 0,
-                    now,
-                    SystemTime::now(),
-                    &mut out,
-                );
+                let _ = p.a.receive(B_ADDR.parse().unwrap(), &mut d, len % 2 == 0, now, SystemTime::now(), &mut out);
                 let _ = p.a.send(&d, now, SystemTime::now(), &mut out);
             }
         }

@@ -4,4 +4,6 @@
 pub mod device;
 pub mod noise;
 pub mod table;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod wire;

@@ -10,17 +10,14 @@
 use proptest::prelude::*;
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
-use wgxdp_dataplane::device::{Action, Device};
-use wgxdp_dataplane::noise::cookie::CookieJar;
-use wgxdp_dataplane::noise::cookie::MacKeys;
-use wgxdp_dataplane::noise::peer::PeerConfig;
-use wgxdp_dataplane::noise::{AeadBackend, PresharedKey, PrivateKey};
+use wgxdp_dataplane::device::Device;
+use wgxdp_dataplane::noise::cookie::{CookieJar, MacKeys};
+use wgxdp_dataplane::noise::AeadBackend;
+use wgxdp_dataplane::testing::{connected_pair, CLIENT_ADDR};
 use wgxdp_dataplane::wire::{EthernetFrame, Ipv4Packet, Ipv6Packet, Message, UdpDatagram};
 
-const PEER_ADDR: &str = "192.0.2.2:51820";
-
-/// A device with one established session to a second device, so transport
-/// messages with a live receiver index reach the AEAD and replay code.
+/// The gateway side of a connected pair: transport messages carrying the live
+/// receiver index reach the AEAD and replay code.
 struct Fixture {
     dev: Device,
     live_index: u32,
@@ -28,67 +25,11 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let now = Instant::now();
-    let (k1, k2) = (PrivateKey::generate(), PrivateKey::generate());
-    let (p1, p2) = (k1.public_key(), k2.public_key());
-    let psk = PresharedKey::generate();
-    let mut dev = Device::new(k1, AeadBackend::Ring, 8, now);
-    let mut other = Device::new(k2, AeadBackend::Ring, 8, now);
-    let cfg = |k| PeerConfig {
-        public_key: k,
-        preshared_key: psk.clone(),
-        persistent_keepalive: None,
-    };
-    let id = dev
-        .add_peer(cfg(p2), None, &["10.0.2.0/24".parse().unwrap()])
-        .unwrap();
-    let oid = other
-        .add_peer(
-            cfg(p1),
-            Some("192.0.2.1:51820".parse().unwrap()),
-            &["10.0.1.0/24".parse().unwrap()],
-        )
-        .unwrap();
-    other.initiate(oid);
-    let mut out = vec![0u8; 2048];
-    let t = other
-        .poll_transmit(now, SystemTime::now(), &mut out)
-        .unwrap();
-    let mut init = out[..t.len].to_vec();
-    let resp = match dev.receive(
-        PEER_ADDR.parse().unwrap(),
-        &mut init,
-        false,
-        now,
-        SystemTime::now(),
-        &mut out,
-    ) {
-        Ok(Action::Send { bytes, .. }) => bytes.to_vec(),
-        other => panic!("{other:?}"),
-    };
-    let mut resp = resp;
-    let mut out2 = vec![0u8; 2048];
-    other
-        .receive(
-            "192.0.2.1:51820".parse().unwrap(),
-            &mut resp,
-            false,
-            now,
-            SystemTime::now(),
-            &mut out2,
-        )
-        .unwrap();
-    // The other side's confirming keepalive carries our receiver index.
-    let t = other
-        .poll_transmit(now, SystemTime::now(), &mut out)
-        .unwrap();
-    assert_eq!(t.len, 32);
-    let live_index = u32::from_le_bytes(out[4..8].try_into().unwrap());
-    let _ = id;
+    let pair = connected_pair(AeadBackend::Ring);
     Fixture {
-        our_mac_keys: MacKeys::new(&dev.public_key()),
-        dev,
-        live_index,
+        our_mac_keys: MacKeys::new(&pair.gateway.public_key()),
+        live_index: pair.gateway_index,
+        dev: pair.gateway,
     }
 }
 
@@ -105,16 +46,8 @@ fn with_fixture<R>(f: impl FnOnce(&mut Fixture) -> R) -> R {
 fn message_strategy() -> impl Strategy<Value = (u8, Vec<u8>, bool, bool)> {
     (
         prop_oneof![Just(1u8), Just(2), Just(3), Just(4), any::<u8>()],
-        prop_oneof![
-            Just(148usize),
-            Just(92),
-            Just(64),
-            Just(32),
-            16usize..200,
-            0usize..16,
-            1400usize..1600
-        ]
-        .prop_flat_map(|len| proptest::collection::vec(any::<u8>(), len)),
+        prop_oneof![Just(148usize), Just(92), Just(64), Just(32), 16usize..200, 0usize..16, 1400usize..1600]
+            .prop_flat_map(|len| proptest::collection::vec(any::<u8>(), len)),
         any::<bool>(), // use a live receiver index
         any::<bool>(), // stamp a valid MAC1
     )
@@ -142,7 +75,7 @@ proptest! {
         }
         let before = f.dev.drops.total();
         let mut out = vec![0u8; 2048];
-        let src: SocketAddr = PEER_ADDR.parse().unwrap();
+        let src: SocketAddr = CLIENT_ADDR.parse().unwrap();
         let result = f.dev.receive(src, &mut bytes, under_load, Instant::now(), SystemTime::now(), &mut out);
         let after = f.dev.drops.total();
         match result {

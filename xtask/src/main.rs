@@ -34,17 +34,12 @@ fn main() -> Result<()> {
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask is inside the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
 }
 
 /// Runs a command, failing with its name if it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
@@ -61,15 +56,7 @@ pub fn build_ebpf() -> Result<PathBuf> {
         // The host workspace's settings must not leak into the BPF build.
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .args([
-            "+nightly",
-            "build",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ]))?;
+        .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"]))?;
     let obj = dir.join("target/bpfel-unknown-none/release/wgxdp");
     if !obj.exists() {
         bail!("the eBPF build succeeded but {} is missing", obj.display());
@@ -86,9 +73,7 @@ fn test(extra: &[String]) -> Result<()> {
     }
     println!("== cargo test (workspace: unit, known-answer, property, interop)");
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root())
-        .args(["test", "--workspace", "--all-targets"])
-        .args(extra);
+    cmd.current_dir(root()).args(["test", "--workspace", "--all-targets"]).args(extra);
     run(&mut cmd)
 }
 

@@ -8,20 +8,14 @@ use std::process::Command;
 /// Debian packages the project needs, and why.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("llvm-22-dev", "bpf-linker links against LLVM 22"),
-    (
-        "libpolly-22-dev",
-        "LLVM 22's static libraries reference Polly",
-    ),
+    ("libpolly-22-dev", "LLVM 22's static libraries reference Polly"),
     ("clang", "C code in -sys crates (libxdp/libbpf)"),
     ("libelf-dev", "libbpf"),
     ("zlib1g-dev", "libbpf"),
     ("pkg-config", "finding C libraries"),
     ("iproute2", "network namespaces and veth for tests"),
     ("iputils-ping", "pings across test topologies"),
-    (
-        "wireguard-go",
-        "the reference peer in interop tests and benchmarks",
-    ),
+    ("wireguard-go", "the reference peer in interop tests and benchmarks"),
     ("wireguard-tools", "`wg`, to configure wireguard-go"),
     ("iperf3", "TCP throughput through the tunnel"),
 ];
@@ -30,13 +24,8 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// PATH with LLVM 22's tools first (bpf-linker and its build need them).
 pub fn path_with_llvm() -> String {
-    let cargo_bin = std::env::var("HOME")
-        .map(|h| format!("{h}/.cargo/bin:"))
-        .unwrap_or_default();
-    format!(
-        "{LLVM_PREFIX}/bin:{cargo_bin}{}",
-        std::env::var("PATH").unwrap_or_default()
-    )
+    let cargo_bin = std::env::var("HOME").map(|h| format!("{h}/.cargo/bin:")).unwrap_or_default();
+    format!("{LLVM_PREFIX}/bin:{cargo_bin}{}", std::env::var("PATH").unwrap_or_default())
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
@@ -44,9 +33,7 @@ fn succeeds(cmd: &mut Command) -> bool {
 }
 
 fn stdout(cmd: &mut Command) -> String {
-    cmd.output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
+    cmd.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
 pub fn install_all() -> Result<()> {
@@ -62,25 +49,17 @@ fn apt_packages() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .map(|(p, _)| *p)
-        .filter(|p| {
-            stdout(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Status}", p])).trim()
-                != "installed"
-        })
+        .filter(|p| stdout(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Status}", p])).trim() != "installed")
         .collect();
     if missing.is_empty() {
         println!("   apt packages: all {} present", APT_PACKAGES.len());
         return Ok(());
     }
     for p in &missing {
-        let why = APT_PACKAGES
-            .iter()
-            .find(|(n, _)| n == p)
-            .map(|(_, w)| *w)
-            .unwrap_or_default();
+        let why = APT_PACKAGES.iter().find(|(n, _)| n == p).map(|(_, w)| *w).unwrap_or_default();
         println!("   apt: installing {p} ({why})");
     }
-    run(Command::new("apt-get").args(["update", "-qq"]))
-        .context("apt-get update (are you root?)")?;
+    run(Command::new("apt-get").args(["update", "-qq"])).context("apt-get update (are you root?)")?;
     run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
@@ -89,27 +68,12 @@ fn apt_packages() -> Result<()> {
 }
 
 fn nightly_rust_src() -> Result<()> {
-    if !stdout(Command::new("rustup").args(["toolchain", "list"]))
-        .lines()
-        .any(|l| l.starts_with("nightly"))
-    {
+    if !stdout(Command::new("rustup").args(["toolchain", "list"])).lines().any(|l| l.starts_with("nightly")) {
         println!("   rustup: installing the nightly toolchain (minimal profile)");
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))
-        .context("the XDP program needs a nightly toolchain")?;
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+            .context("the XDP program needs a nightly toolchain")?;
     }
-    let installed = stdout(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]));
+    let installed = stdout(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]));
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         println!("   rustup: nightly rust-src present");
         return Ok(());
@@ -119,11 +83,7 @@ fn nightly_rust_src() -> Result<()> {
 }
 
 fn bpf_linker() -> Result<()> {
-    if succeeds(
-        Command::new("bpf-linker")
-            .arg("--version")
-            .env("PATH", path_with_llvm()),
-    ) {
+    if succeeds(Command::new("bpf-linker").arg("--version").env("PATH", path_with_llvm())) {
         println!("   bpf-linker present");
         return Ok(());
     }
@@ -131,14 +91,11 @@ fn bpf_linker() -> Result<()> {
     if !std::path::Path::new(LLVM_PREFIX).exists() {
         bail!("{LLVM_PREFIX} is missing: llvm-22-dev did not install");
     }
-    run(Command::new("cargo")
-        .env("LLVM_PREFIX", LLVM_PREFIX)
-        .env("PATH", path_with_llvm())
-        .args([
-            "install",
-            "bpf-linker",
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-        ]))
+    run(Command::new("cargo").env("LLVM_PREFIX", LLVM_PREFIX).env("PATH", path_with_llvm()).args([
+        "install",
+        "bpf-linker",
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ]))
 }

@@ -44,8 +44,7 @@ impl TransportKey {
     pub fn new(backend: AeadBackend, key: &[u8; 32]) -> Self {
         let inner = match backend {
             AeadBackend::Ring => {
-                let unbound = UnboundKey::new(&CHACHA20_POLY1305, key)
-                    .expect("a 32-byte ChaCha20 key is always valid");
+                let unbound = UnboundKey::new(&CHACHA20_POLY1305, key).expect("a 32-byte ChaCha20 key is always valid");
                 KeyInner::Ring(MaybeUninit::new(LessSafeKey::new(unbound)))
             }
             AeadBackend::RustCrypto => KeyInner::RustCrypto(ChaCha20Poly1305::new(key.into())),
@@ -67,11 +66,7 @@ impl TransportKey {
         match &self.inner {
             KeyInner::Ring(k) => {
                 let tag = Self::ring(k)
-                    .seal_in_place_separate_tag(
-                        Nonce::assume_unique_for_key(*nonce),
-                        Aad::from(aad),
-                        plain,
-                    )
+                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), plain)
                     .expect("ChaCha20-Poly1305 input is under its length limit");
                 tag_out.copy_from_slice(tag.as_ref());
             }
@@ -86,12 +81,7 @@ impl TransportKey {
 
     /// Authenticates and decrypts `buf` (ciphertext then tag) in place and returns
     /// the plaintext, which is `buf[..len-16]`.
-    pub fn open<'a>(
-        &self,
-        nonce: &[u8; 12],
-        aad: &[u8],
-        buf: &'a mut [u8],
-    ) -> Result<&'a mut [u8], AeadError> {
+    pub fn open<'a>(&self, nonce: &[u8; 12], aad: &[u8], buf: &'a mut [u8]) -> Result<&'a mut [u8], AeadError> {
         if buf.len() < AEAD_TAG_LEN {
             return Err(AeadError);
         }
@@ -112,8 +102,7 @@ impl TransportKey {
             }
             KeyInner::RustCrypto(c) => {
                 let (data, tag) = buf.split_at_mut(split);
-                c.decrypt_in_place_detached(nonce.into(), aad, data, (&*tag).into())
-                    .map_err(|_| AeadError)?;
+                c.decrypt_in_place_detached(nonce.into(), aad, data, (&*tag).into()).map_err(|_| AeadError)?;
             }
         }
         Ok(&mut buf[..split])
@@ -123,10 +112,9 @@ impl TransportKey {
 impl Drop for TransportKey {
     fn drop(&mut self) {
         if let KeyInner::Ring(k) = &mut self.inner {
-            // SAFETY: `k` points to memory we own; a volatile write of an all-zero
-            // `MaybeUninit` is always valid for that type, and `LessSafeKey` has no
-            // drop glue (asserted above), so not running its destructor is fine.
-            // The key is never read after this.
+            // The key is never read after this. `LessSafeKey` has no drop glue
+            // (asserted above), so overwriting instead of dropping it loses nothing.
+            // SAFETY: `k` is our own place, and all-zero bytes are a valid `MaybeUninit`.
             unsafe { core::ptr::write_volatile(k, MaybeUninit::zeroed()) };
             core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
         }
@@ -140,10 +128,7 @@ mod tests {
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     const PLAINTEXT: &[u8] = b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.";
@@ -154,12 +139,10 @@ mod tests {
         let key: [u8; 32] = core::array::from_fn(|i| 0x80 + i as u8);
         let nonce: [u8; 12] = hex("070000004041424344454647").try_into().unwrap();
         let aad = hex("50515253c0c1c2c3c4c5c6c7");
-        let expected = hex(
-            "d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d6
+        let expected = hex("d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d6
              3dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b36
              92ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc
-             3ff4def08e4b7a9de576d26586cec64b6116 1ae10b594f09e26a7e902ecbd0600691",
-        );
+             3ff4def08e4b7a9de576d26586cec64b6116 1ae10b594f09e26a7e902ecbd0600691");
         for backend in [AeadBackend::Ring, AeadBackend::RustCrypto] {
             let k = TransportKey::new(backend, &key);
             let mut buf = PLAINTEXT.to_vec();
@@ -180,13 +163,10 @@ mod tests {
     /// RFC 8439 appendix A.5: decryption with a counter-shaped nonce.
     #[test]
     fn rfc8439_appendix_a5_decrypt() {
-        let key: [u8; 32] = hex("1c9240a5eb55d38af333888604f6b5f0473917c1402b80099dca5cbc207075c0")
-            .try_into()
-            .unwrap();
+        let key: [u8; 32] = hex("1c9240a5eb55d38af333888604f6b5f0473917c1402b80099dca5cbc207075c0").try_into().unwrap();
         let nonce: [u8; 12] = hex("000000000102030405060708").try_into().unwrap();
         let aad = hex("f33388860000000000004e91");
-        let mut ct = hex(
-            "64a0861575861af460f062c79be643bd5e805cfd345cf389f108670ac76c8cb2
+        let mut ct = hex("64a0861575861af460f062c79be643bd5e805cfd345cf389f108670ac76c8cb2
              4c6cfc18755d43eea09ee94e382d26b0bdb7b73c321b0100d4f03b7f355894cf
              332f830e710b97ce98c8a84abd0b948114ad176e008d33bd60f982b1ff37c855
              9797a06ef4f0ef61c186324e2b3506383606907b6a7c02b0f9f6157b53c867e4
@@ -194,16 +174,13 @@ mod tests {
              af4534d7f83fa1155b0047718cbc546a0d072b04b3564eea1b422273f548271a
              0bb2316053fa76991955ebd63159434ecebb4e466dae5a1073a6727627097a10
              49e617d91d361094fa68f0ff77987130305beaba2eda04df997b714d6c6f2c29
-             a6ad5cb4022b02709b eead9d67890cbb22392336fea1851f38",
-        );
+             a6ad5cb4022b02709b eead9d67890cbb22392336fea1851f38");
         let ct_copy = ct.clone();
         for backend in [AeadBackend::Ring, AeadBackend::RustCrypto] {
             ct.copy_from_slice(&ct_copy);
             let k = TransportKey::new(backend, &key);
             let plain = k.open(&nonce, &aad, &mut ct).unwrap();
-            assert!(plain.starts_with(
-                b"Internet-Drafts are draft documents valid for a maximum of six months"
-            ));
+            assert!(plain.starts_with(b"Internet-Drafts are draft documents valid for a maximum of six months"));
             assert!(plain.ends_with(b"/\xe2\x80\x9cwork in progress./\xe2\x80\x9d"));
         }
     }

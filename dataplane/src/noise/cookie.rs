@@ -34,10 +34,7 @@ impl core::fmt::Debug for MacKeys {
 
 impl MacKeys {
     pub fn new(public: &PublicKey) -> Self {
-        Self {
-            mac1: hash(&[LABEL_MAC1, public.as_bytes()]),
-            cookie: hash(&[LABEL_COOKIE, public.as_bytes()]),
-        }
+        Self { mac1: hash(&[LABEL_MAC1, public.as_bytes()]), cookie: hash(&[LABEL_COOKIE, public.as_bytes()]) }
     }
 }
 
@@ -97,10 +94,7 @@ fn source_bytes(src: SocketAddr) -> ([u8; 18], usize) {
 impl CookieChecker {
     /// `local` is our own public key: initiators compute MAC1 with it.
     pub fn new(local: &PublicKey, now: Instant) -> Self {
-        Self {
-            keys: MacKeys::new(local),
-            secret: ArcSwap::from_pointee(Self::fresh_secret(now)),
-        }
+        Self { keys: MacKeys::new(local), secret: ArcSwap::from_pointee(Self::fresh_secret(now)) }
     }
 
     fn fresh_secret(now: Instant) -> CookieSecret {
@@ -144,14 +138,7 @@ impl CookieChecker {
     }
 
     /// Writes a cookie reply to `msg` (whose MAC1 was valid) into `out`.
-    pub fn write_reply(
-        &self,
-        msg: &[u8],
-        sender_index: u32,
-        src: SocketAddr,
-        now: Instant,
-        out: &mut [u8; 64],
-    ) {
+    pub fn write_reply(&self, msg: &[u8], sender_index: u32, src: SocketAddr, now: Instant, out: &mut [u8; 64]) {
         let (_, mac1, _, _) = split_macs(msg);
         let mut reply = CookieReply::new_zeroed(&mut out[..]).expect("64 bytes is a cookie reply");
         reply.set_receiver(sender_index);
@@ -177,9 +164,7 @@ pub struct CookieJar {
 
 impl core::fmt::Debug for CookieJar {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("CookieJar")
-            .field("has_cookie", &self.cookie.is_some())
-            .finish()
+        f.debug_struct("CookieJar").field("has_cookie", &self.cookie.is_some()).finish()
     }
 }
 
@@ -192,9 +177,7 @@ impl CookieJar {
         let mac1 = mac(&peer.mac1, &[&msg[..m1]]);
         msg[m1..m2].copy_from_slice(&mac1);
         self.last_mac1 = Some(mac1);
-        let fresh = self
-            .cookie_received
-            .is_some_and(|t| now.saturating_duration_since(t) < COOKIE_REFRESH_TIME);
+        let fresh = self.cookie_received.is_some_and(|t| now.saturating_duration_since(t) < COOKIE_REFRESH_TIME);
         match (&self.cookie, fresh) {
             (Some(cookie), true) => {
                 let mac2 = mac(cookie, &[&msg[..m2]]);
@@ -205,12 +188,7 @@ impl CookieJar {
     }
 
     /// Decrypts a cookie reply from `peer` for the last message we sent.
-    pub fn consume_reply(
-        &mut self,
-        peer: &MacKeys,
-        reply: &CookieReply<&[u8]>,
-        now: Instant,
-    ) -> Result<(), AeadError> {
+    pub fn consume_reply(&mut self, peer: &MacKeys, reply: &CookieReply<&[u8]>, now: Instant) -> Result<(), AeadError> {
         let aad = self.last_mac1.ok_or(AeadError)?;
         let mut nonce = [0u8; COOKIE_NONCE_LEN];
         nonce.copy_from_slice(reply.nonce());
@@ -245,10 +223,7 @@ mod tests {
 
         let mut msg = [0x55u8; 148];
         jar.stamp(&keys, &mut msg, now);
-        assert_eq!(
-            checker.verify(&msg, src, now),
-            MacVerdict::ValidWithoutCookie
-        );
+        assert_eq!(checker.verify(&msg, src, now), MacVerdict::ValidWithoutCookie);
 
         let mut bad = msg;
         bad[5] ^= 1;
@@ -264,16 +239,10 @@ mod tests {
         assert_eq!(checker.verify(&msg, src, now), MacVerdict::ValidWithCookie);
         // The cookie is bound to the source address and port.
         let other: SocketAddr = "192.0.2.7:40001".parse().unwrap();
-        assert_eq!(
-            checker.verify(&msg, other, now),
-            MacVerdict::ValidWithoutCookie
-        );
+        assert_eq!(checker.verify(&msg, other, now), MacVerdict::ValidWithoutCookie);
         // The responder's secret rotates after two minutes: old cookies stop working.
         let later = now + COOKIE_REFRESH_TIME;
-        assert_eq!(
-            checker.verify(&msg, src, later),
-            MacVerdict::ValidWithoutCookie
-        );
+        assert_eq!(checker.verify(&msg, src, later), MacVerdict::ValidWithoutCookie);
         // And the initiator stops sending a stale cookie.
         jar.stamp(&keys, &mut msg, later);
         assert!(msg[132..].iter().all(|&b| b == 0));
@@ -294,12 +263,7 @@ mod tests {
         let mut second = [2u8; 92];
         jar.stamp(&keys, &mut second, now);
         let view = CookieReply::new_checked(&reply[..]).unwrap();
-        assert!(
-            jar.consume_reply(&keys, &view, now).is_err(),
-            "AAD is the newest mac1"
-        );
-        assert!(CookieJar::default()
-            .consume_reply(&keys, &view, now)
-            .is_err());
+        assert!(jar.consume_reply(&keys, &view, now).is_err(), "AAD is the newest mac1");
+        assert!(CookieJar::default().consume_reply(&keys, &view, now).is_err());
     }
 }

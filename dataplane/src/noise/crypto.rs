@@ -25,8 +25,7 @@ pub fn hash(parts: &[&[u8]]) -> [u8; HASH_LEN] {
 pub fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; MAC_LEN] {
     // Keys here are 32 bytes (hashes and cookies) or 16 bytes (cookies): both are
     // within BLAKE2s's key limit, so construction cannot fail.
-    let mut m =
-        <Blake2sMac<U16> as KeyInit>::new_from_slice(key).expect("BLAKE2s key is at most 32 bytes");
+    let mut m = <Blake2sMac<U16> as KeyInit>::new_from_slice(key).expect("BLAKE2s key is at most 32 bytes");
     for p in parts {
         Mac::update(&mut m, p);
     }
@@ -112,21 +111,14 @@ pub fn aead_seal(key: &[u8; 32], counter: u64, buf: &mut [u8], aad: &[u8]) {
 }
 
 /// The inverse of `aead_seal`: on success `buf[..len-16]` holds the plaintext.
-pub fn aead_open(
-    key: &[u8; 32],
-    counter: u64,
-    buf: &mut [u8],
-    aad: &[u8],
-) -> Result<(), AeadError> {
+pub fn aead_open(key: &[u8; 32], counter: u64, buf: &mut [u8], aad: &[u8]) -> Result<(), AeadError> {
     if buf.len() < AEAD_TAG_LEN {
         return Err(AeadError);
     }
     let cipher = ChaCha20Poly1305::new(key.into());
     let split = buf.len() - AEAD_TAG_LEN;
     let (data, tag) = buf.split_at_mut(split);
-    cipher
-        .decrypt_in_place_detached(&counter_nonce(counter).into(), aad, data, (&*tag).into())
-        .map_err(|_| AeadError)
+    cipher.decrypt_in_place_detached(&counter_nonce(counter).into(), aad, data, (&*tag).into()).map_err(|_| AeadError)
 }
 
 /// XAEAD(key, nonce, plain, aad) with a 24-byte nonce (section 5.4.7), in place like `aead_seal`.
@@ -140,21 +132,14 @@ pub fn xaead_seal(key: &[u8; 32], nonce: &[u8; 24], buf: &mut [u8], aad: &[u8]) 
     tag_out.copy_from_slice(&tag);
 }
 
-pub fn xaead_open(
-    key: &[u8; 32],
-    nonce: &[u8; 24],
-    buf: &mut [u8],
-    aad: &[u8],
-) -> Result<(), AeadError> {
+pub fn xaead_open(key: &[u8; 32], nonce: &[u8; 24], buf: &mut [u8], aad: &[u8]) -> Result<(), AeadError> {
     if buf.len() < AEAD_TAG_LEN {
         return Err(AeadError);
     }
     let cipher = XChaCha20Poly1305::new(key.into());
     let split = buf.len() - AEAD_TAG_LEN;
     let (data, tag) = buf.split_at_mut(split);
-    cipher
-        .decrypt_in_place_detached(nonce.into(), aad, data, (&*tag).into())
-        .map_err(|_| AeadError)
+    cipher.decrypt_in_place_detached(nonce.into(), aad, data, (&*tag).into()).map_err(|_| AeadError)
 }
 
 #[cfg(test)]
@@ -163,24 +148,15 @@ mod tests {
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     #[test]
     fn blake2s_rfc7693_vectors() {
         // RFC 7693 appendix B: BLAKE2s-256("abc").
-        assert_eq!(
-            hash(&[b"abc"]).to_vec(),
-            hex("508c5e8c327c14e2e1a72ba34eeb452f37458b209ed63a294d999b4c86675982")
-        );
+        assert_eq!(hash(&[b"abc"]).to_vec(), hex("508c5e8c327c14e2e1a72ba34eeb452f37458b209ed63a294d999b4c86675982"));
         // BLAKE2s-256 of the empty string.
-        assert_eq!(
-            hash(&[]).to_vec(),
-            hex("69217a3079908094e11121d042354a7c1f55b6482ca1a51e1b250dfd1ed0eef9")
-        );
+        assert_eq!(hash(&[]).to_vec(), hex("69217a3079908094e11121d042354a7c1f55b6482ca1a51e1b250dfd1ed0eef9"));
         // Split input hashes like the concatenation.
         assert_eq!(hash(&[b"a", b"bc"]), hash(&[b"abc"]));
     }
@@ -192,8 +168,7 @@ mod tests {
         for len in [0usize, 1, 31, 32, 64, 65, 200] {
             let key: [u8; 32] = core::array::from_fn(|i| (i * 7 + len) as u8);
             let msg: Vec<u8> = (0..len).map(|i| (i * 13) as u8).collect();
-            let mut reference =
-                <SimpleHmac<Blake2s256> as hmac::Mac>::new_from_slice(&key).unwrap();
+            let mut reference = <SimpleHmac<Blake2s256> as hmac::Mac>::new_from_slice(&key).unwrap();
             hmac::Mac::update(&mut reference, &msg);
             let expected: [u8; 32] = hmac::Mac::finalize(reference).into_bytes().into();
             assert_eq!(*hmac(&key, &[&msg]), expected, "message length {len}");
@@ -211,28 +186,13 @@ mod tests {
             hex("e926b86517b738788103c8dbd37ffd1f6156762fd59b5e695feec13e3d5ddad2")
         );
         let (t1, t2, t3) = kdf3(&key, msg);
-        assert_eq!(
-            t1.to_vec(),
-            hex("71fcfa45bedb75bef0e86cdfac139d636c06ec4820d90895c47caf52b41a0b16")
-        );
-        assert_eq!(
-            t2.to_vec(),
-            hex("c84a1664a9e9f43bd454434a3a0d6d4e40d692a0dc40b977eaa247eca2dd0f14")
-        );
-        assert_eq!(
-            t3.to_vec(),
-            hex("ffda8519b6e6150f8cdc55cf8b8ee761a0138426e4b3929d500c8aeccde1358b")
-        );
+        assert_eq!(t1.to_vec(), hex("71fcfa45bedb75bef0e86cdfac139d636c06ec4820d90895c47caf52b41a0b16"));
+        assert_eq!(t2.to_vec(), hex("c84a1664a9e9f43bd454434a3a0d6d4e40d692a0dc40b977eaa247eca2dd0f14"));
+        assert_eq!(t3.to_vec(), hex("ffda8519b6e6150f8cdc55cf8b8ee761a0138426e4b3929d500c8aeccde1358b"));
         // MAC: keyed BLAKE2s-128 under the MAC1 key of the all-zero public key.
         let mac1_key = hash(&[b"mac1----", &[0u8; 32]]);
-        assert_eq!(
-            mac1_key.to_vec(),
-            hex("d84d593e94aac535d9107d24b9e4576f12a1d0c96b630c2961edee4259e3e3c5")
-        );
-        assert_eq!(
-            mac(&mac1_key, &[b"message"]).to_vec(),
-            hex("05e2974b4b4bf15e2bd16732c457e424")
-        );
+        assert_eq!(mac1_key.to_vec(), hex("d84d593e94aac535d9107d24b9e4576f12a1d0c96b630c2961edee4259e3e3c5"));
+        assert_eq!(mac(&mac1_key, &[b"message"]).to_vec(), hex("05e2974b4b4bf15e2bd16732c457e424"));
     }
 
     #[test]
@@ -262,10 +222,7 @@ mod tests {
         );
         // And MAC's 16-byte output differs from a truncated 32-byte one (the length
         // is a BLAKE2 parameter), so it is a genuinely separate function.
-        assert_ne!(
-            mac(&key, &[]).to_vec(),
-            hex("48a8997da407876b3d79c0d92325ad3b")
-        );
+        assert_ne!(mac(&key, &[]).to_vec(), hex("48a8997da407876b3d79c0d92325ad3b"));
     }
 
     #[test]

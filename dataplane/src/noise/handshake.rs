@@ -47,9 +47,7 @@ pub struct StaticIdentity {
 
 impl core::fmt::Debug for StaticIdentity {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("StaticIdentity")
-            .field("public", &self.public)
-            .finish_non_exhaustive()
+        f.debug_struct("StaticIdentity").field("public", &self.public).finish_non_exhaustive()
     }
 }
 
@@ -70,28 +68,15 @@ pub struct PeerKeys {
 
 impl core::fmt::Debug for PeerKeys {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("PeerKeys")
-            .field("remote_static", &self.remote_static)
-            .finish_non_exhaustive()
+        f.debug_struct("PeerKeys").field("remote_static", &self.remote_static).finish_non_exhaustive()
     }
 }
 
 impl PeerKeys {
     /// Precomputes the static-static DH; refuses a low-order peer key.
-    pub fn new(
-        local: &StaticIdentity,
-        remote_static: PublicKey,
-        psk: PresharedKey,
-    ) -> Result<Self, HandshakeError> {
-        let static_static = local
-            .private
-            .diffie_hellman(&remote_static)
-            .ok_or(HandshakeError::LowOrderPoint)?;
-        Ok(Self {
-            remote_static,
-            static_static,
-            psk,
-        })
+    pub fn new(local: &StaticIdentity, remote_static: PublicKey, psk: PresharedKey) -> Result<Self, HandshakeError> {
+        let static_static = local.private.diffie_hellman(&remote_static).ok_or(HandshakeError::LowOrderPoint)?;
+        Ok(Self { remote_static, static_static, psk })
     }
 }
 
@@ -106,9 +91,7 @@ pub struct InitiatorState {
 
 impl core::fmt::Debug for InitiatorState {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("InitiatorState")
-            .field("local_index", &self.local_index)
-            .finish_non_exhaustive()
+        f.debug_struct("InitiatorState").field("local_index", &self.local_index).finish_non_exhaustive()
     }
 }
 
@@ -134,9 +117,7 @@ pub fn create_initiation(
     msg.ephemeral_mut().copy_from_slice(e_pub.as_bytes());
     h = hash(&[&h, e_pub.as_bytes()]);
     // (Ci, κ) := KDF2(Ci, DH(Ei_priv, Sr_pub))
-    let es = ephemeral
-        .diffie_hellman(&peer.remote_static)
-        .ok_or(HandshakeError::LowOrderPoint)?;
+    let es = ephemeral.diffie_hellman(&peer.remote_static).ok_or(HandshakeError::LowOrderPoint)?;
     let (c, key) = kdf2(&ck, es.as_bytes());
     ck = c;
     // msg.static := AEAD(κ, 0, Si_pub, Hi); Hi := HASH(Hi || msg.static)
@@ -152,13 +133,7 @@ pub fn create_initiation(
     t[..TIMESTAMP_LEN].copy_from_slice(&timestamp.0);
     aead_seal(&key, 0, t, &h);
     h = hash(&[&h, msg.encrypted_timestamp()]);
-    Ok(InitiatorState {
-        local_index,
-        sent_at: now,
-        chaining_key: ck,
-        hash: h,
-        ephemeral,
-    })
+    Ok(InitiatorState { local_index, sent_at: now, chaining_key: ck, hash: h, ephemeral })
 }
 
 /// A received initiation after its static key was decrypted but before the
@@ -214,10 +189,7 @@ pub fn consume_initiation_static(
     let mut ck = kdf1(ck0, &e);
     h = hash(&[&h, &e]);
     // (Cr, κ) := KDF2(Cr, DH(Sr_priv, msg.ephemeral))
-    let es = local
-        .private
-        .diffie_hellman(&remote_ephemeral)
-        .ok_or(HandshakeError::LowOrderPoint)?;
+    let es = local.private.diffie_hellman(&remote_ephemeral).ok_or(HandshakeError::LowOrderPoint)?;
     let (c, key) = kdf2(&ck, es.as_bytes());
     ck = c;
     // Si_pub := AEAD-Decrypt(κ, 0, msg.static, Hr); Hr := HASH(Hr || msg.static)
@@ -287,14 +259,10 @@ pub fn create_response(
     msg.ephemeral_mut().copy_from_slice(e_pub.as_bytes());
     let mut h = hash(&[&init.hash, e_pub.as_bytes()]);
     // Cr := KDF1(Cr, DH(Er_priv, Ei_pub))
-    let ee = ephemeral
-        .diffie_hellman(&init.remote_ephemeral)
-        .ok_or(HandshakeError::LowOrderPoint)?;
+    let ee = ephemeral.diffie_hellman(&init.remote_ephemeral).ok_or(HandshakeError::LowOrderPoint)?;
     ck = kdf1(&ck, ee.as_bytes());
     // Cr := KDF1(Cr, DH(Er_priv, Si_pub))
-    let se = ephemeral
-        .diffie_hellman(&init.remote_static)
-        .ok_or(HandshakeError::LowOrderPoint)?;
+    let se = ephemeral.diffie_hellman(&init.remote_static).ok_or(HandshakeError::LowOrderPoint)?;
     ck = kdf1(&ck, se.as_bytes());
     // (Cr, τ, κ) := KDF3(Cr, Q); Hr := HASH(Hr || τ)
     let (c, tau, key) = kdf3(&ck, peer.psk.as_bytes());
@@ -305,15 +273,7 @@ pub fn create_response(
     let _final_hash = hash(&[&h, msg.encrypted_nothing()]);
     // (T_recv, T_send) := KDF2(Cr, ε)
     let (recv, send) = kdf2(&ck, &[]);
-    Ok(Keypair::new(
-        backend,
-        local_index,
-        init.sender_index,
-        false,
-        now,
-        &send,
-        &recv,
-    ))
+    Ok(Keypair::new(backend, local_index, init.sender_index, false, now, &send, &recv))
 }
 
 /// Initiator: consumes a response to `state` and derives the new keypair
@@ -336,16 +296,10 @@ pub fn consume_response(
     let mut ck = kdf1(&state.chaining_key, &e);
     let mut h = hash(&[&state.hash, &e]);
     // Ci := KDF1(Ci, DH(Ei_priv, Er_pub))
-    let ee = state
-        .ephemeral
-        .diffie_hellman(&remote_ephemeral)
-        .ok_or(HandshakeError::LowOrderPoint)?;
+    let ee = state.ephemeral.diffie_hellman(&remote_ephemeral).ok_or(HandshakeError::LowOrderPoint)?;
     ck = kdf1(&ck, ee.as_bytes());
     // Ci := KDF1(Ci, DH(Si_priv, Er_pub))
-    let se = local
-        .private
-        .diffie_hellman(&remote_ephemeral)
-        .ok_or(HandshakeError::LowOrderPoint)?;
+    let se = local.private.diffie_hellman(&remote_ephemeral).ok_or(HandshakeError::LowOrderPoint)?;
     ck = kdf1(&ck, se.as_bytes());
     // (Ci, τ, κ) := KDF3(Ci, Q); Hi := HASH(Hi || τ)
     let (c, tau, key) = kdf3(&ck, peer.psk.as_bytes());
@@ -357,15 +311,7 @@ pub fn consume_response(
     aead_open(&key, 0, &mut empty, &h).map_err(|_| HandshakeError::Decryption)?;
     // (T_send, T_recv) := KDF2(Ci, ε)
     let (send, recv) = kdf2(&ck, &[]);
-    Ok(Keypair::new(
-        backend,
-        state.local_index,
-        msg.sender(),
-        true,
-        now,
-        &send,
-        &recv,
-    ))
+    Ok(Keypair::new(backend, state.local_index, msg.sender(), true, now, &send, &recv))
 }
 
 #[cfg(test)]
@@ -375,10 +321,7 @@ mod tests {
     use crate::wire::TransportHeader;
     use std::time::SystemTime;
 
-    fn run_handshake(
-        psk_i: PresharedKey,
-        psk_r: PresharedKey,
-    ) -> Result<(Keypair, Keypair), HandshakeError> {
+    fn run_handshake(psk_i: PresharedKey, psk_r: PresharedKey) -> Result<(Keypair, Keypair), HandshakeError> {
         let now = Instant::now();
         let initiator = StaticIdentity::new(PrivateKey::generate());
         let responder = StaticIdentity::new(PrivateKey::generate());
@@ -399,14 +342,7 @@ mod tests {
 
         let mut resp_buf = [0u8; 92];
         let mut resp = HandshakeResponse::new_zeroed(&mut resp_buf[..]).unwrap();
-        let r_kp = create_response(
-            &consumed,
-            &r_peer,
-            0x2222,
-            AeadBackend::Ring,
-            now,
-            &mut resp,
-        )?;
+        let r_kp = create_response(&consumed, &r_peer, 0x2222, AeadBackend::Ring, now, &mut resp)?;
         let resp = HandshakeResponse::new_checked(&resp_buf[..]).unwrap();
         let i_kp = consume_response(&state, &initiator, &i_peer, &resp, AeadBackend::Ring, now)?;
         Ok((i_kp, r_kp))
@@ -422,22 +358,10 @@ mod tests {
         let token = WorkerToken::new();
         let mut buf = [0u8; 64];
         let n = i.encrypt(b"ping", &mut buf, now).unwrap();
-        let plain = r
-            .open(
-                &token,
-                TransportHeader::new_checked(&mut buf[..n]).unwrap(),
-                now,
-            )
-            .unwrap();
+        let plain = r.open(&token, TransportHeader::new_checked(&mut buf[..n]).unwrap(), now).unwrap();
         assert_eq!(&plain[..4], b"ping");
         let n = r.encrypt(b"pong", &mut buf, now).unwrap();
-        let plain = i
-            .open(
-                &token,
-                TransportHeader::new_checked(&mut buf[..n]).unwrap(),
-                now,
-            )
-            .unwrap();
+        let plain = i.open(&token, TransportHeader::new_checked(&mut buf[..n]).unwrap(), now).unwrap();
         assert_eq!(&plain[..4], b"pong");
     }
 
@@ -447,14 +371,8 @@ mod tests {
     fn initial_chaining_key_and_hash() {
         let (ck, h) = initial_chain();
         let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        assert_eq!(
-            hex(ck),
-            "60e26daef327efc02ec335e2a025d2d016eb4206f87277f52d38d1988b78cd36"
-        );
-        assert_eq!(
-            hex(h),
-            "2211b361081ac566691243db458ad5322d9c6c662293e8b70ee19c65ba079ef3"
-        );
+        assert_eq!(hex(ck), "60e26daef327efc02ec335e2a025d2d016eb4206f87277f52d38d1988b78cd36");
+        assert_eq!(hex(h), "2211b361081ac566691243db458ad5322d9c6c662293e8b70ee19c65ba079ef3");
     }
 
     #[test]
@@ -474,16 +392,10 @@ mod tests {
         let mut init = HandshakeInitiation::new_zeroed(&mut buf[..]).unwrap();
         create_initiation(&a, &a_to_b, 1, Tai64N::default(), now, &mut init).unwrap();
         let init = HandshakeInitiation::new_checked(&buf[..]).unwrap();
-        assert_eq!(
-            consume_initiation_static(&c, &init).unwrap_err(),
-            HandshakeError::Decryption
-        );
+        assert_eq!(consume_initiation_static(&c, &init).unwrap_err(), HandshakeError::Decryption);
         let partial = consume_initiation_static(&b, &init).unwrap();
         let wrong_peer = PeerKeys::new(&b, c.public, PresharedKey::default()).unwrap();
-        assert_eq!(
-            partial.finish(&wrong_peer, &init).unwrap_err(),
-            HandshakeError::UnknownPeer
-        );
+        assert_eq!(partial.finish(&wrong_peer, &init).unwrap_err(), HandshakeError::UnknownPeer);
     }
 
     #[test]
@@ -496,9 +408,6 @@ mod tests {
         let mut buf = [0u8; 148];
         HandshakeInitiation::new_zeroed(&mut buf[..]).unwrap(); // ephemeral all zeros
         let init = HandshakeInitiation::new_checked(&buf[..]).unwrap();
-        assert_eq!(
-            consume_initiation_static(&a, &init).unwrap_err(),
-            HandshakeError::LowOrderPoint
-        );
+        assert_eq!(consume_initiation_static(&a, &init).unwrap_err(), HandshakeError::LowOrderPoint);
     }
 }

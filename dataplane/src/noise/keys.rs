@@ -75,9 +75,7 @@ impl PrivateKey {
     /// DH(private, public). `None` when the result is all zeros (a low-order
     /// public key), which the protocol must reject.
     pub fn diffie_hellman(&self, public: &PublicKey) -> Option<SharedSecret> {
-        let shared = self
-            .0
-            .diffie_hellman(&x25519_dalek::PublicKey::from(public.0));
+        let shared = self.0.diffie_hellman(&x25519_dalek::PublicKey::from(public.0));
         if !shared.was_contributory() {
             return None;
         }
@@ -188,23 +186,13 @@ mod tests {
         fn h(s: &str) -> [u8; 32] {
             core::array::from_fn(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
         }
-        let alice = PrivateKey::from_bytes(h(
-            "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
-        ));
-        let bob = PrivateKey::from_bytes(h(
-            "5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb",
-        ));
-        assert_eq!(
-            alice.public_key().0,
-            h("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
-        );
+        let alice = PrivateKey::from_bytes(h("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"));
+        let bob = PrivateKey::from_bytes(h("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb"));
+        assert_eq!(alice.public_key().0, h("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"));
         let ab = alice.diffie_hellman(&bob.public_key()).unwrap();
         let ba = bob.diffie_hellman(&alice.public_key()).unwrap();
         assert_eq!(ab.as_bytes(), ba.as_bytes());
-        assert_eq!(
-            *ab.as_bytes(),
-            h("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
-        );
+        assert_eq!(*ab.as_bytes(), h("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"));
     }
 
     #[test]

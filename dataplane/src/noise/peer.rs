@@ -4,14 +4,12 @@
 //! sockets: each method says which local indices it created or retired.
 
 use super::aead::AeadBackend;
-use super::constants::{
-    INITIATIONS_MIN_INTERVAL, KEEPALIVE_TIMEOUT, REJECT_AFTER_TIME, REKEY_TIMEOUT,
-};
+use super::constants::{INITIATIONS_MIN_INTERVAL, KEEPALIVE_TIMEOUT, REJECT_AFTER_TIME, REKEY_TIMEOUT};
 use super::cookie::{CookieJar, MacKeys};
 use super::crypto::AeadError;
 use super::handshake::{
-    consume_response, create_initiation, create_response, ConsumedInitiation, HandshakeError,
-    InitiatorState, PeerKeys, StaticIdentity,
+    consume_response, create_initiation, create_response, ConsumedInitiation, HandshakeError, InitiatorState, PeerKeys,
+    StaticIdentity,
 };
 use super::keys::{PresharedKey, PublicKey};
 use super::session::{Keypair, ReceiveError, SendError, WorkerToken};
@@ -115,11 +113,7 @@ impl core::fmt::Debug for Peer {
 }
 
 impl Peer {
-    pub fn new(
-        local: &StaticIdentity,
-        config: PeerConfig,
-        backend: AeadBackend,
-    ) -> Result<Self, HandshakeError> {
+    pub fn new(local: &StaticIdentity, config: PeerConfig, backend: AeadBackend) -> Result<Self, HandshakeError> {
         Ok(Self {
             mac_keys: MacKeys::new(&config.public_key),
             keys: PeerKeys::new(local, config.public_key, config.preshared_key)?,
@@ -160,8 +154,7 @@ impl Peer {
 
     /// Initiations are sent at most once per REKEY_TIMEOUT (section 6.1).
     pub fn may_initiate(&self, now: Instant) -> bool {
-        self.last_initiation_sent
-            .is_none_or(|t| now.saturating_duration_since(t) >= REKEY_TIMEOUT)
+        self.last_initiation_sent.is_none_or(|t| now.saturating_duration_since(t) >= REKEY_TIMEOUT)
     }
 
     /// Writes a complete initiation (body and MACs) into `out` using `local_index`.
@@ -176,16 +169,8 @@ impl Peer {
         out: &mut [u8; 148],
     ) -> Result<Retired, HandshakeError> {
         let mut retired = Retired::default();
-        let mut msg =
-            HandshakeInitiation::new_zeroed(&mut out[..]).expect("148 bytes is an initiation");
-        let state = create_initiation(
-            local,
-            &self.keys,
-            local_index,
-            Tai64N::from_system_time(wall),
-            now,
-            &mut msg,
-        )?;
+        let mut msg = HandshakeInitiation::new_zeroed(&mut out[..]).expect("148 bytes is an initiation");
+        let state = create_initiation(local, &self.keys, local_index, Tai64N::from_system_time(wall), now, &mut msg)?;
         self.cookies.stamp(&self.mac_keys, &mut out[..], now);
         if let Some(old) = self.handshake.replace(state) {
             retired.push(old.local_index);
@@ -211,21 +196,11 @@ impl Peer {
         if self.latest_timestamp.is_some_and(|t| init.timestamp <= t) {
             return Err(HandshakeError::ReplayedInitiation);
         }
-        if self
-            .last_initiation_received
-            .is_some_and(|t| now.saturating_duration_since(t) < INITIATIONS_MIN_INTERVAL)
-        {
+        if self.last_initiation_received.is_some_and(|t| now.saturating_duration_since(t) < INITIATIONS_MIN_INTERVAL) {
             return Err(HandshakeError::Flood);
         }
         let mut msg = HandshakeResponse::new_zeroed(&mut out[..]).expect("92 bytes is a response");
-        let keypair = Arc::new(create_response(
-            init,
-            &self.keys,
-            local_index,
-            self.backend,
-            now,
-            &mut msg,
-        )?);
+        let keypair = Arc::new(create_response(init, &self.keys, local_index, self.backend, now, &mut msg)?);
         self.cookies.stamp(&self.mac_keys, &mut out[..], now);
         self.latest_timestamp = Some(init.timestamp);
         self.last_initiation_received = Some(now);
@@ -246,18 +221,8 @@ impl Peer {
         now: Instant,
         wall: SystemTime,
     ) -> Result<(Arc<Keypair>, Retired), HandshakeError> {
-        let state = self
-            .handshake
-            .as_ref()
-            .ok_or(HandshakeError::UnexpectedResponse)?;
-        let keypair = Arc::new(consume_response(
-            state,
-            local,
-            &self.keys,
-            msg,
-            self.backend,
-            now,
-        )?);
+        let state = self.handshake.as_ref().ok_or(HandshakeError::UnexpectedResponse)?;
+        let keypair = Arc::new(consume_response(state, local, &self.keys, msg, self.backend, now)?);
         self.handshake = None;
         let mut retired = Retired::default();
         // Initiator: the new keypair is current at once. An unconfirmed `next`
@@ -275,27 +240,14 @@ impl Peer {
     }
 
     /// Stores the cookie from a reply to our last handshake message.
-    pub fn consume_cookie_reply(
-        &mut self,
-        msg: &CookieReply<&[u8]>,
-        now: Instant,
-    ) -> Result<(), AeadError> {
+    pub fn consume_cookie_reply(&mut self, msg: &CookieReply<&[u8]>, now: Instant) -> Result<(), AeadError> {
         self.cookies.consume_reply(&self.mac_keys, msg, now)
     }
 
     /// Encrypts `payload` on the current keypair into `out` (see `Keypair::encrypt`).
     /// An empty payload is a keepalive.
-    pub fn encrypt(
-        &mut self,
-        payload: &[u8],
-        out: &mut [u8],
-        now: Instant,
-    ) -> Result<Sent, PeerSendError> {
-        let kp = self
-            .keypairs
-            .current
-            .as_ref()
-            .ok_or(PeerSendError::NoSession)?;
+    pub fn encrypt(&mut self, payload: &[u8], out: &mut [u8], now: Instant) -> Result<Sent, PeerSendError> {
+        let kp = self.keypairs.current.as_ref().ok_or(PeerSendError::NoSession)?;
         let len = match kp.encrypt(payload, out, now) {
             Ok(len) => len,
             Err(SendError::BufferTooSmall) => return Err(PeerSendError::BufferTooSmall),
@@ -333,8 +285,7 @@ impl Peer {
         let rekey = keypair.is_initiator
             && !self.sent_last_minute_handshake
             && self.handshake.is_none()
-            && now.saturating_duration_since(keypair.created)
-                >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT;
+            && now.saturating_duration_since(keypair.created) >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT;
         if rekey {
             self.sent_last_minute_handshake = true;
         }
@@ -342,11 +293,7 @@ impl Peer {
             self.timers.on_data_received(now);
         }
         self.timers.on_authenticated_received(now);
-        Ok(Received {
-            payload,
-            retired,
-            rekey,
-        })
+        Ok(Received { payload, retired, rekey })
     }
 
     /// Runs due timers. When keys are zeroed, their indices are returned.
@@ -405,73 +352,32 @@ mod tests {
         let a = StaticIdentity::new(PrivateKey::generate());
         let b = StaticIdentity::new(PrivateKey::generate());
         let psk = PresharedKey::generate();
-        let cfg = |pk| PeerConfig {
-            public_key: pk,
-            preshared_key: psk.clone(),
-            persistent_keepalive: None,
-        };
+        let cfg = |pk| PeerConfig { public_key: pk, preshared_key: psk.clone(), persistent_keepalive: None };
         let pa = Peer::new(&a, cfg(b.public), AeadBackend::Ring).unwrap();
         let pb = Peer::new(&b, cfg(a.public), AeadBackend::Ring).unwrap();
-        (
-            Side {
-                id: a,
-                peer: pa,
-                token: WorkerToken::new(),
-            },
-            Side {
-                id: b,
-                peer: pb,
-                token: WorkerToken::new(),
-            },
-        )
+        (Side { id: a, peer: pa, token: WorkerToken::new() }, Side { id: b, peer: pb, token: WorkerToken::new() })
     }
 
     /// i initiates to r; returns (i's keypair, r's keypair).
-    fn handshake(
-        i: &mut Side,
-        r: &mut Side,
-        idx: (u32, u32),
-        now: Instant,
-    ) -> (Arc<Keypair>, Arc<Keypair>) {
+    fn handshake(i: &mut Side, r: &mut Side, idx: (u32, u32), now: Instant) -> (Arc<Keypair>, Arc<Keypair>) {
         // Wall clock advancing with `now`, so TAI64N timestamps keep increasing.
-        let wall =
-            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + now.duration_since(*BASE);
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + now.duration_since(*BASE);
         let mut init = [0u8; 148];
-        i.peer
-            .write_initiation(&i.id, idx.0, false, now, wall, &mut init)
-            .unwrap();
+        i.peer.write_initiation(&i.id, idx.0, false, now, wall, &mut init).unwrap();
         let view = HandshakeInitiation::new_checked(&init[..]).unwrap();
-        let consumed = consume_initiation_static(&r.id, &view)
-            .unwrap()
-            .finish(r.peer.keys(), &view)
-            .unwrap();
+        let consumed = consume_initiation_static(&r.id, &view).unwrap().finish(r.peer.keys(), &view).unwrap();
         let mut resp = [0u8; 92];
-        let (rk, _) = r
-            .peer
-            .write_response(&consumed, idx.1, now, &mut resp)
-            .unwrap();
+        let (rk, _) = r.peer.write_response(&consumed, idx.1, now, &mut resp).unwrap();
         let view = HandshakeResponse::new_checked(&resp[..]).unwrap();
-        let (ik, _) = i
-            .peer
-            .consume_response(&i.id, &view, now, SystemTime::now())
-            .unwrap();
+        let (ik, _) = i.peer.consume_response(&i.id, &view, now, SystemTime::now()).unwrap();
         (ik, rk)
     }
 
-    fn send(
-        from: &mut Side,
-        to: &mut Side,
-        to_kp: &Arc<Keypair>,
-        payload: &[u8],
-        now: Instant,
-    ) -> Vec<u8> {
+    fn send(from: &mut Side, to: &mut Side, to_kp: &Arc<Keypair>, payload: &[u8], now: Instant) -> Vec<u8> {
         let mut buf = [0u8; 256];
         let sent = from.peer.encrypt(payload, &mut buf, now).unwrap();
         let msg = TransportHeader::new_checked(&mut buf[..sent.len]).unwrap();
-        let r = to
-            .peer
-            .decrypt(&to.token, to_kp, msg, now, SystemTime::now())
-            .unwrap();
+        let r = to.peer.decrypt(&to.token, to_kp, msg, now, SystemTime::now()).unwrap();
         r.payload.to_vec()
     }
 
@@ -481,10 +387,7 @@ mod tests {
         let now = *BASE;
         let (ak1, bk1) = handshake(&mut a, &mut b, (1, 2), now);
         assert!(b.peer.current_keypair().is_none(), "unconfirmed until used");
-        assert_eq!(
-            b.peer.encrypt(b"x", &mut [0u8; 64], now).unwrap_err(),
-            PeerSendError::NoSession
-        );
+        assert_eq!(b.peer.encrypt(b"x", &mut [0u8; 64], now).unwrap_err(), PeerSendError::NoSession);
         assert_eq!(&send(&mut a, &mut b, &bk1, b"hi", now)[..2], b"hi");
         assert!(Arc::ptr_eq(b.peer.current_keypair().unwrap(), &bk1));
         assert_eq!(&send(&mut b, &mut a, &ak1, b"yo", now)[..2], b"yo");
@@ -496,10 +399,7 @@ mod tests {
         let (bk2, ak2) = handshake(&mut b, &mut a, (3, 4), later);
         assert!(Arc::ptr_eq(b.peer.current_keypair().unwrap(), &bk2));
         let msg = TransportHeader::new_checked(&mut in_flight[..n]).unwrap();
-        let r = b
-            .peer
-            .decrypt(&b.token, &bk1, msg, later, SystemTime::now())
-            .unwrap();
+        let r = b.peer.decrypt(&b.token, &bk1, msg, later, SystemTime::now()).unwrap();
         assert_eq!(&r.payload[..3], b"old");
         // a still sends on the old current until b's new keypair is used...
         assert!(Arc::ptr_eq(a.peer.current_keypair().unwrap(), &ak1));
@@ -508,15 +408,9 @@ mod tests {
         // ...and a third handshake retires the oldest keypair.
         let (_, _) = handshake(&mut b, &mut a, (5, 6), later + Duration::from_secs(1));
         let mut init = [0u8; 148];
-        let retired = b
-            .peer
-            .write_initiation(&b.id, 7, false, later, SystemTime::now(), &mut init)
-            .unwrap();
+        let retired = b.peer.write_initiation(&b.id, 7, false, later, SystemTime::now(), &mut init).unwrap();
         assert_eq!(retired.iter().count(), 0, "no handshake was pending");
-        let retired = b
-            .peer
-            .write_initiation(&b.id, 8, true, later, SystemTime::now(), &mut init)
-            .unwrap();
+        let retired = b.peer.write_initiation(&b.id, 8, true, later, SystemTime::now(), &mut init).unwrap();
         assert_eq!(retired.iter().collect::<Vec<_>>(), vec![7]);
     }
 
@@ -525,44 +419,27 @@ mod tests {
         let (mut a, mut b) = sides();
         let now = Instant::now();
         let mut init = [0u8; 148];
-        a.peer
-            .write_initiation(&a.id, 1, false, now, SystemTime::now(), &mut init)
-            .unwrap();
+        a.peer.write_initiation(&a.id, 1, false, now, SystemTime::now(), &mut init).unwrap();
         let view = HandshakeInitiation::new_checked(&init[..]).unwrap();
-        let consumed = consume_initiation_static(&b.id, &view)
-            .unwrap()
-            .finish(b.peer.keys(), &view)
-            .unwrap();
+        let consumed = consume_initiation_static(&b.id, &view).unwrap().finish(b.peer.keys(), &view).unwrap();
         let mut resp = [0u8; 92];
         b.peer.write_response(&consumed, 2, now, &mut resp).unwrap();
         let again = now + Duration::from_secs(1);
         assert_eq!(
-            b.peer
-                .write_response(&consumed, 3, again, &mut resp)
-                .unwrap_err(),
+            b.peer.write_response(&consumed, 3, again, &mut resp).unwrap_err(),
             HandshakeError::ReplayedInitiation
         );
         // A newer initiation arriving within 50 ms of the last is a flood.
         let mut init2 = [0u8; 148];
         let wall = SystemTime::now() + Duration::from_secs(1);
-        a.peer
-            .write_initiation(&a.id, 4, false, now, wall, &mut init2)
-            .unwrap();
+        a.peer.write_initiation(&a.id, 4, false, now, wall, &mut init2).unwrap();
         let view = HandshakeInitiation::new_checked(&init2[..]).unwrap();
-        let consumed2 = consume_initiation_static(&b.id, &view)
-            .unwrap()
-            .finish(b.peer.keys(), &view)
-            .unwrap();
+        let consumed2 = consume_initiation_static(&b.id, &view).unwrap().finish(b.peer.keys(), &view).unwrap();
         assert_eq!(
-            b.peer
-                .write_response(&consumed2, 5, now + Duration::from_millis(10), &mut resp)
-                .unwrap_err(),
+            b.peer.write_response(&consumed2, 5, now + Duration::from_millis(10), &mut resp).unwrap_err(),
             HandshakeError::Flood
         );
-        assert!(b
-            .peer
-            .write_response(&consumed2, 5, now + Duration::from_millis(60), &mut resp)
-            .is_ok());
+        assert!(b.peer.write_response(&consumed2, 5, now + Duration::from_millis(60), &mut resp).is_ok());
     }
 
     #[test]

@@ -23,27 +23,19 @@ pub struct ReplayWindow {
 
 impl Default for ReplayWindow {
     fn default() -> Self {
-        Self {
-            next: 0,
-            bitmap: [0; WORDS],
-        }
+        Self { next: 0, bitmap: [0; WORDS] }
     }
 }
 
 impl core::fmt::Debug for ReplayWindow {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("ReplayWindow")
-            .field("next", &self.next)
-            .finish_non_exhaustive()
+        f.debug_struct("ReplayWindow").field("next", &self.next).finish_non_exhaustive()
     }
 }
 
 impl ReplayWindow {
     fn locate(counter: u64) -> (usize, u64) {
-        (
-            (counter >> 6) as usize & (WORDS - 1),
-            1u64 << (counter & 63),
-        )
+        ((counter >> 6) as usize & (WORDS - 1), 1u64 << (counter & 63))
     }
 
     /// Would `counter` be accepted? Does not record it.
@@ -68,11 +60,7 @@ impl ReplayWindow {
         }
         if counter >= self.next {
             // Advance: clear every word between the old newest block and the new one.
-            let old_block = if self.next == 0 {
-                None
-            } else {
-                Some((self.next - 1) >> 6)
-            };
+            let old_block = if self.next == 0 { None } else { Some((self.next - 1) >> 6) };
             let new_block = counter >> 6;
             match old_block {
                 Some(old) if new_block - old < WORDS as u64 => {
@@ -135,10 +123,7 @@ mod tests {
         assert!(w.update(2), "reordered inside the window");
         assert!(!w.update(2));
         assert!(w.update(10_000));
-        assert!(
-            w.update(10_000 - WINDOW_SIZE),
-            "the oldest counter still in the window"
-        );
+        assert!(w.update(10_000 - WINDOW_SIZE), "the oldest counter still in the window");
         assert!(!w.update(10_000 - WINDOW_SIZE - 1), "just outside");
         assert!(w.update(1_000_000));
         assert!(!w.update(10_000 + 1), "after a jump, old counters are gone");
@@ -162,10 +147,7 @@ mod tests {
         for (i, &c) in seq.iter().enumerate() {
             let checked = w.check(c);
             let got = w.update(c);
-            assert_eq!(
-                checked, got,
-                "check and update disagree at step {i} for {c}"
-            );
+            assert_eq!(checked, got, "check and update disagree at step {i} for {c}");
             assert_eq!(got, r.update(c), "step {i}, counter {c}");
         }
     }

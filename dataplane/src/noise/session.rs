@@ -10,8 +10,7 @@
 
 use super::aead::{AeadBackend, TransportKey};
 use super::constants::{
-    AEAD_TAG_LEN, PADDING_MULTIPLE, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES,
-    REKEY_AFTER_TIME,
+    AEAD_TAG_LEN, PADDING_MULTIPLE, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME,
 };
 use super::crypto::counter_nonce;
 use super::replay::ReplayWindow;
@@ -54,10 +53,7 @@ pub struct WorkerToken {
 impl WorkerToken {
     pub fn new() -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        Self {
-            id: NEXT.fetch_add(1, Ordering::Relaxed),
-            _not_send: core::marker::PhantomData,
-        }
+        Self { id: NEXT.fetch_add(1, Ordering::Relaxed), _not_send: core::marker::PhantomData }
     }
 }
 
@@ -79,21 +75,13 @@ struct ReceiveState {
 unsafe impl Sync for ReceiveState {}
 
 impl ReceiveState {
-    fn with_window<R>(
-        &self,
-        token: &WorkerToken,
-        f: impl FnOnce(&mut ReplayWindow) -> R,
-    ) -> Result<R, ReceiveError> {
+    fn with_window<R>(&self, token: &WorkerToken, f: impl FnOnce(&mut ReplayWindow) -> R) -> Result<R, ReceiveError> {
         let owner = self.owner.load(Ordering::Acquire);
         if owner != token.id {
             if owner != 0 {
                 return Err(ReceiveError::WrongWorker);
             }
-            if self
-                .owner
-                .compare_exchange(0, token.id, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
+            if self.owner.compare_exchange(0, token.id, Ordering::AcqRel, Ordering::Acquire).is_err() {
                 return Err(ReceiveError::WrongWorker);
             }
         }
@@ -158,10 +146,7 @@ impl Keypair {
             sending: TransportKey::new(backend, send_key),
             receiving: TransportKey::new(backend, receive_key),
             send_counter: AtomicU64::new(0),
-            receive: ReceiveState {
-                owner: AtomicU64::new(0),
-                window: UnsafeCell::new(ReplayWindow::default()),
-            },
+            receive: ReceiveState { owner: AtomicU64::new(0), window: UnsafeCell::new(ReplayWindow::default()) },
         }
     }
 
@@ -179,19 +164,13 @@ impl Keypair {
     /// this old or this used.
     pub fn needs_rekey_for_send(&self, now: Instant) -> bool {
         self.sent_messages() >= REKEY_AFTER_MESSAGES
-            || (self.is_initiator
-                && now.saturating_duration_since(self.created) >= REKEY_AFTER_TIME)
+            || (self.is_initiator && now.saturating_duration_since(self.created) >= REKEY_AFTER_TIME)
     }
 
     /// Encrypts in place. `buf[16..16 + payload_len]` holds the plaintext on entry;
     /// `buf` must be at least `sealed_len(payload_len)` long. Writes the header,
     /// the zero padding and the tag, and returns the message length.
-    pub fn seal(
-        &self,
-        buf: &mut [u8],
-        payload_len: usize,
-        now: Instant,
-    ) -> Result<usize, SendError> {
+    pub fn seal(&self, buf: &mut [u8], payload_len: usize, now: Instant) -> Result<usize, SendError> {
         let total = sealed_len(payload_len);
         if buf.len() < total {
             return Err(SendError::BufferTooSmall);
@@ -202,26 +181,19 @@ impl Keypair {
         let counter = self.send_counter.fetch_add(1, Ordering::Relaxed);
         if counter >= REJECT_AFTER_MESSAGES {
             // Keep the counter pinned so it can never wrap around.
-            self.send_counter
-                .store(REJECT_AFTER_MESSAGES, Ordering::Relaxed);
+            self.send_counter.store(REJECT_AFTER_MESSAGES, Ordering::Relaxed);
             return Err(SendError::Expired);
         }
         let msg = &mut buf[..total];
         msg[TRANSPORT_HEADER_LEN + payload_len..total - AEAD_TAG_LEN].fill(0);
-        let mut header = TransportHeader::emit(msg, self.remote_index, counter)
-            .map_err(|_| SendError::BufferTooSmall)?;
-        self.sending
-            .seal(&counter_nonce(counter), &[], header.encrypted_mut());
+        let mut header =
+            TransportHeader::emit(msg, self.remote_index, counter).map_err(|_| SendError::BufferTooSmall)?;
+        self.sending.seal(&counter_nonce(counter), &[], header.encrypted_mut());
         Ok(total)
     }
 
     /// Copies `payload` behind a header in `out` and seals it; returns the length.
-    pub fn encrypt(
-        &self,
-        payload: &[u8],
-        out: &mut [u8],
-        now: Instant,
-    ) -> Result<usize, SendError> {
+    pub fn encrypt(&self, payload: &[u8], out: &mut [u8], now: Instant) -> Result<usize, SendError> {
         if out.len() < sealed_len(payload.len()) {
             return Err(SendError::BufferTooSmall);
         }
@@ -247,10 +219,8 @@ impl Keypair {
         }
         let buf = msg.into_inner();
         let encrypted = &mut buf[TRANSPORT_HEADER_LEN..];
-        let plain = self
-            .receiving
-            .open(&counter_nonce(counter), &[], encrypted)
-            .map_err(|_| ReceiveError::Authentication)?;
+        let plain =
+            self.receiving.open(&counter_nonce(counter), &[], encrypted).map_err(|_| ReceiveError::Authentication)?;
         if !self.receive.with_window(token, |w| w.update(counter))? {
             return Err(ReceiveError::Replay);
         }
@@ -292,10 +262,7 @@ mod tests {
         let n2 = a.encrypt(b"world", &mut buf, now).unwrap();
         buf[20] ^= 0x01;
         let msg = TransportHeader::new_checked(&mut buf[..n2]).unwrap();
-        assert_eq!(
-            b.open(&token, msg, now).unwrap_err(),
-            ReceiveError::Authentication
-        );
+        assert_eq!(b.open(&token, msg, now).unwrap_err(), ReceiveError::Authentication);
         // A forged packet must not consume its counter: the genuine one still opens.
         buf[20] ^= 0x01;
         let msg = TransportHeader::new_checked(&mut buf[..n2]).unwrap();
@@ -312,15 +279,9 @@ mod tests {
         let msg = TransportHeader::new_checked(&mut buf[..]).unwrap();
         assert_eq!(b.open(&token, msg, now).unwrap().len(), 0);
         let late = now + REJECT_AFTER_TIME;
-        assert_eq!(
-            a.encrypt(&[], &mut buf, late).unwrap_err(),
-            SendError::Expired
-        );
+        assert_eq!(a.encrypt(&[], &mut buf, late).unwrap_err(), SendError::Expired);
         assert!(a.needs_rekey_for_send(now + REKEY_AFTER_TIME));
-        assert!(
-            !b.needs_rekey_for_send(now + REKEY_AFTER_TIME),
-            "only the initiator rekeys on age"
-        );
+        assert!(!b.needs_rekey_for_send(now + REKEY_AFTER_TIME), "only the initiator rekeys on age");
     }
 
     #[test]
@@ -331,19 +292,8 @@ mod tests {
         let mut buf = [0u8; 64];
         let n = a.encrypt(b"x", &mut buf, now).unwrap();
         let mut copy = buf;
-        b.open(
-            &t1,
-            TransportHeader::new_checked(&mut buf[..n]).unwrap(),
-            now,
-        )
-        .unwrap();
-        let err = b
-            .open(
-                &t2,
-                TransportHeader::new_checked(&mut copy[..n]).unwrap(),
-                now,
-            )
-            .unwrap_err();
+        b.open(&t1, TransportHeader::new_checked(&mut buf[..n]).unwrap(), now).unwrap();
+        let err = b.open(&t2, TransportHeader::new_checked(&mut copy[..n]).unwrap(), now).unwrap_err();
         assert_eq!(err, ReceiveError::WrongWorker);
     }
 
@@ -351,17 +301,10 @@ mod tests {
     fn send_counter_stops_at_the_limit() {
         let now = Instant::now();
         let (a, _) = pair(now);
-        a.send_counter
-            .store(REJECT_AFTER_MESSAGES - 1, Ordering::Relaxed);
+        a.send_counter.store(REJECT_AFTER_MESSAGES - 1, Ordering::Relaxed);
         let mut buf = [0u8; 32];
         assert!(a.encrypt(&[], &mut buf, now).is_ok());
-        assert_eq!(
-            a.encrypt(&[], &mut buf, now).unwrap_err(),
-            SendError::Expired
-        );
-        assert_eq!(
-            a.encrypt(&[], &mut buf, now).unwrap_err(),
-            SendError::Expired
-        );
+        assert_eq!(a.encrypt(&[], &mut buf, now).unwrap_err(), SendError::Expired);
+        assert_eq!(a.encrypt(&[], &mut buf, now).unwrap_err(), SendError::Expired);
     }
 }

@@ -52,10 +52,7 @@ fn due(deadline: &mut Option<Instant>, now: Instant) -> bool {
 
 impl Timers {
     pub fn new(persistent_keepalive: Option<Duration>) -> Self {
-        Self {
-            persistent_keepalive,
-            ..Self::default()
-        }
+        Self { persistent_keepalive, ..Self::default() }
     }
 
     /// A data packet (not a keepalive) was sent.
@@ -181,11 +178,7 @@ mod tests {
         let t0 = Instant::now();
         let mut t = Timers::new(None);
         t.on_initiation_sent(t0, 0.5, false);
-        assert_eq!(
-            t.poll(t0 + REKEY_TIMEOUT),
-            TimerActions::default(),
-            "jitter delays the retry"
-        );
+        assert_eq!(t.poll(t0 + REKEY_TIMEOUT), TimerActions::default(), "jitter delays the retry");
         let retry_at = t0 + REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX.mul_f64(0.5);
         assert!(t.poll(retry_at).send_initiation);
         let mut now = retry_at;
@@ -212,10 +205,7 @@ mod tests {
         let mut t = Timers::new(None);
         t.on_authenticated_received(t0);
         t.on_data_received(t0);
-        assert!(
-            !t.poll(t0 + KEEPALIVE_TIMEOUT - Duration::from_millis(1))
-                .send_keepalive
-        );
+        assert!(!t.poll(t0 + KEEPALIVE_TIMEOUT - Duration::from_millis(1)).send_keepalive);
         assert!(t.poll(t0 + KEEPALIVE_TIMEOUT).send_keepalive);
         // Sending anything cancels a pending keepalive.
         t.on_data_received(t0 + Duration::from_secs(20));
@@ -228,10 +218,7 @@ mod tests {
         let t0 = Instant::now();
         let mut t = Timers::new(None);
         t.on_data_sent(t0);
-        assert!(
-            t.poll(t0 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT)
-                .send_initiation
-        );
+        assert!(t.poll(t0 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT).send_initiation);
         t.on_data_sent(t0);
         t.on_authenticated_received(t0 + Duration::from_secs(1));
         assert!(!t.poll(t0 + Duration::from_secs(60)).send_initiation);

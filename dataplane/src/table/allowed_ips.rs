@@ -42,20 +42,11 @@ struct Trie<V> {
 
 impl<V: Copy> Trie<V> {
     fn new(width: u8) -> Self {
-        Self {
-            nodes: Vec::new(),
-            root: NONE,
-            width,
-        }
+        Self { nodes: Vec::new(), root: NONE, width }
     }
 
     fn push(&mut self, key: u128, len: u8, value: Option<V>) -> u32 {
-        self.nodes.push(Node {
-            key: key & mask128(len),
-            len,
-            value,
-            child: [NONE; 2],
-        });
+        self.nodes.push(Node { key: key & mask128(len), len, value, child: [NONE; 2] });
         (self.nodes.len() - 1) as u32
     }
 
@@ -133,10 +124,7 @@ pub struct AllowedIps<V> {
 
 impl<V: Copy> Default for AllowedIps<V> {
     fn default() -> Self {
-        Self {
-            v4: Trie::new(32),
-            v6: Trie::new(128),
-        }
+        Self { v4: Trie::new(32), v6: Trie::new(128) }
     }
 }
 
@@ -147,11 +135,7 @@ impl<V: Copy> AllowedIps<V> {
     {
         let mut t = Self::default();
         for (p, v) in entries {
-            let trie = if p.addr().is_ipv4() {
-                &mut t.v4
-            } else {
-                &mut t.v6
-            };
+            let trie = if p.addr().is_ipv4() { &mut t.v4 } else { &mut t.v6 };
             trie.insert(p.key(), p.len(), *v);
         }
         t
@@ -185,10 +169,7 @@ pub struct SharedAllowedIps<V> {
 
 impl<V: Copy + PartialEq + core::fmt::Debug> Default for SharedAllowedIps<V> {
     fn default() -> Self {
-        Self {
-            snapshot: ArcSwap::from_pointee(AllowedIps::default()),
-            entries: Mutex::new(BTreeMap::new()),
-        }
+        Self { snapshot: ArcSwap::from_pointee(AllowedIps::default()), entries: Mutex::new(BTreeMap::new()) }
     }
 }
 
@@ -207,8 +188,7 @@ impl<V: Copy + PartialEq + core::fmt::Debug> SharedAllowedIps<V> {
         for p in prefixes {
             entries.insert(*p, value);
         }
-        self.snapshot
-            .store(Arc::new(AllowedIps::from_entries(entries.iter())));
+        self.snapshot.store(Arc::new(AllowedIps::from_entries(entries.iter())));
     }
 
     pub fn remove_value(&self, value: V) {
@@ -218,11 +198,7 @@ impl<V: Copy + PartialEq + core::fmt::Debug> SharedAllowedIps<V> {
     /// The prefixes currently mapped to `value`.
     pub fn prefixes_of(&self, value: V) -> Vec<IpPrefix> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries
-            .iter()
-            .filter(|(_, v)| **v == value)
-            .map(|(p, _)| *p)
-            .collect()
+        entries.iter().filter(|(_, v)| **v == value).map(|(p, _)| *p).collect()
     }
 
     /// Every (prefix, value), in prefix order.
@@ -240,27 +216,14 @@ mod tests {
 
     /// The specification, naively: the value of the longest matching prefix.
     fn naive(entries: &BTreeMap<IpPrefix, u32>, addr: IpAddr) -> Option<u32> {
-        entries
-            .iter()
-            .filter(|(p, _)| p.contains(addr))
-            .max_by_key(|(p, _)| p.len())
-            .map(|(_, v)| *v)
+        entries.iter().filter(|(p, _)| p.contains(addr)).max_by_key(|(p, _)| p.len()).map(|(_, v)| *v)
     }
 
     #[test]
     fn basic_longest_prefix() {
         let table = SharedAllowedIps::default();
-        table.set_prefixes(
-            1u32,
-            &["10.0.0.0/8".parse().unwrap(), "fd00::/16".parse().unwrap()],
-        );
-        table.set_prefixes(
-            2u32,
-            &[
-                "10.1.0.0/16".parse().unwrap(),
-                "10.1.2.3/32".parse().unwrap(),
-            ],
-        );
+        table.set_prefixes(1u32, &["10.0.0.0/8".parse().unwrap(), "fd00::/16".parse().unwrap()]);
+        table.set_prefixes(2u32, &["10.1.0.0/16".parse().unwrap(), "10.1.2.3/32".parse().unwrap()]);
         table.set_prefixes(3u32, &["0.0.0.0/0".parse().unwrap()]);
         let s = table.load();
         assert_eq!(s.lookup("10.2.0.1".parse().unwrap()), Some(1));
@@ -300,9 +263,7 @@ mod tests {
                 let a = Ipv4Addr::from(0x0a00_0000 | (next() as u32 & 0x00ff_ffff));
                 IpPrefix::new(a.into(), (8 + next() % 25) as u8).unwrap()
             } else {
-                let a = Ipv6Addr::from(
-                    (0xfd00u128 << 112) | (u128::from(next()) << 48) | u128::from(next() & 0xffff),
-                );
+                let a = Ipv6Addr::from((0xfd00u128 << 112) | (u128::from(next()) << 48) | u128::from(next() & 0xffff));
                 IpPrefix::new(a.into(), (16 + next() % 113) as u8).unwrap()
             };
             entries.insert(p, (next() % 500) as u32);
@@ -313,27 +274,16 @@ mod tests {
                 Ipv4Addr::from(0x0a00_0000 | (next() as u32 & 0x00ff_ffff)).into()
             } else if i % 4 == 1 {
                 // Addresses inside a stored prefix, to exercise deep matches.
-                let (p, _) = entries
-                    .iter()
-                    .nth((next() % entries.len() as u64) as usize)
-                    .unwrap();
+                let (p, _) = entries.iter().nth((next() % entries.len() as u64) as usize).unwrap();
                 match p.addr() {
                     IpAddr::V4(a) => Ipv4Addr::from(
-                        u32::from(a)
-                            | (next() as u32
-                                & !(u32::MAX.checked_shl(32 - u32::from(p.len())).unwrap_or(0))),
+                        u32::from(a) | (next() as u32 & !(u32::MAX.checked_shl(32 - u32::from(p.len())).unwrap_or(0))),
                     )
                     .into(),
-                    IpAddr::V6(a) => {
-                        Ipv6Addr::from(u128::from(a) | (u128::from(next()) & !mask128(p.len())))
-                            .into()
-                    }
+                    IpAddr::V6(a) => Ipv6Addr::from(u128::from(a) | (u128::from(next()) & !mask128(p.len()))).into(),
                 }
             } else {
-                Ipv6Addr::from(
-                    (0xfd00u128 << 112) | (u128::from(next()) << 48) | u128::from(next() & 0xffff),
-                )
-                .into()
+                Ipv6Addr::from((0xfd00u128 << 112) | (u128::from(next()) << 48) | u128::from(next() & 0xffff)).into()
             };
             assert_eq!(snap.lookup(addr), naive(&entries, addr), "lookup {addr}");
         }

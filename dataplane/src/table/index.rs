@@ -29,9 +29,7 @@ pub struct IndexTable<T> {
 
 impl<T> core::fmt::Debug for IndexTable<T> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("IndexTable")
-            .field("capacity", &self.slots.len())
-            .finish_non_exhaustive()
+        f.debug_struct("IndexTable").field("capacity", &self.slots.len()).finish_non_exhaustive()
     }
 }
 
@@ -41,9 +39,7 @@ pub struct IndexGuard<T>(Guard<Option<Arc<IndexEntry<T>>>>);
 impl<T> core::ops::Deref for IndexGuard<T> {
     type Target = IndexEntry<T>;
     fn deref(&self) -> &IndexEntry<T> {
-        self.0
-            .as_ref()
-            .expect("IndexGuard is only built around a present entry")
+        self.0.as_ref().expect("IndexGuard is only built around a present entry")
     }
 }
 
@@ -76,12 +72,7 @@ impl<T> IndexTable<T> {
 
     /// Registers `value` under a fresh random index and returns the index.
     pub fn insert(&self, value: T) -> Result<u32, IndexTableFull> {
-        let slot = self
-            .free
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .ok_or(IndexTableFull)?;
+        let slot = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop().ok_or(IndexTableFull)?;
         let generation = OsRng.next_u32() << self.slot_bits;
         let index = generation | slot;
         self.slots[slot as usize].store(Some(Arc::new(IndexEntry { index, value })));

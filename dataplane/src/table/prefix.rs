@@ -35,10 +35,7 @@ impl IpPrefix {
 
     /// A single address (/32 or /128).
     pub fn host(addr: IpAddr) -> Self {
-        Self {
-            addr,
-            len: if addr.is_ipv4() { 32 } else { 128 },
-        }
+        Self { addr, len: if addr.is_ipv4() { 32 } else { 128 } }
     }
 
     pub fn addr(&self) -> IpAddr {
@@ -128,27 +125,10 @@ mod tests {
         let v6: IpPrefix = "fd00:1::/32".parse().unwrap();
         assert!(v6.contains("fd00:1::99".parse().unwrap()));
         assert_eq!("0.0.0.0/0".parse::<IpPrefix>().unwrap().len(), 0);
-        assert_eq!(
-            "10.1.2.3/16".parse::<IpPrefix>(),
-            Err(PrefixParseError::HostBitsSet("10.1.0.0/16".into()))
-        );
-        assert_eq!(
-            "10.0.0.0/33".parse::<IpPrefix>(),
-            Err(PrefixParseError::LengthTooLong(33))
-        );
-        for bad in [
-            "10.0.0.0",
-            "10.0.0.0/",
-            "x/8",
-            "10.0.0.0/-1",
-            "10.0.0.0/+8",
-            "::/1290",
-        ] {
-            assert_eq!(
-                bad.parse::<IpPrefix>(),
-                Err(PrefixParseError::Syntax),
-                "{bad}"
-            );
+        assert_eq!("10.1.2.3/16".parse::<IpPrefix>(), Err(PrefixParseError::HostBitsSet("10.1.0.0/16".into())));
+        assert_eq!("10.0.0.0/33".parse::<IpPrefix>(), Err(PrefixParseError::LengthTooLong(33)));
+        for bad in ["10.0.0.0", "10.0.0.0/", "x/8", "10.0.0.0/-1", "10.0.0.0/+8", "::/1290"] {
+            assert_eq!(bad.parse::<IpPrefix>(), Err(PrefixParseError::Syntax), "{bad}");
         }
     }
 }

@@ -26,11 +26,7 @@ impl core::fmt::Debug for MacAddr {
 impl core::fmt::Display for MacAddr {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
     }
 }
 
@@ -135,9 +131,6 @@ mod tests {
         assert_eq!(f.source().to_string(), "07:08:09:0a:0b:0c");
         assert_eq!(f.ethertype(), EtherType::Ipv6);
         assert_eq!(f.payload().len(), 6);
-        assert_eq!(
-            EthernetFrame::new_checked(&buf[..13]).unwrap_err(),
-            WireError::Truncated
-        );
+        assert_eq!(EthernetFrame::new_checked(&buf[..13]).unwrap_err(), WireError::Truncated);
     }
 }

@@ -160,15 +160,8 @@ mod tests {
     #[test]
     fn emit_then_parse() {
         let mut buf = [0u8; 64];
-        let p = Ipv4Packet::emit(
-            &mut buf[..],
-            Ipv4Addr::new(10, 0, 0, 1),
-            Ipv4Addr::new(10, 0, 0, 2),
-            17,
-            64,
-            8,
-        )
-        .unwrap();
+        let p =
+            Ipv4Packet::emit(&mut buf[..], Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2), 17, 64, 8).unwrap();
         assert!(p.verify_checksum());
         let p = Ipv4Packet::new_checked(&buf[..]).unwrap();
         assert_eq!(p.total_len(), 28);
@@ -184,29 +177,14 @@ mod tests {
         let mut buf = [0u8; 40];
         buf[0] = 0x45;
         buf[3] = 41; // total length beyond the buffer
-        assert_eq!(
-            Ipv4Packet::new_checked(&buf[..]).unwrap_err(),
-            WireError::BadLength
-        );
+        assert_eq!(Ipv4Packet::new_checked(&buf[..]).unwrap_err(), WireError::BadLength);
         buf[3] = 40;
         buf[0] = 0x44; // IHL 16 bytes
-        assert_eq!(
-            Ipv4Packet::new_checked(&buf[..]).unwrap_err(),
-            WireError::BadLength
-        );
+        assert_eq!(Ipv4Packet::new_checked(&buf[..]).unwrap_err(), WireError::BadLength);
         buf[0] = 0x65;
-        assert_eq!(
-            Ipv4Packet::new_checked(&buf[..]).unwrap_err(),
-            WireError::BadVersion
-        );
-        assert_eq!(
-            Ipv4Packet::new_checked(&buf[..19]).unwrap_err(),
-            WireError::Truncated
-        );
+        assert_eq!(Ipv4Packet::new_checked(&buf[..]).unwrap_err(), WireError::BadVersion);
+        assert_eq!(Ipv4Packet::new_checked(&buf[..19]).unwrap_err(), WireError::Truncated);
         buf[0] = 0x4f; // IHL 60 > total length 40
-        assert_eq!(
-            Ipv4Packet::new_checked(&buf[..]).unwrap_err(),
-            WireError::BadLength
-        );
+        assert_eq!(Ipv4Packet::new_checked(&buf[..]).unwrap_err(), WireError::BadLength);
     }
 }

@@ -115,18 +115,9 @@ mod tests {
         Ipv6Packet::emit(&mut buf[..], src, dst, 58, 64, 16).unwrap();
         let p = Ipv6Packet::new_checked(&buf[..]).unwrap();
         assert_eq!((p.source(), p.destination()), (src, dst));
-        assert_eq!(
-            (p.next_header(), p.hop_limit(), p.payload().len()),
-            (58, 64, 16)
-        );
-        assert_eq!(
-            Ipv6Packet::new_checked(&buf[..55]).unwrap_err(),
-            WireError::BadLength
-        );
+        assert_eq!((p.next_header(), p.hop_limit(), p.payload().len()), (58, 64, 16));
+        assert_eq!(Ipv6Packet::new_checked(&buf[..55]).unwrap_err(), WireError::BadLength);
         buf[0] = 0x40;
-        assert_eq!(
-            Ipv6Packet::new_checked(&buf[..]).unwrap_err(),
-            WireError::BadVersion
-        );
+        assert_eq!(Ipv6Packet::new_checked(&buf[..]).unwrap_err(), WireError::BadVersion);
     }
 }

@@ -18,9 +18,8 @@ pub use ipv4::{Ipv4Packet, IPV4_HEADER_LEN};
 pub use ipv6::{Ipv6Packet, IPV6_HEADER_LEN};
 pub use udp::{UdpDatagram, UDP_HEADER_LEN};
 pub use wireguard::{
-    CookieReply, HandshakeInitiation, HandshakeResponse, MacCovered, Message, MessageType,
-    TransportHeader, COOKIE_REPLY_LEN, HANDSHAKE_INITIATION_LEN, HANDSHAKE_RESPONSE_LEN,
-    TRANSPORT_HEADER_LEN,
+    CookieReply, HandshakeInitiation, HandshakeResponse, MacCovered, Message, MessageType, TransportHeader,
+    COOKIE_REPLY_LEN, HANDSHAKE_INITIATION_LEN, HANDSHAKE_RESPONSE_LEN, TRANSPORT_HEADER_LEN,
 };
 
 /// IP protocol numbers used by the gateway.

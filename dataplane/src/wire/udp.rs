@@ -76,12 +76,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpDatagram<T> {
     /// Writes the header for a datagram carrying `payload_len` bytes that are
     /// already (or will be) in place after it. Call `fill_checksum` once the
     /// payload is final.
-    pub fn emit(
-        mut buffer: T,
-        src_port: u16,
-        dst_port: u16,
-        payload_len: usize,
-    ) -> Result<Self, WireError> {
+    pub fn emit(mut buffer: T, src_port: u16, dst_port: u16, payload_len: usize) -> Result<Self, WireError> {
         let len = UDP_HEADER_LEN + payload_len;
         let b = buffer.as_mut();
         if len > b.len() || len > usize::from(u16::MAX) {
@@ -114,9 +109,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpDatagram<T> {
 fn datagram_sum(src: IpAddr, dst: IpAddr, datagram: &[u8]) -> u16 {
     let len = datagram.len() as u32;
     let mut acc = match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            pseudo_header_sum(&s.octets(), &d.octets(), ip_protocol::UDP, len)
-        }
+        (IpAddr::V4(s), IpAddr::V4(d)) => pseudo_header_sum(&s.octets(), &d.octets(), ip_protocol::UDP, len),
         (s, d) => pseudo_header_sum(&ip6(s), &ip6(d), ip_protocol::UDP, len),
     };
     acc.add(datagram).finish()
@@ -142,35 +135,21 @@ mod tests {
         let mut d = UdpDatagram::emit(&mut buf[..], 1234, 51820, 5).unwrap();
         d.fill_checksum(src, dst);
         let d = UdpDatagram::new_checked(&buf[..]).unwrap();
-        assert_eq!(
-            (d.src_port(), d.dst_port(), d.payload()),
-            (1234, 51820, &b"hello"[..])
-        );
+        assert_eq!((d.src_port(), d.dst_port(), d.payload()), (1234, 51820, &b"hello"[..]));
         assert!(d.verify_checksum(src, dst));
         assert!(!d.verify_checksum(dst, "192.0.2.9".parse().unwrap()));
         let mut bad = buf;
         bad[9] ^= 1;
-        assert!(!UdpDatagram::new_checked(&bad[..])
-            .unwrap()
-            .verify_checksum(src, dst));
+        assert!(!UdpDatagram::new_checked(&bad[..]).unwrap().verify_checksum(src, dst));
     }
 
     #[test]
     fn rejects_lengths() {
         let mut buf = [0u8; 8];
         buf[5] = 9;
-        assert_eq!(
-            UdpDatagram::new_checked(&buf[..]).unwrap_err(),
-            WireError::BadLength
-        );
+        assert_eq!(UdpDatagram::new_checked(&buf[..]).unwrap_err(), WireError::BadLength);
         buf[5] = 7;
-        assert_eq!(
-            UdpDatagram::new_checked(&buf[..]).unwrap_err(),
-            WireError::BadLength
-        );
-        assert_eq!(
-            UdpDatagram::new_checked(&buf[..7]).unwrap_err(),
-            WireError::Truncated
-        );
+        assert_eq!(UdpDatagram::new_checked(&buf[..]).unwrap_err(), WireError::BadLength);
+        assert_eq!(UdpDatagram::new_checked(&buf[..7]).unwrap_err(), WireError::Truncated);
     }
 }

@@ -89,12 +89,8 @@ impl<T: AsRef<[u8]>> Message<T> {
     /// Classifies a UDP payload. Never panics; any malformed input is an error.
     pub fn parse(buf: T) -> Result<Self, WireError> {
         Ok(match MessageType::of(buf.as_ref())? {
-            MessageType::HandshakeInitiation => {
-                Self::HandshakeInitiation(HandshakeInitiation::new_checked(buf)?)
-            }
-            MessageType::HandshakeResponse => {
-                Self::HandshakeResponse(HandshakeResponse::new_checked(buf)?)
-            }
+            MessageType::HandshakeInitiation => Self::HandshakeInitiation(HandshakeInitiation::new_checked(buf)?),
+            MessageType::HandshakeResponse => Self::HandshakeResponse(HandshakeResponse::new_checked(buf)?),
             MessageType::CookieReply => Self::CookieReply(CookieReply::new_checked(buf)?),
             MessageType::Transport => Self::Transport(TransportHeader::new_checked(buf)?),
         })
@@ -160,12 +156,7 @@ macro_rules! accessors {
     };
 }
 
-fixed_size_message!(
-    HandshakeInitiation,
-    MessageType::HandshakeInitiation,
-    148,
-    "Handshake initiation, 148 bytes."
-);
+fixed_size_message!(HandshakeInitiation, MessageType::HandshakeInitiation, 148, "Handshake initiation, 148 bytes.");
 accessors!(HandshakeInitiation {
     ephemeral, ephemeral_mut: field::initiation::EPHEMERAL;
     encrypted_static, encrypted_static_mut: field::initiation::STATIC;
@@ -176,12 +167,7 @@ accessors!(HandshakeInitiation {
     sender, set_sender: field::initiation::SENDER;
 });
 
-fixed_size_message!(
-    HandshakeResponse,
-    MessageType::HandshakeResponse,
-    92,
-    "Handshake response, 92 bytes."
-);
+fixed_size_message!(HandshakeResponse, MessageType::HandshakeResponse, 92, "Handshake response, 92 bytes.");
 accessors!(HandshakeResponse {
     ephemeral, ephemeral_mut: field::response::EPHEMERAL;
     encrypted_nothing, encrypted_nothing_mut: field::response::EMPTY;
@@ -192,12 +178,7 @@ accessors!(HandshakeResponse {
     receiver, set_receiver: field::response::RECEIVER;
 });
 
-fixed_size_message!(
-    CookieReply,
-    MessageType::CookieReply,
-    64,
-    "Cookie reply, 64 bytes."
-);
+fixed_size_message!(CookieReply, MessageType::CookieReply, 64, "Cookie reply, 64 bytes.");
 accessors!(CookieReply {
     nonce, nonce_mut: field::cookie::NONCE;
     encrypted_cookie, encrypted_cookie_mut: field::cookie::COOKIE;
@@ -308,9 +289,7 @@ mod tests {
     #[test]
     fn classify_each_type() {
         let mut init = [0u8; 148];
-        HandshakeInitiation::new_zeroed(&mut init[..])
-            .unwrap()
-            .set_sender(7);
+        HandshakeInitiation::new_zeroed(&mut init[..]).unwrap().set_sender(7);
         match Message::parse(&init[..]).unwrap() {
             Message::HandshakeInitiation(m) => assert_eq!(m.sender(), 7),
             other => panic!("{other:?}"),
@@ -319,25 +298,15 @@ mod tests {
         let mut r = HandshakeResponse::new_zeroed(&mut resp[..]).unwrap();
         r.set_sender(1);
         r.set_receiver(2);
-        assert!(matches!(
-            Message::parse(&resp[..]),
-            Ok(Message::HandshakeResponse(_))
-        ));
+        assert!(matches!(Message::parse(&resp[..]), Ok(Message::HandshakeResponse(_))));
         let mut cookie = [0u8; 64];
-        CookieReply::new_zeroed(&mut cookie[..])
-            .unwrap()
-            .set_receiver(9);
-        assert!(
-            matches!(Message::parse(&cookie[..]), Ok(Message::CookieReply(c)) if c.receiver() == 9)
-        );
+        CookieReply::new_zeroed(&mut cookie[..]).unwrap().set_receiver(9);
+        assert!(matches!(Message::parse(&cookie[..]), Ok(Message::CookieReply(c)) if c.receiver() == 9));
         let mut data = [0u8; 48];
         TransportHeader::emit(&mut data[..], 0xdead_beef, 42).unwrap();
         match Message::parse(&data[..]).unwrap() {
             Message::Transport(t) => {
-                assert_eq!(
-                    (t.receiver(), t.counter(), t.encrypted().len()),
-                    (0xdead_beef, 42, 32)
-                )
+                assert_eq!((t.receiver(), t.counter(), t.encrypted().len()), (0xdead_beef, 42, 32))
             }
             other => panic!("{other:?}"),
         }
@@ -349,20 +318,11 @@ mod tests {
         init[0] = 1;
         assert_eq!(Message::parse(&init[..]).unwrap_err(), WireError::BadSize);
         init[1] = 1; // reserved byte set
-        assert_eq!(
-            Message::parse(&init[..148]).unwrap_err(),
-            WireError::UnknownType
-        );
+        assert_eq!(Message::parse(&init[..148]).unwrap_err(), WireError::UnknownType);
         let mut data = [0u8; 31];
         data[0] = 4;
         assert_eq!(Message::parse(&data[..]).unwrap_err(), WireError::Truncated);
-        assert_eq!(
-            Message::parse(&[4u8, 0, 0][..]).unwrap_err(),
-            WireError::Truncated
-        );
-        assert_eq!(
-            Message::parse(&[5u8, 0, 0, 0][..]).unwrap_err(),
-            WireError::UnknownType
-        );
+        assert_eq!(Message::parse(&[4u8, 0, 0][..]).unwrap_err(), WireError::Truncated);
+        assert_eq!(Message::parse(&[5u8, 0, 0, 0][..]).unwrap_err(), WireError::UnknownType);
     }
 }
