@@ -206,6 +206,12 @@ impl Drop for WireguardGo {
     }
 }
 
+/// The XDP object built by `cargo xtask build-ebpf`.
+pub fn xdp_object() -> Vec<u8> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf/target/bpfel-unknown-none/release/wgxdp");
+    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}; run `cargo xtask build-ebpf` first"))
+}
+
 /// Convenience: an IPv4 address from a string literal.
 pub fn v4(s: &str) -> Ipv4Addr {
     s.parse().expect("IPv4 literal")

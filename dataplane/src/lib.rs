@@ -2,6 +2,7 @@
 //! lock-free tables the workers read. No HTTP, no database.
 
 pub mod device;
+pub mod loader;
 pub mod noise;
 pub mod table;
 #[cfg(any(test, feature = "testing"))]

@@ -1,22 +1,36 @@
-//! The XDP program: classifies frames on the tunnel-side NIC. WireGuard UDP to
-//! the gateway's listen port is tunnel traffic; everything else, and anything
-//! malformed, goes to the kernel untouched. (Redirecting tunnel traffic into
-//! AF_XDP sockets builds on this classification.)
+//! The XDP programs.
+//!
+//! - `wgxdp_wan` (tunnel-side NIC): UDP to the gateway's listen port goes to the
+//!   AF_XDP socket of the frame's rx queue; everything else goes to the kernel.
+//! - `wgxdp_lan` (site-side NIC): IP packets whose destination lies in a tunnel
+//!   prefix (a peer's allowed IPs) go to the AF_XDP socket; everything else,
+//!   ARP/ND and local traffic included, goes to the kernel.
+//!
+//! Malformed or truncated frames are never dropped here: the kernel sees them
+//! untouched. Every decision is counted per CPU.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::macros::{map, xdp};
-use aya_ebpf::maps::{Array, PerCpuArray};
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{Array, LpmTrie, PerCpuArray, XskMap};
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
-use wgxdp_common::{config, stat};
+use wgxdp_common::{config, stat, MAX_QUEUES, MAX_TUNNEL_PREFIXES};
 
 #[map]
-static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
-
+static WAN_XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
+#[map]
+static LAN_XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 #[map]
 static CONFIG: Array<u32> = Array::with_max_entries(config::COUNT, 0);
+#[map]
+static TUNNEL_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_TUNNEL_PREFIXES, 0);
+#[map]
+static TUNNEL_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_TUNNEL_PREFIXES, 0);
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
@@ -24,81 +38,143 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_UDP: u8 = 17;
 const IPV6_HDR_LEN: usize = 40;
 
-/// Why a frame could not be classified.
-enum Malformed {
-    Truncated,
+/// A frame too short for the header being read.
+struct Truncated;
+
+/// What the classifier decided.
+enum Verdict {
+    Ours,
+    NotOurs,
 }
 
 #[xdp]
 pub fn wgxdp_wan(ctx: XdpContext) -> u32 {
-    let (counter, action) = match classify(&ctx) {
-        Ok(true) => (stat::TUNNEL, xdp_action::XDP_PASS),
-        Ok(false) => (stat::PASSED, xdp_action::XDP_PASS),
-        Err(Malformed::Truncated) => (stat::MALFORMED, xdp_action::XDP_PASS),
-    };
-    count(counter);
-    action
+    let base = stat::WAN_REDIRECTED;
+    match classify_wan(&ctx) {
+        Ok(Verdict::Ours) => redirect(&ctx, &WAN_XSKS, base),
+        Ok(Verdict::NotOurs) => pass(base + 1),
+        Err(Truncated) => pass(base + 2),
+    }
 }
 
+#[xdp]
+pub fn wgxdp_lan(ctx: XdpContext) -> u32 {
+    let base = stat::LAN_REDIRECTED;
+    match classify_lan(&ctx) {
+        Ok(Verdict::Ours) => redirect(&ctx, &LAN_XSKS, base),
+        Ok(Verdict::NotOurs) => pass(base + 1),
+        Err(Truncated) => pass(base + 2),
+    }
+}
+
+/// Redirects to the socket of this rx queue; without one, the kernel gets it.
+/// `base` is the interface's first counter (redirected; +3 is no-socket).
+#[inline(always)]
+fn redirect(ctx: &XdpContext, sockets: &XskMap, base: u32) -> u32 {
+    // SAFETY: `ctx.ctx` is the xdp_md the kernel passed to this program run.
+    let queue = unsafe { (*ctx.ctx).rx_queue_index };
+    if sockets.get(queue).is_none() {
+        return pass(base + 3);
+    }
+    match sockets.redirect(queue, 0) {
+        Ok(action) => {
+            count(base);
+            action
+        }
+        Err(_) => pass(base + 3),
+    }
+}
+
+#[inline(always)]
+fn pass(counter: u32) -> u32 {
+    count(counter);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
 fn count(index: u32) {
     if let Some(c) = STATS.get_ptr_mut(index) {
-        // SAFETY: the pointer comes from the per-CPU map for this CPU, valid for
-        // the program's run; no other context writes this CPU's slot meanwhile.
+        // SAFETY: the pointer is this CPU's slot of a per-CPU map, valid for the
+        // program run; nothing else runs on this CPU's slot meanwhile.
         unsafe { *c += 1 };
     }
 }
 
-/// The only way this program reads packet memory: a pointer to a `T` at
-/// `offset`, if the whole `T` lies inside the frame (the verifier checks this
-/// comparison before any access).
+/// The only way these programs read packet memory: a pointer to a `T` at
+/// `offset`, if all of it lies inside the frame (the verifier sees the check).
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Truncated> {
     let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
-        return Err(Malformed::Truncated);
+    if start + offset + size_of::<T>() > ctx.data_end() {
+        return Err(Truncated);
     }
     Ok((start + offset) as *const T)
 }
 
+/// Reads a byte array at `offset` (alignment 1, so any offset is fine).
 #[inline(always)]
-fn read_u8(ctx: &XdpContext, offset: usize) -> Result<u8, Malformed> {
-    let p = ptr_at::<u8>(ctx, offset)?;
-    // SAFETY: `ptr_at` checked that the byte lies inside the frame.
+fn read<const N: usize>(ctx: &XdpContext, offset: usize) -> Result<[u8; N], Truncated> {
+    let p = ptr_at::<[u8; N]>(ctx, offset)?;
+    // SAFETY: `ptr_at` checked that all N bytes lie inside the frame.
     Ok(unsafe { *p })
 }
 
 #[inline(always)]
-fn read_be16(ctx: &XdpContext, offset: usize) -> Result<u16, Malformed> {
-    let p = ptr_at::<[u8; 2]>(ctx, offset)?;
-    // SAFETY: `ptr_at` checked that both bytes lie inside the frame; [u8; 2] has
-    // alignment 1.
-    Ok(u16::from_be_bytes(unsafe { *p }))
+fn ethertype(ctx: &XdpContext) -> Result<u16, Truncated> {
+    Ok(u16::from_be_bytes(read::<2>(ctx, 12)?))
 }
 
-/// True for a UDP datagram to the configured listen port.
+/// UDP to the configured listen port, over IPv4 (unfragmented) or IPv6
+/// (no extension headers). Anything else is the kernel's.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Result<bool, Malformed> {
-    let ethertype = read_be16(ctx, 12)?;
-    let udp_offset = match ethertype {
+fn classify_wan(ctx: &XdpContext) -> Result<Verdict, Truncated> {
+    let udp_offset = match ethertype(ctx)? {
         ETH_P_IPV4 => {
-            let ver_ihl = read_u8(ctx, ETH_HDR_LEN)?;
-            if read_u8(ctx, ETH_HDR_LEN + 9)? != IPPROTO_UDP {
-                return Ok(false);
+            let [ver_ihl] = read::<1>(ctx, ETH_HDR_LEN)?;
+            let frag = u16::from_be_bytes(read::<2>(ctx, ETH_HDR_LEN + 6)?);
+            let [proto] = read::<1>(ctx, ETH_HDR_LEN + 9)?;
+            if ver_ihl >> 4 != 4 || proto != IPPROTO_UDP || frag & 0x3fff != 0 {
+                return Ok(Verdict::NotOurs);
             }
-            ETH_HDR_LEN + usize::from(ver_ihl & 0x0f) * 4
+            let ihl = usize::from(ver_ihl & 0x0f) * 4;
+            if ihl < 20 {
+                return Err(Truncated);
+            }
+            ETH_HDR_LEN + ihl
         }
         ETH_P_IPV6 => {
-            if read_u8(ctx, ETH_HDR_LEN + 6)? != IPPROTO_UDP {
-                return Ok(false);
+            let [next_header] = read::<1>(ctx, ETH_HDR_LEN + 6)?;
+            if next_header != IPPROTO_UDP {
+                return Ok(Verdict::NotOurs);
             }
             ETH_HDR_LEN + IPV6_HDR_LEN
         }
-        _ => return Ok(false),
+        _ => return Ok(Verdict::NotOurs),
     };
-    let dst_port = read_be16(ctx, udp_offset + 2)?;
+    let dst_port = u16::from_be_bytes(read::<2>(ctx, udp_offset + 2)?);
     let listen_port = CONFIG.get(config::LISTEN_PORT).copied().unwrap_or(0);
-    Ok(listen_port != 0 && u32::from(dst_port) == listen_port)
+    if listen_port != 0 && u32::from(dst_port) == listen_port {
+        Ok(Verdict::Ours)
+    } else {
+        Ok(Verdict::NotOurs)
+    }
+}
+
+/// An IP packet whose destination is inside a tunnel prefix.
+#[inline(always)]
+fn classify_lan(ctx: &XdpContext) -> Result<Verdict, Truncated> {
+    let hit = match ethertype(ctx)? {
+        ETH_P_IPV4 => {
+            let dst = read::<4>(ctx, ETH_HDR_LEN + 16)?;
+            TUNNEL_V4.get(&Key::new(32, dst)).is_some()
+        }
+        ETH_P_IPV6 => {
+            let dst = read::<16>(ctx, ETH_HDR_LEN + 24)?;
+            TUNNEL_V6.get(&Key::new(128, dst)).is_some()
+        }
+        _ => false,
+    };
+    Ok(if hit { Verdict::Ours } else { Verdict::NotOurs })
 }
 
 #[cfg(not(test))]
