@@ -12,6 +12,7 @@ use crate::noise::handshake::{consume_initiation_static, HandshakeError, StaticI
 use crate::noise::peer::{Peer, PeerConfig, PeerSendError, Retired};
 use crate::noise::session::{sealed_len, Keypair, ReceiveError, WorkerToken};
 use crate::noise::{AeadBackend, PrivateKey, PublicKey};
+use crate::peer_view::{instant_from_nanos, Endpoint, PeerView, PeerViews};
 use crate::table::{IndexTable, IpPrefix, SharedAllowedIps};
 use crate::wire::{
     HandshakeInitiation, HandshakeResponse, Ipv4Packet, Ipv6Packet, Message, WireError, HANDSHAKE_INITIATION_LEN,
@@ -175,17 +176,56 @@ pub struct PeerStats {
 
 struct PeerSlot {
     peer: Peer,
-    endpoint: Option<SocketAddr>,
+    /// Shared with the workers: endpoint, published keypair, counters, activity.
+    view: Arc<PeerView>,
     staged: VecDeque<Vec<u8>>,
     want_initiation: bool,
     want_keepalive: bool,
-    stats: PeerStats,
+    handshakes: u64,
+    /// Worker activity already turned into timer events (see `sync_from_workers`).
+    seen: [u64; 4],
+}
+
+impl PeerSlot {
+    /// Makes the peer's current keypair the one workers send with.
+    fn publish(&self) {
+        let cur = self.peer.current_keypair();
+        let published = self.view.current.load();
+        let same = match (cur, published.as_ref()) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            self.view.current.store(cur.cloned());
+        }
+    }
+
+    fn endpoint(&self) -> Option<SocketAddr> {
+        self.view.endpoint_addr()
+    }
+
+    /// Learns where the peer is from an authenticated packet (section 2.1).
+    fn learn(&self, src: Endpoint) {
+        if src.path.is_some() {
+            self.view.update_endpoint(src);
+        } else {
+            self.view.learn_addr(src.addr);
+        }
+    }
+
+    fn count_tx(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.view.counters.tx_bytes.fetch_add(bytes as u64, Relaxed);
+        self.view.counters.tx_packets.fetch_add(1, Relaxed);
+    }
 }
 
 pub struct Device {
     identity: StaticIdentity,
     backend: AeadBackend,
-    cookies: CookieChecker,
+    cookies: Arc<CookieChecker>,
+    views: Arc<PeerViews>,
     peers: HashMap<PeerId, PeerSlot>,
     by_key: HashMap<PublicKey, PeerId>,
     next_peer_id: PeerId,
@@ -233,7 +273,8 @@ impl Device {
     pub fn new(private_key: PrivateKey, backend: AeadBackend, index_slot_bits: u32, now: Instant) -> Self {
         let identity = StaticIdentity::new(private_key);
         Self {
-            cookies: CookieChecker::new(&identity.public, now),
+            cookies: Arc::new(CookieChecker::new(&identity.public, now)),
+            views: Arc::new(PeerViews::default()),
             identity,
             backend,
             peers: HashMap::new(),
@@ -268,15 +309,18 @@ impl Device {
         let peer = Peer::new(&self.identity, config, self.backend).map_err(|_| PeerConfigError::InvalidKey)?;
         let id = self.next_peer_id;
         self.next_peer_id += 1;
+        let view = Arc::new(PeerView::new(id, endpoint));
+        self.views.insert(view.clone());
         self.peers.insert(
             id,
             PeerSlot {
                 peer,
-                endpoint,
+                view,
                 staged: VecDeque::new(),
                 want_initiation: false,
                 want_keepalive: false,
-                stats: PeerStats::default(),
+                handshakes: 0,
+                seen: [0; 4],
             },
         );
         self.by_key.insert(key, id);
@@ -291,7 +335,9 @@ impl Device {
         };
         self.by_key.remove(slot.peer.public_key());
         self.allowed_ips.remove_value(id);
+        self.views.remove(id);
         self.retire(slot.peer.zero_keys());
+        slot.publish();
         true
     }
 
@@ -300,11 +346,32 @@ impl Device {
     }
 
     pub fn peer_stats(&self, id: PeerId) -> Option<PeerStats> {
-        self.peers.get(&id).map(|s| s.stats)
+        use std::sync::atomic::Ordering::Relaxed;
+        self.peers.get(&id).map(|s| {
+            let c = &s.view.counters;
+            PeerStats {
+                rx_bytes: c.rx_bytes.load(Relaxed),
+                tx_bytes: c.tx_bytes.load(Relaxed),
+                rx_packets: c.rx_packets.load(Relaxed),
+                tx_packets: c.tx_packets.load(Relaxed),
+                handshakes: s.handshakes,
+            }
+        })
     }
 
     pub fn peer_endpoint(&self, id: PeerId) -> Option<SocketAddr> {
-        self.peers.get(&id).and_then(|s| s.endpoint)
+        self.peers.get(&id).and_then(|s| s.endpoint())
+    }
+
+    /// The peers as the workers see them.
+    pub fn views(&self) -> &Arc<PeerViews> {
+        &self.views
+    }
+
+    /// The responder-side MAC checks and cookie replies, for workers that answer
+    /// under load without queueing.
+    pub fn cookie_checker(&self) -> &Arc<CookieChecker> {
+        &self.cookies
     }
 
     pub fn peer_last_handshake(&self, id: PeerId) -> Option<SystemTime> {
@@ -337,6 +404,19 @@ impl Device {
         wall: SystemTime,
         out: &'a mut [u8],
     ) -> Result<Action<'a>, Drop> {
+        self.receive_from(Endpoint::from(src), datagram, under_load, now, wall, out)
+    }
+
+    /// `receive`, with the link-layer path the datagram arrived on when known.
+    pub fn receive_from<'a>(
+        &mut self,
+        src: Endpoint,
+        datagram: &'a mut [u8],
+        under_load: bool,
+        now: Instant,
+        wall: SystemTime,
+        out: &'a mut [u8],
+    ) -> Result<Action<'a>, Drop> {
         let result = self.receive_inner(src, datagram, under_load, now, wall, out);
         if let Err(d) = result {
             self.drops.count(d);
@@ -346,13 +426,14 @@ impl Device {
 
     fn receive_inner<'a>(
         &mut self,
-        src: SocketAddr,
+        from: Endpoint,
         datagram: &'a mut [u8],
         under_load: bool,
         now: Instant,
         wall: SystemTime,
         out: &'a mut [u8],
     ) -> Result<Action<'a>, Drop> {
+        let src = from.addr;
         let kind = Message::parse(&*datagram).map_err(Drop::Malformed)?;
         match kind {
             Message::HandshakeInitiation(_) | Message::HandshakeResponse(_) => {
@@ -372,9 +453,9 @@ impl Device {
                     _ => {}
                 }
                 if matches!(kind, Message::HandshakeInitiation(_)) {
-                    self.on_initiation(src, datagram, now, out)
+                    self.on_initiation(from, datagram, now, out)
                 } else {
-                    self.on_response(src, datagram, now, wall, out)
+                    self.on_response(from, datagram, now, wall, out)
                 }
             }
             Message::CookieReply(m) => {
@@ -383,13 +464,13 @@ impl Device {
                 slot.peer.consume_cookie_reply(&m, now).map_err(|_| Drop::BadCookieReply)?;
                 Ok(Action::Nothing)
             }
-            Message::Transport(_) => self.on_transport(src, datagram, now, wall),
+            Message::Transport(_) => self.on_transport(from, datagram, now, wall),
         }
     }
 
     fn on_initiation<'a>(
         &mut self,
-        src: SocketAddr,
+        from: Endpoint,
         datagram: &[u8],
         now: Instant,
         out: &'a mut [u8],
@@ -405,10 +486,10 @@ impl Device {
         match slot.peer.write_response(&consumed, index, now, buf) {
             Ok((keypair, retired)) => {
                 self.indices.replace(index, IndexValue { peer: id, keypair: Some(keypair) });
-                slot.endpoint = Some(src);
-                slot.stats.handshakes += 1;
+                slot.learn(from);
+                slot.handshakes += 1;
                 self.retire(retired);
-                Ok(Action::Send { to: src, bytes: &out[..HANDSHAKE_RESPONSE_LEN] })
+                Ok(Action::Send { to: from.addr, bytes: &out[..HANDSHAKE_RESPONSE_LEN] })
             }
             Err(e) => {
                 self.indices.remove(index);
@@ -419,7 +500,7 @@ impl Device {
 
     fn on_response<'a>(
         &mut self,
-        src: SocketAddr,
+        from: Endpoint,
         datagram: &[u8],
         now: Instant,
         wall: SystemTime,
@@ -435,8 +516,9 @@ impl Device {
         let slot = self.peers.get_mut(&id).ok_or(Drop::UnknownIndex)?;
         let (keypair, retired) =
             slot.peer.consume_response(&self.identity, &msg, now, wall).map_err(Drop::Handshake)?;
-        slot.endpoint = Some(src);
-        slot.stats.handshakes += 1;
+        slot.learn(from);
+        slot.handshakes += 1;
+        slot.publish();
         // Section 6.3 / wireguard-go: confirm the session at once, with the staged
         // packets if there are any, else with a keepalive.
         if slot.staged.is_empty() {
@@ -450,7 +532,7 @@ impl Device {
 
     fn on_transport<'a>(
         &mut self,
-        src: SocketAddr,
+        from: Endpoint,
         datagram: &'a mut [u8],
         now: Instant,
         wall: SystemTime,
@@ -463,7 +545,8 @@ impl Device {
         let slot = self.peers.get_mut(&id).ok_or(Drop::UnknownIndex)?;
         let received = slot.peer.decrypt(&self.token, &keypair, msg, now, wall).map_err(Drop::Receive)?;
         // Roaming (section 2.1): the endpoint follows the last authenticated packet.
-        slot.endpoint = Some(src);
+        slot.learn(from);
+        slot.publish();
         if received.rekey {
             slot.want_initiation = true;
             self.ready.push_back(id);
@@ -480,9 +563,10 @@ impl Device {
         if self.allowed_ips.load().lookup(source) != Some(id) {
             return Err(Drop::SourceNotAllowed);
         }
-        let slot = self.peers.get_mut(&id).ok_or(Drop::UnknownIndex)?;
-        slot.stats.rx_bytes += len as u64;
-        slot.stats.rx_packets += 1;
+        let slot = self.peers.get(&id).ok_or(Drop::UnknownIndex)?;
+        let c = &slot.view.counters;
+        c.rx_bytes.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+        c.rx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Action::Deliver { peer: id, packet: &payload[..len] })
     }
 
@@ -513,11 +597,10 @@ impl Device {
         let (_, dst, len) = inner_packet(packet)?;
         let id = self.allowed_ips.load().lookup(dst).ok_or(Drop::NoRoute)?;
         let slot = self.peers.get_mut(&id).ok_or(Drop::NoRoute)?;
-        let to = slot.endpoint.ok_or(Drop::NoEndpoint)?;
+        let to = slot.endpoint().ok_or(Drop::NoEndpoint)?;
         match slot.peer.encrypt(&packet[..len], out, now) {
             Ok(sent) => {
-                slot.stats.tx_bytes += len as u64;
-                slot.stats.tx_packets += 1;
+                slot.count_tx(len);
                 if sent.rekey {
                     slot.want_initiation = true;
                     self.ready.push_back(id);
@@ -552,7 +635,7 @@ impl Device {
     /// Sends a keepalive to `id` now on its current session.
     pub fn send_keepalive(&mut self, id: PeerId, now: Instant, out: &mut [u8]) -> Result<Transmit, Drop> {
         let slot = self.peers.get_mut(&id).ok_or(Drop::NoRoute)?;
-        let to = slot.endpoint.ok_or(Drop::NoEndpoint)?;
+        let to = slot.endpoint().ok_or(Drop::NoEndpoint)?;
         match slot.peer.encrypt(&[], out, now) {
             Ok(sent) => Ok(Transmit { to, len: sent.len }),
             Err(PeerSendError::BufferTooSmall) => Err(Drop::BufferTooSmall),
@@ -562,9 +645,17 @@ impl Device {
 
     /// Runs every peer's timers; due work is then pulled with `poll_transmit`.
     pub fn tick(&mut self, now: Instant) {
+        self.tick_at(now, SystemTime::now());
+    }
+
+    /// `tick` with an explicit wall clock (recorded as the handshake time when a
+    /// worker confirmed a new session).
+    pub fn tick_at(&mut self, now: Instant, wall: SystemTime) {
         let mut retired_all = Vec::new();
         for (id, slot) in self.peers.iter_mut() {
+            retired_all.push(Self::sync_from_workers(slot, now, wall));
             let (actions, retired) = slot.peer.tick(now);
+            slot.publish();
             retired_all.push(retired);
             if actions.gave_up {
                 slot.staged.clear();
@@ -584,6 +675,57 @@ impl Device {
         }
     }
 
+    /// Turns what workers did since the last tick into the peer's timer events,
+    /// confirms a responder keypair they used, and applies the rekey rules.
+    fn sync_from_workers(slot: &mut PeerSlot, now: Instant, wall: SystemTime) -> Retired {
+        use std::sync::atomic::Ordering::Relaxed;
+        let a = &slot.view.activity;
+        let current = [
+            a.data_sent.load(Relaxed),
+            a.data_received.load(Relaxed),
+            a.authenticated_sent.load(Relaxed),
+            a.authenticated_received.load(Relaxed),
+        ];
+        let mut events: Vec<(u64, usize)> =
+            (0..4).filter(|&i| current[i] > slot.seen[i]).map(|i| (current[i], i)).collect();
+        events.sort_unstable();
+        for (nanos, kind) in &events {
+            let at = instant_from_nanos(*nanos);
+            let t = &mut slot.peer.timers;
+            match kind {
+                0 => t.on_data_sent(at),
+                1 => t.on_data_received(at),
+                2 => t.on_authenticated_sent(at),
+                _ => t.on_authenticated_received(at),
+            }
+        }
+        let sent = current[0] > slot.seen[0];
+        let received = current[1] > slot.seen[1];
+        slot.seen = current;
+        let retired = slot.peer.confirm_next_if_used(wall);
+        if slot.peer.rekey_due(now, sent, received) {
+            slot.want_initiation = true;
+        }
+        if slot.view.attention.swap(false, Relaxed) && slot.peer.current_keypair().is_none() {
+            slot.want_initiation = true;
+        }
+        slot.publish();
+        retired
+    }
+
+    /// Stages a packet a worker could not send (no session yet) and asks for a
+    /// handshake; it goes out via `poll_transmit` once the session exists.
+    pub fn stage(&mut self, id: PeerId, packet: Vec<u8>) {
+        let Some(slot) = self.peers.get_mut(&id) else { return };
+        if slot.staged.len() >= MAX_STAGED_PACKETS {
+            slot.staged.pop_front();
+            self.drops.count(Drop::StagingFull);
+        }
+        slot.staged.push_back(packet);
+        slot.want_initiation = slot.peer.current_keypair().is_none();
+        self.ready.push_back(id);
+    }
+
     /// The next datagram the device wants to send, written into `out`.
     pub fn poll_transmit(&mut self, now: Instant, wall: SystemTime, out: &mut [u8]) -> Option<Transmit> {
         while let Some(&id) = self.ready.front() {
@@ -591,7 +733,7 @@ impl Device {
                 self.ready.pop_front();
                 continue;
             };
-            let Some(to) = slot.endpoint else {
+            let Some(to) = slot.endpoint() else {
                 slot.want_initiation = false;
                 slot.want_keepalive = false;
                 self.ready.pop_front();
@@ -627,8 +769,7 @@ impl Device {
                         continue;
                     }
                     if let Ok(sent) = slot.peer.encrypt(&packet, out, now) {
-                        slot.stats.tx_bytes += packet.len() as u64;
-                        slot.stats.tx_packets += 1;
+                        slot.count_tx(packet.len());
                         slot.want_keepalive = false;
                         return Some(Transmit { to, len: sent.len });
                     }

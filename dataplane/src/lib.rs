@@ -4,7 +4,9 @@
 pub mod device;
 pub mod loader;
 pub mod noise;
+pub mod peer_view;
 pub mod table;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod wire;
+pub mod xsk;

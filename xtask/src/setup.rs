@@ -9,7 +9,9 @@ use std::process::Command;
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("llvm-22-dev", "bpf-linker links against LLVM 22"),
     ("libpolly-22-dev", "LLVM 22's static libraries reference Polly"),
-    ("clang", "C code in -sys crates (libxdp/libbpf)"),
+    ("clang", "C code in -sys crates (libxdp/libbpf) and their BPF parts"),
+    ("libclang-dev", "bindgen for libxdp-sys"),
+    ("m4", "libxdp-sys's build"),
     ("libelf-dev", "libbpf"),
     ("zlib1g-dev", "libbpf"),
     ("pkg-config", "finding C libraries"),

@@ -272,28 +272,59 @@ impl Peer {
         wall: SystemTime,
     ) -> Result<Received<'a>, ReceiveError> {
         let payload = keypair.open(token, msg, now)?;
+        let retired = self.confirm_next(keypair, wall);
+        let rekey = keypair.is_initiator && self.rekey_on_receive_due(keypair, now);
+        if !payload.is_empty() {
+            self.timers.on_data_received(now);
+        }
+        self.timers.on_authenticated_received(now);
+        Ok(Received { payload, retired, rekey })
+    }
+
+    /// Promotes `next` to current if `keypair` is it: the initiator used the
+    /// responder's new keypair, which confirms it.
+    fn confirm_next(&mut self, keypair: &Arc<Keypair>, wall: SystemTime) -> Retired {
         let mut retired = Retired::default();
         let k = &mut self.keypairs;
         if k.next.as_ref().is_some_and(|n| Arc::ptr_eq(n, keypair)) {
-            // The initiator used the responder's new keypair: it is confirmed.
             retired.push_keypair(k.previous.take());
             k.previous = k.current.take();
             k.current = k.next.take();
             self.last_handshake = Some(wall);
             self.timers.on_handshake_complete();
         }
-        let rekey = keypair.is_initiator
-            && !self.sent_last_minute_handshake
+        retired
+    }
+
+    /// For traffic handled outside this object (data-plane workers): promotes a
+    /// `next` keypair that a worker authenticated a message on.
+    pub fn confirm_next_if_used(&mut self, wall: SystemTime) -> Retired {
+        match self.keypairs.next.clone() {
+            Some(next) if next.was_used() => self.confirm_next(&next, wall),
+            _ => Retired::default(),
+        }
+    }
+
+    /// Section 6.2: an initiator receiving on a session close to
+    /// REJECT_AFTER_TIME starts a new handshake, once per session.
+    fn rekey_on_receive_due(&mut self, keypair: &Keypair, now: Instant) -> bool {
+        let due = !self.sent_last_minute_handshake
             && self.handshake.is_none()
             && now.saturating_duration_since(keypair.created) >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT;
-        if rekey {
+        if due {
             self.sent_last_minute_handshake = true;
         }
-        if !payload.is_empty() {
-            self.timers.on_data_received(now);
+        due
+    }
+
+    /// The rekey rules of section 6.2 for traffic handled outside this object:
+    /// `sent`/`received` say whether data went that way on the current keypair.
+    pub fn rekey_due(&mut self, now: Instant, sent: bool, received: bool) -> bool {
+        let Some(kp) = self.keypairs.current.clone() else { return false };
+        if self.handshake.is_some() {
+            return false;
         }
-        self.timers.on_authenticated_received(now);
-        Ok(Received { payload, retired, rekey })
+        (sent && kp.needs_rekey_for_send(now)) || (received && kp.is_initiator && self.rekey_on_receive_due(&kp, now))
     }
 
     /// Runs due timers. When keys are zeroed, their indices are returned.

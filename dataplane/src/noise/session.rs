@@ -105,6 +105,9 @@ pub struct Keypair {
     receiving: TransportKey,
     send_counter: AtomicU64,
     receive: ReceiveState,
+    /// Set once a message authenticated on this keypair: a responder's keypair
+    /// is confirmed by its first use.
+    used: core::sync::atomic::AtomicBool,
 }
 
 impl core::fmt::Debug for Keypair {
@@ -147,12 +150,18 @@ impl Keypair {
             receiving: TransportKey::new(backend, receive_key),
             send_counter: AtomicU64::new(0),
             receive: ReceiveState { owner: AtomicU64::new(0), window: UnsafeCell::new(ReplayWindow::default()) },
+            used: core::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Counters used so far for sending.
     pub fn sent_messages(&self) -> u64 {
         self.send_counter.load(Ordering::Relaxed)
+    }
+
+    /// True once a message authenticated on this keypair.
+    pub fn was_used(&self) -> bool {
+        self.used.load(Ordering::Relaxed)
     }
 
     /// True once the keypair may no longer send or receive.
@@ -223,6 +232,9 @@ impl Keypair {
             self.receiving.open(&counter_nonce(counter), &[], encrypted).map_err(|_| ReceiveError::Authentication)?;
         if !self.receive.with_window(token, |w| w.update(counter))? {
             return Err(ReceiveError::Replay);
+        }
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
         }
         Ok(plain)
     }
