@@ -1,3 +1,5 @@
-//! The wgxdp control plane. So far: key utilities shared by the CLI.
+//! The wgxdp control plane: configuration, `serve`, key utilities.
 
+pub mod config;
 pub mod keys;
+pub mod serve;

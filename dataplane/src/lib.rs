@@ -2,11 +2,15 @@
 //! lock-free tables the workers read. No HTTP, no database.
 
 pub mod device;
+pub mod frame;
+pub mod gateway;
 pub mod loader;
+pub mod neighbors;
 pub mod noise;
 pub mod peer_view;
 pub mod table;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod wire;
+pub mod worker;
 pub mod xsk;

@@ -42,18 +42,19 @@ pub enum ReceiveError {
 }
 
 /// Identifies the one thread allowed to mutate a keypair's receive state.
-/// Unique (never cloned, ids from a global counter) and tied to the thread that
-/// made it (`!Send`, `!Sync`).
+/// Unique (never cloned, ids from a global counter) and `!Sync`: it can move to
+/// another thread (a move orders every earlier use before every later one) but
+/// can never be used from two threads at once.
 #[derive(Debug)]
 pub struct WorkerToken {
     id: u64,
-    _not_send: core::marker::PhantomData<*const ()>,
+    _not_sync: core::marker::PhantomData<core::cell::Cell<()>>,
 }
 
 impl WorkerToken {
     pub fn new() -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        Self { id: NEXT.fetch_add(1, Ordering::Relaxed), _not_send: core::marker::PhantomData }
+        Self { id: NEXT.fetch_add(1, Ordering::Relaxed), _not_sync: core::marker::PhantomData }
     }
 }
 
@@ -71,7 +72,8 @@ struct ReceiveState {
 
 // SAFETY: `window` is only touched in `with_window`, after `owner` has been
 // claimed by (or already equals) the caller's token id. Token ids are unique and
-// tokens cannot leave their thread, so at most one thread ever accesses `window`.
+// tokens are `!Sync`, so no two threads use the same token at once; a token that
+// moves between threads carries a happens-before edge with it.
 unsafe impl Sync for ReceiveState {}
 
 impl ReceiveState {

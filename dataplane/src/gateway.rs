@@ -1,0 +1,344 @@
+//! A running gateway: XDP programs attached, one pinned worker per queue, the
+//! control thread (handshakes, timers, configuration) and the neighbour
+//! resolver. `Gateway::start` checks everything an operator can get wrong and
+//! says what; `shutdown` (or drop) stops the threads and detaches XDP.
+
+use crate::device::{Action, Device, PeerId};
+use crate::loader::{LoaderError, Side, XdpPrograms, XdpStats};
+use crate::neighbors::{run_resolver, NeighborTable, RawInjector};
+use crate::noise::peer::PeerConfig;
+use crate::noise::{AeadBackend, PrivateKey, PublicKey};
+use crate::table::IpPrefix;
+use crate::wire::MacAddr;
+use crate::worker::{ControlEvent, HandshakeJob, Shared, Worker, WorkerCounters};
+use crate::xsk::{XskConfig, XskError, XskSocket};
+use crossbeam_channel::{select, Receiver};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+/// One configured peer.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    pub config: PeerConfig,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpPrefix>,
+}
+
+#[derive(Debug)]
+pub struct GatewayConfig {
+    pub wan_interface: String,
+    pub lan_interface: String,
+    pub listen_port: u16,
+    pub private_key: PrivateKey,
+    pub peers: Vec<PeerSpec>,
+    /// At most this many queues (and workers); default: all the NICs share.
+    pub queues: Option<u32>,
+    /// Cores to pin workers to, in queue order (cycled); empty: every core.
+    pub cores: Vec<usize>,
+    pub xsk: XskConfig,
+    /// The compiled XDP object.
+    pub xdp_object: Vec<u8>,
+    /// Largest inner packet sent into the tunnel (1420 as wg-quick).
+    pub tunnel_mtu: usize,
+    /// Next hop for site-bound packets; `None`: destinations are on-link.
+    pub lan_next_hop: Option<IpAddr>,
+    /// Bounded queue of handshake messages from workers to the control thread.
+    pub handshake_queue: usize,
+    pub backend: AeadBackend,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("interface `{0}` does not exist")]
+    NoSuchInterface(String),
+    #[error("cannot read the MAC address of `{iface}`: {reason}")]
+    Mac { iface: String, reason: String },
+    #[error("UDP port {0} is already in use on this host")]
+    PortInUse(u16),
+    #[error("cannot open the UDP socket on port {port}: {source}")]
+    Udp { port: u16, source: std::io::Error },
+    #[error("cannot open raw sockets (needs root or CAP_NET_RAW): {0}")]
+    Raw(std::io::Error),
+    #[error("peer {key}: {reason}")]
+    Peer { key: PublicKey, reason: String },
+    #[error(transparent)]
+    Xdp(#[from] LoaderError),
+    #[error(transparent)]
+    Xsk(#[from] XskError),
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Counters of a running gateway.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayStats {
+    pub xdp: XdpStats,
+    /// Per queue: (name, value) of the worker's counters.
+    pub workers: Vec<Vec<(&'static str, u64)>>,
+}
+
+#[derive(Debug)]
+pub struct Gateway {
+    programs: Arc<Mutex<XdpPrograms>>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    counters: Vec<Arc<WorkerCounters>>,
+    public_key: PublicKey,
+    queues: u32,
+}
+
+fn interface_exists(iface: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(iface).exists()
+}
+
+fn interface_mac(iface: &str) -> Result<MacAddr, GatewayError> {
+    let err = |reason: String| GatewayError::Mac { iface: iface.to_owned(), reason };
+    let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).map_err(|e| err(e.to_string()))?;
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.trim().split(':').collect();
+    if parts.len() != 6 {
+        return Err(err(format!("unexpected address `{}`", text.trim())));
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|e| err(e.to_string()))?;
+    }
+    Ok(MacAddr(mac))
+}
+
+/// Number of rx queues the NIC exposes.
+fn rx_queues(iface: &str) -> u32 {
+    std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
+        .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("rx-")).count() as u32)
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// A dual-stack UDP socket on the listen port: it sends handshakes, keepalives
+/// and the first packets to a peer; it never receives (XDP takes that traffic),
+/// and holding the port stops anything else from using it.
+fn bind_kernel_udp(port: u16) -> Result<UdpSocket, GatewayError> {
+    let bind = |addr: &str| UdpSocket::bind(addr);
+    let sock = bind(&format!("[::]:{port}")).or_else(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => Err(e),
+        _ => bind(&format!("0.0.0.0:{port}")),
+    });
+    match sock {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(GatewayError::PortInUse(port)),
+        Err(source) => Err(GatewayError::Udp { port, source }),
+    }
+}
+
+impl Gateway {
+    /// Starts the gateway in the calling thread's network namespace.
+    pub fn start(cfg: GatewayConfig) -> Result<Self, GatewayError> {
+        for iface in [&cfg.wan_interface, &cfg.lan_interface] {
+            if !interface_exists(iface) {
+                return Err(GatewayError::NoSuchInterface(iface.clone()));
+            }
+        }
+        let lan_mac = interface_mac(&cfg.lan_interface)?;
+        let kernel_udp = Arc::new(bind_kernel_udp(cfg.listen_port)?);
+        let injector = RawInjector::new().map_err(GatewayError::Raw)?;
+
+        let mut device = Device::new(cfg.private_key, cfg.backend, 16, Instant::now());
+        let public_key = device.public_key();
+        let mut prefixes = BTreeSet::new();
+        for p in &cfg.peers {
+            device
+                .add_peer(p.config.clone(), p.endpoint, &p.allowed_ips)
+                .map_err(|e| GatewayError::Peer { key: p.config.public_key, reason: e.to_string() })?;
+            prefixes.extend(p.allowed_ips.iter().copied());
+        }
+
+        let mut programs = XdpPrograms::load(&cfg.xdp_object, cfg.listen_port)?;
+        programs.attach(Side::Wan, &cfg.wan_interface)?;
+        programs.attach(Side::Lan, &cfg.lan_interface)?;
+        programs.set_tunnel_prefixes(&prefixes.into_iter().collect::<Vec<_>>())?;
+
+        let queues =
+            rx_queues(&cfg.wan_interface).min(rx_queues(&cfg.lan_interface)).min(cfg.queues.unwrap_or(u32::MAX));
+        let mut sockets = Vec::new();
+        for q in 0..queues {
+            let wan = XskSocket::bind(&cfg.wan_interface, q, &cfg.xsk)?;
+            let lan = XskSocket::bind(&cfg.lan_interface, q, &cfg.xsk)?;
+            programs.register_socket(Side::Wan, q, wan.raw_fd())?;
+            programs.register_socket(Side::Lan, q, lan.raw_fd())?;
+            tracing::info!(queue = q, wan = ?wan.mode(), lan = ?lan.mode(), "AF_XDP sockets bound");
+            sockets.push((wan, lan));
+        }
+
+        let (hs_tx, hs_rx) = crossbeam_channel::bounded(cfg.handshake_queue.max(8));
+        let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(4096);
+        let (neighbors, neighbor_requests) = NeighborTable::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            indices: device.indices().clone(),
+            allowed_ips: device.allowed_ips().clone(),
+            views: device.views().clone(),
+            cookies: device.cookie_checker().clone(),
+            handshakes: hs_tx,
+            control: ctl_tx,
+            neighbors: neighbors.clone(),
+            injector,
+            kernel_udp: kernel_udp.clone(),
+            lan_mac,
+            lan_next_hop: cfg.lan_next_hop,
+            tunnel_mtu: cfg.tunnel_mtu,
+            under_load_until: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+
+        let mut threads = Vec::new();
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name).spawn(f).map_err(GatewayError::Thread)
+        };
+        {
+            let (stop, iface) = (stop.clone(), cfg.lan_interface.clone());
+            threads.push(spawn(
+                "wgxdp-neigh".into(),
+                Box::new(move || run_resolver(neighbors, neighbor_requests, iface, stop)),
+            )?);
+        }
+        {
+            let (stop, udp) = (stop.clone(), kernel_udp.clone());
+            threads
+                .push(spawn("wgxdp-control".into(), Box::new(move || run_control(device, hs_rx, ctl_rx, udp, stop)))?);
+        }
+        let cores = if cfg.cores.is_empty() {
+            core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect()
+        } else {
+            cfg.cores.clone()
+        };
+        let mut counters = Vec::new();
+        for (q, (wan, lan)) in sockets.into_iter().enumerate() {
+            let c = Arc::new(WorkerCounters::default());
+            counters.push(c.clone());
+            let worker = Worker::new(q as u32, shared.clone(), wan, lan, c);
+            let core = (!cores.is_empty()).then(|| cores[q % cores.len()]);
+            threads.push(spawn(
+                format!("wgxdp-q{q}"),
+                Box::new(move || {
+                    if let Some(id) = core {
+                        if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                            tracing::warn!(queue = q, core = id, "could not pin the worker");
+                        }
+                    }
+                    worker.run();
+                }),
+            )?);
+        }
+        tracing::info!(%public_key, queues, port = cfg.listen_port, "gateway running");
+        Ok(Self { programs: Arc::new(Mutex::new(programs)), shared, stop, threads, counters, public_key, queues })
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.public_key
+    }
+
+    pub fn queues(&self) -> u32 {
+        self.queues
+    }
+
+    pub fn stats(&self) -> GatewayStats {
+        let xdp = self.programs.lock().unwrap_or_else(|p| p.into_inner()).stats().unwrap_or_default();
+        GatewayStats { xdp, workers: self.counters.iter().map(|c| c.named()).collect() }
+    }
+
+    /// Runs `f` on the control thread (which owns the protocol state) and
+    /// returns its result; `None` if the gateway is stopping.
+    pub fn with_device<R: Send + 'static>(&self, f: impl FnOnce(&mut Device) -> R + Send + 'static) -> Option<R> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let job = ControlEvent::Exec(Box::new(move |d| {
+            let _ = tx.send(f(d));
+        }));
+        self.shared.control.send(job).ok()?;
+        rx.recv_timeout(Duration::from_secs(10)).ok()
+    }
+
+    /// Adds a peer at runtime and steers its prefixes through XDP.
+    pub fn add_peer(&self, spec: PeerSpec) -> Result<PeerId, GatewayError> {
+        let key = spec.config.public_key;
+        let prefixes = spec.allowed_ips.clone();
+        let id = self
+            .with_device(move |d| d.add_peer(spec.config, spec.endpoint, &spec.allowed_ips).map_err(|e| e.to_string()))
+            .ok_or(GatewayError::Peer { key, reason: "the gateway is stopping".into() })?
+            .map_err(|reason| GatewayError::Peer { key, reason })?;
+        let mut all: Vec<IpPrefix> = self.shared.allowed_ips.entries().into_iter().map(|(p, _)| p).collect();
+        all.extend(prefixes);
+        self.programs.lock().unwrap_or_else(|p| p.into_inner()).set_tunnel_prefixes(&all)?;
+        Ok(id)
+    }
+
+    /// Stops every thread and detaches the XDP programs.
+    pub fn shutdown(mut self) {
+        self.stop_threads();
+    }
+
+    fn stop_threads(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop_threads();
+        tracing::info!("gateway stopped; XDP programs detached");
+    }
+}
+
+/// The control thread: owns the `Device`; serves handshake messages from the
+/// workers, staged packets, configuration closures, and the timers.
+fn run_control(
+    mut device: Device,
+    handshakes: Receiver<HandshakeJob>,
+    events: Receiver<ControlEvent>,
+    udp: Arc<UdpSocket>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut out = vec![0u8; 65536];
+    let mut last_tick = Instant::now();
+    let send = |bytes: &[u8], to: SocketAddr| {
+        if let Err(e) = udp.send_to(bytes, to) {
+            tracing::debug!(%to, error = %e, "sending through the kernel failed");
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let mut staged = false;
+        select! {
+            recv(handshakes) -> job => if let Ok(mut job) = job {
+                let (now, wall) = (Instant::now(), SystemTime::now());
+                let len = job.len;
+                if let Ok(Action::Send { to, bytes }) = device.receive_from(job.from, &mut job.bytes[..len], false, now, wall, &mut out) {
+                    send(bytes, to);
+                }
+            },
+            recv(events) -> ev => match ev {
+                Ok(ControlEvent::Stage { peer, packet }) => {
+                    device.stage(peer, packet);
+                    staged = true;
+                }
+                Ok(ControlEvent::Exec(f)) => f(&mut device),
+                Err(_) => {}
+            },
+            default(Duration::from_millis(20)) => {}
+        }
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        if staged || now.duration_since(last_tick) >= Duration::from_millis(100) {
+            device.tick_at(now, wall);
+            last_tick = now;
+        }
+        while let Some(t) = device.poll_transmit(now, wall, &mut out) {
+            send(&out[..t.len], t.to);
+        }
+    }
+}

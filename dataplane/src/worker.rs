@@ -1,0 +1,450 @@
+//! The per-queue data-plane loop: one thread owns the WAN and LAN AF_XDP
+//! sockets of one queue and moves batches between them.
+//!
+//! - WAN rx, transport data: receiver index → keypair → decrypt in place →
+//!   allowed-IPs source check → copy into a LAN frame (next-hop MAC from the
+//!   neighbour table) → LAN tx.
+//! - WAN rx, handshake messages: copied to the control thread's bounded queue.
+//!   When that queue is filling ("under load", sticky for a second),
+//!   initiations without a valid cookie are answered here with a cookie reply.
+//! - LAN rx: destination → peer (allowed IPs) → the peer's published keypair
+//!   and endpoint → headers and sealed payload written straight into a WAN
+//!   frame → WAN tx. Without a session the packet is staged with the control
+//!   thread, which starts a handshake.
+//!
+//! Nothing here takes a lock or allocates per packet (staging a packet for a
+//! peer with no session copies it once; that is the slow path).
+
+use crate::device::{IndexValue, PeerId};
+use crate::frame::{parse_ip_frame, parse_udp_frame, udp_headers_len, write_ethernet_header, write_udp_headers};
+use crate::neighbors::{NeighborTable, RawInjector};
+use crate::noise::cookie::{CookieChecker, MacVerdict};
+use crate::noise::session::{sealed_len, WorkerToken};
+use crate::peer_view::{monotonic_nanos, Activity, Endpoint, PeerViews};
+use crate::table::{IndexTable, SharedAllowedIps};
+use crate::wire::{MacAddr, MessageType, TransportHeader, COOKIE_REPLY_LEN, ETHERNET_HEADER_LEN, TRANSPORT_HEADER_LEN};
+use crate::xsk::{Frame, XskSocket};
+use crossbeam_channel::{Sender, TrySendError};
+use std::net::{IpAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Frames taken from each ring per loop iteration.
+pub const BATCH: usize = 64;
+/// "Under load" lasts this long after the handshake queue was last found filling.
+const UNDER_LOAD_STICKY: Duration = Duration::from_secs(1);
+
+/// A handshake message for the control thread, with where it came from.
+#[derive(Debug, Clone)]
+pub struct HandshakeJob {
+    pub bytes: [u8; 148],
+    pub len: usize,
+    pub from: Endpoint,
+}
+
+/// Work for the control thread besides handshakes.
+pub enum ControlEvent {
+    /// A packet for `peer`, which has no session yet.
+    Stage { peer: PeerId, packet: Vec<u8> },
+    /// Run this on the control thread (configuration changes, status queries).
+    Exec(Box<dyn FnOnce(&mut crate::device::Device) + Send>),
+}
+
+impl core::fmt::Debug for ControlEvent {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Stage { peer, packet } => write!(f, "Stage({peer}, {} bytes)", packet.len()),
+            Self::Exec(_) => f.write_str("Exec(..)"),
+        }
+    }
+}
+
+/// What one worker did, by outcome. Relaxed atomics: read for metrics.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    pub wan_rx: AtomicU64,
+    pub lan_rx: AtomicU64,
+    pub decrypted: AtomicU64,
+    pub encrypted: AtomicU64,
+    pub keepalives_received: AtomicU64,
+    pub handshakes_queued: AtomicU64,
+    pub cookie_replies: AtomicU64,
+    pub via_kernel: AtomicU64,
+    pub neighbor_misses: AtomicU64,
+    pub staged: AtomicU64,
+    pub drop_malformed: AtomicU64,
+    pub drop_unknown_index: AtomicU64,
+    pub drop_replay: AtomicU64,
+    pub drop_authentication: AtomicU64,
+    pub drop_expired: AtomicU64,
+    pub drop_wrong_worker: AtomicU64,
+    pub drop_source_not_allowed: AtomicU64,
+    pub drop_no_route: AtomicU64,
+    pub drop_oversize: AtomicU64,
+    pub drop_no_frame: AtomicU64,
+    pub drop_handshake_queue_full: AtomicU64,
+    pub drop_invalid_mac1: AtomicU64,
+}
+
+impl WorkerCounters {
+    /// (name, value) for every counter, for logs and metrics.
+    pub fn named(&self) -> Vec<(&'static str, u64)> {
+        macro_rules! all {
+            ($($f:ident),*) => { vec![$((stringify!($f), self.$f.load(Relaxed))),*] };
+        }
+        all!(
+            wan_rx,
+            lan_rx,
+            decrypted,
+            encrypted,
+            keepalives_received,
+            handshakes_queued,
+            cookie_replies,
+            via_kernel,
+            neighbor_misses,
+            staged,
+            drop_malformed,
+            drop_unknown_index,
+            drop_replay,
+            drop_authentication,
+            drop_expired,
+            drop_wrong_worker,
+            drop_source_not_allowed,
+            drop_no_route,
+            drop_oversize,
+            drop_no_frame,
+            drop_handshake_queue_full,
+            drop_invalid_mac1
+        )
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+/// Everything the workers share (read-mostly, lock-free).
+pub struct Shared {
+    pub indices: Arc<IndexTable<IndexValue>>,
+    pub allowed_ips: Arc<SharedAllowedIps<PeerId>>,
+    pub views: Arc<PeerViews>,
+    pub cookies: Arc<CookieChecker>,
+    pub handshakes: Sender<HandshakeJob>,
+    pub control: Sender<ControlEvent>,
+    pub neighbors: Arc<NeighborTable>,
+    pub injector: RawInjector,
+    /// For datagrams to a peer whose link-layer path is not known yet.
+    pub kernel_udp: Arc<UdpSocket>,
+    pub lan_mac: MacAddr,
+    /// Next hop for every LAN-bound packet; `None`: the destination is on-link.
+    pub lan_next_hop: Option<IpAddr>,
+    /// Largest inner packet sent into the tunnel.
+    pub tunnel_mtu: usize,
+    /// Until when (monotonic nanos) the gateway counts as under load.
+    pub under_load_until: AtomicU64,
+    pub stop: AtomicBool,
+}
+
+impl core::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Shared").field("lan_mac", &self.lan_mac).finish_non_exhaustive()
+    }
+}
+
+/// One queue's worker. Built anywhere, `run` on its own (pinned) thread.
+#[derive(Debug)]
+pub struct Worker {
+    pub queue: u32,
+    shared: Arc<Shared>,
+    wan: XskSocket,
+    lan: XskSocket,
+    counters: Arc<WorkerCounters>,
+    /// For the rare datagram sent through the kernel (no link-layer path yet).
+    scratch: Vec<u8>,
+}
+
+enum TransportOutcome {
+    Keepalive,
+    /// The inner packet lies at this range of the WAN frame.
+    Data {
+        peer: PeerId,
+        packet: core::ops::Range<usize>,
+    },
+}
+
+impl Worker {
+    pub fn new(queue: u32, shared: Arc<Shared>, wan: XskSocket, lan: XskSocket, counters: Arc<WorkerCounters>) -> Self {
+        Self { queue, shared, wan, lan, counters, scratch: vec![0u8; 65536] }
+    }
+
+    /// Runs until `shared.stop` is set.
+    pub fn run(mut self) {
+        let token = WorkerToken::new();
+        let mut batch: Vec<Frame> = Vec::with_capacity(BATCH);
+        let fds = [self.wan.raw_fd(), self.lan.raw_fd()];
+        while !self.shared.stop.load(Relaxed) {
+            let now = Instant::now();
+            let mut work = self.wan.recv(&mut batch, BATCH);
+            for frame in batch.drain(..) {
+                self.on_wan(frame, &token, now);
+            }
+            work += self.lan.recv(&mut batch, BATCH);
+            for frame in batch.drain(..) {
+                self.on_lan(frame, now);
+            }
+            self.wan.flush();
+            self.lan.flush();
+            if work == 0 {
+                wait_readable(&fds, 5);
+            }
+        }
+    }
+
+    fn on_wan(&mut self, mut frame: Frame, token: &WorkerToken, now: Instant) {
+        bump(&self.counters.wan_rx);
+        let Ok(udp) = parse_udp_frame(self.wan.data(&frame)) else {
+            bump(&self.counters.drop_malformed);
+            return self.wan.release(frame);
+        };
+        let kind = MessageType::of(&self.wan.data(&frame)[udp.payload.clone()]);
+        match kind {
+            Ok(MessageType::Transport) => {
+                let outcome = self.open_transport(&mut frame, &udp, token, now);
+                match outcome {
+                    Some(TransportOutcome::Data { peer, packet }) => self.deliver_to_lan(&frame, peer, packet),
+                    Some(TransportOutcome::Keepalive) => bump(&self.counters.keepalives_received),
+                    None => {}
+                }
+                self.wan.release(frame);
+            }
+            Ok(_) => self.on_handshake(frame, &udp, now),
+            Err(_) => {
+                bump(&self.counters.drop_malformed);
+                self.wan.release(frame);
+            }
+        }
+    }
+
+    /// Decrypts in place; counts and returns None on any rejection.
+    fn open_transport(
+        &mut self,
+        frame: &mut Frame,
+        udp: &crate::frame::UdpFrame,
+        token: &WorkerToken,
+        now: Instant,
+    ) -> Option<TransportOutcome> {
+        let shared = &self.shared;
+        let c = &self.counters;
+        let payload = udp.payload.clone();
+        let result = self.wan.with_data_mut(frame, None, |buf| {
+            let msg = TransportHeader::new_checked(&mut buf[payload.clone()]).map_err(|_| &c.drop_malformed)?;
+            let entry = shared.indices.get(msg.receiver()).ok_or(&c.drop_unknown_index)?;
+            let keypair = entry.value.keypair.as_ref().ok_or(&c.drop_unknown_index)?;
+            let plain = keypair.open(token, msg, now).map_err(|e| match e {
+                crate::noise::ReceiveError::Replay => &c.drop_replay,
+                crate::noise::ReceiveError::Authentication => &c.drop_authentication,
+                crate::noise::ReceiveError::Expired => &c.drop_expired,
+                crate::noise::ReceiveError::WrongWorker => &c.drop_wrong_worker,
+            })?;
+            Ok((entry.value.peer, plain.len()))
+        });
+        let (peer, plain_len) = match result {
+            Ok(v) => v,
+            Err(counter) => {
+                bump(counter);
+                return None;
+            }
+        };
+        let view = shared.views.get(peer)?;
+        let nanos = monotonic_nanos(now);
+        Activity::record(&view.activity.authenticated_received, nanos);
+        // Roaming (section 2.1): the endpoint follows the last authenticated packet.
+        view.update_endpoint(Endpoint { addr: udp.src, path: Some(udp.reply_path()) });
+        if plain_len == 0 {
+            return Some(TransportOutcome::Keepalive);
+        }
+        let start = payload.start + TRANSPORT_HEADER_LEN;
+        let inner = &self.wan.data(frame)[start..start + plain_len];
+        let Ok(ip) = crate::frame::parse_ip_frame_payload(inner) else {
+            bump(&c.drop_malformed);
+            return None;
+        };
+        if shared.allowed_ips.load().lookup(ip.src) != Some(peer) {
+            bump(&c.drop_source_not_allowed);
+            return None;
+        }
+        Activity::record(&view.activity.data_received, nanos);
+        view.counters.rx_bytes.fetch_add(ip.len as u64, Relaxed);
+        view.counters.rx_packets.fetch_add(1, Relaxed);
+        bump(&c.decrypted);
+        Some(TransportOutcome::Data { peer, packet: start..start + ip.len })
+    }
+
+    /// Sends a decrypted inner packet (at `packet` in the WAN frame) to the site.
+    fn deliver_to_lan(&mut self, wan_frame: &Frame, _peer: PeerId, packet: core::ops::Range<usize>) {
+        let inner = &self.wan.data(wan_frame)[packet];
+        let v6 = inner[0] >> 4 == 6;
+        let dst = crate::frame::parse_ip_frame_payload(inner).map(|p| p.dst).ok();
+        let Some(dst) = dst else { return };
+        let next_hop = self.shared.lan_next_hop.unwrap_or(dst);
+        let Some(mac) = self.shared.neighbors.lookup(next_hop) else {
+            // Never wait: the kernel resolves and sends this one; later ones hit.
+            bump(&self.counters.neighbor_misses);
+            self.shared.neighbors.request(next_hop);
+            if self.shared.injector.send(inner, dst).is_ok() {
+                bump(&self.counters.via_kernel);
+            }
+            return;
+        };
+        let Some(mut out) = self.lan.alloc(ETHERNET_HEADER_LEN + inner.len()) else {
+            bump(&self.counters.drop_no_frame);
+            return;
+        };
+        let lan_mac = self.shared.lan_mac;
+        self.lan
+            .with_data_mut(&mut out, None, |buf| {
+                buf[ETHERNET_HEADER_LEN..].copy_from_slice(inner);
+                write_ethernet_header(buf, mac, lan_mac, v6)
+            })
+            .ok();
+        self.lan.send(out);
+    }
+
+    fn on_handshake(&mut self, frame: Frame, udp: &crate::frame::UdpFrame, now: Instant) {
+        let msg = &self.wan.data(&frame)[udp.payload.clone()];
+        let mut job = HandshakeJob {
+            bytes: [0u8; 148],
+            len: msg.len(),
+            from: Endpoint { addr: udp.src, path: Some(udp.reply_path()) },
+        };
+        if msg.len() > job.bytes.len() {
+            bump(&self.counters.drop_malformed);
+            return self.wan.release(frame);
+        }
+        job.bytes[..msg.len()].copy_from_slice(msg);
+        let nanos = monotonic_nanos(now);
+        let queue = &self.shared.handshakes;
+        let filling = queue.capacity().is_some_and(|cap| queue.len() >= cap / 8);
+        if filling {
+            self.shared.under_load_until.store(nanos + UNDER_LOAD_STICKY.as_nanos() as u64, Relaxed);
+        }
+        let under_load = nanos < self.shared.under_load_until.load(Relaxed);
+        let is_handshake = matches!(
+            MessageType::of(&job.bytes),
+            Ok(MessageType::HandshakeInitiation | MessageType::HandshakeResponse)
+        );
+        if under_load && is_handshake {
+            match self.shared.cookies.verify(&job.bytes[..job.len], udp.src, now) {
+                MacVerdict::InvalidMac1 => {
+                    bump(&self.counters.drop_invalid_mac1);
+                    return self.wan.release(frame);
+                }
+                MacVerdict::ValidWithoutCookie => return self.answer_with_cookie(frame, udp, &job, now),
+                MacVerdict::ValidWithCookie => {}
+            }
+        }
+        self.wan.release(frame);
+        match queue.try_send(job) {
+            Ok(()) => bump(&self.counters.handshakes_queued),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.shared.under_load_until.store(nanos + UNDER_LOAD_STICKY.as_nanos() as u64, Relaxed);
+                bump(&self.counters.drop_handshake_queue_full);
+            }
+        }
+    }
+
+    /// Turns the received frame into a cookie reply to its sender (section 5.4.7).
+    fn answer_with_cookie(&mut self, mut frame: Frame, udp: &crate::frame::UdpFrame, job: &HandshakeJob, now: Instant) {
+        let sender = u32::from_le_bytes([job.bytes[4], job.bytes[5], job.bytes[6], job.bytes[7]]);
+        let mut reply = [0u8; COOKIE_REPLY_LEN];
+        self.shared.cookies.write_reply(&job.bytes[..job.len], sender, udp.src, now, &mut reply);
+        let hdr = udp_headers_len(udp.src.is_ipv6());
+        let path = udp.reply_path();
+        let ok = self.wan.with_data_mut(&mut frame, Some(hdr + COOKIE_REPLY_LEN), |buf| {
+            if buf.len() != hdr + COOKIE_REPLY_LEN {
+                return false;
+            }
+            buf[hdr..].copy_from_slice(&reply);
+            write_udp_headers(buf, &path, udp.src, false).is_ok()
+        });
+        if ok {
+            bump(&self.counters.cookie_replies);
+            self.wan.send(frame);
+        } else {
+            self.wan.release(frame);
+        }
+    }
+
+    fn on_lan(&mut self, frame: Frame, now: Instant) {
+        bump(&self.counters.lan_rx);
+        self.encrypt_to_wan(&frame, now);
+        self.lan.release(frame);
+    }
+
+    fn encrypt_to_wan(&mut self, frame: &Frame, now: Instant) {
+        let shared = &self.shared;
+        let c = &self.counters;
+        let data = self.lan.data(frame);
+        let Ok(ip) = parse_ip_frame(data) else { return bump(&c.drop_malformed) };
+        let inner = &data[ip.packet.clone()];
+        let Some(peer) = shared.allowed_ips.load().lookup(ip.dst) else { return bump(&c.drop_no_route) };
+        let Some(view) = shared.views.get(peer) else { return bump(&c.drop_no_route) };
+        if inner.len() > shared.tunnel_mtu {
+            // ICMP "fragmentation needed" / "packet too big" is a follow-up; count it.
+            return bump(&c.drop_oversize);
+        }
+        let keypair = view.current.load();
+        let endpoint = view.endpoint.load();
+        let (Some(kp), Some(ep)) = (keypair.as_ref(), endpoint.as_ref()) else {
+            view.attention.store(true, Relaxed);
+            bump(&c.staged);
+            let _ = shared.control.try_send(ControlEvent::Stage { peer, packet: inner.to_vec() });
+            return;
+        };
+        if kp.is_expired(now) {
+            view.attention.store(true, Relaxed);
+            bump(&c.staged);
+            let _ = shared.control.try_send(ControlEvent::Stage { peer, packet: inner.to_vec() });
+            return;
+        }
+        let len = inner.len();
+        match ep.path.filter(|p| p.local.is_ipv6() == ep.addr.is_ipv6()) {
+            Some(path) => {
+                let hdr = udp_headers_len(ep.addr.is_ipv6());
+                let Some(mut out) = self.wan.alloc(hdr + sealed_len(len)) else { return bump(&c.drop_no_frame) };
+                let sealed = self.wan.with_data_mut(&mut out, None, |buf| {
+                    buf[hdr + TRANSPORT_HEADER_LEN..hdr + TRANSPORT_HEADER_LEN + len].copy_from_slice(inner);
+                    kp.seal(&mut buf[hdr..], len, now).ok()?;
+                    write_udp_headers(buf, &path, ep.addr, false).ok()
+                });
+                if sealed.is_none() {
+                    self.wan.release(out);
+                    return bump(&c.drop_expired);
+                }
+                self.wan.send(out);
+            }
+            None => {
+                // No frame from this peer seen yet: let the kernel route this one.
+                let Ok(n) = kp.encrypt(inner, &mut self.scratch, now) else { return bump(&c.drop_expired) };
+                if shared.kernel_udp.send_to(&self.scratch[..n], ep.addr).is_err() {
+                    return bump(&c.drop_no_route);
+                }
+                bump(&c.via_kernel);
+            }
+        }
+        let nanos = monotonic_nanos(now);
+        Activity::record(&view.activity.data_sent, nanos);
+        Activity::record(&view.activity.authenticated_sent, nanos);
+        view.counters.tx_bytes.fetch_add(len as u64, Relaxed);
+        view.counters.tx_packets.fetch_add(1, Relaxed);
+        bump(&c.encrypted);
+    }
+}
+
+/// Sleeps until one of `fds` is readable or `timeout_ms` passes.
+fn wait_readable(fds: &[i32; 2], timeout_ms: i32) {
+    let mut pfds = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+    // SAFETY: `pfds` is a valid array of pollfd for the length passed.
+    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+}
