@@ -99,6 +99,33 @@ impl Netns {
         .expect("thread inside the namespace panicked")
     }
 
+    /// A TCP listener bound inside this namespace.
+    pub fn tcp_listener(&self, addr: &str) -> std::net::TcpListener {
+        let addr = addr.to_owned();
+        self.enter(move || std::net::TcpListener::bind(&addr).unwrap_or_else(|e| panic!("listen {addr}: {e}")))
+    }
+
+    /// A TCP connection made from inside this namespace.
+    pub fn tcp_connect(&self, addr: &str, timeout: Duration) -> std::io::Result<std::net::TcpStream> {
+        let addr: std::net::SocketAddr = addr.parse().expect("socket address");
+        self.enter(move || std::net::TcpStream::connect_timeout(&addr, timeout))
+    }
+
+    /// `ping` from this namespace; true if at least `min_replies` of `count` came back.
+    pub fn ping(&self, dst: &str, count: u32, min_replies: u32) -> bool {
+        let out = self
+            .command("ping")
+            .args(["-c", &count.to_string(), "-i", "0.2", "-W", "2", dst])
+            .output()
+            .expect("run ping");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let received = text
+            .split(',')
+            .find_map(|part| part.trim().strip_suffix(" received").and_then(|n| n.trim().parse::<u32>().ok()))
+            .unwrap_or(0);
+        received >= min_replies
+    }
+
     /// A UDP socket bound inside this namespace.
     pub fn udp_socket(&self, addr: &str) -> UdpSocket {
         let addr = addr.to_owned();
@@ -210,6 +237,78 @@ impl Drop for WireguardGo {
 pub fn xdp_object() -> Vec<u8> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf/target/bpfel-unknown-none/release/wgxdp");
     std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}; run `cargo xtask build-ebpf` first"))
+}
+
+/// A deterministic byte stream (xorshift), so two ends can check a transfer
+/// without holding it in memory.
+#[derive(Debug, Clone)]
+pub struct TestStream(u64);
+
+impl TestStream {
+    pub fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// Sends `len` bytes of `TestStream::new(seed)` on `w`.
+pub fn send_stream(w: &mut impl std::io::Write, seed: u64, len: usize) -> std::io::Result<()> {
+    let mut s = TestStream::new(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        s.fill(&mut buf[..n]);
+        w.write_all(&buf[..n])?;
+        left -= n;
+    }
+    w.flush()
+}
+
+/// Reads from `r` until EOF and checks it is exactly `len` bytes of the stream.
+/// Returns a description of the first difference, if any.
+pub fn check_stream(r: &mut impl std::io::Read, seed: u64, len: usize) -> Result<(), String> {
+    let mut s = TestStream::new(seed);
+    let mut got = vec![0u8; 64 * 1024];
+    let mut want = vec![0u8; 64 * 1024];
+    let mut total = 0usize;
+    let mut pending = 0usize; // bytes of `want` generated but not yet compared
+    let mut want_off = 0usize;
+    loop {
+        let n = r.read(&mut got).map_err(|e| format!("read after {total} bytes: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        let mut i = 0;
+        while i < n {
+            if pending == 0 {
+                let m = want.len().min(len.saturating_sub(total).max(1));
+                s.fill(&mut want[..m]);
+                pending = m;
+                want_off = 0;
+            }
+            let k = (n - i).min(pending);
+            if got[i..i + k] != want[want_off..want_off + k] || total + k > len {
+                return Err(format!("data differs at byte {}", total));
+            }
+            i += k;
+            total += k;
+            pending -= k;
+            want_off += k;
+        }
+    }
+    if total != len {
+        return Err(format!("received {total} bytes, expected {len}"));
+    }
+    Ok(())
 }
 
 /// Convenience: an IPv4 address from a string literal.

@@ -20,6 +20,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("wireguard-go", "the reference peer in interop tests and benchmarks"),
     ("wireguard-tools", "`wg`, to configure wireguard-go"),
     ("iperf3", "TCP throughput through the tunnel"),
+    ("ethtool", "test topologies turn off veth checksum offload"),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
