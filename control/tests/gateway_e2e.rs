@@ -178,6 +178,15 @@ fn site_to_site_through_af_xdp() {
     assert!(client.ping("10.50.0.2", 4, 3), "IPv4 ping through the tunnel failed; gateway:\n{}", gateway.output());
     assert!(client.ping("fd50::2", 4, 3), "IPv6 ping through the tunnel failed");
 
+    // Oversize packets from the site get ICMP "fragmentation needed" / "packet
+    // too big" with the tunnel MTU, not silence.
+    let too_big =
+        |args: &[&str]| String::from_utf8_lossy(&lan.command("ping").args(args).output().unwrap().stdout).into_owned();
+    let v4 = too_big(&["-c", "1", "-M", "do", "-s", "1450", "-W", "2", "10.200.0.2"]);
+    assert!(v4.contains("mtu = 1420"), "no fragmentation-needed from the gateway: {v4}");
+    let v6 = too_big(&["-6", "-c", "1", "-s", "1450", "-W", "2", "fd20::2"]);
+    assert!(v6.contains("mtu=1420"), "no packet-too-big from the gateway: {v6}");
+
     // 50 MB each way, byte for byte.
     transfer(&lan, "10.50.0.2:7001", &client, true, 11);
     transfer(&lan, "10.50.0.2:7002", &client, false, 22);
@@ -186,6 +195,7 @@ fn site_to_site_through_af_xdp() {
     assert!(decrypted >= 35_000, "only {decrypted} packets decrypted through AF_XDP");
     assert!(encrypted >= 35_000, "only {encrypted} packets encrypted through AF_XDP");
     assert!(gateway.counter("wan_redirected") >= decrypted && gateway.counter("lan_redirected") >= encrypted);
+    assert!(gateway.counter("icmp_too_big") >= 2, "ICMP errors not counted:\n{}", gateway.output());
 
     // Traffic for the gateway host itself still reaches the kernel.
     let listener = gw_ns.tcp_listener("10.100.0.1:8080");
@@ -254,4 +264,44 @@ fn site_to_site_through_af_xdp() {
     }
     client.ip(&["route", "replace", "10.50.0.0/24", "via", "10.100.0.1"]);
     assert!(client.ping("10.50.0.2", 3, 2), "the kernel does not forward after the gateway stopped");
+}
+
+/// `wgxdp serve` refuses bad set-ups with a message naming the problem.
+#[test]
+fn serve_reports_operator_errors() {
+    require_tools(&["ip"]);
+    let ns = Netns::new("er");
+    ns.ip(&["link", "add", "wan0", "type", "veth", "peer", "name", "lan0"]);
+    let dir = std::env::temp_dir().join(format!("wgxdp-err-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("k");
+    std::fs::write(&key, &*PrivateKey::generate().to_base64_secret()).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let serve = |wan: &str, lan: &str, port: u16| {
+        let cfg = dir.join(format!("{wan}-{lan}-{port}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[interface]\nwan = \"{wan}\"\nlan = \"{lan}\"\nlisten_port = {port}\nprivate_key_file = \"{}\"\n",
+                key.display()
+            ),
+        )
+        .unwrap();
+        let out = ns
+            .command(env!("CARGO_BIN_EXE_wgxdp"))
+            .args(["serve", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = serve("wan0", "nope0", 51820);
+    assert!(!ok && err.contains("interface `nope0` does not exist"), "{err}");
+    let _busy = ns.udp_socket("0.0.0.0:51999");
+    let (ok, err) = serve("wan0", "lan0", 51999);
+    assert!(!ok && err.contains("UDP port 51999 is already in use"), "{err}");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (ok, err) = serve("wan0", "lan0", 51820);
+    assert!(!ok && err.contains("chmod 600"), "{err}");
+    assert!(!ns.ip(&["link", "show"]).contains("xdp"), "a failed start left XDP attached");
+    let _ = std::fs::remove_dir_all(&dir);
 }

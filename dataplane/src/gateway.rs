@@ -110,6 +110,53 @@ fn interface_mac(iface: &str) -> Result<MacAddr, GatewayError> {
     Ok(MacAddr(mac))
 }
 
+/// The interface's first IPv4 address and its best IPv6 address (global
+/// before link-local), for the ICMP errors the gateway sends as a router.
+fn interface_addrs(iface: &str) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+    let mut v4 = None;
+    let mut v6: Option<std::net::Ipv6Addr> = None;
+    let mut head: *mut libc::ifaddrs = core::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return (None, None);
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if name.to_bytes() != iface.as_bytes() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr whose family field is valid to read.
+        match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+            libc::AF_INET if v4.is_none() => {
+                // SAFETY: the family says this sockaddr is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                v4 = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says this sockaddr is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                let a = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
+                if v6.is_none() || (!link_local && v6.is_some_and(|b| b.segments()[0] & 0xffc0 == 0xfe80)) {
+                    v6 = Some(a);
+                }
+            }
+            _ => {}
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and is freed exactly once.
+    unsafe { libc::freeifaddrs(head) };
+    (v4, v6)
+}
+
 /// Number of rx queues the NIC exposes.
 fn rx_queues(iface: &str) -> u32 {
     std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
@@ -143,6 +190,7 @@ impl Gateway {
             }
         }
         let lan_mac = interface_mac(&cfg.lan_interface)?;
+        let (lan_ipv4, lan_ipv6) = interface_addrs(&cfg.lan_interface);
         let kernel_udp = Arc::new(bind_kernel_udp(cfg.listen_port)?);
         let injector = RawInjector::new().map_err(GatewayError::Raw)?;
 
@@ -190,6 +238,8 @@ impl Gateway {
             lan_mac,
             lan_next_hop: cfg.lan_next_hop,
             tunnel_mtu: cfg.tunnel_mtu,
+            lan_ipv4,
+            lan_ipv6,
             under_load_until: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });

@@ -4,6 +4,7 @@
 pub mod device;
 pub mod frame;
 pub mod gateway;
+pub mod icmp;
 pub mod loader;
 pub mod neighbors;
 pub mod noise;

@@ -82,6 +82,7 @@ pub struct WorkerCounters {
     pub drop_source_not_allowed: AtomicU64,
     pub drop_no_route: AtomicU64,
     pub drop_oversize: AtomicU64,
+    pub icmp_too_big: AtomicU64,
     pub drop_no_frame: AtomicU64,
     pub drop_handshake_queue_full: AtomicU64,
     pub drop_invalid_mac1: AtomicU64,
@@ -113,6 +114,7 @@ impl WorkerCounters {
             drop_source_not_allowed,
             drop_no_route,
             drop_oversize,
+            icmp_too_big,
             drop_no_frame,
             drop_handshake_queue_full,
             drop_invalid_mac1
@@ -141,6 +143,9 @@ pub struct Shared {
     pub lan_next_hop: Option<IpAddr>,
     /// Largest inner packet sent into the tunnel.
     pub tunnel_mtu: usize,
+    /// Our addresses on the LAN, the source of ICMP errors we send there.
+    pub lan_ipv4: Option<std::net::Ipv4Addr>,
+    pub lan_ipv6: Option<std::net::Ipv6Addr>,
     /// Until when (monotonic nanos) the gateway counts as under load.
     pub under_load_until: AtomicU64,
     pub stop: AtomicBool,
@@ -160,9 +165,16 @@ pub struct Worker {
     wan: XskSocket,
     lan: XskSocket,
     counters: Arc<WorkerCounters>,
-    /// For the rare datagram sent through the kernel (no link-layer path yet).
+    /// For the rare datagram sent through the kernel (no link-layer path yet),
+    /// and for quoting a packet in an ICMP error.
     scratch: Vec<u8>,
+    /// ICMP errors this worker may still send in the current second.
+    icmp_budget: u32,
+    icmp_second: Instant,
 }
+
+/// ICMP errors per worker per second, at most (routers rate-limit them).
+const ICMP_PER_SECOND: u32 = 100;
 
 enum TransportOutcome {
     Keepalive,
@@ -175,7 +187,16 @@ enum TransportOutcome {
 
 impl Worker {
     pub fn new(queue: u32, shared: Arc<Shared>, wan: XskSocket, lan: XskSocket, counters: Arc<WorkerCounters>) -> Self {
-        Self { queue, shared, wan, lan, counters, scratch: vec![0u8; 65536] }
+        Self {
+            queue,
+            shared,
+            wan,
+            lan,
+            counters,
+            scratch: vec![0u8; 65536],
+            icmp_budget: ICMP_PER_SECOND,
+            icmp_second: Instant::now(),
+        }
     }
 
     /// Runs until `shared.stop` is set.
@@ -391,8 +412,15 @@ impl Worker {
         let Some(peer) = shared.allowed_ips.load().lookup(ip.dst) else { return bump(&c.drop_no_route) };
         let Some(view) = shared.views.get(peer) else { return bump(&c.drop_no_route) };
         if inner.len() > shared.tunnel_mtu {
-            // ICMP "fragmentation needed" / "packet too big" is a follow-up; count it.
-            return bump(&c.drop_oversize);
+            bump(&c.drop_oversize);
+            let sender_mac = crate::wire::EthernetFrame::new_checked(data).map(|e| e.source()).ok();
+            let v6 = ip.src.is_ipv6();
+            let quote_len = inner.len().min(crate::icmp::quote_limit(v6));
+            self.scratch[..quote_len].copy_from_slice(&inner[..quote_len]);
+            if let Some(mac) = sender_mac {
+                self.send_too_big(mac, ip.src, quote_len, now);
+            }
+            return;
         }
         let keypair = view.current.load();
         let endpoint = view.endpoint.load();
@@ -439,6 +467,43 @@ impl Worker {
         view.counters.tx_bytes.fetch_add(len as u64, Relaxed);
         view.counters.tx_packets.fetch_add(1, Relaxed);
         bump(&c.encrypted);
+    }
+}
+
+impl Worker {
+    /// ICMP "fragmentation needed" / "packet too big" back to `to`, quoting the
+    /// first `quote_len` bytes of `scratch`. Rate-limited per worker.
+    fn send_too_big(&mut self, to_mac: MacAddr, to: IpAddr, quote_len: usize, now: Instant) {
+        if now.duration_since(self.icmp_second) >= Duration::from_secs(1) {
+            self.icmp_second = now;
+            self.icmp_budget = ICMP_PER_SECOND;
+        }
+        let router = match to {
+            IpAddr::V4(_) => self.shared.lan_ipv4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.shared.lan_ipv6.map(IpAddr::V6),
+        };
+        let Some(router) = router else { return };
+        if self.icmp_budget == 0 {
+            return;
+        }
+        let len = crate::icmp::packet_too_big_len(quote_len, to.is_ipv6());
+        let Some(mut out) = self.lan.alloc(len) else { return bump(&self.counters.drop_no_frame) };
+        let mtu = self.shared.tunnel_mtu.min(usize::from(u16::MAX)) as u16;
+        let quote = &self.scratch[..quote_len];
+        let lan_mac = self.shared.lan_mac;
+        let ok = self
+            .lan
+            .with_data_mut(&mut out, None, |buf| {
+                crate::icmp::packet_too_big(buf, quote, to, mtu, router, to_mac, lan_mac)
+            })
+            .is_ok();
+        if ok {
+            self.icmp_budget -= 1;
+            bump(&self.counters.icmp_too_big);
+            self.lan.send(out);
+        } else {
+            self.lan.release(out);
+        }
     }
 }
 

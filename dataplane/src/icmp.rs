@@ -1,0 +1,138 @@
+//! ICMP errors the gateway sends as a router: IPv4 "fragmentation needed"
+//! (type 3 code 4, RFC 1191) and ICMPv6 "packet too big" (type 2, RFC 4443)
+//! for inner packets larger than the tunnel MTU, so senders lower their path
+//! MTU instead of losing packets silently.
+
+use crate::frame::write_ethernet_header;
+use crate::wire::{
+    internet_checksum, ip_protocol, pseudo_header_sum, Ipv4Packet, Ipv6Packet, MacAddr, WireError, ETHERNET_HEADER_LEN,
+    IPV4_HEADER_LEN, IPV6_HEADER_LEN,
+};
+use std::net::IpAddr;
+
+/// An ICMPv4 error quotes at most this much in all (RFC 1812: a 576-byte datagram).
+const V4_MAX_DATAGRAM: usize = 576;
+/// An ICMPv6 error must fit the minimum IPv6 MTU.
+const V6_MAX_DATAGRAM: usize = 1280;
+const ICMP_HEADER_LEN: usize = 8;
+
+/// How many bytes of the offending packet an error quotes, at most.
+pub const fn quote_limit(v6: bool) -> usize {
+    if v6 {
+        V6_MAX_DATAGRAM - IPV6_HEADER_LEN - ICMP_HEADER_LEN
+    } else {
+        V4_MAX_DATAGRAM - IPV4_HEADER_LEN - ICMP_HEADER_LEN
+    }
+}
+
+/// The frame length `packet_too_big` needs for a quote of `quote_len` bytes.
+pub const fn packet_too_big_len(quote_len: usize, v6: bool) -> usize {
+    ETHERNET_HEADER_LEN + if v6 { IPV6_HEADER_LEN } else { IPV4_HEADER_LEN } + ICMP_HEADER_LEN + quote_len
+}
+
+/// Writes a whole Ethernet frame into `frame` (exactly `packet_too_big_len`
+/// bytes): the ICMP error from `router` (our address on the link towards the
+/// sender) to `to` (the offending packet's source), quoting `quote` (the start
+/// of the offending packet, at most `quote_limit`) and advertising `mtu`.
+pub fn packet_too_big(
+    frame: &mut [u8],
+    quote: &[u8],
+    to: IpAddr,
+    mtu: u16,
+    router: IpAddr,
+    dst_mac: MacAddr,
+    src_mac: MacAddr,
+) -> Result<(), WireError> {
+    let v6 = to.is_ipv6();
+    if quote.len() > quote_limit(v6) || frame.len() != packet_too_big_len(quote.len(), v6) {
+        return Err(WireError::BadLength);
+    }
+    let body_len = ICMP_HEADER_LEN + quote.len();
+    let ip = &mut frame[ETHERNET_HEADER_LEN..];
+    match (router, to) {
+        (IpAddr::V4(router), IpAddr::V4(to)) => {
+            Ipv4Packet::emit(&mut *ip, router, to, ip_protocol::ICMP, 64, body_len)?;
+            let icmp = &mut ip[IPV4_HEADER_LEN..IPV4_HEADER_LEN + body_len];
+            icmp[..ICMP_HEADER_LEN].copy_from_slice(&[3, 4, 0, 0, 0, 0, 0, 0]);
+            icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
+            icmp[ICMP_HEADER_LEN..].copy_from_slice(quote);
+            let c = internet_checksum(icmp);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        }
+        (IpAddr::V6(router), IpAddr::V6(to)) => {
+            Ipv6Packet::emit(&mut *ip, router, to, ip_protocol::ICMPV6, 64, body_len)?;
+            let icmp = &mut ip[IPV6_HEADER_LEN..IPV6_HEADER_LEN + body_len];
+            icmp[..ICMP_HEADER_LEN].copy_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
+            icmp[4..8].copy_from_slice(&u32::from(mtu).to_be_bytes());
+            icmp[ICMP_HEADER_LEN..].copy_from_slice(quote);
+            let mut acc = pseudo_header_sum(&router.octets(), &to.octets(), ip_protocol::ICMPV6, body_len as u32);
+            let c = acc.add(icmp).finish();
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        }
+        _ => return Err(WireError::BadVersion),
+    }
+    write_ethernet_header(frame, dst_mac, src_mac, v6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::parse_ip_frame;
+    use crate::wire::ETHERNET_HEADER_LEN as _;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn fragmentation_needed_v4() {
+        let mut original = vec![0u8; 1500];
+        Ipv4Packet::emit(&mut original[..], Ipv4Addr::new(10, 50, 0, 2), Ipv4Addr::new(10, 200, 0, 2), 6, 64, 1480)
+            .unwrap();
+        let quote = &original[..quote_limit(false)];
+        let mut frame = vec![0u8; packet_too_big_len(quote.len(), false)];
+        assert_eq!(frame.len(), 14 + 576);
+        let to = IpAddr::V4(Ipv4Addr::new(10, 50, 0, 2));
+        packet_too_big(&mut frame, quote, to, 1420, "10.50.0.1".parse().unwrap(), MacAddr([1; 6]), MacAddr([2; 6]))
+            .unwrap();
+        let f = parse_ip_frame(&frame).unwrap();
+        assert_eq!(f.dst, IpAddr::V4(Ipv4Addr::new(10, 50, 0, 2)));
+        let ip = Ipv4Packet::new_checked(&frame[14..]).unwrap();
+        assert!(ip.verify_checksum());
+        let icmp = ip.payload();
+        assert_eq!((icmp[0], icmp[1]), (3, 4));
+        assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1420);
+        assert_eq!(internet_checksum(icmp), 0);
+        assert_eq!(&icmp[8..28], &original[..20], "quotes the original header");
+    }
+
+    #[test]
+    fn packet_too_big_v6() {
+        let src: Ipv6Addr = "fd50::2".parse().unwrap();
+        let mut original = vec![0u8; 1500];
+        Ipv6Packet::emit(&mut original[..], src, "fd20::2".parse().unwrap(), 17, 64, 1460).unwrap();
+        let quote = &original[..quote_limit(true)];
+        let mut frame = vec![0u8; packet_too_big_len(quote.len(), true)];
+        assert_eq!(frame.len(), 14 + 1280);
+        let router: Ipv6Addr = "fd50::1".parse().unwrap();
+        packet_too_big(&mut frame, quote, src.into(), 1420, router.into(), MacAddr([1; 6]), MacAddr([2; 6])).unwrap();
+        let ip = Ipv6Packet::new_checked(&frame[14..]).unwrap();
+        assert_eq!((ip.source(), ip.destination()), (router, src));
+        let icmp = ip.payload();
+        assert_eq!(icmp[0], 2);
+        assert_eq!(u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]), 1420);
+        let mut acc = pseudo_header_sum(&router.octets(), &src.octets(), ip_protocol::ICMPV6, icmp.len() as u32);
+        assert_eq!(acc.add(icmp).finish(), 0, "checksum verifies");
+    }
+
+    #[test]
+    fn refuses_mismatched_families_and_sizes() {
+        let mut original = vec![0u8; 100];
+        Ipv4Packet::emit(&mut original[..], Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 6, 64, 80).unwrap();
+        let mut frame = vec![0u8; packet_too_big_len(original.len(), false)];
+        let (v4, v6): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "::1".parse().unwrap());
+        let m = MacAddr([0; 6]);
+        assert!(packet_too_big(&mut frame, &original, v4, 1420, v6, m, m).is_err(), "family mismatch");
+        assert!(packet_too_big(&mut frame[1..], &original, v4, 1420, v4, m, m).is_err(), "wrong frame size");
+        let long = vec![0u8; quote_limit(false) + 1];
+        let mut frame = vec![0u8; packet_too_big_len(long.len(), false)];
+        assert!(packet_too_big(&mut frame, &long, v4, 1420, v4, m, m).is_err(), "quote too long");
+    }
+}
