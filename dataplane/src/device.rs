@@ -11,7 +11,7 @@ use crate::noise::cookie::{CookieChecker, MacVerdict};
 use crate::noise::handshake::{consume_initiation_static, HandshakeError, StaticIdentity};
 use crate::noise::peer::{Peer, PeerConfig, PeerSendError, Retired};
 use crate::noise::session::{sealed_len, Keypair, ReceiveError, WorkerToken};
-use crate::noise::{AeadBackend, PrivateKey, PublicKey};
+use crate::noise::{AeadBackend, PresharedKey, PrivateKey, PublicKey};
 use crate::peer_view::{instant_from_nanos, Endpoint, PeerView, PeerViews};
 use crate::table::{IndexTable, IpPrefix, SharedAllowedIps};
 use crate::wire::{
@@ -162,6 +162,14 @@ pub enum Action<'a> {
 pub struct Transmit {
     pub to: SocketAddr,
     pub len: usize,
+}
+
+/// What `Device::update_peer` changes; `None` fields stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct PeerUpdate {
+    pub preshared_key: Option<PresharedKey>,
+    pub persistent_keepalive: Option<Option<std::time::Duration>>,
+    pub endpoint: Option<SocketAddr>,
 }
 
 /// Per-peer traffic counters.
@@ -343,6 +351,24 @@ impl Device {
 
     pub fn set_allowed_ips(&mut self, id: PeerId, prefixes: &[IpPrefix]) {
         self.allowed_ips.set_prefixes(id, prefixes);
+    }
+
+    /// Changes a running peer in place (its session and counters survive).
+    /// A new pre-shared key takes effect with a fresh handshake, started now.
+    pub fn update_peer(&mut self, id: PeerId, update: PeerUpdate) -> bool {
+        let Some(slot) = self.peers.get_mut(&id) else { return false };
+        if let Some(psk) = update.preshared_key {
+            slot.peer.set_preshared_key(psk);
+            slot.want_initiation = true;
+            self.ready.push_back(id);
+        }
+        if let Some(keepalive) = update.persistent_keepalive {
+            slot.peer.set_persistent_keepalive(keepalive);
+        }
+        if let Some(addr) = update.endpoint {
+            slot.view.learn_addr(addr);
+        }
+        true
     }
 
     pub fn peer_stats(&self, id: PeerId) -> Option<PeerStats> {
@@ -963,6 +989,40 @@ mod tests {
         assert!(p.b.remove_peer(p.b_peer));
         assert_eq!(p.b.indices().len(), 0, "removing a peer frees its indices");
         assert_eq!(deliver(&mut p.b, A_ADDR, &data, now), Err(Drop::UnknownIndex));
+    }
+
+    #[test]
+    fn preshared_key_rotation_in_place() {
+        let now = Instant::now();
+        let mut p = pair(now);
+        p.a.initiate(p.a_peer);
+        let init = drain(&mut p.a, now).remove(0);
+        let resp = deliver(&mut p.b, A_ADDR, &init, now).unwrap();
+        deliver(&mut p.a, B_ADDR, &resp, now).unwrap();
+        drain(&mut p.a, now);
+        // Only b rotates: the initiation itself does not use the PSK, but a
+        // cannot consume b's response (the PSK is mixed into it).
+        let new_psk = PresharedKey::generate();
+        let update = || PeerUpdate { preshared_key: Some(new_psk.clone()), ..PeerUpdate::default() };
+        assert!(p.b.update_peer(p.b_peer, update()));
+        assert!(!p.b.update_peer(999, update()), "unknown peer");
+        let later = now + Duration::from_secs(6);
+        std::thread::sleep(Duration::from_millis(30));
+        p.a.initiate(p.a_peer);
+        let stale = drain(&mut p.a, later).remove(0);
+        let resp = deliver(&mut p.b, A_ADDR, &stale, later).unwrap();
+        assert!(matches!(deliver(&mut p.a, B_ADDR, &resp, later), Err(Drop::Handshake(_))));
+        // Both rotated: the handshake completes. (Initiation timestamps must
+        // grow: let the wall clock move past their granularity.)
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(p.a.update_peer(p.a_peer, update()));
+        let much_later = later + Duration::from_secs(6);
+        let init = drain(&mut p.a, much_later).remove(0);
+        assert_eq!(init.len(), 148, "rotation starts a handshake");
+        let resp = deliver(&mut p.b, A_ADDR, &init, much_later).unwrap();
+        assert_eq!(resp.len(), 92);
+        assert!(deliver(&mut p.a, B_ADDR, &resp, much_later).is_ok());
+        assert_eq!(p.a.peer_stats(p.a_peer).unwrap().handshakes, 2, "counters survive the rotation");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! resolver. `Gateway::start` checks everything an operator can get wrong and
 //! says what; `shutdown` (or drop) stops the threads and detaches XDP.
 
-use crate::device::{Action, Device, PeerId};
+use crate::device::{Action, Device, PeerId, PeerStats, PeerUpdate};
 use crate::loader::{LoaderError, Side, XdpPrograms, XdpStats};
 use crate::neighbors::{run_resolver, NeighborTable, RawInjector};
 use crate::noise::peer::PeerConfig;
@@ -69,8 +69,18 @@ pub enum GatewayError {
     Xdp(#[from] LoaderError),
     #[error(transparent)]
     Xsk(#[from] XskError),
+    #[error("the gateway is stopping")]
+    Stopping,
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+}
+
+/// A peer's live state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub stats: PeerStats,
+    pub last_handshake: Option<SystemTime>,
+    pub endpoint: Option<SocketAddr>,
 }
 
 /// Counters of a running gateway.
@@ -311,18 +321,70 @@ impl Gateway {
         rx.recv_timeout(Duration::from_secs(10)).ok()
     }
 
-    /// Adds a peer at runtime and steers its prefixes through XDP.
+    /// Adds a peer at runtime and steers its prefixes through XDP. With an
+    /// endpoint, a handshake starts at once (site-to-site: either side may open).
     pub fn add_peer(&self, spec: PeerSpec) -> Result<PeerId, GatewayError> {
         let key = spec.config.public_key;
-        let prefixes = spec.allowed_ips.clone();
         let id = self
-            .with_device(move |d| d.add_peer(spec.config, spec.endpoint, &spec.allowed_ips).map_err(|e| e.to_string()))
-            .ok_or(GatewayError::Peer { key, reason: "the gateway is stopping".into() })?
+            .with_device(move |d| {
+                let id = d.add_peer(spec.config, spec.endpoint, &spec.allowed_ips).map_err(|e| e.to_string())?;
+                d.initiate(id);
+                Ok::<_, String>(id)
+            })
+            .ok_or(GatewayError::Stopping)?
             .map_err(|reason| GatewayError::Peer { key, reason })?;
-        let mut all: Vec<IpPrefix> = self.shared.allowed_ips.entries().into_iter().map(|(p, _)| p).collect();
-        all.extend(prefixes);
-        self.programs.lock().unwrap_or_else(|p| p.into_inner()).set_tunnel_prefixes(&all)?;
+        if let Err(e) = self.sync_tunnel_prefixes() {
+            self.with_device(move |d| d.remove_peer(id));
+            return Err(e);
+        }
         Ok(id)
+    }
+
+    /// Removes a peer: its routes leave XDP, its keys are zeroized. Other
+    /// peers are not disturbed. False if there was no such peer.
+    pub fn remove_peer(&self, id: PeerId) -> Result<bool, GatewayError> {
+        let removed = self.with_device(move |d| d.remove_peer(id)).ok_or(GatewayError::Stopping)?;
+        self.sync_tunnel_prefixes()?;
+        Ok(removed)
+    }
+
+    /// Replaces a peer's allowed IPs (routes and inbound source check).
+    pub fn set_allowed_ips(&self, id: PeerId, prefixes: Vec<IpPrefix>) -> Result<(), GatewayError> {
+        self.with_device(move |d| d.set_allowed_ips(id, &prefixes)).ok_or(GatewayError::Stopping)?;
+        self.sync_tunnel_prefixes()
+    }
+
+    /// Changes a peer's pre-shared key, keepalive or endpoint in place.
+    pub fn update_peer(&self, id: PeerId, update: PeerUpdate) -> Result<bool, GatewayError> {
+        self.with_device(move |d| d.update_peer(id, update)).ok_or(GatewayError::Stopping)
+    }
+
+    /// A peer's live counters, last handshake and endpoint.
+    pub fn peer_status(&self, id: PeerId) -> Option<PeerStatus> {
+        self.with_device(move |d| {
+            Some(PeerStatus {
+                stats: d.peer_stats(id)?,
+                last_handshake: d.peer_last_handshake(id),
+                endpoint: d.peer_endpoint(id),
+            })
+        })
+        .flatten()
+    }
+
+    /// True while the XDP programs are attached and every thread runs.
+    pub fn is_healthy(&self) -> bool {
+        !self.shared.stop.load(Ordering::Relaxed)
+            && self.threads.iter().all(|t| !t.is_finished())
+            && self.programs.lock().unwrap_or_else(|p| p.into_inner()).attached().len() == 2
+    }
+
+    /// Makes the LAN program steer exactly the prefixes some peer routes.
+    fn sync_tunnel_prefixes(&self) -> Result<(), GatewayError> {
+        let mut all: Vec<IpPrefix> = self.shared.allowed_ips.entries().into_iter().map(|(p, _)| p).collect();
+        all.sort_unstable();
+        all.dedup();
+        self.programs.lock().unwrap_or_else(|p| p.into_inner()).set_tunnel_prefixes(&all)?;
+        Ok(())
     }
 
     /// Stops every thread and detaches the XDP programs.

@@ -138,6 +138,16 @@ impl Peer {
         &self.keys
     }
 
+    /// Uses a new pre-shared key from the next handshake on; the current
+    /// session keeps its keys until it is replaced.
+    pub fn set_preshared_key(&mut self, psk: PresharedKey) {
+        self.keys.psk = psk;
+    }
+
+    pub fn set_persistent_keepalive(&mut self, interval: Option<Duration>) {
+        self.timers.persistent_keepalive = interval;
+    }
+
     /// Wall-clock time of the last completed handshake.
     pub fn last_handshake(&self) -> Option<SystemTime> {
         self.last_handshake
