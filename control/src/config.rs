@@ -18,7 +18,18 @@
 //! # endpoint = "198.51.100.7:51820"
 //! # preshared_key_file = "/etc/wgxdp/site-b.psk"
 //! # persistent_keepalive = 25
+//!
+//! [api]                                # optional: the HTTP API and its store
+//! listen = "127.0.0.1:8080"
+//! database = "/var/lib/wgxdp/wgxdp.db" # created with mode 0600
+//! site_cidr = "10.50.0.0/24"           # default local_network_cidr
+//! # public_address = "203.0.113.150"   # default: the WAN interface's address
+//! # mutations_per_minute = 100         # per API key
+//! # reads_per_minute = 1200
 //! ```
+//!
+//! Peers from `[[peer]]` are fixed for the process's life; gateways created
+//! through the API live in the database and come back after a restart.
 
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
@@ -36,6 +47,31 @@ pub struct ConfigFile {
     pub interface: InterfaceSection,
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerSection>,
+    pub api: Option<ApiSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    #[serde(default = "default_api_listen")]
+    pub listen: SocketAddr,
+    pub database: PathBuf,
+    pub site_cidr: Option<String>,
+    pub public_address: Option<IpAddr>,
+    #[serde(default = "default_mutations")]
+    pub mutations_per_minute: u32,
+    #[serde(default = "default_reads")]
+    pub reads_per_minute: u32,
+}
+
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_mutations() -> u32 {
+    100
+}
+fn default_reads() -> u32 {
+    1200
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +133,8 @@ pub enum ConfigError {
     Peer { index: usize, reason: String },
     #[error("interface: {0}")]
     Interface(String),
+    #[error("api: {0}")]
+    Api(String),
 }
 
 /// The validated configuration.
@@ -113,6 +151,18 @@ pub struct Config {
     pub lan_next_hop: Option<IpAddr>,
     pub frames_per_socket: u32,
     pub zero_copy: bool,
+    pub api: Option<ApiConfig>,
+}
+
+/// The validated `[api]` section.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    pub database: PathBuf,
+    pub site_cidr: Option<String>,
+    pub public_address: Option<IpAddr>,
+    pub mutations_per_minute: u32,
+    pub reads_per_minute: u32,
 }
 
 /// Reads a key file that must not be readable by anyone but its owner.
@@ -201,7 +251,27 @@ impl Config {
                 allowed_ips,
             });
         }
+        let api = match file.api {
+            None => None,
+            Some(a) => {
+                if let Some(c) = &a.site_cidr {
+                    c.parse::<IpPrefix>().map_err(|e| ConfigError::Api(format!("site_cidr `{c}`: {e}")))?;
+                }
+                if a.mutations_per_minute == 0 || a.reads_per_minute == 0 {
+                    return Err(ConfigError::Api("rate limits must be at least 1 per minute".into()));
+                }
+                Some(ApiConfig {
+                    listen: a.listen,
+                    database: a.database,
+                    site_cidr: a.site_cidr,
+                    public_address: a.public_address,
+                    mutations_per_minute: a.mutations_per_minute,
+                    reads_per_minute: a.reads_per_minute,
+                })
+            }
+        };
         Ok(Self {
+            api,
             wan: i.wan,
             lan: i.lan,
             listen_port: i.listen_port,

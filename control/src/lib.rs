@@ -1,5 +1,11 @@
-//! The wgxdp control plane: configuration, `serve`, key utilities.
+//! The wgxdp control plane: configuration, `serve`, the HTTP API and its
+//! store, the CLI client, key utilities.
 
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod keys;
+pub mod plane;
+pub mod secret;
 pub mod serve;
+pub mod store;

@@ -22,10 +22,63 @@ enum Command {
         #[arg(long, value_name = "SECONDS")]
         stats_every: Option<u64>,
     },
+    /// Manage VPN gateways through the API (`wgxdp vpn --help`).
+    Vpn {
+        #[command(flatten)]
+        client: wgxdp_control::cli::ApiClientArgs,
+        #[command(subcommand)]
+        command: wgxdp_control::cli::VpnCommand,
+    },
+    /// Manage API keys in the gateway's database (run on the gateway host).
+    Apikey {
+        /// The gateway's configuration file (its [api] section names the database).
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: ApiKeyCommand,
+    },
     /// Print a new private key (base64), like `wg genkey`.
     Genkey,
     /// Read a private key on stdin and print its public key, like `wg pubkey`.
     Pubkey,
+}
+
+#[derive(Subcommand, Debug)]
+enum ApiKeyCommand {
+    /// Create a key and print it (once; only its hash is stored).
+    Create {
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// List keys (ids and names, never the secrets).
+    List,
+    /// Revoke a key by id.
+    Revoke { id: String },
+}
+
+fn apikey(config: &std::path::Path, command: ApiKeyCommand, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let cfg = wgxdp_control::config::Config::load(config)?;
+    let api = cfg.api.ok_or_else(|| anyhow::anyhow!("{} has no [api] section", config.display()))?;
+    let store = wgxdp_control::store::Store::open(&api.database)?;
+    match command {
+        ApiKeyCommand::Create { name } => {
+            let (info, secret) = store.create_api_key(&name)?;
+            writeln!(out, "{}", secret.expose())?;
+            eprintln!("created API key {} ({name}); it is shown only now", info.id);
+        }
+        ApiKeyCommand::List => {
+            for k in store.list_api_keys()? {
+                writeln!(out, "{}  {}  {}", k.id, k.name, wgxdp_control::api::model::rfc3339_millis(k.created_at))?;
+            }
+        }
+        ApiKeyCommand::Revoke { id } => {
+            if !store.revoke_api_key(&id)? {
+                anyhow::bail!("no API key with id {id}");
+            }
+            writeln!(out, "revoked {id}")?;
+        }
+    }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +93,8 @@ fn main() -> std::process::ExitCode {
             drop(stdout);
             wgxdp_control::serve::serve(&config, stats_every.map(Duration::from_secs))
         }
+        Command::Vpn { client, command } => wgxdp_control::cli::run(command, &client, &mut stdout),
+        Command::Apikey { config, command } => apikey(&config, command, &mut stdout),
         Command::Genkey => wgxdp_control::keys::genkey(&mut stdout),
         Command::Pubkey => wgxdp_control::keys::pubkey(&mut std::io::stdin().lock(), &mut stdout),
     };

@@ -122,7 +122,7 @@ fn interface_mac(iface: &str) -> Result<MacAddr, GatewayError> {
 
 /// The interface's first IPv4 address and its best IPv6 address (global
 /// before link-local), for the ICMP errors the gateway sends as a router.
-fn interface_addrs(iface: &str) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+pub fn interface_addrs(iface: &str) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
     let mut v4 = None;
     let mut v6: Option<std::net::Ipv6Addr> = None;
     let mut head: *mut libc::ifaddrs = core::ptr::null_mut();

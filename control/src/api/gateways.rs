@@ -1,0 +1,343 @@
+//! `/api/v1/vpn-gateways` handlers. Mutations hold `AppState::mutations`,
+//! write the store durably, then program the data plane; a create is
+//! acknowledged only once the record is on disk and the peer is in the table.
+
+use super::error::ApiError;
+use super::extract::{ApiJson, ApiQuery};
+use super::model::{
+    find_overlap, remote_config, tunnel_of, validate_cidr, CreateGateway, GatewayEnvelope, GatewayListEnvelope,
+    GatewayView, ListMeta, ObjectMeta, StatusEnvelope, StatusView, UpdateGateway,
+};
+use super::AppState;
+use crate::store::{now_millis, random_id, GatewayRecord, ListQuery, SortField, SortKey, Status, Store};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Runs blocking store/data-plane work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    state: &Arc<AppState>,
+    f: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state)).await.map_err(ApiError::internal)?
+}
+
+fn existing(store: &Store, id: &str) -> Result<GatewayRecord, ApiError> {
+    store.get(id)?.ok_or_else(|| ApiError::not_found(id))
+}
+
+fn envelope(state: &AppState, g: &GatewayRecord, reveal_psk: bool) -> GatewayEnvelope {
+    let live = if g.status == Status::Deleted { None } else { state.plane.status(&g.id) };
+    GatewayEnvelope {
+        data: GatewayView::new(g, live.as_ref(), &state.local_side(), reveal_psk),
+        meta: ObjectMeta { persistence: "synced".into() },
+    }
+}
+
+fn refuse_transient(g: &GatewayRecord) -> Result<(), ApiError> {
+    match g.status {
+        s if s.is_transient() => {
+            Err(ApiError::conflict(format!("VPN gateway {} is {}; retry when it settles", g.id, s.as_str())))
+        }
+        Status::Deleted => Err(ApiError::conflict(format!("VPN gateway {} is deleted", g.id))),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Opaque cursor from the previous page's `meta.next_cursor`.
+    pub cursor: Option<String>,
+    /// Results per page, 1-100 (default 50).
+    pub limit: Option<String>,
+    /// creating | active | deleting | deleted (default: all but deleted)
+    pub status: Option<String>,
+    /// name | created_at (default created_at)
+    pub sort: Option<String>,
+    /// asc | desc (default asc)
+    pub order: Option<String>,
+}
+
+/// What a cursor remembers: the query it belongs to and where the page ended.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Cursor {
+    sort: String,
+    order: String,
+    status: Option<String>,
+    key: SortKey,
+    seq: i64,
+}
+
+impl Cursor {
+    fn encode(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+    }
+
+    fn decode(s: &str) -> Option<Self> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// List VPN gateways.
+#[utoipa::path(get, path = "/api/v1/vpn-gateways", tag = "vpn-gateways", params(ListParams),
+    security(("bearer" = [])),
+    responses((status = 200, body = GatewayListEnvelope), (status = 400, body = ErrorEnvelope),
+        (status = 401, body = ErrorEnvelope), (status = 429, body = ErrorEnvelope)))]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    ApiQuery(p): ApiQuery<ListParams>,
+) -> Result<Json<GatewayListEnvelope>, ApiError> {
+    let limit = match p.limit.as_deref() {
+        None => 50,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=100).contains(&n) => n,
+            _ => return Err(ApiError::bad_request(format!("limit must be an integer from 1 to 100 (got `{s}`)"))),
+        },
+    };
+    let status = match p.status.as_deref() {
+        None => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!("status must be creating, active, deleting or deleted (got `{s}`)"))
+        })?),
+    };
+    let sort_name = p.sort.unwrap_or_else(|| "created_at".into());
+    let sort = match sort_name.as_str() {
+        "name" => SortField::Name,
+        "created_at" => SortField::CreatedAt,
+        other => return Err(ApiError::bad_request(format!("sort must be name or created_at (got `{other}`)"))),
+    };
+    let order = p.order.unwrap_or_else(|| "asc".into());
+    if order != "asc" && order != "desc" {
+        return Err(ApiError::bad_request(format!("order must be asc or desc (got `{order}`)")));
+    }
+    let after = match p.cursor.as_deref() {
+        None => None,
+        Some(c) => {
+            let c = Cursor::decode(c).ok_or_else(|| ApiError::bad_request("cursor is not valid"))?;
+            let key_matches = matches!(
+                (&c.key, sort),
+                (SortKey::Name(_), SortField::Name) | (SortKey::CreatedAt(_), SortField::CreatedAt)
+            );
+            if c.sort != sort_name || c.order != order || c.status != p.status || !key_matches {
+                return Err(ApiError::bad_request("cursor belongs to a different query (sort, order or status)"));
+            }
+            Some((c.key, c.seq))
+        }
+    };
+    let query = ListQuery { status, sort, descending: order == "desc", after, limit: limit + 1 };
+    let status_param = p.status.clone();
+    blocking(&state, move |s| {
+        let mut rows = s.store.list(&query)?;
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next_cursor = more.then(|| rows.last()).flatten().map(|g| {
+            let key = match sort {
+                SortField::Name => SortKey::Name(g.name.clone()),
+                SortField::CreatedAt => SortKey::CreatedAt(g.created_at),
+            };
+            Cursor { sort: sort_name.clone(), order: order.clone(), status: status_param.clone(), key, seq: g.seq }
+                .encode()
+        });
+        let local = s.local_side();
+        let data: Vec<GatewayView> = rows
+            .iter()
+            .map(|g| {
+                let live = if g.status == Status::Deleted { None } else { s.plane.status(&g.id) };
+                GatewayView::new(g, live.as_ref(), &local, false)
+            })
+            .collect();
+        Ok(Json(GatewayListEnvelope { meta: ListMeta { limit, count: data.len(), next_cursor }, data }))
+    })
+    .await
+}
+
+/// Create a VPN gateway (one remote site = one WireGuard peer). The
+/// pre-shared key is in this response and never again.
+#[utoipa::path(post, path = "/api/v1/vpn-gateways", tag = "vpn-gateways", request_body = CreateGateway,
+    security(("bearer" = [])),
+    responses((status = 201, body = GatewayEnvelope), (status = 400, body = ErrorEnvelope),
+        (status = 401, body = ErrorEnvelope), (status = 409, body = ErrorEnvelope),
+        (status = 413, body = ErrorEnvelope), (status = 422, body = ErrorEnvelope),
+        (status = 429, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    ApiJson(body): ApiJson<CreateGateway>,
+) -> Result<Response, ApiError> {
+    let ours = state.plane.public_key();
+    let new = body.validate(state.settings.site_cidr.as_deref(), &ours)?;
+    let _guard = state.mutations.lock().await;
+    let env = blocking(&state, move |s| {
+        let live = s.store.live()?;
+        if let Some(other) = find_overlap(&new.remote_network_cidr, &live, None) {
+            return Err(ApiError::conflict(format!(
+                "remote_network_cidr {} overlaps {} of VPN gateway {}",
+                new.remote_network_cidr, other.remote_network_cidr, other.id
+            )));
+        }
+        let key = new.remote_public_key.to_base64();
+        if let Some(other) = live.iter().find(|g| g.remote_public_key == key) {
+            return Err(ApiError::conflict(format!("VPN gateway {} already uses this remote_public_key", other.id)));
+        }
+        let now = now_millis();
+        let record = GatewayRecord {
+            id: random_id("vpn_"),
+            seq: 0,
+            name: new.name,
+            status: Status::Creating,
+            region: new.region,
+            local_network_cidr: new.local_network_cidr.to_string(),
+            remote_network_cidr: new.remote_network_cidr.to_string(),
+            remote_peer_ip: new.remote_peer_ip.to_string(),
+            remote_peer_port: new.remote_peer_port,
+            remote_public_key: key,
+            pre_shared_key: new.pre_shared_key,
+            persistent_keepalive: new.persistent_keepalive,
+            created_at: now,
+            updated_at: now,
+        };
+        let mut record = s.store.insert(record).map_err(|e| match e {
+            crate::store::StoreError::DuplicateKey => {
+                ApiError::conflict("a VPN gateway already uses this remote_public_key")
+            }
+            e => e.into(),
+        })?;
+        let tunnel = tunnel_of(&record).map_err(ApiError::internal)?;
+        if let Err(e) = s.plane.apply(&record.id, &tunnel) {
+            // Never acknowledged: take the record back out.
+            s.store.purge(&record.id)?;
+            return Err(ApiError::unavailable(format!("the data plane refused the tunnel: {e}")));
+        }
+        s.store.set_status(&record.id, Status::Active)?;
+        record.status = Status::Active;
+        tracing::info!(id = %record.id, name = %record.name, "VPN gateway created");
+        Ok(envelope(s, &record, true))
+    })
+    .await?;
+    let location = format!("/api/v1/vpn-gateways/{}", env.data.id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(env)).into_response())
+}
+
+/// Get a VPN gateway.
+#[utoipa::path(get, path = "/api/v1/vpn-gateways/{id}", tag = "vpn-gateways", params(("id" = String, Path, description = "Gateway id, e.g. vpn_abc123")),
+    security(("bearer" = [])),
+    responses((status = 200, body = GatewayEnvelope), (status = 401, body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope)))]
+pub async fn get_one(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<GatewayEnvelope>, ApiError> {
+    blocking(&state, move |s| Ok(Json(envelope(s, &existing(&s.store, &id)?, false)))).await
+}
+
+/// Update a VPN gateway; the running tunnel follows without a restart.
+#[utoipa::path(patch, path = "/api/v1/vpn-gateways/{id}", tag = "vpn-gateways", params(("id" = String, Path, description = "Gateway id, e.g. vpn_abc123")),
+    request_body = UpdateGateway, security(("bearer" = [])),
+    responses((status = 200, body = GatewayEnvelope), (status = 400, body = ErrorEnvelope),
+        (status = 401, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
+        (status = 409, body = ErrorEnvelope), (status = 422, body = ErrorEnvelope),
+        (status = 429, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
+pub async fn update(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<UpdateGateway>,
+) -> Result<Json<GatewayEnvelope>, ApiError> {
+    let _guard = state.mutations.lock().await;
+    blocking(&state, move |s| {
+        let old = existing(&s.store, &id)?;
+        refuse_transient(&old)?;
+        let changes = body.validate(&old)?;
+        if let Some(cidr) = &changes.remote_network_cidr {
+            let prefix = validate_cidr("remote_network_cidr", cidr)?;
+            let live = s.store.live()?;
+            if let Some(other) = find_overlap(&prefix, &live, Some(&id)) {
+                return Err(ApiError::conflict(format!(
+                    "remote_network_cidr {cidr} overlaps {} of VPN gateway {}",
+                    other.remote_network_cidr, other.id
+                )));
+            }
+        }
+        let mut new = old.clone();
+        new.apply(&changes);
+        new.updated_at = now_millis();
+        s.store.save(&new)?;
+        let tunnel = tunnel_of(&new).map_err(ApiError::internal)?;
+        if let Err(e) = s.plane.apply(&id, &tunnel) {
+            s.store.save(&old)?;
+            return Err(ApiError::unavailable(format!("the data plane refused the change: {e}")));
+        }
+        tracing::info!(id = %id, "VPN gateway updated");
+        Ok(Json(envelope(s, &new, false)))
+    })
+    .await
+}
+
+/// Delete a VPN gateway: its tunnel stops; the record stays listable as `deleted`.
+#[utoipa::path(delete, path = "/api/v1/vpn-gateways/{id}", tag = "vpn-gateways", params(("id" = String, Path, description = "Gateway id, e.g. vpn_abc123")),
+    security(("bearer" = [])),
+    responses((status = 200, body = GatewayEnvelope), (status = 401, body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope), (status = 409, body = ErrorEnvelope),
+        (status = 429, body = ErrorEnvelope)))]
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<GatewayEnvelope>, ApiError> {
+    let _guard = state.mutations.lock().await;
+    blocking(&state, move |s| {
+        let mut g = existing(&s.store, &id)?;
+        refuse_transient(&g)?;
+        s.store.set_status(&id, Status::Deleting)?;
+        if let Err(e) = s.plane.remove(&id) {
+            // Stays `deleting`; the next start finishes the removal.
+            return Err(ApiError::unavailable(format!("the data plane could not remove the tunnel: {e}")));
+        }
+        s.store.set_status(&id, Status::Deleted)?;
+        g.status = Status::Deleted;
+        g.updated_at = now_millis();
+        tracing::info!(id = %id, "VPN gateway deleted");
+        Ok(Json(envelope(s, &g, false)))
+    })
+    .await
+}
+
+/// Live tunnel status from the data plane.
+#[utoipa::path(get, path = "/api/v1/vpn-gateways/{id}/status", tag = "vpn-gateways", params(("id" = String, Path, description = "Gateway id, e.g. vpn_abc123")),
+    security(("bearer" = [])),
+    responses((status = 200, body = StatusEnvelope), (status = 401, body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope)))]
+pub async fn status(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<StatusEnvelope>, ApiError> {
+    blocking(&state, move |s| {
+        let g = existing(&s.store, &id)?;
+        let live = if g.status == Status::Deleted { None } else { s.plane.status(&id) };
+        Ok(Json(StatusEnvelope { data: StatusView::new(&id, live.as_ref()) }))
+    })
+    .await
+}
+
+/// A wg-quick configuration for the remote site (text/plain).
+#[utoipa::path(get, path = "/api/v1/vpn-gateways/{id}/config", tag = "vpn-gateways", params(("id" = String, Path, description = "Gateway id, e.g. vpn_abc123")),
+    security(("bearer" = [])),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 401, body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope), (status = 409, body = ErrorEnvelope)))]
+pub async fn config(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    blocking(&state, move |s| {
+        let g = existing(&s.store, &id)?;
+        if g.status == Status::Deleted {
+            return Err(ApiError::conflict(format!("VPN gateway {id} is deleted")));
+        }
+        let text = remote_config(&g, &s.local_side());
+        Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+    })
+    .await
+}

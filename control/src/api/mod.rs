@@ -1,0 +1,117 @@
+//! The HTTP API (axum): `/api/v1/vpn-gateways` CRUD, live status, remote
+//! configs, plus `/health`, `/ready`, `/metrics` and the OpenAPI document.
+//! `app(state)` builds the whole router so tests can drive it with `oneshot`.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod gateways;
+pub mod model;
+pub mod openapi;
+pub mod ops;
+
+use crate::plane::DataPlane;
+use crate::store::{GatewayRecord, Status, Store};
+use auth::RateLimiter;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use axum::Router;
+use model::LocalSide;
+use std::sync::Arc;
+
+/// Settings the API takes from the configuration file.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Default `local_network_cidr` (this site's network).
+    pub site_cidr: Option<String>,
+    /// The address remote peers reach this gateway at (for `local_ip` and configs).
+    pub public_address: String,
+    pub mutations_per_minute: u32,
+    pub reads_per_minute: u32,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self { site_cidr: None, public_address: "0.0.0.0".into(), mutations_per_minute: 100, reads_per_minute: 1200 }
+    }
+}
+
+#[derive(Debug)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub plane: Arc<dyn DataPlane>,
+    pub settings: ApiSettings,
+    pub limiter: RateLimiter,
+    /// Serializes mutations: check-then-write and the data plane stay in step.
+    pub mutations: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for dyn DataPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataPlane")
+    }
+}
+
+impl AppState {
+    pub fn new(store: Arc<Store>, plane: Arc<dyn DataPlane>, settings: ApiSettings) -> Arc<Self> {
+        let limiter = RateLimiter::new(settings.mutations_per_minute, settings.reads_per_minute);
+        Arc::new(Self { store, plane, settings, limiter, mutations: tokio::sync::Mutex::new(()) })
+    }
+
+    pub fn local_side(&self) -> LocalSide {
+        LocalSide {
+            ip: self.settings.public_address.clone(),
+            port: self.plane.listen_port(),
+            public_key: self.plane.public_key(),
+        }
+    }
+}
+
+pub fn app(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/vpn-gateways", get(gateways::list).post(gateways::create))
+        .route("/vpn-gateways/:id", get(gateways::get_one).patch(gateways::update).delete(gateways::delete))
+        .route("/vpn-gateways/:id/status", get(gateways::status))
+        .route("/vpn-gateways/:id/config", get(gateways::config))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    Router::new()
+        .nest("/api/v1", v1)
+        .route("/api/v1/openapi.json", get(openapi::document))
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .fallback(|| async { error::ApiError::route_not_found() })
+        .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Brings the data plane in line with the store after a start: gateways
+/// still `creating` are programmed and become `active`, `active` ones are
+/// programmed, `deleting` ones become `deleted`. Returns how many tunnels run.
+pub fn replay(store: &Store, plane: &dyn DataPlane) -> Result<usize, crate::store::StoreError> {
+    let mut running = 0;
+    for g in store.live()? {
+        match g.status {
+            Status::Deleting => {
+                let _ = plane.remove(&g.id);
+                store.set_status(&g.id, Status::Deleted)?;
+            }
+            Status::Creating | Status::Active => match program(plane, &g) {
+                Ok(()) => {
+                    if g.status == Status::Creating {
+                        store.set_status(&g.id, Status::Active)?;
+                    }
+                    running += 1;
+                }
+                Err(e) => tracing::error!(id = %g.id, error = %e, "cannot restore a tunnel into the data plane"),
+            },
+            Status::Deleted => {}
+        }
+    }
+    Ok(running)
+}
+
+fn program(plane: &dyn DataPlane, g: &GatewayRecord) -> Result<(), String> {
+    let tunnel = model::tunnel_of(g)?;
+    plane.apply(&g.id, &tunnel).map_err(|e| e.0)
+}

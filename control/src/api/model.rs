@@ -1,0 +1,445 @@
+//! Request and response bodies of the vpn-gateways API, and their validation.
+//! Every rule names the field it checks; a failed rule is a 422.
+
+use super::error::ApiError;
+use crate::plane::{Tunnel, TunnelStatus};
+use crate::secret::SecretString;
+use crate::store::{GatewayChanges, GatewayRecord, Status};
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use utoipa::ToSchema;
+use wgxdp_dataplane::noise::{PresharedKey, PublicKey};
+use wgxdp_dataplane::table::IpPrefix;
+
+/// WireGuard's REJECT_AFTER_TIME: a tunnel is "up" if it shook hands since.
+pub const UP_WITHIN: Duration = Duration::from_secs(180);
+
+/// What a masked secret reads as after creation.
+pub const MASK: &str = "********";
+
+/// `POST /api/v1/vpn-gateways`. Every field is optional here so that a
+/// missing one is reported as a 422 naming it.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGateway {
+    /// Gateway name (2-40 characters).
+    #[schema(example = "site-a-vpn")]
+    pub name: Option<String>,
+    /// Region identifier (letters, digits, `-`).
+    #[schema(example = "us-east")]
+    pub region: Option<String>,
+    /// Only `wireguard` is supported.
+    #[schema(example = "wireguard")]
+    pub tunnel_type: Option<String>,
+    /// The remote site's network, routed into the tunnel.
+    #[schema(example = "10.0.0.0/16")]
+    pub remote_network_cidr: Option<String>,
+    /// Public IP of the remote WireGuard peer.
+    #[schema(example = "203.0.113.200")]
+    pub remote_peer_ip: Option<String>,
+    /// The remote peer's WireGuard public key (base64).
+    pub remote_public_key: Option<String>,
+    /// The remote peer's UDP port (default 51820).
+    pub remote_peer_port: Option<u16>,
+    /// Pre-shared key (base64, 32 bytes); generated when omitted.
+    pub pre_shared_key: Option<String>,
+    /// This site's network (defaults to the configured site CIDR).
+    pub local_network_cidr: Option<String>,
+    /// Seconds between keepalives (0 or absent: off).
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// `PATCH /api/v1/vpn-gateways/{id}`: any subset of these.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateGateway {
+    pub name: Option<String>,
+    pub remote_network_cidr: Option<String>,
+    pub remote_peer_ip: Option<String>,
+    pub remote_peer_port: Option<u16>,
+    /// Rotates the pre-shared key (the remote side must rotate too).
+    pub pre_shared_key: Option<String>,
+    /// Seconds; 0 turns keepalives off.
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// A VPN gateway: one remote site, one WireGuard peer of this gateway.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct GatewayView {
+    #[schema(example = "vpn_abc123")]
+    pub id: String,
+    pub name: String,
+    pub status: Status,
+    pub region: String,
+    #[schema(example = "wireguard")]
+    pub tunnel_type: String,
+    pub local_network_cidr: String,
+    pub remote_network_cidr: String,
+    pub remote_peer_ip: String,
+    pub remote_peer_port: u16,
+    pub remote_public_key: String,
+    /// The key itself only in the response that created it; masked afterwards.
+    pub pre_shared_key: String,
+    pub persistent_keepalive: Option<u16>,
+    /// This gateway's public address and WireGuard port and key.
+    pub local_ip: String,
+    pub local_port: u16,
+    pub local_public_key: String,
+    /// `up` if a handshake completed within the last 180 s.
+    #[schema(example = "up")]
+    pub tunnel_status: String,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub last_handshake: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// Live tunnel state from the data plane.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StatusView {
+    pub id: String,
+    #[schema(example = "up")]
+    pub tunnel_status: String,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    pub handshakes: u64,
+    pub last_handshake: Option<String>,
+    /// Where the remote peer's packets come from now (it may roam).
+    pub remote_endpoint: Option<String>,
+}
+
+/// `meta` of a single-object response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ObjectMeta {
+    /// `synced`: the record is durable on disk.
+    pub persistence: String,
+}
+
+/// `meta` of a list response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ListMeta {
+    pub limit: usize,
+    pub count: usize,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct GatewayEnvelope {
+    pub data: GatewayView,
+    pub meta: ObjectMeta,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct GatewayListEnvelope {
+    pub data: Vec<GatewayView>,
+    pub meta: ListMeta,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StatusEnvelope {
+    pub data: StatusView,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable: bad_request, unauthorized, not_found, conflict,
+    /// validation_failed, payload_too_large, unsupported_media_type,
+    /// rate_limited, unavailable, internal_error.
+    pub code: String,
+    pub message: String,
+    /// The offending field, for validation errors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+/// RFC 3339, seconds, UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+pub fn rfc3339_millis(ms: i64) -> String {
+    rfc3339(UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+}
+
+pub fn is_up(status: &TunnelStatus, now: SystemTime) -> bool {
+    status.last_handshake.is_some_and(|t| now.duration_since(t).map(|d| d <= UP_WITHIN).unwrap_or(true))
+}
+
+/// What the gateway says about itself in every view.
+#[derive(Debug, Clone)]
+pub struct LocalSide {
+    pub ip: String,
+    pub port: u16,
+    pub public_key: PublicKey,
+}
+
+impl GatewayView {
+    pub fn new(g: &GatewayRecord, live: Option<&TunnelStatus>, local: &LocalSide, reveal_psk: bool) -> Self {
+        let live = live.copied().unwrap_or_default();
+        Self {
+            id: g.id.clone(),
+            name: g.name.clone(),
+            status: g.status,
+            region: g.region.clone(),
+            tunnel_type: "wireguard".into(),
+            local_network_cidr: g.local_network_cidr.clone(),
+            remote_network_cidr: g.remote_network_cidr.clone(),
+            remote_peer_ip: g.remote_peer_ip.clone(),
+            remote_peer_port: g.remote_peer_port,
+            remote_public_key: g.remote_public_key.clone(),
+            pre_shared_key: if reveal_psk { g.pre_shared_key.expose().to_owned() } else { MASK.into() },
+            persistent_keepalive: g.persistent_keepalive,
+            local_ip: local.ip.clone(),
+            local_port: local.port,
+            local_public_key: local.public_key.to_base64(),
+            tunnel_status: if is_up(&live, SystemTime::now()) { "up" } else { "down" }.into(),
+            bytes_sent: live.bytes_sent,
+            bytes_received: live.bytes_received,
+            last_handshake: live.last_handshake.map(rfc3339),
+            created_at: rfc3339_millis(g.created_at),
+            updated_at: rfc3339_millis(g.updated_at),
+        }
+    }
+}
+
+impl StatusView {
+    pub fn new(id: &str, live: Option<&TunnelStatus>) -> Self {
+        let live = live.copied().unwrap_or_default();
+        Self {
+            id: id.to_owned(),
+            tunnel_status: if is_up(&live, SystemTime::now()) { "up" } else { "down" }.into(),
+            bytes_sent: live.bytes_sent,
+            bytes_received: live.bytes_received,
+            packets_sent: live.packets_sent,
+            packets_received: live.packets_received,
+            handshakes: live.handshakes,
+            last_handshake: live.last_handshake.map(rfc3339),
+            remote_endpoint: live.endpoint.map(|e| e.to_string()),
+        }
+    }
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::validation(field, format!("{field}: {}", message.into()))
+}
+
+fn required<T>(v: Option<T>, field: &str) -> Result<T, ApiError> {
+    v.ok_or_else(|| invalid(field, "is required"))
+}
+
+pub fn validate_name(name: &str) -> Result<String, ApiError> {
+    let n = name.trim();
+    let chars = n.chars().count();
+    if !(2..=40).contains(&chars) {
+        return Err(invalid("name", format!("must be 2-40 characters (got {chars})")));
+    }
+    if n.chars().any(char::is_control) {
+        return Err(invalid("name", "must not contain control characters"));
+    }
+    Ok(n.to_owned())
+}
+
+fn validate_region(region: &str) -> Result<String, ApiError> {
+    let ok = (1..=64).contains(&region.len())
+        && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok {
+        return Err(invalid("region", "must be 1-64 characters of a-z, 0-9 and '-'"));
+    }
+    Ok(region.to_owned())
+}
+
+fn validate_tunnel_type(t: &str) -> Result<(), ApiError> {
+    match t {
+        "wireguard" => Ok(()),
+        "ipsec" => Err(invalid("tunnel_type", "ipsec is not supported; only wireguard is")),
+        other => Err(invalid("tunnel_type", format!("`{other}` is not a tunnel type; only wireguard is supported"))),
+    }
+}
+
+pub fn validate_cidr(field: &str, s: &str) -> Result<IpPrefix, ApiError> {
+    s.parse::<IpPrefix>().map_err(|e| invalid(field, format!("`{s}` is not a valid CIDR block ({e})")))
+}
+
+pub fn validate_peer_ip(s: &str) -> Result<IpAddr, ApiError> {
+    let ip: IpAddr = s.parse().map_err(|_| invalid("remote_peer_ip", format!("`{s}` is not an IP address")))?;
+    if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        return Err(invalid("remote_peer_ip", format!("{ip} cannot be a peer's address")));
+    }
+    Ok(ip)
+}
+
+fn validate_port(field: &str, port: u16) -> Result<u16, ApiError> {
+    if port == 0 {
+        return Err(invalid(field, "must be 1-65535"));
+    }
+    Ok(port)
+}
+
+pub fn validate_public_key(s: &str, ours: &PublicKey) -> Result<PublicKey, ApiError> {
+    let key: PublicKey =
+        s.parse().map_err(|_| invalid("remote_public_key", "must be a base64 WireGuard public key (32 bytes)"))?;
+    if &key == ours {
+        return Err(invalid("remote_public_key", "is this gateway's own key"));
+    }
+    Ok(key)
+}
+
+pub fn validate_psk(s: &str) -> Result<SecretString, ApiError> {
+    let _: PresharedKey =
+        s.parse().map_err(|_| invalid("pre_shared_key", "must be a base64 WireGuard pre-shared key (32 bytes)"))?;
+    Ok(SecretString::new(s.to_owned()))
+}
+
+fn overlaps(a: &IpPrefix, b: &IpPrefix) -> bool {
+    a.contains(b.addr()) || b.contains(a.addr())
+}
+
+fn validate_remote_vs_local(remote: &IpPrefix, local: &IpPrefix) -> Result<(), ApiError> {
+    if overlaps(remote, local) {
+        return Err(invalid(
+            "remote_network_cidr",
+            format!("{remote} overlaps the local network {local}; the two sites need distinct address space"),
+        ));
+    }
+    Ok(())
+}
+
+/// A validated create request, ready to store.
+#[derive(Debug)]
+pub struct NewGateway {
+    pub name: String,
+    pub region: String,
+    pub local_network_cidr: IpPrefix,
+    pub remote_network_cidr: IpPrefix,
+    pub remote_peer_ip: IpAddr,
+    pub remote_peer_port: u16,
+    pub remote_public_key: PublicKey,
+    pub pre_shared_key: SecretString,
+    pub persistent_keepalive: Option<u16>,
+}
+
+impl CreateGateway {
+    pub fn validate(self, site_cidr: Option<&str>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
+        let name = validate_name(&required(self.name, "name")?)?;
+        let region = validate_region(&required(self.region, "region")?)?;
+        validate_tunnel_type(&required(self.tunnel_type, "tunnel_type")?)?;
+        let remote = validate_cidr("remote_network_cidr", &required(self.remote_network_cidr, "remote_network_cidr")?)?;
+        let peer_ip = validate_peer_ip(&required(self.remote_peer_ip, "remote_peer_ip")?)?;
+        let key = validate_public_key(&required(self.remote_public_key, "remote_public_key")?, ours)?;
+        let port = validate_port("remote_peer_port", self.remote_peer_port.unwrap_or(51820))?;
+        let psk = match self.pre_shared_key {
+            Some(s) => validate_psk(&s)?,
+            None => SecretString::new(PresharedKey::generate().to_base64_secret().to_string()),
+        };
+        let local = match (self.local_network_cidr, site_cidr) {
+            (Some(s), _) => validate_cidr("local_network_cidr", &s)?,
+            (None, Some(s)) => validate_cidr("local_network_cidr", s)?,
+            (None, None) => {
+                return Err(invalid("local_network_cidr", "is required (no site CIDR is configured on this gateway)"))
+            }
+        };
+        validate_remote_vs_local(&remote, &local)?;
+        Ok(NewGateway {
+            name,
+            region,
+            local_network_cidr: local,
+            remote_network_cidr: remote,
+            remote_peer_ip: peer_ip,
+            remote_peer_port: port,
+            remote_public_key: key,
+            pre_shared_key: psk,
+            persistent_keepalive: self.persistent_keepalive.filter(|&k| k > 0),
+        })
+    }
+}
+
+impl UpdateGateway {
+    /// Validates the changes against the gateway they apply to.
+    pub fn validate(self, current: &GatewayRecord) -> Result<GatewayChanges, ApiError> {
+        let mut c = GatewayChanges::default();
+        if let Some(n) = self.name {
+            c.name = Some(validate_name(&n)?);
+        }
+        if let Some(s) = self.remote_network_cidr {
+            let remote = validate_cidr("remote_network_cidr", &s)?;
+            let local = validate_cidr("local_network_cidr", &current.local_network_cidr)?;
+            validate_remote_vs_local(&remote, &local)?;
+            c.remote_network_cidr = Some(remote.to_string());
+        }
+        if let Some(s) = self.remote_peer_ip {
+            c.remote_peer_ip = Some(validate_peer_ip(&s)?.to_string());
+        }
+        if let Some(p) = self.remote_peer_port {
+            c.remote_peer_port = Some(validate_port("remote_peer_port", p)?);
+        }
+        if let Some(s) = self.pre_shared_key {
+            c.pre_shared_key = Some(validate_psk(&s)?);
+        }
+        if let Some(k) = self.persistent_keepalive {
+            c.persistent_keepalive = Some((k > 0).then_some(k));
+        }
+        Ok(c)
+    }
+}
+
+/// The remote network of another live gateway that `cidr` overlaps, if any.
+pub fn find_overlap<'a>(
+    cidr: &IpPrefix,
+    others: impl IntoIterator<Item = &'a GatewayRecord>,
+    except: Option<&str>,
+) -> Option<&'a GatewayRecord> {
+    others
+        .into_iter()
+        .filter(|g| Some(g.id.as_str()) != except && g.status != Status::Deleted)
+        .find(|g| g.remote_network_cidr.parse::<IpPrefix>().is_ok_and(|p| overlaps(&p, cidr)))
+}
+
+/// The data plane's view of a stored gateway.
+pub fn tunnel_of(g: &GatewayRecord) -> Result<Tunnel, String> {
+    let public_key = g.remote_public_key.parse().map_err(|_| "stored remote_public_key is invalid".to_owned())?;
+    let preshared_key = g.pre_shared_key.expose().parse().map_err(|_| "stored pre_shared_key is invalid".to_owned())?;
+    let allowed = g.remote_network_cidr.parse().map_err(|_| "stored remote_network_cidr is invalid".to_owned())?;
+    let ip: IpAddr = g.remote_peer_ip.parse().map_err(|_| "stored remote_peer_ip is invalid".to_owned())?;
+    Ok(Tunnel {
+        public_key,
+        preshared_key,
+        endpoint: Some(SocketAddr::new(ip, g.remote_peer_port)),
+        allowed_ips: vec![allowed],
+        persistent_keepalive: g.persistent_keepalive,
+    })
+}
+
+/// A wg-quick configuration for the remote side of `g`.
+pub fn remote_config(g: &GatewayRecord, local: &LocalSide) -> String {
+    let mut s = format!(
+        "# wg-quick configuration for the remote side of \"{}\" ({}).\n\
+         # Fill in the two placeholders, save as /etc/wireguard/wg0.conf, run `wg-quick up wg0`.\n\
+         [Interface]\n\
+         PrivateKey = <the private key whose public key is {}>\n\
+         ListenPort = {}\n\n\
+         [Peer]\n\
+         PublicKey = {}\n\
+         PresharedKey = <the pre_shared_key returned when this gateway was created or last rotated>\n\
+         Endpoint = {}\n\
+         AllowedIPs = {}\n",
+        g.name,
+        g.id,
+        g.remote_public_key,
+        g.remote_peer_port,
+        local.public_key.to_base64(),
+        SocketAddr::new(local.ip.parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)), local.port),
+        g.local_network_cidr,
+    );
+    s.push_str(&format!("PersistentKeepalive = {}\n", g.persistent_keepalive.unwrap_or(25)));
+    s
+}

@@ -1,0 +1,248 @@
+//! What the API needs from the data plane, behind a trait: the running AF_XDP
+//! gateway (`GatewayPlane`) in production, an in-memory table (`MemoryPlane`)
+//! for HTTP tests and dry runs. Calls block briefly (the gateway's control
+//! thread applies them); the API makes them off the async runtime.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+use wgxdp_dataplane::device::{PeerId, PeerUpdate};
+use wgxdp_dataplane::gateway::{Gateway, PeerSpec};
+use wgxdp_dataplane::noise::peer::PeerConfig;
+use wgxdp_dataplane::noise::{PresharedKey, PublicKey};
+use wgxdp_dataplane::table::IpPrefix;
+
+/// A tunnel as the data plane holds it (one WireGuard peer).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tunnel {
+    pub public_key: PublicKey,
+    pub preshared_key: PresharedKey,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpPrefix>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// Live state of one tunnel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunnelStatus {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    pub handshakes: u64,
+    pub last_handshake: Option<SystemTime>,
+    pub endpoint: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PlaneError(pub String);
+
+pub trait DataPlane: Send + Sync + 'static {
+    /// The gateway's own public key (for the remote side's configuration).
+    fn public_key(&self) -> PublicKey;
+    /// The UDP port the gateway listens on.
+    fn listen_port(&self) -> u16;
+    /// Adds the tunnel `id`, or changes it in place if present.
+    fn apply(&self, id: &str, tunnel: &Tunnel) -> Result<(), PlaneError>;
+    /// Removes the tunnel `id` (no error if absent).
+    fn remove(&self, id: &str) -> Result<(), PlaneError>;
+    fn status(&self, id: &str) -> Option<TunnelStatus>;
+    /// `None` when ready; otherwise why not.
+    fn not_ready(&self) -> Option<String>;
+    /// Appends Prometheus text for the data plane's own counters.
+    fn write_metrics(&self, out: &mut String);
+}
+
+/// The running AF_XDP gateway.
+#[derive(Debug)]
+pub struct GatewayPlane {
+    gateway: Gateway,
+    listen_port: u16,
+    tunnels: Mutex<HashMap<String, (PeerId, Tunnel)>>,
+}
+
+fn keepalive(k: Option<u16>) -> Option<Duration> {
+    k.filter(|&s| s > 0).map(|s| Duration::from_secs(u64::from(s)))
+}
+
+impl GatewayPlane {
+    pub fn new(gateway: Gateway, listen_port: u16) -> Self {
+        Self { gateway, listen_port, tunnels: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    pub fn into_gateway(self) -> Gateway {
+        self.gateway
+    }
+
+    fn add(&self, t: &Tunnel) -> Result<PeerId, PlaneError> {
+        self.gateway
+            .add_peer(PeerSpec {
+                config: PeerConfig {
+                    public_key: t.public_key,
+                    preshared_key: t.preshared_key.clone(),
+                    persistent_keepalive: keepalive(t.persistent_keepalive),
+                },
+                endpoint: t.endpoint,
+                allowed_ips: t.allowed_ips.clone(),
+            })
+            .map_err(|e| PlaneError(e.to_string()))
+    }
+}
+
+impl DataPlane for GatewayPlane {
+    fn public_key(&self) -> PublicKey {
+        self.gateway.public_key()
+    }
+
+    fn listen_port(&self) -> u16 {
+        self.listen_port
+    }
+
+    fn apply(&self, id: &str, new: &Tunnel) -> Result<(), PlaneError> {
+        let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        let err = |e: wgxdp_dataplane::gateway::GatewayError| PlaneError(e.to_string());
+        match tunnels.get(id) {
+            None => {
+                let peer = self.add(new)?;
+                tunnels.insert(id.to_owned(), (peer, new.clone()));
+            }
+            Some((_, old)) if old.public_key != new.public_key => {
+                let (peer, _) = tunnels.remove(id).expect("present");
+                self.gateway.remove_peer(peer).map_err(err)?;
+                let peer = self.add(new)?;
+                tunnels.insert(id.to_owned(), (peer, new.clone()));
+            }
+            Some((peer, old)) => {
+                let peer = *peer;
+                if old.allowed_ips != new.allowed_ips {
+                    self.gateway.set_allowed_ips(peer, new.allowed_ips.clone()).map_err(err)?;
+                }
+                let update = PeerUpdate {
+                    preshared_key: (old.preshared_key != new.preshared_key).then(|| new.preshared_key.clone()),
+                    persistent_keepalive: (old.persistent_keepalive != new.persistent_keepalive)
+                        .then(|| keepalive(new.persistent_keepalive)),
+                    endpoint: if old.endpoint != new.endpoint { new.endpoint } else { None },
+                };
+                self.gateway.update_peer(peer, update).map_err(err)?;
+                tunnels.insert(id.to_owned(), (peer, new.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self, id: &str) -> Result<(), PlaneError> {
+        let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((peer, _)) = tunnels.remove(id) {
+            self.gateway.remove_peer(peer).map_err(|e| PlaneError(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn status(&self, id: &str) -> Option<TunnelStatus> {
+        let peer = self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).get(id)?.0;
+        let s = self.gateway.peer_status(peer)?;
+        Some(TunnelStatus {
+            bytes_sent: s.stats.tx_bytes,
+            bytes_received: s.stats.rx_bytes,
+            packets_sent: s.stats.tx_packets,
+            packets_received: s.stats.rx_packets,
+            handshakes: s.stats.handshakes,
+            last_handshake: s.last_handshake,
+            endpoint: s.endpoint,
+        })
+    }
+
+    fn not_ready(&self) -> Option<String> {
+        (!self.gateway.is_healthy()).then(|| "the data plane is not running (XDP detached or a thread stopped)".into())
+    }
+
+    fn write_metrics(&self, out: &mut String) {
+        let stats = self.gateway.stats();
+        let _ = writeln!(out, "# HELP wgxdp_xdp_packets_total Packets seen by the XDP programs, by verdict.");
+        let _ = writeln!(out, "# TYPE wgxdp_xdp_packets_total counter");
+        for (name, v) in stats.xdp.named() {
+            let _ = writeln!(out, "wgxdp_xdp_packets_total{{verdict=\"{name}\"}} {v}");
+        }
+        let _ =
+            writeln!(out, "# HELP wgxdp_queue_packets_total Per-queue worker counters (drop_* are drops by reason).");
+        let _ = writeln!(out, "# TYPE wgxdp_queue_packets_total counter");
+        for (q, counters) in stats.workers.iter().enumerate() {
+            for (name, v) in counters {
+                let _ = writeln!(out, "wgxdp_queue_packets_total{{queue=\"{q}\",counter=\"{name}\"}} {v}");
+            }
+        }
+    }
+}
+
+/// An in-memory data plane: it records tunnels and reports the status a test
+/// sets. For HTTP tests and running the API without NICs.
+#[derive(Debug)]
+pub struct MemoryPlane {
+    public_key: PublicKey,
+    pub tunnels: Mutex<HashMap<String, Tunnel>>,
+    pub statuses: Mutex<HashMap<String, TunnelStatus>>,
+    /// When set, `apply` fails with this message (to test error paths).
+    pub fail_with: Mutex<Option<String>>,
+}
+
+impl MemoryPlane {
+    pub fn new(public_key: PublicKey) -> Self {
+        Self {
+            public_key,
+            tunnels: Mutex::new(HashMap::new()),
+            statuses: Mutex::new(HashMap::new()),
+            fail_with: Mutex::new(None),
+        }
+    }
+
+    pub fn public_key_base64(&self) -> String {
+        self.public_key.to_base64()
+    }
+
+    pub fn tunnel(&self, id: &str) -> Option<Tunnel> {
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+}
+
+impl DataPlane for MemoryPlane {
+    fn public_key(&self) -> PublicKey {
+        self.public_key
+    }
+
+    fn listen_port(&self) -> u16 {
+        51820
+    }
+
+    fn apply(&self, id: &str, tunnel: &Tunnel) -> Result<(), PlaneError> {
+        if let Some(msg) = self.fail_with.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(PlaneError(msg));
+        }
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), tunnel.clone());
+        Ok(())
+    }
+
+    fn remove(&self, id: &str) -> Result<(), PlaneError> {
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        Ok(())
+    }
+
+    fn status(&self, id: &str) -> Option<TunnelStatus> {
+        if !self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
+            return None;
+        }
+        Some(self.statuses.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied().unwrap_or_default())
+    }
+
+    fn not_ready(&self) -> Option<String> {
+        None
+    }
+
+    fn write_metrics(&self, _out: &mut String) {}
+}

@@ -1,0 +1,510 @@
+//! The durable store: one embedded SQLite file (WAL, `synchronous=FULL`, mode
+//! 0600) holding the VPN gateways and the hashed API keys. Every write is
+//! committed (and fsynced) before it returns, so an acknowledged change
+//! survives `kill -9`. All calls block: the API runs them off the async runtime.
+
+use crate::secret::SecretString;
+use base64::Engine;
+use blake2::{Blake2s256, Digest};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("a live gateway already uses this remote public key")]
+    DuplicateKey,
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// Where a gateway is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Creating,
+    Active,
+    Deleting,
+    Deleted,
+}
+
+impl Status {
+    pub const ALL: [Status; 4] = [Status::Creating, Status::Active, Status::Deleting, Status::Deleted];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Creating => "creating",
+            Status::Active => "active",
+            Status::Deleting => "deleting",
+            Status::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// Creating and deleting are transient: changes wait until they end.
+    pub fn is_transient(self) -> bool {
+        matches!(self, Status::Creating | Status::Deleting)
+    }
+}
+
+/// One VPN gateway (one remote site, one WireGuard peer), as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayRecord {
+    pub id: String,
+    /// Insertion order: the tie-breaker that makes every sort stable.
+    pub seq: i64,
+    pub name: String,
+    pub status: Status,
+    pub region: String,
+    pub local_network_cidr: String,
+    pub remote_network_cidr: String,
+    pub remote_peer_ip: String,
+    pub remote_peer_port: u16,
+    pub remote_public_key: String,
+    pub pre_shared_key: SecretString,
+    pub persistent_keepalive: Option<u16>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// The fields an update may change (`None`: unchanged).
+#[derive(Debug, Clone, Default)]
+pub struct GatewayChanges {
+    pub name: Option<String>,
+    pub remote_network_cidr: Option<String>,
+    pub remote_peer_ip: Option<String>,
+    pub remote_peer_port: Option<u16>,
+    pub pre_shared_key: Option<SecretString>,
+    pub persistent_keepalive: Option<Option<u16>>,
+}
+
+impl GatewayRecord {
+    pub fn apply(&mut self, c: &GatewayChanges) {
+        if let Some(v) = &c.name {
+            self.name = v.clone();
+        }
+        if let Some(v) = &c.remote_network_cidr {
+            self.remote_network_cidr = v.clone();
+        }
+        if let Some(v) = &c.remote_peer_ip {
+            self.remote_peer_ip = v.clone();
+        }
+        if let Some(v) = c.remote_peer_port {
+            self.remote_peer_port = v;
+        }
+        if let Some(v) = &c.pre_shared_key {
+            self.pre_shared_key = v.clone();
+        }
+        if let Some(v) = c.persistent_keepalive {
+            self.persistent_keepalive = v;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortField {
+    Name,
+    CreatedAt,
+}
+
+/// A position in a sorted listing: the last item's sort key and sequence.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SortKey {
+    Name(String),
+    CreatedAt(i64),
+}
+
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    /// `None`: every gateway not deleted.
+    pub status: Option<Status>,
+    pub sort: SortField,
+    pub descending: bool,
+    /// Items strictly after this (key, seq) in the chosen order.
+    pub after: Option<(SortKey, i64)>,
+    pub limit: usize,
+}
+
+/// An API key as listed (the secret itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS gateways (
+    seq                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                   TEXT NOT NULL UNIQUE,
+    name                 TEXT NOT NULL,
+    status               TEXT NOT NULL,
+    region               TEXT NOT NULL,
+    local_network_cidr   TEXT NOT NULL,
+    remote_network_cidr  TEXT NOT NULL,
+    remote_peer_ip       TEXT NOT NULL,
+    remote_peer_port     INTEGER NOT NULL,
+    remote_public_key    TEXT NOT NULL,
+    pre_shared_key       TEXT NOT NULL,
+    persistent_keepalive INTEGER,
+    created_at           INTEGER NOT NULL,
+    updated_at           INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS gateways_live_key ON gateways(remote_public_key) WHERE status != 'deleted';
+CREATE INDEX IF NOT EXISTS gateways_name ON gateways(name, seq);
+CREATE INDEX IF NOT EXISTS gateways_created ON gateways(created_at, seq);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    hash       TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+";
+
+const COLUMNS: &str = "id, seq, name, status, region, local_network_cidr, remote_network_cidr, remote_peer_ip, \
+                       remote_peer_port, remote_public_key, pre_shared_key, persistent_keepalive, created_at, updated_at";
+
+pub fn now_millis() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// A random identifier: `prefix` + 16 base32-ish lowercase characters.
+pub fn random_id(prefix: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut bytes = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+    let tail: String = bytes.iter().map(|b| ALPHABET[usize::from(b & 31)] as char).collect();
+    format!("{prefix}{tail}")
+}
+
+fn hash_api_key(secret: &str) -> String {
+    Blake2s256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn record(row: &Row<'_>) -> rusqlite::Result<GatewayRecord> {
+    let status: String = row.get(3)?;
+    let port: i64 = row.get(8)?;
+    let keepalive: Option<i64> = row.get(11)?;
+    Ok(GatewayRecord {
+        id: row.get(0)?,
+        seq: row.get(1)?,
+        name: row.get(2)?,
+        status: Status::parse(&status).unwrap_or(Status::Deleted),
+        region: row.get(4)?,
+        local_network_cidr: row.get(5)?,
+        remote_network_cidr: row.get(6)?,
+        remote_peer_ip: row.get(7)?,
+        remote_peer_port: u16::try_from(port).unwrap_or(0),
+        remote_public_key: row.get(9)?,
+        pre_shared_key: SecretString::new(row.get(10)?),
+        persistent_keepalive: keepalive.and_then(|k| u16::try_from(k).ok()),
+        created_at: row.get(12)?,
+        updated_at: row.get(13)?,
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed, mode 0600) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let err = |reason: String| StoreError::Open { path: path.display().to_string(), reason };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create its directory: {e}")))?;
+        }
+        // Create the file ourselves so it is never readable by others, even briefly.
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| err(e.to_string()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(e.to_string()))?;
+        let conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if mode != "wal" {
+            return Err(err(format!("cannot switch to WAL (journal mode is {mode})")));
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        conn.execute_batch(SCHEMA)?;
+        // The WAL and shared-memory files hold the same data: same mode.
+        for suffix in ["-wal", "-shm"] {
+            let side = format!("{}{suffix}", path.display());
+            if Path::new(&side).exists() {
+                std::fs::set_permissions(&side, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| err(e.to_string()))?;
+            }
+        }
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True if the database answers.
+    pub fn ping(&self) -> bool {
+        self.conn().query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok()
+    }
+
+    /// Inserts a new gateway and returns it with its sequence number.
+    pub fn insert(&self, mut g: GatewayRecord) -> Result<GatewayRecord, StoreError> {
+        let conn = self.conn();
+        let r = conn.execute(
+            "INSERT INTO gateways (id, name, status, region, local_network_cidr, remote_network_cidr, remote_peer_ip,
+                 remote_peer_port, remote_public_key, pre_shared_key, persistent_keepalive, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![
+                g.id,
+                g.name,
+                g.status.as_str(),
+                g.region,
+                g.local_network_cidr,
+                g.remote_network_cidr,
+                g.remote_peer_ip,
+                i64::from(g.remote_peer_port),
+                g.remote_public_key,
+                g.pre_shared_key.expose(),
+                g.persistent_keepalive.map(i64::from),
+                g.created_at,
+                g.updated_at
+            ],
+        );
+        match r {
+            Ok(_) => {
+                g.seq = conn.last_insert_rowid();
+                Ok(g)
+            }
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Err(StoreError::DuplicateKey)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<GatewayRecord>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM gateways WHERE id = ?1");
+        Ok(self.conn().query_row(&sql, [id], record).optional()?)
+    }
+
+    pub fn set_status(&self, id: &str, status: Status) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE gateways SET status = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, status.as_str(), now_millis()],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a record that was never acknowledged (a create that failed).
+    pub fn purge(&self, id: &str) -> Result<(), StoreError> {
+        self.conn().execute("DELETE FROM gateways WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Writes every mutable field of `g` (and its `updated_at`).
+    pub fn save(&self, g: &GatewayRecord) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE gateways SET name = ?2, remote_network_cidr = ?3, remote_peer_ip = ?4, remote_peer_port = ?5,
+                 pre_shared_key = ?6, persistent_keepalive = ?7, status = ?8, updated_at = ?9 WHERE id = ?1",
+            params![
+                g.id,
+                g.name,
+                g.remote_network_cidr,
+                g.remote_peer_ip,
+                i64::from(g.remote_peer_port),
+                g.pre_shared_key.expose(),
+                g.persistent_keepalive.map(i64::from),
+                g.status.as_str(),
+                g.updated_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every gateway not yet deleted, oldest first (what the data plane should hold).
+    pub fn live(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM gateways WHERE status != 'deleted' ORDER BY seq");
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map([], record)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// One page of a listing in a stable order: (sort key, seq), keyset-paginated,
+    /// so concurrent inserts never make an item repeat or vanish between pages.
+    pub fn list(&self, q: &ListQuery) -> Result<Vec<GatewayRecord>, StoreError> {
+        let column = match q.sort {
+            SortField::Name => "name",
+            SortField::CreatedAt => "created_at",
+        };
+        let (cmp, dir) = if q.descending { ("<", "DESC") } else { (">", "ASC") };
+        let mut sql = format!("SELECT {COLUMNS} FROM gateways WHERE 1=1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        match q.status {
+            Some(s) => {
+                sql.push_str(" AND status = ?");
+                args.push(s.as_str().to_owned().into());
+            }
+            // Deleted gateways are listed only when asked for.
+            None => sql.push_str(" AND status != 'deleted'"),
+        }
+        if let Some((key, seq)) = &q.after {
+            sql.push_str(&format!(" AND ({column}, seq) {cmp} (?, ?)"));
+            args.push(match key {
+                SortKey::Name(n) => n.clone().into(),
+                SortKey::CreatedAt(t) => (*t).into(),
+            });
+            args.push((*seq).into());
+        }
+        sql.push_str(&format!(" ORDER BY {column} {dir}, seq {dir} LIMIT ?"));
+        args.push((q.limit as i64).into());
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), record)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Creates an API key; the secret is returned once and only its hash is kept.
+    pub fn create_api_key(&self, name: &str) -> Result<(ApiKeyInfo, SecretString), StoreError> {
+        let mut raw = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut raw);
+        let secret = format!("wgxdp_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
+        let info = ApiKeyInfo { id: random_id("key_"), name: name.to_owned(), created_at: now_millis() };
+        self.conn().execute(
+            "INSERT INTO api_keys (id, name, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![info.id, info.name, hash_api_key(&secret), info.created_at],
+        )?;
+        Ok((info, SecretString::new(secret)))
+    }
+
+    /// The key's id if `secret` is a valid API key.
+    pub fn verify_api_key(&self, secret: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT id FROM api_keys WHERE hash = ?1", [hash_api_key(secret)], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn list_api_keys(&self) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, name, created_at FROM api_keys ORDER BY created_at, id")?;
+        let rows = stmt
+            .query_map([], |r| Ok(ApiKeyInfo { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? }))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Revokes a key; false if there was none with this id.
+    pub fn revoke_api_key(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute("DELETE FROM api_keys WHERE id = ?1", [id])? > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &str, key: &str) -> GatewayRecord {
+        let now = now_millis();
+        GatewayRecord {
+            id: random_id("vpn_"),
+            seq: 0,
+            name: name.into(),
+            status: Status::Active,
+            region: "local".into(),
+            local_network_cidr: "10.50.0.0/24".into(),
+            remote_network_cidr: "10.200.0.0/24".into(),
+            remote_peer_ip: "192.0.2.1".into(),
+            remote_peer_port: 51820,
+            remote_public_key: key.into(),
+            pre_shared_key: SecretString::new("psk".into()),
+            persistent_keepalive: Some(25),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    fn temp_db() -> (std::path::PathBuf, Store) {
+        let path = std::env::temp_dir().join(format!("{}.db", random_id("wgxdp-store-")));
+        let store = Store::open(&path).unwrap();
+        (path, store)
+    }
+
+    #[test]
+    fn durable_settings_and_private_file() {
+        let (path, store) = temp_db();
+        let conn = store.conn();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!((mode.as_str(), sync), ("wal", 2), "WAL with synchronous=FULL");
+        let perms = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(perms, 0o600);
+        drop(conn);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn records_round_trip_and_keys_are_unique_among_live_gateways() {
+        let (path, store) = temp_db();
+        let a = store.insert(sample("alpha", "K1")).unwrap();
+        assert_eq!(store.get(&a.id).unwrap().unwrap(), a);
+        assert!(matches!(store.insert(sample("beta", "K1")), Err(StoreError::DuplicateKey)));
+        store.set_status(&a.id, Status::Deleted).unwrap();
+        store.insert(sample("beta", "K1")).expect("a deleted gateway's key may be reused");
+        assert_eq!(store.live().unwrap().len(), 1);
+        let mut b = store.live().unwrap().remove(0);
+        b.apply(&GatewayChanges { name: Some("gamma".into()), persistent_keepalive: Some(None), ..Default::default() });
+        store.save(&b).unwrap();
+        let again = store.get(&b.id).unwrap().unwrap();
+        assert_eq!((again.name.as_str(), again.persistent_keepalive), ("gamma", None));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn keyset_pages_are_stable_in_both_directions() {
+        let (path, store) = temp_db();
+        for (i, n) in ["m", "c", "x", "c", "a", "q", "c"].iter().enumerate() {
+            store.insert(sample(n, &format!("K{i}"))).unwrap();
+        }
+        for descending in [false, true] {
+            let mut seen = Vec::new();
+            let mut after = None;
+            loop {
+                let q = ListQuery { status: None, sort: SortField::Name, descending, after: after.clone(), limit: 2 };
+                let page = store.list(&q).unwrap();
+                let Some(last) = page.last() else { break };
+                after = Some((SortKey::Name(last.name.clone()), last.seq));
+                seen.extend(page.iter().map(|g| (g.name.clone(), g.seq)));
+            }
+            let mut expected = seen.clone();
+            expected.sort();
+            if descending {
+                expected.reverse();
+            }
+            assert_eq!(seen, expected);
+            assert_eq!(seen.len(), 7);
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn api_keys_are_stored_hashed() {
+        let (path, store) = temp_db();
+        let (info, secret) = store.create_api_key("ops").unwrap();
+        assert!(secret.expose().starts_with("wgxdp_"));
+        assert_eq!(store.verify_api_key(secret.expose()).unwrap(), Some(info.id.clone()));
+        assert_eq!(store.verify_api_key("wgxdp_wrong").unwrap(), None);
+        let stored: String = store.conn().query_row("SELECT hash FROM api_keys", [], |r| r.get(0)).unwrap();
+        assert!(!stored.contains(secret.expose()), "only the hash is stored");
+        assert!(store.revoke_api_key(&info.id).unwrap());
+        assert_eq!(store.verify_api_key(secret.expose()).unwrap(), None);
+        let _ = std::fs::remove_file(&path);
+    }
+}

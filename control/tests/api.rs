@@ -1,0 +1,592 @@
+//! The HTTP API driven through `app()` with `oneshot`: every endpoint, every
+//! error code, pagination under concurrent inserts, sorting, filtering, auth
+//! and rate limits. The data plane is the in-memory one; the real one is
+//! covered by `api_e2e.rs`.
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tower::ServiceExt;
+use wgxdp_control::api::{app, ApiSettings, AppState};
+use wgxdp_control::plane::{MemoryPlane, TunnelStatus};
+use wgxdp_control::store::{random_id, Status, Store};
+use wgxdp_dataplane::noise::{PresharedKey, PrivateKey};
+
+struct Api {
+    router: Router,
+    key: String,
+    plane: Arc<MemoryPlane>,
+    store: Arc<Store>,
+    db: std::path::PathBuf,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
+        }
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Value,
+    text: String,
+}
+
+impl Api {
+    fn new(mutations_per_minute: u32) -> Self {
+        let db = std::env::temp_dir().join(format!("{}.db", random_id("wgxdp-api-")));
+        let store = Arc::new(Store::open(&db).unwrap());
+        let (_, key) = store.create_api_key("test").unwrap();
+        let plane = Arc::new(MemoryPlane::new(PrivateKey::generate().public_key()));
+        let settings = ApiSettings {
+            site_cidr: Some("10.50.0.0/24".into()),
+            public_address: "198.51.100.1".into(),
+            mutations_per_minute,
+            reads_per_minute: 100_000,
+        };
+        let router = app(AppState::new(store.clone(), plane.clone(), settings));
+        Self { router, key: key.expose().to_owned(), plane, store, db }
+    }
+
+    async fn raw(&self, req: Request<Body>) -> Reply {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply { status, headers, body, text }
+    }
+
+    async fn call_as(&self, key: Option<&str>, method: Method, uri: &str, body: Option<Value>) -> Reply {
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(k) = key {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {k}"));
+        }
+        let req = match body {
+            Some(v) => b.header(header::CONTENT_TYPE, "application/json").body(Body::from(v.to_string())),
+            None => b.body(Body::empty()),
+        };
+        self.raw(req.unwrap()).await
+    }
+
+    async fn call(&self, method: Method, uri: &str, body: Option<Value>) -> Reply {
+        self.call_as(Some(&self.key.clone()), method, uri, body).await
+    }
+
+    async fn create(&self, body: Value) -> Reply {
+        self.call(Method::POST, "/api/v1/vpn-gateways", Some(body)).await
+    }
+}
+
+fn new_gateway(name: &str, cidr: &str) -> Value {
+    json!({
+        "name": name,
+        "region": "eu-west",
+        "tunnel_type": "wireguard",
+        "remote_network_cidr": cidr,
+        "remote_peer_ip": "203.0.113.200",
+        "remote_public_key": PrivateKey::generate().public_key().to_base64(),
+    })
+}
+
+fn assert_error(r: &Reply, status: StatusCode, code: &str) {
+    assert_eq!(r.status, status, "{}", r.text);
+    assert_eq!(r.body["error"]["code"], code, "{}", r.text);
+    assert!(r.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", r.text);
+}
+
+#[tokio::test]
+async fn create_get_update_delete_lifecycle() {
+    let api = Api::new(1000);
+    let psk = PresharedKey::generate().to_base64_secret().to_string();
+    let mut body = new_gateway("site-a-vpn", "10.0.0.0/16");
+    body["pre_shared_key"] = json!(psk);
+    body["persistent_keepalive"] = json!(25);
+    let r = api.create(body.clone()).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let g = &r.body["data"];
+    let id = g["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("vpn_"));
+    assert_eq!(r.headers[header::LOCATION], format!("/api/v1/vpn-gateways/{id}"));
+    assert_eq!(g["status"], "active");
+    assert_eq!(g["tunnel_type"], "wireguard");
+    assert_eq!(g["local_network_cidr"], "10.50.0.0/24", "defaults to the site CIDR");
+    assert_eq!(g["remote_peer_port"], 51820);
+    assert_eq!(g["pre_shared_key"], psk, "the key is returned once, at creation");
+    assert_eq!(g["local_ip"], "198.51.100.1");
+    assert_eq!(g["tunnel_status"], "down");
+    assert_eq!(r.body["meta"]["persistence"], "synced");
+    // The peer is in the data plane.
+    let t = api.plane.tunnel(&id).expect("programmed into the data plane");
+    assert_eq!(t.allowed_ips, vec!["10.0.0.0/16".parse().unwrap()]);
+    assert_eq!(t.endpoint, Some("203.0.113.200:51820".parse().unwrap()));
+    assert_eq!(t.persistent_keepalive, Some(25));
+    assert_eq!(t.public_key.to_base64(), body["remote_public_key"]);
+
+    // Afterwards the key is masked everywhere.
+    let r = api.call(Method::GET, &format!("/api/v1/vpn-gateways/{id}"), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["data"]["pre_shared_key"], "********");
+    assert!(!r.text.contains(&psk));
+    let r = api.call(Method::GET, "/api/v1/vpn-gateways", None).await;
+    assert!(!r.text.contains(&psk));
+
+    // An auto-generated key when none is given.
+    let r = api.create(new_gateway("site-b", "10.1.0.0/16")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let generated = r.body["data"]["pre_shared_key"].as_str().unwrap();
+    assert!(generated.parse::<PresharedKey>().is_ok(), "a real 32-byte key: {generated}");
+
+    // PATCH: name, CIDR and PSK rotation; the running tunnel follows.
+    let new_psk = PresharedKey::generate().to_base64_secret().to_string();
+    let r = api
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/vpn-gateways/{id}"),
+            Some(json!({"name": "site-a-renamed", "remote_network_cidr": "10.2.0.0/16", "pre_shared_key": new_psk})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["data"]["name"], "site-a-renamed");
+    assert_eq!(r.body["data"]["remote_network_cidr"], "10.2.0.0/16");
+    assert_eq!(r.body["data"]["pre_shared_key"], "********");
+    let t = api.plane.tunnel(&id).unwrap();
+    assert_eq!(t.allowed_ips, vec!["10.2.0.0/16".parse().unwrap()]);
+    assert_eq!(t.preshared_key, new_psk.parse().unwrap());
+    assert_eq!(api.store.get(&id).unwrap().unwrap().name, "site-a-renamed", "durable");
+
+    // Status and remote config.
+    api.plane.statuses.lock().unwrap().insert(
+        id.clone(),
+        TunnelStatus {
+            bytes_sent: 1000,
+            bytes_received: 2000,
+            packets_sent: 10,
+            packets_received: 20,
+            handshakes: 1,
+            last_handshake: Some(SystemTime::now() - Duration::from_secs(5)),
+            endpoint: Some("203.0.113.200:40000".parse().unwrap()),
+        },
+    );
+    let r = api.call(Method::GET, &format!("/api/v1/vpn-gateways/{id}/status"), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let s = &r.body["data"];
+    assert_eq!((s["tunnel_status"].as_str(), s["bytes_sent"].as_u64()), (Some("up"), Some(1000)));
+    assert_eq!(
+        (s["bytes_received"].as_u64(), s["remote_endpoint"].as_str()),
+        (Some(2000), Some("203.0.113.200:40000"))
+    );
+    assert!(s["last_handshake"].as_str().unwrap().ends_with('Z'));
+    api.plane.statuses.lock().unwrap().get_mut(&id).unwrap().last_handshake =
+        Some(SystemTime::now() - Duration::from_secs(181));
+    let r = api.call(Method::GET, &format!("/api/v1/vpn-gateways/{id}/status"), None).await;
+    assert_eq!(r.body["data"]["tunnel_status"], "down", "no handshake within REJECT_AFTER_TIME");
+    let r = api.call(Method::GET, &format!("/api/v1/vpn-gateways/{id}/config"), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/plain"));
+    assert!(r.text.contains(&format!("PublicKey = {}", api.plane.public_key_base64())), "{}", r.text);
+    assert!(r.text.contains("Endpoint = 198.51.100.1:51820") && r.text.contains("AllowedIPs = 10.50.0.0/24"));
+    assert!(!r.text.contains(&new_psk), "the config never carries the secret");
+
+    // DELETE: the tunnel leaves the data plane; the record stays listable as deleted.
+    let r = api.call(Method::DELETE, &format!("/api/v1/vpn-gateways/{id}"), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["data"]["status"], "deleted");
+    assert!(api.plane.tunnel(&id).is_none());
+    let r = api.call(Method::GET, "/api/v1/vpn-gateways", None).await;
+    let ids: Vec<&str> = r.body["data"].as_array().unwrap().iter().map(|g| g["id"].as_str().unwrap()).collect();
+    assert!(!ids.contains(&id.as_str()), "deleted gateways are not in the default listing");
+    let r = api.call(Method::GET, "/api/v1/vpn-gateways?status=deleted", None).await;
+    assert_eq!(r.body["data"][0]["id"], id);
+    assert_eq!(r.body["data"].as_array().unwrap().len(), 1);
+    let r = api.call(Method::GET, &format!("/api/v1/vpn-gateways/{id}"), None).await;
+    assert_eq!(r.body["data"]["status"], "deleted");
+    // The deleted gateway's CIDR and key are free again.
+    let mut again = body.clone();
+    again["remote_network_cidr"] = json!("10.2.0.0/16");
+    assert_eq!(api.create(again).await.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn validation_errors_name_the_field() {
+    let api = Api::new(1000);
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("name", json!("x"), "2-40"),
+        ("name", json!("x".repeat(41)), "2-40"),
+        ("remote_network_cidr", json!("10.0.0.0/33"), "CIDR"),
+        ("remote_network_cidr", json!("10.0.0.5/16"), "did you mean 10.0.0.0/16"),
+        ("remote_network_cidr", json!("banana"), "CIDR"),
+        ("remote_network_cidr", json!("10.50.0.128/25"), "overlaps the local network"),
+        ("remote_peer_ip", json!("203.0.113"), "not an IP"),
+        ("remote_peer_ip", json!("0.0.0.0"), "cannot be"),
+        ("remote_public_key", json!("not-a-key"), "base64"),
+        ("tunnel_type", json!("ipsec"), "only wireguard"),
+        ("tunnel_type", json!("gre"), "only wireguard"),
+        ("pre_shared_key", json!("c2hvcnQ="), "32 bytes"),
+        ("region", json!("US East!"), "a-z"),
+        ("local_network_cidr", json!("10.0.0.0/8"), "overlaps"),
+        ("remote_peer_port", json!(0), "1-65535"),
+    ];
+    for (field, value, needle) in cases {
+        let mut body = new_gateway("valid-name", "10.7.0.0/16");
+        body[field] = value.clone();
+        let r = api.create(body).await;
+        assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        let msg = r.body["error"]["message"].as_str().unwrap();
+        let expected_field = if field == "local_network_cidr" { "remote_network_cidr" } else { field };
+        assert_eq!(r.body["error"]["field"], expected_field, "{field}={value}: {msg}");
+        assert!(msg.contains(needle), "{field}={value}: `{msg}` lacks `{needle}`");
+    }
+    for missing in ["name", "region", "tunnel_type", "remote_network_cidr", "remote_peer_ip", "remote_public_key"] {
+        let mut body = new_gateway("valid-name", "10.7.0.0/16");
+        body.as_object_mut().unwrap().remove(missing);
+        let r = api.create(body).await;
+        assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        assert_eq!(r.body["error"]["field"], missing);
+        assert!(r.body["error"]["message"].as_str().unwrap().contains("required"));
+    }
+    let mut own = new_gateway("valid-name", "10.7.0.0/16");
+    own["remote_public_key"] = json!(api.plane.public_key_base64());
+    assert_error(&api.create(own).await, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert!(api.plane.tunnels.lock().unwrap().is_empty(), "nothing reached the data plane");
+    assert!(api.store.live().unwrap().is_empty(), "nothing was stored");
+}
+
+#[tokio::test]
+async fn malformed_requests() {
+    let api = Api::new(1000);
+    let uri = "/api/v1/vpn-gateways";
+    let post = |body: &'static str, ctype: Option<&'static str>| {
+        let mut b = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {}", api.key));
+        if let Some(c) = ctype {
+            b = b.header(header::CONTENT_TYPE, c);
+        }
+        b.body(Body::from(body)).unwrap()
+    };
+    assert_error(&api.raw(post("{\"name\": ", Some("application/json"))).await, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(&api.raw(post("[1,2]", Some("application/json"))).await, StatusCode::BAD_REQUEST, "bad_request");
+    let mut unknown = new_gateway("valid-name", "10.7.0.0/16");
+    unknown["colour"] = json!("blue");
+    let r = api.create(unknown).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+    assert!(r.text.contains("colour"), "{}", r.text);
+    let mut wrong_type = new_gateway("valid-name", "10.7.0.0/16");
+    wrong_type["remote_peer_port"] = json!("eighty");
+    assert_error(&api.create(wrong_type).await, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(&api.raw(post("{}", None)).await, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    let huge = Box::leak(format!("{{\"name\": \"{}\"}}", "a".repeat(100_000)).into_boxed_str());
+    assert_error(
+        &api.raw(post(huge, Some("application/json"))).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+    // Unknown ids and routes.
+    for (m, path) in [
+        (Method::GET, "/api/v1/vpn-gateways/vpn_nope"),
+        (Method::PATCH, "/api/v1/vpn-gateways/vpn_nope"),
+        (Method::DELETE, "/api/v1/vpn-gateways/vpn_nope"),
+        (Method::GET, "/api/v1/vpn-gateways/vpn_nope/status"),
+        (Method::GET, "/api/v1/vpn-gateways/vpn_nope/config"),
+    ] {
+        let body = (m == Method::PATCH).then(|| json!({"name": "whatever"}));
+        assert_error(&api.call(m, path, body).await, StatusCode::NOT_FOUND, "not_found");
+    }
+    assert_error(&api.call(Method::GET, "/api/v1/nothing-here", None).await, StatusCode::NOT_FOUND, "not_found");
+    // Bad query parameters.
+    for q in ["limit=0", "limit=101", "limit=abc", "status=gone", "sort=size", "order=up", "cursor=%%%", "bogus=1"] {
+        let r = api.call(Method::GET, &format!("{uri}?{q}"), None).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    // PATCH validation.
+    let id = api.create(new_gateway("patch-me", "10.9.0.0/16")).await.body["data"]["id"].as_str().unwrap().to_owned();
+    let path = format!("{uri}/{id}");
+    let r = api.call(Method::PATCH, &path, Some(json!({"remote_network_cidr": "10.9.0.1/16"}))).await;
+    assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(r.body["error"]["field"], "remote_network_cidr");
+    let r = api.call(Method::PATCH, &path, Some(json!({"region": "elsewhere"}))).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+    let r = api.call(Method::PATCH, &path, Some(json!({"name": "n"}))).await;
+    assert_eq!(r.body["error"]["field"], "name");
+    assert_eq!(api.store.get(&id).unwrap().unwrap().name, "patch-me", "a refused change changes nothing");
+}
+
+#[tokio::test]
+async fn conflicts() {
+    let api = Api::new(1000);
+    let first = new_gateway("first", "10.10.0.0/16");
+    let id = api.create(first.clone()).await.body["data"]["id"].as_str().unwrap().to_owned();
+    // Same remote key, or an overlapping remote network: 409.
+    let mut same_key = new_gateway("second", "10.11.0.0/16");
+    same_key["remote_public_key"] = first["remote_public_key"].clone();
+    assert_error(&api.create(same_key).await, StatusCode::CONFLICT, "conflict");
+    let r = api.create(new_gateway("third", "10.10.128.0/17")).await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    assert!(r.text.contains(&id), "names the gateway it overlaps: {}", r.text);
+    let other = api.create(new_gateway("fourth", "10.12.0.0/16")).await.body["data"]["id"].as_str().unwrap().to_owned();
+    let r = api
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/vpn-gateways/{other}"),
+            Some(json!({"remote_network_cidr": "10.10.0.0/24"})),
+        )
+        .await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    // Transient states refuse changes.
+    for transient in [Status::Creating, Status::Deleting] {
+        api.store.set_status(&id, transient).unwrap();
+        let path = format!("/api/v1/vpn-gateways/{id}");
+        assert_error(
+            &api.call(Method::PATCH, &path, Some(json!({"name": "x-y"}))).await,
+            StatusCode::CONFLICT,
+            "conflict",
+        );
+        assert_error(&api.call(Method::DELETE, &path, None).await, StatusCode::CONFLICT, "conflict");
+    }
+    api.store.set_status(&id, Status::Active).unwrap();
+    let path = format!("/api/v1/vpn-gateways/{id}");
+    assert_eq!(api.call(Method::DELETE, &path, None).await.status, StatusCode::OK);
+    assert_error(&api.call(Method::DELETE, &path, None).await, StatusCode::CONFLICT, "conflict");
+    assert_error(&api.call(Method::PATCH, &path, Some(json!({"name": "x-y"}))).await, StatusCode::CONFLICT, "conflict");
+    assert_error(&api.call(Method::GET, &format!("{path}/config"), None).await, StatusCode::CONFLICT, "conflict");
+    // A data plane that refuses: 503, and the create is not kept.
+    *api.plane.fail_with.lock().unwrap() = Some("prefix map full".into());
+    let r = api.create(new_gateway("refused", "10.20.0.0/16")).await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert!(api.store.live().unwrap().iter().all(|g| g.name != "refused"));
+}
+
+#[tokio::test]
+async fn authentication() {
+    let api = Api::new(1000);
+    let uri = "/api/v1/vpn-gateways";
+    for key in [None, Some("wgxdp_not-a-real-key"), Some("")] {
+        let r = api.call_as(key, Method::GET, uri, None).await;
+        assert_error(&r, StatusCode::UNAUTHORIZED, "unauthorized");
+        assert_eq!(r.headers[header::WWW_AUTHENTICATE], "Bearer");
+    }
+    let basic = Request::builder().uri(uri).header(header::AUTHORIZATION, "Basic dXNlcjpwYXNz").body(Body::empty());
+    assert_error(&api.raw(basic.unwrap()).await, StatusCode::UNAUTHORIZED, "unauthorized");
+    let r = api.call_as(None, Method::POST, uri, Some(new_gateway("sneaky", "10.30.0.0/16"))).await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(api.store.live().unwrap().is_empty());
+    // Every /api/v1 route is behind the key; health, ready and metrics are not.
+    for path in
+        [uri, "/api/v1/vpn-gateways/vpn_x", "/api/v1/vpn-gateways/vpn_x/status", "/api/v1/vpn-gateways/vpn_x/config"]
+    {
+        assert_eq!(api.call_as(None, Method::GET, path, None).await.status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    assert_eq!(api.call_as(None, Method::GET, "/health", None).await.status, StatusCode::OK);
+    assert_eq!(api.call(Method::GET, uri, None).await.status, StatusCode::OK);
+    // A revoked key stops working at once.
+    let (info, second) = api.store.create_api_key("second").unwrap();
+    assert_eq!(api.call_as(Some(second.expose()), Method::GET, uri, None).await.status, StatusCode::OK);
+    api.store.revoke_api_key(&info.id).unwrap();
+    assert_eq!(api.call_as(Some(second.expose()), Method::GET, uri, None).await.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn rate_limits_per_key() {
+    let api = Api::new(3);
+    for i in 0..3 {
+        let r = api.create(new_gateway(&format!("gw-{i}"), &format!("10.{}.0.0/16", 40 + i))).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        assert_eq!(r.headers["x-ratelimit-limit"], "3");
+        assert_eq!(r.headers["x-ratelimit-remaining"], (2 - i).to_string().as_str());
+        let reset: u64 = r.headers["x-ratelimit-reset"].to_str().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&reset));
+    }
+    let r = api.create(new_gateway("gw-over", "10.60.0.0/16")).await;
+    assert_error(&r, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    let retry: u64 = r.headers[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry));
+    assert_eq!(r.headers["x-ratelimit-remaining"], "0");
+    assert!(api.store.live().unwrap().iter().all(|g| g.name != "gw-over"), "a limited request does nothing");
+    // Reads have their own budget, and another key its own.
+    assert_eq!(api.call(Method::GET, "/api/v1/vpn-gateways", None).await.status, StatusCode::OK);
+    let (_, other) = api.store.create_api_key("other").unwrap();
+    let r = api
+        .call_as(Some(other.expose()), Method::POST, "/api/v1/vpn-gateways", Some(new_gateway("gw-o", "10.61.0.0/16")))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+}
+
+fn names(r: &Reply) -> Vec<String> {
+    r.body["data"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagination_sorting_filtering() {
+    let api = Arc::new(Api::new(100_000));
+    let mut initial = HashSet::new();
+    for i in 0..30u32 {
+        // Names repeat, so the sort needs its tie-breaker.
+        let name = format!("site-{:02}", (i * 7) % 13);
+        let r = api.create(new_gateway(&name, &format!("10.{}.{}.0/24", 100 + i / 200, i % 200))).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        initial.insert(r.body["data"]["id"].as_str().unwrap().to_owned());
+    }
+    for (sort, order) in [("name", "asc"), ("name", "desc"), ("created_at", "asc"), ("created_at", "desc")] {
+        // Insert concurrently while paging: nothing that existed is lost or repeated.
+        let writer = {
+            let api = api.clone();
+            tokio::spawn(async move {
+                for i in 0..15u32 {
+                    let cidr = format!("10.{}.{}.0/24", 150 + i, rand_octet());
+                    let _ = api.create(new_gateway(&format!("late-{i:02}"), &cidr)).await;
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let mut seen = Vec::new();
+        let mut pages = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut uri = format!("/api/v1/vpn-gateways?limit=7&sort={sort}&order={order}");
+            if let Some(c) = &cursor {
+                uri.push_str(&format!("&cursor={c}"));
+            }
+            let r = api.call(Method::GET, &uri, None).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            assert!(r.body["data"].as_array().unwrap().len() <= 7);
+            assert_eq!(r.body["meta"]["limit"], 7);
+            pages.push(names(&r));
+            seen.extend(r.body["data"].as_array().unwrap().iter().map(|g| {
+                (g["id"].as_str().unwrap().to_owned(), g["name"].as_str().unwrap().to_owned(), g["created_at"].clone())
+            }));
+            match r.body["meta"]["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        writer.await.unwrap();
+        let ids: Vec<&String> = seen.iter().map(|(id, _, _)| id).collect();
+        let unique: HashSet<&String> = ids.iter().copied().collect();
+        assert_eq!(unique.len(), ids.len(), "{sort} {order}: an item repeated across pages");
+        for id in &initial {
+            assert!(unique.contains(id), "{sort} {order}: {id} was lost while paging");
+        }
+        if sort == "name" {
+            let got: Vec<&String> = seen.iter().map(|(_, n, _)| n).collect();
+            let mut sorted = got.clone();
+            sorted.sort();
+            if order == "desc" {
+                sorted.reverse();
+            }
+            assert_eq!(got, sorted, "sorted by name {order}");
+        }
+        // Clean up the late arrivals for the next round.
+        for g in api.store.live().unwrap().into_iter().filter(|g| g.name.starts_with("late-")) {
+            api.store.set_status(&g.id, Status::Deleted).unwrap();
+        }
+    }
+    // A cursor only fits its own query.
+    let r = api.call(Method::GET, "/api/v1/vpn-gateways?limit=5&sort=name", None).await;
+    let c = r.body["meta"]["next_cursor"].as_str().unwrap().to_owned();
+    let r = api.call(Method::GET, &format!("/api/v1/vpn-gateways?limit=5&sort=created_at&cursor={c}"), None).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+    // Filtering by status.
+    let r = api.call(Method::GET, "/api/v1/vpn-gateways?status=active&limit=100", None).await;
+    assert_eq!(r.body["data"].as_array().unwrap().len(), 30);
+    assert!(r.body["data"].as_array().unwrap().iter().all(|g| g["status"] == "active"));
+    let r = api.call(Method::GET, "/api/v1/vpn-gateways?status=deleted&limit=100", None).await;
+    assert_eq!(r.body["data"].as_array().unwrap().len(), 60, "the late arrivals, deleted");
+    let r = api.call(Method::GET, "/api/v1/vpn-gateways?status=creating", None).await;
+    assert!(r.body["data"].as_array().unwrap().is_empty());
+    // Default page size is 50.
+    for i in 0..25u32 {
+        api.create(new_gateway(&format!("more-{i}"), &format!("10.200.{i}.0/24"))).await;
+    }
+    let r = api.call(Method::GET, "/api/v1/vpn-gateways", None).await;
+    assert_eq!(r.body["data"].as_array().unwrap().len(), 50);
+    assert!(r.body["meta"]["next_cursor"].is_string());
+}
+
+fn rand_octet() -> u8 {
+    let mut b = [0u8; 1];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    b[0]
+}
+
+#[tokio::test]
+async fn health_ready_metrics() {
+    let api = Api::new(1000);
+    let r = api.call_as(None, Method::GET, "/health", None).await;
+    assert_eq!((r.status, r.body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let r = api.call_as(None, Method::GET, "/ready", None).await;
+    assert_eq!((r.status, r.body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let id = api.create(new_gateway("metered", "10.70.0.0/16")).await.body["data"]["id"].as_str().unwrap().to_owned();
+    api.plane.statuses.lock().unwrap().insert(
+        id.clone(),
+        TunnelStatus { bytes_sent: 4242, handshakes: 3, last_handshake: Some(SystemTime::now()), ..Default::default() },
+    );
+    let r = api.call_as(None, Method::GET, "/metrics", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.text.contains("# TYPE wgxdp_gateway_bytes_sent_total counter"), "{}", r.text);
+    assert!(r.text.contains(&format!("wgxdp_gateway_bytes_sent_total{{gateway=\"{id}\",name=\"metered\"}} 4242")));
+    assert!(r.text.contains(&format!("wgxdp_gateway_handshakes_total{{gateway=\"{id}\",name=\"metered\"}} 3")));
+    assert!(r.text.contains(&format!("wgxdp_gateway_up{{gateway=\"{id}\",name=\"metered\"}} 1")));
+}
+
+/// The routes the router serves (method, OpenAPI path).
+const ROUTES: [(&str, &str); 11] = [
+    ("get", "/api/v1/vpn-gateways"),
+    ("post", "/api/v1/vpn-gateways"),
+    ("get", "/api/v1/vpn-gateways/{id}"),
+    ("patch", "/api/v1/vpn-gateways/{id}"),
+    ("delete", "/api/v1/vpn-gateways/{id}"),
+    ("get", "/api/v1/vpn-gateways/{id}/status"),
+    ("get", "/api/v1/vpn-gateways/{id}/config"),
+    ("get", "/health"),
+    ("get", "/ready"),
+    ("get", "/metrics"),
+    ("get", "/api/v1/openapi.json"),
+];
+
+#[tokio::test]
+async fn openapi_document_validates_and_covers_every_route() {
+    let api = Api::new(1000);
+    let r = api.call_as(None, Method::GET, "/api/v1/openapi.json", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let doc: openapiv3::OpenAPI = serde_json::from_value(r.body.clone()).expect("a valid OpenAPI 3.0 document");
+    assert!(doc.openapi.starts_with("3."));
+    let mut documented = HashSet::new();
+    for (path, item) in &doc.paths.paths {
+        let item = item.as_item().expect("inline path item");
+        for (method, op) in item.iter() {
+            documented.insert((method.to_owned(), path.clone()));
+            assert!(!op.responses.responses.is_empty(), "{method} {path} documents its responses");
+            // The router really serves it: not an unknown route, not a wrong method.
+            let uri = path.replace("{id}", "vpn_doc");
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let body = matches!(method, "post" | "patch").then(|| json!({}));
+            let reply = api.call(m, &uri, body).await;
+            assert_ne!(reply.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert!(
+                reply.text != "{\"error\":{\"code\":\"not_found\",\"message\":\"no such endpoint\"}}",
+                "{method} {path}"
+            );
+        }
+    }
+    let expected: HashSet<(String, String)> = ROUTES.iter().map(|(m, p)| ((*m).to_owned(), (*p).to_owned())).collect();
+    assert_eq!(documented, expected, "the document lists exactly the served routes");
+    // Every schema reference resolves.
+    let schemas = &doc.components.as_ref().expect("components").schemas;
+    let text = r.body.to_string();
+    for part in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = part.split('"').next().unwrap();
+        assert!(schemas.contains_key(name), "dangling $ref to {name}");
+    }
+    assert!(doc.components.unwrap().security_schemes.contains_key("bearer"));
+}
