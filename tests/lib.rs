@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod icmp;
+pub mod site;
 
 /// Runs a command, panicking with its output if it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
@@ -51,15 +52,22 @@ pub fn unique_name(prefix: &str) -> String {
 #[derive(Debug)]
 pub struct Netns {
     pub name: String,
+    /// Deleted on drop only if this handle created it.
+    owned: bool,
 }
 
 impl Netns {
     pub fn new(prefix: &str) -> Self {
         let name = unique_name(prefix);
         run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
+        let ns = Self { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A handle on an existing namespace (e.g. for another thread); not deleted on drop.
+    pub fn attach(name: &str) -> Self {
+        Self { name: name.to_owned(), owned: false }
     }
 
     /// `ip -n NAME ...`
@@ -135,6 +143,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }

@@ -32,7 +32,7 @@ enum Command {
     /// Manage API keys in the gateway's database (run on the gateway host).
     Apikey {
         /// The gateway's configuration file (its [api] section names the database).
-        #[arg(long, short)]
+        #[arg(long, short, global = true, default_value = "/etc/wgxdp/wgxdp.toml")]
         config: PathBuf,
         #[command(subcommand)]
         command: ApiKeyCommand,

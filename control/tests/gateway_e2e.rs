@@ -11,114 +11,18 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::UdpSocket;
-use std::path::PathBuf;
-use std::process::Child;
+use std::path::Path;
 use std::time::{Duration, Instant};
 use wgxdp_dataplane::noise::cookie::{CookieJar, MacKeys};
-use wgxdp_dataplane::noise::{PrivateKey, PublicKey};
-use wgxdp_integration::{check_stream, require_tools, send_stream, veth_pair, Netns, WireguardGo};
+use wgxdp_dataplane::noise::PrivateKey;
+use wgxdp_integration::site::{write_private_key, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL, LISTEN_PORT};
+use wgxdp_integration::{check_stream, require_tools, send_stream, Netns};
 
 const TRANSFER: usize = 50 * 1024 * 1024;
-const PORT: u16 = 51820;
+const PORT: u16 = LISTEN_PORT;
 
-struct Gateway {
-    child: Child,
-    stdout: PathBuf,
-    dir: PathBuf,
-}
-
-impl Gateway {
-    fn start(ns: &Netns, dir: &PathBuf, wan: &str, lan: &str, client: &PublicKey) -> (Self, PublicKey) {
-        let key = PrivateKey::generate();
-        let key_path = dir.join("gw.key");
-        std::fs::write(&key_path, &*key.to_base64_secret()).unwrap();
-        std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        let config = dir.join("gw.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[interface]\nwan = \"{wan}\"\nlan = \"{lan}\"\nlisten_port = {PORT}\nprivate_key_file = \"{}\"\n\n\
-                 [[peer]]\npublic_key = \"{client}\"\nallowed_ips = [\"10.200.0.2/32\", \"fd20::2/128\"]\n",
-                key_path.display()
-            ),
-        )
-        .unwrap();
-        let stdout = dir.join("gw.out");
-        let child = ns
-            .command(env!("CARGO_BIN_EXE_wgxdp"))
-            .args(["serve", "--config", config.to_str().unwrap(), "--stats-every", "1"])
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(dir.join("gw.err")).unwrap())
-            .spawn()
-            .expect("start wgxdp serve");
-        let gw = Self { child, stdout, dir: dir.clone() };
-        gw.wait_for_output("wgxdp: running", Duration::from_secs(20));
-        (gw, key.public_key())
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn wait_for_output(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.output().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "`{needle}` not printed; stdout:\n{}\nstderr:\n{}",
-                self.output(),
-                std::fs::read_to_string(self.dir.join("gw.err")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The newest value of `name=` in the printed stats.
-    fn counter(&self, name: &str) -> u64 {
-        let out = self.output();
-        let key = format!(" {name}=");
-        out.lines()
-            .rev()
-            .find_map(|l| l.split_once(&key).map(|(_, rest)| rest.split_whitespace().next().unwrap_or("0").to_owned()))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Waits for a fresh stats line so counters are current.
-    fn refresh(&self) {
-        let n = self.output().matches("stats queue0").count();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.output().matches("stats queue0").count() == n && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child; at worst ESRCH.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start_client(ns: &Netns, key: &PrivateKey, gw: &PublicKey) -> WireguardGo {
-    let wg = WireguardGo::start(ns, &key.to_base64_secret(), 40_001);
-    wg.set(&[
-        "peer",
-        &gw.to_base64(),
-        "endpoint",
-        &format!("10.100.0.1:{PORT}"),
-        "allowed-ips",
-        "10.50.0.0/24,fd50::/64",
-    ]);
-    ns.ip(&["addr", "add", "10.200.0.2/32", "dev", &wg.interface]);
-    ns.ip(&["-6", "addr", "add", "fd20::2/128", "dev", &wg.interface, "nodad"]);
-    ns.ip(&["link", "set", &wg.interface, "up"]);
-    ns.ip(&["route", "add", "10.50.0.0/24", "dev", &wg.interface]);
-    ns.ip(&["-6", "route", "add", "fd50::/64", "dev", &wg.interface]);
-    wg
+fn wgxdp() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_wgxdp"))
 }
 
 /// 50 MB between a listener in `listener_ns` and a connection from
@@ -150,29 +54,26 @@ fn transfer(listener_ns: &Netns, listen: &str, connector_ns: &Netns, upload: boo
 #[test]
 fn site_to_site_through_af_xdp() {
     require_tools(&["ip", "wireguard-go", "wg", "ping", "ethtool"]);
-    let client = Netns::new("ec");
-    let gw_ns = Netns::new("eg");
-    let lan = Netns::new("el");
-    let (client_if, gw_wan) = veth_pair(&client, "10.100.0.2/24", &gw_ns, "10.100.0.1/24");
-    let (gw_lan, lan_if) = veth_pair(&gw_ns, "10.50.0.1/24", &lan, "10.50.0.2/24");
-    gw_ns.ip(&["-6", "addr", "add", "fd50::1/64", "dev", &gw_lan, "nodad"]);
-    lan.ip(&["-6", "addr", "add", "fd50::2/64", "dev", &lan_if, "nodad"]);
-    lan.ip(&["route", "add", "10.200.0.0/24", "via", "10.50.0.1"]);
-    lan.ip(&["route", "add", "10.100.0.0/24", "via", "10.50.0.1"]);
-    lan.ip(&["-6", "route", "add", "fd20::/64", "via", "fd50::1"]);
-    gw_ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    // Veth hands over TCP/UDP with checksums left for the NIC to finish; real
-    // NICs deliver complete ones. Make the hosts that send into the gateway's
-    // XDP interfaces compute them, as a physical link would carry them.
-    client.exec("ethtool", &["-K", &client_if, "tx", "off"]);
-    lan.exec("ethtool", &["-K", &lan_if, "tx", "off"]);
-
-    let dir = std::env::temp_dir().join(format!("wgxdp-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let topo = SiteTopology::new("e");
+    let (client, gw_ns, lan) = (&topo.client, &topo.gateway, &topo.lan);
+    let (gw_wan, gw_lan) = (&topo.gateway_wan, &topo.gateway_lan);
+    let dir = TempDir::new("wgxdp-e2e");
+    let gw_key = write_private_key(&dir.join("gw.key"));
+    let gw_pub = gw_key.public_key();
     let client_key = PrivateKey::generate();
-    let (gateway, gw_pub) = Gateway::start(&gw_ns, &dir, &gw_wan, &gw_lan, &client_key.public_key());
-    assert!(gw_ns.ip(&["link", "show", "dev", &gw_wan]).contains("xdp"));
-    let wg = start_client(&client, &client_key, &gw_pub);
+    let config = dir.join("gw.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[[peer]]\npublic_key = \"{}\"\nallowed_ips = [\"10.200.0.2/32\", \"fd20::2/128\"]\n",
+            topo.interface_section(&dir.join("gw.key")),
+            client_key.public_key()
+        ),
+    )
+    .unwrap();
+    let gateway = ServeProcess::start(gw_ns, wgxdp(), &config, &dir.0);
+    assert!(gw_ns.ip(&["link", "show", "dev", gw_wan]).contains("xdp"));
+    let wg = topo.start_client(&client_key, &gw_pub, CLIENT_TUNNEL);
 
     // Pings over IPv4 and IPv6 inside the tunnel (the first may wait for the handshake).
     assert!(client.ping("10.50.0.2", 4, 3), "IPv4 ping through the tunnel failed; gateway:\n{}", gateway.output());
@@ -216,7 +117,7 @@ fn site_to_site_through_af_xdp() {
     // wireguard-go restarts with the same key: a new handshake, traffic resumes.
     drop(wg);
     let hs_before = gateway.counter("handshakes_queued");
-    let wg = start_client(&client, &client_key, &gw_pub);
+    let wg = topo.start_client(&client_key, &gw_pub, CLIENT_TUNNEL);
     assert!(client.ping("10.50.0.2", 6, 3), "after wireguard-go restarted, the tunnel did not come back");
     gateway.refresh();
     assert!(gateway.counter("handshakes_queued") > hs_before);
@@ -254,12 +155,10 @@ fn site_to_site_through_af_xdp() {
     // SIGTERM: clean exit, no XDP left, and the kernel forwards plain traffic.
     drop(wg);
     let mut gateway = gateway;
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(gateway.child.id() as libc::pid_t, libc::SIGTERM) };
-    let status = gateway.child.wait().unwrap();
+    let status = gateway.terminate();
     assert!(status.success(), "wgxdp serve exited with {status}");
     assert!(gateway.output().contains("wgxdp: stopped"));
-    for iface in [&gw_wan, &gw_lan] {
+    for iface in [gw_wan, gw_lan] {
         assert!(!gw_ns.ip(&["link", "show", "dev", iface]).contains("xdp"), "XDP left on {iface}");
     }
     client.ip(&["route", "replace", "10.50.0.0/24", "via", "10.100.0.1"]);

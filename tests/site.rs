@@ -1,0 +1,216 @@
+//! The site-to-site topology every gateway scenario uses, and a `wgxdp serve`
+//! process to run in it:
+//!
+//! ```text
+//!  client ns                 gateway ns                      lan ns
+//!  wireguard-go  10.100.0.2 ─ 10.100.0.1 [wgxdp] 10.50.0.1 ─ 10.50.0.2
+//!  tunnel addr   10.200.0.2                      fd50::1   ─ fd50::2
+//!                fd20::2
+//! ```
+//!
+//! The LAN host routes the tunnel prefixes (10.200.0.0/16, fd20::/64) via the
+//! gateway. Used by the end-to-end tests, `cargo xtask demo` and bench-e2e.
+
+use crate::{veth_pair, Netns, WireguardGo};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+use wgxdp_dataplane::noise::{PrivateKey, PublicKey};
+
+pub const CLIENT_WAN: &str = "10.100.0.2";
+pub const GATEWAY_WAN: &str = "10.100.0.1";
+pub const GATEWAY_LAN: &str = "10.50.0.1";
+pub const LAN_HOST: &str = "10.50.0.2";
+pub const LAN_HOST_V6: &str = "fd50::2";
+pub const SITE_CIDR: &str = "10.50.0.0/24";
+pub const CLIENT_TUNNEL: &str = "10.200.0.2";
+pub const CLIENT_TUNNEL_V6: &str = "fd20::2";
+pub const LISTEN_PORT: u16 = 51820;
+
+#[derive(Debug)]
+pub struct SiteTopology {
+    pub client: Netns,
+    pub gateway: Netns,
+    pub lan: Netns,
+    pub client_if: String,
+    pub gateway_wan: String,
+    pub gateway_lan: String,
+    pub lan_if: String,
+}
+
+impl SiteTopology {
+    pub fn new(prefix: &str) -> Self {
+        let client = Netns::new(&format!("{prefix}c"));
+        let gateway = Netns::new(&format!("{prefix}g"));
+        let lan = Netns::new(&format!("{prefix}l"));
+        let (client_if, gateway_wan) =
+            veth_pair(&client, &format!("{CLIENT_WAN}/24"), &gateway, &format!("{GATEWAY_WAN}/24"));
+        let (gateway_lan, lan_if) = veth_pair(&gateway, &format!("{GATEWAY_LAN}/24"), &lan, &format!("{LAN_HOST}/24"));
+        gateway.ip(&["-6", "addr", "add", "fd50::1/64", "dev", &gateway_lan, "nodad"]);
+        lan.ip(&["-6", "addr", "add", &format!("{LAN_HOST_V6}/64"), "dev", &lan_if, "nodad"]);
+        lan.ip(&["route", "add", "10.200.0.0/16", "via", GATEWAY_LAN]);
+        lan.ip(&["route", "add", "10.100.0.0/24", "via", GATEWAY_LAN]);
+        lan.ip(&["-6", "route", "add", "fd20::/64", "via", "fd50::1"]);
+        gateway.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        // Veth hands over TCP/UDP with checksums left for the NIC to finish; real
+        // NICs deliver complete ones. Make the hosts that send into the gateway's
+        // XDP interfaces compute them, as a physical link would carry them.
+        client.exec("ethtool", &["-K", &client_if, "tx", "off"]);
+        lan.exec("ethtool", &["-K", &lan_if, "tx", "off"]);
+        Self { client, gateway, lan, client_if, gateway_wan, gateway_lan, lan_if }
+    }
+
+    /// The `[interface]` section for a gateway in this topology.
+    pub fn interface_section(&self, key_file: &Path) -> String {
+        format!(
+            "[interface]\nwan = \"{}\"\nlan = \"{}\"\nlisten_port = {LISTEN_PORT}\nprivate_key_file = \"{}\"\n",
+            self.gateway_wan,
+            self.gateway_lan,
+            key_file.display()
+        )
+    }
+
+    /// Starts wireguard-go in the client namespace with `key`, peered with the
+    /// gateway (`gateway_key`), tunnel address `tunnel_addr`, routing the site.
+    pub fn start_client(&self, key: &PrivateKey, gateway_key: &PublicKey, tunnel_addr: &str) -> WireguardGo {
+        let wg = WireguardGo::start(&self.client, &key.to_base64_secret(), 40_001);
+        wg.set(&[
+            "peer",
+            &gateway_key.to_base64(),
+            "endpoint",
+            &format!("{GATEWAY_WAN}:{LISTEN_PORT}"),
+            "allowed-ips",
+            "10.50.0.0/24,fd50::/64",
+        ]);
+        self.client.ip(&["addr", "add", &format!("{tunnel_addr}/32"), "dev", &wg.interface]);
+        self.client.ip(&["-6", "addr", "add", &format!("{CLIENT_TUNNEL_V6}/128"), "dev", &wg.interface, "nodad"]);
+        self.client.ip(&["link", "set", &wg.interface, "up"]);
+        self.client.ip(&["route", "add", SITE_CIDR, "dev", &wg.interface]);
+        self.client.ip(&["-6", "route", "add", "fd50::/64", "dev", &wg.interface]);
+        wg
+    }
+}
+
+/// A private directory (mode 0700) removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let p = std::env::temp_dir().join(crate::unique_name(prefix));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod temp dir");
+        Self(p)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a fresh private key to `path` with mode 0600.
+pub fn write_private_key(path: &Path) -> PrivateKey {
+    let key = PrivateKey::generate();
+    std::fs::write(path, &*key.to_base64_secret()).expect("write key");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod key");
+    key
+}
+
+/// A `wgxdp serve` process in a namespace; killed on drop.
+#[derive(Debug)]
+pub struct ServeProcess {
+    pub child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl ServeProcess {
+    /// Starts `wgxdp serve --config <config> --stats-every 1` and waits for it
+    /// to say it runs.
+    pub fn start(ns: &Netns, wgxdp: &Path, config: &Path, log_dir: &Path) -> Self {
+        let n = crate::unique_name("serve");
+        let (stdout, stderr) = (log_dir.join(format!("{n}.out")), log_dir.join(format!("{n}.err")));
+        let child = ns
+            .command(wgxdp.to_str().expect("utf-8 path"))
+            .args(["serve", "--config", config.to_str().expect("utf-8 path"), "--stats-every", "1"])
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("start wgxdp serve");
+        let p = Self { child, stdout, stderr };
+        p.wait_for_output("wgxdp: running", Duration::from_secs(30));
+        p
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn errors(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn wait_for_output(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.output().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "`{needle}` not printed; stdout:\n{}\nstderr:\n{}",
+                self.output(),
+                self.errors()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The newest value of `name=` in the printed stats.
+    pub fn counter(&self, name: &str) -> u64 {
+        let out = self.output();
+        let key = format!(" {name}=");
+        out.lines()
+            .rev()
+            .find_map(|l| l.split_once(&key).map(|(_, rest)| rest.split_whitespace().next().unwrap_or("0").to_owned()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits for a fresh stats line so counters are current.
+    pub fn refresh(&self) {
+        let n = self.output().matches("stats queue0").count();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.output().matches("stats queue0").count() == n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; at worst it fails with ESRCH.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.child.wait().expect("wait for wgxdp serve")
+    }
+
+    /// SIGKILL (a crash) and wait for the exit.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
