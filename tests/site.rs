@@ -214,3 +214,104 @@ impl Drop for ServeProcess {
         }
     }
 }
+
+/// `wgxdp apikey create` for the gateway configured by `config`; the key.
+pub fn create_api_key(wgxdp: &Path, config: &Path) -> String {
+    let out = std::process::Command::new(wgxdp)
+        .args(["apikey", "create", "--name", "harness", "--config", config.to_str().expect("utf-8 path")])
+        .output()
+        .expect("run wgxdp apikey create");
+    assert!(out.status.success(), "wgxdp apikey create: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Calls the API from inside a namespace (where it listens).
+#[derive(Debug)]
+pub struct ApiClient {
+    ns: Netns,
+    base: String,
+    key: String,
+}
+
+impl Clone for ApiClient {
+    fn clone(&self) -> Self {
+        Self { ns: Netns::attach(&self.ns.name), base: self.base.clone(), key: self.key.clone() }
+    }
+}
+
+impl ApiClient {
+    pub fn new(ns: &Netns, addr: &str, key: &str) -> Self {
+        Self { ns: Netns::attach(&ns.name), base: format!("http://{addr}"), key: key.to_owned() }
+    }
+
+    /// One request; `Err` only when the server cannot be reached.
+    pub fn call(
+        &self,
+        method: &'static str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), String> {
+        let (url, auth) = (format!("{}{path}", self.base), format!("Bearer {}", self.key));
+        self.ns.enter(move || call(method, &url, &auth, body))
+    }
+
+    /// Runs `f` on a thread inside the namespace with a caller for many requests
+    /// (no thread per request: for load generation).
+    pub fn with_caller<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(
+                &dyn Fn(&'static str, &str, Option<serde_json::Value>) -> Result<(u16, serde_json::Value), String>,
+            ) -> T
+            + Send
+            + 'static,
+    ) -> T {
+        let (base, auth) = (self.base.clone(), format!("Bearer {}", self.key));
+        self.ns.enter(move || {
+            let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+            let caller = move |method: &'static str, path: &str, body: Option<serde_json::Value>| {
+                let req = agent.request(method, &format!("{base}{path}")).set("Authorization", &auth);
+                respond(match body {
+                    Some(b) => req.send_json(b),
+                    None => req.call(),
+                })
+            };
+            f(&caller)
+        })
+    }
+}
+
+fn call(
+    method: &str,
+    url: &str,
+    auth: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, serde_json::Value), String> {
+    let req = ureq::request(method, url).set("Authorization", auth).timeout(Duration::from_secs(10));
+    respond(match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    })
+}
+
+fn respond(r: Result<ureq::Response, ureq::Error>) -> Result<(u16, serde_json::Value), String> {
+    match r {
+        Ok(r) => Ok((r.status(), r.into_json().unwrap_or(serde_json::Value::Null))),
+        Err(ureq::Error::Status(code, r)) => Ok((code, r.into_json().unwrap_or(serde_json::Value::Null))),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `ping -I src dst` from `ns`; true if at least `min` of `count` replies came back.
+pub fn ping_from(ns: &Netns, src: &str, dst: &str, count: u32, min: u32) -> bool {
+    let out = ns
+        .command("ping")
+        .args(["-c", &count.to_string(), "-i", "0.2", "-W", "1", "-I", src, dst])
+        .output()
+        .expect("run ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received = text
+        .split(',')
+        .find_map(|p| p.trim().strip_suffix(" received").and_then(|n| n.trim().parse::<u32>().ok()))
+        .unwrap_or(0);
+    received >= min
+}

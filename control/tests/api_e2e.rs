@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use wgxdp_dataplane::noise::{PresharedKey, PrivateKey, PublicKey};
 use wgxdp_integration::site::{
-    write_private_key, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL, CLIENT_WAN, LAN_HOST, SITE_CIDR,
+    create_api_key, ping_from, write_private_key, ApiClient, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL,
+    CLIENT_WAN, LAN_HOST, SITE_CIDR,
 };
 use wgxdp_integration::{require_tools, Netns, WireguardGo};
 
@@ -56,12 +57,7 @@ impl Site {
     }
 
     fn api_key(&self) -> String {
-        let out = std::process::Command::new(wgxdp())
-            .args(["apikey", "create", "--name", "e2e", "--config", self.config.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        create_api_key(wgxdp(), &self.config)
     }
 
     /// `wgxdp vpn … --json` in the gateway's namespace.
@@ -89,32 +85,8 @@ impl Site {
     }
 }
 
-/// A plain HTTP call from inside the gateway's namespace.
 fn http(ns: &Netns, method: &'static str, path: &str, key: &str, body: Option<Value>) -> Result<(u16, Value), String> {
-    let (url, auth) = (format!("http://{API}{path}"), format!("Bearer {key}"));
-    ns.enter(move || {
-        let req = ureq::request(method, &url).set("Authorization", &auth).timeout(Duration::from_secs(10));
-        let resp = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        match resp {
-            Ok(r) => Ok((r.status(), r.into_json().unwrap_or(Value::Null))),
-            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_json().unwrap_or(Value::Null))),
-            Err(e) => Err(e.to_string()),
-        }
-    })
-}
-
-fn ping_from(ns: &Netns, src: &str, dst: &str, count: u32, min: u32) -> bool {
-    let out =
-        ns.command("ping").args(["-c", &count.to_string(), "-i", "0.2", "-W", "1", "-I", src, dst]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let received = text
-        .split(',')
-        .find_map(|p| p.trim().strip_suffix(" received").and_then(|n| n.trim().parse::<u32>().ok()))
-        .unwrap_or(0);
-    received >= min
+    ApiClient::new(ns, API, key).call(method, path, body)
 }
 
 #[test]

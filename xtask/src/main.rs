@@ -16,6 +16,11 @@ commands:
   build-ebpf   build the XDP program for bpfel-unknown-none
   test         setup + build-ebpf + the whole test suite (needs root: it
                creates network namespaces and runs wireguard-go)
+  demo         setup + build, then a working site-to-site tunnel in network
+               namespaces, configured through the API, with live status
+  bench-e2e    setup + release build, then end-to-end figures through wgxdp
+               beside wireguard-go in the same run [--seconds N] [--gateways N]
+               [--json FILE]
 ";
 
 fn main() -> Result<()> {
@@ -24,6 +29,8 @@ fn main() -> Result<()> {
         Some("setup") => setup::install_all(),
         Some("build-ebpf") => build_ebpf().map(|p| println!("{}", p.display())),
         Some("test") => test(&args[1..]),
+        Some("demo") => demo(),
+        Some("bench-e2e") => bench_e2e(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -64,13 +71,46 @@ pub fn build_ebpf() -> Result<PathBuf> {
     Ok(obj)
 }
 
-fn test(extra: &[String]) -> Result<()> {
-    setup::install_all()?;
-    build_ebpf()?;
+fn require_root(what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { geteuid() } != 0 {
-        bail!("the test suite creates network namespaces and must run as root");
+        bail!("{what} creates network namespaces and attaches XDP programs: run it as root");
     }
+    Ok(())
+}
+
+/// Builds the `wgxdp` binary and the namespace drivers; returns the target dir.
+fn build_binaries(release: bool) -> Result<PathBuf> {
+    println!("== building wgxdp and the scenario drivers ({})", if release { "release" } else { "dev" });
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root()).args(["build", "-p", "wgxdp-control", "-p", "wgxdp-integration", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(root().join("target").join(if release { "release" } else { "debug" }))
+}
+
+fn demo() -> Result<()> {
+    require_root("the demo")?;
+    setup::install_all()?;
+    build_ebpf()?;
+    let bin = build_binaries(false)?;
+    run(Command::new(bin.join("wgxdp-demo")).arg(bin.join("wgxdp")))
+}
+
+fn bench_e2e(extra: &[String]) -> Result<()> {
+    require_root("bench-e2e")?;
+    setup::install_all()?;
+    build_ebpf()?;
+    let bin = build_binaries(true)?;
+    run(Command::new(bin.join("wgxdp-bench-e2e")).current_dir(root()).arg(bin.join("wgxdp")).args(extra))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    require_root("the test suite")?;
+    setup::install_all()?;
+    build_ebpf()?;
     println!("== cargo test (workspace: unit, known-answer, property, interop)");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root()).args(["test", "--workspace", "--all-targets"]).args(extra);

@@ -1,0 +1,380 @@
+//! `cargo xtask bench-e2e`: end-to-end figures through a gateway, each beside
+//! a baseline measured in the same run on the same topology.
+//!
+//! For the gateway under test (wgxdp, then wireguard-go with kernel
+//! forwarding as the baseline): TCP throughput both ways (iperf3) and the
+//! small-packet rate (iperf3 UDP, 64-byte inner packets) from a wireguard-go
+//! client through the gateway to the LAN host; the counts are what the
+//! receiver got, not what was sent. For wgxdp also the API: create and status
+//! latency (p50/p99) with 1 000 gateways under concurrent load, and whether
+//! forwarding pauses while peers are programmed (ping loss and worst RTT
+//! through the tunnel during the creates).
+//!
+//! Usage: wgxdp-bench-e2e <wgxdp binary> [--seconds N] [--gateways N] [--json FILE]
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wgxdp_dataplane::noise::{PrivateKey, PublicKey};
+use wgxdp_integration::site::{
+    create_api_key, ping_from, write_private_key, ApiClient, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL,
+    CLIENT_WAN, LAN_HOST, SITE_CIDR,
+};
+use wgxdp_integration::{require_tools, run, Netns, WireguardGo};
+
+const API: &str = "127.0.0.1:8080";
+
+struct Options {
+    wgxdp: PathBuf,
+    seconds: u32,
+    gateways: u32,
+    json: PathBuf,
+}
+
+fn options() -> Result<Options, String> {
+    let mut args = std::env::args().skip(1);
+    let wgxdp =
+        PathBuf::from(args.next().ok_or("usage: wgxdp-bench-e2e <wgxdp> [--seconds N] [--gateways N] [--json FILE]")?);
+    let mut o = Options { wgxdp, seconds: 10, gateways: 1000, json: PathBuf::from("target/bench-e2e.json") };
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--seconds" => o.seconds = value("--seconds")?.parse().map_err(|_| "--seconds: not a number")?,
+            "--gateways" => o.gateways = value("--gateways")?.parse().map_err(|_| "--gateways: not a number")?,
+            "--json" => o.json = PathBuf::from(value("--json")?),
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    if o.seconds == 0 || o.gateways == 0 {
+        return Err("--seconds and --gateways must be at least 1".into());
+    }
+    Ok(o)
+}
+
+/// Traffic figures through one gateway.
+#[derive(Debug, Default, Clone, Copy)]
+struct Traffic {
+    tcp_up_mbps: f64,
+    tcp_down_mbps: f64,
+    udp64_pps: f64,
+    udp64_offered_pps: f64,
+}
+
+fn iperf3(client: &Netns, lan: &Netns, extra: &[&str], seconds: u32) -> Value {
+    let mut server: Child = lan
+        .command("iperf3")
+        .args(["-s", "-1", "-B", LAN_HOST])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start iperf3 server");
+    std::thread::sleep(Duration::from_millis(400));
+    let t = seconds.to_string();
+    let out = client
+        .command("iperf3")
+        .args(["-c", LAN_HOST, "-B", CLIENT_TUNNEL, "-t", &t, "-J"])
+        .args(extra)
+        .output()
+        .expect("run iperf3");
+    let _ = server.kill();
+    let _ = server.wait();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| json!({"error": String::from_utf8_lossy(&out.stderr)}))
+}
+
+fn measure_traffic(topo: &SiteTopology, seconds: u32) -> Traffic {
+    let tcp = |extra: &[&str]| {
+        let v = iperf3(&topo.client, &topo.lan, extra, seconds);
+        v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6
+    };
+    let tcp_up_mbps = tcp(&[]);
+    let tcp_down_mbps = tcp(&["-R"]);
+    // 64-byte inner IPv4 packets: 20 (IP) + 8 (UDP) + 36 bytes of payload.
+    let v = iperf3(&topo.client, &topo.lan, &["-u", "-l", "36", "-b", "0"], seconds);
+    let sum = &v["end"]["sum"];
+    let packets = sum["packets"].as_f64().unwrap_or(0.0);
+    let lost = sum["lost_packets"].as_f64().unwrap_or(packets);
+    let secs = sum["seconds"].as_f64().filter(|s| *s > 0.0).unwrap_or(f64::from(seconds));
+    Traffic {
+        tcp_up_mbps,
+        tcp_down_mbps,
+        udp64_pps: (packets - lost).max(0.0) / secs,
+        udp64_offered_pps: packets / secs,
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+type MakeRequest = Arc<dyn Fn(u32) -> (&'static str, String, Option<Value>) + Send + Sync>;
+
+/// Concurrent API calls; returns sorted latencies and the failures.
+fn api_load(api: &ApiClient, threads: u32, per_thread: u32, make: MakeRequest) -> (Vec<Duration>, u32) {
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let (api, make) = (api.clone(), make.clone());
+        handles.push(std::thread::spawn(move || {
+            api.with_caller(move |call| {
+                let mut lat = Vec::new();
+                let mut failures = 0;
+                for i in 0..per_thread {
+                    let (method, path, body) = make(t * per_thread + i);
+                    let start = Instant::now();
+                    match call(method, &path, body) {
+                        Ok((200 | 201, _)) => lat.push(start.elapsed()),
+                        _ => failures += 1,
+                    }
+                }
+                (lat, failures)
+            })
+        }));
+    }
+    let mut all = Vec::new();
+    let mut failures = 0;
+    for h in handles {
+        let (l, f) = h.join().expect("load thread");
+        all.extend(l);
+        failures += f;
+    }
+    all.sort();
+    (all, failures)
+}
+
+fn create_request(i: u32) -> (&'static str, String, Option<Value>) {
+    let key = PrivateKey::generate().public_key().to_base64();
+    let body = json!({
+        "name": format!("bench-{i}"), "region": "bench", "tunnel_type": "wireguard",
+        "remote_network_cidr": format!("10.{}.{}.0/24", 120 + i / 250, i % 250),
+        "remote_peer_ip": "192.0.2.9", "remote_public_key": key,
+    });
+    ("POST", "/api/v1/vpn-gateways".into(), Some(body))
+}
+
+/// Ping through the tunnel at 100/s until `stop`; (sent, received, worst RTT ms).
+fn ping_during(client: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u32, u32, f64)> {
+    let ns = client.name.clone();
+    std::thread::spawn(move || {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "ping", "-i", "0.01", "-W", "1", "-I", CLIENT_TUNNEL, LAN_HOST])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("ping");
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: kill(2) on our own child; SIGINT makes ping print its summary.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        let out = child.wait_with_output().expect("ping output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "N packets transmitted, M received, …"
+        let summary = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or("");
+        let mut counts = summary.split(',').map(|p| p.trim().split(' ').next().and_then(|n| n.parse::<u32>().ok()));
+        let sent = counts.next().flatten().unwrap_or(0);
+        let received = counts.next().flatten().unwrap_or(0);
+        let worst = text
+            .lines()
+            .find(|l| l.starts_with("rtt"))
+            .and_then(|l| l.split('=').nth(1))
+            .and_then(|v| v.trim().split('/').nth(2))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        (sent, received, worst)
+    })
+}
+
+fn wgxdp_phase(o: &Options) -> (Traffic, Value) {
+    println!("== wgxdp: topology, `wgxdp serve` with its API, the client's gateway created through the API");
+    let topo = SiteTopology::new("bx");
+    let dir = TempDir::new("wgxdp-bench");
+    let key_file = dir.join("gw.key");
+    let gw_pub = write_private_key(&key_file).public_key();
+    let config = dir.join("gw.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[api]\nlisten = \"{API}\"\ndatabase = \"{}\"\nsite_cidr = \"{SITE_CIDR}\"\nmutations_per_minute = 1000000\nreads_per_minute = 1000000\n",
+            topo.interface_section(&key_file),
+            dir.join("bench.db").display()
+        ),
+    )
+    .expect("config");
+    let mut gateway = ServeProcess::start(&topo.gateway, &o.wgxdp, &config, &dir.0);
+    gateway.wait_for_output("wgxdp: api listening", Duration::from_secs(10));
+    let key = create_api_key(&o.wgxdp, &config);
+    let api = ApiClient::new(&topo.gateway, API, &key);
+    let client_key = PrivateKey::generate();
+    let (code, created) = api
+        .call(
+            "POST",
+            "/api/v1/vpn-gateways",
+            Some(json!({
+                "name": "bench-client", "region": "bench", "tunnel_type": "wireguard",
+                "remote_network_cidr": "10.200.0.0/24", "remote_peer_ip": CLIENT_WAN, "remote_peer_port": 40001,
+                "remote_public_key": client_key.public_key().to_base64(),
+            })),
+        )
+        .expect("API");
+    assert_eq!(code, 201, "{created}");
+    let psk = created["data"]["pre_shared_key"].as_str().expect("psk").to_owned();
+    let wg = client(&topo, &client_key, &gw_pub, Some((&dir, &psk)));
+    assert!(ping_from(&topo.client, CLIENT_TUNNEL, LAN_HOST, 5, 3), "the wgxdp tunnel does not pass traffic");
+    println!("   traffic ({} s per workload)…", o.seconds);
+    let traffic = measure_traffic(&topo, o.seconds);
+    gateway.refresh();
+    let decrypted = gateway.counter("decrypted");
+
+    println!(
+        "   API: {} creates, then {} status reads, 4 concurrent clients, pinging through the tunnel…",
+        o.gateways,
+        o.gateways * 2
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let pinger = ping_during(&topo.client, stop.clone());
+    let per = o.gateways.div_ceil(4);
+    let (create_lat, create_fail) = api_load(&api, 4, per, Arc::new(create_request));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, received, worst_rtt) = pinger.join().expect("pinger");
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/vpn-gateways?limit=100&cursor={c}"),
+            None => "/api/v1/vpn-gateways?limit=100".into(),
+        };
+        let (_, page) = api.call("GET", &path, None).expect("list");
+        ids.extend(page["data"].as_array().into_iter().flatten().filter_map(|g| g["id"].as_str().map(str::to_owned)));
+        match page["meta"]["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let status_ids = Arc::new(ids.clone());
+    let status_request: MakeRequest = Arc::new(move |i| {
+        ("GET", format!("/api/v1/vpn-gateways/{}/status", status_ids[i as usize % status_ids.len()]), None)
+    });
+    let (status_lat, status_fail) = api_load(&api, 4, per * 2, status_request);
+    let after = ping_from(&topo.client, CLIENT_TUNNEL, LAN_HOST, 3, 2);
+    drop(wg);
+    let exit = gateway.terminate();
+    let api_figures = json!({
+        "gateways": ids.len(),
+        "create_ms": {"p50": percentile(&create_lat, 0.5), "p99": percentile(&create_lat, 0.99), "failures": create_fail},
+        "status_ms": {"p50": percentile(&status_lat, 0.5), "p99": percentile(&status_lat, 0.99), "failures": status_fail},
+        "forwarding_during_creates": {"pings_sent": sent, "pings_received": received, "worst_rtt_ms": worst_rtt},
+        "tunnel_ok_after": after,
+        "decrypted_in_af_xdp": decrypted,
+        "gateway_exit": exit.to_string(),
+    });
+    (traffic, api_figures)
+}
+
+fn client(topo: &SiteTopology, key: &PrivateKey, gw: &PublicKey, psk: Option<(&TempDir, &str)>) -> WireguardGo {
+    let wg = topo.start_client(key, gw, CLIENT_TUNNEL);
+    if let Some((dir, psk)) = psk {
+        let f = dir.join("client.psk");
+        std::fs::write(&f, psk).expect("psk file");
+        wg.set(&["peer", &gw.to_base64(), "preshared-key", f.to_str().expect("utf-8")]);
+    }
+    wg
+}
+
+fn wireguard_go_phase(o: &Options) -> Traffic {
+    println!("== baseline: wireguard-go as the gateway (kernel forwarding), same topology");
+    let topo = SiteTopology::new("bw");
+    let gw_key = PrivateKey::generate();
+    let client_key = PrivateKey::generate();
+    let gw = WireguardGo::start(&topo.gateway, &gw_key.to_base64_secret(), 51820);
+    gw.set(&["peer", &client_key.public_key().to_base64(), "allowed-ips", "10.200.0.0/24,fd20::/64"]);
+    topo.gateway.ip(&["link", "set", &gw.interface, "up"]);
+    topo.gateway.ip(&["route", "add", "10.200.0.0/24", "dev", &gw.interface]);
+    let wg = client(&topo, &client_key, &gw_key.public_key(), None);
+    assert!(ping_from(&topo.client, CLIENT_TUNNEL, LAN_HOST, 5, 3), "the wireguard-go tunnel does not pass traffic");
+    println!("   traffic ({} s per workload)…", o.seconds);
+    let t = measure_traffic(&topo, o.seconds);
+    drop(wg);
+    drop(gw);
+    t
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    json!({
+        "kernel": run("uname", &["-r"]).trim(),
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "wireguard_go": run("sh", &["-c", "dpkg-query -W -f='${Version}' wireguard-go 2>/dev/null || true"]).trim(),
+    })
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+fn main() {
+    let o = options().unwrap_or_else(|e| {
+        eprintln!("wgxdp-bench-e2e: {e}");
+        std::process::exit(2)
+    });
+    require_tools(&["ip", "wireguard-go", "wg", "ping", "ethtool", "iperf3"]);
+    assert!(Path::new(&o.wgxdp).exists(), "{} does not exist", o.wgxdp.display());
+    let started = Instant::now();
+    let (x, api) = wgxdp_phase(&o);
+    let g = wireguard_go_phase(&o);
+    let rows = [
+        ("TCP client -> LAN (Mbit/s)", x.tcp_up_mbps, g.tcp_up_mbps),
+        ("TCP LAN -> client (Mbit/s)", x.tcp_down_mbps, g.tcp_down_mbps),
+        ("UDP 64 B delivered (pkt/s)", x.udp64_pps, g.udp64_pps),
+        ("UDP 64 B offered (pkt/s)", x.udp64_offered_pps, g.udp64_offered_pps),
+    ];
+    println!("\n{:<30} {:>14} {:>14} {:>8}", "through the gateway", "wgxdp", "wireguard-go", "ratio");
+    for (name, a, b) in rows {
+        println!("{name:<30} {a:>14.0} {b:>14.0} {:>7.2}x", ratio(a, b));
+    }
+    println!(
+        "\nAPI with {} gateways: create p50 {:.2} ms p99 {:.2} ms; status p50 {:.2} ms p99 {:.2} ms",
+        api["gateways"],
+        api["create_ms"]["p50"].as_f64().unwrap_or(0.0),
+        api["create_ms"]["p99"].as_f64().unwrap_or(0.0),
+        api["status_ms"]["p50"].as_f64().unwrap_or(0.0),
+        api["status_ms"]["p99"].as_f64().unwrap_or(0.0)
+    );
+    let f = &api["forwarding_during_creates"];
+    println!(
+        "forwarding while peers were programmed: {}/{} pings answered, worst RTT {:.2} ms",
+        f["pings_received"],
+        f["pings_sent"],
+        f["worst_rtt_ms"].as_f64().unwrap_or(0.0)
+    );
+    println!("(the client is wireguard-go in both runs, so it bounds the user-view figures; ratios are same-run)");
+    let report = json!({
+        "machine": machine(),
+        "seconds_per_workload": o.seconds,
+        "wgxdp": {"tcp_up_mbps": x.tcp_up_mbps, "tcp_down_mbps": x.tcp_down_mbps, "udp64_pps": x.udp64_pps, "udp64_offered_pps": x.udp64_offered_pps},
+        "wireguard_go": {"tcp_up_mbps": g.tcp_up_mbps, "tcp_down_mbps": g.tcp_down_mbps, "udp64_pps": g.udp64_pps, "udp64_offered_pps": g.udp64_offered_pps},
+        "ratios": {"tcp_up": ratio(x.tcp_up_mbps, g.tcp_up_mbps), "tcp_down": ratio(x.tcp_down_mbps, g.tcp_down_mbps), "udp64": ratio(x.udp64_pps, g.udp64_pps)},
+        "api": api,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+    });
+    if let Some(parent) = o.json.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    std::fs::write(&o.json, serde_json::to_string_pretty(&report).expect("json")).expect("write the JSON report");
+    println!("\nfigures: {}", o.json.display());
+}
