@@ -338,6 +338,27 @@ mod tests {
     }
 
     #[test]
+    fn api_section() {
+        let k = key_file(0o600, &PrivateKey::generate().to_base64_secret());
+        let c = Config::parse(&config(&k.0, "[api]\ndatabase = \"/var/lib/wgxdp/db\"\n"), Path::new("t.toml")).unwrap();
+        let api = c.api.unwrap();
+        assert_eq!(api.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!((api.mutations_per_minute, api.reads_per_minute, api.site_cidr), (100, 1200, None));
+        assert!(Config::parse(&config(&k.0, ""), Path::new("t.toml")).unwrap().api.is_none());
+        let bad = [
+            ("[api]\n", "database"),
+            ("[api]\ndatabase = \"/d\"\nsite_cidr = \"10.0.0.1/8\"\n", "site_cidr"),
+            ("[api]\ndatabase = \"/d\"\nmutations_per_minute = 0\n", "at least 1"),
+            ("[api]\ndatabase = \"/d\"\nlisten = \"nowhere\"\n", "listen"),
+            ("[api]\ndatabase = \"/d\"\ncolour = 1\n", "colour"),
+        ];
+        for (section, needle) in bad {
+            let err = Config::parse(&config(&k.0, section), Path::new("t.toml")).unwrap_err().to_string();
+            assert!(err.contains(needle), "{section}: {err}");
+        }
+    }
+
+    #[test]
     fn operator_mistakes_get_clear_errors() {
         let good = key_file(0o600, &PrivateKey::generate().to_base64_secret());
         let loose = key_file(0o644, &PrivateKey::generate().to_base64_secret());
