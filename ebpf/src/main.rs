@@ -6,6 +6,9 @@
 //!   prefix (a peer's allowed IPs) go to the AF_XDP socket; everything else,
 //!   ARP/ND and local traffic included, goes to the kernel.
 //!
+//! - `wgxdp_sink` (benchmarks only, see `sink.rs`): counts and drops what a
+//!   benchmark measures on the receiving host.
+//!
 //! Malformed or truncated frames are never dropped here: the kernel sees them
 //! untouched. Every decision is counted per CPU.
 #![no_std]
@@ -18,6 +21,8 @@ use aya_ebpf::maps::{Array, LpmTrie, PerCpuArray, XskMap};
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
 use wgxdp_common::{config, stat, MAX_QUEUES, MAX_TUNNEL_PREFIXES};
+
+mod sink;
 
 #[map]
 static WAN_XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);

@@ -10,12 +10,30 @@ pub mod maps {
     pub const TUNNEL_V4: &str = "TUNNEL_V4";
     pub const TUNNEL_V6: &str = "TUNNEL_V6";
     pub const STATS: &str = "STATS";
+    pub const SINK_CONFIG: &str = "SINK_CONFIG";
+    pub const SINK_STATS: &str = "SINK_STATS";
 }
 
 /// Program names (the functions' names in the object).
 pub mod programs {
     pub const WAN: &str = "wgxdp_wan";
     pub const LAN: &str = "wgxdp_lan";
+    /// Benchmarks only: counts and drops the traffic a run measures.
+    pub const SINK: &str = "wgxdp_sink";
+}
+
+/// The benchmark sink (`wgxdp_sink`): it counts and drops IPv4 UDP packets to
+/// `SINK_CONFIG[DST_PORT]` (inner packets after a decrypting gateway) and
+/// WireGuard transport data from `SINK_CONFIG[WG_SRC_PORT]` (what an
+/// encrypting gateway sends; keepalives excluded); everything else passes.
+pub mod sink {
+    pub const DST_PORT: u32 = 0;
+    pub const WG_SRC_PORT: u32 = 1;
+    pub const CONFIG_COUNT: u32 = 2;
+    /// `SINK_STATS` indices (per CPU).
+    pub const PACKETS: u32 = 0;
+    pub const BYTES: u32 = 1;
+    pub const STATS_COUNT: u32 = 2;
 }
 
 /// Capacity of the XSK maps: the highest rx queue index + 1 we can serve.
