@@ -14,9 +14,9 @@ use wgxdp_common::{maps, programs, sink};
 use wgxdp_dataplane::device::{Action, Device, PeerId};
 use wgxdp_dataplane::noise::peer::PeerConfig;
 use wgxdp_dataplane::noise::{AeadBackend, PresharedKey, PrivateKey, PublicKey};
-use wgxdp_dataplane::wire::{ip_protocol, Ipv4Packet, MacAddr, UdpPacket, ETHERNET_HEADER_LEN, IPV4_HEADER_LEN};
-
-const UDP_HEADER_LEN: usize = 8;
+use wgxdp_dataplane::wire::{
+    ip_protocol, Ipv4Packet, MacAddr, UdpDatagram, ETHERNET_HEADER_LEN, IPV4_HEADER_LEN, UDP_HEADER_LEN,
+};
 
 /// The MAC address of `iface` in `ns`.
 pub fn mac_of(ns: &Netns, iface: &str) -> MacAddr {
@@ -41,10 +41,15 @@ pub fn pin_current_thread(cpu: usize) {
 }
 
 /// The benchmark sink (`wgxdp_sink`) attached to an interface; detached on drop.
-#[derive(Debug)]
 pub struct Sink {
     stats: PerCpuArray<MapData, u64>,
     _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink").field("packets", &self.packets()).finish()
+    }
 }
 
 impl Sink {
@@ -121,10 +126,17 @@ impl Framing {
         f[6..12].copy_from_slice(&self.src_mac.0);
         f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
         let ip = &mut f[ETHERNET_HEADER_LEN..];
-        Ipv4Packet::emit(&mut *ip, *self.src.ip(), *self.dst.ip(), ip_protocol::UDP, 64, UDP_HEADER_LEN + payload.len())
-            .expect("room for the IPv4 header");
+        Ipv4Packet::emit(
+            &mut *ip,
+            *self.src.ip(),
+            *self.dst.ip(),
+            ip_protocol::UDP,
+            64,
+            UDP_HEADER_LEN + payload.len(),
+        )
+        .expect("room for the IPv4 header");
         let udp = &mut ip[IPV4_HEADER_LEN..];
-        UdpPacket::emit(&mut *udp, self.src.port(), self.dst.port(), payload.len()).expect("room for UDP");
+        UdpDatagram::emit(&mut *udp, self.src.port(), self.dst.port(), payload.len()).expect("room for UDP");
         udp[6..8].copy_from_slice(&[0, 0]);
         udp[UDP_HEADER_LEN..].copy_from_slice(payload);
     }
@@ -135,7 +147,7 @@ pub fn inner_packet(len: usize, src: Ipv4Addr, dst: Ipv4Addr, dst_port: u16) -> 
     let mut p = vec![0x5au8; len.max(IPV4_HEADER_LEN + UDP_HEADER_LEN)];
     let payload = p.len() - IPV4_HEADER_LEN - UDP_HEADER_LEN;
     Ipv4Packet::emit(&mut p[..], src, dst, ip_protocol::UDP, 64, UDP_HEADER_LEN + payload).expect("room");
-    UdpPacket::emit(&mut p[IPV4_HEADER_LEN..], 9998, dst_port, payload).expect("room");
+    UdpDatagram::emit(&mut p[IPV4_HEADER_LEN..], 9998, dst_port, payload).expect("room");
     p[IPV4_HEADER_LEN + 6..IPV4_HEADER_LEN + 8].copy_from_slice(&[0, 0]);
     p
 }
@@ -154,9 +166,8 @@ impl PacketSocket {
         ns.enter(move || {
             let name = std::ffi::CString::new(iface.clone()).expect("interface name");
             // SAFETY: plain socket(2)/if_nametoindex(3) calls; the fd is owned below.
-            let (raw, index) = unsafe {
-                (libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0), libc::if_nametoindex(name.as_ptr()))
-            };
+            let (raw, index) =
+                unsafe { (libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0), libc::if_nametoindex(name.as_ptr())) };
             assert!(raw >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
             assert!(index > 0, "no interface {iface}");
             // SAFETY: `raw` is a fresh, valid descriptor nobody else owns.
@@ -228,11 +239,18 @@ pub struct ClientSession {
 
 impl ClientSession {
     /// Completes a handshake with the gateway at `gateway` (`gateway_key`).
-    pub fn connect(ns: &Netns, key: PrivateKey, local: SocketAddrV4, gateway: SocketAddr, gateway_key: PublicKey) -> Self {
+    pub fn connect(
+        ns: &Netns,
+        key: PrivateKey,
+        local: SocketAddrV4,
+        gateway: SocketAddr,
+        gateway_key: PublicKey,
+    ) -> Self {
         let socket = ns.udp_socket(&local.to_string());
         socket.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
         let mut device = Device::new(key, AeadBackend::Ring, 12, Instant::now());
-        let cfg = PeerConfig { public_key: gateway_key, preshared_key: PresharedKey::default(), persistent_keepalive: None };
+        let cfg =
+            PeerConfig { public_key: gateway_key, preshared_key: PresharedKey::default(), persistent_keepalive: None };
         let peer = device.add_peer(cfg, Some(gateway), &["0.0.0.0/0".parse().expect("prefix")]).expect("peer");
         let mut s = Self { device, peer, socket, local };
         let mut out = vec![0u8; 2048];

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod blast;
 pub mod icmp;
 pub mod site;
 
@@ -163,7 +164,23 @@ pub fn veth_pair(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> (String, S
     (ea, eb)
 }
 
-/// A wireguard-go instance in a namespace; stopped (SIGTERM) on drop.
+/// Userspace WireGuard implementations driven through `wg`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Userspace {
+    WireguardGo,
+    Boringtun,
+}
+
+impl Userspace {
+    pub fn binary(self) -> &'static str {
+        match self {
+            Userspace::WireguardGo => "wireguard-go",
+            Userspace::Boringtun => "boringtun-cli",
+        }
+    }
+}
+
+/// A wireguard-go (or boringtun) instance in a namespace; stopped (SIGTERM) on drop.
 #[derive(Debug)]
 pub struct WireguardGo {
     pub interface: String,
@@ -176,19 +193,40 @@ impl WireguardGo {
     /// Starts wireguard-go on a fresh interface in `ns`, with `private_key`
     /// (base64), listening on `port`.
     pub fn start(ns: &Netns, private_key: &str, port: u16) -> Self {
+        Self::start_pinned(ns, private_key, port, None)
+    }
+
+    /// As `start`, with every thread of wireguard-go on `cpu` (taskset).
+    pub fn start_pinned(ns: &Netns, private_key: &str, port: u16, cpu: Option<usize>) -> Self {
+        Self::start_program(ns, Userspace::WireguardGo, private_key, port, cpu)
+    }
+
+    /// Starts a userspace WireGuard that speaks the same control protocol as
+    /// wireguard-go (`wg set`), optionally pinned to `cpu`.
+    pub fn start_program(ns: &Netns, program: Userspace, private_key: &str, port: u16, cpu: Option<usize>) -> Self {
         let interface = unique_name("wgi");
         let log = std::env::temp_dir().join(format!("{interface}.log"));
         let key_file = std::env::temp_dir().join(format!("{interface}.key"));
         std::fs::write(&key_file, private_key).expect("write key file");
-        let child = ns
-            .command("wireguard-go")
-            .args(["-f", &interface])
+        let mut cmd = match cpu {
+            Some(c) => {
+                let mut cmd = ns.command("taskset");
+                cmd.args(["-c", &c.to_string(), program.binary()]);
+                cmd
+            }
+            None => ns.command(program.binary()),
+        };
+        match program {
+            Userspace::WireguardGo => cmd.args(["-f", &interface]),
+            Userspace::Boringtun => cmd.args(["--foreground", "--disable-drop-privileges", &interface]),
+        };
+        let child = cmd
             .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
             .env("LOG_LEVEL", "debug")
             .stdout(File::create(&log).expect("log file"))
             .stderr(Stdio::null())
             .spawn()
-            .expect("start wireguard-go");
+            .unwrap_or_else(|e| panic!("start {}: {e}", program.binary()));
         let sock = PathBuf::from(format!("/var/run/wireguard/{interface}.sock"));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sock.exists() {

@@ -134,10 +134,23 @@ impl ServeProcess {
     /// Starts `wgxdp serve --config <config> --stats-every 1` and waits for it
     /// to say it runs.
     pub fn start(ns: &Netns, wgxdp: &Path, config: &Path, log_dir: &Path) -> Self {
+        Self::start_pinned(ns, wgxdp, config, log_dir, None)
+    }
+
+    /// As `start`, with the whole process on `cpu` (taskset).
+    pub fn start_pinned(ns: &Netns, wgxdp: &Path, config: &Path, log_dir: &Path, cpu: Option<usize>) -> Self {
         let n = crate::unique_name("serve");
         let (stdout, stderr) = (log_dir.join(format!("{n}.out")), log_dir.join(format!("{n}.err")));
-        let child = ns
-            .command(wgxdp.to_str().expect("utf-8 path"))
+        let wgxdp = wgxdp.to_str().expect("utf-8 path");
+        let mut cmd = match cpu {
+            Some(c) => {
+                let mut cmd = ns.command("taskset");
+                cmd.args(["-c", &c.to_string(), wgxdp]);
+                cmd
+            }
+            None => ns.command(wgxdp),
+        };
+        let child = cmd
             .args(["serve", "--config", config.to_str().expect("utf-8 path"), "--stats-every", "1"])
             .stdout(std::fs::File::create(&stdout).expect("stdout file"))
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))

@@ -1,16 +1,19 @@
-//! `cargo xtask bench-e2e`: end-to-end figures through a gateway, each beside
-//! a baseline measured in the same run on the same topology.
+//! `cargo xtask bench-e2e`: the same workloads through wgxdp, wireguard-go and
+//! boringtun, in one run, each figure beside the others.
 //!
-//! For the gateway under test (wgxdp, then wireguard-go with kernel
-//! forwarding as the baseline): TCP throughput both ways (iperf3) and the
-//! small-packet rate (iperf3 UDP, 64-byte inner packets) from a wireguard-go
-//! client through the gateway to the LAN host; the counts are what the
-//! receiver got, not what was sent. For wgxdp also the API: create and status
-//! latency (p50/p99) with 1 000 gateways under concurrent load, and whether
-//! forwarding pauses while peers are programmed (ping loss and worst RTT
-//! through the tunnel during the creates).
+//! - Capacity (`capacity.rs`): the gateway pinned to one core, a generator
+//!   on the other that out-runs it; decrypt + forward and encrypt + forward at
+//!   64 and 1420 B inner packets, counted by an XDP sink after the gateway.
+//! - User view: TCP both ways (iperf3) and the 64-byte UDP rate from a
+//!   wireguard-go client through the gateway to the LAN host (wgxdp against a
+//!   wireguard-go gateway).
+//! - The API (wgxdp): create and status latency (p50/p99) with 1 000 gateways
+//!   under concurrent load, and whether forwarding pauses while peers are
+//!   programmed (ping loss and worst RTT through the tunnel during the creates).
 //!
-//! Usage: wgxdp-bench-e2e <wgxdp binary> [--seconds N] [--gateways N] [--json FILE]
+//! Prints a table and the targets; writes a JSON report and an SVG chart.
+//!
+//! Usage: wgxdp-bench-e2e <wgxdp binary> [--seconds N] [--packets N] [--gateways N] [--json FILE]
 
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -23,33 +26,45 @@ use wgxdp_integration::site::{
     create_api_key, ping_from, write_private_key, ApiClient, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL,
     CLIENT_WAN, LAN_HOST, SITE_CIDR,
 };
-use wgxdp_integration::{require_tools, run, Netns, WireguardGo};
+use wgxdp_integration::{require_tools, run, Netns, Userspace, WireguardGo};
+
+mod capacity;
 
 const API: &str = "127.0.0.1:8080";
 
 struct Options {
     wgxdp: PathBuf,
     seconds: u32,
+    /// Pre-encrypted packets per 64-byte decrypt run (a quarter for 1420 B).
+    packets: usize,
     gateways: u32,
     json: PathBuf,
 }
 
 fn options() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
-    let wgxdp =
-        PathBuf::from(args.next().ok_or("usage: wgxdp-bench-e2e <wgxdp> [--seconds N] [--gateways N] [--json FILE]")?);
-    let mut o = Options { wgxdp, seconds: 10, gateways: 1000, json: PathBuf::from("target/bench-e2e.json") };
+    let wgxdp = PathBuf::from(
+        args.next().ok_or("usage: wgxdp-bench-e2e <wgxdp> [--seconds N] [--packets N] [--gateways N] [--json FILE]")?,
+    );
+    let mut o = Options {
+        wgxdp,
+        seconds: 10,
+        packets: 2_000_000,
+        gateways: 1000,
+        json: PathBuf::from("target/bench-e2e.json"),
+    };
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
         match a.as_str() {
             "--seconds" => o.seconds = value("--seconds")?.parse().map_err(|_| "--seconds: not a number")?,
+            "--packets" => o.packets = value("--packets")?.parse().map_err(|_| "--packets: not a number")?,
             "--gateways" => o.gateways = value("--gateways")?.parse().map_err(|_| "--gateways: not a number")?,
             "--json" => o.json = PathBuf::from(value("--json")?),
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
-    if o.seconds == 0 || o.gateways == 0 {
-        return Err("--seconds and --gateways must be at least 1".into());
+    if o.seconds == 0 || o.gateways == 0 || o.packets < 1000 {
+        return Err("--seconds and --gateways must be at least 1, --packets at least 1000".into());
     }
     Ok(o)
 }
@@ -327,25 +342,112 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
+fn fmt_rate(r: &capacity::Rate, size: usize) -> String {
+    if size < 512 {
+        format!("{:.0} kpps", r.delivered_pps / 1e3)
+    } else {
+        format!("{:.2} Gbps", r.delivered_gbps)
+    }
+}
+
 fn main() {
     let o = options().unwrap_or_else(|e| {
         eprintln!("wgxdp-bench-e2e: {e}");
         std::process::exit(2)
     });
-    require_tools(&["ip", "wireguard-go", "wg", "ping", "ethtool", "iperf3"]);
+    require_tools(&["ip", "wireguard-go", "wg", "ping", "ethtool", "iperf3", "taskset"]);
     assert!(Path::new(&o.wgxdp).exists(), "{} does not exist", o.wgxdp.display());
     let started = Instant::now();
+    let object = wgxdp_integration::xdp_object();
+
+    println!("== bare AEAD open (ring, 1420 B) on the generator core");
+    let bare_open_pps = std::thread::spawn(capacity::bare_open_rate).join().expect("bare open");
+    println!("   {:.0} opens/s = {:.2} Gbps of plaintext", bare_open_pps, bare_open_pps * 1420.0 * 8.0 / 1e9);
+
+    let mut kinds = vec![capacity::Kind::Wgxdp, capacity::Kind::Userspace(Userspace::WireguardGo)];
+    let have_boringtun = run("sh", &["-c", "command -v boringtun-cli || true"]).trim().len() > 0;
+    if have_boringtun {
+        kinds.push(capacity::Kind::Userspace(Userspace::Boringtun));
+    } else {
+        println!("(boringtun-cli is not installed: `cargo xtask bench-e2e` installs it; skipping it)");
+    }
+    let mut caps = Vec::new();
+    for kind in &kinds {
+        println!(
+            "== capacity: {} on core {}, generator on core {}",
+            kind.name(),
+            capacity::GATEWAY_CPU,
+            capacity::GENERATOR_CPU
+        );
+        caps.push(capacity::measure(*kind, &o.wgxdp, &object, o.packets, o.seconds.min(5)));
+    }
+
     let (x, api) = wgxdp_phase(&o);
     let g = wireguard_go_phase(&o);
+
+    // The table.
+    let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+    println!("\n{:<34}{}", "capacity (one gateway core)", names.iter().map(|n| format!("{n:>16}")).collect::<String>());
+    let mut chart: Vec<(String, Vec<(String, f64, String)>)> = Vec::new();
+    for (w, label) in [(0usize, "decrypt + forward"), (1, "encrypt + forward")] {
+        for (i, size) in capacity::SIZES.into_iter().enumerate() {
+            let rates: Vec<capacity::Rate> =
+                caps.iter().map(|c| if w == 0 { c.decrypt[i] } else { c.encrypt[i] }).collect();
+            let row = format!("{label}, {size} B");
+            println!("{row:<34}{}", rates.iter().map(|r| format!("{:>16}", fmt_rate(r, size))).collect::<String>());
+            println!(
+                "{:<34}{}",
+                "   offered by the generator",
+                rates.iter().map(|r| format!("{:>12.0} kpps", r.offered_pps / 1e3)).collect::<String>()
+            );
+            let value = |r: &capacity::Rate| if size < 512 { r.delivered_pps } else { r.delivered_gbps };
+            chart.push((
+                row,
+                kinds.iter().zip(&rates).map(|(k, r)| (k.name().to_owned(), value(r), fmt_rate(r, size))).collect(),
+            ));
+        }
+    }
+    println!("\n{:<34}{:>16}{:>16}{:>10}", "user view (wireguard-go client)", "wgxdp", "wireguard-go", "ratio");
     let rows = [
         ("TCP client -> LAN (Mbit/s)", x.tcp_up_mbps, g.tcp_up_mbps),
         ("TCP LAN -> client (Mbit/s)", x.tcp_down_mbps, g.tcp_down_mbps),
         ("UDP 64 B delivered (pkt/s)", x.udp64_pps, g.udp64_pps),
         ("UDP 64 B offered (pkt/s)", x.udp64_offered_pps, g.udp64_offered_pps),
     ];
-    println!("\n{:<30} {:>14} {:>14} {:>8}", "through the gateway", "wgxdp", "wireguard-go", "ratio");
     for (name, a, b) in rows {
-        println!("{name:<30} {a:>14.0} {b:>14.0} {:>7.2}x", ratio(a, b));
+        println!("{name:<34}{a:>16.0}{b:>16.0}{:>9.2}x", ratio(a, b));
+    }
+    chart.push((
+        "TCP client -> LAN".into(),
+        vec![
+            ("wgxdp".into(), x.tcp_up_mbps, format!("{:.0} Mbit/s", x.tcp_up_mbps)),
+            ("wireguard-go".into(), g.tcp_up_mbps, format!("{:.0} Mbit/s", g.tcp_up_mbps)),
+        ],
+    ));
+
+    // Targets (issue: wgxdp against wireguard-go, same run).
+    let (w, go) = (&caps[0], &caps[1]);
+    let bare_gbps = bare_open_pps * 1420.0 * 8.0 / 1e9;
+    let targets = [
+        ("decrypt 64 B: >= 10x wireguard-go pps", ratio(w.decrypt[0].delivered_pps, go.decrypt[0].delivered_pps), 10.0),
+        (
+            "decrypt 1420 B: >= 4x wireguard-go Gbps",
+            ratio(w.decrypt[1].delivered_gbps, go.decrypt[1].delivered_gbps),
+            4.0,
+        ),
+        ("decrypt 1420 B: >= 60% of bare AEAD open", ratio(w.decrypt[1].delivered_gbps, bare_gbps), 0.6),
+        ("encrypt 64 B: >= 10x wireguard-go pps", ratio(w.encrypt[0].delivered_pps, go.encrypt[0].delivered_pps), 10.0),
+        (
+            "encrypt 1420 B: >= 4x wireguard-go Gbps",
+            ratio(w.encrypt[1].delivered_gbps, go.encrypt[1].delivered_gbps),
+            4.0,
+        ),
+        ("encrypt 1420 B: >= 60% of bare AEAD open", ratio(w.encrypt[1].delivered_gbps, bare_gbps), 0.6),
+        ("user-view TCP: >= 2x all-wireguard-go", ratio(x.tcp_up_mbps, g.tcp_up_mbps), 2.0),
+    ];
+    println!("\n{:<44}{:>10}{:>10}", "targets", "measured", "");
+    for (name, value, goal) in targets {
+        println!("{name:<44}{value:>9.2}x{:>10}", if value >= goal { "met" } else { "NOT met" });
     }
     println!(
         "\nAPI with {} gateways: create p50 {:.2} ms p99 {:.2} ms; status p50 {:.2} ms p99 {:.2} ms",
@@ -362,13 +464,33 @@ fn main() {
         f["pings_sent"],
         f["worst_rtt_ms"].as_f64().unwrap_or(0.0)
     );
-    println!("(the client is wireguard-go in both runs, so it bounds the user-view figures; ratios are same-run)");
+
+    let rate_json = |r: &capacity::Rate| json!({"offered_pps": r.offered_pps, "delivered_pps": r.delivered_pps, "delivered_gbps": r.delivered_gbps});
+    let capacity_json: serde_json::Map<String, Value> = kinds
+        .iter()
+        .zip(&caps)
+        .map(|(k, c)| {
+            (
+                k.name().to_owned(),
+                json!({
+                    "decrypt_64": rate_json(&c.decrypt[0]), "decrypt_1420": rate_json(&c.decrypt[1]),
+                    "encrypt_64": rate_json(&c.encrypt[0]), "encrypt_1420": rate_json(&c.encrypt[1]),
+                }),
+            )
+        })
+        .collect();
     let report = json!({
         "machine": machine(),
+        "gateway_cpu": capacity::GATEWAY_CPU,
+        "generator_cpu": capacity::GENERATOR_CPU,
         "seconds_per_workload": o.seconds,
-        "wgxdp": {"tcp_up_mbps": x.tcp_up_mbps, "tcp_down_mbps": x.tcp_down_mbps, "udp64_pps": x.udp64_pps, "udp64_offered_pps": x.udp64_offered_pps},
-        "wireguard_go": {"tcp_up_mbps": g.tcp_up_mbps, "tcp_down_mbps": g.tcp_down_mbps, "udp64_pps": g.udp64_pps, "udp64_offered_pps": g.udp64_offered_pps},
-        "ratios": {"tcp_up": ratio(x.tcp_up_mbps, g.tcp_up_mbps), "tcp_down": ratio(x.tcp_down_mbps, g.tcp_down_mbps), "udp64": ratio(x.udp64_pps, g.udp64_pps)},
+        "bare_aead_open_1420": {"pps": bare_open_pps, "gbps": bare_gbps},
+        "capacity": capacity_json,
+        "user_view": {
+            "wgxdp": {"tcp_up_mbps": x.tcp_up_mbps, "tcp_down_mbps": x.tcp_down_mbps, "udp64_pps": x.udp64_pps, "udp64_offered_pps": x.udp64_offered_pps},
+            "wireguard_go": {"tcp_up_mbps": g.tcp_up_mbps, "tcp_down_mbps": g.tcp_down_mbps, "udp64_pps": g.udp64_pps, "udp64_offered_pps": g.udp64_offered_pps},
+        },
+        "targets": targets.iter().map(|(n, v, goal)| json!({"target": n, "ratio": v, "goal": goal, "met": v >= goal})).collect::<Vec<_>>(),
         "api": api,
         "elapsed_s": started.elapsed().as_secs_f64(),
     });
@@ -376,5 +498,39 @@ fn main() {
         let _ = std::fs::create_dir_all(parent);
     }
     std::fs::write(&o.json, serde_json::to_string_pretty(&report).expect("json")).expect("write the JSON report");
-    println!("\nfigures: {}", o.json.display());
+    let svg = o.json.with_extension("svg");
+    std::fs::write(&svg, svg_chart(&chart)).expect("write the chart");
+    println!("\nfigures: {} and {} ({:.0} s)", o.json.display(), svg.display(), started.elapsed().as_secs_f64());
+}
+
+/// A grouped bar chart: one group per workload, bars scaled to the group's best.
+fn svg_chart(groups: &[(String, Vec<(String, f64, String)>)]) -> String {
+    const COLORS: [&str; 3] = ["#1f77b4", "#ff7f0e", "#2ca02c"];
+    let (row_h, bar_h, left, width) = (26.0, 20.0, 230.0, 420.0);
+    let bars: usize = groups.iter().map(|(_, b)| b.len()).sum();
+    let height = 40.0 + bars as f64 * row_h + groups.len() as f64 * 14.0;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">wgxdp vs userspace WireGuard, one gateway core (bar length relative to the best in each workload)</text>\n",
+        left + width + 130.0
+    );
+    let mut y = 36.0;
+    for (name, entries) in groups {
+        let best = entries.iter().map(|e| e.1).fold(0.0f64, f64::max).max(1e-12);
+        out.push_str(&format!("<text x=\"10\" y=\"{}\" font-weight=\"bold\">{name}</text>\n", y + bar_h * 0.7));
+        for (i, (gw, value, label)) in entries.iter().enumerate() {
+            let w = (value / best * width).max(1.0);
+            let color = COLORS[i % COLORS.len()];
+            out.push_str(&format!(
+                "<rect x=\"{left}\" y=\"{y}\" width=\"{w:.1}\" height=\"{bar_h}\" fill=\"{color}\"/>\n\
+                 <text x=\"{}\" y=\"{}\">{gw}: {label}</text>\n",
+                left + w + 6.0,
+                y + bar_h * 0.7
+            ));
+            y += row_h;
+        }
+        y += 14.0;
+    }
+    out.push_str("</svg>\n");
+    out
 }

@@ -18,9 +18,10 @@ commands:
                creates network namespaces and runs wireguard-go)
   demo         setup + build, then a working site-to-site tunnel in network
                namespaces, configured through the API, with live status
-  bench-e2e    setup + release build, then end-to-end figures through wgxdp
-               beside wireguard-go in the same run [--seconds N] [--gateways N]
-               [--json FILE]
+  bench-e2e    setup (+ boringtun) + release build, then the same workloads
+               through wgxdp, wireguard-go and boringtun in one run: a table,
+               target/bench-e2e.json and target/bench-e2e.svg
+               [--seconds N] [--packets N] [--gateways N] [--json FILE]
 ";
 
 fn main() -> Result<()> {
@@ -102,9 +103,14 @@ fn demo() -> Result<()> {
 fn bench_e2e(extra: &[String]) -> Result<()> {
     require_root("bench-e2e")?;
     setup::install_all()?;
+    setup::install_bench_tools()?;
     build_ebpf()?;
     let bin = build_binaries(true)?;
-    run(Command::new(bin.join("wgxdp-bench-e2e")).current_dir(root()).arg(bin.join("wgxdp")).args(extra))
+    run(Command::new(bin.join("wgxdp-bench-e2e"))
+        .current_dir(root())
+        .env("PATH", setup::path_with_llvm())
+        .arg(bin.join("wgxdp"))
+        .args(extra))
 }
 
 fn test(extra: &[String]) -> Result<()> {

@@ -102,3 +102,13 @@ fn bpf_linker() -> Result<()> {
         "llvm-22",
     ]))
 }
+
+/// What only `bench-e2e` needs: boringtun, the third gateway it measures.
+pub fn install_bench_tools() -> Result<()> {
+    if succeeds(Command::new("boringtun-cli").arg("--version").env("PATH", path_with_llvm())) {
+        println!("   boringtun-cli present");
+        return Ok(());
+    }
+    println!("   cargo: building boringtun-cli (a few minutes, once)");
+    run(Command::new("cargo").args(["install", "boringtun-cli", "--locked"]))
+}
