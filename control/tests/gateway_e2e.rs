@@ -89,8 +89,8 @@ fn site_to_site_through_af_xdp() {
     assert!(v6.contains("mtu=1420"), "no packet-too-big from the gateway: {v6}");
 
     // 50 MB each way, byte for byte.
-    transfer(&lan, "10.50.0.2:7001", &client, true, 11);
-    transfer(&lan, "10.50.0.2:7002", &client, false, 22);
+    transfer(lan, "10.50.0.2:7001", client, true, 11);
+    transfer(lan, "10.50.0.2:7002", client, false, 22);
     gateway.refresh();
     let (decrypted, encrypted) = (gateway.counter("decrypted"), gateway.counter("encrypted"));
     assert!(decrypted >= 35_000, "only {decrypted} packets decrypted through AF_XDP");

@@ -985,7 +985,7 @@ mod tests {
         let ka = drain(&mut p.b, t);
         assert_eq!(ka.len(), 1);
         assert_eq!(ka[0].len(), 32);
-        assert!(p.b.indices().len() > 0);
+        assert!(!p.b.indices().is_empty());
         assert!(p.b.remove_peer(p.b_peer));
         assert_eq!(p.b.indices().len(), 0, "removing a peer frees its indices");
         assert_eq!(deliver(&mut p.b, A_ADDR, &data, now), Err(Drop::UnknownIndex));

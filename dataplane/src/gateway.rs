@@ -243,7 +243,7 @@ impl Gateway {
             handshakes: hs_tx,
             control: ctl_tx,
             neighbors: neighbors.clone(),
-            injector,
+            injector: Some(injector),
             kernel_udp: kernel_udp.clone(),
             lan_mac,
             lan_next_hop: cfg.lan_next_hop,

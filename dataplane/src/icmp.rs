@@ -78,7 +78,6 @@ pub fn packet_too_big(
 mod tests {
     use super::*;
     use crate::frame::parse_ip_frame;
-    use crate::wire::ETHERNET_HEADER_LEN as _;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]

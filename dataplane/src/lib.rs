@@ -3,6 +3,7 @@
 
 pub mod device;
 pub mod frame;
+pub mod frame_io;
 pub mod gateway;
 pub mod icmp;
 pub mod loader;

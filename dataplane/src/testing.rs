@@ -23,8 +23,9 @@ pub struct ConnectedPair {
     pub gateway_index: u32,
 }
 
-/// Builds both devices and runs a full handshake plus the confirming keepalive.
-pub fn connected_pair(backend: AeadBackend) -> ConnectedPair {
+/// Both devices after a full handshake; the gateway has not yet received the
+/// client's confirming keepalive (returned, as a UDP payload).
+pub fn handshaken_pair(backend: AeadBackend) -> (ConnectedPair, Vec<u8>) {
     let now = Instant::now();
     let wall = SystemTime::now();
     let (kg, kc) = (PrivateKey::generate(), PrivateKey::generate());
@@ -49,9 +50,19 @@ pub fn connected_pair(backend: AeadBackend) -> ConnectedPair {
     client.receive(g, &mut resp, false, now, wall, &mut out).expect("response accepted");
     let t = client.poll_transmit(now, wall, &mut out).expect("confirming keepalive");
     let gateway_index = u32::from_le_bytes(out[4..8].try_into().expect("4 bytes"));
-    let mut keepalive = out[..t.len].to_vec();
-    gateway.receive(c, &mut keepalive, false, now, wall, &mut out2).expect("keepalive accepted");
-    ConnectedPair { gateway, client, gateway_peer, client_peer, gateway_index }
+    let keepalive = out[..t.len].to_vec();
+    (ConnectedPair { gateway, client, gateway_peer, client_peer, gateway_index }, keepalive)
+}
+
+/// Builds both devices and runs a full handshake plus the confirming keepalive.
+pub fn connected_pair(backend: AeadBackend) -> ConnectedPair {
+    let (mut pair, mut keepalive) = handshaken_pair(backend);
+    let mut out = vec![0u8; 2048];
+    let c: SocketAddr = CLIENT_ADDR.parse().expect("addr");
+    pair.gateway
+        .receive(c, &mut keepalive, false, Instant::now(), SystemTime::now(), &mut out)
+        .expect("keepalive accepted");
+    pair
 }
 
 /// An IPv4/UDP packet of exactly `len` (≥ 20) bytes.
@@ -69,5 +80,124 @@ pub fn sent_bytes(dev: &mut Device, packet: &[u8], now: Instant) -> Vec<u8> {
     match dev.send(packet, now, SystemTime::now(), &mut out) {
         Ok(Action::Send { bytes, .. }) => bytes.to_vec(),
         other => panic!("expected a datagram to send, got {other:?}"),
+    }
+}
+
+/// A worker over in-memory frame queues, with a client `Device` that has a
+/// session with it: the whole per-packet loop without a NIC.
+pub struct MemoryWorker {
+    pub worker: crate::worker::Worker<crate::frame_io::MemoryFrames>,
+    pub token: crate::noise::WorkerToken,
+    pub client: Device,
+    pub counters: std::sync::Arc<crate::worker::WorkerCounters>,
+    /// Kept so the worker's queues stay connected.
+    _handshakes: crossbeam_channel::Receiver<crate::worker::HandshakeJob>,
+    _control: crossbeam_channel::Receiver<crate::worker::ControlEvent>,
+    _gateway: Device,
+}
+
+impl core::fmt::Debug for MemoryWorker {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MemoryWorker").finish_non_exhaustive()
+    }
+}
+
+pub const GATEWAY_WAN_MAC: crate::wire::MacAddr = crate::wire::MacAddr([2, 0, 0, 0, 0, 1]);
+pub const CLIENT_MAC: crate::wire::MacAddr = crate::wire::MacAddr([2, 0, 0, 0, 0, 2]);
+pub const GATEWAY_LAN_MAC: crate::wire::MacAddr = crate::wire::MacAddr([2, 0, 0, 0, 1, 1]);
+pub const LAN_HOST_MAC: crate::wire::MacAddr = crate::wire::MacAddr([2, 0, 0, 0, 1, 2]);
+/// The LAN host behind the gateway; the client's tunnel address.
+pub const LAN_HOST: [u8; 4] = [10, 0, 1, 5];
+pub const CLIENT_TUNNEL: [u8; 4] = [10, 0, 2, 9];
+
+impl MemoryWorker {
+    pub fn new(backend: AeadBackend) -> Self {
+        use crate::worker::{Shared, Worker, WorkerCounters};
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        use std::sync::Arc;
+        let (pair, keepalive) = handshaken_pair(backend);
+        let (hs_tx, hs_rx) = crossbeam_channel::bounded(64);
+        let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(64);
+        let (neighbors, _) = crate::neighbors::NeighborTable::new();
+        neighbors.replace([(std::net::IpAddr::from(LAN_HOST), LAN_HOST_MAC)].into_iter().collect());
+        let shared = Arc::new(Shared {
+            indices: pair.gateway.indices().clone(),
+            allowed_ips: pair.gateway.allowed_ips().clone(),
+            views: pair.gateway.views().clone(),
+            cookies: pair.gateway.cookie_checker().clone(),
+            handshakes: hs_tx,
+            control: ctl_tx,
+            neighbors,
+            injector: None,
+            kernel_udp: Arc::new(std::net::UdpSocket::bind("127.0.0.1:0").expect("loopback UDP socket")),
+            lan_mac: GATEWAY_LAN_MAC,
+            lan_next_hop: None,
+            tunnel_mtu: 1420,
+            lan_ipv4: Some(Ipv4Addr::new(10, 0, 1, 1)),
+            lan_ipv6: None,
+            under_load_until: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let counters = Arc::new(WorkerCounters::default());
+        let frames = || crate::frame_io::MemoryFrames::new(1024, 2048);
+        let worker = Worker::new(0, shared, frames(), frames(), counters.clone());
+        let mut m = Self {
+            worker,
+            token: crate::noise::WorkerToken::new(),
+            client: pair.client,
+            counters,
+            _handshakes: hs_rx,
+            _control: ctl_rx,
+            _gateway: pair.gateway,
+        };
+        // The confirming keepalive arrives at the worker, as on the wire; the
+        // control side then promotes the session and publishes it.
+        let frame = m.frame_payload(&keepalive);
+        let (wan, _) = m.worker.queues_mut();
+        assert!(wan.inject(&frame));
+        m.run_until_idle(&mut Vec::new(), Instant::now());
+        m._gateway.tick_at(Instant::now(), SystemTime::now());
+        m
+    }
+
+    /// A client datagram `payload`, framed as it arrives on the WAN.
+    fn frame_payload(&self, payload: &[u8]) -> Vec<u8> {
+        let hdr = crate::frame::udp_headers_len(false);
+        let mut frame = vec![0u8; hdr + payload.len()];
+        frame[hdr..].copy_from_slice(payload);
+        let path = crate::peer_view::L2Path {
+            local_mac: CLIENT_MAC,
+            remote_mac: GATEWAY_WAN_MAC,
+            local: CLIENT_ADDR.parse().expect("addr"),
+        };
+        crate::frame::write_udp_headers(&mut frame, &path, GATEWAY_ADDR.parse().expect("addr"), false)
+            .expect("headers fit");
+        frame
+    }
+
+    /// The client's transport datagram for `inner`, framed as it arrives on the WAN.
+    pub fn wan_frame(&mut self, inner: &[u8], now: Instant) -> Vec<u8> {
+        let payload = sent_bytes(&mut self.client, inner, now);
+        self.frame_payload(&payload)
+    }
+
+    /// `inner` as the LAN host sends it to the gateway.
+    pub fn lan_frame(inner: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0u8; crate::wire::ETHERNET_HEADER_LEN + inner.len()];
+        frame[crate::wire::ETHERNET_HEADER_LEN..].copy_from_slice(inner);
+        crate::frame::write_ethernet_header(&mut frame, GATEWAY_LAN_MAC, LAN_HOST_MAC, false).expect("fits");
+        frame
+    }
+
+    /// Runs the worker until its queues are empty; returns frames processed.
+    pub fn run_until_idle(&mut self, batch: &mut Vec<crate::frame_io::MemoryFrame>, now: Instant) -> usize {
+        let mut total = 0;
+        loop {
+            let n = self.worker.process_batch(batch, &self.token, now);
+            if n == 0 {
+                return total;
+            }
+            total += n;
+        }
     }
 }

@@ -300,17 +300,21 @@ fn client(topo: &SiteTopology, key: &PrivateKey, gw: &PublicKey, psk: Option<(&T
     wg
 }
 
-fn wireguard_go_phase(o: &Options) -> Traffic {
-    println!("== baseline: wireguard-go as the gateway (kernel forwarding), same topology");
+fn userspace_phase(o: &Options, program: Userspace) -> Traffic {
+    println!("== user view: {} as the gateway (kernel forwarding), same topology", program.binary());
     let topo = SiteTopology::new("bw");
     let gw_key = PrivateKey::generate();
     let client_key = PrivateKey::generate();
-    let gw = WireguardGo::start(&topo.gateway, &gw_key.to_base64_secret(), 51820);
+    let gw = WireguardGo::start_program(&topo.gateway, program, &gw_key.to_base64_secret(), 51820, None);
     gw.set(&["peer", &client_key.public_key().to_base64(), "allowed-ips", "10.200.0.0/24,fd20::/64"]);
     topo.gateway.ip(&["link", "set", &gw.interface, "up"]);
     topo.gateway.ip(&["route", "add", "10.200.0.0/24", "dev", &gw.interface]);
     let wg = client(&topo, &client_key, &gw_key.public_key(), None);
-    assert!(ping_from(&topo.client, CLIENT_TUNNEL, LAN_HOST, 5, 3), "the wireguard-go tunnel does not pass traffic");
+    assert!(
+        ping_from(&topo.client, CLIENT_TUNNEL, LAN_HOST, 5, 3),
+        "the {} tunnel does not pass traffic",
+        program.binary()
+    );
     println!("   traffic ({} s per workload)…", o.seconds);
     let t = measure_traffic(&topo, o.seconds);
     drop(wg);
@@ -365,7 +369,7 @@ fn main() {
     println!("   {:.0} opens/s = {:.2} Gbps of plaintext", bare_open_pps, bare_open_pps * 1420.0 * 8.0 / 1e9);
 
     let mut kinds = vec![capacity::Kind::Wgxdp, capacity::Kind::Userspace(Userspace::WireguardGo)];
-    let have_boringtun = run("sh", &["-c", "command -v boringtun-cli || true"]).trim().len() > 0;
+    let have_boringtun = !run("sh", &["-c", "command -v boringtun-cli || true"]).trim().is_empty();
     if have_boringtun {
         kinds.push(capacity::Kind::Userspace(Userspace::Boringtun));
     } else {
@@ -383,12 +387,13 @@ fn main() {
     }
 
     let (x, api) = wgxdp_phase(&o);
-    let g = wireguard_go_phase(&o);
+    let g = userspace_phase(&o, Userspace::WireguardGo);
+    let b = have_boringtun.then(|| userspace_phase(&o, Userspace::Boringtun));
 
     // The table.
     let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
     println!("\n{:<34}{}", "capacity (one gateway core)", names.iter().map(|n| format!("{n:>16}")).collect::<String>());
-    let mut chart: Vec<(String, Vec<(String, f64, String)>)> = Vec::new();
+    let mut chart: Vec<ChartGroup> = Vec::new();
     for (w, label) in [(0usize, "decrypt + forward"), (1, "encrypt + forward")] {
         for (i, size) in capacity::SIZES.into_iter().enumerate() {
             let rates: Vec<capacity::Rate> =
@@ -407,22 +412,27 @@ fn main() {
             ));
         }
     }
-    println!("\n{:<34}{:>16}{:>16}{:>10}", "user view (wireguard-go client)", "wgxdp", "wireguard-go", "ratio");
+    println!(
+        "\n{:<34}{:>16}{:>16}{:>16}{:>10}",
+        "user view (wireguard-go client)", "wgxdp", "wireguard-go", "boringtun", "vs w-go"
+    );
+    let bt = b.unwrap_or_default();
     let rows = [
-        ("TCP client -> LAN (Mbit/s)", x.tcp_up_mbps, g.tcp_up_mbps),
-        ("TCP LAN -> client (Mbit/s)", x.tcp_down_mbps, g.tcp_down_mbps),
-        ("UDP 64 B delivered (pkt/s)", x.udp64_pps, g.udp64_pps),
-        ("UDP 64 B offered (pkt/s)", x.udp64_offered_pps, g.udp64_offered_pps),
+        ("TCP client -> LAN (Mbit/s)", x.tcp_up_mbps, g.tcp_up_mbps, bt.tcp_up_mbps),
+        ("TCP LAN -> client (Mbit/s)", x.tcp_down_mbps, g.tcp_down_mbps, bt.tcp_down_mbps),
+        ("UDP 64 B delivered (pkt/s)", x.udp64_pps, g.udp64_pps, bt.udp64_pps),
+        ("UDP 64 B offered (pkt/s)", x.udp64_offered_pps, g.udp64_offered_pps, bt.udp64_offered_pps),
     ];
-    for (name, a, b) in rows {
-        println!("{name:<34}{a:>16.0}{b:>16.0}{:>9.2}x", ratio(a, b));
+    for (name, a, w, bv) in rows {
+        println!("{name:<34}{a:>16.0}{w:>16.0}{bv:>16.0}{:>9.2}x", ratio(a, w));
     }
     chart.push((
         "TCP client -> LAN".into(),
-        vec![
-            ("wgxdp".into(), x.tcp_up_mbps, format!("{:.0} Mbit/s", x.tcp_up_mbps)),
-            ("wireguard-go".into(), g.tcp_up_mbps, format!("{:.0} Mbit/s", g.tcp_up_mbps)),
-        ],
+        [("wgxdp", &x), ("wireguard-go", &g)]
+            .into_iter()
+            .chain(b.as_ref().map(|b| ("boringtun", b)))
+            .map(|(n, t)| (n.to_owned(), t.tcp_up_mbps, format!("{:.0} Mbit/s", t.tcp_up_mbps)))
+            .collect(),
     ));
 
     // Targets (issue: wgxdp against wireguard-go, same run).
@@ -489,6 +499,7 @@ fn main() {
         "user_view": {
             "wgxdp": {"tcp_up_mbps": x.tcp_up_mbps, "tcp_down_mbps": x.tcp_down_mbps, "udp64_pps": x.udp64_pps, "udp64_offered_pps": x.udp64_offered_pps},
             "wireguard_go": {"tcp_up_mbps": g.tcp_up_mbps, "tcp_down_mbps": g.tcp_down_mbps, "udp64_pps": g.udp64_pps, "udp64_offered_pps": g.udp64_offered_pps},
+            "boringtun": b.map(|b| json!({"tcp_up_mbps": b.tcp_up_mbps, "tcp_down_mbps": b.tcp_down_mbps, "udp64_pps": b.udp64_pps, "udp64_offered_pps": b.udp64_offered_pps})),
         },
         "targets": targets.iter().map(|(n, v, goal)| json!({"target": n, "ratio": v, "goal": goal, "met": v >= goal})).collect::<Vec<_>>(),
         "api": api,
@@ -503,8 +514,11 @@ fn main() {
     println!("\nfigures: {} and {} ({:.0} s)", o.json.display(), svg.display(), started.elapsed().as_secs_f64());
 }
 
+/// One workload in the chart: its name and (gateway, value, label) per bar.
+type ChartGroup = (String, Vec<(String, f64, String)>);
+
 /// A grouped bar chart: one group per workload, bars scaled to the group's best.
-fn svg_chart(groups: &[(String, Vec<(String, f64, String)>)]) -> String {
+fn svg_chart(groups: &[ChartGroup]) -> String {
     const COLORS: [&str; 3] = ["#1f77b4", "#ff7f0e", "#2ca02c"];
     let (row_h, bar_h, left, width) = (26.0, 20.0, 230.0, 420.0);
     let bars: usize = groups.iter().map(|(_, b)| b.len()).sum();

@@ -23,6 +23,9 @@ pub enum AeadBackend {
 // zeros on drop; that is only sound to skip dropping if it has no drop glue.
 const _: () = assert!(!core::mem::needs_drop::<LessSafeKey>());
 
+// Inline, not boxed: the key is read on every packet and one indirection
+// costs more than the size difference between the variants.
+#[allow(clippy::large_enum_variant)]
 enum KeyInner {
     /// Always initialised until `Drop` zeroes it.
     Ring(MaybeUninit<LessSafeKey>),

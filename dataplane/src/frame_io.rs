@@ -1,0 +1,175 @@
+//! What a worker needs from a packet queue: batches of received frames,
+//! frames to fill and send, and a flush per batch. `XskSocket` is the real
+//! one; `MemoryFrames` is an in-memory one, so the whole worker loop can be
+//! tested and benchmarked without a NIC.
+
+use crate::xsk::{Frame, XskSocket};
+
+/// A queue of frames in one direction pair (rx and tx) of one interface.
+pub trait FrameIo {
+    /// A frame the worker owns until it releases or sends it.
+    type Frame;
+    /// Appends up to `max` received frames to `out`; returns how many.
+    fn recv(&mut self, out: &mut Vec<Self::Frame>, max: usize) -> usize;
+    /// A free frame with room for `len` bytes, if one is available.
+    fn alloc(&mut self, len: usize) -> Option<Self::Frame>;
+    fn data<'a>(&'a self, frame: &'a Self::Frame) -> &'a [u8];
+    /// Runs `f` on the frame's bytes; with `Some(len)`, first sets its length.
+    fn with_data_mut<R>(&mut self, frame: &mut Self::Frame, len: Option<usize>, f: impl FnOnce(&mut [u8]) -> R) -> R;
+    /// Gives a frame back without sending it.
+    fn release(&mut self, frame: Self::Frame);
+    /// Queues a frame for transmission.
+    fn send(&mut self, frame: Self::Frame);
+    /// Hands queued frames over and recycles finished ones; once per batch.
+    fn flush(&mut self);
+}
+
+impl FrameIo for XskSocket {
+    type Frame = Frame;
+
+    fn recv(&mut self, out: &mut Vec<Frame>, max: usize) -> usize {
+        XskSocket::recv(self, out, max)
+    }
+    fn alloc(&mut self, len: usize) -> Option<Frame> {
+        XskSocket::alloc(self, len)
+    }
+    fn data<'a>(&'a self, frame: &'a Frame) -> &'a [u8] {
+        XskSocket::data(self, frame)
+    }
+    fn with_data_mut<R>(&mut self, frame: &mut Frame, len: Option<usize>, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        XskSocket::with_data_mut(self, frame, len, f)
+    }
+    fn release(&mut self, frame: Frame) {
+        XskSocket::release(self, frame)
+    }
+    fn send(&mut self, frame: Frame) {
+        XskSocket::send(self, frame)
+    }
+    fn flush(&mut self) {
+        XskSocket::flush(self)
+    }
+}
+
+/// A frame of a `MemoryFrames` pool (an index; not `Clone`).
+#[derive(Debug)]
+pub struct MemoryFrame {
+    index: usize,
+}
+
+/// An in-memory frame pool with an rx queue the caller fills (`inject`) and a
+/// tx queue it empties (`take_sent`). Frame buffers are allocated once.
+#[derive(Debug)]
+pub struct MemoryFrames {
+    buffers: Vec<Box<[u8]>>,
+    lens: Vec<usize>,
+    free: Vec<usize>,
+    rx: std::collections::VecDeque<usize>,
+    sent: Vec<usize>,
+}
+
+impl MemoryFrames {
+    pub fn new(frames: usize, frame_size: usize) -> Self {
+        Self {
+            buffers: (0..frames).map(|_| vec![0u8; frame_size].into_boxed_slice()).collect(),
+            lens: vec![0; frames],
+            free: (0..frames).rev().collect(),
+            rx: std::collections::VecDeque::with_capacity(frames),
+            sent: Vec::with_capacity(frames),
+        }
+    }
+
+    /// Queues a copy of `bytes` as a received frame; false if no frame is free
+    /// or it does not fit.
+    pub fn inject(&mut self, bytes: &[u8]) -> bool {
+        let Some(&index) = self.free.last() else { return false };
+        if bytes.len() > self.buffers[index].len() {
+            return false;
+        }
+        self.free.pop();
+        self.buffers[index][..bytes.len()].copy_from_slice(bytes);
+        self.lens[index] = bytes.len();
+        self.rx.push_back(index);
+        true
+    }
+
+    /// Frames sent since the last call, each passed to `f`, then freed.
+    pub fn take_sent(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let n = self.sent.len();
+        for index in self.sent.drain(..) {
+            f(&self.buffers[index][..self.lens[index]]);
+            self.free.push(index);
+        }
+        n
+    }
+
+    pub fn free_frames(&self) -> usize {
+        self.free.len()
+    }
+}
+
+impl FrameIo for MemoryFrames {
+    type Frame = MemoryFrame;
+
+    fn recv(&mut self, out: &mut Vec<MemoryFrame>, max: usize) -> usize {
+        let n = max.min(self.rx.len());
+        out.extend(self.rx.drain(..n).map(|index| MemoryFrame { index }));
+        n
+    }
+
+    fn alloc(&mut self, len: usize) -> Option<MemoryFrame> {
+        let index = *self.free.last()?;
+        if len > self.buffers[index].len() {
+            return None;
+        }
+        self.free.pop();
+        self.lens[index] = len;
+        Some(MemoryFrame { index })
+    }
+
+    fn data<'a>(&'a self, frame: &'a MemoryFrame) -> &'a [u8] {
+        &self.buffers[frame.index][..self.lens[frame.index]]
+    }
+
+    fn with_data_mut<R>(&mut self, frame: &mut MemoryFrame, len: Option<usize>, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let index = frame.index;
+        if let Some(len) = len {
+            self.lens[index] = len.min(self.buffers[index].len());
+        }
+        f(&mut self.buffers[index][..self.lens[index]])
+    }
+
+    fn release(&mut self, frame: MemoryFrame) {
+        self.free.push(frame.index);
+    }
+
+    fn send(&mut self, frame: MemoryFrame) {
+        self.sent.push(frame.index);
+    }
+
+    fn flush(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_cycle_without_leaks() {
+        let mut m = MemoryFrames::new(4, 64);
+        assert!(m.inject(b"hello"));
+        assert!(!m.inject(&[0u8; 65]), "too big");
+        let mut got = Vec::new();
+        assert_eq!(m.recv(&mut got, 8), 1);
+        let mut f = got.pop().unwrap();
+        assert_eq!(m.data(&f), b"hello");
+        m.with_data_mut(&mut f, Some(3), |b| b.copy_from_slice(b"abc"));
+        assert_eq!(m.data(&f), b"abc");
+        m.send(f);
+        let out = m.alloc(10).unwrap();
+        m.release(out);
+        let mut seen = Vec::new();
+        assert_eq!(m.take_sent(|b| seen.extend_from_slice(b)), 1);
+        assert_eq!(seen, b"abc");
+        assert_eq!(m.free_frames(), 4);
+    }
+}
