@@ -29,6 +29,7 @@ use wgxdp_integration::site::{
 use wgxdp_integration::{require_tools, run, Netns, Userspace, WireguardGo};
 
 mod capacity;
+mod handshakes;
 
 const API: &str = "127.0.0.1:8080";
 
@@ -385,6 +386,11 @@ fn main() {
         );
         caps.push(capacity::measure(*kind, &o.wgxdp, &object, o.packets, o.seconds.min(5)));
     }
+    let mut hs = Vec::new();
+    for kind in &kinds {
+        println!("== handshakes: {} on core {}", kind.name(), capacity::GATEWAY_CPU);
+        hs.push(handshakes::measure(*kind, &o.wgxdp, &object, o.seconds.min(5)));
+    }
 
     let (x, api) = wgxdp_phase(&o);
     let g = userspace_phase(&o, Userspace::WireguardGo);
@@ -432,6 +438,29 @@ fn main() {
             .into_iter()
             .chain(b.as_ref().map(|b| ("boringtun", b)))
             .map(|(n, t)| (n.to_owned(), t.tcp_up_mbps, format!("{:.0} Mbit/s", t.tcp_up_mbps)))
+            .collect(),
+    ));
+
+    println!(
+        "\n{:<34}{}",
+        "handshakes (512 peers reconnecting)",
+        names.iter().map(|n| format!("{n:>16}")).collect::<String>()
+    );
+    let hs_rows: [(&str, fn(&handshakes::Handshakes) -> String); 4] = [
+        ("initiations offered (/s)", |h| format!("{:.0}", h.offered_per_s)),
+        ("responses (completed /s)", |h| format!("{:.0}", h.completed_per_s)),
+        ("cookie replies (/s)", |h| format!("{:.0}", h.cookie_replies_per_s)),
+        ("tunnel data delivered meanwhile", |h| format!("{}/{}", h.tunnel_delivered, h.tunnel_sent)),
+    ];
+    for (name, f) in hs_rows {
+        println!("{name:<34}{}", hs.iter().map(|h| format!("{:>16}", f(h))).collect::<String>());
+    }
+    chart.push((
+        "handshakes completed /s".into(),
+        kinds
+            .iter()
+            .zip(&hs)
+            .map(|(k, h)| (k.name().to_owned(), h.completed_per_s, format!("{:.0}/s", h.completed_per_s)))
             .collect(),
     ));
 
@@ -489,8 +518,23 @@ fn main() {
             )
         })
         .collect();
+    let handshakes_json: serde_json::Map<String, Value> = kinds
+        .iter()
+        .zip(&hs)
+        .map(|(k, h)| {
+            (
+                k.name().to_owned(),
+                json!({
+                    "offered_per_s": h.offered_per_s, "completed_per_s": h.completed_per_s,
+                    "cookie_replies_per_s": h.cookie_replies_per_s,
+                    "tunnel_sent": h.tunnel_sent, "tunnel_delivered": h.tunnel_delivered,
+                }),
+            )
+        })
+        .collect();
     let report = json!({
         "machine": machine(),
+        "handshakes": handshakes_json,
         "gateway_cpu": capacity::GATEWAY_CPU,
         "generator_cpu": capacity::GENERATOR_CPU,
         "seconds_per_workload": o.seconds,

@@ -24,9 +24,9 @@ use wgxdp_integration::{Userspace, WireguardGo};
 pub const GATEWAY_CPU: usize = 0;
 pub const GENERATOR_CPU: usize = 1;
 pub const SIZES: [usize; 2] = [64, 1420];
-const SINK_PORT: u16 = 9999;
-const GENERATOR: &str = "10.100.0.2:40001";
-const TUNNEL_SRC: &str = "10.200.0.2";
+pub const SINK_PORT: u16 = 9999;
+pub const GENERATOR: &str = "10.100.0.2:40001";
+pub const TUNNEL_SRC: &str = "10.200.0.2";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -61,26 +61,30 @@ pub struct Capacity {
 }
 
 /// A gateway under test: what must stay alive while it runs; stopped on drop.
-enum Running {
+pub enum Running {
     Wgxdp { _process: ServeProcess, _dir: TempDir },
     Userspace { _process: WireguardGo },
 }
 
-fn start_gateway(kind: Kind, wgxdp: &Path, topo: &SiteTopology, generator: &PublicKey) -> (Running, PublicKey) {
+/// Starts `kind` in the gateway namespace, pinned to the gateway core, with
+/// `peers` as (public key, allowed IPs); returns it and its public key.
+pub fn start_gateway(
+    kind: Kind,
+    wgxdp: &Path,
+    topo: &SiteTopology,
+    peers: &[(PublicKey, String)],
+) -> (Running, PublicKey) {
     match kind {
         Kind::Wgxdp => {
             let dir = TempDir::new("wgxdp-cap");
             let key_file = dir.join("gw.key");
             let key = write_private_key(&key_file).public_key();
             let config = dir.join("gw.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "{}cores = [{GATEWAY_CPU}]\n\n[[peer]]\npublic_key = \"{generator}\"\nallowed_ips = [\"10.200.0.0/24\"]\n",
-                    topo.interface_section(&key_file)
-                ),
-            )
-            .expect("config");
+            let mut text = format!("{}cores = [{GATEWAY_CPU}]\n", topo.interface_section(&key_file));
+            for (peer, allowed) in peers {
+                text.push_str(&format!("\n[[peer]]\npublic_key = \"{peer}\"\nallowed_ips = [\"{allowed}\"]\n"));
+            }
+            std::fs::write(&config, text).expect("config");
             let p = ServeProcess::start_pinned(&topo.gateway, wgxdp, &config, &dir.0, Some(GATEWAY_CPU));
             (Running::Wgxdp { _process: p, _dir: dir }, key)
         }
@@ -93,16 +97,23 @@ fn start_gateway(kind: Kind, wgxdp: &Path, topo: &SiteTopology, generator: &Publ
                 LISTEN_PORT,
                 Some(GATEWAY_CPU),
             );
-            wg.set(&["peer", &generator.to_base64(), "allowed-ips", "10.200.0.0/24"]);
+            let conf = std::env::temp_dir().join(format!("{}.peers.conf", wg.interface));
+            let text: String = peers
+                .iter()
+                .map(|(k, allowed)| format!("[Peer]\nPublicKey = {k}\nAllowedIPs = {allowed}\n\n"))
+                .collect();
+            std::fs::write(&conf, text).expect("peers file");
+            wgxdp_integration::run("wg", &["addconf", &wg.interface, conf.to_str().expect("utf-8")]);
+            let _ = std::fs::remove_file(&conf);
             topo.gateway.ip(&["link", "set", &wg.interface, "up"]);
-            topo.gateway.ip(&["route", "add", "10.200.0.0/24", "dev", &wg.interface]);
+            topo.gateway.ip(&["route", "add", "10.200.0.0/16", "dev", &wg.interface]);
             (Running::Userspace { _process: wg }, key.public_key())
         }
     }
 }
 
 /// Waits until the sink stops counting; returns (packets, time of the last change since `t0`).
-fn drain(sink: &Sink, t0: Instant, before: u64) -> (u64, Duration) {
+pub fn drain(sink: &Sink, t0: Instant, before: u64) -> (u64, Duration) {
     let mut last = sink.packets();
     let mut last_change = t0.elapsed();
     let mut still_since = Instant::now();
@@ -152,7 +163,8 @@ fn blast(socket: &PacketSocket, ring: &FrameRing, repeat_for: Option<Duration>, 
 pub fn measure(kind: Kind, wgxdp: &Path, object: &[u8], packets: usize, seconds: u32) -> Capacity {
     let topo = SiteTopology::new("cp");
     let generator_key = PrivateKey::generate();
-    let (gateway, gateway_key) = start_gateway(kind, wgxdp, &topo, &generator_key.public_key());
+    let peers = [(generator_key.public_key(), "10.200.0.0/24".to_owned())];
+    let (gateway, gateway_key) = start_gateway(kind, wgxdp, &topo, &peers);
     let gateway_addr: SocketAddr = format!("{GATEWAY_WAN}:{LISTEN_PORT}").parse().expect("addr");
     let generator: SocketAddrV4 = GENERATOR.parse().expect("addr");
     let mut session = ClientSession::connect(&topo.client, generator_key, generator, gateway_addr, gateway_key);
