@@ -70,6 +70,16 @@ impl SiteTopology {
         )
     }
 
+    /// A whole `wgxdp serve` configuration for this topology with an `[api]`
+    /// section on `listen`, its database at `database`, plus `extra` lines.
+    pub fn api_config(&self, key_file: &Path, listen: &str, database: &Path, extra: &str) -> String {
+        format!(
+            "{}\n[api]\nlisten = \"{listen}\"\ndatabase = \"{}\"\nsite_cidr = \"{SITE_CIDR}\"\n{extra}",
+            self.interface_section(key_file),
+            database.display()
+        )
+    }
+
     /// Starts wireguard-go in the client namespace with `key`, peered with the
     /// gateway (`gateway_key`), tunnel address `tunnel_addr`, routing the site.
     pub fn start_client(&self, key: &PrivateKey, gateway_key: &PublicKey, tunnel_addr: &str) -> WireguardGo {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use wgxdp_dataplane::noise::{PresharedKey, PrivateKey, PublicKey};
 use wgxdp_integration::site::{
     create_api_key, ping_from, write_private_key, ApiClient, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL,
-    CLIENT_WAN, LAN_HOST, SITE_CIDR,
+    CLIENT_WAN, LAN_HOST,
 };
 use wgxdp_integration::{require_tools, Netns, WireguardGo};
 
@@ -38,15 +38,8 @@ impl Site {
         let key_file = dir.join("gw.key");
         let gateway_key = write_private_key(&key_file).public_key();
         let config = dir.join("gw.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "{}\n[api]\nlisten = \"{API}\"\ndatabase = \"{}\"\nsite_cidr = \"{SITE_CIDR}\"\nmutations_per_minute = 100000\n",
-                topo.interface_section(&key_file),
-                dir.join("state/wgxdp.db").display()
-            ),
-        )
-        .unwrap();
+        let db = dir.join("state/wgxdp.db");
+        std::fs::write(&config, topo.api_config(&key_file, API, &db, "mutations_per_minute = 100000\n")).unwrap();
         Self { topo, dir, config, gateway_key }
     }
 

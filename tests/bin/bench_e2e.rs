@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use wgxdp_dataplane::noise::{PrivateKey, PublicKey};
 use wgxdp_integration::site::{
     create_api_key, ping_from, write_private_key, ApiClient, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL,
-    CLIENT_WAN, LAN_HOST, SITE_CIDR,
+    CLIENT_WAN, LAN_HOST,
 };
 use wgxdp_integration::{require_tools, run, Netns, Userspace, WireguardGo};
 
@@ -212,15 +212,8 @@ fn wgxdp_phase(o: &Options) -> (Traffic, Value) {
     let key_file = dir.join("gw.key");
     let gw_pub = write_private_key(&key_file).public_key();
     let config = dir.join("gw.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{}\n[api]\nlisten = \"{API}\"\ndatabase = \"{}\"\nsite_cidr = \"{SITE_CIDR}\"\nmutations_per_minute = 1000000\nreads_per_minute = 1000000\n",
-            topo.interface_section(&key_file),
-            dir.join("bench.db").display()
-        ),
-    )
-    .expect("config");
+    let limits = "mutations_per_minute = 1000000\nreads_per_minute = 1000000\n";
+    std::fs::write(&config, topo.api_config(&key_file, API, &dir.join("bench.db"), limits)).expect("config");
     let mut gateway = ServeProcess::start(&topo.gateway, &o.wgxdp, &config, &dir.0);
     gateway.wait_for_output("wgxdp: api listening", Duration::from_secs(10));
     let key = create_api_key(&o.wgxdp, &config);
@@ -446,7 +439,8 @@ fn main() {
         "handshakes (512 peers reconnecting)",
         names.iter().map(|n| format!("{n:>16}")).collect::<String>()
     );
-    let hs_rows: [(&str, fn(&handshakes::Handshakes) -> String); 4] = [
+    type Cell = fn(&handshakes::Handshakes) -> String;
+    let hs_rows: [(&str, Cell); 4] = [
         ("initiations offered (/s)", |h| format!("{:.0}", h.offered_per_s)),
         ("responses (completed /s)", |h| format!("{:.0}", h.completed_per_s)),
         ("cookie replies (/s)", |h| format!("{:.0}", h.cookie_replies_per_s)),

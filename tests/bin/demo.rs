@@ -38,11 +38,7 @@ fn main() {
     let key_file = dir.join("gateway.key");
     let gateway_key = write_private_key(&key_file).public_key();
     let config = dir.join("wgxdp.toml");
-    let config_text = format!(
-        "{}\n[api]\nlisten = \"{API}\"\ndatabase = \"{}\"\nsite_cidr = \"{SITE_CIDR}\"\n",
-        topo.interface_section(&key_file),
-        dir.join("wgxdp.db").display()
-    );
+    let config_text = topo.api_config(&key_file, API, &dir.join("wgxdp.db"), "");
     std::fs::write(&config, &config_text).expect("write config");
     println!("    config:\n{}", config_text.lines().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n"));
     let mut gateway = ServeProcess::start(&topo.gateway, &wgxdp, &config, &dir.0);
