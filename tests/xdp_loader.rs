@@ -84,3 +84,38 @@ fn programs_steer_count_and_detach() {
     assert!(!gw.ip(&["link", "show", "dev", &gw_wan]).contains("xdp"), "XDP left on the WAN veth");
     assert!(!gw.ip(&["link", "show", "dev", &gw_lan]).contains("xdp"), "XDP left on the LAN veth");
 }
+
+/// The benchmarks' measuring instrument: the sink counts (and drops) exactly
+/// the UDP packets to its port and WireGuard transport data from its source
+/// port, nothing else, and lets everything else through.
+#[test]
+fn benchmark_sink_counts_only_what_it_measures() {
+    use wgxdp_integration::blast::Sink;
+    require_tools(&["ip"]);
+    let a = Netns::new("xsa");
+    let b = Netns::new("xsb");
+    let (_, b_if) = veth_pair(&a, "10.212.0.1/24", &b, "10.212.0.2/24");
+    let sink = Sink::attach(&b, &b_if, xdp_object(), 9999, PORT);
+    let receiver = b.udp_socket("10.212.0.2:7000");
+    receiver.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let plain = a.udp_socket("10.212.0.1:0");
+    let wg = a.udp_socket(&format!("10.212.0.1:{PORT}"));
+    let mut transport = vec![0u8; 32 + 64];
+    transport[0] = 4;
+    for _ in 0..10 {
+        plain.send_to(b"measured", "10.212.0.2:9999").unwrap();
+        wg.send_to(&transport, "10.212.0.2:7000").unwrap();
+        wg.send_to(&transport[..32], "10.212.0.2:7000").unwrap(); // a keepalive: not data
+        plain.send_to(b"passes", "10.212.0.2:7000").unwrap();
+    }
+    wait_for("the sink to count 20 packets", || sink.packets() >= 20);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(sink.packets(), 20, "exactly the 10 measured datagrams and 10 transport messages");
+    // What it does not measure reaches the socket: 10 keepalives and 10 others.
+    let mut buf = [0u8; 256];
+    let mut passed = 0;
+    while receiver.recv(&mut buf).is_ok() {
+        passed += 1;
+    }
+    assert_eq!(passed, 20);
+}
