@@ -871,6 +871,18 @@ mod tests {
         v
     }
 
+    /// a initiates, b responds, a confirms with a keepalive that b accepts.
+    fn handshake(p: &mut Pair, now: Instant) {
+        p.a.initiate(p.a_peer);
+        let init = drain(&mut p.a, now).remove(0);
+        let resp = deliver(&mut p.b, A_ADDR, &init, now).unwrap();
+        deliver(&mut p.a, B_ADDR, &resp, now).unwrap();
+        let confirm = drain(&mut p.a, now);
+        assert_eq!(confirm.len(), 1);
+        assert_eq!(confirm[0].len(), 32, "a keepalive confirms the session");
+        assert!(deliver(&mut p.b, A_ADDR, &confirm[0], now).unwrap().is_empty());
+    }
+
     #[test]
     fn staged_packet_flows_after_handshake_and_answers_come_back() {
         let now = Instant::now();
@@ -965,14 +977,7 @@ mod tests {
     fn keepalive_timer_and_removal() {
         let now = Instant::now();
         let mut p = pair(now);
-        p.a.initiate(p.a_peer);
-        let init = drain(&mut p.a, now).remove(0);
-        let resp = deliver(&mut p.b, A_ADDR, &init, now).unwrap();
-        deliver(&mut p.a, B_ADDR, &resp, now).unwrap();
-        let confirm = drain(&mut p.a, now);
-        assert_eq!(confirm.len(), 1);
-        assert_eq!(confirm[0].len(), 32, "a keepalive confirms the session");
-        assert!(deliver(&mut p.b, A_ADDR, &confirm[0], now).unwrap().is_empty());
+        handshake(&mut p, now);
         // Data from a, nothing back from b for 10 s: b sends a keepalive.
         let mut out = vec![0u8; 2048];
         let data = match p.a.send(&ipv4([10, 0, 1, 5], [10, 0, 2, 9], b"d"), now, SystemTime::now(), &mut out) {
@@ -995,11 +1000,7 @@ mod tests {
     fn preshared_key_rotation_in_place() {
         let now = Instant::now();
         let mut p = pair(now);
-        p.a.initiate(p.a_peer);
-        let init = drain(&mut p.a, now).remove(0);
-        let resp = deliver(&mut p.b, A_ADDR, &init, now).unwrap();
-        deliver(&mut p.a, B_ADDR, &resp, now).unwrap();
-        drain(&mut p.a, now);
+        handshake(&mut p, now);
         // Only b rotates: the initiation itself does not use the PSK, but a
         // cannot consume b's response (the PSK is mixed into it).
         let new_psk = PresharedKey::generate();
