@@ -97,6 +97,10 @@ fn site_to_site_through_af_xdp() {
     assert!(encrypted >= 35_000, "only {encrypted} packets encrypted through AF_XDP");
     assert!(gateway.counter("wan_redirected") >= decrypted && gateway.counter("lan_redirected") >= encrypted);
     assert!(gateway.counter("icmp_too_big") >= 2, "ICMP errors not counted:\n{}", gateway.output());
+    // Next hops come from the kernel's neighbour table (rtnetlink): after the
+    // first packets, nothing needs the kernel's slow path.
+    let slow = gateway.counter("via_kernel");
+    assert!(slow < 50, "{slow} packets went through the kernel: the neighbour table is not being read");
 
     // Traffic for the gateway host itself still reaches the kernel.
     let listener = gw_ns.tcp_listener("10.100.0.1:8080");

@@ -8,6 +8,7 @@ pub mod gateway;
 pub mod icmp;
 pub mod loader;
 pub mod neighbors;
+pub mod netlink;
 pub mod noise;
 pub mod peer_view;
 pub mod table;

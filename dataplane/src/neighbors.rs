@@ -4,7 +4,7 @@
 //! worker never waits: it hands that one packet to the kernel through a raw IP
 //! socket (`RawInjector`; the kernel resolves ARP/ND and queues the packet while
 //! it does) and asks the resolver thread to refresh. The resolver reads the
-//! kernel's neighbour table (`ip neigh show dev IFACE`) once a second and
+//! kernel's neighbour table over rtnetlink (`netlink.rs`) once a second and
 //! shortly after each request, and publishes a new snapshot.
 
 use crate::wire::MacAddr;
@@ -49,42 +49,6 @@ impl NeighborTable {
     }
 }
 
-fn parse_mac(s: &str) -> Option<MacAddr> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in out.iter_mut() {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(MacAddr(out))
-}
-
-/// Parses `ip neigh show` output: "ADDR [dev D] lladdr MAC [router] STATE".
-/// Entries without a link-layer address, or FAILED/INCOMPLETE, are skipped.
-pub fn parse_ip_neigh(text: &str) -> HashMap<IpAddr, MacAddr> {
-    let mut map = HashMap::new();
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let Some(ip) = words.first().and_then(|w| w.parse::<IpAddr>().ok()) else { continue };
-        if words.iter().any(|w| *w == "FAILED" || *w == "INCOMPLETE") {
-            continue;
-        }
-        let mac = words.windows(2).find(|w| w[0] == "lladdr").and_then(|w| parse_mac(w[1]));
-        if let Some(mac) = mac {
-            map.insert(ip, mac);
-        }
-    }
-    map
-}
-
-/// Reads the kernel's neighbours on `iface` (in this thread's namespace).
-pub fn read_kernel_neighbors(iface: &str) -> io::Result<HashMap<IpAddr, MacAddr>> {
-    let out = std::process::Command::new("ip").args(["neigh", "show", "dev", iface]).output()?;
-    if !out.status.success() {
-        return Err(io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
-    }
-    Ok(parse_ip_neigh(&String::from_utf8_lossy(&out.stdout)))
-}
-
 /// Keeps `table` in step with the kernel until `stop` is set.
 pub fn run_resolver(table: Arc<NeighborTable>, requests: Receiver<IpAddr>, iface: String, stop: Arc<AtomicBool>) {
     let mut last_refresh = Instant::now() - Duration::from_secs(10);
@@ -97,7 +61,7 @@ pub fn run_resolver(table: Arc<NeighborTable>, requests: Receiver<IpAddr>, iface
             while requests.try_recv().is_ok() {}
         }
         if asked || last_refresh.elapsed() >= Duration::from_secs(1) {
-            match read_kernel_neighbors(&iface) {
+            match crate::netlink::read_neighbors(&iface) {
                 Ok(map) => table.replace(map),
                 Err(e) => tracing::warn!(%iface, error = %e, "reading the neighbour table failed"),
             }
@@ -177,22 +141,6 @@ impl RawInjector {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_ip_neigh_output() {
-        let text = "10.211.0.2 lladdr 7a:1b:2c:3d:4e:5f REACHABLE\n\
-                    10.211.0.9  FAILED\n\
-                    10.211.0.7 lladdr 00:11:22:33:44:55 STALE\n\
-                    fe80::1 lladdr aa:bb:cc:dd:ee:ff router REACHABLE\n\
-                    10.211.0.8 INCOMPLETE\n\
-                    garbage line\n\
-                    10.211.0.6 lladdr zz:zz:zz:zz:zz:zz REACHABLE\n";
-        let m = parse_ip_neigh(text);
-        assert_eq!(m.len(), 3);
-        assert_eq!(m[&"10.211.0.2".parse::<IpAddr>().unwrap()], MacAddr([0x7a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]));
-        assert!(m.contains_key(&"fe80::1".parse::<IpAddr>().unwrap()));
-        assert!(!m.contains_key(&"10.211.0.9".parse::<IpAddr>().unwrap()));
-    }
 
     #[test]
     fn lookups_see_published_snapshots_and_requests_never_block() {
