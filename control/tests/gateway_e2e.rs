@@ -180,12 +180,12 @@ fn serve_reports_operator_errors() {
     let key = dir.join("k");
     std::fs::write(&key, &*PrivateKey::generate().to_base64_secret()).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let serve = |wan: &str, lan: &str, port: u16| {
-        let cfg = dir.join(format!("{wan}-{lan}-{port}.toml"));
+    let serve_with = |wan: &str, lan: &str, port: u16, extra: &str| {
+        let cfg = dir.join(format!("{wan}-{lan}-{port}-{}.toml", extra.len()));
         std::fs::write(
             &cfg,
             format!(
-                "[interface]\nwan = \"{wan}\"\nlan = \"{lan}\"\nlisten_port = {port}\nprivate_key_file = \"{}\"\n",
+                "[interface]\nwan = \"{wan}\"\nlan = \"{lan}\"\nlisten_port = {port}\nprivate_key_file = \"{}\"\n{extra}",
                 key.display()
             ),
         )
@@ -197,11 +197,17 @@ fn serve_reports_operator_errors() {
             .unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
+    let serve = |wan: &str, lan: &str, port: u16| serve_with(wan, lan, port, "");
     let (ok, err) = serve("wan0", "nope0", 51820);
     assert!(!ok && err.contains("interface `nope0` does not exist"), "{err}");
     let _busy = ns.udp_socket("0.0.0.0:51999");
     let (ok, err) = serve("wan0", "lan0", 51999);
     assert!(!ok && err.contains("UDP port 51999 is already in use"), "{err}");
+    let _api_busy = ns.tcp_listener("127.0.0.1:18080");
+    let db = dir.join("api.db");
+    let api = format!("[api]\nlisten = \"127.0.0.1:18080\"\ndatabase = \"{}\"\n", db.display());
+    let (ok, err) = serve_with("wan0", "lan0", 51820, &api);
+    assert!(!ok && err.contains("cannot listen on 127.0.0.1:18080"), "{err}");
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let (ok, err) = serve("wan0", "lan0", 51820);
     assert!(!ok && err.contains("chmod 600"), "{err}");
