@@ -7,6 +7,7 @@
 //! kernel's neighbour table over rtnetlink (`netlink.rs`) once a second and
 //! shortly after each request, and publishes a new snapshot.
 
+use crate::table::FastMap;
 use crate::wire::MacAddr;
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub struct NeighborTable {
-    map: ArcSwap<HashMap<IpAddr, MacAddr>>,
+    map: ArcSwap<FastMap<IpAddr, MacAddr>>,
     requests: Sender<IpAddr>,
 }
 
@@ -28,7 +29,7 @@ impl NeighborTable {
     /// A table and the receiving end of its resolution requests.
     pub fn new() -> (Arc<Self>, Receiver<IpAddr>) {
         let (tx, rx) = crossbeam_channel::bounded(1024);
-        (Arc::new(Self { map: ArcSwap::from_pointee(HashMap::new()), requests: tx }), rx)
+        (Arc::new(Self { map: ArcSwap::from_pointee(FastMap::default()), requests: tx }), rx)
     }
 
     #[inline]
@@ -45,7 +46,7 @@ impl NeighborTable {
     }
 
     pub fn replace(&self, map: HashMap<IpAddr, MacAddr>) {
-        self.map.store(Arc::new(map));
+        self.map.store(Arc::new(map.into_iter().collect()));
     }
 }
 

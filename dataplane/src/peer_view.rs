@@ -5,9 +5,9 @@
 
 use crate::device::PeerId;
 use crate::noise::Keypair;
+use crate::table::FastMap;
 use crate::wire::MacAddr;
 use arc_swap::{ArcSwap, ArcSwapOption};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -129,7 +129,7 @@ impl PeerView {
 /// Every peer's view, by id: an immutable map swapped as peers come and go.
 #[derive(Debug, Default)]
 pub struct PeerViews {
-    map: ArcSwap<HashMap<PeerId, Arc<PeerView>>>,
+    map: ArcSwap<FastMap<PeerId, Arc<PeerView>>>,
 }
 
 impl PeerViews {
@@ -139,13 +139,13 @@ impl PeerViews {
     }
 
     /// A snapshot of all views (for iteration).
-    pub fn snapshot(&self) -> Arc<HashMap<PeerId, Arc<PeerView>>> {
+    pub fn snapshot(&self) -> Arc<FastMap<PeerId, Arc<PeerView>>> {
         self.map.load_full()
     }
 
     pub(crate) fn insert(&self, view: Arc<PeerView>) {
         self.map.rcu(|m| {
-            let mut m = HashMap::clone(m);
+            let mut m = FastMap::clone(m);
             m.insert(view.id, view.clone());
             m
         });
@@ -153,7 +153,7 @@ impl PeerViews {
 
     pub(crate) fn remove(&self, id: PeerId) {
         self.map.rcu(|m| {
-            let mut m = HashMap::clone(m);
+            let mut m = FastMap::clone(m);
             m.remove(&id);
             m
         });

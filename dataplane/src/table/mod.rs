@@ -3,9 +3,11 @@
 //! a writer-only mutex and publish it atomically (RCU via arc-swap).
 
 mod allowed_ips;
+mod fast_map;
 mod index;
 mod prefix;
 
 pub use allowed_ips::{AllowedIps, SharedAllowedIps};
+pub use fast_map::{FastHasher, FastMap};
 pub use index::{IndexEntry, IndexGuard, IndexTable, IndexTableFull};
 pub use prefix::{IpPrefix, PrefixParseError};
