@@ -178,7 +178,7 @@ mod tests {
             body.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
             body.extend_from_slice(&kind.to_ne_bytes());
             body.extend_from_slice(value);
-            while body.len() % 4 != 0 {
+            while body.len() != align4(body.len()) {
                 body.push(0);
             }
         };
