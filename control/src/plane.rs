@@ -49,7 +49,11 @@ pub trait DataPlane: Send + Sync + 'static {
     fn apply(&self, id: &str, tunnel: &Tunnel) -> Result<(), PlaneError>;
     /// Removes the tunnel `id` (no error if absent).
     fn remove(&self, id: &str) -> Result<(), PlaneError>;
-    fn status(&self, id: &str) -> Option<TunnelStatus>;
+    /// Live state of each tunnel in `ids` (in order; `None`: not in the data plane).
+    fn statuses(&self, ids: &[&str]) -> Vec<Option<TunnelStatus>>;
+    fn status(&self, id: &str) -> Option<TunnelStatus> {
+        self.statuses(&[id]).pop().flatten()
+    }
     /// `None` when ready; otherwise why not.
     fn not_ready(&self) -> Option<String>;
     /// Appends Prometheus text for the data plane's own counters.
@@ -145,18 +149,28 @@ impl DataPlane for GatewayPlane {
         Ok(())
     }
 
-    fn status(&self, id: &str) -> Option<TunnelStatus> {
-        let peer = self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).get(id)?.0;
-        let s = self.gateway.peer_status(peer)?;
-        Some(TunnelStatus {
-            bytes_sent: s.stats.tx_bytes,
-            bytes_received: s.stats.rx_bytes,
-            packets_sent: s.stats.tx_packets,
-            packets_received: s.stats.rx_packets,
-            handshakes: s.stats.handshakes,
-            last_handshake: s.last_handshake,
-            endpoint: s.endpoint,
-        })
+    fn statuses(&self, ids: &[&str]) -> Vec<Option<TunnelStatus>> {
+        let peers: Vec<Option<PeerId>> = {
+            let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+            ids.iter().map(|id| tunnels.get(*id).map(|(peer, _)| *peer)).collect()
+        };
+        // One trip to the control thread for every known one.
+        let mut live = self.gateway.peer_statuses(peers.iter().flatten().copied().collect()).into_iter();
+        peers
+            .iter()
+            .map(|peer| {
+                let s = peer.and_then(|_| live.next().flatten())?;
+                Some(TunnelStatus {
+                    bytes_sent: s.stats.tx_bytes,
+                    bytes_received: s.stats.rx_bytes,
+                    packets_sent: s.stats.tx_packets,
+                    packets_received: s.stats.rx_packets,
+                    handshakes: s.stats.handshakes,
+                    last_handshake: s.last_handshake,
+                    endpoint: s.endpoint,
+                })
+            })
+            .collect()
     }
 
     fn not_ready(&self) -> Option<String> {
@@ -233,11 +247,10 @@ impl DataPlane for MemoryPlane {
         Ok(())
     }
 
-    fn status(&self, id: &str) -> Option<TunnelStatus> {
-        if !self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
-            return None;
-        }
-        Some(self.statuses.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied().unwrap_or_default())
+    fn statuses(&self, ids: &[&str]) -> Vec<Option<TunnelStatus>> {
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        let statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        ids.iter().map(|id| tunnels.contains_key(*id).then(|| statuses.get(*id).copied().unwrap_or_default())).collect()
     }
 
     fn not_ready(&self) -> Option<String> {

@@ -361,14 +361,24 @@ impl Gateway {
 
     /// A peer's live counters, last handshake and endpoint.
     pub fn peer_status(&self, id: PeerId) -> Option<PeerStatus> {
+        self.peer_statuses(vec![id]).pop().flatten()
+    }
+
+    /// Many peers' live state in one trip to the control thread (in `ids` order).
+    pub fn peer_statuses(&self, ids: Vec<PeerId>) -> Vec<Option<PeerStatus>> {
+        let n = ids.len();
         self.with_device(move |d| {
-            Some(PeerStatus {
-                stats: d.peer_stats(id)?,
-                last_handshake: d.peer_last_handshake(id),
-                endpoint: d.peer_endpoint(id),
-            })
+            ids.into_iter()
+                .map(|id| {
+                    Some(PeerStatus {
+                        stats: d.peer_stats(id)?,
+                        last_handshake: d.peer_last_handshake(id),
+                        endpoint: d.peer_endpoint(id),
+                    })
+                })
+                .collect()
         })
-        .flatten()
+        .unwrap_or_else(|| vec![None; n])
     }
 
     /// True while the XDP programs are attached and every thread runs.

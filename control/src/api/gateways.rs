@@ -9,6 +9,7 @@ use super::model::{
     GatewayView, ListMeta, ObjectMeta, StatusEnvelope, StatusView, UpdateGateway,
 };
 use super::AppState;
+use crate::plane::TunnelStatus;
 use crate::store::{now_millis, random_id, GatewayRecord, ListQuery, SortField, SortKey, Status, Store};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -31,8 +32,15 @@ fn existing(store: &Store, id: &str) -> Result<GatewayRecord, ApiError> {
     store.get(id)?.ok_or_else(|| ApiError::not_found(id))
 }
 
+/// Live state from the data plane for each record (none for deleted ones), in one trip.
+fn live_statuses(state: &AppState, records: &[GatewayRecord]) -> Vec<Option<TunnelStatus>> {
+    let ids: Vec<&str> = records.iter().map(|g| g.id.as_str()).collect();
+    let live = state.plane.statuses(&ids);
+    records.iter().zip(live).map(|(g, s)| s.filter(|_| g.status != Status::Deleted)).collect()
+}
+
 fn envelope(state: &AppState, g: &GatewayRecord, reveal_psk: bool) -> GatewayEnvelope {
-    let live = if g.status == Status::Deleted { None } else { state.plane.status(&g.id) };
+    let live = live_statuses(state, std::slice::from_ref(g)).pop().flatten();
     GatewayEnvelope {
         data: GatewayView::new(g, live.as_ref(), &state.local_side(), reveal_psk),
         meta: ObjectMeta { persistence: "synced".into() },
@@ -148,13 +156,9 @@ pub async fn list(
                 .encode()
         });
         let local = s.local_side();
-        let data: Vec<GatewayView> = rows
-            .iter()
-            .map(|g| {
-                let live = if g.status == Status::Deleted { None } else { s.plane.status(&g.id) };
-                GatewayView::new(g, live.as_ref(), &local, false)
-            })
-            .collect();
+        let live = live_statuses(s, &rows);
+        let data: Vec<GatewayView> =
+            rows.iter().zip(&live).map(|(g, l)| GatewayView::new(g, l.as_ref(), &local, false)).collect();
         Ok(Json(GatewayListEnvelope { meta: ListMeta { limit, count: data.len(), next_cursor }, data }))
     })
     .await
@@ -319,7 +323,7 @@ pub async fn status(
 ) -> Result<Json<StatusEnvelope>, ApiError> {
     blocking(&state, move |s| {
         let g = existing(&s.store, &id)?;
-        let live = if g.status == Status::Deleted { None } else { s.plane.status(&id) };
+        let live = live_statuses(s, std::slice::from_ref(&g)).pop().flatten();
         Ok(Json(StatusEnvelope { data: StatusView::new(&id, live.as_ref()) }))
     })
     .await

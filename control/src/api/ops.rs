@@ -63,7 +63,8 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             ("wgxdp_gateway_packets_received_total", "counter", "Packets received from the tunnel."),
             ("wgxdp_gateway_handshakes_total", "counter", "Completed handshakes."),
         ];
-        let statuses: Vec<_> = gateways.iter().map(|g| s.plane.status(&g.id).unwrap_or_default()).collect();
+        let ids: Vec<&str> = gateways.iter().map(|g| g.id.as_str()).collect();
+        let statuses: Vec<_> = s.plane.statuses(&ids).into_iter().map(Option::unwrap_or_default).collect();
         for (i, (name, kind, help)) in families.iter().enumerate() {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (g, st) in gateways.iter().zip(&statuses) {
