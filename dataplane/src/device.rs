@@ -3,148 +3,41 @@
 //! inner IP packets in) and passes `now`; the device answers with what to send
 //! or deliver, and counts every drop by reason.
 //!
+//! Transport data goes through `transport.rs`, the same code the workers run;
+//! the device then turns the peer's recorded activity into timer events
+//! (`sync_peer`), exactly as it does for traffic the workers handled.
+//!
 //! Outputs that are not a direct answer to an input (staged packets after a
 //! handshake, timer-driven initiations and keepalives) are pulled with
 //! `poll_transmit` after each input and after `tick`.
 
+use crate::drops::{DropCounters, DropReason};
+use crate::frame::parse_ip_frame_payload;
 use crate::noise::cookie::{CookieChecker, MacVerdict};
-use crate::noise::handshake::{consume_initiation_static, HandshakeError, StaticIdentity};
-use crate::noise::peer::{Peer, PeerConfig, PeerSendError, Retired};
-use crate::noise::session::{sealed_len, Keypair, ReceiveError, WorkerToken};
+use crate::noise::handshake::{consume_initiation_static, StaticIdentity};
+use crate::noise::peer::{Peer, PeerConfig, Retired};
+use crate::noise::session::sealed_len;
 use crate::noise::{AeadBackend, PresharedKey, PrivateKey, PublicKey};
 use crate::peer_view::{instant_from_nanos, Endpoint, PeerView, PeerViews};
+use crate::staging::StagingPool;
 use crate::table::{IndexTable, IpPrefix, SharedAllowedIps};
+use crate::transport::{self, Opened, SealError, Tables};
 use crate::wire::{
-    HandshakeInitiation, HandshakeResponse, Ipv4Packet, Ipv6Packet, Message, WireError, HANDSHAKE_INITIATION_LEN,
-    HANDSHAKE_RESPONSE_LEN,
+    HandshakeInitiation, HandshakeResponse, Message, COOKIE_REPLY_LEN, HANDSHAKE_INITIATION_LEN,
+    HANDSHAKE_RESPONSE_LEN, TRANSPORT_HEADER_LEN,
 };
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-/// A peer's handle inside one device.
-pub type PeerId = u32;
+pub use crate::peer_view::PeerId;
+pub use crate::transport::IndexValue;
 
 /// Packets held per peer while a handshake completes (as wireguard-go does).
 pub const MAX_STAGED_PACKETS: usize = 128;
-
-/// What the receiver index points at: a handshake we initiated, or a keypair.
-#[derive(Debug, Clone)]
-pub struct IndexValue {
-    pub peer: PeerId,
-    pub keypair: Option<Arc<Keypair>>,
-}
-
-/// Why an input was dropped. Each has a counter in `DropCounters`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Drop {
-    #[error("malformed message: {0}")]
-    Malformed(WireError),
-    #[error("invalid MAC1")]
-    InvalidMac1,
-    #[error("unknown receiver index")]
-    UnknownIndex,
-    #[error("handshake rejected: {0}")]
-    Handshake(HandshakeError),
-    #[error("cookie reply rejected")]
-    BadCookieReply,
-    #[error("transport message rejected: {0}")]
-    Receive(ReceiveError),
-    #[error("inner packet is not IPv4/IPv6 or is truncated")]
-    BadInnerPacket,
-    #[error("inner source address is not an allowed IP of the sending peer")]
-    SourceNotAllowed,
-    #[error("no peer's allowed IPs contain the destination")]
-    NoRoute,
-    #[error("peer has no known endpoint")]
-    NoEndpoint,
-    #[error("staging queue full while waiting for a handshake")]
-    StagingFull,
-    #[error("the receiver-index table is full")]
-    IndexTableFull,
-    #[error("output buffer too small")]
-    BufferTooSmall,
-}
-
-/// Drop counters, one per reason.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DropCounters {
-    pub malformed: u64,
-    pub invalid_mac1: u64,
-    pub unknown_index: u64,
-    pub handshake: u64,
-    pub bad_cookie_reply: u64,
-    pub replay: u64,
-    pub authentication: u64,
-    pub expired: u64,
-    pub wrong_worker: u64,
-    pub bad_inner_packet: u64,
-    pub source_not_allowed: u64,
-    pub no_route: u64,
-    pub no_endpoint: u64,
-    pub staging_full: u64,
-    pub other: u64,
-}
-
-impl DropCounters {
-    /// Every drop, whatever the reason.
-    pub fn total(&self) -> u64 {
-        let Self {
-            malformed,
-            invalid_mac1,
-            unknown_index,
-            handshake,
-            bad_cookie_reply,
-            replay,
-            authentication,
-            expired,
-            wrong_worker,
-            bad_inner_packet,
-            source_not_allowed,
-            no_route,
-            no_endpoint,
-            staging_full,
-            other,
-        } = self;
-        malformed
-            + invalid_mac1
-            + unknown_index
-            + handshake
-            + bad_cookie_reply
-            + replay
-            + authentication
-            + expired
-            + wrong_worker
-            + bad_inner_packet
-            + source_not_allowed
-            + no_route
-            + no_endpoint
-            + staging_full
-            + other
-    }
-
-    fn count(&mut self, d: Drop) {
-        let c = match d {
-            Drop::Malformed(_) => &mut self.malformed,
-            Drop::InvalidMac1 => &mut self.invalid_mac1,
-            Drop::UnknownIndex => &mut self.unknown_index,
-            Drop::Handshake(_) => &mut self.handshake,
-            Drop::BadCookieReply => &mut self.bad_cookie_reply,
-            Drop::Receive(ReceiveError::Replay) => &mut self.replay,
-            Drop::Receive(ReceiveError::Authentication) => &mut self.authentication,
-            Drop::Receive(ReceiveError::Expired) => &mut self.expired,
-            Drop::Receive(ReceiveError::WrongWorker) => &mut self.wrong_worker,
-            Drop::BadInnerPacket => &mut self.bad_inner_packet,
-            Drop::SourceNotAllowed => &mut self.source_not_allowed,
-            Drop::NoRoute => &mut self.no_route,
-            Drop::NoEndpoint => &mut self.no_endpoint,
-            Drop::StagingFull => &mut self.staging_full,
-            Drop::IndexTableFull | Drop::BufferTooSmall => &mut self.other,
-        };
-        *c += 1;
-    }
-}
+/// Packets held for all peers together while handshakes complete.
+pub const MAX_STAGED_TOTAL: usize = 8192;
 
 /// What to do with an input that was accepted.
 #[derive(Debug)]
@@ -187,6 +80,9 @@ struct PeerSlot {
     /// Shared with the workers: endpoint, published keypair, counters, activity.
     view: Arc<PeerView>,
     staged: VecDeque<Vec<u8>>,
+    /// A new handshake is wanted even if a session exists (rekey, a new
+    /// pre-shared key, an explicit start). Kept until an initiation goes out,
+    /// so one refused by the REKEY_TIMEOUT rate limit is sent when it allows.
     want_initiation: bool,
     want_keepalive: bool,
     handshakes: u64,
@@ -213,19 +109,12 @@ impl PeerSlot {
         self.view.endpoint_addr()
     }
 
-    /// Learns where the peer is from an authenticated packet (section 2.1).
-    fn learn(&self, src: Endpoint) {
-        if src.path.is_some() {
-            self.view.update_endpoint(src);
-        } else {
-            self.view.learn_addr(src.addr);
-        }
-    }
-
-    fn count_tx(&self, bytes: usize) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.view.counters.tx_bytes.fetch_add(bytes as u64, Relaxed);
-        self.view.counters.tx_packets.fetch_add(1, Relaxed);
+    /// A handshake is due now: explicitly wanted, or packets wait with no
+    /// usable session and no handshake under way (retrying one is the
+    /// retransmit timer's job, which gives up after REKEY_ATTEMPT_TIME).
+    fn needs_initiation(&self, now: Instant) -> bool {
+        self.want_initiation
+            || (!self.staged.is_empty() && !self.peer.has_usable_session(now) && !self.peer.timers.handshake_pending())
     }
 }
 
@@ -233,13 +122,11 @@ pub struct Device {
     identity: StaticIdentity,
     backend: AeadBackend,
     cookies: Arc<CookieChecker>,
-    views: Arc<PeerViews>,
+    tables: Tables,
     peers: HashMap<PeerId, PeerSlot>,
     by_key: HashMap<PublicKey, PeerId>,
     next_peer_id: PeerId,
-    indices: Arc<IndexTable<IndexValue>>,
-    allowed_ips: Arc<SharedAllowedIps<PeerId>>,
-    token: WorkerToken,
+    staging: Arc<StagingPool>,
     ready: VecDeque<PeerId>,
     pub drops: DropCounters,
     pub cookie_replies_sent: u64,
@@ -262,35 +149,18 @@ pub enum PeerConfigError {
     InvalidKey,
 }
 
-/// Source and length of an inner IP packet (padding excluded).
-fn inner_packet(payload: &[u8]) -> Result<(IpAddr, IpAddr, usize), Drop> {
-    match payload.first().map(|b| b >> 4) {
-        Some(4) => {
-            let p = Ipv4Packet::new_checked(payload).map_err(|_| Drop::BadInnerPacket)?;
-            Ok((p.source().into(), p.destination().into(), p.total_len()))
-        }
-        Some(6) => {
-            let p = Ipv6Packet::new_checked(payload).map_err(|_| Drop::BadInnerPacket)?;
-            Ok((p.source().into(), p.destination().into(), p.total_len()))
-        }
-        _ => Err(Drop::BadInnerPacket),
-    }
-}
-
 impl Device {
     pub fn new(private_key: PrivateKey, backend: AeadBackend, index_slot_bits: u32, now: Instant) -> Self {
         let identity = StaticIdentity::new(private_key);
         Self {
             cookies: Arc::new(CookieChecker::new(&identity.public, now)),
-            views: Arc::new(PeerViews::default()),
+            tables: Tables::new(index_slot_bits),
             identity,
             backend,
             peers: HashMap::new(),
             by_key: HashMap::new(),
             next_peer_id: 1,
-            indices: Arc::new(IndexTable::new(index_slot_bits)),
-            allowed_ips: Arc::new(SharedAllowedIps::default()),
-            token: WorkerToken::new(),
+            staging: Arc::new(StagingPool::new(MAX_STAGED_TOTAL)),
             ready: VecDeque::new(),
             drops: DropCounters::default(),
             cookie_replies_sent: 0,
@@ -318,7 +188,7 @@ impl Device {
         let id = self.next_peer_id;
         self.next_peer_id += 1;
         let view = Arc::new(PeerView::new(id, endpoint));
-        self.views.insert(view.clone());
+        self.tables.views.insert(view.clone());
         self.peers.insert(
             id,
             PeerSlot {
@@ -332,7 +202,7 @@ impl Device {
             },
         );
         self.by_key.insert(key, id);
-        self.allowed_ips.set_prefixes(id, allowed_ips);
+        self.tables.allowed_ips.set_prefixes(id, allowed_ips);
         Ok(id)
     }
 
@@ -342,19 +212,23 @@ impl Device {
             return false;
         };
         self.by_key.remove(slot.peer.public_key());
-        self.allowed_ips.remove_value(id);
-        self.views.remove(id);
+        self.tables.allowed_ips.remove_value(id);
+        self.tables.views.remove(id);
         self.retire(slot.peer.zero_keys());
         slot.publish();
+        for buf in slot.staged.drain(..) {
+            self.staging.give(buf);
+        }
         true
     }
 
     pub fn set_allowed_ips(&mut self, id: PeerId, prefixes: &[IpPrefix]) {
-        self.allowed_ips.set_prefixes(id, prefixes);
+        self.tables.allowed_ips.set_prefixes(id, prefixes);
     }
 
     /// Changes a running peer in place (its session and counters survive).
-    /// A new pre-shared key takes effect with a fresh handshake, started now.
+    /// A new pre-shared key takes effect with a fresh handshake, started as
+    /// soon as the initiation rate limit (REKEY_TIMEOUT) allows.
     pub fn update_peer(&mut self, id: PeerId, update: PeerUpdate) -> bool {
         let Some(slot) = self.peers.get_mut(&id) else { return false };
         if let Some(psk) = update.preshared_key {
@@ -389,9 +263,24 @@ impl Device {
         self.peers.get(&id).and_then(|s| s.endpoint())
     }
 
+    /// Packets waiting for `id`'s handshake.
+    pub fn staged_packets(&self, id: PeerId) -> usize {
+        self.peers.get(&id).map_or(0, |s| s.staged.len())
+    }
+
+    /// The tables the transport path reads (shared with the workers).
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
     /// The peers as the workers see them.
     pub fn views(&self) -> &Arc<PeerViews> {
-        &self.views
+        &self.tables.views
+    }
+
+    /// The buffers workers stage packets in.
+    pub fn staging(&self) -> &Arc<StagingPool> {
+        &self.staging
     }
 
     /// The responder-side MAC checks and cookie replies, for workers that answer
@@ -405,16 +294,16 @@ impl Device {
     }
 
     pub fn indices(&self) -> &Arc<IndexTable<IndexValue>> {
-        &self.indices
+        &self.tables.indices
     }
 
     pub fn allowed_ips(&self) -> &Arc<SharedAllowedIps<PeerId>> {
-        &self.allowed_ips
+        &self.tables.allowed_ips
     }
 
     fn retire(&self, retired: Retired) {
         for index in retired.iter() {
-            self.indices.remove(index);
+            self.tables.indices.remove(index);
         }
     }
 
@@ -429,7 +318,7 @@ impl Device {
         now: Instant,
         wall: SystemTime,
         out: &'a mut [u8],
-    ) -> Result<Action<'a>, Drop> {
+    ) -> Result<Action<'a>, DropReason> {
         self.receive_from(Endpoint::from(src), datagram, under_load, now, wall, out)
     }
 
@@ -442,7 +331,7 @@ impl Device {
         now: Instant,
         wall: SystemTime,
         out: &'a mut [u8],
-    ) -> Result<Action<'a>, Drop> {
+    ) -> Result<Action<'a>, DropReason> {
         let result = self.receive_inner(src, datagram, under_load, now, wall, out);
         if let Err(d) = result {
             self.drops.count(d);
@@ -458,9 +347,9 @@ impl Device {
         now: Instant,
         wall: SystemTime,
         out: &'a mut [u8],
-    ) -> Result<Action<'a>, Drop> {
+    ) -> Result<Action<'a>, DropReason> {
         let src = from.addr;
-        let kind = Message::parse(&*datagram).map_err(Drop::Malformed)?;
+        let kind = Message::parse(&*datagram).map_err(|_| DropReason::Malformed)?;
         match kind {
             Message::HandshakeInitiation(_) | Message::HandshakeResponse(_) => {
                 let sender = match &kind {
@@ -469,25 +358,30 @@ impl Device {
                     _ => unreachable!("matched above"),
                 };
                 match self.cookies.verify(datagram, src, now) {
-                    MacVerdict::InvalidMac1 => return Err(Drop::InvalidMac1),
+                    MacVerdict::InvalidMac1 => return Err(DropReason::InvalidMac1),
                     MacVerdict::ValidWithoutCookie if under_load => {
-                        let reply: &mut [u8; 64] = (&mut out[..64]).try_into().map_err(|_| Drop::BufferTooSmall)?;
-                        self.cookies.write_reply(datagram, sender, src, now, reply);
+                        let reply: &mut [u8; COOKIE_REPLY_LEN] = out
+                            .get_mut(..COOKIE_REPLY_LEN)
+                            .and_then(|b| b.try_into().ok())
+                            .ok_or(DropReason::BufferTooSmall)?;
+                        if !self.cookies.write_reply(datagram, sender, src, now, reply) {
+                            return Err(DropReason::Malformed);
+                        }
                         self.cookie_replies_sent += 1;
-                        return Ok(Action::Send { to: src, bytes: &out[..64] });
+                        return Ok(Action::Send { to: src, bytes: &out[..COOKIE_REPLY_LEN] });
                     }
                     _ => {}
                 }
                 if matches!(kind, Message::HandshakeInitiation(_)) {
                     self.on_initiation(from, datagram, now, out)
                 } else {
-                    self.on_response(from, datagram, now, wall, out)
+                    self.on_response(from, datagram, now, wall)
                 }
             }
             Message::CookieReply(m) => {
-                let entry = self.indices.get(m.receiver()).ok_or(Drop::UnknownIndex)?;
-                let slot = self.peers.get_mut(&entry.value.peer).ok_or(Drop::UnknownIndex)?;
-                slot.peer.consume_cookie_reply(&m, now).map_err(|_| Drop::BadCookieReply)?;
+                let entry = self.tables.indices.get(m.receiver()).ok_or(DropReason::UnknownIndex)?;
+                let slot = self.peers.get_mut(&entry.value.peer).ok_or(DropReason::UnknownIndex)?;
+                slot.peer.consume_cookie_reply(&m, now).map_err(|_| DropReason::BadCookieReply)?;
                 Ok(Action::Nothing)
             }
             Message::Transport(_) => self.on_transport(from, datagram, now, wall),
@@ -500,26 +394,30 @@ impl Device {
         datagram: &[u8],
         now: Instant,
         out: &'a mut [u8],
-    ) -> Result<Action<'a>, Drop> {
-        let msg = HandshakeInitiation::new_checked(datagram).map_err(Drop::Malformed)?;
-        let partial = consume_initiation_static(&self.identity, &msg).map_err(Drop::Handshake)?;
-        let id = *self.by_key.get(&partial.remote_static).ok_or(Drop::Handshake(HandshakeError::UnknownPeer))?;
-        let slot = self.peers.get_mut(&id).ok_or(Drop::Handshake(HandshakeError::UnknownPeer))?;
-        let consumed = partial.finish(slot.peer.keys(), &msg).map_err(Drop::Handshake)?;
-        let index = self.indices.insert(IndexValue { peer: id, keypair: None }).map_err(|_| Drop::IndexTableFull)?;
+    ) -> Result<Action<'a>, DropReason> {
         let buf: &mut [u8; HANDSHAKE_RESPONSE_LEN] =
-            (&mut out[..HANDSHAKE_RESPONSE_LEN]).try_into().map_err(|_| Drop::BufferTooSmall)?;
+            out.get_mut(..HANDSHAKE_RESPONSE_LEN).and_then(|b| b.try_into().ok()).ok_or(DropReason::BufferTooSmall)?;
+        let msg = HandshakeInitiation::new_checked(datagram).map_err(|_| DropReason::Malformed)?;
+        let partial = consume_initiation_static(&self.identity, &msg).map_err(|_| DropReason::Handshake)?;
+        let id = *self.by_key.get(&partial.remote_static).ok_or(DropReason::Handshake)?;
+        let slot = self.peers.get_mut(&id).ok_or(DropReason::Handshake)?;
+        let consumed = partial.finish(slot.peer.keys(), &msg).map_err(|_| DropReason::Handshake)?;
+        let index = self
+            .tables
+            .indices
+            .insert(IndexValue { peer: id, keypair: None })
+            .map_err(|_| DropReason::IndexTableFull)?;
         match slot.peer.write_response(&consumed, index, now, buf) {
             Ok((keypair, retired)) => {
-                self.indices.replace(index, IndexValue { peer: id, keypair: Some(keypair) });
-                slot.learn(from);
+                self.tables.indices.replace(index, IndexValue { peer: id, keypair: Some(keypair) });
+                slot.view.learn(from);
                 slot.handshakes += 1;
                 self.retire(retired);
                 Ok(Action::Send { to: from.addr, bytes: &out[..HANDSHAKE_RESPONSE_LEN] })
             }
-            Err(e) => {
-                self.indices.remove(index);
-                Err(Drop::Handshake(e))
+            Err(_) => {
+                self.tables.indices.remove(index);
+                Err(DropReason::Handshake)
             }
         }
     }
@@ -530,19 +428,18 @@ impl Device {
         datagram: &[u8],
         now: Instant,
         wall: SystemTime,
-        _out: &'a mut [u8],
-    ) -> Result<Action<'a>, Drop> {
-        let msg = HandshakeResponse::new_checked(datagram).map_err(Drop::Malformed)?;
-        let entry = self.indices.get(msg.receiver()).ok_or(Drop::UnknownIndex)?;
+    ) -> Result<Action<'a>, DropReason> {
+        let msg = HandshakeResponse::new_checked(datagram).map_err(|_| DropReason::Malformed)?;
+        let entry = self.tables.indices.get(msg.receiver()).ok_or(DropReason::UnknownIndex)?;
         if entry.value.keypair.is_some() {
-            return Err(Drop::Handshake(HandshakeError::UnexpectedResponse));
+            return Err(DropReason::Handshake);
         }
         let id = entry.value.peer;
         drop(entry);
-        let slot = self.peers.get_mut(&id).ok_or(Drop::UnknownIndex)?;
+        let slot = self.peers.get_mut(&id).ok_or(DropReason::UnknownIndex)?;
         let (keypair, retired) =
-            slot.peer.consume_response(&self.identity, &msg, now, wall).map_err(Drop::Handshake)?;
-        slot.learn(from);
+            slot.peer.consume_response(&self.identity, &msg, now, wall).map_err(|_| DropReason::Handshake)?;
+        slot.view.learn(from);
         slot.handshakes += 1;
         slot.publish();
         // Section 6.3 / wireguard-go: confirm the session at once, with the staged
@@ -550,7 +447,7 @@ impl Device {
         if slot.staged.is_empty() {
             slot.want_keepalive = true;
         }
-        self.indices.replace(keypair.local_index, IndexValue { peer: id, keypair: Some(keypair) });
+        self.tables.indices.replace(keypair.local_index, IndexValue { peer: id, keypair: Some(keypair) });
         self.retire(retired);
         self.ready.push_back(id);
         Ok(Action::Nothing)
@@ -562,38 +459,15 @@ impl Device {
         datagram: &'a mut [u8],
         now: Instant,
         wall: SystemTime,
-    ) -> Result<Action<'a>, Drop> {
-        let msg = crate::wire::TransportHeader::new_checked(datagram).map_err(Drop::Malformed)?;
-        let entry = self.indices.get(msg.receiver()).ok_or(Drop::UnknownIndex)?;
-        let id = entry.value.peer;
-        let keypair = entry.value.keypair.clone().ok_or(Drop::UnknownIndex)?;
-        drop(entry);
-        let slot = self.peers.get_mut(&id).ok_or(Drop::UnknownIndex)?;
-        let received = slot.peer.decrypt(&self.token, &keypair, msg, now, wall).map_err(Drop::Receive)?;
-        // Roaming (section 2.1): the endpoint follows the last authenticated packet.
-        slot.learn(from);
-        slot.publish();
-        if received.rekey {
-            slot.want_initiation = true;
-            self.ready.push_back(id);
+    ) -> Result<Action<'a>, DropReason> {
+        let opened = transport::open(&self.tables, datagram, from, now)?;
+        self.sync_peer(opened.peer(), now, wall);
+        match opened {
+            Opened::Keepalive { .. } => Ok(Action::Nothing),
+            Opened::Data { peer, inner, offset } => {
+                Ok(Action::Deliver { peer, packet: &datagram[offset..offset + inner.len] })
+            }
         }
-        let retired = received.retired;
-        let payload = received.payload;
-        for index in retired.iter() {
-            self.indices.remove(index);
-        }
-        if payload.is_empty() {
-            return Ok(Action::Nothing);
-        }
-        let (source, _, len) = inner_packet(payload)?;
-        if self.allowed_ips.load().lookup(source) != Some(id) {
-            return Err(Drop::SourceNotAllowed);
-        }
-        let slot = self.peers.get(&id).ok_or(Drop::UnknownIndex)?;
-        let c = &slot.view.counters;
-        c.rx_bytes.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-        c.rx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Action::Deliver { peer: id, packet: &payload[..len] })
     }
 
     /// Encrypts an inner IP packet for the peer that owns its destination. If no
@@ -605,7 +479,7 @@ impl Device {
         now: Instant,
         wall: SystemTime,
         out: &'a mut [u8],
-    ) -> Result<Action<'a>, Drop> {
+    ) -> Result<Action<'a>, DropReason> {
         let r = self.send_inner(packet, now, wall, out);
         if let Err(d) = r {
             self.drops.count(d);
@@ -619,29 +493,23 @@ impl Device {
         now: Instant,
         wall: SystemTime,
         out: &'a mut [u8],
-    ) -> Result<Action<'a>, Drop> {
-        let (_, dst, len) = inner_packet(packet)?;
-        let id = self.allowed_ips.load().lookup(dst).ok_or(Drop::NoRoute)?;
-        let slot = self.peers.get_mut(&id).ok_or(Drop::NoRoute)?;
-        let to = slot.endpoint().ok_or(Drop::NoEndpoint)?;
-        match slot.peer.encrypt(&packet[..len], out, now) {
-            Ok(sent) => {
-                slot.count_tx(len);
-                if sent.rekey {
-                    slot.want_initiation = true;
-                    self.ready.push_back(id);
-                }
-                Ok(Action::Send { to, bytes: &out[..sent.len] })
+    ) -> Result<Action<'a>, DropReason> {
+        let inner = parse_ip_frame_payload(packet).map_err(|_| DropReason::BadInnerPacket)?;
+        let packet = packet.get(..inner.len).ok_or(DropReason::BadInnerPacket)?;
+        let view = transport::route(&self.tables, inner.dst)?;
+        let to = view.endpoint_addr().ok_or(DropReason::NoEndpoint)?;
+        let body =
+            out.get_mut(TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + packet.len()).ok_or(DropReason::BufferTooSmall)?;
+        body.copy_from_slice(packet);
+        match transport::seal(&view, out, packet.len(), now) {
+            Ok(n) => {
+                self.sync_peer(view.id, now, wall);
+                Ok(Action::Send { to, bytes: &out[..n] })
             }
-            Err(PeerSendError::BufferTooSmall) => Err(Drop::BufferTooSmall),
-            Err(PeerSendError::NoSession) => {
-                if slot.staged.len() >= MAX_STAGED_PACKETS {
-                    slot.staged.pop_front();
-                    self.drops.count(Drop::StagingFull);
-                }
-                slot.staged.push_back(packet[..len].to_vec());
-                slot.want_initiation = true;
-                self.ready.push_back(id);
+            Err(SealError::BufferTooSmall) => Err(DropReason::BufferTooSmall),
+            Err(SealError::NoSession) => {
+                let buf = self.staging.take(packet).ok_or(DropReason::StagingFull)?;
+                self.stage(view.id, buf);
                 match self.poll_transmit(now, wall, out) {
                     Some(t) => Ok(Action::Send { to: t.to, bytes: &out[..t.len] }),
                     None => Ok(Action::Nothing),
@@ -659,17 +527,18 @@ impl Device {
     }
 
     /// Sends a keepalive to `id` now on its current session.
-    pub fn send_keepalive(&mut self, id: PeerId, now: Instant, out: &mut [u8]) -> Result<Transmit, Drop> {
-        let slot = self.peers.get_mut(&id).ok_or(Drop::NoRoute)?;
-        let to = slot.endpoint().ok_or(Drop::NoEndpoint)?;
-        match slot.peer.encrypt(&[], out, now) {
-            Ok(sent) => Ok(Transmit { to, len: sent.len }),
-            Err(PeerSendError::BufferTooSmall) => Err(Drop::BufferTooSmall),
-            Err(PeerSendError::NoSession) => Err(Drop::Receive(ReceiveError::Expired)),
+    pub fn send_keepalive(&mut self, id: PeerId, now: Instant, out: &mut [u8]) -> Result<Transmit, DropReason> {
+        let slot = self.peers.get(&id).ok_or(DropReason::NoRoute)?;
+        let to = slot.endpoint().ok_or(DropReason::NoEndpoint)?;
+        match transport::seal(&slot.view, out, 0, now) {
+            Ok(len) => Ok(Transmit { to, len }),
+            Err(SealError::BufferTooSmall) => Err(DropReason::BufferTooSmall),
+            Err(SealError::NoSession) => Err(DropReason::Expired),
         }
     }
 
-    /// Runs every peer's timers; due work is then pulled with `poll_transmit`.
+    /// Runs every peer's timers (once per call, however many packets were
+    /// staged since); due work is then pulled with `poll_transmit`.
     pub fn tick(&mut self, now: Instant) {
         self.tick_at(now, SystemTime::now());
     }
@@ -684,7 +553,12 @@ impl Device {
             slot.publish();
             retired_all.push(retired);
             if actions.gave_up {
-                slot.staged.clear();
+                // REKEY_ATTEMPT_TIME without an answer: what waited is dropped, counted.
+                for buf in slot.staged.drain(..) {
+                    self.drops.count(DropReason::StagingExpired);
+                    self.staging.give(buf);
+                }
+                slot.want_initiation = false;
             }
             if actions.send_initiation {
                 slot.want_initiation = true;
@@ -701,8 +575,20 @@ impl Device {
         }
     }
 
-    /// Turns what workers did since the last tick into the peer's timer events,
-    /// confirms a responder keypair they used, and applies the rekey rules.
+    /// Turns `id`'s activity since the last look into timer events at once
+    /// (the device's own traffic; workers' traffic is picked up by `tick`).
+    fn sync_peer(&mut self, id: PeerId, now: Instant, wall: SystemTime) {
+        let Some(slot) = self.peers.get_mut(&id) else { return };
+        let retired = Self::sync_from_workers(slot, now, wall);
+        if slot.needs_initiation(now) {
+            self.ready.push_back(id);
+        }
+        self.retire(retired);
+    }
+
+    /// Turns what was sent and received on the peer's sessions since the last
+    /// look into the peer's timer events, confirms a responder keypair that was
+    /// used, and applies the rekey rules.
     fn sync_from_workers(slot: &mut PeerSlot, now: Instant, wall: SystemTime) -> Retired {
         use std::sync::atomic::Ordering::Relaxed;
         let a = &slot.view.activity;
@@ -712,11 +598,18 @@ impl Device {
             a.authenticated_sent.load(Relaxed),
             a.authenticated_received.load(Relaxed),
         ];
-        let mut events: Vec<(u64, usize)> =
-            (0..4).filter(|&i| current[i] > slot.seen[i]).map(|i| (current[i], i)).collect();
+        let mut events = [(0u64, 0usize); 4];
+        let mut n = 0;
+        for (kind, (&at, &seen)) in current.iter().zip(&slot.seen).enumerate() {
+            if at > seen {
+                events[n] = (at, kind);
+                n += 1;
+            }
+        }
+        let events = &mut events[..n];
         events.sort_unstable();
-        for (nanos, kind) in &events {
-            let at = instant_from_nanos(*nanos);
+        for &(nanos, kind) in events.iter() {
+            let at = instant_from_nanos(nanos);
             let t = &mut slot.peer.timers;
             match kind {
                 0 => t.on_data_sent(at),
@@ -732,23 +625,31 @@ impl Device {
         if slot.peer.rekey_due(now, sent, received) {
             slot.want_initiation = true;
         }
-        if slot.view.attention.swap(false, Relaxed) && slot.peer.current_keypair().is_none() {
+        if slot.view.attention.swap(false, Relaxed)
+            && !slot.peer.has_usable_session(now)
+            && !slot.peer.timers.handshake_pending()
+        {
             slot.want_initiation = true;
         }
         slot.publish();
         retired
     }
 
-    /// Stages a packet a worker could not send (no session yet) and asks for a
-    /// handshake; it goes out via `poll_transmit` once the session exists.
+    /// Stages a packet (in a buffer from `staging()`) that could not be sent
+    /// for lack of a session; a handshake follows via `poll_transmit` and the
+    /// packet once the session exists. Bounded per peer: the oldest is dropped.
     pub fn stage(&mut self, id: PeerId, packet: Vec<u8>) {
-        let Some(slot) = self.peers.get_mut(&id) else { return };
+        let Some(slot) = self.peers.get_mut(&id) else {
+            self.drops.count(DropReason::NoRoute);
+            return self.staging.give(packet);
+        };
         if slot.staged.len() >= MAX_STAGED_PACKETS {
-            slot.staged.pop_front();
-            self.drops.count(Drop::StagingFull);
+            if let Some(old) = slot.staged.pop_front() {
+                self.drops.count(DropReason::StagingFull);
+                self.staging.give(old);
+            }
         }
         slot.staged.push_back(packet);
-        slot.want_initiation = slot.peer.current_keypair().is_none();
         self.ready.push_back(id);
     }
 
@@ -760,51 +661,69 @@ impl Device {
                 continue;
             };
             let Some(to) = slot.endpoint() else {
-                slot.want_initiation = false;
+                // Nowhere to send: wait for the peer to reach us (it may roam in).
                 slot.want_keepalive = false;
                 self.ready.pop_front();
                 continue;
             };
-            if slot.want_initiation {
+            if slot.needs_initiation(now) {
+                if !slot.peer.may_initiate(now) {
+                    // Rate-limited (section 6.1): `tick` brings it back when allowed.
+                    self.ready.pop_front();
+                    continue;
+                }
                 slot.want_initiation = false;
+                let Some(buf) = out.get_mut(..HANDSHAKE_INITIATION_LEN).and_then(|b| b.try_into().ok()) else {
+                    self.drops.count(DropReason::BufferTooSmall);
+                    self.ready.pop_front();
+                    continue;
+                };
                 let retry = slot.peer.timers.handshake_pending();
-                if slot.peer.may_initiate(now) && out.len() >= HANDSHAKE_INITIATION_LEN {
-                    let Ok(index) = self.indices.insert(IndexValue { peer: id, keypair: None }) else {
-                        self.drops.count(Drop::IndexTableFull);
+                let Ok(index) = self.tables.indices.insert(IndexValue { peer: id, keypair: None }) else {
+                    self.drops.count(DropReason::IndexTableFull);
+                    self.ready.pop_front();
+                    continue;
+                };
+                match slot.peer.write_initiation(&self.identity, index, retry, now, wall, buf) {
+                    Ok(retired) => {
+                        self.retire(retired);
+                        return Some(Transmit { to, len: HANDSHAKE_INITIATION_LEN });
+                    }
+                    Err(_) => {
+                        self.tables.indices.remove(index);
+                        self.drops.count(DropReason::Handshake);
+                        self.ready.pop_front();
                         continue;
-                    };
-                    let buf: &mut [u8; HANDSHAKE_INITIATION_LEN] =
-                        (&mut out[..HANDSHAKE_INITIATION_LEN]).try_into().expect("length checked");
-                    match slot.peer.write_initiation(&self.identity, index, retry, now, wall, buf) {
-                        Ok(retired) => {
-                            self.retire(retired);
-                            return Some(Transmit { to, len: HANDSHAKE_INITIATION_LEN });
-                        }
-                        Err(e) => {
-                            self.indices.remove(index);
-                            self.drops.count(Drop::Handshake(e));
-                        }
                     }
                 }
-                continue;
             }
-            if slot.peer.current_keypair().is_some() {
+            if slot.peer.has_usable_session(now) {
                 if let Some(packet) = slot.staged.pop_front() {
-                    if out.len() < sealed_len(packet.len()) {
-                        self.drops.count(Drop::BufferTooSmall);
-                        continue;
+                    let len = packet.len();
+                    let room = out.len() >= sealed_len(len);
+                    let sealed = match out.get_mut(TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len) {
+                        Some(body) if room => {
+                            body.copy_from_slice(&packet);
+                            transport::seal(&slot.view, out, len, now).map_err(|_| DropReason::Expired)
+                        }
+                        _ => Err(DropReason::BufferTooSmall),
+                    };
+                    self.staging.give(packet);
+                    match sealed {
+                        Ok(n) => {
+                            slot.want_keepalive = false;
+                            return Some(Transmit { to, len: n });
+                        }
+                        Err(reason) => {
+                            self.drops.count(reason);
+                            continue;
+                        }
                     }
-                    if let Ok(sent) = slot.peer.encrypt(&packet, out, now) {
-                        slot.count_tx(packet.len());
-                        slot.want_keepalive = false;
-                        return Some(Transmit { to, len: sent.len });
-                    }
-                    continue;
                 }
                 if slot.want_keepalive {
                     slot.want_keepalive = false;
-                    if let Ok(sent) = slot.peer.encrypt(&[], out, now) {
-                        return Some(Transmit { to, len: sent.len });
+                    if let Ok(n) = transport::seal(&slot.view, out, 0, now) {
+                        return Some(Transmit { to, len: n });
                     }
                 }
             }
@@ -820,6 +739,7 @@ mod tests {
     use super::*;
     use crate::noise::PresharedKey;
     use crate::testing::sent_bytes;
+    use crate::wire::Ipv4Packet;
     use std::net::Ipv4Addr;
     use std::time::Duration;
 
@@ -853,7 +773,7 @@ mod tests {
     }
 
     /// Delivers `bytes` from `from_addr` into `to`, returns what it wants sent.
-    fn deliver(to: &mut Device, from_addr: &str, bytes: &[u8], now: Instant) -> Result<Vec<u8>, Drop> {
+    fn deliver(to: &mut Device, from_addr: &str, bytes: &[u8], now: Instant) -> Result<Vec<u8>, DropReason> {
         let mut d = bytes.to_vec();
         let mut out = vec![0u8; 2048];
         match to.receive(from_addr.parse().unwrap(), &mut d, false, now, SystemTime::now(), &mut out)? {
@@ -907,16 +827,18 @@ mod tests {
         assert_eq!(p.b.peer_stats(p.b_peer).unwrap().handshakes, 1);
 
         // Replays and forgeries are dropped and counted.
-        assert_eq!(deliver(&mut p.a, B_ADDR, &enc, now), Err(Drop::Receive(ReceiveError::Replay)));
+        assert_eq!(deliver(&mut p.a, B_ADDR, &enc, now), Err(DropReason::Replay));
+        // A seen counter with a forged body fails authentication first (the
+        // window is consulted under its lock only after the AEAD).
         let mut forged = enc.clone();
         forged[20] ^= 0x40;
-        assert_eq!(deliver(&mut p.a, B_ADDR, &forged, now), Err(Drop::Receive(ReceiveError::Replay)));
+        assert_eq!(deliver(&mut p.a, B_ADDR, &forged, now), Err(DropReason::Authentication));
         let enc2 = sent_bytes(&mut p.b, &pong, now);
         let mut forged = enc2.clone();
         forged[40] ^= 0x01;
-        assert_eq!(deliver(&mut p.a, B_ADDR, &forged, now), Err(Drop::Receive(ReceiveError::Authentication)));
+        assert_eq!(deliver(&mut p.a, B_ADDR, &forged, now), Err(DropReason::Authentication));
         assert_eq!(deliver(&mut p.a, B_ADDR, &enc2, now).unwrap(), pong);
-        assert_eq!((p.a.drops.replay, p.a.drops.authentication), (2, 1));
+        assert_eq!((p.a.drops.get(DropReason::Replay), p.a.drops.get(DropReason::Authentication)), (1, 2));
 
         // A peer may only send from its own allowed IPs.
         let spoof = ipv4([10, 0, 3, 1], [10, 0, 1, 5], b"spoof");
@@ -930,11 +852,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         };
-        assert_eq!(deliver(&mut p.a, B_ADDR, &enc3, now), Err(Drop::SourceNotAllowed));
-        assert_eq!(p.a.drops.source_not_allowed, 1);
+        assert_eq!(deliver(&mut p.a, B_ADDR, &enc3, now), Err(DropReason::SourceNotAllowed));
+        assert_eq!(p.a.drops.get(DropReason::SourceNotAllowed), 1);
         // Nobody owns 10.9.0.0: no route.
         let err = p.a.send(&ipv4([10, 0, 1, 5], [10, 9, 0, 1], b"?"), now, SystemTime::now(), &mut out).unwrap_err();
-        assert_eq!(err, Drop::NoRoute);
+        assert_eq!(err, DropReason::NoRoute);
     }
 
     #[test]
@@ -970,7 +892,7 @@ mod tests {
         // Garbage MAC1 is dropped silently, under load or not.
         let mut bad = init.clone();
         bad[120] ^= 1;
-        assert_eq!(deliver(&mut p.b, A_ADDR, &bad, now), Err(Drop::InvalidMac1));
+        assert_eq!(deliver(&mut p.b, A_ADDR, &bad, now), Err(DropReason::InvalidMac1));
     }
 
     #[test]
@@ -993,7 +915,7 @@ mod tests {
         assert!(!p.b.indices().is_empty());
         assert!(p.b.remove_peer(p.b_peer));
         assert_eq!(p.b.indices().len(), 0, "removing a peer frees its indices");
-        assert_eq!(deliver(&mut p.b, A_ADDR, &data, now), Err(Drop::UnknownIndex));
+        assert_eq!(deliver(&mut p.b, A_ADDR, &data, now), Err(DropReason::UnknownIndex));
     }
 
     #[test]
@@ -1012,7 +934,7 @@ mod tests {
         p.a.initiate(p.a_peer);
         let stale = drain(&mut p.a, later).remove(0);
         let resp = deliver(&mut p.b, A_ADDR, &stale, later).unwrap();
-        assert!(matches!(deliver(&mut p.a, B_ADDR, &resp, later), Err(Drop::Handshake(_))));
+        assert!(matches!(deliver(&mut p.a, B_ADDR, &resp, later), Err(DropReason::Handshake)));
         // Both rotated: the handshake completes. (Initiation timestamps must
         // grow: let the wall clock move past their granularity.)
         std::thread::sleep(Duration::from_millis(30));
@@ -1041,5 +963,37 @@ mod tests {
                 let _ = p.a.send(&d, now, SystemTime::now(), &mut out);
             }
         }
+    }
+
+    #[test]
+    fn small_output_buffers_are_counted_drops_not_panics() {
+        let now = Instant::now();
+        let mut p = pair(now);
+        p.a.initiate(p.a_peer);
+        let init = drain(&mut p.a, now).remove(0);
+        for size in [0usize, 10, 63, 64, 91] {
+            let mut out = vec![0u8; size];
+            let mut d = init.clone();
+            let r = p.b.receive(A_ADDR.parse().unwrap(), &mut d, size < 64, now, SystemTime::now(), &mut out);
+            assert_eq!(r.unwrap_err(), DropReason::BufferTooSmall, "{size}-byte buffer");
+            let r = p.a.send(&ipv4([10, 0, 1, 5], [10, 0, 2, 9], b"x"), now, SystemTime::now(), &mut out);
+            assert!(r.is_err() || matches!(r, Ok(Action::Nothing)), "{size}: {r:?}");
+            assert!(p.a.poll_transmit(now, SystemTime::now(), &mut out).is_none());
+        }
+    }
+
+    #[test]
+    fn staging_is_bounded_per_peer_and_counted() {
+        let now = Instant::now();
+        let mut p = pair(now);
+        let mut out = vec![0u8; 2048];
+        for i in 0..(MAX_STAGED_PACKETS + 10) {
+            let _ = p.a.send(&ipv4([10, 0, 1, 5], [10, 0, 2, 9], &[i as u8; 8]), now, SystemTime::now(), &mut out);
+        }
+        assert_eq!(p.a.staged_packets(p.a_peer), MAX_STAGED_PACKETS);
+        assert_eq!(p.a.drops.get(DropReason::StagingFull), 10, "the oldest were pushed out and counted");
+        assert_eq!(p.a.staging().in_use(), MAX_STAGED_PACKETS);
+        assert!(p.a.remove_peer(p.a_peer));
+        assert_eq!(p.a.staging().in_use(), 0, "removing the peer returns its buffers");
     }
 }

@@ -236,10 +236,9 @@ impl Gateway {
         let (neighbors, neighbor_requests) = NeighborTable::new();
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
-            indices: device.indices().clone(),
-            allowed_ips: device.allowed_ips().clone(),
-            views: device.views().clone(),
+            tables: device.tables().clone(),
             cookies: device.cookie_checker().clone(),
+            staging: device.staging().clone(),
             handshakes: hs_tx,
             control: ctl_tx,
             neighbors: neighbors.clone(),
@@ -390,7 +389,7 @@ impl Gateway {
 
     /// Makes the LAN program steer exactly the prefixes some peer routes.
     fn sync_tunnel_prefixes(&self) -> Result<(), GatewayError> {
-        let mut all: Vec<IpPrefix> = self.shared.allowed_ips.entries().into_iter().map(|(p, _)| p).collect();
+        let mut all: Vec<IpPrefix> = self.shared.tables.allowed_ips.entries().into_iter().map(|(p, _)| p).collect();
         all.sort_unstable();
         all.dedup();
         self.programs.lock().unwrap_or_else(|p| p.into_inner()).set_tunnel_prefixes(&all)?;
@@ -435,27 +434,24 @@ fn run_control(
         }
     };
     while !stop.load(Ordering::Relaxed) {
-        let mut staged = false;
         select! {
             recv(handshakes) -> job => if let Ok(mut job) = job {
                 let (now, wall) = (Instant::now(), SystemTime::now());
-                let len = job.len;
-                if let Ok(Action::Send { to, bytes }) = device.receive_from(job.from, &mut job.bytes[..len], false, now, wall, &mut out) {
+                let from = job.from;
+                if let Ok(Action::Send { to, bytes }) = device.receive_from(from, job.message_mut(), false, now, wall, &mut out) {
                     send(bytes, to);
                 }
             },
             recv(events) -> ev => match ev {
-                Ok(ControlEvent::Stage { peer, packet }) => {
-                    device.stage(peer, packet);
-                    staged = true;
-                }
+                // Staging only queues the peer: timers run once per tick, not per packet.
+                Ok(ControlEvent::Stage { peer, packet }) => device.stage(peer, packet),
                 Ok(ControlEvent::Exec(f)) => f(&mut device),
                 Err(_) => {}
             },
             default(Duration::from_millis(20)) => {}
         }
         let (now, wall) = (Instant::now(), SystemTime::now());
-        if staged || now.duration_since(last_tick) >= Duration::from_millis(100) {
+        if now.duration_since(last_tick) >= Duration::from_millis(100) {
             device.tick_at(now, wall);
             last_tick = now;
         }

@@ -30,6 +30,39 @@ pub const fn packet_too_big_len(quote_len: usize, v6: bool) -> usize {
     ETHERNET_HEADER_LEN + if v6 { IPV6_HEADER_LEN } else { IPV4_HEADER_LEN } + ICMP_HEADER_LEN + quote_len
 }
 
+/// Whether a router may answer `packet` (a whole IP packet it cannot forward)
+/// with an ICMP error at all. RFC 1812 section 4.3.2.7 (IPv4): never about an
+/// ICMP error, a non-initial fragment, or a packet whose source does not name
+/// one host (unspecified, loopback, multicast, broadcast, class E), nor about
+/// a packet sent to a multicast or broadcast address. RFC 4443 section 2.4(e)
+/// (IPv6): never about an ICMPv6 error or from a source that is not unicast
+/// ("packet too big" may answer a multicast destination).
+pub fn may_send_error(packet: &[u8]) -> bool {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let Ok(ip) = Ipv4Packet::new_checked(packet) else { return false };
+            let (src, dst) = (ip.source(), ip.destination());
+            let one_host = !(src.is_unspecified()
+                || src.is_loopback()
+                || src.is_multicast()
+                || src.is_broadcast()
+                || src.octets()[0] >= 240);
+            let to_group = dst.is_multicast() || dst.is_broadcast();
+            let icmp_error =
+                ip.protocol() == ip_protocol::ICMP && matches!(ip.payload().first(), Some(3 | 4 | 5 | 11 | 12));
+            one_host && !to_group && ip.fragment_offset() == 0 && !icmp_error
+        }
+        Some(6) => {
+            let Ok(ip) = Ipv6Packet::new_checked(packet) else { return false };
+            let src = ip.source();
+            let unicast = !(src.is_unspecified() || src.is_loopback() || src.is_multicast());
+            let icmp_error = ip.next_header() == ip_protocol::ICMPV6 && ip.payload().first().is_some_and(|&t| t < 128);
+            unicast && !icmp_error
+        }
+        _ => false,
+    }
+}
+
 /// Writes a whole Ethernet frame into `frame` (exactly `packet_too_big_len`
 /// bytes): the ICMP error from `router` (our address on the link towards the
 /// sender) to `to` (the offending packet's source), quoting `quote` (the start
@@ -119,6 +152,44 @@ mod tests {
         assert_eq!(u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]), 1420);
         let mut acc = pseudo_header_sum(&router.octets(), &src.octets(), ip_protocol::ICMPV6, icmp.len() as u32);
         assert_eq!(acc.add(icmp).finish(), 0, "checksum verifies");
+    }
+
+    #[test]
+    fn errors_only_about_packets_rfc_1812_and_4443_allow() {
+        let v4 = |src: &str, dst: &str, proto: u8, first: u8, frag: u16| {
+            let mut p = vec![0u8; 60];
+            Ipv4Packet::emit(&mut p[..], src.parse().unwrap(), dst.parse().unwrap(), proto, 64, 40).unwrap();
+            p[6..8].copy_from_slice(&frag.to_be_bytes());
+            p[20] = first;
+            p
+        };
+        assert!(may_send_error(&v4("10.0.0.2", "10.1.0.2", 6, 0, 0x4000)), "plain TCP with DF");
+        assert!(may_send_error(&v4("10.0.0.2", "10.1.0.2", 1, 8, 0)), "an echo request is not an error");
+        assert!(!may_send_error(&v4("10.0.0.2", "10.1.0.2", 1, 3, 0)), "about an ICMP error");
+        assert!(!may_send_error(&v4("10.0.0.2", "10.1.0.2", 1, 11, 0)), "about time exceeded");
+        assert!(!may_send_error(&v4("10.0.0.2", "10.1.0.2", 17, 0, 0x2001)), "non-initial fragment");
+        assert!(may_send_error(&v4("10.0.0.2", "10.1.0.2", 17, 0, 0x2000)), "the first fragment may");
+        for src in ["0.0.0.0", "127.0.0.1", "224.0.0.5", "255.255.255.255", "240.0.0.1"] {
+            assert!(!may_send_error(&v4(src, "10.1.0.2", 17, 0, 0)), "source {src}");
+        }
+        for dst in ["224.0.0.5", "255.255.255.255"] {
+            assert!(!may_send_error(&v4("10.0.0.2", dst, 17, 0, 0)), "destination {dst}");
+        }
+        let v6 = |src: &str, dst: &str, next: u8, first: u8| {
+            let mut p = vec![0u8; 80];
+            Ipv6Packet::emit(&mut p[..], src.parse().unwrap(), dst.parse().unwrap(), next, 64, 40).unwrap();
+            p[40] = first;
+            p
+        };
+        assert!(may_send_error(&v6("fd00::2", "fd01::2", 17, 0)));
+        assert!(may_send_error(&v6("fd00::2", "ff02::1", 17, 0)), "packet too big may answer multicast");
+        assert!(may_send_error(&v6("fd00::2", "fd01::2", 58, 128)), "echo request");
+        assert!(!may_send_error(&v6("fd00::2", "fd01::2", 58, 1)), "about an ICMPv6 error");
+        for src in ["::", "::1", "ff02::1"] {
+            assert!(!may_send_error(&v6(src, "fd01::2", 17, 0)), "source {src}");
+        }
+        assert!(!may_send_error(&[0x45, 0, 0]), "truncated");
+        assert!(!may_send_error(&[]));
     }
 
     #[test]

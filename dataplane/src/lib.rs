@@ -2,6 +2,7 @@
 //! lock-free tables the workers read. No HTTP, no database.
 
 pub mod device;
+pub mod drops;
 pub mod frame;
 pub mod frame_io;
 pub mod gateway;
@@ -11,9 +12,11 @@ pub mod neighbors;
 pub mod netlink;
 pub mod noise;
 pub mod peer_view;
+pub mod staging;
 pub mod table;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod transport;
 pub mod wire;
 pub mod worker;
 pub mod xsk;

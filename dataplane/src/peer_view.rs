@@ -3,7 +3,6 @@
 //! (moved by workers when a peer roams), traffic counters, and activity
 //! timestamps that the control thread turns into timer events.
 
-use crate::device::PeerId;
 use crate::noise::Keypair;
 use crate::table::FastMap;
 use crate::wire::MacAddr;
@@ -12,6 +11,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+/// A peer's handle inside one device.
+pub type PeerId = u32;
 
 /// The link-layer path a peer's packets arrive on, so replies can be framed
 /// without asking the kernel: Ethernet addresses and our own IP address.
@@ -37,18 +39,20 @@ impl From<SocketAddr> for Endpoint {
     }
 }
 
-/// Nanoseconds since a process-wide monotonic epoch (0 means "never").
-pub fn monotonic_nanos(now: Instant) -> u64 {
+fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(|| Instant::now() - std::time::Duration::from_secs(1));
-    now.saturating_duration_since(epoch).as_nanos() as u64
+    *EPOCH.get_or_init(|| Instant::now() - std::time::Duration::from_secs(1))
 }
 
-/// The inverse of `monotonic_nanos`.
+/// Nanoseconds since a process-wide monotonic epoch (0 means "never").
+pub fn monotonic_nanos(now: Instant) -> u64 {
+    now.saturating_duration_since(epoch()).as_nanos() as u64
+}
+
+/// The inverse of `monotonic_nanos` (exact, also for a simulated clock ahead
+/// of the real one).
 pub fn instant_from_nanos(nanos: u64) -> Instant {
-    let base = Instant::now();
-    let now_nanos = monotonic_nanos(base);
-    base - std::time::Duration::from_nanos(now_nanos.saturating_sub(nanos))
+    epoch() + std::time::Duration::from_nanos(nanos)
 }
 
 /// Per-peer counters, updated by workers with relaxed atomics.
@@ -118,6 +122,17 @@ impl PeerView {
         match cur.as_deref() {
             Some(e) if e.addr == addr => {}
             _ => self.endpoint.store(Some(Arc::new(Endpoint::from(addr)))),
+        }
+    }
+
+    /// Learns where the peer is from an authenticated packet (section 2.1):
+    /// with the frame's link-layer path when it came through AF_XDP, else the
+    /// address alone (a known path for the same address is kept).
+    pub fn learn(&self, from: Endpoint) {
+        if from.path.is_some() {
+            self.update_endpoint(from);
+        } else {
+            self.learn_addr(from.addr);
         }
     }
 

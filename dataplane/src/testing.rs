@@ -87,7 +87,6 @@ pub fn sent_bytes(dev: &mut Device, packet: &[u8], now: Instant) -> Vec<u8> {
 /// session with it: the whole per-packet loop without a NIC.
 pub struct MemoryWorker {
     pub worker: crate::worker::Worker<crate::frame_io::MemoryFrames>,
-    pub token: crate::noise::WorkerToken,
     pub client: Device,
     pub counters: std::sync::Arc<crate::worker::WorkerCounters>,
     /// Kept so the worker's queues stay connected.
@@ -121,10 +120,9 @@ impl MemoryWorker {
         let (neighbors, _) = crate::neighbors::NeighborTable::new();
         neighbors.replace([(std::net::IpAddr::from(LAN_HOST), LAN_HOST_MAC)].into_iter().collect());
         let shared = Arc::new(Shared {
-            indices: pair.gateway.indices().clone(),
-            allowed_ips: pair.gateway.allowed_ips().clone(),
-            views: pair.gateway.views().clone(),
+            tables: pair.gateway.tables().clone(),
             cookies: pair.gateway.cookie_checker().clone(),
+            staging: pair.gateway.staging().clone(),
             handshakes: hs_tx,
             control: ctl_tx,
             neighbors,
@@ -143,7 +141,6 @@ impl MemoryWorker {
         let worker = Worker::new(0, shared, frames(), frames(), counters.clone());
         let mut m = Self {
             worker,
-            token: crate::noise::WorkerToken::new(),
             client: pair.client,
             counters,
             _handshakes: hs_rx,
@@ -161,7 +158,7 @@ impl MemoryWorker {
     }
 
     /// A client datagram `payload`, framed as it arrives on the WAN.
-    fn frame_payload(&self, payload: &[u8]) -> Vec<u8> {
+    pub fn frame_payload(&self, payload: &[u8]) -> Vec<u8> {
         let hdr = crate::frame::udp_headers_len(false);
         let mut frame = vec![0u8; hdr + payload.len()];
         frame[hdr..].copy_from_slice(payload);
@@ -193,7 +190,7 @@ impl MemoryWorker {
     pub fn run_until_idle(&mut self, batch: &mut Vec<crate::frame_io::MemoryFrame>, now: Instant) -> usize {
         let mut total = 0;
         loop {
-            let n = self.worker.process_batch(batch, &self.token, now);
+            let n = self.worker.process_batch(batch, now);
             if n == 0 {
                 return total;
             }

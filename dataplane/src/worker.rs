@@ -1,29 +1,35 @@
 //! The per-queue data-plane loop: one thread owns the WAN and LAN AF_XDP
 //! sockets of one queue and moves batches between them.
 //!
-//! - WAN rx, transport data: receiver index → keypair → decrypt in place →
-//!   allowed-IPs source check → copy into a LAN frame (next-hop MAC from the
+//! - WAN rx, transport data: `transport::open` (the one receive path) decrypts
+//!   in place → the inner packet is framed for the LAN (next-hop MAC from the
 //!   neighbour table) → LAN tx.
 //! - WAN rx, handshake messages: copied to the control thread's bounded queue.
 //!   When that queue is filling ("under load", sticky for a second),
 //!   initiations without a valid cookie are answered here with a cookie reply.
-//! - LAN rx: destination → peer (allowed IPs) → the peer's published keypair
-//!   and endpoint → headers and sealed payload written straight into a WAN
-//!   frame → WAN tx. Without a session the packet is staged with the control
-//!   thread, which starts a handshake.
+//! - LAN rx: destination → peer (allowed IPs) → `transport::seal` on the peer's
+//!   published keypair, written straight into a WAN frame → WAN tx. Without a
+//!   usable session the packet is staged with the control thread (a buffer
+//!   from the bounded staging pool), which starts a handshake.
 //!
-//! Nothing here takes a lock or allocates per packet (staging a packet for a
-//! peer with no session copies it once; that is the slow path).
+//! Nothing here takes a lock or allocates per packet.
 
-use crate::device::{IndexValue, PeerId};
-use crate::frame::{parse_ip_frame, parse_udp_frame, udp_headers_len, write_ethernet_header, write_udp_headers};
+use crate::drops::{DropCounters, DropReason};
+use crate::frame::{
+    parse_ip_frame, parse_ip_frame_payload, parse_udp_frame, udp_headers_len, write_ethernet_header, write_udp_headers,
+    UdpFrame,
+};
 use crate::frame_io::FrameIo;
 use crate::neighbors::{NeighborTable, RawInjector};
 use crate::noise::cookie::{CookieChecker, MacVerdict};
-use crate::noise::session::{sealed_len, WorkerToken};
-use crate::peer_view::{monotonic_nanos, Activity, Endpoint, PeerViews};
-use crate::table::{IndexTable, SharedAllowedIps};
-use crate::wire::{MacAddr, MessageType, TransportHeader, COOKIE_REPLY_LEN, ETHERNET_HEADER_LEN, TRANSPORT_HEADER_LEN};
+use crate::noise::session::sealed_len;
+use crate::peer_view::{monotonic_nanos, Endpoint, PeerId};
+use crate::staging::StagingPool;
+use crate::transport::{self, Opened, SealError, Tables};
+use crate::wire::{
+    MacAddr, MessageType, COOKIE_REPLY_LEN, ETHERNET_HEADER_LEN, HANDSHAKE_INITIATION_LEN, HANDSHAKE_RESPONSE_LEN,
+    TRANSPORT_HEADER_LEN,
+};
 use crate::xsk::XskSocket;
 use crossbeam_channel::{Sender, TrySendError};
 use std::net::{IpAddr, UdpSocket};
@@ -35,18 +41,28 @@ use std::time::{Duration, Instant};
 pub const BATCH: usize = 64;
 /// "Under load" lasts this long after the handshake queue was last found filling.
 const UNDER_LOAD_STICKY: Duration = Duration::from_secs(1);
+/// The largest handshake-queue message (an initiation).
+pub const HANDSHAKE_JOB_LEN: usize = HANDSHAKE_INITIATION_LEN;
 
 /// A handshake message for the control thread, with where it came from.
 #[derive(Debug, Clone)]
 pub struct HandshakeJob {
-    pub bytes: [u8; 148],
+    pub bytes: [u8; HANDSHAKE_JOB_LEN],
     pub len: usize,
     pub from: Endpoint,
 }
 
+impl HandshakeJob {
+    /// The message as received: exactly `len` bytes.
+    pub fn message_mut(&mut self) -> &mut [u8] {
+        let len = self.len.min(HANDSHAKE_JOB_LEN);
+        &mut self.bytes[..len]
+    }
+}
+
 /// Work for the control thread besides handshakes.
 pub enum ControlEvent {
-    /// A packet for `peer`, which has no session yet.
+    /// A packet for `peer`, which has no usable session (a staging buffer).
     Stage { peer: PeerId, packet: Vec<u8> },
     /// Run this on the control thread (configuration changes, status queries).
     Exec(Box<dyn FnOnce(&mut crate::device::Device) + Send>),
@@ -61,65 +77,54 @@ impl core::fmt::Debug for ControlEvent {
     }
 }
 
-/// What one worker did, by outcome. Relaxed atomics: read for metrics.
-#[derive(Debug, Default)]
-pub struct WorkerCounters {
-    pub wan_rx: AtomicU64,
-    pub lan_rx: AtomicU64,
-    pub decrypted: AtomicU64,
-    pub encrypted: AtomicU64,
-    pub keepalives_received: AtomicU64,
-    pub handshakes_queued: AtomicU64,
-    pub cookie_replies: AtomicU64,
-    pub via_kernel: AtomicU64,
-    pub neighbor_misses: AtomicU64,
-    pub staged: AtomicU64,
-    pub drop_malformed: AtomicU64,
-    pub drop_unknown_index: AtomicU64,
-    pub drop_replay: AtomicU64,
-    pub drop_authentication: AtomicU64,
-    pub drop_expired: AtomicU64,
-    pub drop_wrong_worker: AtomicU64,
-    pub drop_source_not_allowed: AtomicU64,
-    pub drop_no_route: AtomicU64,
-    pub drop_oversize: AtomicU64,
-    pub icmp_too_big: AtomicU64,
-    pub drop_no_frame: AtomicU64,
-    pub drop_handshake_queue_full: AtomicU64,
-    pub drop_invalid_mac1: AtomicU64,
+macro_rules! worker_events {
+    ($($(#[doc = $doc:literal])* $f:ident,)*) => {
+        /// What one worker did, by outcome, besides drops (which are in
+        /// `drops`, by reason). Relaxed atomics: read for metrics.
+        #[derive(Debug, Default)]
+        pub struct WorkerCounters {
+            $($(#[doc = $doc])* pub $f: AtomicU64,)*
+            pub drops: DropCounters,
+        }
+
+        impl WorkerCounters {
+            /// (name, value) for every counter, drops last as `drop_<reason>`.
+            pub fn named(&self) -> Vec<(&'static str, u64)> {
+                let mut v = vec![$((stringify!($f), self.$f.load(Relaxed)),)*];
+                v.extend(self.drops.named());
+                v
+            }
+        }
+    };
+}
+
+worker_events! {
+    /// Frames received on the WAN socket.
+    wan_rx,
+    /// Frames received on the LAN socket.
+    lan_rx,
+    /// Transport data opened and forwarded to the site.
+    decrypted,
+    /// Inner packets sealed into the tunnel.
+    encrypted,
+    keepalives_received,
+    /// Handshake messages handed to the control thread.
+    handshakes_queued,
+    /// Cookie replies sent by this worker under load.
+    cookie_replies,
+    /// Packets the kernel sent for us (neighbour or endpoint path unknown).
+    via_kernel,
+    neighbor_misses,
+    /// Packets handed to the control thread to wait for a handshake.
+    staged,
+    /// ICMP "fragmentation needed" / "packet too big" sent.
+    icmp_too_big,
 }
 
 impl WorkerCounters {
-    /// (name, value) for every counter, for logs and metrics.
-    pub fn named(&self) -> Vec<(&'static str, u64)> {
-        macro_rules! all {
-            ($($f:ident),*) => { vec![$((stringify!($f), self.$f.load(Relaxed))),*] };
-        }
-        all!(
-            wan_rx,
-            lan_rx,
-            decrypted,
-            encrypted,
-            keepalives_received,
-            handshakes_queued,
-            cookie_replies,
-            via_kernel,
-            neighbor_misses,
-            staged,
-            drop_malformed,
-            drop_unknown_index,
-            drop_replay,
-            drop_authentication,
-            drop_expired,
-            drop_wrong_worker,
-            drop_source_not_allowed,
-            drop_no_route,
-            drop_oversize,
-            icmp_too_big,
-            drop_no_frame,
-            drop_handshake_queue_full,
-            drop_invalid_mac1
-        )
+    #[inline]
+    fn dropped(&self, reason: DropReason) {
+        self.drops.count(reason);
     }
 }
 
@@ -129,17 +134,17 @@ fn bump(c: &AtomicU64) {
 
 /// Everything the workers share (read-mostly, lock-free).
 pub struct Shared {
-    pub indices: Arc<IndexTable<IndexValue>>,
-    pub allowed_ips: Arc<SharedAllowedIps<PeerId>>,
-    pub views: Arc<PeerViews>,
+    pub tables: Tables,
     pub cookies: Arc<CookieChecker>,
+    pub staging: Arc<StagingPool>,
     pub handshakes: Sender<HandshakeJob>,
     pub control: Sender<ControlEvent>,
     pub neighbors: Arc<NeighborTable>,
     /// Sends packets whose next hop is not resolved yet through the kernel
     /// (`None`: such packets wait for the resolver, e.g. in tests).
     pub injector: Option<RawInjector>,
-    /// For datagrams to a peer whose link-layer path is not known yet.
+    /// For datagrams to a peer whose link-layer path is not known yet
+    /// (non-blocking: a full send buffer is a counted drop, never a wait).
     pub kernel_udp: Arc<UdpSocket>,
     pub lan_mac: MacAddr,
     /// Next hop for every LAN-bound packet; `None`: the destination is on-link.
@@ -166,7 +171,7 @@ impl core::fmt::Debug for Shared {
 #[derive(Debug)]
 pub struct Worker<S: FrameIo = XskSocket> {
     pub queue: u32,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     wan: S,
     lan: S,
     counters: Arc<WorkerCounters>,
@@ -180,15 +185,6 @@ pub struct Worker<S: FrameIo = XskSocket> {
 
 /// ICMP errors per worker per second, at most (routers rate-limit them).
 const ICMP_PER_SECOND: u32 = 100;
-
-enum TransportOutcome {
-    Keepalive,
-    /// The inner packet lies at this range of the WAN frame.
-    Data {
-        peer: PeerId,
-        packet: core::ops::Range<usize>,
-    },
-}
 
 impl<S: FrameIo> Worker<S> {
     pub fn new(queue: u32, shared: Arc<Shared>, wan: S, lan: S, counters: Arc<WorkerCounters>) -> Self {
@@ -205,10 +201,10 @@ impl<S: FrameIo> Worker<S> {
     }
 
     /// One batch from each side, processed and flushed; returns the frames taken.
-    pub fn process_batch(&mut self, batch: &mut Vec<S::Frame>, token: &WorkerToken, now: Instant) -> usize {
+    pub fn process_batch(&mut self, batch: &mut Vec<S::Frame>, now: Instant) -> usize {
         let mut work = self.wan.recv(batch, BATCH);
         for frame in batch.drain(..) {
-            self.on_wan(frame, token, now);
+            self.on_wan(frame, now);
         }
         work += self.lan.recv(batch, BATCH);
         for frame in batch.drain(..) {
@@ -224,127 +220,100 @@ impl<S: FrameIo> Worker<S> {
         (&mut self.wan, &mut self.lan)
     }
 
-    fn on_wan(&mut self, mut frame: S::Frame, token: &WorkerToken, now: Instant) {
+    fn on_wan(&mut self, mut frame: S::Frame, now: Instant) {
         bump(&self.counters.wan_rx);
         let Ok(udp) = parse_udp_frame(self.wan.data(&frame)) else {
-            bump(&self.counters.drop_malformed);
+            self.counters.dropped(DropReason::Malformed);
             return self.wan.release(frame);
         };
-        let kind = MessageType::of(&self.wan.data(&frame)[udp.payload.clone()]);
+        let kind = self.wan.data(&frame).get(udp.payload.clone()).map(MessageType::of);
         match kind {
-            Ok(MessageType::Transport) => {
-                let outcome = self.open_transport(&mut frame, &udp, token, now);
-                match outcome {
-                    Some(TransportOutcome::Data { peer, packet }) => self.deliver_to_lan(&frame, peer, packet),
-                    Some(TransportOutcome::Keepalive) => bump(&self.counters.keepalives_received),
-                    None => {}
+            Some(Ok(MessageType::Transport)) => {
+                let from = Endpoint { addr: udp.src, path: Some(udp.reply_path()) };
+                let tables = &self.shared.tables;
+                let payload = udp.payload.clone();
+                let opened = self.wan.with_data_mut(&mut frame, None, |buf| match buf.get_mut(payload) {
+                    Some(datagram) => transport::open(tables, datagram, from, now),
+                    None => Err(DropReason::Malformed),
+                });
+                match opened {
+                    Ok(Opened::Data { inner, offset, .. }) => {
+                        bump(&self.counters.decrypted);
+                        let start = udp.payload.start + offset;
+                        self.deliver_to_lan(&frame, start..start + inner.len);
+                    }
+                    Ok(Opened::Keepalive { .. }) => bump(&self.counters.keepalives_received),
+                    Err(reason) => self.counters.dropped(reason),
                 }
                 self.wan.release(frame);
             }
-            Ok(_) => self.on_handshake(frame, &udp, now),
-            Err(_) => {
-                bump(&self.counters.drop_malformed);
+            Some(Ok(_)) => self.on_handshake(frame, &udp, now),
+            _ => {
+                self.counters.dropped(DropReason::Malformed);
                 self.wan.release(frame);
             }
         }
     }
 
-    /// Decrypts in place; counts and returns None on any rejection.
-    fn open_transport(
-        &mut self,
-        frame: &mut S::Frame,
-        udp: &crate::frame::UdpFrame,
-        token: &WorkerToken,
-        now: Instant,
-    ) -> Option<TransportOutcome> {
-        let shared = &self.shared;
-        let c = &self.counters;
-        let payload = udp.payload.clone();
-        let result = self.wan.with_data_mut(frame, None, |buf| {
-            let msg = TransportHeader::new_checked(&mut buf[payload.clone()]).map_err(|_| &c.drop_malformed)?;
-            let entry = shared.indices.get(msg.receiver()).ok_or(&c.drop_unknown_index)?;
-            let keypair = entry.value.keypair.as_ref().ok_or(&c.drop_unknown_index)?;
-            let plain = keypair.open(token, msg, now).map_err(|e| match e {
-                crate::noise::ReceiveError::Replay => &c.drop_replay,
-                crate::noise::ReceiveError::Authentication => &c.drop_authentication,
-                crate::noise::ReceiveError::Expired => &c.drop_expired,
-                crate::noise::ReceiveError::WrongWorker => &c.drop_wrong_worker,
-            })?;
-            Ok((entry.value.peer, plain.len()))
-        });
-        let (peer, plain_len) = match result {
-            Ok(v) => v,
-            Err(counter) => {
-                bump(counter);
-                return None;
-            }
-        };
-        let view = shared.views.get(peer)?;
-        let nanos = monotonic_nanos(now);
-        Activity::record(&view.activity.authenticated_received, nanos);
-        // Roaming (section 2.1): the endpoint follows the last authenticated packet.
-        view.update_endpoint(Endpoint { addr: udp.src, path: Some(udp.reply_path()) });
-        if plain_len == 0 {
-            return Some(TransportOutcome::Keepalive);
-        }
-        let start = payload.start + TRANSPORT_HEADER_LEN;
-        let inner = &self.wan.data(frame)[start..start + plain_len];
-        let Ok(ip) = crate::frame::parse_ip_frame_payload(inner) else {
-            bump(&c.drop_malformed);
-            return None;
-        };
-        if shared.allowed_ips.load().lookup(ip.src) != Some(peer) {
-            bump(&c.drop_source_not_allowed);
-            return None;
-        }
-        Activity::record(&view.activity.data_received, nanos);
-        view.counters.rx_bytes.fetch_add(ip.len as u64, Relaxed);
-        view.counters.rx_packets.fetch_add(1, Relaxed);
-        bump(&c.decrypted);
-        Some(TransportOutcome::Data { peer, packet: start..start + ip.len })
-    }
-
     /// Sends a decrypted inner packet (at `packet` in the WAN frame) to the site.
-    fn deliver_to_lan(&mut self, wan_frame: &S::Frame, _peer: PeerId, packet: core::ops::Range<usize>) {
-        let inner = &self.wan.data(wan_frame)[packet];
-        let v6 = inner[0] >> 4 == 6;
-        let dst = crate::frame::parse_ip_frame_payload(inner).map(|p| p.dst).ok();
-        let Some(dst) = dst else { return };
-        let next_hop = self.shared.lan_next_hop.unwrap_or(dst);
+    fn deliver_to_lan(&mut self, wan_frame: &S::Frame, packet: core::ops::Range<usize>) {
+        let Some(inner) = self.wan.data(wan_frame).get(packet) else {
+            return self.counters.dropped(DropReason::BadInnerPacket);
+        };
+        let Ok(ip) = parse_ip_frame_payload(inner) else {
+            return self.counters.dropped(DropReason::BadInnerPacket);
+        };
+        let next_hop = self.shared.lan_next_hop.unwrap_or(ip.dst);
         let Some(mac) = self.shared.neighbors.lookup(next_hop) else {
             // Never wait: the kernel resolves and sends this one; later ones hit.
             bump(&self.counters.neighbor_misses);
             self.shared.neighbors.request(next_hop);
-            if self.shared.injector.as_ref().is_some_and(|i| i.send(inner, dst).is_ok()) {
-                bump(&self.counters.via_kernel);
+            match self.shared.injector.as_ref().map(|i| i.send(inner, ip.dst)) {
+                Some(Ok(())) => bump(&self.counters.via_kernel),
+                _ => self.counters.dropped(DropReason::NoNextHop),
             }
             return;
         };
         let Some(mut out) = self.lan.alloc(ETHERNET_HEADER_LEN + inner.len()) else {
-            bump(&self.counters.drop_no_frame);
-            return;
+            return self.counters.dropped(DropReason::NoFrame);
         };
         let lan_mac = self.shared.lan_mac;
-        self.lan
-            .with_data_mut(&mut out, None, |buf| {
-                buf[ETHERNET_HEADER_LEN..].copy_from_slice(inner);
-                write_ethernet_header(buf, mac, lan_mac, v6)
-            })
-            .ok();
-        self.lan.send(out);
+        let v6 = ip.dst.is_ipv6();
+        let written = self.lan.with_data_mut(&mut out, None, |buf| match buf.get_mut(ETHERNET_HEADER_LEN..) {
+            Some(body) if body.len() == inner.len() => {
+                body.copy_from_slice(inner);
+                write_ethernet_header(buf, mac, lan_mac, v6).is_ok()
+            }
+            _ => false,
+        });
+        if written {
+            self.lan.send(out);
+        } else {
+            self.lan.release(out);
+            self.counters.dropped(DropReason::BufferTooSmall);
+        }
     }
 
-    fn on_handshake(&mut self, frame: S::Frame, udp: &crate::frame::UdpFrame, now: Instant) {
-        let msg = &self.wan.data(&frame)[udp.payload.clone()];
+    fn on_handshake(&mut self, frame: S::Frame, udp: &UdpFrame, now: Instant) {
+        let msg = self.wan.data(&frame).get(udp.payload.clone()).unwrap_or_default();
+        // Classify by the received bytes and their exact length: a message of
+        // any other size is malformed here, before anything reads its MACs.
+        let kind = MessageType::of(msg);
+        let expected = match kind {
+            Ok(MessageType::HandshakeInitiation) => HANDSHAKE_INITIATION_LEN,
+            Ok(MessageType::HandshakeResponse) => HANDSHAKE_RESPONSE_LEN,
+            Ok(MessageType::CookieReply) => COOKIE_REPLY_LEN,
+            _ => 0,
+        };
+        if expected == 0 || msg.len() != expected {
+            self.counters.dropped(DropReason::Malformed);
+            return self.wan.release(frame);
+        }
         let mut job = HandshakeJob {
-            bytes: [0u8; 148],
+            bytes: [0u8; HANDSHAKE_JOB_LEN],
             len: msg.len(),
             from: Endpoint { addr: udp.src, path: Some(udp.reply_path()) },
         };
-        if msg.len() > job.bytes.len() {
-            bump(&self.counters.drop_malformed);
-            return self.wan.release(frame);
-        }
         job.bytes[..msg.len()].copy_from_slice(msg);
         let nanos = monotonic_nanos(now);
         let queue = &self.shared.handshakes;
@@ -353,17 +322,14 @@ impl<S: FrameIo> Worker<S> {
             self.shared.under_load_until.store(nanos + UNDER_LOAD_STICKY.as_nanos() as u64, Relaxed);
         }
         let under_load = nanos < self.shared.under_load_until.load(Relaxed);
-        let is_handshake = matches!(
-            MessageType::of(&job.bytes),
-            Ok(MessageType::HandshakeInitiation | MessageType::HandshakeResponse)
-        );
+        let is_handshake = expected != COOKIE_REPLY_LEN;
         if under_load && is_handshake {
-            match self.shared.cookies.verify(&job.bytes[..job.len], udp.src, now) {
+            match self.shared.cookies.verify(job.message_mut(), udp.src, now) {
                 MacVerdict::InvalidMac1 => {
-                    bump(&self.counters.drop_invalid_mac1);
+                    self.counters.dropped(DropReason::InvalidMac1);
                     return self.wan.release(frame);
                 }
-                MacVerdict::ValidWithoutCookie => return self.answer_with_cookie(frame, udp, &job, now),
+                MacVerdict::ValidWithoutCookie => return self.answer_with_cookie(frame, udp, &mut job, now),
                 MacVerdict::ValidWithCookie => {}
             }
         }
@@ -372,109 +338,122 @@ impl<S: FrameIo> Worker<S> {
             Ok(()) => bump(&self.counters.handshakes_queued),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.shared.under_load_until.store(nanos + UNDER_LOAD_STICKY.as_nanos() as u64, Relaxed);
-                bump(&self.counters.drop_handshake_queue_full);
+                self.counters.dropped(DropReason::HandshakeQueueFull);
             }
         }
     }
 
     /// Turns the received frame into a cookie reply to its sender (section 5.4.7).
-    fn answer_with_cookie(
-        &mut self,
-        mut frame: S::Frame,
-        udp: &crate::frame::UdpFrame,
-        job: &HandshakeJob,
-        now: Instant,
-    ) {
-        let sender = u32::from_le_bytes([job.bytes[4], job.bytes[5], job.bytes[6], job.bytes[7]]);
+    fn answer_with_cookie(&mut self, mut frame: S::Frame, udp: &UdpFrame, job: &mut HandshakeJob, now: Instant) {
+        let msg = job.message_mut();
+        let sender = u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]);
         let mut reply = [0u8; COOKIE_REPLY_LEN];
-        self.shared.cookies.write_reply(&job.bytes[..job.len], sender, udp.src, now, &mut reply);
+        if !self.shared.cookies.write_reply(msg, sender, udp.src, now, &mut reply) {
+            self.counters.dropped(DropReason::Malformed);
+            return self.wan.release(frame);
+        }
         let hdr = udp_headers_len(udp.src.is_ipv6());
         let path = udp.reply_path();
         let ok = self.wan.with_data_mut(&mut frame, Some(hdr + COOKIE_REPLY_LEN), |buf| {
-            if buf.len() != hdr + COOKIE_REPLY_LEN {
-                return false;
+            match buf.get_mut(hdr..) {
+                Some(body) if body.len() == COOKIE_REPLY_LEN => body.copy_from_slice(&reply),
+                _ => return false,
             }
-            buf[hdr..].copy_from_slice(&reply);
             write_udp_headers(buf, &path, udp.src, false).is_ok()
         });
         if ok {
             bump(&self.counters.cookie_replies);
             self.wan.send(frame);
         } else {
+            self.counters.dropped(DropReason::BufferTooSmall);
             self.wan.release(frame);
         }
     }
 
     fn on_lan(&mut self, frame: S::Frame, now: Instant) {
         bump(&self.counters.lan_rx);
-        self.encrypt_to_wan(&frame, now);
+        if let Err(reason) = self.encrypt_to_wan(&frame, now) {
+            self.counters.dropped(reason);
+        }
         self.lan.release(frame);
     }
 
-    fn encrypt_to_wan(&mut self, frame: &S::Frame, now: Instant) {
-        let shared = &self.shared;
-        let c = &self.counters;
+    fn encrypt_to_wan(&mut self, frame: &S::Frame, now: Instant) -> Result<(), DropReason> {
         let data = self.lan.data(frame);
-        let Ok(ip) = parse_ip_frame(data) else { return bump(&c.drop_malformed) };
-        let inner = &data[ip.packet.clone()];
-        let Some(peer) = shared.allowed_ips.load().lookup(ip.dst) else { return bump(&c.drop_no_route) };
-        let Some(view) = shared.views.get(peer) else { return bump(&c.drop_no_route) };
-        if inner.len() > shared.tunnel_mtu {
-            bump(&c.drop_oversize);
+        let ip = parse_ip_frame(data).map_err(|_| DropReason::Malformed)?;
+        let inner = data.get(ip.packet.clone()).ok_or(DropReason::Malformed)?;
+        let view = transport::route(&self.shared.tables, ip.dst)?;
+        if inner.len() > self.shared.tunnel_mtu {
             let sender_mac = crate::wire::EthernetFrame::new_checked(data).map(|e| e.source()).ok();
-            let v6 = ip.src.is_ipv6();
-            let quote_len = inner.len().min(crate::icmp::quote_limit(v6));
-            self.scratch[..quote_len].copy_from_slice(&inner[..quote_len]);
-            if let Some(mac) = sender_mac {
+            // RFC 1191 / 8201: only a packet that forbids fragmentation (IPv4 DF,
+            // or any IPv6 packet) is answered with "too big".
+            let df = match crate::wire::Ipv4Packet::new_checked(inner) {
+                Ok(v4) => v4.dont_fragment(),
+                Err(_) => ip.src.is_ipv6(),
+            };
+            if let Some(mac) = sender_mac.filter(|_| df && crate::icmp::may_send_error(inner)) {
+                let quote_len = inner.len().min(crate::icmp::quote_limit(ip.src.is_ipv6()));
+                self.scratch[..quote_len].copy_from_slice(&inner[..quote_len]);
                 self.send_too_big(mac, ip.src, quote_len, now);
             }
-            return;
+            return Err(DropReason::Oversize);
         }
-        let keypair = view.current.load();
         let endpoint = view.endpoint.load();
-        let (Some(kp), Some(ep)) = (keypair.as_ref(), endpoint.as_ref()) else {
-            view.attention.store(true, Relaxed);
-            bump(&c.staged);
-            let _ = shared.control.try_send(ControlEvent::Stage { peer, packet: inner.to_vec() });
-            return;
-        };
-        if kp.is_expired(now) {
-            view.attention.store(true, Relaxed);
-            bump(&c.staged);
-            let _ = shared.control.try_send(ControlEvent::Stage { peer, packet: inner.to_vec() });
-            return;
-        }
+        let Some(ep) = endpoint.as_ref() else { return Err(DropReason::NoEndpoint) };
         let len = inner.len();
-        match ep.path.filter(|p| p.local.is_ipv6() == ep.addr.is_ipv6()) {
+        let sealed = match ep.path.filter(|p| p.local.is_ipv6() == ep.addr.is_ipv6()) {
             Some(path) => {
                 let hdr = udp_headers_len(ep.addr.is_ipv6());
-                let Some(mut out) = self.wan.alloc(hdr + sealed_len(len)) else { return bump(&c.drop_no_frame) };
+                let Some(mut out) = self.wan.alloc(hdr + sealed_len(len)) else { return Err(DropReason::NoFrame) };
                 let sealed = self.wan.with_data_mut(&mut out, None, |buf| {
-                    buf[hdr + TRANSPORT_HEADER_LEN..hdr + TRANSPORT_HEADER_LEN + len].copy_from_slice(inner);
-                    kp.seal(&mut buf[hdr..], len, now).ok()?;
-                    write_udp_headers(buf, &path, ep.addr, false).ok()
+                    let body = buf.get_mut(hdr + TRANSPORT_HEADER_LEN..hdr + TRANSPORT_HEADER_LEN + len);
+                    body.ok_or(SealError::BufferTooSmall)?.copy_from_slice(inner);
+                    let n = transport::seal(&view, &mut buf[hdr..], len, now)?;
+                    write_udp_headers(buf, &path, ep.addr, false).map_err(|_| SealError::BufferTooSmall)?;
+                    Ok(n)
                 });
-                if sealed.is_none() {
-                    self.wan.release(out);
-                    return bump(&c.drop_expired);
+                match sealed {
+                    Ok(_) => self.wan.send(out),
+                    Err(_) => self.wan.release(out),
                 }
-                self.wan.send(out);
+                sealed.map(|_| ())
             }
             None => {
                 // No frame from this peer seen yet: let the kernel route this one.
-                let Ok(n) = kp.encrypt(inner, &mut self.scratch, now) else { return bump(&c.drop_expired) };
-                if shared.kernel_udp.send_to(&self.scratch[..n], ep.addr).is_err() {
-                    return bump(&c.drop_no_route);
+                let body = self.scratch.get_mut(TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len);
+                body.ok_or(DropReason::BufferTooSmall)?.copy_from_slice(inner);
+                transport::seal(&view, &mut self.scratch, len, now).map(|n| {
+                    match self.shared.kernel_udp.send_to(&self.scratch[..n], ep.addr) {
+                        Ok(_) => bump(&self.counters.via_kernel),
+                        Err(_) => self.counters.dropped(DropReason::KernelSend),
+                    }
+                })
+            }
+        };
+        match sealed {
+            Ok(()) => {
+                bump(&self.counters.encrypted);
+                Ok(())
+            }
+            Err(SealError::BufferTooSmall) => Err(DropReason::BufferTooSmall),
+            Err(SealError::NoSession) => {
+                // No usable session (none yet, or expired): wait for a handshake.
+                view.attention.store(true, Relaxed);
+                let packet = self.shared.staging.take(inner).ok_or(DropReason::StagingFull)?;
+                match self.shared.control.try_send(ControlEvent::Stage { peer: view.id, packet }) {
+                    Ok(()) => {
+                        bump(&self.counters.staged);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        if let ControlEvent::Stage { packet, .. } = e.into_inner() {
+                            self.shared.staging.give(packet);
+                        }
+                        Err(DropReason::StagingFull)
+                    }
                 }
-                bump(&c.via_kernel);
             }
         }
-        let nanos = monotonic_nanos(now);
-        Activity::record(&view.activity.data_sent, nanos);
-        Activity::record(&view.activity.authenticated_sent, nanos);
-        view.counters.tx_bytes.fetch_add(len as u64, Relaxed);
-        view.counters.tx_packets.fetch_add(1, Relaxed);
-        bump(&c.encrypted);
     }
 }
 
@@ -495,7 +474,7 @@ impl<S: FrameIo> Worker<S> {
             return;
         }
         let len = crate::icmp::packet_too_big_len(quote_len, to.is_ipv6());
-        let Some(mut out) = self.lan.alloc(len) else { return bump(&self.counters.drop_no_frame) };
+        let Some(mut out) = self.lan.alloc(len) else { return self.counters.dropped(DropReason::NoFrame) };
         let mtu = self.shared.tunnel_mtu.min(usize::from(u16::MAX)) as u16;
         let quote = &self.scratch[..quote_len];
         let lan_mac = self.shared.lan_mac;
@@ -518,11 +497,10 @@ impl<S: FrameIo> Worker<S> {
 impl Worker<XskSocket> {
     /// Runs until `shared.stop` is set.
     pub fn run(mut self) {
-        let token = WorkerToken::new();
         let mut batch = Vec::with_capacity(BATCH);
         let fds = [self.wan.raw_fd(), self.lan.raw_fd()];
         while !self.shared.stop.load(Relaxed) {
-            if self.process_batch(&mut batch, &token, Instant::now()) == 0 {
+            if self.process_batch(&mut batch, Instant::now()) == 0 {
                 wait_readable(&fds, 5);
             }
         }
@@ -545,6 +523,7 @@ mod tests {
     use crate::testing::{
         ipv4_packet, MemoryWorker, CLIENT_TUNNEL, GATEWAY_LAN_MAC, GATEWAY_WAN_MAC, LAN_HOST, LAN_HOST_MAC,
     };
+    use std::sync::Arc;
     use std::time::SystemTime;
 
     fn wan(m: &mut MemoryWorker) -> &mut MemoryFrames {
@@ -575,7 +554,7 @@ mod tests {
         assert!(wan(&mut m).inject(&frame));
         m.run_until_idle(&mut batch, now);
         assert_eq!(lan(&mut m).take_sent(|_| {}), 0);
-        assert_eq!(m.counters.drop_replay.load(Relaxed), 1);
+        assert_eq!(m.counters.drops.get(DropReason::Replay), 1);
 
         // LAN → WAN: sealed straight into a WAN frame back to the client.
         let reply = ipv4_packet(200, LAN_HOST, CLIENT_TUNNEL);
@@ -614,7 +593,80 @@ mod tests {
         m.run_until_idle(&mut batch, now);
         assert_eq!(lan(&mut m).take_sent(|_| {}), 0);
         assert_eq!(wan(&mut m).take_sent(|_| {}), 0);
-        let dropped: u64 = m.counters.named().iter().filter(|(k, _)| k.starts_with("drop_")).map(|(_, v)| v).sum();
-        assert_eq!(dropped, 13, "every bad frame is a counted drop: {:?}", m.counters.named());
+        assert_eq!(m.counters.drops.total(), 13, "every bad frame is a counted drop: {:?}", m.counters.named());
+    }
+
+    /// The crash seen in the field: under load (a valid-MAC1 flood), datagrams
+    /// of 4..31 bytes whose type byte says "handshake" were classified from a
+    /// zero-padded copy and reached `split_macs`, which underflowed.
+    #[test]
+    fn short_handshake_typed_datagrams_under_load_are_counted_drops() {
+        let mut m = MemoryWorker::new(AeadBackend::Ring);
+        let now = Instant::now();
+        m.worker.shared.under_load_until.store(u64::MAX, Relaxed);
+        let mut batch = Vec::new();
+        let mut sent = 0;
+        for kind in 1u8..=4 {
+            for len in 0..200usize {
+                if [148, 92, 64].contains(&len) && kind < 4 {
+                    continue;
+                }
+                let mut payload = vec![0u8; len];
+                if let Some(b) = payload.first_mut() {
+                    *b = kind;
+                }
+                let frame = m.frame_payload(&payload);
+                assert!(wan(&mut m).inject(&frame));
+                sent += 1;
+                if sent % 512 == 0 {
+                    m.run_until_idle(&mut batch, now);
+                }
+            }
+        }
+        m.run_until_idle(&mut batch, now);
+        let dropped = m.counters.drops.total();
+        assert_eq!(dropped, sent, "every short or odd-sized datagram is a counted drop");
+        assert_eq!(m.counters.cookie_replies.load(Relaxed), 0);
+        assert_eq!(m.counters.handshakes_queued.load(Relaxed), 0);
+        // The session still works.
+        let frame = m.wan_frame(&ipv4_packet(64, CLIENT_TUNNEL, LAN_HOST), now);
+        assert!(wan(&mut m).inject(&frame));
+        m.run_until_idle(&mut batch, now);
+        assert_eq!(lan(&mut m).take_sent(|_| {}), 1);
+    }
+
+    /// A forged transport packet carrying the session's receiver index (seen
+    /// in cleartext) arriving on another queue first used to claim the
+    /// session's receive side for that queue, so every genuine packet then
+    /// failed as "wrong worker". Now nothing is claimed before the AEAD, and a
+    /// session follows its authenticated packets to whichever queue they reach.
+    #[test]
+    fn forged_index_on_another_queue_claims_nothing_and_sessions_roam_between_queues() {
+        let mut m = MemoryWorker::new(AeadBackend::Ring);
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        let frames = || MemoryFrames::new(64, 2048);
+        let counters2 = Arc::new(WorkerCounters::default());
+        let mut other = Worker::new(1, m.worker.shared.clone(), frames(), frames(), counters2.clone());
+        let genuine = m.wan_frame(&ipv4_packet(80, CLIENT_TUNNEL, LAN_HOST), now);
+        let mut forged = genuine.clone();
+        let n = forged.len();
+        forged[n - 20] ^= 0x55;
+        assert!(other.queues_mut().0.inject(&forged));
+        while other.process_batch(&mut batch, now) > 0 {}
+        assert_eq!(counters2.drops.get(DropReason::Authentication), 1);
+        // The genuine packet on queue 0 is delivered.
+        assert!(wan(&mut m).inject(&genuine));
+        m.run_until_idle(&mut batch, now);
+        assert_eq!(lan(&mut m).take_sent(|_| {}), 1);
+        // The peer roams onto queue 1: its next packets are delivered there.
+        for _ in 0..3 {
+            let f = m.wan_frame(&ipv4_packet(80, CLIENT_TUNNEL, LAN_HOST), now);
+            assert!(other.queues_mut().0.inject(&f));
+        }
+        while other.process_batch(&mut batch, now) > 0 {}
+        assert_eq!(other.queues_mut().1.take_sent(|_| {}), 3);
+        assert_eq!(counters2.drops.total(), 1, "only the forgery was dropped");
+        assert_eq!(m.counters.drops.total(), 0);
     }
 }

@@ -11,7 +11,7 @@
 use super::constants::{COOKIE_NONCE_LEN, COOKIE_REFRESH_TIME, LABEL_COOKIE, LABEL_MAC1, MAC_LEN};
 use super::crypto::{hash, mac, xaead_open, xaead_seal, AeadError};
 use super::keys::PublicKey;
-use crate::wire::CookieReply;
+use crate::wire::{CookieReply, HANDSHAKE_INITIATION_LEN, HANDSHAKE_RESPONSE_LEN};
 use arc_swap::ArcSwap;
 use rand_core::{OsRng, RngCore};
 use std::net::SocketAddr;
@@ -38,10 +38,20 @@ impl MacKeys {
     }
 }
 
-fn split_macs(msg: &[u8]) -> (&[u8], &[u8], &[u8], &[u8]) {
-    let m1 = msg.len() - 2 * MAC_LEN;
-    let m2 = msg.len() - MAC_LEN;
-    (&msg[..m1], &msg[m1..m2], &msg[..m2], &msg[m2..])
+/// Where MAC1 and MAC2 start in a handshake message (section 5.4.4): only an
+/// initiation or a response carries them; any other length is refused, so a
+/// short datagram can never underflow an offset.
+fn mac_offsets(len: usize) -> Option<(usize, usize)> {
+    match len {
+        HANDSHAKE_INITIATION_LEN | HANDSHAKE_RESPONSE_LEN => Some((len - 2 * MAC_LEN, len - MAC_LEN)),
+        _ => None,
+    }
+}
+
+/// (bytes before MAC1, MAC1, bytes before MAC2, MAC2) of a handshake message.
+fn split_macs(msg: &[u8]) -> Option<(&[u8], &[u8], &[u8], &[u8])> {
+    let (m1, m2) = mac_offsets(msg.len())?;
+    Some((msg.get(..m1)?, msg.get(m1..m2)?, msg.get(..m2)?, msg.get(m2..)?))
 }
 
 /// What a handshake message's MACs say, as checked by `CookieChecker::verify`.
@@ -123,7 +133,7 @@ impl CookieChecker {
     /// Checks MAC1, then MAC2 against the cookie for `src`. `msg` is a whole
     /// initiation or response (already size-checked by the wire view).
     pub fn verify(&self, msg: &[u8], src: SocketAddr, now: Instant) -> MacVerdict {
-        let (before1, mac1, before2, mac2) = split_macs(msg);
+        let Some((before1, mac1, before2, mac2)) = split_macs(msg) else { return MacVerdict::InvalidMac1 };
         let expected1 = mac(&self.keys.mac1, &[before1]);
         if !constant_time_eq(&expected1, mac1) {
             return MacVerdict::InvalidMac1;
@@ -137,9 +147,18 @@ impl CookieChecker {
         }
     }
 
-    /// Writes a cookie reply to `msg` (whose MAC1 was valid) into `out`.
-    pub fn write_reply(&self, msg: &[u8], sender_index: u32, src: SocketAddr, now: Instant, out: &mut [u8; 64]) {
-        let (_, mac1, _, _) = split_macs(msg);
+    /// Writes a cookie reply to `msg` (whose MAC1 was valid) into `out`; false
+    /// (nothing written) when `msg` is not a handshake message.
+    #[must_use]
+    pub fn write_reply(
+        &self,
+        msg: &[u8],
+        sender_index: u32,
+        src: SocketAddr,
+        now: Instant,
+        out: &mut [u8; 64],
+    ) -> bool {
+        let Some((_, mac1, _, _)) = split_macs(msg) else { return false };
         let mut reply = CookieReply::new_zeroed(&mut out[..]).expect("64 bytes is a cookie reply");
         reply.set_receiver(sender_index);
         let mut nonce = [0u8; COOKIE_NONCE_LEN];
@@ -149,6 +168,7 @@ impl CookieChecker {
         let sealed = reply.encrypted_cookie_mut();
         sealed[..MAC_LEN].copy_from_slice(&cookie);
         xaead_seal(&self.keys.cookie, &nonce, sealed, mac1);
+        true
     }
 }
 
@@ -172,8 +192,7 @@ impl CookieJar {
     /// Writes MAC1 (keyed for `peer`) and MAC2 (if we hold a fresh cookie) into a
     /// handshake message we are about to send.
     pub fn stamp(&mut self, peer: &MacKeys, msg: &mut [u8], now: Instant) {
-        let m1 = msg.len() - 2 * MAC_LEN;
-        let m2 = msg.len() - MAC_LEN;
+        let Some((m1, m2)) = mac_offsets(msg.len()) else { return };
         let mac1 = mac(&peer.mac1, &[&msg[..m1]]);
         msg[m1..m2].copy_from_slice(&mac1);
         self.last_mac1 = Some(mac1);
@@ -230,7 +249,7 @@ mod tests {
         assert_eq!(checker.verify(&bad, src, now), MacVerdict::InvalidMac1);
 
         let mut reply = [0u8; 64];
-        checker.write_reply(&msg, 77, src, now, &mut reply);
+        assert!(checker.write_reply(&msg, 77, src, now, &mut reply));
         let view = CookieReply::new_checked(&reply[..]).unwrap();
         assert_eq!(view.receiver(), 77);
         jar.consume_reply(&keys, &view, now).unwrap();
@@ -248,6 +267,26 @@ mod tests {
         assert!(msg[132..].iter().all(|&b| b == 0));
     }
 
+    /// The crash seen in the field: a datagram of 4..31 bytes whose type says
+    /// "handshake" reached `split_macs`, which underflowed.
+    #[test]
+    fn messages_of_any_other_length_have_no_macs_and_never_panic() {
+        let responder = PrivateKey::generate().public_key();
+        let now = Instant::now();
+        let checker = CookieChecker::new(&responder, now);
+        let keys = MacKeys::new(&responder);
+        let mut jar = CookieJar::default();
+        let src: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        let mut reply = [0u8; 64];
+        for len in (0..300).filter(|&l| l != HANDSHAKE_INITIATION_LEN && l != HANDSHAKE_RESPONSE_LEN) {
+            let mut msg = vec![1u8; len];
+            assert_eq!(checker.verify(&msg, src, now), MacVerdict::InvalidMac1, "len {len}");
+            assert!(!checker.write_reply(&msg, 1, src, now, &mut reply), "len {len}");
+            jar.stamp(&keys, &mut msg, now);
+            assert!(msg.iter().all(|&b| b == 1), "nothing stamped into a {len}-byte buffer");
+        }
+    }
+
     #[test]
     fn cookie_reply_for_another_message_is_rejected() {
         let responder = PrivateKey::generate().public_key();
@@ -259,7 +298,7 @@ mod tests {
         let mut first = [1u8; 92];
         jar.stamp(&keys, &mut first, now);
         let mut reply = [0u8; 64];
-        checker.write_reply(&first, 1, src, now, &mut reply);
+        assert!(checker.write_reply(&first, 1, src, now, &mut reply));
         let mut second = [2u8; 92];
         jar.stamp(&keys, &mut second, now);
         let view = CookieReply::new_checked(&reply[..]).unwrap();

@@ -317,7 +317,6 @@ pub fn consume_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::noise::session::WorkerToken;
     use crate::wire::TransportHeader;
     use std::time::SystemTime;
 
@@ -355,13 +354,12 @@ mod tests {
         assert_eq!((i.local_index, i.remote_index), (0x1111, 0x2222));
         assert_eq!((r.local_index, r.remote_index), (0x2222, 0x1111));
         let now = Instant::now();
-        let token = WorkerToken::new();
         let mut buf = [0u8; 64];
         let n = i.encrypt(b"ping", &mut buf, now).unwrap();
-        let plain = r.open(&token, TransportHeader::new_checked(&mut buf[..n]).unwrap(), now).unwrap();
+        let plain = r.open(TransportHeader::new_checked(&mut buf[..n]).unwrap(), now).unwrap();
         assert_eq!(&plain[..4], b"ping");
         let n = r.encrypt(b"pong", &mut buf, now).unwrap();
-        let plain = i.open(&token, TransportHeader::new_checked(&mut buf[..n]).unwrap(), now).unwrap();
+        let plain = i.open(TransportHeader::new_checked(&mut buf[..n]).unwrap(), now).unwrap();
         assert_eq!(&plain[..4], b"pong");
     }
 

@@ -15,4 +15,4 @@ pub mod timers;
 
 pub use aead::{AeadBackend, TransportKey};
 pub use keys::{KeyParseError, PresharedKey, PrivateKey, PublicKey};
-pub use session::{Keypair, ReceiveError, SendError, WorkerToken};
+pub use session::{Keypair, ReceiveError, SendError};

@@ -4,7 +4,9 @@
 //! sockets: each method says which local indices it created or retired.
 
 use super::aead::AeadBackend;
-use super::constants::{INITIATIONS_MIN_INTERVAL, KEEPALIVE_TIMEOUT, REJECT_AFTER_TIME, REKEY_TIMEOUT};
+use super::constants::{
+    INITIATIONS_MIN_INTERVAL, KEEPALIVE_TIMEOUT, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME, REKEY_TIMEOUT,
+};
 use super::cookie::{CookieJar, MacKeys};
 use super::crypto::AeadError;
 use super::handshake::{
@@ -12,10 +14,10 @@ use super::handshake::{
     StaticIdentity,
 };
 use super::keys::{PresharedKey, PublicKey};
-use super::session::{Keypair, ReceiveError, SendError, WorkerToken};
+use super::session::Keypair;
 use super::tai64n::Tai64N;
 use super::timers::{TimerActions, Timers};
-use crate::wire::{CookieReply, HandshakeInitiation, HandshakeResponse, TransportHeader};
+use crate::wire::{CookieReply, HandshakeInitiation, HandshakeResponse};
 use rand_core::{OsRng, RngCore};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -50,32 +52,6 @@ impl Retired {
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         self.indices.iter().flatten().copied()
     }
-}
-
-/// Result of sending on a peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sent {
-    pub len: usize,
-    /// The session is due for rekeying: start a handshake (section 6.2).
-    pub rekey: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PeerSendError {
-    #[error("no usable session: a handshake is needed")]
-    NoSession,
-    #[error("output buffer too small")]
-    BufferTooSmall,
-}
-
-/// Result of receiving on a peer.
-#[derive(Debug)]
-pub struct Received<'a> {
-    /// The padded inner packet; empty for a keepalive.
-    pub payload: &'a mut [u8],
-    pub retired: Retired,
-    /// Section 6.2: an initiator receiving on an old session starts a handshake.
-    pub rekey: bool,
 }
 
 #[derive(Debug, Default)]
@@ -155,6 +131,13 @@ impl Peer {
 
     pub fn current_keypair(&self) -> Option<&Arc<Keypair>> {
         self.keypairs.current.as_ref()
+    }
+
+    /// True when the current keypair can still send: present, younger than
+    /// REJECT_AFTER_TIME and below REJECT_AFTER_MESSAGES. Without one, traffic
+    /// for the peer waits for a new handshake.
+    pub fn has_usable_session(&self, now: Instant) -> bool {
+        self.keypairs.current.as_ref().is_some_and(|k| !k.is_expired(now) && k.sent_messages() < REJECT_AFTER_MESSAGES)
     }
 
     /// The local index of the handshake in progress, if any.
@@ -254,43 +237,6 @@ impl Peer {
         self.cookies.consume_reply(&self.mac_keys, msg, now)
     }
 
-    /// Encrypts `payload` on the current keypair into `out` (see `Keypair::encrypt`).
-    /// An empty payload is a keepalive.
-    pub fn encrypt(&mut self, payload: &[u8], out: &mut [u8], now: Instant) -> Result<Sent, PeerSendError> {
-        let kp = self.keypairs.current.as_ref().ok_or(PeerSendError::NoSession)?;
-        let len = match kp.encrypt(payload, out, now) {
-            Ok(len) => len,
-            Err(SendError::BufferTooSmall) => return Err(PeerSendError::BufferTooSmall),
-            Err(SendError::Expired) => return Err(PeerSendError::NoSession),
-        };
-        let rekey = kp.needs_rekey_for_send(now) && self.handshake.is_none();
-        if !payload.is_empty() {
-            self.timers.on_data_sent(now);
-        }
-        self.timers.on_authenticated_sent(now);
-        Ok(Sent { len, rekey })
-    }
-
-    /// Opens a transport message on `keypair` (found by the caller through the
-    /// index table, and belonging to this peer). Promotes a confirmed `next`.
-    pub fn decrypt<'a>(
-        &mut self,
-        token: &WorkerToken,
-        keypair: &Arc<Keypair>,
-        msg: TransportHeader<&'a mut [u8]>,
-        now: Instant,
-        wall: SystemTime,
-    ) -> Result<Received<'a>, ReceiveError> {
-        let payload = keypair.open(token, msg, now)?;
-        let retired = self.confirm_next(keypair, wall);
-        let rekey = keypair.is_initiator && self.rekey_on_receive_due(keypair, now);
-        if !payload.is_empty() {
-            self.timers.on_data_received(now);
-        }
-        self.timers.on_authenticated_received(now);
-        Ok(Received { payload, retired, rekey })
-    }
-
     /// Promotes `next` to current if `keypair` is it: the initiator used the
     /// responder's new keypair, which confirms it.
     fn confirm_next(&mut self, keypair: &Arc<Keypair>, wall: SystemTime) -> Retired {
@@ -347,7 +293,10 @@ impl Peer {
             }
         }
         if actions.zero_keys {
-            retired = self.zero_keys();
+            // Both may fire in one tick: keep the handshake index retired above.
+            for index in self.zero_keys().iter() {
+                retired.push(index);
+            }
             actions.send_initiation = false;
         }
         if actions.send_keepalive && self.keypairs.current.is_none() {
@@ -380,13 +329,13 @@ mod tests {
     use super::*;
     use crate::noise::handshake::consume_initiation_static;
     use crate::noise::keys::PrivateKey;
+    use crate::wire::TransportHeader;
 
     static BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
     struct Side {
         id: StaticIdentity,
         peer: Peer,
-        token: WorkerToken,
     }
 
     fn sides() -> (Side, Side) {
@@ -396,7 +345,7 @@ mod tests {
         let cfg = |pk| PeerConfig { public_key: pk, preshared_key: psk.clone(), persistent_keepalive: None };
         let pa = Peer::new(&a, cfg(b.public), AeadBackend::Ring).unwrap();
         let pb = Peer::new(&b, cfg(a.public), AeadBackend::Ring).unwrap();
-        (Side { id: a, peer: pa, token: WorkerToken::new() }, Side { id: b, peer: pb, token: WorkerToken::new() })
+        (Side { id: a, peer: pa }, Side { id: b, peer: pb })
     }
 
     /// i initiates to r; returns (i's keypair, r's keypair).
@@ -414,12 +363,13 @@ mod tests {
         (ik, rk)
     }
 
+    /// Sends on `from`'s current keypair; `to` opens on `to_kp` and confirms it.
     fn send(from: &mut Side, to: &mut Side, to_kp: &Arc<Keypair>, payload: &[u8], now: Instant) -> Vec<u8> {
         let mut buf = [0u8; 256];
-        let sent = from.peer.encrypt(payload, &mut buf, now).unwrap();
-        let msg = TransportHeader::new_checked(&mut buf[..sent.len]).unwrap();
-        let r = to.peer.decrypt(&to.token, to_kp, msg, now, SystemTime::now()).unwrap();
-        r.payload.to_vec()
+        let n = from.peer.current_keypair().unwrap().encrypt(payload, &mut buf, now).unwrap();
+        let plain = to_kp.open(TransportHeader::new_checked(&mut buf[..n]).unwrap(), now).unwrap().to_vec();
+        to.peer.confirm_next_if_used(SystemTime::now());
+        plain
     }
 
     #[test]
@@ -428,20 +378,19 @@ mod tests {
         let now = *BASE;
         let (ak1, bk1) = handshake(&mut a, &mut b, (1, 2), now);
         assert!(b.peer.current_keypair().is_none(), "unconfirmed until used");
-        assert_eq!(b.peer.encrypt(b"x", &mut [0u8; 64], now).unwrap_err(), PeerSendError::NoSession);
+        assert!(!b.peer.has_usable_session(now));
         assert_eq!(&send(&mut a, &mut b, &bk1, b"hi", now)[..2], b"hi");
         assert!(Arc::ptr_eq(b.peer.current_keypair().unwrap(), &bk1));
         assert_eq!(&send(&mut b, &mut a, &ak1, b"yo", now)[..2], b"yo");
 
         // Rekey, b initiating this time. Packets in flight on the old keypair still open.
         let mut in_flight = [0u8; 64];
-        let n = a.peer.encrypt(b"old", &mut in_flight, now).unwrap().len;
+        let n = a.peer.current_keypair().unwrap().encrypt(b"old", &mut in_flight, now).unwrap();
         let later = now + Duration::from_secs(1);
         let (bk2, ak2) = handshake(&mut b, &mut a, (3, 4), later);
         assert!(Arc::ptr_eq(b.peer.current_keypair().unwrap(), &bk2));
         let msg = TransportHeader::new_checked(&mut in_flight[..n]).unwrap();
-        let r = b.peer.decrypt(&b.token, &bk1, msg, later, SystemTime::now()).unwrap();
-        assert_eq!(&r.payload[..3], b"old");
+        assert_eq!(&bk1.open(msg, later).unwrap()[..3], b"old");
         // a still sends on the old current until b's new keypair is used...
         assert!(Arc::ptr_eq(a.peer.current_keypair().unwrap(), &ak1));
         send(&mut b, &mut a, &ak2, b"new", later);
@@ -493,5 +442,26 @@ mod tests {
         assert!(actions.zero_keys);
         assert_eq!(retired.iter().collect::<Vec<_>>(), vec![2]);
         assert!(b.peer.current_keypair().is_none());
+    }
+
+    /// "Gave up" and "zero keys" firing in one tick used to lose the pending
+    /// handshake's index (zeroing overwrote the list of retired indices).
+    #[test]
+    fn giving_up_and_zeroing_in_one_tick_retire_every_index() {
+        let (mut a, mut b) = sides();
+        let now = Instant::now();
+        let (_, _) = handshake(&mut a, &mut b, (1, 2), now);
+        // A retry series starts long after the session; both deadlines then
+        // pass before the next tick.
+        let later = now + crate::noise::constants::ZERO_KEYS_AFTER - Duration::from_secs(1);
+        let mut init = [0u8; 148];
+        a.peer.write_initiation(&a.id, 3, false, later, SystemTime::now(), &mut init).unwrap();
+        let much_later = later + crate::noise::constants::REKEY_ATTEMPT_TIME + Duration::from_secs(10);
+        a.peer.timers.on_initiation_sent(much_later - Duration::from_secs(6), 0.0, true);
+        let (actions, retired) = a.peer.tick(much_later);
+        assert!(actions.gave_up && actions.zero_keys, "{actions:?}");
+        let mut got: Vec<u32> = retired.iter().collect();
+        got.sort_unstable();
+        assert_eq!(got, vec![1, 3], "the session's index and the abandoned handshake's");
     }
 }

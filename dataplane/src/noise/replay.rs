@@ -79,6 +79,11 @@ impl ReplayWindow {
     }
 
     /// The newest accepted counter, if any.
+    /// One more than the newest recorded counter (0: none yet).
+    pub fn newest_plus_one(&self) -> u64 {
+        self.next
+    }
+
     pub fn newest(&self) -> Option<u64> {
         self.next.checked_sub(1)
     }

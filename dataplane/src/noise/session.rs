@@ -3,20 +3,23 @@
 //!
 //! A `Keypair` is shared (`Arc`) between the peer state, the receiver-index
 //! table and every worker that sends with it: sending uses an atomic counter.
-//! Receiving mutates the replay window, which belongs to exactly one worker:
-//! the first `WorkerToken` to open a packet claims the keypair's receive side,
-//! and other tokens are refused (the data plane steers a receiver index to one
-//! worker). That makes the window single-owner without a lock.
+//! Receiving mutates the replay window. A tunnel normally arrives on one NIC
+//! queue, so one worker touches the window, but a peer that roams (or a packet
+//! the kernel's slow path hands over) may arrive on another queue: the window
+//! sits behind a one-word try-lock, uncontended in the steady state, taken only
+//! *after* the AEAD proved the packet genuine. Nothing an unauthenticated
+//! sender does can claim, hold or move a session's receive side. Before the
+//! AEAD, a lock-free check against the newest counter rejects stale replays.
 
 use super::aead::{AeadBackend, TransportKey};
 use super::constants::{
     AEAD_TAG_LEN, PADDING_MULTIPLE, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME,
 };
 use super::crypto::counter_nonce;
-use super::replay::ReplayWindow;
+use super::replay::{ReplayWindow, WINDOW_SIZE};
 use crate::wire::{TransportHeader, TRANSPORT_HEADER_LEN};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 /// Why a packet could not be sent on a keypair.
@@ -37,60 +40,61 @@ pub enum ReceiveError {
     Expired,
     #[error("authentication failed")]
     Authentication,
-    #[error("receive side is owned by another worker")]
-    WrongWorker,
 }
 
-/// Identifies the one thread allowed to mutate a keypair's receive state.
-/// Unique (never cloned, ids from a global counter) and `!Sync`: it can move to
-/// another thread (a move orders every earlier use before every later one) but
-/// can never be used from two threads at once.
-#[derive(Debug)]
-pub struct WorkerToken {
-    id: u64,
-    _not_sync: core::marker::PhantomData<core::cell::Cell<()>>,
-}
-
-impl WorkerToken {
-    pub fn new() -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        Self { id: NEXT.fetch_add(1, Ordering::Relaxed), _not_sync: core::marker::PhantomData }
-    }
-}
-
-impl Default for WorkerToken {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// The replay window plus the id of the worker that owns it (0: unclaimed).
+/// The replay window behind a try-lock, plus a lock-free copy of the newest
+/// counter for the pre-decryption check.
 struct ReceiveState {
-    owner: AtomicU64,
+    busy: AtomicBool,
+    /// One more than the newest authenticated counter (mirrors the window).
+    next: AtomicU64,
     window: UnsafeCell<ReplayWindow>,
 }
 
-// SAFETY: `window` is only touched in `with_window`, after `owner` has been
-// claimed by (or already equals) the caller's token id. Token ids are unique and
-// tokens are `!Sync`, so no two threads use the same token at once; a token that
-// moves between threads carries a happens-before edge with it.
+// SAFETY: `window` is only touched in `with_window`, between acquiring `busy`
+// (false -> true, Acquire) and releasing it (Release), so at most one thread
+// holds a `&mut` to it at a time and each holder sees the previous one's writes.
 unsafe impl Sync for ReceiveState {}
 
+/// Releases the window's lock when dropped (also on unwinding).
+struct WindowGuard<'a>(&'a AtomicBool);
+
+impl Drop for WindowGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 impl ReceiveState {
-    fn with_window<R>(&self, token: &WorkerToken, f: impl FnOnce(&mut ReplayWindow) -> R) -> Result<R, ReceiveError> {
-        let owner = self.owner.load(Ordering::Acquire);
-        if owner != token.id {
-            if owner != 0 {
-                return Err(ReceiveError::WrongWorker);
-            }
-            if self.owner.compare_exchange(0, token.id, Ordering::AcqRel, Ordering::Acquire).is_err() {
-                return Err(ReceiveError::WrongWorker);
+    fn new() -> Self {
+        Self { busy: AtomicBool::new(false), next: AtomicU64::new(0), window: UnsafeCell::new(ReplayWindow::default()) }
+    }
+
+    /// Cheap, lock-free: false when `counter` is certainly too old. The window
+    /// has the last word after authentication.
+    fn may_accept(&self, counter: u64) -> bool {
+        counter < REJECT_AFTER_MESSAGES
+            && counter.saturating_add(WINDOW_SIZE) >= self.next.load(Ordering::Relaxed).saturating_sub(1)
+    }
+
+    /// Records an authenticated counter; false if it is a replay.
+    fn record(&self, counter: u64) -> bool {
+        let mut spins = 0u32;
+        while self.busy.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            spins += 1;
+            if spins < 128 {
+                core::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
             }
         }
-        // SAFETY: the caller's token owns this state (checked or claimed just above),
-        // and `f` cannot reach `with_window` again for this keypair with another token
-        // on this thread while the borrow lives, because tokens own their ids.
-        Ok(f(unsafe { &mut *self.window.get() }))
+        let _guard = WindowGuard(&self.busy);
+        // SAFETY: `busy` is held (acquired just above, released by `_guard`), so
+        // this is the only live reference to the window.
+        let window = unsafe { &mut *self.window.get() };
+        let fresh = window.update(counter);
+        self.next.store(window.newest_plus_one(), Ordering::Relaxed);
+        fresh
     }
 }
 
@@ -109,7 +113,7 @@ pub struct Keypair {
     receive: ReceiveState,
     /// Set once a message authenticated on this keypair: a responder's keypair
     /// is confirmed by its first use.
-    used: core::sync::atomic::AtomicBool,
+    used: AtomicBool,
 }
 
 impl core::fmt::Debug for Keypair {
@@ -151,8 +155,8 @@ impl Keypair {
             sending: TransportKey::new(backend, send_key),
             receiving: TransportKey::new(backend, receive_key),
             send_counter: AtomicU64::new(0),
-            receive: ReceiveState { owner: AtomicU64::new(0), window: UnsafeCell::new(ReplayWindow::default()) },
-            used: core::sync::atomic::AtomicBool::new(false),
+            receive: ReceiveState::new(),
+            used: AtomicBool::new(false),
         }
     }
 
@@ -213,26 +217,21 @@ impl Keypair {
     }
 
     /// Authenticates and decrypts a transport message in place and returns its
-    /// padded plaintext (empty for a keepalive). Order: cheap replay check, age,
-    /// AEAD, then the replay window records the counter.
-    pub fn open<'a>(
-        &self,
-        token: &WorkerToken,
-        msg: TransportHeader<&'a mut [u8]>,
-        now: Instant,
-    ) -> Result<&'a mut [u8], ReceiveError> {
+    /// padded plaintext (empty for a keepalive). Order: cheap lock-free check
+    /// for stale counters, age, AEAD, then the replay window records the counter.
+    pub fn open<'a>(&self, msg: TransportHeader<&'a mut [u8]>, now: Instant) -> Result<&'a mut [u8], ReceiveError> {
         let counter = msg.counter();
-        if !self.receive.with_window(token, |w| w.check(counter))? {
+        if !self.receive.may_accept(counter) {
             return Err(ReceiveError::Replay);
         }
         if self.is_expired(now) {
             return Err(ReceiveError::Expired);
         }
         let buf = msg.into_inner();
-        let encrypted = &mut buf[TRANSPORT_HEADER_LEN..];
+        let encrypted = buf.get_mut(TRANSPORT_HEADER_LEN..).ok_or(ReceiveError::Authentication)?;
         let plain =
             self.receiving.open(&counter_nonce(counter), &[], encrypted).map_err(|_| ReceiveError::Authentication)?;
-        if !self.receive.with_window(token, |w| w.update(counter))? {
+        if !self.receive.record(counter) {
             return Err(ReceiveError::Replay);
         }
         if !self.used.load(Ordering::Relaxed) {
@@ -258,40 +257,38 @@ mod tests {
     fn seal_open_pads_and_rejects_replay_and_tamper() {
         let now = Instant::now();
         let (a, b) = pair(now);
-        let token = WorkerToken::new();
         let mut buf = [0u8; 128];
         let n = a.encrypt(b"hello", &mut buf, now).unwrap();
         assert_eq!(n, 16 + 16 + 16, "5 bytes pad to 16");
         let sent = buf;
         let msg = TransportHeader::new_checked(&mut buf[..n]).unwrap();
         assert_eq!(msg.receiver(), 20);
-        let plain = b.open(&token, msg, now).unwrap();
+        let plain = b.open(msg, now).unwrap();
         assert_eq!(&plain[..5], b"hello");
         assert!(plain[5..].iter().all(|&x| x == 0));
 
         let mut replay = sent;
         let msg = TransportHeader::new_checked(&mut replay[..n]).unwrap();
-        assert_eq!(b.open(&token, msg, now).unwrap_err(), ReceiveError::Replay);
+        assert_eq!(b.open(msg, now).unwrap_err(), ReceiveError::Replay);
 
         let n2 = a.encrypt(b"world", &mut buf, now).unwrap();
         buf[20] ^= 0x01;
         let msg = TransportHeader::new_checked(&mut buf[..n2]).unwrap();
-        assert_eq!(b.open(&token, msg, now).unwrap_err(), ReceiveError::Authentication);
+        assert_eq!(b.open(msg, now).unwrap_err(), ReceiveError::Authentication);
         // A forged packet must not consume its counter: the genuine one still opens.
         buf[20] ^= 0x01;
         let msg = TransportHeader::new_checked(&mut buf[..n2]).unwrap();
-        assert!(b.open(&token, msg, now).is_ok());
+        assert!(b.open(msg, now).is_ok());
     }
 
     #[test]
     fn keepalive_is_empty_and_expiry_is_enforced() {
         let now = Instant::now();
         let (a, b) = pair(now);
-        let token = WorkerToken::new();
         let mut buf = [0u8; 32];
         assert_eq!(a.encrypt(&[], &mut buf, now).unwrap(), 32);
         let msg = TransportHeader::new_checked(&mut buf[..]).unwrap();
-        assert_eq!(b.open(&token, msg, now).unwrap().len(), 0);
+        assert_eq!(b.open(msg, now).unwrap().len(), 0);
         let late = now + REJECT_AFTER_TIME;
         assert_eq!(a.encrypt(&[], &mut buf, late).unwrap_err(), SendError::Expired);
         assert!(a.needs_rekey_for_send(now + REKEY_AFTER_TIME));
@@ -299,16 +296,45 @@ mod tests {
     }
 
     #[test]
-    fn receive_side_belongs_to_one_worker() {
+    fn any_thread_may_receive_and_forgeries_claim_nothing() {
         let now = Instant::now();
         let (a, b) = pair(now);
-        let (t1, t2) = (WorkerToken::new(), WorkerToken::new());
-        let mut buf = [0u8; 64];
-        let n = a.encrypt(b"x", &mut buf, now).unwrap();
-        let mut copy = buf;
-        b.open(&t1, TransportHeader::new_checked(&mut buf[..n]).unwrap(), now).unwrap();
-        let err = b.open(&t2, TransportHeader::new_checked(&mut copy[..n]).unwrap(), now).unwrap_err();
-        assert_eq!(err, ReceiveError::WrongWorker);
+        let b = std::sync::Arc::new(b);
+        // A forged packet (right index, garbage body) changes nothing.
+        let mut forged = [0u8; 64];
+        let n = a.encrypt(b"x", &mut forged, now).unwrap();
+        forged[40] ^= 1;
+        let err = b.open(TransportHeader::new_checked(&mut forged[..n]).unwrap(), now).unwrap_err();
+        assert_eq!(err, ReceiveError::Authentication);
+        // Genuine packets open on whichever thread they arrive, each counter once.
+        let packets: Vec<Vec<u8>> = (0..2000)
+            .map(|_| {
+                let mut buf = vec![0u8; 64];
+                let n = a.encrypt(b"y", &mut buf, now).unwrap();
+                buf.truncate(n);
+                buf
+            })
+            .collect();
+        let threads: Vec<_> = (0..2)
+            .map(|t| {
+                let (b, mut packets) = (b.clone(), packets.clone());
+                std::thread::spawn(move || {
+                    let mut ok = 0;
+                    // Both threads try every packet (thread 1 from the end).
+                    if t == 1 {
+                        packets.reverse();
+                    }
+                    for p in packets.iter_mut() {
+                        if b.open(TransportHeader::new_checked(&mut p[..]).unwrap(), now).is_ok() {
+                            ok += 1;
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let accepted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(accepted, packets.len(), "every counter accepted exactly once across both threads");
     }
 
     #[test]

@@ -111,9 +111,12 @@ impl Timers {
         self.zero_keys = Some(now + ZERO_KEYS_AFTER);
     }
 
-    /// True while an initiation is awaiting its response.
+    /// True while a series of initiations awaits a response (also in the
+    /// moment the retransmit timer fired and the retry is not yet sent, so the
+    /// retry continues the series and REKEY_ATTEMPT_TIME is counted from its
+    /// first initiation).
     pub fn handshake_pending(&self) -> bool {
-        self.retransmit_handshake.is_some()
+        self.retransmit_handshake.is_some() || self.attempt_started.is_some()
     }
 
     /// The earliest pending deadline, for a caller that sleeps between polls.

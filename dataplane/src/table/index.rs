@@ -1,7 +1,10 @@
 //! The receiver-index table: our 32-bit indices (section 5.4.1) are chosen so
 //! that a data packet finds its session with one array load. The low `slot_bits`
-//! of an index name a slot; the high bits are random generation bits, so an
-//! index is unpredictable and a stale index (slot reused) does not match.
+//! of an index name a slot; the high bits are random generation bits, so a
+//! stale index (slot reused) does not match. Slots are handed out in random
+//! order (a uniformly chosen free slot, not last-in-first-out), so with a
+//! sparsely used table every bit of an index is unpredictable: an attacker
+//! learns nothing about the next index from the ones it has seen.
 //!
 //! Readers (`get`) do one atomic load of the slot and compare the stored index;
 //! writers (`insert`, `remove`) take a mutex that only writers use (the free list).
@@ -57,8 +60,7 @@ impl<T> IndexTable<T> {
         Self {
             slots: (0..n).map(|_| ArcSwapOption::empty()).collect(),
             slot_bits,
-            // Pop from the end: hand out low slots first.
-            free: Mutex::new((0..n as u32).rev().collect()),
+            free: Mutex::new((0..n as u32).collect()),
         }
     }
 
@@ -72,7 +74,14 @@ impl<T> IndexTable<T> {
 
     /// Registers `value` under a fresh random index and returns the index.
     pub fn insert(&self, value: T) -> Result<u32, IndexTableFull> {
-        let slot = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop().ok_or(IndexTableFull)?;
+        let slot = {
+            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            if free.is_empty() {
+                return Err(IndexTableFull);
+            }
+            let pick = OsRng.next_u32() as usize % free.len();
+            free.swap_remove(pick)
+        };
         let generation = OsRng.next_u32() << self.slot_bits;
         let index = generation | slot;
         self.slots[slot as usize].store(Some(Arc::new(IndexEntry { index, value })));
@@ -143,12 +152,35 @@ mod tests {
         assert!(!t.remove(a));
         assert!(!t.replace(a, "x"));
         // A stale index whose slot was reused does not match the new entry.
-        let c = t.insert("c").unwrap();
-        assert_eq!(c & 0xf, a & 0xf, "slot reused");
-        if c != a {
-            assert!(t.get(a).is_none());
+        // A stale index never finds a new entry, whichever slot it lands in.
+        for _ in 0..100 {
+            let c = t.insert("c").unwrap();
+            if c != a {
+                assert!(t.get(a).is_none());
+            }
+            assert!(t.remove(c));
         }
-        assert_eq!(t.len(), 2);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn slots_are_handed_out_in_random_order() {
+        let t = IndexTable::new(16);
+        let slots: Vec<u32> = (0..64).map(|i| t.insert(i).unwrap() & 0xffff).collect();
+        assert_ne!(slots, (0..64).collect::<Vec<u32>>(), "not sequential");
+        // Uniform over 65 536 slots: about half land in the upper half (a
+        // false failure has odds below 1e-8).
+        let high = slots.iter().filter(|&&s| s >= 0x8000).count();
+        assert!((10..=54).contains(&high), "{high} of 64 in the upper half");
+        // Freed and re-taken: not last-in-first-out.
+        let again: Vec<u32> = (0..8)
+            .map(|_| {
+                let i = t.insert(99).unwrap();
+                assert!(t.remove(i));
+                i & 0xffff
+            })
+            .collect();
+        assert!(again.windows(2).any(|w| w[0] != w[1]), "a freed slot is not simply handed back");
     }
 
     #[test]

@@ -74,6 +74,11 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         read_u16_be(self.bytes(), field::FLAGS_FRAG) & 0x3fff != 0
     }
 
+    /// Where this fragment's data starts in the original datagram, in bytes.
+    pub fn fragment_offset(&self) -> usize {
+        usize::from(read_u16_be(self.bytes(), field::FLAGS_FRAG) & 0x1fff) * 8
+    }
+
     pub fn ttl(&self) -> u8 {
         self.bytes()[field::TTL]
     }

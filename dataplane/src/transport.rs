@@ -1,0 +1,142 @@
+//! The transport-data path (section 5.4.6), once, for every caller: the
+//! per-queue `Worker` (frames from AF_XDP), the kernel slow path and the
+//! I/O-free `Device` all open and seal through here.
+//!
+//! Receive: receiver index → keypair → lock-free stale-counter check → age →
+//! AEAD open in place → replay window records the counter → roaming (the
+//! endpoint follows the last authenticated packet, section 2.1) → inner
+//! packet parse → allowed-IPs source check (cryptokey routing) → activity and
+//! per-peer counters. Send: the peer's published keypair → counter → pad →
+//! seal → activity and counters.
+//!
+//! Activity is recorded in the peer's `PeerView` (atomics); the control thread
+//! turns it into timer events (`Device::sync_peer`). Nothing here allocates or
+//! takes a lock a writer can hold.
+
+use crate::drops::DropReason;
+use crate::frame::{parse_ip_frame_payload, InnerPacket};
+use crate::noise::session::{Keypair, ReceiveError, SendError};
+use crate::peer_view::{monotonic_nanos, Activity, Endpoint, PeerId, PeerView, PeerViews};
+use crate::table::{IndexTable, SharedAllowedIps};
+use crate::wire::{TransportHeader, TRANSPORT_HEADER_LEN};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What a receiver index points at: a handshake we initiated (no keypair yet),
+/// or a session's keypair.
+#[derive(Debug, Clone)]
+pub struct IndexValue {
+    pub peer: PeerId,
+    pub keypair: Option<Arc<Keypair>>,
+}
+
+/// The shared tables the transport path reads: written by the control thread,
+/// read lock-free by everyone.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    pub indices: Arc<IndexTable<IndexValue>>,
+    pub allowed_ips: Arc<SharedAllowedIps<PeerId>>,
+    pub views: Arc<PeerViews>,
+}
+
+impl Tables {
+    pub fn new(index_slot_bits: u32) -> Self {
+        Self {
+            indices: Arc::new(IndexTable::new(index_slot_bits)),
+            allowed_ips: Arc::new(SharedAllowedIps::default()),
+            views: Arc::new(PeerViews::default()),
+        }
+    }
+}
+
+/// An authenticated transport message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// An empty message (section 6.5).
+    Keepalive { peer: PeerId },
+    /// An inner packet from `peer`, at `offset` in the datagram, `inner.len`
+    /// bytes long (padding excluded); its source is one of the peer's allowed IPs.
+    Data { peer: PeerId, inner: InnerPacket, offset: usize },
+}
+
+impl Opened {
+    pub fn peer(&self) -> PeerId {
+        match *self {
+            Self::Keepalive { peer } | Self::Data { peer, .. } => peer,
+        }
+    }
+}
+
+impl From<ReceiveError> for DropReason {
+    fn from(e: ReceiveError) -> Self {
+        match e {
+            ReceiveError::Replay => DropReason::Replay,
+            ReceiveError::Expired => DropReason::Expired,
+            ReceiveError::Authentication => DropReason::Authentication,
+        }
+    }
+}
+
+/// Opens the transport message `datagram` (a whole UDP payload, decrypted in
+/// place) that arrived from `from`.
+pub fn open(tables: &Tables, datagram: &mut [u8], from: Endpoint, now: Instant) -> Result<Opened, DropReason> {
+    let msg = TransportHeader::new_checked(&mut *datagram).map_err(|_| DropReason::Malformed)?;
+    let entry = tables.indices.get(msg.receiver()).ok_or(DropReason::UnknownIndex)?;
+    let peer = entry.value.peer;
+    let keypair = entry.value.keypair.as_ref().ok_or(DropReason::UnknownIndex)?;
+    let plain_len = keypair.open(msg, now)?.len();
+    drop(entry);
+    let view = tables.views.get(peer).ok_or(DropReason::UnknownIndex)?;
+    let nanos = monotonic_nanos(now);
+    Activity::record(&view.activity.authenticated_received, nanos);
+    view.learn(from);
+    if plain_len == 0 {
+        return Ok(Opened::Keepalive { peer });
+    }
+    let offset = TRANSPORT_HEADER_LEN;
+    let plain = datagram.get(offset..offset + plain_len).ok_or(DropReason::BadInnerPacket)?;
+    let inner = parse_ip_frame_payload(plain).map_err(|_| DropReason::BadInnerPacket)?;
+    if tables.allowed_ips.load().lookup(inner.src) != Some(peer) {
+        return Err(DropReason::SourceNotAllowed);
+    }
+    Activity::record(&view.activity.data_received, nanos);
+    view.counters.rx_bytes.fetch_add(inner.len as u64, Relaxed);
+    view.counters.rx_packets.fetch_add(1, Relaxed);
+    Ok(Opened::Data { peer, inner, offset })
+}
+
+/// Why `seal` did not produce a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealError {
+    /// No usable session (none yet, or expired): stage and handshake.
+    NoSession,
+    BufferTooSmall,
+}
+
+/// Seals `buf[16..16 + len]` (the inner packet, already in place; empty for a
+/// keepalive) on the peer's published keypair into a transport message at the
+/// start of `buf`, and returns the message length (`sealed_len(len)`).
+pub fn seal(view: &PeerView, buf: &mut [u8], len: usize, now: Instant) -> Result<usize, SealError> {
+    let keypair = view.current.load();
+    let kp = keypair.as_ref().ok_or(SealError::NoSession)?;
+    let n = kp.seal(buf, len, now).map_err(|e| match e {
+        SendError::Expired => SealError::NoSession,
+        SendError::BufferTooSmall => SealError::BufferTooSmall,
+    })?;
+    let nanos = monotonic_nanos(now);
+    Activity::record(&view.activity.authenticated_sent, nanos);
+    if len > 0 {
+        Activity::record(&view.activity.data_sent, nanos);
+        view.counters.tx_bytes.fetch_add(len as u64, Relaxed);
+        view.counters.tx_packets.fetch_add(1, Relaxed);
+    }
+    Ok(n)
+}
+
+/// The peer whose allowed IPs hold `dst` (cryptokey routing, outbound).
+#[inline]
+pub fn route(tables: &Tables, dst: std::net::IpAddr) -> Result<Arc<PeerView>, DropReason> {
+    let peer = tables.allowed_ips.load().lookup(dst).ok_or(DropReason::NoRoute)?;
+    tables.views.get(peer).ok_or(DropReason::NoRoute)
+}
