@@ -4,6 +4,7 @@
 //! says what; `shutdown` (or drop) stops the threads and detaches XDP.
 
 use crate::device::{Action, Device, PeerId, PeerStats, PeerUpdate};
+use crate::frame::udp_headers_len;
 use crate::loader::{LoaderError, Side, XdpPrograms, XdpStats};
 use crate::neighbors::{run_resolver, NeighborTable, RawInjector};
 use crate::noise::peer::PeerConfig;
@@ -15,10 +16,16 @@ use crate::xsk::{XskConfig, XskError, XskSocket};
 use crossbeam_channel::{select, Receiver};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
+
+/// How long a caller waits for the control thread to take a request.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+const JOB_PENDING: u8 = 0;
+const JOB_RUNNING: u8 = 1;
+const JOB_CANCELLED: u8 = 2;
 
 /// One configured peer.
 #[derive(Debug, Clone)]
@@ -69,8 +76,15 @@ pub enum GatewayError {
     Xdp(#[from] LoaderError),
     #[error(transparent)]
     Xsk(#[from] XskError),
+    #[error(
+        "tunnel_mtu {mtu} does not fit AF_XDP frames of {frame_size} bytes: at most {max} \
+         (a sealed packet needs {overhead} bytes of headers and the kernel keeps {headroom} bytes of headroom)"
+    )]
+    TunnelMtu { mtu: usize, frame_size: u32, max: usize, overhead: usize, headroom: usize },
     #[error("the gateway is stopping")]
     Stopping,
+    #[error("the control thread did not take the request within {0:?} (overloaded); nothing was changed")]
+    ControlTimeout(Duration),
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
 }
@@ -185,15 +199,47 @@ fn bind_kernel_udp(port: u16) -> Result<UdpSocket, GatewayError> {
         _ => bind(&format!("0.0.0.0:{port}")),
     });
     match sock {
-        Ok(s) => Ok(s),
+        Ok(s) => {
+            // A full send buffer (e.g. datagrams queued behind unresolved next
+            // hops) must never stall a worker or the control thread.
+            s.set_nonblocking(true).map_err(|source| GatewayError::Udp { port, source })?;
+            Ok(s)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(GatewayError::PortInUse(port)),
         Err(source) => Err(GatewayError::Udp { port, source }),
     }
 }
 
+/// Bytes the kernel reserves in front of packet data in an AF_XDP frame.
+const XDP_PACKET_HEADROOM: usize = 256;
+
+/// The largest `tunnel_mtu` whose sealed packets (IPv6 outer headers, the
+/// transport header, padding and tag) fit one AF_XDP frame of `frame_size`.
+pub fn max_tunnel_mtu(frame_size: u32) -> usize {
+    let overhead = udp_headers_len(true) + crate::noise::session::sealed_len(0);
+    let room = (frame_size as usize).saturating_sub(XDP_PACKET_HEADROOM + overhead);
+    // Padding rounds the inner packet up to 16 bytes.
+    room / 16 * 16
+}
+
+fn check_tunnel_mtu(mtu: usize, frame_size: u32) -> Result<(), GatewayError> {
+    let max = max_tunnel_mtu(frame_size);
+    if mtu == 0 || mtu > max {
+        return Err(GatewayError::TunnelMtu {
+            mtu,
+            frame_size,
+            max,
+            overhead: udp_headers_len(true) + crate::noise::session::sealed_len(0),
+            headroom: XDP_PACKET_HEADROOM,
+        });
+    }
+    Ok(())
+}
+
 impl Gateway {
     /// Starts the gateway in the calling thread's network namespace.
     pub fn start(cfg: GatewayConfig) -> Result<Self, GatewayError> {
+        check_tunnel_mtu(cfg.tunnel_mtu, cfg.xsk.frame_size)?;
         for iface in [&cfg.wan_interface, &cfg.lan_interface] {
             if !interface_exists(iface) {
                 return Err(GatewayError::NoSuchInterface(iface.clone()));
@@ -310,14 +356,15 @@ impl Gateway {
     }
 
     /// Runs `f` on the control thread (which owns the protocol state) and
-    /// returns its result; `None` if the gateway is stopping.
-    pub fn with_device<R: Send + 'static>(&self, f: impl FnOnce(&mut Device) -> R + Send + 'static) -> Option<R> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let job = ControlEvent::Exec(Box::new(move |d| {
-            let _ = tx.send(f(d));
-        }));
-        self.shared.control.send(job).ok()?;
-        rx.recv_timeout(Duration::from_secs(10)).ok()
+    /// returns its result. Never blocks for long: a request the control thread
+    /// has not started within `CONTROL_TIMEOUT` is cancelled and will never
+    /// run (so a caller that gave up cannot find it applied later); one it has
+    /// started is waited for.
+    pub fn with_device<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Device) -> R + Send + 'static,
+    ) -> Result<R, GatewayError> {
+        run_on_control(&self.shared.control, CONTROL_TIMEOUT, f)
     }
 
     /// Adds a peer at runtime and steers its prefixes through XDP. With an
@@ -329,11 +376,10 @@ impl Gateway {
                 let id = d.add_peer(spec.config, spec.endpoint, &spec.allowed_ips).map_err(|e| e.to_string())?;
                 d.initiate(id);
                 Ok::<_, String>(id)
-            })
-            .ok_or(GatewayError::Stopping)?
+            })?
             .map_err(|reason| GatewayError::Peer { key, reason })?;
         if let Err(e) = self.sync_tunnel_prefixes() {
-            self.with_device(move |d| d.remove_peer(id));
+            let _ = self.with_device(move |d| d.remove_peer(id));
             return Err(e);
         }
         Ok(id)
@@ -342,20 +388,20 @@ impl Gateway {
     /// Removes a peer: its routes leave XDP, its keys are zeroized. Other
     /// peers are not disturbed. False if there was no such peer.
     pub fn remove_peer(&self, id: PeerId) -> Result<bool, GatewayError> {
-        let removed = self.with_device(move |d| d.remove_peer(id)).ok_or(GatewayError::Stopping)?;
+        let removed = self.with_device(move |d| d.remove_peer(id))?;
         self.sync_tunnel_prefixes()?;
         Ok(removed)
     }
 
     /// Replaces a peer's allowed IPs (routes and inbound source check).
     pub fn set_allowed_ips(&self, id: PeerId, prefixes: Vec<IpPrefix>) -> Result<(), GatewayError> {
-        self.with_device(move |d| d.set_allowed_ips(id, &prefixes)).ok_or(GatewayError::Stopping)?;
+        self.with_device(move |d| d.set_allowed_ips(id, &prefixes))?;
         self.sync_tunnel_prefixes()
     }
 
     /// Changes a peer's pre-shared key, keepalive or endpoint in place.
     pub fn update_peer(&self, id: PeerId, update: PeerUpdate) -> Result<bool, GatewayError> {
-        self.with_device(move |d| d.update_peer(id, update)).ok_or(GatewayError::Stopping)
+        self.with_device(move |d| d.update_peer(id, update))
     }
 
     /// A peer's live counters, last handshake and endpoint.
@@ -377,7 +423,7 @@ impl Gateway {
                 })
                 .collect()
         })
-        .unwrap_or_else(|| vec![None; n])
+        .unwrap_or_else(|_| vec![None; n])
     }
 
     /// True while the XDP programs are attached and every thread runs.
@@ -414,6 +460,38 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.stop_threads();
         tracing::info!("gateway stopped; XDP programs detached");
+    }
+}
+
+/// `Gateway::with_device` over any control queue, with its timeout.
+fn run_on_control<R: Send + 'static>(
+    control: &crossbeam_channel::Sender<ControlEvent>,
+    timeout: Duration,
+    f: impl FnOnce(&mut Device) -> R + Send + 'static,
+) -> Result<R, GatewayError> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let state = Arc::new(AtomicU8::new(JOB_PENDING));
+    let job_state = state.clone();
+    let job = ControlEvent::Exec(Box::new(move |d| {
+        if job_state.compare_exchange(JOB_PENDING, JOB_RUNNING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            let _ = tx.send(f(d));
+        }
+    }));
+    let deadline = Instant::now() + timeout;
+    match control.send_deadline(job, deadline) {
+        Ok(()) => {}
+        Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => return Err(GatewayError::ControlTimeout(timeout)),
+        Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return Err(GatewayError::Stopping),
+    }
+    match rx.recv_deadline(deadline) {
+        Ok(r) => Ok(r),
+        Err(_) => {
+            if state.compare_exchange(JOB_PENDING, JOB_CANCELLED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return Err(GatewayError::ControlTimeout(timeout));
+            }
+            // Already running: it finishes quickly (or the gateway is stopping).
+            rx.recv_timeout(timeout).map_err(|_| GatewayError::Stopping)
+        }
     }
 }
 
@@ -458,5 +536,55 @@ fn run_control(
         while let Some(t) = device.poll_transmit(now, wall, &mut out) {
             send(&out[..t.len], t.to);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::noise::PrivateKey;
+
+    #[test]
+    fn tunnel_mtu_must_fit_a_frame() {
+        assert!(check_tunnel_mtu(1420, 2048).is_ok());
+        assert_eq!(max_tunnel_mtu(2048), 1696, "2048 - 256 headroom - 94 bytes of headers, in 16s");
+        assert!(check_tunnel_mtu(1697, 2048).is_err());
+        assert!(check_tunnel_mtu(0, 2048).is_err());
+        assert!(check_tunnel_mtu(3000, 4096).is_ok());
+        let msg = check_tunnel_mtu(9000, 4096).unwrap_err().to_string();
+        assert!(msg.contains("at most 3744"), "{msg}");
+    }
+
+    /// A control request that timed out must never run later (it used to,
+    /// installing an orphan peer after the API had answered with an error).
+    #[test]
+    fn a_timed_out_control_request_never_runs() {
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        let r = run_on_control(&tx, Duration::from_millis(50), move |_| flag.store(true, Ordering::SeqCst));
+        assert!(matches!(r, Err(GatewayError::ControlTimeout(_))), "{r:?}");
+        // The control thread gets to it afterwards: it is skipped.
+        let mut device = Device::new(PrivateKey::generate(), AeadBackend::Ring, 4, Instant::now());
+        match rx.try_recv() {
+            Ok(ControlEvent::Exec(f)) => f(&mut device),
+            other => panic!("{other:?}"),
+        }
+        assert!(!ran.load(Ordering::SeqCst));
+        // A full queue is a timeout too, never a wait without end.
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let _ = run_on_control(&tx, Duration::from_millis(10), |_| ());
+        let r = run_on_control(&tx, Duration::from_millis(10), |_| ());
+        assert!(matches!(r, Err(GatewayError::ControlTimeout(_))));
+        // Served in time: the result comes back.
+        let (tx, rx) = crossbeam_channel::bounded::<ControlEvent>(1);
+        let server = std::thread::spawn(move || {
+            let mut device = Device::new(PrivateKey::generate(), AeadBackend::Ring, 4, Instant::now());
+            if let Ok(ControlEvent::Exec(f)) = rx.recv() {
+                f(&mut device);
+            }
+        });
+        assert_eq!(run_on_control(&tx, Duration::from_secs(5), |_| 7).unwrap(), 7);
+        server.join().unwrap();
     }
 }

@@ -46,8 +46,9 @@ pub struct DumpPart {
 
 /// Parses one received buffer of an `RTM_GETNEIGH` dump, keeping entries of
 /// `ifindex` that have a link-layer address and are not failed/incomplete.
-/// Malformed input ends the parse; it never panics.
-pub fn parse_neighbor_dump(buf: &[u8], ifindex: u32) -> DumpPart {
+/// Messages of another request (sequence number other than `seq`) are
+/// skipped. Malformed input ends the parse; it never panics.
+pub fn parse_neighbor_dump(buf: &[u8], ifindex: u32, seq: u32) -> DumpPart {
     let mut part = DumpPart::default();
     let mut off = 0;
     while off + NLMSG_HDR_LEN <= buf.len() {
@@ -57,6 +58,10 @@ pub fn parse_neighbor_dump(buf: &[u8], ifindex: u32) -> DumpPart {
             break;
         }
         let msg = &buf[off + NLMSG_HDR_LEN..off + len];
+        if u32_at(buf, off + 8) != Some(seq) {
+            off += align4(len);
+            continue;
+        }
         match kind {
             NLMSG_DONE => {
                 part.done = true;
@@ -126,7 +131,21 @@ pub fn read_neighbors(iface: &str) -> io::Result<HashMap<IpAddr, MacAddr>> {
     req[0..4].copy_from_slice(&((NLMSG_HDR_LEN + NDMSG_LEN) as u32).to_ne_bytes());
     req[4..6].copy_from_slice(&RTM_GETNEIGH.to_ne_bytes());
     req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes()); // sequence number
+    static NEXT_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let seq = NEXT_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    req[8..12].copy_from_slice(&seq.to_ne_bytes());
+    // Never wait on the kernel for long: the resolver thread must keep going.
+    let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
+    // SAFETY: `timeout` is a valid timeval for the length passed.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
     req[NLMSG_HDR_LEN] = libc::AF_UNSPEC as u8;
     // SAFETY: sockaddr_nl is plain data (all-zero = the kernel); `req` is a
     // valid buffer of the given length for the whole call.
@@ -148,12 +167,29 @@ pub fn read_neighbors(iface: &str) -> io::Result<HashMap<IpAddr, MacAddr>> {
     let mut neighbors = HashMap::new();
     let mut buf = vec![0u8; 32 * 1024];
     loop {
-        // SAFETY: `buf` is writable for its whole length during the call.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        // SAFETY: all-zero is a valid sockaddr_nl; `buf` and `from` are writable
+        // for the lengths passed during the call.
+        let (n, from) = unsafe {
+            let mut from: libc::sockaddr_nl = std::mem::zeroed();
+            let mut from_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+            let n = libc::recvfrom(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_nl).cast(),
+                &mut from_len,
+            );
+            (n, from)
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let part = parse_neighbor_dump(&buf[..n as usize], ifindex);
+        if from.nl_pid != 0 {
+            // Only the kernel answers a dump; anything else is not ours to believe.
+            continue;
+        }
+        let part = parse_neighbor_dump(&buf[..n as usize], ifindex, seq);
         neighbors.extend(part.neighbors);
         if let Some(errno) = part.error.filter(|&e| e != 0) {
             return Err(io::Error::from_raw_os_error(-errno));
@@ -189,6 +225,7 @@ mod tests {
         let mut msg = vec![0u8; NLMSG_HDR_LEN];
         msg[0..4].copy_from_slice(&((NLMSG_HDR_LEN + body.len()) as u32).to_ne_bytes());
         msg[4..6].copy_from_slice(&RTM_NEWNEIGH.to_ne_bytes());
+        msg[8..12].copy_from_slice(&SEQ.to_ne_bytes());
         msg.extend_from_slice(&body);
         msg
     }
@@ -197,8 +234,11 @@ mod tests {
         let mut m = vec![0u8; NLMSG_HDR_LEN + 4];
         m[0..4].copy_from_slice(&((NLMSG_HDR_LEN + 4) as u32).to_ne_bytes());
         m[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        m[8..12].copy_from_slice(&SEQ.to_ne_bytes());
         m
     }
+
+    const SEQ: u32 = 41;
 
     #[test]
     fn parses_a_dump_and_keeps_usable_entries_of_the_interface() {
@@ -211,26 +251,35 @@ mod tests {
         buf.extend(neigh(7, NUD_INCOMPLETE, &[10, 211, 0, 8], None));
         buf.extend(neigh(8, 0x02, &[10, 99, 0, 1], Some([3; 6]))); // another interface
         buf.extend(neigh(7, 0x02, &[10, 211, 0, 3], None)); // no lladdr
-        let part = parse_neighbor_dump(&buf, 7);
+        let part = parse_neighbor_dump(&buf, 7, SEQ);
         assert!(!part.done);
         assert_eq!(part.neighbors.len(), 2);
         assert_eq!(part.neighbors[&IpAddr::from([10, 211, 0, 2])], MacAddr(mac));
         assert_eq!(part.neighbors[&IpAddr::from(v6)], MacAddr([1; 6]));
-        assert!(parse_neighbor_dump(&done(), 7).done);
+        assert!(parse_neighbor_dump(&done(), 7, SEQ).done);
     }
 
     #[test]
     fn malformed_input_never_panics() {
         let good = neigh(7, 0x02, &[10, 0, 0, 1], Some([9; 6]));
         for len in 0..good.len() {
-            let _ = parse_neighbor_dump(&good[..len], 7);
+            let _ = parse_neighbor_dump(&good[..len], 7, SEQ);
         }
         let mut bad_len = good.clone();
         bad_len[0..4].copy_from_slice(&1000u32.to_ne_bytes());
-        assert!(parse_neighbor_dump(&bad_len, 7).neighbors.is_empty());
+        assert!(parse_neighbor_dump(&bad_len, 7, SEQ).neighbors.is_empty());
         let mut bad_attr = good.clone();
         bad_attr[NLMSG_HDR_LEN + NDMSG_LEN] = 200; // attribute longer than the message
-        assert!(parse_neighbor_dump(&bad_attr, 7).neighbors.is_empty());
+        assert!(parse_neighbor_dump(&bad_attr, 7, SEQ).neighbors.is_empty());
+    }
+
+    #[test]
+    fn answers_to_another_request_are_ignored() {
+        let mut stale = neigh(7, 0x02, &[10, 0, 0, 1], Some([9; 6]));
+        stale.extend(done());
+        let part = parse_neighbor_dump(&stale, 7, SEQ + 1);
+        assert!(part.neighbors.is_empty() && !part.done, "another sequence number: not ours");
+        assert_eq!(parse_neighbor_dump(&stale, 7, SEQ).neighbors.len(), 1);
     }
 
     #[test]
