@@ -32,7 +32,7 @@ enum Command {
     /// Manage VPN gateways through the API (`wgxdp vpn --help`).
     Vpn {
         #[command(flatten)]
-        client: wgxdp_control::cli::ApiClientArgs,
+        client: Box<wgxdp_control::cli::ApiClientArgs>,
         #[command(subcommand)]
         command: wgxdp_control::cli::VpnCommand,
     },

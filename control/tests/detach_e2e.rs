@@ -15,7 +15,7 @@ use wgxdp_integration::site::{
     create_api_key, ping_from, write_private_key, ApiClient, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL,
     CLIENT_WAN, LAN_HOST,
 };
-use wgxdp_integration::{require_tools, xdp_object, Netns, WireguardGo};
+use wgxdp_integration::{require_tools, xdp_object, WireguardGo};
 
 const API: &str = "127.0.0.1:8080";
 
@@ -65,8 +65,9 @@ impl Site {
     /// Attaches an XDP program to `iface` the old way (netlink, no link), as a
     /// dead process would have left it; returns its id.
     fn leave_stale_program(&self, iface: &str) -> u32 {
-        let iface = iface.to_owned();
+        let name = iface.to_owned();
         self.topo.gateway.enter(move || {
+            let iface = name;
             let mut ebpf = aya::Ebpf::load(&xdp_object()).unwrap();
             let (_, prog) = ebpf.programs_mut().next().unwrap();
             let prog: &mut aya::programs::Xdp = prog.try_into().unwrap();
@@ -74,7 +75,7 @@ impl Site {
             attach_without_link(&iface, prog.fd().unwrap().as_fd(), XdpMode::Driver).unwrap();
             // `ebpf` is dropped here: the program stays, as after a crash.
         });
-        let found = self.programs(iface.as_str());
+        let found = self.programs(iface);
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].1, XdpMode::Driver);
         found[0].0
@@ -160,5 +161,4 @@ fn a_new_serve_takes_over_after_kill_9_and_detach_cleans_up() {
     assert!(!out.status.success());
     assert!(text(&out).contains("interface `nosuchif0` does not exist"), "{}", text(&out));
     drop(wg);
-    let _ = Netns::attach(&site.topo.gateway.name);
 }
