@@ -26,6 +26,9 @@
 //! # public_address = "203.0.113.150"   # default: the WAN interface's address
 //! # mutations_per_minute = 100         # per API key
 //! # reads_per_minute = 1200
+//! # auth_failures_per_minute = 30      # per source address (IPv6: /64), then 429
+//! # metrics_auth = false               # true: /metrics needs an API key
+//! # metrics_listen = "127.0.0.1:9100"  # serve /metrics here (and not on `listen`)
 //! ```
 //!
 //! Peers from `[[peer]]` are fixed for the process's life; gateways created
@@ -62,6 +65,15 @@ pub struct ApiSection {
     pub mutations_per_minute: u32,
     #[serde(default = "default_reads")]
     pub reads_per_minute: u32,
+    #[serde(default = "default_auth_failures")]
+    pub auth_failures_per_minute: u32,
+    #[serde(default)]
+    pub metrics_auth: bool,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+fn default_auth_failures() -> u32 {
+    crate::api::auth::DEFAULT_AUTH_FAILURES_PER_MINUTE
 }
 
 fn default_api_listen() -> SocketAddr {
@@ -163,7 +175,13 @@ pub struct ApiConfig {
     pub public_address: Option<IpAddr>,
     pub mutations_per_minute: u32,
     pub reads_per_minute: u32,
+    pub auth_failures_per_minute: u32,
+    pub metrics_auth: bool,
+    pub metrics_listen: Option<SocketAddr>,
 }
+
+/// How `Config::parse_with` obtains the contents of a key file.
+pub type SecretReader<'a> = &'a dyn Fn(&Path, &'static str) -> Result<zeroize::Zeroizing<String>, ConfigError>;
 
 /// Reads a key file that must not be readable by anyone but its owner.
 fn read_secret(path: &Path, what: &'static str) -> Result<zeroize::Zeroizing<String>, ConfigError> {
@@ -179,6 +197,24 @@ fn read_secret(path: &Path, what: &'static str) -> Result<zeroize::Zeroizing<Str
     Ok(zeroize::Zeroizing::new(text))
 }
 
+/// The (WAN, LAN) interface names of the configuration file at `path`,
+/// without reading or validating anything else (for `wgxdp detach`).
+pub fn interfaces(path: &Path) -> Result<(String, String), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    #[derive(Deserialize)]
+    struct Only {
+        interface: Ifaces,
+    }
+    #[derive(Deserialize)]
+    struct Ifaces {
+        wan: String,
+        lan: String,
+    }
+    let only: Only =
+        toml::from_str(&text).map_err(|e| ConfigError::Syntax { path: path.into(), message: e.to_string() })?;
+    Ok((only.interface.wan, only.interface.lan))
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
@@ -187,6 +223,13 @@ impl Config {
 
     /// Parses and validates `text` (key files are read relative to the process).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::parse_with(text, path, &read_secret)
+    }
+
+    /// Parses and validates `text`, reading key files through `secrets`: the
+    /// whole validation without the file system (for fuzzing). Never panics.
+    pub fn parse_with(text: &str, path: &Path, secrets: SecretReader<'_>) -> Result<Self, ConfigError> {
+        let read_secret = secrets;
         let file: ConfigFile =
             toml::from_str(text).map_err(|e| ConfigError::Syntax { path: path.into(), message: e.to_string() })?;
         let i = file.interface;
@@ -257,8 +300,14 @@ impl Config {
                 if let Some(c) = &a.site_cidr {
                     c.parse::<IpPrefix>().map_err(|e| ConfigError::Api(format!("site_cidr `{c}`: {e}")))?;
                 }
-                if a.mutations_per_minute == 0 || a.reads_per_minute == 0 {
+                if a.mutations_per_minute == 0 || a.reads_per_minute == 0 || a.auth_failures_per_minute == 0 {
                     return Err(ConfigError::Api("rate limits must be at least 1 per minute".into()));
+                }
+                if a.metrics_listen == Some(a.listen) {
+                    return Err(ConfigError::Api(format!(
+                        "metrics_listen {} is the API's own address; leave it out to serve /metrics there",
+                        a.listen
+                    )));
                 }
                 Some(ApiConfig {
                     listen: a.listen,
@@ -267,6 +316,9 @@ impl Config {
                     public_address: a.public_address,
                     mutations_per_minute: a.mutations_per_minute,
                     reads_per_minute: a.reads_per_minute,
+                    auth_failures_per_minute: a.auth_failures_per_minute,
+                    metrics_auth: a.metrics_auth,
+                    metrics_listen: a.metrics_listen,
                 })
             }
         };
@@ -345,16 +397,34 @@ mod tests {
         assert_eq!(api.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!((api.mutations_per_minute, api.reads_per_minute, api.site_cidr), (100, 1200, None));
         assert!(Config::parse(&config(&k.0, ""), Path::new("t.toml")).unwrap().api.is_none());
+        assert_eq!((api.auth_failures_per_minute, api.metrics_auth, api.metrics_listen), (30, false, None));
+        let metrics = "[api]\ndatabase = \"/d\"\nmetrics_auth = true\nmetrics_listen = \"127.0.0.1:9100\"\n";
+        let api = Config::parse(&config(&k.0, metrics), Path::new("t.toml")).unwrap().api.unwrap();
+        assert_eq!((api.metrics_auth, api.metrics_listen), (true, Some("127.0.0.1:9100".parse().unwrap())));
         let bad = [
             ("[api]\n", "database"),
             ("[api]\ndatabase = \"/d\"\nsite_cidr = \"10.0.0.1/8\"\n", "site_cidr"),
             ("[api]\ndatabase = \"/d\"\nmutations_per_minute = 0\n", "at least 1"),
             ("[api]\ndatabase = \"/d\"\nlisten = \"nowhere\"\n", "listen"),
             ("[api]\ndatabase = \"/d\"\ncolour = 1\n", "colour"),
+            ("[api]\ndatabase = \"/d\"\nauth_failures_per_minute = 0\n", "at least 1"),
+            ("[api]\ndatabase = \"/d\"\nmetrics_listen = \"127.0.0.1:8080\"\n", "metrics_listen"),
         ];
         for (section, needle) in bad {
             let err = Config::parse(&config(&k.0, section), Path::new("t.toml")).unwrap_err().to_string();
             assert!(err.contains(needle), "{section}: {err}");
+        }
+    }
+
+    #[test]
+    fn parse_with_needs_no_files_and_never_panics() {
+        let key = PrivateKey::generate().to_base64_secret().to_string();
+        let secrets = move |_: &Path, _: &'static str| Ok(zeroize::Zeroizing::new(key.clone()));
+        let text = "[interface]\nwan = \"a\"\nlan = \"b\"\nprivate_key_file = \"/nowhere\"\n";
+        assert!(Config::parse_with(text, Path::new("t.toml"), &secrets).is_ok());
+        let deep = "[".repeat(1000);
+        for garbage in ["", "[interface]", "\u{0}", "[[peer]]\npublic_key = 1", deep.as_str()] {
+            assert!(Config::parse_with(garbage, Path::new("t.toml"), &secrets).is_err());
         }
     }
 

@@ -22,10 +22,17 @@ enum Command {
         #[arg(long, value_name = "SECONDS")]
         stats_every: Option<u64>,
     },
+    /// Remove XDP programs left on the configuration's WAN and LAN interfaces
+    /// (after a crash; a running `serve` removes its own when it stops).
+    Detach {
+        /// The TOML configuration file (only its interfaces are read).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Manage VPN gateways through the API (`wgxdp vpn --help`).
     Vpn {
         #[command(flatten)]
-        client: wgxdp_control::cli::ApiClientArgs,
+        client: Box<wgxdp_control::cli::ApiClientArgs>,
         #[command(subcommand)]
         command: wgxdp_control::cli::VpnCommand,
     },
@@ -93,6 +100,7 @@ fn main() -> std::process::ExitCode {
             drop(stdout);
             wgxdp_control::serve::serve(&config, stats_every.map(Duration::from_secs))
         }
+        Command::Detach { config } => wgxdp_control::serve::detach(&config, &mut stdout),
         Command::Vpn { client, command } => wgxdp_control::cli::run(command, &client, &mut stdout),
         Command::Apikey { config, command } => apikey(&config, command, &mut stdout),
         Command::Genkey => wgxdp_control::keys::genkey(&mut stdout),

@@ -204,6 +204,8 @@ pub struct MemoryPlane {
     pub statuses: Mutex<HashMap<String, TunnelStatus>>,
     /// When set, `apply` fails with this message (to test error paths).
     pub fail_with: Mutex<Option<String>>,
+    /// When set, `remove` fails with this message.
+    pub fail_remove_with: Mutex<Option<String>>,
 }
 
 impl MemoryPlane {
@@ -213,6 +215,7 @@ impl MemoryPlane {
             tunnels: Mutex::new(HashMap::new()),
             statuses: Mutex::new(HashMap::new()),
             fail_with: Mutex::new(None),
+            fail_remove_with: Mutex::new(None),
         }
     }
 
@@ -243,6 +246,9 @@ impl DataPlane for MemoryPlane {
     }
 
     fn remove(&self, id: &str) -> Result<(), PlaneError> {
+        if let Some(msg) = self.fail_remove_with.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(PlaneError(msg));
+        }
         self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         Ok(())
     }

@@ -2,16 +2,18 @@
 //! section, the HTTP API over its durable store) and runs until SIGINT or
 //! SIGTERM, then stops the API, the workers, and detaches XDP.
 
-use crate::api::{self, ApiSettings, AppState};
+use crate::api::{self, ApiSettings, AppState, StaticPeer};
 use crate::config::{ApiConfig, Config};
 use crate::plane::{DataPlane, GatewayPlane};
 use crate::store::Store;
 use anyhow::Context;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use wgxdp_dataplane::gateway::{interface_addrs, Gateway, GatewayConfig};
+use wgxdp_dataplane::loader::{self, DetachError};
 use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::xsk::XskConfig;
 
@@ -22,15 +24,22 @@ static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 struct ApiStart {
     store: Arc<Store>,
     listener: std::net::TcpListener,
+    metrics_listener: Option<std::net::TcpListener>,
     config: ApiConfig,
+    static_peers: Vec<StaticPeer>,
 }
 
-fn prepare_api(config: ApiConfig) -> anyhow::Result<ApiStart> {
-    let store = Arc::new(Store::open(&config.database)?);
-    let listener = std::net::TcpListener::bind(config.listen)
-        .with_context(|| format!("cannot listen on {} for the API", config.listen))?;
+fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} for {what}"))?;
     listener.set_nonblocking(true)?;
-    Ok(ApiStart { store, listener, config })
+    Ok(listener)
+}
+
+fn prepare_api(config: ApiConfig, static_peers: Vec<StaticPeer>) -> anyhow::Result<ApiStart> {
+    let store = Arc::new(Store::open(&config.database)?);
+    let listener = bind(config.listen, "the API")?;
+    let metrics_listener = config.metrics_listen.map(|a| bind(a, "/metrics")).transpose()?;
+    Ok(ApiStart { store, listener, metrics_listener, config, static_peers })
 }
 
 pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Result<()> {
@@ -40,10 +49,17 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
         signal_hook::flag::register(sig, stop.clone())?;
     }
     // Everything an operator can get wrong is checked before XDP is attached.
-    let api = cfg.api.clone().map(prepare_api).transpose()?;
+    let static_peers: Vec<StaticPeer> = cfg
+        .peers
+        .iter()
+        .map(|p| StaticPeer { public_key: p.config.public_key, allowed_ips: p.allowed_ips.clone() })
+        .collect();
+    let api = cfg.api.clone().map(|a| prepare_api(a, static_peers)).transpose()?;
     let public_address =
         api.as_ref().and_then(|a| a.config.public_address).or_else(|| interface_addrs(&cfg.wan).0.map(Into::into));
     let listen_port = cfg.listen_port;
+    take_over(&cfg.wan)?;
+    take_over(&cfg.lan)?;
     let gateway = Gateway::start(GatewayConfig {
         wan_interface: cfg.wan,
         lan_interface: cfg.lan,
@@ -99,9 +115,30 @@ async fn run(
                 public_address: public_address.map_or_else(|| "0.0.0.0".into(), |a| a.to_string()),
                 mutations_per_minute: a.config.mutations_per_minute,
                 reads_per_minute: a.config.reads_per_minute,
+                auth_failures_per_minute: a.config.auth_failures_per_minute,
+                static_peers: a.static_peers,
+                metrics_auth: a.config.metrics_auth,
+                metrics_separate: a.metrics_listener.is_some(),
             };
-            let app = api::app(AppState::new(a.store, plane.clone(), settings));
+            let state = AppState::new(a.store, plane.clone(), settings);
+            let app = api::app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
             let listener = tokio::net::TcpListener::from_std(a.listener)?;
+            if let Some(ml) = a.metrics_listener {
+                let metrics = api::metrics_app(state).into_make_service_with_connect_info::<SocketAddr>();
+                let ml = tokio::net::TcpListener::from_std(ml)?;
+                println!("wgxdp: metrics listening on {}", ml.local_addr()?);
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let stopped = async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    };
+                    if let Err(e) = axum::serve(ml, metrics).with_graceful_shutdown(stopped).await {
+                        tracing::error!(error = %e, "the metrics listener failed");
+                    }
+                });
+            }
             tracing::info!(listen = %a.config.listen, restored, "API serving");
             println!("wgxdp: api listening on {}, {restored} tunnel(s) restored", a.config.listen);
             Some(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await }))
@@ -123,6 +160,54 @@ async fn run(
     tracing::info!("signal received; stopping");
     if let Some(server) = server {
         server.await?.context("the API server failed")?;
+    }
+    Ok(())
+}
+
+/// Removes XDP programs a dead process left on `iface` (attached through
+/// netlink: by `ip link`, libxdp or an older wgxdp) so ours replaces them.
+/// Programs of a live process (BPF links) are not touched: refuse to start.
+/// Programs a killed `serve` attached through its links are already gone.
+fn take_over(iface: &str) -> anyhow::Result<()> {
+    match loader::detach_programs(iface) {
+        Ok(removed) => {
+            for p in removed {
+                tracing::warn!(%iface, prog_id = p.prog_id, mode = p.mode.as_str(), "replaced a stale XDP program");
+                println!("wgxdp: replaced stale XDP program {} ({} mode) on {iface}", p.prog_id, p.mode.as_str());
+            }
+            Ok(())
+        }
+        Err(e @ DetachError::HeldByLink { .. }) => Err(anyhow::anyhow!("cannot take over `{iface}`: {e}")),
+        // Reported with its fix by Gateway::start.
+        Err(DetachError::NoSuchInterface(_)) => Ok(()),
+        Err(e) => {
+            tracing::warn!(%iface, error = %e, "cannot check the interface for stale XDP programs");
+            Ok(())
+        }
+    }
+}
+
+/// `wgxdp detach --config FILE`: removes the XDP programs from the WAN and LAN
+/// interfaces the configuration names, saying what it removed.
+pub fn detach(config: &Path, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let (wan, lan) = crate::config::interfaces(config)?;
+    let mut failed = Vec::new();
+    for (side, iface) in [("WAN", &wan), ("LAN", &lan)] {
+        match loader::detach_programs(iface) {
+            Ok(removed) if removed.is_empty() => writeln!(out, "{side} {iface}: no XDP program attached")?,
+            Ok(removed) => {
+                for p in removed {
+                    writeln!(out, "{side} {iface}: removed XDP program {} ({} mode)", p.prog_id, p.mode.as_str())?;
+                }
+            }
+            Err(e) => {
+                writeln!(out, "{side} {iface}: {e}")?;
+                failed.push(format!("{side} {iface}: {e}"));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("{}", failed.join("; "));
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use blake2::{Blake2s256, Digest};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,6 +21,8 @@ pub enum StoreError {
     DuplicateKey,
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("database error: write failed (injected fault)")]
+    InjectedFault,
 }
 
 /// Where a gateway is in its lifecycle.
@@ -46,6 +49,10 @@ impl Status {
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 
     /// Creating and deleting are transient: changes wait until they end.
@@ -144,6 +151,21 @@ pub struct ApiKeyInfo {
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    /// How many times the connection was used (reads and writes): lets tests
+    /// prove that a path (e.g. `/metrics`) never touches the database.
+    queries: AtomicU64,
+    /// Gateways per status (`Status as usize`), kept exact under the
+    /// connection lock by every write, so counting them costs no query.
+    counts: [AtomicU64; 4],
+    faults: Mutex<WriteFaults>,
+}
+
+/// Injected write failures (tests of the error paths): after `skip` more
+/// successful writes, the next `fail` writes fail.
+#[derive(Debug, Default)]
+struct WriteFaults {
+    skip: u32,
+    fail: u32,
 }
 
 const SCHEMA: &str = "
@@ -242,11 +264,68 @@ impl Store {
                     .map_err(|e| err(e.to_string()))?;
             }
         }
-        Ok(Self { conn: Mutex::new(conn) })
+        let counts: [AtomicU64; 4] = Default::default();
+        {
+            let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM gateways GROUP BY status")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (status, n) = row?;
+                let status = Status::parse(&status).unwrap_or(Status::Deleted);
+                counts[status.index()].fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
+            }
+        }
+        Ok(Self { conn: Mutex::new(conn), queries: AtomicU64::new(0), counts, faults: Mutex::default() })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.queries.fetch_add(1, Ordering::Relaxed);
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many times the database has been used since it was opened.
+    pub fn queries(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
+    }
+
+    /// Gateways per status, from memory (no query).
+    pub fn status_counts(&self) -> [(Status, u64); 4] {
+        Status::ALL.map(|s| (s, self.counts[s.index()].load(Ordering::Relaxed)))
+    }
+
+    /// Test hook: let `skip` more gateway writes succeed, then fail the next
+    /// `fail` ones (`u32::MAX`: all) as a full or read-only disk would.
+    pub fn inject_write_failures(&self, skip: u32, fail: u32) {
+        *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = WriteFaults { skip, fail };
+    }
+
+    fn check_write(&self) -> Result<(), StoreError> {
+        let mut f = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        if f.skip > 0 {
+            f.skip -= 1;
+            return Ok(());
+        }
+        if f.fail > 0 {
+            if f.fail != u32::MAX {
+                f.fail -= 1;
+            }
+            return Err(StoreError::InjectedFault);
+        }
+        Ok(())
+    }
+
+    fn count_change(&self, from: Option<Status>, to: Option<Status>) {
+        if let Some(s) = from {
+            self.counts[s.index()].fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(s) = to {
+            self.counts[s.index()].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn status_of(conn: &Connection, id: &str) -> Result<Option<Status>, StoreError> {
+        let s: Option<String> =
+            conn.query_row("SELECT status FROM gateways WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        Ok(s.map(|s| Status::parse(&s).unwrap_or(Status::Deleted)))
     }
 
     /// True if the database answers.
@@ -256,6 +335,7 @@ impl Store {
 
     /// Inserts a new gateway and returns it with its sequence number.
     pub fn insert(&self, mut g: GatewayRecord) -> Result<GatewayRecord, StoreError> {
+        self.check_write()?;
         let conn = self.conn();
         let r = conn.execute(
             "INSERT INTO gateways (id, name, status, region, local_network_cidr, remote_network_cidr, remote_peer_ip,
@@ -280,6 +360,7 @@ impl Store {
         match r {
             Ok(_) => {
                 g.seq = conn.last_insert_rowid();
+                self.count_change(None, Some(g.status));
                 Ok(g)
             }
             Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -295,22 +376,36 @@ impl Store {
     }
 
     pub fn set_status(&self, id: &str, status: Status) -> Result<(), StoreError> {
-        self.conn().execute(
+        self.check_write()?;
+        let conn = self.conn();
+        let old = Self::status_of(&conn, id)?;
+        let n = conn.execute(
             "UPDATE gateways SET status = ?2, updated_at = ?3 WHERE id = ?1",
             params![id, status.as_str(), now_millis()],
         )?;
+        if n > 0 {
+            self.count_change(old, Some(status));
+        }
         Ok(())
     }
 
     /// Removes a record that was never acknowledged (a create that failed).
     pub fn purge(&self, id: &str) -> Result<(), StoreError> {
-        self.conn().execute("DELETE FROM gateways WHERE id = ?1", [id])?;
+        self.check_write()?;
+        let conn = self.conn();
+        let old = Self::status_of(&conn, id)?;
+        if conn.execute("DELETE FROM gateways WHERE id = ?1", [id])? > 0 {
+            self.count_change(old, None);
+        }
         Ok(())
     }
 
     /// Writes every mutable field of `g` (and its `updated_at`).
     pub fn save(&self, g: &GatewayRecord) -> Result<(), StoreError> {
-        self.conn().execute(
+        self.check_write()?;
+        let conn = self.conn();
+        let old = Self::status_of(&conn, &g.id)?;
+        let n = conn.execute(
             "UPDATE gateways SET name = ?2, remote_network_cidr = ?3, remote_peer_ip = ?4, remote_peer_port = ?5,
                  pre_shared_key = ?6, persistent_keepalive = ?7, status = ?8, updated_at = ?9 WHERE id = ?1",
             params![
@@ -325,6 +420,9 @@ impl Store {
                 g.updated_at
             ],
         )?;
+        if n > 0 {
+            self.count_change(old, Some(g.status));
+        }
         Ok(())
     }
 
@@ -491,6 +589,37 @@ mod tests {
             assert_eq!(seen, expected);
             assert_eq!(seen.len(), 7);
         }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn status_counts_follow_every_write_and_survive_a_reopen() {
+        let (path, store) = temp_db();
+        let a = store.insert(sample("a", "K1")).unwrap();
+        let mut b = store.insert(sample("b", "K2")).unwrap();
+        store.set_status(&a.id, Status::Deleting).unwrap();
+        b.status = Status::Creating;
+        store.save(&b).unwrap();
+        let c = store.insert(sample("c", "K3")).unwrap();
+        store.purge(&c.id).unwrap();
+        store.set_status("vpn_missing", Status::Active).unwrap();
+        let expected = [(Status::Creating, 1), (Status::Active, 0), (Status::Deleting, 1), (Status::Deleted, 0)];
+        let before = store.queries();
+        assert_eq!(store.status_counts(), expected);
+        assert_eq!(store.queries(), before, "counting is free");
+        drop(store);
+        assert_eq!(Store::open(&path).unwrap().status_counts(), expected);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn injected_write_failures() {
+        let (path, store) = temp_db();
+        store.inject_write_failures(1, 2);
+        let a = store.insert(sample("a", "K1")).unwrap();
+        assert!(matches!(store.set_status(&a.id, Status::Deleted), Err(StoreError::InjectedFault)));
+        assert!(store.purge(&a.id).is_err());
+        store.set_status(&a.id, Status::Deleted).unwrap();
         let _ = std::fs::remove_file(&path);
     }
 

@@ -4,21 +4,24 @@
 //! covered by `api_e2e.rs`.
 
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tower::ServiceExt;
-use wgxdp_control::api::{app, ApiSettings, AppState};
+use wgxdp_control::api::{app, ApiSettings, AppState, StaticPeer};
 use wgxdp_control::plane::{MemoryPlane, TunnelStatus};
 use wgxdp_control::store::{random_id, Status, Store};
 use wgxdp_dataplane::noise::{PresharedKey, PrivateKey};
 
 struct Api {
     router: Router,
+    state: Arc<AppState>,
     key: String,
     plane: Arc<MemoryPlane>,
     store: Arc<Store>,
@@ -42,18 +45,17 @@ struct Reply {
 
 impl Api {
     fn new(mutations_per_minute: u32) -> Self {
+        Self::with(ApiSettings { mutations_per_minute, reads_per_minute: 100_000, ..settings() })
+    }
+
+    fn with(settings: ApiSettings) -> Self {
         let db = std::env::temp_dir().join(format!("{}.db", random_id("wgxdp-api-")));
         let store = Arc::new(Store::open(&db).unwrap());
         let (_, key) = store.create_api_key("test").unwrap();
         let plane = Arc::new(MemoryPlane::new(PrivateKey::generate().public_key()));
-        let settings = ApiSettings {
-            site_cidr: Some("10.50.0.0/24".into()),
-            public_address: "198.51.100.1".into(),
-            mutations_per_minute,
-            reads_per_minute: 100_000,
-        };
-        let router = app(AppState::new(store.clone(), plane.clone(), settings));
-        Self { router, key: key.expose().to_owned(), plane, store, db }
+        let state = AppState::new(store.clone(), plane.clone(), settings);
+        let router = app(state.clone());
+        Self { router, state, key: key.expose().to_owned(), plane, store, db }
     }
 
     async fn raw(&self, req: Request<Body>) -> Reply {
@@ -84,6 +86,16 @@ impl Api {
 
     async fn create(&self, body: Value) -> Reply {
         self.call(Method::POST, "/api/v1/vpn-gateways", Some(body)).await
+    }
+}
+
+fn settings() -> ApiSettings {
+    ApiSettings {
+        site_cidr: Some("10.50.0.0/24".into()),
+        public_address: "198.51.100.1".into(),
+        mutations_per_minute: 1000,
+        reads_per_minute: 100_000,
+        ..ApiSettings::default()
     }
 }
 
@@ -526,17 +538,167 @@ async fn health_ready_metrics() {
     assert_eq!((r.status, r.body["status"].as_str()), (StatusCode::OK, Some("ok")));
     let r = api.call_as(None, Method::GET, "/ready", None).await;
     assert_eq!((r.status, r.body["status"].as_str()), (StatusCode::OK, Some("ok")));
-    let id = api.create(new_gateway("metered", "10.70.0.0/16")).await.body["data"]["id"].as_str().unwrap().to_owned();
-    api.plane.statuses.lock().unwrap().insert(
-        id.clone(),
-        TunnelStatus { bytes_sent: 4242, handshakes: 3, last_handshake: Some(SystemTime::now()), ..Default::default() },
-    );
+    let mut ids = Vec::new();
+    for i in 0..40u32 {
+        let r = api.create(new_gateway(&format!("metered-{i}"), &format!("10.70.{i}.0/24"))).await;
+        ids.push(r.body["data"]["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids[..3] {
+        assert_eq!(api.call(Method::DELETE, &format!("/api/v1/vpn-gateways/{id}"), None).await.status, StatusCode::OK);
+    }
+    // A scrape is served from counters: the database is not touched at all.
+    let before = api.store.queries();
     let r = api.call_as(None, Method::GET, "/metrics", None).await;
+    assert_eq!(api.store.queries(), before, "a scrape must not query the store");
     assert_eq!(r.status, StatusCode::OK);
-    assert!(r.text.contains("# TYPE wgxdp_gateway_bytes_sent_total counter"), "{}", r.text);
-    assert!(r.text.contains(&format!("wgxdp_gateway_bytes_sent_total{{gateway=\"{id}\",name=\"metered\"}} 4242")));
-    assert!(r.text.contains(&format!("wgxdp_gateway_handshakes_total{{gateway=\"{id}\",name=\"metered\"}} 3")));
-    assert!(r.text.contains(&format!("wgxdp_gateway_up{{gateway=\"{id}\",name=\"metered\"}} 1")));
+    assert!(r.text.contains("# TYPE wgxdp_gateways gauge"), "{}", r.text);
+    assert!(r.text.contains("wgxdp_gateways{status=\"active\"} 37"), "{}", r.text);
+    assert!(r.text.contains("wgxdp_gateways{status=\"deleted\"} 3"), "{}", r.text);
+    assert!(r.text.contains("wgxdp_gateways{status=\"creating\"} 0"), "{}", r.text);
+}
+
+#[tokio::test]
+async fn metrics_behind_the_api_key_or_on_their_own_listener() {
+    let api = Api::with(ApiSettings { metrics_auth: true, ..settings() });
+    let r = api.call_as(None, Method::GET, "/metrics", None).await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, "unauthorized");
+    let r = api.call_as(Some("wgxdp_wrong"), Method::GET, "/metrics", None).await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, "unauthorized");
+    let r = api.call(Method::GET, "/metrics", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.text.contains("wgxdp_gateways{status=\"active\"} 0"), "{}", r.text);
+    // On its own listener: not on the API's router, on `metrics_app`.
+    let api = Api::with(ApiSettings { metrics_separate: true, ..settings() });
+    assert_error(&api.call(Method::GET, "/metrics", None).await, StatusCode::NOT_FOUND, "not_found");
+    let metrics = wgxdp_control::api::metrics_app(api.state.clone());
+    let resp = metrics.oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = wgxdp_control::api::metrics_app(api.state.clone())
+        .oneshot(Request::get("/api/v1/vpn-gateways").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND, "only /metrics there");
+}
+
+fn from(addr: &str, key: Option<&str>) -> Request<Body> {
+    let mut b = Request::builder().uri("/api/v1/vpn-gateways");
+    if let Some(k) = key {
+        b = b.header(header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    let mut req = b.body(Body::empty()).unwrap();
+    req.extensions_mut().insert(ConnectInfo(addr.parse::<SocketAddr>().unwrap()));
+    req
+}
+
+#[tokio::test]
+async fn failed_authentications_are_limited_per_source_before_the_store() {
+    let api = Api::with(ApiSettings { auth_failures_per_minute: 5, ..settings() });
+    for i in 0..5 {
+        let key = (i % 2 == 0).then_some("wgxdp_guess");
+        assert_error(&api.raw(from("192.0.2.7:4000", key)).await, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    let before = api.store.queries();
+    for key in [Some("wgxdp_guess"), None, Some(api.key.as_str())] {
+        let r = api.raw(from("192.0.2.7:4001", key)).await;
+        assert_error(&r, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+        let retry: u64 = r.headers[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "{retry}");
+    }
+    assert_eq!(api.store.queries(), before, "a limited request never reaches the store");
+    // Other sources are not affected.
+    assert_eq!(api.raw(from("192.0.2.8:4000", Some(&api.key))).await.status, StatusCode::OK);
+    assert_error(&api.raw(from("[2001:db8::1]:4000", None)).await, StatusCode::UNAUTHORIZED, "unauthorized");
+    // A flood from many addresses: bounded table, newcomers share one budget.
+    for i in 0..(wgxdp_control::api::auth::SOURCE_TABLE_CAPACITY as u32 + 50) {
+        let addr = SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 1000));
+        let _ = api.raw(from(&addr.to_string(), None)).await;
+    }
+    assert!(api.state.auth_failures.tracked() <= wgxdp_control::api::auth::SOURCE_TABLE_CAPACITY);
+    let before = api.store.queries();
+    let r = api.raw(from("203.0.113.99:1", Some("wgxdp_guess"))).await;
+    assert_error(&r, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert_eq!(api.store.queries(), before);
+}
+
+#[tokio::test]
+async fn config_file_peers_take_part_in_the_conflict_checks() {
+    let static_key = PrivateKey::generate().public_key();
+    let api = Api::with(ApiSettings {
+        static_peers: vec![StaticPeer { public_key: static_key, allowed_ips: vec!["10.20.0.0/16".parse().unwrap()] }],
+        ..settings()
+    });
+    for cidr in ["10.20.0.0/16", "10.20.5.0/24", "10.16.0.0/12"] {
+        let r = api.create(new_gateway("takeover", cidr)).await;
+        assert_error(&r, StatusCode::CONFLICT, "conflict");
+        assert!(r.text.contains("configuration file"), "{}", r.text);
+    }
+    let mut same_key = new_gateway("same-key", "10.21.0.0/16");
+    same_key["remote_public_key"] = json!(static_key.to_base64());
+    let r = api.create(same_key).await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    assert!(r.text.contains("configuration file"), "{}", r.text);
+    // PATCH cannot move onto a static peer's prefix either.
+    let id = api.create(new_gateway("neighbour", "10.22.0.0/16")).await.body["data"]["id"].as_str().unwrap().to_owned();
+    let r = api
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/vpn-gateways/{id}"),
+            Some(json!({"remote_network_cidr": "10.20.1.0/24"})),
+        )
+        .await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    assert_eq!(api.plane.tunnels.lock().unwrap().len(), 1, "only the non-overlapping gateway reached the data plane");
+}
+
+#[tokio::test]
+async fn store_failure_after_the_data_plane_changed_is_reconciled() {
+    let api = Api::new(1000);
+    // Retries ride out a short failure: the create succeeds.
+    api.store.inject_write_failures(1, 2);
+    let r = api.create(new_gateway("retried", "10.80.0.0/16")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let retried = r.body["data"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(api.store.get(&retried).unwrap().unwrap().status, Status::Active);
+
+    // The insert lands, then every write fails: the tunnel is rolled back.
+    api.store.inject_write_failures(1, u32::MAX);
+    let r = api.create(new_gateway("stuck", "10.81.0.0/16")).await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    let stuck = api.store.live().unwrap().into_iter().find(|g| g.name == "stuck").expect("the record stayed");
+    assert_eq!(stuck.status, Status::Creating);
+    assert!(api.plane.tunnel(&stuck.id).is_none(), "no live tunnel behind a record that says creating");
+    // A later start finishes the job.
+    api.store.inject_write_failures(0, 0);
+    wgxdp_control::api::replay(&api.store, &*api.plane).unwrap();
+    assert_eq!(api.store.get(&stuck.id).unwrap().unwrap().status, Status::Active);
+    assert!(api.plane.tunnel(&stuck.id).is_some());
+
+    // A delete whose data-plane removal fails leaves the gateway active, tunnel and all.
+    *api.plane.fail_remove_with.lock().unwrap() = Some("control thread busy".into());
+    let r = api.call(Method::DELETE, &format!("/api/v1/vpn-gateways/{retried}"), None).await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert_eq!(api.store.get(&retried).unwrap().unwrap().status, Status::Active);
+    assert!(api.plane.tunnel(&retried).is_some());
+    *api.plane.fail_remove_with.lock().unwrap() = None;
+
+    // A delete whose final write fails: no tunnel, `deleting`, finished by the next start.
+    api.store.inject_write_failures(1, u32::MAX);
+    let r = api.call(Method::DELETE, &format!("/api/v1/vpn-gateways/{retried}"), None).await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert_eq!(api.store.get(&retried).unwrap().unwrap().status, Status::Deleting);
+    assert!(api.plane.tunnel(&retried).is_none());
+    api.store.inject_write_failures(0, 0);
+    wgxdp_control::api::replay(&api.store, &*api.plane).unwrap();
+    assert_eq!(api.store.get(&retried).unwrap().unwrap().status, Status::Deleted);
+
+    // An update the data plane refuses, while the store write of the restore
+    // fails once: the retry restores the record to what the tunnel runs.
+    *api.plane.fail_with.lock().unwrap() = Some("refused".into());
+    api.store.inject_write_failures(1, 1);
+    let r =
+        api.call(Method::PATCH, &format!("/api/v1/vpn-gateways/{}", stuck.id), Some(json!({"name": "renamed"}))).await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert_eq!(api.store.get(&stuck.id).unwrap().unwrap().name, "stuck");
 }
 
 /// The routes the router serves (method, OpenAPI path).

@@ -5,11 +5,12 @@
 
 use super::error::ApiError;
 use super::AppState;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,21 +67,127 @@ impl RateLimiter {
     }
 }
 
+/// Default `[api] auth_failures_per_minute`.
+pub const DEFAULT_AUTH_FAILURES_PER_MINUTE: u32 = 30;
+/// Source addresses tracked at once; beyond it, new sources share one budget.
+pub const SOURCE_TABLE_CAPACITY: usize = 4096;
+
+/// Failed authentications per source address in fixed one-minute windows,
+/// consulted before the store. The table is bounded: when it is full of live
+/// windows, addresses not in it share one overflow window, so a flood from
+/// many addresses costs neither memory nor more than the budget in queries.
+#[derive(Debug)]
+pub struct SourceLimiter {
+    per_minute: u32,
+    capacity: usize,
+    table: Mutex<SourceTable>,
+}
+
+#[derive(Debug)]
+struct SourceTable {
+    windows: HashMap<IpAddr, (Instant, u32)>,
+    overflow: (Instant, u32),
+    last_sweep: Option<Instant>,
+}
+
+/// The unit a client is limited by: its IPv4 address, or its IPv6 /64.
+fn source_key(src: Option<IpAddr>) -> IpAddr {
+    match src {
+        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Some(IpAddr::V6(a)) => match a.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(a) & !((1u128 << 64) - 1))),
+        },
+        Some(v4) => v4,
+    }
+}
+
+fn fresh(window: &mut (Instant, u32), now: Instant) -> &mut (Instant, u32) {
+    if now.saturating_duration_since(window.0) >= WINDOW {
+        *window = (now, 0);
+    }
+    window
+}
+
+impl SourceLimiter {
+    pub fn new(per_minute: u32, capacity: usize) -> Self {
+        let now = Instant::now();
+        Self {
+            per_minute,
+            capacity: capacity.max(1),
+            table: Mutex::new(SourceTable { windows: HashMap::new(), overflow: (now, 0), last_sweep: None }),
+        }
+    }
+
+    /// `Err(seconds until the window resets)` if `src` has used its failures.
+    pub fn check(&self, src: Option<IpAddr>, now: Instant) -> Result<(), u64> {
+        let key = source_key(src);
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let full = t.windows.len() >= self.capacity;
+        let w = match t.windows.get_mut(&key) {
+            Some(w) => w,
+            None if full => &mut t.overflow,
+            None => return Ok(()),
+        };
+        let w = fresh(w, now);
+        if w.1 < self.per_minute {
+            return Ok(());
+        }
+        Err(WINDOW.saturating_sub(now.saturating_duration_since(w.0)).as_secs_f64().ceil().max(1.0) as u64)
+    }
+
+    /// Counts one failed authentication from `src`.
+    pub fn record_failure(&self, src: Option<IpAddr>, now: Instant) {
+        let key = source_key(src);
+        let mut guard = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let t = &mut *guard;
+        if !t.windows.contains_key(&key) && t.windows.len() >= self.capacity {
+            // Sweep expired windows at most once a second (a flood must not
+            // make every request walk the table).
+            if t.last_sweep.is_none_or(|s| now.saturating_duration_since(s) >= Duration::from_secs(1)) {
+                t.windows.retain(|_, (start, _)| now.saturating_duration_since(*start) < WINDOW);
+                t.last_sweep = Some(now);
+            }
+        }
+        let w = if t.windows.contains_key(&key) || t.windows.len() < self.capacity {
+            t.windows.entry(key).or_insert((now, 0))
+        } else {
+            &mut t.overflow
+        };
+        let w = fresh(w, now);
+        w.1 = w.1.saturating_add(1);
+    }
+
+    /// Source addresses tracked now.
+    pub fn tracked(&self) -> usize {
+        self.table.lock().unwrap_or_else(|p| p.into_inner()).windows.len()
+    }
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
-/// Middleware: authenticate, then rate-limit, then run the handler.
+/// Middleware: limit failed authentications per source (before the store is
+/// consulted), authenticate, then rate-limit per key, then run the handler.
 pub async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let src = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    if let Err(retry) = state.auth_failures.check(src, Instant::now()) {
+        return ApiError::rate_limited(retry).into_response();
+    }
     let Some(token) = bearer(req.headers()).map(str::to_owned) else {
+        state.auth_failures.record_failure(src, Instant::now());
         return ApiError::unauthorized("missing `Authorization: Bearer <api key>` header").into_response();
     };
     let store = state.store.clone();
     let key_id = match tokio::task::spawn_blocking(move || store.verify_api_key(&token)).await {
         Ok(Ok(Some(id))) => id,
-        Ok(Ok(None)) => return ApiError::unauthorized("invalid API key").into_response(),
+        Ok(Ok(None)) => {
+            state.auth_failures.record_failure(src, Instant::now());
+            return ApiError::unauthorized("invalid API key").into_response();
+        }
         Ok(Err(e)) => return ApiError::internal(e).into_response(),
         Err(e) => return ApiError::internal(e).into_response(),
     };
@@ -113,6 +220,38 @@ mod tests {
         assert!(l.check("b", RequestClass::Mutation, t).allowed, "another key has its own budget");
         assert!(l.check("a", RequestClass::Read, t).allowed, "reads have their own budget");
         assert!(l.check("a", RequestClass::Mutation, t + WINDOW).allowed, "a new window");
+    }
+
+    #[test]
+    fn failures_per_source_and_a_bounded_table() {
+        let l = SourceLimiter::new(3, 100);
+        let t = Instant::now();
+        let a = Some(IpAddr::from([192, 0, 2, 1]));
+        for _ in 0..3 {
+            assert!(l.check(a, t).is_ok());
+            l.record_failure(a, t);
+        }
+        assert_eq!(l.check(a, t + Duration::from_secs(20)), Err(40));
+        assert!(l.check(Some(IpAddr::from([192, 0, 2, 2])), t).is_ok(), "another source has its own budget");
+        assert!(l.check(a, t + WINDOW).is_ok(), "a new window");
+        // One IPv6 /64 is one source.
+        let v6 = |last: u16| Some(IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, last]));
+        for i in 0..3 {
+            l.record_failure(v6(i), t);
+        }
+        assert!(l.check(v6(999), t).is_err());
+        // A flood from 100 000 addresses: the table stays bounded and the
+        // newcomers share one budget instead of each getting a fresh one.
+        for i in 0..100_000u32 {
+            l.record_failure(Some(IpAddr::from((0x0a00_0000 + i).to_be_bytes())), t);
+        }
+        assert!(l.tracked() <= 100, "{} sources tracked", l.tracked());
+        assert!(l.check(Some(IpAddr::from([203, 0, 113, 9])), t).is_err(), "overflow budget used up");
+        // Once the windows expire, the table makes room again.
+        let later = t + WINDOW + Duration::from_secs(1);
+        l.record_failure(Some(IpAddr::from([203, 0, 113, 9])), later);
+        assert!(l.check(Some(IpAddr::from([203, 0, 113, 9])), later).is_ok());
+        assert!(l.tracked() <= 100);
     }
 
     #[test]

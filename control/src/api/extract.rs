@@ -3,35 +3,37 @@
 
 use super::error::ApiError;
 use axum::async_trait;
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use serde::de::DeserializeOwned;
 
 /// Maximum request body.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
+/// A JSON request body, not yet decoded: the handler passes it to the same
+/// public `model::parse_*` / `from_json` functions the fuzzers call.
 #[derive(Debug)]
-pub struct ApiJson<T>(pub T);
+pub struct JsonBody(pub Bytes);
+
+fn is_json(ctype: &str) -> bool {
+    let essence = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
 
 #[async_trait]
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Self(v)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::unsupported_media_type()),
-            Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::too_large(BODY_LIMIT))
-            }
-            Err(JsonRejection::JsonDataError(e)) => {
-                Err(ApiError::bad_request(format!("invalid body: {}", e.body_text())))
-            }
-            Err(JsonRejection::JsonSyntaxError(e)) => {
-                Err(ApiError::bad_request(format!("malformed JSON: {}", e.body_text())))
-            }
+        let json = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(is_json);
+        if !json {
+            return Err(ApiError::unsupported_media_type());
+        }
+        match Bytes::from_request(req, state).await {
+            Ok(b) => Ok(Self(b)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::too_large(BODY_LIMIT)),
             Err(e) => Err(ApiError::bad_request(e.body_text())),
         }
     }

@@ -3,14 +3,14 @@
 //! acknowledged only once the record is on disk and the peer is in the table.
 
 use super::error::ApiError;
-use super::extract::{ApiJson, ApiQuery};
+use super::extract::{ApiQuery, JsonBody};
 use super::model::{
-    find_overlap, remote_config, tunnel_of, validate_cidr, CreateGateway, GatewayEnvelope, GatewayListEnvelope,
-    GatewayView, ListMeta, ObjectMeta, StatusEnvelope, StatusView, UpdateGateway,
+    find_overlap, overlaps, parse_create, remote_config, tunnel_of, validate_cidr, GatewayEnvelope,
+    GatewayListEnvelope, GatewayView, ListMeta, ObjectMeta, StatusEnvelope, StatusView, UpdateGateway,
 };
 use super::AppState;
 use crate::plane::TunnelStatus;
-use crate::store::{now_millis, random_id, GatewayRecord, ListQuery, SortField, SortKey, Status, Store};
+use crate::store::{now_millis, random_id, GatewayRecord, ListQuery, SortField, SortKey, Status, Store, StoreError};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +18,8 @@ use axum::Json;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::time::Duration;
+use wgxdp_dataplane::table::IpPrefix;
 
 /// Runs blocking store/data-plane work off the async runtime.
 async fn blocking<T: Send + 'static>(
@@ -45,6 +47,71 @@ fn envelope(state: &AppState, g: &GatewayRecord, reveal_psk: bool) -> GatewayEnv
         data: GatewayView::new(g, live.as_ref(), &state.local_side(), reveal_psk),
         meta: ObjectMeta { persistence: "synced".into() },
     }
+}
+
+/// A store write that follows a data-plane change is retried a few times
+/// before the caller rolls the data plane back.
+fn write_retrying(id: &str, mut write: impl FnMut() -> Result<(), StoreError>) -> Result<(), StoreError> {
+    let mut delay = Duration::from_millis(20);
+    let mut attempt = 1;
+    loop {
+        match write() {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt >= 3 => return Err(e),
+            Err(e) => {
+                tracing::warn!(%id, error = %e, attempt, "store write failed; retrying");
+                std::thread::sleep(delay);
+                delay *= 4;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+fn store_unavailable(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "the store failed after the data plane changed; rolled back");
+    ApiError::unavailable("the database could not record the change; it was not applied, retry later")
+}
+
+/// 409 if `cidr` overlaps, or `key` equals, a peer the data plane already
+/// holds: a live API gateway (other than `except`) or a configuration-file peer.
+fn check_conflicts(
+    s: &AppState,
+    cidr: Option<&IpPrefix>,
+    key: Option<&str>,
+    except: Option<&str>,
+) -> Result<(), ApiError> {
+    for (index, peer) in s.settings.static_peers.iter().enumerate() {
+        if let Some(p) = cidr.and_then(|c| peer.allowed_ips.iter().find(|p| overlaps(p, c))) {
+            return Err(ApiError::conflict(format!(
+                "remote_network_cidr {} overlaps {p} of peer {index} in the configuration file",
+                cidr.map(ToString::to_string).unwrap_or_default()
+            )));
+        }
+        if key.is_some_and(|k| k == peer.public_key.to_base64()) {
+            return Err(ApiError::conflict(format!(
+                "peer {index} in the configuration file already uses this remote_public_key"
+            )));
+        }
+    }
+    if cidr.is_none() && key.is_none() {
+        return Ok(());
+    }
+    let live = s.store.live()?;
+    if let Some(c) = cidr {
+        if let Some(other) = find_overlap(c, &live, except) {
+            return Err(ApiError::conflict(format!(
+                "remote_network_cidr {c} overlaps {} of VPN gateway {}",
+                other.remote_network_cidr, other.id
+            )));
+        }
+    }
+    if let Some(other) =
+        key.and_then(|k| live.iter().find(|g| g.remote_public_key == k && Some(g.id.as_str()) != except))
+    {
+        return Err(ApiError::conflict(format!("VPN gateway {} already uses this remote_public_key", other.id)));
+    }
+    Ok(())
 }
 
 fn refuse_transient(g: &GatewayRecord) -> Result<(), ApiError> {
@@ -172,25 +239,13 @@ pub async fn list(
         (status = 401, body = ErrorEnvelope), (status = 409, body = ErrorEnvelope),
         (status = 413, body = ErrorEnvelope), (status = 422, body = ErrorEnvelope),
         (status = 429, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
-pub async fn create(
-    State(state): State<Arc<AppState>>,
-    ApiJson(body): ApiJson<CreateGateway>,
-) -> Result<Response, ApiError> {
+pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
     let ours = state.plane.public_key();
-    let new = body.validate(state.settings.site_cidr.as_deref(), &ours)?;
+    let new = parse_create(&body, state.settings.site_cidr.as_deref(), &ours)?;
     let _guard = state.mutations.lock().await;
     let env = blocking(&state, move |s| {
-        let live = s.store.live()?;
-        if let Some(other) = find_overlap(&new.remote_network_cidr, &live, None) {
-            return Err(ApiError::conflict(format!(
-                "remote_network_cidr {} overlaps {} of VPN gateway {}",
-                new.remote_network_cidr, other.remote_network_cidr, other.id
-            )));
-        }
         let key = new.remote_public_key.to_base64();
-        if let Some(other) = live.iter().find(|g| g.remote_public_key == key) {
-            return Err(ApiError::conflict(format!("VPN gateway {} already uses this remote_public_key", other.id)));
-        }
+        check_conflicts(s, Some(&new.remote_network_cidr), Some(&key), None)?;
         let now = now_millis();
         let record = GatewayRecord {
             id: random_id("vpn_"),
@@ -217,10 +272,21 @@ pub async fn create(
         let tunnel = tunnel_of(&record).map_err(ApiError::internal)?;
         if let Err(e) = s.plane.apply(&record.id, &tunnel) {
             // Never acknowledged: take the record back out.
-            s.store.purge(&record.id)?;
+            if let Err(pe) = write_retrying(&record.id, || s.store.purge(&record.id)) {
+                // Left `creating` without a tunnel: the next start finishes the create.
+                tracing::error!(id = %record.id, error = %pe, "cannot remove a refused create from the store");
+            }
             return Err(ApiError::unavailable(format!("the data plane refused the tunnel: {e}")));
         }
-        s.store.set_status(&record.id, Status::Active)?;
+        if let Err(e) = write_retrying(&record.id, || s.store.set_status(&record.id, Status::Active)) {
+            // The tunnel runs but the store cannot say so: take it back out, so
+            // that the record (`creating`, or gone) and the data plane agree.
+            if let Err(pe) = s.plane.remove(&record.id) {
+                tracing::error!(id = %record.id, error = %pe, "cannot roll back a tunnel the store did not record");
+            }
+            let _ = s.store.purge(&record.id);
+            return Err(store_unavailable(e));
+        }
         record.status = Status::Active;
         tracing::info!(id = %record.id, name = %record.name, "VPN gateway created");
         Ok(envelope(s, &record, true))
@@ -252,8 +318,9 @@ pub async fn get_one(
 pub async fn update(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    ApiJson(body): ApiJson<UpdateGateway>,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<GatewayEnvelope>, ApiError> {
+    let body = UpdateGateway::from_json(&body)?;
     let _guard = state.mutations.lock().await;
     blocking(&state, move |s| {
         let old = existing(&s.store, &id)?;
@@ -261,13 +328,7 @@ pub async fn update(
         let changes = body.validate(&old)?;
         if let Some(cidr) = &changes.remote_network_cidr {
             let prefix = validate_cidr("remote_network_cidr", cidr)?;
-            let live = s.store.live()?;
-            if let Some(other) = find_overlap(&prefix, &live, Some(&id)) {
-                return Err(ApiError::conflict(format!(
-                    "remote_network_cidr {cidr} overlaps {} of VPN gateway {}",
-                    other.remote_network_cidr, other.id
-                )));
-            }
+            check_conflicts(s, Some(&prefix), None, Some(&id))?;
         }
         let mut new = old.clone();
         new.apply(&changes);
@@ -275,7 +336,9 @@ pub async fn update(
         s.store.save(&new)?;
         let tunnel = tunnel_of(&new).map_err(ApiError::internal)?;
         if let Err(e) = s.plane.apply(&id, &tunnel) {
-            s.store.save(&old)?;
+            if let Err(se) = write_retrying(&id, || s.store.save(&old)) {
+                tracing::error!(id = %id, error = %se, "cannot restore a gateway the data plane refused to change");
+            }
             return Err(ApiError::unavailable(format!("the data plane refused the change: {e}")));
         }
         tracing::info!(id = %id, "VPN gateway updated");
@@ -300,10 +363,18 @@ pub async fn delete(
         refuse_transient(&g)?;
         s.store.set_status(&id, Status::Deleting)?;
         if let Err(e) = s.plane.remove(&id) {
-            // Stays `deleting`; the next start finishes the removal.
+            // The tunnel still runs: so is the gateway.
+            if let Err(se) = write_retrying(&id, || s.store.set_status(&id, Status::Active)) {
+                // Left `deleting` with its tunnel: the next start finishes the removal.
+                tracing::error!(id = %id, error = %se, "cannot restore a gateway whose removal failed");
+            }
             return Err(ApiError::unavailable(format!("the data plane could not remove the tunnel: {e}")));
         }
-        s.store.set_status(&id, Status::Deleted)?;
+        if let Err(e) = write_retrying(&id, || s.store.set_status(&id, Status::Deleted)) {
+            // The tunnel is gone and the record says `deleting`, which the
+            // next start completes; the client may not assume it is done.
+            return Err(store_unavailable(e));
+        }
         g.status = Status::Deleted;
         g.updated_at = now_millis();
         tracing::info!(id = %id, "VPN gateway deleted");

@@ -12,12 +12,14 @@ pub mod ops;
 
 use crate::plane::DataPlane;
 use crate::store::{GatewayRecord, Status, Store};
-use auth::RateLimiter;
+use auth::{RateLimiter, SourceLimiter};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 use model::LocalSide;
 use std::sync::Arc;
+use wgxdp_dataplane::noise::PublicKey;
+use wgxdp_dataplane::table::IpPrefix;
 
 /// Settings the API takes from the configuration file.
 #[derive(Debug, Clone)]
@@ -28,11 +30,37 @@ pub struct ApiSettings {
     pub public_address: String,
     pub mutations_per_minute: u32,
     pub reads_per_minute: u32,
+    /// Failed authentications allowed per source address (IPv6: per /64) and
+    /// minute; beyond it requests get 429 before the store is consulted.
+    pub auth_failures_per_minute: u32,
+    /// Peers from the configuration file: API gateways may not take their
+    /// prefixes or keys.
+    pub static_peers: Vec<StaticPeer>,
+    /// `/metrics` requires an API key.
+    pub metrics_auth: bool,
+    /// `/metrics` is served by `metrics_app` on its own listener, not by `app`.
+    pub metrics_separate: bool,
+}
+
+/// A configuration-file peer as the API's conflict checks see it.
+#[derive(Debug, Clone)]
+pub struct StaticPeer {
+    pub public_key: PublicKey,
+    pub allowed_ips: Vec<IpPrefix>,
 }
 
 impl Default for ApiSettings {
     fn default() -> Self {
-        Self { site_cidr: None, public_address: "0.0.0.0".into(), mutations_per_minute: 100, reads_per_minute: 1200 }
+        Self {
+            site_cidr: None,
+            public_address: "0.0.0.0".into(),
+            mutations_per_minute: 100,
+            reads_per_minute: 1200,
+            auth_failures_per_minute: auth::DEFAULT_AUTH_FAILURES_PER_MINUTE,
+            static_peers: Vec::new(),
+            metrics_auth: false,
+            metrics_separate: false,
+        }
     }
 }
 
@@ -42,6 +70,8 @@ pub struct AppState {
     pub plane: Arc<dyn DataPlane>,
     pub settings: ApiSettings,
     pub limiter: RateLimiter,
+    /// Failed authentications per source address.
+    pub auth_failures: SourceLimiter,
     /// Serializes mutations: check-then-write and the data plane stay in step.
     pub mutations: tokio::sync::Mutex<()>,
 }
@@ -55,7 +85,8 @@ impl std::fmt::Debug for dyn DataPlane {
 impl AppState {
     pub fn new(store: Arc<Store>, plane: Arc<dyn DataPlane>, settings: ApiSettings) -> Arc<Self> {
         let limiter = RateLimiter::new(settings.mutations_per_minute, settings.reads_per_minute);
-        Arc::new(Self { store, plane, settings, limiter, mutations: tokio::sync::Mutex::new(()) })
+        let auth_failures = SourceLimiter::new(settings.auth_failures_per_minute, auth::SOURCE_TABLE_CAPACITY);
+        Arc::new(Self { store, plane, settings, limiter, auth_failures, mutations: tokio::sync::Mutex::new(()) })
     }
 
     pub fn local_side(&self) -> LocalSide {
@@ -74,15 +105,35 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/vpn-gateways/:id/status", get(gateways::status))
         .route("/vpn-gateways/:id/config", get(gateways::config))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
-    Router::new()
+    let mut router = Router::new()
         .nest("/api/v1", v1)
         .route("/api/v1/openapi.json", get(openapi::document))
         .route("/health", get(ops::health))
-        .route("/ready", get(ops::ready))
-        .route("/metrics", get(ops::metrics))
+        .route("/ready", get(ops::ready));
+    if !state.settings.metrics_separate {
+        router = router.merge(metrics_routes(state.clone()));
+    }
+    router
         .fallback(|| async { error::ApiError::route_not_found() })
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
         .with_state(state)
+}
+
+/// `/metrics` alone, for its own listener (`[api] metrics_listen`).
+pub fn metrics_app(state: Arc<AppState>) -> Router {
+    metrics_routes(state.clone())
+        .fallback(|| async { error::ApiError::route_not_found() })
+        .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
+        .with_state(state)
+}
+
+fn metrics_routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
+    let r = Router::new().route("/metrics", get(ops::metrics));
+    if state.settings.metrics_auth {
+        r.route_layer(axum::middleware::from_fn_with_state(state, auth::require_api_key))
+    } else {
+        r
+    }
 }
 
 /// Brings the data plane in line with the store after a start: gateways

@@ -43,7 +43,8 @@ pub struct CreateGateway {
     /// The remote peer's UDP port (default 51820).
     pub remote_peer_port: Option<u16>,
     /// Pre-shared key (base64, 32 bytes); generated when omitted.
-    pub pre_shared_key: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub pre_shared_key: Option<SecretString>,
     /// This site's network (defaults to the configured site CIDR).
     pub local_network_cidr: Option<String>,
     /// Seconds between keepalives (0 or absent: off).
@@ -59,7 +60,8 @@ pub struct UpdateGateway {
     pub remote_peer_ip: Option<String>,
     pub remote_peer_port: Option<u16>,
     /// Rotates the pre-shared key (the remote side must rotate too).
-    pub pre_shared_key: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub pre_shared_key: Option<SecretString>,
     /// Seconds; 0 turns keepalives off.
     pub persistent_keepalive: Option<u16>,
 }
@@ -300,7 +302,7 @@ pub fn validate_psk(s: &str) -> Result<SecretString, ApiError> {
     Ok(SecretString::new(s.to_owned()))
 }
 
-fn overlaps(a: &IpPrefix, b: &IpPrefix) -> bool {
+pub fn overlaps(a: &IpPrefix, b: &IpPrefix) -> bool {
     a.contains(b.addr()) || b.contains(a.addr())
 }
 
@@ -328,7 +330,31 @@ pub struct NewGateway {
     pub persistent_keepalive: Option<u16>,
 }
 
+/// Decodes a JSON request body strictly (unknown fields are errors): the one
+/// decoder the handlers use, public so that fuzzers can drive it without HTTP.
+/// Malformed JSON and wrong shapes are 400s; it never panics.
+pub fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::bad_request(format!("invalid body: {e}")),
+        _ => ApiError::bad_request(format!("malformed JSON: {e}")),
+    })
+}
+
+/// `POST /api/v1/vpn-gateways` body → a validated gateway (what the handler runs).
+pub fn parse_create(bytes: &[u8], site_cidr: Option<&str>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
+    CreateGateway::from_json(bytes)?.validate(site_cidr, ours)
+}
+
+/// `PATCH /api/v1/vpn-gateways/{id}` body → validated changes to `current`.
+pub fn parse_update(bytes: &[u8], current: &GatewayRecord) -> Result<GatewayChanges, ApiError> {
+    UpdateGateway::from_json(bytes)?.validate(current)
+}
+
 impl CreateGateway {
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ApiError> {
+        decode_json(bytes)
+    }
+
     pub fn validate(self, site_cidr: Option<&str>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
         let name = validate_name(&required(self.name, "name")?)?;
         let region = validate_region(&required(self.region, "region")?)?;
@@ -338,7 +364,7 @@ impl CreateGateway {
         let key = validate_public_key(&required(self.remote_public_key, "remote_public_key")?, ours)?;
         let port = validate_port("remote_peer_port", self.remote_peer_port.unwrap_or(51820))?;
         let psk = match self.pre_shared_key {
-            Some(s) => validate_psk(&s)?,
+            Some(s) => validate_psk(s.expose())?,
             None => SecretString::new(PresharedKey::generate().to_base64_secret().to_string()),
         };
         let local = match (self.local_network_cidr, site_cidr) {
@@ -364,6 +390,10 @@ impl CreateGateway {
 }
 
 impl UpdateGateway {
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ApiError> {
+        decode_json(bytes)
+    }
+
     /// Validates the changes against the gateway they apply to.
     pub fn validate(self, current: &GatewayRecord) -> Result<GatewayChanges, ApiError> {
         let mut c = GatewayChanges::default();
@@ -383,7 +413,7 @@ impl UpdateGateway {
             c.remote_peer_port = Some(validate_port("remote_peer_port", p)?);
         }
         if let Some(s) = self.pre_shared_key {
-            c.pre_shared_key = Some(validate_psk(&s)?);
+            c.pre_shared_key = Some(validate_psk(s.expose())?);
         }
         if let Some(k) = self.persistent_keepalive {
             c.persistent_keepalive = Some((k > 0).then_some(k));
@@ -442,4 +472,69 @@ pub fn remote_config(g: &GatewayRecord, local: &LocalSide) -> String {
     );
     s.push_str(&format!("PersistentKeepalive = {}\n", g.persistent_keepalive.unwrap_or(25)));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PSK: &str = "sjIbzf0fbRgxz3s0hK2wPgl8g2Gh5d7g2xSpKBs1Ots=";
+
+    #[test]
+    fn request_debug_never_shows_the_pre_shared_key() {
+        let body = format!(r#"{{"name":"site-a","pre_shared_key":"{PSK}"}}"#);
+        let create = CreateGateway::from_json(body.as_bytes()).unwrap();
+        let shown = format!("{create:?}");
+        assert!(!shown.contains(PSK) && shown.contains("<redacted>"), "{shown}");
+        let update = UpdateGateway::from_json(format!(r#"{{"pre_shared_key":"{PSK}"}}"#).as_bytes()).unwrap();
+        let shown = format!("{update:?}");
+        assert!(!shown.contains(PSK) && shown.contains("<redacted>"), "{shown}");
+        let ours = wgxdp_dataplane::noise::PrivateKey::generate().public_key();
+        let peer = wgxdp_dataplane::noise::PrivateKey::generate().public_key();
+        let body = format!(
+            r#"{{"name":"site-a","region":"eu","tunnel_type":"wireguard","remote_network_cidr":"10.1.0.0/16",
+               "remote_peer_ip":"192.0.2.1","remote_public_key":"{peer}","pre_shared_key":"{PSK}"}}"#
+        );
+        let new = parse_create(body.as_bytes(), Some("10.50.0.0/24"), &ours).unwrap();
+        assert!(!format!("{new:?}").contains(PSK));
+    }
+
+    #[test]
+    fn fuzz_entry_points_reject_garbage_without_panicking() {
+        let ours = wgxdp_dataplane::noise::PrivateKey::generate().public_key();
+        let now = crate::store::now_millis();
+        let current = GatewayRecord {
+            id: "vpn_x".into(),
+            seq: 1,
+            name: "n".into(),
+            status: Status::Active,
+            region: "r".into(),
+            local_network_cidr: "10.50.0.0/24".into(),
+            remote_network_cidr: "10.1.0.0/16".into(),
+            remote_peer_ip: "192.0.2.1".into(),
+            remote_peer_port: 51820,
+            remote_public_key: ours.to_base64(),
+            pre_shared_key: SecretString::new(PSK.into()),
+            persistent_keepalive: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let inputs: [&[u8]; 9] = [
+            b"",
+            b"{",
+            b"[]",
+            b"\xff\xfe",
+            b"{\"name\": 5}",
+            b"{\"remote_network_cidr\": \"10.0.0.0/99\"}",
+            b"{\"remote_peer_port\": 70000}",
+            b"{\"region\": \"\\u0000\"}",
+            b"{\"colour\": 1}",
+        ];
+        for input in inputs {
+            assert!(parse_create(input, None, &ours).is_err());
+            let _ = parse_update(input, &current);
+        }
+        let bad_cidr = parse_update(br#"{"remote_network_cidr":"10.50.0.0/25"}"#, &current).unwrap_err();
+        assert_eq!(bad_cidr.status, axum::http::StatusCode::UNPROCESSABLE_ENTITY);
+    }
 }

@@ -1,0 +1,164 @@
+//! After a crash: `kill -9` of `serve` leaves nothing that stops a new
+//! `serve` on the same configuration (the tunnel works again), a stale XDP
+//! program attached without a link (by `ip link`, libxdp, older versions) is
+//! replaced by `serve` and removed by `wgxdp detach`, and `detach` refuses to
+//! touch the programs of a running `serve` or an interface that is missing.
+
+use serde_json::json;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+use wgxdp_dataplane::loader::{attach_without_link, attached_programs, XdpMode};
+use wgxdp_dataplane::noise::{PresharedKey, PrivateKey, PublicKey};
+use wgxdp_integration::site::{
+    create_api_key, ping_from, write_private_key, ApiClient, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL,
+    CLIENT_WAN, LAN_HOST,
+};
+use wgxdp_integration::{require_tools, xdp_object, WireguardGo};
+
+const API: &str = "127.0.0.1:8080";
+
+fn wgxdp() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_wgxdp"))
+}
+
+struct Site {
+    topo: SiteTopology,
+    dir: TempDir,
+    config: PathBuf,
+    gateway_key: PublicKey,
+}
+
+impl Site {
+    fn new(prefix: &str) -> Self {
+        require_tools(&["ip", "wireguard-go", "wg", "ping", "ethtool"]);
+        let topo = SiteTopology::new(prefix);
+        let dir = TempDir::new("wgxdp-detach");
+        let key_file = dir.join("gw.key");
+        let gateway_key = write_private_key(&key_file).public_key();
+        let config = dir.join("gw.toml");
+        std::fs::write(&config, topo.api_config(&key_file, API, &dir.join("state/wgxdp.db"), "")).unwrap();
+        Self { topo, dir, config, gateway_key }
+    }
+
+    fn serve(&self) -> ServeProcess {
+        let p = ServeProcess::start(&self.topo.gateway, wgxdp(), &self.config, &self.dir.0);
+        p.wait_for_output("wgxdp: api listening", Duration::from_secs(10));
+        p
+    }
+
+    fn detach(&self, config: &Path) -> Output {
+        self.topo.gateway.command(wgxdp().to_str().unwrap()).args(["detach", "--config"]).arg(config).output().unwrap()
+    }
+
+    fn programs(&self, iface: &str) -> Vec<(u32, XdpMode)> {
+        let iface = iface.to_owned();
+        self.topo
+            .gateway
+            .enter(move || attached_programs(&iface).unwrap())
+            .into_iter()
+            .map(|p| (p.prog_id, p.mode))
+            .collect()
+    }
+
+    /// Attaches an XDP program to `iface` the old way (netlink, no link), as a
+    /// dead process would have left it; returns its id.
+    fn leave_stale_program(&self, iface: &str) -> u32 {
+        let name = iface.to_owned();
+        self.topo.gateway.enter(move || {
+            let iface = name;
+            let mut ebpf = aya::Ebpf::load(&xdp_object()).unwrap();
+            let (_, prog) = ebpf.programs_mut().next().unwrap();
+            let prog: &mut aya::programs::Xdp = prog.try_into().unwrap();
+            prog.load().unwrap();
+            attach_without_link(&iface, prog.fd().unwrap().as_fd(), XdpMode::Driver).unwrap();
+            // `ebpf` is dropped here: the program stays, as after a crash.
+        });
+        let found = self.programs(iface);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].1, XdpMode::Driver);
+        found[0].0
+    }
+
+    fn client(&self, key: &PrivateKey, psk: &str) -> WireguardGo {
+        let wg = self.topo.start_client(key, &self.gateway_key, CLIENT_TUNNEL);
+        let psk_file = self.dir.join(&format!("{}.psk", wg.interface));
+        std::fs::write(&psk_file, psk).unwrap();
+        wg.set(&["peer", &self.gateway_key.to_base64(), "preshared-key", psk_file.to_str().unwrap()]);
+        wg
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn a_new_serve_takes_over_after_kill_9_and_detach_cleans_up() {
+    let site = Site::new("x");
+    let (wan, lan) = (site.topo.gateway_wan.clone(), site.topo.gateway_lan.clone());
+    let mut gateway = site.serve();
+    let key = create_api_key(wgxdp(), &site.config);
+    let client_key = PrivateKey::generate();
+    let psk = PresharedKey::generate().to_base64_secret().to_string();
+    let body = json!({
+        "name": "real-site", "region": "local", "tunnel_type": "wireguard",
+        "remote_network_cidr": "10.200.0.0/24", "remote_peer_ip": CLIENT_WAN, "remote_peer_port": 40001,
+        "remote_public_key": client_key.public_key().to_base64(), "pre_shared_key": psk,
+    });
+    let (code, created) =
+        ApiClient::new(&site.topo.gateway, API, &key).call("POST", "/api/v1/vpn-gateways", Some(body)).unwrap();
+    assert_eq!(code, 201, "{created}");
+    let wg = site.client(&client_key, &psk);
+    assert!(ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 5, 3), "no tunnel before the crash");
+    assert_eq!(site.programs(&wan).len(), 1, "serve attached its WAN program");
+
+    // A running serve's programs are not detached behind its back.
+    let out = site.detach(&site.config);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("running process"), "{}", text(&out));
+    assert!(ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 3, 2), "detach broke a running gateway");
+
+    // kill -9, then a new serve on the same configuration: the tunnel works again.
+    gateway.kill9();
+    let left = (site.programs(&wan), site.programs(&lan));
+    println!("programs left attached after kill -9 (WAN, LAN): {left:?}");
+    let gateway = site.serve();
+    assert!(ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 10, 3), "the tunnel did not come back after kill -9");
+    drop(gateway); // kill -9 again
+
+    // A stale program attached without a link (it survives its process):
+    // serve replaces it and says so; the tunnel works.
+    let stale = site.leave_stale_program(&wan);
+    let mut gateway = site.serve();
+    assert!(
+        gateway.output().contains(&format!("replaced stale XDP program {stale} (driver mode) on {wan}")),
+        "{}",
+        gateway.output()
+    );
+    assert!(ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 10, 3), "no tunnel after taking over");
+    assert!(gateway.terminate().success());
+    assert!(site.programs(&wan).is_empty() && site.programs(&lan).is_empty(), "a clean stop detaches everything");
+
+    // `wgxdp detach` removes stale programs and says which.
+    let stale_wan = site.leave_stale_program(&wan);
+    let stale_lan = site.leave_stale_program(&lan);
+    let out = site.detach(&site.config);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains(&format!("WAN {wan}: removed XDP program {stale_wan} (driver mode)")), "{said}");
+    assert!(said.contains(&format!("LAN {lan}: removed XDP program {stale_lan} (driver mode)")), "{said}");
+    assert!(site.programs(&wan).is_empty() && site.programs(&lan).is_empty());
+    let out = site.detach(&site.config);
+    assert!(out.status.success() && text(&out).contains("no XDP program attached"), "{}", text(&out));
+
+    // A missing interface is a clear error.
+    let missing = site.dir.join("missing.toml");
+    let cfg = std::fs::read_to_string(&site.config).unwrap().replace(&lan, "nosuchif0");
+    std::fs::write(&missing, cfg).unwrap();
+    let out = site.detach(&missing);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("interface `nosuchif0` does not exist"), "{}", text(&out));
+    drop(wg);
+}
