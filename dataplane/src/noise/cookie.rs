@@ -49,7 +49,9 @@ fn mac_offsets(len: usize) -> Option<(usize, usize)> {
 }
 
 /// (bytes before MAC1, MAC1, bytes before MAC2, MAC2) of a handshake message.
-fn split_macs(msg: &[u8]) -> Option<(&[u8], &[u8], &[u8], &[u8])> {
+type MacParts<'a> = (&'a [u8], &'a [u8], &'a [u8], &'a [u8]);
+
+fn split_macs(msg: &[u8]) -> Option<MacParts<'_>> {
     let (m1, m2) = mac_offsets(msg.len())?;
     Some((msg.get(..m1)?, msg.get(m1..m2)?, msg.get(..m2)?, msg.get(m2..)?))
 }
