@@ -90,6 +90,8 @@ pub struct MemoryWorker {
     pub token: crate::noise::WorkerToken,
     pub client: Device,
     pub counters: std::sync::Arc<crate::worker::WorkerCounters>,
+    /// What the worker shares with the others (tables, the under-load deadline).
+    pub shared: std::sync::Arc<crate::worker::Shared>,
     /// Kept so the worker's queues stay connected.
     _handshakes: crossbeam_channel::Receiver<crate::worker::HandshakeJob>,
     _control: crossbeam_channel::Receiver<crate::worker::ControlEvent>,
@@ -140,12 +142,13 @@ impl MemoryWorker {
         });
         let counters = Arc::new(WorkerCounters::default());
         let frames = || crate::frame_io::MemoryFrames::new(1024, 2048);
-        let worker = Worker::new(0, shared, frames(), frames(), counters.clone());
+        let worker = Worker::new(0, shared.clone(), frames(), frames(), counters.clone());
         let mut m = Self {
             worker,
             token: crate::noise::WorkerToken::new(),
             client: pair.client,
             counters,
+            shared,
             _handshakes: hs_rx,
             _control: ctl_rx,
             _gateway: pair.gateway,
@@ -160,8 +163,14 @@ impl MemoryWorker {
         m
     }
 
+    /// The control side: the handshake jobs the worker queued and the gateway
+    /// `Device` that serves them (as the control thread does).
+    pub fn control_side(&mut self) -> (&crossbeam_channel::Receiver<crate::worker::HandshakeJob>, &mut Device) {
+        (&self._handshakes, &mut self._gateway)
+    }
+
     /// A client datagram `payload`, framed as it arrives on the WAN.
-    fn frame_payload(&self, payload: &[u8]) -> Vec<u8> {
+    pub fn frame_payload(&self, payload: &[u8]) -> Vec<u8> {
         let hdr = crate::frame::udp_headers_len(false);
         let mut frame = vec![0u8; hdr + payload.len()];
         frame[hdr..].copy_from_slice(payload);
