@@ -221,10 +221,15 @@ fn fuzz(args: &[String]) -> Result<()> {
             .find_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim().to_owned()))
             .unwrap_or_else(|| "(no input written; see the log)".into());
         println!("CRASHED after {runs} runs ({rate} exec/s)");
-        for l in text.lines().filter(|l| {
-            l.starts_with("thread '") || l.contains("panicked at") || l.starts_with("==") && l.contains("ERROR")
-        }) {
-            println!("      {l}");
+        // The panic (its location and message) or libFuzzer's own verdict (timeout, OOM).
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            if l.contains("panicked at") {
+                println!("      {l}");
+                lines.get(i + 1).into_iter().for_each(|m| println!("      {m}"));
+            } else if l.starts_with("==") && l.contains("ERROR: libFuzzer") {
+                println!("      {l}");
+            }
         }
         println!("      input: {input}");
         println!("      log:   {}", log.display());
