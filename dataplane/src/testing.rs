@@ -89,6 +89,8 @@ pub struct MemoryWorker {
     pub worker: crate::worker::Worker<crate::frame_io::MemoryFrames>,
     pub client: Device,
     pub counters: std::sync::Arc<crate::worker::WorkerCounters>,
+    /// What the worker shares with the others (tables, the under-load deadline).
+    pub shared: std::sync::Arc<crate::worker::Shared>,
     /// Kept so the worker's queues stay connected.
     _handshakes: crossbeam_channel::Receiver<crate::worker::HandshakeJob>,
     _control: crossbeam_channel::Receiver<crate::worker::ControlEvent>,
@@ -138,11 +140,12 @@ impl MemoryWorker {
         });
         let counters = Arc::new(WorkerCounters::default());
         let frames = || crate::frame_io::MemoryFrames::new(1024, 2048);
-        let worker = Worker::new(0, shared, frames(), frames(), counters.clone());
+        let worker = Worker::new(0, shared.clone(), frames(), frames(), counters.clone());
         let mut m = Self {
             worker,
             client: pair.client,
             counters,
+            shared,
             _handshakes: hs_rx,
             _control: ctl_rx,
             _gateway: pair.gateway,
@@ -155,6 +158,12 @@ impl MemoryWorker {
         m.run_until_idle(&mut Vec::new(), Instant::now());
         m._gateway.tick_at(Instant::now(), SystemTime::now());
         m
+    }
+
+    /// The control side: the handshake jobs the worker queued and the gateway
+    /// `Device` that serves them (as the control thread does).
+    pub fn control_side(&mut self) -> (&crossbeam_channel::Receiver<crate::worker::HandshakeJob>, &mut Device) {
+        (&self._handshakes, &mut self._gateway)
     }
 
     /// A client datagram `payload`, framed as it arrives on the WAN.

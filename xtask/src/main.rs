@@ -15,7 +15,13 @@ commands:
                bpf-linker (idempotent; quick when everything is present)
   build-ebpf   build the XDP program for bpfel-unknown-none
   test         setup + build-ebpf + the whole test suite (needs root: it
-               creates network namespaces and runs wireguard-go)
+               creates network namespaces and runs wireguard-go), then `fuzz`
+  fuzz         installs cargo-fuzz if missing, builds the libFuzzer targets in
+               fuzz/ (nightly) and runs each for a bounded time (about a
+               minute in all); fails on any crash and says where its input is
+               [--seconds N (per target)] [--sanitizer none|address] [TARGET...]
+  fuzz-seeds   regenerate the seed corpora fuzz/corpus/<target>/ from a
+               recorded handshake, transport packets, frames, a config, API bodies
   demo         setup + build, then a working site-to-site tunnel in network
                namespaces, configured through the API, with live status
   bench-e2e    setup (+ boringtun) + release build, then the same workloads
@@ -31,6 +37,8 @@ fn main() -> Result<()> {
         Some("build-ebpf") => build_ebpf().map(|p| println!("{}", p.display())),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
+        Some("fuzz") => fuzz(&args[1..]),
+        Some("fuzz-seeds") => fuzz_seeds(),
         Some("bench-e2e") => bench_e2e(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
@@ -120,7 +128,122 @@ fn test(extra: &[String]) -> Result<()> {
     println!("== cargo test (workspace: unit, known-answer, property, interop)");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root()).args(["test", "--workspace", "--all-targets"]).args(extra);
-    run(&mut cmd)
+    run(&mut cmd)?;
+    fuzz(&[])
+}
+
+/// Total fuzzing time of `cargo xtask fuzz` when `--seconds` is not given.
+const FUZZ_TOTAL_SECONDS: u64 = 60;
+
+fn fuzz_seeds() -> Result<()> {
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["run", "-q", "-p", "wgxdp-fuzz-harness", "--bin", "fuzz-seeds", "--"])
+        .arg(root().join("fuzz/corpus")))
+}
+
+/// The libFuzzer targets: `fuzz/fuzz_targets/*.rs`.
+fn fuzz_targets() -> Result<Vec<String>> {
+    let dir = root().join("fuzz/fuzz_targets");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".rs").map(str::to_owned))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Builds every target once, then runs each (or the named ones) for a bounded
+/// time over its committed seeds. New corpus entries go to
+/// fuzz/target/corpus/<target> and crashes to fuzz/artifacts/<target>/, both
+/// ignored by git. Fails if any target crashed, after running all of them.
+fn fuzz(args: &[String]) -> Result<()> {
+    let mut seconds = None;
+    let mut sanitizer = "none".to_owned();
+    let mut only = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--seconds" => seconds = Some(it.next().context("--seconds N")?.parse::<u64>().context("--seconds N")?),
+            "--sanitizer" => sanitizer = it.next().context("--sanitizer none|address")?.clone(),
+            t => only.push(t.to_owned()),
+        }
+    }
+    let all = fuzz_targets()?;
+    if let Some(t) = only.iter().find(|t| !all.contains(t)) {
+        bail!("unknown fuzz target `{t}` (targets: {})", all.join(", "));
+    }
+    let targets = if only.is_empty() { all } else { only };
+    let seconds = seconds.unwrap_or((FUZZ_TOTAL_SECONDS / targets.len() as u64).max(1));
+
+    println!("== fuzz: cargo-fuzz");
+    setup::install_fuzz_tools()?;
+    let fuzz_dir = root().join("fuzz");
+    println!("== fuzz: building {} targets (nightly, sanitizer {sanitizer})", targets.len());
+    run(Command::new("cargo").current_dir(&fuzz_dir).args(["+nightly", "fuzz", "build", "-s", &sanitizer]))?;
+
+    let logs = fuzz_dir.join("target/fuzz-logs");
+    std::fs::create_dir_all(&logs)?;
+    let mut crashed = Vec::new();
+    for t in &targets {
+        let growth = fuzz_dir.join("target/corpus").join(t);
+        let artifacts = fuzz_dir.join("artifacts").join(t);
+        std::fs::create_dir_all(&growth)?;
+        std::fs::create_dir_all(&artifacts)?;
+        let log = logs.join(format!("{t}.log"));
+        print!("   {t:<16} {seconds:>4} s ... ");
+        std::io::Write::flush(&mut std::io::stdout())?;
+        let status = Command::new("cargo")
+            .current_dir(&fuzz_dir)
+            .args(["+nightly", "fuzz", "run", "-s", &sanitizer, t])
+            .arg(&growth)
+            .arg(Path::new("corpus").join(t))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .args(["-timeout=30", "-print_final_stats=1"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::options().append(true).open(&log)?)
+            .status()
+            .context("cannot start cargo fuzz run")?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let stat = |key: &str| {
+            text.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned())).unwrap_or_else(|| "?".into())
+        };
+        let (runs, rate) = (stat("stat::number_of_executed_units:"), stat("stat::average_exec_per_sec:"));
+        if status.success() {
+            println!("ok: {runs} runs, {rate} exec/s");
+            continue;
+        }
+        let input = text
+            .lines()
+            .find_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim().to_owned()))
+            .unwrap_or_else(|| "(no input written; see the log)".into());
+        println!("CRASHED after {runs} runs ({rate} exec/s)");
+        // The panic (its location and message) or libFuzzer's own verdict (timeout, OOM).
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            if l.contains("panicked at") {
+                println!("      {l}");
+                lines.get(i + 1).into_iter().for_each(|m| println!("      {m}"));
+            } else if l.starts_with("==") && l.contains("ERROR: libFuzzer") {
+                println!("      {l}");
+            }
+        }
+        println!("      input: {input}");
+        println!("      log:   {}", log.display());
+        println!("      replay: cd fuzz && cargo +nightly fuzz run -s {sanitizer} {t} {input}");
+        crashed.push(t.clone());
+    }
+    if !crashed.is_empty() {
+        bail!(
+            "fuzz targets crashed: {} (copy each input into fuzz/regressions/<target>/ so `cargo test` replays it)",
+            crashed.join(", ")
+        );
+    }
+    println!("== fuzz: every target ran {seconds} s without a crash");
+    Ok(())
 }
 
 extern "C" {

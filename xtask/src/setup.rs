@@ -112,3 +112,18 @@ pub fn install_bench_tools() -> Result<()> {
     println!("   cargo: building boringtun-cli (a few minutes, once)");
     run(Command::new("cargo").args(["install", "boringtun-cli", "--locked"]))
 }
+
+/// What `cargo xtask fuzz` needs: the nightly toolchain and cargo-fuzz.
+pub fn install_fuzz_tools() -> Result<()> {
+    if !stdout(Command::new("rustup").args(["toolchain", "list"])).lines().any(|l| l.starts_with("nightly")) {
+        println!("   rustup: installing the nightly toolchain (minimal profile)");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+            .context("libFuzzer targets need a nightly toolchain")?;
+    }
+    if succeeds(Command::new("cargo").args(["+nightly", "fuzz", "--version"])) {
+        println!("   cargo-fuzz present");
+        return Ok(());
+    }
+    println!("   cargo: installing cargo-fuzz (about a minute, once)");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+}

@@ -1,0 +1,162 @@
+//! `config_file`: the `wgxdp serve` configuration parser on arbitrary text
+//! (with real key files it can name). `api_bodies`: the API request bodies
+//! (`CreateGateway` / `UpdateGateway` deserialisation and validation), and the
+//! whole router (`api::app`, through `tower::ServiceExt::oneshot`) over an
+//! in-memory data plane and a SQLite store on tmpfs.
+
+use axum::body::Body;
+use axum::http::{header, Method, Request};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use tower::ServiceExt;
+use wgxdp_control::api::model::{CreateGateway, UpdateGateway};
+use wgxdp_control::api::{app, ApiSettings, AppState};
+use wgxdp_control::config::Config;
+use wgxdp_control::plane::MemoryPlane;
+use wgxdp_control::store::{GatewayRecord, Store};
+use wgxdp_dataplane::noise::{PresharedKey, PrivateKey, PublicKey};
+
+/// Where the key files a fuzzed configuration may name live (seeds name them).
+pub fn key_dir() -> PathBuf {
+    std::env::temp_dir().join("wgxdp-fuzz-keys")
+}
+
+fn write_key(name: &str, contents: &str, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = key_dir();
+    std::fs::create_dir_all(&dir)?;
+    // Written aside and renamed: parallel fuzzing jobs share the directory.
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+    std::fs::write(&tmp, contents)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+/// `private.key` and `psk.key` (mode 600), `loose.key` (644), `empty.key`.
+fn key_files() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let private = PrivateKey::generate().to_base64_secret();
+        let psk = PresharedKey::generate().to_base64_secret();
+        let written = write_key("private.key", &private, 0o600)
+            .and_then(|_| write_key("psk.key", &psk, 0o600))
+            .and_then(|_| write_key("loose.key", &psk, 0o644))
+            .and_then(|_| write_key("empty.key", "", 0o600));
+        written.expect("cannot write the fuzzing key files");
+    });
+}
+
+pub fn config_file(data: &[u8]) {
+    key_files();
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = Config::parse(text, Path::new("fuzz.toml"));
+    }
+}
+
+struct Api {
+    rt: tokio::runtime::Runtime,
+    router: axum::Router,
+    key: String,
+    id: String,
+    ours: PublicKey,
+    record: GatewayRecord,
+}
+
+const SITE_CIDR: &str = "10.50.0.0/24";
+
+fn api() -> &'static Api {
+    static API: OnceLock<Api> = OnceLock::new();
+    API.get_or_init(|| {
+        let dir = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+        // Databases of fuzzing processes that have exited.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let pid = name.strip_prefix("wgxdp-fuzz-api-").and_then(|r| r.split(['.', '-']).next());
+                if pid.is_some_and(|p| !Path::new("/proc").join(p).exists()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let db = dir.join(format!("wgxdp-fuzz-api-{}.db", std::process::id()));
+        let store = Arc::new(Store::open(&db).expect("store"));
+        let (_, key) = store.create_api_key("fuzz").expect("api key");
+        let ours = PrivateKey::generate().public_key();
+        let plane = Arc::new(MemoryPlane::new(ours));
+        let settings = ApiSettings {
+            site_cidr: Some(SITE_CIDR.into()),
+            public_address: "198.51.100.1".into(),
+            mutations_per_minute: 1_000_000,
+            reads_per_minute: 1_000_000,
+        };
+        let router = app(AppState::new(store.clone(), plane, settings));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let remote = PrivateKey::generate().public_key().to_base64();
+        let body = format!(
+            r#"{{"name":"fuzz-site","region":"us-east","tunnel_type":"wireguard","remote_network_cidr":"10.9.0.0/16","remote_peer_ip":"203.0.113.9","remote_public_key":"{remote}"}}"#
+        );
+        let key = key.expose().to_owned();
+        let (status, text) = rt.block_on(call(&router, &key, Method::POST, "/api/v1/vpn-gateways", body.into_bytes()));
+        assert!(status < 300, "creating the first gateway: {status} {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let id = v["data"]["id"].as_str().expect("an id").to_owned();
+        let record = store.get(&id).expect("store").expect("the gateway");
+        Api { rt, router, key, id, ours, record }
+    })
+}
+
+async fn call(router: &axum::Router, key: &str, method: Method, uri: &str, body: Vec<u8>) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let Ok(req) = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+    else {
+        return (0, String::new());
+    };
+    let resp = router.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The first byte selects: bits 0-1 what (0 create body, 1 update body, 2-3
+/// the router); create: bit 2 no site CIDR configured; router: bits 2-3 the
+/// method, bits 4-5 the path, bit 6 the text up to the first newline is the
+/// query string, bit 7 a wrong API key. The rest is the body.
+pub fn api_bodies(data: &[u8]) {
+    let Some((&sel, rest)) = data.split_first() else { return };
+    let api = api();
+    match sel & 3 {
+        0 => {
+            if let Ok(body) = serde_json::from_slice::<CreateGateway>(rest) {
+                let site = (sel & 4 == 0).then_some(SITE_CIDR);
+                let _ = body.validate(site, &api.ours);
+            }
+        }
+        1 => {
+            if let Ok(body) = serde_json::from_slice::<UpdateGateway>(rest) {
+                let _ = body.validate(&api.record);
+            }
+        }
+        _ => {
+            let method = [Method::GET, Method::POST, Method::PATCH, Method::DELETE][usize::from(sel >> 2 & 3)].clone();
+            let base = "/api/v1/vpn-gateways";
+            let path = match sel >> 4 & 3 {
+                0 => base.to_owned(),
+                1 => format!("{base}/{}", api.id),
+                2 => format!("{base}/{}/status", api.id),
+                _ => format!("{base}/{}/config", api.id),
+            };
+            let (uri, body) = match (sel & 64 != 0, rest.iter().position(|&b| b == b'\n')) {
+                (true, Some(nl)) => (format!("{path}?{}", String::from_utf8_lossy(&rest[..nl])), &rest[nl + 1..]),
+                _ => (path, rest),
+            };
+            let key = if sel & 128 != 0 { "wgx_not-a-key" } else { api.key.as_str() };
+            let (status, text) = api.rt.block_on(call(&api.router, key, method.clone(), &uri, body.to_vec()));
+            assert!(status < 500, "{method} {uri} answered {status}: {text}");
+        }
+    }
+}
