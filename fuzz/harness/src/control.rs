@@ -88,6 +88,8 @@ fn api() -> &'static Api {
             public_address: "198.51.100.1".into(),
             mutations_per_minute: 1_000_000,
             reads_per_minute: 1_000_000,
+            auth_failures_per_minute: 1_000_000,
+            ..ApiSettings::default()
         };
         let router = app(AppState::new(store.clone(), plane, settings));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");

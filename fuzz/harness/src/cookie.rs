@@ -44,7 +44,12 @@ pub fn cookie(data: &[u8]) {
     }
     let sender = msg.get(4..8).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
     let mut reply = [0u8; COOKIE_REPLY_LEN];
-    checker.write_reply(&msg, sender, src, now, &mut reply);
+    let written = checker.write_reply(&msg, sender, src, now, &mut reply);
+    assert_eq!(
+        written,
+        matches!(msg.len(), HANDSHAKE_INITIATION_LEN | HANDSHAKE_RESPONSE_LEN),
+        "a reply exactly for handshake-sized messages"
+    );
     let mutate = flags & flag::MUTATE_REPLY != 0;
     if mutate {
         reply[usize::from(flags >> 4) * 4] ^= 1;

@@ -49,9 +49,7 @@ targets! {
     device_receive;
     // `split_macs` underflow on a handshake message shorter than its two MACs
     // (issue 9); the fix lands with the transport-path refactor on main.
-    #[ignore = "split_macs underflow: fixed on main by the issue-9 transport refactor; un-ignore after merging"]
     cookie;
-    #[ignore = "split_macs underflow: fixed on main by the issue-9 transport refactor; un-ignore after merging"]
     worker_loop;
     config_file;
     api_bodies;
