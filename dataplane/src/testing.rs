@@ -160,10 +160,17 @@ impl MemoryWorker {
         m
     }
 
-    /// The control side: the handshake jobs the worker queued and the gateway
-    /// `Device` that serves them (as the control thread does).
-    pub fn control_side(&mut self) -> (&crossbeam_channel::Receiver<crate::worker::HandshakeJob>, &mut Device) {
-        (&self._handshakes, &mut self._gateway)
+    /// The control side: the handshake jobs and events (staged packets) the
+    /// worker queued, and the gateway `Device` that serves them (as the control
+    /// thread does).
+    pub fn control_side(
+        &mut self,
+    ) -> (
+        &crossbeam_channel::Receiver<crate::worker::HandshakeJob>,
+        &crossbeam_channel::Receiver<crate::worker::ControlEvent>,
+        &mut Device,
+    ) {
+        (&self._handshakes, &self._control, &mut self._gateway)
     }
 
     /// A client datagram `payload`, framed as it arrives on the WAN.

@@ -127,7 +127,8 @@ async fn call(router: &axum::Router, key: &str, method: Method, uri: &str, body:
 /// The first byte selects: bits 0-1 what (0 create body, 1 update body, 2-3
 /// the router); create: bit 2 no site CIDR configured; router: bits 2-3 the
 /// method, bits 4-5 the path, bit 6 the text up to the first newline is the
-/// query string, bit 7 a wrong API key. The rest is the body.
+/// query string, bit 7 a wrong API key. The rest is the body. No request may
+/// answer 5xx, and every refusal carries the API's error body.
 pub fn api_bodies(data: &[u8]) {
     let Some((&sel, rest)) = data.split_first() else { return };
     let api = api();
@@ -159,6 +160,15 @@ pub fn api_bodies(data: &[u8]) {
             let key = if sel & 128 != 0 { "wgx_not-a-key" } else { api.key.as_str() };
             let (status, text) = api.rt.block_on(call(&api.router, key, method.clone(), &uri, body.to_vec()));
             assert!(status < 500, "{method} {uri} answered {status}: {text}");
+            // Every refusal is an `{"error": {"code", "message"}}` body. Known
+            // exception: axum's own 405 (empty body) for a method a route lacks.
+            if status >= 400 && status != 405 {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                assert!(
+                    v["error"]["code"].is_string() && v["error"]["message"].is_string(),
+                    "{method} {uri} {status}: {text}"
+                );
+            }
         }
     }
 }

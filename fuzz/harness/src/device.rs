@@ -137,6 +137,11 @@ fn patch_index(bytes: &mut [u8], index: u32) {
 }
 
 pub fn device_receive(data: &[u8]) {
+    run(data);
+}
+
+/// Runs `data` and returns both devices (for tests that check how deep seeds reach).
+pub fn run(data: &[u8]) -> ConnectedPair {
     let (pair, keepalive) = handshaken_pair(AeadBackend::Ring);
     let gateway_macs = MacKeys::new(&pair.gateway.public_key());
     let mut net = Net {
@@ -222,4 +227,5 @@ pub fn device_receive(data: &[u8]) {
             }
         }
     }
+    net.pair
 }

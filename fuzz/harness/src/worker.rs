@@ -19,6 +19,7 @@ use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::peer_view::monotonic_nanos;
 use wgxdp_dataplane::testing::{MemoryWorker, CLIENT_ADDR, CLIENT_TUNNEL, GATEWAY_ADDR, LAN_HOST};
 use wgxdp_dataplane::wire::{HANDSHAKE_INITIATION_LEN, HANDSHAKE_RESPONSE_LEN};
+use wgxdp_dataplane::worker::ControlEvent;
 
 pub mod op {
     /// `bytes` is a whole frame arriving on the WAN.
@@ -93,7 +94,7 @@ impl Sim {
     /// What the control thread does per iteration, then the client's turn.
     fn control(&mut self) {
         let mut to_client = Vec::new();
-        let (jobs, gateway) = self.m.control_side();
+        let (jobs, events, gateway) = self.m.control_side();
         let (now, wall) = (self.now, self.wall);
         while let Ok(mut job) = jobs.try_recv() {
             let len = job.len.min(job.bytes.len());
@@ -101,6 +102,12 @@ impl Sim {
                 gateway.receive_from(job.from, &mut job.bytes[..len], false, now, wall, &mut self.out)
             {
                 to_client.extend((to.to_string() == CLIENT_ADDR).then(|| bytes.to_vec()));
+            }
+        }
+        while let Ok(event) = events.try_recv() {
+            match event {
+                ControlEvent::Stage { peer, packet } => gateway.stage(peer, packet),
+                ControlEvent::Exec(f) => f(gateway),
             }
         }
         gateway.tick_at(now, wall);
@@ -122,8 +129,13 @@ impl Sim {
 }
 
 pub fn worker_loop(data: &[u8]) {
+    run(data);
+}
+
+/// Runs `data` and returns the worker (for tests that check how deep seeds reach).
+pub fn run(data: &[u8]) -> MemoryWorker {
     let mut m = MemoryWorker::new(AeadBackend::Ring);
-    let gateway_macs = MacKeys::new(&m.control_side().1.public_key());
+    let gateway_macs = MacKeys::new(&m.control_side().2.public_key());
     let mut s =
         Sim { m, batch: Vec::new(), gateway_macs, now: Instant::now(), wall: SystemTime::now(), out: vec![0u8; 2048] };
     for r in records(data) {
@@ -179,4 +191,5 @@ pub fn worker_loop(data: &[u8]) {
         }
         s.run();
     }
+    s.m
 }

@@ -206,7 +206,9 @@ fn main() {
     out.write(k, "handshake_flood_under_load", &records(&flood));
     let mut wcycles: Vec<(u8, u8, &[u8])> = Vec::new();
     for _ in 0..5 {
-        wcycles.extend([(wop::CLIENT_DATA, 0, &b"ping"[..]), (wop::LAN, 0, &b"pong"[..]), (wop::CLOCK, 0, &rekey[..])]);
+        // A clock step of 0 lets the control side serve what the worker queued.
+        wcycles.extend([(wop::CLIENT_DATA, 0, &b"ping"[..]), (wop::CLOCK, 0, &[][..]), (wop::LAN, 0, &b"pong"[..])]);
+        wcycles.push((wop::CLOCK, 0, &rekey[..]));
     }
     wcycles.extend([
         (wop::CLOCK, 0, &idle[..]),
