@@ -46,6 +46,13 @@ fn programs_steer_count_and_detach() {
     assert!(gw.ip(&["link", "show", "dev", &gw_lan]).contains("xdp"), "no XDP program on the LAN veth");
     progs.set_tunnel_prefixes(&["10.99.0.0/16".parse().unwrap()]).unwrap();
 
+    // Before the gateway's own WAN addresses are known, UDP to the port is
+    // not ours (it could be for any host behind us): the kernel gets it.
+    let probe: UdpSocket = client.udp_socket("10.210.0.2:0");
+    probe.send_to(b"before addresses", format!("10.210.0.1:{PORT}")).unwrap();
+    wait_for("not-our-address counter", || progs.stats().unwrap().get(stat::WAN_NOT_OUR_ADDRESS) >= 1);
+    progs.set_wan_addresses(&["10.210.0.1".parse().unwrap(), "fd10::1".parse().unwrap()]).unwrap();
+
     // WireGuard port with no AF_XDP socket registered: steered, but handed to
     // the kernel, where an ordinary socket receives it.
     let kernel_sock = gw.udp_socket(&format!("10.210.0.1:{PORT}"));

@@ -192,6 +192,10 @@ impl DataPlane for GatewayPlane {
                 let _ = writeln!(out, "wgxdp_queue_packets_total{{queue=\"{q}\",counter=\"{name}\"}} {v}");
             }
         }
+        // What the kernel handed over (fragments, queues without a socket).
+        for (name, v) in &stats.slow_path {
+            let _ = writeln!(out, "wgxdp_queue_packets_total{{queue=\"kernel\",counter=\"{name}\"}} {v}");
+        }
     }
 }
 

@@ -216,6 +216,9 @@ fn log_stats(gateway: &Gateway) {
     let stats = gateway.stats();
     let xdp: Vec<String> = stats.xdp.named().map(|(k, v)| format!("{k}={v}")).collect();
     println!("wgxdp: stats xdp {}", xdp.join(" "));
+    let nonzero: Vec<String> =
+        stats.slow_path.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    println!("wgxdp: stats kernel-slow-path {}", nonzero.join(" "));
     for (q, w) in stats.workers.iter().enumerate() {
         let nonzero: Vec<String> = w.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
         println!("wgxdp: stats queue{q} {}", nonzero.join(" "));

@@ -102,6 +102,22 @@ fn site_to_site_through_af_xdp() {
     let slow = gateway.counter("via_kernel");
     assert!(slow < 50, "{slow} packets went through the kernel: the neighbour table is not being read");
 
+    // Outer packets the client's kernel fragments (its WAN MTU below the
+    // tunnel's) pass XDP as fragments; the kernel reassembles them and the
+    // slow path decrypts and forwards them to the site.
+    client.ip(&["link", "set", "dev", &topo.client_if, "mtu", "1280"]);
+    let _ = client.command("ping").args(["-c", "3", "-s", "1300", "-W", "1", "10.50.0.2"]).output();
+    client.ip(&["link", "set", "dev", &topo.client_if, "mtu", "1500"]);
+    gateway.refresh();
+    let kernel_line =
+        gateway.output().lines().rev().find(|l| l.contains("stats kernel-slow-path")).unwrap_or_default().to_owned();
+    let kernel_decrypted: u64 = kernel_line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("decrypted="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(kernel_decrypted >= 3, "fragmented tunnel packets were not served by the slow path: {kernel_line}");
+
     // Traffic for the gateway host itself still reaches the kernel.
     let listener = gw_ns.tcp_listener("10.100.0.1:8080");
     let accept = std::thread::spawn(move || {

@@ -103,6 +103,8 @@ pub struct GatewayStats {
     pub xdp: XdpStats,
     /// Per queue: (name, value) of the worker's counters.
     pub workers: Vec<Vec<(&'static str, u64)>>,
+    /// The same counters for what the kernel slow path handled.
+    pub slow_path: Vec<(&'static str, u64)>,
 }
 
 #[derive(Debug)]
@@ -112,6 +114,8 @@ pub struct Gateway {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     counters: Vec<Arc<WorkerCounters>>,
+    /// What the kernel slow path handled.
+    slow_counters: Arc<WorkerCounters>,
     public_key: PublicKey,
     queues: u32,
 }
@@ -134,15 +138,14 @@ fn interface_mac(iface: &str) -> Result<MacAddr, GatewayError> {
     Ok(MacAddr(mac))
 }
 
-/// The interface's first IPv4 address and its best IPv6 address (global
-/// before link-local), for the ICMP errors the gateway sends as a router.
-pub fn interface_addrs(iface: &str) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
-    let mut v4 = None;
-    let mut v6: Option<std::net::Ipv6Addr> = None;
+/// Every address of `iface` (IPv4 and IPv6, link-local included), in the
+/// order the kernel lists them.
+pub fn interface_addresses(iface: &str) -> Vec<IpAddr> {
+    let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = core::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return (None, None);
+        return out;
     }
     let mut cur = head;
     while !cur.is_null() {
@@ -159,25 +162,43 @@ pub fn interface_addrs(iface: &str) -> (Option<std::net::Ipv4Addr>, Option<std::
         }
         // SAFETY: ifa_addr points to a sockaddr whose family field is valid to read.
         match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
-            libc::AF_INET if v4.is_none() => {
+            libc::AF_INET => {
                 // SAFETY: the family says this sockaddr is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                v4 = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                out.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
             }
             libc::AF_INET6 => {
                 // SAFETY: the family says this sockaddr is a sockaddr_in6.
                 let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                let a = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-                let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
-                if v6.is_none() || (!link_local && v6.is_some_and(|b| b.segments()[0] & 0xffc0 == 0xfe80)) {
-                    v6 = Some(a);
-                }
+                out.push(IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
             }
             _ => {}
         }
     }
     // SAFETY: `head` came from getifaddrs and is freed exactly once.
     unsafe { libc::freeifaddrs(head) };
+    out
+}
+
+/// The interface's first IPv4 address and its best IPv6 address (global
+/// before link-local), for the ICMP errors the gateway sends as a router.
+pub fn interface_addrs(iface: &str) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+    let all = interface_addresses(iface);
+    let v4 = all.iter().find_map(|a| match a {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    });
+    let v6s = all.iter().filter_map(|a| match a {
+        IpAddr::V6(a) => Some(*a),
+        IpAddr::V4(_) => None,
+    });
+    let link_local = |a: &std::net::Ipv6Addr| a.segments()[0] & 0xffc0 == 0xfe80;
+    let mut v6 = None;
+    for a in v6s {
+        if v6.is_none() || (!link_local(&a) && v6.as_ref().is_some_and(link_local)) {
+            v6 = Some(a);
+        }
+    }
     (v4, v6)
 }
 
@@ -264,6 +285,7 @@ impl Gateway {
         programs.attach(Side::Wan, &cfg.wan_interface)?;
         programs.attach(Side::Lan, &cfg.lan_interface)?;
         programs.set_tunnel_prefixes(&prefixes.into_iter().collect::<Vec<_>>())?;
+        programs.set_wan_addresses(&interface_addresses(&cfg.wan_interface))?;
 
         let queues =
             rx_queues(&cfg.wan_interface).min(rx_queues(&cfg.lan_interface)).min(cfg.queues.unwrap_or(u32::MAX));
@@ -315,6 +337,30 @@ impl Gateway {
             threads
                 .push(spawn("wgxdp-control".into(), Box::new(move || run_control(device, hs_rx, ctl_rx, udp, stop)))?);
         }
+        let programs = Arc::new(Mutex::new(programs));
+        let slow_counters = Arc::new(WorkerCounters::default());
+        let (to_lan, from_kernel) = crossbeam_channel::bounded(1024);
+        {
+            let (shared, udp, counters) = (shared.clone(), kernel_udp.clone(), slow_counters.clone());
+            threads.push(spawn(
+                "wgxdp-slowpath".into(),
+                Box::new(move || crate::slow_path::run(shared, udp, to_lan, counters)),
+            )?);
+        }
+        {
+            let (stop, programs, iface) = (stop.clone(), programs.clone(), cfg.wan_interface.clone());
+            threads.push(spawn("wgxdp-addrs".into(), Box::new(move || follow_wan_addresses(programs, iface, stop)))?);
+        }
+        let wan_queues = rx_queues(&cfg.wan_interface);
+        if wan_queues > queues {
+            tracing::warn!(
+                wan_queues,
+                queues,
+                "the WAN NIC has more rx queues than AF_XDP sockets: WireGuard arriving on the others \
+                 takes the kernel slow path (counted as wan_no_socket); match them with `ethtool -L`"
+            );
+        }
+        let mut from_kernel = Some(from_kernel);
         let cores = if cfg.cores.is_empty() {
             core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect()
         } else {
@@ -324,7 +370,10 @@ impl Gateway {
         for (q, (wan, lan)) in sockets.into_iter().enumerate() {
             let c = Arc::new(WorkerCounters::default());
             counters.push(c.clone());
-            let worker = Worker::new(q as u32, shared.clone(), wan, lan, c);
+            let mut worker = Worker::new(q as u32, shared.clone(), wan, lan, c);
+            if let Some(rx) = from_kernel.take() {
+                worker.set_slow_path(rx);
+            }
             let core = (!cores.is_empty()).then(|| cores[q % cores.len()]);
             threads.push(spawn(
                 format!("wgxdp-q{q}"),
@@ -339,7 +388,7 @@ impl Gateway {
             )?);
         }
         tracing::info!(%public_key, queues, port = cfg.listen_port, "gateway running");
-        Ok(Self { programs: Arc::new(Mutex::new(programs)), shared, stop, threads, counters, public_key, queues })
+        Ok(Self { programs, shared, stop, threads, counters, slow_counters, public_key, queues })
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -352,7 +401,11 @@ impl Gateway {
 
     pub fn stats(&self) -> GatewayStats {
         let xdp = self.programs.lock().unwrap_or_else(|p| p.into_inner()).stats().unwrap_or_default();
-        GatewayStats { xdp, workers: self.counters.iter().map(|c| c.named()).collect() }
+        GatewayStats {
+            xdp,
+            workers: self.counters.iter().map(|c| c.named()).collect(),
+            slow_path: self.slow_counters.named(),
+        }
     }
 
     /// Runs `f` on the control thread (which owns the protocol state) and
@@ -460,6 +513,28 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.stop_threads();
         tracing::info!("gateway stopped; XDP programs detached");
+    }
+}
+
+/// Keeps the WAN program's list of our own addresses in step with the
+/// interface (addresses come and go, e.g. a floating address).
+fn follow_wan_addresses(programs: Arc<Mutex<XdpPrograms>>, iface: String, stop: Arc<AtomicBool>) {
+    let mut last = interface_addresses(&iface);
+    let mut since = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if since.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        since = Instant::now();
+        let now = interface_addresses(&iface);
+        if now != last {
+            match programs.lock().unwrap_or_else(|p| p.into_inner()).set_wan_addresses(&now) {
+                Ok(()) => tracing::info!(%iface, addresses = ?now, "WAN addresses changed"),
+                Err(e) => tracing::warn!(%iface, error = %e, "updating the WAN addresses in XDP failed"),
+            }
+            last = now;
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod neighbors;
 pub mod netlink;
 pub mod noise;
 pub mod peer_view;
+pub mod slow_path;
 pub mod staging;
 pub mod table;
 #[cfg(any(test, feature = "testing"))]

@@ -84,6 +84,9 @@ pub struct XdpPrograms {
     tunnel_v4: LpmTrie<MapData, [u8; 4], u32>,
     tunnel_v6: LpmTrie<MapData, [u8; 16], u32>,
     stats: PerCpuArray<MapData, u64>,
+    wan_addrs_v4: aya::maps::HashMap<MapData, [u8; 4], u8>,
+    wan_addrs_v6: aya::maps::HashMap<MapData, [u8; 16], u8>,
+    wan_addrs: BTreeSet<IpAddr>,
     tunnel_prefixes: BTreeSet<IpPrefix>,
     attached: Vec<(Side, String, AttachMode)>,
 }
@@ -121,6 +124,9 @@ impl XdpPrograms {
             tunnel_v4: take(&mut ebpf, maps::TUNNEL_V4)?,
             tunnel_v6: take(&mut ebpf, maps::TUNNEL_V6)?,
             stats: take(&mut ebpf, maps::STATS)?,
+            wan_addrs_v4: take(&mut ebpf, maps::WAN_ADDRS_V4)?,
+            wan_addrs_v6: take(&mut ebpf, maps::WAN_ADDRS_V6)?,
+            wan_addrs: BTreeSet::new(),
             config,
             ebpf,
             tunnel_prefixes: BTreeSet::new(),
@@ -185,6 +191,30 @@ impl XdpPrograms {
             }
         }
         self.tunnel_prefixes = wanted;
+        Ok(())
+    }
+
+    /// Makes the WAN program take WireGuard traffic to exactly these addresses
+    /// (the gateway's own); UDP to the port for any other address stays with
+    /// the kernel. Changes only the entries that differ.
+    pub fn set_wan_addresses(&mut self, addrs: &[IpAddr]) -> Result<(), LoaderError> {
+        let wanted: BTreeSet<IpAddr> = addrs.iter().copied().collect();
+        for a in self.wan_addrs.difference(&wanted) {
+            let r = match a {
+                IpAddr::V4(a) => self.wan_addrs_v4.remove(&a.octets()),
+                IpAddr::V6(a) => self.wan_addrs_v6.remove(&a.octets()),
+            };
+            if let Err(e) = r {
+                tracing::warn!(addr = %a, error = %e, "removing a WAN address from XDP failed");
+            }
+        }
+        for a in wanted.difference(&self.wan_addrs) {
+            match a {
+                IpAddr::V4(a) => self.wan_addrs_v4.insert(a.octets(), 1, 0)?,
+                IpAddr::V6(a) => self.wan_addrs_v6.insert(a.octets(), 1, 0)?,
+            }
+        }
+        self.wan_addrs = wanted;
         Ok(())
     }
 

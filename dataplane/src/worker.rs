@@ -181,6 +181,9 @@ pub struct Worker<S: FrameIo = XskSocket> {
     /// ICMP errors this worker may still send in the current second.
     icmp_budget: u32,
     icmp_second: Instant,
+    /// Inner packets the kernel slow path decrypted, for this worker's LAN
+    /// socket (worker 0 only).
+    slow_path: Option<crossbeam_channel::Receiver<Vec<u8>>>,
 }
 
 /// ICMP errors per worker per second, at most (routers rate-limit them).
@@ -197,7 +200,13 @@ impl<S: FrameIo> Worker<S> {
             scratch: vec![0u8; 65536],
             icmp_budget: ICMP_PER_SECOND,
             icmp_second: Instant::now(),
+            slow_path: None,
         }
+    }
+
+    /// Makes this worker forward what the kernel slow path decrypted.
+    pub fn set_slow_path(&mut self, from_kernel: crossbeam_channel::Receiver<Vec<u8>>) {
+        self.slow_path = Some(from_kernel);
     }
 
     /// One batch from each side, processed and flushed; returns the frames taken.
@@ -209,6 +218,13 @@ impl<S: FrameIo> Worker<S> {
         work += self.lan.recv(batch, BATCH);
         for frame in batch.drain(..) {
             self.on_lan(frame, now);
+        }
+        if let Some(from_kernel) = &self.slow_path {
+            for packet in from_kernel.try_iter().take(BATCH) {
+                deliver_inner(&mut self.lan, &self.shared, &self.counters, &packet);
+                self.shared.staging.give(packet);
+                work += 1;
+            }
         }
         self.wan.flush();
         self.lan.flush();
@@ -240,7 +256,10 @@ impl<S: FrameIo> Worker<S> {
                     Ok(Opened::Data { inner, offset, .. }) => {
                         bump(&self.counters.decrypted);
                         let start = udp.payload.start + offset;
-                        self.deliver_to_lan(&frame, start..start + inner.len);
+                        match self.wan.data(&frame).get(start..start + inner.len) {
+                            Some(packet) => deliver_inner(&mut self.lan, &self.shared, &self.counters, packet),
+                            None => self.counters.dropped(DropReason::BadInnerPacket),
+                        }
                     }
                     Ok(Opened::Keepalive { .. }) => bump(&self.counters.keepalives_received),
                     Err(reason) => self.counters.dropped(reason),
@@ -252,45 +271,6 @@ impl<S: FrameIo> Worker<S> {
                 self.counters.dropped(DropReason::Malformed);
                 self.wan.release(frame);
             }
-        }
-    }
-
-    /// Sends a decrypted inner packet (at `packet` in the WAN frame) to the site.
-    fn deliver_to_lan(&mut self, wan_frame: &S::Frame, packet: core::ops::Range<usize>) {
-        let Some(inner) = self.wan.data(wan_frame).get(packet) else {
-            return self.counters.dropped(DropReason::BadInnerPacket);
-        };
-        let Ok(ip) = parse_ip_frame_payload(inner) else {
-            return self.counters.dropped(DropReason::BadInnerPacket);
-        };
-        let next_hop = self.shared.lan_next_hop.unwrap_or(ip.dst);
-        let Some(mac) = self.shared.neighbors.lookup(next_hop) else {
-            // Never wait: the kernel resolves and sends this one; later ones hit.
-            bump(&self.counters.neighbor_misses);
-            self.shared.neighbors.request(next_hop);
-            match self.shared.injector.as_ref().map(|i| i.send(inner, ip.dst)) {
-                Some(Ok(())) => bump(&self.counters.via_kernel),
-                _ => self.counters.dropped(DropReason::NoNextHop),
-            }
-            return;
-        };
-        let Some(mut out) = self.lan.alloc(ETHERNET_HEADER_LEN + inner.len()) else {
-            return self.counters.dropped(DropReason::NoFrame);
-        };
-        let lan_mac = self.shared.lan_mac;
-        let v6 = ip.dst.is_ipv6();
-        let written = self.lan.with_data_mut(&mut out, None, |buf| match buf.get_mut(ETHERNET_HEADER_LEN..) {
-            Some(body) if body.len() == inner.len() => {
-                body.copy_from_slice(inner);
-                write_ethernet_header(buf, mac, lan_mac, v6).is_ok()
-            }
-            _ => false,
-        });
-        if written {
-            self.lan.send(out);
-        } else {
-            self.lan.release(out);
-            self.counters.dropped(DropReason::BufferTooSmall);
         }
     }
 
@@ -491,6 +471,43 @@ impl<S: FrameIo> Worker<S> {
         } else {
             self.lan.release(out);
         }
+    }
+}
+
+/// Sends a decrypted inner packet to the site: framed for the next hop's MAC
+/// from the neighbour table, into a frame of the LAN socket.
+fn deliver_inner<S: FrameIo>(lan: &mut S, shared: &Shared, counters: &WorkerCounters, inner: &[u8]) {
+    let Ok(ip) = parse_ip_frame_payload(inner) else {
+        return counters.dropped(DropReason::BadInnerPacket);
+    };
+    let next_hop = shared.lan_next_hop.unwrap_or(ip.dst);
+    let Some(mac) = shared.neighbors.lookup(next_hop) else {
+        // Never wait: the kernel resolves and sends this one; later ones hit.
+        bump(&counters.neighbor_misses);
+        shared.neighbors.request(next_hop);
+        match shared.injector.as_ref().map(|i| i.send(inner, ip.dst)) {
+            Some(Ok(())) => bump(&counters.via_kernel),
+            _ => counters.dropped(DropReason::NoNextHop),
+        }
+        return;
+    };
+    let Some(mut out) = lan.alloc(ETHERNET_HEADER_LEN + inner.len()) else {
+        return counters.dropped(DropReason::NoFrame);
+    };
+    let lan_mac = shared.lan_mac;
+    let v6 = ip.dst.is_ipv6();
+    let written = lan.with_data_mut(&mut out, None, |buf| match buf.get_mut(ETHERNET_HEADER_LEN..) {
+        Some(body) if body.len() == inner.len() => {
+            body.copy_from_slice(inner);
+            write_ethernet_header(buf, mac, lan_mac, v6).is_ok()
+        }
+        _ => false,
+    });
+    if written {
+        lan.send(out);
+    } else {
+        lan.release(out);
+        counters.dropped(DropReason::BufferTooSmall);
     }
 }
 

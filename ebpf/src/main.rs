@@ -17,10 +17,10 @@
 use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::maps::{Array, LpmTrie, PerCpuArray, XskMap};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, XskMap};
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
-use wgxdp_common::{config, stat, MAX_QUEUES, MAX_TUNNEL_PREFIXES};
+use wgxdp_common::{config, stat, MAX_QUEUES, MAX_TUNNEL_PREFIXES, MAX_WAN_ADDRS};
 
 mod sink;
 
@@ -34,6 +34,11 @@ static CONFIG: Array<u32> = Array::with_max_entries(config::COUNT, 0);
 static TUNNEL_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_TUNNEL_PREFIXES, 0);
 #[map]
 static TUNNEL_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_TUNNEL_PREFIXES, 0);
+/// The gateway's own WAN addresses: only UDP to one of them is ours.
+#[map]
+static WAN_ADDRS_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_WAN_ADDRS, 0);
+#[map]
+static WAN_ADDRS_V6: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_WAN_ADDRS, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
@@ -50,6 +55,8 @@ struct Truncated;
 enum Verdict {
     Ours,
     NotOurs,
+    /// WireGuard's port, but another host's address (WAN only).
+    NotOurAddress,
 }
 
 #[xdp]
@@ -58,6 +65,7 @@ pub fn wgxdp_wan(ctx: XdpContext) -> u32 {
     match classify_wan(&ctx) {
         Ok(Verdict::Ours) => redirect(&ctx, &WAN_XSKS, base),
         Ok(Verdict::NotOurs) => pass(base + 1),
+        Ok(Verdict::NotOurAddress) => pass(stat::WAN_NOT_OUR_ADDRESS),
         Err(Truncated) => pass(base + 2),
     }
 }
@@ -67,7 +75,7 @@ pub fn wgxdp_lan(ctx: XdpContext) -> u32 {
     let base = stat::LAN_REDIRECTED;
     match classify_lan(&ctx) {
         Ok(Verdict::Ours) => redirect(&ctx, &LAN_XSKS, base),
-        Ok(Verdict::NotOurs) => pass(base + 1),
+        Ok(Verdict::NotOurs | Verdict::NotOurAddress) => pass(base + 1),
         Err(Truncated) => pass(base + 2),
     }
 }
@@ -129,10 +137,12 @@ fn ethertype(ctx: &XdpContext) -> Result<u16, Truncated> {
     Ok(u16::from_be_bytes(read::<2>(ctx, 12)?))
 }
 
-/// UDP to the configured listen port, over IPv4 (unfragmented) or IPv6
-/// (no extension headers). Anything else is the kernel's.
+/// UDP to the configured listen port on one of the gateway's own WAN
+/// addresses, over IPv4 (unfragmented) or IPv6 (no extension headers).
+/// Anything else is the kernel's.
 #[inline(always)]
 fn classify_wan(ctx: &XdpContext) -> Result<Verdict, Truncated> {
+    let mut ours = false;
     let udp_offset = match ethertype(ctx)? {
         ETH_P_IPV4 => {
             let [ver_ihl] = read::<1>(ctx, ETH_HDR_LEN)?;
@@ -145,6 +155,8 @@ fn classify_wan(ctx: &XdpContext) -> Result<Verdict, Truncated> {
             if ihl < 20 {
                 return Err(Truncated);
             }
+            let dst = read::<4>(ctx, ETH_HDR_LEN + 16)?;
+            ours = WAN_ADDRS_V4.get_ptr(&dst).is_some();
             ETH_HDR_LEN + ihl
         }
         ETH_P_IPV6 => {
@@ -152,16 +164,20 @@ fn classify_wan(ctx: &XdpContext) -> Result<Verdict, Truncated> {
             if next_header != IPPROTO_UDP {
                 return Ok(Verdict::NotOurs);
             }
+            let dst = read::<16>(ctx, ETH_HDR_LEN + 24)?;
+            ours = WAN_ADDRS_V6.get_ptr(&dst).is_some();
             ETH_HDR_LEN + IPV6_HDR_LEN
         }
         _ => return Ok(Verdict::NotOurs),
     };
     let dst_port = u16::from_be_bytes(read::<2>(ctx, udp_offset + 2)?);
     let listen_port = CONFIG.get(config::LISTEN_PORT).copied().unwrap_or(0);
-    if listen_port != 0 && u32::from(dst_port) == listen_port {
+    if listen_port == 0 || u32::from(dst_port) != listen_port {
+        Ok(Verdict::NotOurs)
+    } else if ours {
         Ok(Verdict::Ours)
     } else {
-        Ok(Verdict::NotOurs)
+        Ok(Verdict::NotOurAddress)
     }
 }
 

@@ -10,6 +10,8 @@ pub mod maps {
     pub const TUNNEL_V4: &str = "TUNNEL_V4";
     pub const TUNNEL_V6: &str = "TUNNEL_V6";
     pub const STATS: &str = "STATS";
+    pub const WAN_ADDRS_V4: &str = "WAN_ADDRS_V4";
+    pub const WAN_ADDRS_V6: &str = "WAN_ADDRS_V6";
     pub const SINK_CONFIG: &str = "SINK_CONFIG";
     pub const SINK_STATS: &str = "SINK_STATS";
 }
@@ -38,6 +40,8 @@ pub mod sink {
 
 /// Capacity of the XSK maps: the highest rx queue index + 1 we can serve.
 pub const MAX_QUEUES: u32 = 64;
+/// Capacity of each map of the gateway's own WAN addresses.
+pub const MAX_WAN_ADDRS: u32 = 256;
 /// Capacity of each tunnel-prefix LPM map.
 pub const MAX_TUNNEL_PREFIXES: u32 = 65_536;
 
@@ -55,8 +59,11 @@ pub mod stat {
     pub const LAN_PASSED: u32 = 5;
     pub const LAN_MALFORMED: u32 = 6;
     pub const LAN_NO_SOCKET: u32 = 7;
+    /// WAN: UDP to the listen port but to an address that is not the
+    /// gateway's own (forwarded or bound elsewhere); handed to the kernel.
+    pub const WAN_NOT_OUR_ADDRESS: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     /// Names for logs and metrics, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -68,6 +75,7 @@ pub mod stat {
         "lan_passed",
         "lan_malformed",
         "lan_no_socket",
+        "wan_not_our_address",
     ];
 }
 
