@@ -192,6 +192,11 @@ impl DataPlane for GatewayPlane {
                 let _ = writeln!(out, "wgxdp_queue_packets_total{{queue=\"{q}\",counter=\"{name}\"}} {v}");
             }
         }
+        let _ = writeln!(out, "# HELP wgxdp_control_drops_total Drops on the control thread, by reason.");
+        let _ = writeln!(out, "# TYPE wgxdp_control_drops_total counter");
+        for (name, v) in &stats.control {
+            let _ = writeln!(out, "wgxdp_control_drops_total{{counter=\"{name}\"}} {v}");
+        }
         // What the kernel handed over (fragments, queues without a socket).
         for (name, v) in &stats.slow_path {
             let _ = writeln!(out, "wgxdp_queue_packets_total{{queue=\"kernel\",counter=\"{name}\"}} {v}");

@@ -219,6 +219,8 @@ fn log_stats(gateway: &Gateway) {
     let nonzero: Vec<String> =
         stats.slow_path.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     println!("wgxdp: stats kernel-slow-path {}", nonzero.join(" "));
+    let nonzero: Vec<String> = stats.control.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    println!("wgxdp: stats control {}", nonzero.join(" "));
     for (q, w) in stats.workers.iter().enumerate() {
         let nonzero: Vec<String> = w.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
         println!("wgxdp: stats queue{q} {}", nonzero.join(" "));

@@ -118,7 +118,9 @@ fn api_creates_updates_and_deletes_live_tunnels() {
     assert_eq!(created["data"]["status"], "active");
     assert!(
         ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 5, 3),
-        "no traffic after the API created the gateway"
+        "no traffic after the API created the gateway; gateway:\n{}\n{}",
+        gateway.output(),
+        gateway.errors()
     );
 
     // Live status: up, counters growing, a recent handshake.

@@ -55,6 +55,8 @@ pub enum Action<'a> {
 pub struct Transmit {
     pub to: SocketAddr,
     pub len: usize,
+    /// The peer it is for.
+    pub peer: PeerId,
 }
 
 /// What `Device::update_peer` changes; `None` fields stay as they are.
@@ -128,7 +130,7 @@ pub struct Device {
     next_peer_id: PeerId,
     staging: Arc<StagingPool>,
     ready: VecDeque<PeerId>,
-    pub drops: DropCounters,
+    pub drops: Arc<DropCounters>,
     pub cookie_replies_sent: u64,
 }
 
@@ -162,7 +164,7 @@ impl Device {
             next_peer_id: 1,
             staging: Arc::new(StagingPool::new(MAX_STAGED_TOTAL)),
             ready: VecDeque::new(),
-            drops: DropCounters::default(),
+            drops: Arc::new(DropCounters::default()),
             cookie_replies_sent: 0,
         }
     }
@@ -334,6 +336,7 @@ impl Device {
     ) -> Result<Action<'a>, DropReason> {
         let result = self.receive_inner(src, datagram, under_load, now, wall, out);
         if let Err(d) = result {
+            tracing::trace!(from = %src.addr, reason = %d, "dropped");
             self.drops.count(d);
         }
         result
@@ -398,10 +401,17 @@ impl Device {
         let buf: &mut [u8; HANDSHAKE_RESPONSE_LEN] =
             out.get_mut(..HANDSHAKE_RESPONSE_LEN).and_then(|b| b.try_into().ok()).ok_or(DropReason::BufferTooSmall)?;
         let msg = HandshakeInitiation::new_checked(datagram).map_err(|_| DropReason::Malformed)?;
-        let partial = consume_initiation_static(&self.identity, &msg).map_err(|_| DropReason::Handshake)?;
-        let id = *self.by_key.get(&partial.remote_static).ok_or(DropReason::Handshake)?;
+        let refused = |e: crate::noise::handshake::HandshakeError| {
+            tracing::debug!(from = %from.addr, error = %e, "initiation refused");
+            DropReason::Handshake
+        };
+        let partial = consume_initiation_static(&self.identity, &msg).map_err(refused)?;
+        let Some(&id) = self.by_key.get(&partial.remote_static) else {
+            tracing::debug!(from = %from.addr, key = %partial.remote_static, "initiation from an unknown peer");
+            return Err(DropReason::Handshake);
+        };
         let slot = self.peers.get_mut(&id).ok_or(DropReason::Handshake)?;
-        let consumed = partial.finish(slot.peer.keys(), &msg).map_err(|_| DropReason::Handshake)?;
+        let consumed = partial.finish(slot.peer.keys(), &msg).map_err(refused)?;
         let index = self
             .tables
             .indices
@@ -412,12 +422,15 @@ impl Device {
                 self.tables.indices.replace(index, IndexValue { peer: id, keypair: Some(keypair) });
                 slot.view.learn(from);
                 slot.handshakes += 1;
+                // Any handshake completed from here on satisfies a pending wish
+                // for one (it already uses the current pre-shared key).
+                slot.want_initiation = false;
                 self.retire(retired);
                 Ok(Action::Send { to: from.addr, bytes: &out[..HANDSHAKE_RESPONSE_LEN] })
             }
-            Err(_) => {
+            Err(e) => {
                 self.tables.indices.remove(index);
-                Err(DropReason::Handshake)
+                Err(refused(e))
             }
         }
     }
@@ -437,10 +450,13 @@ impl Device {
         let id = entry.value.peer;
         drop(entry);
         let slot = self.peers.get_mut(&id).ok_or(DropReason::UnknownIndex)?;
-        let (keypair, retired) =
-            slot.peer.consume_response(&self.identity, &msg, now, wall).map_err(|_| DropReason::Handshake)?;
+        let (keypair, retired) = slot.peer.consume_response(&self.identity, &msg, now, wall).map_err(|e| {
+            tracing::debug!(from = %from.addr, error = %e, "response refused");
+            DropReason::Handshake
+        })?;
         slot.view.learn(from);
         slot.handshakes += 1;
+        slot.want_initiation = false;
         slot.publish();
         // Section 6.3 / wireguard-go: confirm the session at once, with the staged
         // packets if there are any, else with a keepalive.
@@ -531,7 +547,7 @@ impl Device {
         let slot = self.peers.get(&id).ok_or(DropReason::NoRoute)?;
         let to = slot.endpoint().ok_or(DropReason::NoEndpoint)?;
         match transport::seal(&slot.view, out, 0, now) {
-            Ok(len) => Ok(Transmit { to, len }),
+            Ok(len) => Ok(Transmit { to, len, peer: id }),
             Err(SealError::BufferTooSmall) => Err(DropReason::BufferTooSmall),
             Err(SealError::NoSession) => Err(DropReason::Expired),
         }
@@ -687,7 +703,7 @@ impl Device {
                 match slot.peer.write_initiation(&self.identity, index, retry, now, wall, buf) {
                     Ok(retired) => {
                         self.retire(retired);
-                        return Some(Transmit { to, len: HANDSHAKE_INITIATION_LEN });
+                        return Some(Transmit { to, len: HANDSHAKE_INITIATION_LEN, peer: id });
                     }
                     Err(_) => {
                         self.tables.indices.remove(index);
@@ -712,7 +728,7 @@ impl Device {
                     match sealed {
                         Ok(n) => {
                             slot.want_keepalive = false;
-                            return Some(Transmit { to, len: n });
+                            return Some(Transmit { to, len: n, peer: id });
                         }
                         Err(reason) => {
                             self.drops.count(reason);
@@ -723,7 +739,7 @@ impl Device {
                 if slot.want_keepalive {
                     slot.want_keepalive = false;
                     if let Ok(n) = transport::seal(&slot.view, out, 0, now) {
-                        return Some(Transmit { to, len: n });
+                        return Some(Transmit { to, len: n, peer: id });
                     }
                 }
             }

@@ -6,7 +6,7 @@
 use crate::device::{Action, Device, PeerId, PeerStats, PeerUpdate};
 use crate::frame::udp_headers_len;
 use crate::loader::{LoaderError, Side, XdpPrograms, XdpStats};
-use crate::neighbors::{run_resolver, NeighborTable, RawInjector};
+use crate::neighbors::{run_resolver, run_wan_resolver, KernelSender, NeighborTable, RawInjector, WanNextHops};
 use crate::noise::peer::PeerConfig;
 use crate::noise::{AeadBackend, PrivateKey, PublicKey};
 use crate::table::IpPrefix;
@@ -105,6 +105,9 @@ pub struct GatewayStats {
     pub workers: Vec<Vec<(&'static str, u64)>>,
     /// The same counters for what the kernel slow path handled.
     pub slow_path: Vec<(&'static str, u64)>,
+    /// Drops on the control thread (handshake messages, staged packets,
+    /// datagrams whose next hop never resolved), by reason.
+    pub control: Vec<(&'static str, u64)>,
 }
 
 #[derive(Debug)]
@@ -116,6 +119,8 @@ pub struct Gateway {
     counters: Vec<Arc<WorkerCounters>>,
     /// What the kernel slow path handled.
     slow_counters: Arc<WorkerCounters>,
+    /// What the control thread dropped (handshakes, staging, next hops).
+    control_drops: Arc<crate::drops::DropCounters>,
     public_key: PublicKey,
     queues: u32,
 }
@@ -302,6 +307,8 @@ impl Gateway {
         let (hs_tx, hs_rx) = crossbeam_channel::bounded(cfg.handshake_queue.max(8));
         let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(4096);
         let (neighbors, neighbor_requests) = NeighborTable::new();
+        let (wan_next_hops, wan_requests) = WanNextHops::new();
+        let control_drops = device.drops.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
             tables: device.tables().clone(),
@@ -312,6 +319,7 @@ impl Gateway {
             neighbors: neighbors.clone(),
             injector: Some(injector),
             kernel_udp: kernel_udp.clone(),
+            wan_next_hops: wan_next_hops.clone(),
             lan_mac,
             lan_next_hop: cfg.lan_next_hop,
             tunnel_mtu: cfg.tunnel_mtu,
@@ -333,9 +341,17 @@ impl Gateway {
             )?);
         }
         {
-            let (stop, udp) = (stop.clone(), kernel_udp.clone());
+            let (stop, next_hops) = (stop.clone(), wan_next_hops.clone());
             threads
-                .push(spawn("wgxdp-control".into(), Box::new(move || run_control(device, hs_rx, ctl_rx, udp, stop)))?);
+                .push(spawn("wgxdp-wan-nh".into(), Box::new(move || run_wan_resolver(next_hops, wan_requests, stop)))?);
+        }
+        {
+            let stop = stop.clone();
+            let kernel = KernelSender::new(kernel_udp.clone(), wan_next_hops.clone(), device.drops.clone());
+            threads.push(spawn(
+                "wgxdp-control".into(),
+                Box::new(move || run_control(device, hs_rx, ctl_rx, kernel, stop)),
+            )?);
         }
         let programs = Arc::new(Mutex::new(programs));
         let slow_counters = Arc::new(WorkerCounters::default());
@@ -388,7 +404,7 @@ impl Gateway {
             )?);
         }
         tracing::info!(%public_key, queues, port = cfg.listen_port, "gateway running");
-        Ok(Self { programs, shared, stop, threads, counters, slow_counters, public_key, queues })
+        Ok(Self { programs, shared, stop, threads, counters, slow_counters, control_drops, public_key, queues })
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -405,6 +421,7 @@ impl Gateway {
             xdp,
             workers: self.counters.iter().map(|c| c.named()).collect(),
             slow_path: self.slow_counters.named(),
+            control: self.control_drops.named().collect(),
         }
     }
 
@@ -576,23 +593,20 @@ fn run_control(
     mut device: Device,
     handshakes: Receiver<HandshakeJob>,
     events: Receiver<ControlEvent>,
-    udp: Arc<UdpSocket>,
+    mut kernel: KernelSender,
     stop: Arc<AtomicBool>,
 ) {
     let mut out = vec![0u8; 65536];
     let mut last_tick = Instant::now();
-    let send = |bytes: &[u8], to: SocketAddr| {
-        if let Err(e) = udp.send_to(bytes, to) {
-            tracing::debug!(%to, error = %e, "sending through the kernel failed");
-        }
-    };
     while !stop.load(Ordering::Relaxed) {
         select! {
             recv(handshakes) -> job => if let Ok(mut job) = job {
                 let (now, wall) = (Instant::now(), SystemTime::now());
                 let from = job.from;
                 if let Ok(Action::Send { to, bytes }) = device.receive_from(from, job.message_mut(), false, now, wall, &mut out) {
-                    send(bytes, to);
+                    // An answer to a frame the peer just sent: it is alive and
+                    // reachable, the kernel resolves it at once.
+                    kernel.send_now(bytes, to);
                 }
             },
             recv(events) -> ev => match ev {
@@ -609,8 +623,19 @@ fn run_control(
             last_tick = now;
         }
         while let Some(t) = device.poll_transmit(now, wall, &mut out) {
-            send(&out[..t.len], t.to);
+            // A peer whose frames we saw on this address is reachable; others
+            // wait for their next hop (never queued behind a failing ARP).
+            let seen = device
+                .views()
+                .get(t.peer)
+                .is_some_and(|v| v.endpoint.load().as_ref().is_some_and(|e| e.addr == t.to && e.path.is_some()));
+            if seen {
+                kernel.send_now(&out[..t.len], t.to);
+            } else {
+                kernel.send(&out[..t.len], t.to, now);
+            }
         }
+        kernel.flush(now);
     }
 }
 

@@ -5,6 +5,7 @@
 //! the link's file descriptor closes: on `Drop`, on a clean exit, and even if
 //! the process is killed. No program is left behind on the interfaces.
 
+use crate::netlink;
 use crate::table::IpPrefix;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, MapData, PerCpuArray, XskMap};
@@ -290,261 +291,92 @@ pub enum DetachError {
     Netlink { iface: String, source: std::io::Error },
 }
 
-mod rtnl {
-    use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+/// `IFLA_XDP` and its nested attributes (linux/if_link.h).
+mod ifla {
+    pub const XDP: u16 = 43;
+    pub const XDP_FD: u16 = 1;
+    pub const XDP_FLAGS: u16 = 3;
+    pub const XDP_DRV_PROG_ID: u16 = 5;
+    pub const XDP_SKB_PROG_ID: u16 = 6;
+    pub const XDP_HW_PROG_ID: u16 = 7;
+    /// `ifinfomsg`: family, pad, type, index, flags, change.
+    pub const IFINFO_LEN: usize = 16;
+}
 
-    const NLMSG_ERROR: u16 = 2;
-    const NLMSG_DONE: u16 = 3;
-    const RTM_NEWLINK: u16 = 16;
-    pub const RTM_GETLINK: u16 = 18;
-    pub const RTM_SETLINK: u16 = 19;
-    const NLM_F_REQUEST: u16 = 1;
-    const NLM_F_ACK: u16 = 4;
-    const NLA_F_NESTED: u16 = 1 << 15;
-    const IFLA_XDP: u16 = 43;
-    pub const IFLA_XDP_FD: u16 = 1;
-    pub const IFLA_XDP_FLAGS: u16 = 3;
-    const IFLA_XDP_DRV_PROG_ID: u16 = 5;
-    const IFLA_XDP_SKB_PROG_ID: u16 = 6;
-    const IFLA_XDP_HW_PROG_ID: u16 = 7;
-    const HDR: usize = 16;
-    const IFINFO: usize = 16;
+/// `ifinfomsg` for `index`, then `attrs`.
+fn link_body(index: u32, attrs: &[u8]) -> Vec<u8> {
+    let mut body = vec![0u8; ifla::IFINFO_LEN];
+    body[4..8].copy_from_slice(&(index as i32).to_ne_bytes());
+    body.extend_from_slice(attrs);
+    body
+}
 
-    fn align4(n: usize) -> usize {
-        (n + 3) & !3
-    }
+/// `IFLA_XDP { IFLA_XDP_FD = fd, IFLA_XDP_FLAGS = flags }` (fd -1 detaches).
+fn xdp_attr(fd: i32, flags: u32) -> Vec<u8> {
+    let mut inner = Vec::new();
+    netlink::push_attr(&mut inner, ifla::XDP_FD, &fd.to_ne_bytes());
+    netlink::push_attr(&mut inner, ifla::XDP_FLAGS, &flags.to_ne_bytes());
+    let mut a = Vec::new();
+    netlink::push_attr(&mut a, ifla::XDP | netlink::NLA_F_NESTED, &inner);
+    a
+}
 
-    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-        Some(u16::from_ne_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?))
-    }
-
-    fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-        Some(u32::from_ne_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
-    }
-
-    /// (type, payload) of each attribute in `b`; stops at the first malformed one.
-    fn attrs(b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-        let mut at = 0usize;
-        std::iter::from_fn(move || {
-            let len = usize::from(u16_at(b, at)?);
-            let kind = u16_at(b, at + 2)? & !NLA_F_NESTED;
-            let payload = b.get(at + 4..at.checked_add(len)?).filter(|_| len >= 4)?;
-            at = at.checked_add(align4(len))?;
-            Some((kind, payload))
-        })
-    }
-
-    /// A request: header, `ifinfomsg` for `ifindex`, then `attrs` (already encoded).
-    pub fn request(kind: u16, seq: u32, ifindex: u32, attrs: &[u8]) -> Vec<u8> {
-        let len = HDR + IFINFO + attrs.len();
-        let mut m = Vec::with_capacity(len);
-        m.extend_from_slice(&(len as u32).to_ne_bytes());
-        m.extend_from_slice(&kind.to_ne_bytes());
-        let flags = if kind == RTM_SETLINK { NLM_F_REQUEST | NLM_F_ACK } else { NLM_F_REQUEST };
-        m.extend_from_slice(&flags.to_ne_bytes());
-        m.extend_from_slice(&seq.to_ne_bytes());
-        m.extend_from_slice(&0u32.to_ne_bytes());
-        // ifinfomsg: family AF_UNSPEC, pad, type, index, flags, change.
-        m.extend_from_slice(&[0, 0, 0, 0]);
-        m.extend_from_slice(&(ifindex as i32).to_ne_bytes());
-        m.extend_from_slice(&[0; 8]);
-        m.extend_from_slice(attrs);
-        m
-    }
-
-    /// `IFLA_XDP { IFLA_XDP_FD = -1, IFLA_XDP_FLAGS = flags }`: detach in one mode.
-    pub fn xdp_detach_attr(flags: u32) -> Vec<u8> {
-        let mut inner = Vec::new();
-        inner.extend_from_slice(&8u16.to_ne_bytes());
-        inner.extend_from_slice(&IFLA_XDP_FD.to_ne_bytes());
-        inner.extend_from_slice(&(-1i32).to_ne_bytes());
-        inner.extend_from_slice(&8u16.to_ne_bytes());
-        inner.extend_from_slice(&IFLA_XDP_FLAGS.to_ne_bytes());
-        inner.extend_from_slice(&flags.to_ne_bytes());
-        let mut a = Vec::new();
-        a.extend_from_slice(&((4 + inner.len()) as u16).to_ne_bytes());
-        a.extend_from_slice(&(IFLA_XDP | NLA_F_NESTED).to_ne_bytes());
-        a.extend_from_slice(&inner);
-        a
-    }
-
-    /// What a reply to request `seq` says.
-    #[derive(Debug, PartialEq, Eq)]
-    pub enum Reply {
-        /// An `NLMSG_ERROR`: 0 is an acknowledgement, else a negative errno.
-        Ack(i32),
-        /// `RTM_NEWLINK`: (driver, generic, offload) program ids, 0 = none.
-        Link([u32; 3]),
-    }
-
-    /// Parses one datagram from the kernel, keeping only messages for `seq`
-    /// from the kernel itself (`nl_pid` 0 is checked by the caller's socket
-    /// address); malformed input is ignored, never a panic.
-    pub fn parse(buf: &[u8], seq: u32) -> Option<Reply> {
-        let mut at = 0usize;
-        while let Some(len) = u32_at(buf, at).map(|l| l as usize) {
-            let msg = buf.get(at..at.checked_add(len)?).filter(|_| len >= HDR)?;
-            let kind = u16_at(msg, 4)?;
-            if u32_at(msg, 8)? == seq {
-                match kind {
-                    NLMSG_ERROR => return Some(Reply::Ack(u32_at(msg, HDR)? as i32)),
-                    RTM_NEWLINK => {
-                        let mut ids = [0u32; 3];
-                        for (k, payload) in attrs(msg.get(HDR + IFINFO..)?) {
-                            if k != IFLA_XDP {
-                                continue;
-                            }
-                            for (k, v) in attrs(payload) {
-                                let slot = match k {
-                                    IFLA_XDP_DRV_PROG_ID => 0,
-                                    IFLA_XDP_SKB_PROG_ID => 1,
-                                    IFLA_XDP_HW_PROG_ID => 2,
-                                    _ => continue,
-                                };
-                                ids[slot] = u32_at(v, 0).unwrap_or(0);
-                            }
-                        }
-                        return Some(Reply::Link(ids));
-                    }
-                    NLMSG_DONE => return None,
-                    _ => {}
-                }
-            }
-            at = at.checked_add(align4(len))?;
+/// (driver, generic, offload) program ids in an `RTM_NEWLINK` payload, 0 = none.
+fn xdp_prog_ids(payload: &[u8]) -> [u32; 3] {
+    let mut ids = [0u32; 3];
+    for (kind, value) in netlink::attrs(payload.get(ifla::IFINFO_LEN..).unwrap_or_default()) {
+        if kind != ifla::XDP {
+            continue;
         }
-        None
-    }
-
-    /// Sends `msg` on a fresh `NETLINK_ROUTE` socket and returns the kernel's reply to `seq`.
-    pub fn call(msg: &[u8], seq: u32) -> io::Result<Reply> {
-        // SAFETY: socket(2) with constant arguments; the result is checked below.
-        let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a new, valid descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let timeout = libc::timeval { tv_sec: 5, tv_usec: 0 };
-        // SAFETY: `timeout` is a valid timeval and the length given is its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: an all-zero sockaddr_nl is valid (pid 0, groups 0 = the kernel).
-        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        kernel.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: `msg` is valid for its length; `kernel` is a valid sockaddr_nl of the size given.
-        let sent = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&kernel as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            // SAFETY: an all-zero sockaddr_nl is valid; recvfrom fills it.
-            let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-            let mut from_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-            // SAFETY: `buf` is writable for its length; `from`/`from_len` describe a valid sockaddr_nl.
-            let n = unsafe {
-                libc::recvfrom(
-                    fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&mut from as *mut libc::sockaddr_nl).cast(),
-                    &mut from_len,
-                )
+        for (k, v) in netlink::attrs(value) {
+            let slot = match k {
+                ifla::XDP_DRV_PROG_ID => 0,
+                ifla::XDP_SKB_PROG_ID => 1,
+                ifla::XDP_HW_PROG_ID => 2,
+                _ => continue,
             };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if from.nl_pid != 0 {
-                continue; // not from the kernel
-            }
-            if let Some(reply) = parse(buf.get(..n as usize).unwrap_or(&[]), seq) {
-                return Ok(reply);
-            }
+            ids[slot] = netlink::u32_at(v, 0).unwrap_or(0);
         }
     }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn parses_link_replies_and_acks_for_our_sequence_only() {
-            let mut xdp = Vec::new();
-            for (kind, id) in [(IFLA_XDP_DRV_PROG_ID, 7u32), (IFLA_XDP_SKB_PROG_ID, 9)] {
-                xdp.extend_from_slice(&8u16.to_ne_bytes());
-                xdp.extend_from_slice(&kind.to_ne_bytes());
-                xdp.extend_from_slice(&id.to_ne_bytes());
-            }
-            let mut attr = Vec::new();
-            attr.extend_from_slice(&((4 + xdp.len()) as u16).to_ne_bytes());
-            attr.extend_from_slice(&(IFLA_XDP | NLA_F_NESTED).to_ne_bytes());
-            attr.extend_from_slice(&xdp);
-            let mut link = request(RTM_NEWLINK, 5, 3, &attr);
-            assert_eq!(parse(&link, 5), Some(Reply::Link([7, 9, 0])));
-            assert_eq!(parse(&link, 6), None, "another request's reply");
-            let mut ack = request(NLMSG_ERROR, 6, 0, &[]);
-            ack[HDR..HDR + 4].copy_from_slice(&(-16i32).to_ne_bytes());
-            assert_eq!(parse(&ack, 6), Some(Reply::Ack(-16)));
-            for cut in 0..link.len() {
-                let _ = parse(&link[..cut], 5);
-            }
-            link[0] = 0xff;
-            let _ = parse(&link, 5);
-        }
-    }
+    ids
 }
 
 fn ifindex(iface: &str) -> Result<u32, DetachError> {
-    let name = std::ffi::CString::new(iface).map_err(|_| DetachError::NoSuchInterface(iface.to_owned()))?;
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        return Err(DetachError::NoSuchInterface(iface.to_owned()));
-    }
-    Ok(index)
+    netlink::ifindex(iface).map_err(|_| DetachError::NoSuchInterface(iface.to_owned()))
 }
 
-fn next_seq() -> u32 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static SEQ: AtomicU32 = AtomicU32::new(1);
-    SEQ.fetch_add(1, Ordering::Relaxed)
+/// Sets `IFLA_XDP` on `iface`; the kernel's errno on refusal.
+fn set_link_xdp(iface: &str, fd: i32, mode: XdpMode) -> Result<(), DetachError> {
+    let netlink_err = |source| DetachError::Netlink { iface: iface.to_owned(), source };
+    let nl = netlink::Rtnetlink::open().map_err(netlink_err)?;
+    let body = link_body(ifindex(iface)?, &xdp_attr(fd, mode.flags()));
+    match nl.request(netlink::RTM_SETLINK, netlink::NLM_F_ACK, &body, |_, _| {}) {
+        Ok(()) => Ok(()),
+        Err(e) if fd < 0 && e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(DetachError::HeldByLink { iface: iface.to_owned(), mode: mode.as_str() })
+        }
+        Err(e) => Err(netlink_err(e)),
+    }
 }
 
 /// The XDP programs attached to `iface` (in the calling thread's network namespace).
 pub fn attached_programs(iface: &str) -> Result<Vec<AttachedXdp>, DetachError> {
     let index = ifindex(iface)?;
-    let seq = next_seq();
-    let netlink = |source| DetachError::Netlink { iface: iface.to_owned(), source };
-    match rtnl::call(&rtnl::request(rtnl::RTM_GETLINK, seq, index, &[]), seq).map_err(netlink)? {
-        rtnl::Reply::Link(ids) => Ok([XdpMode::Driver, XdpMode::Generic, XdpMode::Offload]
-            .into_iter()
-            .zip(ids)
-            .filter(|(_, id)| *id != 0)
-            .map(|(mode, prog_id)| AttachedXdp { prog_id, mode })
-            .collect()),
-        rtnl::Reply::Ack(e) => Err(netlink(std::io::Error::from_raw_os_error(-e))),
-    }
+    let netlink_err = |source| DetachError::Netlink { iface: iface.to_owned(), source };
+    let nl = netlink::Rtnetlink::open().map_err(netlink_err)?;
+    let mut ids = [0u32; 3];
+    nl.request(netlink::RTM_GETLINK, 0, &link_body(index, &[]), |kind, payload| {
+        if kind == netlink::RTM_NEWLINK {
+            ids = xdp_prog_ids(payload);
+        }
+    })
+    .map_err(netlink_err)?;
+    Ok([XdpMode::Driver, XdpMode::Generic, XdpMode::Offload]
+        .into_iter()
+        .zip(ids)
+        .filter(|(_, id)| *id != 0)
+        .map(|(mode, prog_id)| AttachedXdp { prog_id, mode })
+        .collect())
 }
 
 /// Removes every XDP program attached to `iface` and returns what it removed.
@@ -555,23 +387,8 @@ pub fn attached_programs(iface: &str) -> Result<Vec<AttachedXdp>, DetachError> {
 pub fn detach_programs(iface: &str) -> Result<Vec<AttachedXdp>, DetachError> {
     let found = attached_programs(iface)?;
     for p in &found {
-        let seq = next_seq();
-        let msg = rtnl::request(rtnl::RTM_SETLINK, seq, ifindex(iface)?, &rtnl::xdp_detach_attr(p.mode.flags()));
-        match rtnl::call(&msg, seq).map_err(|source| DetachError::Netlink { iface: iface.to_owned(), source })? {
-            rtnl::Reply::Ack(0) => {
-                tracing::info!(%iface, prog_id = p.prog_id, mode = p.mode.as_str(), "XDP program removed")
-            }
-            rtnl::Reply::Ack(e) if -e == libc::EBUSY => {
-                return Err(DetachError::HeldByLink { iface: iface.to_owned(), mode: p.mode.as_str() })
-            }
-            rtnl::Reply::Ack(e) => {
-                return Err(DetachError::Netlink {
-                    iface: iface.to_owned(),
-                    source: std::io::Error::from_raw_os_error(-e),
-                })
-            }
-            rtnl::Reply::Link(_) => {}
-        }
+        set_link_xdp(iface, -1, p.mode)?;
+        tracing::info!(%iface, prog_id = p.prog_id, mode = p.mode.as_str(), "XDP program removed");
     }
     Ok(found)
 }
@@ -587,14 +404,30 @@ pub fn attach_without_link(
     mode: XdpMode,
 ) -> Result<(), DetachError> {
     use std::os::fd::AsRawFd;
-    let mut attr = rtnl::xdp_detach_attr(mode.flags());
-    // Same attribute layout; the fd sits right after the nested header and the inner header.
-    attr[8..12].copy_from_slice(&prog_fd.as_raw_fd().to_ne_bytes());
-    let seq = next_seq();
-    let msg = rtnl::request(rtnl::RTM_SETLINK, seq, ifindex(iface)?, &attr);
-    let netlink = |source| DetachError::Netlink { iface: iface.to_owned(), source };
-    match rtnl::call(&msg, seq).map_err(netlink)? {
-        rtnl::Reply::Ack(0) | rtnl::Reply::Link(_) => Ok(()),
-        rtnl::Reply::Ack(e) => Err(netlink(std::io::Error::from_raw_os_error(-e))),
+    set_link_xdp(iface, prog_fd.as_raw_fd(), mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_replies_give_the_xdp_program_ids() {
+        let mut xdp = Vec::new();
+        netlink::push_attr(&mut xdp, ifla::XDP_DRV_PROG_ID, &7u32.to_ne_bytes());
+        netlink::push_attr(&mut xdp, ifla::XDP_SKB_PROG_ID, &9u32.to_ne_bytes());
+        let mut attr = Vec::new();
+        netlink::push_attr(&mut attr, ifla::XDP | netlink::NLA_F_NESTED, &xdp);
+        let body = link_body(3, &attr);
+        assert_eq!(xdp_prog_ids(&body), [7, 9, 0]);
+        for cut in 0..body.len() {
+            let _ = xdp_prog_ids(&body[..cut]);
+        }
+        let detach = xdp_attr(-1, XdpMode::Driver.flags());
+        let (kind, inner) = netlink::attrs(&detach).next().unwrap();
+        assert_eq!(kind, ifla::XDP);
+        let inner: Vec<_> = netlink::attrs(inner).collect();
+        assert_eq!(inner[0], (ifla::XDP_FD, &(-1i32).to_ne_bytes()[..]));
+        assert_eq!(inner[1], (ifla::XDP_FLAGS, &(1u32 << 2).to_ne_bytes()[..]));
     }
 }

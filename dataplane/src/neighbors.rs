@@ -1,4 +1,18 @@
-//! Next-hop MAC addresses for the site-side NIC.
+//! Next hops on both sides.
+//!
+//! WAN (`WanNextHops`): the control thread sends handshakes and keepalives
+//! through the kernel's UDP socket. Sent to a next hop the kernel has not
+//! resolved, a datagram would wait in the kernel (charged to the socket's
+//! send buffer, which every peer shares) until resolution fails seconds later,
+//! so one unreachable peer would cost all the others. Instead the control
+//! thread sends only towards resolved next hops; for the others it asks the
+//! WAN resolver thread, which looks the route up, kicks the kernel's
+//! resolution without queueing anything (`netlink::solicit`), watches the
+//! neighbour table, and publishes the destinations that became ready. Until
+//! then the datagram waits in a small bounded queue on the control thread
+//! (`KernelSender`), and is dropped, counted, after a few seconds.
+//!
+//! LAN: next-hop MAC addresses for the site-side NIC.
 //!
 //! Workers look up a lock-free snapshot (`NeighborTable::lookup`). On a miss a
 //! worker never waits: it hands that one packet to the kernel through a raw IP
@@ -7,13 +21,15 @@
 //! kernel's neighbour table over rtnetlink (`netlink.rs`) once a second and
 //! shortly after each request, and publishes a new snapshot.
 
+use crate::drops::{DropCounters, DropReason};
+use crate::netlink::{self, Route, Rtnetlink};
 use crate::table::FastMap;
 use crate::wire::MacAddr;
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::collections::HashMap;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -68,6 +84,192 @@ pub fn run_resolver(table: Arc<NeighborTable>, requests: Receiver<IpAddr>, iface
             }
             last_refresh = Instant::now();
         }
+    }
+}
+
+/// WAN destinations the kernel can send to at once (next hop resolved).
+#[derive(Debug)]
+pub struct WanNextHops {
+    ready: ArcSwap<FastMap<IpAddr, ()>>,
+    requests: Sender<IpAddr>,
+}
+
+impl WanNextHops {
+    pub fn new() -> (Arc<Self>, Receiver<IpAddr>) {
+        let (tx, rx) = crossbeam_channel::bounded(4096);
+        (Arc::new(Self { ready: ArcSwap::from_pointee(FastMap::default()), requests: tx }), rx)
+    }
+
+    #[inline]
+    pub fn is_ready(&self, dst: IpAddr) -> bool {
+        self.ready.load().contains_key(&dst)
+    }
+
+    /// Asks for `dst` to be resolved; never blocks.
+    pub fn request(&self, dst: IpAddr) {
+        let _ = self.requests.try_send(dst);
+    }
+
+    fn publish(&self, ready: &HashMap<IpAddr, Route>) {
+        self.ready.store(Arc::new(ready.keys().map(|&ip| (ip, ())).collect()));
+    }
+
+    /// Marks `dst` ready by hand (tests, and set-ups without a resolver).
+    pub fn mark_ready(&self, dst: IpAddr) {
+        self.ready.rcu(|m| {
+            let mut m = FastMap::clone(m);
+            m.insert(dst, ());
+            m
+        });
+    }
+}
+
+/// Destinations the WAN resolver watches at most at once.
+const MAX_WATCHED: usize = 4096;
+/// How long a destination is watched for its next hop to resolve.
+const RESOLVE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Keeps `table` in step with the kernel until `stop` is set (one thread).
+pub fn run_wan_resolver(table: Arc<WanNextHops>, requests: Receiver<IpAddr>, stop: Arc<AtomicBool>) {
+    let nl = match Rtnetlink::open() {
+        Ok(nl) => nl,
+        Err(e) => {
+            tracing::error!(error = %e, "no rtnetlink socket for WAN next hops: handshakes go out unchecked");
+            return;
+        }
+    };
+    // Ready destinations, and those being resolved (with when and whether kicked).
+    let mut ready: HashMap<IpAddr, Route> = HashMap::new();
+    let mut watched: HashMap<IpAddr, (Route, Instant, bool)> = HashMap::new();
+    let mut last_check = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let mut changed = false;
+        if let Ok(first) = requests.recv_timeout(Duration::from_millis(100)) {
+            for dst in std::iter::once(first).chain(requests.try_iter()) {
+                if ready.contains_key(&dst) || watched.contains_key(&dst) || watched.len() >= MAX_WATCHED {
+                    continue;
+                }
+                match netlink::route_to(&nl, dst) {
+                    Ok(route) => {
+                        watched.insert(dst, (route, Instant::now(), false));
+                    }
+                    Err(e) => tracing::debug!(%dst, error = %e, "no route to a peer"),
+                }
+            }
+        }
+        let recheck_ready = last_check.elapsed() >= Duration::from_secs(2);
+        if watched.is_empty() && !recheck_ready {
+            continue;
+        }
+        // One neighbour dump per outgoing interface in use.
+        let mut tables: HashMap<u32, HashMap<IpAddr, bool>> = HashMap::new();
+        let mut usable = |nl: &Rtnetlink, route: &Route, dst: IpAddr| -> bool {
+            let table = tables.entry(route.oif).or_insert_with(|| {
+                netlink::dump_neighbors(nl, route.oif)
+                    .map(|v| v.into_iter().map(|n| (n.ip, n.usable())).collect())
+                    .unwrap_or_default()
+            });
+            table.get(&route.next_hop(dst)).copied().unwrap_or(false)
+        };
+        let now = Instant::now();
+        let mut done = Vec::new();
+        for (&dst, (route, since, kicked)) in watched.iter_mut() {
+            if usable(&nl, route, dst) {
+                ready.insert(dst, *route);
+                done.push(dst);
+                changed = true;
+            } else if now.duration_since(*since) > RESOLVE_WINDOW {
+                done.push(dst);
+            } else if !*kicked {
+                if let Err(e) = netlink::solicit(&nl, route.oif, route.next_hop(dst)) {
+                    tracing::debug!(%dst, error = %e, "could not start neighbour resolution");
+                }
+                *kicked = true;
+            }
+        }
+        for dst in done {
+            watched.remove(&dst);
+        }
+        if recheck_ready {
+            last_check = Instant::now();
+            let before = ready.len();
+            ready.retain(|&dst, route| usable(&nl, route, dst));
+            changed |= ready.len() != before;
+        }
+        if changed {
+            table.publish(&ready);
+        }
+    }
+}
+
+/// Datagrams the control thread sends through the kernel, only towards next
+/// hops that are resolved; the others wait (bounded, newest per destination)
+/// while the WAN resolver works, and are dropped, counted, after a while.
+#[derive(Debug)]
+pub struct KernelSender {
+    udp: Arc<UdpSocket>,
+    next_hops: Arc<WanNextHops>,
+    waiting: HashMap<SocketAddr, (Vec<u8>, Instant)>,
+    drops: Arc<DropCounters>,
+}
+
+/// Destinations with a datagram waiting for their next hop, at most.
+const MAX_WAITING: usize = 4096;
+
+impl KernelSender {
+    pub fn new(udp: Arc<UdpSocket>, next_hops: Arc<WanNextHops>, drops: Arc<DropCounters>) -> Self {
+        Self { udp, next_hops, waiting: HashMap::new(), drops }
+    }
+
+    /// Sends now if the next hop is resolved, else keeps it (never blocks).
+    pub fn send(&mut self, bytes: &[u8], to: SocketAddr, now: Instant) {
+        if self.next_hops.is_ready(to.ip()) {
+            return self.send_now(bytes, to);
+        }
+        self.next_hops.request(to.ip());
+        if !self.waiting.contains_key(&to) && self.waiting.len() >= MAX_WAITING {
+            self.drops.count(DropReason::NoNextHop);
+            return;
+        }
+        if let Some((old, _)) = self.waiting.insert(to, (bytes.to_vec(), now)) {
+            // Superseded (a newer handshake message to the same peer).
+            drop(old);
+            self.drops.count(DropReason::NoNextHop);
+        }
+    }
+
+    /// Sends now, whatever the next hop's state (the caller knows the peer
+    /// is reachable, e.g. it just sent us a frame).
+    pub fn send_now(&self, bytes: &[u8], to: SocketAddr) {
+        if let Err(e) = self.udp.send_to(bytes, to) {
+            tracing::debug!(%to, error = %e, "sending through the kernel failed");
+            self.drops.count(DropReason::KernelSend);
+        }
+    }
+
+    /// Sends what became ready; drops, counted, what waited too long.
+    pub fn flush(&mut self, now: Instant) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let mut sent = Vec::new();
+        for (&to, (bytes, since)) in &self.waiting {
+            if self.next_hops.is_ready(to.ip()) {
+                self.send_now(bytes, to);
+                sent.push(to);
+            } else if now.duration_since(*since) > RESOLVE_WINDOW {
+                self.drops.count(DropReason::NoNextHop);
+                sent.push(to);
+            }
+        }
+        for to in sent {
+            self.waiting.remove(&to);
+        }
+    }
+
+    /// Destinations with a datagram waiting.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
     }
 }
 
@@ -154,5 +356,41 @@ mod tests {
             t.request(ip);
         }
         assert_eq!(rx.len(), 1024);
+    }
+
+    #[test]
+    fn the_kernel_gets_datagrams_only_for_resolved_next_hops() {
+        let (next_hops, requests) = WanNextHops::new();
+        let drops = Arc::new(DropCounters::default());
+        let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sink.set_nonblocking(true).unwrap();
+        let udp = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        udp.set_nonblocking(true).unwrap();
+        let mut sender = KernelSender::new(udp, next_hops.clone(), drops.clone());
+        let to = sink.local_addr().unwrap();
+        let now = Instant::now();
+        sender.send(b"first", to, now);
+        sender.send(b"second", to, now);
+        assert_eq!(requests.try_iter().count(), 2, "resolution was asked for");
+        assert_eq!(sender.waiting(), 1, "newest per destination");
+        assert_eq!(drops.get(DropReason::NoNextHop), 1, "the superseded one is counted");
+        let mut buf = [0u8; 16];
+        assert!(sink.recv_from(&mut buf).is_err(), "nothing reached the kernel yet");
+        next_hops.mark_ready(to.ip());
+        sender.flush(now);
+        std::thread::sleep(Duration::from_millis(20));
+        let (n, _) = sink.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"second");
+        sender.send(b"third", to, now);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(sink.recv_from(&mut buf).map(|(n, _)| buf[..n].to_vec()).unwrap(), b"third");
+        // Unresolvable destinations wait a bounded time and a bounded number.
+        for port in 1..=(MAX_WAITING as u16 + 10) {
+            sender.send(b"x", SocketAddr::new("192.0.2.9".parse().unwrap(), port), now);
+        }
+        assert_eq!(sender.waiting(), MAX_WAITING);
+        sender.flush(now + RESOLVE_WINDOW + Duration::from_secs(1));
+        assert_eq!(sender.waiting(), 0);
+        assert_eq!(drops.get(DropReason::NoNextHop), 1 + 10 + MAX_WAITING as u64);
     }
 }

@@ -130,6 +130,7 @@ impl MemoryWorker {
             neighbors,
             injector: None,
             kernel_udp: Arc::new(std::net::UdpSocket::bind("127.0.0.1:0").expect("loopback UDP socket")),
+            wan_next_hops: crate::neighbors::WanNextHops::new().0,
             lan_mac: GATEWAY_LAN_MAC,
             lan_next_hop: None,
             tunnel_mtu: 1420,

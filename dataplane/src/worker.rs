@@ -146,6 +146,8 @@ pub struct Shared {
     /// For datagrams to a peer whose link-layer path is not known yet
     /// (non-blocking: a full send buffer is a counted drop, never a wait).
     pub kernel_udp: Arc<UdpSocket>,
+    /// Which WAN destinations the kernel can send to without queueing.
+    pub wan_next_hops: Arc<crate::neighbors::WanNextHops>,
     pub lan_mac: MacAddr,
     /// Next hop for every LAN-bound packet; `None`: the destination is on-link.
     pub lan_next_hop: Option<IpAddr>,
@@ -402,6 +404,11 @@ impl<S: FrameIo> Worker<S> {
                 // No frame from this peer seen yet: let the kernel route this one.
                 let body = self.scratch.get_mut(TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len);
                 body.ok_or(DropReason::BufferTooSmall)?.copy_from_slice(inner);
+                if !self.shared.wan_next_hops.is_ready(ep.addr.ip()) {
+                    // Never queue behind an unresolved next hop in the kernel.
+                    self.shared.wan_next_hops.request(ep.addr.ip());
+                    return Err(DropReason::NoNextHop);
+                }
                 transport::seal(&view, &mut self.scratch, len, now).map(|n| {
                     match self.shared.kernel_udp.send_to(&self.scratch[..n], ep.addr) {
                         Ok(_) => bump(&self.counters.via_kernel),

@@ -290,7 +290,8 @@ fn a_psk_rotation_right_after_an_initiation_still_rekeys() {
     // B rotates too: the next handshake completes and traffic flows on the new key.
     let before = sim.handshakes();
     sim.b.update_peer(sim.b_peer, update(&psk));
-    sim.advance(Duration::from_secs(1));
+    // (B answered A's initiation just now: its own waits out REKEY_TIMEOUT.)
+    sim.advance(Duration::from_secs(6));
     assert!(sim.handshakes().0 > before.0);
     sim.send(Side::A, &packet([10, 0, 1, 1], [10, 0, 2, 1], 2));
     assert_eq!(sim.delivered_b.len(), 2, "traffic flows under the new key");

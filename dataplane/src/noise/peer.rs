@@ -197,6 +197,10 @@ impl Peer {
         self.cookies.stamp(&self.mac_keys, &mut out[..], now);
         self.latest_timestamp = Some(init.timestamp);
         self.last_initiation_received = Some(now);
+        // As the kernel does: a response counts as a handshake message sent,
+        // so we do not cross it with an initiation of our own for
+        // REKEY_TIMEOUT (which would replace the session the peer is using).
+        self.last_initiation_sent = Some(now);
 
         let mut retired = Retired::default();
         // A responder's keypair waits in `next` until the initiator uses it.
@@ -218,12 +222,20 @@ impl Peer {
         let keypair = Arc::new(consume_response(state, local, &self.keys, msg, self.backend, now)?);
         self.handshake = None;
         let mut retired = Retired::default();
-        // Initiator: the new keypair is current at once. An unconfirmed `next`
-        // is dropped; the old current becomes previous.
+        // Initiator: the new keypair is current at once. If the peer also
+        // completed a handshake with us (an unconfirmed `next`, which it may
+        // already be sending on), that one becomes previous so its packets
+        // still open; otherwise the old current does (as the kernel does).
         let k = &mut self.keypairs;
-        retired.push_keypair(k.next.take());
         retired.push_keypair(k.previous.take());
-        k.previous = k.current.replace(keypair.clone());
+        match k.next.take() {
+            Some(next) => {
+                retired.push_keypair(k.current.take());
+                k.previous = Some(next);
+            }
+            None => k.previous = k.current.take(),
+        }
+        k.current = Some(keypair.clone());
         self.sent_last_minute_handshake = false;
         self.last_handshake = Some(wall);
         self.timers.on_handshake_complete();
