@@ -68,6 +68,8 @@ drop_reasons! {
     NoFrame => "no_frame",
     /// The handshake queue to the control thread was full.
     HandshakeQueueFull => "handshake_queue_full",
+    /// Under load, a source sent more handshake messages than it may.
+    RateLimited => "rate_limited",
     /// The kernel refused to queue a datagram (send buffer full, no route).
     KernelSend => "kernel_send",
     /// A packet waiting for a next-hop address was pushed out or timed out.

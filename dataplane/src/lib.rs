@@ -1,6 +1,7 @@
 //! The wgxdp data plane: packet views, the WireGuard protocol core and the
 //! lock-free tables the workers read. No HTTP, no database.
 
+pub mod admission;
 pub mod device;
 pub mod drops;
 pub mod frame;

@@ -13,18 +13,21 @@
 use crate::drops::DropReason;
 use crate::peer_view::Endpoint;
 use crate::transport::{self, Opened};
-use crate::wire::{MessageType, COOKIE_REPLY_LEN, HANDSHAKE_INITIATION_LEN, HANDSHAKE_RESPONSE_LEN};
-use crate::worker::{HandshakeJob, Shared, WorkerCounters, HANDSHAKE_JOB_LEN};
-use crossbeam_channel::{Sender, TrySendError};
+use crate::admission::{self, Admission, SourceLimiter};
+use crate::wire::MessageType;
+use crate::worker::{Shared, WorkerCounters};
+use crossbeam_channel::Sender;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Handles one datagram the kernel received on the listen port.
+/// Handles one datagram the kernel received on the listen port. Cookie
+/// replies (under load) go back through `reply_via`.
 pub fn handle_datagram(
     shared: &Shared,
+    limiter: &mut SourceLimiter,
     to_lan: &Sender<Vec<u8>>,
     counters: &WorkerCounters,
     datagram: &mut [u8],
@@ -32,57 +35,55 @@ pub fn handle_datagram(
     now: Instant,
 ) {
     counters.wan_rx.fetch_add(1, Relaxed);
-    if let Err(reason) = handle(shared, to_lan, counters, datagram, from, now) {
+    if let Err(reason) = handle(shared, limiter, to_lan, counters, datagram, from, now) {
         counters.drops.count(reason);
     }
 }
 
 fn handle(
     shared: &Shared,
+    limiter: &mut SourceLimiter,
     to_lan: &Sender<Vec<u8>>,
     counters: &WorkerCounters,
     datagram: &mut [u8],
     from: SocketAddr,
     now: Instant,
 ) -> Result<(), DropReason> {
-    let expected = match MessageType::of(datagram).map_err(|_| DropReason::Malformed)? {
-        MessageType::Transport => {
-            return match transport::open(&shared.tables, datagram, Endpoint::from(from), now)? {
-                Opened::Keepalive { .. } => {
-                    counters.keepalives_received.fetch_add(1, Relaxed);
-                    Ok(())
-                }
-                Opened::Data { inner, offset, .. } => {
-                    let packet = datagram.get(offset..offset + inner.len).ok_or(DropReason::BadInnerPacket)?;
-                    let buf = shared.staging.take(packet).ok_or(DropReason::NoFrame)?;
-                    match to_lan.try_send(buf) {
-                        Ok(()) => {
-                            counters.decrypted.fetch_add(1, Relaxed);
-                            Ok(())
-                        }
-                        Err(e) => {
-                            shared.staging.give(e.into_inner());
-                            Err(DropReason::NoFrame)
-                        }
-                    }
-                }
-            };
-        }
-        MessageType::HandshakeInitiation => HANDSHAKE_INITIATION_LEN,
-        MessageType::HandshakeResponse => HANDSHAKE_RESPONSE_LEN,
-        MessageType::CookieReply => COOKIE_REPLY_LEN,
-    };
-    if datagram.len() != expected {
-        return Err(DropReason::Malformed);
+    if MessageType::of(datagram).map_err(|_| DropReason::Malformed)? != MessageType::Transport {
+        // The same admission as on the AF_XDP path: MACs, pending indices,
+        // cookies under load, per-source limits.
+        return match admission::admit(shared, limiter, datagram, Endpoint::from(from), now)? {
+            Admission::Queue(job) => {
+                admission::enqueue(shared, job, now)?;
+                counters.handshakes_queued.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Admission::CookieReply(reply) => {
+                shared.kernel_udp.send_to(&reply, from).map_err(|_| DropReason::KernelSend)?;
+                counters.cookie_replies.fetch_add(1, Relaxed);
+                Ok(())
+            }
+        };
     }
-    let mut job = HandshakeJob { bytes: [0u8; HANDSHAKE_JOB_LEN], len: expected, from: Endpoint::from(from) };
-    job.bytes[..expected].copy_from_slice(datagram);
-    match shared.handshakes.try_send(job) {
-        Ok(()) => {
-            counters.handshakes_queued.fetch_add(1, Relaxed);
+    match transport::open(&shared.tables, datagram, Endpoint::from(from), now)? {
+        Opened::Keepalive { .. } => {
+            counters.keepalives_received.fetch_add(1, Relaxed);
             Ok(())
         }
-        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(DropReason::HandshakeQueueFull),
+        Opened::Data { inner, offset, .. } => {
+            let packet = datagram.get(offset..offset + inner.len).ok_or(DropReason::BadInnerPacket)?;
+            let buf = shared.staging.take(packet).ok_or(DropReason::NoFrame)?;
+            match to_lan.try_send(buf) {
+                Ok(()) => {
+                    counters.decrypted.fetch_add(1, Relaxed);
+                    Ok(())
+                }
+                Err(e) => {
+                    shared.staging.give(e.into_inner());
+                    Err(DropReason::NoFrame)
+                }
+            }
+        }
     }
 }
 
@@ -101,6 +102,7 @@ pub fn canonical(from: SocketAddr) -> SocketAddr {
 /// Reads the kernel socket until `shared.stop` is set.
 pub fn run(shared: Arc<Shared>, socket: Arc<UdpSocket>, to_lan: Sender<Vec<u8>>, counters: Arc<WorkerCounters>) {
     let mut buf = vec![0u8; 65536];
+    let mut limiter = SourceLimiter::default();
     let fd = socket.as_raw_fd();
     while !shared.stop.load(Relaxed) {
         let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
@@ -111,7 +113,7 @@ pub fn run(shared: Arc<Shared>, socket: Arc<UdpSocket>, to_lan: Sender<Vec<u8>>,
         // The socket is non-blocking: drain what is there, then poll again.
         while let Ok((n, from)) = socket.recv_from(&mut buf) {
             let from = canonical(from);
-            handle_datagram(&shared, &to_lan, &counters, &mut buf[..n], from, Instant::now());
+            handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut buf[..n], from, Instant::now());
         }
     }
 }
@@ -140,11 +142,12 @@ mod tests {
         m.worker.set_slow_path(from_kernel);
         let shared = m.worker.shared.clone();
         let counters = WorkerCounters::default();
+        let mut limiter = SourceLimiter::default();
         let from: SocketAddr = crate::testing::CLIENT_ADDR.parse().unwrap();
         let inner = ipv4_packet(1000, CLIENT_TUNNEL, LAN_HOST);
         let mut datagram = crate::testing::sent_bytes(&mut m.client, &inner, now);
         let replayed = datagram.clone();
-        handle_datagram(&shared, &to_lan, &counters, &mut datagram, from, now);
+        handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut datagram, from, now);
         assert_eq!(counters.decrypted.load(Relaxed), 1);
         m.run_until_idle(&mut Vec::new(), now);
         let mut out = Vec::new();
@@ -152,7 +155,7 @@ mod tests {
         assert_eq!(&out[0][14..], &inner[..]);
         // A replay, garbage of every length and short handshakes: counted drops.
         let mut again = replayed;
-        handle_datagram(&shared, &to_lan, &counters, &mut again, from, now);
+        handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut again, from, now);
         assert_eq!(counters.drops.get(DropReason::Replay), 1);
         for len in 0..200usize {
             for kind in [1u8, 2, 3, 4, 9] {
@@ -160,13 +163,38 @@ mod tests {
                 if let Some(b) = d.first_mut() {
                     *b = kind;
                 }
-                handle_datagram(&shared, &to_lan, &counters, &mut d, from, now);
+                handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut d, from, now);
             }
         }
         assert_eq!(counters.wan_rx.load(Relaxed), 2 + 200 * 5);
-        let queued = counters.handshakes_queued.load(Relaxed);
-        assert_eq!(queued, 3, "only the exact-size 148/92/64-byte messages are queued");
-        assert_eq!(counters.drops.total() + queued + 1, counters.wan_rx.load(Relaxed));
+        assert_eq!(counters.handshakes_queued.load(Relaxed), 0, "no MAC1, no pending index: nothing queued");
+        assert_eq!(counters.drops.total() + 1, counters.wan_rx.load(Relaxed));
         assert_eq!(shared.staging.in_use(), 0, "buffers went back to the pool");
+    }
+
+    /// The kernel path gets the same defences as AF_XDP: under load, no
+    /// cookie means a cookie reply, a bad MAC1 means a drop; nothing queued.
+    #[test]
+    fn kernel_handshakes_get_the_same_admission_under_load() {
+        let mut m = MemoryWorker::new(AeadBackend::Ring);
+        let now = Instant::now() + std::time::Duration::from_secs(6);
+        let shared = m.worker.shared.clone();
+        shared.under_load_until.store(u64::MAX, Relaxed);
+        let (to_lan, _from_kernel) = crossbeam_channel::bounded(16);
+        let counters = WorkerCounters::default();
+        let mut limiter = SourceLimiter::default();
+        let from: SocketAddr = crate::testing::CLIENT_ADDR.parse().unwrap();
+        let mut out = vec![0u8; 2048];
+        m.client.initiate(m.client_peer);
+        let t = m.client.poll_transmit(now, std::time::SystemTime::now(), &mut out).expect("an initiation");
+        let mut init = out[..t.len].to_vec();
+        let mut forged = init.clone();
+        forged[120] ^= 1;
+        handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut init, from, now);
+        handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut forged, from, now);
+        assert_eq!(counters.handshakes_queued.load(Relaxed), 0, "nothing reached the control thread");
+        let answered = counters.cookie_replies.load(Relaxed) + counters.drops.get(DropReason::KernelSend);
+        assert_eq!(answered, 1, "a cookie reply (sent, or refused by this test's loopback socket)");
+        assert_eq!(counters.drops.get(DropReason::InvalidMac1), 1);
     }
 }

@@ -88,6 +88,8 @@ pub fn sent_bytes(dev: &mut Device, packet: &[u8], now: Instant) -> Vec<u8> {
 pub struct MemoryWorker {
     pub worker: crate::worker::Worker<crate::frame_io::MemoryFrames>,
     pub client: Device,
+    /// The client's peer id for the gateway.
+    pub client_peer: PeerId,
     pub counters: std::sync::Arc<crate::worker::WorkerCounters>,
     /// What the worker shares with the others (tables, the under-load deadline).
     pub shared: std::sync::Arc<crate::worker::Shared>,
@@ -145,6 +147,7 @@ impl MemoryWorker {
         let mut m = Self {
             worker,
             client: pair.client,
+            client_peer: pair.client_peer,
             counters,
             shared,
             _handshakes: hs_rx,

@@ -14,6 +14,7 @@
 //!
 //! Nothing here takes a lock or allocates per packet.
 
+use crate::admission::{self, Admission, SourceLimiter};
 use crate::drops::{DropCounters, DropReason};
 use crate::frame::{
     parse_ip_frame, parse_ip_frame_payload, parse_udp_frame, udp_headers_len, write_ethernet_header, write_udp_headers,
@@ -21,17 +22,17 @@ use crate::frame::{
 };
 use crate::frame_io::FrameIo;
 use crate::neighbors::{NeighborTable, RawInjector};
-use crate::noise::cookie::{CookieChecker, MacVerdict};
+use crate::noise::cookie::CookieChecker;
 use crate::noise::session::sealed_len;
-use crate::peer_view::{monotonic_nanos, Endpoint, PeerId};
+use crate::peer_view::{Endpoint, PeerId};
 use crate::staging::StagingPool;
 use crate::transport::{self, Opened, SealError, Tables};
 use crate::wire::{
-    MacAddr, MessageType, COOKIE_REPLY_LEN, ETHERNET_HEADER_LEN, HANDSHAKE_INITIATION_LEN, HANDSHAKE_RESPONSE_LEN,
+    MacAddr, MessageType, COOKIE_REPLY_LEN, ETHERNET_HEADER_LEN, HANDSHAKE_INITIATION_LEN,
     TRANSPORT_HEADER_LEN,
 };
 use crate::xsk::XskSocket;
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::Sender;
 use std::net::{IpAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -39,8 +40,6 @@ use std::time::{Duration, Instant};
 
 /// Frames taken from each ring per loop iteration.
 pub const BATCH: usize = 64;
-/// "Under load" lasts this long after the handshake queue was last found filling.
-const UNDER_LOAD_STICKY: Duration = Duration::from_secs(1);
 /// The largest handshake-queue message (an initiation).
 pub const HANDSHAKE_JOB_LEN: usize = HANDSHAKE_INITIATION_LEN;
 
@@ -183,6 +182,8 @@ pub struct Worker<S: FrameIo = XskSocket> {
     /// ICMP errors this worker may still send in the current second.
     icmp_budget: u32,
     icmp_second: Instant,
+    /// Handshake messages per source under load.
+    limiter: SourceLimiter,
     /// Inner packets the kernel slow path decrypted, for this worker's LAN
     /// socket (worker 0 only).
     slow_path: Option<crossbeam_channel::Receiver<Vec<u8>>>,
@@ -203,6 +204,7 @@ impl<S: FrameIo> Worker<S> {
             icmp_budget: ICMP_PER_SECOND,
             icmp_second: Instant::now(),
             slow_path: None,
+            limiter: SourceLimiter::default(),
         }
     }
 
@@ -278,67 +280,30 @@ impl<S: FrameIo> Worker<S> {
 
     fn on_handshake(&mut self, frame: S::Frame, udp: &UdpFrame, now: Instant) {
         let msg = self.wan.data(&frame).get(udp.payload.clone()).unwrap_or_default();
-        // Classify by the received bytes and their exact length: a message of
-        // any other size is malformed here, before anything reads its MACs.
-        let kind = MessageType::of(msg);
-        let expected = match kind {
-            Ok(MessageType::HandshakeInitiation) => HANDSHAKE_INITIATION_LEN,
-            Ok(MessageType::HandshakeResponse) => HANDSHAKE_RESPONSE_LEN,
-            Ok(MessageType::CookieReply) => COOKIE_REPLY_LEN,
-            _ => 0,
-        };
-        if expected == 0 || msg.len() != expected {
-            self.counters.dropped(DropReason::Malformed);
-            return self.wan.release(frame);
-        }
-        let mut job = HandshakeJob {
-            bytes: [0u8; HANDSHAKE_JOB_LEN],
-            len: msg.len(),
-            from: Endpoint { addr: udp.src, path: Some(udp.reply_path()) },
-        };
-        job.bytes[..msg.len()].copy_from_slice(msg);
-        let nanos = monotonic_nanos(now);
-        let queue = &self.shared.handshakes;
-        let filling = queue.capacity().is_some_and(|cap| queue.len() >= cap / 8);
-        if filling {
-            self.shared.under_load_until.store(nanos + UNDER_LOAD_STICKY.as_nanos() as u64, Relaxed);
-        }
-        let under_load = nanos < self.shared.under_load_until.load(Relaxed);
-        let is_handshake = expected != COOKIE_REPLY_LEN;
-        if under_load && is_handshake {
-            match self.shared.cookies.verify(job.message_mut(), udp.src, now) {
-                MacVerdict::InvalidMac1 => {
-                    self.counters.dropped(DropReason::InvalidMac1);
-                    return self.wan.release(frame);
+        let from = Endpoint { addr: udp.src, path: Some(udp.reply_path()) };
+        match admission::admit(&self.shared, &mut self.limiter, msg, from, now) {
+            Ok(Admission::CookieReply(reply)) => self.answer_with_cookie(frame, udp, &reply),
+            Ok(Admission::Queue(job)) => {
+                self.wan.release(frame);
+                match admission::enqueue(&self.shared, job, now) {
+                    Ok(()) => bump(&self.counters.handshakes_queued),
+                    Err(reason) => self.counters.dropped(reason),
                 }
-                MacVerdict::ValidWithoutCookie => return self.answer_with_cookie(frame, udp, &mut job, now),
-                MacVerdict::ValidWithCookie => {}
             }
-        }
-        self.wan.release(frame);
-        match queue.try_send(job) {
-            Ok(()) => bump(&self.counters.handshakes_queued),
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.shared.under_load_until.store(nanos + UNDER_LOAD_STICKY.as_nanos() as u64, Relaxed);
-                self.counters.dropped(DropReason::HandshakeQueueFull);
+            Err(reason) => {
+                self.counters.dropped(reason);
+                self.wan.release(frame);
             }
         }
     }
 
     /// Turns the received frame into a cookie reply to its sender (section 5.4.7).
-    fn answer_with_cookie(&mut self, mut frame: S::Frame, udp: &UdpFrame, job: &mut HandshakeJob, now: Instant) {
-        let msg = job.message_mut();
-        let sender = u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]);
-        let mut reply = [0u8; COOKIE_REPLY_LEN];
-        if !self.shared.cookies.write_reply(msg, sender, udp.src, now, &mut reply) {
-            self.counters.dropped(DropReason::Malformed);
-            return self.wan.release(frame);
-        }
+    fn answer_with_cookie(&mut self, mut frame: S::Frame, udp: &UdpFrame, reply: &[u8; COOKIE_REPLY_LEN]) {
         let hdr = udp_headers_len(udp.src.is_ipv6());
         let path = udp.reply_path();
         let ok = self.wan.with_data_mut(&mut frame, Some(hdr + COOKIE_REPLY_LEN), |buf| {
             match buf.get_mut(hdr..) {
-                Some(body) if body.len() == COOKIE_REPLY_LEN => body.copy_from_slice(&reply),
+                Some(body) if body.len() == COOKIE_REPLY_LEN => body.copy_from_slice(reply),
                 _ => return false,
             }
             write_udp_headers(buf, &path, udp.src, false).is_ok()
@@ -692,5 +657,60 @@ mod tests {
         assert_eq!(other.queues_mut().1.take_sent(|_| {}), 3);
         assert_eq!(counters2.drops.total(), 1, "only the forgery was dropped");
         assert_eq!(m.counters.drops.total(), 0);
+    }
+
+    /// Under load: no cookie, a cookie reply; with a valid cookie, queued but
+    /// limited per source; cookie replies and responses that name no pending
+    /// handshake of ours never reach the queue.
+    #[test]
+    fn under_load_handshakes_need_cookies_and_are_limited_per_source() {
+        let mut m = MemoryWorker::new(AeadBackend::Ring);
+        // Past REKEY_TIMEOUT after the fixture's own handshake.
+        let now = Instant::now() + Duration::from_secs(6);
+        let wall = SystemTime::now();
+        let mut batch = Vec::new();
+        m.worker.shared.under_load_until.store(u64::MAX, Relaxed);
+        let peer = m.client_peer;
+        let mut out = vec![0u8; 2048];
+        m.client.initiate(peer);
+        let t = m.client.poll_transmit(now, wall, &mut out).expect("an initiation");
+        let frame = m.frame_payload(&out[..t.len]);
+        assert!(wan(&mut m).inject(&frame));
+        m.run_until_idle(&mut batch, now);
+        let mut replies = Vec::new();
+        assert_eq!(wan(&mut m).take_sent(|f| replies.push(f.to_vec())), 1);
+        assert_eq!(m.counters.handshakes_queued.load(Relaxed), 0, "no cookie, not queued");
+        let udp = crate::frame::parse_udp_frame(&replies[0]).unwrap();
+        let mut reply = replies[0][udp.payload.clone()].to_vec();
+        assert_eq!(reply.len(), COOKIE_REPLY_LEN);
+        let gw: std::net::SocketAddr = crate::testing::GATEWAY_ADDR.parse().unwrap();
+        m.client.receive(gw, &mut reply, false, now, wall, &mut out).expect("the client takes the cookie");
+        // The retry carries MAC2 for this source: queued, up to the per-source limit.
+        let later = now + Duration::from_secs(6);
+        m.client.tick_at(later, wall);
+        let t = m.client.poll_transmit(later, wall, &mut out).expect("a retry");
+        let retry = m.frame_payload(&out[..t.len]);
+        for _ in 0..(crate::admission::PER_SOURCE_PER_SECOND + 5) {
+            assert!(wan(&mut m).inject(&retry));
+        }
+        m.run_until_idle(&mut batch, later);
+        assert_eq!(m.counters.handshakes_queued.load(Relaxed), u64::from(crate::admission::PER_SOURCE_PER_SECOND));
+        assert_eq!(m.counters.drops.get(DropReason::RateLimited), 5);
+        // Junk cookie replies and responses (random receiver index) never queue.
+        for i in 0..50u32 {
+            let mut junk = vec![0u8; COOKIE_REPLY_LEN];
+            junk[0] = 3;
+            junk[4..8].copy_from_slice(&(i.wrapping_mul(0x9e37_79b9)).to_le_bytes());
+            let f = m.frame_payload(&junk);
+            assert!(wan(&mut m).inject(&f));
+            let mut junk = vec![0u8; crate::wire::HANDSHAKE_RESPONSE_LEN];
+            junk[0] = 2;
+            junk[8..12].copy_from_slice(&(i.wrapping_mul(0x85eb_ca6b)).to_le_bytes());
+            let f = m.frame_payload(&junk);
+            assert!(wan(&mut m).inject(&f));
+        }
+        m.run_until_idle(&mut batch, later);
+        assert_eq!(m.counters.drops.get(DropReason::UnknownIndex), 100);
+        assert_eq!(m.counters.handshakes_queued.load(Relaxed), u64::from(crate::admission::PER_SOURCE_PER_SECOND));
     }
 }
