@@ -525,7 +525,7 @@ impl Device {
             Err(SealError::BufferTooSmall) => Err(DropReason::BufferTooSmall),
             Err(SealError::NoSession) => {
                 let buf = self.staging.take(packet).ok_or(DropReason::StagingFull)?;
-                self.stage(view.id, buf);
+                self.stage(view.id, buf, now, wall);
                 match self.poll_transmit(now, wall, out) {
                     Some(t) => Ok(Action::Send { to: t.to, bytes: &out[..t.len] }),
                     None => Ok(Action::Nothing),
@@ -634,8 +634,11 @@ impl Device {
                 _ => t.on_authenticated_received(at),
             }
         }
-        let sent = current[0] > slot.seen[0];
-        let received = current[1] > slot.seen[1];
+        // Keepalives count too (the kernel keeps keys fresh on every
+        // authenticated packet, section 6.2): an idle tunnel with a persistent
+        // keepalive rekeys instead of running into REJECT_AFTER_TIME.
+        let sent = current[2] > slot.seen[2];
+        let received = current[3] > slot.seen[3];
         slot.seen = current;
         let retired = slot.peer.confirm_next_if_used(wall);
         if slot.peer.rekey_due(now, sent, received) {
@@ -654,7 +657,11 @@ impl Device {
     /// Stages a packet (in a buffer from `staging()`) that could not be sent
     /// for lack of a session; a handshake follows via `poll_transmit` and the
     /// packet once the session exists. Bounded per peer: the oldest is dropped.
-    pub fn stage(&mut self, id: PeerId, packet: Vec<u8>) {
+    pub fn stage(&mut self, id: PeerId, packet: Vec<u8>, now: Instant, wall: SystemTime) {
+        // A worker may have just confirmed a new session (the peer's first
+        // packet on our responder keypair): take it into account first, so the
+        // packet goes out on it instead of starting a needless handshake.
+        self.sync_peer(id, now, wall);
         let Some(slot) = self.peers.get_mut(&id) else {
             self.drops.count(DropReason::NoRoute);
             return self.staging.give(packet);
@@ -688,7 +695,6 @@ impl Device {
                     self.ready.pop_front();
                     continue;
                 }
-                slot.want_initiation = false;
                 let Some(buf) = out.get_mut(..HANDSHAKE_INITIATION_LEN).and_then(|b| b.try_into().ok()) else {
                     self.drops.count(DropReason::BufferTooSmall);
                     self.ready.pop_front();
@@ -702,6 +708,9 @@ impl Device {
                 };
                 match slot.peer.write_initiation(&self.identity, index, retry, now, wall, buf) {
                     Ok(retired) => {
+                        // Only a sent initiation satisfies the wish; a failed
+                        // attempt is retried at the next tick.
+                        slot.want_initiation = false;
                         self.retire(retired);
                         return Some(Transmit { to, len: HANDSHAKE_INITIATION_LEN, peer: id });
                     }

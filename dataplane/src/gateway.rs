@@ -611,7 +611,7 @@ fn run_control(
             },
             recv(events) -> ev => match ev {
                 // Staging only queues the peer: timers run once per tick, not per packet.
-                Ok(ControlEvent::Stage { peer, packet }) => device.stage(peer, packet),
+                Ok(ControlEvent::Stage { peer, packet }) => device.stage(peer, packet, Instant::now(), SystemTime::now()),
                 Ok(ControlEvent::Exec(f)) => f(&mut device),
                 Err(_) => {}
             },

@@ -10,10 +10,10 @@
 //! LAN socket and frames it like any other. Everything is counted; nothing
 //! here blocks for long or grows without bound.
 
+use crate::admission::{self, Admission, SourceLimiter};
 use crate::drops::DropReason;
 use crate::peer_view::Endpoint;
 use crate::transport::{self, Opened};
-use crate::admission::{self, Admission, SourceLimiter};
 use crate::wire::MessageType;
 use crate::worker::{Shared, WorkerCounters};
 use crossbeam_channel::Sender;

@@ -28,8 +28,7 @@ use crate::peer_view::{Endpoint, PeerId};
 use crate::staging::StagingPool;
 use crate::transport::{self, Opened, SealError, Tables};
 use crate::wire::{
-    MacAddr, MessageType, COOKIE_REPLY_LEN, ETHERNET_HEADER_LEN, HANDSHAKE_INITIATION_LEN,
-    TRANSPORT_HEADER_LEN,
+    MacAddr, MessageType, COOKIE_REPLY_LEN, ETHERNET_HEADER_LEN, HANDSHAKE_INITIATION_LEN, TRANSPORT_HEADER_LEN,
 };
 use crate::xsk::XskSocket;
 use crossbeam_channel::Sender;

@@ -50,13 +50,17 @@ fn packet(src: [u8; 4], dst: [u8; 4], seq: u32) -> Vec<u8> {
 
 impl Sim {
     fn new() -> Self {
+        Self::with_keepalive(None)
+    }
+
+    fn with_keepalive(keepalive: Option<Duration>) -> Self {
         let start = Instant::now();
         let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
         let psk = PresharedKey::generate();
         let (pa, pb) = (ka.public_key(), kb.public_key());
         let mut a = Device::new(ka, AeadBackend::Ring, 8, start);
         let mut b = Device::new(kb, AeadBackend::RustCrypto, 8, start);
-        let cfg = |k| PeerConfig { public_key: k, preshared_key: psk.clone(), persistent_keepalive: None };
+        let cfg = |k| PeerConfig { public_key: k, preshared_key: psk.clone(), persistent_keepalive: keepalive };
         let a_peer = a.add_peer(cfg(pb), Some(B_ADDR.parse().unwrap()), &["10.0.2.0/24".parse().unwrap()]).unwrap();
         let b_peer = b.add_peer(cfg(pa), Some(A_ADDR.parse().unwrap()), &["10.0.1.0/24".parse().unwrap()]).unwrap();
         Self {
@@ -295,4 +299,23 @@ fn a_psk_rotation_right_after_an_initiation_still_rekeys() {
     assert!(sim.handshakes().0 > before.0);
     sim.send(Side::A, &packet([10, 0, 1, 1], [10, 0, 2, 1], 2));
     assert_eq!(sim.delivered_b.len(), 2, "traffic flows under the new key");
+}
+
+/// A persistent keepalive keeps an idle tunnel (and the NAT in front of it)
+/// alive for good: keys are refreshed on keepalives, and a keepalive due
+/// without a usable session starts a handshake instead of vanishing.
+#[test]
+fn a_persistent_keepalive_keeps_an_idle_tunnel_alive_across_rekeys() {
+    let mut sim = Sim::with_keepalive(Some(Duration::from_secs(25)));
+    sim.send(Side::A, &packet([10, 0, 1, 1], [10, 0, 2, 1], 1));
+    sim.advance(Duration::from_secs(1));
+    sim.advance(REJECT_AFTER_TIME * 3);
+    let (ha, hb) = sim.handshakes();
+    assert!(ha >= 3 && hb >= 3, "rekeyed while idle: {ha} / {hb}");
+    // Still a working session in both directions, at once.
+    sim.send(Side::B, &packet([10, 0, 2, 1], [10, 0, 1, 1], 2));
+    assert_eq!(sim.delivered_a.len(), 1);
+    sim.send(Side::A, &packet([10, 0, 1, 1], [10, 0, 2, 1], 3));
+    assert_eq!(sim.delivered_b.len(), 2);
+    assert_eq!(sim.a.drops.total() + sim.b.drops.total(), 0);
 }

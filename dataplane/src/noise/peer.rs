@@ -311,8 +311,13 @@ impl Peer {
             }
             actions.send_initiation = false;
         }
-        if actions.send_keepalive && self.keypairs.current.is_none() {
+        if actions.send_keepalive && !self.has_usable_session(now) {
+            // As the kernel does: the keepalive waits for a new session, so a
+            // persistent keepalive keeps an idle tunnel (and its NAT) alive.
             actions.send_keepalive = false;
+            if !actions.zero_keys && !actions.gave_up {
+                actions.send_initiation = true;
+            }
         }
         (actions, retired)
     }

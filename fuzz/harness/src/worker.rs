@@ -106,7 +106,7 @@ impl Sim {
         }
         while let Ok(event) = events.try_recv() {
             match event {
-                ControlEvent::Stage { peer, packet } => gateway.stage(peer, packet),
+                ControlEvent::Stage { peer, packet } => gateway.stage(peer, packet, now, wall),
                 ControlEvent::Exec(f) => f(gateway),
             }
         }

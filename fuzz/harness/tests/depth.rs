@@ -39,5 +39,7 @@ fn worker_seeds_reach_decryption_encryption_and_cookies() {
 
     let m = worker::run(&seed("worker_loop", "rekey_cycles_then_idle"));
     eprintln!("rekey_cycles_then_idle: {:?}", m.counters.named());
-    assert!(m.counters.decrypted.load(Relaxed) >= 5 && m.counters.encrypted.load(Relaxed) >= 5);
+    // (The last LAN packet waits for a handshake the gateway may not start
+    // within REKEY_TIMEOUT of answering the client's: 4 of 5 go out here.)
+    assert!(m.counters.decrypted.load(Relaxed) >= 5 && m.counters.encrypted.load(Relaxed) >= 4);
 }
