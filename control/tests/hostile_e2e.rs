@@ -13,6 +13,7 @@
 //! The process never exits, pings and a TCP transfer through the tunnel keep
 //! working during and after, and the drops are counted by reason.
 
+use std::collections::HashMap;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -37,6 +38,16 @@ fn log(gateway: &ServeProcess) -> String {
     let lines: Vec<&str> = out.lines().collect();
     let tail = lines[lines.len().saturating_sub(30)..].join("\n");
     format!("serve stderr:\n{}\nserve stdout (last lines):\n{tail}", gateway.errors())
+}
+
+/// The counters of the newest `stats queue0` line.
+fn last_stats(gateway: &ServeProcess) -> HashMap<String, u64> {
+    let out = gateway.output();
+    let line = out.lines().rev().find_map(|l| l.strip_prefix("wgxdp: stats queue0 ")).unwrap_or_default();
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        .collect()
 }
 
 fn assert_running(gateway: &mut ServeProcess, when: &str) {
@@ -96,16 +107,20 @@ fn hostile_wan_traffic_cannot_stop_the_release_gateway() {
         })
     };
 
-    // 1. The valid-MAC1 flood from 64 ports; every 3 000 initiations (while the
-    //    gateway is under load) one round of typed datagrams 0..=200 bytes.
+    // 1. The valid-MAC1 flood from 64 ports, in chunks; after each chunk (while
+    //    the gateway is under load) one round of typed datagrams 0..=200 bytes.
     let phase = Instant::now();
     let zero_typed = typed_datagrams(0..=200, None);
     let mut forger = InitiationForger::new(&gw_pub, 0x5eed);
-    for i in 0..FLOOD {
-        let _ = sockets[i % SOURCE_PORTS].send_to(&forger.next_message(), target);
-        if i % 3_000 == 2_999 {
-            send_all(&sockets, &zero_typed, target);
+    let mut flood = |n: usize| {
+        for i in 0..n {
+            let _ = sockets[i % SOURCE_PORTS].send_to(&forger.next_message(), target);
         }
+    };
+    for _ in 0..FLOOD / 1_000 {
+        flood(1_000);
+        send_all(&sockets, &zero_typed, target);
+        std::thread::sleep(Duration::from_millis(20));
     }
     // 2. Right after the flood (still under load): typed datagrams of every
     //    length, zero-filled and random-filled, several times each.
@@ -117,27 +132,34 @@ fn hostile_wan_traffic_cannot_stop_the_release_gateway() {
     eprintln!("flood and typed datagrams sent in {:?}", phase.elapsed());
     assert_running(&mut gateway, "during the initiation flood and the short datagrams");
 
-    // 3. A TCP transfer through the tunnel while forged, replayed and garbage
-    //    packets arrive.
+    // 3. A TCP transfer through the tunnel while forged transport packets under
+    //    the tunnel's receiver index, replays of genuine ones, garbage of every
+    //    length and more initiations (keeping the gateway under load) arrive,
+    //    round after round until the transfer is done and the pinger has had
+    //    a few rounds.
     let transfer = {
         let (lan, client) = (Netns::attach(&lan.name), Netns::attach(&client.name));
         std::thread::spawn(move || tcp_transfer(&lan, "10.50.0.2:7101", &client, true, 7, 20 * 1024 * 1024))
     };
     let captured = sniffer.transport_packets(v4(CLIENT_WAN), target, 64, Duration::from_secs(15));
     assert!(!captured.is_empty(), "captured no transport packet from the client\n{}", log(&gateway));
-    let newest = captured.last().unwrap();
-    let (receiver, counter) = (newest.receiver, captured.iter().map(|c| c.counter).max().unwrap());
+    let receiver = captured.last().unwrap().receiver;
+    let counter = captured.iter().map(|c| c.counter).max().unwrap();
     eprintln!("captured {} transport packets; receiver index {receiver:#010x}", captured.len());
-    for _ in 0..4 {
+    let replays: Vec<Vec<u8>> = captured.iter().map(|c| c.payload.clone()).collect();
+    let phase = Instant::now();
+    let mut attack_rounds = 0;
+    while attack_rounds < 100 && (!transfer.is_finished() || rounds.load(Ordering::Relaxed) < 8) {
+        attack_rounds += 1;
         send_all(&sockets, &forged_transport(receiver, counter, 16..=1400, &mut rng), target);
-        let replays: Vec<Vec<u8>> = captured.iter().map(|c| c.payload.clone()).collect();
         send_all(&sockets, &replays, target);
-    }
-    // 4. Random garbage of every length (any first byte).
-    for _ in 0..2 {
         let garbage: Vec<Vec<u8>> = (0..=1472).map(|len| rng.bytes(len)).collect();
         send_all(&sockets, &garbage, target);
+        flood(1_000);
+        send_all(&sockets, &typed_datagrams(0..=200, Some(&mut rng)), target);
+        std::thread::sleep(Duration::from_millis(100));
     }
+    eprintln!("{attack_rounds} rounds of forged, replayed and garbage packets in {:?}", phase.elapsed());
     assert_running(&mut gateway, "during forged, replayed and garbage packets");
     let transferred = transfer.join();
     stop.store(true, Ordering::Relaxed);
@@ -173,6 +195,21 @@ fn hostile_wan_traffic_cannot_stop_the_release_gateway() {
         }
     }
     assert!(missing.is_empty(), "not counted: {missing:?}\n{}", log(&gateway));
+    // Every WAN frame the worker took is accounted for: forwarded, handed on
+    // (handshake queue, cookie reply) or dropped with a reason.
+    let c = last_stats(&gateway);
+    let get = |k: &str| c.get(k).copied().unwrap_or(0);
+    let accounted = get("decrypted")
+        + get("keepalives_received")
+        + get("handshakes_queued")
+        + get("cookie_replies")
+        + c.iter().filter(|(k, _)| k.starts_with("drop_")).map(|(_, v)| v).sum::<u64>();
+    assert!(
+        get("wan_rx") <= accounted,
+        "{} WAN frames received, only {accounted} forwarded, handed on or counted as dropped\n{}",
+        get("wan_rx"),
+        log(&gateway)
+    );
     let status = gateway.terminate();
     assert!(status.success(), "wgxdp serve exited with {status} on SIGTERM\n{}", log(&gateway));
     eprintln!("hostile e2e took {:?}", started.elapsed());

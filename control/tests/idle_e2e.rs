@@ -1,5 +1,6 @@
 //! A tunnel idle for longer than REJECT_AFTER_TIME (180 s) comes back from
-//! either side, through `wgxdp serve`, with no persistent keepalive on either
+//! either side, through `wgxdp serve` (the release-profile binary, as
+//! deployed), with no persistent keepalive on either
 //! end (wireguard-go client, gateway peer without `persistent_keepalive`).
 //!
 //! Two sites side by side share one 200 s wait: on one, the LAN host sends
@@ -10,6 +11,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 use wgxdp_dataplane::noise::PrivateKey;
+use wgxdp_integration::hostile::e2e_binary;
 use wgxdp_integration::site::{write_private_key, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL, LAN_HOST};
 use wgxdp_integration::{require_tools, Netns};
 
@@ -29,7 +31,7 @@ fn ping5(ns: &Netns, dst: &str) -> (u32, String) {
 
 /// One site: traffic once, idle, then a ping from the LAN host (`lan_first`)
 /// or from the remote site. `Err` carries what went wrong and serve's log.
-fn idle_site(prefix: &'static str, lan_first: bool) -> Result<String, String> {
+fn idle_site(wgxdp: &Path, prefix: &'static str, lan_first: bool) -> Result<String, String> {
     let topo = SiteTopology::new(prefix);
     let dir = TempDir::new("wgxdp-idle");
     let gw_pub = write_private_key(&dir.join("gw.key")).public_key();
@@ -44,7 +46,7 @@ fn idle_site(prefix: &'static str, lan_first: bool) -> Result<String, String> {
         ),
     )
     .unwrap();
-    let gateway = ServeProcess::start(&topo.gateway, Path::new(env!("CARGO_BIN_EXE_wgxdp")), &config, &dir.0);
+    let gateway = ServeProcess::start(&topo.gateway, wgxdp, &config, &dir.0);
     let wg = topo.start_client(&client_key, &gw_pub, CLIENT_TUNNEL);
     let fail = |what: String| {
         let out = gateway.output();
@@ -82,9 +84,13 @@ fn idle_site(prefix: &'static str, lan_first: bool) -> Result<String, String> {
 #[test]
 fn idle_tunnel_without_keepalive_reopens_from_either_side() {
     require_tools(&["ip", "wireguard-go", "wg", "ping", "ethtool"]);
+    let wgxdp = e2e_binary(Path::new(env!("CARGO_BIN_EXE_wgxdp")));
     let started = Instant::now();
-    let lan_first = std::thread::spawn(|| idle_site("il", true));
-    let remote_first = std::thread::spawn(|| idle_site("ir", false));
+    let lan_first = std::thread::spawn({
+        let wgxdp = wgxdp.clone();
+        move || idle_site(&wgxdp, "il", true)
+    });
+    let remote_first = std::thread::spawn(move || idle_site(&wgxdp, "ir", false));
     let results = [lan_first.join().expect("LAN-first site"), remote_first.join().expect("remote-first site")];
     for r in &results {
         match r {
