@@ -324,6 +324,34 @@ fn respond(r: Result<ureq::Response, ureq::Error>) -> Result<(u16, serde_json::V
     }
 }
 
+/// `len` bytes over TCP between a listener in `listener_ns` on `listen` and a
+/// connection from `connector_ns` (towards the listener when `upload`), checked
+/// byte for byte on the receiving side.
+pub fn tcp_transfer(listener_ns: &Netns, listen: &str, connector_ns: &Netns, upload: bool, seed: u64, len: usize) {
+    use crate::{check_stream, send_stream};
+    let listener = listener_ns.tcp_listener(listen);
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("read timeout");
+        if upload {
+            check_stream(&mut s, seed, len)
+        } else {
+            send_stream(&mut s, seed, len).map_err(|e| e.to_string())
+        }
+    });
+    let mut c = connector_ns.tcp_connect(listen, Duration::from_secs(10)).expect("connect through the tunnel");
+    c.set_read_timeout(Some(Duration::from_secs(30))).expect("read timeout");
+    let client_result = if upload {
+        let r = send_stream(&mut c, seed, len).map_err(|e| e.to_string());
+        drop(c);
+        r
+    } else {
+        check_stream(&mut c, seed, len)
+    };
+    client_result.expect("client side of the transfer");
+    server.join().expect("transfer server thread").expect("server side of the transfer");
+}
+
 /// `ping -I src dst` from `ns`; true if at least `min` of `count` replies came back.
 pub fn ping_from(ns: &Netns, src: &str, dst: &str, count: u32, min: u32) -> bool {
     let out = ns

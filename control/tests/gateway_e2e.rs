@@ -12,11 +12,13 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::UdpSocket;
 use std::path::Path;
-use std::time::{Duration, Instant};
-use wgxdp_dataplane::noise::cookie::{CookieJar, MacKeys};
+use std::time::Duration;
 use wgxdp_dataplane::noise::PrivateKey;
-use wgxdp_integration::site::{write_private_key, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL, LISTEN_PORT};
-use wgxdp_integration::{check_stream, require_tools, send_stream, Netns};
+use wgxdp_integration::hostile::InitiationForger;
+use wgxdp_integration::site::{
+    tcp_transfer, write_private_key, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL, LISTEN_PORT,
+};
+use wgxdp_integration::{require_tools, Netns};
 
 const TRANSFER: usize = 50 * 1024 * 1024;
 const PORT: u16 = LISTEN_PORT;
@@ -28,27 +30,7 @@ fn wgxdp() -> &'static Path {
 /// 50 MB between a listener in `listener_ns` and a connection from
 /// `connector_ns` (towards the listener when `upload`), checked byte for byte.
 fn transfer(listener_ns: &Netns, listen: &str, connector_ns: &Netns, upload: bool, seed: u64) {
-    let listener = listener_ns.tcp_listener(listen);
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        if upload {
-            check_stream(&mut s, seed, TRANSFER)
-        } else {
-            send_stream(&mut s, seed, TRANSFER).map_err(|e| e.to_string())
-        }
-    });
-    let mut c = connector_ns.tcp_connect(listen, Duration::from_secs(10)).expect("connect through the tunnel");
-    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let client_result = if upload {
-        let r = send_stream(&mut c, seed, TRANSFER).map_err(|e| e.to_string());
-        drop(c);
-        r
-    } else {
-        check_stream(&mut c, seed, TRANSFER)
-    };
-    client_result.expect("client side of the transfer");
-    server.join().unwrap().expect("server side of the transfer");
+    tcp_transfer(listener_ns, listen, connector_ns, upload, seed, TRANSFER);
 }
 
 #[test]
@@ -144,24 +126,13 @@ fn site_to_site_through_af_xdp() {
 
     // A flood of initiations with valid MAC1 from many source ports: cookie
     // replies go out, and the established tunnel keeps passing traffic.
-    let keys = MacKeys::new(&gw_pub);
     let flood = {
         let sockets: Vec<UdpSocket> = (0..64).map(|_| client.udp_socket("10.100.0.2:0")).collect();
+        let mut forger = InitiationForger::new(&gw_pub, 0x1234_5678);
         std::thread::spawn(move || {
-            let mut jar = CookieJar::default();
-            let mut msg = [0u8; 148];
-            let mut seed = 0x1234_5678u64;
-            for i in 0..50_000u32 {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                msg[0] = 1;
-                msg[4..8].copy_from_slice(&i.to_le_bytes());
-                for (j, b) in msg[8..116].iter_mut().enumerate() {
-                    *b = (seed >> (j % 56)) as u8;
-                }
-                jar.stamp(&keys, &mut msg, Instant::now());
-                let _ = sockets[i as usize % sockets.len()].send_to(&msg, format!("10.100.0.1:{PORT}"));
+            for i in 0..50_000usize {
+                let msg = forger.next_message();
+                let _ = sockets[i % sockets.len()].send_to(&msg, format!("10.100.0.1:{PORT}"));
             }
         })
     };

@@ -14,8 +14,9 @@ commands:
   setup        install system packages, the nightly rust-src component and
                bpf-linker (idempotent; quick when everything is present)
   build-ebpf   build the XDP program for bpfel-unknown-none
-  test         setup + build-ebpf + the whole test suite (needs root: it
-               creates network namespaces and runs wireguard-go), then `fuzz`
+  test         setup + build-ebpf + `wgxdp` with the e2e profile (release,
+               panic = abort) + the whole test suite (needs root: it creates
+               network namespaces and runs wireguard-go), then `fuzz`
   fuzz         installs cargo-fuzz if missing, builds the libFuzzer targets in
                fuzz/ (nightly) and runs each for a bounded time (about a
                minute in all); fails on any crash and says where its input is
@@ -125,6 +126,19 @@ fn test(extra: &[String]) -> Result<()> {
     require_root("the test suite")?;
     setup::install_all()?;
     build_ebpf()?;
+    // The end-to-end tests that must see a panic abort the gateway run this
+    // binary (release code generation, `panic = "abort"`, no LTO):
+    // target/e2e/wgxdp. `cargo test` cannot build it (it holds the build lock).
+    println!("== building wgxdp with the e2e profile (release, panic = abort, no LTO)");
+    run(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "-p",
+        "wgxdp-control",
+        "--bin",
+        "wgxdp",
+        "--profile",
+        "e2e",
+    ]))?;
     println!("== cargo test (workspace: unit, known-answer, property, interop)");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root()).args(["test", "--workspace", "--all-targets"]).args(extra);
