@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod device;
 pub mod drops;
+pub mod fragment;
 pub mod frame;
 pub mod frame_io;
 pub mod gateway;

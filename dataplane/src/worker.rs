@@ -16,6 +16,7 @@
 
 use crate::admission::{self, Admission, SourceLimiter};
 use crate::drops::{DropCounters, DropReason};
+use crate::fragment::{fragment_ipv4, FragmentError};
 use crate::frame::{
     parse_ip_frame, parse_ip_frame_payload, parse_udp_frame, udp_headers_len, write_ethernet_header, write_udp_headers,
     UdpFrame,
@@ -183,6 +184,8 @@ pub struct Worker<S: FrameIo = XskSocket> {
     icmp_second: Instant,
     /// Handshake messages per source under load.
     limiter: SourceLimiter,
+    /// Where IPv4 fragments of an oversize inner packet are built.
+    fragment: Vec<u8>,
     /// Inner packets the kernel slow path decrypted, for this worker's LAN
     /// socket (worker 0 only).
     slow_path: Option<crossbeam_channel::Receiver<Vec<u8>>>,
@@ -204,6 +207,7 @@ impl<S: FrameIo> Worker<S> {
             icmp_second: Instant::now(),
             slow_path: None,
             limiter: SourceLimiter::default(),
+            fragment: vec![0u8; 65536],
         }
     }
 
@@ -329,79 +333,101 @@ impl<S: FrameIo> Worker<S> {
         let ip = parse_ip_frame(data).map_err(|_| DropReason::Malformed)?;
         let inner = data.get(ip.packet.clone()).ok_or(DropReason::Malformed)?;
         let view = transport::route(&self.shared.tables, ip.dst)?;
-        if inner.len() > self.shared.tunnel_mtu {
-            let sender_mac = crate::wire::EthernetFrame::new_checked(data).map(|e| e.source()).ok();
-            // RFC 1191 / 8201: only a packet that forbids fragmentation (IPv4 DF,
-            // or any IPv6 packet) is answered with "too big".
-            let df = match crate::wire::Ipv4Packet::new_checked(inner) {
-                Ok(v4) => v4.dont_fragment(),
-                Err(_) => ip.src.is_ipv6(),
-            };
-            if let Some(mac) = sender_mac.filter(|_| df && crate::icmp::may_send_error(inner)) {
-                let quote_len = inner.len().min(crate::icmp::quote_limit(ip.src.is_ipv6()));
-                self.scratch[..quote_len].copy_from_slice(&inner[..quote_len]);
-                self.send_too_big(mac, ip.src, quote_len, now);
-            }
-            return Err(DropReason::Oversize);
+        if inner.len() <= self.shared.tunnel_mtu {
+            return seal_to_wan(&mut self.wan, &self.shared, &self.counters, &mut self.scratch, &view, inner, now);
         }
-        let endpoint = view.endpoint.load();
-        let Some(ep) = endpoint.as_ref() else { return Err(DropReason::NoEndpoint) };
-        let len = inner.len();
-        let sealed = match ep.path.filter(|p| p.local.is_ipv6() == ep.addr.is_ipv6()) {
-            Some(path) => {
-                let hdr = udp_headers_len(ep.addr.is_ipv6());
-                let Some(mut out) = self.wan.alloc(hdr + sealed_len(len)) else { return Err(DropReason::NoFrame) };
-                let sealed = self.wan.with_data_mut(&mut out, None, |buf| {
-                    let body = buf.get_mut(hdr + TRANSPORT_HEADER_LEN..hdr + TRANSPORT_HEADER_LEN + len);
-                    body.ok_or(SealError::BufferTooSmall)?.copy_from_slice(inner);
-                    let n = transport::seal(&view, &mut buf[hdr..], len, now)?;
-                    write_udp_headers(buf, &path, ep.addr, false).map_err(|_| SealError::BufferTooSmall)?;
-                    Ok(n)
-                });
-                match sealed {
-                    Ok(_) => self.wan.send(out),
-                    Err(_) => self.wan.release(out),
+        // Too big for the tunnel. RFC 1191 / 8201: a packet that forbids
+        // fragmentation (IPv4 DF, or any IPv6 packet) is answered with "too
+        // big"; an IPv4 packet that allows it is fragmented, as a router does.
+        let v4 = crate::wire::Ipv4Packet::new_checked(inner).ok();
+        if let Some(false) = v4.map(|p| p.dont_fragment()) {
+            let (wan, shared, counters, scratch) = (&mut self.wan, &self.shared, &self.counters, &mut self.scratch);
+            let pieces = fragment_ipv4(inner, shared.tunnel_mtu, &mut self.fragment, |piece| {
+                seal_to_wan(wan, shared, counters, scratch, &view, piece, now)
+            });
+            return match pieces {
+                Ok(_) => Ok(()),
+                Err(FragmentError::Emit(reason)) => Err(reason),
+                Err(FragmentError::Refused(_)) => Err(DropReason::Oversize),
+            };
+        }
+        let sender_mac = crate::wire::EthernetFrame::new_checked(data).map(|e| e.source()).ok();
+        if let Some(mac) = sender_mac.filter(|_| crate::icmp::may_send_error(inner)) {
+            let quote_len = inner.len().min(crate::icmp::quote_limit(ip.src.is_ipv6()));
+            self.scratch[..quote_len].copy_from_slice(&inner[..quote_len]);
+            self.send_too_big(mac, ip.src, quote_len, now);
+        }
+        Err(DropReason::Oversize)
+    }
+}
+
+/// Seals `inner` for the peer of `view` into a WAN frame (or, before any frame
+/// from the peer was seen, through the kernel), or stages it when there is no
+/// usable session. `scratch` is for the kernel path.
+fn seal_to_wan<S: FrameIo>(
+    wan: &mut S,
+    shared: &Shared,
+    counters: &WorkerCounters,
+    scratch: &mut [u8],
+    view: &crate::peer_view::PeerView,
+    inner: &[u8],
+    now: Instant,
+) -> Result<(), DropReason> {
+    let endpoint = view.endpoint.load();
+    let Some(ep) = endpoint.as_ref() else { return Err(DropReason::NoEndpoint) };
+    let len = inner.len();
+    let sealed = match ep.path.filter(|p| p.local.is_ipv6() == ep.addr.is_ipv6()) {
+        Some(path) => {
+            let hdr = udp_headers_len(ep.addr.is_ipv6());
+            let Some(mut out) = wan.alloc(hdr + sealed_len(len)) else { return Err(DropReason::NoFrame) };
+            let sealed = wan.with_data_mut(&mut out, None, |buf| {
+                let body = buf.get_mut(hdr + TRANSPORT_HEADER_LEN..hdr + TRANSPORT_HEADER_LEN + len);
+                body.ok_or(SealError::BufferTooSmall)?.copy_from_slice(inner);
+                let n = transport::seal(view, &mut buf[hdr..], len, now)?;
+                write_udp_headers(buf, &path, ep.addr, false).map_err(|_| SealError::BufferTooSmall)?;
+                Ok(n)
+            });
+            match sealed {
+                Ok(_) => wan.send(out),
+                Err(_) => wan.release(out),
+            }
+            sealed.map(|_| ())
+        }
+        None => {
+            // No frame from this peer seen yet: let the kernel route this one.
+            let body = scratch.get_mut(TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len);
+            body.ok_or(DropReason::BufferTooSmall)?.copy_from_slice(inner);
+            if !shared.wan_next_hops.is_ready(ep.addr.ip()) {
+                // Never queue behind an unresolved next hop in the kernel.
+                shared.wan_next_hops.request(ep.addr.ip());
+                return Err(DropReason::NoNextHop);
+            }
+            transport::seal(view, scratch, len, now).map(|n| match shared.kernel_udp.send_to(&scratch[..n], ep.addr) {
+                Ok(_) => bump(&counters.via_kernel),
+                Err(_) => counters.dropped(DropReason::KernelSend),
+            })
+        }
+    };
+    match sealed {
+        Ok(()) => {
+            bump(&counters.encrypted);
+            Ok(())
+        }
+        Err(SealError::BufferTooSmall) => Err(DropReason::BufferTooSmall),
+        Err(SealError::NoSession) => {
+            // No usable session (none yet, or expired): wait for a handshake.
+            view.attention.store(true, Relaxed);
+            let packet = shared.staging.take(inner).ok_or(DropReason::StagingFull)?;
+            match shared.control.try_send(ControlEvent::Stage { peer: view.id, packet }) {
+                Ok(()) => {
+                    bump(&counters.staged);
+                    Ok(())
                 }
-                sealed.map(|_| ())
-            }
-            None => {
-                // No frame from this peer seen yet: let the kernel route this one.
-                let body = self.scratch.get_mut(TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len);
-                body.ok_or(DropReason::BufferTooSmall)?.copy_from_slice(inner);
-                if !self.shared.wan_next_hops.is_ready(ep.addr.ip()) {
-                    // Never queue behind an unresolved next hop in the kernel.
-                    self.shared.wan_next_hops.request(ep.addr.ip());
-                    return Err(DropReason::NoNextHop);
-                }
-                transport::seal(&view, &mut self.scratch, len, now).map(|n| {
-                    match self.shared.kernel_udp.send_to(&self.scratch[..n], ep.addr) {
-                        Ok(_) => bump(&self.counters.via_kernel),
-                        Err(_) => self.counters.dropped(DropReason::KernelSend),
+                Err(e) => {
+                    if let ControlEvent::Stage { packet, .. } = e.into_inner() {
+                        shared.staging.give(packet);
                     }
-                })
-            }
-        };
-        match sealed {
-            Ok(()) => {
-                bump(&self.counters.encrypted);
-                Ok(())
-            }
-            Err(SealError::BufferTooSmall) => Err(DropReason::BufferTooSmall),
-            Err(SealError::NoSession) => {
-                // No usable session (none yet, or expired): wait for a handshake.
-                view.attention.store(true, Relaxed);
-                let packet = self.shared.staging.take(inner).ok_or(DropReason::StagingFull)?;
-                match self.shared.control.try_send(ControlEvent::Stage { peer: view.id, packet }) {
-                    Ok(()) => {
-                        bump(&self.counters.staged);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        if let ControlEvent::Stage { packet, .. } = e.into_inner() {
-                            self.shared.staging.give(packet);
-                        }
-                        Err(DropReason::StagingFull)
-                    }
+                    Err(DropReason::StagingFull)
                 }
             }
         }
@@ -711,5 +737,44 @@ mod tests {
         m.run_until_idle(&mut batch, later);
         assert_eq!(m.counters.drops.get(DropReason::UnknownIndex), 100);
         assert_eq!(m.counters.handshakes_queued.load(Relaxed), u64::from(crate::admission::PER_SOURCE_PER_SECOND));
+    }
+
+    /// An IPv4 packet above the tunnel MTU that allows fragmentation is split
+    /// into fragments that each fit (and reach the client); one with DF set
+    /// gets "fragmentation needed" instead.
+    #[test]
+    fn oversize_ipv4_without_df_is_fragmented_with_df_answered() {
+        let mut m = MemoryWorker::new(AeadBackend::Ring);
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        let mut big = ipv4_packet(1900, LAN_HOST, CLIENT_TUNNEL);
+        big[6] &= !0x40; // clear DF
+        crate::wire::Ipv4Packet::new_checked(&mut big[..]).unwrap().fill_checksum();
+        assert!(lan(&mut m).inject(&MemoryWorker::lan_frame(&big)));
+        m.run_until_idle(&mut batch, now);
+        let mut sent = Vec::new();
+        assert_eq!(wan(&mut m).take_sent(|f| sent.push(f.to_vec())), 2, "two fragments");
+        let mut data = vec![0u8; 1880];
+        for frame in &sent {
+            let udp = crate::frame::parse_udp_frame(frame).unwrap();
+            let mut payload = frame[udp.payload.clone()].to_vec();
+            let mut buf = vec![0u8; 2048];
+            let got = m.client.receive(udp.src, &mut payload, false, now, SystemTime::now(), &mut buf);
+            let Ok(Action::Deliver { packet, .. }) = got else { panic!("{got:?}") };
+            assert!(packet.len() <= 1420);
+            let ip = crate::wire::Ipv4Packet::new_checked(packet).unwrap();
+            assert!(ip.verify_checksum());
+            let off = ip.fragment_offset();
+            data[off..off + ip.payload().len()].copy_from_slice(ip.payload());
+        }
+        assert_eq!(&data[..], &big[20..], "the fragments reassemble to the original");
+        assert_eq!(m.counters.encrypted.load(Relaxed), 2);
+        // With DF: no fragments, an ICMP error to the sender instead.
+        let df = ipv4_packet(1900, LAN_HOST, CLIENT_TUNNEL);
+        assert!(lan(&mut m).inject(&MemoryWorker::lan_frame(&df)));
+        m.run_until_idle(&mut batch, now);
+        assert_eq!(wan(&mut m).take_sent(|_| {}), 0);
+        assert_eq!(lan(&mut m).take_sent(|_| {}), 1, "fragmentation needed");
+        assert_eq!(m.counters.drops.get(DropReason::Oversize), 1);
     }
 }

@@ -74,6 +74,11 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         read_u16_be(self.bytes(), field::FLAGS_FRAG) & 0x3fff != 0
     }
 
+    /// True when more fragments of the same datagram follow this one.
+    pub fn more_fragments(&self) -> bool {
+        read_u16_be(self.bytes(), field::FLAGS_FRAG) & 0x2000 != 0
+    }
+
     /// Where this fragment's data starts in the original datagram, in bytes.
     pub fn fragment_offset(&self) -> usize {
         usize::from(read_u16_be(self.bytes(), field::FLAGS_FRAG) & 0x1fff) * 8
@@ -150,6 +155,21 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
         write_u16_be(b, field::CHECKSUM, 0);
         let c = internet_checksum(&b[..hl]);
         write_u16_be(b, field::CHECKSUM, c);
+    }
+
+    /// Rewrites the total length and the flags/fragment-offset word (for a
+    /// fragment cut from a larger packet) and refreshes the header checksum.
+    /// `total_len` must fit the buffer and hold the header.
+    pub fn set_fragment(&mut self, total_len: u16, flags_fragment: u16) -> Result<(), WireError> {
+        let hl = self.header_len();
+        let b = self.buffer.as_mut();
+        if usize::from(total_len) < hl || usize::from(total_len) > b.len() {
+            return Err(WireError::BadLength);
+        }
+        write_u16_be(b, field::TOTAL_LEN, total_len);
+        write_u16_be(b, field::FLAGS_FRAG, flags_fragment);
+        self.fill_checksum();
+        Ok(())
     }
 
     pub fn payload_mut(&mut self) -> &mut [u8] {
