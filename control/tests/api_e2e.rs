@@ -255,3 +255,59 @@ fn kill_9_during_creates_loses_no_acknowledged_gateway() {
     assert_eq!(s["data"]["tunnel_status"], "up", "{s}");
     drop(wg);
 }
+
+/// Hundreds of gateways whose peers are on the WAN link but never answer ARP:
+/// the gateway's handshakes to them wait for a next hop that never resolves.
+/// That must cost nothing to anyone else: every create answers without
+/// waiting on neighbour resolution, and an established tunnel keeps its
+/// handshakes (a new one, forced by restarting the remote site, completes).
+#[test]
+fn unreachable_on_link_peers_cost_nothing_to_the_api_or_other_tunnels() {
+    let site = Site::new("u");
+    let gateway = site.serve();
+    let key = site.api_key();
+    let client_key = PrivateKey::generate();
+    let psk = PresharedKey::generate().to_base64_secret().to_string();
+    let body = json!({
+        "name": "real-site", "region": "local", "tunnel_type": "wireguard",
+        "remote_network_cidr": "10.200.0.0/24", "remote_peer_ip": CLIENT_WAN, "remote_peer_port": 40001,
+        "remote_public_key": client_key.public_key().to_base64(), "pre_shared_key": psk,
+    });
+    let (code, created) = http(&site.topo.gateway, "POST", "/api/v1/vpn-gateways", &key, Some(body)).unwrap();
+    assert_eq!(code, 201, "{created}");
+    let wg = site.client(&client_key, &psk);
+    assert!(ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 5, 3), "the real tunnel does not work");
+
+    // 10.100.0.10 .. 10.100.0.209 are on the WAN link; nobody has them.
+    let api = ApiClient::new(&site.topo.gateway, API, &key);
+    let mut slowest = Duration::ZERO;
+    for i in 0..600u32 {
+        let body = json!({
+            "name": format!("dead-{i}"), "region": "local", "tunnel_type": "wireguard",
+            "remote_network_cidr": format!("10.{}.{}.0/24", 60 + i / 250, i % 250),
+            "remote_peer_ip": format!("10.100.0.{}", 10 + i % 200), "remote_peer_port": 20000 + i,
+            "remote_public_key": PrivateKey::generate().public_key().to_base64(),
+        });
+        let started = Instant::now();
+        let (code, created) = api.call("POST", "/api/v1/vpn-gateways", Some(body)).unwrap();
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(code, 201, "create {i}: {created}");
+    }
+    // The kernel gives up resolving a neighbour after about 3 s: a create that
+    // waited on one would show it. (A bound on blocking, not a speed target.)
+    assert!(slowest < Duration::from_secs(3), "a create waited {slowest:?}: something blocked on the network");
+
+    // Let the dead peers' handshake retries run, then force a new handshake on
+    // the real tunnel: it completes, and traffic flows.
+    std::thread::sleep(Duration::from_secs(6));
+    drop(wg);
+    let _wg = site.client(&client_key, &psk);
+    assert!(
+        ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 8, 3),
+        "the real tunnel did not come back among unreachable peers; gateway:\n{}",
+        gateway.output()
+    );
+    gateway.refresh();
+    let control = gateway.output().lines().rev().find(|l| l.contains("stats control")).unwrap_or_default().to_owned();
+    assert!(control.contains("drop_no_next_hop="), "handshakes to dead peers are counted drops: {control}");
+}
