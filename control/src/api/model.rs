@@ -321,7 +321,8 @@ fn validate_remote_vs_local(remote: &IpPrefix, local: &IpPrefix) -> Result<(), A
 /// site's traffic.
 fn validate_remote_cidr(s: &str) -> Result<IpPrefix, ApiError> {
     let remote = validate_cidr("remote_network_cidr", s)?;
-    if remote.is_empty() {
+    let prefix_bits = remote.len();
+    if prefix_bits == 0 {
         return Err(invalid(
             "remote_network_cidr",
             format!("{remote} is a default route; a tunnel carries a remote site's network, not all traffic"),
