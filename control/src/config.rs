@@ -215,6 +215,45 @@ pub fn interfaces(path: &Path) -> Result<(String, String), ConfigError> {
     Ok((only.interface.wan, only.interface.lan))
 }
 
+/// The smallest `tunnel_mtu`: IPv6's minimum link MTU (RFC 8200 section 5).
+pub const MIN_TUNNEL_MTU: usize = 1280;
+
+/// Refuses an address that two `[[peer]]`s claim (the same prefix twice, or
+/// one inside another): the data plane would route it to one of them only.
+/// Sorted, so a file with many peers costs n log n, not n².
+fn check_peer_overlaps(peers: &[PeerSpec]) -> Result<(), ConfigError> {
+    let key = |p: &IpPrefix| match p.addr() {
+        IpAddr::V4(a) => (0u8, u128::from(u32::from(a)), p.len()),
+        IpAddr::V6(a) => (1u8, u128::from(a), p.len()),
+    };
+    let mut all: Vec<(IpPrefix, usize)> =
+        peers.iter().enumerate().flat_map(|(i, p)| p.allowed_ips.iter().map(move |a| (*a, i))).collect();
+    // Network address, then shorter (containing) prefixes first.
+    all.sort_by_key(|(p, _)| key(p));
+    // The prefixes containing the current one, outermost first.
+    let mut open: Vec<(IpPrefix, usize)> = Vec::new();
+    for (prefix, index) in all {
+        while open.last().is_some_and(|(o, _)| !o.contains(prefix.addr())) {
+            open.pop();
+        }
+        if let Some(&(outer, other)) = open.last() {
+            if other != index {
+                let what = if outer == prefix { "is also" } else { "lies inside" };
+                return Err(ConfigError::Peer {
+                    index,
+                    reason: format!(
+                        "allowed_ips `{prefix}` {what} `{outer}` of peer {other} ({}); every address must belong to \
+                         one peer",
+                        peers[other].config.public_key
+                    ),
+                });
+            }
+        }
+        open.push((prefix, index));
+    }
+    Ok(())
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
@@ -242,8 +281,12 @@ impl Config {
         if i.listen_port == 0 {
             return Err(ConfigError::Interface("`listen_port` must be 1-65535".into()));
         }
-        if !(576..=9000).contains(&i.tunnel_mtu) {
-            return Err(ConfigError::Interface(format!("`tunnel_mtu` {} is outside 576-9000", i.tunnel_mtu)));
+        if !(MIN_TUNNEL_MTU..=9000).contains(&i.tunnel_mtu) {
+            return Err(ConfigError::Interface(format!(
+                "`tunnel_mtu` {} is outside {MIN_TUNNEL_MTU}-9000 (IPv6 needs at least {MIN_TUNNEL_MTU}: hosts ignore \
+                 \"packet too big\" below it)",
+                i.tunnel_mtu
+            )));
         }
         if !i.frames_per_socket.is_power_of_two() || i.frames_per_socket < 64 {
             return Err(ConfigError::Interface("`frames_per_socket` must be a power of two, at least 64".into()));
@@ -294,6 +337,7 @@ impl Config {
                 allowed_ips,
             });
         }
+        check_peer_overlaps(&peers)?;
         let api = match file.api {
             None => None,
             Some(a) => {
@@ -458,5 +502,67 @@ mod tests {
         assert!(Config::parse(same, Path::new("t.toml")).unwrap_err().to_string().contains("must differ"));
         let err = Config::parse("[interface\n", Path::new("t.toml")).unwrap_err().to_string();
         assert!(err.starts_with("t.toml:"), "{err}");
+    }
+
+    #[test]
+    fn overlapping_allowed_ips_between_peers_are_refused() {
+        let k = key_file(0o600, &PrivateKey::generate().to_base64_secret());
+        let peer = |ips: &str| {
+            format!("[[peer]]\npublic_key = \"{}\"\nallowed_ips = [{ips}]\n", PrivateKey::generate().public_key())
+        };
+        let parse = |peers: &[&str]| {
+            let text = config(&k.0, &peers.iter().map(|ips| peer(ips)).collect::<String>());
+            Config::parse(&text, Path::new("t.toml")).map(|c| c.peers.len()).map_err(|e| e.to_string())
+        };
+        for (peers, says) in [
+            (
+                &["\"10.1.0.0/16\"", "\"10.1.0.0/16\""][..],
+                "peer 1: allowed_ips `10.1.0.0/16` is also `10.1.0.0/16` of peer 0",
+            ),
+            (
+                &["\"10.1.0.0/16\"", "\"10.9.0.0/16\", \"10.1.7.0/24\""],
+                "peer 1: allowed_ips `10.1.7.0/24` lies inside `10.1.0.0/16` of peer 0",
+            ),
+            (
+                &["\"10.1.7.0/24\"", "\"10.0.0.0/8\""],
+                "peer 0: allowed_ips `10.1.7.0/24` lies inside `10.0.0.0/8` of peer 1",
+            ),
+            (
+                &["\"fd00::/64\"", "\"10.2.0.0/16\"", "\"fd00::1/128\""],
+                "peer 2: allowed_ips `fd00::1/128` lies inside `fd00::/64` of peer 0",
+            ),
+            (&["\"10.1.0.0/16\"", "\"10.2.0.0/16\"", "\"10.1.2.3/32\""], "of peer 0"),
+        ] {
+            let err = parse(peers).unwrap_err();
+            assert!(err.contains(says), "{peers:?}: {err}");
+        }
+        // Disjoint prefixes, neighbours, both families, and nesting within one peer are fine.
+        assert_eq!(
+            parse(&[
+                "\"10.1.0.0/16\", \"10.1.2.0/24\"",
+                "\"10.2.0.0/16\", \"fd00::/64\"",
+                "\"10.0.0.0/16\", \"fd00:0:0:1::/64\""
+            ]),
+            Ok(3)
+        );
+        // Many peers: still one pass.
+        let many: Vec<String> = (0..2000u32).map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256)).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(parse(&many), Ok(2000));
+    }
+
+    #[test]
+    fn tunnel_mtu_below_the_ipv6_minimum_is_refused() {
+        let k = key_file(0o600, &PrivateKey::generate().to_base64_secret());
+        let with_mtu = |mtu: usize| {
+            let text = config(&k.0, "").replace("[interface]\n", &format!("[interface]\ntunnel_mtu = {mtu}\n"));
+            Config::parse(&text, Path::new("t.toml")).map(|c| c.tunnel_mtu).map_err(|e| e.to_string())
+        };
+        for mtu in [576, 1279, 0, 9001] {
+            let err = with_mtu(mtu).unwrap_err();
+            assert!(err.contains("tunnel_mtu") && err.contains("1280-9000"), "{mtu}: {err}");
+        }
+        assert_eq!(with_mtu(1280), Ok(1280));
+        assert_eq!(with_mtu(1420), Ok(1420));
     }
 }

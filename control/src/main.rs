@@ -22,12 +22,16 @@ enum Command {
         #[arg(long, value_name = "SECONDS")]
         stats_every: Option<u64>,
     },
-    /// Remove XDP programs left on the configuration's WAN and LAN interfaces
-    /// (after a crash; a running `serve` removes its own when it stops).
+    /// Remove wgxdp's XDP programs left on the configuration's WAN and LAN
+    /// interfaces (after a crash; a running `serve` removes its own when it
+    /// stops). Other tools' programs are left alone unless `--force`.
     Detach {
         /// The TOML configuration file (only its interfaces are read).
         #[arg(long, short)]
         config: PathBuf,
+        /// Also remove XDP programs that are not wgxdp's (another tool's).
+        #[arg(long)]
+        force: bool,
     },
     /// Manage VPN gateways through the API (`wgxdp vpn --help`).
     Vpn {
@@ -100,7 +104,7 @@ fn main() -> std::process::ExitCode {
             drop(stdout);
             wgxdp_control::serve::serve(&config, stats_every.map(Duration::from_secs))
         }
-        Command::Detach { config } => wgxdp_control::serve::detach(&config, &mut stdout),
+        Command::Detach { config, force } => wgxdp_control::serve::detach(&config, force, &mut stdout),
         Command::Vpn { client, command } => wgxdp_control::cli::run(command, &client, &mut stdout),
         Command::Apikey { config, command } => apikey(&config, command, &mut stdout),
         Command::Genkey => wgxdp_control::keys::genkey(&mut stdout),

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 use wgxdp_dataplane::device::{PeerId, PeerUpdate};
-use wgxdp_dataplane::gateway::{Gateway, PeerSpec};
+use wgxdp_dataplane::gateway::{Gateway, GatewayError, PeerSpec};
 use wgxdp_dataplane::noise::peer::PeerConfig;
 use wgxdp_dataplane::noise::{PresharedKey, PublicKey};
 use wgxdp_dataplane::table::IpPrefix;
@@ -60,33 +60,49 @@ pub trait DataPlane: Send + Sync + 'static {
     fn write_metrics(&self, out: &mut String);
 }
 
-/// The running AF_XDP gateway.
-#[derive(Debug)]
-pub struct GatewayPlane {
-    gateway: Gateway,
-    listen_port: u16,
-    tunnels: Mutex<HashMap<String, (PeerId, Tunnel)>>,
+/// The peer operations `GatewayPlane` needs: the running `Gateway`, or a
+/// fake in tests (to drive the error paths of `apply` and `remove`).
+pub trait PeerControl: Send + Sync + 'static {
+    fn add_peer(&self, spec: PeerSpec) -> Result<PeerId, GatewayError>;
+    /// Removes `id`; `Ok(false)` if it was already gone.
+    fn remove_peer(&self, id: PeerId) -> Result<bool, GatewayError>;
+    fn set_allowed_ips(&self, id: PeerId, prefixes: Vec<IpPrefix>) -> Result<(), GatewayError>;
+    fn update_peer(&self, id: PeerId, update: PeerUpdate) -> Result<bool, GatewayError>;
 }
 
-fn keepalive(k: Option<u16>) -> Option<Duration> {
-    k.filter(|&s| s > 0).map(|s| Duration::from_secs(u64::from(s)))
+impl PeerControl for Gateway {
+    fn add_peer(&self, spec: PeerSpec) -> Result<PeerId, GatewayError> {
+        Gateway::add_peer(self, spec)
+    }
+    fn remove_peer(&self, id: PeerId) -> Result<bool, GatewayError> {
+        Gateway::remove_peer(self, id)
+    }
+    fn set_allowed_ips(&self, id: PeerId, prefixes: Vec<IpPrefix>) -> Result<(), GatewayError> {
+        Gateway::set_allowed_ips(self, id, prefixes)
+    }
+    fn update_peer(&self, id: PeerId, update: PeerUpdate) -> Result<bool, GatewayError> {
+        Gateway::update_peer(self, id, update)
+    }
 }
 
-impl GatewayPlane {
-    pub fn new(gateway: Gateway, listen_port: u16) -> Self {
-        Self { gateway, listen_port, tunnels: Mutex::new(HashMap::new()) }
+/// Tunnel ids to the data plane's peers, kept in step with what the data
+/// plane confirmed: an entry is forgotten only after its peer is gone, so a
+/// failed removal can be retried (a retry that found nothing would report
+/// success while the peer kept carrying traffic).
+#[derive(Debug, Default)]
+struct Tunnels(Mutex<HashMap<String, (PeerId, Tunnel)>>);
+
+fn plane_err(e: GatewayError) -> PlaneError {
+    PlaneError(e.to_string())
+}
+
+impl Tunnels {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (PeerId, Tunnel)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn gateway(&self) -> &Gateway {
-        &self.gateway
-    }
-
-    pub fn into_gateway(self) -> Gateway {
-        self.gateway
-    }
-
-    fn add(&self, t: &Tunnel) -> Result<PeerId, PlaneError> {
-        self.gateway
+    fn add(peers: &impl PeerControl, t: &Tunnel) -> Result<PeerId, PlaneError> {
+        peers
             .add_peer(PeerSpec {
                 config: PeerConfig {
                     public_key: t.public_key,
@@ -96,7 +112,81 @@ impl GatewayPlane {
                 endpoint: t.endpoint,
                 allowed_ips: t.allowed_ips.clone(),
             })
-            .map_err(|e| PlaneError(e.to_string()))
+            .map_err(plane_err)
+    }
+
+    fn apply(&self, peers: &impl PeerControl, id: &str, new: &Tunnel) -> Result<(), PlaneError> {
+        let mut tunnels = self.lock();
+        match tunnels.get_mut(id) {
+            None => {
+                let peer = Self::add(peers, new)?;
+                tunnels.insert(id.to_owned(), (peer, new.clone()));
+            }
+            Some((peer, old)) if old.public_key != new.public_key => {
+                // The old peer stays known until the data plane let it go.
+                peers.remove_peer(*peer).map_err(plane_err)?;
+                tunnels.remove(id);
+                let peer = Self::add(peers, new)?;
+                tunnels.insert(id.to_owned(), (peer, new.clone()));
+            }
+            Some((peer, old)) => {
+                let peer = *peer;
+                if old.allowed_ips != new.allowed_ips {
+                    peers.set_allowed_ips(peer, new.allowed_ips.clone()).map_err(plane_err)?;
+                    // Record each confirmed step: a rollback to `old` must undo it.
+                    old.allowed_ips = new.allowed_ips.clone();
+                }
+                let update = PeerUpdate {
+                    preshared_key: (old.preshared_key != new.preshared_key).then(|| new.preshared_key.clone()),
+                    persistent_keepalive: (old.persistent_keepalive != new.persistent_keepalive)
+                        .then(|| keepalive(new.persistent_keepalive)),
+                    endpoint: if old.endpoint != new.endpoint { new.endpoint } else { None },
+                };
+                peers.update_peer(peer, update).map_err(plane_err)?;
+                *old = new.clone();
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self, peers: &impl PeerControl, id: &str) -> Result<(), PlaneError> {
+        let mut tunnels = self.lock();
+        if let Some((peer, _)) = tunnels.get(id) {
+            peers.remove_peer(*peer).map_err(plane_err)?;
+            tunnels.remove(id);
+        }
+        Ok(())
+    }
+
+    fn peers(&self, ids: &[&str]) -> Vec<Option<PeerId>> {
+        let tunnels = self.lock();
+        ids.iter().map(|id| tunnels.get(*id).map(|(peer, _)| *peer)).collect()
+    }
+}
+
+/// The running AF_XDP gateway.
+#[derive(Debug)]
+pub struct GatewayPlane {
+    gateway: Gateway,
+    listen_port: u16,
+    tunnels: Tunnels,
+}
+
+fn keepalive(k: Option<u16>) -> Option<Duration> {
+    k.filter(|&s| s > 0).map(|s| Duration::from_secs(u64::from(s)))
+}
+
+impl GatewayPlane {
+    pub fn new(gateway: Gateway, listen_port: u16) -> Self {
+        Self { gateway, listen_port, tunnels: Tunnels::default() }
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    pub fn into_gateway(self) -> Gateway {
+        self.gateway
     }
 }
 
@@ -110,50 +200,15 @@ impl DataPlane for GatewayPlane {
     }
 
     fn apply(&self, id: &str, new: &Tunnel) -> Result<(), PlaneError> {
-        let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-        let err = |e: wgxdp_dataplane::gateway::GatewayError| PlaneError(e.to_string());
-        match tunnels.get(id) {
-            None => {
-                let peer = self.add(new)?;
-                tunnels.insert(id.to_owned(), (peer, new.clone()));
-            }
-            Some((_, old)) if old.public_key != new.public_key => {
-                let (peer, _) = tunnels.remove(id).expect("present");
-                self.gateway.remove_peer(peer).map_err(err)?;
-                let peer = self.add(new)?;
-                tunnels.insert(id.to_owned(), (peer, new.clone()));
-            }
-            Some((peer, old)) => {
-                let peer = *peer;
-                if old.allowed_ips != new.allowed_ips {
-                    self.gateway.set_allowed_ips(peer, new.allowed_ips.clone()).map_err(err)?;
-                }
-                let update = PeerUpdate {
-                    preshared_key: (old.preshared_key != new.preshared_key).then(|| new.preshared_key.clone()),
-                    persistent_keepalive: (old.persistent_keepalive != new.persistent_keepalive)
-                        .then(|| keepalive(new.persistent_keepalive)),
-                    endpoint: if old.endpoint != new.endpoint { new.endpoint } else { None },
-                };
-                self.gateway.update_peer(peer, update).map_err(err)?;
-                tunnels.insert(id.to_owned(), (peer, new.clone()));
-            }
-        }
-        Ok(())
+        self.tunnels.apply(&self.gateway, id, new)
     }
 
     fn remove(&self, id: &str) -> Result<(), PlaneError> {
-        let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((peer, _)) = tunnels.remove(id) {
-            self.gateway.remove_peer(peer).map_err(|e| PlaneError(e.to_string()))?;
-        }
-        Ok(())
+        self.tunnels.remove(&self.gateway, id)
     }
 
     fn statuses(&self, ids: &[&str]) -> Vec<Option<TunnelStatus>> {
-        let peers: Vec<Option<PeerId>> = {
-            let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-            ids.iter().map(|id| tunnels.get(*id).map(|(peer, _)| *peer)).collect()
-        };
+        let peers = self.tunnels.peers(ids);
         // One trip to the control thread for every known one.
         let mut live = self.gateway.peer_statuses(peers.iter().flatten().copied().collect()).into_iter();
         peers
@@ -273,4 +328,115 @@ impl DataPlane for MemoryPlane {
     }
 
     fn write_metrics(&self, _out: &mut String) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use wgxdp_dataplane::noise::PrivateKey;
+
+    /// Peers as a data plane holds them; calls fail (as a control timeout
+    /// does: nothing changed) while the matching flag is set.
+    #[derive(Default)]
+    struct FakePeers {
+        live: Mutex<HashMap<PeerId, (PublicKey, Vec<IpPrefix>)>>,
+        next: AtomicU32,
+        fail_remove: AtomicBool,
+        fail_update: AtomicBool,
+    }
+
+    fn timeout() -> GatewayError {
+        GatewayError::ControlTimeout(Duration::from_secs(1))
+    }
+
+    impl FakePeers {
+        fn live(&self) -> Vec<(PublicKey, Vec<IpPrefix>)> {
+            self.live.lock().unwrap().values().cloned().collect()
+        }
+    }
+
+    impl PeerControl for FakePeers {
+        fn add_peer(&self, spec: PeerSpec) -> Result<PeerId, GatewayError> {
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            self.live.lock().unwrap().insert(id, (spec.config.public_key, spec.allowed_ips));
+            Ok(id)
+        }
+        fn remove_peer(&self, id: PeerId) -> Result<bool, GatewayError> {
+            if self.fail_remove.load(Ordering::Relaxed) {
+                return Err(timeout());
+            }
+            Ok(self.live.lock().unwrap().remove(&id).is_some())
+        }
+        fn set_allowed_ips(&self, id: PeerId, prefixes: Vec<IpPrefix>) -> Result<(), GatewayError> {
+            if let Some(p) = self.live.lock().unwrap().get_mut(&id) {
+                p.1 = prefixes;
+            }
+            Ok(())
+        }
+        fn update_peer(&self, id: PeerId, _update: PeerUpdate) -> Result<bool, GatewayError> {
+            if self.fail_update.load(Ordering::Relaxed) {
+                return Err(timeout());
+            }
+            Ok(self.live.lock().unwrap().contains_key(&id))
+        }
+    }
+
+    fn tunnel(cidr: &str) -> Tunnel {
+        Tunnel {
+            public_key: PrivateKey::generate().public_key(),
+            preshared_key: PresharedKey::generate(),
+            endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+            allowed_ips: vec![cidr.parse().unwrap()],
+            persistent_keepalive: None,
+        }
+    }
+
+    #[test]
+    fn a_failed_remove_keeps_the_tunnel_known_so_a_retry_removes_it() {
+        let (peers, tunnels) = (FakePeers::default(), Tunnels::default());
+        tunnels.apply(&peers, "vpn_a", &tunnel("10.1.0.0/16")).unwrap();
+        peers.fail_remove.store(true, Ordering::Relaxed);
+        assert!(tunnels.remove(&peers, "vpn_a").is_err());
+        assert_eq!(peers.live().len(), 1, "the peer still runs");
+        assert_eq!(tunnels.peers(&["vpn_a"]), vec![Some(0)], "and is still known");
+        peers.fail_remove.store(false, Ordering::Relaxed);
+        tunnels.remove(&peers, "vpn_a").unwrap();
+        assert!(peers.live().is_empty(), "the retried delete removed the live peer");
+        assert_eq!(tunnels.peers(&["vpn_a"]), vec![None]);
+        tunnels.remove(&peers, "vpn_a").unwrap();
+    }
+
+    #[test]
+    fn a_key_change_whose_removal_fails_can_be_retried_without_a_second_peer() {
+        let (peers, tunnels) = (FakePeers::default(), Tunnels::default());
+        let old = tunnel("10.1.0.0/16");
+        tunnels.apply(&peers, "vpn_a", &old).unwrap();
+        let new = Tunnel { public_key: PrivateKey::generate().public_key(), ..old.clone() };
+        peers.fail_remove.store(true, Ordering::Relaxed);
+        assert!(tunnels.apply(&peers, "vpn_a", &new).is_err());
+        assert_eq!(peers.live(), vec![(old.public_key, old.allowed_ips.clone())]);
+        peers.fail_remove.store(false, Ordering::Relaxed);
+        tunnels.apply(&peers, "vpn_a", &new).unwrap();
+        assert_eq!(peers.live(), vec![(new.public_key, new.allowed_ips.clone())], "exactly one peer: the new key");
+    }
+
+    #[test]
+    fn a_partly_applied_change_is_undone_by_applying_the_old_tunnel() {
+        let (peers, tunnels) = (FakePeers::default(), Tunnels::default());
+        let old = tunnel("10.1.0.0/16");
+        tunnels.apply(&peers, "vpn_a", &old).unwrap();
+        let new = Tunnel {
+            allowed_ips: vec!["10.2.0.0/16".parse().unwrap()],
+            preshared_key: PresharedKey::generate(),
+            ..old.clone()
+        };
+        peers.fail_update.store(true, Ordering::Relaxed);
+        assert!(tunnels.apply(&peers, "vpn_a", &new).is_err());
+        assert_eq!(peers.live()[0].1, new.allowed_ips, "the prefixes changed before the update failed");
+        peers.fail_update.store(false, Ordering::Relaxed);
+        // The handler's rollback.
+        tunnels.apply(&peers, "vpn_a", &old).unwrap();
+        assert_eq!(peers.live(), vec![(old.public_key, old.allowed_ips.clone())]);
+    }
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use wgxdp_dataplane::gateway::{interface_addrs, Gateway, GatewayConfig};
+use wgxdp_dataplane::gateway::{interface_addresses, interface_addrs, Gateway, GatewayConfig};
 use wgxdp_dataplane::loader::{self, DetachError};
 use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::xsk::XskConfig;
@@ -58,8 +58,9 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
     let public_address =
         api.as_ref().and_then(|a| a.config.public_address).or_else(|| interface_addrs(&cfg.wan).0.map(Into::into));
     let listen_port = cfg.listen_port;
-    take_over(&cfg.wan)?;
-    take_over(&cfg.lan)?;
+    // The site's own addresses: no API tunnel may route them.
+    let lan_addresses = interface_addresses(&cfg.lan);
+    take_over(&cfg.wan, &cfg.lan)?;
     let gateway = Gateway::start(GatewayConfig {
         wan_interface: cfg.wan,
         lan_interface: cfg.lan,
@@ -82,7 +83,7 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
         .enable_all()
         .build()
         .context("cannot start the API runtime")?;
-    let result = runtime.block_on(run(plane.clone(), api, public_address, stop, stats_every));
+    let result = runtime.block_on(run(plane.clone(), api, public_address, lan_addresses, stop, stats_every));
     runtime.shutdown_timeout(Duration::from_secs(5));
     log_stats(plane.gateway());
     drop(plane);
@@ -94,6 +95,7 @@ async fn run(
     plane: Arc<GatewayPlane>,
     api: Option<ApiStart>,
     public_address: Option<std::net::IpAddr>,
+    lan_addresses: Vec<std::net::IpAddr>,
     stop: Arc<AtomicBool>,
     stats_every: Option<Duration>,
 ) -> anyhow::Result<()> {
@@ -112,6 +114,7 @@ async fn run(
             let restored = tokio::task::spawn_blocking(move || api::replay(&store, &*p)).await??;
             let settings = ApiSettings {
                 site_cidr: a.config.site_cidr.clone(),
+                lan_addresses,
                 public_address: public_address.map_or_else(|| "0.0.0.0".into(), |a| a.to_string()),
                 mutations_per_minute: a.config.mutations_per_minute,
                 reads_per_minute: a.config.reads_per_minute,
@@ -164,40 +167,53 @@ async fn run(
     Ok(())
 }
 
-/// Removes XDP programs a dead process left on `iface` (attached through
-/// netlink: by `ip link`, libxdp or an older wgxdp) so ours replaces them.
-/// Programs of a live process (BPF links) are not touched: refuse to start.
-/// Programs a killed `serve` attached through its links are already gone.
-fn take_over(iface: &str) -> anyhow::Result<()> {
-    match loader::detach_programs(iface) {
-        Ok(removed) => {
-            for p in removed {
-                tracing::warn!(%iface, prog_id = p.prog_id, mode = p.mode.as_str(), "replaced a stale XDP program");
-                println!("wgxdp: replaced stale XDP program {} ({} mode) on {iface}", p.prog_id, p.mode.as_str());
+/// Removes wgxdp XDP programs a dead process left on the WAN and LAN
+/// interfaces (attached through netlink: by `ip link`, libxdp or an older
+/// wgxdp) so ours replace them. Both interfaces are checked before either is
+/// changed: another tool's program, or one a live process holds through a BPF
+/// link, refuses the start and nothing is touched. Programs a killed `serve`
+/// attached through its links are already gone.
+fn take_over(wan: &str, lan: &str) -> anyhow::Result<()> {
+    let mut plan = Vec::new();
+    for iface in [wan, lan] {
+        match loader::check_detach(iface, false) {
+            Ok(found) => plan.push((iface, found)),
+            // Reported with its fix by Gateway::start.
+            Err(DetachError::NoSuchInterface(_)) => {}
+            Err(e @ (DetachError::HeldByLink { .. } | DetachError::NotOurs { .. })) => {
+                anyhow::bail!("cannot take over `{iface}`: {e}")
             }
-            Ok(())
-        }
-        Err(e @ DetachError::HeldByLink { .. }) => Err(anyhow::anyhow!("cannot take over `{iface}`: {e}")),
-        // Reported with its fix by Gateway::start.
-        Err(DetachError::NoSuchInterface(_)) => Ok(()),
-        Err(e) => {
-            tracing::warn!(%iface, error = %e, "cannot check the interface for stale XDP programs");
-            Ok(())
+            Err(e) => tracing::warn!(%iface, error = %e, "cannot check the interface for stale XDP programs"),
         }
     }
+    for (iface, found) in plan {
+        loader::remove_programs(iface, &found).with_context(|| format!("cannot take over `{iface}`"))?;
+        for p in found {
+            tracing::warn!(%iface, prog_id = p.prog_id, mode = p.mode.as_str(), "replaced a stale XDP program");
+            println!("wgxdp: replaced stale XDP program {} ({} mode) on {iface}", p.prog_id, p.mode.as_str());
+        }
+    }
+    Ok(())
 }
 
-/// `wgxdp detach --config FILE`: removes the XDP programs from the WAN and LAN
+/// `wgxdp detach --config FILE [--force]`: removes wgxdp's XDP programs (with
+/// `force`, any program attached through netlink) from the WAN and LAN
 /// interfaces the configuration names, saying what it removed.
-pub fn detach(config: &Path, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+pub fn detach(config: &Path, force: bool, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     let (wan, lan) = crate::config::interfaces(config)?;
     let mut failed = Vec::new();
     for (side, iface) in [("WAN", &wan), ("LAN", &lan)] {
-        match loader::detach_programs(iface) {
+        match loader::detach_programs(iface, force) {
             Ok(removed) if removed.is_empty() => writeln!(out, "{side} {iface}: no XDP program attached")?,
             Ok(removed) => {
                 for p in removed {
-                    writeln!(out, "{side} {iface}: removed XDP program {} ({} mode)", p.prog_id, p.mode.as_str())?;
+                    let name = p.name.as_deref().unwrap_or("unknown name");
+                    writeln!(
+                        out,
+                        "{side} {iface}: removed XDP program {} ({} mode): {name}",
+                        p.prog_id,
+                        p.mode.as_str()
+                    )?;
                 }
             }
             Err(e) => {

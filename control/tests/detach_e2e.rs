@@ -1,8 +1,10 @@
 //! After a crash: `kill -9` of `serve` leaves nothing that stops a new
 //! `serve` on the same configuration (the tunnel works again), a stale XDP
 //! program attached without a link (by `ip link`, libxdp, older versions) is
-//! replaced by `serve` and removed by `wgxdp detach`, and `detach` refuses to
-//! touch the programs of a running `serve` or an interface that is missing.
+//! replaced by `serve` and removed by `wgxdp detach`, another tool's program is
+//! left alone by both (`detach --force` removes it) and stops `serve` before
+//! either interface changes, and `detach` refuses to touch the programs of a
+//! running `serve` or an interface that is missing.
 
 use serde_json::json;
 use std::os::fd::AsFd;
@@ -65,12 +67,29 @@ impl Site {
     /// Attaches an XDP program to `iface` the old way (netlink, no link), as a
     /// dead process would have left it; returns its id.
     fn leave_stale_program(&self, iface: &str) -> u32 {
+        self.leave_program(iface, xdp_object(), "wgxdp_wan")
+    }
+
+    /// Attaches another tool's XDP program (ours renamed `other_wan`) to
+    /// `iface` without a link; returns its id.
+    fn leave_foreign_program(&self, iface: &str) -> u32 {
+        let mut object = xdp_object();
+        for (from, to) in [(b"wgxdp_wan", b"other_wan"), (b"wgxdp_lan", b"other_lan")] {
+            let mut i = 0;
+            while let Some(at) = object[i..].windows(from.len()).position(|w| w == from) {
+                object[i + at..i + at + from.len()].copy_from_slice(to);
+                i += at + from.len();
+            }
+        }
+        self.leave_program(iface, object, "other_wan")
+    }
+
+    fn leave_program(&self, iface: &str, object: Vec<u8>, program: &'static str) -> u32 {
         let name = iface.to_owned();
         self.topo.gateway.enter(move || {
             let iface = name;
-            let mut ebpf = aya::Ebpf::load(&xdp_object()).unwrap();
-            let (_, prog) = ebpf.programs_mut().next().unwrap();
-            let prog: &mut aya::programs::Xdp = prog.try_into().unwrap();
+            let mut ebpf = aya::Ebpf::load(&object).unwrap();
+            let prog: &mut aya::programs::Xdp = ebpf.program_mut(program).unwrap().try_into().unwrap();
             prog.load().unwrap();
             attach_without_link(&iface, prog.fd().unwrap().as_fd(), XdpMode::Driver).unwrap();
             // `ebpf` is dropped here: the program stays, as after a crash.
@@ -152,6 +171,55 @@ fn a_new_serve_takes_over_after_kill_9_and_detach_cleans_up() {
     assert!(site.programs(&wan).is_empty() && site.programs(&lan).is_empty());
     let out = site.detach(&site.config);
     assert!(out.status.success() && text(&out).contains("no XDP program attached"), "{}", text(&out));
+
+    // Another tool's program on the LAN side and a stale one of ours on the
+    // WAN side: serve refuses, names the program and the fixes, and changes
+    // neither interface (both are checked first).
+    let stale_wan = site.leave_stale_program(&wan);
+    let foreign = site.leave_foreign_program(&lan);
+    let out = site
+        .topo
+        .gateway
+        .command("timeout")
+        .args(["60", wgxdp().to_str().unwrap(), "serve", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("XDP program {foreign} (`other_wan`, driver mode) on `{lan}` is not wgxdp's")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("ip link set dev {lan} xdpdrv off")) && said.contains("wgxdp detach --force"),
+        "{said}"
+    );
+    assert_eq!(site.programs(&wan), vec![(stale_wan, XdpMode::Driver)], "the WAN side was not stripped");
+    assert_eq!(site.programs(&lan), vec![(foreign, XdpMode::Driver)]);
+    // `detach` removes ours only; `--force` the other tool's too.
+    let out = site.detach(&site.config);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains(&format!("WAN {wan}: removed XDP program {stale_wan} (driver mode)")), "{said}");
+    assert!(
+        said.contains(&format!("XDP program {foreign} (`other_wan`, driver mode) on `{lan}` is not wgxdp's")),
+        "{said}"
+    );
+    assert!(site.programs(&wan).is_empty());
+    assert_eq!(site.programs(&lan), vec![(foreign, XdpMode::Driver)], "another tool's program stays");
+    let out = site
+        .topo
+        .gateway
+        .command(wgxdp().to_str().unwrap())
+        .args(["detach", "--force", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains(&format!("LAN {lan}: removed XDP program {foreign} (driver mode): other_wan")), "{said}");
+    assert!(site.programs(&lan).is_empty());
 
     // A missing interface is a clear error.
     let missing = site.dir.join("missing.toml");

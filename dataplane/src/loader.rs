@@ -272,10 +272,36 @@ impl XdpMode {
 }
 
 /// One XDP program attached to an interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachedXdp {
     pub prog_id: u32,
     pub mode: XdpMode,
+    /// The program's name as the kernel reports it (`None`: could not be read).
+    pub name: Option<String>,
+    /// Attached through a BPF link: a running process holds it.
+    pub held_by_link: bool,
+}
+
+impl AttachedXdp {
+    /// One of wgxdp's programs (by the name the kernel reports).
+    pub fn is_ours(&self) -> bool {
+        matches!(self.name.as_deref(), Some(n) if n == programs::WAN || n == programs::LAN)
+    }
+
+    fn name_or_unknown(&self) -> String {
+        self.name.clone().unwrap_or_else(|| "unknown name".into())
+    }
+}
+
+impl XdpMode {
+    /// The `ip link set dev IFACE … off` keyword that removes a program in this mode.
+    pub fn ip_link_keyword(self) -> &'static str {
+        match self {
+            XdpMode::Driver => "xdpdrv",
+            XdpMode::Generic => "xdpgeneric",
+            XdpMode::Offload => "xdpoffload",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,10 +309,16 @@ pub enum DetachError {
     #[error("interface `{0}` does not exist (in this network namespace)")]
     NoSuchInterface(String),
     #[error(
-        "the XDP program on `{iface}` ({mode} mode) is held by a BPF link of a running process \
+        "XDP program {prog_id} (`{name}`) on `{iface}` ({mode} mode) is held by a BPF link of a running process \
          (is `wgxdp serve` still running? stop it; its programs go with it)"
     )]
-    HeldByLink { iface: String, mode: &'static str },
+    HeldByLink { iface: String, prog_id: u32, name: String, mode: &'static str },
+    #[error(
+        "XDP program {prog_id} (`{name}`, {mode} mode) on `{iface}` is not wgxdp's, so it was left alone \
+         (another tool's?); if it is not needed, remove it with `ip link set dev {iface} {keyword} off` \
+         or `wgxdp detach --force`"
+    )]
+    NotOurs { iface: String, prog_id: u32, name: String, mode: &'static str, keyword: &'static str },
     #[error("netlink request for `{iface}` failed: {source}")]
     Netlink { iface: String, source: std::io::Error },
 }
@@ -350,13 +382,34 @@ fn set_link_xdp(iface: &str, fd: i32, mode: XdpMode) -> Result<(), DetachError> 
     let netlink_err = |source| DetachError::Netlink { iface: iface.to_owned(), source };
     let nl = netlink::Rtnetlink::open().map_err(netlink_err)?;
     let body = link_body(ifindex(iface)?, &xdp_attr(fd, mode.flags()));
-    match nl.request(netlink::RTM_SETLINK, netlink::NLM_F_ACK, &body, |_, _| {}) {
-        Ok(()) => Ok(()),
-        Err(e) if fd < 0 && e.raw_os_error() == Some(libc::EBUSY) => {
-            Err(DetachError::HeldByLink { iface: iface.to_owned(), mode: mode.as_str() })
-        }
-        Err(e) => Err(netlink_err(e)),
+    nl.request(netlink::RTM_SETLINK, netlink::NLM_F_ACK, &body, |_, _| {}).map_err(netlink_err)
+}
+
+/// Names of the loaded BPF programs among `ids` (by `BPF_OBJ_GET_INFO_BY_FD`).
+fn program_names(ids: &[u32]) -> Vec<(u32, String)> {
+    if ids.is_empty() {
+        return Vec::new();
     }
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| ids.contains(&p.id()))
+        .filter_map(|p| Some((p.id(), p.name_as_str()?.to_owned())))
+        .collect()
+}
+
+/// `BPF_LINK_TYPE_XDP` (linux/bpf.h).
+const BPF_LINK_TYPE_XDP: u32 = 6;
+
+/// The programs among `ids` that an XDP BPF link holds.
+fn linked_programs(ids: &[u32]) -> Vec<u32> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .filter(|l| l.type_ == BPF_LINK_TYPE_XDP && ids.contains(&l.prog_id))
+        .map(|l| l.prog_id)
+        .collect()
 }
 
 /// The XDP programs attached to `iface` (in the calling thread's network namespace).
@@ -371,25 +424,82 @@ pub fn attached_programs(iface: &str) -> Result<Vec<AttachedXdp>, DetachError> {
         }
     })
     .map_err(netlink_err)?;
+    let present: Vec<u32> = ids.iter().copied().filter(|id| *id != 0).collect();
+    let names = program_names(&present);
+    let linked = linked_programs(&present);
     Ok([XdpMode::Driver, XdpMode::Generic, XdpMode::Offload]
         .into_iter()
         .zip(ids)
         .filter(|(_, id)| *id != 0)
-        .map(|(mode, prog_id)| AttachedXdp { prog_id, mode })
+        .map(|(mode, prog_id)| AttachedXdp {
+            prog_id,
+            mode,
+            name: names.iter().find(|(id, _)| *id == prog_id).map(|(_, n)| n.clone()),
+            held_by_link: linked.contains(&prog_id),
+        })
         .collect())
 }
 
-/// Removes every XDP program attached to `iface` and returns what it removed.
-/// A program held by a live BPF link (a running `serve`) cannot be removed
-/// this way: `DetachError::HeldByLink`. A program whose process died is gone
-/// with its link; programs attached through netlink (by older versions,
-/// `ip link`, libxdp) stay until removed here.
-pub fn detach_programs(iface: &str) -> Result<Vec<AttachedXdp>, DetachError> {
+/// The XDP programs `detach_programs(iface, force)` would remove, checked
+/// without changing anything: refuses a program held by a live BPF link (a
+/// running `serve`: `DetachError::HeldByLink`) and, unless `force`, one that
+/// is not wgxdp's (`DetachError::NotOurs`, naming its id and how to remove it).
+pub fn check_detach(iface: &str, force: bool) -> Result<Vec<AttachedXdp>, DetachError> {
     let found = attached_programs(iface)?;
     for p in &found {
-        set_link_xdp(iface, -1, p.mode)?;
+        if p.held_by_link {
+            return Err(DetachError::HeldByLink {
+                iface: iface.to_owned(),
+                prog_id: p.prog_id,
+                name: p.name_or_unknown(),
+                mode: p.mode.as_str(),
+            });
+        }
+        if !force && !p.is_ours() {
+            return Err(DetachError::NotOurs {
+                iface: iface.to_owned(),
+                prog_id: p.prog_id,
+                name: p.name_or_unknown(),
+                mode: p.mode.as_str(),
+                keyword: p.mode.ip_link_keyword(),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Removes `programs` (as `check_detach` returned them) from `iface`; a mode
+/// whose program changed since is left alone.
+pub fn remove_programs(iface: &str, programs: &[AttachedXdp]) -> Result<(), DetachError> {
+    let now = attached_programs(iface)?;
+    for p in programs {
+        if !now.iter().any(|n| n.prog_id == p.prog_id && n.mode == p.mode) {
+            continue;
+        }
+        match set_link_xdp(iface, -1, p.mode) {
+            Ok(()) => {}
+            Err(DetachError::Netlink { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(DetachError::HeldByLink {
+                    iface: iface.to_owned(),
+                    prog_id: p.prog_id,
+                    name: p.name_or_unknown(),
+                    mode: p.mode.as_str(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
         tracing::info!(%iface, prog_id = p.prog_id, mode = p.mode.as_str(), "XDP program removed");
     }
+    Ok(())
+}
+
+/// Removes the XDP programs attached to `iface` through netlink (by older
+/// versions, `ip link`, libxdp) and returns what it removed: wgxdp's only,
+/// unless `force`. Nothing is removed if any of them is refused (see
+/// `check_detach`). A program whose process died is gone with its link.
+pub fn detach_programs(iface: &str, force: bool) -> Result<Vec<AttachedXdp>, DetachError> {
+    let found = check_detach(iface, force)?;
+    remove_programs(iface, &found)?;
     Ok(found)
 }
 

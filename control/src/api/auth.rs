@@ -9,7 +9,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,13 +69,16 @@ impl RateLimiter {
 
 /// Default `[api] auth_failures_per_minute`.
 pub const DEFAULT_AUTH_FAILURES_PER_MINUTE: u32 = 30;
-/// Source addresses tracked at once; beyond it, new sources share one budget.
+/// Source addresses tracked at once; beyond it, the least recently failed
+/// one is forgotten.
 pub const SOURCE_TABLE_CAPACITY: usize = 4096;
 
 /// Failed authentications per source address in fixed one-minute windows,
-/// consulted before the store. The table is bounded: when it is full of live
-/// windows, addresses not in it share one overflow window, so a flood from
-/// many addresses costs neither memory nor more than the budget in queries.
+/// consulted before the store. A source without recorded failures is never
+/// refused (so neither a flood from many addresses nor a busy proxy in front
+/// of other clients locks anyone out). The table is bounded: when it is full,
+/// the source whose last failure is oldest makes room; a source that keeps
+/// failing stays in it unless more than `capacity` others fail in between.
 #[derive(Debug)]
 pub struct SourceLimiter {
     per_minute: u32,
@@ -83,11 +86,20 @@ pub struct SourceLimiter {
     table: Mutex<SourceTable>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    failures: u32,
+    /// Position in `SourceTable::by_age` (the order of last failures).
+    seq: u64,
+}
+
+#[derive(Debug, Default)]
 struct SourceTable {
-    windows: HashMap<IpAddr, (Instant, u32)>,
-    overflow: (Instant, u32),
-    last_sweep: Option<Instant>,
+    windows: HashMap<IpAddr, Window>,
+    /// Sources by their last failure, oldest first.
+    by_age: BTreeMap<u64, IpAddr>,
+    next_seq: u64,
 }
 
 /// The unit a client is limited by: its IPv4 address, or its IPv6 /64.
@@ -102,38 +114,33 @@ fn source_key(src: Option<IpAddr>) -> IpAddr {
     }
 }
 
-fn fresh(window: &mut (Instant, u32), now: Instant) -> &mut (Instant, u32) {
-    if now.saturating_duration_since(window.0) >= WINDOW {
-        *window = (now, 0);
+fn expired(w: &Window, now: Instant) -> bool {
+    now.saturating_duration_since(w.start) >= WINDOW
+}
+
+impl SourceTable {
+    fn forget(&mut self, key: &IpAddr) {
+        if let Some(w) = self.windows.remove(key) {
+            self.by_age.remove(&w.seq);
+        }
     }
-    window
 }
 
 impl SourceLimiter {
     pub fn new(per_minute: u32, capacity: usize) -> Self {
-        let now = Instant::now();
-        Self {
-            per_minute,
-            capacity: capacity.max(1),
-            table: Mutex::new(SourceTable { windows: HashMap::new(), overflow: (now, 0), last_sweep: None }),
-        }
+        Self { per_minute, capacity: capacity.max(1), table: Mutex::new(SourceTable::default()) }
     }
 
     /// `Err(seconds until the window resets)` if `src` has used its failures.
     pub fn check(&self, src: Option<IpAddr>, now: Instant) -> Result<(), u64> {
         let key = source_key(src);
-        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let full = t.windows.len() >= self.capacity;
-        let w = match t.windows.get_mut(&key) {
-            Some(w) => w,
-            None if full => &mut t.overflow,
-            None => return Ok(()),
-        };
-        let w = fresh(w, now);
-        if w.1 < self.per_minute {
-            return Ok(());
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        match t.windows.get(&key) {
+            Some(w) if !expired(w, now) && w.failures >= self.per_minute => {
+                Err(WINDOW.saturating_sub(now.saturating_duration_since(w.start)).as_secs_f64().ceil().max(1.0) as u64)
+            }
+            _ => Ok(()),
         }
-        Err(WINDOW.saturating_sub(now.saturating_duration_since(w.0)).as_secs_f64().ceil().max(1.0) as u64)
     }
 
     /// Counts one failed authentication from `src`.
@@ -141,21 +148,37 @@ impl SourceLimiter {
         let key = source_key(src);
         let mut guard = self.table.lock().unwrap_or_else(|p| p.into_inner());
         let t = &mut *guard;
-        if !t.windows.contains_key(&key) && t.windows.len() >= self.capacity {
-            // Sweep expired windows at most once a second (a flood must not
-            // make every request walk the table).
-            if t.last_sweep.is_none_or(|s| now.saturating_duration_since(s) >= Duration::from_secs(1)) {
-                t.windows.retain(|_, (start, _)| now.saturating_duration_since(*start) < WINDOW);
-                t.last_sweep = Some(now);
+        let seq = t.next_seq;
+        t.next_seq += 1;
+        let mut w = match t.windows.get(&key) {
+            Some(w) => {
+                t.by_age.remove(&w.seq);
+                *w
+            }
+            None => {
+                // Make room: first sources whose last failure is a window
+                // old (their windows are over), then the least recent.
+                while t.windows.len() >= self.capacity {
+                    let Some((_, oldest)) = t.by_age.pop_first() else { break };
+                    t.windows.remove(&oldest);
+                }
+                Window { start: now, failures: 0, seq }
+            }
+        };
+        if expired(&w, now) {
+            w = Window { start: now, failures: 0, seq };
+        }
+        w.failures = w.failures.saturating_add(1);
+        w.seq = seq;
+        t.windows.insert(key, w);
+        t.by_age.insert(seq, key);
+        // Sources whose last failure is older than a window hold nothing.
+        while let Some((_, &oldest)) = t.by_age.first_key_value() {
+            match t.windows.get(&oldest) {
+                Some(w) if expired(w, now) => t.forget(&oldest),
+                _ => break,
             }
         }
-        let w = if t.windows.contains_key(&key) || t.windows.len() < self.capacity {
-            t.windows.entry(key).or_insert((now, 0))
-        } else {
-            &mut t.overflow
-        };
-        let w = fresh(w, now);
-        w.1 = w.1.saturating_add(1);
     }
 
     /// Source addresses tracked now.
@@ -240,18 +263,38 @@ mod tests {
             l.record_failure(v6(i), t);
         }
         assert!(l.check(v6(999), t).is_err());
-        // A flood from 100 000 addresses: the table stays bounded and the
-        // newcomers share one budget instead of each getting a fresh one.
-        for i in 0..100_000u32 {
+        assert!(l.tracked() <= 100);
+    }
+
+    #[test]
+    fn a_flood_from_many_sources_never_locks_out_a_fresh_client() {
+        let l = SourceLimiter::new(3, 100);
+        let t = Instant::now();
+        let attacker = Some(IpAddr::from([198, 51, 100, 1]));
+        for _ in 0..3 {
+            l.record_failure(attacker, t);
+        }
+        // A few other failing sources do not make room by evicting the attacker.
+        for i in 0..50u32 {
             l.record_failure(Some(IpAddr::from((0x0a00_0000 + i).to_be_bytes())), t);
         }
+        assert!(l.check(attacker, t).is_err(), "a source over its budget stays refused");
+        // 100 000 addresses, several failures each: the table stays bounded.
+        for i in 0..100_000u32 {
+            let src = Some(IpAddr::from((0x0b00_0000 + i).to_be_bytes()));
+            for _ in 0..3 {
+                l.record_failure(src, t);
+            }
+        }
         assert!(l.tracked() <= 100, "{} sources tracked", l.tracked());
-        assert!(l.check(Some(IpAddr::from([203, 0, 113, 9])), t).is_err(), "overflow budget used up");
-        // Once the windows expire, the table makes room again.
+        let fresh = Some(IpAddr::from([203, 0, 113, 9]));
+        assert!(l.check(fresh, t).is_ok(), "a source without failures is never refused");
+        // The newest flooders are still limited; after a window, all is forgotten.
+        assert!(l.check(Some(IpAddr::from((0x0b00_0000u32 + 99_999).to_be_bytes())), t).is_err());
         let later = t + WINDOW + Duration::from_secs(1);
-        l.record_failure(Some(IpAddr::from([203, 0, 113, 9])), later);
-        assert!(l.check(Some(IpAddr::from([203, 0, 113, 9])), later).is_ok());
-        assert!(l.tracked() <= 100);
+        l.record_failure(fresh, later);
+        assert!(l.check(fresh, later).is_ok());
+        assert_eq!(l.tracked(), 1, "expired sources are dropped");
     }
 
     #[test]

@@ -5,8 +5,8 @@
 use super::error::ApiError;
 use super::extract::{ApiQuery, JsonBody};
 use super::model::{
-    find_overlap, overlaps, parse_create, remote_config, tunnel_of, validate_cidr, GatewayEnvelope,
-    GatewayListEnvelope, GatewayView, ListMeta, ObjectMeta, StatusEnvelope, StatusView, UpdateGateway,
+    find_overlap, overlaps, parse_create, remote_config, tunnel_of, validate_cidr, validate_remote_vs_site,
+    GatewayEnvelope, GatewayListEnvelope, GatewayView, ListMeta, ObjectMeta, StatusEnvelope, StatusView, UpdateGateway,
 };
 use super::AppState;
 use crate::plane::TunnelStatus;
@@ -242,6 +242,11 @@ pub async fn list(
 pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
     let ours = state.plane.public_key();
     let new = parse_create(&body, state.settings.site_cidr.as_deref(), &ours)?;
+    validate_remote_vs_site(
+        &new.remote_network_cidr,
+        state.settings.site_cidr.as_deref(),
+        &state.settings.lan_addresses,
+    )?;
     let _guard = state.mutations.lock().await;
     let env = blocking(&state, move |s| {
         let key = new.remote_public_key.to_base64();
@@ -281,10 +286,17 @@ pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody
         if let Err(e) = write_retrying(&record.id, || s.store.set_status(&record.id, Status::Active)) {
             // The tunnel runs but the store cannot say so: take it back out, so
             // that the record (`creating`, or gone) and the data plane agree.
-            if let Err(pe) = s.plane.remove(&record.id) {
-                tracing::error!(id = %record.id, error = %pe, "cannot roll back a tunnel the store did not record");
+            match s.plane.remove(&record.id) {
+                Ok(()) => {
+                    let _ = s.store.purge(&record.id);
+                }
+                // The tunnel still runs: keep the record (`creating`, which the
+                // next start finishes) so that it, its key and its prefix stay
+                // accounted for instead of running unrecorded.
+                Err(pe) => {
+                    tracing::error!(id = %record.id, error = %pe, "cannot roll back a tunnel the store did not record")
+                }
             }
-            let _ = s.store.purge(&record.id);
             return Err(store_unavailable(e));
         }
         record.status = Status::Active;
@@ -328,6 +340,7 @@ pub async fn update(
         let changes = body.validate(&old)?;
         if let Some(cidr) = &changes.remote_network_cidr {
             let prefix = validate_cidr("remote_network_cidr", cidr)?;
+            validate_remote_vs_site(&prefix, s.settings.site_cidr.as_deref(), &s.settings.lan_addresses)?;
             check_conflicts(s, Some(&prefix), None, Some(&id))?;
         }
         let mut new = old.clone();
@@ -336,6 +349,12 @@ pub async fn update(
         s.store.save(&new)?;
         let tunnel = tunnel_of(&new).map_err(ApiError::internal)?;
         if let Err(e) = s.plane.apply(&id, &tunnel) {
+            // Undo whatever part of the change the data plane took.
+            if let Err(pe) =
+                tunnel_of(&old).map_err(|e| e.to_string()).and_then(|t| s.plane.apply(&id, &t).map_err(|e| e.0))
+            {
+                tracing::error!(id = %id, error = %pe, "cannot restore the tunnel of a gateway whose change failed");
+            }
             if let Err(se) = write_retrying(&id, || s.store.save(&old)) {
                 tracing::error!(id = %id, error = %se, "cannot restore a gateway the data plane refused to change");
             }

@@ -316,6 +316,49 @@ fn validate_remote_vs_local(remote: &IpPrefix, local: &IpPrefix) -> Result<(), A
     Ok(())
 }
 
+/// A remote network is routed into its tunnel (the LAN-side XDP program
+/// steers every packet to it there): a default route would take the whole
+/// site's traffic.
+fn validate_remote_cidr(s: &str) -> Result<IpPrefix, ApiError> {
+    let remote = validate_cidr("remote_network_cidr", s)?;
+    let prefix_bits = remote.len();
+    if prefix_bits == 0 {
+        return Err(invalid(
+            "remote_network_cidr",
+            format!("{remote} is a default route; a tunnel carries a remote site's network, not all traffic"),
+        ));
+    }
+    Ok(remote)
+}
+
+/// Refuses a remote network that would route this site's own addresses into
+/// a tunnel: the configured `[api] site_cidr` (whatever `local_network_cidr`
+/// a request names) and the addresses of the LAN interface (the gateway's own
+/// address on the site, which its hosts reach it at).
+pub fn validate_remote_vs_site(
+    remote: &IpPrefix,
+    site_cidr: Option<&str>,
+    lan_addresses: &[IpAddr],
+) -> Result<(), ApiError> {
+    if let Some(site) = site_cidr.and_then(|s| s.parse::<IpPrefix>().ok()) {
+        if overlaps(remote, &site) {
+            return Err(invalid(
+                "remote_network_cidr",
+                format!("{remote} overlaps this site's network {site} (`[api] site_cidr`); it cannot be routed into a tunnel"),
+            ));
+        }
+    }
+    if let Some(ip) = lan_addresses.iter().find(|ip| remote.contains(**ip)) {
+        return Err(invalid(
+            "remote_network_cidr",
+            format!(
+                "{remote} contains {ip}, an address of this gateway's LAN interface; it cannot be routed into a tunnel"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A validated create request, ready to store.
 #[derive(Debug)]
 pub struct NewGateway {
@@ -359,7 +402,7 @@ impl CreateGateway {
         let name = validate_name(&required(self.name, "name")?)?;
         let region = validate_region(&required(self.region, "region")?)?;
         validate_tunnel_type(&required(self.tunnel_type, "tunnel_type")?)?;
-        let remote = validate_cidr("remote_network_cidr", &required(self.remote_network_cidr, "remote_network_cidr")?)?;
+        let remote = validate_remote_cidr(&required(self.remote_network_cidr, "remote_network_cidr")?)?;
         let peer_ip = validate_peer_ip(&required(self.remote_peer_ip, "remote_peer_ip")?)?;
         let key = validate_public_key(&required(self.remote_public_key, "remote_public_key")?, ours)?;
         let port = validate_port("remote_peer_port", self.remote_peer_port.unwrap_or(51820))?;
@@ -401,7 +444,7 @@ impl UpdateGateway {
             c.name = Some(validate_name(&n)?);
         }
         if let Some(s) = self.remote_network_cidr {
-            let remote = validate_cidr("remote_network_cidr", &s)?;
+            let remote = validate_remote_cidr(&s)?;
             let local = validate_cidr("local_network_cidr", &current.local_network_cidr)?;
             validate_remote_vs_local(&remote, &local)?;
             c.remote_network_cidr = Some(remote.to_string());
