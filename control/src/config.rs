@@ -223,8 +223,8 @@ pub const MIN_TUNNEL_MTU: usize = 1280;
 /// Sorted, so a file with many peers costs n log n, not n².
 fn check_peer_overlaps(peers: &[PeerSpec]) -> Result<(), ConfigError> {
     let key = |p: &IpPrefix| match p.addr() {
-        IpAddr::V4(a) => (0u8, u128::from(u32::from(a)), p.len()),
-        IpAddr::V6(a) => (1u8, u128::from(a), p.len()),
+        IpAddr::V4(a) => (0u8, u128::from(u32::from(a)), p.prefix_len()),
+        IpAddr::V6(a) => (1u8, u128::from(a), p.prefix_len()),
     };
     let mut all: Vec<(IpPrefix, usize)> =
         peers.iter().enumerate().flat_map(|(i, p)| p.allowed_ips.iter().map(move |a| (*a, i))).collect();

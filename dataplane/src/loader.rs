@@ -178,8 +178,8 @@ impl XdpPrograms {
         let wanted: BTreeSet<IpPrefix> = prefixes.iter().copied().collect();
         for p in self.tunnel_prefixes.difference(&wanted) {
             let r = match p.addr() {
-                IpAddr::V4(a) => self.tunnel_v4.remove(&Key::new(u32::from(p.len()), a.octets())),
-                IpAddr::V6(a) => self.tunnel_v6.remove(&Key::new(u32::from(p.len()), a.octets())),
+                IpAddr::V4(a) => self.tunnel_v4.remove(&Key::new(u32::from(p.prefix_len()), a.octets())),
+                IpAddr::V6(a) => self.tunnel_v6.remove(&Key::new(u32::from(p.prefix_len()), a.octets())),
             };
             if let Err(e) = r {
                 tracing::warn!(prefix = %p, error = %e, "removing a tunnel prefix from XDP failed");
@@ -187,8 +187,8 @@ impl XdpPrograms {
         }
         for p in wanted.difference(&self.tunnel_prefixes) {
             match p.addr() {
-                IpAddr::V4(a) => self.tunnel_v4.insert(&Key::new(u32::from(p.len()), a.octets()), 1, 0)?,
-                IpAddr::V6(a) => self.tunnel_v6.insert(&Key::new(u32::from(p.len()), a.octets()), 1, 0)?,
+                IpAddr::V4(a) => self.tunnel_v4.insert(&Key::new(u32::from(p.prefix_len()), a.octets()), 1, 0)?,
+                IpAddr::V6(a) => self.tunnel_v6.insert(&Key::new(u32::from(p.prefix_len()), a.octets()), 1, 0)?,
             }
         }
         self.tunnel_prefixes = wanted;

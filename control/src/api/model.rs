@@ -321,7 +321,7 @@ fn validate_remote_vs_local(remote: &IpPrefix, local: &IpPrefix) -> Result<(), A
 /// site's traffic.
 fn validate_remote_cidr(s: &str) -> Result<IpPrefix, ApiError> {
     let remote = validate_cidr("remote_network_cidr", s)?;
-    let prefix_bits = remote.len();
+    let prefix_bits = remote.prefix_len();
     if prefix_bits == 0 {
         return Err(invalid(
             "remote_network_cidr",

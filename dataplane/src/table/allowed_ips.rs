@@ -136,7 +136,7 @@ impl<V: Copy> AllowedIps<V> {
         let mut t = Self::default();
         for (p, v) in entries {
             let trie = if p.addr().is_ipv4() { &mut t.v4 } else { &mut t.v6 };
-            trie.insert(p.key(), p.len(), *v);
+            trie.insert(p.key(), p.prefix_len(), *v);
         }
         t
     }
@@ -216,7 +216,7 @@ mod tests {
 
     /// The specification, naively: the value of the longest matching prefix.
     fn naive(entries: &BTreeMap<IpPrefix, u32>, addr: IpAddr) -> Option<u32> {
-        entries.iter().filter(|(p, _)| p.contains(addr)).max_by_key(|(p, _)| p.len()).map(|(_, v)| *v)
+        entries.iter().filter(|(p, _)| p.contains(addr)).max_by_key(|(p, _)| p.prefix_len()).map(|(_, v)| *v)
     }
 
     #[test]
@@ -277,10 +277,13 @@ mod tests {
                 let (p, _) = entries.iter().nth((next() % entries.len() as u64) as usize).unwrap();
                 match p.addr() {
                     IpAddr::V4(a) => Ipv4Addr::from(
-                        u32::from(a) | (next() as u32 & !(u32::MAX.checked_shl(32 - u32::from(p.len())).unwrap_or(0))),
+                        u32::from(a)
+                            | (next() as u32 & !(u32::MAX.checked_shl(32 - u32::from(p.prefix_len())).unwrap_or(0))),
                     )
                     .into(),
-                    IpAddr::V6(a) => Ipv6Addr::from(u128::from(a) | (u128::from(next()) & !mask128(p.len()))).into(),
+                    IpAddr::V6(a) => {
+                        Ipv6Addr::from(u128::from(a) | (u128::from(next()) & !mask128(p.prefix_len()))).into()
+                    }
                 }
             } else {
                 Ipv6Addr::from((0xfd00u128 << 112) | (u128::from(next()) << 48) | u128::from(next() & 0xffff)).into()

@@ -42,12 +42,9 @@ impl IpPrefix {
         self.addr
     }
 
-    pub fn len(&self) -> u8 {
+    /// The prefix length in bits (0 for a default route).
+    pub fn prefix_len(&self) -> u8 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -124,7 +121,7 @@ mod tests {
         assert!(!p.contains("::1".parse().unwrap()));
         let v6: IpPrefix = "fd00:1::/32".parse().unwrap();
         assert!(v6.contains("fd00:1::99".parse().unwrap()));
-        assert_eq!("0.0.0.0/0".parse::<IpPrefix>().unwrap().len(), 0);
+        assert_eq!("0.0.0.0/0".parse::<IpPrefix>().unwrap().prefix_len(), 0);
         assert_eq!("10.1.2.3/16".parse::<IpPrefix>(), Err(PrefixParseError::HostBitsSet("10.1.0.0/16".into())));
         assert_eq!("10.0.0.0/33".parse::<IpPrefix>(), Err(PrefixParseError::LengthTooLong(33)));
         for bad in ["10.0.0.0", "10.0.0.0/", "x/8", "10.0.0.0/-1", "10.0.0.0/+8", "::/1290"] {
