@@ -512,12 +512,13 @@ impl Device {
     ) -> Result<Action<'a>, DropReason> {
         let inner = parse_ip_frame_payload(packet).map_err(|_| DropReason::BadInnerPacket)?;
         let packet = packet.get(..inner.len).ok_or(DropReason::BadInnerPacket)?;
-        let view = transport::route(&self.tables, inner.dst)?;
+        let views = self.tables.views.load();
+        let view = transport::route(&self.tables, &views, inner.dst)?;
         let to = view.endpoint_addr().ok_or(DropReason::NoEndpoint)?;
         let body =
             out.get_mut(TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + packet.len()).ok_or(DropReason::BufferTooSmall)?;
         body.copy_from_slice(packet);
-        match transport::seal(&view, out, packet.len(), now) {
+        match transport::seal(view, out, packet.len(), now) {
             Ok(n) => {
                 self.sync_peer(view.id, now, wall);
                 Ok(Action::Send { to, bytes: &out[..n] })

@@ -141,6 +141,9 @@ impl PeerView {
     }
 }
 
+/// A loaded snapshot of every peer's view.
+pub type ViewsGuard = arc_swap::Guard<Arc<FastMap<PeerId, Arc<PeerView>>>>;
+
 /// Every peer's view, by id: an immutable map swapped as peers come and go.
 #[derive(Debug, Default)]
 pub struct PeerViews {
@@ -151,6 +154,13 @@ impl PeerViews {
     #[inline]
     pub fn get(&self, id: PeerId) -> Option<Arc<PeerView>> {
         self.map.load().get(&id).cloned()
+    }
+
+    /// The current map, held for a while without touching any peer's
+    /// reference count (the per-packet way to reach a view).
+    #[inline]
+    pub fn load(&self) -> ViewsGuard {
+        self.map.load()
     }
 
     /// A snapshot of all views (for iteration).

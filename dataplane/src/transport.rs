@@ -16,7 +16,7 @@
 use crate::drops::DropReason;
 use crate::frame::{parse_ip_frame_payload, InnerPacket};
 use crate::noise::session::{Keypair, ReceiveError, SendError};
-use crate::peer_view::{monotonic_nanos, Activity, Endpoint, PeerId, PeerView, PeerViews};
+use crate::peer_view::{monotonic_nanos, Activity, Endpoint, PeerId, PeerView, PeerViews, ViewsGuard};
 use crate::table::{IndexTable, SharedAllowedIps};
 use crate::wire::{TransportHeader, TRANSPORT_HEADER_LEN};
 use std::sync::atomic::Ordering::Relaxed;
@@ -87,7 +87,8 @@ pub fn open(tables: &Tables, datagram: &mut [u8], from: Endpoint, now: Instant) 
     let keypair = entry.value.keypair.as_ref().ok_or(DropReason::UnknownIndex)?;
     let plain_len = keypair.open(msg, now)?.len();
     drop(entry);
-    let view = tables.views.get(peer).ok_or(DropReason::UnknownIndex)?;
+    let views = tables.views.load();
+    let view = views.get(&peer).ok_or(DropReason::UnknownIndex)?;
     let nanos = monotonic_nanos(now);
     Activity::record(&view.activity.authenticated_received, nanos);
     view.learn(from);
@@ -134,9 +135,11 @@ pub fn seal(view: &PeerView, buf: &mut [u8], len: usize, now: Instant) -> Result
     Ok(n)
 }
 
-/// The peer whose allowed IPs hold `dst` (cryptokey routing, outbound).
+/// The peer whose allowed IPs hold `dst` (cryptokey routing, outbound), in
+/// the snapshot `views` (from `tables.views.load()`, kept by the caller so no
+/// reference count moves per packet).
 #[inline]
-pub fn route(tables: &Tables, dst: std::net::IpAddr) -> Result<Arc<PeerView>, DropReason> {
+pub fn route<'v>(tables: &Tables, views: &'v ViewsGuard, dst: std::net::IpAddr) -> Result<&'v PeerView, DropReason> {
     let peer = tables.allowed_ips.load().lookup(dst).ok_or(DropReason::NoRoute)?;
-    tables.views.get(peer).ok_or(DropReason::NoRoute)
+    views.get(&peer).map(|v| &**v).ok_or(DropReason::NoRoute)
 }

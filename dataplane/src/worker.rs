@@ -332,9 +332,10 @@ impl<S: FrameIo> Worker<S> {
         let data = self.lan.data(frame);
         let ip = parse_ip_frame(data).map_err(|_| DropReason::Malformed)?;
         let inner = data.get(ip.packet.clone()).ok_or(DropReason::Malformed)?;
-        let view = transport::route(&self.shared.tables, ip.dst)?;
+        let views = self.shared.tables.views.load();
+        let view = transport::route(&self.shared.tables, &views, ip.dst)?;
         if inner.len() <= self.shared.tunnel_mtu {
-            return seal_to_wan(&mut self.wan, &self.shared, &self.counters, &mut self.scratch, &view, inner, now);
+            return seal_to_wan(&mut self.wan, &self.shared, &self.counters, &mut self.scratch, view, inner, now);
         }
         // Too big for the tunnel. RFC 1191 / 8201: a packet that forbids
         // fragmentation (IPv4 DF, or any IPv6 packet) is answered with "too
@@ -343,7 +344,7 @@ impl<S: FrameIo> Worker<S> {
         if let Some(false) = v4.map(|p| p.dont_fragment()) {
             let (wan, shared, counters, scratch) = (&mut self.wan, &self.shared, &self.counters, &mut self.scratch);
             let pieces = fragment_ipv4(inner, shared.tunnel_mtu, &mut self.fragment, |piece| {
-                seal_to_wan(wan, shared, counters, scratch, &view, piece, now)
+                seal_to_wan(wan, shared, counters, scratch, view, piece, now)
             });
             return match pieces {
                 Ok(_) => Ok(()),
