@@ -314,6 +314,7 @@ impl Gateway {
             tables: device.tables().clone(),
             cookies: device.cookie_checker().clone(),
             staging: device.staging().clone(),
+            from_kernel: Arc::new(crate::staging::StagingPool::new(1024)),
             handshakes: hs_tx,
             control: ctl_tx,
             neighbors: neighbors.clone(),

@@ -127,6 +127,7 @@ impl MemoryWorker {
             tables: pair.gateway.tables().clone(),
             cookies: pair.gateway.cookie_checker().clone(),
             staging: pair.gateway.staging().clone(),
+            from_kernel: Arc::new(crate::staging::StagingPool::new(64)),
             handshakes: hs_tx,
             control: ctl_tx,
             neighbors,

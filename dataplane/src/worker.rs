@@ -135,7 +135,11 @@ fn bump(c: &AtomicU64) {
 pub struct Shared {
     pub tables: Tables,
     pub cookies: Arc<CookieChecker>,
+    /// Packets waiting for a handshake (LAN to WAN).
     pub staging: Arc<StagingPool>,
+    /// Inner packets the kernel slow path decrypted, on their way to worker 0
+    /// (its own pool: outbound staging can never starve inbound traffic).
+    pub from_kernel: Arc<StagingPool>,
     pub handshakes: Sender<HandshakeJob>,
     pub control: Sender<ControlEvent>,
     pub neighbors: Arc<NeighborTable>,
@@ -229,7 +233,7 @@ impl<S: FrameIo> Worker<S> {
         if let Some(from_kernel) = &self.slow_path {
             for packet in from_kernel.try_iter().take(BATCH) {
                 deliver_inner(&mut self.lan, &self.shared, &self.counters, &packet);
-                self.shared.staging.give(packet);
+                self.shared.from_kernel.give(packet);
                 work += 1;
             }
         }
