@@ -5,8 +5,9 @@
 //! - Classified by the received bytes and their exact length (148 / 92 / 64).
 //! - Initiations and responses need a valid MAC1 (only the gateway's public
 //!   key is needed to make one, but garbage never reaches the queue).
-//! - Responses and cookie replies must name one of our pending handshakes by
-//!   receiver index (chosen at random by us: an off-path sender cannot guess).
+//! - Responses must name one of our pending initiations, cookie replies one of
+//!   our indices, by receiver index (chosen at random by us: an off-path
+//!   sender cannot guess).
 //! - Under load (the handshake queue at least 1/8 full, sticky for a second,
 //!   section 5.3 / the kernel), initiations and responses without a valid
 //!   MAC2 cookie for their source address and port get a cookie reply instead
@@ -104,8 +105,14 @@ pub fn admit(
         // Receiver index at bytes 8..12 of a response and 4..8 of a cookie reply.
         let at = if kind == MessageType::HandshakeResponse { 8 } else { 4 };
         let receiver = u32::from_le_bytes([msg[at], msg[at + 1], msg[at + 2], msg[at + 3]]);
-        let pending = shared.tables.indices.get(receiver).is_some_and(|e| e.value.keypair.is_none());
-        if !pending {
+        // A response answers one of our pending initiations; a cookie reply
+        // may answer our initiation or our response (a session's index).
+        let known = shared
+            .tables
+            .indices
+            .get(receiver)
+            .is_some_and(|e| kind == MessageType::CookieReply || e.value.keypair.is_none());
+        if !known {
             return Err(DropReason::UnknownIndex);
         }
     }

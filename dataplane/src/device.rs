@@ -597,7 +597,7 @@ impl Device {
     fn sync_peer(&mut self, id: PeerId, now: Instant, wall: SystemTime) {
         let Some(slot) = self.peers.get_mut(&id) else { return };
         let retired = Self::sync_from_workers(slot, now, wall);
-        if slot.needs_initiation(now) {
+        if slot.needs_initiation(now) || !slot.staged.is_empty() {
             self.ready.push_back(id);
         }
         self.retire(retired);
@@ -641,7 +641,13 @@ impl Device {
         let sent = current[2] > slot.seen[2];
         let received = current[3] > slot.seen[3];
         slot.seen = current;
+        let before = slot.peer.current_keypair().map(Arc::as_ptr);
         let retired = slot.peer.confirm_next_if_used(wall);
+        if slot.peer.current_keypair().map(Arc::as_ptr) != before {
+            // The peer confirmed the session we answered: a wish for a new
+            // handshake raised meanwhile (a packet found no session) is met.
+            slot.want_initiation = false;
+        }
         if slot.peer.rekey_due(now, sent, received) {
             slot.want_initiation = true;
         }
@@ -690,12 +696,13 @@ impl Device {
                 self.ready.pop_front();
                 continue;
             };
-            if slot.needs_initiation(now) {
-                if !slot.peer.may_initiate(now) {
-                    // Rate-limited (section 6.1): `tick` brings it back when allowed.
-                    self.ready.pop_front();
-                    continue;
-                }
+            let rate_limited = slot.needs_initiation(now) && !slot.peer.may_initiate(now);
+            if rate_limited && !slot.peer.has_usable_session(now) {
+                // Rate-limited (section 6.1): `tick` brings it back when allowed.
+                self.ready.pop_front();
+                continue;
+            }
+            if slot.needs_initiation(now) && !rate_limited {
                 let Some(buf) = out.get_mut(..HANDSHAKE_INITIATION_LEN).and_then(|b| b.try_into().ok()) else {
                     self.drops.count(DropReason::BufferTooSmall);
                     self.ready.pop_front();
@@ -1021,5 +1028,40 @@ mod tests {
         assert_eq!(p.a.staging().in_use(), MAX_STAGED_PACKETS);
         assert!(p.a.remove_peer(p.a_peer));
         assert_eq!(p.a.staging().in_use(), 0, "removing the peer returns its buffers");
+    }
+
+    /// We answered the peer's initiation; a packet for it finds the session
+    /// not yet confirmed and waits. The peer's first packet confirms the
+    /// session: the waiting packet goes out on it, and no needless initiation
+    /// of ours replaces the session the peer just made.
+    #[test]
+    fn a_packet_waiting_for_our_responder_session_goes_out_once_confirmed() {
+        let now = Instant::now();
+        let mut p = pair(now);
+        p.a.initiate(p.a_peer);
+        let init = drain(&mut p.a, now).remove(0);
+        let resp = deliver(&mut p.b, A_ADDR, &init, now).unwrap();
+        assert!(deliver(&mut p.a, B_ADDR, &resp, now).unwrap().is_empty());
+        let _confirm_later = drain(&mut p.a, now);
+        // b's session is not confirmed yet: its packet waits, no initiation.
+        let mut out = vec![0u8; 2048];
+        let waiting = ipv4([10, 0, 2, 9], [10, 0, 1, 5], b"waits");
+        let r = p.b.send(&waiting, now, SystemTime::now(), &mut out);
+        assert!(matches!(r, Ok(Action::Nothing)), "{r:?}");
+        assert_eq!(p.b.staged_packets(p.b_peer), 1);
+        // a's data confirms b's session.
+        let data = sent_bytes(&mut p.a, &ipv4([10, 0, 1, 5], [10, 0, 2, 9], b"hi"), now);
+        deliver(&mut p.b, A_ADDR, &data, now).unwrap();
+        let out = drain(&mut p.b, now);
+        assert_eq!(
+            out.len(),
+            1,
+            "only the waiting packet, no initiation: {:?}",
+            out.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert_eq!(deliver(&mut p.a, B_ADDR, &out[0], now).unwrap(), waiting);
+        // And nothing later either.
+        p.b.tick(now + Duration::from_secs(6));
+        assert!(drain(&mut p.b, now + Duration::from_secs(6)).iter().all(|m| m.len() != 148));
     }
 }

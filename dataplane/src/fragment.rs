@@ -1,7 +1,8 @@
 //! IPv4 fragmentation (RFC 791 section 3.2, RFC 1812 section 4.2.2.7): an
 //! inner packet larger than the tunnel MTU whose sender allows fragmentation
 //! (DF clear) is split into fragments that fit, as a router must; only DF
-//! packets are answered with "fragmentation needed".
+//! packets are answered with "fragmentation needed". Packets with IP options
+//! are refused (dropped, counted) rather than fragmented.
 
 use crate::wire::{Ipv4Packet, WireError};
 
@@ -19,7 +20,7 @@ pub enum FragmentError<E> {
 
 /// Splits `packet` (a whole IPv4 packet with DF clear) into fragments of at
 /// most `mtu` bytes, each built in `scratch` and handed to `each`; returns
-/// how many. Options are copied into every fragment.
+/// how many.
 pub fn fragment_ipv4<E>(
     packet: &[u8],
     mtu: usize,
@@ -31,9 +32,18 @@ pub fn fragment_ipv4<E>(
         return Err(FragmentError::Refused(WireError::BadLength));
     }
     let header_len = ip.header_len();
+    // Options would need per-fragment copying rules (only "copied" options
+    // repeat); they are rare enough to refuse instead.
+    if header_len != crate::wire::IPV4_HEADER_LEN {
+        return Err(FragmentError::Refused(WireError::BadLength));
+    }
     let data = ip.payload();
     let chunk = mtu.saturating_sub(header_len) / 8 * 8;
     if chunk == 0 || scratch.len() < header_len + chunk {
+        return Err(FragmentError::Refused(WireError::BadLength));
+    }
+    // Every fragment's offset must fit 13 bits: checked before sending any.
+    if (ip.fragment_offset() + data.len().saturating_sub(1)) / 8 > 0x1fff {
         return Err(FragmentError::Refused(WireError::BadLength));
     }
     let header = &packet[..header_len];
@@ -121,6 +131,12 @@ mod tests {
         assert!(matches!(fragment_ipv4(&packet(3000, true), 1420, &mut scratch, ok), Err(FragmentError::Refused(_))));
         assert!(matches!(fragment_ipv4(&packet(100, false), 27, &mut scratch, ok), Err(FragmentError::Refused(_))));
         assert!(matches!(fragment_ipv4(&[0x45, 0, 0], 1420, &mut scratch, ok), Err(FragmentError::Refused(_))));
+        let mut with_options = vec![0u8; 24 + 3000];
+        with_options[..20].copy_from_slice(&packet(0, false)[..20]);
+        with_options[0] = 0x46;
+        with_options[2..4].copy_from_slice(&((24 + 3000) as u16).to_be_bytes());
+        let r = fragment_ipv4(&with_options, 1420, &mut scratch, ok);
+        assert!(matches!(r, Err(FragmentError::Refused(_))), "options are refused, not copied blindly");
         let mut seen = 0;
         let r = fragment_ipv4(&packet(3000, false), 1420, &mut scratch, |_| {
             seen += 1;

@@ -141,26 +141,42 @@ pub fn run_wan_resolver(table: Arc<WanNextHops>, requests: Receiver<IpAddr>, sto
     // Ready destinations, and those being resolved (with when and whether kicked).
     let mut ready: HashMap<IpAddr, Route> = HashMap::new();
     let mut watched: HashMap<IpAddr, (Route, Instant, bool)> = HashMap::new();
+    // Destinations without a route, not asked about again for a while.
+    let mut unroutable: HashMap<IpAddr, Instant> = HashMap::new();
     let mut last_check = Instant::now();
+    let mut last_pass = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let mut changed = false;
         if let Ok(first) = requests.recv_timeout(Duration::from_millis(100)) {
+            let now = Instant::now();
+            unroutable.retain(|_, since| now.duration_since(*since) < RESOLVE_WINDOW);
             for dst in std::iter::once(first).chain(requests.try_iter()) {
-                if ready.contains_key(&dst) || watched.contains_key(&dst) || watched.len() >= MAX_WATCHED {
+                if ready.contains_key(&dst)
+                    || watched.contains_key(&dst)
+                    || unroutable.contains_key(&dst)
+                    || watched.len() >= MAX_WATCHED
+                {
                     continue;
                 }
                 match netlink::route_to(&nl, dst) {
                     Ok(route) => {
-                        watched.insert(dst, (route, Instant::now(), false));
+                        watched.insert(dst, (route, now, false));
                     }
-                    Err(e) => tracing::debug!(%dst, error = %e, "no route to a peer"),
+                    Err(e) => {
+                        tracing::debug!(%dst, error = %e, "no route to a peer");
+                        if unroutable.len() < MAX_WATCHED {
+                            unroutable.insert(dst, now);
+                        }
+                    }
                 }
             }
         }
         let recheck_ready = last_check.elapsed() >= Duration::from_secs(2);
-        if watched.is_empty() && !recheck_ready {
+        // At most one neighbour dump per 100 ms, however many requests arrive.
+        if (watched.is_empty() && !recheck_ready) || last_pass.elapsed() < Duration::from_millis(100) {
             continue;
         }
+        last_pass = Instant::now();
         // One neighbour dump per outgoing interface in use.
         let mut tables: HashMap<u32, HashMap<IpAddr, bool>> = HashMap::new();
         let mut usable = |nl: &Rtnetlink, route: &Route, dst: IpAddr| -> bool {

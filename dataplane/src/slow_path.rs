@@ -59,6 +59,13 @@ fn handle(
                 Ok(())
             }
             Admission::CookieReply(reply) => {
+                // Unauthenticated sender: never let an answer to it wait in the
+                // kernel behind an unresolved (perhaps spoofed) next hop, where
+                // it would hold the socket's send buffer that every handshake
+                // shares. Nor ask for resolution on its behalf.
+                if !shared.wan_next_hops.is_ready(from.ip()) {
+                    return Err(DropReason::NoNextHop);
+                }
                 shared.kernel_udp.send_to(&reply, from).map_err(|_| DropReason::KernelSend)?;
                 counters.cookie_replies.fetch_add(1, Relaxed);
                 Ok(())
@@ -192,11 +199,16 @@ mod tests {
         m.client.initiate(m.client_peer);
         let t = m.client.poll_transmit(now, std::time::SystemTime::now(), &mut out).expect("an initiation");
         let mut init = out[..t.len].to_vec();
+        let init_copy = init.clone();
         let mut forged = init.clone();
         forged[120] ^= 1;
         handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut init, from, now);
         handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut forged, from, now);
         assert_eq!(counters.handshakes_queued.load(Relaxed), 0, "nothing reached the control thread");
+        assert_eq!(counters.drops.get(DropReason::NoNextHop), 1, "no cookie reply towards an unresolved next hop");
+        shared.wan_next_hops.mark_ready(from.ip());
+        let mut again = init_copy;
+        handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut again, from, now);
         let answered = counters.cookie_replies.load(Relaxed) + counters.drops.get(DropReason::KernelSend);
         assert_eq!(answered, 1, "a cookie reply (sent, or refused by this test's loopback socket)");
         assert_eq!(counters.drops.get(DropReason::InvalidMac1), 1);

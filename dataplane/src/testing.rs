@@ -90,6 +90,8 @@ pub struct MemoryWorker {
     pub client: Device,
     /// The client's peer id for the gateway.
     pub client_peer: PeerId,
+    /// The gateway's receiver index for the session.
+    pub gateway_index: u32,
     pub counters: std::sync::Arc<crate::worker::WorkerCounters>,
     /// What the worker shares with the others (tables, the under-load deadline).
     pub shared: std::sync::Arc<crate::worker::Shared>,
@@ -149,6 +151,7 @@ impl MemoryWorker {
             worker,
             client: pair.client,
             client_peer: pair.client_peer,
+            gateway_index: pair.gateway_index,
             counters,
             shared,
             _handshakes: hs_rx,

@@ -402,11 +402,13 @@ fn seal_to_wan<S: FrameIo>(
             // No frame from this peer seen yet: let the kernel route this one.
             let body = scratch.get_mut(TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len);
             body.ok_or(DropReason::BufferTooSmall)?.copy_from_slice(inner);
-            if !shared.wan_next_hops.is_ready(ep.addr.ip()) {
+            let has_session = view.current.load().as_ref().is_some_and(|k| !k.is_expired(now));
+            if has_session && !shared.wan_next_hops.is_ready(ep.addr.ip()) {
                 // Never queue behind an unresolved next hop in the kernel.
                 shared.wan_next_hops.request(ep.addr.ip());
                 return Err(DropReason::NoNextHop);
             }
+            // (Without a session `seal` says so and the packet is staged below.)
             transport::seal(view, scratch, len, now).map(|n| match shared.kernel_udp.send_to(&scratch[..n], ep.addr) {
                 Ok(_) => bump(&counters.via_kernel),
                 Err(_) => counters.dropped(DropReason::KernelSend),
@@ -741,7 +743,18 @@ mod tests {
         }
         m.run_until_idle(&mut batch, later);
         assert_eq!(m.counters.drops.get(DropReason::UnknownIndex), 100);
-        assert_eq!(m.counters.handshakes_queued.load(Relaxed), u64::from(crate::admission::PER_SOURCE_PER_SECOND));
+        // A cookie reply may answer our response too: one naming a session's
+        // index is handed on (the control thread checks it).
+        let queued = m.counters.handshakes_queued.load(Relaxed);
+        let mut reply = vec![0u8; COOKIE_REPLY_LEN];
+        reply[0] = 3;
+        reply[4..8].copy_from_slice(&m.gateway_index.to_le_bytes());
+        let f = m.frame_payload(&reply);
+        // (A new second: the per-source limit does not apply to cookie replies anyway.)
+        assert!(wan(&mut m).inject(&f));
+        m.run_until_idle(&mut batch, later);
+        assert_eq!(queued, u64::from(crate::admission::PER_SOURCE_PER_SECOND), "junk queued nothing");
+        assert_eq!(m.counters.handshakes_queued.load(Relaxed), queued + 1);
     }
 
     /// An IPv4 packet above the tunnel MTU that allows fragmentation is split
