@@ -152,6 +152,35 @@ pub fn inner_packet(len: usize, src: Ipv4Addr, dst: Ipv4Addr, dst_port: u16) -> 
     p
 }
 
+/// An AF_PACKET socket of `kind` (SOCK_RAW / SOCK_DGRAM) for `protocol`
+/// (network byte order; 0: send only) bound to `iface` in the calling
+/// thread's network namespace. Panics with the reason when that fails.
+pub fn bound_packet_socket(iface: &str, kind: libc::c_int, protocol: u16) -> OwnedFd {
+    let name = std::ffi::CString::new(iface).expect("interface name");
+    // SAFETY: plain socket(2)/if_nametoindex(3) calls; the name is a valid C string.
+    let (raw, index) =
+        unsafe { (libc::socket(libc::AF_PACKET, kind, i32::from(protocol)), libc::if_nametoindex(name.as_ptr())) };
+    assert!(raw >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    assert!(index > 0, "no interface {iface}");
+    // SAFETY: `raw` is a fresh, valid descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_ll is plain data, fully initialised here, and bind gets
+    // its exact size; `fd` is open.
+    let rc = unsafe {
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = protocol;
+        addr.sll_ifindex = index as i32;
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+    fd
+}
+
 /// An AF_PACKET socket bound to one interface, bypassing the qdisc.
 #[derive(Debug)]
 pub struct PacketSocket {
@@ -164,35 +193,18 @@ impl PacketSocket {
     pub fn open(ns: &Netns, iface: &str) -> Self {
         let iface = iface.to_owned();
         ns.enter(move || {
-            let name = std::ffi::CString::new(iface.clone()).expect("interface name");
-            // SAFETY: plain socket(2)/if_nametoindex(3) calls; the fd is owned below.
-            let (raw, index) =
-                unsafe { (libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0), libc::if_nametoindex(name.as_ptr())) };
-            assert!(raw >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-            assert!(index > 0, "no interface {iface}");
-            // SAFETY: `raw` is a fresh, valid descriptor nobody else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: sockaddr_ll is plain data, fully initialised here, and
-            // bind/setsockopt get its exact size.
+            let fd = bound_packet_socket(&iface, libc::SOCK_RAW, 0);
+            let one: libc::c_int = 1;
+            // SAFETY: `one` is a valid c_int for the size given and `fd` is open.
             unsafe {
-                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-                addr.sll_family = libc::AF_PACKET as u16;
-                addr.sll_ifindex = index as i32;
-                let rc = libc::bind(
-                    fd.as_raw_fd(),
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
-                let one: libc::c_int = 1;
                 libc::setsockopt(
                     fd.as_raw_fd(),
                     libc::SOL_PACKET,
                     libc::PACKET_QDISC_BYPASS,
                     (&one as *const libc::c_int).cast(),
                     std::mem::size_of::<libc::c_int>() as u32,
-                );
-            }
+                )
+            };
             Self { fd }
         })
     }

@@ -4,9 +4,10 @@
 //! packets under a sniffed receiver index, replays of captured packets, and
 //! garbage. Plus the release-profile `wgxdp` binary those tests run against.
 
+use crate::blast::bound_packet_socket;
 use crate::Netns;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 use wgxdp_dataplane::noise::cookie::{CookieJar, MacKeys};
@@ -170,40 +171,20 @@ impl Sniffer {
     pub fn open(ns: &Netns, iface: &str) -> Self {
         let iface = iface.to_owned();
         ns.enter(move || {
-            let name = std::ffi::CString::new(iface.clone()).expect("interface name");
             // ETH_P_ALL: sockets bound to one protocol see only received packets,
             // not the ones the interface sends. Non-IPv4 fails `new_checked` below.
-            let proto = (libc::ETH_P_ALL as u16).to_be();
-            // SAFETY: plain socket(2)/if_nametoindex(3) calls; the name is a valid C string.
-            let (raw, index) = unsafe {
-                (libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)), libc::if_nametoindex(name.as_ptr()))
-            };
-            assert!(raw >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-            assert!(index > 0, "no interface {iface}");
-            // SAFETY: `raw` is a fresh, valid descriptor nobody else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: sockaddr_ll and timeval are plain data, fully initialised
-            // here; bind/setsockopt get their exact sizes and `fd` is open.
+            let fd = bound_packet_socket(&iface, libc::SOCK_DGRAM, (libc::ETH_P_ALL as u16).to_be());
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+            // SAFETY: `tv` is a valid timeval for the size given and `fd` is open.
             unsafe {
-                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-                addr.sll_family = libc::AF_PACKET as u16;
-                addr.sll_protocol = proto;
-                addr.sll_ifindex = index as i32;
-                let rc = libc::bind(
-                    fd.as_raw_fd(),
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
-                let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
                 libc::setsockopt(
                     fd.as_raw_fd(),
                     libc::SOL_SOCKET,
                     libc::SO_RCVTIMEO,
                     (&tv as *const libc::timeval).cast(),
                     std::mem::size_of::<libc::timeval>() as u32,
-                );
-            }
+                )
+            };
             Self { fd }
         })
     }

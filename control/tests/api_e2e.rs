@@ -69,6 +69,18 @@ impl Site {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Creates, through the API, the gateway for the wireguard-go site; its id.
+    fn create_real_site(&self, key: &str, client_key: &PrivateKey, psk: &str) -> String {
+        let body = json!({
+            "name": "real-site", "region": "local", "tunnel_type": "wireguard",
+            "remote_network_cidr": "10.200.0.0/24", "remote_peer_ip": CLIENT_WAN, "remote_peer_port": 40001,
+            "remote_public_key": client_key.public_key().to_base64(), "pre_shared_key": psk,
+        });
+        let (code, created) = http(&self.topo.gateway, "POST", "/api/v1/vpn-gateways", key, Some(body)).unwrap();
+        assert_eq!(code, 201, "{created}");
+        created["data"]["id"].as_str().unwrap().to_owned()
+    }
+
     fn client(&self, key: &PrivateKey, psk: &str) -> WireguardGo {
         let wg = self.topo.start_client(key, &self.gateway_key, CLIENT_TUNNEL);
         let psk_file = self.dir.join(&format!("{}.psk", wg.interface));
@@ -178,14 +190,7 @@ fn kill_9_during_creates_loses_no_acknowledged_gateway() {
     let key = site.api_key();
     let client_key = PrivateKey::generate();
     let psk = PresharedKey::generate().to_base64_secret().to_string();
-    let body = json!({
-        "name": "real-site", "region": "local", "tunnel_type": "wireguard",
-        "remote_network_cidr": "10.200.0.0/24", "remote_peer_ip": CLIENT_WAN, "remote_peer_port": 40001,
-        "remote_public_key": client_key.public_key().to_base64(), "pre_shared_key": psk,
-    });
-    let (code, created) = http(&site.topo.gateway, "POST", "/api/v1/vpn-gateways", &key, Some(body)).unwrap();
-    assert_eq!(code, 201, "{created}");
-    let real_id = created["data"]["id"].as_str().unwrap().to_owned();
+    let real_id = site.create_real_site(&key, &client_key, &psk);
     let wg = site.client(&client_key, &psk);
     assert!(ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 5, 3));
 
@@ -268,13 +273,7 @@ fn unreachable_on_link_peers_cost_nothing_to_the_api_or_other_tunnels() {
     let key = site.api_key();
     let client_key = PrivateKey::generate();
     let psk = PresharedKey::generate().to_base64_secret().to_string();
-    let body = json!({
-        "name": "real-site", "region": "local", "tunnel_type": "wireguard",
-        "remote_network_cidr": "10.200.0.0/24", "remote_peer_ip": CLIENT_WAN, "remote_peer_port": 40001,
-        "remote_public_key": client_key.public_key().to_base64(), "pre_shared_key": psk,
-    });
-    let (code, created) = http(&site.topo.gateway, "POST", "/api/v1/vpn-gateways", &key, Some(body)).unwrap();
-    assert_eq!(code, 201, "{created}");
+    site.create_real_site(&key, &client_key, &psk);
     let wg = site.client(&client_key, &psk);
     assert!(ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 5, 3), "the real tunnel does not work");
 
