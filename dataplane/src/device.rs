@@ -18,6 +18,7 @@ use crate::noise::handshake::{consume_initiation_static, StaticIdentity};
 use crate::noise::peer::{Peer, PeerConfig, Retired};
 use crate::noise::session::sealed_len;
 use crate::noise::{AeadBackend, PresharedKey, PrivateKey, PublicKey};
+use crate::policy::{CompiledPolicy, ForwardingPolicy};
 use crate::peer_view::{instant_from_nanos, Endpoint, PeerView, PeerViews};
 use crate::staging::StagingPool;
 use crate::table::{IndexTable, IpPrefix, SharedAllowedIps};
@@ -226,6 +227,20 @@ impl Device {
 
     pub fn set_allowed_ips(&mut self, id: PeerId, prefixes: &[IpPrefix]) {
         self.tables.allowed_ips.set_prefixes(id, prefixes);
+    }
+
+    /// Publishes what `id`'s remote site may reach (its rule counters restart).
+    /// False if there is no such peer.
+    pub fn set_policy(&mut self, id: PeerId, policy: ForwardingPolicy) -> bool {
+        let Some(slot) = self.peers.get(&id) else { return false };
+        slot.view.policy.store(Arc::new(CompiledPolicy::new(policy)));
+        true
+    }
+
+    /// `id`'s forwarding policy and each rule's hits since it was published.
+    pub fn policy(&self, id: PeerId) -> Option<(ForwardingPolicy, Vec<u64>)> {
+        let policy = self.peers.get(&id)?.view.policy.load();
+        Some((policy.policy().clone(), policy.rule_hits()))
     }
 
     /// Changes a running peer in place (its session and counters survive).

@@ -74,6 +74,17 @@ drop_reasons! {
     KernelSend => "kernel_send",
     /// A packet waiting for a next-hop address was pushed out or timed out.
     NoNextHop => "no_next_hop",
+    /// From a remote site, to an address outside the tunnel's local networks.
+    NotLocalDestination => "not_local_destination",
+    /// From a remote site, refused by a firewall rule or the default action.
+    FirewallDenied => "firewall_denied",
+    /// From a remote site, to the gateway host itself, and no rule allows it.
+    ToGatewayHost => "to_gateway_host",
+    /// TTL / hop limit exhausted (answered with ICMP time exceeded).
+    TtlExceeded => "ttl_exceeded",
+    /// A fragment a filter cannot judge: a first fragment without the whole
+    /// transport ports, or an IPv4 TCP fragment at offset 8 (RFC 1858).
+    BadFragment => "bad_fragment",
 }
 
 /// One relaxed atomic counter per `DropReason`. Owned by one writer thread

@@ -8,6 +8,7 @@ use crate::frame::udp_headers_len;
 use crate::loader::{LoaderError, Side, XdpPrograms, XdpStats};
 use crate::neighbors::{run_resolver, run_wan_resolver, KernelSender, NeighborTable, RawInjector, WanNextHops};
 use crate::noise::peer::PeerConfig;
+use crate::policy::ForwardingPolicy;
 use crate::noise::{AeadBackend, PrivateKey, PublicKey};
 use crate::table::IpPrefix;
 use crate::wire::MacAddr;
@@ -33,6 +34,8 @@ pub struct PeerSpec {
     pub config: PeerConfig,
     pub endpoint: Option<SocketAddr>,
     pub allowed_ips: Vec<IpPrefix>,
+    /// What the peer's remote site may reach on this side.
+    pub policy: ForwardingPolicy,
 }
 
 #[derive(Debug)]
@@ -55,6 +58,12 @@ pub struct GatewayConfig {
     pub lan_next_hop: Option<IpAddr>,
     /// Bounded queue of handshake messages from workers to the control thread.
     pub handshake_queue: usize,
+    /// Flows the connection table tracks at most (`conntrack::DEFAULT_FLOWS`).
+    pub tracked_flows: usize,
+    /// The TUN interface through which packets from a tunnel reach the gateway
+    /// host (when a rule allows it) and the kernel's forwarding path (a site
+    /// neighbour not resolved yet), and the host's own packets enter tunnels.
+    pub host_interface: String,
     pub backend: AeadBackend,
 }
 
@@ -90,9 +99,11 @@ pub enum GatewayError {
 }
 
 /// A peer's live state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerStatus {
     pub stats: PeerStats,
+    /// Packets each firewall rule matched (in rule order) since the rules last changed.
+    pub rule_hits: Vec<u64>,
     pub last_handshake: Option<SystemTime>,
     pub endpoint: Option<SocketAddr>,
 }
@@ -108,6 +119,8 @@ pub struct GatewayStats {
     /// Drops on the control thread (handshake messages, staged packets,
     /// datagrams whose next hop never resolved), by reason.
     pub control: Vec<(&'static str, u64)>,
+    /// The connection table: capacity, live flows, inserts, evictions, replies.
+    pub conntrack: Vec<(&'static str, u64)>,
 }
 
 #[derive(Debug)]
@@ -146,6 +159,28 @@ fn interface_mac(iface: &str) -> Result<MacAddr, GatewayError> {
 /// Every address of `iface` (IPv4 and IPv6, link-local included), in the
 /// order the kernel lists them.
 pub fn interface_addresses(iface: &str) -> Vec<IpAddr> {
+    interface_address_prefixes(iface).into_iter().map(|(addr, _)| addr).collect()
+}
+
+/// The networks `iface` is attached to (link-local excluded): the sane
+/// default for what a tunnel's remote site may reach on the site side.
+pub fn interface_networks(iface: &str) -> Vec<IpPrefix> {
+    let link_local = |a: &IpAddr| match a {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    let mut nets: Vec<IpPrefix> = interface_address_prefixes(iface)
+        .into_iter()
+        .filter(|(a, _)| !link_local(a))
+        .filter_map(|(a, len)| IpPrefix::new(a, len).ok())
+        .collect();
+    nets.sort_unstable();
+    nets.dedup();
+    nets
+}
+
+/// Every (address, prefix length) of `iface`.
+fn interface_address_prefixes(iface: &str) -> Vec<(IpAddr, u8)> {
     let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = core::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
@@ -165,20 +200,29 @@ pub fn interface_addresses(iface: &str) -> Vec<IpAddr> {
         if name.to_bytes() != iface.as_bytes() {
             continue;
         }
-        // SAFETY: ifa_addr points to a sockaddr whose family field is valid to read.
-        match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
-            libc::AF_INET => {
-                // SAFETY: the family says this sockaddr is a sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+        // SAFETY: ifa_addr (and ifa_netmask when not null) point to sockaddrs
+        // of the list whose family field is valid to read; the family says
+        // which sockaddr type each is.
+        let (addr, mask) = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    let mask = (!ifa.ifa_netmask.is_null())
+                        .then(|| (*(ifa.ifa_netmask as *const libc::sockaddr_in)).sin_addr.s_addr.count_ones() as u8);
+                    (IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))), mask.unwrap_or(32))
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    let mask = (!ifa.ifa_netmask.is_null()).then(|| {
+                        let m = (*(ifa.ifa_netmask as *const libc::sockaddr_in6)).sin6_addr.s6_addr;
+                        m.iter().map(|b| b.count_ones()).sum::<u32>() as u8
+                    });
+                    (IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)), mask.unwrap_or(128))
+                }
+                _ => continue,
             }
-            libc::AF_INET6 => {
-                // SAFETY: the family says this sockaddr is a sockaddr_in6.
-                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                out.push(IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
-            }
-            _ => {}
-        }
+        };
+        out.push((addr, mask));
     }
     // SAFETY: `head` came from getifaddrs and is freed exactly once.
     unsafe { libc::freeifaddrs(head) };
@@ -280,9 +324,10 @@ impl Gateway {
         let public_key = device.public_key();
         let mut prefixes = BTreeSet::new();
         for p in &cfg.peers {
-            device
+            let id = device
                 .add_peer(p.config.clone(), p.endpoint, &p.allowed_ips)
                 .map_err(|e| GatewayError::Peer { key: p.config.public_key, reason: e.to_string() })?;
+            device.set_policy(id, p.policy.clone());
             prefixes.extend(p.allowed_ips.iter().copied());
         }
 
@@ -326,6 +371,7 @@ impl Gateway {
             tunnel_mtu: cfg.tunnel_mtu,
             lan_ipv4,
             lan_ipv6,
+            conntrack: Arc::new(crate::conntrack::ConnTrack::new(cfg.tracked_flows)),
             under_load_until: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
@@ -423,6 +469,7 @@ impl Gateway {
             workers: self.counters.iter().map(|c| c.named()).collect(),
             slow_path: self.slow_counters.named(),
             control: self.control_drops.named().collect(),
+            conntrack: self.shared.conntrack.named(crate::conntrack::ConnTrack::now_secs(Instant::now())),
         }
     }
 
@@ -445,6 +492,7 @@ impl Gateway {
         let id = self
             .with_device(move |d| {
                 let id = d.add_peer(spec.config, spec.endpoint, &spec.allowed_ips).map_err(|e| e.to_string())?;
+                d.set_policy(id, spec.policy);
                 d.initiate(id);
                 Ok::<_, String>(id)
             })?
@@ -470,6 +518,13 @@ impl Gateway {
         self.sync_tunnel_prefixes()
     }
 
+    /// Replaces what a peer's remote site may reach, on the running data plane
+    /// (workers see it with their next packet; its rule counters restart).
+    /// False if there was no such peer.
+    pub fn set_policy(&self, id: PeerId, policy: ForwardingPolicy) -> Result<bool, GatewayError> {
+        self.with_device(move |d| d.set_policy(id, policy))
+    }
+
     /// Changes a peer's pre-shared key, keepalive or endpoint in place.
     pub fn update_peer(&self, id: PeerId, update: PeerUpdate) -> Result<bool, GatewayError> {
         self.with_device(move |d| d.update_peer(id, update))
@@ -488,6 +543,7 @@ impl Gateway {
                 .map(|id| {
                     Some(PeerStatus {
                         stats: d.peer_stats(id)?,
+                        rule_hits: d.policy(id).map(|(_, hits)| hits).unwrap_or_default(),
                         last_handshake: d.peer_last_handshake(id),
                         endpoint: d.peer_endpoint(id),
                     })

@@ -2,8 +2,10 @@
 //! lock-free tables the workers read. No HTTP, no database.
 
 pub mod admission;
+pub mod conntrack;
 pub mod device;
 pub mod drops;
+pub mod flow;
 pub mod fragment;
 pub mod frame;
 pub mod frame_io;
@@ -14,6 +16,7 @@ pub mod neighbors;
 pub mod netlink;
 pub mod noise;
 pub mod peer_view;
+pub mod policy;
 pub mod slow_path;
 pub mod staging;
 pub mod table;

@@ -4,6 +4,7 @@
 //! timestamps that the control thread turns into timer events.
 
 use crate::noise::Keypair;
+use crate::policy::CompiledPolicy;
 use crate::table::FastMap;
 use crate::wire::MacAddr;
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -93,6 +94,8 @@ pub struct PeerView {
     /// Set by a worker that wants the control thread to look at this peer
     /// (a new keypair was used, a send found no session).
     pub attention: AtomicBool,
+    /// What this peer's remote site may reach (published by the control thread).
+    pub policy: ArcSwap<CompiledPolicy>,
 }
 
 impl PeerView {
@@ -104,6 +107,7 @@ impl PeerView {
             counters: PeerCounters::default(),
             activity: Activity::default(),
             attention: AtomicBool::new(false),
+            policy: ArcSwap::from_pointee(CompiledPolicy::default()),
         }
     }
 

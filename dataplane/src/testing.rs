@@ -74,6 +74,13 @@ pub fn ipv4_packet(len: usize, src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     buf
 }
 
+/// An IPv6/UDP packet with `payload_len` payload bytes.
+pub fn ipv6_packet(payload_len: usize, src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr) -> Vec<u8> {
+    let mut buf = vec![0xabu8; crate::wire::IPV6_HEADER_LEN + payload_len];
+    crate::wire::Ipv6Packet::emit(&mut buf[..], src, dst, ip_protocol::UDP, 64, payload_len).expect("fits");
+    buf
+}
+
 /// The bytes `dev.send(packet)` produced, panicking if it did not send.
 pub fn sent_bytes(dev: &mut Device, packet: &[u8], now: Instant) -> Vec<u8> {
     let mut out = vec![0u8; 65536];
@@ -141,6 +148,7 @@ impl MemoryWorker {
             tunnel_mtu: 1420,
             lan_ipv4: Some(Ipv4Addr::new(10, 0, 1, 1)),
             lan_ipv6: None,
+            conntrack: Arc::new(crate::conntrack::ConnTrack::new(4096)),
             under_load_until: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });

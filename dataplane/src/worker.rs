@@ -159,6 +159,8 @@ pub struct Shared {
     /// Our addresses on the LAN, the source of ICMP errors we send there.
     pub lan_ipv4: Option<std::net::Ipv4Addr>,
     pub lan_ipv6: Option<std::net::Ipv6Addr>,
+    /// Flows the site side opened, whose replies the firewall lets in.
+    pub conntrack: Arc<crate::conntrack::ConnTrack>,
     /// Until when (monotonic nanos) the gateway counts as under load.
     pub under_load_until: AtomicU64,
     pub stop: AtomicBool,

@@ -10,4 +10,5 @@ mod prefix;
 pub use allowed_ips::{AllowedIps, SharedAllowedIps};
 pub use fast_map::{FastHasher, FastMap};
 pub use index::{IndexEntry, IndexGuard, IndexTable, IndexTableFull};
+pub(crate) use prefix::addr_key;
 pub use prefix::{IpPrefix, PrefixParseError};

@@ -55,6 +55,11 @@ impl IpPrefix {
         }
     }
 
+    /// The address and its mask, left-aligned in 128 bits (IPv4 in the top 32).
+    pub(crate) fn key_and_mask(&self) -> (u128, u128) {
+        (self.key(), mask128(self.len))
+    }
+
     /// The address left-aligned in 128 bits (IPv4 in the top 32), for the trie.
     pub(crate) fn key(&self) -> u128 {
         addr_key(self.addr)

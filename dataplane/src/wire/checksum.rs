@@ -50,6 +50,16 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
     ChecksumAccumulator::new().add(data).finish()
 }
 
+/// The checksum `checksum` after one 16-bit word it covers changed from
+/// `old` to `new` (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
+pub fn update(checksum: u16, old: u16, new: u16) -> u16 {
+    let mut s = u32::from(!checksum) + u32::from(!old) + u32::from(new);
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
 /// Starts a UDP/TCP/ICMPv6 checksum with the IPv4 or IPv6 pseudo-header.
 /// `src` and `dst` are 4 or 16 bytes each.
 pub fn pseudo_header_sum(src: &[u8], dst: &[u8], protocol: u8, length: u32) -> ChecksumAccumulator {
@@ -63,6 +73,24 @@ pub fn pseudo_header_sum(src: &[u8], dst: &[u8], protocol: u8, length: u32) -> C
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// An incremental update equals recomputing the checksum over the
+        /// changed data (RFC 1624), for any header and any changed word.
+        #[test]
+        fn incremental_update_matches_a_full_recompute(mut words in proptest::collection::vec(any::<u16>(), 2..30), at in any::<prop::sample::Index>(), new in any::<u16>()) {
+            let bytes = |w: &[u16]| w.iter().flat_map(|x| x.to_be_bytes()).collect::<Vec<u8>>();
+            let i = at.index(words.len() - 1) + 1;
+            words[0] = 0;
+            words[0] = internet_checksum(&bytes(&words));
+            let old = words[i];
+            words[i] = new;
+            let updated = update(words[0], old, new);
+            words[0] = updated;
+            prop_assert_eq!(internet_checksum(&bytes(&words)), 0, "a checksummed header verifies");
+        }
+    }
 
     #[test]
     fn rfc1071_example() {

@@ -44,6 +44,24 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         Ok(Self { buffer })
     }
 
+    /// A packet quoted in an ICMP error: the header must be whole, the rest
+    /// may be cut short (`payload` is then what is there).
+    pub fn new_truncated(buffer: T) -> Result<Self, WireError> {
+        let b = buffer.as_ref();
+        if b.len() < IPV4_HEADER_LEN {
+            return Err(WireError::Truncated);
+        }
+        if b[field::VER_IHL] >> 4 != 4 {
+            return Err(WireError::BadVersion);
+        }
+        let header_len = usize::from(b[field::VER_IHL] & 0x0f) * 4;
+        let total_len = usize::from(read_u16_be(b, field::TOTAL_LEN));
+        if header_len < IPV4_HEADER_LEN || total_len < header_len || header_len > b.len() {
+            return Err(WireError::BadLength);
+        }
+        Ok(Self { buffer })
+    }
+
     fn bytes(&self) -> &[u8] {
         self.buffer.as_ref()
     }
@@ -108,14 +126,15 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         internet_checksum(&self.bytes()[..self.header_len()]) == 0
     }
 
-    /// The payload up to the total length (options and Ethernet padding excluded).
+    /// The payload up to the total length (options and Ethernet padding
+    /// excluded; for a truncated view, as far as the buffer goes).
     pub fn payload(&self) -> &[u8] {
-        &self.bytes()[self.header_len()..self.total_len()]
+        &self.bytes()[self.header_len()..self.total_len().min(self.bytes().len())]
     }
 
     /// The packet up to its total length.
     pub fn packet(&self) -> &[u8] {
-        &self.bytes()[..self.total_len()]
+        &self.bytes()[..self.total_len().min(self.bytes().len())]
     }
 }
 
@@ -173,8 +192,25 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     }
 
     pub fn payload_mut(&mut self) -> &mut [u8] {
-        let (hl, tl) = (self.header_len(), self.total_len());
+        let (hl, tl) = (self.header_len(), self.total_len().min(self.bytes().len()));
         &mut self.buffer.as_mut()[hl..tl]
+    }
+
+    /// Takes one hop off the TTL, updating the header checksum incrementally
+    /// (RFC 1624, eqn. 3). `false` (and nothing changed) when the TTL is 0 or 1:
+    /// the packet may not be forwarded.
+    pub fn decrement_ttl(&mut self) -> bool {
+        let b = self.buffer.as_mut();
+        let ttl = b[field::TTL];
+        if ttl <= 1 {
+            return false;
+        }
+        let old = u16::from_be_bytes([ttl, b[field::PROTOCOL]]);
+        let new = u16::from_be_bytes([ttl - 1, b[field::PROTOCOL]]);
+        let checksum = read_u16_be(b, field::CHECKSUM);
+        b[field::TTL] = ttl - 1;
+        write_u16_be(b, field::CHECKSUM, super::checksum::update(checksum, old, new));
+        true
     }
 }
 

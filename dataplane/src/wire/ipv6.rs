@@ -37,6 +37,19 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
         Ok(Self { buffer })
     }
 
+    /// A packet quoted in an ICMP error: the fixed header must be whole, the
+    /// rest may be cut short (`payload` is then what is there).
+    pub fn new_truncated(buffer: T) -> Result<Self, WireError> {
+        let b = buffer.as_ref();
+        if b.len() < IPV6_HEADER_LEN {
+            return Err(WireError::Truncated);
+        }
+        if b[field::VER_TC_FLOW.start] >> 4 != 6 {
+            return Err(WireError::BadVersion);
+        }
+        Ok(Self { buffer })
+    }
+
     fn bytes(&self) -> &[u8] {
         self.buffer.as_ref()
     }
@@ -65,12 +78,13 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
         Ipv6Addr::from(super::array::<16>(self.bytes(), field::DESTINATION))
     }
 
+    /// The payload (for a truncated view, as far as the buffer goes).
     pub fn payload(&self) -> &[u8] {
-        &self.bytes()[IPV6_HEADER_LEN..self.total_len()]
+        &self.bytes()[IPV6_HEADER_LEN..self.total_len().min(self.bytes().len())]
     }
 
     pub fn packet(&self) -> &[u8] {
-        &self.bytes()[..self.total_len()]
+        &self.bytes()[..self.total_len().min(self.bytes().len())]
     }
 }
 
@@ -98,8 +112,20 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
     }
 
     pub fn payload_mut(&mut self) -> &mut [u8] {
-        let tl = self.total_len();
+        let tl = self.total_len().min(self.bytes().len());
         &mut self.buffer.as_mut()[IPV6_HEADER_LEN..tl]
+    }
+
+    /// Takes one hop off the hop limit; `false` (and nothing changed) when it
+    /// is 0 or 1: the packet may not be forwarded.
+    pub fn decrement_hop_limit(&mut self) -> bool {
+        let b = self.buffer.as_mut();
+        let hops = b[field::HOP_LIMIT];
+        if hops <= 1 {
+            return false;
+        }
+        b[field::HOP_LIMIT] = hops - 1;
+        true
     }
 }
 

@@ -1,0 +1,394 @@
+//! The connection table: flows the site side opened into a tunnel, so that
+//! their replies are let back in whatever the tunnel's firewall says (a
+//! deny-all-inbound site still works for LAN-initiated traffic).
+//!
+//! One table for the whole gateway, not one per worker: a flow's packets
+//! towards the tunnel arrive on the LAN queue RSS picks for the inner 5-tuple,
+//! its replies on the WAN queue RSS picks for the peer's outer UDP 4-tuple, so
+//! the two directions are usually seen by different workers.
+//!
+//! Bounded and lock-free: a fixed array of 4-way sets (one cache line each),
+//! allocated once. A flow is a 64-bit tag (a keyed hash of peer, protocol,
+//! addresses and ports/identifier, keyed with a random secret so a remote site
+//! cannot aim floods at chosen sets or forge tags) and an expiry second. An
+//! insert takes, in order: the flow's own slot, an empty or expired slot, or
+//! else evicts the slot that expires soonest (the least recently refreshed);
+//! evictions are counted. Writers race benignly: two workers writing one slot
+//! leave one of the flows, and the other is tracked again by its next packet.
+//!
+//! Timeouts (seconds of idleness): TCP 7440 (RFC 5382's two hours and four
+//! minutes), UDP 180 (RFC 4787 asks for at least 120), ICMP echo 30, other
+//! protocols 600, fragments of an admitted first fragment 30.
+
+use crate::flow::{Flow, Transport};
+use crate::wire::ip_protocol;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+
+/// Ways per set: four 16-byte slots fill one 64-byte cache line.
+const WAYS: usize = 4;
+/// The default capacity, in flows.
+pub const DEFAULT_FLOWS: usize = 65_536;
+
+const TCP_TIMEOUT: u32 = 7440;
+const UDP_TIMEOUT: u32 = 180;
+const ICMP_TIMEOUT: u32 = 30;
+const OTHER_TIMEOUT: u32 = 600;
+const FRAGMENT_TIMEOUT: u32 = 30;
+
+/// A flow as the table names it, oriented from the site side ("local") to
+/// the remote site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowKey {
+    peer: u32,
+    protocol: u8,
+    /// 0: a flow; 1: the fragments of one admitted packet.
+    fragments: bool,
+    local: u128,
+    remote: u128,
+    /// Local port << 16 | remote port; echo identifier << 16; fragment id.
+    ids: u32,
+    timeout: u32,
+}
+
+fn timeout_of(protocol: u8) -> u32 {
+    match protocol {
+        ip_protocol::TCP => TCP_TIMEOUT,
+        ip_protocol::UDP => UDP_TIMEOUT,
+        ip_protocol::ICMP | ip_protocol::ICMPV6 => ICMP_TIMEOUT,
+        _ => OTHER_TIMEOUT,
+    }
+}
+
+impl FlowKey {
+    fn new(peer: u32, protocol: u8, local: std::net::IpAddr, remote: std::net::IpAddr, ids: u32) -> Self {
+        let key = crate::table::addr_key;
+        Self {
+            peer,
+            protocol,
+            fragments: false,
+            local: key(local),
+            remote: key(remote),
+            ids,
+            timeout: timeout_of(protocol),
+        }
+    }
+
+    /// The flow a packet from the site side towards `peer`'s remote site opens
+    /// or continues; `None` for what opens nothing (errors, echo replies,
+    /// later fragments).
+    pub fn of_outbound(peer: u32, flow: &Flow) -> Option<Self> {
+        let ids = match flow.transport {
+            Transport::Ports { src, dst } => u32::from(src) << 16 | u32::from(dst),
+            Transport::Echo { id, request: true } => u32::from(id) << 16,
+            Transport::Other => 0,
+            Transport::Echo { request: false, .. } | Transport::IcmpError(_) | Transport::LaterFragment => {
+                return None
+            }
+        };
+        Some(Self::new(peer, flow.protocol, flow.src, flow.dst, ids))
+    }
+
+    /// The tracked flow a packet from `peer`'s remote site would answer: a
+    /// reply, an ICMP error about a packet the site side sent (addressed to
+    /// that packet's sender), or a later fragment of an admitted packet.
+    pub fn of_reply(peer: u32, flow: &Flow) -> Option<Self> {
+        match flow.transport {
+            Transport::Ports { src, dst } => {
+                Some(Self::new(peer, flow.protocol, flow.dst, flow.src, u32::from(dst) << 16 | u32::from(src)))
+            }
+            Transport::Echo { id, request: false } => {
+                Some(Self::new(peer, flow.protocol, flow.dst, flow.src, u32::from(id) << 16))
+            }
+            Transport::Echo { request: true, .. } => None,
+            Transport::IcmpError(q) if q.src == flow.dst => {
+                Some(Self::new(peer, q.protocol, q.src, q.dst, u32::from(q.ids.0) << 16 | u32::from(q.ids.1)))
+            }
+            Transport::IcmpError(_) => None,
+            Transport::Other => Some(Self::new(peer, flow.protocol, flow.dst, flow.src, 0)),
+            Transport::LaterFragment => Self::fragments_of(peer, flow),
+        }
+    }
+
+    /// For the first fragment of a packet from the remote site: the key its
+    /// later fragments are admitted by.
+    pub fn first_fragment(peer: u32, flow: &Flow) -> Option<Self> {
+        if flow.is_first_fragment() {
+            Self::fragments_of(peer, flow)
+        } else {
+            None
+        }
+    }
+
+    fn fragments_of(peer: u32, flow: &Flow) -> Option<Self> {
+        let id = flow.fragment?;
+        let mut key = Self::new(peer, flow.protocol, flow.dst, flow.src, id);
+        key.fragments = true;
+        key.timeout = FRAGMENT_TIMEOUT;
+        Some(key)
+    }
+}
+
+#[derive(Debug, Default)]
+#[repr(C)]
+struct Slot {
+    /// 0: empty.
+    tag: AtomicU64,
+    /// The second (see `ConnTrack::now_secs`) after which the flow is gone.
+    expires: AtomicU32,
+}
+
+#[derive(Debug, Default)]
+#[repr(C, align(64))]
+struct Set {
+    ways: [Slot; WAYS],
+}
+
+/// Counters of the connection table (relaxed atomics, read for metrics).
+#[derive(Debug, Default)]
+pub struct ConnTrackCounters {
+    /// Flows newly tracked.
+    pub inserts: AtomicU64,
+    /// Live flows pushed out by new ones (the table was full in their set).
+    pub evictions: AtomicU64,
+    /// Packets from a remote site let in as part of a tracked flow.
+    pub replies: AtomicU64,
+}
+
+/// The bounded, lock-free connection table.
+#[derive(Debug)]
+pub struct ConnTrack {
+    sets: Box<[Set]>,
+    mask: usize,
+    keys: [u64; 3],
+    pub counters: ConnTrackCounters,
+}
+
+/// The high and low halves of a 128-bit product, folded (as in ahash).
+#[inline]
+fn fold(a: u64, b: u64) -> u64 {
+    let r = u128::from(a) * u128::from(b);
+    (r as u64) ^ ((r >> 64) as u64)
+}
+
+const MULTIPLE: u64 = 0x5851_f42d_4c95_7f2d;
+
+impl ConnTrack {
+    /// A table for at least `flows` flows (rounded up to a power of two sets).
+    pub fn new(flows: usize) -> Self {
+        let mut secret = [0u8; 24];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
+        let word = |i: usize| u64::from_le_bytes(secret[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        Self::with_keys(flows, [word(0), word(1), word(2)])
+    }
+
+    fn with_keys(flows: usize, keys: [u64; 3]) -> Self {
+        let sets = flows.div_ceil(WAYS).max(1).next_power_of_two();
+        Self { sets: (0..sets).map(|_| Set::default()).collect(), mask: sets - 1, keys, counters: Default::default() }
+    }
+
+    /// How many flows the table holds at most.
+    pub fn capacity(&self) -> usize {
+        self.sets.len() * WAYS
+    }
+
+    /// The table's clock: whole seconds since the process epoch, from 1.
+    pub fn now_secs(now: std::time::Instant) -> u32 {
+        (crate::peer_view::monotonic_nanos(now) / 1_000_000_000).min(u64::from(u32::MAX / 2)) as u32 + 1
+    }
+
+    #[inline]
+    fn tag(&self, key: &FlowKey) -> u64 {
+        let [k0, k1, k2] = self.keys;
+        let mut h = k0;
+        for w in [
+            key.local as u64,
+            (key.local >> 64) as u64,
+            key.remote as u64,
+            (key.remote >> 64) as u64,
+            u64::from(key.peer) << 32 | u64::from(key.ids),
+            u64::from(key.protocol) | u64::from(key.fragments) << 8,
+        ] {
+            h = fold(h ^ w, MULTIPLE ^ k1);
+        }
+        match fold(h, k2).rotate_left(23) {
+            0 => 1,
+            t => t,
+        }
+    }
+
+    #[inline]
+    fn set(&self, tag: u64) -> &Set {
+        &self.sets[(tag >> 32) as usize & self.mask]
+    }
+
+    /// Whether `key` is tracked (and live) at `now`; a hit extends its life.
+    #[inline]
+    pub fn refresh(&self, key: &FlowKey, now: u32) -> bool {
+        let tag = self.tag(key);
+        for slot in &self.set(tag).ways {
+            if slot.tag.load(Relaxed) == tag && slot.expires.load(Relaxed) >= now {
+                extend(slot, now + key.timeout);
+                self.counters.replies.fetch_add(1, Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Tracks `key` from `now` (or extends it if tracked).
+    #[inline]
+    pub fn track(&self, key: &FlowKey, now: u32) {
+        let tag = self.tag(key);
+        let set = self.set(tag);
+        let expires = now + key.timeout;
+        let mut victim = &set.ways[0];
+        let mut victim_expires = u32::MAX;
+        for slot in &set.ways {
+            let t = slot.tag.load(Relaxed);
+            let e = slot.expires.load(Relaxed);
+            if t == tag {
+                return extend(slot, expires);
+            }
+            let e = if t == 0 || e < now { 0 } else { e };
+            if e < victim_expires {
+                victim = slot;
+                victim_expires = e;
+            }
+        }
+        if victim_expires != 0 {
+            self.counters.evictions.fetch_add(1, Relaxed);
+        }
+        self.counters.inserts.fetch_add(1, Relaxed);
+        victim.tag.store(tag, Relaxed);
+        victim.expires.store(expires, Relaxed);
+    }
+
+    /// Live flows at `now` (a scan: for metrics, not the packet path).
+    pub fn live(&self, now: u32) -> usize {
+        let slots = self.sets.iter().flat_map(|s| &s.ways);
+        slots.filter(|s| s.tag.load(Relaxed) != 0 && s.expires.load(Relaxed) >= now).count()
+    }
+
+    /// (name, value) for metrics: capacity, live flows, inserts, evictions, replies.
+    pub fn named(&self, now: u32) -> Vec<(&'static str, u64)> {
+        vec![
+            ("conntrack_capacity", self.capacity() as u64),
+            ("conntrack_flows", self.live(now) as u64),
+            ("conntrack_inserts", self.counters.inserts.load(Relaxed)),
+            ("conntrack_evictions", self.counters.evictions.load(Relaxed)),
+            ("conntrack_replies", self.counters.replies.load(Relaxed)),
+        ]
+    }
+}
+
+/// Moves `slot`'s expiry to `expires` if that is later (no write when a
+/// packet of the same second already did: flows shared by workers do not
+/// bounce the cache line per packet).
+#[inline]
+fn extend(slot: &Slot, expires: u32) {
+    if slot.expires.load(Relaxed) < expires {
+        slot.expires.store(expires, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::IpAddr;
+
+    fn udp(local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> Flow {
+        Flow {
+            src: IpAddr::from(local),
+            dst: IpAddr::from(remote),
+            protocol: ip_protocol::UDP,
+            transport: Transport::Ports { src: lport, dst: rport },
+            fragment: None,
+        }
+    }
+
+    fn reply(f: &Flow) -> Flow {
+        let Transport::Ports { src, dst } = f.transport else { unreachable!() };
+        Flow { src: f.dst, dst: f.src, transport: Transport::Ports { src: dst, dst: src }, ..*f }
+    }
+
+    #[test]
+    fn replies_of_tracked_flows_and_nothing_else() {
+        let t = ConnTrack::new(1024);
+        let out = udp([10, 50, 0, 2], 40000, [10, 200, 0, 2], 53);
+        t.track(&FlowKey::of_outbound(1, &out).unwrap(), 100);
+        assert!(t.refresh(&FlowKey::of_reply(1, &reply(&out)).unwrap(), 101));
+        // Another peer, another port, the same direction again: not replies.
+        assert!(!t.refresh(&FlowKey::of_reply(2, &reply(&out)).unwrap(), 101));
+        let other = udp([10, 50, 0, 2], 40001, [10, 200, 0, 2], 53);
+        assert!(!t.refresh(&FlowKey::of_reply(1, &reply(&other)).unwrap(), 101));
+        assert!(!t.refresh(&FlowKey::of_reply(1, &out).unwrap(), 101));
+        // Idle past the UDP timeout: gone.
+        assert!(!t.refresh(&FlowKey::of_reply(1, &reply(&out)).unwrap(), 101 + UDP_TIMEOUT + 1));
+        assert_eq!(t.counters.inserts.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn icmp_errors_about_our_packets_are_related() {
+        let t = ConnTrack::new(64);
+        let out = udp([10, 50, 0, 2], 40000, [10, 200, 0, 9], 53);
+        t.track(&FlowKey::of_outbound(1, &out).unwrap(), 10);
+        let quoted = crate::flow::Quoted { src: out.src, dst: out.dst, protocol: ip_protocol::UDP, ids: (40000, 53) };
+        let error = Flow {
+            src: IpAddr::from([10, 200, 0, 1]),
+            dst: out.src,
+            protocol: ip_protocol::ICMP,
+            transport: Transport::IcmpError(quoted),
+            fragment: None,
+        };
+        assert!(t.refresh(&FlowKey::of_reply(1, &error).unwrap(), 11));
+        // Aimed at someone else than the quoted sender: not related.
+        let elsewhere = Flow { dst: IpAddr::from([10, 50, 0, 3]), ..error };
+        assert!(FlowKey::of_reply(1, &elsewhere).is_none());
+    }
+
+    /// A full set evicts the flow that expires soonest (least recently
+    /// refreshed), never a fresher one, and counts it.
+    #[test]
+    fn eviction_takes_the_stalest_flow_of_a_full_set() {
+        let t = ConnTrack::with_keys(WAYS, [1, 2, 3]); // one set
+        let flows: Vec<Flow> = (0..5).map(|i| udp([10, 50, 0, 2], 1000 + i, [10, 200, 0, 2], 53)).collect();
+        let key = |f: &Flow| FlowKey::of_outbound(1, f).unwrap();
+        for (i, f) in flows[..4].iter().enumerate() {
+            t.track(&key(f), 10 + i as u32);
+        }
+        // Refresh the oldest: now flow 1 is the stalest.
+        t.track(&key(&flows[0]), 20);
+        t.track(&key(&flows[4]), 21);
+        assert_eq!(t.counters.evictions.load(Relaxed), 1);
+        let live = |f: &Flow| t.refresh(&FlowKey::of_reply(1, &reply(f)).unwrap(), 21);
+        assert!(live(&flows[0]) && !live(&flows[1]) && live(&flows[2]) && live(&flows[3]) && live(&flows[4]));
+        // An expired slot is reused before any live one is evicted.
+        let later = 13 + UDP_TIMEOUT + 1; // flow 2 expired (tracked at 12, timeout 180), 3 too
+        t.track(&key(&flows[1]), later);
+        assert_eq!(t.counters.evictions.load(Relaxed), 1, "took an expired slot");
+    }
+
+    proptest! {
+        /// Under a flood of new flows the table never grows, the newest flow is
+        /// always found, and every insert past capacity is an eviction or a
+        /// reuse of an expired slot.
+        #[test]
+        fn bounded_under_a_flood(ports in proptest::collection::vec(any::<(u16, u16, u8)>(), 1..3000)) {
+            let t = ConnTrack::new(256);
+            let cap = t.capacity();
+            for (i, &(a, b, host)) in ports.iter().enumerate() {
+                let f = udp([10, 50, 0, host], a, [10, 200, 0, 2], b);
+                let now = 100 + (i as u32) / 64;
+                t.track(&FlowKey::of_outbound(7, &f).unwrap(), now);
+                prop_assert!(t.refresh(&FlowKey::of_reply(7, &reply(&f)).unwrap(), now));
+                prop_assert!(t.live(now) <= cap);
+            }
+            let inserts = t.counters.inserts.load(Relaxed) as usize;
+            let evictions = t.counters.evictions.load(Relaxed) as usize;
+            prop_assert!(inserts <= ports.len());
+            prop_assert!(inserts - evictions <= cap, "{inserts} inserts, {evictions} evictions, capacity {cap}");
+            prop_assert_eq!(std::mem::size_of::<Set>(), 64);
+        }
+    }
+}
