@@ -81,9 +81,7 @@ impl FlowKey {
             Transport::Ports { src, dst } => u32::from(src) << 16 | u32::from(dst),
             Transport::Echo { id, request: true } => u32::from(id) << 16,
             Transport::Other => 0,
-            Transport::Echo { request: false, .. } | Transport::IcmpError(_) | Transport::LaterFragment => {
-                return None
-            }
+            Transport::Echo { request: false, .. } | Transport::IcmpError(_) | Transport::LaterFragment => return None,
         };
         Some(Self::new(peer, flow.protocol, flow.src, flow.dst, ids))
     }
@@ -364,9 +362,10 @@ mod tests {
         let live = |f: &Flow| t.refresh(&FlowKey::of_reply(1, &reply(f)).unwrap(), 21);
         assert!(live(&flows[0]) && !live(&flows[1]) && live(&flows[2]) && live(&flows[3]) && live(&flows[4]));
         // An expired slot is reused before any live one is evicted.
-        let later = 13 + UDP_TIMEOUT + 1; // flow 2 expired (tracked at 12, timeout 180), 3 too
+        let later = 21 + UDP_TIMEOUT + 1; // every flow idle past its timeout
         t.track(&key(&flows[1]), later);
         assert_eq!(t.counters.evictions.load(Relaxed), 1, "took an expired slot");
+        assert_eq!(t.live(later), 1);
     }
 
     proptest! {

@@ -102,6 +102,15 @@ impl Flow {
     }
 }
 
+/// An IP packet's TTL / hop limit (`None`: not an IP packet).
+pub fn hop_limit(packet: &[u8]) -> Option<u8> {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => Ipv4Packet::new_checked(packet).ok().map(|ip| ip.ttl()),
+        Some(6) => Ipv6Packet::new_checked(packet).ok().map(|ip| ip.hop_limit()),
+        _ => None,
+    }
+}
+
 /// Takes one hop off an IP packet's TTL / hop limit; `false` when it may not
 /// be forwarded (the TTL was 0 or 1, or the packet is not IP).
 pub fn decrement_hop(packet: &mut [u8]) -> bool {

@@ -5,11 +5,12 @@
 
 use crate::device::{Action, Device, PeerId, PeerStats, PeerUpdate};
 use crate::frame::udp_headers_len;
+use crate::host::{HostAddresses, HostTun};
 use crate::loader::{LoaderError, Side, XdpPrograms, XdpStats};
-use crate::neighbors::{run_resolver, run_wan_resolver, KernelSender, NeighborTable, RawInjector, WanNextHops};
+use crate::neighbors::{run_resolver, run_wan_resolver, KernelSender, NeighborTable, WanNextHops};
 use crate::noise::peer::PeerConfig;
-use crate::policy::ForwardingPolicy;
 use crate::noise::{AeadBackend, PrivateKey, PublicKey};
+use crate::policy::ForwardingPolicy;
 use crate::table::IpPrefix;
 use crate::wire::MacAddr;
 use crate::worker::{ControlEvent, HandshakeJob, Shared, Worker, WorkerCounters};
@@ -77,8 +78,8 @@ pub enum GatewayError {
     PortInUse(u16),
     #[error("cannot open the UDP socket on port {port}: {source}")]
     Udp { port: u16, source: std::io::Error },
-    #[error("cannot open raw sockets (needs root or CAP_NET_RAW): {0}")]
-    Raw(std::io::Error),
+    #[error("cannot create the host interface `{name}` (needs /dev/net/tun and CAP_NET_ADMIN; `host_interface` names it): {source}")]
+    HostInterface { name: String, source: std::io::Error },
     #[error("peer {key}: {reason}")]
     Peer { key: PublicKey, reason: String },
     #[error(transparent)]
@@ -136,6 +137,8 @@ pub struct Gateway {
     control_drops: Arc<crate::drops::DropCounters>,
     public_key: PublicKey,
     queues: u32,
+    /// Tunnel prefixes routed through the host interface.
+    routes: Mutex<Vec<IpPrefix>>,
 }
 
 fn interface_exists(iface: &str) -> bool {
@@ -159,7 +162,12 @@ fn interface_mac(iface: &str) -> Result<MacAddr, GatewayError> {
 /// Every address of `iface` (IPv4 and IPv6, link-local included), in the
 /// order the kernel lists them.
 pub fn interface_addresses(iface: &str) -> Vec<IpAddr> {
-    interface_address_prefixes(iface).into_iter().map(|(addr, _)| addr).collect()
+    address_prefixes(Some(iface)).into_iter().map(|(addr, _)| addr).collect()
+}
+
+/// Every address of every interface of the host (this network namespace).
+pub fn host_addresses() -> Vec<IpAddr> {
+    address_prefixes(None).into_iter().map(|(addr, _)| addr).collect()
 }
 
 /// The networks `iface` is attached to (link-local excluded): the sane
@@ -169,7 +177,7 @@ pub fn interface_networks(iface: &str) -> Vec<IpPrefix> {
         IpAddr::V4(a) => a.is_link_local(),
         IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
     };
-    let mut nets: Vec<IpPrefix> = interface_address_prefixes(iface)
+    let mut nets: Vec<IpPrefix> = address_prefixes(Some(iface))
         .into_iter()
         .filter(|(a, _)| !link_local(a))
         .filter_map(|(a, len)| IpPrefix::new(a, len).ok())
@@ -179,8 +187,8 @@ pub fn interface_networks(iface: &str) -> Vec<IpPrefix> {
     nets
 }
 
-/// Every (address, prefix length) of `iface`.
-fn interface_address_prefixes(iface: &str) -> Vec<(IpAddr, u8)> {
+/// Every (address, prefix length) of `iface`, or of every interface.
+fn address_prefixes(iface: Option<&str>) -> Vec<(IpAddr, u8)> {
     let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = core::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
@@ -197,7 +205,7 @@ fn interface_address_prefixes(iface: &str) -> Vec<(IpAddr, u8)> {
         }
         // SAFETY: ifa_name is a NUL-terminated string owned by the list.
         let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        if name.to_bytes() != iface.as_bytes() {
+        if iface.is_some_and(|i| name.to_bytes() != i.as_bytes()) {
             continue;
         }
         // SAFETY: ifa_addr (and ifa_netmask when not null) point to sockaddrs
@@ -318,7 +326,14 @@ impl Gateway {
         let lan_mac = interface_mac(&cfg.lan_interface)?;
         let (lan_ipv4, lan_ipv6) = interface_addrs(&cfg.lan_interface);
         let kernel_udp = Arc::new(bind_kernel_udp(cfg.listen_port)?);
-        let injector = RawInjector::new().map_err(GatewayError::Raw)?;
+        let host_tun = HostTun::open(&cfg.host_interface, cfg.tunnel_mtu)
+            .map_err(|source| GatewayError::HostInterface { name: cfg.host_interface.clone(), source })?;
+        if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
+            tracing::info!(
+                "net.ipv4.ip_forward is 0: a packet to a site neighbour whose address is not resolved yet is \
+                 dropped by the kernel (later packets go direct); set it to 1 to forward those too"
+            );
+        }
 
         let mut device = Device::new(cfg.private_key, cfg.backend, 16, Instant::now());
         let public_key = device.public_key();
@@ -334,7 +349,12 @@ impl Gateway {
         let mut programs = XdpPrograms::load(&cfg.xdp_object, cfg.listen_port)?;
         programs.attach(Side::Wan, &cfg.wan_interface)?;
         programs.attach(Side::Lan, &cfg.lan_interface)?;
-        programs.set_tunnel_prefixes(&prefixes.into_iter().collect::<Vec<_>>())?;
+        let prefixes: Vec<IpPrefix> = prefixes.into_iter().collect();
+        programs.set_tunnel_prefixes(&prefixes)?;
+        let mut routes = Vec::new();
+        if let Err(e) = host_tun.sync_routes(&mut routes, &prefixes) {
+            tracing::warn!(error = %e, "cannot route the tunnel prefixes through the host interface");
+        }
         programs.set_wan_addresses(&interface_addresses(&cfg.wan_interface))?;
 
         let queues =
@@ -363,7 +383,8 @@ impl Gateway {
             handshakes: hs_tx,
             control: ctl_tx,
             neighbors: neighbors.clone(),
-            injector: Some(injector),
+            host_tun: Some(Arc::new(host_tun)),
+            host_addresses: Arc::new(HostAddresses::new(host_addresses())),
             kernel_udp: kernel_udp.clone(),
             wan_next_hops: wan_next_hops.clone(),
             lan_mac,
@@ -412,7 +433,8 @@ impl Gateway {
         }
         {
             let (stop, programs, iface) = (stop.clone(), programs.clone(), cfg.wan_interface.clone());
-            threads.push(spawn("wgxdp-addrs".into(), Box::new(move || follow_wan_addresses(programs, iface, stop)))?);
+            let host = shared.host_addresses.clone();
+            threads.push(spawn("wgxdp-addrs".into(), Box::new(move || follow_addresses(programs, iface, host, stop)))?);
         }
         let wan_queues = rx_queues(&cfg.wan_interface);
         if wan_queues > queues {
@@ -451,7 +473,8 @@ impl Gateway {
             )?);
         }
         tracing::info!(%public_key, queues, port = cfg.listen_port, "gateway running");
-        Ok(Self { programs, shared, stop, threads, counters, slow_counters, control_drops, public_key, queues })
+        let routes = Mutex::new(routes);
+        Ok(Self { programs, shared, stop, threads, counters, slow_counters, control_drops, public_key, queues, routes })
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -561,11 +584,19 @@ impl Gateway {
     }
 
     /// Makes the LAN program steer exactly the prefixes some peer routes.
+    /// Makes the LAN program steer, and the host route through the host
+    /// interface, exactly the prefixes some peer routes.
     fn sync_tunnel_prefixes(&self) -> Result<(), GatewayError> {
         let mut all: Vec<IpPrefix> = self.shared.tables.allowed_ips.entries().into_iter().map(|(p, _)| p).collect();
         all.sort_unstable();
         all.dedup();
         self.programs.lock().unwrap_or_else(|p| p.into_inner()).set_tunnel_prefixes(&all)?;
+        if let Some(tun) = &self.shared.host_tun {
+            let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = tun.sync_routes(&mut routes, &all) {
+                tracing::warn!(error = %e, "cannot route the tunnel prefixes through the host interface");
+            }
+        }
         Ok(())
     }
 
@@ -592,7 +623,7 @@ impl Drop for Gateway {
 
 /// Keeps the WAN program's list of our own addresses in step with the
 /// interface (addresses come and go, e.g. a floating address).
-fn follow_wan_addresses(programs: Arc<Mutex<XdpPrograms>>, iface: String, stop: Arc<AtomicBool>) {
+fn follow_addresses(programs: Arc<Mutex<XdpPrograms>>, iface: String, host: Arc<HostAddresses>, stop: Arc<AtomicBool>) {
     let mut last = interface_addresses(&iface);
     let mut since = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -601,6 +632,9 @@ fn follow_wan_addresses(programs: Arc<Mutex<XdpPrograms>>, iface: String, stop: 
             continue;
         }
         since = Instant::now();
+        if host.replace(host_addresses()) {
+            tracing::info!(addresses = ?host.snapshot(), "host addresses changed");
+        }
         let now = interface_addresses(&iface);
         if now != last {
             match programs.lock().unwrap_or_else(|p| p.into_inner()).set_wan_addresses(&now) {

@@ -1,7 +1,8 @@
 //! ICMP errors the gateway sends as a router: IPv4 "fragmentation needed"
 //! (type 3 code 4, RFC 1191) and ICMPv6 "packet too big" (type 2, RFC 4443)
 //! for inner packets larger than the tunnel MTU, so senders lower their path
-//! MTU instead of losing packets silently.
+//! MTU instead of losing packets silently; and "time exceeded" (IPv4 type 11,
+//! ICMPv6 type 3) for packets whose TTL / hop limit runs out here.
 
 use crate::frame::write_ethernet_header;
 use crate::wire::{
@@ -63,40 +64,69 @@ pub fn may_send_error(packet: &[u8]) -> bool {
     }
 }
 
-/// Writes a whole Ethernet frame into `frame` (exactly `packet_too_big_len`
-/// bytes): the ICMP error from `router` (our address on the link towards the
-/// sender) to `to` (the offending packet's source), quoting `quote` (the start
-/// of the offending packet, at most `quote_limit`) and advertising `mtu`.
-pub fn packet_too_big(
-    frame: &mut [u8],
+/// Which ICMP error the gateway sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IcmpError {
+    /// IPv4 "fragmentation needed" / ICMPv6 "packet too big", with the MTU.
+    TooBig { mtu: u16 },
+    /// "Time exceeded in transit" (TTL / hop limit exhausted).
+    TimeExceeded,
+}
+
+/// The IP packet length `error_packet` writes for a quote of `quote_len` bytes.
+pub const fn error_packet_len(quote_len: usize, v6: bool) -> usize {
+    (if v6 { IPV6_HEADER_LEN } else { IPV4_HEADER_LEN }) + ICMP_HEADER_LEN + quote_len
+}
+
+/// The Ethernet frame length `error_frame` writes for a quote of `quote_len` bytes.
+pub const fn error_frame_len(quote_len: usize, v6: bool) -> usize {
+    ETHERNET_HEADER_LEN + error_packet_len(quote_len, v6)
+}
+
+/// Writes an IP packet (exactly `error_packet_len` bytes) into `packet`: the
+/// ICMP error `kind` from `router` (our address) to `to` (the offending
+/// packet's source), quoting `quote` (the start of the offending packet, at
+/// most `quote_limit`).
+pub fn error_packet(
+    packet: &mut [u8],
+    kind: IcmpError,
     quote: &[u8],
     to: IpAddr,
-    mtu: u16,
     router: IpAddr,
-    dst_mac: MacAddr,
-    src_mac: MacAddr,
 ) -> Result<(), WireError> {
     let v6 = to.is_ipv6();
-    if quote.len() > quote_limit(v6) || frame.len() != packet_too_big_len(quote.len(), v6) {
+    if quote.len() > quote_limit(v6) || packet.len() != error_packet_len(quote.len(), v6) {
         return Err(WireError::BadLength);
     }
     let body_len = ICMP_HEADER_LEN + quote.len();
-    let ip = &mut frame[ETHERNET_HEADER_LEN..];
+    // Type, code and the 4 bytes after the checksum, per family (RFC 792/1191, RFC 4443).
+    let header = |v6: bool| -> [u8; ICMP_HEADER_LEN] {
+        match (kind, v6) {
+            (IcmpError::TooBig { mtu }, false) => {
+                let m = mtu.to_be_bytes();
+                [3, 4, 0, 0, 0, 0, m[0], m[1]]
+            }
+            (IcmpError::TooBig { mtu }, true) => {
+                let m = u32::from(mtu).to_be_bytes();
+                [2, 0, 0, 0, m[0], m[1], m[2], m[3]]
+            }
+            (IcmpError::TimeExceeded, false) => [11, 0, 0, 0, 0, 0, 0, 0],
+            (IcmpError::TimeExceeded, true) => [3, 0, 0, 0, 0, 0, 0, 0],
+        }
+    };
     match (router, to) {
         (IpAddr::V4(router), IpAddr::V4(to)) => {
-            Ipv4Packet::emit(&mut *ip, router, to, ip_protocol::ICMP, 64, body_len)?;
-            let icmp = &mut ip[IPV4_HEADER_LEN..IPV4_HEADER_LEN + body_len];
-            icmp[..ICMP_HEADER_LEN].copy_from_slice(&[3, 4, 0, 0, 0, 0, 0, 0]);
-            icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
+            Ipv4Packet::emit(&mut *packet, router, to, ip_protocol::ICMP, 64, body_len)?;
+            let icmp = &mut packet[IPV4_HEADER_LEN..IPV4_HEADER_LEN + body_len];
+            icmp[..ICMP_HEADER_LEN].copy_from_slice(&header(false));
             icmp[ICMP_HEADER_LEN..].copy_from_slice(quote);
             let c = internet_checksum(icmp);
             icmp[2..4].copy_from_slice(&c.to_be_bytes());
         }
         (IpAddr::V6(router), IpAddr::V6(to)) => {
-            Ipv6Packet::emit(&mut *ip, router, to, ip_protocol::ICMPV6, 64, body_len)?;
-            let icmp = &mut ip[IPV6_HEADER_LEN..IPV6_HEADER_LEN + body_len];
-            icmp[..ICMP_HEADER_LEN].copy_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
-            icmp[4..8].copy_from_slice(&u32::from(mtu).to_be_bytes());
+            Ipv6Packet::emit(&mut *packet, router, to, ip_protocol::ICMPV6, 64, body_len)?;
+            let icmp = &mut packet[IPV6_HEADER_LEN..IPV6_HEADER_LEN + body_len];
+            icmp[..ICMP_HEADER_LEN].copy_from_slice(&header(true));
             icmp[ICMP_HEADER_LEN..].copy_from_slice(quote);
             let mut acc = pseudo_header_sum(&router.octets(), &to.octets(), ip_protocol::ICMPV6, body_len as u32);
             let c = acc.add(icmp).finish();
@@ -104,7 +134,24 @@ pub fn packet_too_big(
         }
         _ => return Err(WireError::BadVersion),
     }
-    write_ethernet_header(frame, dst_mac, src_mac, v6)
+    Ok(())
+}
+
+/// As `error_packet`, framed for the LAN: a whole Ethernet frame (exactly
+/// `error_frame_len` bytes) from `src_mac` to `dst_mac`.
+#[allow(clippy::too_many_arguments)]
+pub fn error_frame(
+    frame: &mut [u8],
+    kind: IcmpError,
+    quote: &[u8],
+    to: IpAddr,
+    router: IpAddr,
+    dst_mac: MacAddr,
+    src_mac: MacAddr,
+) -> Result<(), WireError> {
+    let packet = frame.get_mut(ETHERNET_HEADER_LEN..).ok_or(WireError::BadLength)?;
+    error_packet(packet, kind, quote, to, router)?;
+    write_ethernet_header(frame, dst_mac, src_mac, to.is_ipv6())
 }
 
 #[cfg(test)]
@@ -119,11 +166,19 @@ mod tests {
         Ipv4Packet::emit(&mut original[..], Ipv4Addr::new(10, 50, 0, 2), Ipv4Addr::new(10, 200, 0, 2), 6, 64, 1480)
             .unwrap();
         let quote = &original[..quote_limit(false)];
-        let mut frame = vec![0u8; packet_too_big_len(quote.len(), false)];
+        let mut frame = vec![0u8; error_frame_len(quote.len(), false)];
         assert_eq!(frame.len(), 14 + 576);
         let to = IpAddr::V4(Ipv4Addr::new(10, 50, 0, 2));
-        packet_too_big(&mut frame, quote, to, 1420, "10.50.0.1".parse().unwrap(), MacAddr([1; 6]), MacAddr([2; 6]))
-            .unwrap();
+        error_frame(
+            &mut frame,
+            IcmpError::TooBig { mtu: 1420 },
+            quote,
+            to,
+            "10.50.0.1".parse().unwrap(),
+            MacAddr([1; 6]),
+            MacAddr([2; 6]),
+        )
+        .unwrap();
         let f = parse_ip_frame(&frame).unwrap();
         assert_eq!(f.dst, IpAddr::V4(Ipv4Addr::new(10, 50, 0, 2)));
         let ip = Ipv4Packet::new_checked(&frame[14..]).unwrap();
@@ -141,10 +196,19 @@ mod tests {
         let mut original = vec![0u8; 1500];
         Ipv6Packet::emit(&mut original[..], src, "fd20::2".parse().unwrap(), 17, 64, 1460).unwrap();
         let quote = &original[..quote_limit(true)];
-        let mut frame = vec![0u8; packet_too_big_len(quote.len(), true)];
+        let mut frame = vec![0u8; error_frame_len(quote.len(), true)];
         assert_eq!(frame.len(), 14 + 1280);
         let router: Ipv6Addr = "fd50::1".parse().unwrap();
-        packet_too_big(&mut frame, quote, src.into(), 1420, router.into(), MacAddr([1; 6]), MacAddr([2; 6])).unwrap();
+        error_frame(
+            &mut frame,
+            IcmpError::TooBig { mtu: 1420 },
+            quote,
+            src.into(),
+            router.into(),
+            MacAddr([1; 6]),
+            MacAddr([2; 6]),
+        )
+        .unwrap();
         let ip = Ipv6Packet::new_checked(&frame[14..]).unwrap();
         assert_eq!((ip.source(), ip.destination()), (router, src));
         let icmp = ip.payload();
@@ -196,13 +260,45 @@ mod tests {
     fn refuses_mismatched_families_and_sizes() {
         let mut original = vec![0u8; 100];
         Ipv4Packet::emit(&mut original[..], Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 6, 64, 80).unwrap();
-        let mut frame = vec![0u8; packet_too_big_len(original.len(), false)];
+        let mut frame = vec![0u8; error_frame_len(original.len(), false)];
         let (v4, v6): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "::1".parse().unwrap());
         let m = MacAddr([0; 6]);
-        assert!(packet_too_big(&mut frame, &original, v4, 1420, v6, m, m).is_err(), "family mismatch");
-        assert!(packet_too_big(&mut frame[1..], &original, v4, 1420, v4, m, m).is_err(), "wrong frame size");
+        assert!(
+            error_frame(&mut frame, IcmpError::TooBig { mtu: 1420 }, &original, v4, v6, m, m).is_err(),
+            "family mismatch"
+        );
+        assert!(
+            error_frame(&mut frame[1..], IcmpError::TooBig { mtu: 1420 }, &original, v4, v4, m, m).is_err(),
+            "wrong frame size"
+        );
         let long = vec![0u8; quote_limit(false) + 1];
-        let mut frame = vec![0u8; packet_too_big_len(long.len(), false)];
-        assert!(packet_too_big(&mut frame, &long, v4, 1420, v4, m, m).is_err(), "quote too long");
+        let mut frame = vec![0u8; error_frame_len(long.len(), false)];
+        assert!(
+            error_frame(&mut frame, IcmpError::TooBig { mtu: 1420 }, &long, v4, v4, m, m).is_err(),
+            "quote too long"
+        );
+    }
+
+    #[test]
+    fn time_exceeded_as_a_bare_packet_for_the_tunnel() {
+        let mut original = vec![0u8; 100];
+        Ipv4Packet::emit(&mut original[..], Ipv4Addr::new(10, 200, 0, 2), Ipv4Addr::new(10, 50, 0, 2), 17, 1, 80)
+            .unwrap();
+        let mut packet = vec![0u8; error_packet_len(original.len(), false)];
+        let to = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2));
+        error_packet(&mut packet, IcmpError::TimeExceeded, &original, to, "10.50.0.1".parse().unwrap()).unwrap();
+        let ip = Ipv4Packet::new_checked(&packet[..]).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!((ip.destination(), ip.protocol()), (Ipv4Addr::new(10, 200, 0, 2), ip_protocol::ICMP));
+        assert_eq!(&ip.payload()[..2], &[11, 0], "time exceeded in transit");
+        assert_eq!(internet_checksum(ip.payload()), 0);
+        assert_eq!(&ip.payload()[8..], &original[..]);
+        let mut v6 = vec![0u8; 60];
+        Ipv6Packet::emit(&mut v6[..], "fd20::2".parse().unwrap(), "fd50::2".parse().unwrap(), 17, 1, 20).unwrap();
+        let mut packet = vec![0u8; error_packet_len(v6.len(), true)];
+        let to: IpAddr = "fd20::2".parse().unwrap();
+        error_packet(&mut packet, IcmpError::TimeExceeded, &v6, to, "fd50::1".parse().unwrap()).unwrap();
+        let ip = Ipv6Packet::new_checked(&packet[..]).unwrap();
+        assert_eq!(&ip.payload()[..2], &[3, 0]);
     }
 }

@@ -10,6 +10,7 @@ pub mod fragment;
 pub mod frame;
 pub mod frame_io;
 pub mod gateway;
+pub mod host;
 pub mod icmp;
 pub mod loader;
 pub mod neighbors;

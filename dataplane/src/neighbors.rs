@@ -15,11 +15,12 @@
 //! LAN: next-hop MAC addresses for the site-side NIC.
 //!
 //! Workers look up a lock-free snapshot (`NeighborTable::lookup`). On a miss a
-//! worker never waits: it hands that one packet to the kernel through a raw IP
-//! socket (`RawInjector`; the kernel resolves ARP/ND and queues the packet while
-//! it does) and asks the resolver thread to refresh. The resolver reads the
-//! kernel's neighbour table over rtnetlink (`netlink.rs`) once a second and
-//! shortly after each request, and publishes a new snapshot.
+//! worker never waits: it hands that one packet to the kernel's forwarding
+//! path through the host interface (`host.rs`: as received traffic, under the
+//! host's FORWARD rules; the kernel resolves ARP/ND and queues the packet
+//! while it does) and asks the resolver thread to refresh. The resolver reads
+//! the kernel's neighbour table over rtnetlink (`netlink.rs`) once a second
+//! and shortly after each request, and publishes a new snapshot.
 
 use crate::drops::{DropCounters, DropReason};
 use crate::netlink::{self, Route, Rtnetlink};
@@ -28,9 +29,7 @@ use crate::wire::MacAddr;
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::collections::HashMap;
-use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -286,74 +285,6 @@ impl KernelSender {
     /// Destinations with a datagram waiting.
     pub fn waiting(&self) -> usize {
         self.waiting.len()
-    }
-}
-
-/// Raw IP sockets that hand a complete IP packet to the kernel's routing (it
-/// resolves the next hop itself). Used only for neighbour misses.
-#[derive(Debug)]
-pub struct RawInjector {
-    v4: OwnedFd,
-    v6: OwnedFd,
-}
-
-fn raw_socket(family: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe { libc::socket(family, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-impl RawInjector {
-    pub fn new() -> io::Result<Self> {
-        Ok(Self { v4: raw_socket(libc::AF_INET)?, v6: raw_socket(libc::AF_INET6)? })
-    }
-
-    /// Sends `packet` (a whole IP packet, header included) towards `dst`.
-    pub fn send(&self, packet: &[u8], dst: IpAddr) -> io::Result<()> {
-        let rc = match dst {
-            IpAddr::V4(a) => {
-                // SAFETY: all-zero is a valid sockaddr_in; fields are set below.
-                let mut sa: libc::sockaddr_in = unsafe { core::mem::zeroed() };
-                sa.sin_family = libc::AF_INET as libc::sa_family_t;
-                sa.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(a.octets()) };
-                // SAFETY: `packet` and `sa` are valid for the lengths passed.
-                unsafe {
-                    libc::sendto(
-                        self.v4.as_raw_fd(),
-                        packet.as_ptr().cast(),
-                        packet.len(),
-                        libc::MSG_DONTWAIT,
-                        (&sa as *const libc::sockaddr_in).cast(),
-                        core::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                    )
-                }
-            }
-            IpAddr::V6(a) => {
-                // SAFETY: all-zero is a valid sockaddr_in6; fields are set below.
-                let mut sa: libc::sockaddr_in6 = unsafe { core::mem::zeroed() };
-                sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-                sa.sin6_addr = libc::in6_addr { s6_addr: a.octets() };
-                // SAFETY: `packet` and `sa` are valid for the lengths passed.
-                unsafe {
-                    libc::sendto(
-                        self.v6.as_raw_fd(),
-                        packet.as_ptr().cast(),
-                        packet.len(),
-                        libc::MSG_DONTWAIT,
-                        (&sa as *const libc::sockaddr_in6).cast(),
-                        core::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                    )
-                }
-            }
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
     }
 }
 

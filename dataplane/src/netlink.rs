@@ -7,6 +7,7 @@
 //! resolver threads and the loader, never by workers. Every parser takes
 //! arbitrary bytes and never panics.
 
+use crate::table::IpPrefix;
 use crate::wire::MacAddr;
 use std::collections::HashMap;
 use std::io;
@@ -23,6 +24,7 @@ pub const RTM_NEWLINK: u16 = 16;
 pub const RTM_GETLINK: u16 = 18;
 pub const RTM_SETLINK: u16 = 19;
 pub const RTM_NEWROUTE: u16 = 24;
+pub const RTM_DELROUTE: u16 = 25;
 pub const RTM_GETROUTE: u16 = 26;
 pub const RTM_NEWNEIGH: u16 = 28;
 pub const RTM_GETNEIGH: u16 = 30;
@@ -30,6 +32,7 @@ pub const NLM_F_REQUEST: u16 = 0x01;
 const NLM_F_MULTI: u16 = 0x02;
 pub const NLM_F_ACK: u16 = 0x04;
 pub const NLM_F_REPLACE: u16 = 0x100;
+pub const NLM_F_EXCL: u16 = 0x200;
 pub const NLM_F_CREATE: u16 = 0x400;
 pub const NLM_F_DUMP: u16 = 0x300;
 pub const NLA_F_NESTED: u16 = 1 << 15;
@@ -361,6 +364,31 @@ pub fn route_to(nl: &Rtnetlink, dst: IpAddr) -> io::Result<Route> {
         }
     })?;
     route.ok_or_else(|| io::Error::other(format!("no route to {dst}")))
+}
+
+/// Adds (`add`) or removes the route to `prefix` through `ifindex` in the
+/// main table. Adding never replaces a route someone else installed (that is
+/// `AlreadyExists`); removing names the interface, so only ours goes.
+pub fn interface_route(nl: &Rtnetlink, prefix: &IpPrefix, ifindex: u32, add: bool) -> io::Result<()> {
+    const RT_TABLE_MAIN: u8 = 254;
+    const RTPROT_STATIC: u8 = 4;
+    const RT_SCOPE_LINK: u8 = 253;
+    const RTN_UNICAST: u8 = 1;
+    let addr = prefix.addr();
+    let mut body = vec![0u8; RTMSG_LEN];
+    body[0] = family(addr);
+    body[1] = prefix.prefix_len();
+    body[4] = RT_TABLE_MAIN;
+    body[5] = RTPROT_STATIC;
+    body[6] = RT_SCOPE_LINK;
+    body[7] = RTN_UNICAST;
+    push_attr(&mut body, RTA_DST, &octets(&addr));
+    push_attr(&mut body, RTA_OIF, &ifindex.to_ne_bytes());
+    if add {
+        nl.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK, &body, |_, _| {})
+    } else {
+        nl.request(RTM_DELROUTE, NLM_F_ACK, &body, |_, _| {})
+    }
 }
 
 /// Asks the kernel to resolve `ip` on `ifindex` (ARP / neighbour

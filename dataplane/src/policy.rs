@@ -331,3 +331,105 @@ impl CompiledPolicy {
         Ok(if to_host { Inbound::ToHost } else { Inbound::Forward })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::Transport;
+    use crate::wire::ip_protocol;
+    use proptest::prelude::*;
+
+    fn flow(src: &str, dst: &str, protocol: u8, dport: u16) -> Flow {
+        let transport = match protocol {
+            ip_protocol::TCP | ip_protocol::UDP => Transport::Ports { src: 40000, dst: dport },
+            _ => Transport::Echo { id: 1, request: true },
+        };
+        Flow { src: src.parse().unwrap(), dst: dst.parse().unwrap(), protocol, transport, fragment: None }
+    }
+
+    fn rule(protocol: RuleProtocol, ports: Option<&str>, source: Option<&str>, action: RuleAction) -> FirewallRule {
+        FirewallRule {
+            name: "r".into(),
+            protocol,
+            ports: ports.map(|p| p.parse().unwrap()),
+            source: source.map(|s| s.parse().unwrap()),
+            destination: None,
+            action,
+        }
+    }
+
+    #[test]
+    fn ports_protocols_and_actions_parse_strictly() {
+        assert_eq!("22".parse::<PortRange>(), Ok(PortRange { first: 22, last: 22 }));
+        assert_eq!("1-65535".parse::<PortRange>(), Ok(PortRange::ALL));
+        for bad in ["", "0", "65536", "30-20", "1-", "-5", "+5", "1 - 2", "a", "1-2-3"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad:?}");
+        }
+        assert_eq!(PortRange { first: 8000, last: 8080 }.to_string(), "8000-8080");
+        assert_eq!("icmp".parse::<RuleProtocol>(), Ok(RuleProtocol::Icmp));
+        assert!("ICMP".parse::<RuleProtocol>().is_err());
+        assert!("permit".parse::<RuleAction>().is_err());
+    }
+
+    #[test]
+    fn rules_match_by_protocol_port_and_family() {
+        let p = CompiledPolicy::new(ForwardingPolicy {
+            local_networks: vec!["10.50.0.0/24".parse().unwrap(), "fd50::/64".parse().unwrap()],
+            rules: vec![
+                rule(RuleProtocol::Tcp, Some("22"), None, RuleAction::Deny),
+                rule(RuleProtocol::Any, None, Some("10.1.0.0/16"), RuleAction::Deny),
+                rule(RuleProtocol::Icmp, Some("1-65535"), None, RuleAction::Allow),
+            ],
+            default_action: RuleAction::Allow,
+        });
+        assert_eq!(p.evaluate_rules(&flow("10.2.0.1", "10.50.0.2", ip_protocol::TCP, 22)), Some(false));
+        assert_eq!(
+            p.evaluate_rules(&flow("10.2.0.1", "10.50.0.2", ip_protocol::UDP, 22)),
+            None,
+            "UDP 22 is not TCP 22"
+        );
+        assert_eq!(p.evaluate_rules(&flow("10.1.9.9", "10.50.0.2", ip_protocol::UDP, 53)), Some(false));
+        // An IPv4 source prefix says nothing about IPv6 packets.
+        assert_eq!(p.evaluate_rules(&flow("fd20::1", "fd50::2", ip_protocol::UDP, 53)), None);
+        assert_eq!(
+            p.evaluate_rules(&flow("fd20::1", "fd50::2", ip_protocol::ICMPV6, 0)),
+            Some(true),
+            "icmp covers ICMPv6"
+        );
+        assert_eq!(p.rule_hits(), vec![1, 1, 1]);
+        assert!(p.is_local("fd50::9".parse().unwrap()) && !p.is_local("fd51::9".parse().unwrap()));
+        assert!(!p.is_local("10.50.1.1".parse().unwrap()));
+    }
+
+    proptest! {
+        /// First match wins: the verdict of a rule list is that of the first rule
+        /// that matches the packet on its own, or the default when none does.
+        #[test]
+        fn the_first_matching_rule_decides(
+            rules in proptest::collection::vec((0usize..4, any::<bool>(), 1u16..100, 0u16..50, any::<bool>(), 0u8..33), 0..12),
+            dport in 1u16..160,
+            protocol in prop::sample::select(vec![ip_protocol::TCP, ip_protocol::UDP, ip_protocol::ICMP, 47]),
+            src_last in any::<u8>(),
+        ) {
+            let protocols = [RuleProtocol::Tcp, RuleProtocol::Udp, RuleProtocol::Icmp, RuleProtocol::Any];
+            let rules: Vec<FirewallRule> = rules.iter().map(|&(p, deny, first, span, with_ports, src_len)| FirewallRule {
+                name: "r".into(),
+                protocol: protocols[p],
+                ports: with_ports.then_some(PortRange { first, last: first.saturating_add(span) }),
+                source: Some(IpPrefix::new("10.1.0.0".parse().unwrap(), src_len).unwrap()),
+                destination: None,
+                action: if deny { RuleAction::Deny } else { RuleAction::Allow },
+            }).collect();
+            let f = flow(&format!("10.1.0.{src_last}"), "10.50.0.2", protocol, dport);
+            let alone = |r: &FirewallRule| CompiledPolicy::new(ForwardingPolicy {
+                local_networks: vec![],
+                rules: vec![r.clone()],
+                default_action: RuleAction::Allow,
+            }).evaluate_rules(&f);
+            let expected = rules.iter().find_map(alone);
+            let all = CompiledPolicy::new(ForwardingPolicy { local_networks: vec![], rules, default_action: RuleAction::Deny });
+            prop_assert_eq!(all.evaluate_rules(&f), expected);
+            prop_assert_eq!(all.rule_hits().iter().sum::<u64>(), u64::from(expected.is_some()));
+        }
+    }
+}

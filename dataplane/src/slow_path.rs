@@ -5,17 +5,26 @@
 //! queues than workers) and UDP to another of the host's addresses.
 //!
 //! Handshake messages join the workers' handshake queue; transport data goes
-//! through `transport::open` (the one receive path) and the inner packet is
+//! through `transport::open` (the one receive path) and the forwarding
+//! policy (`worker::from_tunnel`, the workers' own), and the inner packet is
 //! handed, in a buffer from the bounded staging pool, to worker 0, which owns a
-//! LAN socket and frames it like any other. Everything is counted; nothing
-//! here blocks for long or grows without bound.
+//! LAN socket and frames it like any other.
+//!
+//! It also reads the host interface (`host.rs`): the host's own packets that
+//! the kernel routed into a tunnel are sealed and sent through the kernel.
+//! Everything is counted; nothing here blocks for long or grows without bound.
 
 use crate::admission::{self, Admission, SourceLimiter};
 use crate::drops::DropReason;
-use crate::peer_view::Endpoint;
+use crate::frame::parse_ip_frame_payload;
+use crate::icmp::IcmpError;
+use crate::peer_view::{Endpoint, PeerId};
+use crate::policy::Inbound;
 use crate::transport::{self, Opened};
 use crate::wire::MessageType;
-use crate::worker::{Shared, WorkerCounters};
+use crate::worker::{
+    from_tunnel, seal_via_kernel, to_host, track_outbound, Expired, IcmpBudget, Refusal, Shared, WorkerCounters,
+};
 use crossbeam_channel::Sender;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -23,74 +32,150 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Handles one datagram the kernel received on the listen port. Cookie
-/// replies (under load) go back through `reply_via`.
-pub fn handle_datagram(
-    shared: &Shared,
-    limiter: &mut SourceLimiter,
-    to_lan: &Sender<Vec<u8>>,
-    counters: &WorkerCounters,
-    datagram: &mut [u8],
-    from: SocketAddr,
-    now: Instant,
-) {
-    counters.wan_rx.fetch_add(1, Relaxed);
-    if let Err(reason) = handle(shared, limiter, to_lan, counters, datagram, from, now) {
-        counters.drops.count(reason);
-    }
+/// The slow path's state: its limiter, ICMP budget and buffers.
+#[derive(Debug)]
+pub struct SlowPath {
+    shared: Arc<Shared>,
+    to_lan: Sender<Vec<u8>>,
+    pub counters: Arc<WorkerCounters>,
+    limiter: SourceLimiter,
+    icmp: IcmpBudget,
+    /// Where packets are sealed (and ICMP errors quoted and built).
+    scratch: Vec<u8>,
+    error: Vec<u8>,
 }
 
-fn handle(
-    shared: &Shared,
-    limiter: &mut SourceLimiter,
-    to_lan: &Sender<Vec<u8>>,
-    counters: &WorkerCounters,
-    datagram: &mut [u8],
-    from: SocketAddr,
-    now: Instant,
-) -> Result<(), DropReason> {
-    if MessageType::of(datagram).map_err(|_| DropReason::Malformed)? != MessageType::Transport {
-        // The same admission as on the AF_XDP path: MACs, pending indices,
-        // cookies under load, per-source limits.
-        return match admission::admit(shared, limiter, datagram, Endpoint::from(from), now)? {
-            Admission::Queue(job) => {
-                admission::enqueue(shared, job, now)?;
-                counters.handshakes_queued.fetch_add(1, Relaxed);
-                Ok(())
-            }
-            Admission::CookieReply(reply) => {
-                // Unauthenticated sender: never let an answer to it wait in the
-                // kernel behind an unresolved (perhaps spoofed) next hop, where
-                // it would hold the socket's send buffer that every handshake
-                // shares. Nor ask for resolution on its behalf.
-                if !shared.wan_next_hops.is_ready(from.ip()) {
-                    return Err(DropReason::NoNextHop);
-                }
-                shared.kernel_udp.send_to(&reply, from).map_err(|_| DropReason::KernelSend)?;
-                counters.cookie_replies.fetch_add(1, Relaxed);
-                Ok(())
-            }
-        };
-    }
-    match transport::open(&shared.tables, datagram, Endpoint::from(from), now)? {
-        Opened::Keepalive { .. } => {
-            counters.keepalives_received.fetch_add(1, Relaxed);
-            Ok(())
+impl SlowPath {
+    pub fn new(shared: Arc<Shared>, to_lan: Sender<Vec<u8>>, counters: Arc<WorkerCounters>) -> Self {
+        Self {
+            shared,
+            to_lan,
+            counters,
+            limiter: SourceLimiter::default(),
+            icmp: IcmpBudget::default(),
+            scratch: vec![0u8; 65536],
+            error: vec![0u8; 2048],
         }
-        Opened::Data { inner, offset, .. } => {
-            let packet = datagram.get(offset..offset + inner.len).ok_or(DropReason::BadInnerPacket)?;
-            let buf = shared.from_kernel.take(packet).ok_or(DropReason::NoFrame)?;
-            match to_lan.try_send(buf) {
-                Ok(()) => {
-                    counters.decrypted.fetch_add(1, Relaxed);
+    }
+
+    /// Handles one datagram the kernel received on the listen port.
+    pub fn handle_datagram(&mut self, datagram: &mut [u8], from: SocketAddr, now: Instant) {
+        self.counters.wan_rx.fetch_add(1, Relaxed);
+        if let Err(reason) = self.handle(datagram, from, now) {
+            self.counters.drops.count(reason);
+        }
+    }
+
+    fn handle(&mut self, datagram: &mut [u8], from: SocketAddr, now: Instant) -> Result<(), DropReason> {
+        let shared = &*self.shared;
+        if MessageType::of(datagram).map_err(|_| DropReason::Malformed)? != MessageType::Transport {
+            // The same admission as on the AF_XDP path: MACs, pending indices,
+            // cookies under load, per-source limits.
+            return match admission::admit(shared, &mut self.limiter, datagram, Endpoint::from(from), now)? {
+                Admission::Queue(job) => {
+                    admission::enqueue(shared, job, now)?;
+                    self.counters.handshakes_queued.fetch_add(1, Relaxed);
                     Ok(())
                 }
-                Err(e) => {
-                    shared.from_kernel.give(e.into_inner());
-                    Err(DropReason::NoFrame)
+                Admission::CookieReply(reply) => {
+                    // Unauthenticated sender: never let an answer to it wait in the
+                    // kernel behind an unresolved (perhaps spoofed) next hop, where
+                    // it would hold the socket's send buffer that every handshake
+                    // shares. Nor ask for resolution on its behalf.
+                    if !shared.wan_next_hops.is_ready(from.ip()) {
+                        return Err(DropReason::NoNextHop);
+                    }
+                    shared.kernel_udp.send_to(&reply, from).map_err(|_| DropReason::KernelSend)?;
+                    self.counters.cookie_replies.fetch_add(1, Relaxed);
+                    Ok(())
+                }
+            };
+        }
+        match transport::open(&shared.tables, datagram, Endpoint::from(from), now)? {
+            Opened::Keepalive { .. } => {
+                self.counters.keepalives_received.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Opened::Data { peer, inner, offset } => {
+                self.counters.decrypted.fetch_add(1, Relaxed);
+                let packet = datagram.get(offset..offset + inner.len).ok_or(DropReason::BadInnerPacket)?;
+                match from_tunnel(shared, peer, packet, &mut self.scratch, now) {
+                    Ok(Inbound::ToHost) => {
+                        to_host(shared, &self.counters, packet);
+                        Ok(())
+                    }
+                    // Worker 0 owns a LAN socket: it frames the packet.
+                    Ok(Inbound::Forward) => {
+                        let buf = shared.from_kernel.take(packet).ok_or(DropReason::NoFrame)?;
+                        self.to_lan.try_send(buf).map_err(|e| {
+                            shared.from_kernel.give(e.into_inner());
+                            DropReason::NoFrame
+                        })
+                    }
+                    Err(Refusal::Drop(reason)) => Err(reason),
+                    Err(Refusal::Expired(expired)) => {
+                        self.time_exceeded_into_tunnel(peer, expired, now);
+                        Err(DropReason::TtlExceeded)
+                    }
                 }
             }
         }
+    }
+
+    /// ICMP "time exceeded" into `peer`'s tunnel (the quote is in `scratch`).
+    fn time_exceeded_into_tunnel(&mut self, peer: PeerId, expired: Expired, now: Instant) {
+        let shared = &*self.shared;
+        let Some(router) = shared.router_address(expired.to) else { return };
+        if !self.icmp.take(now) {
+            return;
+        }
+        let len = crate::icmp::error_packet_len(expired.quote_len, expired.to.is_ipv6());
+        let Some(packet) = self.error.get_mut(..len) else { return };
+        let quote = &self.scratch[..expired.quote_len];
+        if crate::icmp::error_packet(packet, IcmpError::TimeExceeded, quote, expired.to, router).is_err() {
+            return;
+        }
+        if let Err(reason) = self.into_tunnel(peer, len, false, now) {
+            self.counters.drops.count(reason);
+        } else {
+            self.counters.icmp_time_exceeded.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Seals the packet in `error[..len]` into `peer`'s tunnel through the kernel.
+    fn into_tunnel(&mut self, peer: PeerId, len: usize, hop: bool, now: Instant) -> Result<(), DropReason> {
+        let shared = &*self.shared;
+        let views = shared.tables.views.load();
+        let view = views.get(&peer).ok_or(DropReason::NoRoute)?;
+        let to = view.endpoint_addr().ok_or(DropReason::NoEndpoint)?;
+        let packet = self.error.get(..len).ok_or(DropReason::BufferTooSmall)?;
+        seal_via_kernel(shared, &self.counters, &mut self.scratch, view, to, packet, hop, now)
+    }
+
+    /// One packet the host's kernel routed into a tunnel (read from the host
+    /// interface): cryptokey routing, tracked, sealed through the kernel.
+    pub fn handle_host_packet(&mut self, packet: &[u8], now: Instant) {
+        self.counters.lan_rx.fetch_add(1, Relaxed);
+        if let Err(reason) = self.from_host(packet, now) {
+            self.counters.drops.count(reason);
+        }
+    }
+
+    fn from_host(&mut self, packet: &[u8], now: Instant) -> Result<(), DropReason> {
+        let shared = &*self.shared;
+        let ip = parse_ip_frame_payload(packet).map_err(|_| DropReason::Malformed)?;
+        let packet = packet.get(..ip.len).ok_or(DropReason::Malformed)?;
+        if packet.len() > shared.tunnel_mtu {
+            // The host interface's MTU is the tunnel MTU: the kernel fragments
+            // or answers "too big" itself before this can happen.
+            return Err(DropReason::Oversize);
+        }
+        let views = shared.tables.views.load();
+        let view = transport::route(&shared.tables, &views, ip.dst)?;
+        track_outbound(&shared.conntrack, view.id, packet, now);
+        let to = view.endpoint_addr().ok_or(DropReason::NoEndpoint)?;
+        // Locally generated: the kernel set its TTL; no hop to count here.
+        seal_via_kernel(shared, &self.counters, &mut self.scratch, view, to, packet, false, now)
     }
 }
 
@@ -106,21 +191,34 @@ pub fn canonical(from: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Reads the kernel socket until `shared.stop` is set.
+/// Reads the kernel socket and the host interface until `shared.stop` is set.
 pub fn run(shared: Arc<Shared>, socket: Arc<UdpSocket>, to_lan: Sender<Vec<u8>>, counters: Arc<WorkerCounters>) {
+    let mut slow = SlowPath::new(shared.clone(), to_lan, counters);
     let mut buf = vec![0u8; 65536];
-    let mut limiter = SourceLimiter::default();
-    let fd = socket.as_raw_fd();
+    let tun = shared.host_tun.clone();
+    let fds = [socket.as_raw_fd(), tun.as_ref().map_or(-1, |t| t.raw_fd())];
+    let mut pfds = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
     while !shared.stop.load(Relaxed) {
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+        // SAFETY: `pfds` is a valid array of pollfd for the length passed
+        // (a negative fd is ignored by poll).
+        if unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100) } <= 0 {
             continue;
         }
-        // The socket is non-blocking: drain what is there, then poll again.
-        while let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let from = canonical(from);
-            handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut buf[..n], from, Instant::now());
+        // Both are non-blocking: drain what is there (a bounded batch from
+        // each, so neither starves the other), then poll again.
+        for _ in 0..crate::worker::BATCH {
+            let mut idle = true;
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                slow.handle_datagram(&mut buf[..n], canonical(from), Instant::now());
+                idle = false;
+            }
+            if let Some(Ok(n)) = tun.as_ref().map(|t| t.read(&mut buf)) {
+                slow.handle_host_packet(&buf[..n], Instant::now());
+                idle = false;
+            }
+            if idle {
+                break;
+            }
         }
     }
 }
@@ -148,8 +246,8 @@ mod tests {
         let (to_lan, from_kernel) = crossbeam_channel::bounded(16);
         m.worker.set_slow_path(from_kernel);
         let shared = m.worker.shared.clone();
-        let counters = WorkerCounters::default();
-        let mut limiter = SourceLimiter::default();
+        let mut slow = SlowPath::new(shared.clone(), to_lan, Arc::new(WorkerCounters::default()));
+        let counters = slow.counters.clone();
         let from: SocketAddr = crate::testing::CLIENT_ADDR.parse().unwrap();
         // Outbound staging exhausted (many peers waiting for handshakes):
         // inbound traffic from the kernel has its own buffers.
@@ -158,15 +256,15 @@ mod tests {
         let inner = ipv4_packet(1000, CLIENT_TUNNEL, LAN_HOST);
         let mut datagram = crate::testing::sent_bytes(&mut m.client, &inner, now);
         let replayed = datagram.clone();
-        handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut datagram, from, now);
+        slow.handle_datagram(&mut datagram, from, now);
         assert_eq!(counters.decrypted.load(Relaxed), 1);
         m.run_until_idle(&mut Vec::new(), now);
         let mut out = Vec::new();
         assert_eq!(m.worker.queues_mut().1.take_sent(|f| out.push(f.to_vec())), 1, "worker 0 framed it");
-        assert_eq!(&out[0][14..], &inner[..]);
+        assert_eq!(&out[0][14..], &crate::testing::forwarded(&inner)[..]);
         // A replay, garbage of every length and short handshakes: counted drops.
         let mut again = replayed;
-        handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut again, from, now);
+        slow.handle_datagram(&mut again, from, now);
         assert_eq!(counters.drops.get(DropReason::Replay), 1);
         for len in 0..200usize {
             for kind in [1u8, 2, 3, 4, 9] {
@@ -174,7 +272,7 @@ mod tests {
                 if let Some(b) = d.first_mut() {
                     *b = kind;
                 }
-                handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut d, from, now);
+                slow.handle_datagram(&mut d, from, now);
             }
         }
         assert_eq!(counters.wan_rx.load(Relaxed), 2 + 200 * 5);
@@ -192,8 +290,8 @@ mod tests {
         let shared = m.worker.shared.clone();
         shared.under_load_until.store(u64::MAX, Relaxed);
         let (to_lan, _from_kernel) = crossbeam_channel::bounded(16);
-        let counters = WorkerCounters::default();
-        let mut limiter = SourceLimiter::default();
+        let mut slow = SlowPath::new(shared.clone(), to_lan, Arc::new(WorkerCounters::default()));
+        let counters = slow.counters.clone();
         let from: SocketAddr = crate::testing::CLIENT_ADDR.parse().unwrap();
         let mut out = vec![0u8; 2048];
         m.client.initiate(m.client_peer);
@@ -202,13 +300,13 @@ mod tests {
         let init_copy = init.clone();
         let mut forged = init.clone();
         forged[120] ^= 1;
-        handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut init, from, now);
-        handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut forged, from, now);
+        slow.handle_datagram(&mut init, from, now);
+        slow.handle_datagram(&mut forged, from, now);
         assert_eq!(counters.handshakes_queued.load(Relaxed), 0, "nothing reached the control thread");
         assert_eq!(counters.drops.get(DropReason::NoNextHop), 1, "no cookie reply towards an unresolved next hop");
         shared.wan_next_hops.mark_ready(from.ip());
         let mut again = init_copy;
-        handle_datagram(&shared, &mut limiter, &to_lan, &counters, &mut again, from, now);
+        slow.handle_datagram(&mut again, from, now);
         let answered = counters.cookie_replies.load(Relaxed) + counters.drops.get(DropReason::KernelSend);
         assert_eq!(answered, 1, "a cookie reply (sent, or refused by this test's loopback socket)");
         assert_eq!(counters.drops.get(DropReason::InvalidMac1), 1);

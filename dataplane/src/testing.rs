@@ -74,6 +74,31 @@ pub fn ipv4_packet(len: usize, src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     buf
 }
 
+/// `packet` as a router forwards it: one hop less (TTL and checksum).
+pub fn forwarded(packet: &[u8]) -> Vec<u8> {
+    let mut p = packet.to_vec();
+    assert!(crate::flow::decrement_hop(&mut p), "a forwardable packet");
+    p
+}
+
+/// An IPv4 packet of `len` bytes of `protocol` (6 TCP, 17 UDP, 1 ICMP) with
+/// these ports (for ICMP: type and code in the first, identifier in the
+/// second), TTL `ttl` and a valid header checksum.
+pub fn ipv4_l4_packet(len: usize, src: [u8; 4], dst: [u8; 4], protocol: u8, ports: (u16, u16), ttl: u8) -> Vec<u8> {
+    let mut buf = vec![0u8; len.max(IPV4_HEADER_LEN + 8)];
+    let payload = buf.len() - IPV4_HEADER_LEN;
+    Ipv4Packet::emit(&mut buf[..], Ipv4Addr::from(src), Ipv4Addr::from(dst), protocol, ttl, payload).expect("fits");
+    let l4 = &mut buf[IPV4_HEADER_LEN..];
+    if protocol == ip_protocol::ICMP {
+        l4[..2].copy_from_slice(&ports.0.to_be_bytes());
+        l4[4..6].copy_from_slice(&ports.1.to_be_bytes());
+    } else {
+        l4[..2].copy_from_slice(&ports.0.to_be_bytes());
+        l4[2..4].copy_from_slice(&ports.1.to_be_bytes());
+    }
+    buf
+}
+
 /// An IPv6/UDP packet with `payload_len` payload bytes.
 pub fn ipv6_packet(payload_len: usize, src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr) -> Vec<u8> {
     let mut buf = vec![0xabu8; crate::wire::IPV6_HEADER_LEN + payload_len];
@@ -97,6 +122,8 @@ pub struct MemoryWorker {
     pub client: Device,
     /// The client's peer id for the gateway.
     pub client_peer: PeerId,
+    /// The gateway's peer id for the client.
+    pub gateway_peer: PeerId,
     /// The gateway's receiver index for the session.
     pub gateway_index: u32,
     pub counters: std::sync::Arc<crate::worker::WorkerCounters>,
@@ -127,7 +154,10 @@ impl MemoryWorker {
         use crate::worker::{Shared, Worker, WorkerCounters};
         use std::sync::atomic::{AtomicBool, AtomicU64};
         use std::sync::Arc;
-        let (pair, keepalive) = handshaken_pair(backend);
+        let (mut pair, keepalive) = handshaken_pair(backend);
+        // The client's site may reach the LAN host's network (10.0.1.0/24).
+        let local = crate::policy::ForwardingPolicy::allow_local(vec!["10.0.1.0/24".parse().expect("prefix")]);
+        pair.gateway.set_policy(pair.gateway_peer, local);
         let (hs_tx, hs_rx) = crossbeam_channel::bounded(64);
         let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(64);
         let (neighbors, _) = crate::neighbors::NeighborTable::new();
@@ -140,7 +170,8 @@ impl MemoryWorker {
             handshakes: hs_tx,
             control: ctl_tx,
             neighbors,
-            injector: None,
+            host_tun: None,
+            host_addresses: Arc::new(crate::host::HostAddresses::default()),
             kernel_udp: Arc::new(std::net::UdpSocket::bind("127.0.0.1:0").expect("loopback UDP socket")),
             wan_next_hops: crate::neighbors::WanNextHops::new().0,
             lan_mac: GATEWAY_LAN_MAC,
@@ -159,6 +190,7 @@ impl MemoryWorker {
             worker,
             client: pair.client,
             client_peer: pair.client_peer,
+            gateway_peer: pair.gateway_peer,
             gateway_index: pair.gateway_index,
             counters,
             shared,
@@ -187,6 +219,11 @@ impl MemoryWorker {
         &mut Device,
     ) {
         (&self._handshakes, &self._control, &mut self._gateway)
+    }
+
+    /// Publishes what the client's site may reach (as the control thread does).
+    pub fn set_policy(&mut self, policy: crate::policy::ForwardingPolicy) {
+        assert!(self._gateway.set_policy(self.gateway_peer, policy));
     }
 
     /// A client datagram `payload`, framed as it arrives on the WAN.

@@ -15,17 +15,22 @@
 //! Nothing here takes a lock or allocates per packet.
 
 use crate::admission::{self, Admission, SourceLimiter};
+use crate::conntrack::{ConnTrack, FlowKey};
 use crate::drops::{DropCounters, DropReason};
+use crate::flow::{self, Flow};
 use crate::fragment::{fragment_ipv4, FragmentError};
 use crate::frame::{
     parse_ip_frame, parse_ip_frame_payload, parse_udp_frame, udp_headers_len, write_ethernet_header, write_udp_headers,
     UdpFrame,
 };
 use crate::frame_io::FrameIo;
-use crate::neighbors::{NeighborTable, RawInjector};
+use crate::host::{HostAddresses, HostTun};
+use crate::icmp::IcmpError;
+use crate::neighbors::NeighborTable;
 use crate::noise::cookie::CookieChecker;
 use crate::noise::session::sealed_len;
 use crate::peer_view::{Endpoint, PeerId};
+use crate::policy::Inbound;
 use crate::staging::StagingPool;
 use crate::transport::{self, Opened, SealError, Tables};
 use crate::wire::{
@@ -118,6 +123,10 @@ worker_events! {
     staged,
     /// ICMP "fragmentation needed" / "packet too big" sent.
     icmp_too_big,
+    /// ICMP "time exceeded" sent (to the LAN or into a tunnel).
+    icmp_time_exceeded,
+    /// Packets from a tunnel delivered to the gateway host (an allow rule).
+    to_host,
 }
 
 impl WorkerCounters {
@@ -143,9 +152,12 @@ pub struct Shared {
     pub handshakes: Sender<HandshakeJob>,
     pub control: Sender<ControlEvent>,
     pub neighbors: Arc<NeighborTable>,
-    /// Sends packets whose next hop is not resolved yet through the kernel
-    /// (`None`: such packets wait for the resolver, e.g. in tests).
-    pub injector: Option<RawInjector>,
+    /// The kernel's view of the tunnels (`host.rs`): packets for the gateway
+    /// host, and for site neighbours not resolved yet, enter the kernel here
+    /// as received traffic (`None`: they are dropped, counted, e.g. in tests).
+    pub host_tun: Option<Arc<HostTun>>,
+    /// Every address of the gateway host.
+    pub host_addresses: Arc<HostAddresses>,
     /// For datagrams to a peer whose link-layer path is not known yet
     /// (non-blocking: a full send buffer is a counted drop, never a wait).
     pub kernel_udp: Arc<UdpSocket>,
@@ -185,9 +197,8 @@ pub struct Worker<S: FrameIo = XskSocket> {
     /// For the rare datagram sent through the kernel (no link-layer path yet),
     /// and for quoting a packet in an ICMP error.
     scratch: Vec<u8>,
-    /// ICMP errors this worker may still send in the current second.
-    icmp_budget: u32,
-    icmp_second: Instant,
+    /// ICMP errors this worker may still send this second.
+    icmp: IcmpBudget,
     /// Handshake messages per source under load.
     limiter: SourceLimiter,
     /// Where IPv4 fragments of an oversize inner packet are built.
@@ -197,8 +208,35 @@ pub struct Worker<S: FrameIo = XskSocket> {
     slow_path: Option<crossbeam_channel::Receiver<Vec<u8>>>,
 }
 
-/// ICMP errors per worker per second, at most (routers rate-limit them).
+/// ICMP errors per worker (or slow path) per second, at most (routers
+/// rate-limit them, RFC 1812 section 4.3.2.8).
 const ICMP_PER_SECOND: u32 = 100;
+
+/// The ICMP errors one thread may still send this second.
+#[derive(Debug)]
+pub(crate) struct IcmpBudget {
+    left: u32,
+    second: Instant,
+}
+
+impl Default for IcmpBudget {
+    fn default() -> Self {
+        Self { left: ICMP_PER_SECOND, second: Instant::now() }
+    }
+}
+
+impl IcmpBudget {
+    /// Spends one error if the budget allows.
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.second) >= Duration::from_secs(1) {
+            self.second = now;
+            self.left = ICMP_PER_SECOND;
+        }
+        let ok = self.left > 0;
+        self.left = self.left.saturating_sub(1);
+        ok
+    }
+}
 
 impl<S: FrameIo> Worker<S> {
     pub fn new(queue: u32, shared: Arc<Shared>, wan: S, lan: S, counters: Arc<WorkerCounters>) -> Self {
@@ -209,8 +247,7 @@ impl<S: FrameIo> Worker<S> {
             lan,
             counters,
             scratch: vec![0u8; 65536],
-            icmp_budget: ICMP_PER_SECOND,
-            icmp_second: Instant::now(),
+            icmp: IcmpBudget::default(),
             slow_path: None,
             limiter: SourceLimiter::default(),
             fragment: vec![0u8; 65536],
@@ -266,13 +303,27 @@ impl<S: FrameIo> Worker<S> {
                     None => Err(DropReason::Malformed),
                 });
                 match opened {
-                    Ok(Opened::Data { inner, offset, .. }) => {
+                    Ok(Opened::Data { peer, inner, offset }) => {
                         bump(&self.counters.decrypted);
                         let start = udp.payload.start + offset;
-                        match self.wan.data(&frame).get(start..start + inner.len) {
-                            Some(packet) => deliver_inner(&mut self.lan, &self.shared, &self.counters, packet),
-                            None => self.counters.dropped(DropReason::BadInnerPacket),
+                        let forwarded = match self.wan.data(&frame).get(start..start + inner.len) {
+                            Some(packet) => {
+                                let (lan, shared, counters) = (&mut self.lan, &self.shared, &self.counters);
+                                from_tunnel(shared, peer, packet, &mut self.scratch, now)
+                                    .map(|to| to.deliver(lan, shared, counters, packet))
+                            }
+                            None => Err(Refusal::Drop(DropReason::BadInnerPacket)),
+                        };
+                        self.wan.release(frame);
+                        match forwarded {
+                            Ok(()) => {}
+                            Err(Refusal::Drop(reason)) => self.counters.dropped(reason),
+                            Err(Refusal::Expired(expired)) => {
+                                self.counters.dropped(DropReason::TtlExceeded);
+                                self.time_exceeded_into_tunnel(peer, expired, now);
+                            }
                         }
+                        return;
                     }
                     Ok(Opened::Keepalive { .. }) => bump(&self.counters.keepalives_received),
                     Err(reason) => self.counters.dropped(reason),
@@ -340,8 +391,19 @@ impl<S: FrameIo> Worker<S> {
         let inner = data.get(ip.packet.clone()).ok_or(DropReason::Malformed)?;
         let views = self.shared.tables.views.load();
         let view = transport::route(&self.shared.tables, &views, ip.dst)?;
+        if flow::hop_limit(inner).is_some_and(|hops| hops <= 1) {
+            // A router may not forward it (traceroute from the site sees us).
+            let sender_mac = crate::wire::EthernetFrame::new_checked(data).map(|e| e.source()).ok();
+            if let Some(mac) = sender_mac.filter(|_| crate::icmp::may_send_error(inner)) {
+                let quote_len = inner.len().min(crate::icmp::quote_limit(ip.src.is_ipv6()));
+                self.scratch[..quote_len].copy_from_slice(&inner[..quote_len]);
+                self.send_icmp_error(IcmpError::TimeExceeded, mac, ip.src, quote_len, now);
+            }
+            return Err(DropReason::TtlExceeded);
+        }
+        track_outbound(&self.shared.conntrack, view.id, inner, now);
         if inner.len() <= self.shared.tunnel_mtu {
-            return seal_to_wan(&mut self.wan, &self.shared, &self.counters, &mut self.scratch, view, inner, now);
+            return seal_to_wan(&mut self.wan, &self.shared, &self.counters, &mut self.scratch, view, inner, true, now);
         }
         // Too big for the tunnel. RFC 1191 / 8201: a packet that forbids
         // fragmentation (IPv4 DF, or any IPv6 packet) is answered with "too
@@ -350,7 +412,7 @@ impl<S: FrameIo> Worker<S> {
         if let Some(false) = v4.map(|p| p.dont_fragment()) {
             let (wan, shared, counters, scratch) = (&mut self.wan, &self.shared, &self.counters, &mut self.scratch);
             let pieces = fragment_ipv4(inner, shared.tunnel_mtu, &mut self.fragment, |piece| {
-                seal_to_wan(wan, shared, counters, scratch, view, piece, now)
+                seal_to_wan(wan, shared, counters, scratch, view, piece, true, now)
             });
             return match pieces {
                 Ok(_) => Ok(()),
@@ -362,7 +424,8 @@ impl<S: FrameIo> Worker<S> {
         if let Some(mac) = sender_mac.filter(|_| crate::icmp::may_send_error(inner)) {
             let quote_len = inner.len().min(crate::icmp::quote_limit(ip.src.is_ipv6()));
             self.scratch[..quote_len].copy_from_slice(&inner[..quote_len]);
-            self.send_too_big(mac, ip.src, quote_len, now);
+            let mtu = self.shared.tunnel_mtu.min(usize::from(u16::MAX)) as u16;
+            self.send_icmp_error(IcmpError::TooBig { mtu }, mac, ip.src, quote_len, now);
         }
         Err(DropReason::Oversize)
     }
@@ -370,7 +433,10 @@ impl<S: FrameIo> Worker<S> {
 
 /// Seals `inner` for the peer of `view` into a WAN frame (or, before any frame
 /// from the peer was seen, through the kernel), or stages it when there is no
-/// usable session. `scratch` is for the kernel path.
+/// usable session. `scratch` is for the kernel path. `hop`: the packet is
+/// being forwarded (its TTL / hop limit, checked to be above 1, loses one on
+/// the copy that leaves).
+#[allow(clippy::too_many_arguments)]
 fn seal_to_wan<S: FrameIo>(
     wan: &mut S,
     shared: &Shared,
@@ -378,6 +444,7 @@ fn seal_to_wan<S: FrameIo>(
     scratch: &mut [u8],
     view: &crate::peer_view::PeerView,
     inner: &[u8],
+    hop: bool,
     now: Instant,
 ) -> Result<(), DropReason> {
     let endpoint = view.endpoint.load();
@@ -389,7 +456,11 @@ fn seal_to_wan<S: FrameIo>(
             let Some(mut out) = wan.alloc(hdr + sealed_len(len)) else { return Err(DropReason::NoFrame) };
             let sealed = wan.with_data_mut(&mut out, None, |buf| {
                 let body = buf.get_mut(hdr + TRANSPORT_HEADER_LEN..hdr + TRANSPORT_HEADER_LEN + len);
-                body.ok_or(SealError::BufferTooSmall)?.copy_from_slice(inner);
+                let body = body.ok_or(SealError::BufferTooSmall)?;
+                body.copy_from_slice(inner);
+                if hop {
+                    flow::decrement_hop(body);
+                }
                 let n = transport::seal(view, &mut buf[hdr..], len, now)?;
                 write_udp_headers(buf, &path, ep.addr, false).map_err(|_| SealError::BufferTooSmall)?;
                 Ok(n)
@@ -400,23 +471,54 @@ fn seal_to_wan<S: FrameIo>(
             }
             sealed.map(|_| ())
         }
-        None => {
-            // No frame from this peer seen yet: let the kernel route this one.
-            let body = scratch.get_mut(TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len);
-            body.ok_or(DropReason::BufferTooSmall)?.copy_from_slice(inner);
-            let has_session = view.current.load().as_ref().is_some_and(|k| !k.is_expired(now));
-            if has_session && !shared.wan_next_hops.is_ready(ep.addr.ip()) {
-                // Never queue behind an unresolved next hop in the kernel.
-                shared.wan_next_hops.request(ep.addr.ip());
-                return Err(DropReason::NoNextHop);
-            }
-            // (Without a session `seal` says so and the packet is staged below.)
-            transport::seal(view, scratch, len, now).map(|n| match shared.kernel_udp.send_to(&scratch[..n], ep.addr) {
-                Ok(_) => bump(&counters.via_kernel),
-                Err(_) => counters.dropped(DropReason::KernelSend),
-            })
-        }
+        None => return seal_via_kernel(shared, counters, scratch, view, ep.addr, inner, hop, now),
     };
+    finish_seal(shared, counters, view, inner, hop, sealed)
+}
+
+/// Seals `inner` for `view`'s peer at `to` into `scratch` and sends it
+/// through the kernel's UDP socket (no link-layer path known: the worker
+/// before the peer's first frame, the slow path always), or stages it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn seal_via_kernel(
+    shared: &Shared,
+    counters: &WorkerCounters,
+    scratch: &mut [u8],
+    view: &crate::peer_view::PeerView,
+    to: std::net::SocketAddr,
+    inner: &[u8],
+    hop: bool,
+    now: Instant,
+) -> Result<(), DropReason> {
+    let len = inner.len();
+    let body = scratch.get_mut(TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len).ok_or(DropReason::BufferTooSmall)?;
+    body.copy_from_slice(inner);
+    if hop {
+        flow::decrement_hop(body);
+    }
+    let has_session = view.current.load().as_ref().is_some_and(|k| !k.is_expired(now));
+    if has_session && !shared.wan_next_hops.is_ready(to.ip()) {
+        // Never queue behind an unresolved next hop in the kernel.
+        shared.wan_next_hops.request(to.ip());
+        return Err(DropReason::NoNextHop);
+    }
+    // (Without a session `seal` says so and the packet is staged.)
+    let sealed = transport::seal(view, scratch, len, now).map(|n| match shared.kernel_udp.send_to(&scratch[..n], to) {
+        Ok(_) => bump(&counters.via_kernel),
+        Err(_) => counters.dropped(DropReason::KernelSend),
+    });
+    finish_seal(shared, counters, view, inner, hop, sealed)
+}
+
+/// Counts a sealed packet, or stages one that found no usable session.
+fn finish_seal(
+    shared: &Shared,
+    counters: &WorkerCounters,
+    view: &crate::peer_view::PeerView,
+    inner: &[u8],
+    hop: bool,
+    sealed: Result<(), SealError>,
+) -> Result<(), DropReason> {
     match sealed {
         Ok(()) => {
             bump(&counters.encrypted);
@@ -426,7 +528,10 @@ fn seal_to_wan<S: FrameIo>(
         Err(SealError::NoSession) => {
             // No usable session (none yet, or expired): wait for a handshake.
             view.attention.store(true, Relaxed);
-            let packet = shared.staging.take(inner).ok_or(DropReason::StagingFull)?;
+            let mut packet = shared.staging.take(inner).ok_or(DropReason::StagingFull)?;
+            if hop {
+                flow::decrement_hop(&mut packet);
+            }
             match shared.control.try_send(ControlEvent::Stage { peer: view.id, packet }) {
                 Ok(()) => {
                     bump(&counters.staged);
@@ -444,54 +549,160 @@ fn seal_to_wan<S: FrameIo>(
 }
 
 impl<S: FrameIo> Worker<S> {
-    /// ICMP "fragmentation needed" / "packet too big" back to `to`, quoting the
-    /// first `quote_len` bytes of `scratch`. Rate-limited per worker.
-    fn send_too_big(&mut self, to_mac: MacAddr, to: IpAddr, quote_len: usize, now: Instant) {
-        if now.duration_since(self.icmp_second) >= Duration::from_secs(1) {
-            self.icmp_second = now;
-            self.icmp_budget = ICMP_PER_SECOND;
-        }
-        let router = match to {
-            IpAddr::V4(_) => self.shared.lan_ipv4.map(IpAddr::V4),
-            IpAddr::V6(_) => self.shared.lan_ipv6.map(IpAddr::V6),
-        };
-        let Some(router) = router else { return };
-        if self.icmp_budget == 0 {
+    /// The ICMP error `kind` back to `to` on the LAN (at `to_mac`), quoting
+    /// the first `quote_len` bytes of `scratch`. Rate-limited per worker.
+    fn send_icmp_error(&mut self, kind: IcmpError, to_mac: MacAddr, to: IpAddr, quote_len: usize, now: Instant) {
+        let Some(router) = self.shared.router_address(to) else { return };
+        if !self.icmp.take(now) {
             return;
         }
-        let len = crate::icmp::packet_too_big_len(quote_len, to.is_ipv6());
+        let len = crate::icmp::error_frame_len(quote_len, to.is_ipv6());
         let Some(mut out) = self.lan.alloc(len) else { return self.counters.dropped(DropReason::NoFrame) };
-        let mtu = self.shared.tunnel_mtu.min(usize::from(u16::MAX)) as u16;
         let quote = &self.scratch[..quote_len];
         let lan_mac = self.shared.lan_mac;
         let ok = self
             .lan
             .with_data_mut(&mut out, None, |buf| {
-                crate::icmp::packet_too_big(buf, quote, to, mtu, router, to_mac, lan_mac)
+                crate::icmp::error_frame(buf, kind, quote, to, router, to_mac, lan_mac)
             })
             .is_ok();
         if ok {
-            self.icmp_budget -= 1;
-            bump(&self.counters.icmp_too_big);
+            bump(match kind {
+                IcmpError::TooBig { .. } => &self.counters.icmp_too_big,
+                IcmpError::TimeExceeded => &self.counters.icmp_time_exceeded,
+            });
             self.lan.send(out);
         } else {
             self.lan.release(out);
         }
     }
+
+    /// ICMP "time exceeded" into `peer`'s tunnel, to the sender of a packet
+    /// that arrived from it with its TTL spent (the quote is in `scratch`).
+    fn time_exceeded_into_tunnel(&mut self, peer: PeerId, expired: Expired, now: Instant) {
+        let Some(router) = self.shared.router_address(expired.to) else { return };
+        if !self.icmp.take(now) {
+            return;
+        }
+        let v6 = expired.to.is_ipv6();
+        let len = crate::icmp::error_packet_len(expired.quote_len, v6);
+        let (quote, packet) = (&self.scratch[..expired.quote_len], &mut self.fragment[..len]);
+        if crate::icmp::error_packet(packet, IcmpError::TimeExceeded, quote, expired.to, router).is_err() {
+            return;
+        }
+        let views = self.shared.tables.views.load();
+        let Some(view) = views.get(&peer) else { return };
+        let (wan, shared, counters) = (&mut self.wan, &self.shared, &self.counters);
+        match seal_to_wan(wan, shared, counters, &mut self.scratch, view, &self.fragment[..len], false, now) {
+            Ok(()) => bump(&counters.icmp_time_exceeded),
+            Err(reason) => counters.dropped(reason),
+        }
+    }
 }
 
-/// Sends a decrypted inner packet to the site: framed for the next hop's MAC
-/// from the neighbour table, into a frame of the LAN socket.
+impl Shared {
+    /// Our LAN address of `to`'s family: where the gateway's ICMP errors come from.
+    pub(crate) fn router_address(&self, to: IpAddr) -> Option<IpAddr> {
+        match to {
+            IpAddr::V4(_) => self.lan_ipv4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.lan_ipv6.map(IpAddr::V6),
+        }
+    }
+}
+
+/// Why a packet from a tunnel is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    Drop(DropReason),
+    /// Its TTL / hop limit ran out here: answer with "time exceeded".
+    Expired(Expired),
+}
+
+impl From<DropReason> for Refusal {
+    fn from(reason: DropReason) -> Self {
+        Self::Drop(reason)
+    }
+}
+
+/// A packet whose TTL ran out: its sender, and how much of it is quoted
+/// (copied to the start of the caller's scratch buffer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Expired {
+    pub quote_len: usize,
+    pub to: IpAddr,
+}
+
+/// Decides on a packet that `peer`'s remote site sent (`policy.rs`): where
+/// it goes, or why not. A packet forwarded with its TTL spent is quoted into
+/// `scratch` for the "time exceeded" answer (when RFC 1812/4443 allow one).
+pub(crate) fn from_tunnel(
+    shared: &Shared,
+    peer: PeerId,
+    packet: &[u8],
+    scratch: &mut [u8],
+    now: Instant,
+) -> Result<Inbound, Refusal> {
+    let flow = Flow::parse(packet)?;
+    let views = shared.tables.views.load();
+    let view = views.get(&peer).ok_or(DropReason::UnknownIndex)?;
+    let policy = view.policy.load();
+    let hosts = &shared.host_addresses;
+    let verdict =
+        policy.admit_inbound(&flow, peer, &shared.conntrack, |ip| hosts.contains(ip), ConnTrack::now_secs(now))?;
+    if verdict == Inbound::Forward && flow::hop_limit(packet).is_some_and(|hops| hops <= 1) {
+        if !crate::icmp::may_send_error(packet) {
+            return Err(Refusal::Drop(DropReason::TtlExceeded));
+        }
+        let quote_len = packet.len().min(crate::icmp::quote_limit(flow.src.is_ipv6())).min(scratch.len());
+        scratch[..quote_len].copy_from_slice(&packet[..quote_len]);
+        return Err(Refusal::Expired(Expired { quote_len, to: flow.src }));
+    }
+    Ok(verdict)
+}
+
+/// Tracks the flow a packet into `peer`'s tunnel opens or continues.
+#[inline]
+pub(crate) fn track_outbound(conntrack: &ConnTrack, peer: PeerId, packet: &[u8], now: Instant) {
+    if let Some(key) = Flow::parse(packet).ok().and_then(|f| FlowKey::of_outbound(peer, &f)) {
+        conntrack.track(&key, ConnTrack::now_secs(now));
+    }
+}
+
+impl Inbound {
+    /// Sends an admitted packet on: to the site (`deliver_inner`), or into
+    /// the host's kernel.
+    pub(crate) fn deliver<S: FrameIo>(self, lan: &mut S, shared: &Shared, counters: &WorkerCounters, packet: &[u8]) {
+        match self {
+            Inbound::Forward => deliver_inner(lan, shared, counters, packet),
+            Inbound::ToHost => to_host(shared, counters, packet),
+        }
+    }
+}
+
+/// Hands a packet from a tunnel to the gateway host's kernel (as received on
+/// the host interface, so the host's INPUT rules apply).
+pub(crate) fn to_host(shared: &Shared, counters: &WorkerCounters, packet: &[u8]) {
+    match shared.host_tun.as_ref().map(|tun| tun.write(packet)) {
+        Some(Ok(())) => bump(&counters.to_host),
+        _ => counters.dropped(DropReason::ToGatewayHost),
+    }
+}
+
+/// Sends a decrypted inner packet the policy admitted to the site: framed for
+/// the next hop's MAC from the neighbour table, into a frame of the LAN
+/// socket, one hop less.
 fn deliver_inner<S: FrameIo>(lan: &mut S, shared: &Shared, counters: &WorkerCounters, inner: &[u8]) {
     let Ok(ip) = parse_ip_frame_payload(inner) else {
         return counters.dropped(DropReason::BadInnerPacket);
     };
     let next_hop = shared.lan_next_hop.unwrap_or(ip.dst);
     let Some(mac) = shared.neighbors.lookup(next_hop) else {
-        // Never wait: the kernel resolves and sends this one; later ones hit.
+        // Never wait: this one takes the kernel's forwarding path (which
+        // resolves the neighbour, under the host's FORWARD rules); later
+        // ones hit the table.
         bump(&counters.neighbor_misses);
         shared.neighbors.request(next_hop);
-        match shared.injector.as_ref().map(|i| i.send(inner, ip.dst)) {
+        match shared.host_tun.as_ref().map(|tun| tun.write(inner)) {
             Some(Ok(())) => bump(&counters.via_kernel),
             _ => counters.dropped(DropReason::NoNextHop),
         }
@@ -505,6 +716,8 @@ fn deliver_inner<S: FrameIo>(lan: &mut S, shared: &Shared, counters: &WorkerCoun
     let written = lan.with_data_mut(&mut out, None, |buf| match buf.get_mut(ETHERNET_HEADER_LEN..) {
         Some(body) if body.len() == inner.len() => {
             body.copy_from_slice(inner);
+            // Checked above 1 by the policy: one hop less, as a router forwards it.
+            flow::decrement_hop(body);
             write_ethernet_header(buf, mac, lan_mac, v6).is_ok()
         }
         _ => false,
@@ -571,7 +784,7 @@ mod tests {
         assert_eq!(lan(&mut m).take_sent(|f| out.push(f.to_vec())), 1);
         assert_eq!(&out[0][..6], &LAN_HOST_MAC.0, "to the LAN host's MAC");
         assert_eq!(&out[0][6..12], &GATEWAY_LAN_MAC.0);
-        assert_eq!(&out[0][14..], &inner[..]);
+        assert_eq!(&out[0][14..], &crate::testing::forwarded(&inner)[..], "one hop less");
         assert_eq!(m.counters.decrypted.load(Relaxed), 1);
         // The same frame again is a replay: counted, not delivered.
         assert!(wan(&mut m).inject(&frame));
@@ -592,7 +805,7 @@ mod tests {
         let mut buf = vec![0u8; 2048];
         let got = m.client.receive(udp.src, &mut payload, false, now, SystemTime::now(), &mut buf);
         match got {
-            Ok(Action::Deliver { packet, .. }) => assert_eq!(packet, &reply[..]),
+            Ok(Action::Deliver { packet, .. }) => assert_eq!(packet, &crate::testing::forwarded(&reply)[..]),
             other => panic!("the client did not accept the gateway's packet: {other:?}"),
         }
         // No frame leaked on either side.

@@ -5,10 +5,11 @@
 //! handshake jobs the worker queued, ticks and transmits; the client `Device`
 //! answers what the worker and the gateway send it (cookie replies,
 //! responses, keepalives), so sessions are re-established after rekeys and
-//! expiry. Kept thin: the worker's API is being refactored.
+//! expiry. The client's site gets arbitrary forwarding policies (firewall
+//! rules, default deny, the gateway host's addresses) between packets.
 
 use crate::{clock_step, ipv4_with_payload, records};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 use wgxdp_dataplane::device::Action;
@@ -17,6 +18,8 @@ use wgxdp_dataplane::frame_io::{MemoryFrame, MemoryFrames};
 use wgxdp_dataplane::noise::cookie::{CookieJar, MacKeys};
 use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::peer_view::monotonic_nanos;
+use wgxdp_dataplane::policy::{FirewallRule, ForwardingPolicy, PortRange, RuleAction, RuleProtocol};
+use wgxdp_dataplane::table::IpPrefix;
 use wgxdp_dataplane::testing::{MemoryWorker, CLIENT_ADDR, CLIENT_TUNNEL, GATEWAY_ADDR, LAN_HOST};
 use wgxdp_dataplane::wire::{HANDSHAKE_INITIATION_LEN, HANDSHAKE_RESPONSE_LEN};
 use wgxdp_dataplane::worker::ControlEvent;
@@ -37,7 +40,9 @@ pub mod op {
     /// worker's under-load deadline a second ahead (else clears it); the control
     /// side and the client run.
     pub const CLOCK: u8 = 4;
-    pub const OPS: u8 = 5;
+    /// The client's site gets the forwarding policy `policy_from(bytes)`.
+    pub const POLICY: u8 = 5;
+    pub const OPS: u8 = 6;
 }
 
 pub mod flag {
@@ -128,6 +133,38 @@ impl Sim {
     }
 }
 
+/// A forwarding policy from bytes: byte 0 says default deny (bit 0), the
+/// gateway's LAN address 10.0.1.1 is a host address (bit 1), no local
+/// networks at all (bit 2); then one rule per 6 bytes: protocol, action,
+/// first and last port, destination and source prefix lengths (inside the
+/// local network and the client's tunnel network).
+pub fn policy_from(bytes: &[u8]) -> (ForwardingPolicy, bool) {
+    let flags = bytes.first().copied().unwrap_or(0);
+    let protocols = [RuleProtocol::Tcp, RuleProtocol::Udp, RuleProtocol::Icmp, RuleProtocol::Any];
+    let rules = bytes
+        .get(1..)
+        .unwrap_or_default()
+        .chunks_exact(6)
+        .enumerate()
+        .map(|(i, r)| {
+            let protocol = protocols[usize::from(r[0] % 4)];
+            let (first, last) = (u16::from(r[2]).max(1), u16::from(r[2]).max(1) + u16::from(r[3]));
+            let prefix = |base: [u8; 4], len: u8| IpPrefix::new(IpAddr::from(base), 24 + len % 9).ok();
+            FirewallRule {
+                name: format!("rule {i}"),
+                protocol,
+                ports: (protocol.has_ports() && r[1] & 2 != 0).then_some(PortRange { first, last }),
+                source: (r[5] & 0x80 != 0).then(|| prefix(CLIENT_TUNNEL, r[5])).flatten(),
+                destination: (r[4] & 0x80 != 0).then(|| prefix(LAN_HOST, r[4])).flatten(),
+                action: if r[1] & 1 != 0 { RuleAction::Deny } else { RuleAction::Allow },
+            }
+        })
+        .collect();
+    let local_networks = if flags & 4 != 0 { vec![] } else { vec!["10.0.1.0/24".parse().expect("prefix")] };
+    let default_action = if flags & 1 != 0 { RuleAction::Deny } else { RuleAction::Allow };
+    (ForwardingPolicy { local_networks, rules, default_action }, flags & 2 != 0)
+}
+
 pub fn worker_loop(data: &[u8]) {
     run(data);
 }
@@ -178,6 +215,12 @@ pub fn run(data: &[u8]) -> MemoryWorker {
                     MemoryWorker::lan_frame(&ipv4_with_payload(LAN_HOST, CLIENT_TUNNEL, r.bytes))
                 };
                 let _ = s.m.worker.queues_mut().1.inject(&frame);
+            }
+            op::POLICY => {
+                let (policy, host) = policy_from(r.bytes);
+                s.m.set_policy(policy);
+                let hosts = if host { vec![IpAddr::from([10, 0, 1, 1])] } else { vec![] };
+                s.m.shared.host_addresses.replace(hosts);
             }
             _ => {
                 let step = clock_step(r.bytes);

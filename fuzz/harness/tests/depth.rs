@@ -42,4 +42,15 @@ fn worker_seeds_reach_decryption_encryption_and_cookies() {
     // (The last LAN packet waits for a handshake the gateway may not start
     // within REKEY_TIMEOUT of answering the client's: 4 of 5 go out here.)
     assert!(m.counters.decrypted.load(Relaxed) >= 5 && m.counters.encrypted.load(Relaxed) >= 4);
+
+    // The policy seed reaches every verdict: a deny rule, an allow rule, TTL
+    // expiry, and a reply of a LAN-opened flow under default deny.
+    let m = worker::run(&seed("worker_loop", "policy_rules_and_replies"));
+    let c = &m.counters;
+    eprintln!("policy_rules_and_replies: {:?}", c.named());
+    use wgxdp_dataplane::drops::DropReason;
+    assert_eq!(c.drops.get(DropReason::FirewallDenied), 1, "ssh denied");
+    assert_eq!(c.drops.get(DropReason::TtlExceeded), 1);
+    assert!(m.shared.conntrack.counters.replies.load(Relaxed) >= 1, "the reply came back in");
+    assert!(c.icmp_time_exceeded.load(Relaxed) >= 1);
 }

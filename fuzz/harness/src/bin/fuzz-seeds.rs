@@ -16,8 +16,8 @@ use wgxdp_dataplane::frame::{udp_headers_len, write_udp_headers};
 use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::peer_view::L2Path;
 use wgxdp_dataplane::testing::{
-    handshaken_pair, ipv4_packet, MemoryWorker, CLIENT_ADDR, CLIENT_MAC, CLIENT_TUNNEL, GATEWAY_ADDR, GATEWAY_WAN_MAC,
-    LAN_HOST,
+    handshaken_pair, ipv4_l4_packet, ipv4_packet, MemoryWorker, CLIENT_ADDR, CLIENT_MAC, CLIENT_TUNNEL, GATEWAY_ADDR,
+    GATEWAY_WAN_MAC, LAN_HOST,
 };
 use wgxdp_dataplane::wire::{ip_protocol, Ipv6Packet, IPV6_HEADER_LEN};
 use wgxdp_fuzz_harness::{control::key_dir, cookie, device, encode, ipv4_with_payload, step_bytes, worker};
@@ -217,6 +217,26 @@ fn main() {
         (wop::LAN, 0, b"pong"),
     ]);
     out.write(k, "rekey_cycles_then_idle", &records(&wcycles));
+    // Default deny, a TCP rule for ports 20-30 (deny) and an allow-all ICMP
+    // rule; the gateway's LAN address is a host address; then traffic both ways.
+    let policy = [1u8 | 2, 0, 3, 20, 10, 0, 0, 2, 0, 0, 0, 0x80, 0];
+    let ssh = ipv4_l4_packet(60, CLIENT_TUNNEL, LAN_HOST, 6, (40000, 22), 64);
+    let ping = ipv4_l4_packet(64, CLIENT_TUNNEL, LAN_HOST, 1, (8 << 8, 1), 64);
+    let expiring = ipv4_l4_packet(64, CLIENT_TUNNEL, LAN_HOST, 17, (1, 2), 1);
+    let lan_open = MemoryWorker::lan_frame(&ipv4_l4_packet(60, LAN_HOST, CLIENT_TUNNEL, 6, (41000, 443), 64));
+    let reply = ipv4_l4_packet(60, CLIENT_TUNNEL, LAN_HOST, 6, (443, 41000), 64);
+    out.write(
+        k,
+        "policy_rules_and_replies",
+        &records(&[
+            (wop::POLICY, 0, &policy[..]),
+            (wop::CLIENT_DATA, wf::RAW, &ssh),
+            (wop::CLIENT_DATA, wf::RAW, &ping),
+            (wop::CLIENT_DATA, wf::RAW, &expiring),
+            (wop::LAN, wf::RAW, &lan_open),
+            (wop::CLIENT_DATA, wf::RAW, &reply),
+        ]),
+    );
     out.write(
         k,
         "transport_datagram",

@@ -1,0 +1,216 @@
+//! The gateway host as the data plane sees it.
+//!
+//! - Its own addresses (`HostAddresses`, every interface's, followed as they
+//!   change): a packet from a tunnel to one of them is for the host itself and
+//!   needs an explicit allow rule.
+//! - A TUN interface (`HostTun`) that is the kernel's view of the tunnels.
+//!   Packets from a tunnel enter the kernel through it as *received* traffic,
+//!   never as locally generated: those for the host go through its INPUT
+//!   rules, and those for a site neighbour whose link-layer address is not
+//!   resolved yet go through the kernel's forwarding path (FORWARD rules,
+//!   `ip_forward`, reverse-path filtering), which resolves it. The routes to
+//!   every tunnel prefix point at it, so the host's own packets to a remote
+//!   site (its replies to an allowed ping, say) come out of it and are sealed
+//!   into the tunnel.
+
+use crate::netlink::{self, Rtnetlink};
+use crate::table::IpPrefix;
+use arc_swap::ArcSwap;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+/// Every address of the gateway host, a lock-free sorted snapshot.
+#[derive(Debug, Default)]
+pub struct HostAddresses {
+    sorted: ArcSwap<Vec<IpAddr>>,
+}
+
+impl HostAddresses {
+    pub fn new(addresses: Vec<IpAddr>) -> Self {
+        let h = Self::default();
+        h.replace(addresses);
+        h
+    }
+
+    #[inline]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.sorted.load().binary_search(&ip).is_ok()
+    }
+
+    /// Publishes `addresses` if they changed; true if they did.
+    pub fn replace(&self, mut addresses: Vec<IpAddr>) -> bool {
+        addresses.sort_unstable();
+        addresses.dedup();
+        if **self.sorted.load() == addresses {
+            return false;
+        }
+        self.sorted.store(Arc::new(addresses));
+        true
+    }
+
+    pub fn snapshot(&self) -> Arc<Vec<IpAddr>> {
+        self.sorted.load_full()
+    }
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TUN: libc::c_short = 0x0001;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFNAMSIZ: usize = 16;
+
+/// `struct ifreq` with the member this file uses (flags, or the MTU).
+#[repr(C)]
+struct IfReq {
+    name: [libc::c_char; IFNAMSIZ],
+    value: libc::c_int,
+    _pad: [u8; 20],
+}
+
+impl IfReq {
+    fn new(name: &str) -> io::Result<Self> {
+        if name.is_empty() || name.len() >= IFNAMSIZ || name.bytes().any(|b| b == 0 || b == b'/' || b <= b' ') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("`{name}` is not an interface name")));
+        }
+        let mut req = Self { name: [0; IFNAMSIZ], value: 0, _pad: [0; 20] };
+        for (d, s) in req.name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        Ok(req)
+    }
+
+    /// Issues `request` on `fd` with this ifreq.
+    fn ioctl(&mut self, fd: i32, request: libc::c_ulong) -> io::Result<()> {
+        // SAFETY: `self` is a valid, initialised ifreq-compatible struct of
+        // the size the kernel reads or writes for these requests.
+        if unsafe { libc::ioctl(fd, request as _, self as *mut Self) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// The gateway's TUN interface (removed by the kernel when this is dropped).
+#[derive(Debug)]
+pub struct HostTun {
+    fd: OwnedFd,
+    name: String,
+    ifindex: u32,
+}
+
+impl HostTun {
+    /// Creates `name` (IFF_TUN, no packet information), non-blocking, with
+    /// `mtu`, and brings it up.
+    pub fn open(name: &str, mtu: usize) -> io::Result<Self> {
+        // SAFETY: open(2) on a constant NUL-terminated path; checked below.
+        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new, valid descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut req = IfReq::new(name)?;
+        req.value = libc::c_int::from(IFF_TUN | IFF_NO_PI);
+        req.ioctl(fd.as_raw_fd(), TUNSETIFF)?;
+        // Flags and MTU are set through any socket.
+        // SAFETY: socket(2) with constant arguments; checked below.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `sock` is a new, valid descriptor that nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        let mut req = IfReq::new(name)?;
+        req.value = libc::c_int::try_from(mtu).unwrap_or(libc::c_int::MAX);
+        req.ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU as libc::c_ulong)?;
+        let mut req = IfReq::new(name)?;
+        req.ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as libc::c_ulong)?;
+        req.value |= libc::IFF_UP | libc::IFF_RUNNING;
+        req.ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as libc::c_ulong)?;
+        let ifindex = netlink::ifindex(name)?;
+        Ok(Self { fd, name: name.to_owned(), ifindex })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    /// Hands one IP packet to the kernel, as received on this interface.
+    /// Never blocks.
+    pub fn write(&self, packet: &[u8]) -> io::Result<()> {
+        // SAFETY: `packet` is valid for reads of its length.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// One packet the kernel routed into a tunnel; `WouldBlock` when none waits.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Makes the routes through this interface exactly `prefixes` (given the
+    /// ones added before, `installed`, which it updates). A prefix the host
+    /// already routes elsewhere is left alone, with a warning: the host's own
+    /// packets to it then do not enter the tunnel.
+    pub fn sync_routes(&self, installed: &mut Vec<IpPrefix>, prefixes: &[IpPrefix]) -> io::Result<()> {
+        let nl = Rtnetlink::open()?;
+        for gone in installed.iter().filter(|p| !prefixes.contains(p)) {
+            match netlink::interface_route(&nl, gone, self.ifindex, false) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => tracing::warn!(prefix = %gone, error = %e, "removing a tunnel route failed"),
+            }
+        }
+        installed.retain(|p| prefixes.contains(p));
+        let missing: Vec<IpPrefix> = prefixes.iter().filter(|p| !installed.contains(p)).copied().collect();
+        for new in &missing {
+            match netlink::interface_route(&nl, new, self.ifindex, true) {
+                Ok(()) => installed.push(*new),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => tracing::warn!(
+                    prefix = %new, interface = %self.name,
+                    "the host already routes this tunnel prefix elsewhere; its own packets to it will not enter the tunnel"
+                ),
+                Err(e) => tracing::warn!(prefix = %new, error = %e, "adding a tunnel route failed"),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_addresses_are_a_sorted_set() {
+        let h = HostAddresses::default();
+        let a: IpAddr = "10.50.0.1".parse().unwrap();
+        let b: IpAddr = "fd50::1".parse().unwrap();
+        assert!(!h.contains(a));
+        assert!(h.replace(vec![b, a, a]));
+        assert!(h.contains(a) && h.contains(b));
+        assert!(!h.replace(vec![a, b]), "unchanged");
+        assert!(!h.contains("10.50.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn interface_names_are_checked() {
+        for bad in ["", "a-name-too-long-x", "a/b", "a b", "a\0b"] {
+            assert!(IfReq::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(IfReq::new("wgxdp0").is_ok());
+    }
+}
