@@ -15,6 +15,8 @@
 //! else evicts the slot that expires soonest (the least recently refreshed);
 //! evictions are counted. Writers race benignly: two workers writing one slot
 //! leave one of the flows, and the other is tracked again by its next packet.
+//! The fragments of admitted packets (which a remote site causes) live in a
+//! separate, smaller array, so they can never push out the site side's flows.
 //!
 //! Timeouts (seconds of idleness): TCP 7440 (RFC 5382's two hours and four
 //! minutes), UDP 180 (RFC 4787 asks for at least 120), ICMP echo 30, other
@@ -152,13 +154,43 @@ pub struct ConnTrackCounters {
     pub replies: AtomicU64,
 }
 
-/// The bounded, lock-free connection table.
+/// The bounded, lock-free connection table: flows, and (apart, so that a
+/// site sending many fragmented packets cannot push out the site side's
+/// flows) the fragments of admitted packets.
 #[derive(Debug)]
 pub struct ConnTrack {
-    sets: Box<[Set]>,
-    mask: usize,
+    flows: Sets,
+    fragments: Sets,
     keys: [u64; 3],
     pub counters: ConnTrackCounters,
+}
+
+/// A power-of-two array of sets.
+#[derive(Debug)]
+struct Sets {
+    sets: Box<[Set]>,
+    mask: usize,
+}
+
+impl Sets {
+    fn new(slots: usize) -> Self {
+        let sets = slots.div_ceil(WAYS).max(1).next_power_of_two();
+        Self { sets: (0..sets).map(|_| Set::default()).collect(), mask: sets - 1 }
+    }
+
+    #[inline]
+    fn set(&self, tag: u64) -> &Set {
+        &self.sets[(tag >> 32) as usize & self.mask]
+    }
+
+    fn slots(&self) -> usize {
+        self.sets.len() * WAYS
+    }
+
+    fn live(&self, now: u32) -> usize {
+        let slots = self.sets.iter().flat_map(|s| &s.ways);
+        slots.filter(|s| s.tag.load(Relaxed) != 0 && s.expires.load(Relaxed) >= now).count()
+    }
 }
 
 /// The high and low halves of a 128-bit product, folded (as in ahash).
@@ -180,13 +212,13 @@ impl ConnTrack {
     }
 
     fn with_keys(flows: usize, keys: [u64; 3]) -> Self {
-        let sets = flows.div_ceil(WAYS).max(1).next_power_of_two();
-        Self { sets: (0..sets).map(|_| Set::default()).collect(), mask: sets - 1, keys, counters: Default::default() }
+        let fragments = (flows / 16).max(1024);
+        Self { flows: Sets::new(flows), fragments: Sets::new(fragments), keys, counters: Default::default() }
     }
 
     /// How many flows the table holds at most.
     pub fn capacity(&self) -> usize {
-        self.sets.len() * WAYS
+        self.flows.slots()
     }
 
     /// The table's clock: whole seconds since the process epoch, from 1.
@@ -215,15 +247,19 @@ impl ConnTrack {
     }
 
     #[inline]
-    fn set(&self, tag: u64) -> &Set {
-        &self.sets[(tag >> 32) as usize & self.mask]
+    fn set(&self, key: &FlowKey, tag: u64) -> &Set {
+        if key.fragments {
+            self.fragments.set(tag)
+        } else {
+            self.flows.set(tag)
+        }
     }
 
     /// Whether `key` is tracked (and live) at `now`; a hit extends its life.
     #[inline]
     pub fn refresh(&self, key: &FlowKey, now: u32) -> bool {
         let tag = self.tag(key);
-        for slot in &self.set(tag).ways {
+        for slot in &self.set(key, tag).ways {
             if slot.tag.load(Relaxed) == tag && slot.expires.load(Relaxed) >= now {
                 extend(slot, now + key.timeout);
                 self.counters.replies.fetch_add(1, Relaxed);
@@ -237,7 +273,7 @@ impl ConnTrack {
     #[inline]
     pub fn track(&self, key: &FlowKey, now: u32) {
         let tag = self.tag(key);
-        let set = self.set(tag);
+        let set = self.set(key, tag);
         let expires = now + key.timeout;
         let mut victim = &set.ways[0];
         let mut victim_expires = u32::MAX;
@@ -263,8 +299,7 @@ impl ConnTrack {
 
     /// Live flows at `now` (a scan: for metrics, not the packet path).
     pub fn live(&self, now: u32) -> usize {
-        let slots = self.sets.iter().flat_map(|s| &s.ways);
-        slots.filter(|s| s.tag.load(Relaxed) != 0 && s.expires.load(Relaxed) >= now).count()
+        self.flows.live(now)
     }
 
     /// (name, value) for metrics: capacity, live flows, inserts, evictions, replies.
@@ -366,6 +401,21 @@ mod tests {
         t.track(&key(&flows[1]), later);
         assert_eq!(t.counters.evictions.load(Relaxed), 1, "took an expired slot");
         assert_eq!(t.live(later), 1);
+    }
+
+    /// A flood of admitted fragmented packets (each tracks its fragments)
+    /// never pushes out a flow the site side opened.
+    #[test]
+    fn fragment_floods_cannot_evict_flows() {
+        let t = ConnTrack::new(64);
+        let out = udp([10, 50, 0, 2], 40000, [10, 200, 0, 2], 53);
+        t.track(&FlowKey::of_outbound(1, &out).unwrap(), 10);
+        for id in 0..100_000u32 {
+            let first = Flow { fragment: Some(id), ..reply(&out) };
+            t.track(&FlowKey::first_fragment(1, &first).unwrap(), 10);
+        }
+        assert!(t.refresh(&FlowKey::of_reply(1, &reply(&out)).unwrap(), 11));
+        assert_eq!(t.live(11), 1);
     }
 
     proptest! {

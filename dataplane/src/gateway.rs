@@ -165,9 +165,18 @@ pub fn interface_addresses(iface: &str) -> Vec<IpAddr> {
     address_prefixes(Some(iface)).into_iter().map(|(addr, _)| addr).collect()
 }
 
-/// Every address of every interface of the host (this network namespace).
+/// Every address of every interface of the host (this network namespace),
+/// and the directed-broadcast address of each IPv4 network they are on (the
+/// kernel takes packets to those as its own too).
 pub fn host_addresses() -> Vec<IpAddr> {
-    address_prefixes(None).into_iter().map(|(addr, _)| addr).collect()
+    let mut out = Vec::new();
+    for (addr, len) in address_prefixes(None) {
+        out.push(addr);
+        if let (IpAddr::V4(a), 1..=30) = (addr, len) {
+            out.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from(a) | (u32::MAX >> len))));
+        }
+    }
+    out
 }
 
 /// The networks `iface` is attached to (link-local excluded): the sane

@@ -4,15 +4,16 @@
 //! checked against the peer's allowed IPs) is forwarded only when
 //!
 //! 1. its destination is inside the tunnel's local networks (default deny
-//!    outside the site: nothing reaches other networks the host can route to);
+//!    outside the site: nothing reaches other networks the host can route to),
+//!    and is not a multicast or broadcast group;
 //! 2. it answers a flow the site side opened (the connection table,
 //!    `conntrack.rs`), or the tunnel's firewall rules allow it: evaluated in
 //!    order, first match wins, no match takes the default action;
 //! 3. its TTL / hop limit allows one more hop (decremented on the way).
 //!
-//! Packets to the gateway host's own addresses are delivered to the host only
-//! when an explicit `allow` rule matches them (the default action never
-//! applies to them).
+//! Packets to the gateway host's own addresses (and the directed broadcast of
+//! its networks) are delivered to the host only when an explicit `allow`
+//! rule matches them (the default action never applies to them).
 //!
 //! The operator's policy (`ForwardingPolicy`) is compiled into a
 //! `CompiledPolicy` that the control thread publishes into the peer's view;
@@ -224,6 +225,15 @@ impl Default for CompiledPolicy {
     }
 }
 
+/// A multicast or limited-broadcast address: never forwarded from a tunnel
+/// (nor delivered to the host), whatever the local networks say.
+fn is_group(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_multicast(),
+    }
+}
+
 /// What happens to a packet from a remote site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inbound {
@@ -308,7 +318,7 @@ impl CompiledPolicy {
         is_host: impl Fn(IpAddr) -> bool,
         now_secs: u32,
     ) -> Result<Inbound, DropReason> {
-        if !self.is_local(flow.dst) {
+        if !self.is_local(flow.dst) || is_group(flow.dst) {
             return Err(DropReason::NotLocalDestination);
         }
         let to_host = is_host(flow.dst);

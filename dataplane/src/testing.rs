@@ -179,7 +179,7 @@ impl MemoryWorker {
             tunnel_mtu: 1420,
             lan_ipv4: Some(Ipv4Addr::new(10, 0, 1, 1)),
             lan_ipv6: None,
-            conntrack: Arc::new(crate::conntrack::ConnTrack::new(4096)),
+            conntrack: Arc::new(crate::conntrack::ConnTrack::new(crate::conntrack::DEFAULT_FLOWS)),
             under_load_until: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
