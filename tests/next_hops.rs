@@ -34,7 +34,7 @@ fn reachable_next_hops_resolve_and_unreachable_ones_cost_nothing() {
         let stop = Arc::new(AtomicBool::new(false));
         let resolver = {
             let (table, stop) = (table.clone(), stop.clone());
-            std::thread::spawn(move || run_wan_resolver(table, requests, stop))
+            std::thread::spawn(move || run_wan_resolver(table, requests, None, stop))
         };
         let udp = Arc::new(UdpSocket::bind("0.0.0.0:0").unwrap());
         udp.set_nonblocking(true).unwrap();

@@ -276,10 +276,13 @@ fn rx_queues(iface: &str) -> u32 {
         .max(1)
 }
 
-/// A dual-stack UDP socket on the listen port: it sends handshakes, keepalives
-/// and the first packets to a peer; it never receives (XDP takes that traffic),
-/// and holding the port stops anything else from using it.
-fn bind_kernel_udp(port: u16) -> Result<UdpSocket, GatewayError> {
+/// A dual-stack UDP socket on the listen port, bound to the WAN interface: it
+/// sends handshakes, keepalives and the first packets to a peer, and receives
+/// what XDP leaves to the kernel (the slow path); holding the port stops
+/// anything else from using it. Bound to the WAN, its datagrams never follow
+/// a route into a tunnel (a peer whose address is inside a tunnel prefix would
+/// otherwise loop its own handshakes through the host interface).
+fn bind_kernel_udp(port: u16, wan: &str) -> Result<UdpSocket, GatewayError> {
     let bind = |addr: &str| UdpSocket::bind(addr);
     let sock = bind(&format!("[::]:{port}")).or_else(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => Err(e),
@@ -290,11 +293,31 @@ fn bind_kernel_udp(port: u16) -> Result<UdpSocket, GatewayError> {
             // A full send buffer (e.g. datagrams queued behind unresolved next
             // hops) must never stall a worker or the control thread.
             s.set_nonblocking(true).map_err(|source| GatewayError::Udp { port, source })?;
+            bind_to_device(&s, wan).map_err(|source| GatewayError::Udp { port, source })?;
             Ok(s)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(GatewayError::PortInUse(port)),
         Err(source) => Err(GatewayError::Udp { port, source }),
     }
+}
+
+fn bind_to_device(socket: &UdpSocket, iface: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `iface` is valid for reads of its length for the duration of the
+    // call (the kernel copies at most IFNAMSIZ bytes of it).
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            iface.as_ptr().cast(),
+            iface.len() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Bytes the kernel reserves in front of packet data in an AF_XDP frame.
@@ -334,7 +357,7 @@ impl Gateway {
         }
         let lan_mac = interface_mac(&cfg.lan_interface)?;
         let (lan_ipv4, lan_ipv6) = interface_addrs(&cfg.lan_interface);
-        let kernel_udp = Arc::new(bind_kernel_udp(cfg.listen_port)?);
+        let kernel_udp = Arc::new(bind_kernel_udp(cfg.listen_port, &cfg.wan_interface)?);
         let host_tun = HostTun::open(&cfg.host_interface, cfg.tunnel_mtu)
             .map_err(|source| GatewayError::HostInterface { name: cfg.host_interface.clone(), source })?;
         if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
@@ -419,8 +442,11 @@ impl Gateway {
         }
         {
             let (stop, next_hops) = (stop.clone(), wan_next_hops.clone());
-            threads
-                .push(spawn("wgxdp-wan-nh".into(), Box::new(move || run_wan_resolver(next_hops, wan_requests, stop)))?);
+            let wan = crate::netlink::ifindex(&cfg.wan_interface).ok();
+            threads.push(spawn(
+                "wgxdp-wan-nh".into(),
+                Box::new(move || run_wan_resolver(next_hops, wan_requests, wan, stop)),
+            )?);
         }
         {
             let stop = stop.clone();

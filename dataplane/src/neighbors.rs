@@ -129,7 +129,10 @@ const MAX_WATCHED: usize = 4096;
 const RESOLVE_WINDOW: Duration = Duration::from_secs(5);
 
 /// Keeps `table` in step with the kernel until `stop` is set (one thread).
-pub fn run_wan_resolver(table: Arc<WanNextHops>, requests: Receiver<IpAddr>, stop: Arc<AtomicBool>) {
+///
+/// `wan`: the interface the gateway's UDP socket is bound to (routes are
+/// looked up through it, as the kernel routes that socket's datagrams).
+pub fn run_wan_resolver(table: Arc<WanNextHops>, requests: Receiver<IpAddr>, wan: Option<u32>, stop: Arc<AtomicBool>) {
     let nl = match Rtnetlink::open() {
         Ok(nl) => nl,
         Err(e) => {
@@ -157,7 +160,7 @@ pub fn run_wan_resolver(table: Arc<WanNextHops>, requests: Receiver<IpAddr>, sto
                 {
                     continue;
                 }
-                match netlink::route_to(&nl, dst) {
+                match netlink::route_to(&nl, dst, wan) {
                     Ok(route) => {
                         watched.insert(dst, (route, now, false));
                     }

@@ -351,12 +351,16 @@ pub fn parse_route(payload: &[u8]) -> Option<Route> {
     Some(Route { oif: oif?, via })
 }
 
-/// The kernel's route to `dst` (`ip route get`).
-pub fn route_to(nl: &Rtnetlink, dst: IpAddr) -> io::Result<Route> {
+/// The kernel's route to `dst` (`ip route get`), through interface `oif`
+/// when given (`ip route get … oif`: as a socket bound to it is routed).
+pub fn route_to(nl: &Rtnetlink, dst: IpAddr, oif: Option<u32>) -> io::Result<Route> {
     let mut body = vec![0u8; RTMSG_LEN];
     body[0] = family(dst);
     body[1] = if dst.is_ipv4() { 32 } else { 128 };
     push_attr(&mut body, RTA_DST, &octets(&dst));
+    if let Some(oif) = oif {
+        push_attr(&mut body, RTA_OIF, &oif.to_ne_bytes());
+    }
     let mut route = None;
     nl.request(RTM_GETROUTE, 0, &body, |kind, payload| {
         if kind == RTM_NEWROUTE {
@@ -503,7 +507,7 @@ mod tests {
         assert!(read_neighbors("lo").is_ok());
         assert!(read_neighbors("no-such-iface0").is_err());
         let nl = Rtnetlink::open().unwrap();
-        let r = route_to(&nl, "127.0.0.1".parse().unwrap()).unwrap();
+        let r = route_to(&nl, "127.0.0.1".parse().unwrap(), None).unwrap();
         assert_eq!(r.oif, ifindex("lo").unwrap());
         assert_eq!(r.via, None);
     }
