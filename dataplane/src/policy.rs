@@ -215,6 +215,9 @@ pub struct CompiledPolicy {
     local: Vec<Net>,
     rules: Vec<CompiledRule>,
     default_allow: bool,
+    /// No rule denies and the default allows: every packet to the site passes
+    /// (the connection table need not be asked).
+    allows_all: bool,
     hits: Vec<AtomicU64>,
 }
 
@@ -258,7 +261,9 @@ impl CompiledPolicy {
             })
             .collect();
         let hits = policy.rules.iter().map(|_| AtomicU64::new(0)).collect();
-        Self { default_allow: policy.default_action == RuleAction::Allow, policy, local, rules, hits }
+        let default_allow = policy.default_action == RuleAction::Allow;
+        let allows_all = default_allow && policy.rules.iter().all(|r| r.action == RuleAction::Allow);
+        Self { default_allow, allows_all, policy, local, rules, hits }
     }
 
     pub fn policy(&self) -> &ForwardingPolicy {
@@ -322,6 +327,9 @@ impl CompiledPolicy {
             return Err(DropReason::NotLocalDestination);
         }
         let to_host = is_host(flow.dst);
+        if self.allows_all && !to_host {
+            return Ok(Inbound::Forward);
+        }
         let tracked = match FlowKey::of_reply(peer, flow) {
             Some(key) => conntrack.refresh(&key, now_secs),
             None => false,
