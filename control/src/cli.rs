@@ -4,6 +4,7 @@
 //! pre-shared key) can also come from a file or stdin (`--api-key-file -`,
 //! `--psk-file PATH`), so they need not appear in argv or the shell history.
 
+use crate::firewall::FirewallRuleText;
 use crate::secret::SecretString;
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
@@ -72,6 +73,8 @@ pub enum VpnCommand {
         /// Persistent keepalive, seconds.
         #[arg(long)]
         keepalive: Option<u16>,
+        #[command(flatten)]
+        policy: Box<PolicyArgs>,
     },
     /// Show one VPN gateway.
     Get { id: String },
@@ -94,6 +97,17 @@ pub enum VpnCommand {
         psk_file: Option<PathBuf>,
         #[arg(long)]
         keepalive: Option<u16>,
+        #[command(flatten)]
+        policy: Box<PolicyArgs>,
+        /// Remove every additional remote network.
+        #[arg(long, conflicts_with = "additional_remote_cidr")]
+        clear_additional_remote_cidrs: bool,
+        /// Remove every additional local network.
+        #[arg(long, conflicts_with = "additional_local_cidr")]
+        clear_additional_local_cidrs: bool,
+        /// Remove every firewall rule.
+        #[arg(long, conflicts_with = "firewall_rule")]
+        clear_firewall: bool,
     },
     /// Delete a VPN gateway (its tunnel stops).
     Delete { id: String },
@@ -101,6 +115,77 @@ pub enum VpnCommand {
     Status { id: String },
     /// The wg-quick configuration for the remote site.
     Config { id: String },
+}
+
+/// Networks and firewall of a gateway, for `create` and `update`.
+#[derive(Args, Debug, Default)]
+pub struct PolicyArgs {
+    /// Another remote network routed into the tunnel (repeatable; on update,
+    /// the ones given replace the list).
+    #[arg(long = "additional-remote-cidr", value_name = "CIDR")]
+    pub additional_remote_cidr: Vec<String>,
+    /// Another local network the remote site may reach (repeatable; on
+    /// update, the ones given replace the list).
+    #[arg(long = "additional-local-cidr", value_name = "CIDR")]
+    pub additional_local_cidr: Vec<String>,
+    /// A firewall rule on traffic from the remote site, as KEY=VALUE pairs
+    /// separated by commas: name and protocol (tcp|udp|icmp|any) required;
+    /// port (N or N-M, tcp/udp), source, destination (CIDR) and action
+    /// (allow|deny, default allow) optional, e.g.
+    /// 'name=ssh,protocol=tcp,port=22,source=10.1.0.0/16,action=deny'.
+    /// Repeatable: evaluated in the order given, first match wins; on update,
+    /// the rules given replace every rule.
+    #[arg(long = "firewall-rule", value_name = "RULE", value_parser = parse_firewall_rule)]
+    pub firewall_rule: Vec<FirewallRuleText>,
+    /// What happens to traffic from the remote site no rule matches.
+    #[arg(long = "firewall-default", value_parser = ["allow", "deny"])]
+    pub firewall_default: Option<String>,
+}
+
+/// The keys of a `--firewall-rule`.
+const RULE_KEYS: [&str; 6] = ["name", "protocol", "port", "source", "destination", "action"];
+
+/// A `--firewall-rule` value (`name=ssh,protocol=tcp,port=22`), checked as
+/// the API checks rules. A name cannot contain `,`.
+pub fn parse_firewall_rule(text: &str) -> Result<FirewallRuleText, String> {
+    let mut rule = FirewallRuleText::default();
+    for item in text.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("`{item}` is not KEY=VALUE (keys: {})", RULE_KEYS.join(", ")))?;
+        let slot = match key.trim() {
+            "name" => &mut rule.name,
+            "protocol" => &mut rule.protocol,
+            "port" => &mut rule.port,
+            "source" => &mut rule.source,
+            "destination" => &mut rule.destination,
+            "action" => &mut rule.action,
+            other => return Err(format!("unknown key `{other}` (keys: {})", RULE_KEYS.join(", "))),
+        };
+        if slot.is_some() {
+            return Err(format!("`{}` is given twice", key.trim()));
+        }
+        *slot = Some(value.trim().to_owned());
+    }
+    rule.to_rule().map_err(|e| e.to_string())?;
+    Ok(rule)
+}
+
+impl PolicyArgs {
+    /// Adds the fields given to a request body.
+    fn insert_into(self, m: &mut Map<String, Value>) -> anyhow::Result<()> {
+        if !self.additional_remote_cidr.is_empty() {
+            m.insert("additional_remote_network_cidrs".into(), Value::from(self.additional_remote_cidr));
+        }
+        if !self.additional_local_cidr.is_empty() {
+            m.insert("additional_local_network_cidrs".into(), Value::from(self.additional_local_cidr));
+        }
+        if !self.firewall_rule.is_empty() {
+            m.insert("firewall".into(), serde_json::to_value(self.firewall_rule)?);
+        }
+        insert_some(m, "firewall_default", self.firewall_default.map(Value::from));
+        Ok(())
+    }
 }
 
 /// Where secrets come from: files, or (once) stdin.
@@ -263,6 +348,7 @@ pub fn run_with_input(
             psk_file,
             local_cidr,
             keepalive,
+            policy,
         } => {
             let psk = input.either(psk, psk_file.as_deref(), "pre-shared key")?;
             let mut body = json!({
@@ -275,6 +361,7 @@ pub fn run_with_input(
             insert_some(m, "pre_shared_key", psk.map(|k| Value::from(k.expose())));
             insert_some(m, "local_network_cidr", local_cidr.map(Value::from));
             insert_some(m, "persistent_keepalive", keepalive.map(Value::from));
+            policy.insert_into(m)?;
             let v = client.json("POST", base, Some(body))?;
             print_object(out, &v, args.json)?;
             if !args.json {
@@ -282,7 +369,20 @@ pub fn run_with_input(
             }
         }
         VpnCommand::Get { id } => print_object(out, &client.json("GET", &format!("{base}/{id}"), None)?, args.json)?,
-        VpnCommand::Update { id, name, remote_cidr, remote_ip, remote_port, psk, psk_file, keepalive } => {
+        VpnCommand::Update {
+            id,
+            name,
+            remote_cidr,
+            remote_ip,
+            remote_port,
+            psk,
+            psk_file,
+            keepalive,
+            policy,
+            clear_additional_remote_cidrs,
+            clear_additional_local_cidrs,
+            clear_firewall,
+        } => {
             let psk = input.either(psk, psk_file.as_deref(), "pre-shared key")?;
             let mut m = Map::new();
             insert_some(&mut m, "name", name.map(Value::from));
@@ -291,8 +391,23 @@ pub fn run_with_input(
             insert_some(&mut m, "remote_peer_port", remote_port.map(Value::from));
             insert_some(&mut m, "pre_shared_key", psk.map(|k| Value::from(k.expose())));
             insert_some(&mut m, "persistent_keepalive", keepalive.map(Value::from));
+            policy.insert_into(&mut m)?;
+            for (clear, key) in [
+                (clear_additional_remote_cidrs, "additional_remote_network_cidrs"),
+                (clear_additional_local_cidrs, "additional_local_network_cidrs"),
+                (clear_firewall, "firewall"),
+            ] {
+                if clear {
+                    m.insert(key.into(), json!([]));
+                }
+            }
             if m.is_empty() {
-                bail!("nothing to update: pass at least one of --name, --remote-cidr, --remote-ip, --remote-port, --psk, --keepalive");
+                bail!(
+                    "nothing to update: pass at least one of --name, --remote-cidr, --remote-ip, --remote-port, \
+                     --psk, --keepalive, --additional-remote-cidr, --additional-local-cidr, --firewall-rule, \
+                     --firewall-default, --clear-additional-remote-cidrs, --clear-additional-local-cidrs, \
+                     --clear-firewall"
+                );
             }
             let v = client.json("PATCH", &format!("{base}/{id}"), Some(Value::Object(m)))?;
             print_object(out, &v, args.json)?;
@@ -377,6 +492,81 @@ mod tests {
         let shown = format!("{cli:?}");
         assert!(!shown.contains(KEY) && !shown.contains(PSK), "{shown}");
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn firewall_rules_and_networks_become_the_request_fields() {
+        let cli = parse(&[
+            "create",
+            "--name",
+            "n",
+            "--region",
+            "r",
+            "--remote-cidr",
+            "10.1.0.0/16",
+            "--remote-ip",
+            "192.0.2.1",
+            "--remote-public-key",
+            "k",
+            "--additional-remote-cidr",
+            "10.2.0.0/16",
+            "--additional-remote-cidr",
+            "fd01::/64",
+            "--additional-local-cidr",
+            "10.51.0.0/24",
+            "--firewall-rule",
+            "name=ssh,protocol=tcp,port=22,source=10.1.0.0/16,destination=10.50.0.0/24,action=deny",
+            "--firewall-rule",
+            "name=Allow ICMP, protocol=icmp, port=1-65535",
+            "--firewall-default",
+            "deny",
+        ]);
+        let VpnCommand::Create { policy, .. } = cli.command else { panic!("create") };
+        let mut m = Map::new();
+        policy.insert_into(&mut m).unwrap();
+        assert_eq!(
+            Value::Object(m),
+            json!({
+                "additional_remote_network_cidrs": ["10.2.0.0/16", "fd01::/64"],
+                "additional_local_network_cidrs": ["10.51.0.0/24"],
+                "firewall": [
+                    {"name": "ssh", "protocol": "tcp", "port": "22", "source": "10.1.0.0/16",
+                     "destination": "10.50.0.0/24", "action": "deny"},
+                    {"name": "Allow ICMP", "protocol": "icmp", "port": "1-65535"}
+                ],
+                "firewall_default": "deny"
+            }),
+            "in the order given"
+        );
+        // On update, --clear-firewall sends an empty list and conflicts with --firewall-rule.
+        let cli = parse(&["update", "vpn_x", "--clear-firewall", "--firewall-default", "allow"]);
+        let VpnCommand::Update { clear_firewall, policy, .. } = cli.command else { panic!("update") };
+        assert!(clear_firewall && policy.firewall_rule.is_empty());
+        let both = ["wgxdp", "update", "vpn_x", "--clear-firewall", "--firewall-rule", "name=a,protocol=any"];
+        assert!(TestCli::try_parse_from(both).is_err());
+    }
+
+    #[test]
+    fn a_bad_firewall_rule_names_the_flag_the_item_and_the_fault() {
+        for (rule, says) in [
+            ("name=ssh,protocol=tcp,port=0", "port: `0` is not a port or range"),
+            ("name=ssh,protocol=gre", "protocol: `gre` is not a protocol; use tcp, udp, icmp or any"),
+            ("protocol=tcp", "name: is required"),
+            ("name=ping,protocol=icmp,port=22", "icmp rules match no ports"),
+            ("name=x,protocol=tcp,source=10.1.2.3/16", "did you mean 10.1.0.0/16"),
+            ("name=x,protocol=tcp,action=drop", "allow or deny"),
+            ("name=x,protocol=tcp,colour=red", "unknown key `colour`"),
+            ("name=x,protocol=tcp,port=22,port=23", "`port` is given twice"),
+            ("name=x,protocol=tcp,22", "`22` is not KEY=VALUE"),
+            ("name=x,protocol=tcp,", "`` is not KEY=VALUE"),
+        ] {
+            let args = ["wgxdp", "update", "vpn_x", "--firewall-rule", "name=ok,protocol=any", "--firewall-rule", rule];
+            let err = TestCli::try_parse_from(args).unwrap_err().to_string();
+            assert!(err.contains("--firewall-rule") && err.contains(rule), "{rule}: {err}");
+            assert!(err.contains(says), "{rule}: `{err}` lacks `{says}`");
+        }
+        let err = TestCli::try_parse_from(["wgxdp", "update", "vpn_x", "--firewall-default", "drop"]).unwrap_err();
+        assert!(err.to_string().contains("--firewall-default"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //! # cores = [2, 3]        # pin workers (default: all cores, in order)
 //! # tunnel_mtu = 1420
 //! # lan_next_hop = "10.0.0.1"   # default: site destinations are on-link
+//! # tracked_flows = 65536  # connection table size (1024-16777216): flows opened
+//! #                        # from the site whose replies may come back in
+//! # host_interface = "wgxdp0"   # the TUN device through which tunnels reach
+//! #                             # the gateway host itself (1-15 characters)
 //!
 //! [[peer]]
 //! public_key = "base64…"
@@ -18,6 +22,10 @@
 //! # endpoint = "198.51.100.7:51820"
 //! # preshared_key_file = "/etc/wgxdp/site-b.psk"
 //! # persistent_keepalive = 25
+//! # local_networks = ["10.50.0.0/24"]  # what the peer's site may reach; default:
+//! #                  # `[api] site_cidr` if set, else the LAN interface's networks
+//! # firewall_default = "allow"         # or "deny": only replies to flows the
+//! #                                    # local side opened come back in
 //!
 //! [api]                                # optional: the HTTP API and its store
 //! listen = "127.0.0.1:8080"
@@ -33,7 +41,12 @@
 //!
 //! Peers from `[[peer]]` are fixed for the process's life; gateways created
 //! through the API live in the database and come back after a restart.
+//! Traffic from a peer's site reaches only its local networks; replies to
+//! flows the local side opened always pass, the rest takes `firewall_default`
+//! (firewall rules are per API gateway).
 
+use crate::api::model::overlaps;
+use crate::firewall::parse_action;
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -42,6 +55,7 @@ use std::time::Duration;
 use wgxdp_dataplane::gateway::PeerSpec;
 use wgxdp_dataplane::noise::peer::PeerConfig;
 use wgxdp_dataplane::noise::{PresharedKey, PrivateKey, PublicKey};
+use wgxdp_dataplane::policy::{ForwardingPolicy, MAX_NETWORKS};
 use wgxdp_dataplane::table::IpPrefix;
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +118,10 @@ pub struct InterfaceSection {
     pub frames_per_socket: u32,
     #[serde(default = "default_true")]
     pub zero_copy: bool,
+    #[serde(default = "default_tracked_flows")]
+    pub tracked_flows: usize,
+    #[serde(default = "default_host_interface")]
+    pub host_interface: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +133,8 @@ pub struct PeerSection {
     pub endpoint: Option<String>,
     pub preshared_key_file: Option<PathBuf>,
     pub persistent_keepalive: Option<u16>,
+    pub local_networks: Option<Vec<String>>,
+    pub firewall_default: Option<String>,
 }
 
 fn default_port() -> u16 {
@@ -128,6 +148,29 @@ fn default_frames() -> u32 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_tracked_flows() -> usize {
+    wgxdp_dataplane::conntrack::DEFAULT_FLOWS
+}
+fn default_host_interface() -> String {
+    "wgxdp0".into()
+}
+
+/// Bounds of `[interface] tracked_flows`.
+pub const TRACKED_FLOWS: std::ops::RangeInclusive<usize> = 1024..=16_777_216;
+
+/// Why `name` cannot be a Linux interface name (the kernel's
+/// `dev_valid_name`: 1-15 bytes, not `.` or `..`, no `/`, `:` or whitespace).
+fn invalid_interface_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > 15 {
+        Some("must be 1-15 characters")
+    } else if name == "." || name == ".." {
+        Some("cannot be `.` or `..`")
+    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+        Some("must not contain `/`, `:` or whitespace")
+    } else {
+        None
+    }
 }
 
 /// A configuration problem, with the fix where there is one.
@@ -163,6 +206,8 @@ pub struct Config {
     pub lan_next_hop: Option<IpAddr>,
     pub frames_per_socket: u32,
     pub zero_copy: bool,
+    pub tracked_flows: usize,
+    pub host_interface: String,
     pub api: Option<ApiConfig>,
 }
 
@@ -291,6 +336,32 @@ impl Config {
         if !i.frames_per_socket.is_power_of_two() || i.frames_per_socket < 64 {
             return Err(ConfigError::Interface("`frames_per_socket` must be a power of two, at least 64".into()));
         }
+        if !TRACKED_FLOWS.contains(&i.tracked_flows) {
+            return Err(ConfigError::Interface(format!(
+                "`tracked_flows` {} is outside {}-{} (flows the connection table holds; default {})",
+                i.tracked_flows,
+                TRACKED_FLOWS.start(),
+                TRACKED_FLOWS.end(),
+                default_tracked_flows()
+            )));
+        }
+        if let Some(why) = invalid_interface_name(&i.host_interface) {
+            return Err(ConfigError::Interface(format!(
+                "`host_interface` `{}` is not a valid interface name: it {why}",
+                i.host_interface.escape_debug()
+            )));
+        }
+        if i.host_interface == i.wan || i.host_interface == i.lan {
+            return Err(ConfigError::Interface(format!(
+                "`host_interface` `{}` is also `wan` or `lan`; name a new interface for wgxdp to create",
+                i.host_interface
+            )));
+        }
+        // The site's network, if the API names it: the peers' default local network.
+        let site_cidr = match file.api.as_ref().and_then(|a| a.site_cidr.as_deref()) {
+            Some(c) => Some(c.parse::<IpPrefix>().map_err(|e| ConfigError::Api(format!("site_cidr `{c}`: {e}")))?),
+            None => None,
+        };
         let key_text = read_secret(&i.private_key_file, "private key")?;
         let private_key: PrivateKey = key_text.trim().parse().map_err(|e: wgxdp_dataplane::noise::KeyParseError| {
             ConfigError::BadKey { what: "private key", path: i.private_key_file.clone(), reason: e.to_string() }
@@ -324,6 +395,21 @@ impl Config {
                 .iter()
                 .map(|s| s.parse::<IpPrefix>().map_err(|e| err(format!("allowed_ips `{s}`: {e}"))))
                 .collect::<Result<Vec<_>, _>>()?;
+            let local_networks = match &p.local_networks {
+                Some(list) => parse_local_networks(list).map_err(err)?,
+                None => site_cidr.into_iter().collect(),
+            };
+            if let Some((a, l)) =
+                allowed_ips.iter().find_map(|a| local_networks.iter().find(|l| overlaps(a, l)).map(|l| (a, l)))
+            {
+                return Err(err(format!(
+                    "allowed_ips `{a}` overlaps the local network `{l}`; the two sites need distinct address space"
+                )));
+            }
+            let default_action = match &p.firewall_default {
+                Some(a) => parse_action(a).map_err(|e| err(format!("firewall_default: {e}")))?,
+                None => Default::default(),
+            };
             peers.push(PeerSpec {
                 config: PeerConfig {
                     public_key,
@@ -335,15 +421,13 @@ impl Config {
                 },
                 endpoint,
                 allowed_ips,
+                policy: ForwardingPolicy { local_networks, rules: Vec::new(), default_action },
             });
         }
         check_peer_overlaps(&peers)?;
         let api = match file.api {
             None => None,
             Some(a) => {
-                if let Some(c) = &a.site_cidr {
-                    c.parse::<IpPrefix>().map_err(|e| ConfigError::Api(format!("site_cidr `{c}`: {e}")))?;
-                }
                 if a.mutations_per_minute == 0 || a.reads_per_minute == 0 || a.auth_failures_per_minute == 0 {
                     return Err(ConfigError::Api("rate limits must be at least 1 per minute".into()));
                 }
@@ -379,8 +463,40 @@ impl Config {
             lan_next_hop: i.lan_next_hop,
             frames_per_socket: i.frames_per_socket,
             zero_copy: i.zero_copy,
+            tracked_flows: i.tracked_flows,
+            host_interface: i.host_interface,
         })
     }
+
+    /// Gives `lan_networks` (the LAN interface's networks, which only the
+    /// running host knows) to the peers whose local networks are left to the
+    /// default and no `[api] site_cidr` names: their sites reach the LAN.
+    pub fn default_local_networks(&mut self, lan_networks: &[IpPrefix]) {
+        for p in &mut self.peers {
+            if p.policy.local_networks.is_empty() {
+                p.policy.local_networks = lan_networks.to_vec();
+            }
+        }
+    }
+}
+
+/// A peer's `local_networks`: 1 to `MAX_NETWORKS` distinct CIDRs.
+fn parse_local_networks(list: &[String]) -> Result<Vec<IpPrefix>, String> {
+    if list.is_empty() || list.len() > MAX_NETWORKS {
+        return Err(format!(
+            "local_networks lists 1-{MAX_NETWORKS} networks (got {}); leave it out for the default",
+            list.len()
+        ));
+    }
+    let mut out: Vec<IpPrefix> = Vec::with_capacity(list.len());
+    for s in list {
+        let p = s.parse::<IpPrefix>().map_err(|e| format!("local_networks `{s}`: {e}"))?;
+        if out.contains(&p) {
+            return Err(format!("local_networks lists `{p}` twice"));
+        }
+        out.push(p);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -549,6 +665,77 @@ mod tests {
         let many: Vec<String> = (0..2000u32).map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256)).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert_eq!(parse(&many), Ok(2000));
+    }
+
+    #[test]
+    fn peer_local_networks_and_firewall_default() {
+        let k = key_file(0o600, &PrivateKey::generate().to_base64_secret());
+        let parse = |peer: &str, api: &str| {
+            let pk = PrivateKey::generate().public_key();
+            let text =
+                config(&k.0, &format!("[[peer]]\npublic_key = \"{pk}\"\nallowed_ips = [\"10.1.0.0/16\"]\n{peer}{api}"));
+            Config::parse(&text, Path::new("t.toml")).map_err(|e| e.to_string())
+        };
+        let site = "[api]\ndatabase = \"/d\"\nsite_cidr = \"10.50.0.0/24\"\n";
+        // Given, defaulted to site_cidr, or left for the LAN's networks.
+        let c =
+            parse("local_networks = [\"10.50.0.0/24\", \"fd50::/64\"]\nfirewall_default = \"deny\"\n", site).unwrap();
+        let policy = &c.peers[0].policy;
+        assert_eq!(policy.local_networks, vec!["10.50.0.0/24".parse().unwrap(), "fd50::/64".parse().unwrap()]);
+        assert_eq!(policy.default_action, wgxdp_dataplane::policy::RuleAction::Deny);
+        assert!(policy.rules.is_empty());
+        let c = parse("", site).unwrap();
+        assert_eq!(c.peers[0].policy.local_networks, vec!["10.50.0.0/24".parse().unwrap()]);
+        assert_eq!(c.peers[0].policy.default_action, wgxdp_dataplane::policy::RuleAction::Allow);
+        let mut c = parse("", "").unwrap();
+        assert!(c.peers[0].policy.local_networks.is_empty(), "resolved by serve");
+        let lan: Vec<IpPrefix> = vec!["192.168.1.0/24".parse().unwrap()];
+        c.default_local_networks(&lan);
+        assert_eq!(c.peers[0].policy.local_networks, lan);
+        for (peer, says) in [
+            ("local_networks = []\n", "1-64 networks"),
+            ("local_networks = [\"10.50.0.1/24\"]\n", "10.50.0.0/24"),
+            ("local_networks = [\"10.50.0.0/24\", \"10.50.0.0/24\"]\n", "twice"),
+            ("local_networks = [\"10.0.0.0/8\"]\n", "overlaps the local network `10.0.0.0/8`"),
+            ("firewall_default = \"drop\"\n", "firewall_default: `drop` is not an action; use allow or deny"),
+            ("firewall = []\n", "firewall"),
+        ] {
+            let err = parse(peer, "").unwrap_err();
+            assert!(err.contains("peer 0") || err.contains("unknown field"), "{peer}: {err}");
+            assert!(err.contains(says), "{peer}: `{err}` lacks `{says}`");
+        }
+        let err = parse("", "[api]\ndatabase = \"/d\"\nsite_cidr = \"10.0.0.0/8\"\n").unwrap_err();
+        assert!(err.contains("overlaps the local network `10.0.0.0/8`"), "{err}");
+    }
+
+    #[test]
+    fn tracked_flows_and_host_interface() {
+        let k = key_file(0o600, &PrivateKey::generate().to_base64_secret());
+        let with = |line: &str| {
+            let text = config(&k.0, "").replace("[interface]\n", &format!("[interface]\n{line}\n"));
+            Config::parse(&text, Path::new("t.toml"))
+                .map(|c| (c.tracked_flows, c.host_interface))
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(with(""), Ok((wgxdp_dataplane::conntrack::DEFAULT_FLOWS, "wgxdp0".to_owned())));
+        assert_eq!(with("tracked_flows = 1024"), Ok((1024, "wgxdp0".to_owned())));
+        assert_eq!(with("tracked_flows = 16777216").map(|c| c.0), Ok(16_777_216));
+        assert_eq!(with("host_interface = \"wg-site.1\"").map(|c| c.1), Ok("wg-site.1".to_owned()));
+        for (line, says) in [
+            ("tracked_flows = 1023", "1024-16777216"),
+            ("tracked_flows = 16777217", "1024-16777216"),
+            ("tracked_flows = -1", "tracked_flows"),
+            ("host_interface = \"\"", "1-15 characters"),
+            ("host_interface = \"a-very-long-name\"", "1-15 characters"),
+            ("host_interface = \"wg/0\"", "`/`"),
+            ("host_interface = \"wg 0\"", "whitespace"),
+            ("host_interface = \"wg:0\"", "`:`"),
+            ("host_interface = \"..\"", "`..`"),
+            ("host_interface = \"eth1\"", "also `wan` or `lan`"),
+        ] {
+            let err = with(line).unwrap_err();
+            assert!(err.contains(says), "{line}: `{err}` lacks `{says}`");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod firewall;
 pub mod keys;
 pub mod plane;
 pub mod secret;

@@ -12,6 +12,7 @@ use wgxdp_dataplane::device::{PeerId, PeerUpdate};
 use wgxdp_dataplane::gateway::{Gateway, GatewayError, PeerSpec};
 use wgxdp_dataplane::noise::peer::PeerConfig;
 use wgxdp_dataplane::noise::{PresharedKey, PublicKey};
+use wgxdp_dataplane::policy::ForwardingPolicy;
 use wgxdp_dataplane::table::IpPrefix;
 
 /// A tunnel as the data plane holds it (one WireGuard peer).
@@ -22,10 +23,12 @@ pub struct Tunnel {
     pub endpoint: Option<SocketAddr>,
     pub allowed_ips: Vec<IpPrefix>,
     pub persistent_keepalive: Option<u16>,
+    /// What the remote site may reach: local networks, firewall rules, default.
+    pub policy: ForwardingPolicy,
 }
 
 /// Live state of one tunnel.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TunnelStatus {
     pub bytes_sent: u64,
     pub bytes_received: u64,
@@ -34,6 +37,22 @@ pub struct TunnelStatus {
     pub handshakes: u64,
     pub last_handshake: Option<SystemTime>,
     pub endpoint: Option<SocketAddr>,
+    /// Packets each firewall rule matched (in rule order) since the rules last changed.
+    pub rule_hits: Vec<u64>,
+}
+
+/// One tunnel's firewall counters, for `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelRuleHits {
+    pub id: String,
+    /// Each rule's name and hits, in rule order.
+    pub rules: Vec<(String, u64)>,
+}
+
+/// Pairs rule names with their counters (a rule without one counts 0: the
+/// counters of rules that changed a moment ago).
+fn named_hits(policy: &ForwardingPolicy, hits: &[u64]) -> Vec<(String, u64)> {
+    policy.rules.iter().enumerate().map(|(i, r)| (r.name.clone(), hits.get(i).copied().unwrap_or(0))).collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +73,8 @@ pub trait DataPlane: Send + Sync + 'static {
     fn status(&self, id: &str) -> Option<TunnelStatus> {
         self.statuses(&[id]).pop().flatten()
     }
+    /// Per-rule firewall counters of every tunnel that has rules, by id.
+    fn firewall_hits(&self) -> Vec<TunnelRuleHits>;
     /// `None` when ready; otherwise why not.
     fn not_ready(&self) -> Option<String>;
     /// Appends Prometheus text for the data plane's own counters.
@@ -67,6 +88,8 @@ pub trait PeerControl: Send + Sync + 'static {
     /// Removes `id`; `Ok(false)` if it was already gone.
     fn remove_peer(&self, id: PeerId) -> Result<bool, GatewayError>;
     fn set_allowed_ips(&self, id: PeerId, prefixes: Vec<IpPrefix>) -> Result<(), GatewayError>;
+    /// Replaces what the peer's remote site may reach; `Ok(false)` if there is no such peer.
+    fn set_policy(&self, id: PeerId, policy: ForwardingPolicy) -> Result<bool, GatewayError>;
     fn update_peer(&self, id: PeerId, update: PeerUpdate) -> Result<bool, GatewayError>;
 }
 
@@ -79,6 +102,9 @@ impl PeerControl for Gateway {
     }
     fn set_allowed_ips(&self, id: PeerId, prefixes: Vec<IpPrefix>) -> Result<(), GatewayError> {
         Gateway::set_allowed_ips(self, id, prefixes)
+    }
+    fn set_policy(&self, id: PeerId, policy: ForwardingPolicy) -> Result<bool, GatewayError> {
+        Gateway::set_policy(self, id, policy)
     }
     fn update_peer(&self, id: PeerId, update: PeerUpdate) -> Result<bool, GatewayError> {
         Gateway::update_peer(self, id, update)
@@ -111,6 +137,7 @@ impl Tunnels {
                 },
                 endpoint: t.endpoint,
                 allowed_ips: t.allowed_ips.clone(),
+                policy: t.policy.clone(),
             })
             .map_err(plane_err)
     }
@@ -135,6 +162,13 @@ impl Tunnels {
                     peers.set_allowed_ips(peer, new.allowed_ips.clone()).map_err(plane_err)?;
                     // Record each confirmed step: a rollback to `old` must undo it.
                     old.allowed_ips = new.allowed_ips.clone();
+                }
+                if old.policy != new.policy {
+                    // In place: the session and the connection table's flows survive.
+                    if !peers.set_policy(peer, new.policy.clone()).map_err(plane_err)? {
+                        return Err(PlaneError("the data plane no longer holds this tunnel's peer".into()));
+                    }
+                    old.policy = new.policy.clone();
                 }
                 let update = PeerUpdate {
                     preshared_key: (old.preshared_key != new.preshared_key).then(|| new.preshared_key.clone()),
@@ -161,6 +195,18 @@ impl Tunnels {
     fn peers(&self, ids: &[&str]) -> Vec<Option<PeerId>> {
         let tunnels = self.lock();
         ids.iter().map(|id| tunnels.get(*id).map(|(peer, _)| *peer)).collect()
+    }
+
+    /// Every tunnel with firewall rules: id, peer and policy, by id.
+    fn with_rules(&self) -> Vec<(String, PeerId, ForwardingPolicy)> {
+        let tunnels = self.lock();
+        let mut out: Vec<_> = tunnels
+            .iter()
+            .filter(|(_, (_, t))| !t.policy.rules.is_empty())
+            .map(|(id, (peer, t))| (id.clone(), *peer, t.policy.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 }
 
@@ -223,8 +269,23 @@ impl DataPlane for GatewayPlane {
                     handshakes: s.stats.handshakes,
                     last_handshake: s.last_handshake,
                     endpoint: s.endpoint,
+                    rule_hits: s.rule_hits,
                 })
             })
+            .collect()
+    }
+
+    fn firewall_hits(&self) -> Vec<TunnelRuleHits> {
+        let tunnels = self.tunnels.with_rules();
+        if tunnels.is_empty() {
+            return Vec::new();
+        }
+        // One trip to the control thread, for the tunnels that have rules only.
+        let live = self.gateway.peer_statuses(tunnels.iter().map(|(_, peer, _)| *peer).collect());
+        tunnels
+            .into_iter()
+            .zip(live)
+            .filter_map(|((id, _, policy), s)| Some(TunnelRuleHits { id, rules: named_hits(&policy, &s?.rule_hits) }))
             .collect()
     }
 
@@ -256,6 +317,26 @@ impl DataPlane for GatewayPlane {
         for (name, v) in &stats.slow_path {
             let _ = writeln!(out, "wgxdp_queue_packets_total{{queue=\"kernel\",counter=\"{name}\"}} {v}");
         }
+        write_conntrack_metrics(out, &stats.conntrack);
+    }
+}
+
+/// The connection table's numbers (`GatewayStats::conntrack`): its capacity
+/// and live flows are gauges, everything else counts events.
+pub fn write_conntrack_metrics(out: &mut String, conntrack: &[(&'static str, u64)]) {
+    for (name, v) in conntrack {
+        let (metric, kind, help) = match *name {
+            "conntrack_capacity" => (format!("wgxdp_{name}"), "gauge", "Flows the connection table holds at most."),
+            "conntrack_flows" => (
+                format!("wgxdp_{name}"),
+                "gauge",
+                "Flows opened from the site side that the connection table tracks now.",
+            ),
+            _ => (format!("wgxdp_{name}_total"), "counter", "Connection table events (see the metric's name)."),
+        };
+        let _ = writeln!(out, "# HELP {metric} {help}");
+        let _ = writeln!(out, "# TYPE {metric} {kind}");
+        let _ = writeln!(out, "{metric} {v}");
     }
 }
 
@@ -320,7 +401,22 @@ impl DataPlane for MemoryPlane {
     fn statuses(&self, ids: &[&str]) -> Vec<Option<TunnelStatus>> {
         let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
         let statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
-        ids.iter().map(|id| tunnels.contains_key(*id).then(|| statuses.get(*id).copied().unwrap_or_default())).collect()
+        ids.iter().map(|id| tunnels.contains_key(*id).then(|| statuses.get(*id).cloned().unwrap_or_default())).collect()
+    }
+
+    fn firewall_hits(&self) -> Vec<TunnelRuleHits> {
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        let statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<TunnelRuleHits> = tunnels
+            .iter()
+            .filter(|(_, t)| !t.policy.rules.is_empty())
+            .map(|(id, t)| {
+                let hits = statuses.get(id).map(|s| s.rule_hits.as_slice()).unwrap_or_default();
+                TunnelRuleHits { id: id.clone(), rules: named_hits(&t.policy, hits) }
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
     }
 
     fn not_ready(&self) -> Option<String> {
@@ -341,9 +437,13 @@ mod tests {
     #[derive(Default)]
     struct FakePeers {
         live: Mutex<HashMap<PeerId, (PublicKey, Vec<IpPrefix>)>>,
+        policies: Mutex<HashMap<PeerId, ForwardingPolicy>>,
         next: AtomicU32,
         fail_remove: AtomicBool,
         fail_update: AtomicBool,
+        fail_policy: AtomicBool,
+        removes: AtomicU32,
+        policy_changes: AtomicU32,
     }
 
     fn timeout() -> GatewayError {
@@ -360,13 +460,23 @@ mod tests {
         fn add_peer(&self, spec: PeerSpec) -> Result<PeerId, GatewayError> {
             let id = self.next.fetch_add(1, Ordering::Relaxed);
             self.live.lock().unwrap().insert(id, (spec.config.public_key, spec.allowed_ips));
+            self.policies.lock().unwrap().insert(id, spec.policy);
             Ok(id)
         }
         fn remove_peer(&self, id: PeerId) -> Result<bool, GatewayError> {
             if self.fail_remove.load(Ordering::Relaxed) {
                 return Err(timeout());
             }
+            self.removes.fetch_add(1, Ordering::Relaxed);
+            self.policies.lock().unwrap().remove(&id);
             Ok(self.live.lock().unwrap().remove(&id).is_some())
+        }
+        fn set_policy(&self, id: PeerId, policy: ForwardingPolicy) -> Result<bool, GatewayError> {
+            if self.fail_policy.load(Ordering::Relaxed) {
+                return Err(timeout());
+            }
+            self.policy_changes.fetch_add(1, Ordering::Relaxed);
+            Ok(self.policies.lock().unwrap().get_mut(&id).map(|p| *p = policy).is_some())
         }
         fn set_allowed_ips(&self, id: PeerId, prefixes: Vec<IpPrefix>) -> Result<(), GatewayError> {
             if let Some(p) = self.live.lock().unwrap().get_mut(&id) {
@@ -389,6 +499,88 @@ mod tests {
             endpoint: Some("192.0.2.1:51820".parse().unwrap()),
             allowed_ips: vec![cidr.parse().unwrap()],
             persistent_keepalive: None,
+            policy: ForwardingPolicy::allow_local(vec!["10.50.0.0/24".parse().unwrap()]),
+        }
+    }
+
+    fn deny_ssh(mut policy: ForwardingPolicy) -> ForwardingPolicy {
+        policy.rules.push(wgxdp_dataplane::policy::FirewallRule {
+            name: "no ssh".into(),
+            protocol: wgxdp_dataplane::policy::RuleProtocol::Tcp,
+            ports: Some(wgxdp_dataplane::policy::PortRange { first: 22, last: 22 }),
+            source: None,
+            destination: None,
+            action: wgxdp_dataplane::policy::RuleAction::Deny,
+        });
+        policy.default_action = wgxdp_dataplane::policy::RuleAction::Deny;
+        policy
+    }
+
+    #[test]
+    fn a_policy_change_is_applied_in_place() {
+        let (peers, tunnels) = (FakePeers::default(), Tunnels::default());
+        let old = tunnel("10.1.0.0/16");
+        tunnels.apply(&peers, "vpn_a", &old).unwrap();
+        assert_eq!(peers.policies.lock().unwrap()[&0], old.policy, "a new peer starts with its policy");
+        let new = Tunnel { policy: deny_ssh(old.policy.clone()), ..old.clone() };
+        tunnels.apply(&peers, "vpn_a", &new).unwrap();
+        assert_eq!(peers.policy_changes.load(Ordering::Relaxed), 1);
+        assert_eq!(peers.removes.load(Ordering::Relaxed), 0, "no remove and add: the session survives");
+        assert_eq!(tunnels.peers(&["vpn_a"]), vec![Some(0)], "the same peer");
+        assert_eq!(peers.policies.lock().unwrap()[&0], new.policy);
+        // Applying the same tunnel again changes nothing.
+        tunnels.apply(&peers, "vpn_a", &new).unwrap();
+        assert_eq!(peers.policy_changes.load(Ordering::Relaxed), 1);
+        // A key change replaces the peer, which starts with the new policy.
+        let rekeyed = Tunnel { public_key: PrivateKey::generate().public_key(), ..new.clone() };
+        tunnels.apply(&peers, "vpn_a", &rekeyed).unwrap();
+        assert_eq!(peers.policies.lock().unwrap().values().cloned().collect::<Vec<_>>(), vec![new.policy]);
+    }
+
+    #[test]
+    fn a_refused_policy_change_is_undone_with_the_rest_of_the_change() {
+        let (peers, tunnels) = (FakePeers::default(), Tunnels::default());
+        let old = tunnel("10.1.0.0/16");
+        tunnels.apply(&peers, "vpn_a", &old).unwrap();
+        let new = Tunnel {
+            allowed_ips: vec!["10.2.0.0/16".parse().unwrap()],
+            policy: deny_ssh(old.policy.clone()),
+            ..old.clone()
+        };
+        peers.fail_policy.store(true, Ordering::Relaxed);
+        assert!(tunnels.apply(&peers, "vpn_a", &new).is_err());
+        assert_eq!(peers.live()[0].1, new.allowed_ips, "the prefixes changed before the policy failed");
+        assert_eq!(peers.policies.lock().unwrap()[&0], old.policy);
+        peers.fail_policy.store(false, Ordering::Relaxed);
+        tunnels.apply(&peers, "vpn_a", &old).unwrap();
+        assert_eq!(peers.live(), vec![(old.public_key, old.allowed_ips.clone())]);
+        assert_eq!(peers.policies.lock().unwrap()[&0], old.policy);
+        // A policy applied, then the update failing: the rollback restores the policy too.
+        peers.fail_update.store(true, Ordering::Relaxed);
+        let psk_and_policy = Tunnel { preshared_key: PresharedKey::generate(), ..new.clone() };
+        assert!(tunnels.apply(&peers, "vpn_a", &psk_and_policy).is_err());
+        assert_eq!(peers.policies.lock().unwrap()[&0], new.policy);
+        peers.fail_update.store(false, Ordering::Relaxed);
+        tunnels.apply(&peers, "vpn_a", &old).unwrap();
+        assert_eq!(peers.policies.lock().unwrap()[&0], old.policy);
+    }
+
+    #[test]
+    fn conntrack_numbers_are_gauges_and_counters() {
+        let mut out = String::new();
+        write_conntrack_metrics(
+            &mut out,
+            &[("conntrack_capacity", 65536), ("conntrack_flows", 3), ("conntrack_evictions", 7)],
+        );
+        for line in [
+            "# TYPE wgxdp_conntrack_capacity gauge",
+            "wgxdp_conntrack_capacity 65536",
+            "# TYPE wgxdp_conntrack_flows gauge",
+            "wgxdp_conntrack_flows 3",
+            "# TYPE wgxdp_conntrack_evictions_total counter",
+            "wgxdp_conntrack_evictions_total 7",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing:\n{out}");
         }
     }
 

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use wgxdp_dataplane::gateway::{interface_addresses, interface_addrs, Gateway, GatewayConfig};
+use wgxdp_dataplane::gateway::{interface_addresses, interface_addrs, interface_networks, Gateway, GatewayConfig};
 use wgxdp_dataplane::loader::{self, DetachError};
 use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::xsk::XskConfig;
@@ -43,7 +43,7 @@ fn prepare_api(config: ApiConfig, static_peers: Vec<StaticPeer>) -> anyhow::Resu
 }
 
 pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Result<()> {
-    let cfg = Config::load(config_path)?;
+    let mut cfg = Config::load(config_path)?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
@@ -60,6 +60,17 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
     let listen_port = cfg.listen_port;
     // The site's own addresses: no API tunnel may route them.
     let lan_addresses = interface_addresses(&cfg.lan);
+    // What a `[[peer]]` site reaches when neither it nor `[api] site_cidr` says.
+    let lan_networks = interface_networks(&cfg.lan);
+    if lan_networks.is_empty() && cfg.peers.iter().any(|p| p.policy.local_networks.is_empty()) {
+        tracing::warn!(lan = %cfg.lan, "the LAN interface has no networks: peers without `local_networks` reach nothing");
+    }
+    cfg.default_local_networks(&lan_networks);
+    for p in &cfg.peers {
+        let nets: Vec<String> = p.policy.local_networks.iter().map(ToString::to_string).collect();
+        tracing::info!(peer = %p.config.public_key, local_networks = %nets.join(", "),
+            firewall_default = p.policy.default_action.as_str(), "configuration peer");
+    }
     take_over(&cfg.wan, &cfg.lan)?;
     let gateway = Gateway::start(GatewayConfig {
         wan_interface: cfg.wan,
@@ -74,6 +85,8 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
         tunnel_mtu: cfg.tunnel_mtu,
         lan_next_hop: cfg.lan_next_hop,
         handshake_queue: 4096,
+        tracked_flows: cfg.tracked_flows,
+        host_interface: cfg.host_interface,
         backend: AeadBackend::default(),
     })?;
     let plane = Arc::new(GatewayPlane::new(gateway, listen_port));
@@ -237,6 +250,8 @@ fn log_stats(gateway: &Gateway) {
     println!("wgxdp: stats kernel-slow-path {}", nonzero.join(" "));
     let nonzero: Vec<String> = stats.control.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     println!("wgxdp: stats control {}", nonzero.join(" "));
+    let conntrack: Vec<String> = stats.conntrack.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("wgxdp: stats conntrack {}", conntrack.join(" "));
     for (q, w) in stats.workers.iter().enumerate() {
         let nonzero: Vec<String> = w.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
         println!("wgxdp: stats queue{q} {}", nonzero.join(" "));

@@ -2,7 +2,13 @@
 //! 0600) holding the VPN gateways and the hashed API keys. Every write is
 //! committed (and fsynced) before it returns, so an acknowledged change
 //! survives `kill -9`. All calls block: the API runs them off the async runtime.
+//!
+//! Lists (additional networks, firewall rules) are JSON in TEXT columns. A
+//! database from before a column existed gains it on open (`ADDED_COLUMNS`),
+//! and a stored value that cannot be read back is a `StoreError::Corrupt`
+//! naming the gateway and the column.
 
+use crate::firewall::{rule_texts, FirewallRuleText};
 use crate::secret::SecretString;
 use base64::Engine;
 use blake2::{Blake2s256, Digest};
@@ -12,6 +18,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
+use wgxdp_dataplane::policy::{FirewallRule, RuleAction};
+use wgxdp_dataplane::table::IpPrefix;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -20,9 +28,35 @@ pub enum StoreError {
     #[error("a live gateway already uses this remote public key")]
     DuplicateKey,
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+    #[error("database: {0}")]
+    Corrupt(CorruptValue),
+    #[error("cannot encode a value for the database: {0}")]
+    Encode(#[from] serde_json::Error),
     #[error("database error: write failed (injected fault)")]
     InjectedFault,
+}
+
+/// A stored value that does not decode (edited by hand, or written by a
+/// newer version): which gateway, which column, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("gateway {id}: the stored {column} cannot be read ({reason}); correct or remove that row")]
+pub struct CorruptValue {
+    pub id: String,
+    pub column: &'static str,
+    pub reason: String,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        // `record` reports undecodable values through rusqlite's conversion error.
+        if let rusqlite::Error::FromSqlConversionFailure(_, _, inner) = &e {
+            if let Some(corrupt) = inner.downcast_ref::<CorruptValue>() {
+                return Self::Corrupt(corrupt.clone());
+            }
+        }
+        Self::Sqlite(e)
+    }
 }
 
 /// Where a gateway is in its lifecycle.
@@ -77,6 +111,14 @@ pub struct GatewayRecord {
     pub remote_public_key: String,
     pub pre_shared_key: SecretString,
     pub persistent_keepalive: Option<u16>,
+    /// Remote networks routed into the tunnel besides `remote_network_cidr`.
+    pub additional_remote_network_cidrs: Vec<IpPrefix>,
+    /// Networks of this site the remote site may reach besides `local_network_cidr`.
+    pub additional_local_network_cidrs: Vec<IpPrefix>,
+    /// Rules on traffic from the remote site, in evaluation order.
+    pub firewall: Vec<FirewallRule>,
+    /// What happens to traffic from the remote site no rule matches.
+    pub firewall_default: RuleAction,
     /// Unix milliseconds.
     pub created_at: i64,
     pub updated_at: i64,
@@ -91,6 +133,13 @@ pub struct GatewayChanges {
     pub remote_peer_port: Option<u16>,
     pub pre_shared_key: Option<SecretString>,
     pub persistent_keepalive: Option<Option<u16>>,
+    /// Replaces the whole list.
+    pub additional_remote_network_cidrs: Option<Vec<IpPrefix>>,
+    /// Replaces the whole list.
+    pub additional_local_network_cidrs: Option<Vec<IpPrefix>>,
+    /// Replaces every rule.
+    pub firewall: Option<Vec<FirewallRule>>,
+    pub firewall_default: Option<RuleAction>,
 }
 
 impl GatewayRecord {
@@ -112,6 +161,18 @@ impl GatewayRecord {
         }
         if let Some(v) = c.persistent_keepalive {
             self.persistent_keepalive = v;
+        }
+        if let Some(v) = &c.additional_remote_network_cidrs {
+            self.additional_remote_network_cidrs = v.clone();
+        }
+        if let Some(v) = &c.additional_local_network_cidrs {
+            self.additional_local_network_cidrs = v.clone();
+        }
+        if let Some(v) = &c.firewall {
+            self.firewall = v.clone();
+        }
+        if let Some(v) = c.firewall_default {
+            self.firewall_default = v;
         }
     }
 }
@@ -168,6 +229,9 @@ struct WriteFaults {
     fail: u32,
 }
 
+/// The first schema. Columns added since are in `ADDED_COLUMNS`, which every
+/// open applies where missing (to new databases too), so each column is
+/// declared once.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS gateways (
     seq                  INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -196,8 +260,61 @@ CREATE TABLE IF NOT EXISTS api_keys (
 );
 ";
 
+/// Columns of `gateways` added after the first schema, with the value rows
+/// that predate them get: no additional networks, no rules, default allow
+/// (what those gateways did before rules existed).
+const ADDED_COLUMNS: [(&str, &str); 4] = [
+    ("additional_remote_network_cidrs", "TEXT NOT NULL DEFAULT '[]'"),
+    ("additional_local_network_cidrs", "TEXT NOT NULL DEFAULT '[]'"),
+    ("firewall", "TEXT NOT NULL DEFAULT '[]'"),
+    ("firewall_default", "TEXT NOT NULL DEFAULT 'allow'"),
+];
+
 const COLUMNS: &str = "id, seq, name, status, region, local_network_cidr, remote_network_cidr, remote_peer_ip, \
-                       remote_peer_port, remote_public_key, pre_shared_key, persistent_keepalive, created_at, updated_at";
+                       remote_peer_port, remote_public_key, pre_shared_key, persistent_keepalive, created_at, updated_at, \
+                       additional_remote_network_cidrs, additional_local_network_cidrs, firewall, firewall_default";
+
+/// Adds the columns of `ADDED_COLUMNS` that `gateways` lacks, in one transaction.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let present: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('gateways')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let missing: Vec<_> = ADDED_COLUMNS.iter().filter(|(name, _)| !present.iter().any(|p| p == name)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let had_rows: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM gateways)", [], |r| r.get(0))?;
+    let tx = conn.unchecked_transaction()?;
+    for (name, declaration) in &missing {
+        tx.execute_batch(&format!("ALTER TABLE gateways ADD COLUMN {name} {declaration}"))?;
+    }
+    tx.commit()?;
+    if had_rows {
+        let names: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
+        tracing::info!(columns = %names.join(", "), "database migrated: existing gateways gained columns");
+    }
+    Ok(())
+}
+
+fn encode_prefixes(prefixes: &[IpPrefix]) -> Result<String, StoreError> {
+    Ok(serde_json::to_string(&prefixes.iter().map(ToString::to_string).collect::<Vec<_>>())?)
+}
+
+fn encode_rules(rules: &[FirewallRule]) -> Result<String, StoreError> {
+    Ok(serde_json::to_string(&rule_texts(rules))?)
+}
+
+fn decode_prefixes(json: &str) -> Result<Vec<IpPrefix>, String> {
+    let texts: Vec<String> = serde_json::from_str(json).map_err(|e| format!("not a JSON list of strings: {e}"))?;
+    texts.iter().map(|s| s.parse::<IpPrefix>().map_err(|e| format!("`{s}`: {e}"))).collect()
+}
+
+fn decode_rules(json: &str) -> Result<Vec<FirewallRule>, String> {
+    let texts: Vec<FirewallRuleText> =
+        serde_json::from_str(json).map_err(|e| format!("not a JSON list of rules: {e}"))?;
+    crate::firewall::parse_rules(&texts).map_err(|(i, e)| format!("rule {i}: {e}"))
+}
 
 pub fn now_millis() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -217,11 +334,27 @@ fn hash_api_key(secret: &str) -> String {
 }
 
 fn record(row: &Row<'_>) -> rusqlite::Result<GatewayRecord> {
+    let id: String = row.get(0)?;
     let status: String = row.get(3)?;
     let port: i64 = row.get(8)?;
     let keepalive: Option<i64> = row.get(11)?;
+    // A value that does not decode, as a conversion error `StoreError` recognises.
+    let decode = |index: usize, column: &'static str, reason: String| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            Box::new(CorruptValue { id: id.clone(), column, reason }),
+        )
+    };
+    let additional_remote_network_cidrs =
+        decode_prefixes(&row.get::<_, String>(14)?).map_err(|r| decode(14, "additional_remote_network_cidrs", r))?;
+    let additional_local_network_cidrs =
+        decode_prefixes(&row.get::<_, String>(15)?).map_err(|r| decode(15, "additional_local_network_cidrs", r))?;
+    let firewall = decode_rules(&row.get::<_, String>(16)?).map_err(|r| decode(16, "firewall", r))?;
+    let firewall_default =
+        crate::firewall::parse_action(&row.get::<_, String>(17)?).map_err(|r| decode(17, "firewall_default", r))?;
     Ok(GatewayRecord {
-        id: row.get(0)?,
+        id: id.clone(),
         seq: row.get(1)?,
         name: row.get(2)?,
         status: Status::parse(&status).unwrap_or(Status::Deleted),
@@ -233,6 +366,10 @@ fn record(row: &Row<'_>) -> rusqlite::Result<GatewayRecord> {
         remote_public_key: row.get(9)?,
         pre_shared_key: SecretString::new(row.get(10)?),
         persistent_keepalive: keepalive.and_then(|k| u16::try_from(k).ok()),
+        additional_remote_network_cidrs,
+        additional_local_network_cidrs,
+        firewall,
+        firewall_default,
         created_at: row.get(12)?,
         updated_at: row.get(13)?,
     })
@@ -256,6 +393,7 @@ impl Store {
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn).map_err(|e| err(format!("cannot migrate the schema: {e}")))?;
         // The WAL and shared-memory files hold the same data: same mode.
         for suffix in ["-wal", "-shm"] {
             let side = format!("{}{suffix}", path.display());
@@ -336,11 +474,15 @@ impl Store {
     /// Inserts a new gateway and returns it with its sequence number.
     pub fn insert(&self, mut g: GatewayRecord) -> Result<GatewayRecord, StoreError> {
         self.check_write()?;
+        let (additional_remote, additional_local) =
+            (encode_prefixes(&g.additional_remote_network_cidrs)?, encode_prefixes(&g.additional_local_network_cidrs)?);
+        let firewall = encode_rules(&g.firewall)?;
         let conn = self.conn();
         let r = conn.execute(
             "INSERT INTO gateways (id, name, status, region, local_network_cidr, remote_network_cidr, remote_peer_ip,
-                 remote_peer_port, remote_public_key, pre_shared_key, persistent_keepalive, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 remote_peer_port, remote_public_key, pre_shared_key, persistent_keepalive, created_at, updated_at,
+                 additional_remote_network_cidrs, additional_local_network_cidrs, firewall, firewall_default)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             params![
                 g.id,
                 g.name,
@@ -354,7 +496,11 @@ impl Store {
                 g.pre_shared_key.expose(),
                 g.persistent_keepalive.map(i64::from),
                 g.created_at,
-                g.updated_at
+                g.updated_at,
+                additional_remote,
+                additional_local,
+                firewall,
+                g.firewall_default.as_str()
             ],
         );
         match r {
@@ -403,11 +549,16 @@ impl Store {
     /// Writes every mutable field of `g` (and its `updated_at`).
     pub fn save(&self, g: &GatewayRecord) -> Result<(), StoreError> {
         self.check_write()?;
+        let (additional_remote, additional_local) =
+            (encode_prefixes(&g.additional_remote_network_cidrs)?, encode_prefixes(&g.additional_local_network_cidrs)?);
+        let firewall = encode_rules(&g.firewall)?;
         let conn = self.conn();
         let old = Self::status_of(&conn, &g.id)?;
         let n = conn.execute(
             "UPDATE gateways SET name = ?2, remote_network_cidr = ?3, remote_peer_ip = ?4, remote_peer_port = ?5,
-                 pre_shared_key = ?6, persistent_keepalive = ?7, status = ?8, updated_at = ?9 WHERE id = ?1",
+                 pre_shared_key = ?6, persistent_keepalive = ?7, status = ?8, updated_at = ?9,
+                 additional_remote_network_cidrs = ?10, additional_local_network_cidrs = ?11, firewall = ?12,
+                 firewall_default = ?13 WHERE id = ?1",
             params![
                 g.id,
                 g.name,
@@ -417,7 +568,11 @@ impl Store {
                 g.pre_shared_key.expose(),
                 g.persistent_keepalive.map(i64::from),
                 g.status.as_str(),
-                g.updated_at
+                g.updated_at,
+                additional_remote,
+                additional_local,
+                firewall,
+                g.firewall_default.as_str()
             ],
         )?;
         if n > 0 {
@@ -524,8 +679,22 @@ mod tests {
             remote_public_key: key.into(),
             pre_shared_key: SecretString::new("psk".into()),
             persistent_keepalive: Some(25),
+            additional_remote_network_cidrs: Vec::new(),
+            additional_local_network_cidrs: Vec::new(),
+            firewall: Vec::new(),
+            firewall_default: RuleAction::Allow,
             created_at: now,
             updated_at: now,
+        }
+    }
+
+    fn rule(json: serde_json::Value) -> FirewallRule {
+        serde_json::from_value::<FirewallRuleText>(json).unwrap().to_rule().unwrap()
+    }
+
+    fn remove_db(path: &Path) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }
     }
 
@@ -563,6 +732,103 @@ mod tests {
         let again = store.get(&b.id).unwrap().unwrap();
         assert_eq!((again.name.as_str(), again.persistent_keepalive), ("gamma", None));
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn networks_and_firewall_round_trip_and_survive_a_reopen() {
+        let (path, store) = temp_db();
+        let mut g = sample("policy", "K1");
+        g.additional_remote_network_cidrs = vec!["10.201.0.0/16".parse().unwrap(), "fd20::/64".parse().unwrap()];
+        g.additional_local_network_cidrs = vec!["10.51.0.0/24".parse().unwrap()];
+        g.firewall = vec![
+            rule(serde_json::json!({"name":"Allow ICMP","protocol":"icmp","port":"1-65535",
+                "source":"0.0.0.0/0","destination":"0.0.0.0/0"})),
+            rule(serde_json::json!({"name":"say \"hi\"\\","protocol":"tcp","port":"22","action":"deny"})),
+        ];
+        g.firewall_default = RuleAction::Deny;
+        let g = store.insert(g).unwrap();
+        assert_eq!(store.get(&g.id).unwrap().unwrap(), g);
+        let mut changed = g.clone();
+        changed.apply(&GatewayChanges {
+            additional_remote_network_cidrs: Some(Vec::new()),
+            firewall: Some(vec![rule(serde_json::json!({"name":"web","protocol":"udp","port":"8000-8080"}))]),
+            firewall_default: Some(RuleAction::Allow),
+            ..Default::default()
+        });
+        store.save(&changed).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let again = store.get(&g.id).unwrap().unwrap();
+        assert_eq!(again, changed);
+        assert_eq!(again.additional_local_network_cidrs, g.additional_local_network_cidrs, "untouched by the change");
+        assert_eq!(store.live().unwrap(), vec![changed]);
+        drop(store);
+        remove_db(&path);
+    }
+
+    /// The `gateways` table as the first release created it.
+    const FIRST_SCHEMA: &str = "
+        CREATE TABLE gateways (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+            status TEXT NOT NULL, region TEXT NOT NULL, local_network_cidr TEXT NOT NULL,
+            remote_network_cidr TEXT NOT NULL, remote_peer_ip TEXT NOT NULL, remote_peer_port INTEGER NOT NULL,
+            remote_public_key TEXT NOT NULL, pre_shared_key TEXT NOT NULL, persistent_keepalive INTEGER,
+            created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+        CREATE UNIQUE INDEX gateways_live_key ON gateways(remote_public_key) WHERE status != 'deleted';
+        INSERT INTO gateways (id, name, status, region, local_network_cidr, remote_network_cidr, remote_peer_ip,
+            remote_peer_port, remote_public_key, pre_shared_key, persistent_keepalive, created_at, updated_at)
+        VALUES ('vpn_old', 'old-site', 'active', 'eu', '10.50.0.0/24', '10.9.0.0/16', '192.0.2.9', 51820, 'K9',
+            'psk', NULL, 1000, 2000);";
+
+    #[test]
+    fn a_database_of_the_first_schema_is_migrated_on_open() {
+        let path = std::env::temp_dir().join(format!("{}.db", random_id("wgxdp-store-old-")));
+        Connection::open(&path).unwrap().execute_batch(FIRST_SCHEMA).unwrap();
+        let store = Store::open(&path).unwrap();
+        let old = store.get("vpn_old").unwrap().expect("the old gateway is still there");
+        assert_eq!(
+            (old.name.as_str(), old.remote_network_cidr.as_str(), old.updated_at),
+            ("old-site", "10.9.0.0/16", 2000)
+        );
+        assert!(old.additional_remote_network_cidrs.is_empty() && old.additional_local_network_cidrs.is_empty());
+        assert!(old.firewall.is_empty());
+        assert_eq!(old.firewall_default, RuleAction::Allow, "what the gateway did before rules existed");
+        assert_eq!(store.status_counts()[1], (Status::Active, 1));
+        // The new columns take writes, and opening again changes nothing.
+        let mut changed = old.clone();
+        changed.firewall = vec![rule(serde_json::json!({"name":"ssh","protocol":"tcp","port":"22"}))];
+        store.save(&changed).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.live().unwrap(), vec![changed]);
+        drop(store);
+        remove_db(&path);
+    }
+
+    #[test]
+    fn a_stored_value_that_does_not_decode_is_a_clear_error() {
+        let (path, store) = temp_db();
+        let g = store.insert(sample("corrupt", "K1")).unwrap();
+        for (column, value, says) in [
+            ("firewall", "[{\"name\":\"x\",\"protocol\":\"gre\"}]", "rule 0: protocol"),
+            ("firewall", "not json", "not a JSON list of rules"),
+            ("additional_local_network_cidrs", "[\"10.1.2.3/16\"]", "10.1.2.3/16"),
+            ("additional_remote_network_cidrs", "{}", "not a JSON list"),
+            ("firewall_default", "maybe", "allow or deny"),
+        ] {
+            store.conn().execute(&format!("UPDATE gateways SET {column} = ?1"), [value]).unwrap();
+            let err = store.get(&g.id).unwrap_err();
+            let StoreError::Corrupt(c) = &err else { panic!("{column}: {err:?}") };
+            assert_eq!((c.id.as_str(), c.column), (g.id.as_str(), column));
+            let shown = err.to_string();
+            assert!(shown.contains(&g.id) && shown.contains(column) && shown.contains(says), "{shown}");
+            assert!(matches!(store.live(), Err(StoreError::Corrupt(_))));
+            let default = if column == "firewall_default" { "allow" } else { "[]" };
+            store.conn().execute(&format!("UPDATE gateways SET {column} = ?1"), [default]).unwrap();
+        }
+        assert_eq!(store.get(&g.id).unwrap().unwrap(), g);
+        drop(store);
+        remove_db(&path);
     }
 
     #[test]

@@ -187,6 +187,7 @@ async fn create_get_update_delete_lifecycle() {
             handshakes: 1,
             last_handshake: Some(SystemTime::now() - Duration::from_secs(5)),
             endpoint: Some("203.0.113.200:40000".parse().unwrap()),
+            rule_hits: Vec::new(),
         },
     );
     let r = api.call(Method::GET, &format!("/api/v1/vpn-gateways/{id}/status"), None).await;
@@ -808,4 +809,397 @@ async fn a_tunnel_cannot_claim_the_sites_own_addresses() {
     // A neighbouring network is fine.
     let r = api.create(new_gateway("next-door", "10.50.1.0/24")).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+}
+
+/// The seed-004 example rule, exactly as the seed shows it.
+fn seed_rule() -> Value {
+    json!({"name":"Allow ICMP","protocol":"icmp","port":"1-65535","source":"0.0.0.0/0","destination":"0.0.0.0/0"})
+}
+
+fn gateway_uri(id: &str) -> String {
+    format!("/api/v1/vpn-gateways/{id}")
+}
+
+fn id_of(r: &Reply) -> String {
+    assert!(r.status.is_success(), "{}", r.text);
+    r.body["data"]["id"].as_str().unwrap().to_owned()
+}
+
+fn prefixes(list: &[&str]) -> Vec<wgxdp_dataplane::table::IpPrefix> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn networks_and_firewall_in_every_view_and_in_the_data_plane() {
+    let api = Api::new(1000);
+    let mut body = new_gateway("policy-site", "10.1.0.0/16");
+    body["additional_remote_network_cidrs"] = json!(["10.2.0.0/16", "fd01::/64"]);
+    body["additional_local_network_cidrs"] = json!(["10.51.0.0/24", "fd50::/64"]);
+    let ping_gateway = json!({"name":"ping gateway","protocol":"icmp","destination":"10.50.0.1/32","action":"allow"});
+    let no_ssh = json!({"name":"no ssh","protocol":"tcp","port":"22","source":"10.1.0.0/16","action":"deny"});
+    body["firewall"] = json!([seed_rule(), ping_gateway, no_ssh]);
+    body["firewall_default"] = json!("deny");
+    let r = api.create(body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = id_of(&r);
+    // Normalised as given: the seed rule comes back as sent, plus its (default) action.
+    let mut seed_echo = seed_rule();
+    seed_echo["action"] = json!("allow");
+    let expected_rules = json!([seed_echo, ping_gateway, no_ssh]);
+    for r in [
+        r,
+        api.call(Method::GET, &gateway_uri(&id), None).await,
+        api.call(Method::GET, "/api/v1/vpn-gateways", None).await,
+    ] {
+        let g = if r.body["data"].is_array() { r.body["data"][0].clone() } else { r.body["data"].clone() };
+        assert_eq!(g["additional_remote_network_cidrs"], json!(["10.2.0.0/16", "fd01::/64"]), "{}", r.text);
+        assert_eq!(g["additional_local_network_cidrs"], json!(["10.51.0.0/24", "fd50::/64"]));
+        assert_eq!(g["firewall"], expected_rules);
+        assert_eq!(g["firewall_default"], "deny");
+    }
+    let t = api.plane.tunnel(&id).unwrap();
+    assert_eq!(t.allowed_ips, prefixes(&["10.1.0.0/16", "10.2.0.0/16", "fd01::/64"]));
+    assert_eq!(t.policy.local_networks, prefixes(&["10.50.0.0/24", "10.51.0.0/24", "fd50::/64"]));
+    assert_eq!(t.policy.default_action, wgxdp_dataplane::policy::RuleAction::Deny);
+    let names: Vec<&str> = t.policy.rules.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["Allow ICMP", "ping gateway", "no ssh"], "in order");
+    // The remote side's configuration routes every local network into the tunnel.
+    let r = api.call(Method::GET, &format!("{}/config", gateway_uri(&id)), None).await;
+    assert!(r.text.contains("AllowedIPs = 10.50.0.0/24, 10.51.0.0/24, fd50::/64\n"), "{}", r.text);
+    // Without them: empty lists, no rules, default allow (always present).
+    let r = api.create(new_gateway("plain-site", "10.3.0.0/16")).await;
+    let g = &r.body["data"];
+    assert_eq!(
+        (&g["additional_remote_network_cidrs"], &g["additional_local_network_cidrs"], &g["firewall"]),
+        (&json!([]), &json!([]), &json!([]))
+    );
+    assert_eq!(g["firewall_default"], "allow");
+    let t = api.plane.tunnel(&id_of(&r)).unwrap();
+    assert_eq!((t.allowed_ips, t.policy.local_networks), (prefixes(&["10.3.0.0/16"]), prefixes(&["10.50.0.0/24"])));
+    assert!(t.policy.rules.is_empty());
+}
+
+#[tokio::test]
+async fn firewall_and_network_errors_name_the_field() {
+    let api = Api::with(ApiSettings { lan_addresses: vec!["192.168.7.1".parse().unwrap()], ..settings() });
+    let rule = |extra: Value| {
+        let mut r = json!({"name": "r", "protocol": "tcp"});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    };
+    let too_many_rules: Vec<Value> = (0..257).map(|i| rule(json!({"name": format!("r{i}")}))).collect();
+    let too_many_nets: Vec<String> = (0..64).map(|i| format!("10.200.{i}.0/24")).collect();
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        ("firewall", json!([rule(json!({})), {"protocol": "tcp"}]), "firewall[1].name", "required"),
+        ("firewall", json!([rule(json!({"name": ""}))]), "firewall[0].name", "1-64"),
+        ("firewall", json!([rule(json!({"name": "x".repeat(65)}))]), "firewall[0].name", "1-64"),
+        ("firewall", json!([rule(json!({"name": "a\tb"}))]), "firewall[0].name", "control"),
+        ("firewall", json!([{"name": "x"}]), "firewall[0].protocol", "tcp, udp, icmp or any"),
+        ("firewall", json!([rule(json!({"protocol": "gre"}))]), "firewall[0].protocol", "tcp, udp, icmp or any"),
+        ("firewall", json!([rule(json!({})), rule(json!({"port": "0"}))]), "firewall[1].port", "N-M"),
+        ("firewall", json!([rule(json!({"port": "22-21"}))]), "firewall[0].port", "above its last"),
+        ("firewall", json!([rule(json!({"port": "65536"}))]), "firewall[0].port", "65535"),
+        ("firewall", json!([rule(json!({"protocol": "icmp", "port": "22"}))]), "firewall[0].port", "1-65535"),
+        ("firewall", json!([rule(json!({"protocol": "any", "port": "80"}))]), "firewall[0].port", "no ports"),
+        ("firewall", json!([rule(json!({"source": "10.1.0.1/16"}))]), "firewall[0].source", "10.1.0.0/16"),
+        ("firewall", json!([rule(json!({"destination": "10.50.0.0"}))]), "firewall[0].destination", "CIDR"),
+        (
+            "firewall",
+            json!([rule(json!({"source": "10.0.0.0/8", "destination": "fd50::/64"}))]),
+            "firewall[0].destination",
+            "IP versions",
+        ),
+        ("firewall", json!([rule(json!({"action": "reject"}))]), "firewall[0].action", "allow or deny"),
+        ("firewall", json!(too_many_rules), "firewall", "at most 256"),
+        ("firewall_default", json!("block"), "firewall_default", "allow or deny"),
+        ("additional_remote_network_cidrs", json!(["10.2.0.1/16"]), "additional_remote_network_cidrs[0]", "10.2.0.0"),
+        (
+            "additional_remote_network_cidrs",
+            json!(["10.2.0.0/16", "::/0"]),
+            "additional_remote_network_cidrs[1]",
+            "default route",
+        ),
+        ("additional_remote_network_cidrs", json!(too_many_nets), "additional_remote_network_cidrs", "at most 63"),
+        (
+            "additional_remote_network_cidrs",
+            json!(["10.7.3.0/24"]),
+            "additional_remote_network_cidrs[0]",
+            "overlaps 10.7.0.0/16",
+        ),
+        (
+            "additional_remote_network_cidrs",
+            json!(["10.2.0.0/16", "10.2.0.0/16"]),
+            "additional_remote_network_cidrs[1]",
+            "is also",
+        ),
+        (
+            "additional_remote_network_cidrs",
+            json!(["10.50.0.0/25"]),
+            "additional_remote_network_cidrs[0]",
+            "10.50.0.0/24",
+        ),
+        (
+            "additional_remote_network_cidrs",
+            json!(["192.168.0.0/16"]),
+            "additional_remote_network_cidrs[0]",
+            "LAN interface",
+        ),
+        ("additional_local_network_cidrs", json!(["banana"]), "additional_local_network_cidrs[0]", "CIDR"),
+        (
+            "additional_local_network_cidrs",
+            json!(["10.50.0.0/24"]),
+            "additional_local_network_cidrs[0]",
+            "listed twice",
+        ),
+        (
+            "additional_local_network_cidrs",
+            json!(["10.7.128.0/17"]),
+            "remote_network_cidr",
+            "overlaps the local network 10.7.128.0/17",
+        ),
+    ];
+    for (field, value, expected_field, needle) in cases {
+        let mut body = new_gateway("valid-name", "10.7.0.0/16");
+        body[field] = value.clone();
+        let r = api.create(body).await;
+        assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        let msg = r.body["error"]["message"].as_str().unwrap();
+        assert_eq!(r.body["error"]["field"], expected_field, "{field}={value}: {msg}");
+        assert!(msg.contains(needle), "{field}={value}: `{msg}` lacks `{needle}`");
+        assert!(msg.starts_with(expected_field), "the message names the field: {msg}");
+    }
+    // Wrong JSON shapes and unknown keys inside a rule are malformed requests (400), as elsewhere.
+    for (field, value) in [
+        ("firewall", json!({"name": "x"})),
+        ("firewall", json!([rule(json!({"port": 22}))])),
+        ("firewall", json!([rule(json!({"ports": "22"}))])),
+        ("additional_local_network_cidrs", json!("10.51.0.0/24")),
+    ] {
+        let mut body = new_gateway("valid-name", "10.7.0.0/16");
+        body[field] = value;
+        assert_error(&api.create(body).await, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    assert!(api.store.live().unwrap().is_empty(), "nothing was stored");
+    assert!(api.plane.tunnels.lock().unwrap().is_empty(), "nothing reached the data plane");
+    // The seed's example is accepted as it is, and so are 256 rules and 63 networks.
+    let mut body = new_gateway("seed-rule", "10.7.0.0/16");
+    body["firewall"] = json!([seed_rule()]);
+    assert_eq!(api.create(body).await.status, StatusCode::CREATED);
+    let mut body = new_gateway("at-the-limits", "10.8.0.0/16");
+    body["firewall"] = json!(too_many_rules[..256]);
+    body["additional_remote_network_cidrs"] = json!(too_many_nets[..63]);
+    let r = api.create(body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    // PATCH: the same checks; a local network overlapping a remote one names the local one.
+    let id = id_of(&r);
+    for (patch, expected_field) in [
+        (json!({"firewall": [rule(json!({})), rule(json!({"protocol": "icmp", "port": "7"}))]}), "firewall[1].port"),
+        (json!({"firewall_default": "Allow"}), "firewall_default"),
+        (
+            json!({"additional_local_network_cidrs": ["10.60.0.0/24", "10.8.1.0/24"]}),
+            "additional_local_network_cidrs[1]",
+        ),
+        (json!({"additional_remote_network_cidrs": ["10.8.0.0/24"]}), "additional_remote_network_cidrs[0]"),
+        (json!({"remote_network_cidr": "10.200.5.0/24"}), "remote_network_cidr"),
+        (json!({"additional_remote_network_cidrs": ["192.168.7.0/24"]}), "additional_remote_network_cidrs[0]"),
+    ] {
+        let r = api.call(Method::PATCH, &gateway_uri(&id), Some(patch.clone())).await;
+        assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        assert_eq!(r.body["error"]["field"], expected_field, "{patch}: {}", r.text);
+    }
+    assert_eq!(api.plane.tunnel(&id).unwrap().policy.rules.len(), 256, "a refused change changes nothing");
+}
+
+#[tokio::test]
+async fn remote_networks_may_not_overlap_across_gateways() {
+    let static_key = PrivateKey::generate().public_key();
+    let api = Api::with(ApiSettings {
+        static_peers: vec![StaticPeer { public_key: static_key, allowed_ips: vec!["10.30.0.0/16".parse().unwrap()] }],
+        ..settings()
+    });
+    let mut a = new_gateway("site-a", "10.10.0.0/16");
+    a["additional_remote_network_cidrs"] = json!(["10.11.0.0/16", "fd11::/64"]);
+    let a = id_of(&api.create(a).await);
+    for (remote, additional, says) in [
+        ("10.12.0.0/16", json!(["10.11.5.0/24"]), "additional_remote_network_cidrs[0] 10.11.5.0/24 overlaps"),
+        ("10.11.0.0/24", json!([]), "remote_network_cidr 10.11.0.0/24 overlaps the remote network 10.11.0.0/16"),
+        ("10.12.0.0/16", json!(["fd11::1/128"]), "fd11::/64"),
+        ("10.12.0.0/16", json!(["10.30.1.0/24"]), "configuration file"),
+    ] {
+        let mut b = new_gateway("site-b", remote);
+        b["additional_remote_network_cidrs"] = additional;
+        let r = api.create(b).await;
+        assert_error(&r, StatusCode::CONFLICT, "conflict");
+        let msg = r.body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(says), "`{msg}` lacks `{says}`");
+        if !says.contains("configuration") {
+            assert!(msg.contains(&a), "names the gateway it overlaps: {msg}");
+        }
+    }
+    let mut b = new_gateway("site-b", "10.12.0.0/16");
+    b["additional_remote_network_cidrs"] = json!(["10.13.0.0/16"]);
+    let b = id_of(&api.create(b).await);
+    // PATCH cannot move either gateway onto the other's networks.
+    for (id, patch) in [
+        (&b, json!({"additional_remote_network_cidrs": ["10.10.128.0/17"]})),
+        (&b, json!({"remote_network_cidr": "fd11::/80"})),
+        (&a, json!({"remote_network_cidr": "10.13.0.0/24"})),
+        (&a, json!({"additional_remote_network_cidrs": ["10.12.0.0/16"]})),
+        (&a, json!({"additional_remote_network_cidrs": ["10.30.0.0/24"]})),
+    ] {
+        let r = api.call(Method::PATCH, &gateway_uri(id), Some(patch.clone())).await;
+        assert_error(&r, StatusCode::CONFLICT, "conflict");
+    }
+    // A gateway may rearrange its own networks, and a deleted one frees them.
+    let r = api
+        .call(Method::PATCH, &gateway_uri(&a), Some(json!({"additional_remote_network_cidrs": ["10.10.0.0/16"]})))
+        .await;
+    assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    let r = api
+        .call(
+            Method::PATCH,
+            &gateway_uri(&a),
+            Some(json!({"remote_network_cidr": "10.11.0.0/16", "additional_remote_network_cidrs": ["10.10.0.0/16"]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(api.plane.tunnel(&a).unwrap().allowed_ips, prefixes(&["10.11.0.0/16", "10.10.0.0/16"]));
+    assert_eq!(api.call(Method::DELETE, &gateway_uri(&a), None).await.status, StatusCode::OK);
+    let mut c = new_gateway("site-c", "10.14.0.0/16");
+    c["additional_remote_network_cidrs"] = json!(["10.10.0.0/16", "10.11.0.0/16"]);
+    assert_eq!(api.create(c).await.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn patch_replaces_the_rules_on_the_running_tunnel_and_they_survive_a_restart() {
+    let api = Api::new(1000);
+    let mut body = new_gateway("patched", "10.1.0.0/16");
+    body["firewall"] = json!([seed_rule()]);
+    body["additional_local_network_cidrs"] = json!(["10.51.0.0/24"]);
+    let id = id_of(&api.create(body).await);
+    let before = api.plane.tunnel(&id).unwrap();
+    // Only the name: rules and networks stay.
+    let r = api.call(Method::PATCH, &gateway_uri(&id), Some(json!({"name": "renamed"}))).await;
+    assert_eq!(r.body["data"]["firewall"][0]["name"], "Allow ICMP", "{}", r.text);
+    assert_eq!(api.plane.tunnel(&id).unwrap(), before);
+    // The whole list is replaced, in the new order, and the default changes.
+    let rules = json!([
+        {"name": "web", "protocol": "tcp", "port": "443", "destination": "10.50.0.10/32"},
+        {"name": "rest", "protocol": "any", "action": "deny"}
+    ]);
+    let r = api
+        .call(
+            Method::PATCH,
+            &gateway_uri(&id),
+            Some(json!({"firewall": rules, "firewall_default": "deny", "additional_local_network_cidrs": []})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.body["data"]["firewall"][0],
+        json!({"name":"web","protocol":"tcp","port":"443","destination":"10.50.0.10/32","action":"allow"})
+    );
+    assert_eq!(r.body["data"]["firewall"][1], json!({"name":"rest","protocol":"any","action":"deny"}));
+    assert_eq!(r.body["data"]["firewall_default"], "deny");
+    assert_eq!(r.body["data"]["additional_local_network_cidrs"], json!([]));
+    let t = api.plane.tunnel(&id).unwrap();
+    let names: Vec<&str> = t.policy.rules.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["web", "rest"]);
+    assert_eq!(t.policy.local_networks, prefixes(&["10.50.0.0/24"]));
+    assert_eq!((t.public_key, t.allowed_ips.clone()), (before.public_key, before.allowed_ips.clone()));
+    // A data plane that refuses the new rules: 503, and the record keeps the old ones.
+    *api.plane.fail_with.lock().unwrap() = Some("control thread busy".into());
+    let r = api.call(Method::PATCH, &gateway_uri(&id), Some(json!({"firewall": []}))).await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    *api.plane.fail_with.lock().unwrap() = None;
+    assert_eq!(api.store.get(&id).unwrap().unwrap().firewall.len(), 2);
+    // A restart: the store reopened and replayed into a fresh data plane.
+    let expected = api.plane.tunnel(&id).unwrap();
+    let store = Store::open(&api.db).unwrap();
+    let plane = MemoryPlane::new(PrivateKey::generate().public_key());
+    assert_eq!(wgxdp_control::api::replay(&store, &plane).unwrap(), 1);
+    assert_eq!(plane.tunnel(&id).unwrap(), expected, "the same tunnel, rules and networks after a restart");
+    let record = store.get(&id).unwrap().unwrap();
+    assert_eq!(record.firewall_default, wgxdp_dataplane::policy::RuleAction::Deny);
+    // An empty list clears every rule.
+    let r = api.call(Method::PATCH, &gateway_uri(&id), Some(json!({"firewall": []}))).await;
+    assert_eq!(r.body["data"]["firewall"], json!([]), "{}", r.text);
+    assert!(api.plane.tunnel(&id).unwrap().policy.rules.is_empty());
+}
+
+#[tokio::test]
+async fn status_counts_hits_per_rule_and_metrics_escape_the_names() {
+    let api = Api::new(1000);
+    let mut body = new_gateway("counted", "10.1.0.0/16");
+    body["firewall"] = json!([
+        {"name": "ssh", "protocol": "tcp", "port": "22"},
+        {"name": "say \"hi\" \\ back", "protocol": "icmp"}
+    ]);
+    let id = id_of(&api.create(body).await);
+    let plain = id_of(&api.create(new_gateway("no-rules", "10.2.0.0/16")).await);
+    let status = |hits: Vec<u64>| TunnelStatus { rule_hits: hits, ..TunnelStatus::default() };
+    api.plane.statuses.lock().unwrap().insert(id.clone(), status(vec![5, 7]));
+    let r = api.call(Method::GET, &format!("{}/status", gateway_uri(&id)), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.body["data"]["firewall_hits"],
+        json!([{"name": "ssh", "hits": 5}, {"name": "say \"hi\" \\ back", "hits": 7}]),
+        "{}",
+        r.text
+    );
+    let r = api.call(Method::GET, &format!("{}/status", gateway_uri(&plain)), None).await;
+    assert_eq!(r.body["data"]["firewall_hits"], json!([]));
+    let before = api.store.queries();
+    let r = api.call_as(None, Method::GET, "/metrics", None).await;
+    assert_eq!(api.store.queries(), before, "a scrape must not query the store");
+    assert!(r.text.contains("# TYPE wgxdp_firewall_rule_hits_total counter\n"), "{}", r.text);
+    assert!(
+        r.text.contains(&format!("wgxdp_firewall_rule_hits_total{{gateway=\"{id}\",rule=\"0\",name=\"ssh\"}} 5\n")),
+        "{}",
+        r.text
+    );
+    let escaped =
+        format!("wgxdp_firewall_rule_hits_total{{gateway=\"{id}\",rule=\"1\",name=\"say \\\"hi\\\" \\\\ back\"}} 7\n");
+    assert!(r.text.contains(&escaped), "{escaped} in\n{}", r.text);
+    assert!(!r.text.contains(&plain), "a gateway without rules has no rule counters");
+    // New rules: their counters start from zero (the data plane restarts them).
+    let r = api
+        .call(Method::PATCH, &gateway_uri(&id), Some(json!({"firewall": [{"name": "only", "protocol": "any"}]})))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    api.plane.statuses.lock().unwrap().insert(id.clone(), status(Vec::new()));
+    let r = api.call(Method::GET, &format!("{}/status", gateway_uri(&id)), None).await;
+    assert_eq!(r.body["data"]["firewall_hits"], json!([{"name": "only", "hits": 0}]));
+}
+
+#[tokio::test]
+async fn openapi_documents_the_firewall() {
+    let api = Api::new(1000);
+    let doc = api.call_as(None, Method::GET, "/api/v1/openapi.json", None).await.body;
+    let schemas = &doc["components"]["schemas"];
+    let create = &schemas["CreateGateway"]["properties"];
+    assert_eq!(create["firewall"]["maxItems"], wgxdp_dataplane::policy::MAX_RULES);
+    let max_extra = wgxdp_dataplane::policy::MAX_NETWORKS - 1;
+    assert_eq!(create["additional_remote_network_cidrs"]["maxItems"], max_extra);
+    assert_eq!(create["additional_local_network_cidrs"]["maxItems"], max_extra);
+    assert_eq!(schemas["UpdateGateway"]["properties"]["firewall"]["maxItems"], wgxdp_dataplane::policy::MAX_RULES);
+    let description = create["firewall"]["description"].as_str().unwrap();
+    for says in
+        ["in order", "first rule that matches", "replies to connections", "explicit `allow` rule", "10.50.0.1/32"]
+    {
+        assert!(description.contains(says), "`{description}` lacks `{says}`");
+    }
+    assert_eq!(schemas["FirewallProtocol"]["enum"], json!(["tcp", "udp", "icmp", "any"]));
+    assert_eq!(schemas["FirewallAction"]["enum"], json!(["allow", "deny"]));
+    let rule = &schemas["FirewallRuleText"];
+    assert_eq!(rule["required"], json!(["name", "protocol"]));
+    assert_eq!(rule["properties"]["name"]["maxLength"], wgxdp_dataplane::policy::MAX_RULE_NAME);
+    assert!(rule["properties"]["port"]["pattern"].is_string());
+    let view = &schemas["GatewayView"]["required"];
+    for field in ["additional_remote_network_cidrs", "additional_local_network_cidrs", "firewall", "firewall_default"] {
+        assert!(view.as_array().unwrap().contains(&json!(field)), "GatewayView always has {field}");
+    }
+    assert!(schemas["StatusView"]["properties"]["firewall_hits"].is_object());
 }

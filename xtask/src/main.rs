@@ -207,12 +207,15 @@ fn fuzz(args: &[String]) -> Result<()> {
         let log = logs.join(format!("{t}.log"));
         print!("   {t:<16} {seconds:>4} s ... ");
         std::io::Write::flush(&mut std::io::stdout())?;
+        // A target's dictionary (tokens of its input format), when it has one.
+        let dict = fuzz_dir.join("dict").join(format!("{t}.dict"));
         let status = Command::new("cargo")
             .current_dir(&fuzz_dir)
             .args(["+nightly", "fuzz", "run", "-s", &sanitizer, t])
             .arg(&growth)
             .arg(Path::new("corpus").join(t))
             .arg("--")
+            .args(dict.is_file().then(|| format!("-dict={}", dict.display())))
             .arg(format!("-max_total_time={seconds}"))
             .arg(format!("-artifact_prefix={}/", artifacts.display()))
             .args(["-timeout=30", "-print_final_stats=1"])

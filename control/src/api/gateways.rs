@@ -5,9 +5,10 @@
 use super::error::ApiError;
 use super::extract::{ApiQuery, JsonBody};
 use super::model::{
-    find_overlap, overlaps, parse_create, remote_config, tunnel_of, validate_cidr, validate_remote_vs_site,
-    GatewayEnvelope, GatewayListEnvelope, GatewayView, ListMeta, ObjectMeta, StatusEnvelope, StatusView, UpdateGateway,
+    overlaps, parse_create, remote_config, tunnel_of, GatewayEnvelope, GatewayListEnvelope, GatewayView, ListMeta,
+    ObjectMeta, StatusEnvelope, StatusView, UpdateGateway,
 };
+use super::networks::{find_overlap, validate_remote_vs_site, GatewayNetworks, Network, ADDITIONAL_REMOTE, REMOTE};
 use super::AppState;
 use crate::plane::TunnelStatus;
 use crate::store::{now_millis, random_id, GatewayRecord, ListQuery, SortField, SortKey, Status, Store, StoreError};
@@ -19,7 +20,6 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-use wgxdp_dataplane::table::IpPrefix;
 
 /// Runs blocking store/data-plane work off the async runtime.
 async fn blocking<T: Send + 'static>(
@@ -73,20 +73,18 @@ fn store_unavailable(e: StoreError) -> ApiError {
     ApiError::unavailable("the database could not record the change; it was not applied, retry later")
 }
 
-/// 409 if `cidr` overlaps, or `key` equals, a peer the data plane already
-/// holds: a live API gateway (other than `except`) or a configuration-file peer.
-fn check_conflicts(
-    s: &AppState,
-    cidr: Option<&IpPrefix>,
-    key: Option<&str>,
-    except: Option<&str>,
-) -> Result<(), ApiError> {
+/// 409 if a remote network in `remote` overlaps, or `key` equals, a peer the
+/// data plane already holds: a live API gateway (other than `except`) or a
+/// configuration-file peer.
+fn check_conflicts(s: &AppState, remote: &[Network], key: Option<&str>, except: Option<&str>) -> Result<(), ApiError> {
     for (index, peer) in s.settings.static_peers.iter().enumerate() {
-        if let Some(p) = cidr.and_then(|c| peer.allowed_ips.iter().find(|p| overlaps(p, c))) {
-            return Err(ApiError::conflict(format!(
-                "remote_network_cidr {} overlaps {p} of peer {index} in the configuration file",
-                cidr.map(ToString::to_string).unwrap_or_default()
-            )));
+        for n in remote {
+            if let Some(p) = peer.allowed_ips.iter().find(|p| overlaps(p, &n.prefix)) {
+                return Err(ApiError::conflict(format!(
+                    "{} {} overlaps {p} of peer {index} in the configuration file",
+                    n.field, n.prefix
+                )));
+            }
         }
         if key.is_some_and(|k| k == peer.public_key.to_base64()) {
             return Err(ApiError::conflict(format!(
@@ -94,15 +92,15 @@ fn check_conflicts(
             )));
         }
     }
-    if cidr.is_none() && key.is_none() {
+    if remote.is_empty() && key.is_none() {
         return Ok(());
     }
     let live = s.store.live()?;
-    if let Some(c) = cidr {
-        if let Some(other) = find_overlap(c, &live, except) {
+    for n in remote {
+        if let Some((other, p)) = find_overlap(&n.prefix, &live, except) {
             return Err(ApiError::conflict(format!(
-                "remote_network_cidr {c} overlaps {} of VPN gateway {}",
-                other.remote_network_cidr, other.id
+                "{} {} overlaps the remote network {p} of VPN gateway {}",
+                n.field, n.prefix, other.id
             )));
         }
     }
@@ -242,15 +240,14 @@ pub async fn list(
 pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
     let ours = state.plane.public_key();
     let new = parse_create(&body, state.settings.site_cidr.as_deref(), &ours)?;
-    validate_remote_vs_site(
-        &new.remote_network_cidr,
-        state.settings.site_cidr.as_deref(),
-        &state.settings.lan_addresses,
-    )?;
+    let remote = new.networks().remote;
+    for n in &remote {
+        validate_remote_vs_site(n, state.settings.site_cidr.as_deref(), &state.settings.lan_addresses)?;
+    }
     let _guard = state.mutations.lock().await;
     let env = blocking(&state, move |s| {
         let key = new.remote_public_key.to_base64();
-        check_conflicts(s, Some(&new.remote_network_cidr), Some(&key), None)?;
+        check_conflicts(s, &remote, Some(&key), None)?;
         let now = now_millis();
         let record = GatewayRecord {
             id: random_id("vpn_"),
@@ -265,6 +262,10 @@ pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody
             remote_public_key: key,
             pre_shared_key: new.pre_shared_key,
             persistent_keepalive: new.persistent_keepalive,
+            additional_remote_network_cidrs: new.additional_remote_network_cidrs,
+            additional_local_network_cidrs: new.additional_local_network_cidrs,
+            firewall: new.firewall,
+            firewall_default: new.firewall_default,
             created_at: now,
             updated_at: now,
         };
@@ -338,13 +339,20 @@ pub async fn update(
         let old = existing(&s.store, &id)?;
         refuse_transient(&old)?;
         let changes = body.validate(&old)?;
-        if let Some(cidr) = &changes.remote_network_cidr {
-            let prefix = validate_cidr("remote_network_cidr", cidr)?;
-            validate_remote_vs_site(&prefix, s.settings.site_cidr.as_deref(), &s.settings.lan_addresses)?;
-            check_conflicts(s, Some(&prefix), None, Some(&id))?;
-        }
         let mut new = old.clone();
         new.apply(&changes);
+        // The remote networks the request named: routed anew, checked anew.
+        let named = |list: &str| match list {
+            REMOTE => changes.remote_network_cidr.is_some(),
+            ADDITIONAL_REMOTE => changes.additional_remote_network_cidrs.is_some(),
+            _ => false,
+        };
+        let remote: Vec<Network> =
+            GatewayNetworks::of_record(&new)?.remote.into_iter().filter(|n| named(n.list)).collect();
+        for n in &remote {
+            validate_remote_vs_site(n, s.settings.site_cidr.as_deref(), &s.settings.lan_addresses)?;
+        }
+        check_conflicts(s, &remote, None, Some(&id))?;
         new.updated_at = now_millis();
         s.store.save(&new)?;
         let tunnel = tunnel_of(&new).map_err(ApiError::internal)?;
@@ -414,7 +422,7 @@ pub async fn status(
     blocking(&state, move |s| {
         let g = existing(&s.store, &id)?;
         let live = live_statuses(s, std::slice::from_ref(&g)).pop().flatten();
-        Ok(Json(StatusEnvelope { data: StatusView::new(&id, live.as_ref()) }))
+        Ok(Json(StatusEnvelope { data: StatusView::new(&g, live.as_ref()) }))
     })
     .await
 }

@@ -7,6 +7,7 @@ pub mod error;
 pub mod extract;
 pub mod gateways;
 pub mod model;
+pub mod networks;
 pub mod openapi;
 pub mod ops;
 

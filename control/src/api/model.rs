@@ -2,6 +2,8 @@
 //! Every rule names the field it checks; a failed rule is a 422.
 
 use super::error::ApiError;
+use super::networks::{parse_list, validate_remote_cidr, GatewayNetworks, ADDITIONAL_LOCAL, ADDITIONAL_REMOTE, REMOTE};
+use crate::firewall::{parse_action, parse_rules, rule_texts, FirewallAction, FirewallRuleText};
 use crate::plane::{Tunnel, TunnelStatus};
 use crate::secret::SecretString;
 use crate::store::{GatewayChanges, GatewayRecord, Status};
@@ -10,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use utoipa::ToSchema;
 use wgxdp_dataplane::noise::{PresharedKey, PublicKey};
+use wgxdp_dataplane::policy::{FirewallRule, ForwardingPolicy, RuleAction, MAX_RULES};
 use wgxdp_dataplane::table::IpPrefix;
 
 /// WireGuard's REJECT_AFTER_TIME: a tunnel is "up" if it shook hands since.
@@ -49,6 +52,34 @@ pub struct CreateGateway {
     pub local_network_cidr: Option<String>,
     /// Seconds between keepalives (0 or absent: off).
     pub persistent_keepalive: Option<u16>,
+    /// More remote networks routed into this tunnel besides
+    /// `remote_network_cidr` (at most 63, CIDR with host bits clear, no
+    /// default route). No two remote networks of any gateways may overlap.
+    #[schema(max_items = 63, example = json!(["10.2.0.0/16", "fd10::/64"]))]
+    pub additional_remote_network_cidrs: Option<Vec<String>>,
+    /// More networks of this site the remote site may reach besides
+    /// `local_network_cidr` (at most 63, CIDR with host bits clear). The
+    /// remote site reaches nothing outside its local networks.
+    #[schema(max_items = 63, example = json!(["10.51.0.0/24", "fd50::/64"]))]
+    pub additional_local_network_cidrs: Option<Vec<String>>,
+    /// Firewall rules for traffic entering from the remote site (at most 256),
+    /// evaluated in order: the first rule that matches decides; traffic no
+    /// rule matches gets `firewall_default`. Names need not be unique. Whatever
+    /// the rules say, the remote site only reaches the local networks, and
+    /// replies to connections the local side opened are always let back in.
+    /// Packets to the gateway host's own addresses (e.g. pinging its LAN
+    /// address) need an explicit `allow` rule (`firewall_default` never lets
+    /// them in), e.g. `{"name":"ping gateway","protocol":"icmp",
+    /// "destination":"10.50.0.1/32","action":"allow"}`. Absent: no rules.
+    #[schema(max_items = 256, example = json!([
+        {"name": "ping gateway", "protocol": "icmp", "destination": "10.50.0.1/32", "action": "allow"},
+        {"name": "no ssh", "protocol": "tcp", "port": "22", "action": "deny"}
+    ]))]
+    pub firewall: Option<Vec<FirewallRuleText>>,
+    /// What happens to traffic from the remote site that no rule matches:
+    /// `allow` (default) or `deny`.
+    #[schema(value_type = Option<FirewallAction>, inline, default = "allow")]
+    pub firewall_default: Option<String>,
 }
 
 /// `PATCH /api/v1/vpn-gateways/{id}`: any subset of these.
@@ -64,6 +95,20 @@ pub struct UpdateGateway {
     pub pre_shared_key: Option<SecretString>,
     /// Seconds; 0 turns keepalives off.
     pub persistent_keepalive: Option<u16>,
+    /// Replaces the whole list (`[]`: none); at most 63.
+    #[schema(max_items = 63)]
+    pub additional_remote_network_cidrs: Option<Vec<String>>,
+    /// Replaces the whole list (`[]`: none); at most 63.
+    #[schema(max_items = 63)]
+    pub additional_local_network_cidrs: Option<Vec<String>>,
+    /// Replaces every firewall rule (`[]`: none); at most 256, evaluated in
+    /// order, first match wins (see `CreateGateway.firewall`). The running
+    /// tunnel follows at once, without a restart; rule counters restart.
+    #[schema(max_items = 256)]
+    pub firewall: Option<Vec<FirewallRuleText>>,
+    /// `allow` or `deny`: for traffic no rule matches.
+    #[schema(value_type = Option<FirewallAction>, inline)]
+    pub firewall_default: Option<String>,
 }
 
 /// A VPN gateway: one remote site, one WireGuard peer of this gateway.
@@ -77,7 +122,20 @@ pub struct GatewayView {
     #[schema(example = "wireguard")]
     pub tunnel_type: String,
     pub local_network_cidr: String,
+    /// Further local networks the remote site may reach (`[]`: none).
+    pub additional_local_network_cidrs: Vec<String>,
     pub remote_network_cidr: String,
+    /// Further remote networks routed into the tunnel (`[]`: none).
+    pub additional_remote_network_cidrs: Vec<String>,
+    /// Firewall rules on traffic from the remote site, in evaluation order
+    /// (first match wins), normalised: `port`, `source` and `destination`
+    /// are left out when a rule has none, `action` is always present.
+    /// Packets to the gateway host's own addresses need an explicit `allow`
+    /// rule; replies to connections the local side opened always pass.
+    pub firewall: Vec<FirewallRuleText>,
+    /// For traffic no rule matches.
+    #[schema(value_type = FirewallAction, inline)]
+    pub firewall_default: String,
     pub remote_peer_ip: String,
     pub remote_peer_port: u16,
     pub remote_public_key: String,
@@ -112,6 +170,16 @@ pub struct StatusView {
     pub last_handshake: Option<String>,
     /// Where the remote peer's packets come from now (it may roam).
     pub remote_endpoint: Option<String>,
+    /// Packets each firewall rule matched, in rule order, since the rules
+    /// last changed (or the gateway started).
+    pub firewall_hits: Vec<FirewallRuleHits>,
+}
+
+/// How often one firewall rule matched.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FirewallRuleHits {
+    pub name: String,
+    pub hits: u64,
 }
 
 /// `meta` of a single-object response.
@@ -187,7 +255,7 @@ pub struct LocalSide {
 
 impl GatewayView {
     pub fn new(g: &GatewayRecord, live: Option<&TunnelStatus>, local: &LocalSide, reveal_psk: bool) -> Self {
-        let live = live.copied().unwrap_or_default();
+        let live = live.cloned().unwrap_or_default();
         Self {
             id: g.id.clone(),
             name: g.name.clone(),
@@ -195,7 +263,15 @@ impl GatewayView {
             region: g.region.clone(),
             tunnel_type: "wireguard".into(),
             local_network_cidr: g.local_network_cidr.clone(),
+            additional_local_network_cidrs: g.additional_local_network_cidrs.iter().map(ToString::to_string).collect(),
             remote_network_cidr: g.remote_network_cidr.clone(),
+            additional_remote_network_cidrs: g
+                .additional_remote_network_cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            firewall: rule_texts(&g.firewall),
+            firewall_default: g.firewall_default.as_str().to_owned(),
             remote_peer_ip: g.remote_peer_ip.clone(),
             remote_peer_port: g.remote_peer_port,
             remote_public_key: g.remote_public_key.clone(),
@@ -215,10 +291,10 @@ impl GatewayView {
 }
 
 impl StatusView {
-    pub fn new(id: &str, live: Option<&TunnelStatus>) -> Self {
-        let live = live.copied().unwrap_or_default();
+    pub fn new(g: &GatewayRecord, live: Option<&TunnelStatus>) -> Self {
+        let live = live.cloned().unwrap_or_default();
         Self {
-            id: id.to_owned(),
+            id: g.id.clone(),
             tunnel_status: if is_up(&live, SystemTime::now()) { "up" } else { "down" }.into(),
             bytes_sent: live.bytes_sent,
             bytes_received: live.bytes_received,
@@ -227,11 +303,21 @@ impl StatusView {
             handshakes: live.handshakes,
             last_handshake: live.last_handshake.map(rfc3339),
             remote_endpoint: live.endpoint.map(|e| e.to_string()),
+            // A rule without a counter yet (the rules changed a moment ago) counts 0.
+            firewall_hits: g
+                .firewall
+                .iter()
+                .enumerate()
+                .map(|(i, r)| FirewallRuleHits {
+                    name: r.name.clone(),
+                    hits: live.rule_hits.get(i).copied().unwrap_or(0),
+                })
+                .collect(),
         }
     }
 }
 
-fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::validation(field, format!("{field}: {}", message.into()))
 }
 
@@ -306,57 +392,17 @@ pub fn overlaps(a: &IpPrefix, b: &IpPrefix) -> bool {
     a.contains(b.addr()) || b.contains(a.addr())
 }
 
-fn validate_remote_vs_local(remote: &IpPrefix, local: &IpPrefix) -> Result<(), ApiError> {
-    if overlaps(remote, local) {
-        return Err(invalid(
-            "remote_network_cidr",
-            format!("{remote} overlaps the local network {local}; the two sites need distinct address space"),
-        ));
+/// `firewall`: at most `MAX_RULES` rules, each valid; errors name the rule
+/// and its field (`firewall[3].port`).
+fn validate_firewall(rules: &[FirewallRuleText]) -> Result<Vec<FirewallRule>, ApiError> {
+    if rules.len() > MAX_RULES {
+        return Err(invalid("firewall", format!("holds at most {MAX_RULES} rules (got {})", rules.len())));
     }
-    Ok(())
+    parse_rules(rules).map_err(|(i, e)| invalid(&format!("firewall[{i}].{}", e.field), e.message))
 }
 
-/// A remote network is routed into its tunnel (the LAN-side XDP program
-/// steers every packet to it there): a default route would take the whole
-/// site's traffic.
-fn validate_remote_cidr(s: &str) -> Result<IpPrefix, ApiError> {
-    let remote = validate_cidr("remote_network_cidr", s)?;
-    let prefix_bits = remote.prefix_len();
-    if prefix_bits == 0 {
-        return Err(invalid(
-            "remote_network_cidr",
-            format!("{remote} is a default route; a tunnel carries a remote site's network, not all traffic"),
-        ));
-    }
-    Ok(remote)
-}
-
-/// Refuses a remote network that would route this site's own addresses into
-/// a tunnel: the configured `[api] site_cidr` (whatever `local_network_cidr`
-/// a request names) and the addresses of the LAN interface (the gateway's own
-/// address on the site, which its hosts reach it at).
-pub fn validate_remote_vs_site(
-    remote: &IpPrefix,
-    site_cidr: Option<&str>,
-    lan_addresses: &[IpAddr],
-) -> Result<(), ApiError> {
-    if let Some(site) = site_cidr.and_then(|s| s.parse::<IpPrefix>().ok()) {
-        if overlaps(remote, &site) {
-            return Err(invalid(
-                "remote_network_cidr",
-                format!("{remote} overlaps this site's network {site} (`[api] site_cidr`); it cannot be routed into a tunnel"),
-            ));
-        }
-    }
-    if let Some(ip) = lan_addresses.iter().find(|ip| remote.contains(**ip)) {
-        return Err(invalid(
-            "remote_network_cidr",
-            format!(
-                "{remote} contains {ip}, an address of this gateway's LAN interface; it cannot be routed into a tunnel"
-            ),
-        ));
-    }
-    Ok(())
+fn validate_firewall_default(s: &str) -> Result<RuleAction, ApiError> {
+    parse_action(s).map_err(|e| invalid("firewall_default", e))
 }
 
 /// A validated create request, ready to store.
@@ -371,6 +417,22 @@ pub struct NewGateway {
     pub remote_public_key: PublicKey,
     pub pre_shared_key: SecretString,
     pub persistent_keepalive: Option<u16>,
+    pub additional_remote_network_cidrs: Vec<IpPrefix>,
+    pub additional_local_network_cidrs: Vec<IpPrefix>,
+    pub firewall: Vec<FirewallRule>,
+    pub firewall_default: RuleAction,
+}
+
+impl NewGateway {
+    /// Every network of the new gateway, each named by its field.
+    pub fn networks(&self) -> GatewayNetworks {
+        GatewayNetworks::new(
+            self.remote_network_cidr,
+            &self.additional_remote_network_cidrs,
+            self.local_network_cidr,
+            &self.additional_local_network_cidrs,
+        )
+    }
 }
 
 /// Decodes a JSON request body strictly (unknown fields are errors): the one
@@ -402,7 +464,7 @@ impl CreateGateway {
         let name = validate_name(&required(self.name, "name")?)?;
         let region = validate_region(&required(self.region, "region")?)?;
         validate_tunnel_type(&required(self.tunnel_type, "tunnel_type")?)?;
-        let remote = validate_remote_cidr(&required(self.remote_network_cidr, "remote_network_cidr")?)?;
+        let remote = validate_remote_cidr(REMOTE, &required(self.remote_network_cidr, REMOTE)?)?;
         let peer_ip = validate_peer_ip(&required(self.remote_peer_ip, "remote_peer_ip")?)?;
         let key = validate_public_key(&required(self.remote_public_key, "remote_public_key")?, ours)?;
         let port = validate_port("remote_peer_port", self.remote_peer_port.unwrap_or(51820))?;
@@ -417,7 +479,15 @@ impl CreateGateway {
                 return Err(invalid("local_network_cidr", "is required (no site CIDR is configured on this gateway)"))
             }
         };
-        validate_remote_vs_local(&remote, &local)?;
+        let additional_remote =
+            parse_list(ADDITIONAL_REMOTE, &self.additional_remote_network_cidrs.unwrap_or_default())?;
+        let additional_local = parse_list(ADDITIONAL_LOCAL, &self.additional_local_network_cidrs.unwrap_or_default())?;
+        GatewayNetworks::new(remote, &additional_remote, local, &additional_local).check(|_| true)?;
+        let firewall = validate_firewall(&self.firewall.unwrap_or_default())?;
+        let firewall_default = match self.firewall_default {
+            Some(s) => validate_firewall_default(&s)?,
+            None => RuleAction::Allow,
+        };
         Ok(NewGateway {
             name,
             region,
@@ -428,6 +498,10 @@ impl CreateGateway {
             remote_public_key: key,
             pre_shared_key: psk,
             persistent_keepalive: self.persistent_keepalive.filter(|&k| k > 0),
+            additional_remote_network_cidrs: additional_remote,
+            additional_local_network_cidrs: additional_local,
+            firewall,
+            firewall_default,
         })
     }
 }
@@ -443,11 +517,27 @@ impl UpdateGateway {
         if let Some(n) = self.name {
             c.name = Some(validate_name(&n)?);
         }
-        if let Some(s) = self.remote_network_cidr {
-            let remote = validate_remote_cidr(&s)?;
-            let local = validate_cidr("local_network_cidr", &current.local_network_cidr)?;
-            validate_remote_vs_local(&remote, &local)?;
-            c.remote_network_cidr = Some(remote.to_string());
+        let in_request = |list: &str| match list {
+            REMOTE => self.remote_network_cidr.is_some(),
+            ADDITIONAL_REMOTE => self.additional_remote_network_cidrs.is_some(),
+            ADDITIONAL_LOCAL => self.additional_local_network_cidrs.is_some(),
+            _ => false,
+        };
+        if [REMOTE, ADDITIONAL_REMOTE, ADDITIONAL_LOCAL].into_iter().any(in_request) {
+            if let Some(s) = &self.remote_network_cidr {
+                let remote = validate_remote_cidr(REMOTE, s)?;
+                c.remote_network_cidr = Some(remote.to_string());
+            }
+            if let Some(list) = &self.additional_remote_network_cidrs {
+                c.additional_remote_network_cidrs = Some(parse_list(ADDITIONAL_REMOTE, list)?);
+            }
+            if let Some(list) = &self.additional_local_network_cidrs {
+                c.additional_local_network_cidrs = Some(parse_list(ADDITIONAL_LOCAL, list)?);
+            }
+            // The rules hold for the gateway as it would be.
+            let mut next = current.clone();
+            next.apply(&c);
+            GatewayNetworks::of_record(&next)?.check(in_request)?;
         }
         if let Some(s) = self.remote_peer_ip {
             c.remote_peer_ip = Some(validate_peer_ip(&s)?.to_string());
@@ -461,34 +551,36 @@ impl UpdateGateway {
         if let Some(k) = self.persistent_keepalive {
             c.persistent_keepalive = Some((k > 0).then_some(k));
         }
+        if let Some(rules) = &self.firewall {
+            c.firewall = Some(validate_firewall(rules)?);
+        }
+        if let Some(s) = &self.firewall_default {
+            c.firewall_default = Some(validate_firewall_default(s)?);
+        }
         Ok(c)
     }
-}
-
-/// The remote network of another live gateway that `cidr` overlaps, if any.
-pub fn find_overlap<'a>(
-    cidr: &IpPrefix,
-    others: impl IntoIterator<Item = &'a GatewayRecord>,
-    except: Option<&str>,
-) -> Option<&'a GatewayRecord> {
-    others
-        .into_iter()
-        .filter(|g| Some(g.id.as_str()) != except && g.status != Status::Deleted)
-        .find(|g| g.remote_network_cidr.parse::<IpPrefix>().is_ok_and(|p| overlaps(&p, cidr)))
 }
 
 /// The data plane's view of a stored gateway.
 pub fn tunnel_of(g: &GatewayRecord) -> Result<Tunnel, String> {
     let public_key = g.remote_public_key.parse().map_err(|_| "stored remote_public_key is invalid".to_owned())?;
     let preshared_key = g.pre_shared_key.expose().parse().map_err(|_| "stored pre_shared_key is invalid".to_owned())?;
-    let allowed = g.remote_network_cidr.parse().map_err(|_| "stored remote_network_cidr is invalid".to_owned())?;
+    let remote: IpPrefix =
+        g.remote_network_cidr.parse().map_err(|_| "stored remote_network_cidr is invalid".to_owned())?;
+    let local: IpPrefix =
+        g.local_network_cidr.parse().map_err(|_| "stored local_network_cidr is invalid".to_owned())?;
     let ip: IpAddr = g.remote_peer_ip.parse().map_err(|_| "stored remote_peer_ip is invalid".to_owned())?;
     Ok(Tunnel {
         public_key,
         preshared_key,
         endpoint: Some(SocketAddr::new(ip, g.remote_peer_port)),
-        allowed_ips: vec![allowed],
+        allowed_ips: std::iter::once(remote).chain(g.additional_remote_network_cidrs.iter().copied()).collect(),
         persistent_keepalive: g.persistent_keepalive,
+        policy: ForwardingPolicy {
+            local_networks: std::iter::once(local).chain(g.additional_local_network_cidrs.iter().copied()).collect(),
+            rules: g.firewall.clone(),
+            default_action: g.firewall_default,
+        },
     })
 }
 
@@ -511,7 +603,10 @@ pub fn remote_config(g: &GatewayRecord, local: &LocalSide) -> String {
         g.remote_peer_port,
         local.public_key.to_base64(),
         SocketAddr::new(local.ip.parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)), local.port),
-        g.local_network_cidr,
+        std::iter::once(g.local_network_cidr.clone())
+            .chain(g.additional_local_network_cidrs.iter().map(ToString::to_string))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     s.push_str(&format!("PersistentKeepalive = {}\n", g.persistent_keepalive.unwrap_or(25)));
     s
@@ -559,6 +654,10 @@ mod tests {
             remote_public_key: ours.to_base64(),
             pre_shared_key: SecretString::new(PSK.into()),
             persistent_keepalive: None,
+            additional_remote_network_cidrs: vec!["10.2.0.0/16".parse().unwrap()],
+            additional_local_network_cidrs: Vec::new(),
+            firewall: Vec::new(),
+            firewall_default: RuleAction::Allow,
             created_at: now,
             updated_at: now,
         };
@@ -579,5 +678,56 @@ mod tests {
         }
         let bad_cidr = parse_update(br#"{"remote_network_cidr":"10.50.0.0/25"}"#, &current).unwrap_err();
         assert_eq!(bad_cidr.status, axum::http::StatusCode::UNPROCESSABLE_ENTITY);
+        // The stored additional remote network takes part: moving the seed onto it is refused.
+        let onto = parse_update(br#"{"remote_network_cidr":"10.2.128.0/17"}"#, &current).unwrap_err();
+        assert_eq!(onto.field.as_deref(), Some("remote_network_cidr"), "{}", onto.message);
+        // A local network that would overlap a stored remote one: the local one is named.
+        let local = parse_update(br#"{"additional_local_network_cidrs":["10.60.0.0/24","10.2.3.0/24"]}"#, &current)
+            .unwrap_err();
+        assert_eq!(local.field.as_deref(), Some("additional_local_network_cidrs[1]"), "{}", local.message);
+    }
+
+    #[test]
+    fn the_tunnel_carries_every_network_and_the_firewall() {
+        let ours = wgxdp_dataplane::noise::PrivateKey::generate().public_key();
+        let peer = wgxdp_dataplane::noise::PrivateKey::generate().public_key();
+        let body = format!(
+            r#"{{"name":"site-a","region":"eu","tunnel_type":"wireguard","remote_network_cidr":"10.1.0.0/16",
+               "remote_peer_ip":"192.0.2.1","remote_public_key":"{peer}",
+               "additional_remote_network_cidrs":["fd01::/64"],"additional_local_network_cidrs":["fd50::/64"],
+               "firewall":[{{"name":"no ssh","protocol":"tcp","port":"22","action":"deny"}}],
+               "firewall_default":"deny"}}"#
+        );
+        let new = parse_create(body.as_bytes(), Some("10.50.0.0/24"), &ours).unwrap();
+        let now = crate::store::now_millis();
+        let g = GatewayRecord {
+            id: "vpn_t".into(),
+            seq: 1,
+            name: new.name,
+            status: Status::Active,
+            region: new.region,
+            local_network_cidr: new.local_network_cidr.to_string(),
+            remote_network_cidr: new.remote_network_cidr.to_string(),
+            remote_peer_ip: new.remote_peer_ip.to_string(),
+            remote_peer_port: new.remote_peer_port,
+            remote_public_key: peer.to_base64(),
+            pre_shared_key: new.pre_shared_key,
+            persistent_keepalive: None,
+            additional_remote_network_cidrs: new.additional_remote_network_cidrs,
+            additional_local_network_cidrs: new.additional_local_network_cidrs,
+            firewall: new.firewall,
+            firewall_default: new.firewall_default,
+            created_at: now,
+            updated_at: now,
+        };
+        let t = tunnel_of(&g).unwrap();
+        let p = |s: &str| s.parse::<IpPrefix>().unwrap();
+        assert_eq!(t.allowed_ips, vec![p("10.1.0.0/16"), p("fd01::/64")]);
+        assert_eq!(t.policy.local_networks, vec![p("10.50.0.0/24"), p("fd50::/64")]);
+        assert_eq!(t.policy.default_action, RuleAction::Deny);
+        assert_eq!(t.policy.rules.len(), 1);
+        assert_eq!(t.policy.rules[0].name, "no ssh");
+        let local = LocalSide { ip: "198.51.100.1".into(), port: 51820, public_key: ours };
+        assert!(remote_config(&g, &local).contains("AllowedIPs = 10.50.0.0/24, fd50::/64\n"));
     }
 }

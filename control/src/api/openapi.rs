@@ -3,6 +3,7 @@
 use super::gateways;
 use super::model;
 use super::ops;
+use crate::firewall;
 use crate::store::Status;
 use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -18,7 +19,8 @@ use utoipa::{Modify, OpenApi};
     components(schemas(
         model::CreateGateway, model::UpdateGateway, model::GatewayView, model::StatusView, model::ObjectMeta,
         model::ListMeta, model::GatewayEnvelope, model::GatewayListEnvelope, model::StatusEnvelope,
-        model::ErrorBody, model::ErrorEnvelope, ops::Health, Status
+        model::ErrorBody, model::ErrorEnvelope, model::FirewallRuleHits, firewall::FirewallRuleText,
+        firewall::FirewallAction, firewall::FirewallProtocol, ops::Health, Status
     )),
     modifiers(&BearerAuth),
     tags((name = "vpn-gateways"), (name = "operations"))

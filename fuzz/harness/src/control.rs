@@ -1,8 +1,9 @@
 //! `config_file`: the `wgxdp serve` configuration parser on arbitrary text
 //! (with real key files it can name). `api_bodies`: the API request bodies
-//! (`CreateGateway` / `UpdateGateway` deserialisation and validation), and the
-//! whole router (`api::app`, through `tower::ServiceExt::oneshot`) over an
-//! in-memory data plane and a SQLite store on tmpfs.
+//! (`CreateGateway` / `UpdateGateway` deserialisation and validation,
+//! additional networks and firewall rules included), and the whole router
+//! (`api::app`, through `tower::ServiceExt::oneshot`) over an in-memory data
+//! plane and a SQLite store on tmpfs.
 
 use axum::body::Body;
 use axum::http::{header, Method, Request};
@@ -12,6 +13,7 @@ use tower::ServiceExt;
 use wgxdp_control::api::model::{CreateGateway, UpdateGateway};
 use wgxdp_control::api::{app, ApiSettings, AppState};
 use wgxdp_control::config::Config;
+use wgxdp_control::firewall::FirewallRuleText;
 use wgxdp_control::plane::MemoryPlane;
 use wgxdp_control::store::{GatewayRecord, Store};
 use wgxdp_dataplane::noise::{PresharedKey, PrivateKey, PublicKey};
@@ -128,7 +130,9 @@ async fn call(router: &axum::Router, key: &str, method: Method, uri: &str, body:
 /// the router); create: bit 2 no site CIDR configured; router: bits 2-3 the
 /// method, bits 4-5 the path, bit 6 the text up to the first newline is the
 /// query string, bit 7 a wrong API key. The rest is the body. No request may
-/// answer 5xx, and every refusal carries the API's error body.
+/// answer 5xx, and every refusal carries the API's error body. Accepted
+/// firewall rules read back (as the API shows and the store keeps them) as
+/// the same rules.
 pub fn api_bodies(data: &[u8]) {
     let Some((&sel, rest)) = data.split_first() else { return };
     let api = api();
@@ -136,12 +140,16 @@ pub fn api_bodies(data: &[u8]) {
         0 => {
             if let Ok(body) = serde_json::from_slice::<CreateGateway>(rest) {
                 let site = (sel & 4 == 0).then_some(SITE_CIDR);
-                let _ = body.validate(site, &api.ours);
+                if let Ok(new) = body.validate(site, &api.ours) {
+                    rules_read_back(&new.firewall);
+                }
             }
         }
         1 => {
             if let Ok(body) = serde_json::from_slice::<UpdateGateway>(rest) {
-                let _ = body.validate(&api.record);
+                if let Ok(changes) = body.validate(&api.record) {
+                    rules_read_back(changes.firewall.as_deref().unwrap_or_default());
+                }
             }
         }
         _ => {
@@ -171,4 +179,13 @@ pub fn api_bodies(data: &[u8]) {
             }
         }
     }
+}
+
+/// The normalised text of each accepted rule, through JSON as the store keeps
+/// it, parses back to the same rule.
+fn rules_read_back(rules: &[wgxdp_dataplane::policy::FirewallRule]) {
+    let text = serde_json::to_string(&wgxdp_control::firewall::rule_texts(rules)).expect("rules encode");
+    let texts: Vec<FirewallRuleText> = serde_json::from_str(&text).expect("encoded rules decode");
+    let again = wgxdp_control::firewall::parse_rules(&texts).expect("normalised rules parse");
+    assert_eq!(again, rules, "{text}");
 }

@@ -263,6 +263,8 @@ tunnel_mtu = 1420
 lan_next_hop = "10.0.1.254"
 frames_per_socket = 4096
 zero_copy = false
+tracked_flows = 131072
+host_interface = "wgxdp-host"
 
 [[peer]]
 public_key = "{peer}"
@@ -270,6 +272,8 @@ allowed_ips = ["10.0.2.0/24", "fd00:2::/64"]
 endpoint = "192.0.2.2:51820"
 preshared_key_file = "{psk}"
 persistent_keepalive = 25
+local_networks = ["10.0.1.0/24", "fd00:1::/64"]
+firewall_default = "deny"
 
 [api]
 listen = "127.0.0.1:8080"
@@ -310,6 +314,11 @@ reads_per_minute = 1200
     let update = format!(
         r#"{{"name":"renamed","remote_network_cidr":"10.21.0.0/16","remote_peer_ip":"2001:db8::20","remote_peer_port":51822,"pre_shared_key":"{psk_b64}","persistent_keepalive":0}}"#
     );
+    // Additional networks and firewall rules: the seed-004 example as it is, a
+    // rule of every protocol, ranges and both actions.
+    let policy = r#""additional_remote_network_cidrs":["10.22.0.0/16","fd22::/64"],"additional_local_network_cidrs":["10.51.0.0/24","fd50::/64"],"firewall":[{"name":"Allow ICMP","protocol":"icmp","port":"1-65535","source":"0.0.0.0/0","destination":"0.0.0.0/0"},{"name":"ping gateway","protocol":"icmp","destination":"10.50.0.1/32","action":"allow"},{"name":"ssh","protocol":"tcp","port":"22","source":"10.20.0.0/16","destination":"10.50.0.0/24","action":"deny"},{"name":"web","protocol":"udp","port":"8000-8080","source":"fd22::/64","destination":"fd50::/64"},{"name":"rest","protocol":"any","action":"deny"}],"firewall_default":"deny""#;
+    let create_policy = format!("{},{policy}}}", create.trim_end_matches('}'));
+    let update_policy = r#"{"additional_remote_network_cidrs":["10.23.0.0/16"],"additional_local_network_cidrs":[],"firewall":[{"name":"only","protocol":"tcp","port":"443"}],"firewall_default":"allow"}"#;
     let sel = |kind: u8, method: u8, path: u8, query: bool| kind | method << 2 | path << 4 | u8::from(query) << 6;
     out.write(a, "create_body", &[&[sel(0, 0, 0, false)][..], create.as_bytes()].concat());
     out.write(a, "create_body_no_site", &[&[sel(0, 1, 0, false)][..], create.as_bytes()].concat());
@@ -320,6 +329,10 @@ reads_per_minute = 1200
     out.write(a, "get_status", &[sel(2, 0, 2, false)]);
     out.write(a, "get_config", &[sel(2, 0, 3, false)]);
     out.write(a, "bad_key", &[sel(2, 0, 1, false) | 128]);
+    out.write(a, "create_body_policy", &[&[sel(0, 0, 0, false)][..], create_policy.as_bytes()].concat());
+    out.write(a, "update_body_policy", &[&[sel(1, 0, 0, false)][..], update_policy.as_bytes()].concat());
+    out.write(a, "post_create_policy", &[&[sel(2, 1, 0, false)][..], create_policy.as_bytes()].concat());
+    out.write(a, "patch_update_policy", &[&[sel(2, 2, 1, false)][..], update_policy.as_bytes()].concat());
 
     println!("wrote {} seed files under {}", out.written, root.display());
 }
