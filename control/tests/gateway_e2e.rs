@@ -59,7 +59,7 @@ fn site_to_site_through_af_xdp() {
 
     // Pings over IPv4 and IPv6 inside the tunnel (the first may wait for the handshake).
     assert!(client.ping("10.50.0.2", 4, 3), "IPv4 ping through the tunnel failed; gateway:\n{}", gateway.output());
-    assert!(client.ping("fd50::2", 4, 3), "IPv6 ping through the tunnel failed");
+    assert!(client.ping("fd50::2", 4, 3), "IPv6 ping through the tunnel failed; gateway:\n{}", gateway.output());
 
     // Oversize packets from the site get ICMP "fragmentation needed" / "packet
     // too big" with the tunnel MTU, not silence.

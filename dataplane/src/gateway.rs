@@ -62,8 +62,7 @@ pub struct GatewayConfig {
     /// Flows the connection table tracks at most (`conntrack::DEFAULT_FLOWS`).
     pub tracked_flows: usize,
     /// The TUN interface through which packets from a tunnel reach the gateway
-    /// host (when a rule allows it) and the kernel's forwarding path (a site
-    /// neighbour not resolved yet), and the host's own packets enter tunnels.
+    /// host (when a rule allows it) and the host's own packets enter tunnels.
     pub host_interface: String,
     pub backend: AeadBackend,
 }
@@ -360,12 +359,6 @@ impl Gateway {
         let kernel_udp = Arc::new(bind_kernel_udp(cfg.listen_port, &cfg.wan_interface)?);
         let host_tun = HostTun::open(&cfg.host_interface, cfg.tunnel_mtu)
             .map_err(|source| GatewayError::HostInterface { name: cfg.host_interface.clone(), source })?;
-        if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
-            tracing::info!(
-                "net.ipv4.ip_forward is 0: a packet to a site neighbour whose address is not resolved yet is \
-                 dropped by the kernel (later packets go direct); set it to 1 to forward those too"
-            );
-        }
 
         let mut device = Device::new(cfg.private_key, cfg.backend, 16, Instant::now());
         let public_key = device.public_key();

@@ -4,11 +4,9 @@
 //!   change): a packet from a tunnel to one of them is for the host itself and
 //!   needs an explicit allow rule.
 //! - A TUN interface (`HostTun`) that is the kernel's view of the tunnels.
-//!   Packets from a tunnel enter the kernel through it as *received* traffic,
-//!   never as locally generated: those for the host go through its INPUT
-//!   rules, and those for a site neighbour whose link-layer address is not
-//!   resolved yet go through the kernel's forwarding path (FORWARD rules,
-//!   `ip_forward`, reverse-path filtering), which resolves it. The routes to
+//!   Packets from a tunnel for the host itself (an allow rule let them) enter
+//!   the kernel through it as *received* traffic, never as locally generated,
+//!   so the host's INPUT rules and reverse-path filtering apply. The routes to
 //!   every tunnel prefix point at it, so the host's own packets to a remote
 //!   site (its replies to an allowed ping, say) come out of it and are sealed
 //!   into the tunnel.

@@ -15,12 +15,13 @@
 //! LAN: next-hop MAC addresses for the site-side NIC.
 //!
 //! Workers look up a lock-free snapshot (`NeighborTable::lookup`). On a miss a
-//! worker never waits: it hands that one packet to the kernel's forwarding
-//! path through the host interface (`host.rs`: as received traffic, under the
-//! host's FORWARD rules; the kernel resolves ARP/ND and queues the packet
-//! while it does) and asks the resolver thread to refresh. The resolver reads
-//! the kernel's neighbour table over rtnetlink (`netlink.rs`) once a second
-//! and shortly after each request, and publishes a new snapshot.
+//! worker never blocks and never hands the packet to the kernel: it parks it
+//! in its own small set of buffers (`NeighborWait`, bounded in number and
+//! time) and asks the resolver thread, which kicks the kernel's resolution
+//! (`netlink::solicit`: ARP / neighbour solicitation, no packet of ours
+//! queued, rate-limited), reads the kernel's neighbour table over rtnetlink
+//! (`netlink.rs`) every 20 ms while kicks are fresh and once a second
+//! otherwise, and publishes a new snapshot; the worker then sends what waited.
 
 use crate::drops::{DropCounters, DropReason};
 use crate::netlink::{self, Route, Rtnetlink};
@@ -65,19 +66,119 @@ impl NeighborTable {
     }
 }
 
-/// Keeps `table` in step with the kernel until `stop` is set.
+/// How long a packet waits for its site neighbour to resolve.
+pub const NEIGHBOR_WAIT: Duration = Duration::from_secs(3);
+
+/// One packet waiting for a site neighbour.
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    next_hop: IpAddr,
+    len: usize,
+    since: Instant,
+}
+
+/// Packets for site neighbours that are being resolved, per worker: a fixed
+/// number of preallocated buffers (nothing allocated per packet); each waits
+/// at most `NEIGHBOR_WAIT`, then is dropped, counted. A full set refuses new
+/// packets (counted) rather than pushing out older ones.
+#[derive(Debug)]
+pub struct NeighborWait {
+    buffers: Vec<u8>,
+    slot_len: usize,
+    slots: Vec<Option<Waiting>>,
+    used: usize,
+}
+
+impl NeighborWait {
+    /// `slots` packets of at most `slot_len` bytes.
+    pub fn new(slots: usize, slot_len: usize) -> Self {
+        Self { buffers: vec![0u8; slots * slot_len], slot_len, slots: vec![None; slots], used: 0 }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+
+    /// Keeps a copy of `packet` until `next_hop` resolves; false if there is
+    /// no room (or it is too long).
+    pub fn park(&mut self, next_hop: IpAddr, packet: &[u8], now: Instant) -> bool {
+        if packet.len() > self.slot_len {
+            return false;
+        }
+        let Some(i) = self.slots.iter().position(Option::is_none) else { return false };
+        let at = i * self.slot_len;
+        self.buffers[at..at + packet.len()].copy_from_slice(packet);
+        self.slots[i] = Some(Waiting { next_hop, len: packet.len(), since: now });
+        self.used += 1;
+        true
+    }
+
+    /// Hands every packet whose next hop `table` now knows to `send` (with
+    /// the MAC), in arrival order per slot; returns how many waited too long
+    /// and were dropped.
+    pub fn release(&mut self, table: &NeighborTable, now: Instant, mut send: impl FnMut(MacAddr, &[u8])) -> usize {
+        let mut expired = 0;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Some(w) = *slot else { continue };
+            if let Some(mac) = table.lookup(w.next_hop) {
+                let at = i * self.slot_len;
+                send(mac, &self.buffers[at..at + w.len]);
+            } else if now.saturating_duration_since(w.since) < NEIGHBOR_WAIT {
+                continue;
+            } else {
+                expired += 1;
+            }
+            *slot = None;
+            self.used -= 1;
+        }
+        expired
+    }
+}
+
+/// Resolution kicks the LAN resolver sends per second at most (a remote
+/// site choosing destinations must not turn the gateway into an ARP storm).
+const LAN_KICKS_PER_SECOND: usize = 100;
+/// How long a kicked address is not kicked again (the kernel retries on its
+/// own meanwhile), and the table is watched closely: as long as a packet waits.
+const LAN_KICK_WINDOW: Duration = NEIGHBOR_WAIT;
+
+/// Keeps `table` in step with the kernel until `stop` is set. A requested
+/// address is kicked (`netlink::solicit`: ARP / neighbour solicitation, no
+/// packet queued), so resolution never depends on the kernel forwarding the
+/// packet that missed; the table is re-read every 20 ms while kicks are
+/// fresh, else once a second.
 pub fn run_resolver(table: Arc<NeighborTable>, requests: Receiver<IpAddr>, iface: String, stop: Arc<AtomicBool>) {
+    let nl = Rtnetlink::open();
+    if let Err(e) = &nl {
+        tracing::warn!(%iface, error = %e, "no rtnetlink socket: site neighbours are not kicked, only read");
+    }
+    let mut kicked: HashMap<IpAddr, Instant> = HashMap::new();
+    let mut kicks_this_second = (Instant::now(), 0usize);
     let mut last_refresh = Instant::now() - Duration::from_secs(10);
     while !stop.load(Ordering::Relaxed) {
-        let asked = requests.recv_timeout(Duration::from_millis(200)).is_ok();
-        if asked {
-            // Give the kernel a moment to finish resolving what the worker injected,
-            // and fold the burst of requests into one refresh.
-            std::thread::sleep(Duration::from_millis(20));
-            while requests.try_recv().is_ok() {}
+        let wait = if kicked.is_empty() { Duration::from_millis(200) } else { Duration::from_millis(20) };
+        let first = requests.recv_timeout(wait).ok();
+        let now = Instant::now();
+        kicked.retain(|_, at| now.duration_since(*at) < LAN_KICK_WINDOW);
+        if now.duration_since(kicks_this_second.0) >= Duration::from_secs(1) {
+            kicks_this_second = (now, 0);
         }
-        if asked || last_refresh.elapsed() >= Duration::from_secs(1) {
-            match crate::netlink::read_neighbors(&iface) {
+        let known = table.map.load();
+        for ip in first.into_iter().chain(requests.try_iter()) {
+            if known.contains_key(&ip) || kicked.contains_key(&ip) || kicks_this_second.1 >= LAN_KICKS_PER_SECOND {
+                continue;
+            }
+            if let (Ok(nl), Ok(index)) = (&nl, netlink::ifindex(&iface)) {
+                if let Err(e) = netlink::solicit(nl, index, ip) {
+                    tracing::debug!(%ip, error = %e, "could not start neighbour resolution");
+                }
+            }
+            kicked.insert(ip, now);
+            kicks_this_second.1 += 1;
+        }
+        drop(known);
+        if !kicked.is_empty() || last_refresh.elapsed() >= Duration::from_secs(1) {
+            match netlink::read_neighbors(&iface) {
                 Ok(map) => table.replace(map),
                 Err(e) => tracing::warn!(%iface, error = %e, "reading the neighbour table failed"),
             }
@@ -306,6 +407,26 @@ mod tests {
             t.request(ip);
         }
         assert_eq!(rx.len(), 1024);
+    }
+
+    #[test]
+    fn packets_wait_for_their_neighbour_bounded_in_number_and_time() {
+        let (t, _rx) = NeighborTable::new();
+        let mut w = NeighborWait::new(2, 16);
+        let now = Instant::now();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        assert!(w.park(a, b"for a", now));
+        assert!(!w.park(a, &[0u8; 17], now), "longer than a slot");
+        assert!(w.park(b, b"for b", now));
+        assert!(!w.park(b, b"no room", now), "full: refused, nothing pushed out");
+        let mut sent = Vec::new();
+        assert_eq!(w.release(&t, now, |m, p| sent.push((m, p.to_vec()))), 0);
+        assert!(sent.is_empty(), "nothing resolved yet");
+        t.replace(HashMap::from([(a, MacAddr([7; 6]))]));
+        assert_eq!(w.release(&t, now, |m, p| sent.push((m, p.to_vec()))), 0);
+        assert_eq!(sent, vec![(MacAddr([7; 6]), b"for a".to_vec())]);
+        assert_eq!(w.release(&t, now + NEIGHBOR_WAIT, |_, _| panic!("b never resolved")), 1, "expired");
+        assert!(w.is_empty());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::frame::{
 use crate::frame_io::FrameIo;
 use crate::host::{HostAddresses, HostTun};
 use crate::icmp::IcmpError;
-use crate::neighbors::NeighborTable;
+use crate::neighbors::{NeighborTable, NeighborWait};
 use crate::noise::cookie::CookieChecker;
 use crate::noise::session::sealed_len;
 use crate::peer_view::{Endpoint, PeerId};
@@ -153,8 +153,8 @@ pub struct Shared {
     pub control: Sender<ControlEvent>,
     pub neighbors: Arc<NeighborTable>,
     /// The kernel's view of the tunnels (`host.rs`): packets for the gateway
-    /// host, and for site neighbours not resolved yet, enter the kernel here
-    /// as received traffic (`None`: they are dropped, counted, e.g. in tests).
+    /// host enter the kernel here as received traffic (`None`: they are
+    /// dropped, counted, e.g. in tests).
     pub host_tun: Option<Arc<HostTun>>,
     /// Every address of the gateway host.
     pub host_addresses: Arc<HostAddresses>,
@@ -203,10 +203,18 @@ pub struct Worker<S: FrameIo = XskSocket> {
     limiter: SourceLimiter,
     /// Where IPv4 fragments of an oversize inner packet are built.
     fragment: Vec<u8>,
+    /// Packets for site neighbours being resolved.
+    waiting: NeighborWait,
     /// Inner packets the kernel slow path decrypted, for this worker's LAN
     /// socket (worker 0 only).
     slow_path: Option<crossbeam_channel::Receiver<Vec<u8>>>,
 }
+
+/// Packets one worker keeps while their site neighbour resolves, and the
+/// longest (an inner packet the tunnel can carry, or a fragment-reassembled one
+/// from the slow path up to this size; longer ones are dropped, counted).
+const NEIGHBOR_WAIT_SLOTS: usize = 64;
+const NEIGHBOR_WAIT_SLOT_LEN: usize = 9216;
 
 /// ICMP errors per worker (or slow path) per second, at most (routers
 /// rate-limit them, RFC 1812 section 4.3.2.8).
@@ -251,6 +259,7 @@ impl<S: FrameIo> Worker<S> {
             slow_path: None,
             limiter: SourceLimiter::default(),
             fragment: vec![0u8; 65536],
+            waiting: NeighborWait::new(NEIGHBOR_WAIT_SLOTS, NEIGHBOR_WAIT_SLOT_LEN),
         }
     }
 
@@ -271,9 +280,18 @@ impl<S: FrameIo> Worker<S> {
         }
         if let Some(from_kernel) = &self.slow_path {
             for packet in from_kernel.try_iter().take(BATCH) {
-                deliver_inner(&mut self.lan, &self.shared, &self.counters, &packet);
+                deliver_inner(&mut self.lan, &mut self.waiting, &self.shared, &self.counters, &packet, now);
                 self.shared.from_kernel.give(packet);
                 work += 1;
+            }
+        }
+        if !self.waiting.is_empty() {
+            let (lan, shared, counters) = (&mut self.lan, &self.shared, &self.counters);
+            let expired = self.waiting.release(&shared.neighbors, now, |mac, packet| {
+                frame_for_site(lan, shared, counters, mac, packet);
+            });
+            for _ in 0..expired {
+                counters.dropped(DropReason::NoNextHop);
             }
         }
         self.wan.flush();
@@ -309,8 +327,9 @@ impl<S: FrameIo> Worker<S> {
                         let forwarded = match self.wan.data(&frame).get(start..start + inner.len) {
                             Some(packet) => {
                                 let (lan, shared, counters) = (&mut self.lan, &self.shared, &self.counters);
+                                let waiting = &mut self.waiting;
                                 from_tunnel(shared, peer, packet, &mut self.scratch, now)
-                                    .map(|to| to.deliver(lan, shared, counters, packet))
+                                    .map(|to| to.deliver(lan, waiting, shared, counters, packet, now))
                             }
                             None => Err(Refusal::Drop(DropReason::BadInnerPacket)),
                         };
@@ -671,9 +690,17 @@ pub(crate) fn track_outbound(conntrack: &ConnTrack, peer: PeerId, packet: &[u8],
 impl Inbound {
     /// Sends an admitted packet on: to the site (`deliver_inner`), or into
     /// the host's kernel.
-    pub(crate) fn deliver<S: FrameIo>(self, lan: &mut S, shared: &Shared, counters: &WorkerCounters, packet: &[u8]) {
+    pub(crate) fn deliver<S: FrameIo>(
+        self,
+        lan: &mut S,
+        waiting: &mut NeighborWait,
+        shared: &Shared,
+        counters: &WorkerCounters,
+        packet: &[u8],
+        now: Instant,
+    ) {
         match self {
-            Inbound::Forward => deliver_inner(lan, shared, counters, packet),
+            Inbound::Forward => deliver_inner(lan, waiting, shared, counters, packet, now),
             Inbound::ToHost => to_host(shared, counters, packet),
         }
     }
@@ -691,28 +718,38 @@ pub(crate) fn to_host(shared: &Shared, counters: &WorkerCounters, packet: &[u8])
 /// Sends a decrypted inner packet the policy admitted to the site: framed for
 /// the next hop's MAC from the neighbour table, into a frame of the LAN
 /// socket, one hop less.
-fn deliver_inner<S: FrameIo>(lan: &mut S, shared: &Shared, counters: &WorkerCounters, inner: &[u8]) {
+fn deliver_inner<S: FrameIo>(
+    lan: &mut S,
+    waiting: &mut NeighborWait,
+    shared: &Shared,
+    counters: &WorkerCounters,
+    inner: &[u8],
+    now: Instant,
+) {
     let Ok(ip) = parse_ip_frame_payload(inner) else {
         return counters.dropped(DropReason::BadInnerPacket);
     };
     let next_hop = shared.lan_next_hop.unwrap_or(ip.dst);
     let Some(mac) = shared.neighbors.lookup(next_hop) else {
-        // Never wait: this one takes the kernel's forwarding path (which
-        // resolves the neighbour, under the host's FORWARD rules); later
-        // ones hit the table.
+        // Never block, never hand it to the kernel: it waits (bounded) while
+        // the resolver kicks the kernel's resolution.
         bump(&counters.neighbor_misses);
         shared.neighbors.request(next_hop);
-        match shared.host_tun.as_ref().map(|tun| tun.write(inner)) {
-            Some(Ok(())) => bump(&counters.via_kernel),
-            _ => counters.dropped(DropReason::NoNextHop),
+        if !waiting.park(next_hop, inner, now) {
+            counters.dropped(DropReason::NoNextHop);
         }
         return;
     };
+    frame_for_site(lan, shared, counters, mac, inner);
+}
+
+/// Frames `inner` for the site neighbour at `mac` into a LAN frame, one hop less.
+fn frame_for_site<S: FrameIo>(lan: &mut S, shared: &Shared, counters: &WorkerCounters, mac: MacAddr, inner: &[u8]) {
+    let v6 = inner.first().is_some_and(|b| b >> 4 == 6);
     let Some(mut out) = lan.alloc(ETHERNET_HEADER_LEN + inner.len()) else {
         return counters.dropped(DropReason::NoFrame);
     };
     let lan_mac = shared.lan_mac;
-    let v6 = ip.dst.is_ipv6();
     let written = lan.with_data_mut(&mut out, None, |buf| match buf.get_mut(ETHERNET_HEADER_LEN..) {
         Some(body) if body.len() == inner.len() => {
             body.copy_from_slice(inner);

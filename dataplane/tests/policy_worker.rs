@@ -239,3 +239,30 @@ fn later_fragments_follow_their_admitted_first_fragment() {
     assert!(from_site(&mut m, &tcp, now).is_empty());
     assert_eq!(drops(&m, DropReason::BadFragment), 1);
 }
+
+/// A site neighbour whose MAC is not known yet: the packet waits (never goes
+/// through the kernel) and leaves once the neighbour resolves; one whose
+/// neighbour never resolves is dropped after a while, counted.
+#[test]
+fn packets_wait_for_an_unresolved_site_neighbour() {
+    let mut m = MemoryWorker::new(AeadBackend::Ring);
+    let now = Instant::now();
+    let new_host = [10, 0, 1, 6];
+    let packet = ipv4_l4_packet(80, CLIENT_TUNNEL, new_host, UDP, (4000, 53), 64);
+    assert!(from_site(&mut m, &packet, now).is_empty(), "waits");
+    assert_eq!(m.counters.neighbor_misses.load(Relaxed), 1);
+    let mac = wgxdp_dataplane::wire::MacAddr([2, 0, 0, 0, 1, 6]);
+    let known = [(IpAddr::from(LAN_HOST), wgxdp_dataplane::testing::LAN_HOST_MAC), (IpAddr::from(new_host), mac)];
+    m.shared.neighbors.replace(known.into_iter().collect());
+    m.run_until_idle(&mut Vec::new(), now);
+    let mut out = Vec::new();
+    lan(&mut m).take_sent(|f| out.push(f.to_vec()));
+    assert_eq!(out.len(), 1, "sent once resolved");
+    assert_eq!(&out[0][..6], &mac.0);
+    assert_eq!(&out[0][14..], &wgxdp_dataplane::testing::forwarded(&packet)[..]);
+    // Never resolved: dropped after the wait, counted.
+    let lost = ipv4_l4_packet(80, CLIENT_TUNNEL, [10, 0, 1, 7], UDP, (4000, 53), 64);
+    assert!(from_site(&mut m, &lost, now).is_empty());
+    m.run_until_idle(&mut Vec::new(), now + wgxdp_dataplane::neighbors::NEIGHBOR_WAIT);
+    assert_eq!(drops(&m, DropReason::NoNextHop), 1);
+}
