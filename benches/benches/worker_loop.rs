@@ -17,10 +17,10 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::{Duration, Instant};
 use wgxdp_dataplane::conntrack::{ConnTrack, FlowKey};
-use wgxdp_dataplane::flow::Flow;
+use wgxdp_dataplane::flow::{tcp_flags, Flow};
 use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::policy::{FirewallRule, ForwardingPolicy, PortRange, RuleAction, RuleProtocol};
-use wgxdp_dataplane::testing::{ipv4_l4_packet, ipv4_packet, MemoryWorker, CLIENT_TUNNEL, LAN_HOST};
+use wgxdp_dataplane::testing::{ipv4_l4_packet, ipv4_packet, with_tcp_flags, MemoryWorker, CLIENT_TUNNEL, LAN_HOST};
 
 const BATCH: usize = 64;
 const SIZES: [usize; 2] = [64, 1420];
@@ -48,7 +48,8 @@ fn firewall(c: &mut Criterion) {
             let now = ConnTrack::now_secs(Instant::now());
             for i in 0..10_000u32 {
                 let lan_host = [10, 0, 1, (i % 250) as u8 + 2];
-                let packet = ipv4_l4_packet(60, lan_host, CLIENT_TUNNEL, 6, (10_000 + (i / 250) as u16, 443), 64);
+                let ports = (10_000 + (i / 250) as u16, 443);
+                let packet = with_tcp_flags(ipv4_l4_packet(60, lan_host, CLIENT_TUNNEL, 6, ports, 64), tcp_flags::SYN);
                 let flow = Flow::parse(&packet).expect("a flow");
                 m.shared.conntrack.track(&FlowKey::of_outbound(m.gateway_peer, &flow).expect("tracked"), now);
             }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use wgxdp_dataplane::gateway::{interface_addresses, interface_addrs, interface_networks, Gateway, GatewayConfig};
+use wgxdp_dataplane::gateway::{interface_addrs, interface_networks, Gateway, GatewayConfig};
 use wgxdp_dataplane::loader::{self, DetachError};
 use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::xsk::XskConfig;
@@ -58,8 +58,8 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
     let public_address =
         api.as_ref().and_then(|a| a.config.public_address).or_else(|| interface_addrs(&cfg.wan).0.map(Into::into));
     let listen_port = cfg.listen_port;
-    // The site's own addresses: no API tunnel may route them.
-    let lan_addresses = interface_addresses(&cfg.lan);
+    // The host's own addresses (every interface): no API tunnel may route them.
+    let host_addresses = wgxdp_dataplane::gateway::host_addresses();
     // What a `[[peer]]` site reaches when neither it nor `[api] site_cidr` says.
     let lan_networks = interface_networks(&cfg.lan);
     if lan_networks.is_empty() && cfg.peers.iter().any(|p| p.policy.local_networks.is_empty()) {
@@ -96,7 +96,7 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
         .enable_all()
         .build()
         .context("cannot start the API runtime")?;
-    let result = runtime.block_on(run(plane.clone(), api, public_address, lan_addresses, stop, stats_every));
+    let result = runtime.block_on(run(plane.clone(), api, public_address, host_addresses, stop, stats_every));
     runtime.shutdown_timeout(Duration::from_secs(5));
     log_stats(plane.gateway());
     drop(plane);
@@ -108,7 +108,7 @@ async fn run(
     plane: Arc<GatewayPlane>,
     api: Option<ApiStart>,
     public_address: Option<std::net::IpAddr>,
-    lan_addresses: Vec<std::net::IpAddr>,
+    host_addresses: Vec<std::net::IpAddr>,
     stop: Arc<AtomicBool>,
     stats_every: Option<Duration>,
 ) -> anyhow::Result<()> {
@@ -127,7 +127,7 @@ async fn run(
             let restored = tokio::task::spawn_blocking(move || api::replay(&store, &*p)).await??;
             let settings = ApiSettings {
                 site_cidr: a.config.site_cidr.clone(),
-                lan_addresses,
+                host_addresses,
                 public_address: public_address.map_or_else(|| "0.0.0.0".into(), |a| a.to_string()),
                 mutations_per_minute: a.config.mutations_per_minute,
                 reads_per_minute: a.config.reads_per_minute,

@@ -771,7 +771,7 @@ async fn openapi_document_validates_and_covers_every_route() {
 #[tokio::test]
 async fn a_tunnel_cannot_claim_the_sites_own_addresses() {
     let api = Api::with(ApiSettings {
-        lan_addresses: vec!["192.168.7.1".parse().unwrap(), "fd00:7::1".parse().unwrap()],
+        host_addresses: vec!["192.168.7.1".parse().unwrap(), "fd00:7::1".parse().unwrap()],
         ..settings()
     });
     // site_cidr is 10.50.0.0/24; the request names another local network.
@@ -779,10 +779,13 @@ async fn a_tunnel_cannot_claim_the_sites_own_addresses() {
         ("10.50.0.0/24", "site_cidr"),
         ("10.50.0.128/25", "site_cidr"),
         ("10.0.0.0/8", "site_cidr"),
-        ("0.0.0.0/1", "site_cidr"),
-        ("192.168.7.1/32", "LAN interface"),
-        ("192.168.0.0/16", "LAN interface"),
-        ("fd00::/8", "LAN interface"),
+        ("0.0.0.0/1", "this network"),
+        ("192.168.7.1/32", "gateway host"),
+        ("192.168.0.0/16", "gateway host"),
+        ("fd00::/8", "gateway host"),
+        ("127.0.0.0/8", "loopback"),
+        ("fe80::/10", "link-local"),
+        ("224.0.0.0/4", "multicast"),
         ("0.0.0.0/0", "default route"),
         ("::/0", "default route"),
     ] {
@@ -881,7 +884,7 @@ async fn networks_and_firewall_in_every_view_and_in_the_data_plane() {
 
 #[tokio::test]
 async fn firewall_and_network_errors_name_the_field() {
-    let api = Api::with(ApiSettings { lan_addresses: vec!["192.168.7.1".parse().unwrap()], ..settings() });
+    let api = Api::with(ApiSettings { host_addresses: vec!["192.168.7.1".parse().unwrap()], ..settings() });
     let rule = |extra: Value| {
         let mut r = json!({"name": "r", "protocol": "tcp"});
         for (k, v) in extra.as_object().unwrap() {
@@ -944,7 +947,7 @@ async fn firewall_and_network_errors_name_the_field() {
             "additional_remote_network_cidrs",
             json!(["192.168.0.0/16"]),
             "additional_remote_network_cidrs[0]",
-            "LAN interface",
+            "gateway host",
         ),
         ("additional_local_network_cidrs", json!(["banana"]), "additional_local_network_cidrs[0]", "CIDR"),
         (

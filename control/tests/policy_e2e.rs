@@ -137,6 +137,13 @@ fn a_site_reaches_only_its_local_networks_under_its_firewall_rules() {
     gateway.refresh();
     assert!(gateway.counter("drop_not_local_destination") >= before + 6, "{}", gateway.output());
 
+    // Nor does anything enter the tunnel from the host's other networks: the
+    // other host routes the site through the gateway, whose kernel forwards
+    // it towards the tunnel route; only the host's own packets may go in.
+    assert!(!other.ping(CLIENT_TUNNEL, 2, 1), "another network of the gateway host reached the site");
+    gateway.refresh();
+    assert!(gateway.counter("drop_foreign_source") >= 2, "{}", gateway.output());
+
     // The gateway's own LAN address: dropped (counted) until a rule allows it.
     assert_eq!(ping(&topo.client, GATEWAY_LAN, 2, 64).0, 0, "the gateway host answered without a rule");
     gateway.refresh();
@@ -158,6 +165,11 @@ fn a_site_reaches_only_its_local_networks_under_its_firewall_rules() {
     assert_eq!(hits[0]["name"], "ping gateway", "{status}");
     assert!(hits[0]["hits"].as_u64().unwrap() >= 2, "{status}");
     assert!(hits[1]["hits"].as_u64().unwrap() >= 1, "the SSH SYNs hit the deny rule: {status}");
+    // /metrics (text) says the same, per rule, with the gateway's id.
+    let url = format!("http://{API}/metrics");
+    let text = topo.gateway.enter(move || ureq::get(&url).call().unwrap().into_string().unwrap());
+    let ssh_hits = format!("wgxdp_firewall_rule_hits_total{{gateway=\"{id}\",rule=\"1\",name=\"no ssh\"}}");
+    assert!(metric(&text, &ssh_hits) >= 1, "no moving `no ssh` counter in /metrics:\n{text}");
 
     // Deny everything inbound: the site opens nothing, but the LAN host's own
     // connection to the site works both ways.
@@ -171,10 +183,9 @@ fn a_site_reaches_only_its_local_networks_under_its_firewall_rules() {
     assert!(gateway.counter("drop_firewall_denied") >= 1);
     assert!(gateway.counter("conntrack_replies") >= 1, "{}", gateway.output());
 
-    // /metrics (text): the per-rule counters and the connection table.
+    // /metrics (text): the connection table.
     let url = format!("http://{API}/metrics");
     let text = topo.gateway.enter(move || ureq::get(&url).call().unwrap().into_string().unwrap());
-    assert!(text.contains("wgxdp_firewall_rule_hits_total"), "{text}");
     assert!(metric(&text, "wgxdp_conntrack_inserts") >= 1, "{text}");
     drop(wg);
 }

@@ -10,17 +10,23 @@
 //! Bounded and lock-free: a fixed array of 4-way sets (one cache line each),
 //! allocated once. A flow is a 64-bit tag (a keyed hash of peer, protocol,
 //! addresses and ports/identifier, keyed with a random secret so a remote site
-//! cannot aim floods at chosen sets or forge tags) and an expiry second. An
-//! insert takes, in order: the flow's own slot, an empty or expired slot, or
-//! else evicts the slot that expires soonest (the least recently refreshed);
-//! evictions are counted. Writers race benignly: two workers writing one slot
+//! cannot aim floods at chosen sets or forge tags), the second it was last
+//! seen and its idle-timeout class. An insert takes, in order: the flow's own
+//! slot, an empty or expired slot, or else evicts the least recently seen
+//! flow of the set; evictions are counted.
+//!
+//! Only packets from the site side open flows, and for TCP only a SYN or a
+//! mid-stream segment (a connection picked up after a restart or a policy
+//! change): a LAN host's SYN-ACK or RST answering the remote site opens
+//! nothing, so a site cannot fill the table through a LAN service. Writers race benignly: two workers writing one slot
 //! leave one of the flows, and the other is tracked again by its next packet.
 //! The fragments of admitted packets (which a remote site causes) live in a
 //! separate, smaller array, so they can never push out the site side's flows.
 //!
-//! Timeouts (seconds of idleness): TCP 7440 (RFC 5382's two hours and four
-//! minutes), UDP 180 (RFC 4787 asks for at least 120), ICMP echo 30, other
-//! protocols 600, fragments of an admitted first fragment 30.
+//! Timeouts (seconds of idleness): TCP 7440 once both sides spoke (RFC
+//! 5382's two hours and four minutes), a TCP connection being opened and UDP
+//! 180 (RFC 4787 asks for at least 120), ICMP echo 30, other protocols 600,
+//! fragments of an admitted first fragment 30.
 
 use crate::flow::{Flow, Transport};
 use crate::wire::ip_protocol;
@@ -31,11 +37,42 @@ const WAYS: usize = 4;
 /// The default capacity, in flows.
 pub const DEFAULT_FLOWS: usize = 65_536;
 
-const TCP_TIMEOUT: u32 = 7440;
-const UDP_TIMEOUT: u32 = 180;
-const ICMP_TIMEOUT: u32 = 30;
-const OTHER_TIMEOUT: u32 = 600;
-const FRAGMENT_TIMEOUT: u32 = 30;
+/// How long a flow lives idle; two bits of its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum Idle {
+    /// ICMP echo, fragments.
+    Short = 0,
+    /// UDP, a TCP connection being opened.
+    Medium = 1,
+    /// Other protocols.
+    Long = 2,
+    /// TCP once both sides spoke.
+    Established = 3,
+}
+
+impl Idle {
+    pub const fn seconds(self) -> u32 {
+        match self {
+            Idle::Short => 30,
+            Idle::Medium => 180,
+            Idle::Long => 600,
+            Idle::Established => 7440,
+        }
+    }
+
+    fn from_bits(bits: u32) -> Self {
+        match bits & 3 {
+            0 => Idle::Short,
+            1 => Idle::Medium,
+            2 => Idle::Long,
+            _ => Idle::Established,
+        }
+    }
+}
+
+/// The last second the table's clock can say (30 bits: 34 years).
+const MAX_SECS: u32 = (1 << 30) - 1;
 
 /// A flow as the table names it, oriented from the site side ("local") to
 /// the remote site.
@@ -49,15 +86,17 @@ pub struct FlowKey {
     remote: u128,
     /// Local port << 16 | remote port; echo identifier << 16; fragment id.
     ids: u32,
-    timeout: u32,
+    idle: Idle,
+    /// Whether this packet may start tracking the flow (not just refresh it).
+    opens: bool,
 }
 
-fn timeout_of(protocol: u8) -> u32 {
+fn idle_of(protocol: u8) -> Idle {
     match protocol {
-        ip_protocol::TCP => TCP_TIMEOUT,
-        ip_protocol::UDP => UDP_TIMEOUT,
-        ip_protocol::ICMP | ip_protocol::ICMPV6 => ICMP_TIMEOUT,
-        _ => OTHER_TIMEOUT,
+        ip_protocol::TCP => Idle::Established,
+        ip_protocol::UDP => Idle::Medium,
+        ip_protocol::ICMP | ip_protocol::ICMPV6 => Idle::Short,
+        _ => Idle::Long,
     }
 }
 
@@ -71,21 +110,38 @@ impl FlowKey {
             local: key(local),
             remote: key(remote),
             ids,
-            timeout: timeout_of(protocol),
+            idle: idle_of(protocol),
+            opens: true,
         }
     }
 
     /// The flow a packet from the site side towards `peer`'s remote site opens
-    /// or continues; `None` for what opens nothing (errors, echo replies,
-    /// later fragments).
+    /// or continues; `None` for what belongs to no flow (errors, echo
+    /// replies, other ICMP messages, later fragments). A TCP segment opens
+    /// the flow only as a SYN or mid-stream (not a SYN-ACK, RST or FIN: those
+    /// answer or end what the remote site opened); it refreshes it anyway.
     pub fn of_outbound(peer: u32, flow: &Flow) -> Option<Self> {
         let ids = match flow.transport {
             Transport::Ports { src, dst } => u32::from(src) << 16 | u32::from(dst),
             Transport::Echo { id, request: true } => u32::from(id) << 16,
-            Transport::Other => 0,
-            Transport::Echo { request: false, .. } | Transport::IcmpError(_) | Transport::LaterFragment => return None,
+            Transport::Other if !flow.is_icmp() => 0,
+            Transport::Other
+            | Transport::Echo { request: false, .. }
+            | Transport::IcmpError(_)
+            | Transport::LaterFragment => return None,
         };
-        Some(Self::new(peer, flow.protocol, flow.src, flow.dst, ids))
+        let mut key = Self::new(peer, flow.protocol, flow.src, flow.dst, ids);
+        if flow.protocol == ip_protocol::TCP {
+            use crate::flow::tcp_flags::{ACK, FIN, RST, SYN};
+            let f = flow.tcp_flags;
+            let syn = f & (SYN | ACK | RST | FIN) == SYN;
+            let mid_stream = f & ACK != 0 && f & (SYN | RST | FIN) == 0;
+            key.opens = syn || mid_stream;
+            if syn {
+                key.idle = Idle::Medium;
+            }
+        }
+        Some(key)
     }
 
     /// The tracked flow a packet from `peer`'s remote site would answer: a
@@ -104,7 +160,8 @@ impl FlowKey {
                 Some(Self::new(peer, q.protocol, q.src, q.dst, u32::from(q.ids.0) << 16 | u32::from(q.ids.1)))
             }
             Transport::IcmpError(_) => None,
-            Transport::Other => Some(Self::new(peer, flow.protocol, flow.dst, flow.src, 0)),
+            Transport::Other if !flow.is_icmp() => Some(Self::new(peer, flow.protocol, flow.dst, flow.src, 0)),
+            Transport::Other => None,
             Transport::LaterFragment => Self::fragments_of(peer, flow),
         }
     }
@@ -123,7 +180,7 @@ impl FlowKey {
         let id = flow.fragment?;
         let mut key = Self::new(peer, flow.protocol, flow.dst, flow.src, id);
         key.fragments = true;
-        key.timeout = FRAGMENT_TIMEOUT;
+        key.idle = Idle::Short;
         Some(key)
     }
 }
@@ -133,8 +190,31 @@ impl FlowKey {
 struct Slot {
     /// 0: empty.
     tag: AtomicU64,
-    /// The second (see `ConnTrack::now_secs`) after which the flow is gone.
-    expires: AtomicU32,
+    /// The second the flow was last seen (see `ConnTrack::now_secs`) << 2,
+    /// and its `Idle` class in the low two bits.
+    seen: AtomicU32,
+}
+
+impl Slot {
+    /// When the flow was last seen, if it is still live at `now`.
+    #[inline]
+    fn live_since(&self, now: u32) -> Option<u32> {
+        let word = self.seen.load(Relaxed);
+        let (seen, idle) = (word >> 2, Idle::from_bits(word));
+        (seen + idle.seconds() >= now).then_some(seen)
+    }
+
+    /// Seen at `now`, with at least class `idle` (a flow only gets longer-lived).
+    /// No write when nothing changes: packets of the same second on several
+    /// workers do not bounce the cache line.
+    #[inline]
+    fn touch(&self, now: u32, idle: Idle) {
+        let old = self.seen.load(Relaxed);
+        let new = now << 2 | (old & 3).max(idle as u32);
+        if new > old {
+            self.seen.store(new, Relaxed);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -189,7 +269,7 @@ impl Sets {
 
     fn live(&self, now: u32) -> usize {
         let slots = self.sets.iter().flat_map(|s| &s.ways);
-        slots.filter(|s| s.tag.load(Relaxed) != 0 && s.expires.load(Relaxed) >= now).count()
+        slots.filter(|s| s.tag.load(Relaxed) != 0 && s.live_since(now).is_some()).count()
     }
 }
 
@@ -223,7 +303,7 @@ impl ConnTrack {
 
     /// The table's clock: whole seconds since the process epoch, from 1.
     pub fn now_secs(now: std::time::Instant) -> u32 {
-        (crate::peer_view::monotonic_nanos(now) / 1_000_000_000).min(u64::from(u32::MAX / 2)) as u32 + 1
+        (crate::peer_view::monotonic_nanos(now) / 1_000_000_000).min(u64::from(MAX_SECS - 1)) as u32 + 1
     }
 
     #[inline]
@@ -255,13 +335,14 @@ impl ConnTrack {
         }
     }
 
-    /// Whether `key` is tracked (and live) at `now`; a hit extends its life.
+    /// Whether `key` is tracked (and live) at `now`, for a packet from the
+    /// remote site; a hit refreshes it (a TCP flow is then established).
     #[inline]
     pub fn refresh(&self, key: &FlowKey, now: u32) -> bool {
         let tag = self.tag(key);
         for slot in &self.set(key, tag).ways {
-            if slot.tag.load(Relaxed) == tag && slot.expires.load(Relaxed) >= now {
-                extend(slot, now + key.timeout);
+            if slot.tag.load(Relaxed) == tag && slot.live_since(now).is_some() {
+                slot.touch(now, key.idle);
                 self.counters.replies.fetch_add(1, Relaxed);
                 return true;
             }
@@ -269,32 +350,35 @@ impl ConnTrack {
         false
     }
 
-    /// Tracks `key` from `now` (or extends it if tracked).
+    /// Tracks `key` from `now` for a packet from the site side: refreshes it
+    /// if tracked, else starts tracking it if the packet may open it.
     #[inline]
     pub fn track(&self, key: &FlowKey, now: u32) {
         let tag = self.tag(key);
         let set = self.set(key, tag);
-        let expires = now + key.timeout;
         let mut victim = &set.ways[0];
-        let mut victim_expires = u32::MAX;
+        let mut victim_seen = u32::MAX;
         for slot in &set.ways {
-            let t = slot.tag.load(Relaxed);
-            let e = slot.expires.load(Relaxed);
-            if t == tag {
-                return extend(slot, expires);
+            let live = if slot.tag.load(Relaxed) == 0 { None } else { slot.live_since(now) };
+            if live.is_some() && slot.tag.load(Relaxed) == tag {
+                return slot.touch(now, key.idle);
             }
-            let e = if t == 0 || e < now { 0 } else { e };
-            if e < victim_expires {
+            // Empty and expired slots first (as seen at 0), then the least recently seen.
+            let seen = live.unwrap_or(0);
+            if seen < victim_seen {
                 victim = slot;
-                victim_expires = e;
+                victim_seen = seen;
             }
         }
-        if victim_expires != 0 {
+        if !key.opens {
+            return;
+        }
+        if victim_seen != 0 {
             self.counters.evictions.fetch_add(1, Relaxed);
         }
         self.counters.inserts.fetch_add(1, Relaxed);
         victim.tag.store(tag, Relaxed);
-        victim.expires.store(expires, Relaxed);
+        victim.seen.store(now << 2 | key.idle as u32, Relaxed);
     }
 
     /// Live flows at `now` (a scan: for metrics, not the packet path).
@@ -314,16 +398,6 @@ impl ConnTrack {
     }
 }
 
-/// Moves `slot`'s expiry to `expires` if that is later (no write when a
-/// packet of the same second already did: flows shared by workers do not
-/// bounce the cache line per packet).
-#[inline]
-fn extend(slot: &Slot, expires: u32) {
-    if slot.expires.load(Relaxed) < expires {
-        slot.expires.store(expires, Relaxed);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +411,7 @@ mod tests {
             protocol: ip_protocol::UDP,
             transport: Transport::Ports { src: lport, dst: rport },
             fragment: None,
+            tcp_flags: 0,
         }
     }
 
@@ -357,7 +432,7 @@ mod tests {
         assert!(!t.refresh(&FlowKey::of_reply(1, &reply(&other)).unwrap(), 101));
         assert!(!t.refresh(&FlowKey::of_reply(1, &out).unwrap(), 101));
         // Idle past the UDP timeout: gone.
-        assert!(!t.refresh(&FlowKey::of_reply(1, &reply(&out)).unwrap(), 101 + UDP_TIMEOUT + 1));
+        assert!(!t.refresh(&FlowKey::of_reply(1, &reply(&out)).unwrap(), 101 + Idle::Medium.seconds() + 1));
         assert_eq!(t.counters.inserts.load(Relaxed), 1);
     }
 
@@ -373,6 +448,7 @@ mod tests {
             protocol: ip_protocol::ICMP,
             transport: Transport::IcmpError(quoted),
             fragment: None,
+            tcp_flags: 0,
         };
         assert!(t.refresh(&FlowKey::of_reply(1, &error).unwrap(), 11));
         // Aimed at someone else than the quoted sender: not related.
@@ -380,8 +456,8 @@ mod tests {
         assert!(FlowKey::of_reply(1, &elsewhere).is_none());
     }
 
-    /// A full set evicts the flow that expires soonest (least recently
-    /// refreshed), never a fresher one, and counts it.
+    /// A full set evicts its least recently seen flow, never a fresher one,
+    /// whatever their timeouts, and counts it.
     #[test]
     fn eviction_takes_the_stalest_flow_of_a_full_set() {
         let t = ConnTrack::with_keys(WAYS, [1, 2, 3]); // one set
@@ -397,10 +473,48 @@ mod tests {
         let live = |f: &Flow| t.refresh(&FlowKey::of_reply(1, &reply(f)).unwrap(), 21);
         assert!(live(&flows[0]) && !live(&flows[1]) && live(&flows[2]) && live(&flows[3]) && live(&flows[4]));
         // An expired slot is reused before any live one is evicted.
-        let later = 21 + UDP_TIMEOUT + 1; // every flow idle past its timeout
+        let later = 21 + Idle::Medium.seconds() + 1; // every flow idle past its timeout
         t.track(&key(&flows[1]), later);
         assert_eq!(t.counters.evictions.load(Relaxed), 1, "took an expired slot");
         assert_eq!(t.live(later), 1);
+    }
+
+    /// Only a SYN or a mid-stream segment from the site side opens a TCP
+    /// flow: a LAN host's SYN-ACK or RST answering the remote site does not.
+    #[test]
+    fn tcp_flows_open_with_a_syn_or_mid_stream_only() {
+        use crate::flow::tcp_flags::{ACK, RST, SYN};
+        let t = ConnTrack::new(1024);
+        let tcp = |lport: u16, flags: u8| Flow {
+            protocol: ip_protocol::TCP,
+            tcp_flags: flags,
+            ..udp([10, 50, 0, 2], lport, [10, 200, 0, 2], 443)
+        };
+        let reply_of = |f: &Flow| FlowKey::of_reply(1, &reply(f)).unwrap();
+        for (port, flags, opens) in [(1, SYN, true), (2, ACK, true), (3, SYN | ACK, false), (4, RST | ACK, false)] {
+            let f = tcp(port, flags);
+            t.track(&FlowKey::of_outbound(1, &f).unwrap(), 10);
+            assert_eq!(t.refresh(&reply_of(&f), 10), opens, "flags {flags:#x}");
+        }
+        // A SYN's flow lives 180 s until the far side answers; then two hours.
+        let syn = tcp(5, SYN);
+        t.track(&FlowKey::of_outbound(1, &syn).unwrap(), 10);
+        assert!(!t.refresh(&reply_of(&syn), 10 + Idle::Medium.seconds() + 1));
+        let syn = tcp(6, SYN);
+        t.track(&FlowKey::of_outbound(1, &syn).unwrap(), 10);
+        assert!(t.refresh(&reply_of(&syn), 11), "the SYN-ACK");
+        assert!(t.refresh(&reply_of(&syn), 11 + Idle::Medium.seconds() + 1), "established");
+        // A SYN-ACK from the LAN still refreshes a flow it belongs to.
+        let ack = tcp(2, SYN | ACK);
+        t.track(&FlowKey::of_outbound(1, &ack).unwrap(), 5000);
+        assert!(t.refresh(&reply_of(&ack), 5000));
+        // ICMP messages other than echo belong to no flow.
+        let other = Flow {
+            protocol: ip_protocol::ICMP,
+            transport: Transport::Other,
+            ..udp([10, 50, 0, 2], 0, [10, 200, 0, 2], 0)
+        };
+        assert!(FlowKey::of_outbound(1, &other).is_none() && FlowKey::of_reply(1, &other).is_none());
     }
 
     /// A flood of admitted fragmented packets (each tracks its fragments)

@@ -82,6 +82,12 @@ drop_reasons! {
     ToGatewayHost => "to_gateway_host",
     /// TTL / hop limit exhausted (answered with ICMP time exceeded).
     TtlExceeded => "ttl_exceeded",
+    /// A packet for the gateway host the host interface would not take.
+    HostInterface => "host_interface",
+    /// From the host interface with a source that is not the host's own: the
+    /// kernel forwarded it towards a tunnel route (only the host's own packets
+    /// enter tunnels that way; the site's come through AF_XDP).
+    ForeignSource => "foreign_source",
     /// A fragment a filter cannot judge: a first fragment without the whole
     /// transport ports, or an IPv4 TCP fragment at offset 8 (RFC 1858).
     BadFragment => "bad_fragment",

@@ -60,6 +60,24 @@ pub struct Flow {
     pub transport: Transport,
     /// The fragment identification, for any fragment (first or later).
     pub fragment: Option<u32>,
+    /// TCP flags (`tcp_flags::*`), 0 when not TCP or not in this packet.
+    pub tcp_flags: u8,
+}
+
+/// TCP header flags (RFC 9293).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// The TCP flags of a transport header, when it holds them (byte 13).
+fn tcp_flags_of(protocol: u8, transport_header: &[u8]) -> u8 {
+    match protocol {
+        ip_protocol::TCP => transport_header.get(13).copied().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 impl Flow {
@@ -80,12 +98,15 @@ impl Flow {
                 let (src, dst) = (IpAddr::V4(ip.source()), IpAddr::V4(ip.destination()));
                 let protocol = ip.protocol();
                 let fragment = ip.is_fragment().then_some(u32::from(ip.ident()));
-                let transport = match ip.fragment_offset() {
-                    0 => transport(protocol, ip.payload(), false, fragment.is_some())?,
+                let (transport, tcp_flags) = match ip.fragment_offset() {
+                    0 => (
+                        transport(protocol, ip.payload(), false, fragment.is_some())?,
+                        tcp_flags_of(protocol, ip.payload()),
+                    ),
                     8 if protocol == ip_protocol::TCP => return Err(DropReason::BadFragment),
-                    _ => Transport::LaterFragment,
+                    _ => (Transport::LaterFragment, 0),
                 };
-                Ok(Self { src, dst, protocol, transport, fragment })
+                Ok(Self { src, dst, protocol, transport, fragment, tcp_flags })
             }
             Some(6) => {
                 let ip = Ipv6Packet::new_checked(packet).map_err(|_| DropReason::BadInnerPacket)?;
@@ -95,10 +116,35 @@ impl Flow {
                     Some((offset, _)) if offset > 0 => Transport::LaterFragment,
                     fragment => transport(chain.protocol, chain.rest, true, fragment.is_some())?,
                 };
-                Ok(Self { src, dst, protocol: chain.protocol, transport, fragment: chain.fragment.map(|(_, id)| id) })
+                let tcp_flags = tcp_flags_of(chain.protocol, chain.rest);
+                let fragment = chain.fragment.map(|(_, id)| id);
+                Ok(Self { src, dst, protocol: chain.protocol, transport, fragment, tcp_flags })
             }
             _ => Err(DropReason::BadInnerPacket),
         }
+    }
+}
+
+/// A whole IP packet's transport protocol and header (past IPv6 extension
+/// headers); `None` for a later fragment or a packet that does not parse.
+pub fn transport_header(packet: &[u8]) -> Option<(u8, &[u8])> {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            let header = packet.get(ip.header_len()..ip.total_len())?;
+            (ip.fragment_offset() == 0).then_some((ip.protocol(), header))
+        }
+        Some(6) => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            let start = crate::wire::IPV6_HEADER_LEN;
+            let payload = packet.get(start..ip.total_len())?;
+            let chain = walk_extension_headers(ip.next_header(), payload).ok()?;
+            if chain.fragment.is_some_and(|(offset, _)| offset > 0) {
+                return None;
+            }
+            Some((chain.protocol, chain.rest))
+        }
+        _ => None,
     }
 }
 
@@ -133,6 +179,11 @@ fn walk_extension_headers(mut next: u8, mut rest: &[u8]) -> Result<Chain<'_>, Dr
     let mut fragment = None;
     for _ in 0..MAX_EXTENSION_HEADERS {
         let len = match next {
+            // A routing header that still has segments to visit would take the
+            // packet past its destination, beyond what the policy judged.
+            ROUTING if rest.get(3).is_some_and(|&segments_left| segments_left > 0) => {
+                return Err(DropReason::BadInnerPacket)
+            }
             HOP_BY_HOP | ROUTING | DESTINATION_OPTIONS => rest.get(1).map(|&l| (usize::from(l) + 1) * 8),
             AUTHENTICATION => rest.get(1).map(|&l| (usize::from(l) + 2) * 4),
             FRAGMENT => {

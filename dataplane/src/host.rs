@@ -56,14 +56,16 @@ impl HostAddresses {
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
+/// Fail rather than attach to an existing (persistent) TUN device.
+const IFF_TUN_EXCL: libc::c_short = -0x8000;
 const IFNAMSIZ: usize = 16;
 
-/// `struct ifreq` with the member this file uses (flags, or the MTU).
+/// `struct ifreq`: the name, then the union (flags as a short, or the MTU
+/// as an int, in native byte order).
 #[repr(C)]
 struct IfReq {
     name: [libc::c_char; IFNAMSIZ],
-    value: libc::c_int,
-    _pad: [u8; 20],
+    union: [u8; 24],
 }
 
 impl IfReq {
@@ -71,11 +73,23 @@ impl IfReq {
         if name.is_empty() || name.len() >= IFNAMSIZ || name.bytes().any(|b| b == 0 || b == b'/' || b <= b' ') {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("`{name}` is not an interface name")));
         }
-        let mut req = Self { name: [0; IFNAMSIZ], value: 0, _pad: [0; 20] };
+        let mut req = Self { name: [0; IFNAMSIZ], union: [0; 24] };
         for (d, s) in req.name.iter_mut().zip(name.bytes()) {
             *d = s as libc::c_char;
         }
         Ok(req)
+    }
+
+    fn flags(&self) -> libc::c_short {
+        libc::c_short::from_ne_bytes([self.union[0], self.union[1]])
+    }
+
+    fn set_flags(&mut self, flags: libc::c_short) {
+        self.union[..2].copy_from_slice(&flags.to_ne_bytes());
+    }
+
+    fn set_int(&mut self, value: libc::c_int) {
+        self.union[..4].copy_from_slice(&value.to_ne_bytes());
     }
 
     /// Issues `request` on `fd` with this ifreq.
@@ -99,7 +113,8 @@ pub struct HostTun {
 
 impl HostTun {
     /// Creates `name` (IFF_TUN, no packet information), non-blocking, with
-    /// `mtu`, and brings it up.
+    /// `mtu`, and brings it up. An existing device of that name is an error
+    /// (never attached to: its traffic and routes are not ours).
     pub fn open(name: &str, mtu: usize) -> io::Result<Self> {
         // SAFETY: open(2) on a constant NUL-terminated path; checked below.
         let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
@@ -109,7 +124,7 @@ impl HostTun {
         // SAFETY: `raw` is a new, valid descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut req = IfReq::new(name)?;
-        req.value = libc::c_int::from(IFF_TUN | IFF_NO_PI);
+        req.set_flags(IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL);
         req.ioctl(fd.as_raw_fd(), TUNSETIFF)?;
         // Flags and MTU are set through any socket.
         // SAFETY: socket(2) with constant arguments; checked below.
@@ -120,11 +135,12 @@ impl HostTun {
         // SAFETY: `sock` is a new, valid descriptor that nothing else owns.
         let sock = unsafe { OwnedFd::from_raw_fd(sock) };
         let mut req = IfReq::new(name)?;
-        req.value = libc::c_int::try_from(mtu).unwrap_or(libc::c_int::MAX);
+        req.set_int(libc::c_int::try_from(mtu).unwrap_or(libc::c_int::MAX));
         req.ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU as libc::c_ulong)?;
         let mut req = IfReq::new(name)?;
         req.ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as libc::c_ulong)?;
-        req.value |= libc::IFF_UP | libc::IFF_RUNNING;
+        let up = req.flags() | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        req.set_flags(up);
         req.ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as libc::c_ulong)?;
         let ifindex = netlink::ifindex(name)?;
         Ok(Self { fd, name: name.to_owned(), ifindex })

@@ -26,19 +26,15 @@ pub const fn quote_limit(v6: bool) -> usize {
     }
 }
 
-/// The frame length `packet_too_big` needs for a quote of `quote_len` bytes.
-pub const fn packet_too_big_len(quote_len: usize, v6: bool) -> usize {
-    ETHERNET_HEADER_LEN + if v6 { IPV6_HEADER_LEN } else { IPV4_HEADER_LEN } + ICMP_HEADER_LEN + quote_len
-}
-
 /// Whether a router may answer `packet` (a whole IP packet it cannot forward)
-/// with an ICMP error at all. RFC 1812 section 4.3.2.7 (IPv4): never about an
-/// ICMP error, a non-initial fragment, or a packet whose source does not name
-/// one host (unspecified, loopback, multicast, broadcast, class E), nor about
-/// a packet sent to a multicast or broadcast address. RFC 4443 section 2.4(e)
-/// (IPv6): never about an ICMPv6 error or from a source that is not unicast
-/// ("packet too big" may answer a multicast destination).
-pub fn may_send_error(packet: &[u8]) -> bool {
+/// with the ICMP error `kind` at all. RFC 1812 section 4.3.2.7 (IPv4): never
+/// about an ICMP error, a non-initial fragment, or a packet whose source does
+/// not name one host (unspecified, loopback, multicast, broadcast, class E),
+/// nor about a packet sent to a multicast or broadcast address. RFC 4443
+/// section 2.4(e) (IPv6): never about an ICMPv6 error (also behind extension
+/// headers) or from a source that is not unicast, and about a packet sent to
+/// a multicast address only "packet too big".
+pub fn may_send_error(packet: &[u8], kind: IcmpError) -> bool {
     match packet.first().map(|b| b >> 4) {
         Some(4) => {
             let Ok(ip) = Ipv4Packet::new_checked(packet) else { return false };
@@ -57,8 +53,13 @@ pub fn may_send_error(packet: &[u8]) -> bool {
             let Ok(ip) = Ipv6Packet::new_checked(packet) else { return false };
             let src = ip.source();
             let unicast = !(src.is_unspecified() || src.is_loopback() || src.is_multicast());
-            let icmp_error = ip.next_header() == ip_protocol::ICMPV6 && ip.payload().first().is_some_and(|&t| t < 128);
-            unicast && !icmp_error
+            let to_group = ip.destination().is_multicast() && !matches!(kind, IcmpError::TooBig { .. });
+            let icmp_error = match crate::flow::transport_header(packet) {
+                Some((protocol, header)) => protocol == ip_protocol::ICMPV6 && header.first().is_some_and(|&t| t < 128),
+                // A later fragment, or a header chain we cannot follow: it may hide one.
+                None => true,
+            };
+            unicast && !to_group && !icmp_error
         }
         _ => false,
     }
@@ -220,6 +221,8 @@ mod tests {
 
     #[test]
     fn errors_only_about_packets_rfc_1812_and_4443_allow() {
+        const TE: IcmpError = IcmpError::TimeExceeded;
+        const BIG: IcmpError = IcmpError::TooBig { mtu: 1280 };
         let v4 = |src: &str, dst: &str, proto: u8, first: u8, frag: u16| {
             let mut p = vec![0u8; 60];
             Ipv4Packet::emit(&mut p[..], src.parse().unwrap(), dst.parse().unwrap(), proto, 64, 40).unwrap();
@@ -227,17 +230,17 @@ mod tests {
             p[20] = first;
             p
         };
-        assert!(may_send_error(&v4("10.0.0.2", "10.1.0.2", 6, 0, 0x4000)), "plain TCP with DF");
-        assert!(may_send_error(&v4("10.0.0.2", "10.1.0.2", 1, 8, 0)), "an echo request is not an error");
-        assert!(!may_send_error(&v4("10.0.0.2", "10.1.0.2", 1, 3, 0)), "about an ICMP error");
-        assert!(!may_send_error(&v4("10.0.0.2", "10.1.0.2", 1, 11, 0)), "about time exceeded");
-        assert!(!may_send_error(&v4("10.0.0.2", "10.1.0.2", 17, 0, 0x2001)), "non-initial fragment");
-        assert!(may_send_error(&v4("10.0.0.2", "10.1.0.2", 17, 0, 0x2000)), "the first fragment may");
+        assert!(may_send_error(&v4("10.0.0.2", "10.1.0.2", 6, 0, 0x4000), TE), "plain TCP with DF");
+        assert!(may_send_error(&v4("10.0.0.2", "10.1.0.2", 1, 8, 0), TE), "an echo request is not an error");
+        assert!(!may_send_error(&v4("10.0.0.2", "10.1.0.2", 1, 3, 0), TE), "about an ICMP error");
+        assert!(!may_send_error(&v4("10.0.0.2", "10.1.0.2", 1, 11, 0), TE), "about time exceeded");
+        assert!(!may_send_error(&v4("10.0.0.2", "10.1.0.2", 17, 0, 0x2001), TE), "non-initial fragment");
+        assert!(may_send_error(&v4("10.0.0.2", "10.1.0.2", 17, 0, 0x2000), TE), "the first fragment may");
         for src in ["0.0.0.0", "127.0.0.1", "224.0.0.5", "255.255.255.255", "240.0.0.1"] {
-            assert!(!may_send_error(&v4(src, "10.1.0.2", 17, 0, 0)), "source {src}");
+            assert!(!may_send_error(&v4(src, "10.1.0.2", 17, 0, 0), TE), "source {src}");
         }
         for dst in ["224.0.0.5", "255.255.255.255"] {
-            assert!(!may_send_error(&v4("10.0.0.2", dst, 17, 0, 0)), "destination {dst}");
+            assert!(!may_send_error(&v4("10.0.0.2", dst, 17, 0, 0), TE), "destination {dst}");
         }
         let v6 = |src: &str, dst: &str, next: u8, first: u8| {
             let mut p = vec![0u8; 80];
@@ -245,15 +248,21 @@ mod tests {
             p[40] = first;
             p
         };
-        assert!(may_send_error(&v6("fd00::2", "fd01::2", 17, 0)));
-        assert!(may_send_error(&v6("fd00::2", "ff02::1", 17, 0)), "packet too big may answer multicast");
-        assert!(may_send_error(&v6("fd00::2", "fd01::2", 58, 128)), "echo request");
-        assert!(!may_send_error(&v6("fd00::2", "fd01::2", 58, 1)), "about an ICMPv6 error");
+        assert!(may_send_error(&v6("fd00::2", "fd01::2", 17, 0), TE));
+        assert!(may_send_error(&v6("fd00::2", "ff02::1", 17, 0), BIG), "packet too big may answer multicast");
+        assert!(!may_send_error(&v6("fd00::2", "ff02::16", 17, 0), TE), "time exceeded may not (MLD, hop limit 1)");
+        // An ICMPv6 error behind a destination-options header is still one.
+        let mut behind = v6("fd00::2", "fd01::2", 60, 58);
+        behind[41] = 0;
+        behind[48] = 1;
+        assert!(!may_send_error(&behind, TE), "an ICMPv6 error behind an extension header");
+        assert!(may_send_error(&v6("fd00::2", "fd01::2", 58, 128), TE), "echo request");
+        assert!(!may_send_error(&v6("fd00::2", "fd01::2", 58, 1), TE), "about an ICMPv6 error");
         for src in ["::", "::1", "ff02::1"] {
-            assert!(!may_send_error(&v6(src, "fd01::2", 17, 0)), "source {src}");
+            assert!(!may_send_error(&v6(src, "fd01::2", 17, 0), TE), "source {src}");
         }
-        assert!(!may_send_error(&[0x45, 0, 0]), "truncated");
-        assert!(!may_send_error(&[]));
+        assert!(!may_send_error(&[0x45, 0, 0], TE), "truncated");
+        assert!(!may_send_error(&[], BIG));
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //! 3. its TTL / hop limit allows one more hop (decremented on the way).
 //!
 //! Packets to the gateway host's own addresses (and the directed broadcast of
-//! its networks) are delivered to the host only when an explicit `allow`
-//! rule matches them (the default action never applies to them).
+//! its networks) are delivered to the host only when an `allow` rule whose
+//! destination is that one address (/32 or /128) matches them: neither the
+//! default action nor a rule written for the site's networks opens the host.
 //!
 //! The operator's policy (`ForwardingPolicy`) is compiled into a
 //! `CompiledPolicy` that the control thread publishes into the peer's view;
@@ -206,6 +207,9 @@ struct CompiledRule {
     source: Option<Net>,
     destination: Option<Net>,
     allow: bool,
+    /// The destination is one address (/32 or /128): only such an allow rule
+    /// opens the gateway host itself.
+    names_one_address: bool,
 }
 
 /// A policy in the form the per-packet path reads, with per-rule hit counters.
@@ -258,6 +262,9 @@ impl CompiledPolicy {
                 source: r.source.as_ref().map(Net::new),
                 destination: r.destination.as_ref().map(Net::new),
                 allow: r.action == RuleAction::Allow,
+                names_one_address: r
+                    .destination
+                    .is_some_and(|d| d.prefix_len() == if d.addr().is_ipv4() { 32 } else { 128 }),
             })
             .collect();
         let hits = policy.rules.iter().map(|_| AtomicU64::new(0)).collect();
@@ -282,9 +289,11 @@ impl CompiledPolicy {
         self.local.iter().any(|n| n.contains(v6, key))
     }
 
-    /// The first rule matching `flow` (counted), as allow/deny; `None`: no rule matched.
+    /// The first rule matching `flow` (counted), as allow/deny; `None`: no rule
+    /// matched. For a packet to the gateway host (`to_host`) an allow rule
+    /// counts only if its destination is that one address.
     #[inline]
-    pub fn evaluate_rules(&self, flow: &Flow) -> Option<bool> {
+    pub fn evaluate_rules(&self, flow: &Flow, to_host: bool) -> Option<bool> {
         let v6 = flow.src.is_ipv6();
         let (src, dst) = (crate::table::addr_key(flow.src), crate::table::addr_key(flow.dst));
         let dst_port = match flow.transport {
@@ -299,6 +308,7 @@ impl CompiledPolicy {
                 RuleProtocol::Icmp => flow.is_icmp(),
             };
             let matches = protocol
+                && !(to_host && rule.allow && !rule.names_one_address)
                 && rule.ports.is_none_or(|r| dst_port.is_some_and(|p| r.contains(p)))
                 && rule.source.is_none_or(|n| n.contains(v6, src))
                 && rule.destination.is_none_or(|n| n.contains(v6, dst));
@@ -335,7 +345,7 @@ impl CompiledPolicy {
             None => false,
         };
         if !tracked {
-            match self.evaluate_rules(flow) {
+            match self.evaluate_rules(flow, to_host) {
                 Some(true) => {}
                 Some(false) => return Err(DropReason::FirewallDenied),
                 None if to_host => return Err(DropReason::ToGatewayHost),
@@ -362,7 +372,7 @@ mod tests {
             ip_protocol::TCP | ip_protocol::UDP => Transport::Ports { src: 40000, dst: dport },
             _ => Transport::Echo { id: 1, request: true },
         };
-        Flow { src: src.parse().unwrap(), dst: dst.parse().unwrap(), protocol, transport, fragment: None }
+        Flow { src: src.parse().unwrap(), dst: dst.parse().unwrap(), protocol, transport, fragment: None, tcp_flags: 0 }
     }
 
     fn rule(protocol: RuleProtocol, ports: Option<&str>, source: Option<&str>, action: RuleAction) -> FirewallRule {
@@ -400,23 +410,66 @@ mod tests {
             ],
             default_action: RuleAction::Allow,
         });
-        assert_eq!(p.evaluate_rules(&flow("10.2.0.1", "10.50.0.2", ip_protocol::TCP, 22)), Some(false));
+        assert_eq!(p.evaluate_rules(&flow("10.2.0.1", "10.50.0.2", ip_protocol::TCP, 22), false), Some(false));
         assert_eq!(
-            p.evaluate_rules(&flow("10.2.0.1", "10.50.0.2", ip_protocol::UDP, 22)),
+            p.evaluate_rules(&flow("10.2.0.1", "10.50.0.2", ip_protocol::UDP, 22), false),
             None,
             "UDP 22 is not TCP 22"
         );
-        assert_eq!(p.evaluate_rules(&flow("10.1.9.9", "10.50.0.2", ip_protocol::UDP, 53)), Some(false));
+        assert_eq!(p.evaluate_rules(&flow("10.1.9.9", "10.50.0.2", ip_protocol::UDP, 53), false), Some(false));
         // An IPv4 source prefix says nothing about IPv6 packets.
-        assert_eq!(p.evaluate_rules(&flow("fd20::1", "fd50::2", ip_protocol::UDP, 53)), None);
+        assert_eq!(p.evaluate_rules(&flow("fd20::1", "fd50::2", ip_protocol::UDP, 53), false), None);
         assert_eq!(
-            p.evaluate_rules(&flow("fd20::1", "fd50::2", ip_protocol::ICMPV6, 0)),
+            p.evaluate_rules(&flow("fd20::1", "fd50::2", ip_protocol::ICMPV6, 0), false),
             Some(true),
             "icmp covers ICMPv6"
         );
         assert_eq!(p.rule_hits(), vec![1, 1, 1]);
         assert!(p.is_local("fd50::9".parse().unwrap()) && !p.is_local("fd51::9".parse().unwrap()));
         assert!(!p.is_local("10.50.1.1".parse().unwrap()));
+    }
+
+    /// The gateway host opens only to an allow rule naming its one address;
+    /// a deny rule for the site's networks still closes it.
+    #[test]
+    fn the_host_opens_only_to_a_rule_naming_its_address() {
+        let host: IpAddr = "10.50.0.1".parse().unwrap();
+        let ct = ConnTrack::new(1024);
+        let verdict = |rules: Vec<FirewallRule>| {
+            let p = CompiledPolicy::new(ForwardingPolicy {
+                local_networks: vec!["10.50.0.0/24".parse().unwrap()],
+                rules,
+                default_action: RuleAction::Allow,
+            });
+            p.admit_inbound(&flow("10.1.0.1", "10.50.0.1", ip_protocol::TCP, 22), 1, &ct, |ip| ip == host, 10)
+        };
+        let to = |dst: &str, action| FirewallRule {
+            destination: Some(dst.parse().unwrap()),
+            ..rule(RuleProtocol::Tcp, Some("22"), None, action)
+        };
+        assert_eq!(verdict(vec![]), Err(DropReason::ToGatewayHost), "not by the default");
+        assert_eq!(
+            verdict(vec![rule(RuleProtocol::Tcp, Some("22"), None, RuleAction::Allow)]),
+            Err(DropReason::ToGatewayHost),
+            "not by a rule without a destination"
+        );
+        assert_eq!(
+            verdict(vec![to("10.50.0.0/24", RuleAction::Allow)]),
+            Err(DropReason::ToGatewayHost),
+            "not by the site's network"
+        );
+        assert_eq!(verdict(vec![to("0.0.0.0/0", RuleAction::Allow)]), Err(DropReason::ToGatewayHost));
+        assert_eq!(verdict(vec![to("10.50.0.1/32", RuleAction::Allow)]), Ok(Inbound::ToHost));
+        let deny_all_ssh = rule(RuleProtocol::Tcp, Some("22"), None, RuleAction::Deny);
+        assert_eq!(verdict(vec![deny_all_ssh, to("10.50.0.1/32", RuleAction::Allow)]), Err(DropReason::FirewallDenied));
+        // The same rules for a LAN host: the network rule opens it.
+        let p = CompiledPolicy::new(ForwardingPolicy {
+            local_networks: vec!["10.50.0.0/24".parse().unwrap()],
+            rules: vec![to("10.50.0.0/24", RuleAction::Allow)],
+            default_action: RuleAction::Deny,
+        });
+        let lan = flow("10.1.0.1", "10.50.0.2", ip_protocol::TCP, 22);
+        assert_eq!(p.admit_inbound(&lan, 1, &ct, |ip| ip == host, 10), Ok(Inbound::Forward));
     }
 
     proptest! {
@@ -443,10 +496,10 @@ mod tests {
                 local_networks: vec![],
                 rules: vec![r.clone()],
                 default_action: RuleAction::Allow,
-            }).evaluate_rules(&f);
+            }).evaluate_rules(&f, false);
             let expected = rules.iter().find_map(alone);
             let all = CompiledPolicy::new(ForwardingPolicy { local_networks: vec![], rules, default_action: RuleAction::Deny });
-            prop_assert_eq!(all.evaluate_rules(&f), expected);
+            prop_assert_eq!(all.evaluate_rules(&f, false), expected);
             prop_assert_eq!(all.rule_hits().iter().sum::<u64>(), u64::from(expected.is_some()));
         }
     }

@@ -153,7 +153,8 @@ impl SlowPath {
     }
 
     /// One packet the host's kernel routed into a tunnel (read from the host
-    /// interface): cryptokey routing, tracked, sealed through the kernel.
+    /// interface): from one of the host's own addresses only, then cryptokey
+    /// routing, tracked, sealed through the kernel.
     pub fn handle_host_packet(&mut self, packet: &[u8], now: Instant) {
         self.counters.lan_rx.fetch_add(1, Relaxed);
         if let Err(reason) = self.from_host(packet, now) {
@@ -165,6 +166,11 @@ impl SlowPath {
         let shared = &*self.shared;
         let ip = parse_ip_frame_payload(packet).map_err(|_| DropReason::Malformed)?;
         let packet = packet.get(..ip.len).ok_or(DropReason::Malformed)?;
+        if !shared.host_addresses.contains(ip.src) {
+            // The kernel forwarded it here (from the WAN, a container, another
+            // network): only the host's own packets may enter a tunnel this way.
+            return Err(DropReason::ForeignSource);
+        }
         if packet.len() > shared.tunnel_mtu {
             // The host interface's MTU is the tunnel MTU: the kernel fragments
             // or answers "too big" itself before this can happen.

@@ -99,6 +99,13 @@ pub fn ipv4_l4_packet(len: usize, src: [u8; 4], dst: [u8; 4], protocol: u8, port
     buf
 }
 
+/// `packet` (an IPv4 TCP packet of `ipv4_l4_packet`) with these TCP flags
+/// (`flow::tcp_flags`).
+pub fn with_tcp_flags(mut packet: Vec<u8>, flags: u8) -> Vec<u8> {
+    packet[IPV4_HEADER_LEN + 13] = flags;
+    packet
+}
+
 /// An IPv6/UDP packet with `payload_len` payload bytes.
 pub fn ipv6_packet(payload_len: usize, src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr) -> Vec<u8> {
     let mut buf = vec![0xabu8; crate::wire::IPV6_HEADER_LEN + payload_len];

@@ -197,8 +197,11 @@ pub struct Worker<S: FrameIo = XskSocket> {
     /// For the rare datagram sent through the kernel (no link-layer path yet),
     /// and for quoting a packet in an ICMP error.
     scratch: Vec<u8>,
-    /// ICMP errors this worker may still send this second.
-    icmp: IcmpBudget,
+    /// ICMP errors this worker may still send this second onto the LAN, and
+    /// into tunnels (apart: a site spending its own cannot silence the
+    /// "too big" that path-MTU discovery on the LAN needs).
+    icmp_lan: IcmpBudget,
+    icmp_tunnel: IcmpBudget,
     /// Handshake messages per source under load.
     limiter: SourceLimiter,
     /// Where IPv4 fragments of an oversize inner packet are built.
@@ -255,7 +258,8 @@ impl<S: FrameIo> Worker<S> {
             lan,
             counters,
             scratch: vec![0u8; 65536],
-            icmp: IcmpBudget::default(),
+            icmp_lan: IcmpBudget::default(),
+            icmp_tunnel: IcmpBudget::default(),
             slow_path: None,
             limiter: SourceLimiter::default(),
             fragment: vec![0u8; 65536],
@@ -413,7 +417,7 @@ impl<S: FrameIo> Worker<S> {
         if flow::hop_limit(inner).is_some_and(|hops| hops <= 1) {
             // A router may not forward it (traceroute from the site sees us).
             let sender_mac = crate::wire::EthernetFrame::new_checked(data).map(|e| e.source()).ok();
-            if let Some(mac) = sender_mac.filter(|_| crate::icmp::may_send_error(inner)) {
+            if let Some(mac) = sender_mac.filter(|_| crate::icmp::may_send_error(inner, IcmpError::TimeExceeded)) {
                 let quote_len = inner.len().min(crate::icmp::quote_limit(ip.src.is_ipv6()));
                 self.scratch[..quote_len].copy_from_slice(&inner[..quote_len]);
                 self.send_icmp_error(IcmpError::TimeExceeded, mac, ip.src, quote_len, now);
@@ -440,10 +444,10 @@ impl<S: FrameIo> Worker<S> {
             };
         }
         let sender_mac = crate::wire::EthernetFrame::new_checked(data).map(|e| e.source()).ok();
-        if let Some(mac) = sender_mac.filter(|_| crate::icmp::may_send_error(inner)) {
+        let mtu = self.shared.tunnel_mtu.min(usize::from(u16::MAX)) as u16;
+        if let Some(mac) = sender_mac.filter(|_| crate::icmp::may_send_error(inner, IcmpError::TooBig { mtu })) {
             let quote_len = inner.len().min(crate::icmp::quote_limit(ip.src.is_ipv6()));
             self.scratch[..quote_len].copy_from_slice(&inner[..quote_len]);
-            let mtu = self.shared.tunnel_mtu.min(usize::from(u16::MAX)) as u16;
             self.send_icmp_error(IcmpError::TooBig { mtu }, mac, ip.src, quote_len, now);
         }
         Err(DropReason::Oversize)
@@ -572,7 +576,7 @@ impl<S: FrameIo> Worker<S> {
     /// the first `quote_len` bytes of `scratch`. Rate-limited per worker.
     fn send_icmp_error(&mut self, kind: IcmpError, to_mac: MacAddr, to: IpAddr, quote_len: usize, now: Instant) {
         let Some(router) = self.shared.router_address(to) else { return };
-        if !self.icmp.take(now) {
+        if !self.icmp_lan.take(now) {
             return;
         }
         let len = crate::icmp::error_frame_len(quote_len, to.is_ipv6());
@@ -600,7 +604,7 @@ impl<S: FrameIo> Worker<S> {
     /// that arrived from it with its TTL spent (the quote is in `scratch`).
     fn time_exceeded_into_tunnel(&mut self, peer: PeerId, expired: Expired, now: Instant) {
         let Some(router) = self.shared.router_address(expired.to) else { return };
-        if !self.icmp.take(now) {
+        if !self.icmp_tunnel.take(now) {
             return;
         }
         let v6 = expired.to.is_ipv6();
@@ -669,7 +673,7 @@ pub(crate) fn from_tunnel(
     let verdict =
         policy.admit_inbound(&flow, peer, &shared.conntrack, |ip| hosts.contains(ip), ConnTrack::now_secs(now))?;
     if verdict == Inbound::Forward && flow::hop_limit(packet).is_some_and(|hops| hops <= 1) {
-        if !crate::icmp::may_send_error(packet) {
+        if !crate::icmp::may_send_error(packet, IcmpError::TimeExceeded) {
             return Err(Refusal::Drop(DropReason::TtlExceeded));
         }
         let quote_len = packet.len().min(crate::icmp::quote_limit(flow.src.is_ipv6())).min(scratch.len());
@@ -711,7 +715,7 @@ impl Inbound {
 pub(crate) fn to_host(shared: &Shared, counters: &WorkerCounters, packet: &[u8]) {
     match shared.host_tun.as_ref().map(|tun| tun.write(packet)) {
         Some(Ok(())) => bump(&counters.to_host),
-        _ => counters.dropped(DropReason::ToGatewayHost),
+        _ => counters.dropped(DropReason::HostInterface),
     }
 }
 

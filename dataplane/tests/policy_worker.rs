@@ -10,7 +10,7 @@ use wgxdp_dataplane::drops::DropReason;
 use wgxdp_dataplane::frame_io::MemoryFrames;
 use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::policy::{FirewallRule, ForwardingPolicy, PortRange, RuleAction, RuleProtocol};
-use wgxdp_dataplane::testing::{ipv4_l4_packet, MemoryWorker, CLIENT_TUNNEL, LAN_HOST};
+use wgxdp_dataplane::testing::{ipv4_l4_packet, with_tcp_flags, MemoryWorker, CLIENT_TUNNEL, LAN_HOST};
 use wgxdp_dataplane::wire::{ip_protocol, Ipv4Packet};
 
 const TCP: u8 = ip_protocol::TCP;
@@ -132,10 +132,17 @@ fn deny_all_inbound_still_lets_replies_of_lan_flows_in() {
     assert!(from_site(&mut m, &syn, now).is_empty());
     assert_eq!(drops(&m, DropReason::FirewallDenied), 1);
     // The LAN host opens a TCP connection to the site: the replies come back.
-    let open = ipv4_l4_packet(60, LAN_HOST, site, TCP, (40000, 443), 64);
+    let syn = wgxdp_dataplane::flow::tcp_flags::SYN;
+    let open = with_tcp_flags(ipv4_l4_packet(60, LAN_HOST, site, TCP, (40000, 443), 64), syn);
     assert_eq!(from_lan(&mut m, &open, now).len(), 1);
     let reply = ipv4_l4_packet(60, site, LAN_HOST, TCP, (443, 40000), 64);
     assert_eq!(from_site(&mut m, &reply, now).len(), 1, "a reply of a LAN-opened flow");
+    // The site's own connection attempts answered by the LAN open nothing.
+    let syn_ack = wgxdp_dataplane::flow::tcp_flags::SYN | wgxdp_dataplane::flow::tcp_flags::ACK;
+    let answer = with_tcp_flags(ipv4_l4_packet(60, LAN_HOST, site, TCP, (22, 5001), 64), syn_ack);
+    assert_eq!(from_lan(&mut m, &answer, now).len(), 1);
+    let follow_up = ipv4_l4_packet(60, site, LAN_HOST, TCP, (5001, 22), 64);
+    assert!(from_site(&mut m, &follow_up, now).is_empty(), "a SYN-ACK from the LAN opened a flow");
     let other_port = ipv4_l4_packet(60, site, LAN_HOST, TCP, (443, 40001), 64);
     assert!(from_site(&mut m, &other_port, now).is_empty());
     // Ping from the LAN: the echo reply comes back; an unsolicited one does not.
@@ -166,11 +173,18 @@ fn the_gateway_host_itself_needs_an_explicit_allow_rule() {
     assert!(from_site(&mut m, &ping_gateway, now).is_empty());
     assert_eq!(drops(&m, DropReason::ToGatewayHost), 1);
     assert_eq!(drops(&m, DropReason::FirewallDenied), 0);
+    // Nor a rule for the site's network.
+    let network = rule("lan", RuleProtocol::Icmp, None, Some("10.0.1.0/24"), RuleAction::Allow);
+    m.set_policy(policy(vec![network], RuleAction::Allow));
+    assert!(from_site(&mut m, &ping_gateway, now).is_empty());
+    assert_eq!(drops(&m, DropReason::ToGatewayHost), 2);
     // One rule away: allow ICMP to the gateway's LAN address. (This fixture has
-    // no host interface, so the admitted packet is counted where it stops.)
+    // no host interface, so the admitted packet stops there, counted apart.)
     let allow = rule("ping gateway", RuleProtocol::Icmp, None, Some("10.0.1.1/32"), RuleAction::Allow);
     m.set_policy(policy(vec![allow], RuleAction::Allow));
     assert!(from_site(&mut m, &ping_gateway, now).is_empty(), "never framed onto the LAN");
+    assert_eq!(drops(&m, DropReason::ToGatewayHost), 2, "admitted");
+    assert_eq!(drops(&m, DropReason::HostInterface), 1, "handed to the (absent) host interface");
     let peer = m.gateway_peer;
     let (_, _, gateway) = m.control_side();
     assert_eq!(gateway.policy(peer).unwrap().1, vec![1], "the allow rule admitted it");

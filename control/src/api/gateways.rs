@@ -242,7 +242,7 @@ pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody
     let new = parse_create(&body, state.settings.site_cidr.as_deref(), &ours)?;
     let remote = new.networks().remote;
     for n in &remote {
-        validate_remote_vs_site(n, state.settings.site_cidr.as_deref(), &state.settings.lan_addresses)?;
+        validate_remote_vs_site(n, state.settings.site_cidr.as_deref(), &state.settings.host_addresses)?;
     }
     let _guard = state.mutations.lock().await;
     let env = blocking(&state, move |s| {
@@ -350,7 +350,7 @@ pub async fn update(
         let remote: Vec<Network> =
             GatewayNetworks::of_record(&new)?.remote.into_iter().filter(|n| named(n.list)).collect();
         for n in &remote {
-            validate_remote_vs_site(n, s.settings.site_cidr.as_deref(), &s.settings.lan_addresses)?;
+            validate_remote_vs_site(n, s.settings.site_cidr.as_deref(), &s.settings.host_addresses)?;
         }
         check_conflicts(s, &remote, None, Some(&id))?;
         new.updated_at = now_millis();

@@ -27,8 +27,9 @@ use wgxdp_dataplane::table::IpPrefix;
 pub struct ApiSettings {
     /// Default `local_network_cidr` (this site's network).
     pub site_cidr: Option<String>,
-    /// The LAN interface's own addresses: no tunnel may route them.
-    pub lan_addresses: Vec<std::net::IpAddr>,
+    /// The gateway host's own addresses (every interface, read at start): no
+    /// tunnel may route them.
+    pub host_addresses: Vec<std::net::IpAddr>,
     /// The address remote peers reach this gateway at (for `local_ip` and configs).
     pub public_address: String,
     pub mutations_per_minute: u32,
@@ -56,7 +57,7 @@ impl Default for ApiSettings {
     fn default() -> Self {
         Self {
             site_cidr: None,
-            lan_addresses: Vec::new(),
+            host_addresses: Vec::new(),
             public_address: "0.0.0.0".into(),
             mutations_per_minute: 100,
             reads_per_minute: 1200,

@@ -2,7 +2,9 @@
 //! Every rule names the field it checks; a failed rule is a 422.
 
 use super::error::ApiError;
-use super::networks::{parse_list, validate_remote_cidr, GatewayNetworks, ADDITIONAL_LOCAL, ADDITIONAL_REMOTE, REMOTE};
+use super::networks::{
+    parse_list, validate_network, validate_remote_cidr, GatewayNetworks, ADDITIONAL_LOCAL, ADDITIONAL_REMOTE, REMOTE,
+};
 use crate::firewall::{parse_action, parse_rules, rule_texts, FirewallAction, FirewallRuleText};
 use crate::plane::{Tunnel, TunnelStatus};
 use crate::secret::SecretString;
@@ -68,8 +70,9 @@ pub struct CreateGateway {
     /// the rules say, the remote site only reaches the local networks, and
     /// replies to connections the local side opened are always let back in.
     /// Packets to the gateway host's own addresses (e.g. pinging its LAN
-    /// address) need an explicit `allow` rule (`firewall_default` never lets
-    /// them in), e.g. `{"name":"ping gateway","protocol":"icmp",
+    /// address) need an `allow` rule whose `destination` is that one address
+    /// (/32 or /128; `firewall_default` and rules for the site's networks
+    /// never let them in), e.g. `{"name":"ping gateway","protocol":"icmp",
     /// "destination":"10.50.0.1/32","action":"allow"}`. Absent: no rules.
     #[schema(max_items = 256, example = json!([
         {"name": "ping gateway", "protocol": "icmp", "destination": "10.50.0.1/32", "action": "allow"},
@@ -130,8 +133,9 @@ pub struct GatewayView {
     /// Firewall rules on traffic from the remote site, in evaluation order
     /// (first match wins), normalised: `port`, `source` and `destination`
     /// are left out when a rule has none, `action` is always present.
-    /// Packets to the gateway host's own addresses need an explicit `allow`
-    /// rule; replies to connections the local side opened always pass.
+    /// Packets to the gateway host's own addresses need an `allow` rule whose
+    /// `destination` is that one address; replies to connections the local
+    /// side opened always pass.
     pub firewall: Vec<FirewallRuleText>,
     /// For traffic no rule matches.
     #[schema(value_type = FirewallAction, inline)]
@@ -473,8 +477,8 @@ impl CreateGateway {
             None => SecretString::new(PresharedKey::generate().to_base64_secret().to_string()),
         };
         let local = match (self.local_network_cidr, site_cidr) {
-            (Some(s), _) => validate_cidr("local_network_cidr", &s)?,
-            (None, Some(s)) => validate_cidr("local_network_cidr", s)?,
+            (Some(s), _) => validate_network("local_network_cidr", &s)?,
+            (None, Some(s)) => validate_network("local_network_cidr", s)?,
             (None, None) => {
                 return Err(invalid("local_network_cidr", "is required (no site CIDR is configured on this gateway)"))
             }

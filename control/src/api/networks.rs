@@ -33,6 +33,48 @@ pub struct Network {
     pub prefix: IpPrefix,
 }
 
+/// Address ranges no tunnel carries, remote or local: they never name hosts
+/// of a site (loopback, link-local, multicast, "this network", reserved,
+/// broadcast, IPv4-mapped IPv6).
+const SPECIAL: [(&str, &str); 11] = [
+    ("0.0.0.0/8", "\"this network\""),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved (and broadcast)"),
+    ("::/128", "the unspecified address"),
+    ("::1/128", "loopback"),
+    ("::ffff:0:0/96", "IPv4-mapped"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+    ("fec0::/10", "site-local (deprecated)"),
+];
+
+/// A strict CIDR a tunnel can carry as a local network: not inside a special
+/// range (a wider one, even `0.0.0.0/0`, may be local: the data plane never
+/// forwards to multicast or broadcast groups).
+pub fn validate_network(field: &str, s: &str) -> Result<IpPrefix, ApiError> {
+    validate_against_special(field, s, false)
+}
+
+/// `remote`: no overlap with a special range either way (a remote network
+/// steers the LAN's packets into the tunnel and is routed on the host).
+fn validate_against_special(field: &str, s: &str, remote: bool) -> Result<IpPrefix, ApiError> {
+    let prefix = validate_cidr(field, s)?;
+    for (range, what) in SPECIAL {
+        let special: IpPrefix = range.parse().expect("a valid prefix");
+        let inside = special.contains(prefix.addr()) && special.prefix_len() <= prefix.prefix_len();
+        let clash = if remote { overlaps(&prefix, &special) } else { inside };
+        if clash {
+            return Err(invalid(
+                field,
+                format!("{prefix} overlaps {special} ({what} addresses), which no tunnel can carry"),
+            ));
+        }
+    }
+    Ok(prefix)
+}
+
 /// A remote network is routed into its tunnel (the LAN-side XDP program
 /// steers every packet to it there): a default route would take the whole
 /// site's traffic.
@@ -44,7 +86,7 @@ pub fn validate_remote_cidr(field: &str, s: &str) -> Result<IpPrefix, ApiError> 
             format!("{remote} is a default route; a tunnel carries a remote site's networks, not all traffic"),
         ));
     }
-    Ok(remote)
+    validate_against_special(field, s, true)
 }
 
 /// An `additional_*` list of CIDR strings: at most `MAX_ADDITIONAL`, each
@@ -66,7 +108,7 @@ pub fn parse_list(list: &'static str, items: &[String]) -> Result<Vec<IpPrefix>,
             if remote {
                 validate_remote_cidr(&field, s)
             } else {
-                validate_cidr(&field, s)
+                validate_network(&field, s)
             }
         })
         .collect()
@@ -177,12 +219,12 @@ impl GatewayNetworks {
 
 /// Refuses a remote network that would route this site's own addresses into
 /// a tunnel: the configured `[api] site_cidr` (whatever local networks a
-/// request names) and the addresses of the LAN interface (the gateway's own
-/// address on the site, which its hosts reach it at).
+/// request names) and the gateway host's own addresses (on every interface:
+/// its LAN address, which the site's hosts reach it at, its WAN address...).
 pub fn validate_remote_vs_site(
     remote: &Network,
     site_cidr: Option<&str>,
-    lan_addresses: &[IpAddr],
+    host_addresses: &[IpAddr],
 ) -> Result<(), ApiError> {
     let (field, prefix) = (remote.field.as_str(), &remote.prefix);
     if let Some(site) = site_cidr.and_then(|s| s.parse::<IpPrefix>().ok()) {
@@ -196,12 +238,10 @@ pub fn validate_remote_vs_site(
             ));
         }
     }
-    if let Some(ip) = lan_addresses.iter().find(|ip| prefix.contains(**ip)) {
+    if let Some(ip) = host_addresses.iter().find(|ip| prefix.contains(**ip)) {
         return Err(invalid(
             field,
-            format!(
-                "{prefix} contains {ip}, an address of this gateway's LAN interface; it cannot be routed into a tunnel"
-            ),
+            format!("{prefix} contains {ip}, an address of this gateway host; it cannot be routed into a tunnel"),
         ));
     }
     Ok(())
@@ -249,6 +289,14 @@ mod tests {
         let e = parse_list(ADDITIONAL_REMOTE, &["::/0".into()]).unwrap_err();
         assert!(e.message.contains("default route"), "{}", e.message);
         assert_eq!(parse_list(ADDITIONAL_LOCAL, &["0.0.0.0/0".into()]).unwrap(), vec![p("0.0.0.0/0")]);
+        // Special ranges: never remote (either way), never local (inside).
+        for special in ["127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/24", "fe80::/64", "ff02::/16", "::ffff:0:0/96"] {
+            let e = parse_list(ADDITIONAL_LOCAL, &[special.into()]).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("additional_local_network_cidrs[0]"), "{special}");
+            assert!(parse_list(ADDITIONAL_REMOTE, &[special.into()]).is_err(), "{special}");
+        }
+        let e = parse_list(ADDITIONAL_REMOTE, &["10.1.0.0/16".into(), "0.0.0.0/1".into()]).unwrap_err();
+        assert!(e.message.contains("loopback") || e.message.contains("this network"), "{}", e.message);
     }
 
     #[test]

@@ -16,8 +16,8 @@ use wgxdp_dataplane::frame::{udp_headers_len, write_udp_headers};
 use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::peer_view::L2Path;
 use wgxdp_dataplane::testing::{
-    handshaken_pair, ipv4_l4_packet, ipv4_packet, MemoryWorker, CLIENT_ADDR, CLIENT_MAC, CLIENT_TUNNEL, GATEWAY_ADDR,
-    GATEWAY_WAN_MAC, LAN_HOST,
+    handshaken_pair, ipv4_l4_packet, ipv4_packet, with_tcp_flags, MemoryWorker, CLIENT_ADDR, CLIENT_MAC, CLIENT_TUNNEL,
+    GATEWAY_ADDR, GATEWAY_WAN_MAC, LAN_HOST,
 };
 use wgxdp_dataplane::wire::{ip_protocol, Ipv6Packet, IPV6_HEADER_LEN};
 use wgxdp_fuzz_harness::{control::key_dir, cookie, device, encode, ipv4_with_payload, step_bytes, worker};
@@ -223,7 +223,9 @@ fn main() {
     let ssh = ipv4_l4_packet(60, CLIENT_TUNNEL, LAN_HOST, 6, (40000, 22), 64);
     let ping = ipv4_l4_packet(64, CLIENT_TUNNEL, LAN_HOST, 1, (8 << 8, 1), 64);
     let expiring = ipv4_l4_packet(64, CLIENT_TUNNEL, LAN_HOST, 17, (1, 2), 1);
-    let lan_open = MemoryWorker::lan_frame(&ipv4_l4_packet(60, LAN_HOST, CLIENT_TUNNEL, 6, (41000, 443), 64));
+    let syn = wgxdp_dataplane::flow::tcp_flags::SYN;
+    let lan_open =
+        MemoryWorker::lan_frame(&with_tcp_flags(ipv4_l4_packet(60, LAN_HOST, CLIENT_TUNNEL, 6, (41000, 443), 64), syn));
     let reply = ipv4_l4_packet(60, CLIENT_TUNNEL, LAN_HOST, 6, (443, 41000), 64);
     out.write(
         k,
