@@ -222,7 +222,7 @@ fn main() {
     let policy = [1u8 | 2, 0, 3, 20, 10, 0, 0, 2, 0, 0, 0, 0x80, 0];
     let ssh = ipv4_l4_packet(60, CLIENT_TUNNEL, LAN_HOST, 6, (40000, 22), 64);
     let ping = ipv4_l4_packet(64, CLIENT_TUNNEL, LAN_HOST, 1, (8 << 8, 1), 64);
-    let expiring = ipv4_l4_packet(64, CLIENT_TUNNEL, LAN_HOST, 17, (1, 2), 1);
+    let expiring = ipv4_l4_packet(64, CLIENT_TUNNEL, LAN_HOST, 1, (8 << 8, 2), 1);
     let syn = wgxdp_dataplane::flow::tcp_flags::SYN;
     let lan_open =
         MemoryWorker::lan_frame(&with_tcp_flags(ipv4_l4_packet(60, LAN_HOST, CLIENT_TUNNEL, 6, (41000, 443), 64), syn));
