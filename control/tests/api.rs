@@ -1189,9 +1189,7 @@ async fn openapi_documents_the_firewall() {
     assert_eq!(create["additional_local_network_cidrs"]["maxItems"], max_extra);
     assert_eq!(schemas["UpdateGateway"]["properties"]["firewall"]["maxItems"], wgxdp_dataplane::policy::MAX_RULES);
     let description = create["firewall"]["description"].as_str().unwrap();
-    for says in
-        ["in order", "first rule that matches", "replies to connections", "that one address", "10.50.0.1/32"]
-    {
+    for says in ["in order", "first rule that matches", "replies to connections", "that one address", "10.50.0.1/32"] {
         assert!(description.contains(says), "`{description}` lacks `{says}`");
     }
     assert_eq!(schemas["FirewallProtocol"]["enum"], json!(["tcp", "udp", "icmp", "any"]));

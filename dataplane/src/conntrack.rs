@@ -18,7 +18,9 @@
 //! Only packets from the site side open flows, and for TCP only a SYN or a
 //! mid-stream segment (a connection picked up after a restart or a policy
 //! change): a LAN host's SYN-ACK or RST answering the remote site opens
-//! nothing, so a site cannot fill the table through a LAN service. Writers race benignly: two workers writing one slot
+//! nothing. And a flow is opened only when the tunnel's rules would not let
+//! its replies in anyway (`worker::track_outbound`), so a remote site using a
+//! LAN service it is allowed to reach creates no entries at all. Writers race benignly: two workers writing one slot
 //! leave one of the flows, and the other is tracked again by its next packet.
 //! The fragments of admitted packets (which a remote site causes) live in a
 //! separate, smaller array, so they can never push out the site side's flows.
@@ -354,6 +356,13 @@ impl ConnTrack {
     /// if tracked, else starts tracking it if the packet may open it.
     #[inline]
     pub fn track(&self, key: &FlowKey, now: u32) {
+        self.track_if(key, now, || true);
+    }
+
+    /// As `track`, but a new entry is made only if `needed()` says so (asked
+    /// only then: once per new flow, not per packet).
+    #[inline]
+    pub fn track_if(&self, key: &FlowKey, now: u32, needed: impl FnOnce() -> bool) {
         let tag = self.tag(key);
         let set = self.set(key, tag);
         let mut victim = &set.ways[0];
@@ -370,7 +379,7 @@ impl ConnTrack {
                 victim_seen = seen;
             }
         }
-        if !key.opens {
+        if !key.opens || !needed() {
             return;
         }
         if victim_seen != 0 {

@@ -74,6 +74,9 @@ drop_reasons! {
     KernelSend => "kernel_send",
     /// A packet waiting for a next-hop address was pushed out or timed out.
     NoNextHop => "no_next_hop",
+    /// A packet for a site neighbour being resolved found no room to wait
+    /// (the worker's set, or its tunnel's share of it, was full).
+    NeighborWaitFull => "neighbor_wait_full",
     /// From a remote site, to an address outside the tunnel's local networks.
     NotLocalDestination => "not_local_destination",
     /// From a remote site, refused by a firewall rule or the default action.

@@ -342,6 +342,15 @@ mod tests {
         // The same at offset 8: a later fragment.
         p[50..52].copy_from_slice(&(8u16 << 3).to_be_bytes());
         assert_eq!(Flow::parse(&p).unwrap().transport, Transport::LaterFragment);
+        // A routing header with segments left would carry it past what the
+        // policy judged: refused; with none left it is walked over.
+        let mut r = ipv6_packet(8 + 8, SITE6, LAN6);
+        r[6] = ROUTING;
+        r[40..48].copy_from_slice(&[ip_protocol::UDP, 0, 0, 1, 0, 0, 0, 0]);
+        r[48..52].copy_from_slice(&[0x00, 0x35, 0x00, 0x35]);
+        assert_eq!(Flow::parse(&r), Err(DropReason::BadInnerPacket));
+        r[43] = 0;
+        assert_eq!(Flow::parse(&r).unwrap().transport, Transport::Ports { src: 53, dst: 53 });
         // A header chain that runs off the end is refused.
         let mut q = ipv6_packet(4, SITE6, LAN6);
         q[6] = ROUTING;

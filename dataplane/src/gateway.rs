@@ -464,6 +464,16 @@ impl Gateway {
             let host = shared.host_addresses.clone();
             threads.push(spawn("wgxdp-addrs".into(), Box::new(move || follow_addresses(programs, iface, host, stop)))?);
         }
+        let lan_queues = rx_queues(&cfg.lan_interface);
+        if lan_queues > queues {
+            tracing::warn!(
+                lan_queues,
+                queues,
+                "the LAN NIC has more rx queues than AF_XDP sockets: site traffic for a tunnel arriving on the \
+                 others reaches the kernel, which does not carry it into the tunnel (counted as lan_no_socket); \
+                 match them with `ethtool -L`"
+            );
+        }
         let wan_queues = rx_queues(&cfg.wan_interface);
         if wan_queues > queues {
             tracing::warn!(

@@ -72,45 +72,67 @@ pub const NEIGHBOR_WAIT: Duration = Duration::from_secs(3);
 /// One packet waiting for a site neighbour.
 #[derive(Debug, Clone, Copy)]
 struct Waiting {
+    /// The tunnel it came from (each holds a bounded share of the slots).
+    peer: u32,
     next_hop: IpAddr,
     len: usize,
     since: Instant,
+    /// Arrival order: packets leave in it.
+    seq: u64,
 }
 
 /// Packets for site neighbours that are being resolved, per worker: a fixed
 /// number of preallocated buffers (nothing allocated per packet); each waits
-/// at most `NEIGHBOR_WAIT`, then is dropped, counted. A full set refuses new
-/// packets (counted) rather than pushing out older ones.
+/// at most `NEIGHBOR_WAIT`, then is dropped, counted. A full set, or a tunnel
+/// holding its share (a quarter), refuses new packets (counted) rather than
+/// pushing out older ones: one site sending to addresses nobody answers
+/// cannot keep the others' first packets out.
 #[derive(Debug)]
 pub struct NeighborWait {
     buffers: Vec<u8>,
     slot_len: usize,
     slots: Vec<Option<Waiting>>,
     used: usize,
+    next_seq: u64,
+    /// Ready slots of one `release`, sorted by arrival (kept: no allocation).
+    ready: Vec<(u64, usize, MacAddr)>,
 }
 
 impl NeighborWait {
     /// `slots` packets of at most `slot_len` bytes.
     pub fn new(slots: usize, slot_len: usize) -> Self {
-        Self { buffers: vec![0u8; slots * slot_len], slot_len, slots: vec![None; slots], used: 0 }
+        Self {
+            buffers: vec![0u8; slots * slot_len],
+            slot_len,
+            slots: vec![None; slots],
+            used: 0,
+            next_seq: 0,
+            ready: Vec::with_capacity(slots),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.used == 0
     }
 
-    /// Keeps a copy of `packet` until `next_hop` resolves; false if there is
-    /// no room (or it is too long).
-    pub fn park(&mut self, next_hop: IpAddr, packet: &[u8], now: Instant) -> bool {
+    /// Keeps a copy of `packet` from `peer`'s tunnel until `next_hop`
+    /// resolves; refused (with the reason to count) when the set or the
+    /// tunnel's share is full, or the packet is longer than a slot.
+    pub fn park(&mut self, peer: u32, next_hop: IpAddr, packet: &[u8], now: Instant) -> Result<(), DropReason> {
         if packet.len() > self.slot_len {
-            return false;
+            return Err(DropReason::BufferTooSmall);
         }
-        let Some(i) = self.slots.iter().position(Option::is_none) else { return false };
+        let share = (self.slots.len() / 4).max(1);
+        if self.slots.iter().flatten().filter(|w| w.peer == peer).count() >= share {
+            return Err(DropReason::NeighborWaitFull);
+        }
+        let i = self.slots.iter().position(Option::is_none).ok_or(DropReason::NeighborWaitFull)?;
         let at = i * self.slot_len;
         self.buffers[at..at + packet.len()].copy_from_slice(packet);
-        self.slots[i] = Some(Waiting { next_hop, len: packet.len(), since: now });
+        self.slots[i] = Some(Waiting { peer, next_hop, len: packet.len(), since: now, seq: self.next_seq });
+        self.next_seq += 1;
         self.used += 1;
-        true
+        Ok(())
     }
 
     /// Hands every packet whose next hop `table` now knows to `send` (with
@@ -118,18 +140,26 @@ impl NeighborWait {
     /// and were dropped.
     pub fn release(&mut self, table: &NeighborTable, now: Instant, mut send: impl FnMut(MacAddr, &[u8])) -> usize {
         let mut expired = 0;
+        self.ready.clear();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let Some(w) = *slot else { continue };
             if let Some(mac) = table.lookup(w.next_hop) {
-                let at = i * self.slot_len;
-                send(mac, &self.buffers[at..at + w.len]);
+                self.ready.push((w.seq, i, mac));
+                continue;
             } else if now.saturating_duration_since(w.since) < NEIGHBOR_WAIT {
                 continue;
-            } else {
-                expired += 1;
             }
+            expired += 1;
             *slot = None;
             self.used -= 1;
+        }
+        self.ready.sort_unstable_by_key(|&(seq, _, _)| seq);
+        for &(_, i, mac) in &self.ready {
+            if let Some(w) = self.slots[i].take() {
+                let at = i * self.slot_len;
+                send(mac, &self.buffers[at..at + w.len]);
+                self.used -= 1;
+            }
         }
         expired
     }
@@ -415,10 +445,10 @@ mod tests {
         let mut w = NeighborWait::new(2, 16);
         let now = Instant::now();
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        assert!(w.park(a, b"for a", now));
-        assert!(!w.park(a, &[0u8; 17], now), "longer than a slot");
-        assert!(w.park(b, b"for b", now));
-        assert!(!w.park(b, b"no room", now), "full: refused, nothing pushed out");
+        assert!(w.park(1, a, b"for a", now).is_ok());
+        assert!(w.park(2, a, &[0u8; 17], now).is_err(), "longer than a slot");
+        assert!(w.park(2, b, b"for b", now).is_ok());
+        assert_eq!(w.park(3, b, b"no room", now), Err(DropReason::NeighborWaitFull), "full: nothing pushed out");
         let mut sent = Vec::new();
         assert_eq!(w.release(&t, now, |m, p| sent.push((m, p.to_vec()))), 0);
         assert!(sent.is_empty(), "nothing resolved yet");
@@ -427,6 +457,41 @@ mod tests {
         assert_eq!(sent, vec![(MacAddr([7; 6]), b"for a".to_vec())]);
         assert_eq!(w.release(&t, now + NEIGHBOR_WAIT, |_, _| panic!("b never resolved")), 1, "expired");
         assert!(w.is_empty());
+    }
+
+    /// A tunnel holds at most a quarter of the slots; packets leave in the
+    /// order they arrived, whatever slots they took.
+    #[test]
+    fn each_tunnel_has_a_share_and_packets_leave_in_order() {
+        let (t, _rx) = NeighborTable::new();
+        let mut w = NeighborWait::new(8, 16);
+        let now = Instant::now();
+        let hop: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(w.park(1, hop, b"1", now).is_ok() && w.park(1, hop, b"2", now).is_ok());
+        assert_eq!(w.park(1, hop, b"3", now), Err(DropReason::NeighborWaitFull), "tunnel 1 holds its share");
+        assert!(w.park(2, hop, b"a", now).is_ok(), "another tunnel still gets in");
+        // Free slot 0 by releasing... then a later packet takes it: order is kept.
+        t.replace(HashMap::from([(hop, MacAddr([1; 6]))]));
+        let mut order = Vec::new();
+        w.release(&t, now, |_, p| order.push(p.to_vec()));
+        assert_eq!(order, vec![b"1".to_vec(), b"2".to_vec(), b"a".to_vec()]);
+        // x, y, z wait for different neighbours; y's resolves first and its
+        // slot is taken by w: the rest still leave in arrival order.
+        t.replace(HashMap::new());
+        let (hx, hy, hz): (IpAddr, IpAddr, IpAddr) =
+            ("10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap(), "10.0.0.4".parse().unwrap());
+        assert!(
+            w.park(3, hx, b"x", now).is_ok() && w.park(2, hy, b"y", now).is_ok() && w.park(4, hz, b"z", now).is_ok()
+        );
+        t.replace(HashMap::from([(hy, MacAddr([1; 6]))]));
+        order.clear();
+        w.release(&t, now, |_, p| order.push(p.to_vec()));
+        assert_eq!(order, vec![b"y".to_vec()]);
+        assert!(w.park(4, hx, b"w", now).is_ok(), "takes y's slot, before z's");
+        t.replace(HashMap::from([(hx, MacAddr([1; 6])), (hz, MacAddr([1; 6]))]));
+        order.clear();
+        w.release(&t, now, |_, p| order.push(p.to_vec()));
+        assert_eq!(order, vec![b"x".to_vec(), b"z".to_vec(), b"w".to_vec()]);
     }
 
     #[test]

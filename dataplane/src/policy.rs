@@ -5,7 +5,8 @@
 //!
 //! 1. its destination is inside the tunnel's local networks (default deny
 //!    outside the site: nothing reaches other networks the host can route to),
-//!    and is not a multicast or broadcast group;
+//!    and is not a multicast or broadcast group, link-local, loopback or
+//!    otherwise special address;
 //! 2. it answers a flow the site side opened (the connection table,
 //!    `conntrack.rs`), or the tunnel's firewall rules allow it: evaluated in
 //!    order, first match wins, no match takes the default action;
@@ -232,12 +233,20 @@ impl Default for CompiledPolicy {
     }
 }
 
-/// A multicast or limited-broadcast address: never forwarded from a tunnel
-/// (nor delivered to the host), whatever the local networks say.
-fn is_group(ip: IpAddr) -> bool {
+/// An address no packet from a tunnel is forwarded to (nor delivered to the
+/// host at), whatever the local networks say: multicast and broadcast
+/// groups, link-local (169.254.169.254 metadata services, fe80::),
+/// loopback, unspecified, "this network" and reserved IPv4, IPv4-mapped IPv6.
+fn never_forwarded(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast(),
-        IpAddr::V6(a) => a.is_multicast(),
+        IpAddr::V4(a) => {
+            let first = a.octets()[0];
+            a.is_multicast() || a.is_broadcast() || a.is_link_local() || a.is_loopback() || first == 0 || first >= 240
+        }
+        IpAddr::V6(a) => {
+            let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
+            a.is_multicast() || a.is_loopback() || a.is_unspecified() || link_local || a.to_ipv4_mapped().is_some()
+        }
     }
 }
 
@@ -289,18 +298,47 @@ impl CompiledPolicy {
         self.local.iter().any(|n| n.contains(v6, key))
     }
 
+    /// No rule denies and the default allows: nothing from the site is refused
+    /// inside the local networks (the connection table need not track flows).
+    pub fn allows_all(&self) -> bool {
+        self.allows_all
+    }
+
+    /// Whether the rules would let in, unasked, the replies of a flow the site
+    /// side opens with `outbound` (then it need not be tracked). Counts no hit.
+    pub fn admits_replies_of(&self, outbound: &Flow) -> bool {
+        let transport = match outbound.transport {
+            Transport::Ports { src, dst } => Transport::Ports { src: dst, dst: src },
+            Transport::Echo { id, .. } => Transport::Echo { id, request: false },
+            other => other,
+        };
+        let reply = Flow { src: outbound.dst, dst: outbound.src, transport, ..*outbound };
+        match self.first_match(&reply, false) {
+            Some(i) => self.rules[i].allow,
+            None => self.default_allow,
+        }
+    }
+
     /// The first rule matching `flow` (counted), as allow/deny; `None`: no rule
     /// matched. For a packet to the gateway host (`to_host`) an allow rule
     /// counts only if its destination is that one address.
     #[inline]
     pub fn evaluate_rules(&self, flow: &Flow, to_host: bool) -> Option<bool> {
+        let i = self.first_match(flow, to_host)?;
+        self.hits[i].fetch_add(1, Relaxed);
+        Some(self.rules[i].allow)
+    }
+
+    /// The index of the first rule matching `flow`.
+    #[inline]
+    fn first_match(&self, flow: &Flow, to_host: bool) -> Option<usize> {
         let v6 = flow.src.is_ipv6();
         let (src, dst) = (crate::table::addr_key(flow.src), crate::table::addr_key(flow.dst));
         let dst_port = match flow.transport {
             Transport::Ports { dst, .. } => Some(dst),
             _ => None,
         };
-        for (rule, hits) in self.rules.iter().zip(&self.hits) {
+        for (i, rule) in self.rules.iter().enumerate() {
             let protocol = match rule.protocol {
                 RuleProtocol::Any => true,
                 RuleProtocol::Tcp => flow.protocol == crate::wire::ip_protocol::TCP,
@@ -313,8 +351,7 @@ impl CompiledPolicy {
                 && rule.source.is_none_or(|n| n.contains(v6, src))
                 && rule.destination.is_none_or(|n| n.contains(v6, dst));
             if matches {
-                hits.fetch_add(1, Relaxed);
-                return Some(rule.allow);
+                return Some(i);
             }
         }
         None
@@ -333,7 +370,7 @@ impl CompiledPolicy {
         is_host: impl Fn(IpAddr) -> bool,
         now_secs: u32,
     ) -> Result<Inbound, DropReason> {
-        if !self.is_local(flow.dst) || is_group(flow.dst) {
+        if !self.is_local(flow.dst) || never_forwarded(flow.dst) {
             return Err(DropReason::NotLocalDestination);
         }
         let to_host = is_host(flow.dst);
@@ -470,6 +507,36 @@ mod tests {
         });
         let lan = flow("10.1.0.1", "10.50.0.2", ip_protocol::TCP, 22);
         assert_eq!(p.admit_inbound(&lan, 1, &ct, |ip| ip == host, 10), Ok(Inbound::Forward));
+    }
+
+    #[test]
+    fn special_destinations_are_never_forwarded_even_inside_wide_local_networks() {
+        let p = CompiledPolicy::new(ForwardingPolicy::allow_local(vec![
+            "0.0.0.0/0".parse().unwrap(),
+            "::/0".parse().unwrap(),
+        ]));
+        let ct = ConnTrack::new(1024);
+        for dst in [
+            "169.254.169.254",
+            "127.0.0.1",
+            "0.1.2.3",
+            "240.0.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "fe80::1",
+            "::1",
+            "ff02::1",
+            "::ffff:10.0.0.1",
+            "::",
+        ] {
+            let src = if dst.contains(':') { "fd20::1" } else { "10.1.0.1" };
+            let f = flow(src, dst, ip_protocol::UDP, 53);
+            assert_eq!(p.admit_inbound(&f, 1, &ct, |_| false, 10), Err(DropReason::NotLocalDestination), "{dst}");
+        }
+        assert_eq!(
+            p.admit_inbound(&flow("10.1.0.1", "10.50.0.2", ip_protocol::UDP, 53), 1, &ct, |_| false, 10),
+            Ok(Inbound::Forward)
+        );
     }
 
     proptest! {

@@ -22,9 +22,7 @@ use crate::peer_view::{Endpoint, PeerId};
 use crate::policy::Inbound;
 use crate::transport::{self, Opened};
 use crate::wire::MessageType;
-use crate::worker::{
-    from_tunnel, seal_via_kernel, to_host, track_outbound, Expired, IcmpBudget, Refusal, Shared, WorkerCounters,
-};
+use crate::worker::{from_tunnel, seal_via_kernel, to_host, Expired, IcmpBudget, Refusal, Shared, WorkerCounters};
 use crossbeam_channel::Sender;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -36,7 +34,7 @@ use std::time::Instant;
 #[derive(Debug)]
 pub struct SlowPath {
     shared: Arc<Shared>,
-    to_lan: Sender<Vec<u8>>,
+    to_lan: Sender<(PeerId, Vec<u8>)>,
     pub counters: Arc<WorkerCounters>,
     limiter: SourceLimiter,
     icmp: IcmpBudget,
@@ -46,7 +44,7 @@ pub struct SlowPath {
 }
 
 impl SlowPath {
-    pub fn new(shared: Arc<Shared>, to_lan: Sender<Vec<u8>>, counters: Arc<WorkerCounters>) -> Self {
+    pub fn new(shared: Arc<Shared>, to_lan: Sender<(PeerId, Vec<u8>)>, counters: Arc<WorkerCounters>) -> Self {
         Self {
             shared,
             to_lan,
@@ -107,8 +105,8 @@ impl SlowPath {
                     // Worker 0 owns a LAN socket: it frames the packet.
                     Ok(Inbound::Forward) => {
                         let buf = shared.from_kernel.take(packet).ok_or(DropReason::NoFrame)?;
-                        self.to_lan.try_send(buf).map_err(|e| {
-                            shared.from_kernel.give(e.into_inner());
+                        self.to_lan.try_send((peer, buf)).map_err(|e| {
+                            shared.from_kernel.give(e.into_inner().1);
                             DropReason::NoFrame
                         })
                     }
@@ -154,7 +152,7 @@ impl SlowPath {
 
     /// One packet the host's kernel routed into a tunnel (read from the host
     /// interface): from one of the host's own addresses only, then cryptokey
-    /// routing, tracked, sealed through the kernel.
+    /// routing, sealed through the kernel (untracked).
     pub fn handle_host_packet(&mut self, packet: &[u8], now: Instant) {
         self.counters.lan_rx.fetch_add(1, Relaxed);
         if let Err(reason) = self.from_host(packet, now) {
@@ -178,7 +176,8 @@ impl SlowPath {
         }
         let views = shared.tables.views.load();
         let view = transport::route(&shared.tables, &views, ip.dst)?;
-        track_outbound(&shared.conntrack, view.id, packet, now);
+        // (Opens no flow: a forged source could pass for the host's own here,
+        // so replies to the host need a rule naming it, as anything else to it.)
         let to = view.endpoint_addr().ok_or(DropReason::NoEndpoint)?;
         // Locally generated: the kernel set its TTL; no hop to count here.
         seal_via_kernel(shared, &self.counters, &mut self.scratch, view, to, packet, false, now)
@@ -198,7 +197,12 @@ pub fn canonical(from: SocketAddr) -> SocketAddr {
 }
 
 /// Reads the kernel socket and the host interface until `shared.stop` is set.
-pub fn run(shared: Arc<Shared>, socket: Arc<UdpSocket>, to_lan: Sender<Vec<u8>>, counters: Arc<WorkerCounters>) {
+pub fn run(
+    shared: Arc<Shared>,
+    socket: Arc<UdpSocket>,
+    to_lan: Sender<(PeerId, Vec<u8>)>,
+    counters: Arc<WorkerCounters>,
+) {
     let mut slow = SlowPath::new(shared.clone(), to_lan, counters);
     let mut buf = vec![0u8; 65536];
     let tun = shared.host_tun.clone();
@@ -285,6 +289,28 @@ mod tests {
         assert_eq!(counters.handshakes_queued.load(Relaxed), 0, "no MAC1, no pending index: nothing queued");
         assert_eq!(counters.drops.total() + 1, counters.wan_rx.load(Relaxed));
         assert_eq!(shared.from_kernel.in_use(), 0, "buffers went back to the pool");
+    }
+
+    /// From the host interface only the host's own packets enter a tunnel:
+    /// one the kernel forwarded there from elsewhere is counted, never sealed.
+    #[test]
+    fn only_the_hosts_own_packets_enter_tunnels_from_the_host_interface() {
+        let m = MemoryWorker::new(AeadBackend::Ring);
+        let shared = m.worker.shared.clone();
+        let (to_lan, _from_kernel) = crossbeam_channel::bounded(16);
+        let mut slow = SlowPath::new(shared.clone(), to_lan, Arc::new(WorkerCounters::default()));
+        let counters = slow.counters.clone();
+        let now = Instant::now();
+        let host = [10, 0, 1, 1];
+        shared.host_addresses.replace(vec![std::net::IpAddr::from(host)]);
+        shared.wan_next_hops.mark_ready(crate::testing::CLIENT_ADDR.parse::<SocketAddr>().unwrap().ip());
+        slow.handle_host_packet(&ipv4_packet(100, LAN_HOST, CLIENT_TUNNEL), now);
+        assert_eq!(counters.drops.get(DropReason::ForeignSource), 1, "a LAN host's packet via the kernel");
+        slow.handle_host_packet(&ipv4_packet(100, host, CLIENT_TUNNEL), now);
+        assert_eq!(counters.drops.get(DropReason::ForeignSource), 1);
+        let sealed = counters.via_kernel.load(Relaxed) + counters.drops.get(DropReason::KernelSend);
+        assert_eq!(sealed, 1, "the host's own packet was sealed (sent, or refused by this test's loopback socket)");
+        assert_eq!(shared.conntrack.counters.inserts.load(Relaxed), 0, "and opened no flow");
     }
 
     /// The kernel path gets the same defences as AF_XDP: under load, no

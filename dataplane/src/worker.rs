@@ -210,7 +210,7 @@ pub struct Worker<S: FrameIo = XskSocket> {
     waiting: NeighborWait,
     /// Inner packets the kernel slow path decrypted, for this worker's LAN
     /// socket (worker 0 only).
-    slow_path: Option<crossbeam_channel::Receiver<Vec<u8>>>,
+    slow_path: Option<crossbeam_channel::Receiver<(PeerId, Vec<u8>)>>,
 }
 
 /// Packets one worker keeps while their site neighbour resolves, and the
@@ -268,12 +268,22 @@ impl<S: FrameIo> Worker<S> {
     }
 
     /// Makes this worker forward what the kernel slow path decrypted.
-    pub fn set_slow_path(&mut self, from_kernel: crossbeam_channel::Receiver<Vec<u8>>) {
+    pub fn set_slow_path(&mut self, from_kernel: crossbeam_channel::Receiver<(PeerId, Vec<u8>)>) {
         self.slow_path = Some(from_kernel);
     }
 
     /// One batch from each side, processed and flushed; returns the frames taken.
     pub fn process_batch(&mut self, batch: &mut Vec<S::Frame>, now: Instant) -> usize {
+        // What waited for a neighbour goes first (before newer packets of its flow).
+        if !self.waiting.is_empty() {
+            let (lan, shared, counters) = (&mut self.lan, &self.shared, &self.counters);
+            let expired = self.waiting.release(&shared.neighbors, now, |mac, packet| {
+                frame_for_site(lan, shared, counters, mac, packet);
+            });
+            for _ in 0..expired {
+                counters.dropped(DropReason::NoNextHop);
+            }
+        }
         let mut work = self.wan.recv(batch, BATCH);
         for frame in batch.drain(..) {
             self.on_wan(frame, now);
@@ -283,19 +293,10 @@ impl<S: FrameIo> Worker<S> {
             self.on_lan(frame, now);
         }
         if let Some(from_kernel) = &self.slow_path {
-            for packet in from_kernel.try_iter().take(BATCH) {
-                deliver_inner(&mut self.lan, &mut self.waiting, &self.shared, &self.counters, &packet, now);
+            for (peer, packet) in from_kernel.try_iter().take(BATCH) {
+                deliver_inner(&mut self.lan, &mut self.waiting, &self.shared, &self.counters, peer, &packet, now);
                 self.shared.from_kernel.give(packet);
                 work += 1;
-            }
-        }
-        if !self.waiting.is_empty() {
-            let (lan, shared, counters) = (&mut self.lan, &self.shared, &self.counters);
-            let expired = self.waiting.release(&shared.neighbors, now, |mac, packet| {
-                frame_for_site(lan, shared, counters, mac, packet);
-            });
-            for _ in 0..expired {
-                counters.dropped(DropReason::NoNextHop);
             }
         }
         self.wan.flush();
@@ -333,7 +334,7 @@ impl<S: FrameIo> Worker<S> {
                                 let (lan, shared, counters) = (&mut self.lan, &self.shared, &self.counters);
                                 let waiting = &mut self.waiting;
                                 from_tunnel(shared, peer, packet, &mut self.scratch, now)
-                                    .map(|to| to.deliver(lan, waiting, shared, counters, packet, now))
+                                    .map(|to| to.deliver(lan, waiting, shared, counters, peer, packet, now))
                             }
                             None => Err(Refusal::Drop(DropReason::BadInnerPacket)),
                         };
@@ -424,7 +425,7 @@ impl<S: FrameIo> Worker<S> {
             }
             return Err(DropReason::TtlExceeded);
         }
-        track_outbound(&self.shared.conntrack, view.id, inner, now);
+        track_outbound(&self.shared, view, inner, now);
         if inner.len() <= self.shared.tunnel_mtu {
             return seal_to_wan(&mut self.wan, &self.shared, &self.counters, &mut self.scratch, view, inner, true, now);
         }
@@ -683,28 +684,41 @@ pub(crate) fn from_tunnel(
     Ok(verdict)
 }
 
-/// Tracks the flow a packet into `peer`'s tunnel opens or continues.
+/// Tracks the flow a packet from the site into `view`'s tunnel opens or
+/// continues, where the tunnel's rules could refuse its replies: a new entry
+/// only if they would (a flow whose replies the rules admit anyway needs
+/// none), and never for a source that is the gateway host's own (a spoofed
+/// frame must not plant a way into the host).
 #[inline]
-pub(crate) fn track_outbound(conntrack: &ConnTrack, peer: PeerId, packet: &[u8], now: Instant) {
-    if let Some(key) = Flow::parse(packet).ok().and_then(|f| FlowKey::of_outbound(peer, &f)) {
-        conntrack.track(&key, ConnTrack::now_secs(now));
+pub(crate) fn track_outbound(shared: &Shared, view: &crate::peer_view::PeerView, packet: &[u8], now: Instant) {
+    let policy = view.policy.load();
+    if policy.allows_all() {
+        return;
+    }
+    let Ok(flow) = Flow::parse(packet) else { return };
+    if let Some(key) = FlowKey::of_outbound(view.id, &flow) {
+        shared.conntrack.track_if(&key, ConnTrack::now_secs(now), || {
+            !shared.host_addresses.contains(flow.src) && !policy.admits_replies_of(&flow)
+        });
     }
 }
 
 impl Inbound {
     /// Sends an admitted packet on: to the site (`deliver_inner`), or into
     /// the host's kernel.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn deliver<S: FrameIo>(
         self,
         lan: &mut S,
         waiting: &mut NeighborWait,
         shared: &Shared,
         counters: &WorkerCounters,
+        peer: PeerId,
         packet: &[u8],
         now: Instant,
     ) {
         match self {
-            Inbound::Forward => deliver_inner(lan, waiting, shared, counters, packet, now),
+            Inbound::Forward => deliver_inner(lan, waiting, shared, counters, peer, packet, now),
             Inbound::ToHost => to_host(shared, counters, packet),
         }
     }
@@ -727,6 +741,7 @@ fn deliver_inner<S: FrameIo>(
     waiting: &mut NeighborWait,
     shared: &Shared,
     counters: &WorkerCounters,
+    peer: PeerId,
     inner: &[u8],
     now: Instant,
 ) {
@@ -738,9 +753,9 @@ fn deliver_inner<S: FrameIo>(
         // Never block, never hand it to the kernel: it waits (bounded) while
         // the resolver kicks the kernel's resolution.
         bump(&counters.neighbor_misses);
-        shared.neighbors.request(next_hop);
-        if !waiting.park(next_hop, inner, now) {
-            counters.dropped(DropReason::NoNextHop);
+        match waiting.park(peer, next_hop, inner, now) {
+            Ok(()) => shared.neighbors.request(next_hop),
+            Err(reason) => counters.dropped(reason),
         }
         return;
     };

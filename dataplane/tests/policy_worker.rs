@@ -280,3 +280,38 @@ fn packets_wait_for_an_unresolved_site_neighbour() {
     m.run_until_idle(&mut Vec::new(), now + wgxdp_dataplane::neighbors::NEIGHBOR_WAIT);
     assert_eq!(drops(&m, DropReason::NoNextHop), 1);
 }
+
+/// The connection table only holds what the rules would refuse otherwise: a
+/// site using a LAN service it may reach creates no entries (so it cannot
+/// fill the table through one), and a LAN frame forged with the gateway's own
+/// address as source plants no way into the host.
+#[test]
+fn only_flows_whose_replies_the_rules_refuse_are_tracked() {
+    use wgxdp_dataplane::flow::tcp_flags::{ACK, SYN};
+    let mut m = MemoryWorker::new(AeadBackend::Ring);
+    let now = Instant::now();
+    m.shared.host_addresses.replace(vec![IpAddr::from(GATEWAY_LAN)]);
+    m.set_policy(policy(vec![rule("web", RuleProtocol::Tcp, Some("80"), None, RuleAction::Allow)], RuleAction::Deny));
+    let shared = m.shared.clone();
+    let inserts = || shared.conntrack.counters.inserts.load(Relaxed);
+    for port in 30000..30050u16 {
+        let syn = with_tcp_flags(ipv4_l4_packet(60, CLIENT_TUNNEL, LAN_HOST, TCP, (port, 80), 64), SYN);
+        assert_eq!(from_site(&mut m, &syn, now).len(), 1, "the rule admits it");
+        let syn_ack = with_tcp_flags(ipv4_l4_packet(60, LAN_HOST, CLIENT_TUNNEL, TCP, (80, port), 64), SYN | ACK);
+        let data = with_tcp_flags(ipv4_l4_packet(60, LAN_HOST, CLIENT_TUNNEL, TCP, (80, port), 64), ACK);
+        assert_eq!(from_lan(&mut m, &syn_ack, now).len(), 1);
+        assert_eq!(from_lan(&mut m, &data, now).len(), 1);
+    }
+    assert_eq!(inserts(), 0, "the site's own connections to an allowed service are not tracked");
+    // A LAN-opened connection the rules would refuse the replies of is.
+    let open = with_tcp_flags(ipv4_l4_packet(60, LAN_HOST, CLIENT_TUNNEL, TCP, (40000, 443), 64), SYN);
+    assert_eq!(from_lan(&mut m, &open, now).len(), 1);
+    assert_eq!(inserts(), 1);
+    // Forged: the gateway's address as the source on the LAN. Forwarded, not tracked.
+    let forged = with_tcp_flags(ipv4_l4_packet(60, GATEWAY_LAN, CLIENT_TUNNEL, TCP, (22, 5555), 64), ACK);
+    assert_eq!(from_lan(&mut m, &forged, now).len(), 1);
+    assert_eq!(inserts(), 1);
+    let into_host = ipv4_l4_packet(60, CLIENT_TUNNEL, GATEWAY_LAN, TCP, (5555, 22), 64);
+    assert!(from_site(&mut m, &into_host, now).is_empty());
+    assert_eq!(drops(&m, DropReason::ToGatewayHost), 1);
+}
