@@ -491,7 +491,7 @@ impl Device {
         now: Instant,
         wall: SystemTime,
     ) -> Result<Action<'a>, DropReason> {
-        let opened = transport::open(&self.tables, datagram, from, now)?;
+        let opened = transport::open(&self.tables, &self.tables.views.load(), datagram, from, now)?;
         self.sync_peer(opened.peer(), now, wall);
         match opened {
             Opened::Keepalive { .. } => Ok(Action::Nothing),

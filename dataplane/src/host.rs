@@ -17,12 +17,24 @@ use arc_swap::ArcSwap;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Every address of the gateway host, a lock-free sorted snapshot.
+/// Every address of the gateway host, a lock-free sorted snapshot, behind a
+/// one-word filter (a bit per address hash) that answers "no" for most
+/// addresses without touching the snapshot.
 #[derive(Debug, Default)]
 pub struct HostAddresses {
     sorted: ArcSwap<Vec<IpAddr>>,
+    filter: AtomicU64,
+}
+
+/// The filter bit of `ip`.
+#[inline]
+fn filter_bit(ip: IpAddr) -> u64 {
+    let key = crate::table::addr_key(ip);
+    let folded = (key as u64) ^ ((key >> 64) as u64);
+    1 << (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58)
 }
 
 impl HostAddresses {
@@ -34,7 +46,7 @@ impl HostAddresses {
 
     #[inline]
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.sorted.load().binary_search(&ip).is_ok()
+        self.filter.load(Ordering::Acquire) & filter_bit(ip) != 0 && self.sorted.load().binary_search(&ip).is_ok()
     }
 
     /// Publishes `addresses` if they changed; true if they did.
@@ -44,7 +56,12 @@ impl HostAddresses {
         if **self.sorted.load() == addresses {
             return false;
         }
+        // Widen the filter first, narrow it after: a reader never misses an
+        // address that is in both the old and the new set.
+        let filter = addresses.iter().fold(0, |f, &ip| f | filter_bit(ip));
+        self.filter.fetch_or(filter, Ordering::AcqRel);
         self.sorted.store(Arc::new(addresses));
+        self.filter.store(filter, Ordering::Release);
         true
     }
 
@@ -218,6 +235,11 @@ mod tests {
         assert!(h.contains(a) && h.contains(b));
         assert!(!h.replace(vec![a, b]), "unchanged");
         assert!(!h.contains("10.50.0.2".parse().unwrap()));
+        // Many addresses: every one is found through the filter, others are not.
+        let many: Vec<IpAddr> = (0..200u32).map(|i| IpAddr::from((0x0a00_0000 + i * 7).to_be_bytes())).collect();
+        h.replace(many.clone());
+        assert!(many.iter().all(|&ip| h.contains(ip)));
+        assert!(!h.contains(a) && !h.contains(IpAddr::from([10, 0, 0, 1])));
     }
 
     #[test]

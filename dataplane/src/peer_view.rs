@@ -145,8 +145,11 @@ impl PeerView {
     }
 }
 
+/// Every peer's view by id, as one published snapshot holds them.
+pub type ViewMap = FastMap<PeerId, Arc<PeerView>>;
+
 /// A loaded snapshot of every peer's view.
-pub type ViewsGuard = arc_swap::Guard<Arc<FastMap<PeerId, Arc<PeerView>>>>;
+pub type ViewsGuard = arc_swap::Guard<Arc<ViewMap>>;
 
 /// Every peer's view, by id: an immutable map swapped as peers come and go.
 #[derive(Debug, Default)]

@@ -89,7 +89,8 @@ impl SlowPath {
                 }
             };
         }
-        match transport::open(&shared.tables, datagram, Endpoint::from(from), now)? {
+        let views = shared.tables.views.load();
+        match transport::open(&shared.tables, &views, datagram, Endpoint::from(from), now)? {
             Opened::Keepalive { .. } => {
                 self.counters.keepalives_received.fetch_add(1, Relaxed);
                 Ok(())
@@ -97,7 +98,8 @@ impl SlowPath {
             Opened::Data { peer, inner, offset } => {
                 self.counters.decrypted.fetch_add(1, Relaxed);
                 let packet = datagram.get(offset..offset + inner.len).ok_or(DropReason::BadInnerPacket)?;
-                match from_tunnel(shared, peer, packet, &mut self.scratch, now) {
+                let view = views.get(&peer).ok_or(DropReason::UnknownIndex)?;
+                match from_tunnel(shared, view, packet, &mut self.scratch, now) {
                     Ok(Inbound::ToHost) => {
                         to_host(shared, &self.counters, packet);
                         Ok(())

@@ -16,7 +16,7 @@
 use crate::drops::DropReason;
 use crate::frame::{parse_ip_frame_payload, InnerPacket};
 use crate::noise::session::{Keypair, ReceiveError, SendError};
-use crate::peer_view::{monotonic_nanos, Activity, Endpoint, PeerId, PeerView, PeerViews, ViewsGuard};
+use crate::peer_view::{monotonic_nanos, Activity, Endpoint, PeerId, PeerView, PeerViews, ViewMap};
 use crate::table::{IndexTable, SharedAllowedIps};
 use crate::wire::{TransportHeader, TRANSPORT_HEADER_LEN};
 use std::sync::atomic::Ordering::Relaxed;
@@ -79,15 +79,21 @@ impl From<ReceiveError> for DropReason {
 }
 
 /// Opens the transport message `datagram` (a whole UDP payload, decrypted in
-/// place) that arrived from `from`.
-pub fn open(tables: &Tables, datagram: &mut [u8], from: Endpoint, now: Instant) -> Result<Opened, DropReason> {
+/// place) that arrived from `from`; `views` is the caller's loaded snapshot of
+/// `tables.views` (a worker loads it once per batch).
+pub fn open(
+    tables: &Tables,
+    views: &ViewMap,
+    datagram: &mut [u8],
+    from: Endpoint,
+    now: Instant,
+) -> Result<Opened, DropReason> {
     let msg = TransportHeader::new_checked(&mut *datagram).map_err(|_| DropReason::Malformed)?;
     let entry = tables.indices.get(msg.receiver()).ok_or(DropReason::UnknownIndex)?;
     let peer = entry.value.peer;
     let keypair = entry.value.keypair.as_ref().ok_or(DropReason::UnknownIndex)?;
     let plain_len = keypair.open(msg, now)?.len();
     drop(entry);
-    let views = tables.views.load();
     let view = views.get(&peer).ok_or(DropReason::UnknownIndex)?;
     let nanos = monotonic_nanos(now);
     Activity::record(&view.activity.authenticated_received, nanos);
@@ -139,7 +145,7 @@ pub fn seal(view: &PeerView, buf: &mut [u8], len: usize, now: Instant) -> Result
 /// the snapshot `views` (from `tables.views.load()`, kept by the caller so no
 /// reference count moves per packet).
 #[inline]
-pub fn route<'v>(tables: &Tables, views: &'v ViewsGuard, dst: std::net::IpAddr) -> Result<&'v PeerView, DropReason> {
+pub fn route<'v>(tables: &Tables, views: &'v ViewMap, dst: std::net::IpAddr) -> Result<&'v PeerView, DropReason> {
     let peer = tables.allowed_ips.load().lookup(dst).ok_or(DropReason::NoRoute)?;
     views.get(&peer).map(|v| &**v).ok_or(DropReason::NoRoute)
 }

@@ -29,7 +29,7 @@ use crate::icmp::IcmpError;
 use crate::neighbors::{NeighborTable, NeighborWait};
 use crate::noise::cookie::CookieChecker;
 use crate::noise::session::sealed_len;
-use crate::peer_view::{Endpoint, PeerId};
+use crate::peer_view::{Endpoint, PeerId, ViewMap};
 use crate::policy::Inbound;
 use crate::staging::StagingPool;
 use crate::transport::{self, Opened, SealError, Tables};
@@ -284,14 +284,18 @@ impl<S: FrameIo> Worker<S> {
                 counters.dropped(DropReason::NoNextHop);
             }
         }
+        // One snapshot of the peers' views for the whole batch: no reference
+        // count or epoch traffic per packet.
+        let views = self.shared.tables.views.load();
         let mut work = self.wan.recv(batch, BATCH);
         for frame in batch.drain(..) {
-            self.on_wan(frame, now);
+            self.on_wan(frame, &views, now);
         }
         work += self.lan.recv(batch, BATCH);
         for frame in batch.drain(..) {
-            self.on_lan(frame, now);
+            self.on_lan(frame, &views, now);
         }
+        drop(views);
         if let Some(from_kernel) = &self.slow_path {
             for (peer, packet) in from_kernel.try_iter().take(BATCH) {
                 deliver_inner(&mut self.lan, &mut self.waiting, &self.shared, &self.counters, peer, &packet, now);
@@ -309,7 +313,7 @@ impl<S: FrameIo> Worker<S> {
         (&mut self.wan, &mut self.lan)
     }
 
-    fn on_wan(&mut self, mut frame: S::Frame, now: Instant) {
+    fn on_wan(&mut self, mut frame: S::Frame, views: &ViewMap, now: Instant) {
         bump(&self.counters.wan_rx);
         let Ok(udp) = parse_udp_frame(self.wan.data(&frame)) else {
             self.counters.dropped(DropReason::Malformed);
@@ -322,21 +326,21 @@ impl<S: FrameIo> Worker<S> {
                 let tables = &self.shared.tables;
                 let payload = udp.payload.clone();
                 let opened = self.wan.with_data_mut(&mut frame, None, |buf| match buf.get_mut(payload) {
-                    Some(datagram) => transport::open(tables, datagram, from, now),
+                    Some(datagram) => transport::open(tables, views, datagram, from, now),
                     None => Err(DropReason::Malformed),
                 });
                 match opened {
                     Ok(Opened::Data { peer, inner, offset }) => {
                         bump(&self.counters.decrypted);
                         let start = udp.payload.start + offset;
-                        let forwarded = match self.wan.data(&frame).get(start..start + inner.len) {
-                            Some(packet) => {
+                        let forwarded = match (self.wan.data(&frame).get(start..start + inner.len), views.get(&peer)) {
+                            (Some(packet), Some(view)) => {
                                 let (lan, shared, counters) = (&mut self.lan, &self.shared, &self.counters);
                                 let waiting = &mut self.waiting;
-                                from_tunnel(shared, peer, packet, &mut self.scratch, now)
+                                from_tunnel(shared, view, packet, &mut self.scratch, now)
                                     .map(|to| to.deliver(lan, waiting, shared, counters, peer, packet, now))
                             }
-                            None => Err(Refusal::Drop(DropReason::BadInnerPacket)),
+                            _ => Err(Refusal::Drop(DropReason::BadInnerPacket)),
                         };
                         self.wan.release(frame);
                         match forwarded {
@@ -401,20 +405,19 @@ impl<S: FrameIo> Worker<S> {
         }
     }
 
-    fn on_lan(&mut self, frame: S::Frame, now: Instant) {
+    fn on_lan(&mut self, frame: S::Frame, views: &ViewMap, now: Instant) {
         bump(&self.counters.lan_rx);
-        if let Err(reason) = self.encrypt_to_wan(&frame, now) {
+        if let Err(reason) = self.encrypt_to_wan(&frame, views, now) {
             self.counters.dropped(reason);
         }
         self.lan.release(frame);
     }
 
-    fn encrypt_to_wan(&mut self, frame: &S::Frame, now: Instant) -> Result<(), DropReason> {
+    fn encrypt_to_wan(&mut self, frame: &S::Frame, views: &ViewMap, now: Instant) -> Result<(), DropReason> {
         let data = self.lan.data(frame);
         let ip = parse_ip_frame(data).map_err(|_| DropReason::Malformed)?;
         let inner = data.get(ip.packet.clone()).ok_or(DropReason::Malformed)?;
-        let views = self.shared.tables.views.load();
-        let view = transport::route(&self.shared.tables, &views, ip.dst)?;
+        let view = transport::route(&self.shared.tables, views, ip.dst)?;
         if flow::hop_limit(inner).is_some_and(|hops| hops <= 1) {
             // A router may not forward it (traceroute from the site sees us).
             let sender_mac = crate::wire::EthernetFrame::new_checked(data).map(|e| e.source()).ok();
@@ -656,23 +659,22 @@ pub(crate) struct Expired {
     pub to: IpAddr,
 }
 
-/// Decides on a packet that `peer`'s remote site sent (`policy.rs`): where
-/// it goes, or why not. A packet forwarded with its TTL spent is quoted into
-/// `scratch` for the "time exceeded" answer (when RFC 1812/4443 allow one).
+/// Decides on a packet that the remote site of `view`'s peer sent
+/// (`policy.rs`): where it goes, or why not. A packet forwarded with its TTL
+/// spent is quoted into `scratch` for the "time exceeded" answer (when RFC
+/// 1812/4443 allow one).
 pub(crate) fn from_tunnel(
     shared: &Shared,
-    peer: PeerId,
+    view: &crate::peer_view::PeerView,
     packet: &[u8],
     scratch: &mut [u8],
     now: Instant,
 ) -> Result<Inbound, Refusal> {
     let flow = Flow::parse(packet)?;
-    let views = shared.tables.views.load();
-    let view = views.get(&peer).ok_or(DropReason::UnknownIndex)?;
     let policy = view.policy.load();
     let hosts = &shared.host_addresses;
-    let verdict =
-        policy.admit_inbound(&flow, peer, &shared.conntrack, |ip| hosts.contains(ip), ConnTrack::now_secs(now))?;
+    let now_secs = ConnTrack::now_secs(now);
+    let verdict = policy.admit_inbound(&flow, view.id, &shared.conntrack, |ip| hosts.contains(ip), now_secs)?;
     if verdict == Inbound::Forward && flow::hop_limit(packet).is_some_and(|hops| hops <= 1) {
         if !crate::icmp::may_send_error(packet, IcmpError::TimeExceeded) {
             return Err(Refusal::Drop(DropReason::TtlExceeded));
