@@ -43,7 +43,11 @@ fn main() {
             "bpfel-unknown-none",
             "-Z",
             "build-std=core",
+            "--target-dir",
         ]);
+        // Pinned: the object is read from ebpf/target below, whatever the
+        // outer build's CARGO_TARGET_DIR (removed with the rest just after).
+        cmd.arg(ebpf.join("target"));
         // The outer build's toolchain and flags must not leak into the BPF build.
         for (k, _) in std::env::vars() {
             if k.starts_with("CARGO") || k.starts_with("RUST") {

@@ -70,10 +70,15 @@ pub fn build_ebpf() -> Result<PathBuf> {
     run(Command::new("cargo")
         .current_dir(&dir)
         .env("PATH", setup::path_with_llvm())
-        // The host workspace's settings must not leak into the BPF build.
+        // The host workspace's settings must not leak into the BPF build, and
+        // its output stays where `control/build.rs` and the tests look for it,
+        // whatever CARGO_TARGET_DIR says.
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"]))?;
+        .env_remove("CARGO_TARGET_DIR")
+        .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(dir.join("target")))?;
     let obj = dir.join("target/bpfel-unknown-none/release/wgxdp");
     if !obj.exists() {
         bail!("the eBPF build succeeded but {} is missing", obj.display());
@@ -98,7 +103,14 @@ fn build_binaries(release: bool) -> Result<PathBuf> {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    Ok(root().join("target").join(if release { "release" } else { "debug" }))
+    Ok(target_dir().join(if release { "release" } else { "debug" }))
+}
+
+/// Where cargo puts the workspace's build output: `CARGO_TARGET_DIR` (a
+/// relative one is relative to the workspace root, where xtask runs cargo),
+/// else `target/`.
+fn target_dir() -> PathBuf {
+    root().join(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()))
 }
 
 fn demo() -> Result<()> {
