@@ -26,6 +26,12 @@
 //! #                  # `[api] site_cidr` if set, else the LAN interface's networks
 //! # firewall_default = "allow"         # or "deny": only replies to flows the
 //! #                                    # local side opened come back in
+//! # [[peer.firewall]]                  # rules as in the API, in order
+//! # name = "no ssh"
+//! # protocol = "tcp"                   # tcp | udp | icmp | any
+//! # port = "22"                        # N or N-M (tcp/udp)
+//! # source = "10.20.0.0/16"            # destination = "…"; action = "deny" (default allow)
+//! # action = "deny"
 //!
 //! [api]                                # optional: the HTTP API and its store
 //! listen = "127.0.0.1:8080"
@@ -42,8 +48,8 @@
 //! Peers from `[[peer]]` are fixed for the process's life; gateways created
 //! through the API live in the database and come back after a restart.
 //! Traffic from a peer's site reaches only its local networks; replies to
-//! flows the local side opened always pass, the rest takes `firewall_default`
-//! (firewall rules are per API gateway).
+//! flows the local side opened always pass, the rest meets its firewall rules
+//! (first match wins), then `firewall_default`.
 
 use crate::api::model::overlaps;
 use crate::firewall::parse_action;
@@ -55,7 +61,7 @@ use std::time::Duration;
 use wgxdp_dataplane::gateway::PeerSpec;
 use wgxdp_dataplane::noise::peer::PeerConfig;
 use wgxdp_dataplane::noise::{PresharedKey, PrivateKey, PublicKey};
-use wgxdp_dataplane::policy::{ForwardingPolicy, MAX_NETWORKS};
+use wgxdp_dataplane::policy::{ForwardingPolicy, MAX_NETWORKS, MAX_RULES};
 use wgxdp_dataplane::table::IpPrefix;
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +141,9 @@ pub struct PeerSection {
     pub persistent_keepalive: Option<u16>,
     pub local_networks: Option<Vec<String>>,
     pub firewall_default: Option<String>,
+    /// Rules in the API's shape (`[[peer.firewall]]` tables), in order.
+    #[serde(default)]
+    pub firewall: Vec<crate::firewall::FirewallRuleText>,
 }
 
 fn default_port() -> u16 {
@@ -410,6 +419,11 @@ impl Config {
                 Some(a) => parse_action(a).map_err(|e| err(format!("firewall_default: {e}")))?,
                 None => Default::default(),
             };
+            if p.firewall.len() > MAX_RULES {
+                return Err(err(format!("firewall lists at most {MAX_RULES} rules (got {})", p.firewall.len())));
+            }
+            let rules = crate::firewall::parse_rules(&p.firewall)
+                .map_err(|(i, e)| err(format!("firewall[{i}].{}: {}", e.field, e.message)))?;
             peers.push(PeerSpec {
                 config: PeerConfig {
                     public_key,
@@ -421,7 +435,7 @@ impl Config {
                 },
                 endpoint,
                 allowed_ips,
-                policy: ForwardingPolicy { local_networks, rules: Vec::new(), default_action },
+                policy: ForwardingPolicy { local_networks, rules, default_action },
             });
         }
         check_peer_overlaps(&peers)?;
@@ -547,6 +561,33 @@ mod tests {
         assert_eq!(c.peers.len(), 1);
         assert_eq!(c.peers[0].allowed_ips.len(), 2);
         assert_eq!(c.peers[0].config.persistent_keepalive, Some(Duration::from_secs(25)));
+    }
+
+    #[test]
+    fn peers_carry_firewall_rules_checked_as_the_api_checks_them() {
+        let k = key_file(0o600, &PrivateKey::generate().to_base64_secret());
+        let peer_key = PrivateKey::generate().public_key();
+        let peer = |rules: &str| {
+            format!("[[peer]]\npublic_key = \"{peer_key}\"\nallowed_ips = [\"10.1.0.0/16\"]\nlocal_networks = [\"10.50.0.0/24\"]\nfirewall_default = \"deny\"\n{rules}")
+        };
+        let rules = "[[peer.firewall]]\nname = \"no ssh\"\nprotocol = \"tcp\"\nport = \"22\"\naction = \"deny\"\n\
+                     [[peer.firewall]]\nname = \"web\"\nprotocol = \"tcp\"\nport = \"80-443\"\ndestination = \"10.50.0.0/24\"\n";
+        let c = Config::parse(&config(&k.0, &peer(rules)), Path::new("t.toml")).unwrap();
+        let policy = &c.peers[0].policy;
+        assert_eq!(policy.rules.len(), 2);
+        use wgxdp_dataplane::policy::RuleAction;
+        assert_eq!((policy.rules[0].name.as_str(), policy.rules[0].action), ("no ssh", RuleAction::Deny));
+        assert_eq!(policy.rules[1].ports, Some(wgxdp_dataplane::policy::PortRange { first: 80, last: 443 }));
+        assert_eq!(policy.default_action, RuleAction::Deny);
+        for (bad, needle) in [
+            ("[[peer.firewall]]\nname = \"x\"\nprotocol = \"gre\"\n", "firewall[0].protocol"),
+            ("[[peer.firewall]]\nname = \"x\"\nprotocol = \"icmp\"\nport = \"22\"\n", "firewall[0].port"),
+            ("[[peer.firewall]]\nname = \"x\"\nprotocol = \"tcp\"\ncolour = 1\n", "colour"),
+            ("[[peer.firewall]]\nprotocol = \"tcp\"\n", "firewall[0].name"),
+        ] {
+            let e = Config::parse(&config(&k.0, &peer(bad)), Path::new("t.toml")).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -698,7 +739,6 @@ mod tests {
             ("local_networks = [\"10.50.0.0/24\", \"10.50.0.0/24\"]\n", "twice"),
             ("local_networks = [\"10.0.0.0/8\"]\n", "overlaps the local network `10.0.0.0/8`"),
             ("firewall_default = \"drop\"\n", "firewall_default: `drop` is not an action; use allow or deny"),
-            ("firewall = []\n", "firewall"),
         ] {
             let err = parse(peer, "").unwrap_err();
             assert!(err.contains("peer 0") || err.contains("unknown field"), "{peer}: {err}");
@@ -706,6 +746,8 @@ mod tests {
         }
         let err = parse("", "[api]\ndatabase = \"/d\"\nsite_cidr = \"10.0.0.0/8\"\n").unwrap_err();
         assert!(err.contains("overlaps the local network `10.0.0.0/8`"), "{err}");
+        // An empty rule list is allowed (no rules).
+        assert!(parse("firewall = []\n", "").is_ok());
     }
 
     #[test]

@@ -277,6 +277,19 @@ persistent_keepalive = 25
 local_networks = ["10.0.1.0/24", "fd00:1::/64"]
 firewall_default = "deny"
 
+[[peer.firewall]]
+name = "no ssh"
+protocol = "tcp"
+port = "22"
+source = "10.0.2.0/24"
+action = "deny"
+
+[[peer.firewall]]
+name = "web"
+protocol = "tcp"
+port = "80-443"
+destination = "10.0.1.0/24"
+
 [api]
 listen = "127.0.0.1:8080"
 database = "/var/lib/wgxdp/wgxdp.db"
