@@ -123,17 +123,20 @@ impl Netns {
 
     /// `ping` from this namespace; true if at least `min_replies` of `count` came back.
     pub fn ping(&self, dst: &str, count: u32, min_replies: u32) -> bool {
-        let out = self
-            .command("ping")
-            .args(["-c", &count.to_string(), "-i", "0.2", "-W", "2", dst])
-            .output()
-            .expect("run ping");
-        let text = String::from_utf8_lossy(&out.stdout);
+        let count = count.to_string();
+        self.ping_with(&["-c", &count, "-i", "0.2", "-W", "2", dst]).0 >= min_replies
+    }
+
+    /// `ping ARGS` from this namespace: how many replies came back, and
+    /// ping's output.
+    pub fn ping_with(&self, args: &[&str]) -> (u32, String) {
+        let out = self.command("ping").args(args).output().expect("run ping");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let received = text
             .split(',')
             .find_map(|part| part.trim().strip_suffix(" received").and_then(|n| n.trim().parse::<u32>().ok()))
             .unwrap_or(0);
-        received >= min_replies
+        (received, text)
     }
 
     /// A UDP socket bound inside this namespace.

@@ -354,15 +354,6 @@ pub fn tcp_transfer(listener_ns: &Netns, listen: &str, connector_ns: &Netns, upl
 
 /// `ping -I src dst` from `ns`; true if at least `min` of `count` replies came back.
 pub fn ping_from(ns: &Netns, src: &str, dst: &str, count: u32, min: u32) -> bool {
-    let out = ns
-        .command("ping")
-        .args(["-c", &count.to_string(), "-i", "0.2", "-W", "1", "-I", src, dst])
-        .output()
-        .expect("run ping");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let received = text
-        .split(',')
-        .find_map(|p| p.trim().strip_suffix(" received").and_then(|n| n.trim().parse::<u32>().ok()))
-        .unwrap_or(0);
-    received >= min
+    let count = count.to_string();
+    ns.ping_with(&["-c", &count, "-i", "0.2", "-W", "1", "-I", src, dst]).0 >= min
 }

@@ -20,13 +20,7 @@ const IDLE: Duration = Duration::from_secs(200);
 
 /// `ping -c 5 -w 10` from `ns` to `dst`: replies received, and ping's output.
 fn ping5(ns: &Netns, dst: &str) -> (u32, String) {
-    let out = ns.command("ping").args(["-c", "5", "-w", "10", dst]).output().expect("run ping");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let received = text
-        .split(',')
-        .find_map(|p| p.trim().strip_suffix(" received").and_then(|n| n.trim().parse::<u32>().ok()))
-        .unwrap_or(0);
-    (received, text)
+    ns.ping_with(&["-c", "5", "-w", "10", dst])
 }
 
 /// One site: traffic once, idle, then a ping from the LAN host (`lan_first`)

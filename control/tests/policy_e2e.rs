@@ -38,17 +38,8 @@ fn wgxdp() -> &'static Path {
 
 /// `ping` from the client's tunnel address; the replies and the whole output.
 fn ping(ns: &Netns, dst: &str, count: u32, ttl: u8) -> (u32, String) {
-    let out = ns
-        .command("ping")
-        .args(["-c", &count.to_string(), "-i", "0.2", "-W", "1", "-t", &ttl.to_string(), "-I", CLIENT_TUNNEL, dst])
-        .output()
-        .expect("run ping");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let received = text
-        .split(',')
-        .find_map(|p| p.trim().strip_suffix(" received").and_then(|n| n.trim().parse::<u32>().ok()))
-        .unwrap_or(0);
-    (received, text)
+    let (count, ttl) = (count.to_string(), ttl.to_string());
+    ns.ping_with(&["-c", &count, "-i", "0.2", "-W", "1", "-t", &ttl, "-I", CLIENT_TUNNEL, dst])
 }
 
 /// Whether a TCP connection from `ns` to `addr` is established within a second

@@ -421,6 +421,7 @@ mod tests {
             transport: Transport::Ports { src: lport, dst: rport },
             fragment: None,
             tcp_flags: 0,
+            hop_limit: 64,
         }
     }
 
@@ -458,6 +459,7 @@ mod tests {
             transport: Transport::IcmpError(quoted),
             fragment: None,
             tcp_flags: 0,
+            hop_limit: 64,
         };
         assert!(t.refresh(&FlowKey::of_reply(1, &error).unwrap(), 11));
         // Aimed at someone else than the quoted sender: not related.

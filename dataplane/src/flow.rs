@@ -62,6 +62,8 @@ pub struct Flow {
     pub fragment: Option<u32>,
     /// TCP flags (`tcp_flags::*`), 0 when not TCP or not in this packet.
     pub tcp_flags: u8,
+    /// The TTL / hop limit it arrived with.
+    pub hop_limit: u8,
 }
 
 /// TCP header flags (RFC 9293).
@@ -106,7 +108,7 @@ impl Flow {
                     8 if protocol == ip_protocol::TCP => return Err(DropReason::BadFragment),
                     _ => (Transport::LaterFragment, 0),
                 };
-                Ok(Self { src, dst, protocol, transport, fragment, tcp_flags })
+                Ok(Self { src, dst, protocol, transport, fragment, tcp_flags, hop_limit: ip.ttl() })
             }
             Some(6) => {
                 let ip = Ipv6Packet::new_checked(packet).map_err(|_| DropReason::BadInnerPacket)?;
@@ -118,7 +120,8 @@ impl Flow {
                 };
                 let tcp_flags = tcp_flags_of(chain.protocol, chain.rest);
                 let fragment = chain.fragment.map(|(_, id)| id);
-                Ok(Self { src, dst, protocol: chain.protocol, transport, fragment, tcp_flags })
+                let hop_limit = ip.hop_limit();
+                Ok(Self { src, dst, protocol: chain.protocol, transport, fragment, tcp_flags, hop_limit })
             }
             _ => Err(DropReason::BadInnerPacket),
         }

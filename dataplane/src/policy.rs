@@ -409,7 +409,15 @@ mod tests {
             ip_protocol::TCP | ip_protocol::UDP => Transport::Ports { src: 40000, dst: dport },
             _ => Transport::Echo { id: 1, request: true },
         };
-        Flow { src: src.parse().unwrap(), dst: dst.parse().unwrap(), protocol, transport, fragment: None, tcp_flags: 0 }
+        Flow {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol,
+            transport,
+            fragment: None,
+            tcp_flags: 0,
+            hop_limit: 64,
+        }
     }
 
     fn rule(protocol: RuleProtocol, ports: Option<&str>, source: Option<&str>, action: RuleAction) -> FirewallRule {

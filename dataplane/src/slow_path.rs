@@ -17,7 +17,6 @@
 use crate::admission::{self, Admission, SourceLimiter};
 use crate::drops::DropReason;
 use crate::frame::parse_ip_frame_payload;
-use crate::icmp::IcmpError;
 use crate::peer_view::{Endpoint, PeerId};
 use crate::policy::Inbound;
 use crate::transport::{self, Opened};
@@ -124,18 +123,10 @@ impl SlowPath {
 
     /// ICMP "time exceeded" into `peer`'s tunnel (the quote is in `scratch`).
     fn time_exceeded_into_tunnel(&mut self, peer: PeerId, expired: Expired, now: Instant) {
-        let shared = &*self.shared;
-        let Some(router) = shared.router_address(expired.to) else { return };
-        if !self.icmp.take(now) {
+        let Some(len) = expired.answer(&self.shared, &mut self.icmp, &self.scratch, &mut self.error, now) else {
             return;
-        }
-        let len = crate::icmp::error_packet_len(expired.quote_len, expired.to.is_ipv6());
-        let Some(packet) = self.error.get_mut(..len) else { return };
-        let quote = &self.scratch[..expired.quote_len];
-        if crate::icmp::error_packet(packet, IcmpError::TimeExceeded, quote, expired.to, router).is_err() {
-            return;
-        }
-        if let Err(reason) = self.into_tunnel(peer, len, false, now) {
+        };
+        if let Err(reason) = self.into_tunnel(peer, len, now) {
             self.counters.drops.count(reason);
         } else {
             self.counters.icmp_time_exceeded.fetch_add(1, Relaxed);
@@ -143,13 +134,13 @@ impl SlowPath {
     }
 
     /// Seals the packet in `error[..len]` into `peer`'s tunnel through the kernel.
-    fn into_tunnel(&mut self, peer: PeerId, len: usize, hop: bool, now: Instant) -> Result<(), DropReason> {
+    fn into_tunnel(&mut self, peer: PeerId, len: usize, now: Instant) -> Result<(), DropReason> {
         let shared = &*self.shared;
         let views = shared.tables.views.load();
         let view = views.get(&peer).ok_or(DropReason::NoRoute)?;
         let to = view.endpoint_addr().ok_or(DropReason::NoEndpoint)?;
         let packet = self.error.get(..len).ok_or(DropReason::BufferTooSmall)?;
-        seal_via_kernel(shared, &self.counters, &mut self.scratch, view, to, packet, hop, now)
+        seal_via_kernel(shared, &self.counters, &mut self.scratch, view, to, packet, false, now)
     }
 
     /// One packet the host's kernel routed into a tunnel (read from the host

@@ -607,16 +607,10 @@ impl<S: FrameIo> Worker<S> {
     /// ICMP "time exceeded" into `peer`'s tunnel, to the sender of a packet
     /// that arrived from it with its TTL spent (the quote is in `scratch`).
     fn time_exceeded_into_tunnel(&mut self, peer: PeerId, expired: Expired, now: Instant) {
-        let Some(router) = self.shared.router_address(expired.to) else { return };
-        if !self.icmp_tunnel.take(now) {
+        let Some(len) = expired.answer(&self.shared, &mut self.icmp_tunnel, &self.scratch, &mut self.fragment, now)
+        else {
             return;
-        }
-        let v6 = expired.to.is_ipv6();
-        let len = crate::icmp::error_packet_len(expired.quote_len, v6);
-        let (quote, packet) = (&self.scratch[..expired.quote_len], &mut self.fragment[..len]);
-        if crate::icmp::error_packet(packet, IcmpError::TimeExceeded, quote, expired.to, router).is_err() {
-            return;
-        }
+        };
         let views = self.shared.tables.views.load();
         let Some(view) = views.get(&peer) else { return };
         let (wan, shared, counters) = (&mut self.wan, &self.shared, &self.counters);
@@ -659,6 +653,29 @@ pub(crate) struct Expired {
     pub to: IpAddr,
 }
 
+impl Expired {
+    /// Writes the "time exceeded" answer (quoting `scratch[..quote_len]`) into
+    /// `out` if `budget` allows one and we have an address to send it from;
+    /// returns its length.
+    pub(crate) fn answer(
+        &self,
+        shared: &Shared,
+        budget: &mut IcmpBudget,
+        scratch: &[u8],
+        out: &mut [u8],
+        now: Instant,
+    ) -> Option<usize> {
+        let router = shared.router_address(self.to)?;
+        if !budget.take(now) {
+            return None;
+        }
+        let len = crate::icmp::error_packet_len(self.quote_len, self.to.is_ipv6());
+        let (quote, packet) = (scratch.get(..self.quote_len)?, out.get_mut(..len)?);
+        crate::icmp::error_packet(packet, IcmpError::TimeExceeded, quote, self.to, router).ok()?;
+        Some(len)
+    }
+}
+
 /// Decides on a packet that the remote site of `view`'s peer sent
 /// (`policy.rs`): where it goes, or why not. A packet forwarded with its TTL
 /// spent is quoted into `scratch` for the "time exceeded" answer (when RFC
@@ -675,7 +692,7 @@ pub(crate) fn from_tunnel(
     let hosts = &shared.host_addresses;
     let now_secs = ConnTrack::now_secs(now);
     let verdict = policy.admit_inbound(&flow, view.id, &shared.conntrack, |ip| hosts.contains(ip), now_secs)?;
-    if verdict == Inbound::Forward && flow::hop_limit(packet).is_some_and(|hops| hops <= 1) {
+    if verdict == Inbound::Forward && flow.hop_limit <= 1 {
         if !crate::icmp::may_send_error(packet, IcmpError::TimeExceeded) {
             return Err(Refusal::Drop(DropReason::TtlExceeded));
         }

@@ -11,7 +11,7 @@ use super::model::{
 use super::networks::{find_overlap, validate_remote_vs_site, GatewayNetworks, Network, ADDITIONAL_REMOTE, REMOTE};
 use super::AppState;
 use crate::plane::TunnelStatus;
-use crate::store::{now_millis, random_id, GatewayRecord, ListQuery, SortField, SortKey, Status, Store, StoreError};
+use crate::store::{now_millis, GatewayRecord, ListQuery, SortField, SortKey, Status, Store, StoreError};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -248,27 +248,7 @@ pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody
     let env = blocking(&state, move |s| {
         let key = new.remote_public_key.to_base64();
         check_conflicts(s, &remote, Some(&key), None)?;
-        let now = now_millis();
-        let record = GatewayRecord {
-            id: random_id("vpn_"),
-            seq: 0,
-            name: new.name,
-            status: Status::Creating,
-            region: new.region,
-            local_network_cidr: new.local_network_cidr.to_string(),
-            remote_network_cidr: new.remote_network_cidr.to_string(),
-            remote_peer_ip: new.remote_peer_ip.to_string(),
-            remote_peer_port: new.remote_peer_port,
-            remote_public_key: key,
-            pre_shared_key: new.pre_shared_key,
-            persistent_keepalive: new.persistent_keepalive,
-            additional_remote_network_cidrs: new.additional_remote_network_cidrs,
-            additional_local_network_cidrs: new.additional_local_network_cidrs,
-            firewall: new.firewall,
-            firewall_default: new.firewall_default,
-            created_at: now,
-            updated_at: now,
-        };
+        let record = new.into_record(now_millis());
         let mut record = s.store.insert(record).map_err(|e| match e {
             crate::store::StoreError::DuplicateKey => {
                 ApiError::conflict("a VPN gateway already uses this remote_public_key")

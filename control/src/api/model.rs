@@ -428,6 +428,30 @@ pub struct NewGateway {
 }
 
 impl NewGateway {
+    /// The record to store for it: `creating`, with a fresh id, made `now`.
+    pub fn into_record(self, now: i64) -> GatewayRecord {
+        GatewayRecord {
+            id: crate::store::random_id("vpn_"),
+            seq: 0,
+            name: self.name,
+            status: Status::Creating,
+            region: self.region,
+            local_network_cidr: self.local_network_cidr.to_string(),
+            remote_network_cidr: self.remote_network_cidr.to_string(),
+            remote_peer_ip: self.remote_peer_ip.to_string(),
+            remote_peer_port: self.remote_peer_port,
+            remote_public_key: self.remote_public_key.to_base64(),
+            pre_shared_key: self.pre_shared_key,
+            persistent_keepalive: self.persistent_keepalive,
+            additional_remote_network_cidrs: self.additional_remote_network_cidrs,
+            additional_local_network_cidrs: self.additional_local_network_cidrs,
+            firewall: self.firewall,
+            firewall_default: self.firewall_default,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     /// Every network of the new gateway, each named by its field.
     pub fn networks(&self) -> GatewayNetworks {
         GatewayNetworks::new(
@@ -703,27 +727,7 @@ mod tests {
                "firewall_default":"deny"}}"#
         );
         let new = parse_create(body.as_bytes(), Some("10.50.0.0/24"), &ours).unwrap();
-        let now = crate::store::now_millis();
-        let g = GatewayRecord {
-            id: "vpn_t".into(),
-            seq: 1,
-            name: new.name,
-            status: Status::Active,
-            region: new.region,
-            local_network_cidr: new.local_network_cidr.to_string(),
-            remote_network_cidr: new.remote_network_cidr.to_string(),
-            remote_peer_ip: new.remote_peer_ip.to_string(),
-            remote_peer_port: new.remote_peer_port,
-            remote_public_key: peer.to_base64(),
-            pre_shared_key: new.pre_shared_key,
-            persistent_keepalive: None,
-            additional_remote_network_cidrs: new.additional_remote_network_cidrs,
-            additional_local_network_cidrs: new.additional_local_network_cidrs,
-            firewall: new.firewall,
-            firewall_default: new.firewall_default,
-            created_at: now,
-            updated_at: now,
-        };
+        let g = new.into_record(crate::store::now_millis());
         let t = tunnel_of(&g).unwrap();
         let p = |s: &str| s.parse::<IpPrefix>().unwrap();
         assert_eq!(t.allowed_ips, vec![p("10.1.0.0/16"), p("fd01::/64")]);

@@ -29,24 +29,18 @@ pub struct Ipv4Packet<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     pub fn new_checked(buffer: T) -> Result<Self, WireError> {
-        let b = buffer.as_ref();
-        if b.len() < IPV4_HEADER_LEN {
-            return Err(WireError::Truncated);
-        }
-        if b[field::VER_IHL] >> 4 != 4 {
-            return Err(WireError::BadVersion);
-        }
-        let header_len = usize::from(b[field::VER_IHL] & 0x0f) * 4;
-        let total_len = usize::from(read_u16_be(b, field::TOTAL_LEN));
-        if header_len < IPV4_HEADER_LEN || total_len < header_len || total_len > b.len() {
-            return Err(WireError::BadLength);
-        }
-        Ok(Self { buffer })
+        Self::check(buffer, true)
     }
 
     /// A packet quoted in an ICMP error: the header must be whole, the rest
     /// may be cut short (`payload` is then what is there).
     pub fn new_truncated(buffer: T) -> Result<Self, WireError> {
+        Self::check(buffer, false)
+    }
+
+    /// Version 4, a header of at least 20 bytes inside the buffer, a total
+    /// length that holds the header and (`whole`) fits the buffer.
+    fn check(buffer: T, whole: bool) -> Result<Self, WireError> {
         let b = buffer.as_ref();
         if b.len() < IPV4_HEADER_LEN {
             return Err(WireError::Truncated);
@@ -56,7 +50,8 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         }
         let header_len = usize::from(b[field::VER_IHL] & 0x0f) * 4;
         let total_len = usize::from(read_u16_be(b, field::TOTAL_LEN));
-        if header_len < IPV4_HEADER_LEN || total_len < header_len || header_len > b.len() {
+        let within = if whole { total_len } else { header_len };
+        if header_len < IPV4_HEADER_LEN || total_len < header_len || within > b.len() {
             return Err(WireError::BadLength);
         }
         Ok(Self { buffer })

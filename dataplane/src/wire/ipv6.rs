@@ -24,28 +24,27 @@ pub struct Ipv6Packet<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Ipv6Packet<T> {
     pub fn new_checked(buffer: T) -> Result<Self, WireError> {
-        let b = buffer.as_ref();
-        if b.len() < IPV6_HEADER_LEN {
-            return Err(WireError::Truncated);
-        }
-        if b[field::VER_TC_FLOW.start] >> 4 != 6 {
-            return Err(WireError::BadVersion);
-        }
-        if IPV6_HEADER_LEN + usize::from(read_u16_be(b, field::PAYLOAD_LEN)) > b.len() {
-            return Err(WireError::BadLength);
-        }
-        Ok(Self { buffer })
+        Self::check(buffer, true)
     }
 
     /// A packet quoted in an ICMP error: the fixed header must be whole, the
     /// rest may be cut short (`payload` is then what is there).
     pub fn new_truncated(buffer: T) -> Result<Self, WireError> {
+        Self::check(buffer, false)
+    }
+
+    /// Version 6, the fixed header inside the buffer, and (`whole`) a payload
+    /// length that fits it.
+    fn check(buffer: T, whole: bool) -> Result<Self, WireError> {
         let b = buffer.as_ref();
         if b.len() < IPV6_HEADER_LEN {
             return Err(WireError::Truncated);
         }
         if b[field::VER_TC_FLOW.start] >> 4 != 6 {
             return Err(WireError::BadVersion);
+        }
+        if whole && IPV6_HEADER_LEN + usize::from(read_u16_be(b, field::PAYLOAD_LEN)) > b.len() {
+            return Err(WireError::BadLength);
         }
         Ok(Self { buffer })
     }
