@@ -284,6 +284,34 @@ mod tests {
         assert_eq!(shared.from_kernel.in_use(), 0, "buffers went back to the pool");
     }
 
+    proptest::proptest! {
+        /// Whatever the host interface hands over (the kernel forwards there
+        /// what others send too), every packet is sealed or a counted drop,
+        /// never a panic.
+        #[test]
+        fn any_bytes_from_the_host_interface_are_sealed_or_counted(
+            packets in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120), 1..40),
+            host_source in proptest::prelude::any::<bool>(),
+        ) {
+            let m = MemoryWorker::new(AeadBackend::Ring);
+            let shared = m.worker.shared.clone();
+            let (to_lan, _from_kernel) = crossbeam_channel::bounded(16);
+            let mut slow = SlowPath::new(shared.clone(), to_lan, Arc::new(WorkerCounters::default()));
+            let counters = slow.counters.clone();
+            shared.host_addresses.replace(vec![std::net::IpAddr::from([10, 0, 1, 1])]);
+            for mut p in packets.iter().cloned() {
+                // Some of them well-formed IPv4 towards the tunnel.
+                if p.len() >= 20 && p[0] & 1 == 1 {
+                    let src = if host_source { [10, 0, 1, 1] } else { LAN_HOST };
+                    p = ipv4_packet(p.len(), src, CLIENT_TUNNEL);
+                }
+                slow.handle_host_packet(&p, Instant::now());
+            }
+            let handled = counters.via_kernel.load(Relaxed) + counters.staged.load(Relaxed) + counters.drops.total();
+            proptest::prop_assert_eq!(handled, packets.len() as u64);
+        }
+    }
+
     /// From the host interface only the host's own packets enter a tunnel:
     /// one the kernel forwarded there from elsewhere is counted, never sealed.
     #[test]
