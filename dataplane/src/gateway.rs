@@ -183,7 +183,7 @@ pub fn host_addresses() -> Vec<IpAddr> {
 pub fn interface_networks(iface: &str) -> Vec<IpPrefix> {
     let link_local = |a: &IpAddr| match a {
         IpAddr::V4(a) => a.is_link_local(),
-        IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
+        IpAddr::V6(a) => a.is_unicast_link_local(),
     };
     let mut nets: Vec<IpPrefix> = address_prefixes(Some(iface))
         .into_iter()
@@ -257,7 +257,7 @@ pub fn interface_addrs(iface: &str) -> (Option<std::net::Ipv4Addr>, Option<std::
         IpAddr::V6(a) => Some(*a),
         IpAddr::V4(_) => None,
     });
-    let link_local = |a: &std::net::Ipv6Addr| a.segments()[0] & 0xffc0 == 0xfe80;
+    let link_local = |a: &std::net::Ipv6Addr| a.is_unicast_link_local();
     let mut v6 = None;
     for a in v6s {
         if v6.is_none() || (!link_local(&a) && v6.as_ref().is_some_and(link_local)) {

@@ -244,7 +244,7 @@ fn never_forwarded(ip: IpAddr) -> bool {
             a.is_multicast() || a.is_broadcast() || a.is_link_local() || a.is_loopback() || first == 0 || first >= 240
         }
         IpAddr::V6(a) => {
-            let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
+            let link_local = a.is_unicast_link_local();
             a.is_multicast() || a.is_loopback() || a.is_unspecified() || link_local || a.to_ipv4_mapped().is_some()
         }
     }
