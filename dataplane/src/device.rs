@@ -20,6 +20,7 @@ use crate::noise::session::sealed_len;
 use crate::noise::{AeadBackend, PresharedKey, PrivateKey, PublicKey};
 use crate::peer_view::{instant_from_nanos, Endpoint, PeerView, PeerViews};
 use crate::policy::{CompiledPolicy, ForwardingPolicy};
+use crate::snapshot::{PeerTally, Snapshot};
 use crate::staging::StagingPool;
 use crate::table::{IndexTable, IpPrefix, SharedAllowedIps};
 use crate::transport::{self, Opened, SealError, Tables};
@@ -491,7 +492,8 @@ impl Device {
         now: Instant,
         wall: SystemTime,
     ) -> Result<Action<'a>, DropReason> {
-        let opened = transport::open(&self.tables, &self.tables.views.load(), datagram, from, now)?;
+        // (The snapshot's tally is written back before the timers look at it.)
+        let opened = transport::open(&mut Snapshot::load(&self.tables), datagram, from, now)?;
         self.sync_peer(opened.peer(), now, wall);
         match opened {
             Opened::Keepalive { .. } => Ok(Action::Nothing),
@@ -527,21 +529,23 @@ impl Device {
     ) -> Result<Action<'a>, DropReason> {
         let inner = parse_ip_frame_payload(packet).map_err(|_| DropReason::BadInnerPacket)?;
         let packet = packet.get(..inner.len).ok_or(DropReason::BadInnerPacket)?;
-        let views = self.tables.views.load();
-        let view = transport::route(&self.tables, &views, inner.dst)?;
-        let to = view.endpoint_addr().ok_or(DropReason::NoEndpoint)?;
+        let mut snapshot = Snapshot::load(&self.tables);
+        let tally = snapshot.route(inner.dst)?;
+        let (peer, to) = (tally.view().id, tally.endpoint().ok_or(DropReason::NoEndpoint)?.addr);
         let body =
             out.get_mut(TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + packet.len()).ok_or(DropReason::BufferTooSmall)?;
         body.copy_from_slice(packet);
-        match transport::seal(view, out, packet.len(), now) {
+        let sealed = transport::seal(tally, out, packet.len(), now);
+        drop(snapshot);
+        match sealed {
             Ok(n) => {
-                self.sync_peer(view.id, now, wall);
+                self.sync_peer(peer, now, wall);
                 Ok(Action::Send { to, bytes: &out[..n] })
             }
             Err(SealError::BufferTooSmall) => Err(DropReason::BufferTooSmall),
             Err(SealError::NoSession) => {
                 let buf = self.staging.take(packet).ok_or(DropReason::StagingFull)?;
-                self.stage(view.id, buf, now, wall);
+                self.stage(peer, buf, now, wall);
                 match self.poll_transmit(now, wall, out) {
                     Some(t) => Ok(Action::Send { to: t.to, bytes: &out[..t.len] }),
                     None => Ok(Action::Nothing),
@@ -562,7 +566,7 @@ impl Device {
     pub fn send_keepalive(&mut self, id: PeerId, now: Instant, out: &mut [u8]) -> Result<Transmit, DropReason> {
         let slot = self.peers.get(&id).ok_or(DropReason::NoRoute)?;
         let to = slot.endpoint().ok_or(DropReason::NoEndpoint)?;
-        match transport::seal(&slot.view, out, 0, now) {
+        match transport::seal(&mut PeerTally::new(slot.view.clone()), out, 0, now) {
             Ok(len) => Ok(Transmit { to, len, peer: id }),
             Err(SealError::BufferTooSmall) => Err(DropReason::BufferTooSmall),
             Err(SealError::NoSession) => Err(DropReason::Expired),
@@ -752,7 +756,8 @@ impl Device {
                     let sealed = match out.get_mut(TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len) {
                         Some(body) if room => {
                             body.copy_from_slice(&packet);
-                            transport::seal(&slot.view, out, len, now).map_err(|_| DropReason::Expired)
+                            let mut tally = PeerTally::new(slot.view.clone());
+                            transport::seal(&mut tally, out, len, now).map_err(|_| DropReason::Expired)
                         }
                         _ => Err(DropReason::BufferTooSmall),
                     };
@@ -770,7 +775,7 @@ impl Device {
                 }
                 if slot.want_keepalive {
                     slot.want_keepalive = false;
-                    if let Ok(n) = transport::seal(&slot.view, out, 0, now) {
+                    if let Ok(n) = transport::seal(&mut PeerTally::new(slot.view.clone()), out, 0, now) {
                         return Some(Transmit { to, len: n, peer: id });
                     }
                 }

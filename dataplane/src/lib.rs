@@ -19,6 +19,7 @@ pub mod noise;
 pub mod peer_view;
 pub mod policy;
 pub mod slow_path;
+pub mod snapshot;
 pub mod staging;
 pub mod table;
 #[cfg(any(test, feature = "testing"))]

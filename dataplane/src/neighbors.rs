@@ -35,6 +35,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A loaded snapshot of the neighbour table: next-hop address → MAC.
+pub type NeighborsGuard = arc_swap::Guard<Arc<FastMap<IpAddr, MacAddr>>>;
+
 #[derive(Debug)]
 pub struct NeighborTable {
     map: ArcSwap<FastMap<IpAddr, MacAddr>>,
@@ -46,6 +49,12 @@ impl NeighborTable {
     pub fn new() -> (Arc<Self>, Receiver<IpAddr>) {
         let (tx, rx) = crossbeam_channel::bounded(1024);
         (Arc::new(Self { map: ArcSwap::from_pointee(FastMap::default()), requests: tx }), rx)
+    }
+
+    /// The current map, held for one batch (one load instead of one per packet).
+    #[inline]
+    pub fn load(&self) -> NeighborsGuard {
+        self.map.load()
     }
 
     #[inline]

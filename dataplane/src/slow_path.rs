@@ -19,6 +19,7 @@ use crate::drops::DropReason;
 use crate::frame::parse_ip_frame_payload;
 use crate::peer_view::{Endpoint, PeerId};
 use crate::policy::Inbound;
+use crate::snapshot::Snapshot;
 use crate::transport::{self, Opened};
 use crate::wire::MessageType;
 use crate::worker::{from_tunnel, seal_via_kernel, to_host, Expired, IcmpBudget, Refusal, Shared, WorkerCounters};
@@ -88,8 +89,8 @@ impl SlowPath {
                 }
             };
         }
-        let views = shared.tables.views.load();
-        match transport::open(&shared.tables, &views, datagram, Endpoint::from(from), now)? {
+        let mut snapshot = Snapshot::load(&shared.tables);
+        match transport::open(&mut snapshot, datagram, Endpoint::from(from), now)? {
             Opened::Keepalive { .. } => {
                 self.counters.keepalives_received.fetch_add(1, Relaxed);
                 Ok(())
@@ -97,8 +98,8 @@ impl SlowPath {
             Opened::Data { peer, inner, offset } => {
                 self.counters.decrypted.fetch_add(1, Relaxed);
                 let packet = datagram.get(offset..offset + inner.len).ok_or(DropReason::BadInnerPacket)?;
-                let view = views.get(&peer).ok_or(DropReason::UnknownIndex)?;
-                match from_tunnel(shared, view, packet, &mut self.scratch, now) {
+                let tally = snapshot.last_received_mut().ok_or(DropReason::UnknownIndex)?;
+                match from_tunnel(shared, tally, packet, &mut self.scratch, now) {
                     Ok(Inbound::ToHost) => {
                         to_host(shared, &self.counters, packet);
                         Ok(())
@@ -136,11 +137,11 @@ impl SlowPath {
     /// Seals the packet in `error[..len]` into `peer`'s tunnel through the kernel.
     fn into_tunnel(&mut self, peer: PeerId, len: usize, now: Instant) -> Result<(), DropReason> {
         let shared = &*self.shared;
-        let views = shared.tables.views.load();
-        let view = views.get(&peer).ok_or(DropReason::NoRoute)?;
-        let to = view.endpoint_addr().ok_or(DropReason::NoEndpoint)?;
+        let mut snapshot = Snapshot::load(&shared.tables);
+        let tally = snapshot.sending_to(peer)?;
+        let to = tally.endpoint().ok_or(DropReason::NoEndpoint)?.addr;
         let packet = self.error.get(..len).ok_or(DropReason::BufferTooSmall)?;
-        seal_via_kernel(shared, &self.counters, &mut self.scratch, view, to, packet, false, now)
+        seal_via_kernel(shared, &self.counters, &mut self.scratch, tally, to, packet, false, now)
     }
 
     /// One packet the host's kernel routed into a tunnel (read from the host
@@ -167,13 +168,13 @@ impl SlowPath {
             // or answers "too big" itself before this can happen.
             return Err(DropReason::Oversize);
         }
-        let views = shared.tables.views.load();
-        let view = transport::route(&shared.tables, &views, ip.dst)?;
+        let mut snapshot = Snapshot::load(&shared.tables);
+        let tally = snapshot.route(ip.dst)?;
         // (Opens no flow: a forged source could pass for the host's own here,
         // so replies to the host need a rule naming it, as anything else to it.)
-        let to = view.endpoint_addr().ok_or(DropReason::NoEndpoint)?;
+        let to = tally.endpoint().ok_or(DropReason::NoEndpoint)?.addr;
         // Locally generated: the kernel set its TTL; no hop to count here.
-        seal_via_kernel(shared, &self.counters, &mut self.scratch, view, to, packet, false, now)
+        seal_via_kernel(shared, &self.counters, &mut self.scratch, tally, to, packet, false, now)
     }
 }
 

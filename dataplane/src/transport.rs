@@ -16,10 +16,10 @@
 use crate::drops::DropReason;
 use crate::frame::{parse_ip_frame_payload, InnerPacket};
 use crate::noise::session::{Keypair, ReceiveError, SendError};
-use crate::peer_view::{monotonic_nanos, Activity, Endpoint, PeerId, PeerView, PeerViews, ViewMap};
+use crate::peer_view::{Endpoint, PeerId, PeerViews};
+use crate::snapshot::{PeerTally, Snapshot};
 use crate::table::{IndexTable, SharedAllowedIps};
 use crate::wire::{TransportHeader, TRANSPORT_HEADER_LEN};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -79,38 +79,44 @@ impl From<ReceiveError> for DropReason {
 }
 
 /// Opens the transport message `datagram` (a whole UDP payload, decrypted in
-/// place) that arrived from `from`; `views` is the caller's loaded snapshot of
-/// `tables.views` (a worker loads it once per batch).
+/// place) that arrived from `from`, through the caller's `snapshot` of the
+/// tables (a worker keeps one per batch); the peer's counters, activity and
+/// endpoint are added to the snapshot's tally and written back with it.
 pub fn open(
-    tables: &Tables,
-    views: &ViewMap,
+    snapshot: &mut Snapshot<'_>,
     datagram: &mut [u8],
     from: Endpoint,
     now: Instant,
 ) -> Result<Opened, DropReason> {
     let msg = TransportHeader::new_checked(&mut *datagram).map_err(|_| DropReason::Malformed)?;
-    let entry = tables.indices.get(msg.receiver()).ok_or(DropReason::UnknownIndex)?;
+    let entry = snapshot.index(msg.receiver()).ok_or(DropReason::UnknownIndex)?;
     let peer = entry.value.peer;
     let keypair = entry.value.keypair.as_ref().ok_or(DropReason::UnknownIndex)?;
     let plain_len = keypair.open(msg, now)?.len();
-    drop(entry);
-    let view = views.get(&peer).ok_or(DropReason::UnknownIndex)?;
-    let nanos = monotonic_nanos(now);
-    Activity::record(&view.activity.authenticated_received, nanos);
-    view.learn(from);
     if plain_len == 0 {
+        snapshot.received_from(peer)?.received(from, 0, now);
         return Ok(Opened::Keepalive { peer });
     }
     let offset = TRANSPORT_HEADER_LEN;
-    let plain = datagram.get(offset..offset + plain_len).ok_or(DropReason::BadInnerPacket)?;
-    let inner = parse_ip_frame_payload(plain).map_err(|_| DropReason::BadInnerPacket)?;
-    if tables.allowed_ips.load().lookup(inner.src) != Some(peer) {
-        return Err(DropReason::SourceNotAllowed);
+    let plain = datagram.get(offset..offset + plain_len).ok_or(DropReason::BadInnerPacket);
+    let inner = plain.and_then(|p| parse_ip_frame_payload(p).map_err(|_| DropReason::BadInnerPacket));
+    // Authenticated: the peer is alive and may have roamed, whatever it sent.
+    let source_ok = inner.map(|inner| snapshot.owner_of(inner.src) == Some(peer));
+    let tally = snapshot.received_from(peer)?;
+    match (inner, source_ok) {
+        (Ok(inner), Ok(true)) => {
+            tally.received(from, inner.len, now);
+            Ok(Opened::Data { peer, inner, offset })
+        }
+        (_, Ok(false)) => {
+            tally.received(from, 0, now);
+            Err(DropReason::SourceNotAllowed)
+        }
+        (Err(reason), _) | (_, Err(reason)) => {
+            tally.received(from, 0, now);
+            Err(reason)
+        }
     }
-    Activity::record(&view.activity.data_received, nanos);
-    view.counters.rx_bytes.fetch_add(inner.len as u64, Relaxed);
-    view.counters.rx_packets.fetch_add(1, Relaxed);
-    Ok(Opened::Data { peer, inner, offset })
 }
 
 /// Why `seal` did not produce a message.
@@ -122,30 +128,15 @@ pub enum SealError {
 }
 
 /// Seals `buf[16..16 + len]` (the inner packet, already in place; empty for a
-/// keepalive) on the peer's published keypair into a transport message at the
-/// start of `buf`, and returns the message length (`sealed_len(len)`).
-pub fn seal(view: &PeerView, buf: &mut [u8], len: usize, now: Instant) -> Result<usize, SealError> {
-    let keypair = view.current.load();
-    let kp = keypair.as_ref().ok_or(SealError::NoSession)?;
+/// keepalive) on the keypair `tally` holds for its peer into a transport
+/// message at the start of `buf`, and returns the message length
+/// (`sealed_len(len)`).
+pub fn seal(tally: &mut PeerTally, buf: &mut [u8], len: usize, now: Instant) -> Result<usize, SealError> {
+    let kp = tally.keypair().ok_or(SealError::NoSession)?;
     let n = kp.seal(buf, len, now).map_err(|e| match e {
         SendError::Expired => SealError::NoSession,
         SendError::BufferTooSmall => SealError::BufferTooSmall,
     })?;
-    let nanos = monotonic_nanos(now);
-    Activity::record(&view.activity.authenticated_sent, nanos);
-    if len > 0 {
-        Activity::record(&view.activity.data_sent, nanos);
-        view.counters.tx_bytes.fetch_add(len as u64, Relaxed);
-        view.counters.tx_packets.fetch_add(1, Relaxed);
-    }
+    tally.sent(len, now);
     Ok(n)
-}
-
-/// The peer whose allowed IPs hold `dst` (cryptokey routing, outbound), in
-/// the snapshot `views` (from `tables.views.load()`, kept by the caller so no
-/// reference count moves per packet).
-#[inline]
-pub fn route<'v>(tables: &Tables, views: &'v ViewMap, dst: std::net::IpAddr) -> Result<&'v PeerView, DropReason> {
-    let peer = tables.allowed_ips.load().lookup(dst).ok_or(DropReason::NoRoute)?;
-    views.get(&peer).map(|v| &**v).ok_or(DropReason::NoRoute)
 }

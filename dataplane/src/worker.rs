@@ -27,9 +27,12 @@ use crate::frame_io::FrameIo;
 use crate::host::{HostAddresses, HostTun};
 use crate::icmp::IcmpError;
 use crate::neighbors::{NeighborTable, NeighborWait};
+use crate::snapshot::{PeerTally, Snapshot};
+/// The neighbour map a batch holds (`NeighborTable::load`).
+type NeighborMap = crate::table::FastMap<IpAddr, MacAddr>;
 use crate::noise::cookie::CookieChecker;
 use crate::noise::session::sealed_len;
-use crate::peer_view::{Endpoint, PeerId, ViewMap};
+use crate::peer_view::{Endpoint, PeerId};
 use crate::policy::Inbound;
 use crate::staging::StagingPool;
 use crate::transport::{self, Opened, SealError, Tables};
@@ -138,6 +141,12 @@ impl WorkerCounters {
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
+}
+
+fn add(c: &AtomicU64, n: usize) {
+    if n > 0 {
+        c.fetch_add(n as u64, Relaxed);
+    }
 }
 
 /// Everything the workers share (read-mostly, lock-free).
@@ -284,22 +293,30 @@ impl<S: FrameIo> Worker<S> {
                 counters.dropped(DropReason::NoNextHop);
             }
         }
-        // One snapshot of the peers' views for the whole batch: no reference
-        // count or epoch traffic per packet.
-        let views = self.shared.tables.views.load();
-        let mut work = self.wan.recv(batch, BATCH);
+        // The tables as this batch sees them (`snapshot.rs`): loaded once, with
+        // per-peer counters and roaming written back once.
+        let shared = self.shared.clone();
+        let mut snapshot = Snapshot::load(&shared.tables);
+        let neighbors = shared.neighbors.load();
+        let received = self.wan.recv(batch, BATCH);
+        add(&self.counters.wan_rx, received);
         for frame in batch.drain(..) {
-            self.on_wan(frame, &views, now);
+            self.on_wan(frame, &mut snapshot, &neighbors, now);
         }
-        work += self.lan.recv(batch, BATCH);
+        // Sends follow an endpoint that a received packet just moved.
+        snapshot.flush();
+        let sent = self.lan.recv(batch, BATCH);
+        add(&self.counters.lan_rx, sent);
         for frame in batch.drain(..) {
-            self.on_lan(frame, &views, now);
+            self.on_lan(frame, &mut snapshot, now);
         }
-        drop(views);
+        drop(snapshot);
+        let mut work = received + sent;
         if let Some(from_kernel) = &self.slow_path {
             for (peer, packet) in from_kernel.try_iter().take(BATCH) {
-                deliver_inner(&mut self.lan, &mut self.waiting, &self.shared, &self.counters, peer, &packet, now);
-                self.shared.from_kernel.give(packet);
+                let (lan, waiting, counters) = (&mut self.lan, &mut self.waiting, &self.counters);
+                deliver_inner(lan, waiting, &neighbors, &shared, counters, peer, &packet, now);
+                shared.from_kernel.give(packet);
                 work += 1;
             }
         }
@@ -313,8 +330,7 @@ impl<S: FrameIo> Worker<S> {
         (&mut self.wan, &mut self.lan)
     }
 
-    fn on_wan(&mut self, mut frame: S::Frame, views: &ViewMap, now: Instant) {
-        bump(&self.counters.wan_rx);
+    fn on_wan(&mut self, mut frame: S::Frame, snapshot: &mut Snapshot<'_>, neighbors: &NeighborMap, now: Instant) {
         let Ok(udp) = parse_udp_frame(self.wan.data(&frame)) else {
             self.counters.dropped(DropReason::Malformed);
             return self.wan.release(frame);
@@ -323,22 +339,22 @@ impl<S: FrameIo> Worker<S> {
         match kind {
             Some(Ok(MessageType::Transport)) => {
                 let from = Endpoint { addr: udp.src, path: Some(udp.reply_path()) };
-                let tables = &self.shared.tables;
                 let payload = udp.payload.clone();
                 let opened = self.wan.with_data_mut(&mut frame, None, |buf| match buf.get_mut(payload) {
-                    Some(datagram) => transport::open(tables, views, datagram, from, now),
+                    Some(datagram) => transport::open(snapshot, datagram, from, now),
                     None => Err(DropReason::Malformed),
                 });
                 match opened {
                     Ok(Opened::Data { peer, inner, offset }) => {
                         bump(&self.counters.decrypted);
                         let start = udp.payload.start + offset;
-                        let forwarded = match (self.wan.data(&frame).get(start..start + inner.len), views.get(&peer)) {
-                            (Some(packet), Some(view)) => {
+                        let tally = snapshot.last_received_mut();
+                        let forwarded = match (self.wan.data(&frame).get(start..start + inner.len), tally) {
+                            (Some(packet), Some(tally)) => {
                                 let (lan, shared, counters) = (&mut self.lan, &self.shared, &self.counters);
                                 let waiting = &mut self.waiting;
-                                from_tunnel(shared, view, packet, &mut self.scratch, now)
-                                    .map(|to| to.deliver(lan, waiting, shared, counters, peer, packet, now))
+                                from_tunnel(shared, tally, packet, &mut self.scratch, now)
+                                    .map(|to| to.deliver(lan, waiting, neighbors, shared, counters, peer, packet, now))
                             }
                             _ => Err(Refusal::Drop(DropReason::BadInnerPacket)),
                         };
@@ -348,7 +364,7 @@ impl<S: FrameIo> Worker<S> {
                             Err(Refusal::Drop(reason)) => self.counters.dropped(reason),
                             Err(Refusal::Expired(expired)) => {
                                 self.counters.dropped(DropReason::TtlExceeded);
-                                self.time_exceeded_into_tunnel(peer, expired, now);
+                                self.time_exceeded_into_tunnel(snapshot, peer, expired, now);
                             }
                         }
                         return;
@@ -405,19 +421,23 @@ impl<S: FrameIo> Worker<S> {
         }
     }
 
-    fn on_lan(&mut self, frame: S::Frame, views: &ViewMap, now: Instant) {
-        bump(&self.counters.lan_rx);
-        if let Err(reason) = self.encrypt_to_wan(&frame, views, now) {
+    fn on_lan(&mut self, frame: S::Frame, snapshot: &mut Snapshot<'_>, now: Instant) {
+        if let Err(reason) = self.encrypt_to_wan(&frame, snapshot, now) {
             self.counters.dropped(reason);
         }
         self.lan.release(frame);
     }
 
-    fn encrypt_to_wan(&mut self, frame: &S::Frame, views: &ViewMap, now: Instant) -> Result<(), DropReason> {
+    fn encrypt_to_wan(
+        &mut self,
+        frame: &S::Frame,
+        snapshot: &mut Snapshot<'_>,
+        now: Instant,
+    ) -> Result<(), DropReason> {
         let data = self.lan.data(frame);
         let ip = parse_ip_frame(data).map_err(|_| DropReason::Malformed)?;
         let inner = data.get(ip.packet.clone()).ok_or(DropReason::Malformed)?;
-        let view = transport::route(&self.shared.tables, views, ip.dst)?;
+        let tally = snapshot.route(ip.dst)?;
         if flow::hop_limit(inner).is_some_and(|hops| hops <= 1) {
             // A router may not forward it (traceroute from the site sees us).
             let sender_mac = crate::wire::EthernetFrame::new_checked(data).map(|e| e.source()).ok();
@@ -428,9 +448,18 @@ impl<S: FrameIo> Worker<S> {
             }
             return Err(DropReason::TtlExceeded);
         }
-        track_outbound(&self.shared, view, inner, now);
+        track_outbound(&self.shared, tally, inner, now);
         if inner.len() <= self.shared.tunnel_mtu {
-            return seal_to_wan(&mut self.wan, &self.shared, &self.counters, &mut self.scratch, view, inner, true, now);
+            return seal_to_wan(
+                &mut self.wan,
+                &self.shared,
+                &self.counters,
+                &mut self.scratch,
+                tally,
+                inner,
+                true,
+                now,
+            );
         }
         // Too big for the tunnel. RFC 1191 / 8201: a packet that forbids
         // fragmentation (IPv4 DF, or any IPv6 packet) is answered with "too
@@ -439,7 +468,7 @@ impl<S: FrameIo> Worker<S> {
         if let Some(false) = v4.map(|p| p.dont_fragment()) {
             let (wan, shared, counters, scratch) = (&mut self.wan, &self.shared, &self.counters, &mut self.scratch);
             let pieces = fragment_ipv4(inner, shared.tunnel_mtu, &mut self.fragment, |piece| {
-                seal_to_wan(wan, shared, counters, scratch, view, piece, true, now)
+                seal_to_wan(wan, shared, counters, scratch, tally, piece, true, now)
             });
             return match pieces {
                 Ok(_) => Ok(()),
@@ -458,7 +487,7 @@ impl<S: FrameIo> Worker<S> {
     }
 }
 
-/// Seals `inner` for the peer of `view` into a WAN frame (or, before any frame
+/// Seals `inner` for the peer of `tally` into a WAN frame (or, before any frame
 /// from the peer was seen, through the kernel), or stages it when there is no
 /// usable session. `scratch` is for the kernel path. `hop`: the packet is
 /// being forwarded (its TTL / hop limit, checked to be above 1, loses one on
@@ -469,13 +498,12 @@ fn seal_to_wan<S: FrameIo>(
     shared: &Shared,
     counters: &WorkerCounters,
     scratch: &mut [u8],
-    view: &crate::peer_view::PeerView,
+    tally: &mut PeerTally,
     inner: &[u8],
     hop: bool,
     now: Instant,
 ) -> Result<(), DropReason> {
-    let endpoint = view.endpoint.load();
-    let Some(ep) = endpoint.as_ref() else { return Err(DropReason::NoEndpoint) };
+    let Some(ep) = tally.endpoint() else { return Err(DropReason::NoEndpoint) };
     let len = inner.len();
     let sealed = match ep.path.filter(|p| p.local.is_ipv6() == ep.addr.is_ipv6()) {
         Some(path) => {
@@ -488,7 +516,7 @@ fn seal_to_wan<S: FrameIo>(
                 if hop {
                     flow::decrement_hop(body);
                 }
-                let n = transport::seal(view, &mut buf[hdr..], len, now)?;
+                let n = transport::seal(tally, &mut buf[hdr..], len, now)?;
                 write_udp_headers(buf, &path, ep.addr, false).map_err(|_| SealError::BufferTooSmall)?;
                 Ok(n)
             });
@@ -498,12 +526,12 @@ fn seal_to_wan<S: FrameIo>(
             }
             sealed.map(|_| ())
         }
-        None => return seal_via_kernel(shared, counters, scratch, view, ep.addr, inner, hop, now),
+        None => return seal_via_kernel(shared, counters, scratch, tally, ep.addr, inner, hop, now),
     };
-    finish_seal(shared, counters, view, inner, hop, sealed)
+    finish_seal(shared, counters, tally.view(), inner, hop, sealed)
 }
 
-/// Seals `inner` for `view`'s peer at `to` into `scratch` and sends it
+/// Seals `inner` for `tally`'s peer at `to` into `scratch` and sends it
 /// through the kernel's UDP socket (no link-layer path known: the worker
 /// before the peer's first frame, the slow path always), or stages it.
 #[allow(clippy::too_many_arguments)]
@@ -511,7 +539,7 @@ pub(crate) fn seal_via_kernel(
     shared: &Shared,
     counters: &WorkerCounters,
     scratch: &mut [u8],
-    view: &crate::peer_view::PeerView,
+    tally: &mut PeerTally,
     to: std::net::SocketAddr,
     inner: &[u8],
     hop: bool,
@@ -523,18 +551,19 @@ pub(crate) fn seal_via_kernel(
     if hop {
         flow::decrement_hop(body);
     }
-    let has_session = view.current.load().as_ref().is_some_and(|k| !k.is_expired(now));
+    let has_session = tally.keypair().is_some_and(|k| !k.is_expired(now));
     if has_session && !shared.wan_next_hops.is_ready(to.ip()) {
         // Never queue behind an unresolved next hop in the kernel.
         shared.wan_next_hops.request(to.ip());
         return Err(DropReason::NoNextHop);
     }
     // (Without a session `seal` says so and the packet is staged.)
-    let sealed = transport::seal(view, scratch, len, now).map(|n| match shared.kernel_udp.send_to(&scratch[..n], to) {
-        Ok(_) => bump(&counters.via_kernel),
-        Err(_) => counters.dropped(DropReason::KernelSend),
-    });
-    finish_seal(shared, counters, view, inner, hop, sealed)
+    let sealed =
+        transport::seal(tally, scratch, len, now).map(|n| match shared.kernel_udp.send_to(&scratch[..n], to) {
+            Ok(_) => bump(&counters.via_kernel),
+            Err(_) => counters.dropped(DropReason::KernelSend),
+        });
+    finish_seal(shared, counters, tally.view(), inner, hop, sealed)
 }
 
 /// Counts a sealed packet, or stages one that found no usable session.
@@ -606,15 +635,14 @@ impl<S: FrameIo> Worker<S> {
 
     /// ICMP "time exceeded" into `peer`'s tunnel, to the sender of a packet
     /// that arrived from it with its TTL spent (the quote is in `scratch`).
-    fn time_exceeded_into_tunnel(&mut self, peer: PeerId, expired: Expired, now: Instant) {
+    fn time_exceeded_into_tunnel(&mut self, snapshot: &mut Snapshot<'_>, peer: PeerId, expired: Expired, now: Instant) {
         let Some(len) = expired.answer(&self.shared, &mut self.icmp_tunnel, &self.scratch, &mut self.fragment, now)
         else {
             return;
         };
-        let views = self.shared.tables.views.load();
-        let Some(view) = views.get(&peer) else { return };
+        let Ok(tally) = snapshot.sending_to(peer) else { return };
         let (wan, shared, counters) = (&mut self.wan, &self.shared, &self.counters);
-        match seal_to_wan(wan, shared, counters, &mut self.scratch, view, &self.fragment[..len], false, now) {
+        match seal_to_wan(wan, shared, counters, &mut self.scratch, tally, &self.fragment[..len], false, now) {
             Ok(()) => bump(&counters.icmp_time_exceeded),
             Err(reason) => counters.dropped(reason),
         }
@@ -682,16 +710,17 @@ impl Expired {
 /// 1812/4443 allow one).
 pub(crate) fn from_tunnel(
     shared: &Shared,
-    view: &crate::peer_view::PeerView,
+    tally: &mut PeerTally,
     packet: &[u8],
     scratch: &mut [u8],
     now: Instant,
 ) -> Result<Inbound, Refusal> {
     let flow = Flow::parse(packet)?;
-    let policy = view.policy.load();
+    let peer = tally.view().id;
+    let policy = tally.policy();
     let hosts = &shared.host_addresses;
     let now_secs = ConnTrack::now_secs(now);
-    let verdict = policy.admit_inbound(&flow, view.id, &shared.conntrack, |ip| hosts.contains(ip), now_secs)?;
+    let verdict = policy.admit_inbound(&flow, peer, &shared.conntrack, |ip| hosts.contains(ip), now_secs)?;
     if verdict == Inbound::Forward && flow.hop_limit <= 1 {
         if !crate::icmp::may_send_error(packet, IcmpError::TimeExceeded) {
             return Err(Refusal::Drop(DropReason::TtlExceeded));
@@ -709,13 +738,14 @@ pub(crate) fn from_tunnel(
 /// none), and never for a source that is the gateway host's own (a spoofed
 /// frame must not plant a way into the host).
 #[inline]
-pub(crate) fn track_outbound(shared: &Shared, view: &crate::peer_view::PeerView, packet: &[u8], now: Instant) {
-    let policy = view.policy.load();
+pub(crate) fn track_outbound(shared: &Shared, tally: &mut PeerTally, packet: &[u8], now: Instant) {
+    let peer = tally.view().id;
+    let policy = tally.policy();
     if policy.allows_all() {
         return;
     }
     let Ok(flow) = Flow::parse(packet) else { return };
-    if let Some(key) = FlowKey::of_outbound(view.id, &flow) {
+    if let Some(key) = FlowKey::of_outbound(peer, &flow) {
         shared.conntrack.track_if(&key, ConnTrack::now_secs(now), || {
             !shared.host_addresses.contains(flow.src) && !policy.admits_replies_of(&flow)
         });
@@ -730,6 +760,7 @@ impl Inbound {
         self,
         lan: &mut S,
         waiting: &mut NeighborWait,
+        neighbors: &NeighborMap,
         shared: &Shared,
         counters: &WorkerCounters,
         peer: PeerId,
@@ -737,7 +768,7 @@ impl Inbound {
         now: Instant,
     ) {
         match self {
-            Inbound::Forward => deliver_inner(lan, waiting, shared, counters, peer, packet, now),
+            Inbound::Forward => deliver_inner(lan, waiting, neighbors, shared, counters, peer, packet, now),
             Inbound::ToHost => to_host(shared, counters, packet),
         }
     }
@@ -755,9 +786,11 @@ pub(crate) fn to_host(shared: &Shared, counters: &WorkerCounters, packet: &[u8])
 /// Sends a decrypted inner packet the policy admitted to the site: framed for
 /// the next hop's MAC from the neighbour table, into a frame of the LAN
 /// socket, one hop less.
+#[allow(clippy::too_many_arguments)]
 fn deliver_inner<S: FrameIo>(
     lan: &mut S,
     waiting: &mut NeighborWait,
+    neighbors: &NeighborMap,
     shared: &Shared,
     counters: &WorkerCounters,
     peer: PeerId,
@@ -768,7 +801,7 @@ fn deliver_inner<S: FrameIo>(
         return counters.dropped(DropReason::BadInnerPacket);
     };
     let next_hop = shared.lan_next_hop.unwrap_or(ip.dst);
-    let Some(mac) = shared.neighbors.lookup(next_hop) else {
+    let Some(&mac) = neighbors.get(&next_hop) else {
         // Never block, never hand it to the kernel: it waits (bounded) while
         // the resolver kicks the kernel's resolution.
         bump(&counters.neighbor_misses);
