@@ -18,6 +18,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use std::time::{Duration, Instant};
 use wgxdp_dataplane::conntrack::{ConnTrack, FlowKey};
 use wgxdp_dataplane::flow::{tcp_flags, Flow};
+use wgxdp_dataplane::frame_io::Port;
 use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::policy::{FirewallRule, ForwardingPolicy, PortRange, RuleAction, RuleProtocol};
 use wgxdp_dataplane::testing::{ipv4_l4_packet, ipv4_packet, with_tcp_flags, MemoryWorker, CLIENT_TUNNEL, LAN_HOST};
@@ -100,12 +101,12 @@ fn bench_wan_to_lan(
                 let now = Instant::now();
                 frames.extend((0..n).map(|_| m.wan_frame(&inner, now)));
                 let start = Instant::now();
-                let (wan, _) = m.worker.queues_mut();
+                let io = m.worker.frames_mut();
                 for f in &frames {
-                    wan.inject(f);
+                    io.inject(Port::Wan, f);
                 }
                 m.run_until_idle(&mut batch, now);
-                let delivered = m.worker.queues_mut().1.take_sent(|f| {
+                let delivered = m.worker.frames_mut().take_sent(Port::Lan, |f| {
                     std::hint::black_box(f.len());
                 });
                 timed += start.elapsed();
@@ -125,10 +126,10 @@ fn lan_to_wan(c: &mut Criterion) {
         // Teach the worker the client's link-layer path (its first frame does).
         let now = Instant::now();
         let first = m.wan_frame(&ipv4_packet(64, CLIENT_TUNNEL, LAN_HOST), now);
-        m.worker.queues_mut().0.inject(&first);
+        m.worker.frames_mut().inject(Port::Wan, &first);
         let mut batch = Vec::with_capacity(BATCH);
         m.run_until_idle(&mut batch, now);
-        m.worker.queues_mut().1.take_sent(|_| {});
+        m.worker.frames_mut().take_sent(Port::Lan, |_| {});
         let frame = MemoryWorker::lan_frame(&ipv4_packet(size, LAN_HOST, CLIENT_TUNNEL));
         g.bench_with_input(BenchmarkId::new("per_packet", size), &size, |b, _| {
             b.iter_custom(|iters| {
@@ -136,12 +137,12 @@ fn lan_to_wan(c: &mut Criterion) {
                 let start = Instant::now();
                 while left > 0 {
                     let n = left.min(BATCH);
-                    let (_, lan) = m.worker.queues_mut();
+                    let io = m.worker.frames_mut();
                     for _ in 0..n {
-                        lan.inject(&frame);
+                        io.inject(Port::Lan, &frame);
                     }
                     m.run_until_idle(&mut batch, Instant::now());
-                    let sent = m.worker.queues_mut().0.take_sent(|f| {
+                    let sent = m.worker.frames_mut().take_sent(Port::Wan, |f| {
                         std::hint::black_box(f.len());
                     });
                     assert_eq!(sent, n, "every packet leaves on the WAN queue");

@@ -15,6 +15,8 @@
 //! #                        # from the site whose replies may come back in
 //! # host_interface = "wgxdp0"   # the TUN device through which tunnels reach
 //! #                             # the gateway host itself (1-15 characters)
+//! # busy_poll = false     # AF_XDP busy polling (SO_PREFER_BUSY_POLL): workers
+//! #                       # drive the NIC from their syscalls; see README
 //!
 //! [[peer]]
 //! public_key = "base64…"
@@ -124,6 +126,8 @@ pub struct InterfaceSection {
     pub frames_per_socket: u32,
     #[serde(default = "default_true")]
     pub zero_copy: bool,
+    #[serde(default)]
+    pub busy_poll: bool,
     #[serde(default = "default_tracked_flows")]
     pub tracked_flows: usize,
     #[serde(default = "default_host_interface")]
@@ -215,6 +219,7 @@ pub struct Config {
     pub lan_next_hop: Option<IpAddr>,
     pub frames_per_socket: u32,
     pub zero_copy: bool,
+    pub busy_poll: bool,
     pub tracked_flows: usize,
     pub host_interface: String,
     pub api: Option<ApiConfig>,
@@ -477,6 +482,7 @@ impl Config {
             lan_next_hop: i.lan_next_hop,
             frames_per_socket: i.frames_per_socket,
             zero_copy: i.zero_copy,
+            busy_poll: i.busy_poll,
             tracked_flows: i.tracked_flows,
             host_interface: i.host_interface,
         })
@@ -557,7 +563,7 @@ mod tests {
             &format!("[[peer]]\npublic_key = \"{peer_key}\"\nallowed_ips = [\"10.1.0.0/16\", \"fd01::/64\"]\nendpoint = \"192.0.2.1:51820\"\npersistent_keepalive = 25\n"),
         );
         let c = Config::parse(&text, Path::new("t.toml")).unwrap();
-        assert_eq!((c.listen_port, c.tunnel_mtu, c.zero_copy), (51820, 1420, true));
+        assert_eq!((c.listen_port, c.tunnel_mtu, c.zero_copy, c.busy_poll), (51820, 1420, true, false));
         assert_eq!(c.peers.len(), 1);
         assert_eq!(c.peers[0].allowed_ips.len(), 2);
         assert_eq!(c.peers[0].config.persistent_keepalive, Some(Duration::from_secs(25)));

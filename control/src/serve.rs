@@ -80,7 +80,12 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
         peers: cfg.peers,
         queues: cfg.queues,
         cores: cfg.cores,
-        xsk: XskConfig { frame_count: cfg.frames_per_socket, zero_copy: cfg.zero_copy, ..XskConfig::default() },
+        xsk: XskConfig {
+            frame_count: cfg.frames_per_socket,
+            zero_copy: cfg.zero_copy,
+            busy_poll: cfg.busy_poll,
+            ..XskConfig::default()
+        },
         xdp_object: XDP_OBJECT.to_vec(),
         tunnel_mtu: cfg.tunnel_mtu,
         lan_next_hop: cfg.lan_next_hop,

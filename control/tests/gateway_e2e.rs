@@ -157,6 +157,30 @@ fn site_to_site_through_af_xdp() {
 }
 
 /// `wgxdp serve` refuses bad set-ups with a message naming the problem.
+/// With busy polling on (the sockets' `SO_PREFER_BUSY_POLL`; the workers
+/// kick the kernel from their own syscalls), the tunnel still carries TCP both
+/// ways byte for byte, every packet through the workers' shared-UMEM path.
+#[test]
+fn busy_polling_carries_the_tunnel() {
+    require_tools(&["ip", "wireguard-go", "wg", "ping"]);
+    let topo = SiteTopology::new("bp");
+    let dir = TempDir::new("wgxdp-bp");
+    let gw_pub = write_private_key(&dir.join("gw.key")).public_key();
+    let client_key = PrivateKey::generate();
+    let config = dir.join("gw.toml");
+    let interface = topo.interface_section(&dir.join("gw.key"));
+    let peer = format!("[[peer]]\npublic_key = \"{}\"\nallowed_ips = [\"10.200.0.2/32\"]\n", client_key.public_key());
+    std::fs::write(&config, format!("{interface}busy_poll = true\n\n{peer}")).unwrap();
+    let gateway = ServeProcess::start(&topo.gateway, wgxdp(), &config, &dir.0);
+    let _wg = topo.start_client(&client_key, &gw_pub, CLIENT_TUNNEL);
+    assert!(topo.client.ping("10.50.0.2", 4, 3), "no ping with busy polling; gateway:\n{}", gateway.output());
+    transfer(&topo.lan, "10.50.0.2:7011", &topo.client, true, 31);
+    transfer(&topo.lan, "10.50.0.2:7012", &topo.client, false, 32);
+    gateway.refresh();
+    assert!(gateway.counter("decrypted") >= 35_000 && gateway.counter("encrypted") >= 35_000, "{}", gateway.output());
+    assert_eq!(gateway.counter("drop_no_frame"), 0, "the shared frame pool ran dry:\n{}", gateway.output());
+}
+
 #[test]
 fn serve_reports_operator_errors() {
     require_tools(&["ip"]);

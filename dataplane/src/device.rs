@@ -493,13 +493,11 @@ impl Device {
         wall: SystemTime,
     ) -> Result<Action<'a>, DropReason> {
         // (The snapshot's tally is written back before the timers look at it.)
-        let opened = transport::open(&mut Snapshot::load(&self.tables), datagram, from, now)?;
+        let opened = transport::open(&mut Snapshot::load(&self.tables), datagram, 0, from, now)?;
         self.sync_peer(opened.peer(), now, wall);
         match opened {
             Opened::Keepalive { .. } => Ok(Action::Nothing),
-            Opened::Data { peer, inner, offset } => {
-                Ok(Action::Deliver { peer, packet: &datagram[offset..offset + inner.len] })
-            }
+            Opened::Data { peer, inner } => Ok(Action::Deliver { peer, packet: &datagram[..inner.len] }),
         }
     }
 

@@ -1,52 +1,56 @@
-//! What a worker needs from a packet queue: batches of received frames,
-//! frames to fill and send, and a flush per batch. `XskSocket` is the real
-//! one; `MemoryFrames` is an in-memory one, so the whole worker loop can be
-//! tested and benchmarked without a NIC.
+//! What a worker needs from its queue's packet I/O: batches of received frames
+//! from either port (WAN, LAN), frames to fill and send on either port, and a
+//! flush per batch. Both ports share one pool of frames, so a frame received
+//! on one port can be sent on the other where it lies. `XskQueue` is the real
+//! one (two AF_XDP sockets over one UMEM); `MemoryFrames` is an in-memory one,
+//! so the whole worker loop can be tested and benchmarked without a NIC.
 
-use crate::xsk::{Frame, XskSocket};
+pub use crate::xsk::Port;
+use crate::xsk::{Frame, XskQueue};
 
-/// A queue of frames in one direction pair (rx and tx) of one interface.
+/// A queue's frames and its two ports.
 pub trait FrameIo {
     /// A frame the worker owns until it releases or sends it.
     type Frame;
-    /// Appends up to `max` received frames to `out`; returns how many.
-    fn recv(&mut self, out: &mut Vec<Self::Frame>, max: usize) -> usize;
+    /// Appends up to `max` frames received on `port` to `out`; returns how many.
+    fn recv(&mut self, port: Port, out: &mut Vec<Self::Frame>, max: usize) -> usize;
     /// A free frame with room for `len` bytes, if one is available.
     fn alloc(&mut self, len: usize) -> Option<Self::Frame>;
     fn data<'a>(&'a self, frame: &'a Self::Frame) -> &'a [u8];
-    /// Runs `f` on the frame's bytes; with `Some(len)`, first sets its length.
+    /// Runs `f` on the frame's bytes; with `Some(len)`, first sets its length
+    /// (at most the frame's capacity: check the length `f` sees).
     fn with_data_mut<R>(&mut self, frame: &mut Self::Frame, len: Option<usize>, f: impl FnOnce(&mut [u8]) -> R) -> R;
     /// Gives a frame back without sending it.
     fn release(&mut self, frame: Self::Frame);
-    /// Queues a frame for transmission.
-    fn send(&mut self, frame: Self::Frame);
+    /// Queues a frame for transmission on `port`.
+    fn send(&mut self, port: Port, frame: Self::Frame);
     /// Hands queued frames over and recycles finished ones; once per batch.
     fn flush(&mut self);
 }
 
-impl FrameIo for XskSocket {
+impl FrameIo for XskQueue {
     type Frame = Frame;
 
-    fn recv(&mut self, out: &mut Vec<Frame>, max: usize) -> usize {
-        XskSocket::recv(self, out, max)
+    fn recv(&mut self, port: Port, out: &mut Vec<Frame>, max: usize) -> usize {
+        XskQueue::recv(self, port, out, max)
     }
     fn alloc(&mut self, len: usize) -> Option<Frame> {
-        XskSocket::alloc(self, len)
+        XskQueue::alloc(self, len)
     }
     fn data<'a>(&'a self, frame: &'a Frame) -> &'a [u8] {
-        XskSocket::data(self, frame)
+        XskQueue::data(self, frame)
     }
     fn with_data_mut<R>(&mut self, frame: &mut Frame, len: Option<usize>, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        XskSocket::with_data_mut(self, frame, len, f)
+        XskQueue::with_data_mut(self, frame, len, f)
     }
     fn release(&mut self, frame: Frame) {
-        XskSocket::release(self, frame)
+        XskQueue::release(self, frame)
     }
-    fn send(&mut self, frame: Frame) {
-        XskSocket::send(self, frame)
+    fn send(&mut self, port: Port, frame: Frame) {
+        XskQueue::send(self, port, frame)
     }
     fn flush(&mut self) {
-        XskSocket::flush(self)
+        XskQueue::flush(self)
     }
 }
 
@@ -56,15 +60,16 @@ pub struct MemoryFrame {
     index: usize,
 }
 
-/// An in-memory frame pool with an rx queue the caller fills (`inject`) and a
-/// tx queue it empties (`take_sent`). Frame buffers are allocated once.
+/// An in-memory frame pool with, per port, an rx queue the caller fills
+/// (`inject`) and a tx queue it empties (`take_sent`). Frame buffers are
+/// allocated once.
 #[derive(Debug)]
 pub struct MemoryFrames {
     buffers: Vec<Box<[u8]>>,
     lens: Vec<usize>,
     free: Vec<usize>,
-    rx: std::collections::VecDeque<usize>,
-    sent: Vec<usize>,
+    rx: [std::collections::VecDeque<usize>; 2],
+    sent: [Vec<usize>; 2],
 }
 
 impl MemoryFrames {
@@ -73,14 +78,14 @@ impl MemoryFrames {
             buffers: (0..frames).map(|_| vec![0u8; frame_size].into_boxed_slice()).collect(),
             lens: vec![0; frames],
             free: (0..frames).rev().collect(),
-            rx: std::collections::VecDeque::with_capacity(frames),
-            sent: Vec::with_capacity(frames),
+            rx: [(); 2].map(|_| std::collections::VecDeque::with_capacity(frames)),
+            sent: [(); 2].map(|_| Vec::with_capacity(frames)),
         }
     }
 
-    /// Queues a copy of `bytes` as a received frame; false if no frame is free
-    /// or it does not fit.
-    pub fn inject(&mut self, bytes: &[u8]) -> bool {
+    /// Queues a copy of `bytes` as a frame received on `port`; false if no
+    /// frame is free or it does not fit.
+    pub fn inject(&mut self, port: Port, bytes: &[u8]) -> bool {
         let Some(&index) = self.free.last() else { return false };
         if bytes.len() > self.buffers[index].len() {
             return false;
@@ -88,14 +93,15 @@ impl MemoryFrames {
         self.free.pop();
         self.buffers[index][..bytes.len()].copy_from_slice(bytes);
         self.lens[index] = bytes.len();
-        self.rx.push_back(index);
+        self.rx[port as usize].push_back(index);
         true
     }
 
-    /// Frames sent since the last call, each passed to `f`, then freed.
-    pub fn take_sent(&mut self, mut f: impl FnMut(&[u8])) -> usize {
-        let n = self.sent.len();
-        for index in self.sent.drain(..) {
+    /// Frames sent on `port` since the last call, each passed to `f`, then freed.
+    pub fn take_sent(&mut self, port: Port, mut f: impl FnMut(&[u8])) -> usize {
+        let sent = &mut self.sent[port as usize];
+        let n = sent.len();
+        for index in sent.drain(..) {
             f(&self.buffers[index][..self.lens[index]]);
             self.free.push(index);
         }
@@ -110,9 +116,10 @@ impl MemoryFrames {
 impl FrameIo for MemoryFrames {
     type Frame = MemoryFrame;
 
-    fn recv(&mut self, out: &mut Vec<MemoryFrame>, max: usize) -> usize {
-        let n = max.min(self.rx.len());
-        out.extend(self.rx.drain(..n).map(|index| MemoryFrame { index }));
+    fn recv(&mut self, port: Port, out: &mut Vec<MemoryFrame>, max: usize) -> usize {
+        let rx = &mut self.rx[port as usize];
+        let n = max.min(rx.len());
+        out.extend(rx.drain(..n).map(|index| MemoryFrame { index }));
         n
     }
 
@@ -142,8 +149,8 @@ impl FrameIo for MemoryFrames {
         self.free.push(frame.index);
     }
 
-    fn send(&mut self, frame: MemoryFrame) {
-        self.sent.push(frame.index);
+    fn send(&mut self, port: Port, frame: MemoryFrame) {
+        self.sent[port as usize].push(frame.index);
     }
 
     fn flush(&mut self) {}
@@ -154,21 +161,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_cycle_without_leaks() {
+    fn frames_cycle_between_ports_without_leaks() {
         let mut m = MemoryFrames::new(4, 64);
-        assert!(m.inject(b"hello"));
-        assert!(!m.inject(&[0u8; 65]), "too big");
+        assert!(m.inject(Port::Wan, b"hello"));
+        assert!(!m.inject(Port::Wan, &[0u8; 65]), "too big");
         let mut got = Vec::new();
-        assert_eq!(m.recv(&mut got, 8), 1);
+        assert_eq!(m.recv(Port::Lan, &mut got, 8), 0, "nothing arrived on the LAN");
+        assert_eq!(m.recv(Port::Wan, &mut got, 8), 1);
         let mut f = got.pop().unwrap();
         assert_eq!(m.data(&f), b"hello");
         m.with_data_mut(&mut f, Some(3), |b| b.copy_from_slice(b"abc"));
         assert_eq!(m.data(&f), b"abc");
-        m.send(f);
+        // Received on one port, sent on the other from the same frame.
+        m.send(Port::Lan, f);
         let out = m.alloc(10).unwrap();
         m.release(out);
         let mut seen = Vec::new();
-        assert_eq!(m.take_sent(|b| seen.extend_from_slice(b)), 1);
+        assert_eq!(m.take_sent(Port::Wan, |_| {}), 0);
+        assert_eq!(m.take_sent(Port::Lan, |b| seen.extend_from_slice(b)), 1);
         assert_eq!(seen, b"abc");
         assert_eq!(m.free_frames(), 4);
     }

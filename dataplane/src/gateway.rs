@@ -14,7 +14,7 @@ use crate::policy::ForwardingPolicy;
 use crate::table::IpPrefix;
 use crate::wire::MacAddr;
 use crate::worker::{ControlEvent, HandshakeJob, Shared, Worker, WorkerCounters};
-use crate::xsk::{XskConfig, XskError, XskSocket};
+use crate::xsk::{Port, XskConfig, XskError, XskQueue};
 use crossbeam_channel::{select, Receiver};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -386,12 +386,11 @@ impl Gateway {
             rx_queues(&cfg.wan_interface).min(rx_queues(&cfg.lan_interface)).min(cfg.queues.unwrap_or(u32::MAX));
         let mut sockets = Vec::new();
         for q in 0..queues {
-            let wan = XskSocket::bind(&cfg.wan_interface, q, &cfg.xsk)?;
-            let lan = XskSocket::bind(&cfg.lan_interface, q, &cfg.xsk)?;
-            programs.register_socket(Side::Wan, q, wan.raw_fd())?;
-            programs.register_socket(Side::Lan, q, lan.raw_fd())?;
-            tracing::info!(queue = q, wan = ?wan.mode(), lan = ?lan.mode(), "AF_XDP sockets bound");
-            sockets.push((wan, lan));
+            let io = XskQueue::bind(&cfg.wan_interface, &cfg.lan_interface, q, &cfg.xsk)?;
+            programs.register_socket(Side::Wan, q, io.raw_fd(Port::Wan))?;
+            programs.register_socket(Side::Lan, q, io.raw_fd(Port::Lan))?;
+            tracing::info!(queue = q, mode = ?io.mode(), busy_poll = cfg.xsk.busy_poll, "AF_XDP sockets bound (one UMEM)");
+            sockets.push(io);
         }
 
         let (hs_tx, hs_rx) = crossbeam_channel::bounded(cfg.handshake_queue.max(8));
@@ -490,10 +489,10 @@ impl Gateway {
             cfg.cores.clone()
         };
         let mut counters = Vec::new();
-        for (q, (wan, lan)) in sockets.into_iter().enumerate() {
+        for (q, io) in sockets.into_iter().enumerate() {
             let c = Arc::new(WorkerCounters::default());
             counters.push(c.clone());
-            let mut worker = Worker::new(q as u32, shared.clone(), wan, lan, c);
+            let mut worker = Worker::new(q as u32, shared.clone(), io, c);
             if let Some(rx) = from_kernel.take() {
                 worker.set_slow_path(rx);
             }

@@ -90,14 +90,14 @@ impl SlowPath {
             };
         }
         let mut snapshot = Snapshot::load(&shared.tables);
-        match transport::open(&mut snapshot, datagram, Endpoint::from(from), now)? {
+        match transport::open(&mut snapshot, datagram, 0, Endpoint::from(from), now)? {
             Opened::Keepalive { .. } => {
                 self.counters.keepalives_received.fetch_add(1, Relaxed);
                 Ok(())
             }
-            Opened::Data { peer, inner, offset } => {
+            Opened::Data { peer, inner } => {
                 self.counters.decrypted.fetch_add(1, Relaxed);
-                let packet = datagram.get(offset..offset + inner.len).ok_or(DropReason::BadInnerPacket)?;
+                let packet = datagram.get(..inner.len).ok_or(DropReason::BadInnerPacket)?;
                 let tally = snapshot.last_received_mut().ok_or(DropReason::UnknownIndex)?;
                 match from_tunnel(shared, tally, packet, &mut self.scratch, now) {
                     Ok(Inbound::ToHost) => {
@@ -264,7 +264,11 @@ mod tests {
         assert_eq!(counters.decrypted.load(Relaxed), 1);
         m.run_until_idle(&mut Vec::new(), now);
         let mut out = Vec::new();
-        assert_eq!(m.worker.queues_mut().1.take_sent(|f| out.push(f.to_vec())), 1, "worker 0 framed it");
+        assert_eq!(
+            m.worker.frames_mut().take_sent(crate::frame_io::Port::Lan, |f| out.push(f.to_vec())),
+            1,
+            "worker 0 framed it"
+        );
         assert_eq!(&out[0][14..], &crate::testing::forwarded(&inner)[..]);
         // A replay, garbage of every length and short handshakes: counted drops.
         let mut again = replayed;

@@ -137,8 +137,9 @@ pub struct PeerTally {
     policy: Option<Arc<CompiledPolicy>>,
     /// The sender of the last authenticated packet received.
     learned: Option<Endpoint>,
-    authenticated: u64,
-    data: u64,
+    /// When the last authenticated / data packet went through this tally.
+    authenticated: Option<Instant>,
+    data: Option<Instant>,
     bytes: u64,
     packets: u64,
     received: bool,
@@ -153,8 +154,8 @@ impl PeerTally {
             endpoint: None,
             policy: None,
             learned: None,
-            authenticated: 0,
-            data: 0,
+            authenticated: None,
+            data: None,
             bytes: 0,
             packets: 0,
             received: false,
@@ -193,12 +194,16 @@ impl PeerTally {
     /// packet (0: a keepalive).
     #[inline]
     pub(crate) fn received(&mut self, from: Endpoint, data_len: usize, now: Instant) {
-        let nanos = monotonic_nanos(now);
         self.received = true;
         self.learned = Some(from);
-        self.authenticated = self.authenticated.max(nanos);
+        self.count(data_len, now);
+    }
+
+    #[inline]
+    fn count(&mut self, data_len: usize, now: Instant) {
+        self.authenticated = self.authenticated.max(Some(now));
         if data_len > 0 {
-            self.data = self.data.max(nanos);
+            self.data = self.data.max(Some(now));
             self.bytes += data_len as u64;
             self.packets += 1;
         }
@@ -207,13 +212,7 @@ impl PeerTally {
     /// A sealed packet carrying `data_len` bytes of inner packet (0: a keepalive).
     #[inline]
     pub(crate) fn sent(&mut self, data_len: usize, now: Instant) {
-        let nanos = monotonic_nanos(now);
-        self.authenticated = self.authenticated.max(nanos);
-        if data_len > 0 {
-            self.data = self.data.max(nanos);
-            self.bytes += data_len as u64;
-            self.packets += 1;
-        }
+        self.count(data_len, now);
     }
 }
 
@@ -226,11 +225,11 @@ impl Drop for PeerTally {
         } else {
             (&activity.authenticated_sent, &activity.data_sent)
         };
-        if self.authenticated > 0 {
-            Activity::record(auth_slot, self.authenticated);
+        if let Some(at) = self.authenticated {
+            Activity::record(auth_slot, monotonic_nanos(at));
         }
-        if self.data > 0 {
-            Activity::record(data_slot, self.data);
+        if let Some(at) = self.data {
+            Activity::record(data_slot, monotonic_nanos(at));
         }
         if self.packets > 0 {
             let (bytes, packets) = if received {

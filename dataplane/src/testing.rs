@@ -122,6 +122,9 @@ pub fn sent_bytes(dev: &mut Device, packet: &[u8], now: Instant) -> Vec<u8> {
     }
 }
 
+/// Frames in a `MemoryWorker`'s pool (both ports).
+pub const MEMORY_FRAMES: usize = 2048;
+
 /// A worker over in-memory frame queues, with a client `Device` that has a
 /// session with it: the whole per-packet loop without a NIC.
 pub struct MemoryWorker {
@@ -191,8 +194,8 @@ impl MemoryWorker {
             stop: AtomicBool::new(false),
         });
         let counters = Arc::new(WorkerCounters::default());
-        let frames = || crate::frame_io::MemoryFrames::new(1024, 2048);
-        let worker = Worker::new(0, shared.clone(), frames(), frames(), counters.clone());
+        let frames = crate::frame_io::MemoryFrames::new(MEMORY_FRAMES, 2048);
+        let worker = Worker::new(0, shared.clone(), frames, counters.clone());
         let mut m = Self {
             worker,
             client: pair.client,
@@ -208,8 +211,7 @@ impl MemoryWorker {
         // The confirming keepalive arrives at the worker, as on the wire; the
         // control side then promotes the session and publishes it.
         let frame = m.frame_payload(&keepalive);
-        let (wan, _) = m.worker.queues_mut();
-        assert!(wan.inject(&frame));
+        assert!(m.worker.frames_mut().inject(crate::frame_io::Port::Wan, &frame));
         m.run_until_idle(&mut Vec::new(), Instant::now());
         m._gateway.tick_at(Instant::now(), SystemTime::now());
         m

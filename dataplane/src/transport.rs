@@ -19,7 +19,7 @@ use crate::noise::session::{Keypair, ReceiveError, SendError};
 use crate::peer_view::{Endpoint, PeerId, PeerViews};
 use crate::snapshot::{PeerTally, Snapshot};
 use crate::table::{IndexTable, SharedAllowedIps};
-use crate::wire::{TransportHeader, TRANSPORT_HEADER_LEN};
+use crate::wire::TransportHeader;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -55,9 +55,9 @@ impl Tables {
 pub enum Opened {
     /// An empty message (section 6.5).
     Keepalive { peer: PeerId },
-    /// An inner packet from `peer`, at `offset` in the datagram, `inner.len`
+    /// An inner packet from `peer`, at the start of the buffer, `inner.len`
     /// bytes long (padding excluded); its source is one of the peer's allowed IPs.
-    Data { peer: PeerId, inner: InnerPacket, offset: usize },
+    Data { peer: PeerId, inner: InnerPacket },
 }
 
 impl Opened {
@@ -78,35 +78,37 @@ impl From<ReceiveError> for DropReason {
     }
 }
 
-/// Opens the transport message `datagram` (a whole UDP payload, decrypted in
-/// place) that arrived from `from`, through the caller's `snapshot` of the
-/// tables (a worker keeps one per batch); the peer's counters, activity and
-/// endpoint are added to the snapshot's tally and written back with it.
+/// Opens the transport message at `buf[message_at..]` (a whole UDP payload)
+/// that arrived from `from`, through the caller's `snapshot` of the tables (a
+/// worker keeps one per batch). The inner packet is decrypted to the start of
+/// `buf` (a worker leaves room for an Ethernet header before it; 0 opens in
+/// place). The peer's counters, activity and endpoint are added to the
+/// snapshot's tally and written back with it.
 pub fn open(
     snapshot: &mut Snapshot<'_>,
-    datagram: &mut [u8],
+    buf: &mut [u8],
+    message_at: usize,
     from: Endpoint,
     now: Instant,
 ) -> Result<Opened, DropReason> {
-    let msg = TransportHeader::new_checked(&mut *datagram).map_err(|_| DropReason::Malformed)?;
-    let entry = snapshot.index(msg.receiver()).ok_or(DropReason::UnknownIndex)?;
+    let message = buf.get(message_at..).ok_or(DropReason::Malformed)?;
+    let receiver = TransportHeader::new_checked(message).map_err(|_| DropReason::Malformed)?.receiver();
+    let entry = snapshot.index(receiver).ok_or(DropReason::UnknownIndex)?;
     let peer = entry.value.peer;
     let keypair = entry.value.keypair.as_ref().ok_or(DropReason::UnknownIndex)?;
-    let plain_len = keypair.open(msg, now)?.len();
+    let plain_len = keypair.open_within(buf, message_at, now)?;
     if plain_len == 0 {
         snapshot.received_from(peer)?.received(from, 0, now);
         return Ok(Opened::Keepalive { peer });
     }
-    let offset = TRANSPORT_HEADER_LEN;
-    let plain = datagram.get(offset..offset + plain_len).ok_or(DropReason::BadInnerPacket);
-    let inner = plain.and_then(|p| parse_ip_frame_payload(p).map_err(|_| DropReason::BadInnerPacket));
+    let inner = parse_ip_frame_payload(&buf[..plain_len]).map_err(|_| DropReason::BadInnerPacket);
     // Authenticated: the peer is alive and may have roamed, whatever it sent.
     let source_ok = inner.map(|inner| snapshot.owner_of(inner.src) == Some(peer));
     let tally = snapshot.received_from(peer)?;
     match (inner, source_ok) {
         (Ok(inner), Ok(true)) => {
             tally.received(from, inner.len, now);
-            Ok(Opened::Data { peer, inner, offset })
+            Ok(Opened::Data { peer, inner })
         }
         (_, Ok(false)) => {
             tally.received(from, 0, now);

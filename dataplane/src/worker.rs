@@ -21,7 +21,7 @@ use crate::flow::{self, Flow};
 use crate::fragment::{fragment_ipv4, FragmentError};
 use crate::frame::{
     parse_ip_frame, parse_ip_frame_payload, parse_udp_frame, udp_headers_len, write_ethernet_header, write_udp_headers,
-    UdpFrame,
+    InnerPacket, UdpFrame,
 };
 use crate::frame_io::FrameIo;
 use crate::host::{HostAddresses, HostTun};
@@ -39,7 +39,7 @@ use crate::transport::{self, Opened, SealError, Tables};
 use crate::wire::{
     MacAddr, MessageType, COOKIE_REPLY_LEN, ETHERNET_HEADER_LEN, HANDSHAKE_INITIATION_LEN, TRANSPORT_HEADER_LEN,
 };
-use crate::xsk::XskSocket;
+use crate::xsk::{Port, XskQueue};
 use crossbeam_channel::Sender;
 use std::net::{IpAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -197,11 +197,11 @@ impl core::fmt::Debug for Shared {
 /// Generic over its frame queues so the same loop runs on AF_XDP sockets and,
 /// for tests and benches, on `MemoryFrames`.
 #[derive(Debug)]
-pub struct Worker<S: FrameIo = XskSocket> {
+pub struct Worker<S: FrameIo = XskQueue> {
     pub queue: u32,
     pub(crate) shared: Arc<Shared>,
-    wan: S,
-    lan: S,
+    /// The queue's frames and its WAN and LAN ports.
+    io: S,
     counters: Arc<WorkerCounters>,
     /// For the rare datagram sent through the kernel (no link-layer path yet),
     /// and for quoting a packet in an ICMP error.
@@ -215,6 +215,10 @@ pub struct Worker<S: FrameIo = XskSocket> {
     limiter: SourceLimiter,
     /// Where IPv4 fragments of an oversize inner packet are built.
     fragment: Vec<u8>,
+    /// An oversize packet copied out of its frame to be fragmented.
+    oversize: Vec<u8>,
+    /// Packets decrypted this batch (added to the shared counter once).
+    decrypted: usize,
     /// Packets for site neighbours being resolved.
     waiting: NeighborWait,
     /// Inner packets the kernel slow path decrypted, for this worker's LAN
@@ -259,12 +263,11 @@ impl IcmpBudget {
 }
 
 impl<S: FrameIo> Worker<S> {
-    pub fn new(queue: u32, shared: Arc<Shared>, wan: S, lan: S, counters: Arc<WorkerCounters>) -> Self {
+    pub fn new(queue: u32, shared: Arc<Shared>, io: S, counters: Arc<WorkerCounters>) -> Self {
         Self {
             queue,
             shared,
-            wan,
-            lan,
+            io,
             counters,
             scratch: vec![0u8; 65536],
             icmp_lan: IcmpBudget::default(),
@@ -272,6 +275,8 @@ impl<S: FrameIo> Worker<S> {
             slow_path: None,
             limiter: SourceLimiter::default(),
             fragment: vec![0u8; 65536],
+            oversize: vec![0u8; 65536],
+            decrypted: 0,
             waiting: NeighborWait::new(NEIGHBOR_WAIT_SLOTS, NEIGHBOR_WAIT_SLOT_LEN),
         }
     }
@@ -285,9 +290,9 @@ impl<S: FrameIo> Worker<S> {
     pub fn process_batch(&mut self, batch: &mut Vec<S::Frame>, now: Instant) -> usize {
         // What waited for a neighbour goes first (before newer packets of its flow).
         if !self.waiting.is_empty() {
-            let (lan, shared, counters) = (&mut self.lan, &self.shared, &self.counters);
+            let (io, shared, counters) = (&mut self.io, &self.shared, &self.counters);
             let expired = self.waiting.release(&shared.neighbors, now, |mac, packet| {
-                frame_for_site(lan, shared, counters, mac, packet);
+                frame_for_site(io, shared, counters, mac, packet);
             });
             for _ in 0..expired {
                 counters.dropped(DropReason::NoNextHop);
@@ -298,97 +303,131 @@ impl<S: FrameIo> Worker<S> {
         let shared = self.shared.clone();
         let mut snapshot = Snapshot::load(&shared.tables);
         let neighbors = shared.neighbors.load();
-        let received = self.wan.recv(batch, BATCH);
+        let received = self.io.recv(Port::Wan, batch, BATCH);
         add(&self.counters.wan_rx, received);
         for frame in batch.drain(..) {
             self.on_wan(frame, &mut snapshot, &neighbors, now);
         }
         // Sends follow an endpoint that a received packet just moved.
         snapshot.flush();
-        let sent = self.lan.recv(batch, BATCH);
+        let sent = self.io.recv(Port::Lan, batch, BATCH);
         add(&self.counters.lan_rx, sent);
         for frame in batch.drain(..) {
             self.on_lan(frame, &mut snapshot, now);
         }
         drop(snapshot);
+        add(&self.counters.decrypted, std::mem::take(&mut self.decrypted));
         let mut work = received + sent;
         if let Some(from_kernel) = &self.slow_path {
             for (peer, packet) in from_kernel.try_iter().take(BATCH) {
-                let (lan, waiting, counters) = (&mut self.lan, &mut self.waiting, &self.counters);
-                deliver_inner(lan, waiting, &neighbors, &shared, counters, peer, &packet, now);
+                let (io, waiting, counters) = (&mut self.io, &mut self.waiting, &self.counters);
+                deliver_inner(io, waiting, &neighbors, &shared, counters, peer, &packet, now);
                 shared.from_kernel.give(packet);
                 work += 1;
             }
         }
-        self.wan.flush();
-        self.lan.flush();
+        self.io.flush();
         work
     }
 
-    /// The WAN and LAN frame queues (for tests and benches that feed them).
-    pub fn queues_mut(&mut self) -> (&mut S, &mut S) {
-        (&mut self.wan, &mut self.lan)
+    /// The queue's frames (for tests and benches that feed them).
+    pub fn frames_mut(&mut self) -> &mut S {
+        &mut self.io
     }
 
     fn on_wan(&mut self, mut frame: S::Frame, snapshot: &mut Snapshot<'_>, neighbors: &NeighborMap, now: Instant) {
-        let Ok(udp) = parse_udp_frame(self.wan.data(&frame)) else {
+        let Ok(udp) = parse_udp_frame(self.io.data(&frame)) else {
             self.counters.dropped(DropReason::Malformed);
-            return self.wan.release(frame);
+            return self.io.release(frame);
         };
-        let kind = self.wan.data(&frame).get(udp.payload.clone()).map(MessageType::of);
+        let kind = self.io.data(&frame).get(udp.payload.clone()).map(MessageType::of);
         match kind {
             Some(Ok(MessageType::Transport)) => {
                 let from = Endpoint { addr: udp.src, path: Some(udp.reply_path()) };
-                let payload = udp.payload.clone();
-                let opened = self.wan.with_data_mut(&mut frame, None, |buf| match buf.get_mut(payload) {
-                    Some(datagram) => transport::open(snapshot, datagram, from, now),
-                    None => Err(DropReason::Malformed),
+                // Decrypted so that the inner packet lands right behind room
+                // for its Ethernet header: the frame goes to the LAN as it is.
+                let message_at = udp.payload.start - ETHERNET_HEADER_LEN;
+                let message_end = udp.payload.end - ETHERNET_HEADER_LEN;
+                let opened = self.io.with_data_mut(&mut frame, None, |buf| {
+                    match buf.get_mut(ETHERNET_HEADER_LEN..ETHERNET_HEADER_LEN + message_end) {
+                        Some(buf) => transport::open(snapshot, buf, message_at, from, now),
+                        None => Err(DropReason::Malformed),
+                    }
                 });
                 match opened {
-                    Ok(Opened::Data { peer, inner, offset }) => {
-                        bump(&self.counters.decrypted);
-                        let start = udp.payload.start + offset;
-                        let tally = snapshot.last_received_mut();
-                        let forwarded = match (self.wan.data(&frame).get(start..start + inner.len), tally) {
-                            (Some(packet), Some(tally)) => {
-                                let (lan, shared, counters) = (&mut self.lan, &self.shared, &self.counters);
-                                let waiting = &mut self.waiting;
-                                from_tunnel(shared, tally, packet, &mut self.scratch, now)
-                                    .map(|to| to.deliver(lan, waiting, neighbors, shared, counters, peer, packet, now))
-                            }
-                            _ => Err(Refusal::Drop(DropReason::BadInnerPacket)),
-                        };
-                        self.wan.release(frame);
-                        match forwarded {
-                            Ok(()) => {}
-                            Err(Refusal::Drop(reason)) => self.counters.dropped(reason),
-                            Err(Refusal::Expired(expired)) => {
-                                self.counters.dropped(DropReason::TtlExceeded);
-                                self.time_exceeded_into_tunnel(snapshot, peer, expired, now);
-                            }
-                        }
-                        return;
+                    Ok(Opened::Data { peer, inner }) => {
+                        self.decrypted += 1;
+                        return self.from_tunnel(frame, snapshot, neighbors, peer, inner, now);
                     }
                     Ok(Opened::Keepalive { .. }) => bump(&self.counters.keepalives_received),
                     Err(reason) => self.counters.dropped(reason),
                 }
-                self.wan.release(frame);
+                self.io.release(frame);
             }
             Some(Ok(_)) => self.on_handshake(frame, &udp, now),
             _ => {
                 self.counters.dropped(DropReason::Malformed);
-                self.wan.release(frame);
+                self.io.release(frame);
             }
         }
     }
 
+    /// A decrypted inner packet (at `frame[14..]`): the policy decides, then it
+    /// leaves on the LAN in the same frame, enters the host, waits for its
+    /// neighbour, or is dropped.
+    fn from_tunnel(
+        &mut self,
+        mut frame: S::Frame,
+        snapshot: &mut Snapshot<'_>,
+        neighbors: &NeighborMap,
+        peer: PeerId,
+        inner: InnerPacket,
+        now: Instant,
+    ) {
+        let end = ETHERNET_HEADER_LEN + inner.len;
+        let (shared, counters) = (&*self.shared, &*self.counters);
+        let packet = self.io.data(&frame).get(ETHERNET_HEADER_LEN..end);
+        let verdict = match (packet, snapshot.last_received_mut()) {
+            (Some(packet), Some(tally)) => from_tunnel(shared, tally, packet, &mut self.scratch, now),
+            _ => Err(Refusal::Drop(DropReason::BadInnerPacket)),
+        };
+        match verdict {
+            Ok(Inbound::Forward) => {
+                let next_hop = shared.lan_next_hop.unwrap_or(inner.dst);
+                match neighbors.get(&next_hop) {
+                    Some(&mac) => {
+                        let lan_mac = shared.lan_mac;
+                        let framed = self.io.with_data_mut(&mut frame, Some(end), |buf| {
+                            buf.len() == end && frame_packet(buf, mac, lan_mac)
+                        });
+                        if framed {
+                            return self.io.send(Port::Lan, frame);
+                        }
+                        counters.dropped(DropReason::BufferTooSmall);
+                    }
+                    None => {
+                        let packet = &self.io.data(&frame)[ETHERNET_HEADER_LEN..end];
+                        wait_for_neighbor(&mut self.waiting, shared, counters, peer, next_hop, packet, now);
+                    }
+                }
+            }
+            Ok(Inbound::ToHost) => to_host(shared, counters, &self.io.data(&frame)[ETHERNET_HEADER_LEN..end]),
+            Err(Refusal::Drop(reason)) => counters.dropped(reason),
+            Err(Refusal::Expired(expired)) => {
+                counters.dropped(DropReason::TtlExceeded);
+                self.time_exceeded_into_tunnel(snapshot, peer, expired, now);
+            }
+        }
+        self.io.release(frame);
+    }
+
     fn on_handshake(&mut self, frame: S::Frame, udp: &UdpFrame, now: Instant) {
-        let msg = self.wan.data(&frame).get(udp.payload.clone()).unwrap_or_default();
+        let msg = self.io.data(&frame).get(udp.payload.clone()).unwrap_or_default();
         let from = Endpoint { addr: udp.src, path: Some(udp.reply_path()) };
         match admission::admit(&self.shared, &mut self.limiter, msg, from, now) {
             Ok(Admission::CookieReply(reply)) => self.answer_with_cookie(frame, udp, &reply),
             Ok(Admission::Queue(job)) => {
-                self.wan.release(frame);
+                self.io.release(frame);
                 match admission::enqueue(&self.shared, job, now) {
                     Ok(()) => bump(&self.counters.handshakes_queued),
                     Err(reason) => self.counters.dropped(reason),
@@ -396,7 +435,7 @@ impl<S: FrameIo> Worker<S> {
             }
             Err(reason) => {
                 self.counters.dropped(reason);
-                self.wan.release(frame);
+                self.io.release(frame);
             }
         }
     }
@@ -405,7 +444,7 @@ impl<S: FrameIo> Worker<S> {
     fn answer_with_cookie(&mut self, mut frame: S::Frame, udp: &UdpFrame, reply: &[u8; COOKIE_REPLY_LEN]) {
         let hdr = udp_headers_len(udp.src.is_ipv6());
         let path = udp.reply_path();
-        let ok = self.wan.with_data_mut(&mut frame, Some(hdr + COOKIE_REPLY_LEN), |buf| {
+        let ok = self.io.with_data_mut(&mut frame, Some(hdr + COOKIE_REPLY_LEN), |buf| {
             match buf.get_mut(hdr..) {
                 Some(body) if body.len() == COOKIE_REPLY_LEN => body.copy_from_slice(reply),
                 _ => return false,
@@ -414,27 +453,29 @@ impl<S: FrameIo> Worker<S> {
         });
         if ok {
             bump(&self.counters.cookie_replies);
-            self.wan.send(frame);
+            self.io.send(Port::Wan, frame);
         } else {
             self.counters.dropped(DropReason::BufferTooSmall);
-            self.wan.release(frame);
+            self.io.release(frame);
         }
     }
 
-    fn on_lan(&mut self, frame: S::Frame, snapshot: &mut Snapshot<'_>, now: Instant) {
-        if let Err(reason) = self.encrypt_to_wan(&frame, snapshot, now) {
-            self.counters.dropped(reason);
+    fn on_lan(&mut self, mut frame: S::Frame, snapshot: &mut Snapshot<'_>, now: Instant) {
+        match self.encrypt_to_wan(&mut frame, snapshot, now) {
+            Ok(Sealed::InFrame) => return self.io.send(Port::Wan, frame),
+            Ok(Sealed::Elsewhere) => {}
+            Err(reason) => self.counters.dropped(reason),
         }
-        self.lan.release(frame);
+        self.io.release(frame);
     }
 
     fn encrypt_to_wan(
         &mut self,
-        frame: &S::Frame,
+        frame: &mut S::Frame,
         snapshot: &mut Snapshot<'_>,
         now: Instant,
-    ) -> Result<(), DropReason> {
-        let data = self.lan.data(frame);
+    ) -> Result<Sealed, DropReason> {
+        let data = self.io.data(frame);
         let ip = parse_ip_frame(data).map_err(|_| DropReason::Malformed)?;
         let inner = data.get(ip.packet.clone()).ok_or(DropReason::Malformed)?;
         let tally = snapshot.route(ip.dst)?;
@@ -450,28 +491,36 @@ impl<S: FrameIo> Worker<S> {
         }
         track_outbound(&self.shared, tally, inner, now);
         if inner.len() <= self.shared.tunnel_mtu {
-            return seal_to_wan(
-                &mut self.wan,
-                &self.shared,
-                &self.counters,
-                &mut self.scratch,
-                tally,
-                inner,
-                true,
-                now,
-            );
+            if let Some(sealed) = self.seal_in_frame(frame, ip.packet.clone(), tally, now) {
+                return sealed;
+            }
+            // No link-layer path to the peer yet, or no usable session.
+            let inner = &self.io.data(frame)[ip.packet.clone()];
+            let (shared, counters) = (&*self.shared, &*self.counters);
+            let sealed = match tally.endpoint() {
+                None => Err(DropReason::NoEndpoint),
+                Some(ep) if usable_path(&ep).is_some() => {
+                    finish_seal(shared, counters, tally.view(), inner, true, Err(SealError::NoSession))
+                }
+                Some(ep) => seal_via_kernel(shared, counters, &mut self.scratch, tally, ep.addr, inner, true, now),
+            };
+            return sealed.map(|()| Sealed::Elsewhere);
         }
         // Too big for the tunnel. RFC 1191 / 8201: a packet that forbids
         // fragmentation (IPv4 DF, or any IPv6 packet) is answered with "too
         // big"; an IPv4 packet that allows it is fragmented, as a router does.
         let v4 = crate::wire::Ipv4Packet::new_checked(inner).ok();
         if let Some(false) = v4.map(|p| p.dont_fragment()) {
-            let (wan, shared, counters, scratch) = (&mut self.wan, &self.shared, &self.counters, &mut self.scratch);
+            // Out of its frame: the pieces take new frames from the same pool.
+            let len = inner.len();
+            self.oversize[..len].copy_from_slice(inner);
+            let inner = &self.oversize[..len];
+            let (io, shared, counters, scratch) = (&mut self.io, &self.shared, &self.counters, &mut self.scratch);
             let pieces = fragment_ipv4(inner, shared.tunnel_mtu, &mut self.fragment, |piece| {
-                seal_to_wan(wan, shared, counters, scratch, tally, piece, true, now)
+                seal_to_wan(io, shared, counters, scratch, tally, piece, true, now)
             });
             return match pieces {
-                Ok(_) => Ok(()),
+                Ok(_) => Ok(Sealed::Elsewhere),
                 Err(FragmentError::Emit(reason)) => Err(reason),
                 Err(FragmentError::Refused(_)) => Err(DropReason::Oversize),
             };
@@ -485,16 +534,91 @@ impl<S: FrameIo> Worker<S> {
         }
         Err(DropReason::Oversize)
     }
+
+    /// Seals the inner packet at `frame[inner]` where it lies: moved behind
+    /// room for the outer headers, one hop less, sealed, framed for the WAN.
+    /// `None` when it must take the other way (no link-layer path to the peer
+    /// yet, or no usable session: `seal_to_wan` sends it through the kernel or
+    /// stages it).
+    fn seal_in_frame(
+        &mut self,
+        frame: &mut S::Frame,
+        inner: core::ops::Range<usize>,
+        tally: &mut PeerTally,
+        now: Instant,
+    ) -> Option<Result<Sealed, DropReason>> {
+        let ep = tally.endpoint()?;
+        let path = usable_path(&ep)?;
+        if !tally.keypair().is_some_and(|k| !k.is_expired(now)) {
+            return None;
+        }
+        let len = inner.len();
+        let hdr = udp_headers_len(ep.addr.is_ipv6());
+        let total = hdr + sealed_len(len);
+        let body = hdr + TRANSPORT_HEADER_LEN;
+        let sealed = self.io.with_data_mut(frame, Some(total), |buf| {
+            if buf.len() != total {
+                return Err(SealError::BufferTooSmall);
+            }
+            buf.copy_within(inner, body);
+            seal_frame(buf, hdr, len, true, tally, &path, ep.addr, now)
+        });
+        let (shared, counters) = (&*self.shared, &*self.counters);
+        // (The packet is in place, one hop less, should it have to be staged.)
+        let moved = self.io.data(frame).get(body..body + len).unwrap_or_default();
+        Some(finish_seal(shared, counters, tally.view(), moved, false, sealed.map(|_| ())).map(|()| match sealed {
+            Ok(_) => Sealed::InFrame,
+            Err(_) => Sealed::Elsewhere,
+        }))
+    }
 }
 
-/// Seals `inner` for the peer of `tally` into a WAN frame (or, before any frame
-/// from the peer was seen, through the kernel), or stages it when there is no
-/// usable session. `scratch` is for the kernel path. `hop`: the packet is
-/// being forwarded (its TTL / hop limit, checked to be above 1, loses one on
-/// the copy that leaves).
+/// The link-layer path a packet to `ep` can be framed for (learned from the
+/// peer's own frames, same address family).
+fn usable_path(ep: &Endpoint) -> Option<crate::peer_view::L2Path> {
+    ep.path.filter(|p| p.local.is_ipv6() == ep.addr.is_ipv6())
+}
+
+/// Where a packet from the LAN went.
+enum Sealed {
+    /// Sealed in its own frame, which now goes out on the WAN.
+    InFrame,
+    /// Sent or staged from a copy; its frame is free.
+    Elsewhere,
+}
+
+/// With an inner packet at `buf[hdr + 16..][..len]`: one hop less when it is
+/// being forwarded (`hop`), sealed on `tally`'s keypair behind its transport
+/// header, and framed behind Ethernet, IP and UDP headers from `path` to `to`.
+#[allow(clippy::too_many_arguments)]
+fn seal_frame(
+    buf: &mut [u8],
+    hdr: usize,
+    len: usize,
+    hop: bool,
+    tally: &mut PeerTally,
+    path: &crate::peer_view::L2Path,
+    to: std::net::SocketAddr,
+    now: Instant,
+) -> Result<usize, SealError> {
+    let body =
+        buf.get_mut(hdr + TRANSPORT_HEADER_LEN..hdr + TRANSPORT_HEADER_LEN + len).ok_or(SealError::BufferTooSmall)?;
+    if hop {
+        flow::decrement_hop(body);
+    }
+    let n = transport::seal(tally, buf.get_mut(hdr..).ok_or(SealError::BufferTooSmall)?, len, now)?;
+    write_udp_headers(buf, path, to, false).map_err(|_| SealError::BufferTooSmall)?;
+    Ok(n)
+}
+
+/// Seals a copy of `inner` for the peer of `tally` into a new WAN frame (or,
+/// before any frame from the peer was seen, through the kernel), or stages it
+/// when there is no usable session. `scratch` is for the kernel path. `hop`:
+/// the packet is being forwarded (its TTL / hop limit, checked to be above 1,
+/// loses one on the copy that leaves).
 #[allow(clippy::too_many_arguments)]
 fn seal_to_wan<S: FrameIo>(
-    wan: &mut S,
+    io: &mut S,
     shared: &Shared,
     counters: &WorkerCounters,
     scratch: &mut [u8],
@@ -505,24 +629,18 @@ fn seal_to_wan<S: FrameIo>(
 ) -> Result<(), DropReason> {
     let Some(ep) = tally.endpoint() else { return Err(DropReason::NoEndpoint) };
     let len = inner.len();
-    let sealed = match ep.path.filter(|p| p.local.is_ipv6() == ep.addr.is_ipv6()) {
+    let sealed = match usable_path(&ep) {
         Some(path) => {
             let hdr = udp_headers_len(ep.addr.is_ipv6());
-            let Some(mut out) = wan.alloc(hdr + sealed_len(len)) else { return Err(DropReason::NoFrame) };
-            let sealed = wan.with_data_mut(&mut out, None, |buf| {
+            let Some(mut out) = io.alloc(hdr + sealed_len(len)) else { return Err(DropReason::NoFrame) };
+            let sealed = io.with_data_mut(&mut out, None, |buf| {
                 let body = buf.get_mut(hdr + TRANSPORT_HEADER_LEN..hdr + TRANSPORT_HEADER_LEN + len);
-                let body = body.ok_or(SealError::BufferTooSmall)?;
-                body.copy_from_slice(inner);
-                if hop {
-                    flow::decrement_hop(body);
-                }
-                let n = transport::seal(tally, &mut buf[hdr..], len, now)?;
-                write_udp_headers(buf, &path, ep.addr, false).map_err(|_| SealError::BufferTooSmall)?;
-                Ok(n)
+                body.ok_or(SealError::BufferTooSmall)?.copy_from_slice(inner);
+                seal_frame(buf, hdr, len, hop, tally, &path, ep.addr, now)
             });
             match sealed {
-                Ok(_) => wan.send(out),
-                Err(_) => wan.release(out),
+                Ok(_) => io.send(Port::Wan, out),
+                Err(_) => io.release(out),
             }
             sealed.map(|_| ())
         }
@@ -613,11 +731,11 @@ impl<S: FrameIo> Worker<S> {
             return;
         }
         let len = crate::icmp::error_frame_len(quote_len, to.is_ipv6());
-        let Some(mut out) = self.lan.alloc(len) else { return self.counters.dropped(DropReason::NoFrame) };
+        let Some(mut out) = self.io.alloc(len) else { return self.counters.dropped(DropReason::NoFrame) };
         let quote = &self.scratch[..quote_len];
         let lan_mac = self.shared.lan_mac;
         let ok = self
-            .lan
+            .io
             .with_data_mut(&mut out, None, |buf| {
                 crate::icmp::error_frame(buf, kind, quote, to, router, to_mac, lan_mac)
             })
@@ -627,9 +745,9 @@ impl<S: FrameIo> Worker<S> {
                 IcmpError::TooBig { .. } => &self.counters.icmp_too_big,
                 IcmpError::TimeExceeded => &self.counters.icmp_time_exceeded,
             });
-            self.lan.send(out);
+            self.io.send(Port::Lan, out);
         } else {
-            self.lan.release(out);
+            self.io.release(out);
         }
     }
 
@@ -641,8 +759,8 @@ impl<S: FrameIo> Worker<S> {
             return;
         };
         let Ok(tally) = snapshot.sending_to(peer) else { return };
-        let (wan, shared, counters) = (&mut self.wan, &self.shared, &self.counters);
-        match seal_to_wan(wan, shared, counters, &mut self.scratch, tally, &self.fragment[..len], false, now) {
+        let (io, shared, counters) = (&mut self.io, &self.shared, &self.counters);
+        match seal_to_wan(io, shared, counters, &mut self.scratch, tally, &self.fragment[..len], false, now) {
             Ok(()) => bump(&counters.icmp_time_exceeded),
             Err(reason) => counters.dropped(reason),
         }
@@ -752,28 +870,6 @@ pub(crate) fn track_outbound(shared: &Shared, tally: &mut PeerTally, packet: &[u
     }
 }
 
-impl Inbound {
-    /// Sends an admitted packet on: to the site (`deliver_inner`), or into
-    /// the host's kernel.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn deliver<S: FrameIo>(
-        self,
-        lan: &mut S,
-        waiting: &mut NeighborWait,
-        neighbors: &NeighborMap,
-        shared: &Shared,
-        counters: &WorkerCounters,
-        peer: PeerId,
-        packet: &[u8],
-        now: Instant,
-    ) {
-        match self {
-            Inbound::Forward => deliver_inner(lan, waiting, neighbors, shared, counters, peer, packet, now),
-            Inbound::ToHost => to_host(shared, counters, packet),
-        }
-    }
-}
-
 /// Hands a packet from a tunnel to the gateway host's kernel (as received on
 /// the host interface, so the host's INPUT rules apply).
 pub(crate) fn to_host(shared: &Shared, counters: &WorkerCounters, packet: &[u8]) {
@@ -783,12 +879,12 @@ pub(crate) fn to_host(shared: &Shared, counters: &WorkerCounters, packet: &[u8])
     }
 }
 
-/// Sends a decrypted inner packet the policy admitted to the site: framed for
-/// the next hop's MAC from the neighbour table, into a frame of the LAN
-/// socket, one hop less.
+/// Sends a decrypted inner packet the policy admitted to the site (a copy:
+/// from the slow path): framed for the next hop's MAC from the neighbour table
+/// into a new LAN frame, one hop less, or parked while the neighbour resolves.
 #[allow(clippy::too_many_arguments)]
 fn deliver_inner<S: FrameIo>(
-    lan: &mut S,
+    io: &mut S,
     waiting: &mut NeighborWait,
     neighbors: &NeighborMap,
     shared: &Shared,
@@ -801,48 +897,68 @@ fn deliver_inner<S: FrameIo>(
         return counters.dropped(DropReason::BadInnerPacket);
     };
     let next_hop = shared.lan_next_hop.unwrap_or(ip.dst);
-    let Some(&mac) = neighbors.get(&next_hop) else {
-        // Never block, never hand it to the kernel: it waits (bounded) while
-        // the resolver kicks the kernel's resolution.
-        bump(&counters.neighbor_misses);
-        match waiting.park(peer, next_hop, inner, now) {
-            Ok(()) => shared.neighbors.request(next_hop),
-            Err(reason) => counters.dropped(reason),
-        }
-        return;
-    };
-    frame_for_site(lan, shared, counters, mac, inner);
+    match neighbors.get(&next_hop) {
+        Some(&mac) => frame_for_site(io, shared, counters, mac, inner),
+        None => wait_for_neighbor(waiting, shared, counters, peer, next_hop, inner, now),
+    }
 }
 
-/// Frames `inner` for the site neighbour at `mac` into a LAN frame, one hop less.
-fn frame_for_site<S: FrameIo>(lan: &mut S, shared: &Shared, counters: &WorkerCounters, mac: MacAddr, inner: &[u8]) {
-    let v6 = inner.first().is_some_and(|b| b >> 4 == 6);
-    let Some(mut out) = lan.alloc(ETHERNET_HEADER_LEN + inner.len()) else {
+/// A packet for a site neighbour not resolved yet: never block, never hand it
+/// to the kernel; it waits (bounded) while the resolver kicks the kernel's
+/// resolution.
+fn wait_for_neighbor(
+    waiting: &mut NeighborWait,
+    shared: &Shared,
+    counters: &WorkerCounters,
+    peer: PeerId,
+    next_hop: IpAddr,
+    packet: &[u8],
+    now: Instant,
+) {
+    bump(&counters.neighbor_misses);
+    match waiting.park(peer, next_hop, packet, now) {
+        Ok(()) => shared.neighbors.request(next_hop),
+        Err(reason) => counters.dropped(reason),
+    }
+}
+
+/// Frames a copy of `inner` for the site neighbour at `mac` into a new LAN
+/// frame, one hop less.
+fn frame_for_site<S: FrameIo>(io: &mut S, shared: &Shared, counters: &WorkerCounters, mac: MacAddr, inner: &[u8]) {
+    let len = ETHERNET_HEADER_LEN + inner.len();
+    let Some(mut out) = io.alloc(len) else {
         return counters.dropped(DropReason::NoFrame);
     };
     let lan_mac = shared.lan_mac;
-    let written = lan.with_data_mut(&mut out, None, |buf| match buf.get_mut(ETHERNET_HEADER_LEN..) {
+    let written = io.with_data_mut(&mut out, None, |buf| match buf.get_mut(ETHERNET_HEADER_LEN..) {
         Some(body) if body.len() == inner.len() => {
             body.copy_from_slice(inner);
-            // Checked above 1 by the policy: one hop less, as a router forwards it.
-            flow::decrement_hop(body);
-            write_ethernet_header(buf, mac, lan_mac, v6).is_ok()
+            frame_packet(buf, mac, lan_mac)
         }
         _ => false,
     });
     if written {
-        lan.send(out);
+        io.send(Port::Lan, out);
     } else {
-        lan.release(out);
+        io.release(out);
         counters.dropped(DropReason::BufferTooSmall);
     }
 }
 
-impl Worker<XskSocket> {
+/// With an inner packet at `buf[14..]`: one hop less, behind an Ethernet
+/// header from the LAN (`lan_mac`) to the site neighbour at `mac`.
+fn frame_packet(buf: &mut [u8], mac: MacAddr, lan_mac: MacAddr) -> bool {
+    let Some(packet) = buf.get_mut(ETHERNET_HEADER_LEN..) else { return false };
+    let v6 = packet.first().is_some_and(|b| b >> 4 == 6);
+    flow::decrement_hop(packet);
+    write_ethernet_header(buf, mac, lan_mac, v6).is_ok()
+}
+
+impl Worker<XskQueue> {
     /// Runs until `shared.stop` is set.
     pub fn run(mut self) {
         let mut batch = Vec::with_capacity(BATCH);
-        let fds = [self.wan.raw_fd(), self.lan.raw_fd()];
+        let fds = [self.io.raw_fd(Port::Wan), self.io.raw_fd(Port::Lan)];
         while !self.shared.stop.load(Relaxed) {
             if self.process_batch(&mut batch, Instant::now()) == 0 {
                 wait_readable(&fds, 5);
@@ -862,7 +978,7 @@ fn wait_readable(fds: &[i32; 2], timeout_ms: i32) {
 mod tests {
     use super::*;
     use crate::device::Action;
-    use crate::frame_io::MemoryFrames;
+    use crate::frame_io::{MemoryFrames, Port};
     use crate::noise::AeadBackend;
     use crate::testing::{
         ipv4_packet, MemoryWorker, CLIENT_TUNNEL, GATEWAY_LAN_MAC, GATEWAY_WAN_MAC, LAN_HOST, LAN_HOST_MAC,
@@ -870,12 +986,8 @@ mod tests {
     use std::sync::Arc;
     use std::time::SystemTime;
 
-    fn wan(m: &mut MemoryWorker) -> &mut MemoryFrames {
-        m.worker.queues_mut().0
-    }
-
-    fn lan(m: &mut MemoryWorker) -> &mut MemoryFrames {
-        m.worker.queues_mut().1
+    fn io(m: &mut MemoryWorker) -> &mut MemoryFrames {
+        m.worker.frames_mut()
     }
 
     #[test]
@@ -886,26 +998,26 @@ mod tests {
         // WAN → LAN: decrypted, framed for the LAN host.
         let inner = ipv4_packet(100, CLIENT_TUNNEL, LAN_HOST);
         let frame = m.wan_frame(&inner, now);
-        assert!(wan(&mut m).inject(&frame));
+        assert!(io(&mut m).inject(Port::Wan, &frame));
         assert_eq!(m.run_until_idle(&mut batch, now), 1);
         let mut out = Vec::new();
-        assert_eq!(lan(&mut m).take_sent(|f| out.push(f.to_vec())), 1);
+        assert_eq!(io(&mut m).take_sent(Port::Lan, |f| out.push(f.to_vec())), 1);
         assert_eq!(&out[0][..6], &LAN_HOST_MAC.0, "to the LAN host's MAC");
         assert_eq!(&out[0][6..12], &GATEWAY_LAN_MAC.0);
         assert_eq!(&out[0][14..], &crate::testing::forwarded(&inner)[..], "one hop less");
         assert_eq!(m.counters.decrypted.load(Relaxed), 1);
         // The same frame again is a replay: counted, not delivered.
-        assert!(wan(&mut m).inject(&frame));
+        assert!(io(&mut m).inject(Port::Wan, &frame));
         m.run_until_idle(&mut batch, now);
-        assert_eq!(lan(&mut m).take_sent(|_| {}), 0);
+        assert_eq!(io(&mut m).take_sent(Port::Lan, |_| {}), 0);
         assert_eq!(m.counters.drops.get(DropReason::Replay), 1);
 
         // LAN → WAN: sealed straight into a WAN frame back to the client.
         let reply = ipv4_packet(200, LAN_HOST, CLIENT_TUNNEL);
-        assert!(lan(&mut m).inject(&MemoryWorker::lan_frame(&reply)));
+        assert!(io(&mut m).inject(Port::Lan, &MemoryWorker::lan_frame(&reply)));
         m.run_until_idle(&mut batch, now);
         let mut sent = Vec::new();
-        assert_eq!(wan(&mut m).take_sent(|f| sent.push(f.to_vec())), 1);
+        assert_eq!(io(&mut m).take_sent(Port::Wan, |f| sent.push(f.to_vec())), 1);
         let udp = crate::frame::parse_udp_frame(&sent[0]).expect("a UDP frame");
         assert_eq!(udp.src_mac, GATEWAY_WAN_MAC);
         assert_eq!(udp.dst, crate::testing::CLIENT_ADDR.parse().unwrap());
@@ -917,8 +1029,7 @@ mod tests {
             other => panic!("the client did not accept the gateway's packet: {other:?}"),
         }
         // No frame leaked on either side.
-        assert_eq!(wan(&mut m).free_frames(), 1024);
-        assert_eq!(lan(&mut m).free_frames(), 1024);
+        assert_eq!(io(&mut m).free_frames(), 2048, "every frame is back in the pool");
     }
 
     #[test]
@@ -928,15 +1039,15 @@ mod tests {
         let mut batch = Vec::new();
         let good = m.wan_frame(&ipv4_packet(64, CLIENT_TUNNEL, LAN_HOST), now);
         for len in [0, 13, 14, 42, 50, good.len() - 1] {
-            assert!(wan(&mut m).inject(&good[..len]));
-            assert!(lan(&mut m).inject(&good[..len]));
+            assert!(io(&mut m).inject(Port::Wan, &good[..len]));
+            assert!(io(&mut m).inject(Port::Lan, &good[..len]));
         }
         let mut flipped = good.clone();
         flipped[60] ^= 1;
-        assert!(wan(&mut m).inject(&flipped));
+        assert!(io(&mut m).inject(Port::Wan, &flipped));
         m.run_until_idle(&mut batch, now);
-        assert_eq!(lan(&mut m).take_sent(|_| {}), 0);
-        assert_eq!(wan(&mut m).take_sent(|_| {}), 0);
+        assert_eq!(io(&mut m).take_sent(Port::Lan, |_| {}), 0);
+        assert_eq!(io(&mut m).take_sent(Port::Wan, |_| {}), 0);
         assert_eq!(m.counters.drops.total(), 13, "every bad frame is a counted drop: {:?}", m.counters.named());
     }
 
@@ -960,7 +1071,7 @@ mod tests {
                     *b = kind;
                 }
                 let frame = m.frame_payload(&payload);
-                assert!(wan(&mut m).inject(&frame));
+                assert!(io(&mut m).inject(Port::Wan, &frame));
                 sent += 1;
                 if sent % 512 == 0 {
                     m.run_until_idle(&mut batch, now);
@@ -974,9 +1085,9 @@ mod tests {
         assert_eq!(m.counters.handshakes_queued.load(Relaxed), 0);
         // The session still works.
         let frame = m.wan_frame(&ipv4_packet(64, CLIENT_TUNNEL, LAN_HOST), now);
-        assert!(wan(&mut m).inject(&frame));
+        assert!(io(&mut m).inject(Port::Wan, &frame));
         m.run_until_idle(&mut batch, now);
-        assert_eq!(lan(&mut m).take_sent(|_| {}), 1);
+        assert_eq!(io(&mut m).take_sent(Port::Lan, |_| {}), 1);
     }
 
     /// A forged transport packet carrying the session's receiver index (seen
@@ -989,27 +1100,27 @@ mod tests {
         let mut m = MemoryWorker::new(AeadBackend::Ring);
         let now = Instant::now();
         let mut batch = Vec::new();
-        let frames = || MemoryFrames::new(64, 2048);
+        let frames = || MemoryFrames::new(128, 2048);
         let counters2 = Arc::new(WorkerCounters::default());
-        let mut other = Worker::new(1, m.worker.shared.clone(), frames(), frames(), counters2.clone());
+        let mut other = Worker::new(1, m.worker.shared.clone(), frames(), counters2.clone());
         let genuine = m.wan_frame(&ipv4_packet(80, CLIENT_TUNNEL, LAN_HOST), now);
         let mut forged = genuine.clone();
         let n = forged.len();
         forged[n - 20] ^= 0x55;
-        assert!(other.queues_mut().0.inject(&forged));
+        assert!(other.frames_mut().inject(Port::Wan, &forged));
         while other.process_batch(&mut batch, now) > 0 {}
         assert_eq!(counters2.drops.get(DropReason::Authentication), 1);
         // The genuine packet on queue 0 is delivered.
-        assert!(wan(&mut m).inject(&genuine));
+        assert!(io(&mut m).inject(Port::Wan, &genuine));
         m.run_until_idle(&mut batch, now);
-        assert_eq!(lan(&mut m).take_sent(|_| {}), 1);
+        assert_eq!(io(&mut m).take_sent(Port::Lan, |_| {}), 1);
         // The peer roams onto queue 1: its next packets are delivered there.
         for _ in 0..3 {
             let f = m.wan_frame(&ipv4_packet(80, CLIENT_TUNNEL, LAN_HOST), now);
-            assert!(other.queues_mut().0.inject(&f));
+            assert!(other.frames_mut().inject(Port::Wan, &f));
         }
         while other.process_batch(&mut batch, now) > 0 {}
-        assert_eq!(other.queues_mut().1.take_sent(|_| {}), 3);
+        assert_eq!(other.frames_mut().take_sent(Port::Lan, |_| {}), 3);
         assert_eq!(counters2.drops.total(), 1, "only the forgery was dropped");
         assert_eq!(m.counters.drops.total(), 0);
     }
@@ -1030,10 +1141,10 @@ mod tests {
         m.client.initiate(peer);
         let t = m.client.poll_transmit(now, wall, &mut out).expect("an initiation");
         let frame = m.frame_payload(&out[..t.len]);
-        assert!(wan(&mut m).inject(&frame));
+        assert!(io(&mut m).inject(Port::Wan, &frame));
         m.run_until_idle(&mut batch, now);
         let mut replies = Vec::new();
-        assert_eq!(wan(&mut m).take_sent(|f| replies.push(f.to_vec())), 1);
+        assert_eq!(io(&mut m).take_sent(Port::Wan, |f| replies.push(f.to_vec())), 1);
         assert_eq!(m.counters.handshakes_queued.load(Relaxed), 0, "no cookie, not queued");
         let udp = crate::frame::parse_udp_frame(&replies[0]).unwrap();
         let mut reply = replies[0][udp.payload.clone()].to_vec();
@@ -1046,7 +1157,7 @@ mod tests {
         let t = m.client.poll_transmit(later, wall, &mut out).expect("a retry");
         let retry = m.frame_payload(&out[..t.len]);
         for _ in 0..(crate::admission::PER_SOURCE_PER_SECOND + 5) {
-            assert!(wan(&mut m).inject(&retry));
+            assert!(io(&mut m).inject(Port::Wan, &retry));
         }
         m.run_until_idle(&mut batch, later);
         assert_eq!(m.counters.handshakes_queued.load(Relaxed), u64::from(crate::admission::PER_SOURCE_PER_SECOND));
@@ -1057,12 +1168,12 @@ mod tests {
             junk[0] = 3;
             junk[4..8].copy_from_slice(&(i.wrapping_mul(0x9e37_79b9)).to_le_bytes());
             let f = m.frame_payload(&junk);
-            assert!(wan(&mut m).inject(&f));
+            assert!(io(&mut m).inject(Port::Wan, &f));
             let mut junk = vec![0u8; crate::wire::HANDSHAKE_RESPONSE_LEN];
             junk[0] = 2;
             junk[8..12].copy_from_slice(&(i.wrapping_mul(0x85eb_ca6b)).to_le_bytes());
             let f = m.frame_payload(&junk);
-            assert!(wan(&mut m).inject(&f));
+            assert!(io(&mut m).inject(Port::Wan, &f));
         }
         m.run_until_idle(&mut batch, later);
         assert_eq!(m.counters.drops.get(DropReason::UnknownIndex), 100);
@@ -1074,7 +1185,7 @@ mod tests {
         reply[4..8].copy_from_slice(&m.gateway_index.to_le_bytes());
         let f = m.frame_payload(&reply);
         // (A new second: the per-source limit does not apply to cookie replies anyway.)
-        assert!(wan(&mut m).inject(&f));
+        assert!(io(&mut m).inject(Port::Wan, &f));
         m.run_until_idle(&mut batch, later);
         assert_eq!(queued, u64::from(crate::admission::PER_SOURCE_PER_SECOND), "junk queued nothing");
         assert_eq!(m.counters.handshakes_queued.load(Relaxed), queued + 1);
@@ -1091,10 +1202,10 @@ mod tests {
         let mut big = ipv4_packet(1900, LAN_HOST, CLIENT_TUNNEL);
         big[6] &= !0x40; // clear DF
         crate::wire::Ipv4Packet::new_checked(&mut big[..]).unwrap().fill_checksum();
-        assert!(lan(&mut m).inject(&MemoryWorker::lan_frame(&big)));
+        assert!(io(&mut m).inject(Port::Lan, &MemoryWorker::lan_frame(&big)));
         m.run_until_idle(&mut batch, now);
         let mut sent = Vec::new();
-        assert_eq!(wan(&mut m).take_sent(|f| sent.push(f.to_vec())), 2, "two fragments");
+        assert_eq!(io(&mut m).take_sent(Port::Wan, |f| sent.push(f.to_vec())), 2, "two fragments");
         let mut data = vec![0u8; 1880];
         for frame in &sent {
             let udp = crate::frame::parse_udp_frame(frame).unwrap();
@@ -1112,10 +1223,10 @@ mod tests {
         assert_eq!(m.counters.encrypted.load(Relaxed), 2);
         // With DF: no fragments, an ICMP error to the sender instead.
         let df = ipv4_packet(1900, LAN_HOST, CLIENT_TUNNEL);
-        assert!(lan(&mut m).inject(&MemoryWorker::lan_frame(&df)));
+        assert!(io(&mut m).inject(Port::Lan, &MemoryWorker::lan_frame(&df)));
         m.run_until_idle(&mut batch, now);
-        assert_eq!(wan(&mut m).take_sent(|_| {}), 0);
-        assert_eq!(lan(&mut m).take_sent(|_| {}), 1, "fragmentation needed");
+        assert_eq!(io(&mut m).take_sent(Port::Wan, |_| {}), 0);
+        assert_eq!(io(&mut m).take_sent(Port::Lan, |_| {}), 1, "fragmentation needed");
         assert_eq!(m.counters.drops.get(DropReason::Oversize), 1);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Instant, SystemTime};
 use wgxdp_dataplane::device::Action;
 use wgxdp_dataplane::drops::DropReason;
-use wgxdp_dataplane::frame_io::MemoryFrames;
+use wgxdp_dataplane::frame_io::{MemoryFrames, Port};
 use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::policy::{FirewallRule, ForwardingPolicy, PortRange, RuleAction, RuleProtocol};
 use wgxdp_dataplane::testing::{ipv4_l4_packet, with_tcp_flags, MemoryWorker, CLIENT_TUNNEL, LAN_HOST};
@@ -40,30 +40,26 @@ fn policy(rules: Vec<FirewallRule>, default_action: RuleAction) -> ForwardingPol
     ForwardingPolicy { local_networks: vec!["10.0.1.0/24".parse().unwrap()], rules, default_action }
 }
 
-fn wan(m: &mut MemoryWorker) -> &mut MemoryFrames {
-    m.worker.queues_mut().0
-}
-
-fn lan(m: &mut MemoryWorker) -> &mut MemoryFrames {
-    m.worker.queues_mut().1
+fn io(m: &mut MemoryWorker) -> &mut MemoryFrames {
+    m.worker.frames_mut()
 }
 
 /// Sends `inner` from the client's site; returns the frames the LAN got.
 fn from_site(m: &mut MemoryWorker, inner: &[u8], now: Instant) -> Vec<Vec<u8>> {
     let frame = m.wan_frame(inner, now);
-    assert!(wan(m).inject(&frame));
+    assert!(io(m).inject(Port::Wan, &frame));
     m.run_until_idle(&mut Vec::new(), now);
     let mut out = Vec::new();
-    lan(m).take_sent(|f| out.push(f.to_vec()));
+    io(m).take_sent(Port::Lan, |f| out.push(f.to_vec()));
     out
 }
 
 /// Sends `inner` from the LAN host; returns what the client decrypted.
 fn from_lan(m: &mut MemoryWorker, inner: &[u8], now: Instant) -> Vec<Vec<u8>> {
-    assert!(lan(m).inject(&MemoryWorker::lan_frame(inner)));
+    assert!(io(m).inject(Port::Lan, &MemoryWorker::lan_frame(inner)));
     m.run_until_idle(&mut Vec::new(), now);
     let mut sent = Vec::new();
-    wan(m).take_sent(|f| sent.push(f.to_vec()));
+    io(m).take_sent(Port::Wan, |f| sent.push(f.to_vec()));
     sent.iter()
         .map(|f| {
             let udp = wgxdp_dataplane::frame::parse_udp_frame(f).unwrap();
@@ -199,7 +195,7 @@ fn expiring_ttls_are_answered_with_time_exceeded_both_ways() {
     assert!(from_site(&mut m, &last_hop, now).is_empty());
     assert_eq!(drops(&m, DropReason::TtlExceeded), 1);
     let mut sent = Vec::new();
-    wan(&mut m).take_sent(|f| sent.push(f.to_vec()));
+    io(&mut m).take_sent(Port::Wan, |f| sent.push(f.to_vec()));
     assert_eq!(sent.len(), 1);
     let udp = wgxdp_dataplane::frame::parse_udp_frame(&sent[0]).unwrap();
     let mut payload = sent[0][udp.payload.clone()].to_vec();
@@ -222,7 +218,7 @@ fn expiring_ttls_are_answered_with_time_exceeded_both_ways() {
     let out = ipv4_l4_packet(60, LAN_HOST, CLIENT_TUNNEL, UDP, (33434, 33434), 1);
     assert!(from_lan(&mut m, &out, now).is_empty());
     let mut frames = Vec::new();
-    lan(&mut m).take_sent(|f| frames.push(f.to_vec()));
+    io(&mut m).take_sent(Port::Lan, |f| frames.push(f.to_vec()));
     let ip = Ipv4Packet::new_checked(&frames[0][14..]).unwrap();
     assert_eq!((ip.protocol(), ip.payload()[0]), (ICMP, 11));
     assert_eq!(ip.destination(), std::net::Ipv4Addr::from(LAN_HOST));
@@ -270,7 +266,7 @@ fn packets_wait_for_an_unresolved_site_neighbour() {
     m.shared.neighbors.replace(known.into_iter().collect());
     m.run_until_idle(&mut Vec::new(), now);
     let mut out = Vec::new();
-    lan(&mut m).take_sent(|f| out.push(f.to_vec()));
+    io(&mut m).take_sent(Port::Lan, |f| out.push(f.to_vec()));
     assert_eq!(out.len(), 1, "sent once resolved");
     assert_eq!(&out[0][..6], &mac.0);
     assert_eq!(&out[0][14..], &wgxdp_dataplane::testing::forwarded(&packet)[..]);

@@ -85,10 +85,17 @@ impl TransportKey {
     /// Authenticates and decrypts `buf` (ciphertext then tag) in place and returns
     /// the plaintext, which is `buf[..len-16]`.
     pub fn open<'a>(&self, nonce: &[u8; 12], aad: &[u8], buf: &'a mut [u8]) -> Result<&'a mut [u8], AeadError> {
-        if buf.len() < AEAD_TAG_LEN {
-            return Err(AeadError);
-        }
-        let split = buf.len() - AEAD_TAG_LEN;
+        let n = self.open_within(nonce, aad, buf, 0)?;
+        Ok(&mut buf[..n])
+    }
+
+    /// Authenticates and decrypts `buf[src..]` (ciphertext then tag), writing
+    /// the plaintext to the start of `buf` (moved left by `src` bytes in the same
+    /// pass); returns its length. On failure `buf` holds no plaintext.
+    pub fn open_within(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8], src: usize) -> Result<usize, AeadError> {
+        let sealed = buf.len().checked_sub(src).filter(|&n| n >= AEAD_TAG_LEN).ok_or(AeadError)?;
+        let len = sealed - AEAD_TAG_LEN;
+        let split = src + len;
         match &self.inner {
             KeyInner::Ring(k) => {
                 let mut tag = [0u8; AEAD_TAG_LEN];
@@ -99,16 +106,18 @@ impl TransportKey {
                         Aad::from(aad),
                         Tag::from(tag),
                         &mut buf[..split],
-                        0..,
+                        src..,
                     )
                     .map_err(|_| AeadError)?;
             }
             KeyInner::RustCrypto(c) => {
                 let (data, tag) = buf.split_at_mut(split);
-                c.decrypt_in_place_detached(nonce.into(), aad, data, (&*tag).into()).map_err(|_| AeadError)?;
+                c.decrypt_in_place_detached(nonce.into(), aad, &mut data[src..], (&*tag).into())
+                    .map_err(|_| AeadError)?;
+                data.copy_within(src.., 0);
             }
         }
-        Ok(&mut buf[..split])
+        Ok(len)
     }
 }
 
@@ -203,5 +212,34 @@ mod tests {
             assert_eq!(b.open(&nonce, b"", &mut x).unwrap().len(), len);
         }
         assert!(a.open(&[0u8; 12], b"", &mut [0u8; 15]).is_err());
+    }
+
+    /// Opening with the plaintext moved left (how a worker decrypts a frame so
+    /// the inner packet lands behind room for its Ethernet header) gives the
+    /// RFC 8439 plaintext at the start, for both backends and any shift.
+    #[test]
+    fn open_within_moves_the_plaintext_left() {
+        let key: [u8; 32] = core::array::from_fn(|i| 0x80 + i as u8);
+        let nonce: [u8; 12] = hex("070000004041424344454647").try_into().unwrap();
+        let aad = hex("50515253c0c1c2c3c4c5c6c7");
+        for backend in [AeadBackend::Ring, AeadBackend::RustCrypto] {
+            let k = TransportKey::new(backend, &key);
+            let mut sealed = PLAINTEXT.to_vec();
+            sealed.extend_from_slice(&[0u8; 16]);
+            k.seal(&nonce, &aad, &mut sealed);
+            for shift in [0usize, 1, 14, 44, 64, 200] {
+                let mut buf = vec![0xeeu8; shift];
+                buf.extend_from_slice(&sealed);
+                assert_eq!(k.open_within(&nonce, &aad, &mut buf, shift), Ok(PLAINTEXT.len()), "{backend:?} {shift}");
+                assert_eq!(&buf[..PLAINTEXT.len()], PLAINTEXT, "{backend:?} shift {shift}");
+                let mut tampered = vec![0u8; shift];
+                tampered.extend_from_slice(&sealed);
+                tampered[shift] ^= 1;
+                assert!(k.open_within(&nonce, &aad, &mut tampered, shift).is_err());
+            }
+            let mut short = vec![0u8; 20];
+            assert!(k.open_within(&nonce, &aad, &mut short, 5).is_err(), "15 bytes after the shift: no tag");
+            assert!(k.open_within(&nonce, &aad, &mut short, 21).is_err(), "shift past the end");
+        }
     }
 }

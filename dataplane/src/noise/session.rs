@@ -217,27 +217,44 @@ impl Keypair {
     }
 
     /// Authenticates and decrypts a transport message in place and returns its
-    /// padded plaintext (empty for a keepalive). Order: cheap lock-free check
-    /// for stale counters, age, AEAD, then the replay window records the counter.
+    /// padded plaintext (empty for a keepalive), behind the header.
     pub fn open<'a>(&self, msg: TransportHeader<&'a mut [u8]>, now: Instant) -> Result<&'a mut [u8], ReceiveError> {
         let counter = msg.counter();
+        let body = msg.into_inner().get_mut(TRANSPORT_HEADER_LEN..).ok_or(ReceiveError::Authentication)?;
+        let n = self.open_counter(counter, body, 0, now)?;
+        Ok(&mut body[..n])
+    }
+
+    /// Authenticates and decrypts the transport message at `buf[at..]`, writing
+    /// its padded plaintext to the start of `buf` (the message's bytes are
+    /// consumed); returns the plaintext length.
+    pub fn open_within(&self, buf: &mut [u8], at: usize, now: Instant) -> Result<usize, ReceiveError> {
+        let message = buf.get(at..).ok_or(ReceiveError::Authentication)?;
+        let counter = TransportHeader::new_checked(message).map_err(|_| ReceiveError::Authentication)?.counter();
+        self.open_counter(counter, buf, at + TRANSPORT_HEADER_LEN, now)
+    }
+
+    /// Order: cheap lock-free check for stale counters, age, AEAD (ciphertext
+    /// and tag at `buf[src..]`, plaintext to `buf[..]`), then the replay window
+    /// records the counter.
+    fn open_counter(&self, counter: u64, buf: &mut [u8], src: usize, now: Instant) -> Result<usize, ReceiveError> {
         if !self.receive.may_accept(counter) {
             return Err(ReceiveError::Replay);
         }
         if self.is_expired(now) {
             return Err(ReceiveError::Expired);
         }
-        let buf = msg.into_inner();
-        let encrypted = buf.get_mut(TRANSPORT_HEADER_LEN..).ok_or(ReceiveError::Authentication)?;
-        let plain =
-            self.receiving.open(&counter_nonce(counter), &[], encrypted).map_err(|_| ReceiveError::Authentication)?;
+        let n = self
+            .receiving
+            .open_within(&counter_nonce(counter), &[], buf, src)
+            .map_err(|_| ReceiveError::Authentication)?;
         if !self.receive.record(counter) {
             return Err(ReceiveError::Replay);
         }
         if !self.used.load(Ordering::Relaxed) {
             self.used.store(true, Ordering::Relaxed);
         }
-        Ok(plain)
+        Ok(n)
     }
 }
 

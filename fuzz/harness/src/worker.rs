@@ -14,13 +14,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 use wgxdp_dataplane::device::Action;
 use wgxdp_dataplane::frame::parse_udp_frame;
-use wgxdp_dataplane::frame_io::{MemoryFrame, MemoryFrames};
+use wgxdp_dataplane::frame_io::{MemoryFrame, Port};
 use wgxdp_dataplane::noise::cookie::{CookieJar, MacKeys};
 use wgxdp_dataplane::noise::AeadBackend;
 use wgxdp_dataplane::peer_view::monotonic_nanos;
 use wgxdp_dataplane::policy::{FirewallRule, ForwardingPolicy, PortRange, RuleAction, RuleProtocol};
 use wgxdp_dataplane::table::IpPrefix;
-use wgxdp_dataplane::testing::{MemoryWorker, CLIENT_ADDR, CLIENT_TUNNEL, GATEWAY_ADDR, LAN_HOST};
+use wgxdp_dataplane::testing::{MemoryWorker, CLIENT_ADDR, CLIENT_TUNNEL, GATEWAY_ADDR, LAN_HOST, MEMORY_FRAMES};
 use wgxdp_dataplane::wire::{HANDSHAKE_INITIATION_LEN, HANDSHAKE_RESPONSE_LEN};
 use wgxdp_dataplane::worker::ControlEvent;
 
@@ -66,21 +66,22 @@ fn gateway_addr() -> SocketAddr {
 }
 
 impl Sim {
-    fn wan(&mut self) -> &mut MemoryFrames {
-        self.m.worker.queues_mut().0
+    /// Queues a frame as received on `port`.
+    fn inject(&mut self, port: Port, frame: &[u8]) {
+        let _ = self.m.worker.frames_mut().inject(port, frame);
     }
 
     /// The worker runs until idle; what it sent on the WAN reaches the client.
     fn run(&mut self) {
         self.m.run_until_idle(&mut self.batch, self.now);
         let mut to_client = Vec::new();
-        let (wan, lan) = self.m.worker.queues_mut();
-        wan.take_sent(|f| {
+        let frames = self.m.worker.frames_mut();
+        frames.take_sent(Port::Wan, |f| {
             if let Ok(u) = parse_udp_frame(f) {
                 to_client.push(f[u.payload].to_vec());
             }
         });
-        lan.take_sent(|_| {});
+        frames.take_sent(Port::Lan, |_| {});
         for mut d in to_client {
             self.deliver_to_client(&mut d);
         }
@@ -93,7 +94,7 @@ impl Sim {
     /// A datagram from the client, framed and queued on the WAN.
     fn send_from_client(&mut self, payload: &[u8]) {
         let frame = self.m.frame_payload(payload);
-        let _ = self.wan().inject(&frame);
+        self.inject(Port::Wan, &frame);
     }
 
     /// What the control thread does per iteration, then the client's turn.
@@ -178,7 +179,7 @@ pub fn run(data: &[u8]) -> MemoryWorker {
     for r in records(data) {
         match r.op % op::OPS {
             op::WAN_FRAME => {
-                let _ = s.wan().inject(r.bytes);
+                s.inject(Port::Wan, r.bytes);
             }
             op::WAN_DATAGRAM => {
                 let mut d = r.bytes.to_vec();
@@ -205,7 +206,7 @@ pub fn run(data: &[u8]) -> MemoryWorker {
                         let at = r.bytes.first().map_or(0, |&b| usize::from(b)) % frame.len();
                         frame[at] ^= 1 << (r.flags >> 5);
                     }
-                    let _ = s.wan().inject(&frame);
+                    s.inject(Port::Wan, &frame);
                 }
             }
             op::LAN => {
@@ -214,7 +215,7 @@ pub fn run(data: &[u8]) -> MemoryWorker {
                 } else {
                     MemoryWorker::lan_frame(&ipv4_with_payload(LAN_HOST, CLIENT_TUNNEL, r.bytes))
                 };
-                let _ = s.m.worker.queues_mut().1.inject(&frame);
+                s.inject(Port::Lan, &frame);
             }
             op::POLICY => {
                 let (policy, host) = policy_from(r.bytes);
@@ -233,6 +234,10 @@ pub fn run(data: &[u8]) -> MemoryWorker {
             }
         }
         s.run();
+        // Whatever came in and whatever went out (on either port, from the
+        // frame it arrived in or a new one), every frame is back in the pool.
+        let free = s.m.worker.frames_mut().free_frames();
+        assert_eq!(free, MEMORY_FRAMES, "frames leaked");
     }
     s.m
 }
