@@ -127,7 +127,7 @@ impl SlowPath {
         let Some(len) = expired.answer(&self.shared, &mut self.icmp, &self.scratch, &mut self.error, now) else {
             return;
         };
-        if let Err(reason) = self.into_tunnel(peer, len, now) {
+        if let Err(reason) = self.seal_into_tunnel(peer, len, now) {
             self.counters.drops.count(reason);
         } else {
             self.counters.icmp_time_exceeded.fetch_add(1, Relaxed);
@@ -135,7 +135,7 @@ impl SlowPath {
     }
 
     /// Seals the packet in `error[..len]` into `peer`'s tunnel through the kernel.
-    fn into_tunnel(&mut self, peer: PeerId, len: usize, now: Instant) -> Result<(), DropReason> {
+    fn seal_into_tunnel(&mut self, peer: PeerId, len: usize, now: Instant) -> Result<(), DropReason> {
         let shared = &*self.shared;
         let mut snapshot = Snapshot::load(&shared.tables);
         let tally = snapshot.sending_to(peer)?;
@@ -149,12 +149,12 @@ impl SlowPath {
     /// routing, sealed through the kernel (untracked).
     pub fn handle_host_packet(&mut self, packet: &[u8], now: Instant) {
         self.counters.lan_rx.fetch_add(1, Relaxed);
-        if let Err(reason) = self.from_host(packet, now) {
+        if let Err(reason) = self.seal_host_packet(packet, now) {
             self.counters.drops.count(reason);
         }
     }
 
-    fn from_host(&mut self, packet: &[u8], now: Instant) -> Result<(), DropReason> {
+    fn seal_host_packet(&mut self, packet: &[u8], now: Instant) -> Result<(), DropReason> {
         let shared = &*self.shared;
         let ip = parse_ip_frame_payload(packet).map_err(|_| DropReason::Malformed)?;
         let packet = packet.get(..ip.len).ok_or(DropReason::Malformed)?;

@@ -357,7 +357,7 @@ impl<S: FrameIo> Worker<S> {
                 match opened {
                     Ok(Opened::Data { peer, inner }) => {
                         self.decrypted += 1;
-                        return self.from_tunnel(frame, snapshot, neighbors, peer, inner, now);
+                        return self.forward_from_tunnel(frame, snapshot, neighbors, peer, inner, now);
                     }
                     Ok(Opened::Keepalive { .. }) => bump(&self.counters.keepalives_received),
                     Err(reason) => self.counters.dropped(reason),
@@ -375,7 +375,7 @@ impl<S: FrameIo> Worker<S> {
     /// A decrypted inner packet (at `frame[14..]`): the policy decides, then it
     /// leaves on the LAN in the same frame, enters the host, waits for its
     /// neighbour, or is dropped.
-    fn from_tunnel(
+    fn forward_from_tunnel(
         &mut self,
         mut frame: S::Frame,
         snapshot: &mut Snapshot<'_>,
@@ -549,7 +549,7 @@ impl<S: FrameIo> Worker<S> {
     ) -> Option<Result<Sealed, DropReason>> {
         let ep = tally.endpoint()?;
         let path = usable_path(&ep)?;
-        if !tally.keypair().is_some_and(|k| !k.is_expired(now)) {
+        if tally.keypair().is_none_or(|k| k.is_expired(now)) {
             return None;
         }
         let len = inner.len();
