@@ -232,8 +232,41 @@ pub struct ConnTrackCounters {
     pub inserts: AtomicU64,
     /// Live flows pushed out by new ones (the table was full in their set).
     pub evictions: AtomicU64,
-    /// Packets from a remote site let in as part of a tracked flow.
-    pub replies: AtomicU64,
+    /// Packets from a remote site let in as part of a tracked flow (counted
+    /// per packet by every worker: striped, so no cache line bounces).
+    pub replies: StripedCounter,
+}
+
+/// Threads a striped counter spreads over (more threads share stripes).
+const STRIPES: usize = 16;
+
+/// A counter that many threads add to per packet without sharing a cache
+/// line: each thread adds to its own stripe; reading sums them.
+#[derive(Debug, Default)]
+pub struct StripedCounter {
+    stripes: [Stripe; STRIPES],
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Stripe(AtomicU64);
+
+impl StripedCounter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        thread_local! {
+            static STRIPE: usize = {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(1, Relaxed) as usize % STRIPES
+            };
+        }
+        let i = STRIPE.with(|s| *s);
+        self.stripes[i % STRIPES].0.fetch_add(n, Relaxed);
+    }
+
+    pub fn load(&self) -> u64 {
+        self.stripes.iter().map(|s| s.0.load(Relaxed)).sum()
+    }
 }
 
 /// The bounded, lock-free connection table: flows, and (apart, so that a
@@ -345,7 +378,7 @@ impl ConnTrack {
         for slot in &self.set(key, tag).ways {
             if slot.tag.load(Relaxed) == tag && slot.live_since(now).is_some() {
                 slot.touch(now, key.idle);
-                self.counters.replies.fetch_add(1, Relaxed);
+                self.counters.replies.add(1);
                 return true;
             }
         }
@@ -402,7 +435,7 @@ impl ConnTrack {
             ("conntrack_flows", self.live(now) as u64),
             ("conntrack_inserts", self.counters.inserts.load(Relaxed)),
             ("conntrack_evictions", self.counters.evictions.load(Relaxed)),
-            ("conntrack_replies", self.counters.replies.load(Relaxed)),
+            ("conntrack_replies", self.counters.replies.load()),
         ]
     }
 }
@@ -564,5 +597,19 @@ mod tests {
             prop_assert!(inserts - evictions <= cap, "{inserts} inserts, {evictions} evictions, capacity {cap}");
             prop_assert_eq!(std::mem::size_of::<Set>(), 64);
         }
+    }
+
+    #[test]
+    fn striped_counts_add_up_across_threads() {
+        let c = std::sync::Arc::new(StripedCounter::default());
+        let threads: Vec<_> = (0..20)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || (0..1000).for_each(|_| c.add(1)))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        c.add(5);
+        assert_eq!(c.load(), 20_005, "20 threads over 16 stripes: every add counted");
     }
 }

@@ -156,7 +156,7 @@ fn deny_all_inbound_still_lets_replies_of_lan_flows_in() {
     let mut unreachable = ipv4_l4_packet(20 + 8 + 28, [10, 0, 2, 1], LAN_HOST, ICMP, (3 << 8 | 3, 0), 64);
     unreachable[28..].copy_from_slice(&quote[..28]);
     assert_eq!(from_site(&mut m, &unreachable, now).len(), 1, "an error about our own flow");
-    assert!(m.shared.conntrack.counters.replies.load(Relaxed) >= 3);
+    assert!(m.shared.conntrack.counters.replies.load() >= 3);
 }
 
 #[test]
