@@ -265,6 +265,12 @@ impl WireguardGo {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The process id (`ip netns exec` and `taskset` exec in place, so this
+    /// is wireguard-go or boringtun itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for WireguardGo {

@@ -149,6 +149,33 @@ impl ServeProcess {
 
     /// As `start`, with the whole process on `cpu` (taskset).
     pub fn start_pinned(ns: &Netns, wgxdp: &Path, config: &Path, log_dir: &Path, cpu: Option<usize>) -> Self {
+        let p = Self::spawn(ns, wgxdp, config, log_dir, cpu);
+        p.wait_for_output("wgxdp: running", Duration::from_secs(30));
+        p
+    }
+
+    /// As `start_pinned`, but a process that exits (or stays silent for
+    /// `timeout`) before it runs is an `Err` with its error output, not a panic.
+    pub fn try_start_pinned(
+        ns: &Netns,
+        wgxdp: &Path,
+        config: &Path,
+        log_dir: &Path,
+        cpu: Option<usize>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let p = Self::spawn(ns, wgxdp, config, log_dir, cpu);
+        let deadline = Instant::now() + timeout;
+        while !p.output().contains("wgxdp: running") {
+            if p.exited() || Instant::now() >= deadline {
+                return Err(p.errors());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(p)
+    }
+
+    fn spawn(ns: &Netns, wgxdp: &Path, config: &Path, log_dir: &Path, cpu: Option<usize>) -> Self {
         let n = crate::unique_name("serve");
         let (stdout, stderr) = (log_dir.join(format!("{n}.out")), log_dir.join(format!("{n}.err")));
         let wgxdp = wgxdp.to_str().expect("utf-8 path");
@@ -166,9 +193,7 @@ impl ServeProcess {
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
             .expect("start wgxdp serve");
-        let p = Self { child, stdout, stderr };
-        p.wait_for_output("wgxdp: running", Duration::from_secs(30));
-        p
+        Self { child, stdout, stderr }
     }
 
     pub fn output(&self) -> String {
@@ -183,12 +208,22 @@ impl ServeProcess {
         let deadline = Instant::now() + timeout;
         while !self.output().contains(needle) {
             assert!(
-                Instant::now() < deadline,
-                "`{needle}` not printed; stdout:\n{}\nstderr:\n{}",
+                Instant::now() < deadline && !self.exited(),
+                "`{needle}` not printed{}; stdout:\n{}\nstderr:\n{}",
+                if self.exited() { " (wgxdp serve exited)" } else { "" },
                 self.output(),
                 self.errors()
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process has exited (a zombie not yet reaped, or gone).
+    pub fn exited(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) {
+            // The state follows the command name, which is in parentheses.
+            Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
         }
     }
 

@@ -10,7 +10,7 @@
 //!   prefix; the sink on the client veth counts the transport packets.
 
 use std::net::{SocketAddr, SocketAddrV4};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use wgxdp_dataplane::noise::{PrivateKey, PublicKey};
 use wgxdp_integration::blast::{
@@ -31,6 +31,8 @@ pub const TUNNEL_SRC: &str = "10.200.0.2";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Wgxdp,
+    /// wgxdp with `busy_poll = true` in its `[interface]` section.
+    WgxdpBusyPoll,
     Userspace(Userspace),
 }
 
@@ -38,6 +40,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Wgxdp => "wgxdp",
+            Kind::WgxdpBusyPoll => "wgxdp (busy poll)",
             Kind::Userspace(Userspace::WireguardGo) => "wireguard-go",
             Kind::Userspace(Userspace::Boringtun) => "boringtun",
         }
@@ -53,6 +56,14 @@ pub struct Rate {
     pub delivered_gbps: f64,
 }
 
+impl Rate {
+    /// The gateway kept up with everything offered (≥ 95 %): the generator set
+    /// the rate, so the figure is a lower bound of the gateway's capacity.
+    pub fn generator_limited(&self) -> bool {
+        self.offered_pps > 0.0 && self.delivered_pps >= 0.95 * self.offered_pps
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Capacity {
     /// By size (SIZES order).
@@ -62,8 +73,36 @@ pub struct Capacity {
 
 /// A gateway under test: what must stay alive while it runs; stopped on drop.
 pub enum Running {
-    Wgxdp { _process: ServeProcess, _dir: TempDir },
-    Userspace { _process: WireguardGo },
+    Wgxdp { process: ServeProcess, _dir: TempDir },
+    Userspace { process: WireguardGo },
+}
+
+impl Running {
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        match self {
+            Running::Wgxdp { process, .. } => process.child.id(),
+            Running::Userspace { process } => process.pid(),
+        }
+    }
+}
+
+/// A `wgxdp serve` configuration for `kind` (wgxdp, with or without busy
+/// polling) in `topo` with `peers`: its directory, file and public key.
+pub fn wgxdp_config(kind: Kind, topo: &SiteTopology, peers: &[(PublicKey, String)]) -> (TempDir, PathBuf, PublicKey) {
+    let dir = TempDir::new("wgxdp-cap");
+    let key_file = dir.join("gw.key");
+    let key = write_private_key(&key_file).public_key();
+    let config = dir.join("gw.toml");
+    let mut text = format!("{}cores = [{GATEWAY_CPU}]\n", topo.interface_section(&key_file));
+    if kind == Kind::WgxdpBusyPoll {
+        text.push_str("busy_poll = true\n");
+    }
+    for (peer, allowed) in peers {
+        text.push_str(&format!("\n[[peer]]\npublic_key = \"{peer}\"\nallowed_ips = [\"{allowed}\"]\n"));
+    }
+    std::fs::write(&config, text).expect("config");
+    (dir, config, key)
 }
 
 /// Starts `kind` in the gateway namespace, pinned to the gateway core, with
@@ -75,18 +114,10 @@ pub fn start_gateway(
     peers: &[(PublicKey, String)],
 ) -> (Running, PublicKey) {
     match kind {
-        Kind::Wgxdp => {
-            let dir = TempDir::new("wgxdp-cap");
-            let key_file = dir.join("gw.key");
-            let key = write_private_key(&key_file).public_key();
-            let config = dir.join("gw.toml");
-            let mut text = format!("{}cores = [{GATEWAY_CPU}]\n", topo.interface_section(&key_file));
-            for (peer, allowed) in peers {
-                text.push_str(&format!("\n[[peer]]\npublic_key = \"{peer}\"\nallowed_ips = [\"{allowed}\"]\n"));
-            }
-            std::fs::write(&config, text).expect("config");
+        Kind::Wgxdp | Kind::WgxdpBusyPoll => {
+            let (dir, config, key) = wgxdp_config(kind, topo, peers);
             let p = ServeProcess::start_pinned(&topo.gateway, wgxdp, &config, &dir.0, Some(GATEWAY_CPU));
-            (Running::Wgxdp { _process: p, _dir: dir }, key)
+            (Running::Wgxdp { process: p, _dir: dir }, key)
         }
         Kind::Userspace(program) => {
             let key = PrivateKey::generate();
@@ -107,7 +138,7 @@ pub fn start_gateway(
             let _ = std::fs::remove_file(&conf);
             topo.gateway.ip(&["link", "set", &wg.interface, "up"]);
             topo.gateway.ip(&["route", "add", "10.200.0.0/16", "dev", &wg.interface]);
-            (Running::Userspace { _process: wg }, key.public_key())
+            (Running::Userspace { process: wg }, key.public_key())
         }
     }
 }

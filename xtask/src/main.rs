@@ -26,9 +26,13 @@ commands:
   demo         setup + build, then a working site-to-site tunnel in network
                namespaces, configured through the API, with live status
   bench-e2e    setup (+ boringtun) + release build, then the same workloads
-               through wgxdp, wireguard-go and boringtun in one run: a table,
-               target/bench-e2e.json and target/bench-e2e.svg
+               through wgxdp, wireguard-go and boringtun in one run: tables
+               (equal-load CPU cost per packet first), target/bench-e2e.json
+               and target/bench-e2e.svg
                [--seconds N] [--packets N] [--gateways N] [--json FILE]
+               [--only equal-load,capacity,handshakes,user-view]
+               [--equal-rate-64 PPS] [--equal-rate-1420 PPS]
+               [--equal-seconds S] [--equal-runs N] [--busy-poll]
 ";
 
 fn main() -> Result<()> {
