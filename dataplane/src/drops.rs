@@ -66,6 +66,10 @@ drop_reasons! {
     Oversize => "oversize",
     /// No free frame in the transmit ring's UMEM.
     NoFrame => "no_frame",
+    /// A port's transmit backlog was at its bound (the link drains slower than
+    /// packets arrive for it): dropped so the shared frames keep both receive
+    /// rings filled, and the other port and other tunnels keep flowing.
+    TxFull => "tx_full",
     /// The handshake queue to the control thread was full.
     HandshakeQueueFull => "handshake_queue_full",
     /// Under load, a source sent more handshake messages than it may.
@@ -111,6 +115,14 @@ impl DropCounters {
     #[inline]
     pub fn count(&self, reason: DropReason) {
         self.0[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    /// `n` drops of one reason at once (per batch).
+    #[inline]
+    pub fn count_n(&self, reason: DropReason, n: u64) {
+        if n > 0 {
+            self.0[reason as usize].fetch_add(n, Relaxed);
+        }
     }
 
     pub fn get(&self, reason: DropReason) -> u64 {

@@ -5,7 +5,7 @@
 //! one (two AF_XDP sockets over one UMEM); `MemoryFrames` is an in-memory one,
 //! so the whole worker loop can be tested and benchmarked without a NIC.
 
-pub use crate::xsk::Port;
+pub use crate::xsk::{tx_bound, Port};
 use crate::xsk::{Frame, XskQueue};
 
 /// A queue's frames and its two ports.
@@ -22,8 +22,13 @@ pub trait FrameIo {
     fn with_data_mut<R>(&mut self, frame: &mut Self::Frame, len: Option<usize>, f: impl FnOnce(&mut [u8]) -> R) -> R;
     /// Gives a frame back without sending it.
     fn release(&mut self, frame: Self::Frame);
-    /// Queues a frame for transmission on `port`.
+    /// Queues a frame for transmission on `port`; if that port's transmit
+    /// backlog is at its bound (`tx_bound`), the frame is freed instead and
+    /// counted (`take_tx_full`): one slow link can never hold every frame of
+    /// the pool that both ports receive into.
     fn send(&mut self, port: Port, frame: Self::Frame);
+    /// Frames `send` dropped at the bound since the last call.
+    fn take_tx_full(&mut self) -> u64;
     /// Hands queued frames over and recycles finished ones; once per batch.
     fn flush(&mut self);
 }
@@ -49,6 +54,9 @@ impl FrameIo for XskQueue {
     fn send(&mut self, port: Port, frame: Frame) {
         XskQueue::send(self, port, frame)
     }
+    fn take_tx_full(&mut self) -> u64 {
+        XskQueue::take_tx_full(self)
+    }
     fn flush(&mut self) {
         XskQueue::flush(self)
     }
@@ -70,6 +78,9 @@ pub struct MemoryFrames {
     free: Vec<usize>,
     rx: [std::collections::VecDeque<usize>; 2],
     sent: [Vec<usize>; 2],
+    /// At most this many frames wait in each port's `sent` (its "tx ring").
+    tx_bound: usize,
+    tx_full: u64,
 }
 
 impl MemoryFrames {
@@ -80,6 +91,8 @@ impl MemoryFrames {
             free: (0..frames).rev().collect(),
             rx: [(); 2].map(|_| std::collections::VecDeque::with_capacity(frames)),
             sent: [(); 2].map(|_| Vec::with_capacity(frames)),
+            tx_bound: tx_bound(frames),
+            tx_full: 0,
         }
     }
 
@@ -150,7 +163,15 @@ impl FrameIo for MemoryFrames {
     }
 
     fn send(&mut self, port: Port, frame: MemoryFrame) {
+        if self.sent[port as usize].len() >= self.tx_bound {
+            self.tx_full += 1;
+            return self.release(frame);
+        }
         self.sent[port as usize].push(frame.index);
+    }
+
+    fn take_tx_full(&mut self) -> u64 {
+        std::mem::take(&mut self.tx_full)
     }
 
     fn flush(&mut self) {}

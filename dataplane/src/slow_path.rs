@@ -114,6 +114,8 @@ impl SlowPath {
                     }
                     Err(Refusal::Drop(reason)) => Err(reason),
                     Err(Refusal::Expired(expired)) => {
+                        // The answer follows the endpoint this packet taught.
+                        drop(snapshot);
                         self.time_exceeded_into_tunnel(peer, expired, now);
                         Err(DropReason::TtlExceeded)
                     }

@@ -327,6 +327,7 @@ impl<S: FrameIo> Worker<S> {
             }
         }
         self.io.flush();
+        self.counters.drops.count_n(DropReason::TxFull, self.io.take_tx_full());
         work
     }
 
@@ -415,6 +416,8 @@ impl<S: FrameIo> Worker<S> {
             Err(Refusal::Drop(reason)) => counters.dropped(reason),
             Err(Refusal::Expired(expired)) => {
                 counters.dropped(DropReason::TtlExceeded);
+                // The answer follows the endpoint this packet taught (written back now).
+                snapshot.flush();
                 self.time_exceeded_into_tunnel(snapshot, peer, expired, now);
             }
         }
@@ -1030,6 +1033,31 @@ mod tests {
         }
         // No frame leaked on either side.
         assert_eq!(io(&mut m).free_frames(), 2048, "every frame is back in the pool");
+    }
+
+    /// A LAN that drains slower than the tunnel delivers cannot take every
+    /// frame of the shared pool: past its bound a port's backlog is dropped,
+    /// counted, and the WAN port keeps working.
+    #[test]
+    fn a_stalled_port_holds_at_most_its_bound_of_the_shared_frames() {
+        let mut m = MemoryWorker::new(AeadBackend::Ring);
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        let bound = crate::frame_io::tx_bound(crate::testing::MEMORY_FRAMES);
+        let inner = ipv4_packet(100, CLIENT_TUNNEL, LAN_HOST);
+        for _ in 0..bound + 100 {
+            let frame = m.wan_frame(&inner, now);
+            assert!(io(&mut m).inject(Port::Wan, &frame));
+            m.run_until_idle(&mut batch, now);
+        }
+        assert_eq!(m.counters.drops.get(DropReason::TxFull), 100, "{:?}", m.counters.named());
+        // The LAN never drained; the other direction still has frames and room.
+        let reply = ipv4_packet(200, LAN_HOST, CLIENT_TUNNEL);
+        assert!(io(&mut m).inject(Port::Lan, &MemoryWorker::lan_frame(&reply)));
+        m.run_until_idle(&mut batch, now);
+        assert_eq!(io(&mut m).take_sent(Port::Wan, |_| {}), 1, "the WAN port still sends");
+        assert_eq!(io(&mut m).take_sent(Port::Lan, |_| {}), bound);
+        assert_eq!(io(&mut m).free_frames(), crate::testing::MEMORY_FRAMES, "nothing leaked");
     }
 
     #[test]

@@ -60,6 +60,18 @@ pub enum BindMode {
     Copy,
 }
 
+/// Frames one port may hold for transmission (in its tx ring, queued or
+/// not yet completed) out of a pool of `frames` that both ports share: a
+/// quarter, so the two ports' backlogs and both fill rings (a quarter each at
+/// most) can never take every frame.
+pub const fn tx_bound(frames: usize) -> usize {
+    if frames / 4 > 1 {
+        frames / 4
+    } else {
+        1
+    }
+}
+
 /// Which of a queue's two sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Port {
@@ -111,6 +123,10 @@ pub struct XskQueue {
     scratch: Vec<FrameDesc>,
     /// How many frames to keep in each fill ring.
     fill_target: usize,
+    /// How many frames each port may hold for transmission (`tx_bound`).
+    tx_bound: usize,
+    /// Frames `send` dropped at that bound, not yet reported.
+    tx_full: u64,
     capacity: usize,
 }
 
@@ -132,9 +148,15 @@ const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
 /// Microseconds a syscall may busy-poll the NIC.
 const BUSY_POLL_USECS: libc::c_int = 20;
 
+/// Turns busy polling on for `fd` (`budget` packets per poll), or, with
+/// `budget == 0`, off again.
 fn set_busy_poll(fd: RawFd, budget: usize) -> std::io::Result<()> {
+    let on = budget > 0;
     let budget = budget.min(libc::c_int::MAX as usize) as libc::c_int;
-    for (option, value) in [(SO_PREFER_BUSY_POLL, 1), (SO_BUSY_POLL, BUSY_POLL_USECS), (SO_BUSY_POLL_BUDGET, budget)] {
+    let usecs = if on { BUSY_POLL_USECS } else { 0 };
+    for (option, value) in
+        [(SO_PREFER_BUSY_POLL, libc::c_int::from(on)), (SO_BUSY_POLL, usecs), (SO_BUSY_POLL_BUDGET, budget)]
+    {
         // SAFETY: `fd` is an open socket we own; the option value is a c_int
         // on our stack whose size we pass.
         let rc = unsafe {
@@ -209,6 +231,7 @@ impl XskQueue {
             .bind_flags(flags | BindFlags::XDP_USE_NEED_WAKEUP)
             .build();
         let mut ports = Vec::with_capacity(2);
+        let mut busy_poll = cfg.busy_poll;
         for iface in [wan, lan] {
             let bind_err = |reason: String| XskError::Bind { iface: iface.to_owned(), queue, reason };
             let name: Interface = iface.parse().map_err(|e| bind_err(format!("{e:?}")))?;
@@ -217,9 +240,10 @@ impl XskQueue {
             // inhibited — the conditions xsk-rs documents against a double free.
             match unsafe { Socket::new(socket_cfg, &umem, &name, queue) } {
                 Ok((tx, rx, Some((fill, comp)))) => {
-                    if cfg.busy_poll {
+                    if busy_poll {
                         if let Err(e) = set_busy_poll(rx.fd().as_raw_fd(), crate::worker::BATCH) {
                             tracing::warn!(%iface, queue, error = %e, "busy polling unavailable; interrupts as usual");
+                            busy_poll = false;
                         }
                     }
                     ports.push(XskPort {
@@ -236,6 +260,12 @@ impl XskQueue {
                 Err(e) => return Err(bind_err(e.to_string())),
             }
         }
+        if cfg.busy_poll && !busy_poll {
+            // All or nothing: a half-set socket would only cost wasted kicks.
+            for p in &ports {
+                let _ = set_busy_poll(p.rx.fd().as_raw_fd(), 0);
+            }
+        }
         let lan_port = ports.pop().expect("two ports");
         let wan_port = ports.pop().expect("two ports");
         static NEXT_ID: AtomicU32 = AtomicU32::new(1);
@@ -246,10 +276,12 @@ impl XskQueue {
             umem,
             ports: [wan_port, lan_port],
             mode,
-            busy_poll: cfg.busy_poll,
+            busy_poll,
             free: descs,
             scratch: vec![FrameDesc::default(); ring],
             fill_target: (capacity / 4).min(ring),
+            tx_bound: tx_bound(capacity),
+            tx_full: 0,
             capacity,
         };
         q.top_up_fill(Port::Wan);
@@ -354,7 +386,22 @@ impl XskQueue {
     /// Queues a frame for transmission on `port` (its length is its packet length).
     pub fn send(&mut self, port: Port, frame: Frame) {
         self.check(&frame);
+        let p = &mut self.ports[port as usize];
+        if p.in_tx + p.pending_tx.len() >= self.tx_bound {
+            // Reclaim what the kernel finished before giving up on the frame.
+            self.reclaim_completions(port);
+            let p = &self.ports[port as usize];
+            if p.in_tx + p.pending_tx.len() >= self.tx_bound {
+                self.tx_full += 1;
+                return self.free.push(frame.desc);
+            }
+        }
         self.ports[port as usize].pending_tx.push(frame.desc);
+    }
+
+    /// Frames `send` dropped at the transmit bound since the last call.
+    pub fn take_tx_full(&mut self) -> u64 {
+        std::mem::take(&mut self.tx_full)
     }
 
     /// Hands queued frames to the kernel, wakes it if it asks (always, when

@@ -668,6 +668,27 @@ mod tests {
         assert!(b6 < 2 << 20, "IPv6 trie takes {b6} bytes");
     }
 
+    /// The worst shapes a writer could configure cost a bounded amount per
+    /// prefix: /32s each in its own /16 (two chunks each), and IPv6 /128s that
+    /// branch at every byte (no path to compress).
+    #[test]
+    fn memory_per_prefix_is_bounded_for_adversarial_sets() {
+        let n = 4000usize;
+        let v4: BTreeMap<IpPrefix, u32> =
+            (0..n as u32).map(|i| (IpPrefix::new(Ipv4Addr::from(i << 16 | 0x0101).into(), 32).unwrap(), i)).collect();
+        let v6: BTreeMap<IpPrefix, u32> = (0..n as u128)
+            .map(|i| {
+                let spread = (i & 0xff) << 120 | ((i >> 8) & 0xff) << 56 | (i * 0x9e37_79b9) & 0xffff_ffff;
+                (IpPrefix::new(Ipv6Addr::from(spread).into(), 128).unwrap(), i as u32)
+            })
+            .collect();
+        let (b4, _) = AllowedIps::from_entries(v4.iter()).trie_bytes();
+        let (_, b6) = AllowedIps::from_entries(v6.iter()).trie_bytes();
+        eprintln!("{n} adversarial prefixes: IPv4 trie {b4} bytes, IPv6 trie {b6} bytes");
+        assert!(b4 <= 2200 * n + (256 << 10), "IPv4: {b4} bytes for {n} prefixes");
+        assert!(b6 <= 2300 * n + (256 << 10), "IPv6: {b6} bytes for {n} prefixes");
+    }
+
     /// Addresses near `base`: random below a random number of shared leading bits.
     fn near_v4(base: u32, noise: u32, shared: u32) -> Ipv4Addr {
         Ipv4Addr::from(base ^ noise.checked_shr(shared).unwrap_or(0))
