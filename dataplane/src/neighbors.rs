@@ -35,12 +35,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A loaded snapshot of the neighbour table: next-hop address → MAC.
-pub type NeighborsGuard = arc_swap::Guard<Arc<FastMap<IpAddr, MacAddr>>>;
+/// Next-hop address → MAC.
+pub type NeighborMap = FastMap<IpAddr, MacAddr>;
+
+/// A loaded snapshot of the neighbour table.
+pub type NeighborsGuard = arc_swap::Guard<Arc<NeighborMap>>;
 
 #[derive(Debug)]
 pub struct NeighborTable {
-    map: ArcSwap<FastMap<IpAddr, MacAddr>>,
+    map: ArcSwap<NeighborMap>,
     requests: Sender<IpAddr>,
 }
 

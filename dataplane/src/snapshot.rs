@@ -59,18 +59,6 @@ impl<'t> Snapshot<'t> {
         }
     }
 
-    pub fn tables(&self) -> &'t Tables {
-        self.tables
-    }
-
-    pub fn views(&self) -> &ViewMap {
-        &self.views
-    }
-
-    pub fn view(&self, peer: PeerId) -> Option<&Arc<PeerView>> {
-        self.views.get(&peer)
-    }
-
     /// The peer whose allowed IPs hold `addr` (cryptokey routing).
     #[inline]
     pub fn owner_of(&self, addr: IpAddr) -> Option<PeerId> {
@@ -90,11 +78,7 @@ impl<'t> Snapshot<'t> {
     /// peer's packet comes, or at `flush`).
     #[inline]
     pub(crate) fn received_from(&mut self, peer: PeerId) -> Result<&mut PeerTally, DropReason> {
-        if self.rx.as_ref().is_none_or(|t| t.view.id != peer) {
-            let view = self.views.get(&peer).ok_or(DropReason::UnknownIndex)?;
-            self.rx = Some(PeerTally::new(view.clone()));
-        }
-        Ok(self.rx.as_mut().expect("set above"))
+        tally_of(&mut self.rx, &self.views, peer).ok_or(DropReason::UnknownIndex)
     }
 
     /// The last peer a packet was received from (after `transport::open`).
@@ -105,11 +89,7 @@ impl<'t> Snapshot<'t> {
     /// The tally of packets sent to `peer`.
     #[inline]
     pub(crate) fn sending_to(&mut self, peer: PeerId) -> Result<&mut PeerTally, DropReason> {
-        if self.tx.as_ref().is_none_or(|t| t.view.id != peer) {
-            let view = self.views.get(&peer).ok_or(DropReason::NoRoute)?;
-            self.tx = Some(PeerTally::new(view.clone()));
-        }
-        Ok(self.tx.as_mut().expect("set above"))
+        tally_of(&mut self.tx, &self.views, peer).ok_or(DropReason::NoRoute)
     }
 
     /// The tally of the peer that owns `dst` (cryptokey routing, outbound).
@@ -125,6 +105,16 @@ impl<'t> Snapshot<'t> {
         self.rx = None;
         self.tx = None;
     }
+}
+
+/// `peer`'s tally in `slot`: the one there, or a new one (the one there is
+/// written back by being replaced); `None` if the peer is gone.
+#[inline]
+fn tally_of<'s>(slot: &'s mut Option<PeerTally>, views: &ViewMap, peer: PeerId) -> Option<&'s mut PeerTally> {
+    if slot.as_ref().is_none_or(|t| t.view.id != peer) {
+        *slot = Some(PeerTally::new(views.get(&peer)?.clone()));
+    }
+    slot.as_mut()
 }
 
 /// One peer as a batch uses it: what was loaded once, and what is added up

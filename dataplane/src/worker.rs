@@ -26,14 +26,12 @@ use crate::frame::{
 use crate::frame_io::FrameIo;
 use crate::host::{HostAddresses, HostTun};
 use crate::icmp::IcmpError;
-use crate::neighbors::{NeighborTable, NeighborWait};
-use crate::snapshot::{PeerTally, Snapshot};
-/// The neighbour map a batch holds (`NeighborTable::load`).
-type NeighborMap = crate::table::FastMap<IpAddr, MacAddr>;
+use crate::neighbors::{NeighborMap, NeighborTable, NeighborWait};
 use crate::noise::cookie::CookieChecker;
 use crate::noise::session::sealed_len;
 use crate::peer_view::{Endpoint, PeerId};
 use crate::policy::Inbound;
+use crate::snapshot::{PeerTally, Snapshot};
 use crate::staging::StagingPool;
 use crate::transport::{self, Opened, SealError, Tables};
 use crate::wire::{
@@ -215,8 +213,9 @@ pub struct Worker<S: FrameIo = XskQueue> {
     limiter: SourceLimiter,
     /// Where IPv4 fragments of an oversize inner packet are built.
     fragment: Vec<u8>,
-    /// An oversize packet copied out of its frame to be fragmented.
-    oversize: Vec<u8>,
+    /// A packet copied out of its frame (`spill`): to be fragmented, or sent
+    /// or staged as a copy.
+    spill: Vec<u8>,
     /// Packets decrypted this batch (added to the shared counter once).
     decrypted: usize,
     /// Packets for site neighbours being resolved.
@@ -275,7 +274,7 @@ impl<S: FrameIo> Worker<S> {
             slow_path: None,
             limiter: SourceLimiter::default(),
             fragment: vec![0u8; 65536],
-            oversize: vec![0u8; 65536],
+            spill: vec![0u8; 65536],
             decrypted: 0,
             waiting: NeighborWait::new(NEIGHBOR_WAIT_SLOTS, NEIGHBOR_WAIT_SLOT_LEN),
         }
@@ -497,17 +496,11 @@ impl<S: FrameIo> Worker<S> {
             if let Some(sealed) = self.seal_in_frame(frame, ip.packet.clone(), tally, now) {
                 return sealed;
             }
-            // No link-layer path to the peer yet, or no usable session.
-            let inner = &self.io.data(frame)[ip.packet.clone()];
-            let (shared, counters) = (&*self.shared, &*self.counters);
-            let sealed = match tally.endpoint() {
-                None => Err(DropReason::NoEndpoint),
-                Some(ep) if usable_path(&ep).is_some() => {
-                    finish_seal(shared, counters, tally.view(), inner, true, Err(SealError::NoSession))
-                }
-                Some(ep) => seal_via_kernel(shared, counters, &mut self.scratch, tally, ep.addr, inner, true, now),
-            };
-            return sealed.map(|()| Sealed::Elsewhere);
+            // No link-layer path to the peer yet, or no usable session: the
+            // one sealing path for copies decides (kernel, staging).
+            let inner = spill(&self.io, frame, ip.packet.clone(), &mut self.spill);
+            let (io, shared, counters, scratch) = (&mut self.io, &self.shared, &self.counters, &mut self.scratch);
+            return seal_to_wan(io, shared, counters, scratch, tally, inner, true, now).map(|()| Sealed::Elsewhere);
         }
         // Too big for the tunnel. RFC 1191 / 8201: a packet that forbids
         // fragmentation (IPv4 DF, or any IPv6 packet) is answered with "too
@@ -515,9 +508,7 @@ impl<S: FrameIo> Worker<S> {
         let v4 = crate::wire::Ipv4Packet::new_checked(inner).ok();
         if let Some(false) = v4.map(|p| p.dont_fragment()) {
             // Out of its frame: the pieces take new frames from the same pool.
-            let len = inner.len();
-            self.oversize[..len].copy_from_slice(inner);
-            let inner = &self.oversize[..len];
+            let inner = spill(&self.io, frame, ip.packet.clone(), &mut self.spill);
             let (io, shared, counters, scratch) = (&mut self.io, &self.shared, &self.counters, &mut self.scratch);
             let pieces = fragment_ipv4(inner, shared.tunnel_mtu, &mut self.fragment, |piece| {
                 seal_to_wan(io, shared, counters, scratch, tally, piece, true, now)
@@ -574,6 +565,15 @@ impl<S: FrameIo> Worker<S> {
             Err(_) => Sealed::Elsewhere,
         }))
     }
+}
+
+/// A copy of `frame[range]` in `buf`, out of the frame pool (for the rare
+/// paths that take new frames from the pool while the packet is read).
+fn spill<'b, S: FrameIo>(io: &S, frame: &S::Frame, range: core::ops::Range<usize>, buf: &'b mut [u8]) -> &'b [u8] {
+    let packet = io.data(frame).get(range).unwrap_or_default();
+    let len = packet.len().min(buf.len());
+    buf[..len].copy_from_slice(&packet[..len]);
+    &buf[..len]
 }
 
 /// The link-layer path a packet to `ep` can be framed for (learned from the
