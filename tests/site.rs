@@ -36,6 +36,9 @@ pub struct SiteTopology {
     pub gateway_wan: String,
     pub gateway_lan: String,
     pub lan_if: String,
+    /// The gateway's `wg(8)` interface name (its socket in /var/run/wireguard
+    /// is global, so unique per topology).
+    pub wg_name: String,
 }
 
 impl SiteTopology {
@@ -57,16 +60,21 @@ impl SiteTopology {
         // XDP interfaces compute them, as a physical link would carry them.
         client.exec("ethtool", &["-K", &client_if, "tx", "off"]);
         lan.exec("ethtool", &["-K", &lan_if, "tx", "off"]);
-        Self { client, gateway, lan, client_if, gateway_wan, gateway_lan, lan_if }
+        static NAMES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NAMES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let wg_name = format!("wgt{}-{n}", std::process::id() % 100_000);
+        Self { client, gateway, lan, client_if, gateway_wan, gateway_lan, lan_if, wg_name }
     }
 
     /// The `[interface]` section for a gateway in this topology.
     pub fn interface_section(&self, key_file: &Path) -> String {
         format!(
-            "[interface]\nwan = \"{}\"\nlan = \"{}\"\nlisten_port = {LISTEN_PORT}\nprivate_key_file = \"{}\"\n",
+            "[interface]\nwan = \"{}\"\nlan = \"{}\"\nlisten_port = {LISTEN_PORT}\nprivate_key_file = \"{}\"\n\
+             name = \"{}\"\n",
             self.gateway_wan,
             self.gateway_lan,
-            key_file.display()
+            key_file.display(),
+            self.wg_name
         )
     }
 

@@ -132,6 +132,9 @@ pub struct InterfaceSection {
     pub tracked_flows: usize,
     #[serde(default = "default_host_interface")]
     pub host_interface: String,
+    /// The WireGuard interface name `wg(8)` knows the gateway by (its socket
+    /// is /var/run/wireguard/<name>.sock); default: `host_interface`.
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +225,8 @@ pub struct Config {
     pub busy_poll: bool,
     pub tracked_flows: usize,
     pub host_interface: String,
+    /// The `wg(8)` interface name (the socket's file name).
+    pub name: String,
     pub api: Option<ApiConfig>,
 }
 
@@ -371,6 +376,8 @@ impl Config {
                 i.host_interface
             )));
         }
+        let name = i.name.clone().unwrap_or_else(|| i.host_interface.clone());
+        crate::uapi::validate_name(&name).map_err(|e| ConfigError::Interface(format!("`name`: {e}")))?;
         // The site's network, if the API names it: the peers' default local network.
         let site_cidr = match file.api.as_ref().and_then(|a| a.site_cidr.as_deref()) {
             Some(c) => Some(c.parse::<IpPrefix>().map_err(|e| ConfigError::Api(format!("site_cidr `{c}`: {e}")))?),
@@ -485,6 +492,7 @@ impl Config {
             busy_poll: i.busy_poll,
             tracked_flows: i.tracked_flows,
             host_interface: i.host_interface,
+            name,
         })
     }
 

@@ -10,3 +10,4 @@ pub mod plane;
 pub mod secret;
 pub mod serve;
 pub mod store;
+pub mod uapi;

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 use wgxdp_dataplane::device::{PeerId, PeerUpdate};
-use wgxdp_dataplane::gateway::{Gateway, GatewayError, PeerSpec};
+use wgxdp_dataplane::gateway::{Gateway, GatewayError, PeerSpec, PeerStatus};
 use wgxdp_dataplane::noise::peer::PeerConfig;
 use wgxdp_dataplane::noise::{PresharedKey, PublicKey};
 use wgxdp_dataplane::policy::ForwardingPolicy;
@@ -72,6 +72,10 @@ pub trait DataPlane: Send + Sync + 'static {
     fn statuses(&self, ids: &[&str]) -> Vec<Option<TunnelStatus>>;
     fn status(&self, id: &str) -> Option<TunnelStatus> {
         self.statuses(&[id]).pop().flatten()
+    }
+    /// Live state of the configuration file's peers, in file order.
+    fn config_peer_statuses(&self) -> Vec<Option<TunnelStatus>> {
+        Vec::new()
     }
     /// Per-rule firewall counters of every tunnel that has rules, by id.
     fn firewall_hits(&self) -> Vec<TunnelRuleHits>;
@@ -210,6 +214,19 @@ impl Tunnels {
     }
 }
 
+fn tunnel_status(s: PeerStatus) -> TunnelStatus {
+    TunnelStatus {
+        bytes_sent: s.stats.tx_bytes,
+        bytes_received: s.stats.rx_bytes,
+        packets_sent: s.stats.tx_packets,
+        packets_received: s.stats.rx_packets,
+        handshakes: s.stats.handshakes,
+        last_handshake: s.last_handshake,
+        endpoint: s.endpoint,
+        rule_hits: s.rule_hits,
+    }
+}
+
 /// The running AF_XDP gateway.
 #[derive(Debug)]
 pub struct GatewayPlane {
@@ -257,22 +274,12 @@ impl DataPlane for GatewayPlane {
         let peers = self.tunnels.peers(ids);
         // One trip to the control thread for every known one.
         let mut live = self.gateway.peer_statuses(peers.iter().flatten().copied().collect()).into_iter();
-        peers
-            .iter()
-            .map(|peer| {
-                let s = peer.and_then(|_| live.next().flatten())?;
-                Some(TunnelStatus {
-                    bytes_sent: s.stats.tx_bytes,
-                    bytes_received: s.stats.rx_bytes,
-                    packets_sent: s.stats.tx_packets,
-                    packets_received: s.stats.rx_packets,
-                    handshakes: s.stats.handshakes,
-                    last_handshake: s.last_handshake,
-                    endpoint: s.endpoint,
-                    rule_hits: s.rule_hits,
-                })
-            })
-            .collect()
+        peers.iter().map(|peer| peer.and_then(|_| live.next().flatten()).map(tunnel_status)).collect()
+    }
+
+    fn config_peer_statuses(&self) -> Vec<Option<TunnelStatus>> {
+        let ids = self.gateway.config_peers().to_vec();
+        self.gateway.peer_statuses(ids).into_iter().map(|s| s.map(tunnel_status)).collect()
     }
 
     fn firewall_hits(&self) -> Vec<TunnelRuleHits> {

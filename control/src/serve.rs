@@ -6,15 +6,16 @@ use crate::api::{self, ApiSettings, AppState, StaticPeer};
 use crate::config::{ApiConfig, Config};
 use crate::plane::{DataPlane, GatewayPlane};
 use crate::store::Store;
+use crate::uapi::{self, UapiDevice, UapiSocket};
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use wgxdp_dataplane::gateway::{interface_addrs, interface_networks, Gateway, GatewayConfig};
+use wgxdp_dataplane::gateway::{interface_addrs, interface_networks, Gateway, GatewayConfig, PeerSpec};
 use wgxdp_dataplane::loader::{self, DetachError};
-use wgxdp_dataplane::noise::AeadBackend;
+use wgxdp_dataplane::noise::{AeadBackend, PrivateKey};
 use wgxdp_dataplane::xsk::XskConfig;
 
 /// The XDP object, built by build.rs (aligned for the ELF parser).
@@ -71,6 +72,11 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
         tracing::info!(peer = %p.config.public_key, local_networks = %nets.join(", "),
             firewall_default = p.policy.default_action.as_str(), "configuration peer");
     }
+    let uapi = UapiStart {
+        socket: UapiSocket::bind(Path::new(uapi::SOCKET_DIR), &cfg.name)?,
+        private_key: cfg.private_key.clone(),
+        config_peers: cfg.peers.clone(),
+    };
     take_over(&cfg.wan, &cfg.lan)?;
     let gateway = Gateway::start(GatewayConfig {
         wan_interface: cfg.wan,
@@ -101,7 +107,7 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
         .enable_all()
         .build()
         .context("cannot start the API runtime")?;
-    let result = runtime.block_on(run(plane.clone(), api, public_address, host_addresses, stop, stats_every));
+    let result = runtime.block_on(run(plane.clone(), api, uapi, public_address, host_addresses, stop, stats_every));
     runtime.shutdown_timeout(Duration::from_secs(5));
     log_stats(plane.gateway());
     drop(plane);
@@ -109,9 +115,17 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
     result
 }
 
+/// The `wg` socket, bound before anything is attached, and what it reports.
+struct UapiStart {
+    socket: UapiSocket,
+    private_key: PrivateKey,
+    config_peers: Vec<PeerSpec>,
+}
+
 async fn run(
     plane: Arc<GatewayPlane>,
     api: Option<ApiStart>,
+    uapi: UapiStart,
     public_address: Option<std::net::IpAddr>,
     host_addresses: Vec<std::net::IpAddr>,
     stop: Arc<AtomicBool>,
@@ -125,6 +139,7 @@ async fn run(
             }
         }
     };
+    let mut api_state = None;
     let server = match api {
         Some(a) => {
             let store = a.store.clone();
@@ -142,6 +157,7 @@ async fn run(
                 metrics_separate: a.metrics_listener.is_some(),
             };
             let state = AppState::new(a.store, plane.clone(), settings);
+            api_state = Some(state.clone());
             let app = api::app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
             let listener = tokio::net::TcpListener::from_std(a.listener)?;
             if let Some(ml) = a.metrics_listener {
@@ -169,6 +185,11 @@ async fn run(
             None
         }
     };
+    let device =
+        Arc::new(UapiDevice::new(uapi.private_key, plane.listen_port(), uapi.config_peers, plane.clone(), api_state));
+    let socket_path = uapi.socket.path().to_owned();
+    let uapi_server = tokio::spawn(uapi.socket.serve(device, stop.clone()));
+    println!("wgxdp: wg socket on {}", socket_path.display());
     println!("wgxdp: running, public key {}, {} queue(s)", plane.gateway().public_key(), plane.gateway().queues());
     let mut ticker = tokio::time::interval(stats_every.unwrap_or(Duration::from_secs(3600)));
     ticker.tick().await;
@@ -179,6 +200,7 @@ async fn run(
         }
     }
     tracing::info!("signal received; stopping");
+    uapi_server.await?.context("the wg socket failed")?;
     if let Some(server) = server {
         server.await?.context("the API server failed")?;
     }

@@ -138,6 +138,8 @@ pub struct Gateway {
     queues: u32,
     /// Tunnel prefixes routed through the host interface.
     routes: Mutex<Vec<IpPrefix>>,
+    /// The peers `GatewayConfig::peers` started with, in that order.
+    config_peers: Vec<PeerId>,
 }
 
 fn interface_exists(iface: &str) -> bool {
@@ -363,11 +365,13 @@ impl Gateway {
         let mut device = Device::new(cfg.private_key, cfg.backend, 16, Instant::now());
         let public_key = device.public_key();
         let mut prefixes = BTreeSet::new();
+        let mut config_peers = Vec::with_capacity(cfg.peers.len());
         for p in &cfg.peers {
             let id = device
                 .add_peer(p.config.clone(), p.endpoint, &p.allowed_ips)
                 .map_err(|e| GatewayError::Peer { key: p.config.public_key, reason: e.to_string() })?;
             device.set_policy(id, p.policy.clone());
+            config_peers.push(id);
             prefixes.extend(p.allowed_ips.iter().copied());
         }
 
@@ -511,7 +515,19 @@ impl Gateway {
         }
         tracing::info!(%public_key, queues, port = cfg.listen_port, "gateway running");
         let routes = Mutex::new(routes);
-        Ok(Self { programs, shared, stop, threads, counters, slow_counters, control_drops, public_key, queues, routes })
+        Ok(Self {
+            programs,
+            shared,
+            stop,
+            threads,
+            counters,
+            slow_counters,
+            control_drops,
+            public_key,
+            queues,
+            routes,
+            config_peers,
+        })
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -520,6 +536,12 @@ impl Gateway {
 
     pub fn queues(&self) -> u32 {
         self.queues
+    }
+
+    /// The peers the gateway started with (`GatewayConfig::peers`, in order);
+    /// a removed one stays listed and reports no status.
+    pub fn config_peers(&self) -> &[PeerId] {
+        &self.config_peers
     }
 
     pub fn stats(&self) -> GatewayStats {

@@ -1,17 +1,17 @@
-//! `/api/v1/vpn-gateways` handlers. Mutations hold `AppState::mutations`,
-//! write the store durably, then program the data plane; a create is
-//! acknowledged only once the record is on disk and the peer is in the table.
+//! `/api/v1/vpn-gateways` handlers. Mutations hold `AppState::mutations` and
+//! run the changes in `changes` (shared with the `wg` socket): a change is
+//! acknowledged only once the store holds it and the data plane runs it.
 
+use super::changes;
 use super::error::ApiError;
 use super::extract::{ApiQuery, JsonBody};
 use super::model::{
-    overlaps, parse_create, remote_config, tunnel_of, GatewayEnvelope, GatewayListEnvelope, GatewayView, ListMeta,
-    ObjectMeta, StatusEnvelope, StatusView, UpdateGateway,
+    parse_create, remote_config, GatewayEnvelope, GatewayListEnvelope, GatewayView, ListMeta, ObjectMeta,
+    StatusEnvelope, StatusView, UpdateGateway,
 };
-use super::networks::{find_overlap, validate_remote_vs_site, GatewayNetworks, Network, ADDITIONAL_REMOTE, REMOTE};
 use super::AppState;
 use crate::plane::TunnelStatus;
-use crate::store::{now_millis, GatewayRecord, ListQuery, SortField, SortKey, Status, Store, StoreError};
+use crate::store::{GatewayRecord, ListQuery, SortField, SortKey, Status};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,6 @@ use axum::Json;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Runs blocking store/data-plane work off the async runtime.
 async fn blocking<T: Send + 'static>(
@@ -28,10 +27,6 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || f(&state)).await.map_err(ApiError::internal)?
-}
-
-fn existing(store: &Store, id: &str) -> Result<GatewayRecord, ApiError> {
-    store.get(id)?.ok_or_else(|| ApiError::not_found(id))
 }
 
 /// Live state from the data plane for each record (none for deleted ones), in one trip.
@@ -46,79 +41,6 @@ fn envelope(state: &AppState, g: &GatewayRecord, reveal_psk: bool) -> GatewayEnv
     GatewayEnvelope {
         data: GatewayView::new(g, live.as_ref(), &state.local_side(), reveal_psk),
         meta: ObjectMeta { persistence: "synced".into() },
-    }
-}
-
-/// A store write that follows a data-plane change is retried a few times
-/// before the caller rolls the data plane back.
-fn write_retrying(id: &str, mut write: impl FnMut() -> Result<(), StoreError>) -> Result<(), StoreError> {
-    let mut delay = Duration::from_millis(20);
-    let mut attempt = 1;
-    loop {
-        match write() {
-            Ok(()) => return Ok(()),
-            Err(e) if attempt >= 3 => return Err(e),
-            Err(e) => {
-                tracing::warn!(%id, error = %e, attempt, "store write failed; retrying");
-                std::thread::sleep(delay);
-                delay *= 4;
-                attempt += 1;
-            }
-        }
-    }
-}
-
-fn store_unavailable(e: StoreError) -> ApiError {
-    tracing::error!(error = %e, "the store failed after the data plane changed; rolled back");
-    ApiError::unavailable("the database could not record the change; it was not applied, retry later")
-}
-
-/// 409 if a remote network in `remote` overlaps, or `key` equals, a peer the
-/// data plane already holds: a live API gateway (other than `except`) or a
-/// configuration-file peer.
-fn check_conflicts(s: &AppState, remote: &[Network], key: Option<&str>, except: Option<&str>) -> Result<(), ApiError> {
-    for (index, peer) in s.settings.static_peers.iter().enumerate() {
-        for n in remote {
-            if let Some(p) = peer.allowed_ips.iter().find(|p| overlaps(p, &n.prefix)) {
-                return Err(ApiError::conflict(format!(
-                    "{} {} overlaps {p} of peer {index} in the configuration file",
-                    n.field, n.prefix
-                )));
-            }
-        }
-        if key.is_some_and(|k| k == peer.public_key.to_base64()) {
-            return Err(ApiError::conflict(format!(
-                "peer {index} in the configuration file already uses this remote_public_key"
-            )));
-        }
-    }
-    if remote.is_empty() && key.is_none() {
-        return Ok(());
-    }
-    let live = s.store.live()?;
-    for n in remote {
-        if let Some((other, p)) = find_overlap(&n.prefix, &live, except) {
-            return Err(ApiError::conflict(format!(
-                "{} {} overlaps the remote network {p} of VPN gateway {}",
-                n.field, n.prefix, other.id
-            )));
-        }
-    }
-    if let Some(other) =
-        key.and_then(|k| live.iter().find(|g| g.remote_public_key == k && Some(g.id.as_str()) != except))
-    {
-        return Err(ApiError::conflict(format!("VPN gateway {} already uses this remote_public_key", other.id)));
-    }
-    Ok(())
-}
-
-fn refuse_transient(g: &GatewayRecord) -> Result<(), ApiError> {
-    match g.status {
-        s if s.is_transient() => {
-            Err(ApiError::conflict(format!("VPN gateway {} is {}; retry when it settles", g.id, s.as_str())))
-        }
-        Status::Deleted => Err(ApiError::conflict(format!("VPN gateway {} is deleted", g.id))),
-        _ => Ok(()),
     }
 }
 
@@ -238,53 +160,9 @@ pub async fn list(
         (status = 413, body = ErrorEnvelope), (status = 422, body = ErrorEnvelope),
         (status = 429, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
 pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
-    let ours = state.plane.public_key();
-    let new = parse_create(&body, state.settings.site_cidr.as_deref(), &ours)?;
-    let remote = new.networks().remote;
-    for n in &remote {
-        validate_remote_vs_site(n, state.settings.site_cidr.as_deref(), &state.settings.host_addresses)?;
-    }
+    let new = parse_create(&body, state.settings.site_cidr.as_deref(), &state.plane.public_key())?;
     let _guard = state.mutations.lock().await;
-    let env = blocking(&state, move |s| {
-        let key = new.remote_public_key.to_base64();
-        check_conflicts(s, &remote, Some(&key), None)?;
-        let record = new.into_record(now_millis());
-        let mut record = s.store.insert(record).map_err(|e| match e {
-            crate::store::StoreError::DuplicateKey => {
-                ApiError::conflict("a VPN gateway already uses this remote_public_key")
-            }
-            e => e.into(),
-        })?;
-        let tunnel = tunnel_of(&record).map_err(ApiError::internal)?;
-        if let Err(e) = s.plane.apply(&record.id, &tunnel) {
-            // Never acknowledged: take the record back out.
-            if let Err(pe) = write_retrying(&record.id, || s.store.purge(&record.id)) {
-                // Left `creating` without a tunnel: the next start finishes the create.
-                tracing::error!(id = %record.id, error = %pe, "cannot remove a refused create from the store");
-            }
-            return Err(ApiError::unavailable(format!("the data plane refused the tunnel: {e}")));
-        }
-        if let Err(e) = write_retrying(&record.id, || s.store.set_status(&record.id, Status::Active)) {
-            // The tunnel runs but the store cannot say so: take it back out, so
-            // that the record (`creating`, or gone) and the data plane agree.
-            match s.plane.remove(&record.id) {
-                Ok(()) => {
-                    let _ = s.store.purge(&record.id);
-                }
-                // The tunnel still runs: keep the record (`creating`, which the
-                // next start finishes) so that it, its key and its prefix stay
-                // accounted for instead of running unrecorded.
-                Err(pe) => {
-                    tracing::error!(id = %record.id, error = %pe, "cannot roll back a tunnel the store did not record")
-                }
-            }
-            return Err(store_unavailable(e));
-        }
-        record.status = Status::Active;
-        tracing::info!(id = %record.id, name = %record.name, "VPN gateway created");
-        Ok(envelope(s, &record, true))
-    })
-    .await?;
+    let env = blocking(&state, move |s| Ok(envelope(s, &changes::create(s, new)?, true))).await?;
     let location = format!("/api/v1/vpn-gateways/{}", env.data.id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(env)).into_response())
 }
@@ -298,7 +176,7 @@ pub async fn get_one(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<GatewayEnvelope>, ApiError> {
-    blocking(&state, move |s| Ok(Json(envelope(s, &existing(&s.store, &id)?, false)))).await
+    blocking(&state, move |s| Ok(Json(envelope(s, &changes::existing(&s.store, &id)?, false)))).await
 }
 
 /// Update a VPN gateway; the running tunnel follows without a restart.
@@ -315,43 +193,7 @@ pub async fn update(
 ) -> Result<Json<GatewayEnvelope>, ApiError> {
     let body = UpdateGateway::from_json(&body)?;
     let _guard = state.mutations.lock().await;
-    blocking(&state, move |s| {
-        let old = existing(&s.store, &id)?;
-        refuse_transient(&old)?;
-        let changes = body.validate(&old)?;
-        let mut new = old.clone();
-        new.apply(&changes);
-        // The remote networks the request named: routed anew, checked anew.
-        let named = |list: &str| match list {
-            REMOTE => changes.remote_network_cidr.is_some(),
-            ADDITIONAL_REMOTE => changes.additional_remote_network_cidrs.is_some(),
-            _ => false,
-        };
-        let remote: Vec<Network> =
-            GatewayNetworks::of_record(&new)?.remote.into_iter().filter(|n| named(n.list)).collect();
-        for n in &remote {
-            validate_remote_vs_site(n, s.settings.site_cidr.as_deref(), &s.settings.host_addresses)?;
-        }
-        check_conflicts(s, &remote, None, Some(&id))?;
-        new.updated_at = now_millis();
-        s.store.save(&new)?;
-        let tunnel = tunnel_of(&new).map_err(ApiError::internal)?;
-        if let Err(e) = s.plane.apply(&id, &tunnel) {
-            // Undo whatever part of the change the data plane took.
-            if let Err(pe) =
-                tunnel_of(&old).map_err(|e| e.to_string()).and_then(|t| s.plane.apply(&id, &t).map_err(|e| e.0))
-            {
-                tracing::error!(id = %id, error = %pe, "cannot restore the tunnel of a gateway whose change failed");
-            }
-            if let Err(se) = write_retrying(&id, || s.store.save(&old)) {
-                tracing::error!(id = %id, error = %se, "cannot restore a gateway the data plane refused to change");
-            }
-            return Err(ApiError::unavailable(format!("the data plane refused the change: {e}")));
-        }
-        tracing::info!(id = %id, "VPN gateway updated");
-        Ok(Json(envelope(s, &new, false)))
-    })
-    .await
+    blocking(&state, move |s| Ok(Json(envelope(s, &changes::update(s, &id, body)?, false)))).await
 }
 
 /// Delete a VPN gateway: its tunnel stops; the record stays listable as `deleted`.
@@ -365,29 +207,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<Json<GatewayEnvelope>, ApiError> {
     let _guard = state.mutations.lock().await;
-    blocking(&state, move |s| {
-        let mut g = existing(&s.store, &id)?;
-        refuse_transient(&g)?;
-        s.store.set_status(&id, Status::Deleting)?;
-        if let Err(e) = s.plane.remove(&id) {
-            // The tunnel still runs: so is the gateway.
-            if let Err(se) = write_retrying(&id, || s.store.set_status(&id, Status::Active)) {
-                // Left `deleting` with its tunnel: the next start finishes the removal.
-                tracing::error!(id = %id, error = %se, "cannot restore a gateway whose removal failed");
-            }
-            return Err(ApiError::unavailable(format!("the data plane could not remove the tunnel: {e}")));
-        }
-        if let Err(e) = write_retrying(&id, || s.store.set_status(&id, Status::Deleted)) {
-            // The tunnel is gone and the record says `deleting`, which the
-            // next start completes; the client may not assume it is done.
-            return Err(store_unavailable(e));
-        }
-        g.status = Status::Deleted;
-        g.updated_at = now_millis();
-        tracing::info!(id = %id, "VPN gateway deleted");
-        Ok(Json(envelope(s, &g, false)))
-    })
-    .await
+    blocking(&state, move |s| Ok(Json(envelope(s, &changes::delete(s, &id)?, false)))).await
 }
 
 /// Live tunnel status from the data plane.
@@ -400,7 +220,7 @@ pub async fn status(
     Path(id): Path<String>,
 ) -> Result<Json<StatusEnvelope>, ApiError> {
     blocking(&state, move |s| {
-        let g = existing(&s.store, &id)?;
+        let g = changes::existing(&s.store, &id)?;
         let live = live_statuses(s, std::slice::from_ref(&g)).pop().flatten();
         Ok(Json(StatusEnvelope { data: StatusView::new(&g, live.as_ref()) }))
     })
@@ -414,7 +234,7 @@ pub async fn status(
         (status = 404, body = ErrorEnvelope), (status = 409, body = ErrorEnvelope)))]
 pub async fn config(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     blocking(&state, move |s| {
-        let g = existing(&s.store, &id)?;
+        let g = changes::existing(&s.store, &id)?;
         if g.status == Status::Deleted {
             return Err(ApiError::conflict(format!("VPN gateway {id} is deleted")));
         }

@@ -3,6 +3,7 @@
 //! `app(state)` builds the whole router so tests can drive it with `oneshot`.
 
 pub mod auth;
+pub mod changes;
 pub mod error;
 pub mod extract;
 pub mod gateways;

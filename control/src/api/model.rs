@@ -25,7 +25,7 @@ pub const MASK: &str = "********";
 
 /// `POST /api/v1/vpn-gateways`. Every field is optional here so that a
 /// missing one is reported as a 422 naming it.
-#[derive(Debug, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateGateway {
     /// Gateway name (2-40 characters).
@@ -86,7 +86,7 @@ pub struct CreateGateway {
 }
 
 /// `PATCH /api/v1/vpn-gateways/{id}`: any subset of these.
-#[derive(Debug, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateGateway {
     pub name: Option<String>,

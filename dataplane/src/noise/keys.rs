@@ -72,6 +72,11 @@ impl PrivateKey {
         PublicKey(x25519_dalek::PublicKey::from(&self.0).to_bytes())
     }
 
+    /// The key's bytes. The caller owns their secrecy (e.g. `Zeroizing`).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        self.0.as_bytes()
+    }
+
     /// DH(private, public). `None` when the result is all zeros (a low-order
     /// public key), which the protocol must reject.
     pub fn diffie_hellman(&self, public: &PublicKey) -> Option<SharedSecret> {

@@ -14,12 +14,14 @@
 pub mod control;
 pub mod cookie;
 pub mod device;
+pub mod uapi;
 pub mod wire_views;
 pub mod worker;
 
 pub use control::{api_bodies, config_file};
 pub use cookie::cookie;
 pub use device::device_receive;
+pub use uapi::uapi_socket;
 pub use wire_views::wire_views;
 pub use worker::worker_loop;
 

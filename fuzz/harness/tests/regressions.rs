@@ -53,11 +53,12 @@ targets! {
     worker_loop;
     config_file;
     api_bodies;
+    uapi_socket;
 }
 
 #[test]
 fn every_target_has_seeds() {
-    for t in ["wire_views", "device_receive", "cookie", "worker_loop", "config_file", "api_bodies"] {
+    for t in ["wire_views", "device_receive", "cookie", "worker_loop", "config_file", "api_bodies", "uapi_socket"] {
         assert!(!inputs("corpus", t).is_empty(), "fuzz/corpus/{t} has no seeds (cargo xtask fuzz-seeds)");
     }
 }

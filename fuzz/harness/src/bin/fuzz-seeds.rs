@@ -349,5 +349,48 @@ reads_per_minute = 1200
     out.write(a, "post_create_policy", &[&[sel(2, 1, 0, false)][..], create_policy.as_bytes()].concat());
     out.write(a, "patch_update_policy", &[&[sel(2, 2, 1, false)][..], update_policy.as_bytes()].concat());
 
+    // uapi_socket: byte streams as `wg` sends them (see `uapi::uapi_socket`).
+    let u = "uapi_socket";
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let new_peer = hex(wgxdp_dataplane::noise::PrivateKey::generate().public_key().as_bytes());
+    let config_peer = hex(&wgxdp_fuzz_harness::uapi::CONFIG_PEER);
+    let private = hex(&wgxdp_fuzz_harness::uapi::PRIVATE_KEY);
+    let psk = hex(&[7u8; 32]);
+    let add = format!(
+        "set=1\npublic_key={new_peer}\nendpoint=203.0.113.5:51820\nreplace_allowed_ips=true\n\
+         allowed_ip=10.60.0.0/16\nallowed_ip=fd60::/64\npersistent_keepalive_interval=25\n\n"
+    );
+    out.write(u, "get", b"get=1\n\n");
+    out.write(u, "add_peer_then_get", format!("{add}get=1\n\n").as_bytes());
+    out.write(
+        u,
+        "add_rotate_remove",
+        format!(
+            "{add}set=1\npublic_key={new_peer}\npreshared_key={psk}\n\n\
+             set=1\npublic_key={new_peer}\nupdate_only=true\nallowed_ip=10.61.0.0/16\n\n\
+             set=1\npublic_key={new_peer}\nremove=true\n\nget=1\n\n"
+        )
+        .as_bytes(),
+    );
+    out.write(
+        u,
+        "setconf",
+        format!(
+            "set=1\nprivate_key={private}\nlisten_port=51820\nreplace_peers=true\n\
+             public_key={config_peer}\nendpoint=192.0.2.11:51820\nreplace_allowed_ips=true\nallowed_ip=10.11.0.0/16\n\
+             public_key={new_peer}\nendpoint=[2001:db8::5]:51820\nreplace_allowed_ips=true\nallowed_ip=10.62.0.0/16\n\n"
+        )
+        .as_bytes(),
+    );
+    out.write(u, "change_config_peer", format!("set=1\npublic_key={config_peer}\nremove=true\n\n").as_bytes());
+    out.write(
+        u,
+        "overlap",
+        format!("set=1\npublic_key={new_peer}\nendpoint=203.0.113.5:1\nallowed_ip=10.11.1.0/24\n\n").as_bytes(),
+    );
+    out.write(u, "listen_port", b"set=1\nlisten_port=1\n\n");
+    out.write(u, "malformed", b"set=1\nno equals sign\n\nget=1\n\n");
+    out.write(u, "unknown_op", b"frob=1\n\n");
+
     println!("wrote {} seed files under {}", out.written, root.display());
 }

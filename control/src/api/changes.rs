@@ -1,0 +1,211 @@
+//! The gateway changes every front end runs: the HTTP handlers and the `wg`
+//! socket (`crate::uapi`). A change is acknowledged only once the store holds
+//! it and the data plane runs it; a failure leaves both as they were. The
+//! caller holds `AppState::mutations` (check-then-write stays atomic) and runs
+//! these off the async runtime (they block on the store and the data plane).
+
+use super::error::ApiError;
+use super::model::{overlaps, tunnel_of, NewGateway, UpdateGateway};
+use super::networks::{find_overlap, validate_remote_vs_site, GatewayNetworks, Network, ADDITIONAL_REMOTE, REMOTE};
+use super::AppState;
+use crate::store::{now_millis, GatewayRecord, Status, Store, StoreError};
+use std::time::Duration;
+
+pub(crate) fn existing(store: &Store, id: &str) -> Result<GatewayRecord, ApiError> {
+    store.get(id)?.ok_or_else(|| ApiError::not_found(id))
+}
+
+/// A store write that follows a data-plane change is retried a few times
+/// before the caller rolls the data plane back.
+fn write_retrying(id: &str, mut write: impl FnMut() -> Result<(), StoreError>) -> Result<(), StoreError> {
+    let mut delay = Duration::from_millis(20);
+    let mut attempt = 1;
+    loop {
+        match write() {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt >= 3 => return Err(e),
+            Err(e) => {
+                tracing::warn!(%id, error = %e, attempt, "store write failed; retrying");
+                std::thread::sleep(delay);
+                delay *= 4;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+fn store_unavailable(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "the store failed after the data plane changed; rolled back");
+    ApiError::unavailable("the database could not record the change; it was not applied, retry later")
+}
+
+/// 409 if a remote network in `remote` overlaps, or `key` equals, a peer the
+/// data plane already holds: a live API gateway (other than `except`) or a
+/// configuration-file peer.
+fn check_conflicts(s: &AppState, remote: &[Network], key: Option<&str>, except: Option<&str>) -> Result<(), ApiError> {
+    for (index, peer) in s.settings.static_peers.iter().enumerate() {
+        for n in remote {
+            if let Some(p) = peer.allowed_ips.iter().find(|p| overlaps(p, &n.prefix)) {
+                return Err(ApiError::conflict(format!(
+                    "{} {} overlaps {p} of peer {index} in the configuration file",
+                    n.field, n.prefix
+                )));
+            }
+        }
+        if key.is_some_and(|k| k == peer.public_key.to_base64()) {
+            return Err(ApiError::conflict(format!(
+                "peer {index} in the configuration file already uses this remote_public_key"
+            )));
+        }
+    }
+    if remote.is_empty() && key.is_none() {
+        return Ok(());
+    }
+    let live = s.store.live()?;
+    for n in remote {
+        if let Some((other, p)) = find_overlap(&n.prefix, &live, except) {
+            return Err(ApiError::conflict(format!(
+                "{} {} overlaps the remote network {p} of VPN gateway {}",
+                n.field, n.prefix, other.id
+            )));
+        }
+    }
+    if let Some(other) =
+        key.and_then(|k| live.iter().find(|g| g.remote_public_key == k && Some(g.id.as_str()) != except))
+    {
+        return Err(ApiError::conflict(format!("VPN gateway {} already uses this remote_public_key", other.id)));
+    }
+    Ok(())
+}
+
+fn refuse_transient(g: &GatewayRecord) -> Result<(), ApiError> {
+    match g.status {
+        s if s.is_transient() => {
+            Err(ApiError::conflict(format!("VPN gateway {} is {}; retry when it settles", g.id, s.as_str())))
+        }
+        Status::Deleted => Err(ApiError::conflict(format!("VPN gateway {} is deleted", g.id))),
+        _ => Ok(()),
+    }
+}
+
+/// The remote networks of a new gateway, checked against this site (its
+/// networks and the host's addresses); not yet against other gateways.
+pub fn check_new(s: &AppState, new: &NewGateway) -> Result<Vec<Network>, ApiError> {
+    let remote = new.networks().remote;
+    for n in &remote {
+        validate_remote_vs_site(n, s.settings.site_cidr.as_deref(), &s.settings.host_addresses)?;
+    }
+    Ok(remote)
+}
+
+/// What gateway `old` becomes under `body`, validated and checked against
+/// this site, with the remote networks the change names (routed anew); not
+/// yet checked against other gateways.
+pub fn check_update(
+    s: &AppState,
+    old: &GatewayRecord,
+    body: UpdateGateway,
+) -> Result<(GatewayRecord, Vec<Network>), ApiError> {
+    refuse_transient(old)?;
+    let changes = body.validate(old)?;
+    let mut new = old.clone();
+    new.apply(&changes);
+    let named = |list: &str| match list {
+        REMOTE => changes.remote_network_cidr.is_some(),
+        ADDITIONAL_REMOTE => changes.additional_remote_network_cidrs.is_some(),
+        _ => false,
+    };
+    let remote: Vec<Network> = GatewayNetworks::of_record(&new)?.remote.into_iter().filter(|n| named(n.list)).collect();
+    for n in &remote {
+        validate_remote_vs_site(n, s.settings.site_cidr.as_deref(), &s.settings.host_addresses)?;
+    }
+    Ok((new, remote))
+}
+
+/// Stores a validated gateway and starts its tunnel; returns the `active` record.
+pub fn create(s: &AppState, new: NewGateway) -> Result<GatewayRecord, ApiError> {
+    let remote = check_new(s, &new)?;
+    let key = new.remote_public_key.to_base64();
+    check_conflicts(s, &remote, Some(&key), None)?;
+    let record = new.into_record(now_millis());
+    let mut record = s.store.insert(record).map_err(|e| match e {
+        StoreError::DuplicateKey => ApiError::conflict("a VPN gateway already uses this remote_public_key"),
+        e => e.into(),
+    })?;
+    let tunnel = tunnel_of(&record).map_err(ApiError::internal)?;
+    if let Err(e) = s.plane.apply(&record.id, &tunnel) {
+        // Never acknowledged: take the record back out.
+        if let Err(pe) = write_retrying(&record.id, || s.store.purge(&record.id)) {
+            // Left `creating` without a tunnel: the next start finishes the create.
+            tracing::error!(id = %record.id, error = %pe, "cannot remove a refused create from the store");
+        }
+        return Err(ApiError::unavailable(format!("the data plane refused the tunnel: {e}")));
+    }
+    if let Err(e) = write_retrying(&record.id, || s.store.set_status(&record.id, Status::Active)) {
+        // The tunnel runs but the store cannot say so: take it back out, so
+        // that the record (`creating`, or gone) and the data plane agree.
+        match s.plane.remove(&record.id) {
+            Ok(()) => {
+                let _ = s.store.purge(&record.id);
+            }
+            // The tunnel still runs: keep the record (`creating`, which the
+            // next start finishes) so that it, its key and its prefix stay
+            // accounted for instead of running unrecorded.
+            Err(pe) => {
+                tracing::error!(id = %record.id, error = %pe, "cannot roll back a tunnel the store did not record")
+            }
+        }
+        return Err(store_unavailable(e));
+    }
+    record.status = Status::Active;
+    tracing::info!(id = %record.id, name = %record.name, "VPN gateway created");
+    Ok(record)
+}
+
+/// Validates `body` against gateway `id`, stores the result and changes the
+/// running tunnel in place; returns the new record.
+pub fn update(s: &AppState, id: &str, body: UpdateGateway) -> Result<GatewayRecord, ApiError> {
+    let old = existing(&s.store, id)?;
+    let (mut new, remote) = check_update(s, &old, body)?;
+    check_conflicts(s, &remote, None, Some(id))?;
+    new.updated_at = now_millis();
+    s.store.save(&new)?;
+    let tunnel = tunnel_of(&new).map_err(ApiError::internal)?;
+    if let Err(e) = s.plane.apply(id, &tunnel) {
+        // Undo whatever part of the change the data plane took.
+        if let Err(pe) = tunnel_of(&old).map_err(|e| e.to_string()).and_then(|t| s.plane.apply(id, &t).map_err(|e| e.0))
+        {
+            tracing::error!(id = %id, error = %pe, "cannot restore the tunnel of a gateway whose change failed");
+        }
+        if let Err(se) = write_retrying(id, || s.store.save(&old)) {
+            tracing::error!(id = %id, error = %se, "cannot restore a gateway the data plane refused to change");
+        }
+        return Err(ApiError::unavailable(format!("the data plane refused the change: {e}")));
+    }
+    tracing::info!(id = %id, "VPN gateway updated");
+    Ok(new)
+}
+
+/// Stops gateway `id`'s tunnel; the record stays, `deleted`. Returns it.
+pub fn delete(s: &AppState, id: &str) -> Result<GatewayRecord, ApiError> {
+    let mut g = existing(&s.store, id)?;
+    refuse_transient(&g)?;
+    s.store.set_status(id, Status::Deleting)?;
+    if let Err(e) = s.plane.remove(id) {
+        // The tunnel still runs: so is the gateway.
+        if let Err(se) = write_retrying(id, || s.store.set_status(id, Status::Active)) {
+            // Left `deleting` with its tunnel: the next start finishes the removal.
+            tracing::error!(id = %id, error = %se, "cannot restore a gateway whose removal failed");
+        }
+        return Err(ApiError::unavailable(format!("the data plane could not remove the tunnel: {e}")));
+    }
+    if let Err(e) = write_retrying(id, || s.store.set_status(id, Status::Deleted)) {
+        // The tunnel is gone and the record says `deleting`, which the
+        // next start completes; the client may not assume it is done.
+        return Err(store_unavailable(e));
+    }
+    g.status = Status::Deleted;
+    g.updated_at = now_millis();
+    tracing::info!(id = %id, "VPN gateway deleted");
+    Ok(g)
+}

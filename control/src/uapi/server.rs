@@ -1,0 +1,214 @@
+//! The `wg` socket: `/var/run/wireguard/<name>.sock`, a Unix stream socket
+//! (directory 0755, socket 0700, as wireguard-go makes them) that answers
+//! `get=1` and `set=1` requests, any number per connection. A stale socket
+//! file (no process answers on it) is replaced; a live one refuses the start.
+//!
+//! Limits: a request is at most `MAX_REQUEST_BYTES`; a connection that sends
+//! nothing for `IDLE` is closed; at most `MAX_CONNECTIONS` are served at once
+//! (more wait in the kernel's backlog).
+
+use super::device::UapiDevice;
+use super::protocol::{errno, format_get, parse_set, status_line, UapiError, MAX_REQUEST_BYTES};
+use anyhow::Context;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+/// Where `wg(8)` looks for userspace implementations' sockets.
+pub const SOCKET_DIR: &str = "/var/run/wireguard";
+
+/// A connection idle this long is closed.
+pub const IDLE: Duration = Duration::from_secs(30);
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Reads one line (with its `\n`) of at most `limit` bytes into `buf`.
+/// `Ok(false)`: end of stream or an over-long line.
+async fn read_line<R: AsyncRead + Unpin>(r: &mut BufReader<R>, buf: &mut Vec<u8>, limit: usize) -> bool {
+    let limit = u64::try_from(limit).unwrap_or(u64::MAX);
+    match tokio::time::timeout(IDLE, (&mut *r).take(limit).read_until(b'\n', buf)).await {
+        Ok(Ok(n)) => n > 0 && buf.last() == Some(&b'\n'),
+        _ => false,
+    }
+}
+
+/// The body of a `set=1` request: its lines up to the empty one.
+async fn read_set_body<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> Result<String, UapiError> {
+    let mut body = Vec::new();
+    loop {
+        let start = body.len();
+        let room = MAX_REQUEST_BYTES.saturating_sub(start);
+        if room == 0 {
+            return Err(UapiError::new(errno::EMSGSIZE, format!("a set request is at most {MAX_REQUEST_BYTES} bytes")));
+        }
+        if !read_line(r, &mut body, room).await {
+            if body.len() >= MAX_REQUEST_BYTES {
+                return Err(UapiError::new(
+                    errno::EMSGSIZE,
+                    format!("a set request is at most {MAX_REQUEST_BYTES} bytes"),
+                ));
+            }
+            return Err(UapiError::new(errno::EPROTO, "the set request ended before its empty line"));
+        }
+        if body.len() - start == 1 {
+            body.pop();
+            return String::from_utf8(body).map_err(|_| UapiError::new(errno::EPROTO, "the request is not UTF-8"));
+        }
+    }
+}
+
+async fn answer<W: AsyncWrite + Unpin>(w: &mut W, text: &[u8], result: &Result<(), UapiError>) -> bool {
+    if let Err(e) = result {
+        tracing::warn!(errno = -e.errno, error = %e.message, "wg socket request refused");
+    }
+    let mut ok = w.write_all(text).await.is_ok();
+    ok = ok && w.write_all(status_line(result).as_bytes()).await.is_ok();
+    ok && w.flush().await.is_ok()
+}
+
+/// Serves one connection until the client closes it or sends something
+/// unanswerable: the loop production runs for every client, and what the
+/// `uapi_socket` fuzz target drives.
+pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(device: &Arc<UapiDevice>, stream: S) {
+    let (reader, mut writer) = tokio::io::split(stream);
+    let mut reader = BufReader::new(reader);
+    loop {
+        let mut op = Vec::new();
+        if !read_line(&mut reader, &mut op, 16).await {
+            return;
+        }
+        match op.as_slice() {
+            b"get=1\n" => {
+                let mut next = [0u8; 1];
+                let result = match tokio::time::timeout(IDLE, reader.read_exact(&mut next)).await {
+                    Ok(Ok(_)) if next[0] == b'\n' => Ok(()),
+                    Ok(Ok(_)) => Err(UapiError::invalid("trailing characters after get=1")),
+                    _ => return,
+                };
+                let result = match result {
+                    Ok(()) => {
+                        let d = device.clone();
+                        match tokio::task::spawn_blocking(move || d.get()).await {
+                            Ok(Ok(state)) => Ok(format_get(&state)),
+                            Ok(Err(e)) => Err(e),
+                            Err(e) => Err(UapiError::new(errno::EIO, format!("the get did not finish: {e}"))),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                let ok = match result {
+                    Ok(text) => answer(&mut writer, text.as_bytes(), &Ok(())).await,
+                    Err(e) => answer(&mut writer, b"", &Err(e)).await,
+                };
+                if !ok {
+                    return;
+                }
+            }
+            b"set=1\n" => {
+                let result = match read_set_body(&mut reader).await {
+                    Ok(body) => match parse_set(&body) {
+                        Ok(req) => device.set(req).await,
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                let unreadable = matches!(&result, Err(e) if e.errno == errno::EMSGSIZE || e.errno == errno::EPROTO);
+                if !answer(&mut writer, b"", &result).await || unreadable {
+                    // The rest of the stream cannot be framed: close it.
+                    return;
+                }
+            }
+            other => {
+                tracing::warn!(op = %String::from_utf8_lossy(other).escape_debug(), "wg socket: unknown operation; closing");
+                return;
+            }
+        }
+    }
+}
+
+/// The bound socket; its file is removed when this is dropped.
+#[derive(Debug)]
+pub struct UapiSocket {
+    path: PathBuf,
+    listener: Option<std::os::unix::net::UnixListener>,
+    inode: u64,
+}
+
+impl UapiSocket {
+    /// Binds `<dir>/<name>.sock`, replacing a stale file; fails if a live
+    /// process answers on it.
+    pub fn bind(dir: &Path, name: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+        let path = dir.join(format!("{name}.sock"));
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if !meta.file_type().is_socket() {
+                anyhow::bail!(
+                    "{} exists and is not a socket; remove it or choose another [interface] name",
+                    path.display()
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                anyhow::bail!(
+                    "{} is in use by a running process (wireguard-go or another wgxdp); choose another [interface] name",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(&path).with_context(|| format!("cannot remove the stale {}", path.display()))?;
+        }
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        // Created 0755 by the umask: nobody else may write (connect) before this.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+        listener.set_nonblocking(true)?;
+        let inode = std::fs::metadata(&path)?.ino();
+        Ok(Self { path, listener: Some(listener), inode })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves connections until `stop` is set.
+    pub async fn serve(mut self, device: Arc<UapiDevice>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+        let std_listener = self.listener.take().context("the socket is already being served")?;
+        let listener = tokio::net::UnixListener::from_std(std_listener)?;
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        while !stop.load(Ordering::Relaxed) {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "wg socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().acquire_owned().await else { break };
+            let device = device.clone();
+            tokio::spawn(async move {
+                serve_connection(&device, stream).await;
+                drop(slot);
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UapiSocket {
+    fn drop(&mut self) {
+        // Only our own file: another process may have replaced it since.
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
