@@ -196,8 +196,10 @@ fn serve_reports_operator_errors() {
         std::fs::write(
             &cfg,
             format!(
-                "[interface]\nwan = \"{wan}\"\nlan = \"{lan}\"\nlisten_port = {port}\nprivate_key_file = \"{}\"\n{extra}",
-                key.display()
+                "[interface]\nwan = \"{wan}\"\nlan = \"{lan}\"\nlisten_port = {port}\nprivate_key_file = \"{}\"\n\
+                 name = \"wgterr{}\"\n{extra}",
+                key.display(),
+                std::process::id() % 100_000
             ),
         )
         .unwrap();

@@ -67,9 +67,15 @@ fn fixture() -> &'static Fixture {
 }
 
 pub fn uapi_socket(data: &[u8]) {
+    run(data);
+}
+
+/// Runs one input; returns what the socket answered.
+pub fn run(data: &[u8]) -> String {
     let f = fixture();
-    let stream = tokio::io::join(data, tokio::io::sink());
-    f.rt.block_on(wgxdp_control::uapi::server::serve_connection(&f.device, stream));
+    let mut stream = tokio::io::join(data, Vec::new());
+    f.rt.block_on(wgxdp_control::uapi::server::serve_connection(&f.device, &mut stream));
+    let answers = String::from_utf8_lossy(&stream.into_inner().1).into_owned();
     let live = f.store.live().expect("store");
     let running = f.plane.tunnels.lock().unwrap_or_else(|p| p.into_inner()).len();
     assert_eq!(running, live.len(), "the data plane runs a tunnel the store does not hold");
@@ -83,4 +89,5 @@ pub fn uapi_socket(data: &[u8]) {
         f.plane.remove(&g.id).expect("memory plane");
         f.store.purge(&g.id).expect("store");
     }
+    answers
 }

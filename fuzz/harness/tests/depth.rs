@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
-use wgxdp_fuzz_harness::{device, worker};
+use wgxdp_fuzz_harness::{device, uapi, worker};
 
 fn seed(target: &str, name: &str) -> Vec<u8> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("corpus").join(target).join(name);
@@ -53,4 +53,20 @@ fn worker_seeds_reach_decryption_encryption_and_cookies() {
     assert_eq!(c.drops.get(DropReason::TtlExceeded), 1);
     assert!(m.shared.conntrack.counters.replies.load() >= 1, "the reply came back in");
     assert!(c.icmp_time_exceeded.load(Relaxed) >= 1);
+}
+
+#[test]
+fn uapi_seeds_reach_changes_and_refusals() {
+    let a = uapi::run(&seed("uapi_socket", "add_peer_then_get"));
+    assert_eq!(a.matches("errno=0\n\n").count(), 2, "{a}");
+    assert!(a.contains("allowed_ip=10.60.0.0/16\nallowed_ip=fd60::/64\n"), "{a}");
+    let a = uapi::run(&seed("uapi_socket", "add_rotate_remove"));
+    assert_eq!(a.matches("errno=0\n\n").count(), 5, "{a}");
+    assert!(!a.contains("10.60.0.0/16"), "the removed peer is still shown: {a}");
+    let a = uapi::run(&seed("uapi_socket", "setconf"));
+    assert_eq!(a, "errno=0\n\n");
+    for (name, errno) in [("change_config_peer", -1), ("overlap", -17), ("listen_port", -98), ("malformed", -71)] {
+        assert_eq!(uapi::run(&seed("uapi_socket", name)), format!("errno={errno}\n\n"), "{name}");
+    }
+    assert_eq!(uapi::run(&seed("uapi_socket", "unknown_op")), "", "an unknown operation closes the connection");
 }
