@@ -183,6 +183,14 @@ fn fuzz_targets() -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// `cargo` in the fuzz workspace, its output pinned to fuzz/target whatever
+/// CARGO_TARGET_DIR says (sanitizer builds stay apart from the workspace's).
+fn fuzz_cargo(fuzz_dir: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(fuzz_dir).env("CARGO_TARGET_DIR", fuzz_dir.join("target"));
+    cmd
+}
+
 /// Builds every target once, then runs each (or the named ones) for a bounded
 /// time over its committed seeds. New corpus entries go to
 /// fuzz/target/corpus/<target> and crashes to fuzz/artifacts/<target>/, both
@@ -210,7 +218,7 @@ fn fuzz(args: &[String]) -> Result<()> {
     setup::install_fuzz_tools()?;
     let fuzz_dir = root().join("fuzz");
     println!("== fuzz: building {} targets (nightly, sanitizer {sanitizer})", targets.len());
-    run(Command::new("cargo").current_dir(&fuzz_dir).args(["+nightly", "fuzz", "build", "-s", &sanitizer]))?;
+    run(fuzz_cargo(&fuzz_dir).args(["+nightly", "fuzz", "build", "-s", &sanitizer]))?;
 
     let logs = fuzz_dir.join("target/fuzz-logs");
     std::fs::create_dir_all(&logs)?;
@@ -225,8 +233,7 @@ fn fuzz(args: &[String]) -> Result<()> {
         std::io::Write::flush(&mut std::io::stdout())?;
         // A target's dictionary (tokens of its input format), when it has one.
         let dict = fuzz_dir.join("dict").join(format!("{t}.dict"));
-        let status = Command::new("cargo")
-            .current_dir(&fuzz_dir)
+        let status = fuzz_cargo(&fuzz_dir)
             .args(["+nightly", "fuzz", "run", "-s", &sanitizer, t])
             .arg(&growth)
             .arg(Path::new("corpus").join(t))

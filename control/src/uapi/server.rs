@@ -212,3 +212,86 @@ impl Drop for UapiSocket {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plane::MemoryPlane;
+    use wgxdp_dataplane::noise::PrivateKey;
+
+    fn device() -> Arc<UapiDevice> {
+        let key = PrivateKey::from_bytes([0x22; 32]);
+        let plane = Arc::new(MemoryPlane::new(key.public_key()));
+        Arc::new(UapiDevice::new(key, 51820, Vec::new(), plane, None))
+    }
+
+    fn converse(input: &[u8]) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut stream = tokio::io::join(input, Vec::new());
+        rt.block_on(serve_connection(&device(), &mut stream));
+        String::from_utf8(stream.into_inner().1).unwrap()
+    }
+
+    #[test]
+    fn a_connection_serves_requests_until_it_cannot_frame_one() {
+        let get = "private_key=2222222222222222222222222222222222222222222222222222222222222222\nlisten_port=51820\nerrno=0\n\n";
+        assert_eq!(converse(b"get=1\n\nget=1\n\n"), format!("{get}{get}"));
+        // What the gateway runs with is no change (accepted without an [api]).
+        assert_eq!(converse(b"set=1\nlisten_port=51820\n\nget=1\n\n"), format!("errno=0\n\n{get}"));
+        assert_eq!(converse(b"get=1\nx"), "errno=-22\n\n");
+        // Unframeable: answered, then closed (the get after it is not read).
+        assert_eq!(converse(b"set=1\nlisten_port\n\nget=1\n\n"), "errno=-71\n\n");
+        assert_eq!(converse(b"set=1\nlisten_port=1"), "errno=-71\n\n");
+        assert_eq!(converse(b"set=1\n\xff=1\n\n"), "errno=-71\n\n");
+        let mut huge = b"set=1\n".to_vec();
+        while huge.len() <= MAX_REQUEST_BYTES + 10 {
+            huge.extend_from_slice(b"replace_peers=true\n");
+        }
+        assert_eq!(converse(&huge), "errno=-90\n\n");
+        let mut long_line = b"set=1\n".to_vec();
+        long_line.resize(MAX_REQUEST_BYTES + 100, b'a');
+        assert_eq!(converse(&long_line), "errno=-90\n\n");
+        // Unknown operations close the connection without an answer.
+        assert_eq!(converse(b"get=2\n\n"), "");
+        assert_eq!(converse(b"GET / HTTP/1.1\r\n\r\n"), "");
+        assert_eq!(converse(b""), "");
+    }
+
+    fn temp_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(crate::store::random_id("wgxdp-uapi-dir-"));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_socket_is_private_replaces_a_stale_one_and_refuses_a_live_one() {
+        let dir = temp_dir();
+        let sock_dir = dir.join("wireguard");
+        let socket = UapiSocket::bind(&sock_dir, "wgtest0").unwrap();
+        let path = sock_dir.join("wgtest0.sock");
+        assert_eq!(socket.path(), path);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&sock_dir), mode(&path)), (0o755, 0o700));
+        // A live socket (this one listens) refuses a second gateway.
+        let e = UapiSocket::bind(&sock_dir, "wgtest0").unwrap_err().to_string();
+        assert!(e.contains("in use by a running process"), "{e}");
+        // A stale file (its process gone, the file left) is replaced.
+        drop(socket);
+        assert!(!path.exists(), "the socket file outlived its socket");
+        let stale = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        drop(stale);
+        assert!(path.exists());
+        let again = UapiSocket::bind(&sock_dir, "wgtest0").unwrap();
+        // A file that is not a socket is left alone.
+        std::fs::write(sock_dir.join("plain.sock"), b"x").unwrap();
+        let e = UapiSocket::bind(&sock_dir, "plain").unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        // Dropping removes only our own file, not one that replaced it.
+        std::fs::remove_file(&path).unwrap();
+        let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        drop(again);
+        assert!(path.exists(), "dropped another process's socket file");
+        drop(other);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
