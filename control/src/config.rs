@@ -135,6 +135,9 @@ pub struct InterfaceSection {
     /// The WireGuard interface name `wg(8)` knows the gateway by (its socket
     /// is /var/run/wireguard/<name>.sock); default: `host_interface`.
     pub name: Option<String>,
+    /// Serve the `wg` socket (default true).
+    #[serde(default = "default_true")]
+    pub wg_socket: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +211,18 @@ pub enum ConfigError {
     Api(String),
 }
 
+/// Which `wg` socket `serve` offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WgSocket {
+    /// `wg_socket = false`.
+    Off,
+    /// `name = "…"`: a socket that cannot be served stops the start.
+    Named(String),
+    /// No `name`: `host_interface`'s; one that cannot be served (an invalid
+    /// name for `wg`, another process on it) is left out with a warning.
+    Default(String),
+}
+
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -225,8 +240,8 @@ pub struct Config {
     pub busy_poll: bool,
     pub tracked_flows: usize,
     pub host_interface: String,
-    /// The `wg(8)` interface name (the socket's file name).
-    pub name: String,
+    /// The `wg` socket to serve.
+    pub wg_socket: WgSocket,
     pub api: Option<ApiConfig>,
 }
 
@@ -376,8 +391,14 @@ impl Config {
                 i.host_interface
             )));
         }
-        let name = i.name.clone().unwrap_or_else(|| i.host_interface.clone());
-        crate::uapi::validate_name(&name).map_err(|e| ConfigError::Interface(format!("`name`: {e}")))?;
+        let wg_socket = match (&i.name, i.wg_socket) {
+            (_, false) => WgSocket::Off,
+            (Some(name), true) => {
+                crate::uapi::validate_name(name).map_err(|e| ConfigError::Interface(format!("`name`: {e}")))?;
+                WgSocket::Named(name.clone())
+            }
+            (None, true) => WgSocket::Default(i.host_interface.clone()),
+        };
         // The site's network, if the API names it: the peers' default local network.
         let site_cidr = match file.api.as_ref().and_then(|a| a.site_cidr.as_deref()) {
             Some(c) => Some(c.parse::<IpPrefix>().map_err(|e| ConfigError::Api(format!("site_cidr `{c}`: {e}")))?),
@@ -492,7 +513,7 @@ impl Config {
             busy_poll: i.busy_poll,
             tracked_flows: i.tracked_flows,
             host_interface: i.host_interface,
-            name,
+            wg_socket,
         })
     }
 

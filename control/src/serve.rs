@@ -3,7 +3,7 @@
 //! SIGTERM, then stops the API, the workers, and detaches XDP.
 
 use crate::api::{self, ApiSettings, AppState, StaticPeer};
-use crate::config::{ApiConfig, Config};
+use crate::config::{ApiConfig, Config, WgSocket};
 use crate::plane::{DataPlane, GatewayPlane};
 use crate::store::Store;
 use crate::uapi::{self, UapiDevice, UapiSocket};
@@ -73,7 +73,7 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
             firewall_default = p.policy.default_action.as_str(), "configuration peer");
     }
     let uapi = UapiStart {
-        socket: UapiSocket::bind(Path::new(uapi::SOCKET_DIR), &cfg.name)?,
+        socket: bind_wg_socket(&cfg.wg_socket)?,
         private_key: cfg.private_key.clone(),
         config_peers: cfg.peers.clone(),
     };
@@ -117,7 +117,7 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
 
 /// The `wg` socket, bound before anything is attached, and what it reports.
 struct UapiStart {
-    socket: UapiSocket,
+    socket: Option<UapiSocket>,
     private_key: PrivateKey,
     config_peers: Vec<PeerSpec>,
 }
@@ -187,9 +187,10 @@ async fn run(
     };
     let device =
         Arc::new(UapiDevice::new(uapi.private_key, plane.listen_port(), uapi.config_peers, plane.clone(), api_state));
-    let socket_path = uapi.socket.path().to_owned();
-    let uapi_server = tokio::spawn(uapi.socket.serve(device, stop.clone()));
-    println!("wgxdp: wg socket on {}", socket_path.display());
+    let uapi_server = uapi.socket.map(|socket| {
+        println!("wgxdp: wg socket on {}", socket.path().display());
+        tokio::spawn(socket.serve(device, stop.clone()))
+    });
     println!("wgxdp: running, public key {}, {} queue(s)", plane.gateway().public_key(), plane.gateway().queues());
     let mut ticker = tokio::time::interval(stats_every.unwrap_or(Duration::from_secs(3600)));
     ticker.tick().await;
@@ -200,11 +201,35 @@ async fn run(
         }
     }
     tracing::info!("signal received; stopping");
-    uapi_server.await?.context("the wg socket failed")?;
+    if let Some(uapi_server) = uapi_server {
+        uapi_server.await?.context("the wg socket failed")?;
+    }
     if let Some(server) = server {
         server.await?.context("the API server failed")?;
     }
     Ok(())
+}
+
+/// Binds the `wg` socket the configuration asks for. One named explicitly
+/// must be served; the default (`host_interface`'s name) is left out with a
+/// warning if it cannot be (not a name `wg` accepts, or another process
+/// answers on it), so that an upgrade never stops a gateway from starting.
+fn bind_wg_socket(wanted: &WgSocket) -> anyhow::Result<Option<UapiSocket>> {
+    let dir = Path::new(uapi::SOCKET_DIR);
+    match wanted {
+        WgSocket::Off => Ok(None),
+        WgSocket::Named(name) => Ok(Some(UapiSocket::bind(dir, name)?)),
+        WgSocket::Default(name) => {
+            match uapi::validate_name(name).map_err(anyhow::Error::msg).and_then(|()| UapiSocket::bind(dir, name)) {
+                Ok(socket) => Ok(Some(socket)),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "no wg socket; set [interface] name (or wg_socket = false)");
+                    println!("wgxdp: no wg socket: {e:#}");
+                    Ok(None)
+                }
+            }
+        }
+    }
 }
 
 /// Removes wgxdp XDP programs a dead process left on the WAN and LAN

@@ -1,8 +1,8 @@
 //! The gateway changes every front end runs: the HTTP handlers and the `wg`
 //! socket (`crate::uapi`). A change is acknowledged only once the store holds
-//! it and the data plane runs it; a failure leaves both as they were. The
-//! caller holds `AppState::mutations` (check-then-write stays atomic) and runs
-//! these off the async runtime (they block on the store and the data plane).
+//! it and the data plane runs it; a failure leaves both as they were. Callers
+//! run them through `AppState::mutate`: one at a time (check-then-write stays
+//! atomic), off the async runtime (they block on the store and the data plane).
 
 use super::error::ApiError;
 use super::model::{overlaps, tunnel_of, NewGateway, UpdateGateway};

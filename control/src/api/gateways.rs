@@ -1,5 +1,5 @@
-//! `/api/v1/vpn-gateways` handlers. Mutations hold `AppState::mutations` and
-//! run the changes in `changes` (shared with the `wg` socket): a change is
+//! `/api/v1/vpn-gateways` handlers. Mutations run the changes in `changes`
+//! (shared with the `wg` socket) through `AppState::mutate`: a change is
 //! acknowledged only once the store holds it and the data plane runs it.
 
 use super::changes;
@@ -161,8 +161,10 @@ pub async fn list(
         (status = 429, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
 pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
     let new = parse_create(&body, state.settings.site_cidr.as_deref(), &state.plane.public_key())?;
-    let _guard = state.mutations.lock().await;
-    let env = blocking(&state, move |s| Ok(envelope(s, &changes::create(s, new)?, true))).await?;
+    let env = state
+        .mutate(move |s| Ok::<_, ApiError>(envelope(s, &changes::create(s, new)?, true)))
+        .await
+        .map_err(ApiError::internal)??;
     let location = format!("/api/v1/vpn-gateways/{}", env.data.id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(env)).into_response())
 }
@@ -192,8 +194,8 @@ pub async fn update(
     JsonBody(body): JsonBody,
 ) -> Result<Json<GatewayEnvelope>, ApiError> {
     let body = UpdateGateway::from_json(&body)?;
-    let _guard = state.mutations.lock().await;
-    blocking(&state, move |s| Ok(Json(envelope(s, &changes::update(s, &id, body)?, false)))).await
+    let updated = state.mutate(move |s| Ok::<_, ApiError>(envelope(s, &changes::update(s, &id, body)?, false)));
+    Ok(Json(updated.await.map_err(ApiError::internal)??))
 }
 
 /// Delete a VPN gateway: its tunnel stops; the record stays listable as `deleted`.
@@ -206,8 +208,8 @@ pub async fn delete(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<GatewayEnvelope>, ApiError> {
-    let _guard = state.mutations.lock().await;
-    blocking(&state, move |s| Ok(Json(envelope(s, &changes::delete(s, &id)?, false)))).await
+    let deleted = state.mutate(move |s| Ok::<_, ApiError>(envelope(s, &changes::delete(s, &id)?, false)));
+    Ok(Json(deleted.await.map_err(ApiError::internal)??))
 }
 
 /// Live tunnel status from the data plane.

@@ -78,8 +78,9 @@ pub struct AppState {
     pub limiter: RateLimiter,
     /// Failed authentications per source address.
     pub auth_failures: SourceLimiter,
-    /// Serializes mutations: check-then-write and the data plane stay in step.
-    pub mutations: tokio::sync::Mutex<()>,
+    /// Serializes mutations (the API's and the `wg` socket's): check-then-write
+    /// and the data plane stay in step. Taken through `mutate`.
+    mutations: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for dyn DataPlane {
@@ -92,7 +93,23 @@ impl AppState {
     pub fn new(store: Arc<Store>, plane: Arc<dyn DataPlane>, settings: ApiSettings) -> Arc<Self> {
         let limiter = RateLimiter::new(settings.mutations_per_minute, settings.reads_per_minute);
         let auth_failures = SourceLimiter::new(settings.auth_failures_per_minute, auth::SOURCE_TABLE_CAPACITY);
-        Arc::new(Self { store, plane, settings, limiter, auth_failures, mutations: tokio::sync::Mutex::new(()) })
+        Arc::new(Self { store, plane, settings, limiter, auth_failures, mutations: Arc::default() })
+    }
+
+    /// Runs `f` off the async runtime under the mutation lock, which it holds
+    /// until `f` returns even if the caller stops waiting (a client that
+    /// disconnects cannot let another change start beside a running one).
+    pub async fn mutate<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&AppState) -> R + Send + 'static,
+    ) -> Result<R, tokio::task::JoinError> {
+        let guard = self.mutations.clone().lock_owned().await;
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            f(&state)
+        })
+        .await
     }
 
     pub fn local_side(&self) -> LocalSide {

@@ -163,6 +163,34 @@ enum Step {
     Create(CreateGateway),
 }
 
+/// The networks one peer routes, as a planned `set` leaves them so far.
+struct Holding {
+    /// A gateway id, or what names a configuration-file or new peer.
+    holder: String,
+    key: Option<PublicKey>,
+    networks: Vec<IpPrefix>,
+}
+
+/// An update or create waiting for its turn in a planned `set`.
+struct Pending {
+    /// The `Holding::holder` it becomes.
+    holder: String,
+    key: PublicKey,
+    /// The networks it routes afterwards; `None`: unchanged.
+    networks: Option<Vec<IpPrefix>>,
+    step: Step,
+}
+
+impl Pending {
+    /// The first of its networks another holder routes: (its, theirs, holder).
+    fn conflict(&self, holdings: &[Holding]) -> Option<(IpPrefix, IpPrefix, String)> {
+        let networks = self.networks.as_ref()?;
+        holdings.iter().filter(|h| h.holder != self.holder).find_map(|h| {
+            networks.iter().find_map(|p| h.networks.iter().find(|q| overlaps(p, q)).map(|q| (*p, *q, h.holder.clone())))
+        })
+    }
+}
+
 impl UapiDevice {
     pub fn new(
         private_key: PrivateKey,
@@ -232,14 +260,12 @@ impl UapiDevice {
     /// changes. Takes the API's mutation lock, so that it and API requests
     /// run one at a time.
     pub async fn set(self: &Arc<Self>, req: SetRequest) -> Result<(), UapiError> {
-        let _guard = match &self.api {
-            Some(s) => Some(s.mutations.lock().await),
-            None => None,
-        };
         let device = self.clone();
-        tokio::task::spawn_blocking(move || device.set_blocking(req))
-            .await
-            .map_err(|e| UapiError::new(errno::EIO, format!("the change did not finish: {e}")))?
+        let done = match &self.api {
+            Some(s) => s.mutate(move |_| device.set_blocking(req)).await,
+            None => tokio::task::spawn_blocking(move || device.set_blocking(req)).await,
+        };
+        done.map_err(|e| UapiError::new(errno::EIO, format!("the change did not finish: {e}")))?
     }
 
     /// The state every peer of the request starts from: the configuration
@@ -338,13 +364,17 @@ impl UapiDevice {
             }
         }
         let steps = self.plan(&original, &wanted)?;
-        check_final(&original, &wanted)?;
         self.run(steps)
     }
 
-    /// The API changes that take `original` to `wanted`, each validated.
+    /// The API changes that take `original` to `wanted`, each validated, in
+    /// an order in which each one passes the API's conflict checks against
+    /// the gateways as the steps before it leave them (so a network can move
+    /// from one peer to another in one request); a request no order can run
+    /// (two peers swapping networks) is refused before anything changes.
     fn plan(&self, original: &[Wanted], wanted: &[Wanted]) -> Result<Vec<Step>, UapiError> {
-        let (mut deletes, mut updates, mut creates) = (Vec::new(), Vec::new(), Vec::new());
+        let mut deletes = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
         for (i, w) in wanted.iter().enumerate() {
             match &w.origin {
                 Origin::Config(index) => {
@@ -364,6 +394,12 @@ impl UapiDevice {
                     }
                 }
                 Origin::Gateway(g) => {
+                    if g.status != Status::Active {
+                        return Err(UapiError::new(
+                            errno::EEXIST,
+                            format!("VPN gateway {} is {}; retry when it settles", g.id, g.status.as_str()),
+                        ));
+                    }
                     if w.removed {
                         deletes.push(Step::Delete(g.id.clone()));
                         continue;
@@ -371,7 +407,13 @@ impl UapiDevice {
                     if let Some(body) = self.update_body(&original[i], w)? {
                         let state = self.api_state()?;
                         changes::check_update(state, g, body.clone()).map_err(from_api)?;
-                        updates.push(Step::Update(g.id.clone(), body));
+                        let moved = body.remote_network_cidr.is_some();
+                        pending.push(Pending {
+                            holder: g.id.clone(),
+                            key: w.key,
+                            networks: moved.then(|| w.allowed_ips.clone()),
+                            step: Step::Update(g.id.clone(), body),
+                        });
                     }
                 }
                 Origin::New if w.removed => {}
@@ -383,13 +425,71 @@ impl UapiDevice {
                         .validate(state.settings.site_cidr.as_deref(), &self.plane.public_key())
                         .map_err(from_api)?;
                     changes::check_new(state, &new).map_err(from_api)?;
-                    creates.push(Step::Create(body));
+                    pending.push(Pending {
+                        holder: format!("new peer {}", w.key),
+                        key: w.key,
+                        networks: Some(w.allowed_ips.clone()),
+                        step: Step::Create(body),
+                    });
                 }
             }
         }
-        deletes.extend(updates);
-        deletes.extend(creates);
-        Ok(deletes)
+        if deletes.is_empty() && pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut holdings = self.holdings()?;
+        for step in &deletes {
+            if let Step::Delete(id) = step {
+                holdings.retain(|h| &h.holder != id);
+            }
+        }
+        if let Some(taken) = pending.iter().find_map(|p| {
+            let new = matches!(p.step, Step::Create(_));
+            holdings.iter().find(|h| new && h.key == Some(p.key)).map(|h| h.holder.clone())
+        }) {
+            return Err(UapiError::new(errno::EEXIST, format!("{taken} already uses this public key")));
+        }
+        let mut steps = deletes;
+        while !pending.is_empty() {
+            let ready = pending.iter().position(|p| p.conflict(&holdings).is_none());
+            let Some(i) = ready else {
+                let p = &pending[0];
+                let why = match p.conflict(&holdings) {
+                    Some((mine, theirs, holder)) => {
+                        format!("allowed IP {mine} of peer {} overlaps {theirs} of {holder}", p.key)
+                    }
+                    None => format!("peer {}: its networks cannot be moved in any order", p.key),
+                };
+                return Err(UapiError::new(errno::EEXIST, why));
+            };
+            let p = pending.remove(i);
+            if let Some(networks) = p.networks {
+                holdings.retain(|h| h.holder != p.holder);
+                holdings.push(Holding { holder: p.holder, key: Some(p.key), networks });
+            }
+            steps.push(p.step);
+        }
+        Ok(steps)
+    }
+
+    /// The networks every peer the data plane holds routes: each live
+    /// gateway (whatever its status) and each configuration-file peer.
+    fn holdings(&self) -> Result<Vec<Holding>, UapiError> {
+        let mut out: Vec<Holding> = self
+            .config_peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Holding {
+                holder: format!("[[peer]] {i} of the configuration file"),
+                key: Some(p.config.public_key),
+                networks: p.allowed_ips.clone(),
+            })
+            .collect();
+        for g in self.api_state()?.store.live().map_err(|e| from_api(e.into()))? {
+            let (key, _, _, networks) = gateway_peer(&g)?;
+            out.push(Holding { holder: g.id, key: Some(key), networks });
+        }
+        Ok(out)
     }
 
     fn api_state(&self) -> Result<&Arc<AppState>, UapiError> {
@@ -429,12 +529,16 @@ impl UapiDevice {
         Ok(changed.then_some(body))
     }
 
+    /// Runs the planned steps in order. Each is complete (durable and in the
+    /// data plane) before the next; only a failing store or data plane can
+    /// stop the run midway, with the steps before it applied (logged).
     fn run(&self, steps: Vec<Step>) -> Result<(), UapiError> {
         if steps.is_empty() {
             return Ok(());
         }
         let state = self.api_state()?;
-        for step in steps {
+        let total = steps.len();
+        for (done, step) in steps.into_iter().enumerate() {
             let result = match step {
                 Step::Delete(id) => changes::delete(state, &id).map(|_| ()),
                 Step::Update(id, body) => changes::update(state, &id, body).map(|_| ()),
@@ -443,7 +547,12 @@ impl UapiDevice {
                     .and_then(|new| changes::create(state, new))
                     .map(|g| tracing::info!(id = %g.id, name = %g.name, "VPN gateway added through the wg socket")),
             };
-            result.map_err(from_api)?;
+            if let Err(e) = result {
+                if done > 0 {
+                    tracing::error!(done, total, error = %e.message, "a wg socket change stopped midway");
+                }
+                return Err(from_api(e));
+            }
         }
         Ok(())
     }
@@ -471,32 +580,6 @@ fn new_gateway(w: &Wanted) -> Result<CreateGateway, UapiError> {
         additional_remote_network_cidrs: Some(rest.iter().map(ToString::to_string).collect()),
         ..CreateGateway::default()
     })
-}
-
-/// No two peers the request leaves may share a network (checked for the
-/// peers whose networks it changes or adds).
-fn check_final(original: &[Wanted], wanted: &[Wanted]) -> Result<(), UapiError> {
-    let changed = |i: usize, w: &Wanted| match w.origin {
-        Origin::Config(_) => false,
-        Origin::Gateway(_) => !same_set(&w.allowed_ips, &original[i].allowed_ips),
-        Origin::New => true,
-    };
-    for (i, a) in wanted.iter().enumerate().filter(|(i, w)| !w.removed && changed(*i, w)) {
-        for (j, b) in wanted.iter().enumerate().filter(|(_, w)| !w.removed) {
-            if i == j {
-                continue;
-            }
-            if let Some((p, q)) =
-                a.allowed_ips.iter().find_map(|p| b.allowed_ips.iter().find(|q| overlaps(p, q)).map(|q| (p, q)))
-            {
-                return Err(UapiError::new(
-                    errno::EEXIST,
-                    format!("allowed IP {p} of peer {} overlaps {q} of peer {}", a.key, b.key),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -720,6 +803,74 @@ mod tests {
         // What the gateway runs with already is no change.
         f.set(&format!("private_key={}\nlisten_port=51820\nfwmark=0\n", hex(&PRIVATE))).unwrap();
         f.set(&format!("public_key={config}\nendpoint=192.0.2.11:51820\nallowed_ip=10.11.0.0/16\n")).unwrap();
+    }
+
+    #[test]
+    fn networks_move_between_peers_in_one_request_whatever_the_order() {
+        let f = fixture(true);
+        let (a, ka) = peer();
+        let (b, kb) = peer();
+        let (c, kc) = peer();
+        f.set(&format!(
+            "public_key={ka}\nendpoint=203.0.113.5:1\nallowed_ip=10.60.0.0/16\n\
+             public_key={kb}\nendpoint=203.0.113.6:1\nallowed_ip=10.61.0.0/16\n\
+             public_key={kc}\nendpoint=203.0.113.7:1\nallowed_ip=10.62.0.0/16\n"
+        ))
+        .unwrap();
+        // b takes c's network while c moves on, listed in either order; a's
+        // key changes in the same request.
+        f.set(&format!(
+            "public_key={ka}\npreshared_key={}\n\
+             public_key={kb}\nreplace_allowed_ips=true\nallowed_ip=10.62.0.0/16\n\
+             public_key={kc}\nreplace_allowed_ips=true\nallowed_ip=10.63.0.0/16\n",
+            hex(&[3; 32])
+        ))
+        .unwrap();
+        assert_eq!(f.gateway(&b).unwrap().remote_network_cidr, "10.62.0.0/16");
+        assert_eq!(f.gateway(&c).unwrap().remote_network_cidr, "10.63.0.0/16");
+        f.set(&format!(
+            "public_key={kc}\nreplace_allowed_ips=true\nallowed_ip=10.64.0.0/16\n\
+             public_key={kb}\nreplace_allowed_ips=true\nallowed_ip=10.63.0.0/16\n"
+        ))
+        .unwrap();
+        assert_eq!(f.gateway(&b).unwrap().remote_network_cidr, "10.63.0.0/16");
+        // A swap has no order in which every step is valid: refused, nothing changes.
+        let before = f.store.live().unwrap();
+        let e = f.set(&format!(
+            "public_key={ka}\npreshared_key={}\n\
+             public_key={kb}\nreplace_allowed_ips=true\nallowed_ip=10.64.0.0/16\n\
+             public_key={kc}\nreplace_allowed_ips=true\nallowed_ip=10.63.0.0/16\n",
+            hex(&[4; 32])
+        ));
+        assert_eq!(e.unwrap_err().errno, errno::EEXIST);
+        assert_eq!(f.store.live().unwrap(), before);
+        // setconf that drops a and gives its network to a new peer.
+        let (d, kd) = peer();
+        f.set(&format!(
+            "replace_peers=true\npublic_key={}\nendpoint=192.0.2.11:51820\nallowed_ip=10.11.0.0/16\n\
+             public_key={kd}\nendpoint=203.0.113.8:1\nallowed_ip=10.60.0.0/16\n\
+             public_key={kb}\nendpoint=203.0.113.6:1\nallowed_ip=10.63.0.0/16\n\
+             public_key={kc}\nendpoint=203.0.113.7:1\nallowed_ip=10.64.0.0/16\n",
+            hex(&CONFIG_PEER)
+        ))
+        .unwrap();
+        assert!(f.gateway(&a).is_none());
+        assert_eq!(f.gateway(&d).unwrap().remote_network_cidr, "10.60.0.0/16");
+        f.assert_in_step();
+    }
+
+    #[test]
+    fn a_gateway_being_deleted_still_holds_its_key_and_networks() {
+        let f = fixture(true);
+        let (a, ka) = peer();
+        f.set(&format!("public_key={ka}\nendpoint=203.0.113.5:1\nallowed_ip=10.60.0.0/16\n")).unwrap();
+        let id = f.gateway(&a).unwrap().id;
+        f.store.set_status(&id, Status::Deleting).unwrap();
+        let (_, kb) = peer();
+        let e = f.set(&format!("public_key={kb}\nendpoint=203.0.113.6:1\nallowed_ip=10.60.0.0/24\n"));
+        assert_eq!(e.unwrap_err().errno, errno::EEXIST);
+        let e = f.set(&format!("public_key={ka}\nendpoint=203.0.113.6:1\nallowed_ip=10.70.0.0/24\n"));
+        assert_eq!(e.unwrap_err().errno, errno::EEXIST, "a second gateway for a key still held");
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub mod errno {
     pub const EADDRINUSE: i32 = 98;
 }
 
+/// Most allowed IPs one peer of a request may list (a gateway routes at most
+/// 64 networks; the configuration file's peers may have more).
+pub const MAX_ALLOWED_IPS: usize = 1024;
+
 /// The largest `set` request accepted (a few thousand peers); a longer one is
 /// answered `-EMSGSIZE` and the connection closed.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
@@ -161,25 +165,43 @@ fn write_hex_key(out: &mut String, field: &str, key: &[u8; 32]) {
 fn parse_true(field: &str, value: &str) -> Result<bool, UapiError> {
     match value {
         "true" => Ok(true),
-        _ => Err(UapiError::invalid(format!("{field}: the only value is `true` (got `{value}`)"))),
+        _ => Err(UapiError::invalid(format!("{field}: the only value is `true` (got `{}`)", printable(value)))),
     }
 }
 
 fn parse_number<T: std::str::FromStr>(field: &str, value: &str) -> Result<T, UapiError> {
+    let bad = || UapiError::invalid(format!("{field}: `{}` is not a number in range", printable(value)));
     // Digits only: `+5` and ` 5` are not numbers here.
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(UapiError::invalid(format!("{field}: `{value}` is not a number in range")));
+        return Err(bad());
     }
-    value.parse().map_err(|_| UapiError::invalid(format!("{field}: `{value}` is not a number in range")))
+    value.parse().map_err(|_| bad())
+}
+
+/// `ADDRESS:PORT` or `[ADDRESS]:PORT`. Scoped (link-local) IPv6 endpoints are
+/// refused: a gateway's peers are reached through its WAN's routes, and `wg`
+/// names the scope by interface, which cannot be stored as a gateway's address.
+fn parse_endpoint(value: &str) -> Result<SocketAddr, UapiError> {
+    let refuse = |why: &str| UapiError::invalid(format!("endpoint `{}`: {why}", printable(value)));
+    if value.contains('%') {
+        return Err(refuse("scoped (link-local) addresses are not supported"));
+    }
+    let addr: SocketAddr = value.parse().map_err(|_| refuse("expected ADDRESS:PORT or [ADDRESS]:PORT"))?;
+    if let SocketAddr::V6(a) = addr {
+        if a.ip().segments()[0] & 0xffc0 == 0xfe80 {
+            return Err(refuse("link-local addresses are not supported"));
+        }
+    }
+    Ok(addr)
 }
 
 /// `ADDRESS/LENGTH`; host bits are cleared, as the kernel does.
 fn parse_allowed_ip(value: &str) -> Result<IpPrefix, UapiError> {
-    let bad = || UapiError::invalid(format!("allowed_ip: `{value}` is not ADDRESS/LENGTH"));
+    let bad = || UapiError::invalid(format!("allowed_ip: `{}` is not ADDRESS/LENGTH", printable(value)));
     let (addr, len) = value.split_once('/').ok_or_else(bad)?;
     let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
     let len: u8 = parse_number("allowed_ip", len).map_err(|_| bad())?;
-    IpPrefix::new(addr, len).map_err(|e| UapiError::invalid(format!("allowed_ip: `{value}`: {e}")))
+    IpPrefix::new(addr, len).map_err(|e| UapiError::invalid(format!("allowed_ip: `{}`: {e}", printable(value))))
 }
 
 /// Parses the lines of a `set=1` request (after `set=1`, up to the empty
@@ -187,11 +209,14 @@ fn parse_allowed_ip(value: &str) -> Result<IpPrefix, UapiError> {
 /// device keys first, then each `public_key=` starts a peer whose keys follow.
 pub fn parse_set(body: &str) -> Result<SetRequest, UapiError> {
     let mut req = SetRequest::default();
+    // The current peer's allowed IPs, for de-duplication in constant time.
+    let mut seen = std::collections::HashSet::new();
     for line in body.split('\n').filter(|l| !l.is_empty()) {
         let (key, value) = line.split_once('=').ok_or_else(|| UapiError::protocol("a line without `=`"))?;
         if key == "public_key" {
             let bytes = parse_hex_key(key, value)?;
             req.peers.push(PeerChange::new(PublicKey(*bytes)));
+            seen.clear();
             continue;
         }
         let Some(peer) = req.peers.last_mut() else {
@@ -208,18 +233,22 @@ pub fn parse_set(body: &str) -> Result<SetRequest, UapiError> {
             "remove" => peer.remove = parse_true(key, value)?,
             "update_only" => peer.update_only = parse_true(key, value)?,
             "preshared_key" => peer.preshared_key = Some(PresharedKey::from_bytes(*parse_hex_key(key, value)?)),
-            "endpoint" => {
-                peer.endpoint =
-                    Some(value.parse().map_err(|_| UapiError::invalid(format!("endpoint: `{}`", printable(value))))?)
-            }
+            "endpoint" => peer.endpoint = Some(parse_endpoint(value)?),
             "persistent_keepalive_interval" => peer.persistent_keepalive = Some(parse_number(key, value)?),
             "replace_allowed_ips" => {
                 peer.replace_allowed_ips = parse_true(key, value)?;
                 peer.allowed_ips.clear();
+                seen.clear();
             }
             "allowed_ip" => {
                 let p = parse_allowed_ip(value)?;
-                if !peer.allowed_ips.contains(&p) {
+                if seen.insert(p) {
+                    if peer.allowed_ips.len() == MAX_ALLOWED_IPS {
+                        return Err(UapiError::invalid(format!(
+                            "peer {}: more than {MAX_ALLOWED_IPS} allowed IPs",
+                            peer.public_key
+                        )));
+                    }
                     peer.allowed_ips.push(p);
                 }
             }
@@ -273,7 +302,9 @@ pub struct PeerState {
 /// The `get=1` answer up to (not including) its `errno=0` line. It holds
 /// the private and pre-shared keys: the caller writes it to the socket only.
 pub fn format_get(state: &DeviceState) -> Zeroizing<String> {
-    let mut out = Zeroizing::new(String::with_capacity(256 + state.peers.len() * 400));
+    // Room for every line up front: a reallocation would leave key copies behind.
+    let room = 256 + state.peers.iter().map(|p| 520 + p.allowed_ips.len() * 64).sum::<usize>();
+    let mut out = Zeroizing::new(String::with_capacity(room));
     if state.private_key.0.iter().any(|&b| b != 0) {
         write_hex_key(&mut out, "private_key", &state.private_key.0);
     }
@@ -324,13 +355,16 @@ mod tests {
         let body = format!(
             "private_key={PRIVATE}\nfwmark=0\nlisten_port=12912\nreplace_peers=true\n\
              public_key={PEER1}\npreshared_key={PSK1}\nreplace_allowed_ips=true\nallowed_ip=192.168.4.4/32\n\
-             endpoint=[abcd:23::33%2]:51820\n\
+             endpoint=[abcd:23::33]:51820\n\
              public_key={PEER2}\nreplace_allowed_ips=true\nallowed_ip=192.168.4.6/32\n\
              persistent_keepalive_interval=111\nendpoint=182.122.22.19:3233\n\
              public_key={PEER3}\nendpoint=5.152.198.39:51820\nreplace_allowed_ips=true\n\
              allowed_ip=192.168.4.10/32\nallowed_ip=192.168.4.11/32\n\
              public_key={PEER1}\nremove=true\n"
         );
+        // The example's scoped endpoint (`%2`) is refused: see `parse_endpoint`.
+        let scoped = body.replace("[abcd:23::33]:51820", "[abcd:23::33%2]:51820");
+        assert_eq!(parse_set(&scoped).unwrap_err().errno, errno::EINVAL);
         let req = parse_set(&body).unwrap();
         assert_eq!(req.private_key.as_deref(), Some(&key(PRIVATE)));
         assert_eq!((req.listen_port, req.fwmark, req.replace_peers), (Some(12912), Some(0), true));
@@ -340,12 +374,7 @@ mod tests {
         assert_eq!(p.preshared_key.as_ref().map(|k| *k.as_bytes()), Some(key(PSK1)));
         assert!(p.replace_allowed_ips);
         assert_eq!(p.allowed_ips, vec!["192.168.4.4/32".parse().unwrap()]);
-        match p.endpoint {
-            Some(SocketAddr::V6(e)) => {
-                assert_eq!((e.ip().to_string(), e.port(), e.scope_id()), ("abcd:23::33".into(), 51820, 2))
-            }
-            other => panic!("endpoint {other:?}"),
-        }
+        assert_eq!(p.endpoint, Some("[abcd:23::33]:51820".parse().unwrap()));
         let p = &req.peers[1];
         assert_eq!((p.persistent_keepalive, p.endpoint), (Some(111), Some("182.122.22.19:3233".parse().unwrap())));
         assert_eq!(req.peers[2].allowed_ips.len(), 2);
@@ -374,6 +403,10 @@ mod tests {
             ("allowed_ip=10.0.0.0", errno::EINVAL),
             ("allowed_ip=nonsense/8", errno::EINVAL),
             ("endpoint=10.0.0.1", errno::EINVAL),
+            // What `wg` sends for a scoped address, and link-local ones.
+            ("endpoint=[fe80::1%eth0]:51820", errno::EINVAL),
+            ("endpoint=[fe80::1%2]:51820", errno::EINVAL),
+            ("endpoint=[fe80::1]:51820", errno::EINVAL),
             ("protocol_version=2", errno::EINVAL),
             ("persistent_keepalive_interval=65536", errno::EINVAL),
             ("remove=yes", errno::EINVAL),
@@ -383,6 +416,28 @@ mod tests {
         for (line, want) in peer_cases {
             assert_eq!(parse_set(&format!("{peer}{line}")).unwrap_err().errno, *want, "{line}");
         }
+    }
+
+    #[test]
+    fn a_peer_lists_a_bounded_number_of_allowed_ips() {
+        let mut body = format!("public_key={PEER1}\n");
+        for i in 0..MAX_ALLOWED_IPS {
+            body.push_str(&format!("allowed_ip=10.{}.{}.0/24\n", i / 256, i % 256));
+        }
+        assert_eq!(parse_set(&body).unwrap().peers[0].allowed_ips.len(), MAX_ALLOWED_IPS);
+        // Repeats do not count; one more does.
+        let again = format!("{body}allowed_ip=10.0.0.0/24\n");
+        assert_eq!(parse_set(&again).unwrap().peers[0].allowed_ips.len(), MAX_ALLOWED_IPS);
+        assert_eq!(parse_set(&format!("{body}allowed_ip=10.99.0.0/24\n")).unwrap_err().errno, errno::EINVAL);
+    }
+
+    #[test]
+    fn error_messages_carry_at_most_a_short_escaped_echo() {
+        let long = "9".repeat(100_000);
+        let e = parse_set(&format!("listen_port={long}\n")).unwrap_err();
+        assert!(e.message.len() < 200, "{}", e.message.len());
+        let e = parse_set(&format!("public_key={PEER1}\nendpoint=\u{1b}[31m{long}\n")).unwrap_err();
+        assert!(e.message.len() < 200 && !e.message.contains('\u{1b}'), "{}", e.message);
     }
 
     #[test]

@@ -4,24 +4,28 @@
 //! file (no process answers on it) is replaced; a live one refuses the start.
 //!
 //! Limits: a request is at most `MAX_REQUEST_BYTES`; a connection that sends
-//! nothing for `IDLE` is closed; at most `MAX_CONNECTIONS` are served at once
-//! (more wait in the kernel's backlog).
+//! nothing for `IDLE`, or lasts `LIFETIME`, is closed; at most
+//! `MAX_CONNECTIONS` are served at once (one more is closed at once).
 
 use super::device::UapiDevice;
 use super::protocol::{errno, format_get, parse_set, status_line, UapiError, MAX_REQUEST_BYTES};
 use anyhow::Context;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use zeroize::Zeroizing;
 
 /// Where `wg(8)` looks for userspace implementations' sockets.
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
 
 /// A connection idle this long is closed.
 pub const IDLE: Duration = Duration::from_secs(30);
+
+/// The longest a connection is served (`wg` needs milliseconds).
+pub const LIFETIME: Duration = Duration::from_secs(120);
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -37,8 +41,9 @@ async fn read_line<R: AsyncRead + Unpin>(r: &mut BufReader<R>, buf: &mut Vec<u8>
 }
 
 /// The body of a `set=1` request: its lines up to the empty one.
-async fn read_set_body<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> Result<String, UapiError> {
-    let mut body = Vec::new();
+async fn read_set_body<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> Result<Zeroizing<String>, UapiError> {
+    // Keys in hex pass through here: zeroed when dropped.
+    let mut body = Zeroizing::new(Vec::new());
     loop {
         let start = body.len();
         let room = MAX_REQUEST_BYTES.saturating_sub(start);
@@ -56,7 +61,11 @@ async fn read_set_body<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> Result<Str
         }
         if body.len() - start == 1 {
             body.pop();
-            return String::from_utf8(body).map_err(|_| UapiError::new(errno::EPROTO, "the request is not UTF-8"));
+            if std::str::from_utf8(&body).is_err() {
+                return Err(UapiError::new(errno::EPROTO, "the request is not UTF-8"));
+            }
+            let text = String::from_utf8(std::mem::take(&mut *body)).unwrap_or_default();
+            return Ok(Zeroizing::new(text));
         }
     }
 }
@@ -142,9 +151,14 @@ impl UapiSocket {
     /// Binds `<dir>/<name>.sock`, replacing a stale file; fails if a live
     /// process answers on it.
     pub fn bind(dir: &Path, name: &str) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+        if !dir.is_dir() {
+            // Created as wireguard-go creates it; an existing one keeps its mode.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
         let path = dir.join(format!("{name}.sock"));
         if let Ok(meta) = std::fs::symlink_metadata(&path) {
             if !meta.file_type().is_socket() {
@@ -161,9 +175,15 @@ impl UapiSocket {
             }
             std::fs::remove_file(&path).with_context(|| format!("cannot remove the stale {}", path.display()))?;
         }
-        let listener = std::os::unix::net::UnixListener::bind(&path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
-        // Created 0755 by the umask: nobody else may write (connect) before this.
+        // Created 0700 (umask 077, as wireguard-go binds it): nobody else can
+        // connect in the moment between creating the file and a chmod.
+        // SAFETY: umask(2) only swaps the process's file mode mask; it is
+        // restored at once (serve binds before it starts other threads).
+        let old_mask = unsafe { libc::umask(0o077) };
+        let bound = std::os::unix::net::UnixListener::bind(&path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old_mask) };
+        let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot set the mode of {}", path.display()))?;
         listener.set_nonblocking(true)?;
@@ -180,6 +200,7 @@ impl UapiSocket {
         let std_listener = self.listener.take().context("the socket is already being served")?;
         let listener = tokio::net::UnixListener::from_std(std_listener)?;
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut backoff = Duration::from_millis(10);
         while !stop.load(Ordering::Relaxed) {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -188,15 +209,21 @@ impl UapiSocket {
             let stream = match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
+                    // E.g. out of file descriptors: wait, longer each time.
                     tracing::warn!(error = %e, "wg socket: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().acquire_owned().await else { break };
+            backoff = Duration::from_millis(10);
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(max = MAX_CONNECTIONS, "wg socket: too many connections; closing a new one");
+                continue;
+            };
             let device = device.clone();
             tokio::spawn(async move {
-                serve_connection(&device, stream).await;
+                let _ = tokio::time::timeout(LIFETIME, serve_connection(&device, stream)).await;
                 drop(slot);
             });
         }

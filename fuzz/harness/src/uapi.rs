@@ -3,7 +3,8 @@
 //! API's state (an in-memory data plane, a SQLite store on tmpfs) and one
 //! configuration-file peer. After every input the store and the data plane
 //! agree on every gateway (the socket's changes go through the API's path),
-//! and the configuration-file peer is untouched; then the gateways the input
+//! and the configuration-file peer is untouched; refused requests change
+//! nothing; then the gateways the input
 //! made are taken out again, so that every input starts from the same state.
 
 use std::path::{Path, PathBuf};
@@ -77,6 +78,11 @@ pub fn run(data: &[u8]) -> String {
     f.rt.block_on(wgxdp_control::uapi::server::serve_connection(&f.device, &mut stream));
     let answers = String::from_utf8_lossy(&stream.into_inner().1).into_owned();
     let live = f.store.live().expect("store");
+    // Every input starts with no gateways: a stream whose every request was
+    // refused leaves none (a refused set changes nothing).
+    if !answers.contains("errno=0\n") {
+        assert!(live.is_empty(), "refused requests left gateways: {answers}");
+    }
     let running = f.plane.tunnels.lock().unwrap_or_else(|p| p.into_inner()).len();
     assert_eq!(running, live.len(), "the data plane runs a tunnel the store does not hold");
     for g in &live {
