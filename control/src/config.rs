@@ -180,7 +180,7 @@ pub const TRACKED_FLOWS: std::ops::RangeInclusive<usize> = 1024..=16_777_216;
 
 /// Why `name` cannot be a Linux interface name (the kernel's
 /// `dev_valid_name`: 1-15 bytes, not `.` or `..`, no `/`, `:` or whitespace).
-fn invalid_interface_name(name: &str) -> Option<&'static str> {
+pub fn invalid_interface_name(name: &str) -> Option<&'static str> {
     if name.is_empty() || name.len() > 15 {
         Some("must be 1-15 characters")
     } else if name == "." || name == ".." {
@@ -262,8 +262,9 @@ pub struct ApiConfig {
 /// How `Config::parse_with` obtains the contents of a key file.
 pub type SecretReader<'a> = &'a dyn Fn(&Path, &'static str) -> Result<zeroize::Zeroizing<String>, ConfigError>;
 
-/// Reads a key file that must not be readable by anyone but its owner.
-fn read_secret(path: &Path, what: &'static str) -> Result<zeroize::Zeroizing<String>, ConfigError> {
+/// Reads a key file that must not be readable by anyone but its owner (what
+/// `Config::parse` reads key files with).
+pub fn read_secret(path: &Path, what: &'static str) -> Result<zeroize::Zeroizing<String>, ConfigError> {
     let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -359,6 +360,11 @@ impl Config {
         }
         if i.listen_port == 0 {
             return Err(ConfigError::Interface("`listen_port` must be 1-65535".into()));
+        }
+        if i.queues == Some(0) {
+            return Err(ConfigError::Interface(
+                "`queues` must be at least 1 (leave it out to serve every queue both NICs have)".into(),
+            ));
         }
         if !(MIN_TUNNEL_MTU..=9000).contains(&i.tunnel_mtu) {
             return Err(ConfigError::Interface(format!(
@@ -799,6 +805,7 @@ mod tests {
         assert_eq!(with("tracked_flows = 16777216").map(|c| c.0), Ok(16_777_216));
         assert_eq!(with("host_interface = \"wg-site.1\"").map(|c| c.1), Ok("wg-site.1".to_owned()));
         for (line, says) in [
+            ("queues = 0", "`queues` must be at least 1"),
             ("tracked_flows = 1023", "1024-16777216"),
             ("tracked_flows = 16777217", "1024-16777216"),
             ("tracked_flows = -1", "tracked_flows"),

@@ -2,6 +2,7 @@
 //! store, the CLI client, key utilities.
 
 pub mod api;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod firewall;

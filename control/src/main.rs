@@ -33,6 +33,13 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Check a configuration and the NICs it names without attaching
+    /// anything: one line per check (ok, warning, error); fails on any error.
+    Check {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Manage VPN gateways through the API (`wgxdp vpn --help`).
     Vpn {
         #[command(flatten)]
@@ -105,6 +112,7 @@ fn main() -> std::process::ExitCode {
             wgxdp_control::serve::serve(&config, stats_every.map(Duration::from_secs))
         }
         Command::Detach { config, force } => wgxdp_control::serve::detach(&config, force, &mut stdout),
+        Command::Check { config } => wgxdp_control::check::check(&config, &mut stdout),
         Command::Vpn { client, command } => wgxdp_control::cli::run(command, &client, &mut stdout),
         Command::Apikey { config, command } => apikey(&config, command, &mut stdout),
         Command::Genkey => wgxdp_control::keys::genkey(&mut stdout),

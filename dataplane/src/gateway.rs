@@ -8,6 +8,7 @@ use crate::frame::udp_headers_len;
 use crate::host::{HostAddresses, HostTun};
 use crate::loader::{LoaderError, Side, XdpPrograms, XdpStats};
 use crate::neighbors::{run_resolver, run_wan_resolver, KernelSender, NeighborTable, WanNextHops};
+use crate::nic::rx_queues;
 use crate::noise::peer::PeerConfig;
 use crate::noise::{AeadBackend, PrivateKey, PublicKey};
 use crate::policy::ForwardingPolicy;
@@ -269,14 +270,6 @@ pub fn interface_addrs(iface: &str) -> (Option<std::net::Ipv4Addr>, Option<std::
     (v4, v6)
 }
 
-/// Number of rx queues the NIC exposes.
-fn rx_queues(iface: &str) -> u32 {
-    std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
-        .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("rx-")).count() as u32)
-        .unwrap_or(1)
-        .max(1)
-}
-
 /// A dual-stack UDP socket on the listen port, bound to the WAN interface: it
 /// sends handshakes, keepalives and the first packets to a peer, and receives
 /// what XDP leaves to the kernel (the slow path); holding the port stops
@@ -333,7 +326,26 @@ pub fn max_tunnel_mtu(frame_size: u32) -> usize {
     room / 16 * 16
 }
 
-fn check_tunnel_mtu(mtu: usize, frame_size: u32) -> Result<(), GatewayError> {
+/// The largest interface MTU whose frames fit an AF_XDP frame of
+/// `frame_size` on receive (the kernel keeps its headroom in front; a longer
+/// frame is dropped before a worker sees it).
+pub fn max_received_mtu(frame_size: u32) -> usize {
+    (frame_size as usize).saturating_sub(XDP_PACKET_HEADROOM + crate::wire::ETHERNET_HEADER_LEN)
+}
+
+/// The cores this process may run on: where workers go when `cores` is empty.
+pub fn usable_cores() -> Vec<usize> {
+    core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect()
+}
+
+/// How many queues (AF_XDP socket pairs, workers) a gateway on `wan` and
+/// `lan` serves: the rx queues both NICs have, at most `limit` (`queues`).
+pub fn queue_count(wan: &str, lan: &str, limit: Option<u32>) -> u32 {
+    rx_queues(wan).min(rx_queues(lan)).min(limit.unwrap_or(u32::MAX))
+}
+
+/// Refuses a `tunnel_mtu` whose sealed packets do not fit frames of `frame_size`.
+pub fn check_tunnel_mtu(mtu: usize, frame_size: u32) -> Result<(), GatewayError> {
     let max = max_tunnel_mtu(frame_size);
     if mtu == 0 || mtu > max {
         return Err(GatewayError::TunnelMtu {
@@ -386,8 +398,7 @@ impl Gateway {
         }
         programs.set_wan_addresses(&interface_addresses(&cfg.wan_interface))?;
 
-        let queues =
-            rx_queues(&cfg.wan_interface).min(rx_queues(&cfg.lan_interface)).min(cfg.queues.unwrap_or(u32::MAX));
+        let queues = queue_count(&cfg.wan_interface, &cfg.lan_interface, cfg.queues);
         let mut sockets = Vec::new();
         for q in 0..queues {
             let io = XskQueue::bind(&cfg.wan_interface, &cfg.lan_interface, q, &cfg.xsk)?;
@@ -487,11 +498,7 @@ impl Gateway {
             );
         }
         let mut from_kernel = Some(from_kernel);
-        let cores = if cfg.cores.is_empty() {
-            core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect()
-        } else {
-            cfg.cores.clone()
-        };
+        let cores = if cfg.cores.is_empty() { usable_cores() } else { cfg.cores.clone() };
         let mut counters = Vec::new();
         for (q, io) in sockets.into_iter().enumerate() {
             let c = Arc::new(WorkerCounters::default());
@@ -796,6 +803,8 @@ mod tests {
 
     #[test]
     fn tunnel_mtu_must_fit_a_frame() {
+        assert_eq!(max_received_mtu(2048), 1778, "2048 - 256 headroom - 14 bytes of Ethernet");
+        assert_eq!(max_received_mtu(4096), 3826);
         assert!(check_tunnel_mtu(1420, 2048).is_ok());
         assert_eq!(max_tunnel_mtu(2048), 1696, "2048 - 256 headroom - 94 bytes of headers, in 16s");
         assert!(check_tunnel_mtu(1697, 2048).is_err());

@@ -15,6 +15,7 @@ pub mod icmp;
 pub mod loader;
 pub mod neighbors;
 pub mod netlink;
+pub mod nic;
 pub mod noise;
 pub mod peer_view;
 pub mod policy;

@@ -3,9 +3,11 @@
 //! kernel (`nl_pid` 0) and only replies to its own sequence number, plus the
 //! few messages the gateway needs: the neighbour table (`RTM_GETNEIGH`), a
 //! route lookup (`RTM_GETROUTE`), a resolution kick (`RTM_NEWNEIGH` with
-//! `NTF_USE`), and the XDP attributes of a link (`loader.rs`). Used by the
-//! resolver threads and the loader, never by workers. Every parser takes
-//! arbitrary bytes and never panics.
+//! `NTF_USE`), and the XDP attributes of a link (`loader.rs`). The same
+//! exchange runs on a `NETLINK_GENERIC` socket (`Rtnetlink::open_generic`)
+//! for what `nic.rs` asks the kernel's `netdev` family. Used by the resolver
+//! threads, the loader and `wgxdp check`, never by workers. Every parser
+//! takes arbitrary bytes and never panics.
 
 use crate::table::IpPrefix;
 use crate::wire::MacAddr;
@@ -59,6 +61,10 @@ pub fn u16_at(b: &[u8], at: usize) -> Option<u16> {
 
 pub fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
+}
+
+pub fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_ne_bytes(b.get(at..at.checked_add(8)?)?.try_into().ok()?))
 }
 
 /// (type, payload) of each attribute in `b` (the nested flag cleared); stops
@@ -147,7 +153,8 @@ pub fn walk_replies(buf: &[u8], seq: u32, acked: bool, mut each: impl FnMut(u16,
     Progress::More
 }
 
-/// A `NETLINK_ROUTE` socket that talks to the kernel only.
+/// A `NETLINK_ROUTE` (or, from `open_generic`, `NETLINK_GENERIC`) socket
+/// that talks to the kernel only.
 #[derive(Debug)]
 pub struct Rtnetlink {
     fd: OwnedFd,
@@ -155,8 +162,18 @@ pub struct Rtnetlink {
 
 impl Rtnetlink {
     pub fn open() -> io::Result<Self> {
+        Self::open_protocol(libc::NETLINK_ROUTE)
+    }
+
+    /// A generic-netlink socket: requests go to a family by its id (the
+    /// message type), which the `nlctrl` family resolves from its name.
+    pub fn open_generic() -> io::Result<Self> {
+        Self::open_protocol(libc::NETLINK_GENERIC)
+    }
+
+    fn open_protocol(protocol: libc::c_int) -> io::Result<Self> {
         // SAFETY: socket(2) with constant arguments; the result is checked below.
-        let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+        let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
