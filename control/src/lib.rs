@@ -9,6 +9,7 @@ pub mod generate;
 pub mod keys;
 pub mod logging;
 pub mod plane;
+pub mod privilege;
 pub mod secret;
 pub mod serve;
 pub mod store;
