@@ -191,3 +191,55 @@ fn bash_completion_is_valid_and_completes_subcommands() {
     let out = wgxdp().args(["generate", "completions", "tcsh"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "an unknown shell is a usage error");
 }
+
+/// The example configuration the package installs loads as it is (with its
+/// key file present) and with every commented-out setting turned on.
+#[test]
+fn the_example_configuration_is_valid() {
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/wgxdp.toml.example")).unwrap();
+    let scratch = Scratch::new("example");
+    let secret = |name: &str, text: &str| {
+        let path = scratch.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        path.display().to_string()
+    };
+    let key = secret("private.key", "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n");
+    let psk = secret("site-b.psk", "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE=\n");
+    let local = |text: &str| {
+        text.replace("/etc/wgxdp/private.key", &key)
+            .replace("/etc/wgxdp/site-b.psk", &psk)
+            .replace("/var/lib/wgxdp/wgxdp.db", &scratch.0.join("wgxdp.db").display().to_string())
+            .replace("base64 public key of the remote site", "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=")
+    };
+    let load = |name: &str, text: &str| {
+        let path = scratch.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        wgxdp_control::config::Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"))
+    };
+    let as_shipped = load("as-shipped.toml", &local(&example));
+    assert_eq!((as_shipped.wan.as_str(), as_shipped.lan.as_str(), as_shipped.listen_port), ("eth0", "eth1", 51820));
+    assert!(as_shipped.peers.is_empty() && as_shipped.api.is_some());
+
+    // `# key = value` and `# [[table]]` lines uncommented: every setting on.
+    let everything: String = example
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.starts_with("[[")
+                    || rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_')) =>
+            {
+                rest.to_owned()
+            }
+            _ => l.to_owned(),
+        })
+        .map(|l| l + "\n")
+        .collect();
+    let all = load("everything.toml", &local(&everything));
+    assert_eq!(all.peers.len(), 1, "{everything}");
+    assert_eq!((all.queues, all.cores.as_slice(), all.busy_poll), (Some(2), &[2, 3][..], false));
+    assert!(all.api.unwrap().metrics_listen.is_some());
+}

@@ -160,7 +160,7 @@ fn assemble(binary: &Path, out_dir: &Path) -> Result<PathBuf> {
     }
     let conffiles: String = CONFFILES.iter().map(|c| format!("{c}\n")).collect();
     write(&debian.join("conffiles"), conffiles.as_bytes(), 0o644)?;
-    let depends = depends(&sbin)?;
+    let depends = depends(&sbin, &out_dir.join(format!("{name}.shlibdeps")))?;
     println!("   Depends: {depends}");
     let control = format!(
         "Package: wgxdp\nVersion: {}\nArchitecture: {arch}\nMaintainer: {MAINTAINER}\nInstalled-Size: {}\n\
@@ -179,16 +179,13 @@ fn assemble(binary: &Path, out_dir: &Path) -> Result<PathBuf> {
 /// The shared libraries' packages with their minimum versions, as
 /// dpkg-shlibdeps finds them from the binary's NEEDED entries and the
 /// installed packages' symbols files.
-fn depends(binary: &Path) -> Result<String> {
+fn depends(binary: &Path, scratch: &Path) -> Result<String> {
     // dpkg-shlibdeps wants to run in a source package: give it an empty one.
-    let scratch = binary.parent().and_then(Path::parent).and_then(Path::parent).expect("inside the tree");
-    let scratch = scratch
-        .with_file_name(format!("{}.shlibdeps", scratch.file_name().expect("the tree has a name").to_string_lossy()));
     std::fs::create_dir_all(scratch.join("debian"))?;
     std::fs::write(scratch.join("debian/control"), "")?;
     let out =
-        output(Command::new("dpkg-shlibdeps").current_dir(&scratch).args(["-O", "-e"]).arg(binary.canonicalize()?));
-    std::fs::remove_dir_all(&scratch)?;
+        output(Command::new("dpkg-shlibdeps").current_dir(scratch).args(["-O", "-e"]).arg(binary.canonicalize()?));
+    std::fs::remove_dir_all(scratch)?;
     let line = out?;
     let deps = line
         .lines()
