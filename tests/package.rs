@@ -81,7 +81,7 @@ fn unit_value<'a>(unit: &'a str, key: &str) -> &'a str {
 
 #[test]
 fn the_debian_package_is_complete_and_consistent() {
-    wgxdp_integration::require_tools(&["dpkg-deb", "systemd-analyze", "bash", "gzip"]);
+    wgxdp_integration::require_tools(&["dpkg-deb", "systemd-analyze", "systemd-tmpfiles", "bash", "gzip"]);
     let Some(deb) = package() else { return };
     let scratch = Scratch(std::env::temp_dir().join(format!("wgxdp-deb-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&scratch.0);
@@ -102,6 +102,7 @@ fn the_debian_package_is_complete_and_consistent() {
     let expected = [
         ("-rwxr-xr-x", "./usr/sbin/wgxdp"),
         ("-rw-r--r--", "./lib/systemd/system/wgxdp.service"),
+        ("-rw-r--r--", "./usr/lib/tmpfiles.d/wgxdp.conf"),
         ("-rw-r--r--", "./etc/wgxdp/wgxdp.toml.example"),
         ("-rw-r--r--", "./usr/share/man/man8/wgxdp.8.gz"),
         ("-rw-r--r--", "./usr/share/man/man8/wgxdp-serve.8.gz"),
@@ -135,6 +136,7 @@ fn the_debian_package_is_complete_and_consistent() {
     for (packaged, source) in [
         ("lib/systemd/system/wgxdp.service", "packaging/wgxdp.service"),
         ("etc/wgxdp/wgxdp.toml.example", "packaging/wgxdp.toml.example"),
+        ("usr/lib/tmpfiles.d/wgxdp.conf", "packaging/wgxdp.tmpfiles"),
     ] {
         assert_eq!(
             std::fs::read_to_string(tree.join(packaged)).unwrap(),
@@ -149,6 +151,17 @@ fn the_debian_package_is_complete_and_consistent() {
     assert_eq!(version.trim(), format!("wgxdp {}", env!("CARGO_PKG_VERSION")));
 
     check_unit(&tree, &scratch.0);
+
+    // The tmpfiles.d entry makes /run/wireguard (here under a scratch root).
+    let tmpfiles_root = scratch.0.join("tmpfiles");
+    output(
+        Command::new("systemd-tmpfiles")
+            .arg("--create")
+            .arg(format!("--root={}", tmpfiles_root.display()))
+            .arg(tree.join("usr/lib/tmpfiles.d/wgxdp.conf")),
+    );
+    let made = std::fs::metadata(tmpfiles_root.join("run/wireguard")).expect("/run/wireguard not created");
+    assert!(made.is_dir() && std::os::unix::fs::PermissionsExt::mode(&made.permissions()) & 0o777 == 0o755);
 
     // Manual pages: one per subcommand, and wgxdp(8) names them all.
     let page = output(Command::new("sh").arg("-c").arg(format!(

@@ -17,6 +17,7 @@ const PROFILES: &[&str] = &["release", "e2e"];
 /// Files of `packaging/` and where they go: (source, destination, mode).
 const STATIC_FILES: &[(&str, &str, u32)] = &[
     ("wgxdp.service", "lib/systemd/system/wgxdp.service", 0o644),
+    ("wgxdp.tmpfiles", "usr/lib/tmpfiles.d/wgxdp.conf", 0o644),
     ("wgxdp.toml.example", "etc/wgxdp/wgxdp.toml.example", 0o644),
     ("copyright", "usr/share/doc/wgxdp/copyright", 0o644),
 ];
