@@ -100,9 +100,10 @@ impl LockedMemory {
     /// `frames_per_socket` frames of `frame_size` bytes. With `zero_copy`,
     /// twice that again: when a NIC refuses zero-copy (veth, most drivers
     /// without AF_XDP support), the kernel releases that attempt's UMEM only
-    /// after the copy-mode one has been counted (seen: 1024 frames per socket
-    /// fail under an 8 MiB - 4 KiB limit with zero-copy on, start under 4 MiB
-    /// with it off).
+    /// after the copy-mode one has been counted (seen on veth, 1024 frames per
+    /// socket: with zero-copy on they start under an 8 MiB limit and fail
+    /// under 7.5 MiB; with it off they start under 4 MiB and fail under
+    /// 4 MiB - 4 KiB).
     pub fn umem(queues: u32, frames_per_socket: u32, frame_size: u32, zero_copy: bool) -> Self {
         let attempts = if zero_copy { 2 } else { 1 };
         let per_queue = 2 * u64::from(frames_per_socket) * u64::from(frame_size);
