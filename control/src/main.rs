@@ -1,12 +1,17 @@
 //! The `wgxdp` command.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
+use wgxdp_control::logging::{self, LogFormat};
 
 #[derive(Parser, Debug)]
 #[command(name = "wgxdp", version, about = "WireGuard-compatible VPN gateway on AF_XDP")]
 struct Cli {
+    /// How log events are written to stderr: `text`, or `json` (one object
+    /// per line, for log shippers; the final error too).
+    #[arg(long, global = true, value_enum, env = logging::FORMAT_ENV, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -59,6 +64,40 @@ enum Command {
     Genkey,
     /// Read a private key on stdin and print its public key, like `wg pubkey`.
     Pubkey,
+    /// Write the manual pages or a shell completion script (for packagers).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Generate {
+    /// The manual page wgxdp(8) on stdout, or with `--dir` one page per
+    /// subcommand too (wgxdp-serve.8, ...), written into that directory.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// The completion script for a shell on stdout.
+    Completions { shell: clap_complete::Shell },
+}
+
+fn generate(what: Generate, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    use anyhow::Context;
+    match what {
+        Generate::Man { dir: None } => wgxdp_control::generate::man_page(Cli::command(), out)?,
+        Generate::Man { dir: Some(dir) } => {
+            for page in wgxdp_control::generate::man_pages(Cli::command(), &dir)
+                .with_context(|| format!("cannot write the manual pages into {}", dir.display()))?
+            {
+                writeln!(out, "{}", page.display())?;
+            }
+        }
+        Generate::Completions { shell } => wgxdp_control::generate::completions(shell, Cli::command(), out),
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,11 +139,8 @@ fn apikey(config: &std::path::Path, command: ApiKeyCommand, out: &mut impl std::
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WGXDP_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     let mut stdout = std::io::stdout().lock();
     let result = match cli.command {
         Command::Serve { config, stats_every } => {
@@ -117,11 +153,12 @@ fn main() -> std::process::ExitCode {
         Command::Apikey { config, command } => apikey(&config, command, &mut stdout),
         Command::Genkey => wgxdp_control::keys::genkey(&mut stdout),
         Command::Pubkey => wgxdp_control::keys::pubkey(&mut std::io::stdin().lock(), &mut stdout),
+        Command::Generate { what } => generate(what, &mut stdout),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("wgxdp: error: {e:#}");
+            logging::report_error(cli.log_format, &format!("{e:#}"));
             std::process::ExitCode::FAILURE
         }
     }

@@ -45,6 +45,7 @@ fn prepare_api(config: ApiConfig, static_peers: Vec<StaticPeer>) -> anyhow::Resu
 
 pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Result<()> {
     let mut cfg = Config::load(config_path)?;
+    crate::privilege::check_serve(&cfg)?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: everything the README's commands need, installed
 //! and run from here so that a fresh machine needs nothing else.
 
+mod package;
 mod setup;
 
 use anyhow::{bail, Context, Result};
@@ -14,9 +15,13 @@ commands:
   setup        install system packages, the nightly rust-src component and
                bpf-linker (idempotent; quick when everything is present)
   build-ebpf   build the XDP program for bpfel-unknown-none
+  package      the Debian package target/debian/wgxdp_<version>_<arch>.deb:
+               release build, systemd unit, example configuration, manual
+               pages, shell completions [--profile release|e2e]
   test         setup + build-ebpf + `wgxdp` with the e2e profile (release,
-               panic = abort) + the whole test suite (needs root: it creates
-               network namespaces and runs wireguard-go), then `fuzz`
+               panic = abort) and its package (target/debian/e2e/) + the
+               whole test suite (needs root: it creates network namespaces
+               and runs wireguard-go), then `fuzz`
   fuzz         installs cargo-fuzz if missing, builds the libFuzzer targets in
                fuzz/ (nightly) and runs each for a bounded time (about a
                minute in all); fails on any crash and says where its input is
@@ -40,6 +45,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("setup") => setup::install_all(),
         Some("build-ebpf") => build_ebpf().map(|p| println!("{}", p.display())),
+        Some("package") => package::package(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         Some("fuzz") => fuzz(&args[1..]),
@@ -113,7 +119,7 @@ fn build_binaries(release: bool) -> Result<PathBuf> {
 /// Where cargo puts the workspace's build output: `CARGO_TARGET_DIR` (a
 /// relative one is relative to the workspace root, where xtask runs cargo),
 /// else `target/`.
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     root().join(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()))
 }
 
@@ -145,19 +151,17 @@ fn test(extra: &[String]) -> Result<()> {
     // The end-to-end tests that must see a panic abort the gateway run this
     // binary (release code generation, `panic = "abort"`, no LTO):
     // target/e2e/wgxdp. `cargo test` cannot build it (it holds the build lock).
-    println!("== building wgxdp with the e2e profile (release, panic = abort, no LTO)");
-    run(Command::new("cargo").current_dir(root()).args([
-        "build",
-        "-p",
-        "wgxdp-control",
-        "--bin",
-        "wgxdp",
-        "--profile",
-        "e2e",
-    ]))?;
+    // The package of that binary, which the `package` test unpacks and checks.
+    let started = std::time::Instant::now();
+    let deb = package::build("e2e")?;
+    println!("== built wgxdp (e2e profile) and {} in {:.0} s", deb.display(), started.elapsed().as_secs_f64());
     println!("== cargo test (workspace: unit, known-answer, property, interop)");
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root()).args(["test", "--workspace", "--all-targets"]).args(extra);
+    cmd.current_dir(root())
+        .env("WGXDP_PACKAGE", &deb)
+        .env("WGXDP_REQUIRE_PACKAGE", "1")
+        .args(["test", "--workspace", "--all-targets"])
+        .args(extra);
     run(&mut cmd)?;
     fuzz(&[])
 }

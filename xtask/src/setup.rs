@@ -21,6 +21,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("wireguard-tools", "`wg`, to configure wireguard-go"),
     ("iperf3", "TCP throughput through the tunnel"),
     ("ethtool", "test topologies turn off veth checksum offload"),
+    ("dpkg-dev", "dpkg-shlibdeps: the Debian package's library dependencies"),
+    ("systemd", "systemd-analyze verify checks the packaged unit"),
+    ("man-db", "the package test renders the manual page"),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
