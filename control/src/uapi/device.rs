@@ -156,6 +156,9 @@ fn secret_base64(psk: &PresharedKey) -> SecretString {
     SecretString::new(psk.to_base64_secret().to_string())
 }
 
+/// Where each peer of a `set` is in its list, by public key.
+type KeyIndex = HashMap<[u8; 32], usize>;
+
 /// One step of an accepted `set`.
 enum Step {
     Delete(String),
@@ -270,7 +273,7 @@ impl UapiDevice {
 
     /// The state every peer of the request starts from: the configuration
     /// file's peers and the shown gateways, by key.
-    fn current(&self) -> Result<(Vec<Wanted>, HashMap<[u8; 32], usize>), UapiError> {
+    fn current(&self) -> Result<(Vec<Wanted>, KeyIndex), UapiError> {
         let mut wanted = Vec::new();
         let config_live = self.plane.config_peer_statuses();
         for (i, spec) in self.config_peers.iter().enumerate() {
