@@ -16,7 +16,7 @@ use std::process::Command;
 /// The capabilities the README's "Least privilege" lists and the unit grants.
 const DOCUMENTED_CAPABILITIES: &[&str] = &["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF", "CAP_PERFMON"];
 /// The visible subcommands of `wgxdp`.
-const SUBCOMMANDS: &[&str] = &["serve", "detach", "vpn", "apikey", "genkey", "pubkey"];
+const SUBCOMMANDS: &[&str] = &["serve", "check", "detach", "vpn", "apikey", "genkey", "pubkey"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()

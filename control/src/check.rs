@@ -7,6 +7,7 @@
 //! kernel's `netdev` generic-netlink family and ethtool, which need no root.
 
 use crate::config::{self, Config, ConfigError, WgSocket};
+use crate::uapi::SocketState;
 use std::cell::RefCell;
 use std::fmt;
 use std::io::Write;
@@ -520,7 +521,7 @@ fn check_attached(r: &mut Report, name: &str, iface: &str) {
         } else if p.name.is_none() {
             r.warn(
                 &check,
-                format!("{}: its name cannot be read without CAP_BPF (run as root to tell whose it is)", describe(p)),
+                format!("{}: its name cannot be read without CAP_SYS_ADMIN, nor whether a running process holds it (run as root to tell)", describe(p)),
             );
         } else {
             r.error(
@@ -719,8 +720,6 @@ fn check_api(r: &mut Report, api: &config::ApiConfig) {
     r.push(severity, "api database", message);
 }
 
-/// `[interface] name` (the UAPI socket `/run/wireguard/NAME.sock`), read
-/// loosely: this version's configuration may not know the key.
 /// The `wg` socket `serve` would offer: its name, and whether a live
 /// process already answers on it.
 fn check_wg_socket(r: &mut Report, wanted: &WgSocket) {
@@ -733,15 +732,18 @@ fn check_wg_socket(r: &mut Report, wanted: &WgSocket) {
         return r.warn("wg socket", format!("{e}: serve runs without one; set `[interface] name`"));
     }
     let socket = Path::new(crate::uapi::SOCKET_DIR).join(format!("{name}.sock"));
-    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-        let why = format!("another process answers on {}; set another `[interface] name`", socket.display());
-        if explicit {
-            r.error("wg socket", why);
-        } else {
-            r.warn("wg socket", format!("{why} (serve runs without a wg socket)"));
+    let trouble = match crate::uapi::probe(&socket) {
+        SocketState::Free | SocketState::Stale => {
+            return r.ok("wg socket", format!("`wg show {name}` will find {}", socket.display()))
         }
+        SocketState::Live => format!("another process answers on {}", socket.display()),
+        SocketState::NotASocket => format!("{} exists and is not a socket", socket.display()),
+        SocketState::Unknown => format!("{} exists and cannot be probed without root", socket.display()),
+    };
+    if explicit {
+        r.error("wg socket", format!("{trouble}; set another `[interface] name`"));
     } else {
-        r.ok("wg socket", format!("`wg show {name}` will find {}", socket.display()));
+        r.warn("wg socket", format!("{trouble}: serve runs without a wg socket; set `[interface] name`"));
     }
 }
 
@@ -889,5 +891,12 @@ mod tests {
         let f = r.findings();
         assert_eq!((f[0].severity, f[1].severity), (Severity::Error, Severity::Warning), "{f:?}");
         assert!(f[0].message.contains("another process answers"), "{f:?}");
+        // A file that is not a socket stops serve as it stops bind.
+        let dir = std::env::temp_dir().join(crate::store::random_id("wgxdp-check-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("x.sock"), b"").unwrap();
+        assert_eq!(crate::uapi::probe(&dir.join("x.sock")), SocketState::NotASocket);
+        assert_eq!(crate::uapi::probe(&dir.join("y.sock")), SocketState::Free);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

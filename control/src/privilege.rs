@@ -17,6 +17,7 @@ pub struct Capability {
     pub bit: u32,
 }
 
+pub const CAP_NET_BIND_SERVICE: Capability = Capability { name: "CAP_NET_BIND_SERVICE", bit: 10 };
 pub const CAP_NET_ADMIN: Capability = Capability { name: "CAP_NET_ADMIN", bit: 12 };
 pub const CAP_NET_RAW: Capability = Capability { name: "CAP_NET_RAW", bit: 13 };
 pub const CAP_IPC_LOCK: Capability = Capability { name: "CAP_IPC_LOCK", bit: 14 };
@@ -57,6 +58,33 @@ pub const NEEDED: &[Need] = &[
                   is \"prohibited for !root\")",
     },
 ];
+
+/// What a configuration with a port below `ip_unprivileged_port_start`
+/// (`listen_port`, `[api] listen` or `metrics_listen`, e.g. 443) also needs;
+/// wgxdp.service does not grant it unless the operator adds it.
+pub const NEED_LOW_PORT: Need = Need {
+    capability: CAP_NET_BIND_SERVICE,
+    instead: None,
+    purpose: "to bind a port below net.ipv4.ip_unprivileged_port_start (`listen_port` or an `[api]` address); \
+              add it to wgxdp.service's CapabilityBoundingSet= and AmbientCapabilities= if you use one",
+};
+
+/// `NEED_LOW_PORT` if one of `ports` is below `unprivileged_start` and the
+/// process cannot bind it.
+pub fn check_ports(effective: CapSet, ports: &[u16], unprivileged_start: u16) -> Result<(), PrivilegeError> {
+    if ports.iter().any(|&p| p < unprivileged_start) && !NEED_LOW_PORT.met_by(effective) {
+        return Err(PrivilegeError::Missing(vec![NEED_LOW_PORT]));
+    }
+    Ok(())
+}
+
+/// The lowest port a process without CAP_NET_BIND_SERVICE may bind.
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(1024)
+}
 
 /// A set of capabilities (one bit each, as in `/proc/<pid>/status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,25 +204,19 @@ fn memlock_limit() -> Result<Option<u64>, PrivilegeError> {
     Ok((limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur))
 }
 
-/// The number of rx queues of `iface`, counted as the gateway counts them
-/// (1 when it cannot tell).
-fn rx_queues(iface: &str) -> u32 {
-    std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
-        .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("rx-")).count() as u32)
-        .unwrap_or(1)
-        .max(1)
-}
-
 /// Checks that this process may run the gateway `cfg` describes: every
 /// capability of `NEEDED`, and room for its AF_XDP memory.
 pub fn check_serve(cfg: &Config) -> Result<(), PrivilegeError> {
-    let queues = rx_queues(&cfg.wan).min(rx_queues(&cfg.lan)).min(cfg.queues.unwrap_or(u32::MAX));
+    let queues = wgxdp_dataplane::gateway::queue_count(&cfg.wan, &cfg.lan, cfg.queues);
     let frame_size = wgxdp_dataplane::xsk::XskConfig::default().frame_size;
-    check(
-        CapSet::current()?,
-        memlock_limit()?,
-        LockedMemory::umem(queues, cfg.frames_per_socket, frame_size, cfg.zero_copy),
-    )
+    let effective = CapSet::current()?;
+    check(effective, memlock_limit()?, LockedMemory::umem(queues, cfg.frames_per_socket, frame_size, cfg.zero_copy))?;
+    let mut ports = vec![cfg.listen_port];
+    if let Some(api) = &cfg.api {
+        ports.push(api.listen.port());
+        ports.extend(api.metrics_listen.map(|a| a.port()));
+    }
+    check_ports(effective, &ports, unprivileged_port_start())
 }
 
 #[cfg(test)]
@@ -212,6 +234,18 @@ mod tests {
 
     fn without(set: CapSet, cap: Capability) -> CapSet {
         CapSet(set.0 & !(1 << cap.bit))
+    }
+
+    #[test]
+    fn a_port_below_the_unprivileged_start_needs_net_bind_service() {
+        let unit = CapSet::effective_from_status(UNIT).unwrap();
+        check_ports(unit, &[51820, 8080], 1024).unwrap();
+        let e = check_ports(unit, &[443, 8080], 1024).unwrap_err().to_string();
+        assert!(e.contains("missing CAP_NET_BIND_SERVICE") && e.contains("AmbientCapabilities"), "{e}");
+        check_ports(unit, &[443], 0).unwrap();
+        check_ports(CapSet(unit.0 | 1 << CAP_NET_BIND_SERVICE.bit), &[443, 80], 1024).unwrap();
+        let root = CapSet::effective_from_status(ROOT).unwrap();
+        check_ports(root, &[53], 1024).unwrap();
     }
 
     #[test]

@@ -138,7 +138,7 @@ fn an_unknown_format_is_refused_clearly() {
 }
 
 /// The visible subcommands of `wgxdp`.
-const SUBCOMMANDS: &[&str] = &["serve", "detach", "vpn", "apikey", "genkey", "pubkey"];
+const SUBCOMMANDS: &[&str] = &["serve", "check", "detach", "vpn", "apikey", "genkey", "pubkey"];
 
 #[test]
 fn the_manual_page_describes_every_subcommand() {

@@ -142,6 +142,8 @@ fn assemble(binary: &Path, out_dir: &Path) -> Result<PathBuf> {
     let mut count = 0;
     for page in pages.lines() {
         run(Command::new("gzip").args(["-9", "-n", "-f"]).arg(page))?;
+        // Readable by all, whatever the builder's umask.
+        std::fs::set_permissions(format!("{page}.gz"), std::fs::Permissions::from_mode(0o644))?;
         count += 1;
     }
     if !man_dir.join("wgxdp.8.gz").exists() {

@@ -205,11 +205,6 @@ impl UapiDevice {
         Self { private_key, listen_port, config_peers, plane, api }
     }
 
-    /// The API's state, if the gateway has an API.
-    pub fn api(&self) -> Option<&Arc<AppState>> {
-        self.api.as_ref()
-    }
-
     fn gateways(&self) -> Result<Vec<GatewayRecord>, UapiError> {
         match &self.api {
             None => Ok(Vec::new()),
@@ -397,7 +392,9 @@ impl UapiDevice {
                     }
                 }
                 Origin::Gateway(g) => {
-                    if g.status != Status::Active {
+                    let body = if w.removed { None } else { self.update_body(&original[i], w)? };
+                    // Only a gateway the request changes must have settled.
+                    if (w.removed || body.is_some()) && g.status != Status::Active {
                         return Err(UapiError::new(
                             errno::EEXIST,
                             format!("VPN gateway {} is {}; retry when it settles", g.id, g.status.as_str()),
@@ -407,7 +404,7 @@ impl UapiDevice {
                         deletes.push(Step::Delete(g.id.clone()));
                         continue;
                     }
-                    if let Some(body) = self.update_body(&original[i], w)? {
+                    if let Some(body) = body {
                         let state = self.api_state()?;
                         changes::check_update(state, g, body.clone()).map_err(from_api)?;
                         let moved = body.remote_network_cidr.is_some();
@@ -860,6 +857,25 @@ mod tests {
         assert!(f.gateway(&a).is_none());
         assert_eq!(f.gateway(&d).unwrap().remote_network_cidr, "10.60.0.0/16");
         f.assert_in_step();
+    }
+
+    #[test]
+    fn an_unsettled_gateway_blocks_only_changes_to_itself() {
+        let f = fixture(true);
+        let (a, ka) = peer();
+        let (b, kb) = peer();
+        f.set(&format!(
+            "public_key={ka}\nendpoint=203.0.113.5:1\nallowed_ip=10.60.0.0/16\n\
+             public_key={kb}\nendpoint=203.0.113.6:1\nallowed_ip=10.61.0.0/16\n"
+        ))
+        .unwrap();
+        f.store.set_status(&f.gateway(&a).unwrap().id, Status::Creating).unwrap();
+        f.set(&format!("public_key={kb}\npersistent_keepalive_interval=5\n")).unwrap();
+        f.set(&format!("public_key={ka}\nendpoint=203.0.113.5:1\nallowed_ip=10.60.0.0/16\n")).unwrap();
+        assert_eq!(f.gateway(&b).unwrap().persistent_keepalive, Some(5));
+        let e = f.set(&format!("public_key={ka}\npersistent_keepalive_interval=5\n")).unwrap_err();
+        assert_eq!(e.errno, errno::EEXIST);
+        assert_eq!(f.set(&format!("public_key={ka}\nremove=true\n")).unwrap_err().errno, errno::EEXIST);
     }
 
     #[test]

@@ -10,10 +10,7 @@ pub mod protocol;
 pub mod server;
 
 pub use device::UapiDevice;
-pub use server::{UapiSocket, SOCKET_DIR};
-
-/// The default `[interface] name`: the socket is `/var/run/wireguard/wgxdp0.sock`.
-pub const DEFAULT_NAME: &str = "wgxdp0";
+pub use server::{probe, SocketState, UapiSocket, SOCKET_DIR};
 
 /// An interface name as `wg(8)` accepts one: 1-15 of `A-Z a-z 0-9 _ = + . -`,
 /// not `.` or `..`.

@@ -139,6 +139,34 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(device: &Arc<Ua
     }
 }
 
+/// What is at a socket path now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketState {
+    /// Nothing: a socket can be made there.
+    Free,
+    /// A socket no process answers on (its process is gone): replaceable.
+    Stale,
+    /// A process answers on it.
+    Live,
+    /// A file that is not a socket.
+    NotASocket,
+    /// A socket this process may not connect to (not root?): cannot tell.
+    Unknown,
+}
+
+/// What is at `path`: the one probe `UapiSocket::bind` and `wgxdp check` use.
+pub fn probe(path: &Path) -> SocketState {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return SocketState::Free };
+    if !meta.file_type().is_socket() {
+        return SocketState::NotASocket;
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => SocketState::Live,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => SocketState::Unknown,
+        Err(_) => SocketState::Stale,
+    }
+}
+
 /// The bound socket; its file is removed when this is dropped.
 #[derive(Debug)]
 pub struct UapiSocket {
@@ -152,28 +180,29 @@ impl UapiSocket {
     /// process answers on it.
     pub fn bind(dir: &Path, name: &str) -> anyhow::Result<Self> {
         if !dir.is_dir() {
-            // Created as wireguard-go creates it; an existing one keeps its mode.
+            // Created as wireguard-go creates it (whatever the umask); an
+            // existing one keeps its mode.
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o755)
                 .create(dir)
+                .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let path = dir.join(format!("{name}.sock"));
-        if let Ok(meta) = std::fs::symlink_metadata(&path) {
-            if !meta.file_type().is_socket() {
-                anyhow::bail!(
-                    "{} exists and is not a socket; remove it or choose another [interface] name",
-                    path.display()
-                );
+        match probe(&path) {
+            SocketState::Free => {}
+            SocketState::Stale => {
+                std::fs::remove_file(&path).with_context(|| format!("cannot remove the stale {}", path.display()))?
             }
-            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                anyhow::bail!(
-                    "{} is in use by a running process (wireguard-go or another wgxdp); choose another [interface] name",
-                    path.display()
-                );
-            }
-            std::fs::remove_file(&path).with_context(|| format!("cannot remove the stale {}", path.display()))?;
+            SocketState::Live | SocketState::Unknown => anyhow::bail!(
+                "{} is in use by a running process (wireguard-go or another wgxdp); choose another [interface] name",
+                path.display()
+            ),
+            SocketState::NotASocket => anyhow::bail!(
+                "{} exists and is not a socket; remove it or choose another [interface] name",
+                path.display()
+            ),
         }
         // Created 0700 (umask 077, as wireguard-go binds it): nobody else can
         // connect in the moment between creating the file and a chmod.
