@@ -235,15 +235,18 @@ fn wg_tools_add_show_rotate_and_remove_peers() {
     assert!(site.api_gateways(&api_key).is_empty(), "the API still lists a gateway wg removed");
     assert!(!ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 3, 1), "traffic after wg removed the peer");
     gateway.terminate();
-    let _gateway = site.serve();
+    let mut gateway = site.serve();
     assert!(site.api_gateways(&api_key).is_empty(), "a removed peer came back after a restart");
     assert!(wg_ok(&["show", &name, "peers"]).trim().is_empty());
+    // A clean stop leaves no socket file behind (a kill on drop would).
+    gateway.terminate();
+    assert!(!Path::new(&format!("/var/run/wireguard/{name}.sock")).exists());
 }
 
 #[test]
 fn wg_requests_the_gateway_cannot_apply_fail_and_change_nothing() {
     let site = Site::new("v");
-    let _gateway = site.serve();
+    let mut gateway = site.serve();
     let api_key = create_api_key(wgxdp(), &site.config);
     let name = site.name().to_owned();
     let peer = PrivateKey::generate().public_key().to_base64();
@@ -289,4 +292,5 @@ fn wg_requests_the_gateway_cannot_apply_fail_and_change_nothing() {
     // The same port and key the gateway runs with are no change: accepted.
     wg_ok(&["set", &name, "listen-port", "51820"]);
     assert_eq!(wg_ok(&["showconf", &name]), before);
+    gateway.terminate();
 }
