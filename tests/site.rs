@@ -281,6 +281,42 @@ impl Drop for ServeProcess {
     }
 }
 
+/// Where the end-to-end tests' gateways serve the API (in their namespace).
+pub const API_LISTEN: &str = "127.0.0.1:8080";
+
+/// A `SiteTopology` with a gateway key and a configuration with an `[api]`
+/// section on `API_LISTEN` (database in its private directory), for the
+/// tests that drive `wgxdp serve` through its API or its `wg` socket.
+#[derive(Debug)]
+pub struct ApiSite {
+    pub topo: SiteTopology,
+    pub dir: TempDir,
+    pub config: PathBuf,
+    pub gateway_key: PublicKey,
+}
+
+impl ApiSite {
+    /// `extra`: more lines of the `[api]` section.
+    pub fn new(prefix: &str, extra: &str) -> Self {
+        crate::require_tools(&["ip", "wireguard-go", "wg", "ping", "ethtool"]);
+        let topo = SiteTopology::new(prefix);
+        let dir = TempDir::new(&format!("wgxdp-{prefix}"));
+        let key_file = dir.join("gw.key");
+        let gateway_key = write_private_key(&key_file).public_key();
+        let config = dir.join("gw.toml");
+        let db = dir.join("state/wgxdp.db");
+        std::fs::write(&config, topo.api_config(&key_file, API_LISTEN, &db, extra)).expect("write the configuration");
+        Self { topo, dir, config, gateway_key }
+    }
+
+    /// Starts `wgxdp serve` on the configuration and waits for its API.
+    pub fn serve(&self, wgxdp: &Path) -> ServeProcess {
+        let p = ServeProcess::start(&self.topo.gateway, wgxdp, &self.config, &self.dir.0);
+        p.wait_for_output("wgxdp: api listening", Duration::from_secs(10));
+        p
+    }
+}
+
 /// `wgxdp apikey create` for the gateway configured by `config`; the key.
 pub fn create_api_key(wgxdp: &Path, config: &Path) -> String {
     let out = std::process::Command::new(wgxdp)

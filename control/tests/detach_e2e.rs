@@ -8,46 +8,38 @@
 
 use serde_json::json;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
-use std::time::Duration;
 use wgxdp_dataplane::loader::{attach_without_link, attached_programs, XdpMode};
-use wgxdp_dataplane::noise::{PresharedKey, PrivateKey, PublicKey};
+use wgxdp_dataplane::noise::{PresharedKey, PrivateKey};
 use wgxdp_integration::site::{
-    create_api_key, ping_from, write_private_key, ApiClient, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL,
-    CLIENT_WAN, LAN_HOST,
+    create_api_key, ping_from, ApiClient, ApiSite, ServeProcess, API_LISTEN, CLIENT_TUNNEL, CLIENT_WAN, LAN_HOST,
 };
-use wgxdp_integration::{require_tools, xdp_object, WireguardGo};
+use wgxdp_integration::{xdp_object, WireguardGo};
 
-const API: &str = "127.0.0.1:8080";
+const API: &str = API_LISTEN;
 
 fn wgxdp() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_wgxdp"))
 }
 
-struct Site {
-    topo: SiteTopology,
-    dir: TempDir,
-    config: PathBuf,
-    gateway_key: PublicKey,
+/// The shared API site, with this file's helpers.
+struct Site(ApiSite);
+
+impl std::ops::Deref for Site {
+    type Target = ApiSite;
+    fn deref(&self) -> &ApiSite {
+        &self.0
+    }
 }
 
 impl Site {
     fn new(prefix: &str) -> Self {
-        require_tools(&["ip", "wireguard-go", "wg", "ping", "ethtool"]);
-        let topo = SiteTopology::new(prefix);
-        let dir = TempDir::new("wgxdp-detach");
-        let key_file = dir.join("gw.key");
-        let gateway_key = write_private_key(&key_file).public_key();
-        let config = dir.join("gw.toml");
-        std::fs::write(&config, topo.api_config(&key_file, API, &dir.join("state/wgxdp.db"), "")).unwrap();
-        Self { topo, dir, config, gateway_key }
+        Self(ApiSite::new(prefix, ""))
     }
 
     fn serve(&self) -> ServeProcess {
-        let p = ServeProcess::start(&self.topo.gateway, wgxdp(), &self.config, &self.dir.0);
-        p.wait_for_output("wgxdp: api listening", Duration::from_secs(10));
-        p
+        self.0.serve(wgxdp())
     }
 
     fn detach(&self, config: &Path) -> Output {

@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use wgxdp_dataplane::noise::{PresharedKey, PrivateKey, PublicKey};
 use wgxdp_integration::site::{
-    create_api_key, ping_from, write_private_key, ApiClient, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL,
+    create_api_key, ping_from, write_private_key, ApiClient, ApiSite, ServeProcess, API_LISTEN, CLIENT_TUNNEL,
     CLIENT_WAN, LAN_HOST,
 };
-use wgxdp_integration::{check_stream, require_tools, TestStream, WireguardGo};
+use wgxdp_integration::{check_stream, TestStream, WireguardGo};
 
-const API: &str = "127.0.0.1:8080";
+const API: &str = API_LISTEN;
 const CLIENT_PORT: u16 = 40_001;
 
 fn wgxdp() -> &'static Path {
@@ -40,34 +40,27 @@ fn wg_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-struct Site {
-    topo: SiteTopology,
-    dir: TempDir,
-    config: PathBuf,
-    gateway_key: PublicKey,
+/// The shared API site, with this file's helpers.
+struct Site(ApiSite);
+
+impl std::ops::Deref for Site {
+    type Target = ApiSite;
+    fn deref(&self) -> &ApiSite {
+        &self.0
+    }
 }
 
 impl Site {
     fn new(prefix: &str) -> Self {
-        require_tools(&["ip", "wireguard-go", "wg", "ping", "ethtool"]);
-        let topo = SiteTopology::new(prefix);
-        let dir = TempDir::new("wgxdp-uapi");
-        let key_file = dir.join("gw.key");
-        let gateway_key = write_private_key(&key_file).public_key();
-        let config = dir.join("gw.toml");
-        let db = dir.join("state/wgxdp.db");
-        std::fs::write(&config, topo.api_config(&key_file, API, &db, "")).unwrap();
-        Self { topo, dir, config, gateway_key }
+        Self(ApiSite::new(prefix, ""))
+    }
+
+    fn serve(&self) -> ServeProcess {
+        self.0.serve(wgxdp())
     }
 
     fn name(&self) -> &str {
         &self.topo.wg_name
-    }
-
-    fn serve(&self) -> ServeProcess {
-        let p = ServeProcess::start(&self.topo.gateway, wgxdp(), &self.config, &self.dir.0);
-        p.wait_for_output("wgxdp: api listening", Duration::from_secs(10));
-        p
     }
 
     /// The live gateways the API lists.

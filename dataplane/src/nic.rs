@@ -332,13 +332,6 @@ pub struct Channels {
     pub combined: u32,
 }
 
-impl Channels {
-    /// Queues packets are received on: combined plus receive-only channels.
-    pub fn receiving(&self) -> u32 {
-        self.combined.saturating_add(self.rx)
-    }
-}
-
 /// `ETHTOOL_GCHANNELS` of `iface`; `None` if the driver does not report
 /// channels.
 pub fn channels(iface: &str) -> Result<Option<Channels>, NicError> {
