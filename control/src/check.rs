@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use wgxdp_dataplane::gateway::{
-    check_tunnel_mtu, interface_addresses, interface_networks, max_received_mtu, queue_count, usable_cores,
+    check_tunnel_mtu, interface_addresses, interface_networks, max_received_mtu, queue_count, usable_cores, CryptoPlan,
 };
 use wgxdp_dataplane::loader::{attached_programs, AttachedXdp};
 use wgxdp_dataplane::nic::{self, NicError, XdpFeatures};
@@ -543,6 +543,30 @@ fn check_cores(r: &mut Report, cfg: &Config) {
     let workers = interfaces.then(|| queue_count(&cfg.wan, &cfg.lan, cfg.queues));
     let (severity, message) = cores_finding(&cfg.cores, &usable_cores(), workers);
     r.push(severity, "cores", message);
+    if let Some(workers) = workers {
+        let (severity, message) = crypto_finding(cfg, workers);
+        r.push(severity, "crypto threads", message);
+    }
+}
+
+/// Where `serve` would run the crypto helpers (`CryptoPlan`, as `serve` computes it).
+fn crypto_finding(cfg: &Config, workers: u32) -> (Severity, String) {
+    let cores = if cfg.cores.is_empty() { usable_cores() } else { cfg.cores.clone() };
+    let plan = CryptoPlan::new(&cores, workers as usize, cfg.crypto_threads);
+    let helpers = plan.helper_cores.len();
+    let what = if helpers == 0 {
+        "no helper: each worker seals and opens its own packets (one tunnel runs on one core)".to_owned()
+    } else {
+        format!(
+            "{helpers} helper(s) on core(s) {}: one tunnel's AEAD runs on {} cores",
+            list(&plan.helper_cores),
+            helpers + 1
+        )
+    };
+    match (plan.shortfall, cfg.crypto_threads) {
+        (Some(why), Some(_)) => (Severity::Warning, format!("{what}; {why}")),
+        _ => (Severity::Ok, what),
+    }
 }
 
 fn list(items: &[usize]) -> String {

@@ -9,6 +9,8 @@
 //! private_key_file = "/etc/wgxdp/private.key"   # mode 0600
 //! # queues = 2            # default: every queue both NICs have
 //! # cores = [2, 3]        # pin workers (default: all cores, in order)
+//! # crypto_threads = 4    # cores that run one tunnel's AEAD, the worker's own
+//! #                       # included (default: every core the gateway may use)
 //! # tunnel_mtu = 1420
 //! # lan_next_hop = "10.0.0.1"   # default: site destinations are on-link
 //! # tracked_flows = 65536  # connection table size (1024-16777216): flows opened
@@ -104,6 +106,9 @@ fn default_api_listen() -> SocketAddr {
 fn default_mutations() -> u32 {
     100
 }
+/// More crypto threads than this is a typo, not a machine.
+const MAX_CRYPTO_THREADS: usize = 256;
+
 fn default_reads() -> u32 {
     1200
 }
@@ -119,6 +124,7 @@ pub struct InterfaceSection {
     pub queues: Option<u32>,
     #[serde(default)]
     pub cores: Vec<usize>,
+    pub crypto_threads: Option<usize>,
     #[serde(default = "default_mtu")]
     pub tunnel_mtu: usize,
     pub lan_next_hop: Option<IpAddr>,
@@ -233,6 +239,9 @@ pub struct Config {
     pub peers: Vec<PeerSpec>,
     pub queues: Option<u32>,
     pub cores: Vec<usize>,
+    /// Threads running AEAD for one queue's tunnels, its worker included
+    /// (`None`: every usable core).
+    pub crypto_threads: Option<usize>,
     pub tunnel_mtu: usize,
     pub lan_next_hop: Option<IpAddr>,
     pub frames_per_socket: u32,
@@ -365,6 +374,12 @@ impl Config {
             return Err(ConfigError::Interface(
                 "`queues` must be at least 1 (leave it out to serve every queue both NICs have)".into(),
             ));
+        }
+        if let Some(n) = i.crypto_threads.filter(|n| !(1..=MAX_CRYPTO_THREADS).contains(n)) {
+            return Err(ConfigError::Interface(format!(
+                "`crypto_threads` {n} is outside 1-{MAX_CRYPTO_THREADS} (1: each worker seals and opens its own \
+                 packets; leave it out to use every core)"
+            )));
         }
         if !(MIN_TUNNEL_MTU..=9000).contains(&i.tunnel_mtu) {
             return Err(ConfigError::Interface(format!(
@@ -512,6 +527,7 @@ impl Config {
             peers,
             queues: i.queues,
             cores: i.cores,
+            crypto_threads: i.crypto_threads,
             tunnel_mtu: i.tunnel_mtu,
             lan_next_hop: i.lan_next_hop,
             frames_per_socket: i.frames_per_socket,
@@ -806,6 +822,8 @@ mod tests {
         assert_eq!(with("host_interface = \"wg-site.1\"").map(|c| c.1), Ok("wg-site.1".to_owned()));
         for (line, says) in [
             ("queues = 0", "`queues` must be at least 1"),
+            ("crypto_threads = 0", "`crypto_threads` 0 is outside 1-256"),
+            ("crypto_threads = 100000", "`crypto_threads` 100000 is outside 1-256"),
             ("tracked_flows = 1023", "1024-16777216"),
             ("tracked_flows = 16777217", "1024-16777216"),
             ("tracked_flows = -1", "tracked_flows"),

@@ -87,6 +87,7 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
         peers: cfg.peers,
         queues: cfg.queues,
         cores: cfg.cores,
+        crypto_threads: cfg.crypto_threads,
         xsk: XskConfig {
             frame_count: cfg.frames_per_socket,
             zero_copy: cfg.zero_copy,

@@ -18,7 +18,7 @@ use wgxdp_integration::hostile::InitiationForger;
 use wgxdp_integration::site::{
     tcp_transfer, write_private_key, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL, LISTEN_PORT,
 };
-use wgxdp_integration::{require_tools, Netns};
+use wgxdp_integration::{require_tools, Netns, WireguardGo};
 
 const TRANSFER: usize = 50 * 1024 * 1024;
 const PORT: u16 = LISTEN_PORT;
@@ -157,28 +157,146 @@ fn site_to_site_through_af_xdp() {
 }
 
 /// `wgxdp serve` refuses bad set-ups with a message naming the problem.
-/// With busy polling on (the sockets' `SO_PREFER_BUSY_POLL`; the workers
-/// kick the kernel from their own syscalls), the tunnel still carries TCP both
-/// ways byte for byte, every packet through the workers' shared-UMEM path.
-#[test]
-fn busy_polling_carries_the_tunnel() {
+/// A site topology with `wgxdp serve` (its `[interface]` plus the lines
+/// `extra`, one peer: the client's tunnel address) and the wireguard-go client
+/// connected to it. Dropped in reverse: client, gateway, files, namespaces.
+fn serve_with_client(prefix: &str, extra: &str) -> (SiteTopology, TempDir, ServeProcess, WireguardGo) {
     require_tools(&["ip", "wireguard-go", "wg", "ping"]);
-    let topo = SiteTopology::new("bp");
-    let dir = TempDir::new("wgxdp-bp");
+    let topo = SiteTopology::new(prefix);
+    let dir = TempDir::new(&format!("wgxdp-{prefix}"));
     let gw_pub = write_private_key(&dir.join("gw.key")).public_key();
     let client_key = PrivateKey::generate();
     let config = dir.join("gw.toml");
     let interface = topo.interface_section(&dir.join("gw.key"));
     let peer = format!("[[peer]]\npublic_key = \"{}\"\nallowed_ips = [\"10.200.0.2/32\"]\n", client_key.public_key());
-    std::fs::write(&config, format!("{interface}busy_poll = true\n\n{peer}")).unwrap();
+    std::fs::write(&config, format!("{interface}{extra}\n{peer}")).unwrap();
     let gateway = ServeProcess::start(&topo.gateway, wgxdp(), &config, &dir.0);
-    let _wg = topo.start_client(&client_key, &gw_pub, CLIENT_TUNNEL);
+    let wg = topo.start_client(&client_key, &gw_pub, CLIENT_TUNNEL);
+    (topo, dir, gateway, wg)
+}
+
+/// With busy polling on (the sockets' `SO_PREFER_BUSY_POLL`; the workers
+/// kick the kernel from their own syscalls), the tunnel still carries TCP both
+/// ways byte for byte, every packet through the workers' shared-UMEM path.
+#[test]
+fn busy_polling_carries_the_tunnel() {
+    let (topo, _dir, gateway, _wg) = serve_with_client("bp", "busy_poll = true\n");
     assert!(topo.client.ping("10.50.0.2", 4, 3), "no ping with busy polling; gateway:\n{}", gateway.output());
     transfer(&topo.lan, "10.50.0.2:7011", &topo.client, true, 31);
     transfer(&topo.lan, "10.50.0.2:7012", &topo.client, false, 32);
     gateway.refresh();
     assert!(gateway.counter("decrypted") >= 35_000 && gateway.counter("encrypted") >= 35_000, "{}", gateway.output());
     assert_eq!(gateway.counter("drop_no_frame"), 0, "the shared frame pool ran dry:\n{}", gateway.output());
+}
+
+/// A counter of the kernel's TCP statistics in `ns` (`/proc/net/netstat`
+/// or `/proc/net/snmp`: a line of names under `group`, then one of values).
+fn tcp_stat(ns: &Netns, file: &str, group: &str, name: &str) -> u64 {
+    let text = ns.exec("cat", &[file]);
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(group)).collect();
+    let (names, values) = (lines[0].split_whitespace(), lines[1].split_whitespace());
+    names.zip(values).find(|(n, _)| *n == name).and_then(|(_, v)| v.parse().ok()).unwrap_or_else(|| panic!("{name}"))
+}
+
+/// A single TCP flow of 20 MB from `sender` to a listener in `receiver` on
+/// `listen`, paced at 200 Mbit/s (so veth queues overflow nowhere and a lost
+/// segment cannot pass for a reordered one), checked byte for byte; the
+/// receiver's TCP queued nothing out of order, or the sender retransmitted.
+fn transfer_in_order(receiver: &Netns, listen: &str, sender: &Netns, seed: u64) -> (u64, u64) {
+    use std::os::fd::AsRawFd;
+    const LEN: usize = 20 * 1024 * 1024;
+    let ofo = || tcp_stat(receiver, "/proc/net/netstat", "TcpExt:", "TCPOFOQueue");
+    let retrans = || tcp_stat(sender, "/proc/net/snmp", "Tcp:", "RetransSegs");
+    let (ofo_before, retrans_before) = (ofo(), retrans());
+    let listener = receiver.tcp_listener(listen);
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("read timeout");
+        wgxdp_integration::check_stream(&mut s, seed, LEN)
+    });
+    let mut c = sender.tcp_connect(listen, Duration::from_secs(10)).expect("connect through the tunnel");
+    let rate: u64 = 25_000_000; // bytes per second
+                                // SAFETY: `rate` outlives the call, whose length argument is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MAX_PACING_RATE,
+            (&rate as *const u64).cast(),
+            std::mem::size_of::<u64>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_MAX_PACING_RATE: {}", std::io::Error::last_os_error());
+    wgxdp_integration::send_stream(&mut c, seed, LEN).expect("send");
+    drop(c);
+    server.join().expect("receiver thread").expect("byte for byte");
+    let (ofo, retrans) = (ofo() - ofo_before, retrans() - retrans_before);
+    eprintln!("TCP to {listen}: {ofo} segments queued out of order, {retrans} retransmitted");
+    assert!(ofo == 0 || retrans > 0, "the receiver queued {ofo} segments out of order with no loss");
+    (ofo, retrans)
+}
+
+/// 20 000 numbered datagrams of one UDP flow from `from` (in `sender`) to
+/// `to` (in `receiver`): whatever arrives arrives in sending order.
+fn udp_in_order(sender: &Netns, from: &str, receiver: &Netns, to: &str) -> usize {
+    const COUNT: u32 = 20_000;
+    let rx = receiver.udp_socket(to);
+    rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let tx = sender.udp_socket(from);
+    let to: std::net::SocketAddr = to.parse().unwrap();
+    let sending = std::thread::spawn(move || {
+        let mut datagram = [0x5au8; 1200];
+        for seq in 0..COUNT {
+            datagram[..4].copy_from_slice(&seq.to_be_bytes());
+            let _ = tx.send_to(&datagram, to);
+            if seq % 64 == 63 {
+                std::thread::sleep(Duration::from_micros(300));
+            }
+        }
+    });
+    let (mut received, mut last) = (0usize, None::<u32>);
+    let mut buf = [0u8; 2048];
+    while let Ok(n) = rx.recv(&mut buf) {
+        assert_eq!(n, 1200);
+        let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+        assert!(last.is_none_or(|l| seq > l), "datagram {seq} arrived after {last:?}");
+        last = Some(seq);
+        received += 1;
+        if seq == COUNT - 1 {
+            break;
+        }
+    }
+    sending.join().unwrap();
+    received
+}
+
+/// One tunnel on two crypto threads (`crypto_threads = 2`: the worker and a
+/// helper that both run AEAD): a single TCP flow each way arrives byte for
+/// byte with nothing out of order at the receiver, a numbered UDP stream each
+/// way arrives in sending order, and the helper did take AEAD work.
+#[test]
+fn one_tunnel_on_two_crypto_threads_arrives_in_order() {
+    let (topo, _dir, gateway, _wg) = serve_with_client("ct", "crypto_threads = 2\n");
+    let plain: String =
+        gateway.errors().split('\x1b').map(|part| part.split_once('m').map_or(part, |(_, rest)| rest)).collect();
+    assert!(plain.contains("crypto_threads=2"), "{plain}");
+    let (client, lan) = (&topo.client, &topo.lan);
+    assert!(client.ping("10.50.0.2", 4, 3), "no ping; gateway:\n{}", gateway.output());
+    // Client → site (the gateway decrypts in parallel), then site → client
+    // (it seals), each paced so that nothing is lost: then nothing may arrive
+    // out of order either.
+    let up = transfer_in_order(lan, "10.50.0.2:7021", client, 41);
+    let down = transfer_in_order(client, "10.200.0.2:7022", lan, 42);
+    assert!(up.1 == 0 || down.1 == 0, "paced flows still lost segments ({up:?}, {down:?}): the check saw nothing");
+    let up = udp_in_order(client, "10.200.0.2:7031", lan, "10.50.0.2:7032");
+    let down = udp_in_order(lan, "10.50.0.2:7033", client, "10.200.0.2:7034");
+    eprintln!("UDP in order: {up} up, {down} down of 20 000");
+    assert!(up > 10_000 && down > 10_000, "most datagrams arrive ({up}, {down} of 20 000)");
+    gateway.refresh();
+    let (offloaded, decrypted) = (gateway.counter("crypto_offloaded"), gateway.counter("decrypted"));
+    eprintln!("AEAD jobs a helper ran: {offloaded} (decrypted {decrypted})");
+    assert!(offloaded > 0, "the helper ran no AEAD:\n{}", gateway.output());
+    assert_eq!(gateway.counter("drop_authentication"), 0, "{}", gateway.output());
 }
 
 #[test]

@@ -9,7 +9,14 @@ pub use crate::xsk::{tx_bound, Port};
 use crate::xsk::{Frame, XskQueue};
 
 /// A queue's frames and its two ports.
-pub trait FrameIo {
+///
+/// # Safety
+/// A frame's bytes stay valid and at one address from the moment the worker
+/// receives or allocates the frame until it releases or sends it, and the
+/// implementation reads or writes them in between only through `data` and
+/// `with_data_mut`: crypto threads work on them through a pointer taken in
+/// `with_data_mut` (`crypto_pool::AeadJob`) while the worker holds the frame.
+pub unsafe trait FrameIo {
     /// A frame the worker owns until it releases or sends it.
     type Frame;
     /// Appends up to `max` frames received on `port` to `out`; returns how many.
@@ -33,7 +40,10 @@ pub trait FrameIo {
     fn flush(&mut self);
 }
 
-impl FrameIo for XskQueue {
+// SAFETY: a frame is a descriptor of a fixed chunk of the UMEM, which is
+// mapped for the queue's lifetime; the kernel touches a chunk only while it
+// sits in a fill or tx ring, never while the worker holds it.
+unsafe impl FrameIo for XskQueue {
     type Frame = Frame;
 
     fn recv(&mut self, port: Port, out: &mut Vec<Frame>, max: usize) -> usize {
@@ -124,9 +134,33 @@ impl MemoryFrames {
     pub fn free_frames(&self) -> usize {
         self.free.len()
     }
+
+    /// Writes the frames waiting in the rx queues back to memory and drops
+    /// them from this core's caches, as a NIC's DMA leaves them (benches: a
+    /// copy by `inject` would leave them hot in the caller's cache, which no
+    /// NIC does).
+    pub fn evict_received(&self) {
+        #[cfg(target_arch = "x86_64")]
+        for &index in self.rx.iter().flatten() {
+            let frame = &self.buffers[index][..self.lens[index]];
+            for line in frame.chunks(64) {
+                // SAFETY: `line` points into a live buffer; CLFLUSH (SSE2, part
+                // of x86-64) only writes the line back and invalidates it.
+                unsafe { core::arch::x86_64::_mm_clflush(line.as_ptr()) };
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: MFENCE has no operands; it orders the flushes before what follows.
+        unsafe {
+            core::arch::x86_64::_mm_mfence()
+        };
+    }
 }
 
-impl FrameIo for MemoryFrames {
+// SAFETY: every frame is a boxed buffer allocated once in `new` and never
+// reallocated; `inject` and `take_sent` touch only frames in the rx and sent
+// queues, never one a worker holds.
+unsafe impl FrameIo for MemoryFrames {
     type Frame = MemoryFrame;
 
     fn recv(&mut self, port: Port, out: &mut Vec<MemoryFrame>, max: usize) -> usize {

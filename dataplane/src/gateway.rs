@@ -3,6 +3,7 @@
 //! resolver. `Gateway::start` checks everything an operator can get wrong and
 //! says what; `shutdown` (or drop) stops the threads and detaches XDP.
 
+use crate::crypto_pool::{AeadJob, CryptoPool, CryptoPoolBuilder};
 use crate::device::{Action, Device, PeerId, PeerStats, PeerUpdate};
 use crate::frame::udp_headers_len;
 use crate::host::{HostAddresses, HostTun};
@@ -14,7 +15,7 @@ use crate::noise::{AeadBackend, PrivateKey, PublicKey};
 use crate::policy::ForwardingPolicy;
 use crate::table::IpPrefix;
 use crate::wire::MacAddr;
-use crate::worker::{ControlEvent, HandshakeJob, Shared, Worker, WorkerCounters};
+use crate::worker::{ControlEvent, CryptoRings, HandshakeJob, Shared, Worker, WorkerCounters};
 use crate::xsk::{Port, XskConfig, XskError, XskQueue};
 use crossbeam_channel::{select, Receiver};
 use std::collections::BTreeSet;
@@ -51,6 +52,11 @@ pub struct GatewayConfig {
     pub queues: Option<u32>,
     /// Cores to pin workers to, in queue order (cycled); empty: every core.
     pub cores: Vec<usize>,
+    /// Threads that run one queue's AEAD, its worker included
+    /// (`crypto_pool.rs`): `crypto_threads - 1` helpers are started, shared by
+    /// all workers. `None`: the number of usable cores; 1: no helpers, each
+    /// worker seals and opens inline.
+    pub crypto_threads: Option<usize>,
     pub xsk: XskConfig,
     /// The compiled XDP object.
     pub xdp_object: Vec<u8>,
@@ -141,6 +147,8 @@ pub struct Gateway {
     routes: Mutex<Vec<IpPrefix>>,
     /// The peers `GatewayConfig::peers` started with, in that order.
     config_peers: Vec<PeerId>,
+    /// The crypto threads (stopped after the workers: declared after `threads`).
+    _crypto: Option<CryptoPool>,
 }
 
 fn interface_exists(iface: &str) -> bool {
@@ -333,6 +341,48 @@ pub fn max_received_mtu(frame_size: u32) -> usize {
     (frame_size as usize).saturating_sub(XDP_PACKET_HEADROOM + crate::wire::ETHERNET_HEADER_LEN)
 }
 
+/// Where a gateway's crypto helpers run (`crypto_pool.rs`): only on cores
+/// no worker is pinned to. A helper that shared a core with a busy worker
+/// would be preempted holding a claimed job, and the worker that owns the
+/// job would wait for the scheduler; so the helpers are capped at the free
+/// cores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CryptoPlan {
+    /// One entry per helper thread: the core it is pinned to.
+    pub helper_cores: Vec<usize>,
+    /// Why there are fewer helpers than `crypto_threads` asked for.
+    pub shortfall: Option<String>,
+}
+
+impl CryptoPlan {
+    /// `cores`: where workers are pinned, in queue order (cycled; empty:
+    /// unknown, no helpers); `crypto_threads`: threads running one queue's
+    /// AEAD, its worker included (`None`: one per core in `cores`).
+    pub fn new(cores: &[usize], queues: usize, crypto_threads: Option<usize>) -> Self {
+        let mut distinct = Vec::new();
+        for &c in cores {
+            if !distinct.contains(&c) {
+                distinct.push(c);
+            }
+        }
+        let workers: Vec<usize> = cores.iter().copied().cycle().take(queues.min(cores.len())).collect();
+        let free: Vec<usize> = distinct.iter().copied().filter(|c| !workers.contains(c)).collect();
+        let wanted = crypto_threads.unwrap_or(distinct.len()).saturating_sub(1);
+        let helpers = wanted.min(free.len());
+        let shortfall = (helpers < wanted).then(|| {
+            format!(
+                "crypto_threads: {} helper thread(s) instead of {wanted}: only {} core(s) run no worker ({} worker(s) \
+                 on {} core(s)); give the helpers cores with `queues` below the number of cores, or list more in `cores`",
+                helpers,
+                free.len(),
+                queues,
+                distinct.len()
+            )
+        });
+        Self { helper_cores: free[..helpers].to_vec(), shortfall }
+    }
+}
+
 /// The cores this process may run on: where workers go when `cores` is empty.
 pub fn usable_cores() -> Vec<usize> {
     core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect()
@@ -499,6 +549,20 @@ impl Gateway {
         }
         let mut from_kernel = Some(from_kernel);
         let cores = if cfg.cores.is_empty() { usable_cores() } else { cfg.cores.clone() };
+        let plan = CryptoPlan::new(&cores, queues as usize, cfg.crypto_threads);
+        if let Some(note) = &plan.shortfall {
+            match cfg.crypto_threads {
+                Some(_) => tracing::warn!("{note}"),
+                None => tracing::info!("{note}"),
+            }
+        }
+        let mut crypto = (!plan.helper_cores.is_empty()).then(CryptoPoolBuilder::<AeadJob>::default);
+        let mut rings: Vec<_> = (0..queues).map(|_| crypto.as_mut().map(CryptoRings::new)).collect();
+        let crypto = match crypto {
+            Some(pool) => Some(pool.start(plan.helper_cores.len(), &plan.helper_cores).map_err(GatewayError::Thread)?),
+            None => None,
+        };
+        let crypto_threads = plan.helper_cores.len() + 1;
         let mut counters = Vec::new();
         for (q, io) in sockets.into_iter().enumerate() {
             let c = Arc::new(WorkerCounters::default());
@@ -506,6 +570,9 @@ impl Gateway {
             let mut worker = Worker::new(q as u32, shared.clone(), io, c);
             if let Some(rx) = from_kernel.take() {
                 worker.set_slow_path(rx);
+            }
+            if let Some(ring) = rings.get_mut(q).and_then(Option::take) {
+                worker.set_crypto(ring);
             }
             let core = (!cores.is_empty()).then(|| cores[q % cores.len()]);
             threads.push(spawn(
@@ -520,7 +587,7 @@ impl Gateway {
                 }),
             )?);
         }
-        tracing::info!(%public_key, queues, port = cfg.listen_port, "gateway running");
+        tracing::info!(%public_key, queues, crypto_threads, port = cfg.listen_port, "gateway running");
         let routes = Mutex::new(routes);
         Ok(Self {
             programs,
@@ -534,6 +601,7 @@ impl Gateway {
             queues,
             routes,
             config_peers,
+            _crypto: crypto,
         })
     }
 
@@ -799,6 +867,31 @@ fn run_control(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crypto_helpers_take_only_cores_without_a_worker() {
+        let plan = |cores: &[usize], queues, threads| CryptoPlan::new(cores, queues, threads);
+        // This VM: one queue on core 0, the helper on core 1.
+        assert_eq!(plan(&[0, 1], 1, None).helper_cores, vec![1]);
+        assert_eq!(plan(&[0, 1], 1, Some(2)), CryptoPlan { helper_cores: vec![1], shortfall: None });
+        assert_eq!(plan(&[0, 1], 1, Some(1)).helper_cores, Vec::<usize>::new());
+        // Eight cores, two queues: six helpers by default, fewer when asked.
+        let eight: Vec<usize> = (0..8).collect();
+        assert_eq!(plan(&eight, 2, None).helper_cores, vec![2, 3, 4, 5, 6, 7]);
+        assert_eq!(plan(&eight, 2, Some(3)).helper_cores, vec![2, 3]);
+        // A worker on every core: no helper, and the operator is told why.
+        let p = plan(&[0, 1], 2, Some(2));
+        assert!(p.helper_cores.is_empty());
+        assert!(p.shortfall.as_deref().is_some_and(|s| s.contains("only 0 core(s) run no worker")), "{p:?}");
+        // More than there are cores: capped, with the reason.
+        let p = plan(&[2, 3], 1, Some(64));
+        assert_eq!(p.helper_cores, vec![3]);
+        assert!(p.shortfall.is_some());
+        // Configured cores, with a repeat: workers on 4 and 5, the helper on 6.
+        assert_eq!(plan(&[4, 5, 4, 6], 2, None).helper_cores, vec![6]);
+        // Unknown cores: no helpers.
+        assert_eq!(plan(&[], 1, None).helper_cores, Vec::<usize>::new());
+    }
     use crate::noise::PrivateKey;
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod conntrack;
+pub mod crypto_pool;
 pub mod device;
 pub mod drops;
 pub mod flow;

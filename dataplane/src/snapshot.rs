@@ -165,6 +165,13 @@ impl PeerTally {
         self.keypair.as_deref()
     }
 
+    /// The same keypair, shared (for work that outlives the tally).
+    #[inline]
+    pub(crate) fn keypair_arc(&mut self) -> Option<&Arc<Keypair>> {
+        self.keypair();
+        self.keypair.as_ref()
+    }
+
     /// Where the peer is (loaded once per tally).
     #[inline]
     pub(crate) fn endpoint(&mut self) -> Option<Endpoint> {

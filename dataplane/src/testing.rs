@@ -143,6 +143,10 @@ pub struct MemoryWorker {
     _handshakes: crossbeam_channel::Receiver<crate::worker::HandshakeJob>,
     _control: crossbeam_channel::Receiver<crate::worker::ControlEvent>,
     _gateway: Device,
+    /// The crypto threads' helpers (after `worker`: stopped after it).
+    crypto: Option<crate::crypto_pool::CryptoPool>,
+    /// Where the client seals (reused: benches seal thousands ahead).
+    client_out: Vec<u8>,
 }
 
 impl core::fmt::Debug for MemoryWorker {
@@ -160,7 +164,21 @@ pub const LAN_HOST: [u8; 4] = [10, 0, 1, 5];
 pub const CLIENT_TUNNEL: [u8; 4] = [10, 0, 2, 9];
 
 impl MemoryWorker {
+    /// A worker that seals and opens inline (`crypto_threads = 1`).
     pub fn new(backend: AeadBackend) -> Self {
+        Self::with_crypto_threads(backend, 1)
+    }
+
+    /// A worker whose AEAD runs on `crypto_threads` threads, itself included
+    /// (`crypto_threads - 1` helpers, pinned to the usable cores after the
+    /// first as a gateway pins them when that core runs the worker).
+    pub fn with_crypto_threads(backend: AeadBackend, crypto_threads: usize) -> Self {
+        Self::with_frames(backend, crypto_threads, MEMORY_FRAMES)
+    }
+
+    /// `with_crypto_threads` over a pool of `frames` frames (benches feed
+    /// long runs: a quarter of the pool may wait in each tx queue).
+    pub fn with_frames(backend: AeadBackend, crypto_threads: usize, frames: usize) -> Self {
         use crate::worker::{Shared, Worker, WorkerCounters};
         use std::sync::atomic::{AtomicBool, AtomicU64};
         use std::sync::Arc;
@@ -194,8 +212,17 @@ impl MemoryWorker {
             stop: AtomicBool::new(false),
         });
         let counters = Arc::new(WorkerCounters::default());
-        let frames = crate::frame_io::MemoryFrames::new(MEMORY_FRAMES, 2048);
-        let worker = Worker::new(0, shared.clone(), frames, counters.clone());
+        let frames = crate::frame_io::MemoryFrames::new(frames, 2048);
+        let mut worker = Worker::new(0, shared.clone(), frames, counters.clone());
+        let crypto = (crypto_threads > 1).then(|| {
+            let mut pool = crate::crypto_pool::CryptoPoolBuilder::default();
+            worker.set_crypto(crate::worker::CryptoRings::new(&mut pool));
+            // Pinned as a gateway pins them: the worker's core is the first
+            // usable one (a bench pins itself there), the helpers the others.
+            let cores = crate::gateway::usable_cores();
+            let plan = crate::gateway::CryptoPlan::new(&cores, 1, Some(crypto_threads));
+            pool.start(crypto_threads - 1, &plan.helper_cores).expect("crypto helpers start")
+        });
         let mut m = Self {
             worker,
             client: pair.client,
@@ -207,6 +234,8 @@ impl MemoryWorker {
             _handshakes: hs_rx,
             _control: ctl_rx,
             _gateway: pair.gateway,
+            crypto,
+            client_out: vec![0u8; 65536],
         };
         // The confirming keepalive arrives at the worker, as on the wire; the
         // control side then promotes the session and publishes it.
@@ -215,6 +244,11 @@ impl MemoryWorker {
         m.run_until_idle(&mut Vec::new(), Instant::now());
         m._gateway.tick_at(Instant::now(), SystemTime::now());
         m
+    }
+
+    /// Helper threads running this worker's AEAD besides itself.
+    pub fn crypto_helpers(&self) -> usize {
+        self.crypto.as_ref().map_or(0, crate::crypto_pool::CryptoPool::helpers)
     }
 
     /// The control side: the handshake jobs and events (staged packets) the
@@ -252,8 +286,13 @@ impl MemoryWorker {
 
     /// The client's transport datagram for `inner`, framed as it arrives on the WAN.
     pub fn wan_frame(&mut self, inner: &[u8], now: Instant) -> Vec<u8> {
-        let payload = sent_bytes(&mut self.client, inner, now);
-        self.frame_payload(&payload)
+        let mut out = std::mem::take(&mut self.client_out);
+        let frame = match self.client.send(inner, now, SystemTime::now(), &mut out) {
+            Ok(Action::Send { bytes, .. }) => self.frame_payload(bytes),
+            other => panic!("expected a datagram to send, got {other:?}"),
+        };
+        self.client_out = out;
+        frame
     }
 
     /// `inner` as the LAN host sends it to the gateway.

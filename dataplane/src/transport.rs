@@ -15,11 +15,11 @@
 
 use crate::drops::DropReason;
 use crate::frame::{parse_ip_frame_payload, InnerPacket};
-use crate::noise::session::{Keypair, ReceiveError, SendError};
+use crate::noise::session::{sealed_len, Keypair, ReceiveError, SendError};
 use crate::peer_view::{Endpoint, PeerId, PeerViews};
 use crate::snapshot::{PeerTally, Snapshot};
 use crate::table::{IndexTable, SharedAllowedIps};
-use crate::wire::TransportHeader;
+use crate::wire::{TransportHeader, TRANSPORT_HEADER_LEN};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -84,6 +84,10 @@ impl From<ReceiveError> for DropReason {
 /// `buf` (a worker leaves room for an Ethernet header before it; 0 opens in
 /// place). The peer's counters, activity and endpoint are added to the
 /// snapshot's tally and written back with it.
+///
+/// Three steps, which a worker with crypto threads runs apart (`incoming` and
+/// `accept` on the owning thread, in arrival order; the AEAD on any thread):
+/// this is the same path in one go.
 pub fn open(
     snapshot: &mut Snapshot<'_>,
     buf: &mut [u8],
@@ -91,17 +95,68 @@ pub fn open(
     from: Endpoint,
     now: Instant,
 ) -> Result<Opened, DropReason> {
-    let message = buf.get(message_at..).ok_or(DropReason::Malformed)?;
-    let receiver = TransportHeader::new_checked(message).map_err(|_| DropReason::Malformed)?.receiver();
+    let (peer, plain_len) = {
+        let incoming = incoming(snapshot, buf.get(message_at..).ok_or(DropReason::Malformed)?, now)?;
+        let keypair = incoming.keypair;
+        let plain_len = keypair.decrypt(incoming.counter, buf, message_at + TRANSPORT_HEADER_LEN)?;
+        keypair.accept_counter(incoming.counter)?;
+        (incoming.peer, plain_len)
+    };
+    accepted(snapshot, peer, &buf[..plain_len], from, now)
+}
+
+/// A transport message whose keypair is known and whose counter is not
+/// certainly stale: what the AEAD needs.
+#[derive(Debug)]
+pub struct Incoming<'s> {
+    pub peer: PeerId,
+    pub keypair: &'s Arc<Keypair>,
+    pub counter: u64,
+}
+
+/// The first step of `open`, before the AEAD: receiver index → keypair, the
+/// lock-free stale-counter check and the keypair's age.
+pub fn incoming<'s>(snapshot: &'s mut Snapshot<'_>, message: &[u8], now: Instant) -> Result<Incoming<'s>, DropReason> {
+    let header = TransportHeader::new_checked(message).map_err(|_| DropReason::Malformed)?;
+    let (receiver, counter) = (header.receiver(), header.counter());
     let entry = snapshot.index(receiver).ok_or(DropReason::UnknownIndex)?;
     let peer = entry.value.peer;
     let keypair = entry.value.keypair.as_ref().ok_or(DropReason::UnknownIndex)?;
-    let plain_len = keypair.open_within(buf, message_at, now)?;
-    if plain_len == 0 {
+    keypair.check_counter(counter, now)?;
+    Ok(Incoming { peer, keypair, counter })
+}
+
+/// The last step of `open`, for a message the AEAD authenticated (its padded
+/// plaintext `plain`, empty for a keepalive), in the order the owning thread
+/// delivers: the replay window records the counter, then the peer is alive
+/// and may have roamed, and an inner packet is checked against its allowed IPs.
+pub fn accept(
+    snapshot: &mut Snapshot<'_>,
+    keypair: &Keypair,
+    peer: PeerId,
+    counter: u64,
+    plain: &[u8],
+    from: Endpoint,
+    now: Instant,
+) -> Result<Opened, DropReason> {
+    keypair.accept_counter(counter)?;
+    accepted(snapshot, peer, plain, from, now)
+}
+
+/// After the replay window took the counter: activity, roaming, the inner
+/// packet and its source.
+fn accepted(
+    snapshot: &mut Snapshot<'_>,
+    peer: PeerId,
+    plain: &[u8],
+    from: Endpoint,
+    now: Instant,
+) -> Result<Opened, DropReason> {
+    if plain.is_empty() {
         snapshot.received_from(peer)?.received(from, 0, now);
         return Ok(Opened::Keepalive { peer });
     }
-    let inner = parse_ip_frame_payload(&buf[..plain_len]).map_err(|_| DropReason::BadInnerPacket);
+    let inner = parse_ip_frame_payload(plain).map_err(|_| DropReason::BadInnerPacket);
     // Authenticated: the peer is alive and may have roamed, whatever it sent.
     let source_ok = inner.map(|inner| snapshot.owner_of(inner.src) == Some(peer));
     let tally = snapshot.received_from(peer)?;
@@ -133,12 +188,34 @@ pub enum SealError {
 /// keepalive) on the keypair `tally` holds for its peer into a transport
 /// message at the start of `buf`, and returns the message length
 /// (`sealed_len(len)`).
+///
+/// Two steps, which a worker with crypto threads runs apart (`reserve_seal`
+/// on the owning thread, in order; the rest on any thread): this is the same
+/// path in one go.
 pub fn seal(tally: &mut PeerTally, buf: &mut [u8], len: usize, now: Instant) -> Result<usize, SealError> {
+    let total = sealed_len(len);
+    if tally.keypair().is_some() && buf.len() < total {
+        return Err(SealError::BufferTooSmall);
+    }
+    let counter = reserve_seal(tally, len, now)?;
+    let (Some(kp), Some(msg)) = (tally.keypair(), buf.get_mut(..total)) else {
+        return Err(SealError::BufferTooSmall);
+    };
+    kp.frame_message(msg, len, counter).map_err(|_| SealError::BufferTooSmall)?;
+    kp.encrypt_message(msg, counter);
+    Ok(total)
+}
+
+/// The first step of `seal`, on the thread that owns the send order: the
+/// next counter (the nonce) of the keypair `tally` holds, and the peer's
+/// counters for a packet of `len` bytes. `Keypair::frame_message` and
+/// `Keypair::encrypt_message` (any thread) finish the message.
+pub fn reserve_seal(tally: &mut PeerTally, len: usize, now: Instant) -> Result<u64, SealError> {
     let kp = tally.keypair().ok_or(SealError::NoSession)?;
-    let n = kp.seal(buf, len, now).map_err(|e| match e {
+    let counter = kp.reserve_counter(now).map_err(|e| match e {
         SendError::Expired => SealError::NoSession,
         SendError::BufferTooSmall => SealError::BufferTooSmall,
     })?;
     tally.sent(len, now);
-    Ok(n)
+    Ok(counter)
 }

@@ -98,6 +98,18 @@ impl ReceiveState {
     }
 }
 
+/// A value that shares no cache line with its neighbours (128: the pair of
+/// lines x86 prefetches together).
+#[repr(align(128))]
+struct OwnLine<T>(T);
+
+impl<T> core::ops::Deref for OwnLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// The keys and counters of one session.
 pub struct Keypair {
     /// Our index: what the peer puts in the receiver field of its messages.
@@ -107,10 +119,12 @@ pub struct Keypair {
     /// Whether we initiated the handshake that made this keypair.
     pub is_initiator: bool,
     pub created: Instant,
-    sending: TransportKey,
-    receiving: TransportKey,
-    send_counter: AtomicU64,
-    receive: ReceiveState,
+    /// The keys on cache lines of their own: crypto threads read them while
+    /// the owning worker writes the counters and the window (`crypto_pool.rs`).
+    sending: OwnLine<TransportKey>,
+    receiving: OwnLine<TransportKey>,
+    send_counter: OwnLine<AtomicU64>,
+    receive: OwnLine<ReceiveState>,
     /// Set once a message authenticated on this keypair: a responder's keypair
     /// is confirmed by its first use.
     used: AtomicBool,
@@ -152,10 +166,10 @@ impl Keypair {
             remote_index,
             is_initiator,
             created,
-            sending: TransportKey::new(backend, send_key),
-            receiving: TransportKey::new(backend, receive_key),
-            send_counter: AtomicU64::new(0),
-            receive: ReceiveState::new(),
+            sending: OwnLine(TransportKey::new(backend, send_key)),
+            receiving: OwnLine(TransportKey::new(backend, receive_key)),
+            send_counter: OwnLine(AtomicU64::new(0)),
+            receive: OwnLine(ReceiveState::new()),
             used: AtomicBool::new(false),
         }
     }
@@ -186,10 +200,26 @@ impl Keypair {
     /// `buf` must be at least `sealed_len(payload_len)` long. Writes the header,
     /// the zero padding and the tag, and returns the message length.
     pub fn seal(&self, buf: &mut [u8], payload_len: usize, now: Instant) -> Result<usize, SendError> {
+        let counter = self.prepare_message(buf, payload_len, now)?;
         let total = sealed_len(payload_len);
-        if buf.len() < total {
+        self.encrypt_message(&mut buf[..total], counter);
+        Ok(total)
+    }
+
+    /// The first part of `seal`, on the thread that owns the send order:
+    /// takes the next counter (the nonce), then writes the header and the zero
+    /// padding around the plaintext at `buf[16..16 + payload_len]`.
+    pub fn prepare_message(&self, buf: &mut [u8], payload_len: usize, now: Instant) -> Result<u64, SendError> {
+        if buf.len() < sealed_len(payload_len) {
             return Err(SendError::BufferTooSmall);
         }
+        let counter = self.reserve_counter(now)?;
+        self.frame_message(buf, payload_len, counter)?;
+        Ok(counter)
+    }
+
+    /// The next send counter, in order (the thread that owns the send order).
+    pub fn reserve_counter(&self, now: Instant) -> Result<u64, SendError> {
         if self.is_expired(now) {
             return Err(SendError::Expired);
         }
@@ -199,12 +229,25 @@ impl Keypair {
             self.send_counter.store(REJECT_AFTER_MESSAGES, Ordering::Relaxed);
             return Err(SendError::Expired);
         }
-        let msg = &mut buf[..total];
+        Ok(counter)
+    }
+
+    /// Writes the header for `counter` and the zero padding around the
+    /// plaintext at `buf[16..16 + payload_len]` (any thread).
+    pub fn frame_message(&self, buf: &mut [u8], payload_len: usize, counter: u64) -> Result<(), SendError> {
+        let total = sealed_len(payload_len);
+        let msg = buf.get_mut(..total).ok_or(SendError::BufferTooSmall)?;
         msg[TRANSPORT_HEADER_LEN + payload_len..total - AEAD_TAG_LEN].fill(0);
-        let mut header =
-            TransportHeader::emit(msg, self.remote_index, counter).map_err(|_| SendError::BufferTooSmall)?;
-        self.sending.seal(&counter_nonce(counter), &[], header.encrypted_mut());
-        Ok(total)
+        TransportHeader::emit(msg, self.remote_index, counter).map_err(|_| SendError::BufferTooSmall)?;
+        Ok(())
+    }
+
+    /// The second half of `seal`: encrypts the prepared message `msg` (header,
+    /// padded plaintext, room for the tag) under `counter`'s nonce.
+    pub fn encrypt_message(&self, msg: &mut [u8], counter: u64) {
+        if let Some(body) = msg.get_mut(TRANSPORT_HEADER_LEN..) {
+            self.sending.seal(&counter_nonce(counter), &[], body);
+        }
     }
 
     /// Copies `payload` behind a header in `out` and seals it; returns the length.
@@ -225,36 +268,46 @@ impl Keypair {
         Ok(&mut body[..n])
     }
 
-    /// Authenticates and decrypts the transport message at `buf[at..]`, writing
-    /// its padded plaintext to the start of `buf` (the message's bytes are
-    /// consumed); returns the plaintext length.
-    pub fn open_within(&self, buf: &mut [u8], at: usize, now: Instant) -> Result<usize, ReceiveError> {
-        let message = buf.get(at..).ok_or(ReceiveError::Authentication)?;
-        let counter = TransportHeader::new_checked(message).map_err(|_| ReceiveError::Authentication)?.counter();
-        self.open_counter(counter, buf, at + TRANSPORT_HEADER_LEN, now)
-    }
-
     /// Order: cheap lock-free check for stale counters, age, AEAD (ciphertext
     /// and tag at `buf[src..]`, plaintext to `buf[..]`), then the replay window
     /// records the counter.
     fn open_counter(&self, counter: u64, buf: &mut [u8], src: usize, now: Instant) -> Result<usize, ReceiveError> {
+        self.check_counter(counter, now)?;
+        let n = self.decrypt(counter, buf, src)?;
+        self.accept_counter(counter)?;
+        Ok(n)
+    }
+
+    /// Before the AEAD: a lock-free check that `counter` is not certainly
+    /// stale, and the keypair's age.
+    pub fn check_counter(&self, counter: u64, now: Instant) -> Result<(), ReceiveError> {
         if !self.receive.may_accept(counter) {
             return Err(ReceiveError::Replay);
         }
         if self.is_expired(now) {
             return Err(ReceiveError::Expired);
         }
-        let n = self
-            .receiving
-            .open_within(&counter_nonce(counter), &[], buf, src)
-            .map_err(|_| ReceiveError::Authentication)?;
+        Ok(())
+    }
+
+    /// The AEAD alone (any thread): authenticates and decrypts the ciphertext
+    /// and tag at `buf[src..]` under `counter`'s nonce, writing the plaintext
+    /// to `buf[..]`; returns its length. Changes no state of the keypair.
+    pub fn decrypt(&self, counter: u64, buf: &mut [u8], src: usize) -> Result<usize, ReceiveError> {
+        self.receiving.open_within(&counter_nonce(counter), &[], buf, src).map_err(|_| ReceiveError::Authentication)
+    }
+
+    /// After the AEAD proved the message genuine, in the order the owning
+    /// thread delivers: the replay window records `counter` (a replay is
+    /// refused here), and the keypair counts as used.
+    pub fn accept_counter(&self, counter: u64) -> Result<(), ReceiveError> {
         if !self.receive.record(counter) {
             return Err(ReceiveError::Replay);
         }
         if !self.used.load(Ordering::Relaxed) {
             self.used.store(true, Ordering::Relaxed);
         }
-        Ok(n)
+        Ok(())
     }
 }
 

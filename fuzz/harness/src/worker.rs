@@ -172,7 +172,10 @@ pub fn worker_loop(data: &[u8]) {
 
 /// Runs `data` and returns the worker (for tests that check how deep seeds reach).
 pub fn run(data: &[u8]) -> MemoryWorker {
-    let mut m = MemoryWorker::new(AeadBackend::Ring);
+    // Inputs of odd length run with the AEAD on two crypto threads (the worker
+    // and a helper, `crypto_pool.rs`): both paths production runs.
+    let crypto_threads = 1 + data.len() % 2;
+    let mut m = MemoryWorker::with_crypto_threads(AeadBackend::Ring, crypto_threads);
     let gateway_macs = MacKeys::new(&m.control_side().2.public_key());
     let mut s =
         Sim { m, batch: Vec::new(), gateway_macs, now: Instant::now(), wall: SystemTime::now(), out: vec![0u8; 2048] };
