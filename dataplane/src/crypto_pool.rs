@@ -62,6 +62,8 @@ const PARK: Duration = Duration::from_millis(5);
 /// A slot's outcome word: 0 while pending; `DONE`, with `OK` and the value.
 const DONE: u64 = 1 << 63;
 const OK: u64 = 1 << 62;
+/// The owner ran it (for `take_offloaded`).
+const HERE: u64 = 1 << 61;
 
 /// One job and its outcome, on a cache line of its own: the owner filling
 /// the next slot never stalls a helper finishing this one.
@@ -110,7 +112,10 @@ impl<J: Job> SequenceRing<J> {
     /// Claims the oldest unclaimed job, runs it and records its outcome; false
     /// when there was none.
     pub fn work_one(&self) -> bool {
-        self.work(1, 0) > 0
+        self.claim(1, 0).is_some_and(|claimed| {
+            self.run(claimed.start, HERE);
+            true
+        })
     }
 
     /// Claims up to `max` of the oldest unclaimed jobs at once, as long as
@@ -120,13 +125,18 @@ impl<J: Job> SequenceRing<J> {
     /// them oldest first, records each outcome; returns how many.
     pub fn work(&self, max: u64, budget: u32) -> usize {
         let Some(claimed) = self.claim(max, budget) else { return 0 };
+        // Should a job panic, the rest of the claim completes as failed too.
+        let mut rest = FailRest { ring: self, next: claimed.start, end: claimed.end };
         for index in claimed.clone() {
-            self.run(index);
+            rest.next = index + 1;
+            self.run(index, 0);
         }
         claimed.count()
     }
 
-    fn run(&self, index: u64) {
+    /// Runs the claimed job `index`; `here` (`HERE` or 0) is kept in its
+    /// outcome: whether the owner ran it.
+    fn run(&self, index: u64, here: u64) {
         let slot = &self.slots[(index & self.mask) as usize];
         // SAFETY: `index` was published (its job written before the Release
         // store this thread's Acquire load saw) and is claimed by this thread
@@ -134,11 +144,11 @@ impl<J: Job> SequenceRing<J> {
         let job = unsafe { (*slot.job.get()).assume_init_read() };
         // Failed unless the job returns: a panicking job must not leave its
         // owner waiting forever.
-        let mut outcome = Outcome { slot: &slot.outcome, value: DONE };
+        let mut outcome = Outcome { slot: &slot.outcome, value: DONE | here };
         // SAFETY: this thread claimed the job just now, and runs it once,
         // before `outcome` stores its result.
         if let Some(value) = unsafe { job.run() } {
-            outcome.value = DONE | OK | u64::from(value);
+            outcome.value = DONE | OK | here | u64::from(value);
         }
     }
 
@@ -168,6 +178,22 @@ impl<J: Job> SequenceRing<J> {
 
     fn has_unclaimed(&self) -> bool {
         self.claimed.0.load(Ordering::SeqCst) < self.published.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Completes the claimed jobs `next..end` as failed when dropped before they
+/// ran (a job of the same claim panicked).
+struct FailRest<'a, J> {
+    ring: &'a SequenceRing<J>,
+    next: u64,
+    end: u64,
+}
+
+impl<J> Drop for FailRest<'_, J> {
+    fn drop(&mut self) {
+        for index in self.next..self.end {
+            self.ring.slots[(index & self.ring.mask) as usize].outcome.store(DONE, Ordering::Release);
+        }
     }
 }
 
@@ -224,8 +250,7 @@ impl<J: Job, L> RingOwner<J, L> {
         Ok(())
     }
 
-    /// Jobs delivered since the last call that another thread ran (with
-    /// nothing in flight: exact).
+    /// Jobs delivered since the last call that another thread ran.
     pub fn take_offloaded(&mut self) -> u64 {
         let n = self.delivered.saturating_sub(self.ran_here);
         (self.delivered, self.ran_here) = (0, 0);
@@ -265,9 +290,7 @@ impl<J: Job, L> RingOwner<J, L> {
         let mut outcome = slot.outcome.load(Ordering::Acquire);
         let mut idle = 0u32;
         while outcome & DONE == 0 {
-            if self.ring.work_one() {
-                self.ran_here += 1;
-            } else {
+            if !self.ring.work_one() {
                 idle += 1;
                 // The head's claimer was preempted (a job takes microseconds):
                 // let the scheduler run it rather than spin through its slice.
@@ -282,6 +305,7 @@ impl<J: Job, L> RingOwner<J, L> {
         slot.outcome.store(0, Ordering::Relaxed);
         self.head += 1;
         self.delivered += 1;
+        self.ran_here += u64::from(outcome & HERE != 0);
         let local = self.local[index].take()?;
         Some((local, (outcome & OK != 0).then_some(outcome as u32)))
     }
@@ -294,6 +318,9 @@ impl<J, L> RingOwner<J, L> {
         if self.published < self.tail {
             self.published = self.tail;
             self.ring.published.0.store(self.tail, Ordering::Release);
+            // Pairs with the helper's SeqCst store of `asleep` and load of
+            // `published`: one of the two sides sees the other's store.
+            std::sync::atomic::fence(Ordering::SeqCst);
             self.ring.wake.notify();
         }
     }
@@ -338,8 +365,8 @@ struct Wake {
 }
 
 impl Wake {
-    /// Wakes one parked helper, if any (one per published job: more work
-    /// wakes more helpers).
+    /// Wakes one parked helper, if any (one per `publish`: a busy ring keeps
+    /// waking more).
     fn notify(&self) {
         for (thread, asleep) in self.helpers.get().map(Vec::as_slice).unwrap_or_default() {
             if asleep.load(Ordering::Relaxed) && asleep.swap(false, Ordering::AcqRel) {
@@ -584,6 +611,7 @@ mod tests {
         }
 
         unsafe fn run(&self) -> Option<u32> {
+            assert!(self.delay_us != PANICS, "a job that panics");
             let until = Instant::now() + Duration::from_micros(u64::from(self.delay_us));
             while Instant::now() < until {
                 core::hint::spin_loop();
@@ -591,6 +619,28 @@ mod tests {
             self.runs.fetch_add(1, Ordering::Relaxed);
             (!self.fail).then_some(self.value)
         }
+    }
+
+    /// A `Fake::delay_us` that makes the job panic.
+    const PANICS: u16 = u16::MAX;
+
+    /// A job that panics completes as failed, and so does the rest of the
+    /// claim it was part of: its owner never waits forever.
+    #[test]
+    fn a_panicking_job_fails_its_whole_claim_instead_of_hanging_the_owner() {
+        let counter = runs();
+        let mut builder = CryptoPoolBuilder::<Fake>::default();
+        let mut owner = builder.ring::<u8>(8);
+        let job = |delay_us| Fake { value: 9, delay_us, fail: false, runs: counter };
+        for (i, delay) in [PANICS, 0, 0].into_iter().enumerate() {
+            owner.push(job(delay), i as u8).map_err(|_| ()).unwrap();
+        }
+        owner.publish();
+        let ring = owner.ring.clone();
+        let claimed_three = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || ring.work(4, u32::MAX)));
+        assert!(claimed_three.is_err(), "the first job panicked");
+        let delivered: Vec<_> = std::iter::from_fn(|| owner.next_in_order()).collect();
+        assert_eq!(delivered, vec![(0, None), (1, None), (2, None)]);
     }
 
     fn runs() -> &'static AtomicU32 {

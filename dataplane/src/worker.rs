@@ -311,7 +311,8 @@ impl<S: FrameIo> Worker<S> {
         self.crypto = Some(rings);
     }
 
-    /// One batch from each side, processed and flushed; returns the frames taken.
+    /// One batch from each side, processed and flushed; returns the frames
+    /// taken plus the packets whose crypto finished (0: idle, nothing in flight).
     pub fn process_batch(&mut self, batch: &mut Vec<S::Frame>, now: Instant) -> usize {
         // What waited for a neighbour goes first (before newer packets of its flow).
         if !self.waiting.is_empty() {
@@ -672,9 +673,12 @@ impl<S: FrameIo> Worker<S> {
                 return sealed;
             }
             // No link-layer path to the peer yet, or no usable session: the
-            // one sealing path for copies decides (kernel, staging), after
-            // what is in flight (it sends at once).
-            self.settle_seals(0);
+            // one sealing path for copies decides (kernel, staging). A packet
+            // the kernel sends at once goes after what is in flight; a staged
+            // one waits for a new session anyway.
+            if tally.keypair().is_some_and(|k| !k.is_expired(now)) {
+                self.settle_seals(0);
+            }
             let inner = spill(&self.io, frame, ip.packet.clone(), &mut self.spill);
             let (io, shared, counters, scratch) = (&mut self.io, &self.shared, &self.counters, &mut self.scratch);
             return seal_to_wan(io, shared, counters, scratch, tally, inner, true, now).map(|()| Sealed::Elsewhere);
@@ -1027,6 +1031,8 @@ impl<S: FrameIo> Worker<S> {
         else {
             return;
         };
+        // It leaves at once: after the packets being sealed.
+        self.settle_seals(0);
         let Ok(tally) = snapshot.sending_to(peer) else { return };
         let (io, shared, counters) = (&mut self.io, &self.shared, &self.counters);
         match seal_to_wan(io, shared, counters, &mut self.scratch, tally, &self.fragment[..len], false, now) {
