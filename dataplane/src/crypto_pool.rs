@@ -101,11 +101,11 @@ impl<J> core::fmt::Debug for SequenceRing<J> {
     }
 }
 
-// SAFETY: a slot's `job` is written only by the owner, before it publishes the
-// slot (Release on `published`), and while no claimer can reach it (a slot is
-// rewritten only after the owner took its previous outcome, which its claimer
-// stored after its last read of the job); claimers read it only after claiming
-// an index below `published` (Acquire). Every other field is atomic.
+// A slot's `job` is written only by the owner, before it publishes the slot
+// (Release on `published`), and only after the owner took the previous job's
+// outcome, which its claimer stored after its last read of the job.
+// SAFETY: claimers read a job only after claiming an index below `published`
+// (Acquire), so no read races a write; every other field is atomic.
 unsafe impl<J: Job> Sync for SequenceRing<J> {}
 
 impl<J: Job> SequenceRing<J> {
@@ -138,9 +138,9 @@ impl<J: Job> SequenceRing<J> {
     /// outcome: whether the owner ran it.
     fn run(&self, index: u64, here: u64) {
         let slot = &self.slots[(index & self.mask) as usize];
-        // SAFETY: `index` was published (its job written before the Release
-        // store this thread's Acquire load saw) and is claimed by this thread
-        // alone; the owner does not rewrite the slot before its outcome is stored.
+        // (`index` was published: its job written before the Release store
+        // this thread's Acquire load saw.)
+        // SAFETY: claimed by this thread alone; not rewritten before its outcome.
         let job = unsafe { (*slot.job.get()).assume_init_read() };
         // Failed unless the job returns: a panicking job must not leave its
         // owner waiting forever.

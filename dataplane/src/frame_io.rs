@@ -40,9 +40,9 @@ pub unsafe trait FrameIo {
     fn flush(&mut self);
 }
 
-// SAFETY: a frame is a descriptor of a fixed chunk of the UMEM, which is
-// mapped for the queue's lifetime; the kernel touches a chunk only while it
-// sits in a fill or tx ring, never while the worker holds it.
+// A frame is a descriptor of a fixed chunk of the UMEM, mapped for the queue's
+// lifetime. SAFETY: the kernel touches a chunk only while it sits in
+// a fill or tx ring, never while the worker holds it.
 unsafe impl FrameIo for XskQueue {
     type Frame = Frame;
 
@@ -157,9 +157,9 @@ impl MemoryFrames {
     }
 }
 
-// SAFETY: every frame is a boxed buffer allocated once in `new` and never
-// reallocated; `inject` and `take_sent` touch only frames in the rx and sent
-// queues, never one a worker holds.
+// Every frame is a boxed buffer allocated once in `new`, never reallocated.
+// SAFETY: `inject` and `take_sent` touch only frames in the rx and
+// sent queues, never one a worker holds.
 unsafe impl FrameIo for MemoryFrames {
     type Frame = MemoryFrame;
 

@@ -227,9 +227,9 @@ fn address_prefixes(iface: Option<&str>) -> Vec<(IpAddr, u8)> {
         if iface.is_some_and(|i| name.to_bytes() != i.as_bytes()) {
             continue;
         }
-        // SAFETY: ifa_addr (and ifa_netmask when not null) point to sockaddrs
-        // of the list whose family field is valid to read; the family says
-        // which sockaddr type each is.
+        // ifa_addr (and ifa_netmask when not null) point into the list.
+        // SAFETY: their family field is valid to read, and the family
+        // says which sockaddr type each is.
         let (addr, mask) = unsafe {
             match i32::from((*ifa.ifa_addr).sa_family) {
                 libc::AF_INET => {

@@ -276,9 +276,9 @@ unsafe fn ethtool_ioctl<T>(iface: &str, data: &mut T) -> io::Result<()> {
         *dst = *src as libc::c_char;
     }
     req.ifr_ifru.ifru_data = (data as *mut T).cast();
-    // SAFETY: `req` is a valid ifreq whose data pointer points to `data`,
-    // which the caller guarantees is the structure this command uses; both
-    // outlive the call.
+    // `req` is a valid ifreq whose data pointer points to `data`.
+    // SAFETY: the caller guarantees `data` is the structure this command
+    // uses; both outlive the call.
     if unsafe { libc::ioctl(sock.as_raw_fd(), ethtool::SIOCETHTOOL as _, &mut req as *mut libc::ifreq) } < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -15,7 +15,7 @@
 
 use crate::drops::DropReason;
 use crate::frame::{parse_ip_frame_payload, InnerPacket};
-use crate::noise::session::{sealed_len, Keypair, ReceiveError, SendError};
+use crate::noise::session::{Keypair, ReceiveError, SendError};
 use crate::peer_view::{Endpoint, PeerId, PeerViews};
 use crate::snapshot::{PeerTally, Snapshot};
 use crate::table::{IndexTable, SharedAllowedIps};
@@ -193,17 +193,19 @@ pub enum SealError {
 /// on the owning thread, in order; the rest on any thread): this is the same
 /// path in one go.
 pub fn seal(tally: &mut PeerTally, buf: &mut [u8], len: usize, now: Instant) -> Result<usize, SealError> {
-    let total = sealed_len(len);
-    if tally.keypair().is_some() && buf.len() < total {
-        return Err(SealError::BufferTooSmall);
+    let kp = tally.keypair().ok_or(SealError::NoSession)?;
+    let n = kp.seal(buf, len, now).map_err(SealError::from)?;
+    tally.sent(len, now);
+    Ok(n)
+}
+
+impl From<SendError> for SealError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Expired => Self::NoSession,
+            SendError::BufferTooSmall => Self::BufferTooSmall,
+        }
     }
-    let counter = reserve_seal(tally, len, now)?;
-    let (Some(kp), Some(msg)) = (tally.keypair(), buf.get_mut(..total)) else {
-        return Err(SealError::BufferTooSmall);
-    };
-    kp.frame_message(msg, len, counter).map_err(|_| SealError::BufferTooSmall)?;
-    kp.encrypt_message(msg, counter);
-    Ok(total)
 }
 
 /// The first step of `seal`, on the thread that owns the send order: the
@@ -212,10 +214,7 @@ pub fn seal(tally: &mut PeerTally, buf: &mut [u8], len: usize, now: Instant) -> 
 /// `Keypair::encrypt_message` (any thread) finish the message.
 pub fn reserve_seal(tally: &mut PeerTally, len: usize, now: Instant) -> Result<u64, SealError> {
     let kp = tally.keypair().ok_or(SealError::NoSession)?;
-    let counter = kp.reserve_counter(now).map_err(|e| match e {
-        SendError::Expired => SealError::NoSession,
-        SendError::BufferTooSmall => SealError::BufferTooSmall,
-    })?;
+    let counter = kp.reserve_counter(now).map_err(SealError::from)?;
     tally.sent(len, now);
     Ok(counter)
 }

@@ -449,10 +449,9 @@ impl<S: FrameIo> Worker<S> {
             let incoming = transport::incoming(snapshot, buf.get(message_at..).ok_or(DropReason::Malformed)?, now)?;
             let (peer, counter, keypair) = (incoming.peer, incoming.counter, incoming.keypair.clone());
             let op = AeadOp::Open { src: message_at + TRANSPORT_HEADER_LEN };
-            // SAFETY: the keypair and the frame go into the job's local below,
-            // and nothing touches the frame's bytes until `settle_opens` takes
-            // the job's outcome back; they stay put meanwhile (`FrameIo`'s
-            // contract).
+            // The keypair and the frame go into the job's local below; nothing
+            // touches the frame's bytes until `settle_opens` takes it back.
+            // SAFETY: so both stay alive, put (`FrameIo`) and unaliased.
             let job = unsafe { AeadJob::new(&keypair, counter, std::ptr::from_mut(buf), op) };
             Ok((job, keypair, peer, counter))
         });
@@ -751,10 +750,9 @@ impl<S: FrameIo> Worker<S> {
             flow::decrement_hop(&mut buf[inner.clone()]);
             let counter = transport::reserve_seal(tally, len, now)?;
             let op = AeadOp::Seal { inner_at: inner.start, message_at: hdr, len };
-            // SAFETY: the keypair and the frame go into the job's local (in
-            // `on_lan`), and nothing touches the frame's bytes until
-            // `settle_seals` takes the job's outcome back; they stay put
-            // meanwhile (`FrameIo`'s contract).
+            // The keypair and the frame go into the job's local (`on_lan`);
+            // nothing touches the frame's bytes until `settle_seals` takes it back.
+            // SAFETY: so both stay alive, put (`FrameIo`) and unaliased.
             Ok(Some(unsafe { AeadJob::new(keypair, counter, std::ptr::from_mut(buf), op) }))
         });
         let (shared, counters) = (&*self.shared, &*self.counters);

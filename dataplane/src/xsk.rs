@@ -235,9 +235,9 @@ impl XskQueue {
         for iface in [wan, lan] {
             let bind_err = |reason: String| XskError::Bind { iface: iface.to_owned(), queue, reason };
             let name: Interface = iface.parse().map_err(|e| bind_err(format!("{e:?}")))?;
+            // The conditions xsk-rs documents against a double free hold.
             // SAFETY: the UMEM is shared only by these two sockets, on two
-            // different (interface, queue) pairs, and the program-load flag is
-            // inhibited — the conditions xsk-rs documents against a double free.
+            // (interface, queue) pairs, with the program-load flag inhibited.
             match unsafe { Socket::new(socket_cfg, &umem, &name, queue) } {
                 Ok((tx, rx, Some((fill, comp)))) => {
                     if busy_poll {

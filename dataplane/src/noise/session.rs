@@ -51,9 +51,9 @@ struct ReceiveState {
     window: UnsafeCell<ReplayWindow>,
 }
 
-// SAFETY: `window` is only touched in `with_window`, between acquiring `busy`
-// (false -> true, Acquire) and releasing it (Release), so at most one thread
-// holds a `&mut` to it at a time and each holder sees the previous one's writes.
+// `window` is only touched in `record`, between acquiring `busy` (Acquire)
+// and releasing it (Release).
+// SAFETY: so one thread at a time holds a `&mut` to it, seeing the last one's writes.
 unsafe impl Sync for ReceiveState {}
 
 /// Releases the window's lock when dropped (also on unwinding).
