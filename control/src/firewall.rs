@@ -7,6 +7,8 @@
 //! the same rule.
 
 use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::openapi::{RefOr, Schema};
 use utoipa::ToSchema;
 use wgxdp_dataplane::policy::{FirewallRule, PortRange, RuleAction, RuleProtocol, MAX_RULE_NAME};
 use wgxdp_dataplane::table::IpPrefix;
@@ -14,40 +16,32 @@ use wgxdp_dataplane::table::IpPrefix;
 /// A firewall rule on traffic entering from the remote site. Rules are
 /// evaluated in order and the first match wins; absent optional fields match
 /// everything.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// Its schema (`rule_schema`) says every rule, across fields too.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({
-    "name": "ssh from the office", "protocol": "tcp", "port": "22",
-    "source": "10.1.0.0/16", "destination": "10.50.0.0/24", "action": "allow"
-}))]
 pub struct FirewallRuleText {
     /// What the rule is for (1-64 characters, no control characters). Names
     /// need not be unique: rules are told apart by their position.
-    #[schema(required = true, min_length = 1, max_length = 64, example = "Allow ICMP")]
     pub name: Option<String>,
     /// `tcp`, `udp`, `icmp` (ICMPv6 for IPv6 packets) or `any`.
-    #[schema(required = true, value_type = FirewallProtocol, inline)]
     pub protocol: Option<String>,
     /// Destination port `N` or range `N-M` (1-65535), TCP and UDP rules only
     /// (for `icmp` and `any`: absent, or the full range `1-65535`). Absent:
     /// every port. Responses leave it out when the rule has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(pattern = r"^[0-9]{1,5}(-[0-9]{1,5})?$", example = "8000-8080")]
     pub port: Option<String>,
     /// Source network on the remote side (CIDR, host bits clear). Absent:
     /// any source. An IPv4 network only matches IPv4 packets (and IPv6 only
     /// IPv6): `0.0.0.0/0` means every IPv4 source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "10.1.0.0/16")]
     pub source: Option<String>,
     /// Destination network on this side (CIDR, host bits clear). Absent:
-    /// any destination inside the gateway's local networks.
+    /// any destination inside the gateway's local networks. Of the same IP
+    /// version as `source` when both are given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "10.50.0.0/24")]
     pub destination: Option<String>,
     /// `allow` (default) or `deny`. Responses always carry it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<FirewallAction>, inline, default = "allow")]
     pub action: Option<String>,
 }
 
@@ -60,15 +54,50 @@ pub enum FirewallAction {
     Deny,
 }
 
-/// The traffic a rule is about: `tcp`, `udp`, `icmp` (ICMPv6 for IPv6
-/// packets) or `any`. Only `tcp` and `udp` rules may name ports.
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum FirewallProtocol {
-    Tcp,
-    Udp,
-    Icmp,
-    Any,
+impl<'s> ToSchema<'s> for FirewallRuleText {
+    /// Either of two shapes: a `tcp`/`udp` rule (any port range) or an
+    /// `icmp`/`any` rule (no port but the full range): so a schema-valid
+    /// rule is a rule the server accepts.
+    fn schema() -> (&'s str, RefOr<Schema>) {
+        let component = |name: &str| json!({"$ref": format!("#/components/schemas/{name}")});
+        // An optional field may also be null (the same as leaving it out).
+        let optional = |schema: serde_json::Value| json!({"nullable": true, "allOf": [schema]});
+        let no_ports = json!({"type": "string", "enum": ["1-65535"],
+            "description": "icmp and any rules match no ports: leave `port` out, or give the full range."});
+        let shapes: Vec<_> = [(["tcp", "udp"], component("PortRange")), (["icmp", "any"], no_ports)]
+            .into_iter()
+            .map(|(protocols, port)| {
+                json!({
+                    "type": "object",
+                    "additionalProperties": false,
+                    "required": ["name", "protocol"],
+                    "properties": {
+                        "name": component("RuleName"),
+                        "protocol": {"type": "string", "enum": protocols},
+                        "port": optional(port),
+                        "source": optional(component("Network")),
+                        "destination": optional(component("Network")),
+                        "action": optional(component("FirewallAction")),
+                    },
+                })
+            })
+            .collect();
+        let schema = json!({
+            "description": "A firewall rule on traffic entering from the remote site. Rules are evaluated in \
+                order and the first match wins; absent optional fields match everything. `name`: what the rule \
+                is for (names need not be unique). `protocol`: `tcp`, `udp`, `icmp` (ICMPv6 for IPv6 packets) \
+                or `any`. `port`: destination port or range, tcp and udp rules only (absent: every port). \
+                `source`: network on the remote side (absent: any); `destination`: network on this side \
+                (absent: any inside the gateway's local networks); an IPv4 network only matches IPv4 packets \
+                (and IPv6 only IPv6), so a rule whose source and destination are of different versions never \
+                matches. `action`: `allow` (default) or `deny`. Responses leave out `port`, \
+                `source` and `destination` when a rule has none and always carry `action`.",
+            "example": {"name": "ssh from the office", "protocol": "tcp", "port": "22",
+                "source": "10.1.0.0/16", "destination": "10.50.0.0/24", "action": "allow"},
+            "anyOf": shapes,
+        });
+        ("FirewallRuleText", serde_json::from_value(schema).unwrap_or_else(|_| RefOr::T(Schema::default())))
+    }
 }
 
 /// Why a rule is refused: the field of the rule at fault and what is accepted.
@@ -95,13 +124,16 @@ pub fn parse_action(s: &str) -> Result<RuleAction, String> {
 }
 
 fn parse_name(name: Option<&str>) -> Result<String, RuleError> {
-    let name = name.ok_or_else(|| refuse("name", "is required (1-64 characters saying what the rule is for)"))?.trim();
+    let name = name.ok_or_else(|| refuse("name", "is required (1-64 characters saying what the rule is for)"))?;
     let chars = name.chars().count();
     if !(1..=MAX_RULE_NAME).contains(&chars) {
         return Err(refuse("name", format!("must be 1-{MAX_RULE_NAME} characters (got {chars})")));
     }
     if name.chars().any(char::is_control) {
         return Err(refuse("name", "must not contain control characters"));
+    }
+    if name.chars().all(char::is_whitespace) {
+        return Err(refuse("name", "must not be all white space"));
     }
     Ok(name.to_owned())
 }
@@ -144,14 +176,6 @@ impl FirewallRuleText {
         };
         let source = parse_network("source", self.source.as_deref())?;
         let destination = parse_network("destination", self.destination.as_deref())?;
-        if let (Some(s), Some(d)) = (source, destination) {
-            if s.addr().is_ipv4() != d.addr().is_ipv4() {
-                return Err(refuse(
-                    "destination",
-                    format!("{d} and the source {s} are of different IP versions; the rule could never match"),
-                ));
-            }
-        }
         let action = match self.action.as_deref() {
             None => RuleAction::Allow,
             Some(a) => parse_action(a).map_err(|e| refuse("action", e))?,
@@ -218,7 +242,11 @@ mod tests {
             assert_eq!(serde_json::from_str::<FirewallRuleText>(&stored).unwrap(), again);
         }
         let rule = text(serde_json::json!({"name":" ssh ","protocol":"tcp","port":"22"})).to_rule().unwrap();
-        assert_eq!(rule.name, "ssh", "surrounding whitespace is trimmed");
+        assert_eq!(rule.name, " ssh ", "a name is kept as given");
+        // Source and destination of different versions: a rule that never matches, as documented.
+        let never =
+            text(serde_json::json!({"name":"x","protocol":"tcp","source":"10.0.0.0/8","destination":"fd00::/64"}));
+        assert!(never.to_rule().is_ok());
         let absent = serde_json::to_value(FirewallRuleText::from_rule(&rule)).unwrap();
         assert!(absent.get("source").is_none() && absent.get("destination").is_none(), "{absent}");
     }
@@ -241,11 +269,7 @@ mod tests {
             (serde_json::json!({"name":"x","protocol":"any","port":"1-1024"}), "port", "1-65535"),
             (serde_json::json!({"name":"x","protocol":"tcp","source":"10.1.2.3/16"}), "source", "10.1.0.0/16"),
             (serde_json::json!({"name":"x","protocol":"tcp","destination":"banana"}), "destination", "CIDR"),
-            (
-                serde_json::json!({"name":"x","protocol":"tcp","source":"10.0.0.0/8","destination":"fd00::/64"}),
-                "destination",
-                "IP versions",
-            ),
+            (serde_json::json!({"name":"  ","protocol":"tcp"}), "name", "white space"),
             (serde_json::json!({"name":"x","protocol":"tcp","action":"drop"}), "action", "allow or deny"),
         ];
         for (json, field, says) in cases {

@@ -100,17 +100,26 @@ fn generate(what: Generate, out: &mut impl std::io::Write) -> anyhow::Result<()>
     Ok(())
 }
 
+use wgxdp_control::store::Scope;
+
 #[derive(Subcommand, Debug)]
 enum ApiKeyCommand {
     /// Create a key and print it (once; only its hash is stored).
     Create {
         #[arg(long, default_value = "default")]
         name: String,
+        /// `read`: every GET, no writes; `admin`: everything (writes, the audit log).
+        #[arg(long, default_value = "admin", value_parser = parse_scope)]
+        scope: Scope,
     },
-    /// List keys (ids and names, never the secrets).
+    /// List keys (ids, names and scopes, never the secrets).
     List,
     /// Revoke a key by id.
     Revoke { id: String },
+}
+
+fn parse_scope(s: &str) -> Result<Scope, String> {
+    Scope::parse(s).ok_or_else(|| format!("`{s}` is not a scope: read or admin"))
 }
 
 fn apikey(config: &std::path::Path, command: ApiKeyCommand, out: &mut impl std::io::Write) -> anyhow::Result<()> {
@@ -118,14 +127,15 @@ fn apikey(config: &std::path::Path, command: ApiKeyCommand, out: &mut impl std::
     let api = cfg.api.ok_or_else(|| anyhow::anyhow!("{} has no [api] section", config.display()))?;
     let store = wgxdp_control::store::Store::open(&api.database)?;
     match command {
-        ApiKeyCommand::Create { name } => {
-            let (info, secret) = store.create_api_key(&name)?;
+        ApiKeyCommand::Create { name, scope } => {
+            let (info, secret) = store.create_api_key(&name, scope)?;
             writeln!(out, "{}", secret.expose())?;
-            eprintln!("created API key {} ({name}); it is shown only now", info.id);
+            eprintln!("created API key {} ({name}, scope {}); it is shown only now", info.id, scope.as_str());
         }
         ApiKeyCommand::List => {
             for k in store.list_api_keys()? {
-                writeln!(out, "{}  {}  {}", k.id, k.name, wgxdp_control::api::model::rfc3339_millis(k.created_at))?;
+                let created = wgxdp_control::api::model::rfc3339_millis(k.created_at);
+                writeln!(out, "{}  {}  {}  {created}", k.id, k.scope.as_str(), k.name)?;
             }
         }
         ApiKeyCommand::Revoke { id } => {

@@ -187,8 +187,13 @@ async fn run(
             None
         }
     };
-    let device =
-        Arc::new(UapiDevice::new(uapi.private_key, plane.listen_port(), uapi.config_peers, plane.clone(), api_state));
+    let device = Arc::new(UapiDevice::new(
+        uapi.private_key,
+        plane.listen_port(),
+        uapi.config_peers,
+        plane.clone(),
+        api_state.clone(),
+    ));
     let uapi_server = uapi.socket.map(|socket| {
         println!("wgxdp: wg socket on {}", socket.path().display());
         tokio::spawn(socket.serve(device, stop.clone()))
@@ -208,6 +213,12 @@ async fn run(
     }
     if let Some(server) = server {
         server.await?.context("the API server failed")?;
+    }
+    if let Some(state) = api_state {
+        let left = state.drain(Duration::from_secs(3)).await;
+        if left > 0 {
+            tracing::warn!(left, "API changes still running at exit; the next start replays the store");
+        }
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use tower::ServiceExt;
 use wgxdp_control::api::{app, ApiSettings, AppState, StaticPeer};
 use wgxdp_control::plane::{MemoryPlane, TunnelStatus};
-use wgxdp_control::store::{random_id, Status, Store};
+use wgxdp_control::store::{random_id, Scope, Status, Store};
 use wgxdp_dataplane::noise::{PresharedKey, PrivateKey};
 
 struct Api {
@@ -51,7 +51,7 @@ impl Api {
     fn with(settings: ApiSettings) -> Self {
         let db = std::env::temp_dir().join(format!("{}.db", random_id("wgxdp-api-")));
         let store = Arc::new(Store::open(&db).unwrap());
-        let (_, key) = store.create_api_key("test").unwrap();
+        let (_, key) = store.create_api_key("test", Scope::Admin).unwrap();
         let plane = Arc::new(MemoryPlane::new(PrivateKey::generate().public_key()));
         let state = AppState::new(store.clone(), plane.clone(), settings);
         let router = app(state.clone());
@@ -84,6 +84,31 @@ impl Api {
         self.call_as(Some(&self.key.clone()), method, uri, body).await
     }
 
+    /// `method uri` with `If-Match: if_match`.
+    async fn call_if(&self, method: Method, uri: &str, if_match: &str, body: Option<Value>) -> Reply {
+        self.call_with(&self.key.clone(), method, uri, &[("if-match", if_match)], body).await
+    }
+
+    /// `method uri` as API key `key`, with more `headers`.
+    async fn call_with(
+        &self,
+        key: &str,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Reply {
+        let mut b = Request::builder().method(method).uri(uri).header(header::AUTHORIZATION, format!("Bearer {key}"));
+        for (name, value) in headers {
+            b = b.header(*name, *value);
+        }
+        let req = match body {
+            Some(v) => b.header(header::CONTENT_TYPE, "application/json").body(Body::from(v.to_string())),
+            None => b.body(Body::empty()),
+        };
+        self.raw(req.unwrap()).await
+    }
+
     async fn create(&self, body: Value) -> Reply {
         self.call(Method::POST, "/api/v1/vpn-gateways", Some(body)).await
     }
@@ -108,6 +133,19 @@ fn new_gateway(name: &str, cidr: &str) -> Value {
         "remote_peer_ip": "203.0.113.200",
         "remote_public_key": PrivateKey::generate().public_key().to_base64(),
     })
+}
+
+/// How the API refuses a network or key, by what the refusal says: a clash
+/// with something else (another network of the request or gateway, this
+/// site, the host, another gateway, this gateway's own key) is a 409, a value
+/// that is not acceptable on its own a 422.
+fn refusal_for(says: &str) -> (StatusCode, &'static str) {
+    let clash = ["overlaps", "is also", "listed twice", "site_cidr", "gateway host", "10.50.0.0/24", "own key"];
+    if clash.iter().any(|c| says.contains(c)) {
+        (StatusCode::CONFLICT, "conflict")
+    } else {
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    }
 }
 
 fn assert_error(r: &Reply, status: StatusCode, code: &str) {
@@ -253,7 +291,8 @@ async fn validation_errors_name_the_field() {
         let mut body = new_gateway("valid-name", "10.7.0.0/16");
         body[field] = value.clone();
         let r = api.create(body).await;
-        assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        let (status, code) = refusal_for(needle);
+        assert_error(&r, status, code);
         let msg = r.body["error"]["message"].as_str().unwrap();
         let expected_field = if field == "local_network_cidr" { "remote_network_cidr" } else { field };
         assert_eq!(r.body["error"]["field"], expected_field, "{field}={value}: {msg}");
@@ -269,7 +308,9 @@ async fn validation_errors_name_the_field() {
     }
     let mut own = new_gateway("valid-name", "10.7.0.0/16");
     own["remote_public_key"] = json!(api.plane.public_key_base64());
-    assert_error(&api.create(own).await, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    let r = api.create(own).await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    assert_eq!(r.body["error"]["field"], "remote_public_key");
     assert!(api.plane.tunnels.lock().unwrap().is_empty(), "nothing reached the data plane");
     assert!(api.store.live().unwrap().is_empty(), "nothing was stored");
 }
@@ -403,7 +444,7 @@ async fn authentication() {
     assert_eq!(api.call_as(None, Method::GET, "/health", None).await.status, StatusCode::OK);
     assert_eq!(api.call(Method::GET, uri, None).await.status, StatusCode::OK);
     // A revoked key stops working at once.
-    let (info, second) = api.store.create_api_key("second").unwrap();
+    let (info, second) = api.store.create_api_key("second", Scope::Admin).unwrap();
     assert_eq!(api.call_as(Some(second.expose()), Method::GET, uri, None).await.status, StatusCode::OK);
     api.store.revoke_api_key(&info.id).unwrap();
     assert_eq!(api.call_as(Some(second.expose()), Method::GET, uri, None).await.status, StatusCode::UNAUTHORIZED);
@@ -428,7 +469,7 @@ async fn rate_limits_per_key() {
     assert!(api.store.live().unwrap().iter().all(|g| g.name != "gw-over"), "a limited request does nothing");
     // Reads have their own budget, and another key its own.
     assert_eq!(api.call(Method::GET, "/api/v1/vpn-gateways", None).await.status, StatusCode::OK);
-    let (_, other) = api.store.create_api_key("other").unwrap();
+    let (_, other) = api.store.create_api_key("other", Scope::Admin).unwrap();
     let r = api
         .call_as(Some(other.expose()), Method::POST, "/api/v1/vpn-gateways", Some(new_gateway("gw-o", "10.61.0.0/16")))
         .await;
@@ -717,7 +758,7 @@ async fn store_failure_after_the_data_plane_changed_is_reconciled() {
 }
 
 /// The routes the router serves (method, OpenAPI path).
-const ROUTES: [(&str, &str); 11] = [
+const ROUTES: [(&str, &str); 12] = [
     ("get", "/api/v1/vpn-gateways"),
     ("post", "/api/v1/vpn-gateways"),
     ("get", "/api/v1/vpn-gateways/{id}"),
@@ -725,6 +766,7 @@ const ROUTES: [(&str, &str); 11] = [
     ("delete", "/api/v1/vpn-gateways/{id}"),
     ("get", "/api/v1/vpn-gateways/{id}/status"),
     ("get", "/api/v1/vpn-gateways/{id}/config"),
+    ("get", "/api/v1/audit-log"),
     ("get", "/health"),
     ("get", "/ready"),
     ("get", "/metrics"),
@@ -769,6 +811,316 @@ async fn openapi_document_validates_and_covers_every_route() {
 }
 
 #[tokio::test]
+async fn a_read_key_cannot_write_and_the_audit_log_shows_every_mutation() {
+    let api = Api::new(1000);
+    let (reader, read_key) = api.store.create_api_key("dashboards", Scope::Read).unwrap();
+    let read_key = read_key.expose().to_owned();
+    let created = api.create(new_gateway("audited", "10.7.0.0/16")).await;
+    let id = id_of(&created);
+    let uri = gateway_uri(&id);
+    let bad = api.call(Method::PATCH, &uri, Some(json!({"remote_peer_port": 0}))).await;
+    assert_error(&bad, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    // The read key reads everything but the audit log, and writes nothing.
+    for path in ["/api/v1/vpn-gateways", uri.as_str(), &format!("{uri}/status"), &format!("{uri}/config")] {
+        assert_eq!(api.call_as(Some(&read_key), Method::GET, path, None).await.status, StatusCode::OK, "{path}");
+    }
+    let r = api.call_as(Some(&read_key), Method::GET, "/api/v1/audit-log", None).await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    let r = api
+        .call_as(Some(&read_key), Method::POST, "/api/v1/vpn-gateways", Some(new_gateway("x-y", "10.8.0.0/16")))
+        .await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    let r = api.call_as(Some(&read_key), Method::PATCH, &uri, Some(json!({"name": "taken-over"}))).await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    let r = api.call_as(Some(&read_key), Method::DELETE, &uri, None).await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(api.store.live().unwrap().len(), 1, "nothing the read key asked for happened");
+    assert_eq!(api.store.get(&id).unwrap().unwrap().name, "audited");
+    assert_eq!(api.call(Method::DELETE, &uri, None).await.status, StatusCode::OK);
+    // Every mutation, newest first, with who, what, on what, and how it ended.
+    let log = api.call(Method::GET, "/api/v1/audit-log", None).await;
+    assert_eq!(log.status, StatusCode::OK, "{}", log.text);
+    let admin = api.store.list_api_keys().unwrap().into_iter().find(|k| k.name == "test").unwrap().id;
+    let seen: Vec<(String, String, Value, u64, String, Value)> = log.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["key_id"].as_str().unwrap().to_owned(),
+                e["action"].as_str().unwrap().to_owned(),
+                e["target"].clone(),
+                e["status"].as_u64().unwrap(),
+                e["outcome"].as_str().unwrap().to_owned(),
+                e["error_code"].clone(),
+            )
+        })
+        .collect();
+    let row = |key: &str, action: &str, target: Value, status: u64, error: Value| {
+        let outcome = if error.is_null() { "succeeded" } else { "failed" };
+        (key.to_owned(), action.to_owned(), target, status, outcome.to_owned(), error)
+    };
+    let target = json!(id);
+    assert_eq!(
+        seen,
+        vec![
+            row(&admin, "gateway.delete", target.clone(), 200, Value::Null),
+            row(&reader.id, "gateway.delete", target.clone(), 403, json!("forbidden")),
+            row(&reader.id, "gateway.update", target.clone(), 403, json!("forbidden")),
+            row(&reader.id, "gateway.create", Value::Null, 403, json!("forbidden")),
+            row(&admin, "gateway.update", target.clone(), 422, json!("validation_failed")),
+            row(&admin, "gateway.create", target, 201, Value::Null),
+        ]
+    );
+    // Pages: older entries after `before`.
+    let page = api.call(Method::GET, "/api/v1/audit-log?limit=4", None).await.body;
+    assert_eq!(page["data"].as_array().unwrap().len(), 4);
+    let before = page["meta"]["next_before"].as_i64().unwrap();
+    let rest = api.call(Method::GET, &format!("/api/v1/audit-log?limit=4&before={before}"), None).await.body;
+    assert_eq!(rest["data"].as_array().unwrap().len(), 2);
+    assert!(rest["meta"]["next_before"].is_null());
+    assert_error(
+        &api.call(Method::GET, "/api/v1/audit-log?limit=0", None).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+}
+
+#[tokio::test]
+async fn a_retried_create_returns_the_same_id_and_psk() {
+    let api = Api::new(1000);
+    let key = api.key.clone();
+    let post = |k: &str, idem: &str, body: Value| {
+        let (k, idem) = (k.to_owned(), idem.to_owned());
+        let api = &api;
+        async move {
+            api.call_with(&k, Method::POST, "/api/v1/vpn-gateways", &[("idempotency-key", &idem)], Some(body)).await
+        }
+    };
+    let body = new_gateway("retried", "10.7.0.0/16");
+    let first = post(&key, "create-1", body.clone()).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text);
+    assert!(first.headers.get("idempotent-replayed").is_none());
+    let psk = first.body["data"]["pre_shared_key"].as_str().unwrap().to_owned();
+    assert_ne!(psk, "********");
+    // The client lost that answer: the retry gets it again, and nothing new happens.
+    let again = post(&key, "create-1", body.clone()).await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.text);
+    assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(again.body["data"]["id"], first.body["data"]["id"]);
+    assert_eq!(again.body["data"]["pre_shared_key"], psk.as_str(), "the one-time key, once more");
+    assert_eq!(again.headers.get(header::LOCATION), first.headers.get(header::LOCATION));
+    assert_eq!(api.store.live().unwrap().len(), 1);
+    assert_eq!(api.plane.tunnels.lock().unwrap().len(), 1);
+    // The same key for another request: refused, nothing created.
+    let other = post(&key, "create-1", new_gateway("another", "10.8.0.0/16")).await;
+    assert_error(&other, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+    assert_eq!(api.store.live().unwrap().len(), 1);
+    // Keys belong to one API key: another may use the same one for its own request.
+    let (_, second) = api.store.create_api_key("second-client", Scope::Admin).unwrap();
+    let theirs = post(second.expose(), "create-1", new_gateway("theirs", "10.8.0.0/16")).await;
+    assert_eq!(theirs.status, StatusCode::CREATED, "{}", theirs.text);
+    // A failed request is not stored: its retry (corrected) runs.
+    let mut bad = new_gateway("fixed-later", "10.9.0.0/16");
+    bad["remote_peer_port"] = json!(0);
+    assert_error(&post(&key, "create-2", bad).await, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    let fixed = post(&key, "create-2", new_gateway("fixed-later", "10.9.0.0/16")).await;
+    assert_eq!(fixed.status, StatusCode::CREATED, "{}", fixed.text);
+    // DELETE: the retry gets the first answer; a malformed key is a 400.
+    let uri = gateway_uri(&id_of(&first));
+    let del = api.call_with(&key, Method::DELETE, &uri, &[("idempotency-key", "delete-1")], None).await;
+    assert_eq!(del.status, StatusCode::OK, "{}", del.text);
+    let del2 = api.call_with(&key, Method::DELETE, &uri, &[("idempotency-key", "delete-1")], None).await;
+    assert_eq!((del2.status, del2.body.clone()), (StatusCode::OK, del.body.clone()));
+    assert_eq!(del2.headers.get("idempotent-replayed").unwrap(), "true");
+    let plain = api.call(Method::DELETE, &uri, None).await;
+    assert_error(&plain, StatusCode::CONFLICT, "conflict");
+    let bad_key = api.call_with(&key, Method::DELETE, &uri, &[("idempotency-key", "has space")], None).await;
+    assert_error(&bad_key, StatusCode::BAD_REQUEST, "bad_request");
+    // After a restart (the store reopened, a fresh data plane), the retry still gets the first answer.
+    let store = Arc::new(Store::open(&api.db).unwrap());
+    let plane = Arc::new(MemoryPlane::new(PrivateKey::generate().public_key()));
+    wgxdp_control::api::replay(&store, plane.as_ref()).unwrap();
+    let state = AppState::new(store.clone(), plane.clone(), settings());
+    let restarted = app(state);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/vpn-gateways")
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("idempotency-key", "create-1")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = restarted.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(resp.headers().get("idempotent-replayed").unwrap(), "true");
+    let replayed: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(replayed["data"]["id"], first.body["data"]["id"]);
+    assert_eq!(replayed["data"]["pre_shared_key"], psk.as_str());
+    // The audit log tells replays from changes.
+    let log = store.audit_log(None, 100).unwrap();
+    let creates: Vec<bool> = log
+        .iter()
+        .filter(|e| e.action == "gateway.create" && e.target.as_deref() == first.body["data"]["id"].as_str())
+        .map(|e| e.replayed)
+        .collect();
+    assert_eq!(creates, [true, true, false], "newest first: the restart's replay, the first replay, the create");
+}
+
+fn etag_of(r: &Reply) -> String {
+    r.headers.get(header::ETAG).expect("an ETag").to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn conditional_writes_with_etag_and_if_match() {
+    let api = Api::new(1000);
+    let created = api.create(new_gateway("tagged", "10.7.0.0/16")).await;
+    let id = id_of(&created);
+    let uri = gateway_uri(&id);
+    let read = api.call(Method::GET, &uri, None).await;
+    let tag = etag_of(&read);
+    assert_eq!(etag_of(&created), tag, "the create's tag is the one a read gives");
+    assert_eq!(etag_of(&api.call(Method::GET, &uri, None).await), tag, "a read changes nothing");
+    // A write with the current tag goes through and makes a new one.
+    let r = api.call_if(Method::PATCH, &uri, &tag, Some(json!({"name": "renamed"}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let newer = etag_of(&r);
+    assert_ne!(newer, tag);
+    assert_eq!(etag_of(&api.call(Method::GET, &uri, None).await), newer);
+    // A stale tag: 412, and nothing changed (store, data plane).
+    let r = api.call_if(Method::PATCH, &uri, &tag, Some(json!({"name": "lost-update"}))).await;
+    assert_error(&r, StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    assert_eq!(api.store.get(&id).unwrap().unwrap().name, "renamed");
+    let r = api.call_if(Method::DELETE, &uri, &format!("\"x\", W/{newer}, {tag}"), None).await;
+    assert_error(&r, StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    assert!(api.plane.tunnel(&id).is_some(), "a refused delete leaves the tunnel");
+    // The precondition comes first: a malformed change with a stale tag is a
+    // 412, with the current one a 422.
+    let r = api.call_if(Method::PATCH, &uri, &tag, Some(json!({"remote_peer_port": 0}))).await;
+    assert_error(&r, StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    let r = api.call_if(Method::PATCH, &uri, &newer, Some(json!({"remote_peer_port": 0}))).await;
+    assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    // A stale tag is a 412 before anything else about the gateway is looked at.
+    let other = id_of(&api.create(new_gateway("neighbour", "10.8.0.0/16")).await);
+    let clash = json!({"remote_network_cidr": "10.8.0.0/24"});
+    assert_error(
+        &api.call_if(Method::PATCH, &uri, &tag, Some(clash.clone())).await,
+        StatusCode::PRECONDITION_FAILED,
+        "precondition_failed",
+    );
+    let current = etag_of(&api.call(Method::GET, &uri, None).await);
+    assert_error(&api.call_if(Method::PATCH, &uri, &current, Some(clash)).await, StatusCode::CONFLICT, "conflict");
+    let _ = other;
+    // One of several tags, or `*`.
+    let r =
+        api.call_if(Method::PATCH, &uri, &format!("{tag}, {newer}"), Some(json!({"persistent_keepalive": 5}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = api.call_if(Method::DELETE, &uri, "*", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(etag_of(&r), etag_of(&api.call(Method::GET, &uri, None).await), "the delete's tag is the stored one");
+    assert!(api.plane.tunnel(&id).is_none());
+}
+
+/// What the document promises, checked against what the server does (the
+/// API fuzzer in `api_fuzz_e2e` checks it at large).
+#[tokio::test]
+async fn the_document_states_what_the_server_enforces() {
+    let api = Api::new(1000);
+    let doc = api.call_as(None, Method::GET, "/api/v1/openapi.json", None).await.body;
+    let schemas = &doc["components"]["schemas"];
+    let create = &schemas["CreateGateway"];
+    let required: HashSet<&str> = create["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let wanted = ["name", "region", "tunnel_type", "remote_network_cidr", "remote_peer_ip", "remote_public_key"];
+    assert_eq!(required, wanted.into_iter().collect(), "required exactly where the server says `is required`");
+    for (field, min, max) in [("remote_peer_port", 1, 65535), ("persistent_keepalive", 0, 65535)] {
+        assert_eq!(create["properties"][field]["minimum"], min, "{field}");
+        assert_eq!(create["properties"][field]["maximum"], max, "{field}");
+    }
+    // A port beyond the document's bounds is refused; one inside them is not.
+    let mut body = new_gateway("big-port", "10.7.0.0/16");
+    body["remote_peer_port"] = json!(2147483646);
+    assert_error(&api.create(body).await, StatusCode::BAD_REQUEST, "bad_request");
+    // `null` for every optional field is the same as leaving it out.
+    let mut body = new_gateway("all-nulls", "10.7.0.0/16");
+    for field in [
+        "remote_peer_port",
+        "pre_shared_key",
+        "local_network_cidr",
+        "persistent_keepalive",
+        "additional_remote_network_cidrs",
+        "additional_local_network_cidrs",
+        "firewall",
+        "firewall_default",
+    ] {
+        body[field] = Value::Null;
+    }
+    let r = api.create(body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["data"]["remote_peer_port"], 51820);
+    let id = id_of(&r);
+    let all_null = json!({"name": null, "remote_network_cidr": null, "remote_peer_ip": null, "remote_peer_port": null,
+        "pre_shared_key": null, "persistent_keepalive": null, "additional_remote_network_cidrs": null,
+        "additional_local_network_cidrs": null, "firewall": null, "firewall_default": null});
+    let r = api.call(Method::PATCH, &gateway_uri(&id), Some(all_null)).await;
+    assert_eq!((r.status, r.body["data"]["name"].clone()), (StatusCode::OK, json!("all-nulls")), "{}", r.text);
+    // Names are kept as given: white space around them is theirs, all-blank is refused.
+    let r = api.create(new_gateway(" spaced ", "10.8.0.0/16")).await;
+    assert_eq!(r.body["data"]["name"], " spaced ", "{}", r.text);
+    assert_error(
+        &api.create(new_gateway("  ", "10.9.0.0/16")).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
+    // A key with white space around it is not the documented 44 characters.
+    let mut body = new_gateway("padded-key", "10.9.0.0/16");
+    body["remote_public_key"] = json!(format!(" {}", PrivateKey::generate().public_key().to_base64()));
+    assert_error(&api.create(body).await, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    // Every operation lists the answers it shares with its kind.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let codes = op["responses"].as_object().unwrap();
+            let secured = op.get("security").is_some_and(|s| !s.as_array().unwrap().is_empty());
+            for (code, needed) in [
+                ("401", secured),
+                ("429", secured),
+                ("500", secured),
+                ("400", op.get("requestBody").is_some()),
+                ("413", op.get("requestBody").is_some()),
+                ("415", op.get("requestBody").is_some()),
+                ("422", op.get("requestBody").is_some()),
+            ] {
+                assert!(!needed || codes.contains_key(code), "{method} {path} does not list {code}");
+            }
+        }
+    }
+    // Without a site CIDR configured, a create must name its local network: the document says so.
+    let bare = Api::with(ApiSettings { site_cidr: None, ..settings() });
+    let doc_bare = bare.call_as(None, Method::GET, "/api/v1/openapi.json", None).await.body;
+    let required = doc_bare["components"]["schemas"]["CreateGateway"]["required"].as_array().unwrap().clone();
+    assert!(required.contains(&json!("local_network_cidr")));
+    let local = &doc_bare["components"]["schemas"]["CreateGateway"]["properties"]["local_network_cidr"];
+    assert_eq!(local, &json!({"$ref": "#/components/schemas/LocalNetwork"}), "required, so not nullable");
+    assert!(!create["required"].as_array().unwrap().contains(&json!("local_network_cidr")));
+    let r = bare.create(new_gateway("no-local", "10.7.0.0/16")).await;
+    assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(r.body["error"]["field"], "local_network_cidr");
+    // The create links to every operation on the new gateway, by its id.
+    let links = doc["paths"]["/api/v1/vpn-gateways"]["post"]["responses"]["201"]["links"].as_object().unwrap();
+    let operation_ids: HashSet<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|item| item.as_object().unwrap().values())
+        .filter_map(|op| op["operationId"].as_str())
+        .collect();
+    assert_eq!(links.len(), 5);
+    for (name, link) in links {
+        assert!(operation_ids.contains(link["operationId"].as_str().unwrap()), "link {name}");
+        assert_eq!(link["parameters"]["id"], "$response.body#/data/id");
+    }
+}
+
+#[tokio::test]
 async fn a_tunnel_cannot_claim_the_sites_own_addresses() {
     let api = Api::with(ApiSettings {
         host_addresses: vec!["192.168.7.1".parse().unwrap(), "fd00:7::1".parse().unwrap()],
@@ -792,7 +1144,8 @@ async fn a_tunnel_cannot_claim_the_sites_own_addresses() {
         let mut body = new_gateway("claim", cidr);
         body["local_network_cidr"] = json!("172.16.0.0/24");
         let r = api.create(body).await;
-        assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        let (status, code) = refusal_for(says);
+        assert_error(&r, status, code);
         assert_eq!(r.body["error"]["field"], "remote_network_cidr", "{cidr}");
         assert!(r.text.contains(says), "{cidr}: {}", r.text);
     }
@@ -801,11 +1154,12 @@ async fn a_tunnel_cannot_claim_the_sites_own_addresses() {
     let r = api.create(new_gateway("fine", "10.60.0.0/16")).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let id = r.body["data"]["id"].as_str().unwrap().to_owned();
-    for cidr in ["10.50.0.7/32", "192.168.7.0/24", "0.0.0.0/0"] {
+    for (cidr, says) in [("10.50.0.7/32", "site_cidr"), ("192.168.7.0/24", "gateway host"), ("0.0.0.0/0", "default")] {
         let r = api
             .call(Method::PATCH, &format!("/api/v1/vpn-gateways/{id}"), Some(json!({"remote_network_cidr": cidr})))
             .await;
-        assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        let (status, code) = refusal_for(says);
+        assert_error(&r, status, code);
         assert_eq!(r.body["error"]["field"], "remote_network_cidr", "{cidr}");
     }
     assert_eq!(api.plane.tunnel(&id).unwrap().allowed_ips, vec!["10.60.0.0/16".parse().unwrap()]);
@@ -908,12 +1262,7 @@ async fn firewall_and_network_errors_name_the_field() {
         ("firewall", json!([rule(json!({"protocol": "any", "port": "80"}))]), "firewall[0].port", "no ports"),
         ("firewall", json!([rule(json!({"source": "10.1.0.1/16"}))]), "firewall[0].source", "10.1.0.0/16"),
         ("firewall", json!([rule(json!({"destination": "10.50.0.0"}))]), "firewall[0].destination", "CIDR"),
-        (
-            "firewall",
-            json!([rule(json!({"source": "10.0.0.0/8", "destination": "fd50::/64"}))]),
-            "firewall[0].destination",
-            "IP versions",
-        ),
+        ("firewall", json!([rule(json!({"name": " \u{3000} "}))]), "firewall[0].name", "white space"),
         ("firewall", json!([rule(json!({"action": "reject"}))]), "firewall[0].action", "allow or deny"),
         ("firewall", json!(too_many_rules), "firewall", "at most 256"),
         ("firewall_default", json!("block"), "firewall_default", "allow or deny"),
@@ -967,7 +1316,8 @@ async fn firewall_and_network_errors_name_the_field() {
         let mut body = new_gateway("valid-name", "10.7.0.0/16");
         body[field] = value.clone();
         let r = api.create(body).await;
-        assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        let (status, code) = refusal_for(needle);
+        assert_error(&r, status, code);
         let msg = r.body["error"]["message"].as_str().unwrap();
         assert_eq!(r.body["error"]["field"], expected_field, "{field}={value}: {msg}");
         assert!(msg.contains(needle), "{field}={value}: `{msg}` lacks `{needle}`");
@@ -997,19 +1347,29 @@ async fn firewall_and_network_errors_name_the_field() {
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     // PATCH: the same checks; a local network overlapping a remote one names the local one.
     let id = id_of(&r);
-    for (patch, expected_field) in [
-        (json!({"firewall": [rule(json!({})), rule(json!({"protocol": "icmp", "port": "7"}))]}), "firewall[1].port"),
-        (json!({"firewall_default": "Allow"}), "firewall_default"),
+    for (patch, expected_field, says) in [
+        (
+            json!({"firewall": [rule(json!({})), rule(json!({"protocol": "icmp", "port": "7"}))]}),
+            "firewall[1].port",
+            "no ports",
+        ),
+        (json!({"firewall_default": "Allow"}), "firewall_default", "allow or deny"),
         (
             json!({"additional_local_network_cidrs": ["10.60.0.0/24", "10.8.1.0/24"]}),
             "additional_local_network_cidrs[1]",
+            "overlaps",
         ),
-        (json!({"additional_remote_network_cidrs": ["10.8.0.0/24"]}), "additional_remote_network_cidrs[0]"),
-        (json!({"remote_network_cidr": "10.200.5.0/24"}), "remote_network_cidr"),
-        (json!({"additional_remote_network_cidrs": ["192.168.7.0/24"]}), "additional_remote_network_cidrs[0]"),
+        (json!({"additional_remote_network_cidrs": ["10.8.0.0/24"]}), "additional_remote_network_cidrs[0]", "overlaps"),
+        (json!({"remote_network_cidr": "10.200.5.0/24"}), "remote_network_cidr", "overlaps"),
+        (
+            json!({"additional_remote_network_cidrs": ["192.168.7.0/24"]}),
+            "additional_remote_network_cidrs[0]",
+            "gateway host",
+        ),
     ] {
         let r = api.call(Method::PATCH, &gateway_uri(&id), Some(patch.clone())).await;
-        assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        let (status, code) = refusal_for(says);
+        assert_error(&r, status, code);
         assert_eq!(r.body["error"]["field"], expected_field, "{patch}: {}", r.text);
     }
     assert_eq!(api.plane.tunnel(&id).unwrap().policy.rules.len(), 256, "a refused change changes nothing");
@@ -1059,7 +1419,7 @@ async fn remote_networks_may_not_overlap_across_gateways() {
     let r = api
         .call(Method::PATCH, &gateway_uri(&a), Some(json!({"additional_remote_network_cidrs": ["10.10.0.0/16"]})))
         .await;
-    assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
     let r = api
         .call(
             Method::PATCH,
@@ -1192,12 +1552,18 @@ async fn openapi_documents_the_firewall() {
     for says in ["in order", "first rule that matches", "replies to connections", "that one address", "10.50.0.1/32"] {
         assert!(description.contains(says), "`{description}` lacks `{says}`");
     }
-    assert_eq!(schemas["FirewallProtocol"]["enum"], json!(["tcp", "udp", "icmp", "any"]));
     assert_eq!(schemas["FirewallAction"]["enum"], json!(["allow", "deny"]));
-    let rule = &schemas["FirewallRuleText"];
-    assert_eq!(rule["required"], json!(["name", "protocol"]));
-    assert_eq!(rule["properties"]["name"]["maxLength"], wgxdp_dataplane::policy::MAX_RULE_NAME);
-    assert!(rule["properties"]["port"]["pattern"].is_string());
+    // Two shapes: ports on tcp/udp rules only (icmp/any: none but the full range).
+    let shapes = schemas["FirewallRuleText"]["anyOf"].as_array().unwrap();
+    let protocols: Vec<_> = shapes.iter().map(|s| s["properties"]["protocol"]["enum"].clone()).collect();
+    assert_eq!(protocols, vec![json!(["tcp", "udp"]), json!(["icmp", "any"])]);
+    for shape in shapes {
+        assert_eq!(shape["required"], json!(["name", "protocol"]));
+        assert_eq!(shape["additionalProperties"], json!(false));
+    }
+    assert_eq!(shapes[1]["properties"]["port"]["allOf"][0]["enum"], json!(["1-65535"]));
+    assert_eq!(schemas["RuleName"]["maxLength"], wgxdp_dataplane::policy::MAX_RULE_NAME);
+    assert_eq!(schemas["PortRange"]["format"], "port-range");
     let view = &schemas["GatewayView"]["required"];
     for field in ["additional_remote_network_cidrs", "additional_local_network_cidrs", "firewall", "firewall_default"] {
         assert!(view.as_array().unwrap().contains(&json!(field)), "GatewayView always has {field}");

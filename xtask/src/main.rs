@@ -160,6 +160,7 @@ fn test(extra: &[String]) -> Result<()> {
     cmd.current_dir(root())
         .env("WGXDP_PACKAGE", &deb)
         .env("WGXDP_REQUIRE_PACKAGE", "1")
+        .env("WGXDP_SCHEMATHESIS", setup::schemathesis_path())
         .args(["test", "--workspace", "--all-targets"])
         .args(extra);
     run(&mut cmd)?;

@@ -47,6 +47,7 @@ pub fn install_all() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    api_fuzzer()?;
     println!("== setup complete");
     Ok(())
 }
@@ -104,6 +105,44 @@ fn bpf_linker() -> Result<()> {
         "--features",
         "llvm-22",
     ]))
+}
+
+/// The property-based API fuzzer the test suite runs against a real `serve`
+/// (Schemathesis from PyPI), pinned, in its own virtual environment.
+pub const SCHEMATHESIS_VERSION: &str = "4.32.5";
+
+/// Where `api_fuzzer` installs Schemathesis; the tests get it as `WGXDP_SCHEMATHESIS`.
+pub fn schemathesis_path() -> std::path::PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    std::path::Path::new(&home)
+        .join(format!(".cache/wgxdp/schemathesis-{SCHEMATHESIS_VERSION}"))
+        .join("bin/schemathesis")
+}
+
+fn api_fuzzer() -> Result<()> {
+    let st = schemathesis_path();
+    if stdout(Command::new(&st).arg("--version")).contains(SCHEMATHESIS_VERSION) {
+        println!("   schemathesis {SCHEMATHESIS_VERSION} present");
+        return Ok(());
+    }
+    let venv = st.parent().and_then(|p| p.parent()).context("the fuzzer's path has a virtual environment")?;
+    println!("   pip: installing schemathesis {SCHEMATHESIS_VERSION} into {} (half a minute, once)", venv.display());
+    if !succeeds(Command::new("python3").args(["-m", "venv", "--clear"]).arg(venv)) {
+        // Debian's python3 ships venv separately.
+        run(Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "python3-venv",
+        ]))
+        .context("apt-get install python3-venv")?;
+        run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(venv)).context("python3 -m venv")?;
+    }
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .arg(format!("schemathesis=={SCHEMATHESIS_VERSION}")))
+    .context("pip install schemathesis")
 }
 
 /// What only `bench-e2e` needs: boringtun, the third gateway it measures.

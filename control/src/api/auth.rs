@@ -3,8 +3,10 @@
 //! every response carries `X-RateLimit-Limit/Remaining/Reset` (Reset: seconds
 //! until the window starts over), a 429 also `Retry-After`.
 
+use super::audit;
 use super::error::ApiError;
 use super::AppState;
+use crate::store::Scope;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
@@ -194,8 +196,11 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Middleware: limit failed authentications per source (before the store is
-/// consulted), authenticate, then rate-limit per key, then run the handler.
-pub async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+/// consulted), authenticate, rate-limit per key, refuse a write by a
+/// read-only key (403), then run the handler with the `Caller` in the
+/// request's extensions. Every mutation the limit let through goes to the
+/// audit log with its outcome.
+pub async fn require_api_key(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let src = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     if let Err(retry) = state.auth_failures.check(src, Instant::now()) {
         return ApiError::rate_limited(retry).into_response();
@@ -205,8 +210,8 @@ pub async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, n
         return ApiError::unauthorized("missing `Authorization: Bearer <api key>` header").into_response();
     };
     let store = state.store.clone();
-    let key_id = match tokio::task::spawn_blocking(move || store.verify_api_key(&token)).await {
-        Ok(Ok(Some(id))) => id,
+    let caller = match tokio::task::spawn_blocking(move || store.verify_api_key(&token)).await {
+        Ok(Ok(Some(caller))) => caller,
         Ok(Ok(None)) => {
             state.auth_failures.record_failure(src, Instant::now());
             return ApiError::unauthorized("invalid API key").into_response();
@@ -218,8 +223,35 @@ pub async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, n
         Method::GET | Method::HEAD | Method::OPTIONS => RequestClass::Read,
         _ => RequestClass::Mutation,
     };
-    let d = state.limiter.check(&key_id, class, Instant::now());
-    let mut resp = if d.allowed { next.run(req).await } else { ApiError::rate_limited(d.reset_secs).into_response() };
+    let d = state.limiter.check(&caller.key_id, class, Instant::now());
+    let mut resp = if !d.allowed {
+        // Refused before anything ran, and bounded by nothing the key
+        // controls: not audited (the limit bounds what is).
+        ApiError::rate_limited(d.reset_secs).into_response()
+    } else if class == RequestClass::Read {
+        req.extensions_mut().insert(caller);
+        next.run(req).await
+    } else {
+        // A mutation runs to its end in a task of its own, and is audited
+        // there: a client that disconnects cannot leave a change half
+        // answered (its idempotency record unwritten) or unaudited.
+        let audited = audit::Request::of(&req, &caller);
+        let state = state.clone();
+        let running = state.mutation_started();
+        let task = tokio::spawn(async move {
+            let _running = running;
+            let resp = if caller.scope == Scope::Admin {
+                req.extensions_mut().insert(caller);
+                next.run(req).await
+            } else {
+                ApiError::forbidden("this API key may only read (scope `read`); writes need an `admin` key")
+                    .into_response()
+            };
+            audit::record(&state, audited.answered(&resp)).await;
+            resp
+        });
+        task.await.unwrap_or_else(|e| ApiError::internal(e).into_response())
+    };
     let h = resp.headers_mut();
     h.insert("x-ratelimit-limit", HeaderValue::from(d.limit));
     h.insert("x-ratelimit-remaining", HeaderValue::from(d.remaining));

@@ -4,6 +4,7 @@
 //! run them through `AppState::mutate`: one at a time (check-then-write stays
 //! atomic), off the async runtime (they block on the store and the data plane).
 
+use super::conditional::check_if_match;
 use super::error::ApiError;
 use super::model::{overlaps, tunnel_of, NewGateway, UpdateGateway};
 use super::networks::{find_overlap, validate_remote_vs_site, GatewayNetworks, Network, ADDITIONAL_REMOTE, REMOTE};
@@ -141,7 +142,8 @@ pub fn create(s: &AppState, new: NewGateway) -> Result<GatewayRecord, ApiError> 
         }
         return Err(ApiError::unavailable(format!("the data plane refused the tunnel: {e}")));
     }
-    if let Err(e) = write_retrying(&record.id, || s.store.set_status(&record.id, Status::Active)) {
+    let active_at = now_millis();
+    if let Err(e) = write_retrying(&record.id, || s.store.set_status_at(&record.id, Status::Active, active_at)) {
         // The tunnel runs but the store cannot say so: take it back out, so
         // that the record (`creating`, or gone) and the data plane agree.
         match s.plane.remove(&record.id) {
@@ -158,17 +160,24 @@ pub fn create(s: &AppState, new: NewGateway) -> Result<GatewayRecord, ApiError> 
         return Err(store_unavailable(e));
     }
     record.status = Status::Active;
+    record.updated_at = active_at;
     tracing::info!(id = %record.id, name = %record.name, "VPN gateway created");
     Ok(record)
 }
 
 /// Validates `body` against gateway `id`, stores the result and changes the
-/// running tunnel in place; returns the new record.
-pub fn update(s: &AppState, id: &str, body: UpdateGateway) -> Result<GatewayRecord, ApiError> {
+/// running tunnel in place; returns the new record. `if_match`: the client's
+/// `If-Match`, checked against the stored gateway first.
+pub fn update(s: &AppState, id: &str, body: UpdateGateway, if_match: Option<&str>) -> Result<GatewayRecord, ApiError> {
     let old = existing(&s.store, id)?;
+    // The precondition first (RFC 9110 13.2.2): a stale tag is a 412 whatever
+    // else the change would meet.
+    check_if_match(if_match, &old)?;
     let (mut new, remote) = check_update(s, &old, body)?;
     check_conflicts(s, &remote, None, Some(id))?;
-    new.updated_at = now_millis();
+    // Every change a new stamp (the ETag's), even two in one millisecond or
+    // after the clock stepped back.
+    new.updated_at = now_millis().max(old.updated_at + 1);
     s.store.save(&new)?;
     let tunnel = tunnel_of(&new).map_err(ApiError::internal)?;
     if let Err(e) = s.plane.apply(id, &tunnel) {
@@ -187,25 +196,30 @@ pub fn update(s: &AppState, id: &str, body: UpdateGateway) -> Result<GatewayReco
 }
 
 /// Stops gateway `id`'s tunnel; the record stays, `deleted`. Returns it.
-pub fn delete(s: &AppState, id: &str) -> Result<GatewayRecord, ApiError> {
+/// `if_match` as for `update`.
+pub fn delete(s: &AppState, id: &str, if_match: Option<&str>) -> Result<GatewayRecord, ApiError> {
     let mut g = existing(&s.store, id)?;
+    check_if_match(if_match, &g)?;
     refuse_transient(&g)?;
     s.store.set_status(id, Status::Deleting)?;
     if let Err(e) = s.plane.remove(id) {
         // The tunnel still runs: so is the gateway.
-        if let Err(se) = write_retrying(id, || s.store.set_status(id, Status::Active)) {
+        // Back as it was, stamp included: its ETag holds again.
+        if let Err(se) = write_retrying(id, || s.store.set_status_at(id, Status::Active, g.updated_at)) {
             // Left `deleting` with its tunnel: the next start finishes the removal.
             tracing::error!(id = %id, error = %se, "cannot restore a gateway whose removal failed");
         }
         return Err(ApiError::unavailable(format!("the data plane could not remove the tunnel: {e}")));
     }
-    if let Err(e) = write_retrying(id, || s.store.set_status(id, Status::Deleted)) {
+    // The stamp the answer (and its ETag) carries is the one stored.
+    let deleted_at = now_millis().max(g.updated_at + 1);
+    if let Err(e) = write_retrying(id, || s.store.set_status_at(id, Status::Deleted, deleted_at)) {
         // The tunnel is gone and the record says `deleting`, which the
         // next start completes; the client may not assume it is done.
         return Err(store_unavailable(e));
     }
     g.status = Status::Deleted;
-    g.updated_at = now_millis();
+    g.updated_at = deleted_at;
     tracing::info!(id = %id, "VPN gateway deleted");
     Ok(g)
 }

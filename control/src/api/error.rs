@@ -6,6 +6,10 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+/// The `error.code` of an error answer, kept in the response's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -28,6 +32,10 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
     pub fn not_found(id: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", format!("VPN gateway {id} not found"))
     }
@@ -38,6 +46,24 @@ impl ApiError {
 
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    /// 409 naming the field whose value clashes with something else: another
+    /// network of the request or the gateway, this site, another gateway.
+    pub fn conflict_at(field: &str, message: impl Into<String>) -> Self {
+        Self { field: Some(field.to_owned()), ..Self::conflict(message) }
+    }
+
+    pub fn idempotency_key_reused() -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different request (method, path or body) in the last 24 hours",
+        )
+    }
+
+    pub fn precondition_failed(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PRECONDITION_FAILED, "precondition_failed", message)
     }
 
     pub fn validation(field: &str, message: impl Into<String>) -> Self {
@@ -92,6 +118,8 @@ impl IntoResponse for ApiError {
         let body =
             ErrorEnvelope { error: ErrorBody { code: self.code.into(), message: self.message, field: self.field } };
         let mut resp = (self.status, Json(body)).into_response();
+        // For the audit log, which sees the answer but not its body.
+        resp.extensions_mut().insert(ErrorCode(self.code));
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

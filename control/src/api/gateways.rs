@@ -3,6 +3,7 @@
 //! acknowledged only once the store holds it and the data plane runs it.
 
 use super::changes;
+use super::conditional::etag;
 use super::error::ApiError;
 use super::extract::{ApiQuery, JsonBody};
 use super::model::{
@@ -13,7 +14,7 @@ use super::AppState;
 use crate::plane::TunnelStatus;
 use crate::store::{GatewayRecord, ListQuery, SortField, SortKey, Status};
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
@@ -36,6 +37,18 @@ fn live_statuses(state: &AppState, records: &[GatewayRecord]) -> Vec<Option<Tunn
     records.iter().zip(live).map(|(g, s)| s.filter(|_| g.status != Status::Deleted)).collect()
 }
 
+/// A gateway's answer: its view and, in an `ETag` header, its entity tag.
+type Tagged = ([(header::HeaderName, String); 1], Json<GatewayEnvelope>);
+
+fn tagged(state: &AppState, g: &GatewayRecord, reveal_psk: bool) -> Tagged {
+    ([(header::ETAG, etag(g))], Json(envelope(state, g, reveal_psk)))
+}
+
+/// The `If-Match` header's value (one that is not text matches nothing).
+fn if_match(headers: &HeaderMap) -> Option<String> {
+    headers.get(header::IF_MATCH).map(|v| v.to_str().unwrap_or("\u{0}").to_owned())
+}
+
 fn envelope(state: &AppState, g: &GatewayRecord, reveal_psk: bool) -> GatewayEnvelope {
     let live = live_statuses(state, std::slice::from_ref(g)).pop().flatten();
     GatewayEnvelope {
@@ -48,24 +61,46 @@ fn envelope(state: &AppState, g: &GatewayRecord, reveal_psk: bool) -> GatewayEnv
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
-    /// Opaque cursor from the previous page's `meta.next_cursor`.
+    /// Opaque cursor from the previous page's `meta.next_cursor`, passed
+    /// with the same `status`, `sort` and `order` (400 otherwise).
     pub cursor: Option<String>,
-    /// Results per page, 1-100 (default 50).
-    pub limit: Option<String>,
-    /// creating | active | deleting | deleted (default: all but deleted)
-    pub status: Option<String>,
-    /// name | created_at (default created_at)
-    pub sort: Option<String>,
-    /// asc | desc (default asc)
-    pub order: Option<String>,
+    /// Results per page (default 50).
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<u32>,
+    /// Only gateways in this state (default: all but deleted).
+    #[param(inline)]
+    pub status: Option<Status>,
+    /// Default `created_at`.
+    #[param(inline)]
+    pub sort: Option<ListSort>,
+    /// Default `asc`.
+    #[param(inline)]
+    pub order: Option<ListOrder>,
+}
+
+/// What a listing is sorted by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ListSort {
+    Name,
+    #[default]
+    CreatedAt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ListOrder {
+    #[default]
+    Asc,
+    Desc,
 }
 
 /// What a cursor remembers: the query it belongs to and where the page ended.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct Cursor {
-    sort: String,
-    order: String,
-    status: Option<String>,
+    sort: ListSort,
+    order: ListOrder,
+    status: Option<Status>,
     key: SortKey,
     seq: i64,
 }
@@ -85,62 +120,46 @@ impl Cursor {
 /// List VPN gateways.
 #[utoipa::path(get, path = "/api/v1/vpn-gateways", tag = "vpn-gateways", params(ListParams),
     security(("bearer" = [])),
-    responses((status = 200, body = GatewayListEnvelope), (status = 400, body = ErrorEnvelope),
-        (status = 401, body = ErrorEnvelope), (status = 429, body = ErrorEnvelope)))]
+    responses((status = 200, body = GatewayListEnvelope)))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
     ApiQuery(p): ApiQuery<ListParams>,
 ) -> Result<Json<GatewayListEnvelope>, ApiError> {
-    let limit = match p.limit.as_deref() {
+    let limit = match p.limit {
         None => 50,
-        Some(s) => match s.parse::<usize>() {
-            Ok(n) if (1..=100).contains(&n) => n,
-            _ => return Err(ApiError::bad_request(format!("limit must be an integer from 1 to 100 (got `{s}`)"))),
-        },
+        Some(n @ 1..=100) => n as usize,
+        Some(n) => return Err(ApiError::bad_request(format!("limit must be an integer from 1 to 100 (got {n})"))),
     };
-    let status = match p.status.as_deref() {
-        None => None,
-        Some(s) => Some(Status::parse(s).ok_or_else(|| {
-            ApiError::bad_request(format!("status must be creating, active, deleting or deleted (got `{s}`)"))
-        })?),
+    let (sort, order, status) = (p.sort.unwrap_or_default(), p.order.unwrap_or_default(), p.status);
+    let field = match sort {
+        ListSort::Name => SortField::Name,
+        ListSort::CreatedAt => SortField::CreatedAt,
     };
-    let sort_name = p.sort.unwrap_or_else(|| "created_at".into());
-    let sort = match sort_name.as_str() {
-        "name" => SortField::Name,
-        "created_at" => SortField::CreatedAt,
-        other => return Err(ApiError::bad_request(format!("sort must be name or created_at (got `{other}`)"))),
-    };
-    let order = p.order.unwrap_or_else(|| "asc".into());
-    if order != "asc" && order != "desc" {
-        return Err(ApiError::bad_request(format!("order must be asc or desc (got `{order}`)")));
-    }
     let after = match p.cursor.as_deref() {
         None => None,
         Some(c) => {
             let c = Cursor::decode(c).ok_or_else(|| ApiError::bad_request("cursor is not valid"))?;
             let key_matches = matches!(
                 (&c.key, sort),
-                (SortKey::Name(_), SortField::Name) | (SortKey::CreatedAt(_), SortField::CreatedAt)
+                (SortKey::Name(_), ListSort::Name) | (SortKey::CreatedAt(_), ListSort::CreatedAt)
             );
-            if c.sort != sort_name || c.order != order || c.status != p.status || !key_matches {
+            if c.sort != sort || c.order != order || c.status != status || !key_matches {
                 return Err(ApiError::bad_request("cursor belongs to a different query (sort, order or status)"));
             }
             Some((c.key, c.seq))
         }
     };
-    let query = ListQuery { status, sort, descending: order == "desc", after, limit: limit + 1 };
-    let status_param = p.status.clone();
+    let query = ListQuery { status, sort: field, descending: order == ListOrder::Desc, after, limit: limit + 1 };
     blocking(&state, move |s| {
         let mut rows = s.store.list(&query)?;
         let more = rows.len() > limit;
         rows.truncate(limit);
         let next_cursor = more.then(|| rows.last()).flatten().map(|g| {
             let key = match sort {
-                SortField::Name => SortKey::Name(g.name.clone()),
-                SortField::CreatedAt => SortKey::CreatedAt(g.created_at),
+                ListSort::Name => SortKey::Name(g.name.clone()),
+                ListSort::CreatedAt => SortKey::CreatedAt(g.created_at),
             };
-            Cursor { sort: sort_name.clone(), order: order.clone(), status: status_param.clone(), key, seq: g.seq }
-                .encode()
+            Cursor { sort, order, status, key, seq: g.seq }.encode()
         });
         let local = s.local_side();
         let live = live_statuses(s, &rows);
@@ -155,68 +174,69 @@ pub async fn list(
 /// pre-shared key is in this response and never again.
 #[utoipa::path(post, path = "/api/v1/vpn-gateways", tag = "vpn-gateways", request_body = CreateGateway,
     security(("bearer" = [])),
-    responses((status = 201, body = GatewayEnvelope), (status = 400, body = ErrorEnvelope),
-        (status = 401, body = ErrorEnvelope), (status = 409, body = ErrorEnvelope),
-        (status = 413, body = ErrorEnvelope), (status = 422, body = ErrorEnvelope),
-        (status = 429, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
+    responses((status = 201, body = GatewayEnvelope, headers(("Location" = String, description = "The new gateway's URL"),
+            ("ETag" = String, description = "The gateway configuration's entity tag, for `If-Match`"))),
+        (status = 409, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
 pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
     let new = parse_create(&body, state.settings.site_cidr.as_deref(), &state.plane.public_key())?;
-    let env = state
-        .mutate(move |s| Ok::<_, ApiError>(envelope(s, &changes::create(s, new)?, true)))
+    let (tag, env) = state
+        .mutate(move |s| Ok::<_, ApiError>(tagged(s, &changes::create(s, new)?, true)))
         .await
         .map_err(ApiError::internal)??;
     let location = format!("/api/v1/vpn-gateways/{}", env.data.id);
-    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(env)).into_response())
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], tag, env).into_response())
 }
 
 /// Get a VPN gateway.
 #[utoipa::path(get, path = "/api/v1/vpn-gateways/{id}", tag = "vpn-gateways", params(("id" = String, Path, description = "Gateway id, e.g. vpn_abc123")),
     security(("bearer" = [])),
-    responses((status = 200, body = GatewayEnvelope), (status = 401, body = ErrorEnvelope),
-        (status = 404, body = ErrorEnvelope)))]
-pub async fn get_one(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-) -> Result<Json<GatewayEnvelope>, ApiError> {
-    blocking(&state, move |s| Ok(Json(envelope(s, &changes::existing(&s.store, &id)?, false)))).await
+    responses((status = 200, body = GatewayEnvelope, headers(("ETag" = String, description = "The gateway configuration's entity tag, for `If-Match`"))), (status = 404, body = ErrorEnvelope)))]
+pub async fn get_one(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Tagged, ApiError> {
+    blocking(&state, move |s| Ok(tagged(s, &changes::existing(&s.store, &id)?, false))).await
 }
 
 /// Update a VPN gateway; the running tunnel follows without a restart.
-#[utoipa::path(patch, path = "/api/v1/vpn-gateways/{id}", tag = "vpn-gateways", params(("id" = String, Path, description = "Gateway id, e.g. vpn_abc123")),
+#[utoipa::path(patch, path = "/api/v1/vpn-gateways/{id}", tag = "vpn-gateways", params(("id" = String, Path, description = "Gateway id, e.g. vpn_abc123"),
+        ("If-Match" = Option<String>, Header, description = "Only if the gateway's entity tag (`ETag`) is one of these, or `*`; 412 otherwise")),
     request_body = UpdateGateway, security(("bearer" = [])),
-    responses((status = 200, body = GatewayEnvelope), (status = 400, body = ErrorEnvelope),
-        (status = 401, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
-        (status = 409, body = ErrorEnvelope), (status = 422, body = ErrorEnvelope),
-        (status = 429, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
+    responses((status = 200, body = GatewayEnvelope, headers(("ETag" = String, description = "The gateway configuration's entity tag, for `If-Match`"))),
+        (status = 404, body = ErrorEnvelope), (status = 412, body = ErrorEnvelope),
+        (status = 409, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
 pub async fn update(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody,
-) -> Result<Json<GatewayEnvelope>, ApiError> {
+) -> Result<Tagged, ApiError> {
     let body = UpdateGateway::from_json(&body)?;
-    let updated = state.mutate(move |s| Ok::<_, ApiError>(envelope(s, &changes::update(s, &id, body)?, false)));
-    Ok(Json(updated.await.map_err(ApiError::internal)??))
+    let if_match = if_match(&headers);
+    let updated = state
+        .mutate(move |s| Ok::<_, ApiError>(tagged(s, &changes::update(s, &id, body, if_match.as_deref())?, false)));
+    updated.await.map_err(ApiError::internal)?
 }
 
 /// Delete a VPN gateway: its tunnel stops; the record stays listable as `deleted`.
-#[utoipa::path(delete, path = "/api/v1/vpn-gateways/{id}", tag = "vpn-gateways", params(("id" = String, Path, description = "Gateway id, e.g. vpn_abc123")),
+#[utoipa::path(delete, path = "/api/v1/vpn-gateways/{id}", tag = "vpn-gateways", params(("id" = String, Path, description = "Gateway id, e.g. vpn_abc123"),
+        ("If-Match" = Option<String>, Header, description = "Only if the gateway's entity tag (`ETag`) is one of these, or `*`; 412 otherwise")),
     security(("bearer" = [])),
-    responses((status = 200, body = GatewayEnvelope), (status = 401, body = ErrorEnvelope),
-        (status = 404, body = ErrorEnvelope), (status = 409, body = ErrorEnvelope),
-        (status = 429, body = ErrorEnvelope)))]
+    responses((status = 200, body = GatewayEnvelope, headers(("ETag" = String, description = "The gateway configuration's entity tag, for `If-Match`"))),
+        (status = 404, body = ErrorEnvelope), (status = 412, body = ErrorEnvelope),
+        (status = 409, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<GatewayEnvelope>, ApiError> {
-    let deleted = state.mutate(move |s| Ok::<_, ApiError>(envelope(s, &changes::delete(s, &id)?, false)));
-    Ok(Json(deleted.await.map_err(ApiError::internal)??))
+    headers: HeaderMap,
+) -> Result<Tagged, ApiError> {
+    let if_match = if_match(&headers);
+    let deleted =
+        state.mutate(move |s| Ok::<_, ApiError>(tagged(s, &changes::delete(s, &id, if_match.as_deref())?, false)));
+    deleted.await.map_err(ApiError::internal)?
 }
 
 /// Live tunnel status from the data plane.
 #[utoipa::path(get, path = "/api/v1/vpn-gateways/{id}/status", tag = "vpn-gateways", params(("id" = String, Path, description = "Gateway id, e.g. vpn_abc123")),
     security(("bearer" = [])),
-    responses((status = 200, body = StatusEnvelope), (status = 401, body = ErrorEnvelope),
-        (status = 404, body = ErrorEnvelope)))]
+    responses((status = 200, body = StatusEnvelope), (status = 404, body = ErrorEnvelope)))]
 pub async fn status(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -232,8 +252,8 @@ pub async fn status(
 /// A wg-quick configuration for the remote site (text/plain).
 #[utoipa::path(get, path = "/api/v1/vpn-gateways/{id}/config", tag = "vpn-gateways", params(("id" = String, Path, description = "Gateway id, e.g. vpn_abc123")),
     security(("bearer" = [])),
-    responses((status = 200, content_type = "text/plain", body = String), (status = 401, body = ErrorEnvelope),
-        (status = 404, body = ErrorEnvelope), (status = 409, body = ErrorEnvelope)))]
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorEnvelope),
+        (status = 409, body = ErrorEnvelope)))]
 pub async fn config(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     blocking(&state, move |s| {
         let g = changes::existing(&s.store, &id)?;

@@ -2,11 +2,15 @@
 //! configs, plus `/health`, `/ready`, `/metrics` and the OpenAPI document.
 //! `app(state)` builds the whole router so tests can drive it with `oneshot`.
 
+pub mod audit;
 pub mod auth;
 pub mod changes;
+pub mod conditional;
 pub mod error;
 pub mod extract;
+pub mod formats;
 pub mod gateways;
+pub mod idempotency;
 pub mod model;
 pub mod networks;
 pub mod openapi;
@@ -78,6 +82,11 @@ pub struct AppState {
     pub limiter: RateLimiter,
     /// Failed authentications per source address.
     pub auth_failures: SourceLimiter,
+    /// Requests with an `Idempotency-Key` run one at a time (`idempotency`).
+    idempotent_requests: tokio::sync::Mutex<()>,
+    /// Held by every mutation's task (`auth::require_api_key`): `drain`
+    /// waits until none is left.
+    mutations_in_flight: Arc<()>,
     /// Serializes mutations (the API's and the `wg` socket's): check-then-write
     /// and the data plane stay in step. Taken through `mutate`.
     mutations: Arc<tokio::sync::Mutex<()>>,
@@ -93,7 +102,16 @@ impl AppState {
     pub fn new(store: Arc<Store>, plane: Arc<dyn DataPlane>, settings: ApiSettings) -> Arc<Self> {
         let limiter = RateLimiter::new(settings.mutations_per_minute, settings.reads_per_minute);
         let auth_failures = SourceLimiter::new(settings.auth_failures_per_minute, auth::SOURCE_TABLE_CAPACITY);
-        Arc::new(Self { store, plane, settings, limiter, auth_failures, mutations: Arc::default() })
+        Arc::new(Self {
+            store,
+            plane,
+            settings,
+            limiter,
+            auth_failures,
+            idempotent_requests: tokio::sync::Mutex::new(()),
+            mutations_in_flight: Arc::new(()),
+            mutations: Arc::default(),
+        })
     }
 
     /// Runs `f` off the async runtime under the mutation lock, which it holds
@@ -112,6 +130,25 @@ impl AppState {
         .await
     }
 
+    /// A token a mutation's task holds while it runs.
+    pub fn mutation_started(&self) -> Arc<()> {
+        self.mutations_in_flight.clone()
+    }
+
+    /// After the server stopped: waits (at most `limit`) for mutations whose
+    /// clients went away, so that each finishes with its idempotency answer
+    /// and audit entry written. Returns how many were still running.
+    pub async fn drain(&self, limit: std::time::Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let running = Arc::strong_count(&self.mutations_in_flight) - 1;
+            if running == 0 || tokio::time::Instant::now() >= deadline {
+                return running;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn local_side(&self) -> LocalSide {
         LocalSide {
             ip: self.settings.public_address.clone(),
@@ -127,6 +164,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/vpn-gateways/:id", get(gateways::get_one).patch(gateways::update).delete(gateways::delete))
         .route("/vpn-gateways/:id/status", get(gateways::status))
         .route("/vpn-gateways/:id/config", get(gateways::config))
+        .route("/audit-log", get(audit::list))
+        // Inside authentication (the idempotency layer needs the caller).
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::idempotent))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     let mut router = Router::new()
         .nest("/api/v1", v1)

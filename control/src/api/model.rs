@@ -23,46 +23,51 @@ pub const UP_WITHIN: Duration = Duration::from_secs(180);
 /// What a masked secret reads as after creation.
 pub const MASK: &str = "********";
 
-/// `POST /api/v1/vpn-gateways`. Every field is optional here so that a
-/// missing one is reported as a 422 naming it.
+/// `POST /api/v1/vpn-gateways`. Every field is an `Option` here so that a
+/// missing one is reported as a 422 naming it; the document says which are
+/// required. `null` is the same as leaving a field out.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateGateway {
-    /// Gateway name (2-40 characters).
-    #[schema(example = "site-a-vpn")]
+    #[schema(value_type = GatewayName, required = true)]
     pub name: Option<String>,
-    /// Region identifier (letters, digits, `-`).
-    #[schema(example = "us-east")]
+    #[schema(value_type = Region, required = true)]
     pub region: Option<String>,
-    /// Only `wireguard` is supported.
-    #[schema(example = "wireguard")]
+    #[schema(value_type = TunnelType, required = true)]
     pub tunnel_type: Option<String>,
     /// The remote site's network, routed into the tunnel.
-    #[schema(example = "10.0.0.0/16")]
+    #[schema(value_type = RemoteNetwork, required = true)]
     pub remote_network_cidr: Option<String>,
     /// Public IP of the remote WireGuard peer.
-    #[schema(example = "203.0.113.200")]
+    #[schema(value_type = PeerAddress, required = true)]
     pub remote_peer_ip: Option<String>,
-    /// The remote peer's WireGuard public key (base64).
+    /// The remote peer's WireGuard public key; not this gateway's own key
+    /// (409), nor one another gateway or a configuration-file peer uses (409).
+    #[schema(value_type = WireguardKey, required = true)]
     pub remote_public_key: Option<String>,
-    /// The remote peer's UDP port (default 51820).
+    /// The remote peer's UDP port (absent or null: 51820).
+    #[schema(minimum = 1, maximum = 65535)]
     pub remote_peer_port: Option<u16>,
-    /// Pre-shared key (base64, 32 bytes); generated when omitted.
-    #[schema(value_type = Option<String>)]
+    /// Pre-shared key; generated when absent or null.
+    #[schema(value_type = Option<WireguardKey>)]
     pub pre_shared_key: Option<SecretString>,
-    /// This site's network (defaults to the configured site CIDR).
+    /// This site's network (absent or null: the configured `[api] site_cidr`;
+    /// required, and so listed, when none is configured).
+    #[schema(value_type = Option<LocalNetwork>)]
     pub local_network_cidr: Option<String>,
-    /// Seconds between keepalives (0 or absent: off).
+    /// Seconds between keepalives (0, absent or null: off).
+    #[schema(minimum = 0, maximum = 65535)]
     pub persistent_keepalive: Option<u16>,
     /// More remote networks routed into this tunnel besides
-    /// `remote_network_cidr` (at most 63, CIDR with host bits clear, no
-    /// default route). No two remote networks of any gateways may overlap.
-    #[schema(max_items = 63, example = json!(["10.2.0.0/16", "fd10::/64"]))]
+    /// `remote_network_cidr` (at most 63). No two remote networks of any
+    /// gateways may overlap (409).
+    #[schema(value_type = Option<Vec<RemoteNetwork>>, max_items = 63, example = json!(["10.2.0.0/16", "fd10::/64"]))]
     pub additional_remote_network_cidrs: Option<Vec<String>>,
     /// More networks of this site the remote site may reach besides
-    /// `local_network_cidr` (at most 63, CIDR with host bits clear). The
-    /// remote site reaches nothing outside its local networks.
-    #[schema(max_items = 63, example = json!(["10.51.0.0/24", "fd50::/64"]))]
+    /// `local_network_cidr` (at most 63; each listed once, none overlapping
+    /// a remote network of this gateway: 409 otherwise). The remote site
+    /// reaches nothing outside its local networks.
+    #[schema(value_type = Option<Vec<LocalNetwork>>, max_items = 63, example = json!(["10.51.0.0/24", "fd50::/64"]))]
     pub additional_local_network_cidrs: Option<Vec<String>>,
     /// Firewall rules for traffic entering from the remote site (at most 256),
     /// evaluated in order: the first rule that matches decides; traffic no
@@ -73,45 +78,58 @@ pub struct CreateGateway {
     /// address) need an `allow` rule whose `destination` is that one address
     /// (/32 or /128; `firewall_default` and rules for the site's networks
     /// never let them in), e.g. `{"name":"ping gateway","protocol":"icmp",
-    /// "destination":"10.50.0.1/32","action":"allow"}`. Absent: no rules.
+    /// "destination":"10.50.0.1/32","action":"allow"}`. Absent or null: no rules.
     #[schema(max_items = 256, example = json!([
         {"name": "ping gateway", "protocol": "icmp", "destination": "10.50.0.1/32", "action": "allow"},
         {"name": "no ssh", "protocol": "tcp", "port": "22", "action": "deny"}
     ]))]
     pub firewall: Option<Vec<FirewallRuleText>>,
-    /// What happens to traffic from the remote site that no rule matches:
-    /// `allow` (default) or `deny`.
-    #[schema(value_type = Option<FirewallAction>, inline, default = "allow")]
+    /// What happens to traffic from the remote site that no rule matches
+    /// (absent or null: `allow`).
+    #[schema(value_type = Option<FirewallAction>)]
     pub firewall_default: Option<String>,
 }
 
-/// `PATCH /api/v1/vpn-gateways/{id}`: any subset of these.
+/// `PATCH /api/v1/vpn-gateways/{id}`: any subset of these (a field absent
+/// or `null` stays as it is).
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateGateway {
+    #[schema(value_type = Option<GatewayName>)]
     pub name: Option<String>,
+    #[schema(value_type = Option<RemoteNetwork>)]
     pub remote_network_cidr: Option<String>,
+    #[schema(value_type = Option<PeerAddress>)]
     pub remote_peer_ip: Option<String>,
+    #[schema(minimum = 1, maximum = 65535)]
     pub remote_peer_port: Option<u16>,
     /// Rotates the pre-shared key (the remote side must rotate too).
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<WireguardKey>)]
     pub pre_shared_key: Option<SecretString>,
     /// Seconds; 0 turns keepalives off.
+    #[schema(minimum = 0, maximum = 65535)]
     pub persistent_keepalive: Option<u16>,
     /// Replaces the whole list (`[]`: none); at most 63.
-    #[schema(max_items = 63)]
+    #[schema(value_type = Option<Vec<RemoteNetwork>>, max_items = 63)]
     pub additional_remote_network_cidrs: Option<Vec<String>>,
     /// Replaces the whole list (`[]`: none); at most 63.
-    #[schema(max_items = 63)]
+    #[schema(value_type = Option<Vec<LocalNetwork>>, max_items = 63)]
     pub additional_local_network_cidrs: Option<Vec<String>>,
     /// Replaces every firewall rule (`[]`: none); at most 256, evaluated in
     /// order, first match wins (see `CreateGateway.firewall`). The running
     /// tunnel follows at once, without a restart; rule counters restart.
     #[schema(max_items = 256)]
     pub firewall: Option<Vec<FirewallRuleText>>,
-    /// `allow` or `deny`: for traffic no rule matches.
-    #[schema(value_type = Option<FirewallAction>, inline)]
+    /// For traffic no rule matches.
+    #[schema(value_type = Option<FirewallAction>)]
     pub firewall_default: Option<String>,
+}
+
+/// The only tunnel type: `wireguard`.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelType {
+    Wireguard,
 }
 
 /// A VPN gateway: one remote site, one WireGuard peer of this gateway.
@@ -221,9 +239,10 @@ pub struct StatusEnvelope {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
-    /// Machine-readable: bad_request, unauthorized, not_found, conflict,
-    /// validation_failed, payload_too_large, unsupported_media_type,
-    /// rate_limited, unavailable, internal_error.
+    /// Machine-readable: bad_request, unauthorized, forbidden, not_found,
+    /// conflict, precondition_failed, validation_failed, idempotency_key_reused,
+    /// payload_too_large,
+    /// unsupported_media_type, rate_limited, unavailable, internal_error.
     pub code: String,
     pub message: String,
     /// The offending field, for validation errors.
@@ -329,16 +348,19 @@ fn required<T>(v: Option<T>, field: &str) -> Result<T, ApiError> {
     v.ok_or_else(|| invalid(field, "is required"))
 }
 
+/// A gateway name as `GatewayName` documents it: kept as given.
 pub fn validate_name(name: &str) -> Result<String, ApiError> {
-    let n = name.trim();
-    let chars = n.chars().count();
+    let chars = name.chars().count();
     if !(2..=40).contains(&chars) {
         return Err(invalid("name", format!("must be 2-40 characters (got {chars})")));
     }
-    if n.chars().any(char::is_control) {
+    if name.chars().any(char::is_control) {
         return Err(invalid("name", "must not contain control characters"));
     }
-    Ok(n.to_owned())
+    if name.chars().all(char::is_whitespace) {
+        return Err(invalid("name", "must not be all white space"));
+    }
+    Ok(name.to_owned())
 }
 
 fn validate_region(region: &str) -> Result<String, ApiError> {
@@ -377,18 +399,25 @@ fn validate_port(field: &str, port: u16) -> Result<u16, ApiError> {
     Ok(port)
 }
 
+/// A key exactly as `WireguardKey` documents it (no surrounding white space).
+fn exact_key<K: std::str::FromStr>(field: &str, what: &str, s: &str) -> Result<K, ApiError> {
+    let refuse = || invalid(field, format!("must be a base64 WireGuard {what} (32 bytes, 44 characters)"));
+    if s.len() != 44 || s.trim() != s {
+        return Err(refuse());
+    }
+    s.parse().map_err(|_| refuse())
+}
+
 pub fn validate_public_key(s: &str, ours: &PublicKey) -> Result<PublicKey, ApiError> {
-    let key: PublicKey =
-        s.parse().map_err(|_| invalid("remote_public_key", "must be a base64 WireGuard public key (32 bytes)"))?;
+    let key: PublicKey = exact_key("remote_public_key", "public key", s)?;
     if &key == ours {
-        return Err(invalid("remote_public_key", "is this gateway's own key"));
+        return Err(ApiError::conflict_at("remote_public_key", "remote_public_key: is this gateway's own key"));
     }
     Ok(key)
 }
 
 pub fn validate_psk(s: &str) -> Result<SecretString, ApiError> {
-    let _: PresharedKey =
-        s.parse().map_err(|_| invalid("pre_shared_key", "must be a base64 WireGuard pre-shared key (32 bytes)"))?;
+    let _: PresharedKey = exact_key("pre_shared_key", "pre-shared key", s)?;
     Ok(SecretString::new(s.to_owned()))
 }
 
@@ -704,8 +733,11 @@ mod tests {
             assert!(parse_create(input, None, &ours).is_err());
             let _ = parse_update(input, &current);
         }
+        // Overlapping the gateway's local network is a conflict; a default route is no remote network.
         let bad_cidr = parse_update(br#"{"remote_network_cidr":"10.50.0.0/25"}"#, &current).unwrap_err();
-        assert_eq!(bad_cidr.status, axum::http::StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(bad_cidr.status, axum::http::StatusCode::CONFLICT);
+        let default = parse_update(br#"{"remote_network_cidr":"0.0.0.0/0"}"#, &current).unwrap_err();
+        assert_eq!(default.status, axum::http::StatusCode::UNPROCESSABLE_ENTITY);
         // The stored additional remote network takes part: moving the seed onto it is refused.
         let onto = parse_update(br#"{"remote_network_cidr":"10.2.128.0/17"}"#, &current).unwrap_err();
         assert_eq!(onto.field.as_deref(), Some("remote_network_cidr"), "{}", onto.message);

@@ -5,7 +5,8 @@
 //! plus `additional_local_network_cidrs`) are what the remote site may reach:
 //! none may overlap a remote network of the same gateway. Every prefix keeps
 //! the request field that names it (`additional_remote_network_cidrs[2]`), so
-//! a refusal names the field to fix.
+//! a refusal names the field to fix. A prefix that is not a network a tunnel
+//! can carry is a 422; networks that clash with one another are a 409.
 
 use super::error::ApiError;
 use super::model::{invalid, overlaps, validate_cidr};
@@ -114,6 +115,13 @@ pub fn parse_list(list: &'static str, items: &[String]) -> Result<Vec<IpPrefix>,
         .collect()
 }
 
+/// A network that clashes with another (of the request, of the gateway as
+/// it would be, of this site): 409, naming the field. The document cannot
+/// say which combinations clash, only that they answer 409.
+fn clash(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::conflict_at(field, format!("{field}: {}", message.into()))
+}
+
 /// Every network of one gateway, in field order (seed first).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayNetworks {
@@ -169,7 +177,7 @@ impl GatewayNetworks {
             if let Some(a) = self.remote[..j].iter().find(|a| overlaps(&a.prefix, &b.prefix)) {
                 let (at, other) = to_blame(a, b, &in_request);
                 let what = if a.prefix == b.prefix { "is also" } else { "overlaps" };
-                return Err(invalid(
+                return Err(clash(
                     &at.field,
                     format!(
                         "{} {what} {} ({}); a gateway's remote networks must not overlap one another",
@@ -181,13 +189,13 @@ impl GatewayNetworks {
         for (j, b) in self.local.iter().enumerate() {
             if let Some(a) = self.local[..j].iter().find(|a| a.prefix == b.prefix) {
                 let (at, other) = to_blame(a, b, &in_request);
-                return Err(invalid(&at.field, format!("{} is listed twice (also {})", at.prefix, other.field)));
+                return Err(clash(&at.field, format!("{} is listed twice (also {})", at.prefix, other.field)));
             }
         }
         for r in &self.remote {
             if let Some(l) = self.local.iter().find(|l| overlaps(&r.prefix, &l.prefix)) {
                 return Err(if in_request(r.list) || !in_request(l.list) {
-                    invalid(
+                    clash(
                         &r.field,
                         format!(
                             "{} overlaps the local network {} ({}); the two sites need distinct address space",
@@ -195,7 +203,7 @@ impl GatewayNetworks {
                         ),
                     )
                 } else {
-                    invalid(
+                    clash(
                         &l.field,
                         format!(
                             "{} overlaps the remote network {} ({}); the two sites need distinct address space",
@@ -229,7 +237,7 @@ pub fn validate_remote_vs_site(
     let (field, prefix) = (remote.field.as_str(), &remote.prefix);
     if let Some(site) = site_cidr.and_then(|s| s.parse::<IpPrefix>().ok()) {
         if overlaps(prefix, &site) {
-            return Err(invalid(
+            return Err(clash(
                 field,
                 format!(
                     "{prefix} overlaps this site's network {site} (`[api] site_cidr`); it cannot be routed into a \
@@ -239,7 +247,7 @@ pub fn validate_remote_vs_site(
         }
     }
     if let Some(ip) = host_addresses.iter().find(|ip| prefix.contains(**ip)) {
-        return Err(invalid(
+        return Err(clash(
             field,
             format!("{prefix} contains {ip}, an address of this gateway host; it cannot be routed into a tunnel"),
         ));

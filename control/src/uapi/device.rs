@@ -24,7 +24,7 @@ use crate::api::model::{overlaps, CreateGateway, UpdateGateway};
 use crate::api::AppState;
 use crate::plane::{DataPlane, TunnelStatus};
 use crate::secret::SecretString;
-use crate::store::{GatewayRecord, Status};
+use crate::store::{now_millis, AuditEntry, GatewayRecord, Status};
 use axum::http::StatusCode;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -539,14 +539,39 @@ impl UapiDevice {
         let state = self.api_state()?;
         let total = steps.len();
         for (done, step) in steps.into_iter().enumerate() {
+            let (action, target) = match &step {
+                Step::Delete(id) => ("gateway.delete", Some(id.clone())),
+                Step::Update(id, _) => ("gateway.update", Some(id.clone())),
+                Step::Create(_) => ("gateway.create", None),
+            };
             let result = match step {
-                Step::Delete(id) => changes::delete(state, &id).map(|_| ()),
-                Step::Update(id, body) => changes::update(state, &id, body).map(|_| ()),
+                Step::Delete(id) => changes::delete(state, &id, None).map(|_| None),
+                Step::Update(id, body) => changes::update(state, &id, body, None).map(|_| None),
                 Step::Create(body) => body
                     .validate(state.settings.site_cidr.as_deref(), &self.plane.public_key())
                     .and_then(|new| changes::create(state, new))
-                    .map(|g| tracing::info!(id = %g.id, name = %g.name, "VPN gateway added through the wg socket")),
+                    .map(|g| {
+                        tracing::info!(id = %g.id, name = %g.name, "VPN gateway added through the wg socket");
+                        Some(g.id)
+                    }),
             };
+            let (status, error_code) = match &result {
+                Ok(_) => (200, None),
+                Err(e) => (e.status.as_u16(), Some(e.code.to_owned())),
+            };
+            let entry = AuditEntry {
+                seq: 0,
+                at: now_millis(),
+                key_id: AUDIT_KEY_ID.to_owned(),
+                action: action.to_owned(),
+                target: target.or_else(|| result.as_ref().ok().cloned().flatten()),
+                status,
+                error_code,
+                replayed: false,
+            };
+            if let Err(e) = state.store.record_audit(entry) {
+                tracing::error!(error = %e, "cannot record a wg socket change in the audit log");
+            }
             if let Err(e) = result {
                 if done > 0 {
                     tracing::error!(done, total, error = %e.message, "a wg socket change stopped midway");
@@ -557,6 +582,9 @@ impl UapiDevice {
         Ok(())
     }
 }
+
+/// Who the audit log names for changes through the WireGuard socket.
+pub const AUDIT_KEY_ID: &str = "wg-socket";
 
 /// The create request for a peer first seen in a `set`.
 fn new_gateway(w: &Wanted) -> Result<CreateGateway, UapiError> {
@@ -733,6 +761,19 @@ mod tests {
         f.set(&format!("public_key={k}\nremove=true\n")).unwrap();
         assert!(f.gateway(&key).is_none());
         assert_eq!(f.store.get(&id).unwrap().unwrap().status, Status::Deleted);
+        // The audit log has every change the socket ran (a request refused
+        // while it is planned runs none).
+        let log: Vec<_> = f.store.audit_log(None, 100).unwrap().into_iter().rev().collect();
+        assert!(log.iter().all(|e| e.key_id == AUDIT_KEY_ID), "{log:?}");
+        let summary: Vec<(&str, Option<&str>, u16)> =
+            log.iter().map(|e| (e.action.as_str(), e.target.as_deref(), e.status)).collect();
+        let id = Some(id.as_str());
+        assert_eq!(
+            summary[..3],
+            [("gateway.create", id, 200), ("gateway.update", id, 200), ("gateway.update", id, 200)]
+        );
+        assert_eq!(summary.last(), Some(&("gateway.delete", id, 200)));
+        assert_eq!(summary.len(), 4, "{summary:?}");
         f.assert_in_step();
     }
 
@@ -785,7 +826,7 @@ mod tests {
             // A change to a and an overlap elsewhere: a keeps its key.
             (format!("public_key={ka}\npreshared_key={}\npublic_key={kb}\nendpoint=203.0.113.6:1\nallowed_ip=10.60.1.0/24\n", hex(&[5; 32])), errno::EEXIST),
             (format!("public_key={kb}\nendpoint=203.0.113.6:1\nallowed_ip=10.11.0.0/24\n"), errno::EEXIST),
-            (format!("public_key={kb}\nendpoint=203.0.113.6:1\nallowed_ip=10.50.0.0/24\n"), errno::EINVAL),
+            (format!("public_key={kb}\nendpoint=203.0.113.6:1\nallowed_ip=10.50.0.0/24\n"), errno::EEXIST),
             (format!("public_key={kb}\nendpoint=203.0.113.6:1\nallowed_ip=0.0.0.0/0\n"), errno::EINVAL),
             (format!("public_key={config}\npreshared_key={}\n", hex(&[5; 32])), errno::EPERM),
             (format!("public_key={config}\nallowed_ip=10.12.0.0/16\n"), errno::EPERM),

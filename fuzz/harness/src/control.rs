@@ -82,7 +82,7 @@ fn api() -> &'static Api {
         }
         let db = dir.join(format!("wgxdp-fuzz-api-{}.db", std::process::id()));
         let store = Arc::new(Store::open(&db).expect("store"));
-        let (_, key) = store.create_api_key("fuzz").expect("api key");
+        let (_, key) = store.create_api_key("fuzz", wgxdp_control::store::Scope::Admin).expect("api key");
         let ours = PrivateKey::generate().public_key();
         let plane = Arc::new(MemoryPlane::new(ours));
         let settings = ApiSettings {
@@ -110,14 +110,28 @@ fn api() -> &'static Api {
 }
 
 async fn call(router: &axum::Router, key: &str, method: Method, uri: &str, body: Vec<u8>) -> (u16, String) {
+    call_with(router, key, method, uri, None, body).await
+}
+
+/// `conditions`: a value sent as both `Idempotency-Key` and `If-Match`.
+async fn call_with(
+    router: &axum::Router,
+    key: &str,
+    method: Method,
+    uri: &str,
+    conditions: Option<&[u8]>,
+    body: Vec<u8>,
+) -> (u16, String) {
     use http_body_util::BodyExt;
-    let Ok(req) = Request::builder()
+    let mut builder = Request::builder()
         .method(method)
         .uri(uri)
         .header(header::AUTHORIZATION, format!("Bearer {key}"))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body))
-    else {
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(value) = conditions {
+        builder = builder.header("idempotency-key", value).header(header::IF_MATCH, value);
+    }
+    let Ok(req) = builder.body(Body::from(body)) else {
         return (0, String::new());
     };
     let resp = router.clone().oneshot(req).await.expect("infallible");
@@ -129,7 +143,8 @@ async fn call(router: &axum::Router, key: &str, method: Method, uri: &str, body:
 /// The first byte selects: bits 0-1 what (0 create body, 1 update body, 2-3
 /// the router); create: bit 2 no site CIDR configured; router: bits 2-3 the
 /// method, bits 4-5 the path, bit 6 the text up to the first newline is the
-/// query string, bit 7 a wrong API key. The rest is the body. No request may
+/// query string (and after a `|` in it, the `Idempotency-Key` and `If-Match`
+/// header values), bit 7 a wrong API key. The rest is the body. No request may
 /// answer 5xx, and every refusal carries the API's error body. Accepted
 /// firewall rules read back (as the API shows and the store keeps them) as
 /// the same rules.
@@ -161,12 +176,24 @@ pub fn api_bodies(data: &[u8]) {
                 2 => format!("{base}/{}/status", api.id),
                 _ => format!("{base}/{}/config", api.id),
             };
-            let (uri, body) = match (sel & 64 != 0, rest.iter().position(|&b| b == b'\n')) {
-                (true, Some(nl)) => (format!("{path}?{}", String::from_utf8_lossy(&rest[..nl])), &rest[nl + 1..]),
-                _ => (path, rest),
+            let (first_line, body) = match (sel & 64 != 0, rest.iter().position(|&b| b == b'\n')) {
+                (true, Some(nl)) => (Some(&rest[..nl]), &rest[nl + 1..]),
+                _ => (None, rest),
+            };
+            // The first line: a query string, then after a `|` the value of
+            // `Idempotency-Key` and `If-Match`.
+            let (query, conditions) = match first_line.map(|l| (l, l.iter().position(|&b| b == b'|'))) {
+                Some((l, Some(bar))) => (Some(&l[..bar]), Some(&l[bar + 1..])),
+                Some((l, None)) => (Some(l), None),
+                None => (None, None),
+            };
+            let uri = match query {
+                Some(q) => format!("{path}?{}", String::from_utf8_lossy(q)),
+                None => path,
             };
             let key = if sel & 128 != 0 { "wgx_not-a-key" } else { api.key.as_str() };
-            let (status, text) = api.rt.block_on(call(&api.router, key, method.clone(), &uri, body.to_vec()));
+            let (status, text) =
+                api.rt.block_on(call_with(&api.router, key, method.clone(), &uri, conditions, body.to_vec()));
             assert!(status < 500, "{method} {uri} answered {status}: {text}");
             // Every refusal is an `{"error": {"code", "message"}}` body. Known
             // exception: axum's own 405 (empty body) for a method a route lacks.

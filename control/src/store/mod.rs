@@ -21,6 +21,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use wgxdp_dataplane::policy::{FirewallRule, RuleAction};
 use wgxdp_dataplane::table::IpPrefix;
 
+mod audit;
+mod idempotency;
+pub use audit::AuditEntry;
+pub use idempotency::StoredResponse;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database {path}: {reason}")]
@@ -206,7 +211,36 @@ pub struct ListQuery {
 pub struct ApiKeyInfo {
     pub id: String,
     pub name: String,
+    pub scope: Scope,
     pub created_at: i64,
+}
+
+/// What an API key may do: `read` (every GET), or `admin` (everything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Scope::Read, Scope::Admin].into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// The authenticated API key of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub key_id: String,
+    pub scope: Scope,
 }
 
 #[derive(Debug)]
@@ -229,7 +263,7 @@ struct WriteFaults {
     fail: u32,
 }
 
-/// The first schema. Columns added since are in `ADDED_COLUMNS`, which every
+/// The first schema. Columns added since are in `ADDED_*_COLUMNS`, which every
 /// open applies where missing (to new databases too), so each column is
 /// declared once.
 const SCHEMA: &str = "
@@ -258,12 +292,34 @@ CREATE TABLE IF NOT EXISTS api_keys (
     hash       TEXT NOT NULL UNIQUE,
     created_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         INTEGER NOT NULL,
+    key_id     TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    target     TEXT,
+    status     INTEGER NOT NULL,
+    error_code TEXT,
+    replayed   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS audit_log_age ON audit_log(at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key_id      TEXT NOT NULL,
+    idem_key    TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    status      INTEGER NOT NULL,
+    headers     TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (key_id, idem_key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency(created_at);
 ";
 
 /// Columns of `gateways` added after the first schema, with the value rows
 /// that predate them get: no additional networks, no rules, default allow
 /// (what those gateways did before rules existed).
-const ADDED_COLUMNS: [(&str, &str); 4] = [
+const ADDED_GATEWAY_COLUMNS: [(&str, &str); 4] = [
     ("additional_remote_network_cidrs", "TEXT NOT NULL DEFAULT '[]'"),
     ("additional_local_network_cidrs", "TEXT NOT NULL DEFAULT '[]'"),
     ("firewall", "TEXT NOT NULL DEFAULT '[]'"),
@@ -274,25 +330,29 @@ const COLUMNS: &str = "id, seq, name, status, region, local_network_cidr, remote
                        remote_peer_port, remote_public_key, pre_shared_key, persistent_keepalive, created_at, updated_at, \
                        additional_remote_network_cidrs, additional_local_network_cidrs, firewall, firewall_default";
 
-/// Adds the columns of `ADDED_COLUMNS` that `gateways` lacks, in one transaction.
-fn migrate(conn: &Connection) -> Result<(), StoreError> {
+/// Columns of `api_keys` added after the first schema: keys from before
+/// scopes existed could do everything, and still can.
+const ADDED_API_KEY_COLUMNS: [(&str, &str); 1] = [("scope", "TEXT NOT NULL DEFAULT 'admin'")];
+
+/// Adds the columns of `added` that `table` lacks, in one transaction.
+fn migrate(conn: &Connection, table: &str, added: &[(&str, &str)]) -> Result<(), StoreError> {
     let present: Vec<String> = conn
-        .prepare("SELECT name FROM pragma_table_info('gateways')")?
+        .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    let missing: Vec<_> = ADDED_COLUMNS.iter().filter(|(name, _)| !present.iter().any(|p| p == name)).collect();
+    let missing: Vec<_> = added.iter().filter(|(name, _)| !present.iter().any(|p| p == name)).collect();
     if missing.is_empty() {
         return Ok(());
     }
-    let had_rows: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM gateways)", [], |r| r.get(0))?;
+    let had_rows: bool = conn.query_row(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), [], |r| r.get(0))?;
     let tx = conn.unchecked_transaction()?;
     for (name, declaration) in &missing {
-        tx.execute_batch(&format!("ALTER TABLE gateways ADD COLUMN {name} {declaration}"))?;
+        tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {declaration}"))?;
     }
     tx.commit()?;
     if had_rows {
         let names: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
-        tracing::info!(columns = %names.join(", "), "database migrated: existing gateways gained columns");
+        tracing::info!(table, columns = %names.join(", "), "database migrated: existing rows gained columns");
     }
     Ok(())
 }
@@ -329,8 +389,15 @@ pub fn random_id(prefix: &str) -> String {
     format!("{prefix}{tail}")
 }
 
-fn hash_api_key(secret: &str) -> String {
-    Blake2s256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+/// The stored hash of an API key. A `read` key's is taken in a domain of its
+/// own, so that a binary from before scopes (which ignores the column and
+/// hashes plainly) finds no read key at all: a downgrade fails closed.
+fn hash_api_key(secret: &str, scope: Scope) -> String {
+    let digest = match scope {
+        Scope::Admin => Blake2s256::digest(secret.as_bytes()),
+        Scope::Read => Blake2s256::new().chain_update(b"wgxdp read key\0").chain_update(secret.as_bytes()).finalize(),
+    };
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn record(row: &Row<'_>) -> rusqlite::Result<GatewayRecord> {
@@ -393,7 +460,9 @@ impl Store {
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
         conn.execute_batch(SCHEMA)?;
-        migrate(&conn).map_err(|e| err(format!("cannot migrate the schema: {e}")))?;
+        migrate(&conn, "gateways", &ADDED_GATEWAY_COLUMNS)
+            .and_then(|()| migrate(&conn, "api_keys", &ADDED_API_KEY_COLUMNS))
+            .map_err(|e| err(format!("cannot migrate the schema: {e}")))?;
         // The WAL and shared-memory files hold the same data: same mode.
         for suffix in ["-wal", "-shm"] {
             let side = format!("{}{suffix}", path.display());
@@ -522,12 +591,17 @@ impl Store {
     }
 
     pub fn set_status(&self, id: &str, status: Status) -> Result<(), StoreError> {
+        self.set_status_at(id, status, now_millis())
+    }
+
+    /// `set_status`, stamping `updated_at` with `at` (Unix milliseconds).
+    pub fn set_status_at(&self, id: &str, status: Status, at: i64) -> Result<(), StoreError> {
         self.check_write()?;
         let conn = self.conn();
         let old = Self::status_of(&conn, id)?;
         let n = conn.execute(
             "UPDATE gateways SET status = ?2, updated_at = ?3 WHERE id = ?1",
-            params![id, status.as_str(), now_millis()],
+            params![id, status.as_str(), at],
         )?;
         if n > 0 {
             self.count_change(old, Some(status));
@@ -625,31 +699,47 @@ impl Store {
     }
 
     /// Creates an API key; the secret is returned once and only its hash is kept.
-    pub fn create_api_key(&self, name: &str) -> Result<(ApiKeyInfo, SecretString), StoreError> {
+    pub fn create_api_key(&self, name: &str, scope: Scope) -> Result<(ApiKeyInfo, SecretString), StoreError> {
         let mut raw = [0u8; 32];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut raw);
         let secret = format!("wgxdp_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
-        let info = ApiKeyInfo { id: random_id("key_"), name: name.to_owned(), created_at: now_millis() };
+        let info = ApiKeyInfo { id: random_id("key_"), name: name.to_owned(), scope, created_at: now_millis() };
         self.conn().execute(
-            "INSERT INTO api_keys (id, name, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![info.id, info.name, hash_api_key(&secret), info.created_at],
+            "INSERT INTO api_keys (id, name, hash, created_at, scope) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![info.id, info.name, hash_api_key(&secret, scope), info.created_at, scope.as_str()],
         )?;
         Ok((info, SecretString::new(secret)))
     }
 
-    /// The key's id if `secret` is a valid API key.
-    pub fn verify_api_key(&self, secret: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
+    /// Who `secret` is, if it is a valid API key: a row whose hash, taken in
+    /// its scope's domain, is the secret's. A scope the store does not know
+    /// (written by a newer version) matches nothing.
+    pub fn verify_api_key(&self, secret: &str) -> Result<Option<Caller>, StoreError> {
+        let (admin, read) = (hash_api_key(secret, Scope::Admin), hash_api_key(secret, Scope::Read));
+        let row: Option<(String, String, String)> = self
             .conn()
-            .query_row("SELECT id FROM api_keys WHERE hash = ?1", [hash_api_key(secret)], |r| r.get(0))
-            .optional()?)
+            .query_row("SELECT id, scope, hash FROM api_keys WHERE hash IN (?1, ?2)", params![admin, read], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        Ok(row.and_then(|(key_id, scope, hash)| {
+            let scope = Scope::parse(&scope)?;
+            (hash == hash_api_key(secret, scope)).then_some(Caller { key_id, scope })
+        }))
     }
 
     pub fn list_api_keys(&self) -> Result<Vec<ApiKeyInfo>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id, name, created_at FROM api_keys ORDER BY created_at, id")?;
+        let mut stmt = conn.prepare("SELECT id, name, created_at, scope FROM api_keys ORDER BY created_at, id")?;
         let rows = stmt
-            .query_map([], |r| Ok(ApiKeyInfo { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? }))?
+            .query_map([], |r| {
+                Ok(ApiKeyInfo {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    created_at: r.get(2)?,
+                    scope: Scope::parse(&r.get::<_, String>(3)?).unwrap_or(Scope::Read),
+                })
+            })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
@@ -892,12 +982,27 @@ mod tests {
     #[test]
     fn api_keys_are_stored_hashed() {
         let (path, store) = temp_db();
-        let (info, secret) = store.create_api_key("ops").unwrap();
+        let (info, secret) = store.create_api_key("ops", Scope::Admin).unwrap();
         assert!(secret.expose().starts_with("wgxdp_"));
-        assert_eq!(store.verify_api_key(secret.expose()).unwrap(), Some(info.id.clone()));
+        let caller = Caller { key_id: info.id.clone(), scope: Scope::Admin };
+        assert_eq!(store.verify_api_key(secret.expose()).unwrap(), Some(caller));
+        let (reader, secret2) = store.create_api_key("dashboards", Scope::Read).unwrap();
+        assert_eq!(store.verify_api_key(secret2.expose()).unwrap().unwrap().scope, Scope::Read);
+        let scopes: Vec<_> = store.list_api_keys().unwrap().into_iter().map(|k| (k.id, k.scope)).collect();
+        assert!(
+            scopes.contains(&(reader.id.clone(), Scope::Read)) && scopes.contains(&(info.id.clone(), Scope::Admin))
+        );
         assert_eq!(store.verify_api_key("wgxdp_wrong").unwrap(), None);
-        let stored: String = store.conn().query_row("SELECT hash FROM api_keys", [], |r| r.get(0)).unwrap();
+        let stored: String = store.conn().query_row("SELECT hash FROM api_keys LIMIT 1", [], |r| r.get(0)).unwrap();
         assert!(!stored.contains(secret.expose()), "only the hash is stored");
+        // A read key's hash is not the plain one an older binary looks up.
+        let plain = hash_api_key(secret2.expose(), Scope::Admin);
+        let found: i64 =
+            store.conn().query_row("SELECT COUNT(*) FROM api_keys WHERE hash = ?1", [plain], |r| r.get(0)).unwrap();
+        assert_eq!(found, 0);
+        // A scope changed behind the store's back grants nothing.
+        store.conn().execute("UPDATE api_keys SET scope = 'admin' WHERE id = ?1", [&reader.id]).unwrap();
+        assert_eq!(store.verify_api_key(secret2.expose()).unwrap(), None);
         assert!(store.revoke_api_key(&info.id).unwrap());
         assert_eq!(store.verify_api_key(secret.expose()).unwrap(), None);
         let _ = std::fs::remove_file(&path);

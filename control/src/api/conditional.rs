@@ -1,0 +1,111 @@
+//! Conditional writes. A gateway's `ETag` names its stored configuration
+//! (the record, not the live counters): every change stamps `updated_at`,
+//! so every change makes a new tag. The pre-shared key is left out (a tag is
+//! shown to read-only keys: it must not be a test for guesses at the key);
+//! its rotation changes the tag through `updated_at`. `If-Match` on PATCH
+//! and DELETE is checked under the mutation lock, before anything else about
+//! the gateway's state, so no other change can slip in between.
+
+use super::error::ApiError;
+use crate::firewall::rule_texts;
+use crate::store::GatewayRecord;
+use blake2::{Blake2s256, Digest};
+
+/// The strong entity tag of `g`'s configuration, quoted as the header carries it.
+pub fn etag(g: &GatewayRecord) -> String {
+    let fields = serde_json::json!([
+        g.id,
+        g.name,
+        g.status.as_str(),
+        g.region,
+        g.local_network_cidr,
+        g.remote_network_cidr,
+        g.remote_peer_ip,
+        g.remote_peer_port,
+        g.remote_public_key,
+        g.persistent_keepalive,
+        g.additional_remote_network_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        g.additional_local_network_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        rule_texts(&g.firewall),
+        g.firewall_default.as_str(),
+        g.created_at,
+        g.updated_at,
+    ]);
+    let digest = Blake2s256::digest(fields.to_string().as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("\"{hex}\"")
+}
+
+/// `If-Match` (RFC 9110 13.1.1): absent, `*`, or a list of entity tags one
+/// of which must equal `g`'s under strong comparison (a weak tag never does).
+pub fn check_if_match(if_match: Option<&str>, g: &GatewayRecord) -> Result<(), ApiError> {
+    let Some(header) = if_match else { return Ok(()) };
+    let current = etag(g);
+    let matches = header.trim() == "*" || header.split(',').map(str::trim).any(|tag| tag == current);
+    if matches {
+        Ok(())
+    } else {
+        Err(ApiError::precondition_failed(format!(
+            "VPN gateway {} changed since the If-Match entity tag was read (now {current}); fetch it again",
+            g.id
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretString;
+    use crate::store::Status;
+    use wgxdp_dataplane::policy::RuleAction;
+
+    fn record() -> GatewayRecord {
+        GatewayRecord {
+            id: "vpn_a".into(),
+            seq: 1,
+            name: "a".into(),
+            status: Status::Active,
+            region: "r".into(),
+            local_network_cidr: "10.50.0.0/24".into(),
+            remote_network_cidr: "10.1.0.0/16".into(),
+            remote_peer_ip: "192.0.2.1".into(),
+            remote_peer_port: 51820,
+            remote_public_key: "k".into(),
+            pre_shared_key: SecretString::new("p".into()),
+            persistent_keepalive: None,
+            additional_remote_network_cidrs: Vec::new(),
+            additional_local_network_cidrs: Vec::new(),
+            firewall: Vec::new(),
+            firewall_default: RuleAction::Allow,
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
+    #[test]
+    fn every_field_changes_the_tag_and_if_match_compares_strongly() {
+        let g = record();
+        let tag = etag(&g);
+        assert!(tag.starts_with('"') && tag.ends_with('"') && tag.len() == 34, "{tag}");
+        assert_eq!(etag(&g), tag, "stable");
+        let mut rotated = g.clone();
+        rotated.pre_shared_key = SecretString::new("q".into());
+        assert_eq!(etag(&rotated), tag, "the key itself is not in the tag");
+        rotated.updated_at += 1;
+        let mut deleted = g.clone();
+        deleted.status = Status::Deleted;
+        let mut ruled = g.clone();
+        ruled.firewall_default = RuleAction::Deny;
+        for other in [rotated, deleted, ruled] {
+            assert_ne!(etag(&other), tag);
+        }
+        assert!(check_if_match(None, &g).is_ok());
+        assert!(check_if_match(Some("*"), &g).is_ok());
+        assert!(check_if_match(Some(&tag), &g).is_ok());
+        assert!(check_if_match(Some(&format!("\"old\", {tag}")), &g).is_ok());
+        for stale in ["\"old\"", &format!("W/{tag}"), "", "garbage"] {
+            let e = check_if_match(Some(stale), &g).unwrap_err();
+            assert_eq!(e.status, axum::http::StatusCode::PRECONDITION_FAILED, "{stale}");
+        }
+    }
+}
