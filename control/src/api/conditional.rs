@@ -8,7 +8,7 @@
 
 use super::error::ApiError;
 use crate::firewall::rule_texts;
-use crate::store::GatewayRecord;
+use crate::store::{hex, GatewayRecord};
 use blake2::{Blake2s256, Digest};
 
 /// The strong entity tag of `g`'s configuration, quoted as the header carries it.
@@ -32,8 +32,7 @@ pub fn etag(g: &GatewayRecord) -> String {
         g.updated_at,
     ]);
     let digest = Blake2s256::digest(fields.to_string().as_bytes());
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("\"{hex}\"")
+    format!("\"{}\"", hex(&digest[..16]))
 }
 
 /// `If-Match` (RFC 9110 13.1.1): absent, `*`, or a list of entity tags one
@@ -60,26 +59,7 @@ mod tests {
     use wgxdp_dataplane::policy::RuleAction;
 
     fn record() -> GatewayRecord {
-        GatewayRecord {
-            id: "vpn_a".into(),
-            seq: 1,
-            name: "a".into(),
-            status: Status::Active,
-            region: "r".into(),
-            local_network_cidr: "10.50.0.0/24".into(),
-            remote_network_cidr: "10.1.0.0/16".into(),
-            remote_peer_ip: "192.0.2.1".into(),
-            remote_peer_port: 51820,
-            remote_public_key: "k".into(),
-            pre_shared_key: SecretString::new("p".into()),
-            persistent_keepalive: None,
-            additional_remote_network_cidrs: Vec::new(),
-            additional_local_network_cidrs: Vec::new(),
-            firewall: Vec::new(),
-            firewall_default: RuleAction::Allow,
-            created_at: 1,
-            updated_at: 1,
-        }
+        GatewayRecord { id: "vpn_a".into(), created_at: 1, updated_at: 1, ..crate::store::sample("a", "k") }
     }
 
     #[test]

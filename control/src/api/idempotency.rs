@@ -13,7 +13,7 @@
 use super::error::ApiError;
 use super::extract::BODY_LIMIT;
 use super::AppState;
-use crate::store::{now_millis, Caller, StoredResponse};
+use crate::store::{hex, now_millis, Caller, StoredResponse};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method};
@@ -39,7 +39,7 @@ fn fingerprint(method: &Method, path: &str, body: &[u8]) -> String {
     for part in [method.as_str().as_bytes(), b"\0", path.as_bytes(), b"\0", body] {
         h.update(part);
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex(&h.finalize())
 }
 
 fn replay(stored: StoredResponse) -> Response {

@@ -697,26 +697,10 @@ mod tests {
     #[test]
     fn fuzz_entry_points_reject_garbage_without_panicking() {
         let ours = wgxdp_dataplane::noise::PrivateKey::generate().public_key();
-        let now = crate::store::now_millis();
         let current = GatewayRecord {
-            id: "vpn_x".into(),
-            seq: 1,
-            name: "n".into(),
-            status: Status::Active,
-            region: "r".into(),
-            local_network_cidr: "10.50.0.0/24".into(),
             remote_network_cidr: "10.1.0.0/16".into(),
-            remote_peer_ip: "192.0.2.1".into(),
-            remote_peer_port: 51820,
-            remote_public_key: ours.to_base64(),
-            pre_shared_key: SecretString::new(PSK.into()),
-            persistent_keepalive: None,
             additional_remote_network_cidrs: vec!["10.2.0.0/16".parse().unwrap()],
-            additional_local_network_cidrs: Vec::new(),
-            firewall: Vec::new(),
-            firewall_default: RuleAction::Allow,
-            created_at: now,
-            updated_at: now,
+            ..crate::store::sample("n", &ours.to_base64())
         };
         let inputs: [&[u8]; 9] = [
             b"",

@@ -397,7 +397,38 @@ fn hash_api_key(secret: &str, scope: Scope) -> String {
         Scope::Admin => Blake2s256::digest(secret.as_bytes()),
         Scope::Read => Blake2s256::new().chain_update(b"wgxdp read key\0").chain_update(secret.as_bytes()).finalize(),
     };
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&digest)
+}
+
+/// Lowercase hexadecimal of `bytes` (hashes and fingerprints the store keeps or the API shows).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An active gateway for tests, named `name`, with remote key text `key`.
+#[cfg(test)]
+pub(crate) fn sample(name: &str, key: &str) -> GatewayRecord {
+    let now = now_millis();
+    GatewayRecord {
+        id: random_id("vpn_"),
+        seq: 0,
+        name: name.into(),
+        status: Status::Active,
+        region: "local".into(),
+        local_network_cidr: "10.50.0.0/24".into(),
+        remote_network_cidr: "10.200.0.0/24".into(),
+        remote_peer_ip: "192.0.2.1".into(),
+        remote_peer_port: 51820,
+        remote_public_key: key.into(),
+        pre_shared_key: SecretString::new("psk".into()),
+        persistent_keepalive: Some(25),
+        additional_remote_network_cidrs: Vec::new(),
+        additional_local_network_cidrs: Vec::new(),
+        firewall: Vec::new(),
+        firewall_default: RuleAction::Allow,
+        created_at: now,
+        updated_at: now,
+    }
 }
 
 fn record(row: &Row<'_>) -> rusqlite::Result<GatewayRecord> {
@@ -753,30 +784,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sample(name: &str, key: &str) -> GatewayRecord {
-        let now = now_millis();
-        GatewayRecord {
-            id: random_id("vpn_"),
-            seq: 0,
-            name: name.into(),
-            status: Status::Active,
-            region: "local".into(),
-            local_network_cidr: "10.50.0.0/24".into(),
-            remote_network_cidr: "10.200.0.0/24".into(),
-            remote_peer_ip: "192.0.2.1".into(),
-            remote_peer_port: 51820,
-            remote_public_key: key.into(),
-            pre_shared_key: SecretString::new("psk".into()),
-            persistent_keepalive: Some(25),
-            additional_remote_network_cidrs: Vec::new(),
-            additional_local_network_cidrs: Vec::new(),
-            firewall: Vec::new(),
-            firewall_default: RuleAction::Allow,
-            created_at: now,
-            updated_at: now,
-        }
-    }
 
     fn rule(json: serde_json::Value) -> FirewallRule {
         serde_json::from_value::<FirewallRuleText>(json).unwrap().to_rule().unwrap()
