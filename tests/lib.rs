@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod blast;
+pub mod events;
 pub mod hostile;
 pub mod icmp;
 pub mod site;

@@ -266,6 +266,19 @@ impl ServeProcess {
         self.child.wait().expect("wait for wgxdp serve")
     }
 
+    /// SIGTERM and wait at most `limit` for the exit (`None`: still running).
+    pub fn terminate_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// SIGKILL (a crash) and wait for the exit.
     pub fn kill9(&mut self) {
         self.signal(libc::SIGKILL);

@@ -35,6 +35,8 @@ pub struct TunnelStatus {
     pub packets_sent: u64,
     pub packets_received: u64,
     pub handshakes: u64,
+    /// Handshakes with the (authenticated) peer that did not complete.
+    pub handshake_failures: u64,
     pub last_handshake: Option<SystemTime>,
     pub endpoint: Option<SocketAddr>,
     /// Packets each firewall rule matched (in rule order) since the rules last changed.
@@ -73,6 +75,8 @@ pub trait DataPlane: Send + Sync + 'static {
     fn status(&self, id: &str) -> Option<TunnelStatus> {
         self.statuses(&[id]).pop().flatten()
     }
+    /// Live state of every tunnel the data plane runs, by id.
+    fn all_statuses(&self) -> Vec<(String, TunnelStatus)>;
     /// Live state of the configuration file's peers, in file order.
     fn config_peer_statuses(&self) -> Vec<Option<TunnelStatus>> {
         Vec::new()
@@ -196,6 +200,10 @@ impl Tunnels {
         Ok(())
     }
 
+    fn ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
     fn peers(&self, ids: &[&str]) -> Vec<Option<PeerId>> {
         let tunnels = self.lock();
         ids.iter().map(|id| tunnels.get(*id).map(|(peer, _)| *peer)).collect()
@@ -221,6 +229,7 @@ fn tunnel_status(s: PeerStatus) -> TunnelStatus {
         packets_sent: s.stats.tx_packets,
         packets_received: s.stats.rx_packets,
         handshakes: s.stats.handshakes,
+        handshake_failures: s.stats.handshake_failures,
         last_handshake: s.last_handshake,
         endpoint: s.endpoint,
         rule_hits: s.rule_hits,
@@ -275,6 +284,13 @@ impl DataPlane for GatewayPlane {
         // One trip to the control thread for every known one.
         let mut live = self.gateway.peer_statuses(peers.iter().flatten().copied().collect()).into_iter();
         peers.iter().map(|peer| peer.and_then(|_| live.next().flatten()).map(tunnel_status)).collect()
+    }
+
+    fn all_statuses(&self) -> Vec<(String, TunnelStatus)> {
+        let ids = self.tunnels.ids();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let live = self.statuses(&refs);
+        ids.into_iter().zip(live).filter_map(|(id, s)| Some((id, s?))).collect()
     }
 
     fn config_peer_statuses(&self) -> Vec<Option<TunnelStatus>> {
@@ -409,6 +425,12 @@ impl DataPlane for MemoryPlane {
         let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
         let statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
         ids.iter().map(|id| tunnels.contains_key(*id).then(|| statuses.get(*id).cloned().unwrap_or_default())).collect()
+    }
+
+    fn all_statuses(&self) -> Vec<(String, TunnelStatus)> {
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        let statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        tunnels.keys().map(|id| (id.clone(), statuses.get(id).cloned().unwrap_or_default())).collect()
     }
 
     fn firewall_hits(&self) -> Vec<TunnelRuleHits> {

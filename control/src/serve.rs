@@ -144,9 +144,6 @@ async fn run(
     let mut api_state = None;
     let server = match api {
         Some(a) => {
-            let store = a.store.clone();
-            let p: Arc<dyn DataPlane> = plane.clone();
-            let restored = tokio::task::spawn_blocking(move || api::replay(&store, &*p)).await??;
             let settings = ApiSettings {
                 site_cidr: a.config.site_cidr.clone(),
                 host_addresses,
@@ -159,7 +156,14 @@ async fn run(
                 metrics_separate: a.metrics_listener.is_some(),
             };
             let state = AppState::new(a.store, plane.clone(), settings);
+            let replayed = state.clone();
+            let restored = tokio::task::spawn_blocking(move || api::changes::replay(&replayed)).await??;
+            tokio::spawn(api::tunnel_watch::run(state.clone()));
+            tokio::spawn(api::webhook_delivery::run(state.clone()));
             api_state = Some(state.clone());
+            // Event streams never end on their own: the graceful shutdown
+            // ends them, or it would wait for their clients forever.
+            let events = state.events.clone();
             let app = api::app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
             let listener = tokio::net::TcpListener::from_std(a.listener)?;
             if let Some(ml) = a.metrics_listener {
@@ -180,6 +184,10 @@ async fn run(
             }
             tracing::info!(listen = %a.config.listen, restored, "API serving");
             println!("wgxdp: api listening on {}, {restored} tunnel(s) restored", a.config.listen);
+            let stopped = async move {
+                stopped.await;
+                events.close();
+            };
             Some(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await }))
         }
         None => {

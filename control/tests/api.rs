@@ -16,8 +16,9 @@ use std::time::{Duration, SystemTime};
 use tower::ServiceExt;
 use wgxdp_control::api::{app, ApiSettings, AppState, StaticPeer};
 use wgxdp_control::plane::{MemoryPlane, TunnelStatus};
-use wgxdp_control::store::{random_id, Scope, Status, Store};
+use wgxdp_control::store::{random_id, DeliveryState, Scope, Status, Store};
 use wgxdp_dataplane::noise::{PresharedKey, PrivateKey};
+use wgxdp_integration::events::{verify_signature, WebhookReceiver};
 
 struct Api {
     router: Router,
@@ -223,6 +224,7 @@ async fn create_get_update_delete_lifecycle() {
             packets_sent: 10,
             packets_received: 20,
             handshakes: 1,
+            handshake_failures: 2,
             last_handshake: Some(SystemTime::now() - Duration::from_secs(5)),
             endpoint: Some("203.0.113.200:40000".parse().unwrap()),
             rule_hits: Vec::new(),
@@ -232,6 +234,7 @@ async fn create_get_update_delete_lifecycle() {
     assert_eq!(r.status, StatusCode::OK);
     let s = &r.body["data"];
     assert_eq!((s["tunnel_status"].as_str(), s["bytes_sent"].as_u64()), (Some("up"), Some(1000)));
+    assert_eq!(s["handshake_failures"], 2);
     assert_eq!(
         (s["bytes_received"].as_u64(), s["remote_endpoint"].as_str()),
         (Some(2000), Some("203.0.113.200:40000"))
@@ -709,10 +712,12 @@ async fn store_failure_after_the_data_plane_changed_is_reconciled() {
     let stuck = api.store.live().unwrap().into_iter().find(|g| g.name == "stuck").expect("the record stayed");
     assert_eq!(stuck.status, Status::Creating);
     assert!(api.plane.tunnel(&stuck.id).is_none(), "no live tunnel behind a record that says creating");
-    // A later start finishes the job.
+    assert!(events_of(&api.store, &stuck.id).is_empty(), "no event for a create that was not acknowledged");
+    // A later start finishes the job, and records it.
     api.store.inject_write_failures(0, 0);
-    wgxdp_control::api::replay(&api.store, &*api.plane).unwrap();
+    wgxdp_control::api::changes::replay(&api.state).unwrap();
     assert_eq!(api.store.get(&stuck.id).unwrap().unwrap().status, Status::Active);
+    assert_eq!(events_of(&api.store, &stuck.id), ["gateway.created"]);
     assert!(api.plane.tunnel(&stuck.id).is_some());
 
     // The same, but the rollback of the tunnel fails too: the record is kept
@@ -726,7 +731,7 @@ async fn store_failure_after_the_data_plane_changed_is_reconciled() {
     let live = api.store.live().unwrap().into_iter().find(|g| g.name == "stuck-live").expect("the record stayed");
     assert_eq!(live.status, Status::Creating);
     assert!(api.plane.tunnel(&live.id).is_some());
-    wgxdp_control::api::replay(&api.store, &*api.plane).unwrap();
+    wgxdp_control::api::changes::replay(&api.state).unwrap();
     assert_eq!(api.store.get(&live.id).unwrap().unwrap().status, Status::Active);
 
     // A delete whose data-plane removal fails leaves the gateway active, tunnel and all.
@@ -743,9 +748,11 @@ async fn store_failure_after_the_data_plane_changed_is_reconciled() {
     assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     assert_eq!(api.store.get(&retried).unwrap().unwrap().status, Status::Deleting);
     assert!(api.plane.tunnel(&retried).is_none());
+    assert_eq!(events_of(&api.store, &retried), ["gateway.created"], "the failed delete recorded nothing");
     api.store.inject_write_failures(0, 0);
-    wgxdp_control::api::replay(&api.store, &*api.plane).unwrap();
+    wgxdp_control::api::changes::replay(&api.state).unwrap();
     assert_eq!(api.store.get(&retried).unwrap().unwrap().status, Status::Deleted);
+    assert_eq!(events_of(&api.store, &retried), ["gateway.created", "gateway.deleted"]);
 
     // An update the data plane refuses, while the store write of the restore
     // fails once: the retry restores the record to what the tunnel runs.
@@ -758,7 +765,7 @@ async fn store_failure_after_the_data_plane_changed_is_reconciled() {
 }
 
 /// The routes the router serves (method, OpenAPI path).
-const ROUTES: [(&str, &str); 12] = [
+const ROUTES: [(&str, &str); 19] = [
     ("get", "/api/v1/vpn-gateways"),
     ("post", "/api/v1/vpn-gateways"),
     ("get", "/api/v1/vpn-gateways/{id}"),
@@ -767,6 +774,13 @@ const ROUTES: [(&str, &str); 12] = [
     ("get", "/api/v1/vpn-gateways/{id}/status"),
     ("get", "/api/v1/vpn-gateways/{id}/config"),
     ("get", "/api/v1/audit-log"),
+    ("get", "/api/v1/events"),
+    ("get", "/api/v1/events/history"),
+    ("get", "/api/v1/webhooks"),
+    ("post", "/api/v1/webhooks"),
+    ("get", "/api/v1/webhooks/{id}"),
+    ("delete", "/api/v1/webhooks/{id}"),
+    ("get", "/api/v1/webhooks/{id}/deliveries"),
     ("get", "/health"),
     ("get", "/ready"),
     ("get", "/metrics"),
@@ -789,6 +803,12 @@ async fn openapi_document_validates_and_covers_every_route() {
             // The router really serves it: not an unknown route, not a wrong method.
             let uri = path.replace("{id}", "vpn_doc");
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            if path == "/api/v1/events" {
+                // An endless stream: its answer's start only.
+                let (status, _) = open_stream(&api, &api.key, &uri, &[]).await;
+                assert_eq!(status, StatusCode::OK);
+                continue;
+            }
             let body = matches!(method, "post" | "patch").then(|| json!({}));
             let reply = api.call(m, &uri, body).await;
             assert_ne!(reply.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
@@ -940,8 +960,8 @@ async fn a_retried_create_returns_the_same_id_and_psk() {
     // After a restart (the store reopened, a fresh data plane), the retry still gets the first answer.
     let store = Arc::new(Store::open(&api.db).unwrap());
     let plane = Arc::new(MemoryPlane::new(PrivateKey::generate().public_key()));
-    wgxdp_control::api::replay(&store, plane.as_ref()).unwrap();
     let state = AppState::new(store.clone(), plane.clone(), settings());
+    wgxdp_control::api::changes::replay(&state).unwrap();
     let restarted = app(state);
     let req = Request::builder()
         .method(Method::POST)
@@ -1480,9 +1500,10 @@ async fn patch_replaces_the_rules_on_the_running_tunnel_and_they_survive_a_resta
     assert_eq!(api.store.get(&id).unwrap().unwrap().firewall.len(), 2);
     // A restart: the store reopened and replayed into a fresh data plane.
     let expected = api.plane.tunnel(&id).unwrap();
-    let store = Store::open(&api.db).unwrap();
-    let plane = MemoryPlane::new(PrivateKey::generate().public_key());
-    assert_eq!(wgxdp_control::api::replay(&store, &plane).unwrap(), 1);
+    let store = Arc::new(Store::open(&api.db).unwrap());
+    let plane = Arc::new(MemoryPlane::new(PrivateKey::generate().public_key()));
+    let restarted = AppState::new(store.clone(), plane.clone(), settings());
+    assert_eq!(wgxdp_control::api::changes::replay(&restarted).unwrap(), 1);
     assert_eq!(plane.tunnel(&id).unwrap(), expected, "the same tunnel, rules and networks after a restart");
     let record = store.get(&id).unwrap().unwrap();
     assert_eq!(record.firewall_default, wgxdp_dataplane::policy::RuleAction::Deny);
@@ -1569,4 +1590,305 @@ async fn openapi_documents_the_firewall() {
         assert!(view.as_array().unwrap().contains(&json!(field)), "GatewayView always has {field}");
     }
     assert!(schemas["StatusView"]["properties"]["firewall_hits"].is_object());
+}
+
+/// One Server-Sent Event: id, type, data.
+type Sse = (i64, String, Value);
+
+/// Opens `GET uri` as a stream (with `headers`); the status and the body.
+async fn open_stream(api: &Api, key: &str, uri: &str, headers: &[(&str, &str)]) -> (StatusCode, Body) {
+    let mut b = Request::builder().method(Method::GET).uri(uri).header(header::AUTHORIZATION, format!("Bearer {key}"));
+    for (name, value) in headers {
+        b = b.header(*name, *value);
+    }
+    let resp = api.router.clone().oneshot(b.body(Body::empty()).unwrap()).await.unwrap();
+    let ctype = resp.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_owned());
+    if resp.status() == StatusCode::OK {
+        assert_eq!(ctype.as_deref(), Some("text/event-stream"));
+    }
+    (resp.status(), resp.into_body())
+}
+
+/// Reads `n` events from an SSE body (comment lines skipped), failing after 15 s.
+async fn read_events(body: &mut Body, pending: &mut String, n: usize) -> Vec<Sse> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while out.len() < n {
+        while let Some(end) = pending.find("\n\n") {
+            let block: String = pending.drain(..end + 2).collect();
+            let (mut id, mut kind, mut data) = (None, None, None);
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id: ") {
+                    id = v.parse().ok();
+                } else if let Some(v) = line.strip_prefix("event: ") {
+                    kind = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(v).ok();
+                }
+            }
+            if let (Some(id), Some(kind), Some(data)) = (id, kind, data) {
+                out.push((id, kind, data));
+            }
+        }
+        if out.len() >= n {
+            break;
+        }
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {n} events in 15 s: {out:?}", out.len()))
+            .expect("the stream ended")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            pending.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    out
+}
+
+/// The types of gateway `id`'s events, oldest first.
+fn events_of(store: &Store, id: &str) -> Vec<&'static str> {
+    let filter = wgxdp_control::store::EventFilter { gateway_id: Some(id.to_owned()), kind: None };
+    store.events_before(None, &filter, 100).unwrap().iter().rev().map(|e| e.kind.as_str()).collect()
+}
+
+fn kinds_of(events: &[Sse]) -> Vec<&str> {
+    events.iter().map(|(_, k, _)| k.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stream_in_order_and_resume_after_a_disconnect_without_gaps() {
+    let api = Api::new(1000);
+    let watch = tokio::spawn(wgxdp_control::api::tunnel_watch::run(api.state.clone()));
+    let (_, read_key) = api.store.create_api_key("dashboard", Scope::Read).unwrap();
+    let read_key = read_key.expose().to_owned();
+    // A read key may follow events.
+    let (code, mut stream) = open_stream(&api, &read_key, "/api/v1/events", &[]).await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, mut ups) = open_stream(&api, &read_key, "/api/v1/events?types=tunnel.up", &[]).await;
+    assert_eq!(code, StatusCode::OK);
+    let mut pending = String::new();
+
+    let r = api.create(new_gateway("events-a", "10.90.0.0/16")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = id_of(&r);
+    // The tunnel shakes hands: the watch sees it within a second.
+    api.plane.statuses.lock().unwrap().insert(
+        id.clone(),
+        TunnelStatus {
+            last_handshake: Some(SystemTime::now()),
+            endpoint: Some("203.0.113.200:51820".parse().unwrap()),
+            ..TunnelStatus::default()
+        },
+    );
+    let first = read_events(&mut stream, &mut pending, 2).await;
+    assert_eq!(kinds_of(&first), ["gateway.created", "tunnel.up"]);
+    assert_eq!(first[1].0, first[0].0 + 1);
+    assert_eq!(first[0].2["gateway_id"], id.as_str());
+    assert_eq!(first[0].2["data"]["name"], "events-a");
+    assert_eq!(first[0].2["data"]["pre_shared_key"], "********", "no secret in an event");
+    assert_eq!(first[1].2["data"]["endpoint"], "203.0.113.200:51820");
+    let only_ups = read_events(&mut ups, &mut String::new(), 1).await;
+    assert_eq!((only_ups[0].0, only_ups[0].1.as_str()), (first[1].0, "tunnel.up"));
+
+    // The client goes away; meanwhile the gateway changes and is deleted.
+    drop(stream);
+    let r = api.call(Method::PATCH, &gateway_uri(&id), Some(json!({"name": "events-b"}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = api.call(Method::DELETE, &gateway_uri(&id), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // It comes back with the last id it saw: everything since, in order.
+    let last = first[1].0.to_string();
+    let (code, mut resumed) = open_stream(&api, &read_key, "/api/v1/events", &[("last-event-id", &last)]).await;
+    assert_eq!(code, StatusCode::OK);
+    let mut pending = String::new();
+    let rest = read_events(&mut resumed, &mut pending, 3).await;
+    assert_eq!(kinds_of(&rest), ["gateway.updated", "gateway.deleted", "tunnel.down"]);
+    let ids: Vec<i64> = rest.iter().map(|e| e.0).collect();
+    assert_eq!(ids, [first[1].0 + 1, first[1].0 + 2, first[1].0 + 3], "no gaps");
+    assert_eq!(rest[0].2["data"]["name"], "events-b");
+    assert_eq!(rest[2].2["data"]["reason"], "deleted");
+    // `after` does what the header does.
+    let uri = format!("/api/v1/events?after={}&gateway_id={id}", first[0].0);
+    let (_, mut from_query) = open_stream(&api, &read_key, &uri, &[]).await;
+    let again = read_events(&mut from_query, &mut String::new(), 4).await;
+    assert_eq!(kinds_of(&again), ["tunnel.up", "gateway.updated", "gateway.deleted", "tunnel.down"]);
+
+    // The history: newest first, in pages, by gateway and type.
+    let h = api.call(Method::GET, &format!("/api/v1/events/history?gateway_id={id}&limit=3"), None).await;
+    assert_eq!(h.status, StatusCode::OK, "{}", h.text);
+    let types: Vec<&str> = h.body["data"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["tunnel.down", "gateway.deleted", "gateway.updated"]);
+    let before = h.body["meta"]["next_before"].as_i64().unwrap();
+    let h2 = api.call(Method::GET, &format!("/api/v1/events/history?gateway_id={id}&before={before}"), None).await;
+    let types: Vec<&str> = h2.body["data"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!((types, h2.body["meta"]["next_before"].clone()), (vec!["tunnel.up", "gateway.created"], Value::Null));
+    let h3 = api.call(Method::GET, "/api/v1/events/history?type=tunnel.up", None).await;
+    assert_eq!(h3.body["meta"]["count"], 1);
+
+    // Bad input is a clear 400.
+    for (uri, headers) in [
+        ("/api/v1/events", &[("last-event-id", "yesterday")][..]),
+        ("/api/v1/events?types=tunnel.sideways", &[][..]),
+        ("/api/v1/events?after=-1", &[][..]),
+    ] {
+        let (code, _) = open_stream(&api, &read_key, uri, headers).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{uri}");
+    }
+    let r = api.call(Method::GET, "/api/v1/events/history?type=gateway.*", None).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+
+    // One key may hold 16 streams (this one holds 3 already); the admin key still gets its own.
+    let mut held = Vec::new();
+    for _ in 0..13 {
+        let (code, body) = open_stream(&api, &read_key, "/api/v1/events", &[]).await;
+        assert_eq!(code, StatusCode::OK);
+        held.push(body);
+    }
+    let (code, _) = open_stream(&api, &read_key, "/api/v1/events", &[]).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    let admin_key = api.key.clone();
+    let (code, mut admin_stream) = open_stream(&api, &admin_key, "/api/v1/events", &[]).await;
+    assert_eq!(code, StatusCode::OK);
+    held.pop();
+    let (code, last) = open_stream(&api, &read_key, "/api/v1/events", &[]).await;
+    assert_eq!(code, StatusCode::OK, "a closed stream frees its place");
+    held.push(last);
+    // The server stops: every stream ends, so a graceful shutdown can finish.
+    api.state.events.close();
+    for body in held.iter_mut().chain([&mut admin_stream, &mut ups, &mut resumed, &mut from_query]) {
+        let end = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.expect("the stream ends");
+        assert!(end.is_none(), "no more events once closed");
+    }
+    assert_eq!(api.state.events.streams(), 0);
+    watch.abort();
+}
+
+/// A webhook receiver on 127.0.0.1:`port`, answering `answers` in turn.
+fn receiver(port: u16, answers: Vec<u16>) -> WebhookReceiver {
+    WebhookReceiver::start(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap(), answers)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_get_signed_deliveries_retried_until_the_receiver_is_back_and_after_a_restart() {
+    let api = Api::new(1000);
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/hooks/wgxdp");
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/webhooks",
+            Some(json!({"url": url, "events": ["gateway.created", "gateway.deleted"]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let hook = r.body["data"]["id"].as_str().unwrap().to_owned();
+    let secret = r.body["data"]["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_") && secret.len() > 40, "{secret}");
+    assert_eq!(r.headers[header::LOCATION], format!("/api/v1/webhooks/{hook}"));
+    // The secret is shown once.
+    let got = api.call(Method::GET, &format!("/api/v1/webhooks/{hook}"), None).await;
+    assert_eq!(got.body["data"]["events"], json!(["gateway.created", "gateway.deleted"]));
+    let listed = api.call(Method::GET, "/api/v1/webhooks", None).await;
+    assert!(!got.text.contains(&secret) && !listed.text.contains(&secret));
+    assert_eq!(listed.body["data"][0]["id"], hook.as_str());
+    // Webhooks are for admins.
+    let (_, read_key) = api.store.create_api_key("reader", Scope::Read).unwrap();
+    let read_key = read_key.expose().to_owned();
+    let r = api.call_as(Some(&read_key), Method::GET, "/api/v1/webhooks", None).await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    let r = api.call_as(Some(&read_key), Method::POST, "/api/v1/webhooks", Some(json!({"url": url}))).await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    let r = api.call(Method::POST, "/api/v1/webhooks", Some(json!({"url": "file:///etc/passwd"}))).await;
+    assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+
+    // The receiver is down when the gateway is created.
+    let deliverer = tokio::spawn(wgxdp_control::api::webhook_delivery::run(api.state.clone()));
+    let r = api.create(new_gateway("hooked", "10.91.0.0/16")).await;
+    let id = id_of(&r);
+    let log_uri = format!("/api/v1/webhooks/{hook}/deliveries");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let failed = loop {
+        let log = api.call(Method::GET, &log_uri, None).await;
+        if log.body["data"][0]["attempts"].as_u64() >= Some(1) {
+            break log;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no attempt: {}", log.text);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(failed.body["data"][0]["state"], "pending", "{}", failed.text);
+    assert!(failed.body["data"][0]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{}", failed.text);
+    assert!(failed.body["data"][0]["next_attempt_at"].is_string());
+    // It comes back, answering 503 once: the delivery is retried until a 2xx.
+    let back = receiver(port, vec![503]);
+    let wait = |r: &WebhookReceiver| {
+        tokio::task::block_in_place(|| r.next(Duration::from_secs(30))).expect("a delivery in 30 s")
+    };
+    let (first, retried) = (wait(&back), wait(&back));
+    assert_eq!(first.body, retried.body, "the same delivery, retried after the 503");
+    assert_eq!(first.headers["wgxdp-delivery"], retried.headers["wgxdp-delivery"]);
+    verify_signature(&retried, &secret).unwrap();
+    let mut forged = retried.clone();
+    forged.body.push(b' ');
+    assert!(verify_signature(&forged, &secret).is_err(), "a changed body does not verify");
+    assert!(verify_signature(&retried, "whsec_other").is_err(), "another secret does not verify");
+    assert_eq!(retried.headers["wgxdp-event"], "gateway.created");
+    assert_eq!(retried.headers["content-type"], "application/json");
+    let event = retried.event();
+    assert_eq!((event["type"].as_str(), event["gateway_id"].as_str()), (Some("gateway.created"), Some(id.as_str())));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = api.call(Method::GET, &log_uri, None).await;
+        if log.body["data"][0]["state"] == "delivered" {
+            assert!(log.body["data"][0]["attempts"].as_u64().unwrap() >= 3, "{}", log.text);
+            assert_eq!(log.body["data"][0]["last_status"], 200);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not recorded as delivered: {}", log.text);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // An event the webhook did not ask for is not delivered.
+    let r = api.call(Method::PATCH, &gateway_uri(&id), Some(json!({"name": "renamed"}))).await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    // The receiver goes down again, the gateway is deleted, the server stops.
+    drop(back);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = api.call(Method::DELETE, &gateway_uri(&id), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    deliverer.abort();
+    // A new server on the same database, with the receiver back: the
+    // outbox still holds the delivery.
+    let store = Arc::new(Store::open(&api.db).unwrap());
+    let plane = Arc::new(MemoryPlane::new(PrivateKey::generate().public_key()));
+    let restarted = AppState::new(store.clone(), plane, settings());
+    let back = receiver(port, Vec::new());
+    let deliverer = tokio::spawn(wgxdp_control::api::webhook_delivery::run(restarted));
+    let after = wait(&back);
+    verify_signature(&after, &secret).unwrap();
+    assert_eq!(after.headers["wgxdp-event"], "gateway.deleted", "only the events asked for, in order");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.deliveries(&hook, None, 10).unwrap().iter().any(|d| d.state != DeliveryState::Delivered) {
+        assert!(std::time::Instant::now() < deadline, "not recorded as delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(back);
+    deliverer.abort();
+    assert_eq!(store.deliveries(&hook, None, 10).unwrap().len(), 2, "one delivery per event asked for");
+
+    let r = api.call(Method::DELETE, &format!("/api/v1/webhooks/{hook}"), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = api.call(Method::GET, &format!("/api/v1/webhooks/{hook}"), None).await;
+    assert_error(&r, StatusCode::NOT_FOUND, "not_found");
+    let r = api.call(Method::GET, &log_uri, None).await;
+    assert_error(&r, StatusCode::NOT_FOUND, "not_found");
+    // The audit log names webhook changes.
+    let audit = api.call(Method::GET, "/api/v1/audit-log?limit=500", None).await;
+    let actions: Vec<&str> =
+        audit.body["data"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert!(actions.contains(&"webhook.create") && actions.contains(&"webhook.delete"), "{actions:?}");
 }

@@ -3,7 +3,7 @@
 They teach the fuzzer what the OpenAPI document states in words but JSON
 Schema cannot express:
 - the string formats the document names (`cidr`, `local-network`,
-  `remote-network`, `peer-address`, `port-range`), each generated exactly as
+  `remote-network`, `peer-address`, `port-range`, `webhook-url`), each generated exactly as
   its schema's description defines it;
 - a list cursor is opaque: schema-valid data never invents one (an invented
   cursor is a 400 by design; negative cases still send them);
@@ -85,7 +85,18 @@ port_range = st.one_of(
     st.tuples(st.integers(1, 65535), st.integers(1, 65535)).map(_ports),
 )
 
+# Receivers on a documentation network (192.0.2.0/24) that the test's
+# namespace has no route to: deliveries fail at once and are retried.
+webhook_url = st.builds(
+    "{}://192.0.2.{}:{}/{}".format,
+    st.sampled_from(["http", "https"]),
+    st.integers(1, 254),
+    st.integers(1, 65535),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_/", max_size=40),
+)
+
 schemathesis.openapi.format("cidr", cidr)
+schemathesis.openapi.format("webhook-url", webhook_url)
 schemathesis.openapi.format("local-network", local_network)
 schemathesis.openapi.format("remote-network", remote_network)
 schemathesis.openapi.format("peer-address", peer_address)

@@ -77,6 +77,10 @@ pub struct PeerStats {
     pub rx_packets: u64,
     pub tx_packets: u64,
     pub handshakes: u64,
+    /// Handshakes with this (authenticated) peer that did not complete: our
+    /// response went unused before it initiated again, or its response to
+    /// our initiation did not authenticate.
+    pub handshake_failures: u64,
 }
 
 struct PeerSlot {
@@ -90,6 +94,10 @@ struct PeerSlot {
     want_initiation: bool,
     want_keepalive: bool,
     handshakes: u64,
+    handshake_failures: u64,
+    /// The initiation (its local index) whose response already counted as
+    /// a failure: forged responses to one initiation count once.
+    failed_initiation: Option<u32>,
     /// Worker activity already turned into timer events (see `sync_from_workers`).
     seen: [u64; 4],
 }
@@ -202,6 +210,8 @@ impl Device {
                 want_initiation: false,
                 want_keepalive: false,
                 handshakes: 0,
+                handshake_failures: 0,
+                failed_initiation: None,
                 seen: [0; 4],
             },
         );
@@ -273,6 +283,7 @@ impl Device {
                 rx_packets: c.rx_packets.load(Relaxed),
                 tx_packets: c.tx_packets.load(Relaxed),
                 handshakes: s.handshakes,
+                handshake_failures: s.handshake_failures,
             }
         })
     }
@@ -428,6 +439,9 @@ impl Device {
         };
         let slot = self.peers.get_mut(&id).ok_or(DropReason::Handshake)?;
         let consumed = partial.finish(slot.peer.keys(), &msg).map_err(refused)?;
+        // Counted once the initiation authenticated: a replay or a flood
+        // (refused below) is not the peer failing.
+        let previous_unconfirmed = slot.peer.response_unconfirmed();
         let index = self
             .tables
             .indices
@@ -438,6 +452,7 @@ impl Device {
                 self.tables.indices.replace(index, IndexValue { peer: id, keypair: Some(keypair) });
                 slot.view.learn(from);
                 slot.handshakes += 1;
+                slot.handshake_failures += u64::from(previous_unconfirmed);
                 // Any handshake completed from here on satisfies a pending wish
                 // for one (it already uses the current pre-shared key).
                 slot.want_initiation = false;
@@ -468,6 +483,15 @@ impl Device {
         let slot = self.peers.get_mut(&id).ok_or(DropReason::UnknownIndex)?;
         let (keypair, retired) = slot.peer.consume_response(&self.identity, &msg, now, wall).map_err(|e| {
             tracing::debug!(from = %from.addr, error = %e, "response refused");
+            // A response to our pending initiation that does not decrypt: the
+            // peer's keys (its pre-shared key) differ. Counted once per
+            // initiation, however many (forged) responses come.
+            if e == crate::noise::handshake::HandshakeError::Decryption
+                && slot.failed_initiation != Some(msg.receiver())
+            {
+                slot.failed_initiation = Some(msg.receiver());
+                slot.handshake_failures += 1;
+            }
             DropReason::Handshake
         })?;
         slot.view.learn(from);
@@ -852,6 +876,57 @@ mod tests {
         assert_eq!(confirm.len(), 1);
         assert_eq!(confirm[0].len(), 32, "a keepalive confirms the session");
         assert!(deliver(&mut p.b, A_ADDR, &confirm[0], now).unwrap().is_empty());
+    }
+
+    #[test]
+    fn handshakes_that_do_not_complete_are_counted_on_both_sides() {
+        let now = Instant::now();
+        let mut p = pair(now);
+        // b now holds another pre-shared key: a's initiations still
+        // authenticate at b (IKpsk2 mixes the key in at the response), but
+        // b's responses do not authenticate at a.
+        let update = PeerUpdate { preshared_key: Some(PresharedKey::generate()), ..PeerUpdate::default() };
+        assert!(p.b.update_peer(p.b_peer, update));
+        drain(&mut p.b, now);
+        // Initiation timestamps are whitened to ~16.7 ms: each round a newer one.
+        let newer_timestamp = || std::thread::sleep(Duration::from_millis(20));
+        for round in 0..3u32 {
+            let t = now + crate::noise::constants::REKEY_TIMEOUT * (round + 1) + Duration::from_millis(10);
+            newer_timestamp();
+            p.a.initiate(p.a_peer);
+            let init = drain(&mut p.a, t).remove(0);
+            let resp = deliver(&mut p.b, A_ADDR, &init, t).unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+            assert_eq!(resp.len(), 92, "b answers every initiation");
+            assert_eq!(deliver(&mut p.a, B_ADDR, &resp, t), Err(DropReason::Handshake));
+            assert_eq!(p.a.peer_stats(p.a_peer).unwrap().handshake_failures, u64::from(round) + 1);
+            // b learns of a failure when the next initiation comes instead of data.
+            assert_eq!(p.b.peer_stats(p.b_peer).unwrap().handshake_failures, u64::from(round));
+        }
+        // The same (or a forged) response again counts no second failure.
+        let t = now + crate::noise::constants::REKEY_TIMEOUT * 5;
+        newer_timestamp();
+        p.a.initiate(p.a_peer);
+        let init = drain(&mut p.a, t).remove(0);
+        let resp = deliver(&mut p.b, A_ADDR, &init, t).unwrap();
+        for _ in 0..3 {
+            assert_eq!(deliver(&mut p.a, B_ADDR, &resp, t), Err(DropReason::Handshake));
+        }
+        assert_eq!(p.a.peer_stats(p.a_peer).unwrap().handshake_failures, 4);
+        // A replay of an initiation is no failure of the peer's.
+        let mut p = pair(now);
+        p.a.initiate(p.a_peer);
+        let init = drain(&mut p.a, now).remove(0);
+        deliver(&mut p.b, A_ADDR, &init, now).unwrap();
+        assert!(deliver(&mut p.b, A_ADDR, &init, now + Duration::from_secs(1)).is_err());
+        assert_eq!(p.b.peer_stats(p.b_peer).unwrap().handshake_failures, 0);
+        // Nor is a completed handshake.
+        let mut p = pair(now);
+        handshake(&mut p, now);
+        let later = now + crate::noise::constants::REKEY_TIMEOUT * 2;
+        newer_timestamp();
+        handshake(&mut p, later);
+        assert_eq!(p.a.peer_stats(p.a_peer).unwrap().handshake_failures, 0);
+        assert_eq!(p.b.peer_stats(p.b_peer).unwrap().handshake_failures, 0);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use super::error::{ApiError, ErrorCode};
 use super::extract::ApiQuery;
 use super::model::rfc3339_millis;
+use super::paging::{page, page_size, PageMeta};
 use super::AppState;
 use crate::store::{now_millis, AuditEntry, Caller, Scope};
 use axum::extract::{MatchedPath, State};
@@ -40,6 +41,8 @@ fn action(method: &Method, route: &str) -> String {
         ("POST", "/api/v1/vpn-gateways") => "gateway.create",
         ("PATCH", "/api/v1/vpn-gateways/:id") => "gateway.update",
         ("DELETE", "/api/v1/vpn-gateways/:id") => "gateway.delete",
+        ("POST", "/api/v1/webhooks") => "webhook.create",
+        ("DELETE", "/api/v1/webhooks/:id") => "webhook.delete",
         // A method is the client's text: bounded like a target.
         _ => return bounded(&format!("{method} {route}")),
     };
@@ -103,7 +106,8 @@ pub struct AuditEntryView {
     pub at: String,
     /// The API key that asked (`wg-socket`: the WireGuard socket).
     pub key_id: String,
-    /// `gateway.create`, `gateway.update`, `gateway.delete`, or `METHOD route`.
+    /// `gateway.create`, `gateway.update`, `gateway.delete`, `webhook.create`,
+    /// `webhook.delete`, or `METHOD route`.
     pub action: String,
     /// The gateway acted on, when there is one.
     pub target: Option<String>,
@@ -121,15 +125,7 @@ pub struct AuditEntryView {
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditLogEnvelope {
     pub data: Vec<AuditEntryView>,
-    pub meta: AuditLogMeta,
-}
-
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct AuditLogMeta {
-    pub limit: u32,
-    pub count: usize,
-    /// Pass as `before` for the next (older) page; null on the last page.
-    pub next_before: Option<i64>,
+    pub meta: PageMeta,
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -172,22 +168,13 @@ pub async fn list(
     if caller.scope != Scope::Admin {
         return Err(ApiError::forbidden("the audit log needs an `admin` API key"));
     }
-    let limit = match p.limit {
-        None => 50,
-        Some(n @ 1..=500) => n,
-        Some(n) => return Err(ApiError::bad_request(format!("limit must be an integer from 1 to 500 (got {n})"))),
-    };
-    if p.before.is_some_and(|b| b < 1) {
-        return Err(ApiError::bad_request("before must be a positive entry id"));
-    }
+    let limit = page_size(p.limit, p.before)?;
     let store = state.store.clone();
     let rows = tokio::task::spawn_blocking(move || store.audit_log(p.before, limit as usize + 1))
         .await
         .map_err(ApiError::internal)??;
-    let more = rows.len() > limit as usize;
-    let data: Vec<AuditEntryView> = rows.into_iter().take(limit as usize).map(Into::into).collect();
-    let next_before = more.then(|| data.last().map(|e| e.id)).flatten();
-    Ok(Json(AuditLogEnvelope { meta: AuditLogMeta { limit, count: data.len(), next_before }, data }))
+    let (data, meta) = page(rows, limit, AuditEntryView::from, |e| e.id);
+    Ok(Json(AuditLogEnvelope { data, meta }))
 }
 
 #[cfg(test)]

@@ -3,13 +3,15 @@
 //! it and the data plane runs it; a failure leaves both as they were. Callers
 //! run them through `AppState::mutate`: one at a time (check-then-write stays
 //! atomic), off the async runtime (they block on the store and the data plane).
+//! Each acknowledged change records its event (`gateway.created|updated|deleted`).
 
 use super::conditional::check_if_match;
 use super::error::ApiError;
 use super::model::{overlaps, tunnel_of, NewGateway, UpdateGateway};
 use super::networks::{find_overlap, validate_remote_vs_site, GatewayNetworks, Network, ADDITIONAL_REMOTE, REMOTE};
 use super::AppState;
-use crate::store::{now_millis, GatewayRecord, Status, Store, StoreError};
+use crate::plane::DataPlane;
+use crate::store::{now_millis, EventKind, GatewayRecord, Status, Store, StoreError};
 use std::time::Duration;
 
 pub(crate) fn existing(store: &Store, id: &str) -> Result<GatewayRecord, ApiError> {
@@ -129,7 +131,7 @@ pub fn create(s: &AppState, new: NewGateway) -> Result<GatewayRecord, ApiError> 
     let key = new.remote_public_key.to_base64();
     check_conflicts(s, &remote, Some(&key), None)?;
     let record = new.into_record(now_millis());
-    let mut record = s.store.insert(record).map_err(|e| match e {
+    let record = s.store.insert(record).map_err(|e| match e {
         StoreError::DuplicateKey => ApiError::conflict("a VPN gateway already uses this remote_public_key"),
         e => e.into(),
     })?;
@@ -142,8 +144,8 @@ pub fn create(s: &AppState, new: NewGateway) -> Result<GatewayRecord, ApiError> 
         }
         return Err(ApiError::unavailable(format!("the data plane refused the tunnel: {e}")));
     }
-    let active_at = now_millis();
-    if let Err(e) = write_retrying(&record.id, || s.store.set_status_at(&record.id, Status::Active, active_at)) {
+    let active = GatewayRecord { status: Status::Active, updated_at: now_millis(), ..record.clone() };
+    if let Err(e) = write_retrying(&record.id, || s.settle(&active, EventKind::GatewayCreated)) {
         // The tunnel runs but the store cannot say so: take it back out, so
         // that the record (`creating`, or gone) and the data plane agree.
         match s.plane.remove(&record.id) {
@@ -159,10 +161,8 @@ pub fn create(s: &AppState, new: NewGateway) -> Result<GatewayRecord, ApiError> 
         }
         return Err(store_unavailable(e));
     }
-    record.status = Status::Active;
-    record.updated_at = active_at;
-    tracing::info!(id = %record.id, name = %record.name, "VPN gateway created");
-    Ok(record)
+    tracing::info!(id = %active.id, name = %active.name, "VPN gateway created");
+    Ok(active)
 }
 
 /// Validates `body` against gateway `id`, stores the result and changes the
@@ -192,13 +192,14 @@ pub fn update(s: &AppState, id: &str, body: UpdateGateway, if_match: Option<&str
         return Err(ApiError::unavailable(format!("the data plane refused the change: {e}")));
     }
     tracing::info!(id = %id, "VPN gateway updated");
+    s.emit_gateway(EventKind::GatewayUpdated, &new);
     Ok(new)
 }
 
 /// Stops gateway `id`'s tunnel; the record stays, `deleted`. Returns it.
 /// `if_match` as for `update`.
 pub fn delete(s: &AppState, id: &str, if_match: Option<&str>) -> Result<GatewayRecord, ApiError> {
-    let mut g = existing(&s.store, id)?;
+    let g = existing(&s.store, id)?;
     check_if_match(if_match, &g)?;
     refuse_transient(&g)?;
     s.store.set_status(id, Status::Deleting)?;
@@ -212,14 +213,51 @@ pub fn delete(s: &AppState, id: &str, if_match: Option<&str>) -> Result<GatewayR
         return Err(ApiError::unavailable(format!("the data plane could not remove the tunnel: {e}")));
     }
     // The stamp the answer (and its ETag) carries is the one stored.
-    let deleted_at = now_millis().max(g.updated_at + 1);
-    if let Err(e) = write_retrying(id, || s.store.set_status_at(id, Status::Deleted, deleted_at)) {
+    let deleted = GatewayRecord { status: Status::Deleted, updated_at: now_millis().max(g.updated_at + 1), ..g };
+    if let Err(e) = write_retrying(id, || s.settle(&deleted, EventKind::GatewayDeleted)) {
         // The tunnel is gone and the record says `deleting`, which the
         // next start completes; the client may not assume it is done.
         return Err(store_unavailable(e));
     }
-    g.status = Status::Deleted;
-    g.updated_at = deleted_at;
     tracing::info!(id = %id, "VPN gateway deleted");
-    Ok(g)
+    Ok(deleted)
+}
+
+/// Brings the data plane in line with the store after a start: gateways
+/// still `creating` are programmed and become `active`, `active` ones are
+/// programmed, `deleting` ones become `deleted`. Returns how many tunnels run.
+///
+/// A change the previous run did not finish was never acknowledged, nor its
+/// event recorded: finishing it records it (`gateway.created`, `.deleted`).
+pub fn replay(state: &AppState) -> Result<usize, StoreError> {
+    let (store, plane) = (&state.store, &*state.plane);
+    let mut running = 0;
+    for mut g in store.live()? {
+        match g.status {
+            Status::Deleting => {
+                let _ = plane.remove(&g.id);
+                g.updated_at = now_millis().max(g.updated_at + 1);
+                g.status = Status::Deleted;
+                state.settle(&g, EventKind::GatewayDeleted)?;
+            }
+            Status::Creating | Status::Active => match program(plane, &g) {
+                Ok(()) => {
+                    if g.status == Status::Creating {
+                        g.updated_at = now_millis().max(g.updated_at + 1);
+                        g.status = Status::Active;
+                        state.settle(&g, EventKind::GatewayCreated)?;
+                    }
+                    running += 1;
+                }
+                Err(e) => tracing::error!(id = %g.id, error = %e, "cannot restore a tunnel into the data plane"),
+            },
+            Status::Deleted => {}
+        }
+    }
+    Ok(running)
+}
+
+fn program(plane: &dyn DataPlane, g: &GatewayRecord) -> Result<(), String> {
+    let tunnel = tunnel_of(g)?;
+    plane.apply(&g.id, &tunnel).map_err(|e| e.0)
 }

@@ -173,3 +173,17 @@ string_type!(
         example: Some("8000-8080"),
     }
 );
+
+string_type!(
+    /// Where a webhook's deliveries go.
+    WebhookUrl,
+    Text {
+        description: "Format `webhook-url`: an absolute `http` or `https` URL (RFC 3986, as the WHATWG URL \
+                      standard parses it) with a host, no user name or password and no fragment; at most 2048 \
+                      characters.",
+        format: Some("webhook-url"),
+        pattern: None,
+        length: None,
+        example: Some("https://hooks.example.com/wgxdp"),
+    }
+);

@@ -10,7 +10,7 @@ use super::model::{
     parse_create, remote_config, GatewayEnvelope, GatewayListEnvelope, GatewayView, ListMeta, ObjectMeta,
     StatusEnvelope, StatusView, UpdateGateway,
 };
-use super::AppState;
+use super::{blocking, AppState};
 use crate::plane::TunnelStatus;
 use crate::store::{GatewayRecord, ListQuery, SortField, SortKey, Status};
 use axum::extract::{Path, State};
@@ -20,15 +20,6 @@ use axum::Json;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-
-/// Runs blocking store/data-plane work off the async runtime.
-async fn blocking<T: Send + 'static>(
-    state: &Arc<AppState>,
-    f: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || f(&state)).await.map_err(ApiError::internal)?
-}
 
 /// Live state from the data plane for each record (none for deleted ones), in one trip.
 fn live_statuses(state: &AppState, records: &[GatewayRecord]) -> Vec<Option<TunnelStatus>> {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod changes;
 pub mod conditional;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod formats;
 pub mod gateways;
@@ -15,9 +16,13 @@ pub mod model;
 pub mod networks;
 pub mod openapi;
 pub mod ops;
+pub mod paging;
+pub mod tunnel_watch;
+pub mod webhook_delivery;
+pub mod webhooks;
 
 use crate::plane::DataPlane;
-use crate::store::{GatewayRecord, Status, Store};
+use crate::store::{GatewayRecord, Store};
 use auth::{RateLimiter, SourceLimiter};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
@@ -82,6 +87,8 @@ pub struct AppState {
     pub limiter: RateLimiter,
     /// Failed authentications per source address.
     pub auth_failures: SourceLimiter,
+    /// The event log's live side (SSE streams, the webhook deliverer).
+    pub events: Arc<events::EventHub>,
     /// Requests with an `Idempotency-Key` run one at a time (`idempotency`).
     idempotent_requests: tokio::sync::Mutex<()>,
     /// Held by every mutation's task (`auth::require_api_key`): `drain`
@@ -108,6 +115,7 @@ impl AppState {
             settings,
             limiter,
             auth_failures,
+            events: Arc::default(),
             idempotent_requests: tokio::sync::Mutex::new(()),
             mutations_in_flight: Arc::new(()),
             mutations: Arc::default(),
@@ -149,6 +157,29 @@ impl AppState {
         }
     }
 
+    /// Records an event about gateway `id` (blocking).
+    pub fn emit(&self, kind: crate::store::EventKind, id: &str, data: serde_json::Value) {
+        self.events.emit(&self.store, kind, id, data);
+    }
+
+    /// Records `gateway.created|updated|deleted` with the gateway as `GET` shows it.
+    pub fn emit_gateway(&self, kind: crate::store::EventKind, g: &GatewayRecord) {
+        self.emit(kind, &g.id, self.gateway_event_data(g));
+    }
+
+    /// A `gateway.*` event's data: the gateway as `GET` shows it (its key masked).
+    pub fn gateway_event_data(&self, g: &GatewayRecord) -> serde_json::Value {
+        let view = model::GatewayView::new(g, None, &self.local_side(), false);
+        serde_json::to_value(view).unwrap_or_default()
+    }
+
+    /// The final write of a create or delete (`g` as it becomes) with its
+    /// event, in one transaction.
+    pub fn settle(&self, g: &GatewayRecord, kind: crate::store::EventKind) -> Result<(), crate::store::StoreError> {
+        let data = self.gateway_event_data(g);
+        self.store.set_status_with_event(&g.id, g.status, g.updated_at, (kind, data), |e| self.events.publish(e))
+    }
+
     pub fn local_side(&self) -> LocalSide {
         LocalSide {
             ip: self.settings.public_address.clone(),
@@ -158,6 +189,15 @@ impl AppState {
     }
 }
 
+/// Runs blocking store/data-plane work off the async runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
+    state: &Arc<AppState>,
+    f: impl FnOnce(&AppState) -> Result<T, error::ApiError> + Send + 'static,
+) -> Result<T, error::ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state)).await.map_err(error::ApiError::internal)?
+}
+
 pub fn app(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/vpn-gateways", get(gateways::list).post(gateways::create))
@@ -165,6 +205,11 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/vpn-gateways/:id/status", get(gateways::status))
         .route("/vpn-gateways/:id/config", get(gateways::config))
         .route("/audit-log", get(audit::list))
+        .route("/events", get(events::stream))
+        .route("/events/history", get(events::history))
+        .route("/webhooks", get(webhooks::list).post(webhooks::create))
+        .route("/webhooks/:id", get(webhooks::get_one).delete(webhooks::delete))
+        .route("/webhooks/:id/deliveries", get(webhooks::deliveries))
         // Inside authentication (the idempotency layer needs the caller).
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::idempotent))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
@@ -197,35 +242,4 @@ fn metrics_routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
     } else {
         r
     }
-}
-
-/// Brings the data plane in line with the store after a start: gateways
-/// still `creating` are programmed and become `active`, `active` ones are
-/// programmed, `deleting` ones become `deleted`. Returns how many tunnels run.
-pub fn replay(store: &Store, plane: &dyn DataPlane) -> Result<usize, crate::store::StoreError> {
-    let mut running = 0;
-    for g in store.live()? {
-        match g.status {
-            Status::Deleting => {
-                let _ = plane.remove(&g.id);
-                store.set_status(&g.id, Status::Deleted)?;
-            }
-            Status::Creating | Status::Active => match program(plane, &g) {
-                Ok(()) => {
-                    if g.status == Status::Creating {
-                        store.set_status(&g.id, Status::Active)?;
-                    }
-                    running += 1;
-                }
-                Err(e) => tracing::error!(id = %g.id, error = %e, "cannot restore a tunnel into the data plane"),
-            },
-            Status::Deleted => {}
-        }
-    }
-    Ok(running)
-}
-
-fn program(plane: &dyn DataPlane, g: &GatewayRecord) -> Result<(), String> {
-    let tunnel = model::tunnel_of(g)?;
-    plane.apply(&g.id, &tunnel).map_err(|e| e.0)
 }

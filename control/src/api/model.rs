@@ -189,6 +189,9 @@ pub struct StatusView {
     pub packets_sent: u64,
     pub packets_received: u64,
     pub handshakes: u64,
+    /// Handshakes with the remote peer (authenticated by its key) that did
+    /// not complete: typically a pre-shared key that differs on its side.
+    pub handshake_failures: u64,
     pub last_handshake: Option<String>,
     /// Where the remote peer's packets come from now (it may roam).
     pub remote_endpoint: Option<String>,
@@ -324,6 +327,7 @@ impl StatusView {
             packets_sent: live.packets_sent,
             packets_received: live.packets_received,
             handshakes: live.handshakes,
+            handshake_failures: live.handshake_failures,
             last_handshake: live.last_handshake.map(rfc3339),
             remote_endpoint: live.endpoint.map(|e| e.to_string()),
             // A rule without a counter yet (the rules changed a moment ago) counts 0.

@@ -12,10 +12,12 @@
 //!   listener, authenticated when `[api] metrics_auth` is set).
 
 use super::audit;
+use super::events;
 use super::formats;
 use super::gateways;
 use super::model;
 use super::ops;
+use super::webhooks;
 use super::AppState;
 use crate::firewall;
 use crate::store::Status;
@@ -34,7 +36,9 @@ use utoipa::{Modify, OpenApi};
         `PortRange`). `null` for an optional request field is the same as leaving it out."),
     paths(
         gateways::list, gateways::create, gateways::get_one, gateways::update, gateways::delete,
-        gateways::status, gateways::config, audit::list, ops::health, ops::ready, ops::metrics, document
+        gateways::status, gateways::config, audit::list, events::stream, events::history, webhooks::create,
+        webhooks::list, webhooks::get_one, webhooks::delete, webhooks::deliveries, ops::health, ops::ready,
+        ops::metrics, document
     ),
     components(schemas(
         model::CreateGateway, model::UpdateGateway, model::GatewayView, model::StatusView, model::ObjectMeta,
@@ -43,10 +47,15 @@ use utoipa::{Modify, OpenApi};
         firewall::FirewallRuleText, firewall::FirewallAction, ops::Health, Status,
         formats::GatewayName, formats::RuleName, formats::Region, formats::WireguardKey, formats::Network,
         formats::LocalNetwork, formats::RemoteNetwork, formats::PeerAddress, formats::PortRange,
-        audit::AuditEntryView, audit::AuditLogEnvelope, audit::AuditLogMeta
+        audit::AuditEntryView, audit::AuditLogEnvelope, super::paging::PageMeta, events::EventView,
+        events::EventHistoryEnvelope, crate::store::EventKind, webhooks::CreateWebhook,
+        webhooks::EventTypeOrAll, webhooks::WebhookView, webhooks::WebhookEnvelope, webhooks::WebhookListEnvelope,
+        webhooks::DeliveryView, webhooks::DeliveryLogEnvelope,
+        crate::store::DeliveryState, formats::WebhookUrl
     )),
     modifiers(&BearerAuth),
-    tags((name = "vpn-gateways"), (name = "operations"))
+    tags((name = "vpn-gateways"), (name = "events", description = "The event log (Server-Sent Events and \
+        history) and webhooks"), (name = "operations"))
 )]
 pub struct ApiDoc;
 
@@ -191,6 +200,13 @@ fn add_links(doc: &mut Value) {
     .collect();
     if let Some(created) = doc.pointer_mut("/paths/~1api~1v1~1vpn-gateways/post/responses/201") {
         created["links"] = Value::Object(links);
+    }
+    if let Some(created) = doc.pointer_mut("/paths/~1api~1v1~1webhooks/post/responses/201") {
+        created["links"] = json!({
+            "GetWebhook": {"operationId": "get_webhook", "parameters": id},
+            "DeleteWebhook": {"operationId": "delete_webhook", "parameters": id},
+            "WebhookDeliveries": {"operationId": "webhook_deliveries", "parameters": id},
+        });
     }
     // A read's entity tag makes the next write conditional.
     let conditional = json!({"id": "$response.body#/data/id", "header.If-Match": "$response.header.ETag"});

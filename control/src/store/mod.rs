@@ -22,9 +22,13 @@ use wgxdp_dataplane::policy::{FirewallRule, RuleAction};
 use wgxdp_dataplane::table::IpPrefix;
 
 mod audit;
+mod events;
 mod idempotency;
+mod webhooks;
 pub use audit::AuditEntry;
+pub use events::{Event, EventFilter, EventKind};
 pub use idempotency::StoredResponse;
+pub use webhooks::{Attempt, Delivery, DeliveryState, DueDelivery, EventSelection, Webhook, GIVE_UP_AFTER_MILLIS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -314,6 +318,39 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (key_id, idem_key)
 );
 CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency(created_at);
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         INTEGER NOT NULL,
+    kind       TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    data       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_age ON events(at);
+CREATE INDEX IF NOT EXISTS events_gateway ON events(gateway_id, seq);
+CREATE INDEX IF NOT EXISTS events_kind ON events(kind, seq);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id          TEXT PRIMARY KEY,
+    url         TEXT NOT NULL,
+    events      TEXT NOT NULL,
+    description TEXT NOT NULL,
+    secret      TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    webhook_id      TEXT NOT NULL,
+    event_seq       INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL,
+    next_attempt_at INTEGER,
+    last_attempt_at INTEGER,
+    last_status     INTEGER,
+    last_error      TEXT,
+    created_at      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_pending ON webhook_deliveries(webhook_id, seq) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS webhook_deliveries_of ON webhook_deliveries(webhook_id, seq);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_age ON webhook_deliveries(created_at);
 ";
 
 /// Columns of `gateways` added after the first schema, with the value rows
@@ -637,6 +674,34 @@ impl Store {
         if n > 0 {
             self.count_change(old, Some(status));
         }
+        Ok(())
+    }
+
+    /// `set_status_at` and the event that records it, in one transaction
+    /// (an acknowledged create or delete is never without its event); then
+    /// `published` gets the event, in order with every other append.
+    pub fn set_status_with_event(
+        &self,
+        id: &str,
+        status: Status,
+        at: i64,
+        (kind, data): (EventKind, serde_json::Value),
+        published: impl FnOnce(&Event),
+    ) -> Result<(), StoreError> {
+        self.check_write()?;
+        let conn = self.conn();
+        let old = Self::status_of(&conn, id)?;
+        let tx = rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE gateways SET status = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, status.as_str(), at],
+        )?;
+        let event = events::insert(&tx, kind, id, data)?;
+        tx.commit()?;
+        if n > 0 {
+            self.count_change(old, Some(status));
+        }
+        published(&event);
         Ok(())
     }
 

@@ -249,6 +249,14 @@ impl Peer {
         self.cookies.consume_reply(&self.mac_keys, msg, now)
     }
 
+    /// True while our last response's keypair waits in `next` unused: the
+    /// initiator has not (yet) completed that handshake. A new initiation
+    /// from it then means the last one failed on its side (a wrong
+    /// pre-shared key, or a response lost on the way).
+    pub fn response_unconfirmed(&self) -> bool {
+        self.keypairs.next.as_ref().is_some_and(|k| !k.was_used())
+    }
+
     /// Promotes `next` to current if `keypair` is it: the initiator used the
     /// responder's new keypair, which confirms it.
     fn confirm_next(&mut self, keypair: &Arc<Keypair>, wall: SystemTime) -> Retired {

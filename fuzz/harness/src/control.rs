@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use tower::ServiceExt;
 use wgxdp_control::api::model::{CreateGateway, UpdateGateway};
+use wgxdp_control::api::webhooks::parse_create_webhook;
 use wgxdp_control::api::{app, ApiSettings, AppState};
 use wgxdp_control::config::Config;
 use wgxdp_control::firewall::FirewallRuleText;
@@ -60,6 +61,8 @@ struct Api {
     router: axum::Router,
     key: String,
     id: String,
+    /// A registered webhook's id.
+    hook: String,
     ours: PublicKey,
     record: GatewayRecord,
 }
@@ -105,7 +108,12 @@ fn api() -> &'static Api {
         let v: serde_json::Value = serde_json::from_str(&text).expect("json");
         let id = v["data"]["id"].as_str().expect("an id").to_owned();
         let record = store.get(&id).expect("store").expect("the gateway");
-        Api { rt, router, key, id, ours, record }
+        let hook_body = br#"{"url":"http://192.0.2.1:9/fuzz","events":["tunnel.up"]}"#.to_vec();
+        let (status, text) = rt.block_on(call(&router, &key, Method::POST, "/api/v1/webhooks", hook_body));
+        assert!(status < 300, "registering a webhook: {status} {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let hook = v["data"]["id"].as_str().expect("an id").to_owned();
+        Api { rt, router, key, id, hook, ours, record }
     })
 }
 
@@ -140,8 +148,10 @@ async fn call_with(
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// The first byte selects: bits 0-1 what (0 create body, 1 update body, 2-3
-/// the router); create: bit 2 no site CIDR configured; router: bits 2-3 the
+/// The first byte selects: bits 0-1 what (0 create body, 1 update body, 2
+/// the router on gateway paths, 3 the router on webhook and event-history
+/// paths); create: bit 2 no site CIDR configured, bit 3 a webhook
+/// registration instead; router: bits 2-3 the
 /// method, bits 4-5 the path, bit 6 the text up to the first newline is the
 /// query string (and after a `|` in it, the `Idempotency-Key` and `If-Match`
 /// header values), bit 7 a wrong API key. The rest is the body. No request may
@@ -152,6 +162,11 @@ pub fn api_bodies(data: &[u8]) {
     let Some((&sel, rest)) = data.split_first() else { return };
     let api = api();
     match sel & 3 {
+        0 if sel & 8 != 0 => {
+            if let Ok(new) = parse_create_webhook(rest) {
+                assert!(new.url.starts_with("http://") || new.url.starts_with("https://"), "{}", new.url);
+            }
+        }
         0 => {
             if let Ok(body) = serde_json::from_slice::<CreateGateway>(rest) {
                 let site = (sel & 4 == 0).then_some(SITE_CIDR);
@@ -167,14 +182,19 @@ pub fn api_bodies(data: &[u8]) {
                 }
             }
         }
-        _ => {
+        kind => {
             let method = [Method::GET, Method::POST, Method::PATCH, Method::DELETE][usize::from(sel >> 2 & 3)].clone();
-            let base = "/api/v1/vpn-gateways";
-            let path = match sel >> 4 & 3 {
-                0 => base.to_owned(),
-                1 => format!("{base}/{}", api.id),
-                2 => format!("{base}/{}/status", api.id),
-                _ => format!("{base}/{}/config", api.id),
+            let (gateways, hooks) = ("/api/v1/vpn-gateways", "/api/v1/webhooks");
+            let path = match (kind, sel >> 4 & 3) {
+                (2, 0) => gateways.to_owned(),
+                (2, 1) => format!("{gateways}/{}", api.id),
+                (2, 2) => format!("{gateways}/{}/status", api.id),
+                (2, _) => format!("{gateways}/{}/config", api.id),
+                (_, 0) => hooks.to_owned(),
+                (_, 1) => format!("{hooks}/{}", api.hook),
+                (_, 2) => format!("{hooks}/{}/deliveries", api.hook),
+                // (Not the event stream: it never ends.)
+                (_, _) => "/api/v1/events/history".to_owned(),
             };
             let (first_line, body) = match (sel & 64 != 0, rest.iter().position(|&b| b == b'\n')) {
                 (true, Some(nl)) => (Some(&rest[..nl]), &rest[nl + 1..]),

@@ -341,6 +341,11 @@ reads_per_minute = 1200
     out.write(a, "post_create", &[&[sel(2, 1, 0, false)][..], create.as_bytes()].concat());
     out.write(a, "patch_update", &[&[sel(2, 2, 1, false)][..], update.as_bytes()].concat());
     out.write(a, "list_query", &[&[sel(2, 0, 0, true)][..], b"limit=2&sort=name&order=desc&status=active\n"].concat());
+    let hook = br#"{"url":"https://hooks.example/wgxdp?team=ops","events":["gateway.created","tunnel.down"],"description":"ops"}"#;
+    out.write(a, "webhook_body", &[&[sel(0, 2, 0, false)][..], &hook[..]].concat());
+    out.write(a, "post_webhook", &[&[sel(3, 1, 0, false)][..], &hook[..]].concat());
+    out.write(a, "webhook_deliveries", &[&[sel(3, 0, 2, true)][..], b"limit=5&before=9\n"].concat());
+    out.write(a, "event_history", &[&[sel(3, 0, 3, true)][..], b"type=tunnel.up&gateway_id=vpn_x&limit=3\n"].concat());
     out.write(a, "get_status", &[sel(2, 0, 2, false)]);
     out.write(a, "get_config", &[sel(2, 0, 3, false)]);
     out.write(a, "bad_key", &[sel(2, 0, 1, false) | 128]);
