@@ -75,8 +75,9 @@ pub trait DataPlane: Send + Sync + 'static {
     fn status(&self, id: &str) -> Option<TunnelStatus> {
         self.statuses(&[id]).pop().flatten()
     }
-    /// Live state of every tunnel the data plane runs, by id.
-    fn all_statuses(&self) -> Vec<(String, TunnelStatus)>;
+    /// Live state of every tunnel the data plane runs, by id; `None` if it
+    /// did not answer for one it holds (its control thread is busy).
+    fn all_statuses(&self) -> Option<Vec<(String, TunnelStatus)>>;
     /// Live state of the configuration file's peers, in file order.
     fn config_peer_statuses(&self) -> Vec<Option<TunnelStatus>> {
         Vec::new()
@@ -286,11 +287,11 @@ impl DataPlane for GatewayPlane {
         peers.iter().map(|peer| peer.and_then(|_| live.next().flatten()).map(tunnel_status)).collect()
     }
 
-    fn all_statuses(&self) -> Vec<(String, TunnelStatus)> {
+    fn all_statuses(&self) -> Option<Vec<(String, TunnelStatus)>> {
         let ids = self.tunnels.ids();
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
         let live = self.statuses(&refs);
-        ids.into_iter().zip(live).filter_map(|(id, s)| Some((id, s?))).collect()
+        ids.into_iter().zip(live).map(|(id, s)| Some((id, s?))).collect()
     }
 
     fn config_peer_statuses(&self) -> Vec<Option<TunnelStatus>> {
@@ -427,10 +428,10 @@ impl DataPlane for MemoryPlane {
         ids.iter().map(|id| tunnels.contains_key(*id).then(|| statuses.get(*id).cloned().unwrap_or_default())).collect()
     }
 
-    fn all_statuses(&self) -> Vec<(String, TunnelStatus)> {
+    fn all_statuses(&self) -> Option<Vec<(String, TunnelStatus)>> {
         let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
         let statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
-        tunnels.keys().map(|id| (id.clone(), statuses.get(id).cloned().unwrap_or_default())).collect()
+        Some(tunnels.keys().map(|id| (id.clone(), statuses.get(id).cloned().unwrap_or_default())).collect())
     }
 
     fn firewall_hits(&self) -> Vec<TunnelRuleHits> {

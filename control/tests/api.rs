@@ -754,14 +754,27 @@ async fn store_failure_after_the_data_plane_changed_is_reconciled() {
     assert_eq!(api.store.get(&retried).unwrap().unwrap().status, Status::Deleted);
     assert_eq!(events_of(&api.store, &retried), ["gateway.created", "gateway.deleted"]);
 
-    // An update the data plane refuses, while the store write of the restore
-    // fails once: the retry restores the record to what the tunnel runs.
+    // An update the data plane refuses changes nothing, and records no event.
+    let before = api.plane.tunnel(&stuck.id).unwrap();
     *api.plane.fail_with.lock().unwrap() = Some("refused".into());
-    api.store.inject_write_failures(1, 1);
-    let r =
-        api.call(Method::PATCH, &format!("/api/v1/vpn-gateways/{}", stuck.id), Some(json!({"name": "renamed"}))).await;
+    let uri = format!("/api/v1/vpn-gateways/{}", stuck.id);
+    let r = api.call(Method::PATCH, &uri, Some(json!({"name": "renamed"}))).await;
     assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    *api.plane.fail_with.lock().unwrap() = None;
     assert_eq!(api.store.get(&stuck.id).unwrap().unwrap().name, "stuck");
+    // One the store cannot record (every retry fails): the tunnel goes back.
+    api.store.inject_write_failures(0, u32::MAX);
+    let r = api.call(Method::PATCH, &uri, Some(json!({"remote_network_cidr": "10.83.0.0/16"}))).await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    api.store.inject_write_failures(0, 0);
+    assert_eq!(api.plane.tunnel(&stuck.id).unwrap(), before, "the data plane runs what the record says");
+    assert_eq!(api.store.get(&stuck.id).unwrap().unwrap().remote_network_cidr, "10.81.0.0/16");
+    assert_eq!(events_of(&api.store, &stuck.id), ["gateway.created"], "no event for a change not made");
+    // A write that fails once is retried: the change lands, with its event.
+    api.store.inject_write_failures(0, 1);
+    let r = api.call(Method::PATCH, &uri, Some(json!({"name": "renamed"}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(events_of(&api.store, &stuck.id), ["gateway.created", "gateway.updated"]);
 }
 
 /// The routes the router serves (method, OpenAPI path).

@@ -178,21 +178,25 @@ pub fn update(s: &AppState, id: &str, body: UpdateGateway, if_match: Option<&str
     // Every change a new stamp (the ETag's), even two in one millisecond or
     // after the clock stepped back.
     new.updated_at = now_millis().max(old.updated_at + 1);
-    s.store.save(&new)?;
     let tunnel = tunnel_of(&new).map_err(ApiError::internal)?;
-    if let Err(e) = s.plane.apply(id, &tunnel) {
-        // Undo whatever part of the change the data plane took.
+    // The data plane first, then the record with its event in one
+    // transaction; if that write fails, the data plane goes back.
+    let restore_plane = || {
         if let Err(pe) = tunnel_of(&old).map_err(|e| e.to_string()).and_then(|t| s.plane.apply(id, &t).map_err(|e| e.0))
         {
             tracing::error!(id = %id, error = %pe, "cannot restore the tunnel of a gateway whose change failed");
         }
-        if let Err(se) = write_retrying(id, || s.store.save(&old)) {
-            tracing::error!(id = %id, error = %se, "cannot restore a gateway the data plane refused to change");
-        }
+    };
+    if let Err(e) = s.plane.apply(id, &tunnel) {
+        // Undo whatever part of the change the data plane took.
+        restore_plane();
         return Err(ApiError::unavailable(format!("the data plane refused the change: {e}")));
     }
+    if let Err(e) = write_retrying(id, || s.settle(&new, EventKind::GatewayUpdated)) {
+        restore_plane();
+        return Err(store_unavailable(e));
+    }
     tracing::info!(id = %id, "VPN gateway updated");
-    s.emit_gateway(EventKind::GatewayUpdated, &new);
     Ok(new)
 }
 

@@ -129,7 +129,7 @@ pub struct EventView {
     /// `gateway.*`: the gateway as `GET` shows it. `tunnel.up`: `endpoint`,
     /// `last_handshake`. `tunnel.down`: `reason` (`expired`, `deleted`,
     /// `restart`). `handshake.failed`: `failures` (since the last report),
-    /// `total`.
+    /// `total`, `endpoint`.
     #[schema(value_type = Object)]
     pub data: serde_json::Value,
 }

@@ -157,14 +157,10 @@ impl AppState {
         }
     }
 
-    /// Records an event about gateway `id` (blocking).
-    pub fn emit(&self, kind: crate::store::EventKind, id: &str, data: serde_json::Value) {
-        self.events.emit(&self.store, kind, id, data);
-    }
-
-    /// Records `gateway.created|updated|deleted` with the gateway as `GET` shows it.
-    pub fn emit_gateway(&self, kind: crate::store::EventKind, g: &GatewayRecord) {
-        self.emit(kind, &g.id, self.gateway_event_data(g));
+    /// Records an event about gateway `id` (blocking); false if the store
+    /// could not.
+    pub fn emit(&self, kind: crate::store::EventKind, id: &str, data: serde_json::Value) -> bool {
+        self.events.emit(&self.store, kind, id, data).is_some()
     }
 
     /// A `gateway.*` event's data: the gateway as `GET` shows it (its key masked).
@@ -173,11 +169,11 @@ impl AppState {
         serde_json::to_value(view).unwrap_or_default()
     }
 
-    /// The final write of a create or delete (`g` as it becomes) with its
-    /// event, in one transaction.
+    /// The final write of a change (`g` as it becomes) with its event, in
+    /// one transaction.
     pub fn settle(&self, g: &GatewayRecord, kind: crate::store::EventKind) -> Result<(), crate::store::StoreError> {
         let data = self.gateway_event_data(g);
-        self.store.set_status_with_event(&g.id, g.status, g.updated_at, (kind, data), |e| self.events.publish(e))
+        self.store.save_with_event(g, Some((kind, data)), |e| self.events.publish(e))
     }
 
     pub fn local_side(&self) -> LocalSide {

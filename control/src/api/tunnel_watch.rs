@@ -33,7 +33,7 @@ struct Watched {
 /// An event the watch wants recorded.
 pub type Observed = (EventKind, String, Value);
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct TunnelWatch {
     tunnels: HashMap<String, Watched>,
 }
@@ -115,10 +115,22 @@ pub async fn run(state: Arc<AppState>) {
         // Under the mutation lock: a tunnel's events fall between its
         // gateway's (`gateway.created` before `tunnel.up`).
         let looked = state.mutate(move |s| {
-            let live = s.plane.all_statuses();
+            // A data plane that did not answer says nothing about its tunnels.
+            let Some(live) = s.plane.all_statuses() else {
+                tracing::debug!("the data plane did not answer; tunnel events wait for the next look");
+                return;
+            };
             let mut watch = watch.lock().unwrap_or_else(|p| p.into_inner());
-            for (kind, id, data) in watch.observe(live, SystemTime::now(), Instant::now()) {
-                s.emit(kind, &id, data);
+            // What the watch knows changes only once its events are recorded:
+            // an event the store refused is found again at the next look.
+            let mut next = watch.clone();
+            let observed = next.observe(live, SystemTime::now(), Instant::now());
+            let mut recorded = true;
+            for (kind, id, data) in observed {
+                recorded = recorded && s.emit(kind, &id, data);
+            }
+            if recorded {
+                *watch = next;
             }
         });
         // A look that panicked is logged; the next one starts afresh.

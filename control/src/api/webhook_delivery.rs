@@ -18,8 +18,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Due deliveries looked up at once (one per webhook).
-const BATCH: usize = 64;
+/// Due deliveries looked up at once (one per webhook: every webhook).
+const BATCH: usize = super::webhooks::MAX_WEBHOOKS;
 /// The deliverer looks at the outbox at most this often.
 const MIN_WAIT: Duration = Duration::from_millis(50);
 /// A webhook waits this long after the store failed to record its attempt.
@@ -127,6 +127,10 @@ fn deliver_one(state: &AppState, d: &DueDelivery) {
 /// returns how long to wait for the next look (an attempt that ends wakes
 /// it sooner).
 async fn start_due(state: &Arc<AppState>, in_flight: &InFlight) -> Duration {
+    // Webhooks with an attempt running when the outbox is read: what it
+    // says of them may be stale by the time it is read (the attempt may
+    // record and end meanwhile), so they wait for the next look.
+    let busy = lock(in_flight).clone();
     let s = state.clone();
     let now = crate::store::now_millis();
     let looked = tokio::task::spawn_blocking(move || {
@@ -144,7 +148,7 @@ async fn start_due(state: &Arc<AppState>, in_flight: &InFlight) -> Duration {
         }
     };
     for d in due {
-        if !lock(in_flight).insert(d.webhook_id.clone()) {
+        if busy.contains(&d.webhook_id) || !lock(in_flight).insert(d.webhook_id.clone()) {
             continue;
         }
         let (state, in_flight) = (state.clone(), in_flight.clone());
@@ -172,6 +176,11 @@ struct Release {
 
 impl Drop for Release {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Nothing was recorded: trying again at once would spin.
+            tracing::error!(webhook = %self.webhook, "a webhook delivery attempt failed unexpectedly; pausing it");
+            std::thread::sleep(STORE_ERROR_PAUSE);
+        }
         lock(&self.in_flight).remove(&self.webhook);
         self.state.events.outbox.notify_one();
     }

@@ -677,34 +677,6 @@ impl Store {
         Ok(())
     }
 
-    /// `set_status_at` and the event that records it, in one transaction
-    /// (an acknowledged create or delete is never without its event); then
-    /// `published` gets the event, in order with every other append.
-    pub fn set_status_with_event(
-        &self,
-        id: &str,
-        status: Status,
-        at: i64,
-        (kind, data): (EventKind, serde_json::Value),
-        published: impl FnOnce(&Event),
-    ) -> Result<(), StoreError> {
-        self.check_write()?;
-        let conn = self.conn();
-        let old = Self::status_of(&conn, id)?;
-        let tx = rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)?;
-        let n = tx.execute(
-            "UPDATE gateways SET status = ?2, updated_at = ?3 WHERE id = ?1",
-            params![id, status.as_str(), at],
-        )?;
-        let event = events::insert(&tx, kind, id, data)?;
-        tx.commit()?;
-        if n > 0 {
-            self.count_change(old, Some(status));
-        }
-        published(&event);
-        Ok(())
-    }
-
     /// Removes a record that was never acknowledged (a create that failed).
     pub fn purge(&self, id: &str) -> Result<(), StoreError> {
         self.check_write()?;
@@ -718,13 +690,26 @@ impl Store {
 
     /// Writes every mutable field of `g` (and its `updated_at`).
     pub fn save(&self, g: &GatewayRecord) -> Result<(), StoreError> {
+        self.save_with_event(g, None, |_| {})
+    }
+
+    /// Saves `g` and, in the same transaction, the event that records the
+    /// change (an acknowledged change is never without its event); then
+    /// `published` gets the event, in order with every other append.
+    pub fn save_with_event(
+        &self,
+        g: &GatewayRecord,
+        event: Option<(EventKind, serde_json::Value)>,
+        published: impl FnOnce(&Event),
+    ) -> Result<(), StoreError> {
         self.check_write()?;
         let (additional_remote, additional_local) =
             (encode_prefixes(&g.additional_remote_network_cidrs)?, encode_prefixes(&g.additional_local_network_cidrs)?);
         let firewall = encode_rules(&g.firewall)?;
         let conn = self.conn();
         let old = Self::status_of(&conn, &g.id)?;
-        let n = conn.execute(
+        let tx = rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute(
             "UPDATE gateways SET name = ?2, remote_network_cidr = ?3, remote_peer_ip = ?4, remote_peer_port = ?5,
                  pre_shared_key = ?6, persistent_keepalive = ?7, status = ?8, updated_at = ?9,
                  additional_remote_network_cidrs = ?10, additional_local_network_cidrs = ?11, firewall = ?12,
@@ -745,8 +730,13 @@ impl Store {
                 g.firewall_default.as_str()
             ],
         )?;
+        let event = event.map(|(kind, data)| events::insert(&tx, kind, &g.id, data)).transpose()?;
+        tx.commit()?;
         if n > 0 {
             self.count_change(old, Some(g.status));
+        }
+        if let Some(e) = &event {
+            published(e);
         }
         Ok(())
     }
