@@ -36,23 +36,19 @@ pub struct CreateWebhook {
     pub description: Option<String>,
 }
 
-/// An event type, or `*` for every type.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
-pub enum EventTypeOrAll {
-    #[serde(rename = "*")]
-    All,
-    #[serde(rename = "gateway.created")]
-    GatewayCreated,
-    #[serde(rename = "gateway.updated")]
-    GatewayUpdated,
-    #[serde(rename = "gateway.deleted")]
-    GatewayDeleted,
-    #[serde(rename = "tunnel.up")]
-    TunnelUp,
-    #[serde(rename = "tunnel.down")]
-    TunnelDown,
-    #[serde(rename = "handshake.failed")]
-    HandshakeFailed,
+/// An event type (`EventKind`), or `*` for every type: documented from
+/// `EventKind` itself, so the list of types is written once.
+#[derive(Debug)]
+pub struct EventTypeOrAll;
+
+impl<'s> utoipa::ToSchema<'s> for EventTypeOrAll {
+    fn schema() -> (&'s str, utoipa::openapi::RefOr<utoipa::openapi::Schema>) {
+        let schema = serde_json::json!({
+            "description": "An event type, or `*` for every type.",
+            "anyOf": [{"$ref": "#/components/schemas/EventKind"}, {"type": "string", "enum": ["*"]}],
+        });
+        ("EventTypeOrAll", serde_json::from_value(schema).unwrap_or_default())
+    }
 }
 
 /// A registered webhook.
