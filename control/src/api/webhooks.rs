@@ -185,7 +185,9 @@ pub fn validate_url(s: &str) -> Result<String, ApiError> {
     if url.fragment().is_some() {
         return Err(invalid("url", "must not have a fragment"));
     }
-    Ok(s.to_owned())
+    // The parsed form, which is what the deliverer requests: the parser is
+    // lenient (`HTTPS:host`, surrounding spaces), the stored URL is not.
+    Ok(url.into())
 }
 
 impl CreateWebhook {
@@ -364,6 +366,15 @@ mod tests {
         ] {
             let e = parse_create_webhook(body.as_bytes()).unwrap_err();
             assert_eq!((e.status, e.field.as_deref()), (StatusCode::UNPROCESSABLE_ENTITY, Some(field)), "{body}");
+        }
+        // Stored (and later requested) as the parser reads it.
+        for (given, stored) in [
+            ("https:ks.example/wgxdp?team=ops", "https://ks.example/wgxdp?team=ops"),
+            (" HTTPS://Hooks.Example:443/x ", "https://hooks.example/x"),
+            ("http://10.0.0.1:8080", "http://10.0.0.1:8080/"),
+        ] {
+            let body = serde_json::json!({ "url": given }).to_string();
+            assert_eq!(parse_create_webhook(body.as_bytes()).unwrap().url, stored, "{given}");
         }
         let long = format!(r#"{{"url": "http://h/", "description": "{}"}}"#, "d".repeat(257));
         assert_eq!(parse_create_webhook(long.as_bytes()).unwrap_err().field.as_deref(), Some("description"));
