@@ -778,9 +778,13 @@ async fn store_failure_after_the_data_plane_changed_is_reconciled() {
 }
 
 /// The routes the router serves (method, OpenAPI path).
-const ROUTES: [(&str, &str); 19] = [
+const ROUTES: [(&str, &str); 23] = [
     ("get", "/api/v1/vpn-gateways"),
     ("post", "/api/v1/vpn-gateways"),
+    ("post", "/api/v1/vpn-gateways/import"),
+    ("post", "/api/v1/keypairs"),
+    ("get", "/api/v1/backup"),
+    ("post", "/api/v1/restore"),
     ("get", "/api/v1/vpn-gateways/{id}"),
     ("patch", "/api/v1/vpn-gateways/{id}"),
     ("delete", "/api/v1/vpn-gateways/{id}"),
@@ -1904,4 +1908,240 @@ async fn webhooks_get_signed_deliveries_retried_until_the_receiver_is_back_and_a
     let actions: Vec<&str> =
         audit.body["data"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
     assert!(actions.contains(&"webhook.create") && actions.contains(&"webhook.delete"), "{actions:?}");
+}
+
+#[tokio::test]
+async fn a_keypair_is_shown_once_and_an_import_takes_a_wg_quick_peer_section() {
+    let api = Api::new(1000);
+    let key = api.key.clone();
+    let (_, read_key) = api.store.create_api_key("dashboards", Scope::Read).unwrap();
+    // A keypair: the private key in this answer only, never cached, never replayed.
+    let pair = api.call_with(&key, Method::POST, "/api/v1/keypairs", &[("idempotency-key", "kp-1")], None).await;
+    assert_eq!(pair.status, StatusCode::CREATED, "{}", pair.text);
+    assert_eq!(pair.headers.get(header::CACHE_CONTROL).unwrap(), "no-store");
+    let private = pair.body["data"]["private_key"].as_str().unwrap().to_owned();
+    let public = pair.body["data"]["public_key"].as_str().unwrap().to_owned();
+    assert_eq!(private.parse::<PrivateKey>().unwrap().public_key().to_base64(), public);
+    let again = api.call_with(&key, Method::POST, "/api/v1/keypairs", &[("idempotency-key", "kp-1")], None).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert!(again.headers.get("idempotent-replayed").is_none());
+    assert_ne!(again.body["data"]["private_key"], private.as_str(), "a retry makes a new pair, nothing was kept");
+    let refused = api.call_as(Some(read_key.expose()), Method::POST, "/api/v1/keypairs", None).await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "forbidden");
+
+    // The remote site's [Peer] section, as the site's own wg-quick file would hold it.
+    let psk = PresharedKey::generate().to_base64_secret().to_string();
+    let section = format!(
+        "[Peer]\n# site B\nPublicKey = {public}\nPresharedKey = {psk}\nEndpoint = 203.0.113.9:51900\n\
+         AllowedIPs = 10.61.0.0/16, fd61::/64\nAllowedIPs = 10.62.0.0/16\nPersistentKeepalive = 15\n"
+    );
+    let import = |name: &str, peer: &str| json!({"name": name, "region": "eu-west", "peer": peer});
+    let r = api.call(Method::POST, "/api/v1/vpn-gateways/import", Some(import("site-b", &section))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = id_of(&r);
+    assert_eq!(r.headers.get(header::LOCATION).unwrap().to_str().unwrap(), gateway_uri(&id));
+    let g = &r.body["data"];
+    assert_eq!(g["remote_public_key"], public.as_str());
+    assert_eq!(g["pre_shared_key"], psk.as_str(), "shown in the 201 as a create shows it");
+    assert_eq!((g["remote_peer_ip"].as_str(), g["remote_peer_port"].as_u64()), (Some("203.0.113.9"), Some(51900)));
+    assert_eq!(g["remote_network_cidr"], "10.61.0.0/16");
+    assert_eq!(g["additional_remote_network_cidrs"], json!(["fd61::/64", "10.62.0.0/16"]));
+    assert_eq!(g["local_network_cidr"], "10.50.0.0/24");
+    assert_eq!(g["persistent_keepalive"], 15);
+    let tunnel = api.plane.tunnels.lock().unwrap().get(&id).cloned().expect("the data plane runs it");
+    assert_eq!(tunnel.allowed_ips, prefixes(&["10.61.0.0/16", "fd61::/64", "10.62.0.0/16"]));
+    assert_eq!(events_of(&api.store, &id), ["gateway.created"]);
+    // The create's rules, in the section's terms: the same peer again clashes.
+    let twice = api.call(Method::POST, "/api/v1/vpn-gateways/import", Some(import("site-b2", &section))).await;
+    assert_error(&twice, StatusCode::CONFLICT, "conflict");
+    let says = twice.body["error"]["message"].as_str().unwrap();
+    assert!(says.starts_with("peer.AllowedIPs[0] 10.61.0.0/16 overlaps"), "{says}");
+    let moved = section.replace("10.61.0.0/16, fd61::/64", "10.63.0.0/16").replace("10.62.0.0/16", "10.64.0.0/16");
+    let same_key = api.call(Method::POST, "/api/v1/vpn-gateways/import", Some(import("site-b2", &moved))).await;
+    assert_error(&same_key, StatusCode::CONFLICT, "conflict");
+    assert!(same_key.text.contains("already uses this peer.PublicKey"), "{}", same_key.text);
+    // An [Interface] is refused by line, its private key never echoed.
+    let interface = format!("[Interface]\nPrivateKey = {private}\n{section}");
+    let r = api.call(Method::POST, "/api/v1/vpn-gateways/import", Some(import("site-c", &interface))).await;
+    assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(r.body["error"]["field"], "peer");
+    assert!(!r.text.contains(&private) && r.text.contains("line 1"), "{}", r.text);
+    let r = api
+        .call_as(Some(read_key.expose()), Method::POST, "/api/v1/vpn-gateways/import", Some(import("x-y", &moved)))
+        .await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(api.store.live().unwrap().len(), 1);
+    // Audited as what they are; the private keys are nowhere on disk.
+    let log = api.store.audit_log(None, 100).unwrap();
+    let actions: Vec<(&str, u16)> = log.iter().rev().map(|e| (e.action.as_str(), e.status)).collect();
+    assert_eq!(
+        actions,
+        [
+            ("keypair.create", 201),
+            ("keypair.create", 201),
+            ("keypair.create", 403),
+            ("gateway.import", 201),
+            ("gateway.import", 409),
+            ("gateway.import", 409),
+            ("gateway.import", 422),
+            ("gateway.import", 403),
+        ]
+    );
+    assert_eq!(
+        log.iter().find(|e| e.action == "gateway.import" && e.status == 201).unwrap().target.as_deref(),
+        Some(id.as_str())
+    );
+    let second = again.body["data"]["private_key"].as_str().unwrap().to_owned();
+    for suffix in ["", "-wal"] {
+        let bytes = std::fs::read(format!("{}{suffix}", api.db.display())).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains(&private) && !text.contains(&second), "a private key in the database{suffix}");
+    }
+}
+
+#[tokio::test]
+async fn backup_and_restore_the_whole_configuration() {
+    let a = Api::new(1000);
+    let (_, read_key) = a.store.create_api_key("dashboards", Scope::Read).unwrap();
+    // Two gateways whose firewalls make the backup larger than any other body may be.
+    let rules: Vec<Value> = (0..256)
+        .map(|i| json!({"name": format!("rule number {i:03} of a long firewall, named for what it is for"), "protocol": "tcp", "port": format!("{}", 1000 + i), "source": "10.7.0.0/16", "action": "deny"}))
+        .collect();
+    let mut first = new_gateway("site-one", "10.7.0.0/16");
+    first["firewall"] = json!(rules);
+    first["additional_remote_network_cidrs"] = json!(["fd07::/64"]);
+    let one = a.create(first).await;
+    let mut second = new_gateway("site-two", "10.8.0.0/16");
+    second["firewall"] = json!(rules);
+    second["firewall_default"] = json!("deny");
+    let two = a.create(second).await;
+    let gone = a.create(new_gateway("site-gone", "10.9.0.0/16")).await;
+    assert_eq!(a.call(Method::DELETE, &gateway_uri(&id_of(&gone)), None).await.status, StatusCode::OK);
+    let hook = a
+        .call(Method::POST, "/api/v1/webhooks", Some(json!({"url": "http://192.0.2.1:9/h", "events": ["tunnel.down"]})))
+        .await;
+    assert_eq!(hook.status, StatusCode::CREATED, "{}", hook.text);
+    let (ids, psks) =
+        ([id_of(&one), id_of(&two)], [&one.body["data"]["pre_shared_key"], &two.body["data"]["pre_shared_key"]]);
+
+    // Without secrets: an inventory, which no restore takes.
+    let plain = a.call(Method::GET, "/api/v1/backup", None).await;
+    assert_eq!(plain.status, StatusCode::OK, "{}", plain.text);
+    assert_eq!(plain.headers.get(header::CACHE_CONTROL).unwrap(), "no-store");
+    assert_eq!((plain.body["format"].as_str(), plain.body["version"].as_u64()), (Some("wgxdp-backup"), Some(1)));
+    assert_eq!(plain.body["secrets_included"], false);
+    let listed: Vec<&str> =
+        plain.body["gateways"].as_array().unwrap().iter().map(|g| g["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, ids.iter().map(String::as_str).collect::<Vec<_>>(), "deleted gateways are not configuration");
+    for psk in psks {
+        assert!(!plain.text.contains(psk.as_str().unwrap()));
+    }
+    assert!(plain.body["webhooks"][0].get("secret").is_none() && !plain.text.contains("whsec_"));
+    for (method, uri) in [(Method::GET, "/api/v1/backup"), (Method::POST, "/api/v1/restore")] {
+        let body = (method == Method::POST).then(|| plain.body.clone());
+        assert_error(&a.call_as(Some(read_key.expose()), method, uri, body).await, StatusCode::FORBIDDEN, "forbidden");
+    }
+    // With secrets: everything, and on record.
+    let full = a.call(Method::GET, "/api/v1/backup?include_secrets=true", None).await;
+    assert_eq!(full.status, StatusCode::OK, "{}", full.text);
+    assert!(full.text.len() > 64 * 1024, "larger than an ordinary body ({} bytes)", full.text.len());
+    assert_eq!(full.body["gateways"][0]["pre_shared_key"], *psks[0]);
+    assert!(full.body["webhooks"][0]["secret"].as_str().unwrap().starts_with("whsec_"));
+    let audit = a.store.audit_log(None, 100).unwrap();
+    let exported = audit.iter().find(|e| e.action == "config.backup").expect("a backup with secrets is audited");
+    assert_eq!(exported.target.as_deref(), Some("with-secrets"));
+    assert_error(
+        &a.call(Method::GET, "/api/v1/backup?include_secrets=maybe", None).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+
+    // Onto another gateway (another key): the inventory is refused, nothing made.
+    let b = Api::new(1000);
+    let r = b.call(Method::POST, "/api/v1/restore", Some(plain.body.clone())).await;
+    assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(r.body["error"]["field"], "gateways[0].pre_shared_key");
+    assert!(b.store.live().unwrap().is_empty() && b.store.webhooks().unwrap().is_empty());
+    // The full backup: same ids, keys, networks, rules; tunnels running; a warning about the key.
+    let r = b.call(Method::POST, "/api/v1/restore", Some(full.body.clone())).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["data"]["gateways"]["restored"], json!(ids));
+    assert_eq!(r.body["data"]["webhooks"]["restored"], json!([hook.body["data"]["id"]]));
+    assert!(
+        r.body["data"]["warnings"][0].as_str().unwrap().contains("give the remote sites the new key"),
+        "{}",
+        r.text
+    );
+    assert_eq!(b.plane.tunnels.lock().unwrap().len(), 2);
+    for id in &ids {
+        assert_eq!(events_of(&b.store, id), ["gateway.created"]);
+    }
+    let restored = b.call(Method::GET, "/api/v1/backup?include_secrets=true", None).await;
+    let strip = |mut v: Value| {
+        v.as_object_mut().unwrap().retain(|k, _| k != "created_at" && k != "gateway_public_key");
+        v
+    };
+    assert_eq!(strip(restored.body.clone()), strip(full.body.clone()), "a round trip loses nothing");
+    let hooks = b.store.webhooks().unwrap();
+    assert_eq!(hooks[0].secret.expose(), full.body["webhooks"][0]["secret"].as_str().unwrap());
+    // A retry changes nothing.
+    let again = b.call(Method::POST, "/api/v1/restore", Some(full.body.clone())).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text);
+    assert_eq!(again.body["data"]["gateways"]["unchanged"], json!(ids));
+    assert_eq!(again.body["data"]["gateways"]["restored"], json!([]));
+    assert_eq!(again.body["data"]["webhooks"]["unchanged"].as_array().unwrap().len(), 1);
+    // A gateway changed here since: a conflict, nothing touched.
+    let renamed = b.call(Method::PATCH, &gateway_uri(&ids[1]), Some(json!({"name": "renamed-here"}))).await;
+    assert_eq!(renamed.status, StatusCode::OK);
+    let r = b.call(Method::POST, "/api/v1/restore", Some(full.body.clone())).await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    assert_eq!(r.body["error"]["field"], "gateways[1].id");
+    assert_eq!(b.store.get(&ids[1]).unwrap().unwrap().name, "renamed-here");
+    // A gateway deleted here since comes back, with its id.
+    assert_eq!(b.call(Method::DELETE, &gateway_uri(&ids[0]), None).await.status, StatusCode::OK);
+    assert_eq!(
+        b.call(Method::PATCH, &gateway_uri(&ids[1]), Some(json!({"name": "site-two"}))).await.status,
+        StatusCode::OK
+    );
+    let r = b.call(Method::POST, "/api/v1/restore", Some(full.body.clone())).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        (r.body["data"]["gateways"]["restored"].clone(), r.body["data"]["gateways"]["unchanged"].clone()),
+        (json!([ids[0]]), json!([ids[1]]))
+    );
+    assert_eq!(b.store.get(&ids[0]).unwrap().unwrap().status, Status::Active);
+    assert_eq!(b.plane.tunnels.lock().unwrap().len(), 2);
+
+    // A backup at odds with itself, or with what is here, changes nothing.
+    let c = Api::new(1000);
+    let mut clash = full.body.clone();
+    clash["gateways"][1]["remote_network_cidr"] = json!("10.7.128.0/17");
+    let r = c.call(Method::POST, "/api/v1/restore", Some(clash)).await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    assert!(r.text.contains("in this backup"), "{}", r.text);
+    let mut same_key = full.body.clone();
+    same_key["gateways"][1]["remote_public_key"] = full.body["gateways"][0]["remote_public_key"].clone();
+    let r = c.call(Method::POST, "/api/v1/restore", Some(same_key)).await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    assert_eq!(r.body["error"]["field"], "gateways[1].remote_public_key");
+    let here = c.create(new_gateway("already-here", "10.8.1.0/24")).await;
+    assert_eq!(here.status, StatusCode::CREATED);
+    let r = c.call(Method::POST, "/api/v1/restore", Some(full.body.clone())).await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    assert!(r.text.contains("gateways[1]") && r.text.contains("overlaps"), "{}", r.text);
+    let mut bad = full.body.clone();
+    bad["gateways"][0]["remote_peer_port"] = json!(0);
+    let r = c.call(Method::POST, "/api/v1/restore", Some(bad)).await;
+    assert_eq!(r.body["error"]["field"], "gateways[0].remote_peer_port", "{}", r.text);
+    let mut future = full.body.clone();
+    future["version"] = json!(2);
+    assert_error(
+        &c.call(Method::POST, "/api/v1/restore", Some(future)).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
+    assert_eq!(c.store.live().unwrap().len(), 1);
+    assert!(c.store.webhooks().unwrap().is_empty());
+    let log = c.store.audit_log(None, 100).unwrap();
+    assert_eq!(log.iter().filter(|e| e.action == "config.restore").count(), 5);
 }

@@ -302,3 +302,62 @@ fn unreachable_on_link_peers_cost_nothing_to_the_api_or_other_tunnels() {
     let control = gateway.output().lines().rev().find(|l| l.contains("stats control")).unwrap_or_default().to_owned();
     assert!(control.contains("drop_no_next_hop="), "handshakes to dead peers are counted drops: {control}");
 }
+
+/// A remote site set up from the API alone: its keypair from
+/// `POST /api/v1/keypairs`, its gateway from its own wg-quick `[Peer]`
+/// section; then the whole configuration survives the loss of the database
+/// through a backup and a restore.
+#[test]
+fn a_keypair_and_an_imported_peer_section_make_a_working_tunnel_that_a_restore_brings_back() {
+    let site = Site::new("k");
+    let mut gateway = site.serve();
+    let key = site.api_key();
+    let (code, pair) = http(&site.topo.gateway, "POST", "/api/v1/keypairs", &key, None).unwrap();
+    assert_eq!(code, 201, "{pair}");
+    let client_key: PrivateKey = pair["data"]["private_key"].as_str().unwrap().parse().unwrap();
+    let public = pair["data"]["public_key"].as_str().unwrap();
+    assert_eq!(client_key.public_key().to_base64(), public);
+
+    // The [Peer] section this gateway's side of a wg-quick setup would hold.
+    let section = format!(
+        "[Peer]\n# the branch office\nPublicKey = {public}\nEndpoint = {CLIENT_WAN}:40001\nAllowedIPs = 10.200.0.0/24\n"
+    );
+    let body = json!({"name": "imported-site", "region": "local", "peer": section});
+    let (code, created) = http(&site.topo.gateway, "POST", "/api/v1/vpn-gateways/import", &key, Some(body)).unwrap();
+    assert_eq!(code, 201, "{created}");
+    let id = created["data"]["id"].as_str().unwrap().to_owned();
+    let psk = created["data"]["pre_shared_key"].as_str().unwrap().to_owned();
+    assert_eq!(created["data"]["remote_network_cidr"], "10.200.0.0/24");
+    let wg = site.client(&client_key, &psk);
+    assert!(
+        ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 5, 3),
+        "no traffic through the imported gateway; gateway:\n{}\n{}",
+        gateway.output(),
+        gateway.errors()
+    );
+    let (_, status) =
+        http(&site.topo.gateway, "GET", &format!("/api/v1/vpn-gateways/{id}/status"), &key, None).unwrap();
+    assert_eq!(status["data"]["tunnel_status"], "up", "{status}");
+
+    // The database is lost; the backup brings the gateway back, id and keys as they were.
+    let (code, backup) = http(&site.topo.gateway, "GET", "/api/v1/backup?include_secrets=true", &key, None).unwrap();
+    assert_eq!(code, 200, "{backup}");
+    assert!(gateway.terminate().success());
+    std::fs::remove_dir_all(site.dir.join("state")).unwrap();
+    let gateway = site.serve();
+    let key = site.api_key();
+    assert!(!ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 2, 1), "traffic passed with no gateway configured");
+    let (code, restored) = http(&site.topo.gateway, "POST", "/api/v1/restore", &key, Some(backup)).unwrap();
+    assert_eq!(code, 200, "{restored}");
+    assert_eq!(restored["data"]["gateways"]["restored"], json!([id]));
+    assert_eq!(restored["data"]["warnings"], json!([]), "same gateway key: nothing for the remote site to do");
+    assert!(
+        ping_from(&site.topo.client, CLIENT_TUNNEL, LAN_HOST, 5, 3),
+        "no traffic after the restore; gateway:\n{}\n{}",
+        gateway.output(),
+        gateway.errors()
+    );
+    drop(wg);
+    let mut gateway = gateway;
+    assert!(gateway.terminate().success());
+}

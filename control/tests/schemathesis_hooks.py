@@ -3,7 +3,7 @@
 They teach the fuzzer what the OpenAPI document states in words but JSON
 Schema cannot express:
 - the string formats the document names (`cidr`, `local-network`,
-  `remote-network`, `peer-address`, `port-range`, `webhook-url`), each generated exactly as
+  `remote-network`, `peer-address`, `port-range`, `webhook-url`, `wg-quick-peer`), each generated exactly as
   its schema's description defines it;
 - a list cursor is opaque: schema-valid data never invents one (an invented
   cursor is a 400 by design; negative cases still send them);
@@ -13,6 +13,7 @@ Schema cannot express:
 Overlapping networks need no hook: the document answers them with 409.
 """
 
+import base64
 import ipaddress
 import re
 import uuid
@@ -95,7 +96,39 @@ webhook_url = st.builds(
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_/", max_size=40),
 )
 
+
+def _endpoint(address, port):
+    ip = ipaddress.ip_address(address)
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def _key(raw):
+    return base64.b64encode(raw).decode()
+
+
+def _section(public, address, port, allowed, psk, keepalive):
+    lines = ["[Peer]", f"PublicKey = {_key(public)}", f"Endpoint = {_endpoint(address, port)}"]
+    lines.append("AllowedIPs = " + ", ".join(allowed))
+    if psk is not None:
+        lines.append(f"PresharedKey = {_key(psk)}")
+    if keepalive is not None:
+        lines.append(f"PersistentKeepalive = {keepalive}")
+    return "\n".join(lines) + "\n"
+
+
+# One wg-quick [Peer] section as `WgQuickPeer` describes it.
+wg_quick_peer = st.builds(
+    _section,
+    st.binary(min_size=32, max_size=32),
+    peer_address,
+    st.integers(1, 65535),
+    st.lists(remote_network, min_size=1, max_size=3),
+    st.one_of(st.none(), st.binary(min_size=32, max_size=32)),
+    st.one_of(st.none(), st.just("off"), st.integers(0, 65535)),
+)
+
 schemathesis.openapi.format("cidr", cidr)
+schemathesis.openapi.format("wg-quick-peer", wg_quick_peer)
 schemathesis.openapi.format("webhook-url", webhook_url)
 schemathesis.openapi.format("local-network", local_network)
 schemathesis.openapi.format("remote-network", remote_network)

@@ -39,6 +39,9 @@ fn bounded(id: &str) -> String {
 fn action(method: &Method, route: &str) -> String {
     let name = match (method.as_str(), route) {
         ("POST", "/api/v1/vpn-gateways") => "gateway.create",
+        ("POST", "/api/v1/vpn-gateways/import") => "gateway.import",
+        ("POST", "/api/v1/keypairs") => "keypair.create",
+        ("POST", "/api/v1/restore") => "config.restore",
         ("PATCH", "/api/v1/vpn-gateways/:id") => "gateway.update",
         ("DELETE", "/api/v1/vpn-gateways/:id") => "gateway.delete",
         ("POST", "/api/v1/webhooks") => "webhook.create",

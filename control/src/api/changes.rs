@@ -45,7 +45,12 @@ fn store_unavailable(e: StoreError) -> ApiError {
 /// 409 if a remote network in `remote` overlaps, or `key` equals, a peer the
 /// data plane already holds: a live API gateway (other than `except`) or a
 /// configuration-file peer.
-fn check_conflicts(s: &AppState, remote: &[Network], key: Option<&str>, except: Option<&str>) -> Result<(), ApiError> {
+pub(crate) fn check_conflicts(
+    s: &AppState,
+    remote: &[Network],
+    key: Option<&str>,
+    except: Option<&str>,
+) -> Result<(), ApiError> {
     for (index, peer) in s.settings.static_peers.iter().enumerate() {
         for n in remote {
             if let Some(p) = peer.allowed_ips.iter().find(|p| overlaps(p, &n.prefix)) {
@@ -130,7 +135,13 @@ pub fn create(s: &AppState, new: NewGateway) -> Result<GatewayRecord, ApiError> 
     let remote = check_new(s, &new)?;
     let key = new.remote_public_key.to_base64();
     check_conflicts(s, &remote, Some(&key), None)?;
-    let record = new.into_record(now_millis());
+    commit_create(s, new.into_record(now_millis()))
+}
+
+/// Stores a new gateway (`creating`) and starts its tunnel; returns the
+/// `active` record. Its checks are done: `create` runs them for one gateway,
+/// `restore` for a whole backup.
+pub(crate) fn commit_create(s: &AppState, record: GatewayRecord) -> Result<GatewayRecord, ApiError> {
     let record = s.store.insert(record).map_err(|e| match e {
         StoreError::DuplicateKey => ApiError::conflict("a VPN gateway already uses this remote_public_key"),
         e => e.into(),

@@ -13,9 +13,10 @@ use serde::de::DeserializeOwned;
 pub const BODY_LIMIT: usize = 64 * 1024;
 
 /// A JSON request body, not yet decoded: the handler passes it to the same
-/// public `model::parse_*` / `from_json` functions the fuzzers call.
+/// public `model::parse_*` / `from_json` functions the fuzzers call. `LIMIT`
+/// is the route's `DefaultBodyLimit` (what a 413 names).
 #[derive(Debug)]
-pub struct JsonBody(pub Bytes);
+pub struct JsonBody<const LIMIT: usize = BODY_LIMIT>(pub Bytes);
 
 fn is_json(ctype: &str) -> bool {
     let essence = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
@@ -23,7 +24,7 @@ fn is_json(ctype: &str) -> bool {
 }
 
 #[async_trait]
-impl<S: Send + Sync> FromRequest<S> for JsonBody {
+impl<const LIMIT: usize, S: Send + Sync> FromRequest<S> for JsonBody<LIMIT> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
@@ -33,7 +34,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         }
         match Bytes::from_request(req, state).await {
             Ok(b) => Ok(Self(b)),
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::too_large(BODY_LIMIT)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::too_large(LIMIT)),
             Err(e) => Err(ApiError::bad_request(e.body_text())),
         }
     }

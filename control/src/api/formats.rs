@@ -187,3 +187,21 @@ string_type!(
         example: Some("https://hooks.example.com/wgxdp"),
     }
 );
+
+string_type!(
+    /// A wg-quick `[Peer]` section.
+    WgQuickPeer,
+    Text {
+        description: "Format `wg-quick-peer`: the text of one wg-quick `[Peer]` section, at most 8192 bytes. Lines \
+                      are `Key = Value` (keys case-insensitive; `#` starts a comment): `PublicKey` (a \
+                      `WireguardKey`, required), `Endpoint` (`IPv4:port` or `[IPv6]:port`, a `PeerAddress` and a \
+                      port 1-65535, required), `AllowedIPs` (comma-separated `RemoteNetwork`s or bare addresses, \
+                      repeatable, 1-64 in all), `PresharedKey` (a `WireguardKey`) and `PersistentKeepalive` \
+                      (`off` or 0-65535 seconds), each once. No `[Interface]`, no second `[Peer]`, no other keys.",
+        format: Some("wg-quick-peer"),
+        pattern: None,
+        // (Bytes, not characters: stated in the description.)
+        length: None,
+        example: None,
+    }
+);

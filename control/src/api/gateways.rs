@@ -6,8 +6,9 @@ use super::changes;
 use super::conditional::etag;
 use super::error::ApiError;
 use super::extract::{ApiQuery, JsonBody};
+use super::import::{parse_import, peer_field};
 use super::model::{
-    parse_create, remote_config, GatewayEnvelope, GatewayListEnvelope, GatewayView, ListMeta, ObjectMeta,
+    parse_create, remote_config, GatewayEnvelope, GatewayListEnvelope, GatewayView, ListMeta, NewGateway, ObjectMeta,
     StatusEnvelope, StatusView, UpdateGateway,
 };
 use super::{blocking, AppState};
@@ -170,12 +171,33 @@ pub async fn list(
         (status = 409, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
 pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
     let new = parse_create(&body, state.settings.site_cidr.as_deref(), &state.plane.public_key())?;
+    created(&state, new).await
+}
+
+/// Runs a validated create; its 201 (the pre-shared key shown).
+async fn created(state: &Arc<AppState>, new: NewGateway) -> Result<Response, ApiError> {
     let (tag, env) = state
         .mutate(move |s| Ok::<_, ApiError>(tagged(s, &changes::create(s, new)?, true)))
         .await
         .map_err(ApiError::internal)??;
     let location = format!("/api/v1/vpn-gateways/{}", env.data.id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], tag, env).into_response())
+}
+
+/// Create a VPN gateway from a wg-quick `[Peer]` section (an existing
+/// WireGuard configuration of the remote site): `PublicKey`, `Endpoint`,
+/// `AllowedIPs`, `PresharedKey` and `PersistentKeepalive` stand for the
+/// create's remote fields, with the create's rules; errors name the
+/// section's keys (`peer.AllowedIPs[1]`). The pre-shared key is in this
+/// response and never again.
+#[utoipa::path(post, path = "/api/v1/vpn-gateways/import", operation_id = "import_gateway", tag = "vpn-gateways",
+    request_body = ImportGateway, security(("bearer" = [])),
+    responses((status = 201, body = GatewayEnvelope, headers(("Location" = String, description = "The new gateway's URL"),
+            ("ETag" = String, description = "The gateway configuration's entity tag, for `If-Match`"))),
+        (status = 409, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
+pub async fn import(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+    let new = parse_import(&body, state.settings.site_cidr.as_deref(), &state.plane.public_key())?;
+    created(&state, new).await.map_err(peer_field)
 }
 
 /// Get a VPN gateway.

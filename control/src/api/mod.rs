@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod changes;
 pub mod conditional;
 pub mod error;
@@ -12,6 +13,8 @@ pub mod extract;
 pub mod formats;
 pub mod gateways;
 pub mod idempotency;
+pub mod import;
+pub mod keypairs;
 pub mod model;
 pub mod networks;
 pub mod openapi;
@@ -25,7 +28,7 @@ use crate::plane::DataPlane;
 use crate::store::{GatewayRecord, Store};
 use auth::{RateLimiter, SourceLimiter};
 use axum::extract::DefaultBodyLimit;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use model::LocalSide;
 use std::sync::Arc;
@@ -197,6 +200,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 pub fn app(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/vpn-gateways", get(gateways::list).post(gateways::create))
+        .route("/vpn-gateways/import", post(gateways::import))
         .route("/vpn-gateways/:id", get(gateways::get_one).patch(gateways::update).delete(gateways::delete))
         .route("/vpn-gateways/:id/status", get(gateways::status))
         .route("/vpn-gateways/:id/config", get(gateways::config))
@@ -209,8 +213,16 @@ pub fn app(state: Arc<AppState>) -> Router {
         // Inside authentication (the idempotency layer needs the caller).
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::idempotent))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    // Authenticated, but outside the idempotency layer: a private key is
+    // never stored, not even as an answer to replay; a restore's retry is
+    // safe by itself (it finds its work done), and its body is far larger.
+    let unstored = Router::new()
+        .route("/keypairs", post(keypairs::create))
+        .route("/backup", get(backup::backup))
+        .route("/restore", post(backup::restore).layer(DefaultBodyLimit::max(backup::RESTORE_LIMIT)))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     let mut router = Router::new()
-        .nest("/api/v1", v1)
+        .nest("/api/v1", v1.merge(unstored))
         .route("/api/v1/openapi.json", get(openapi::document))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready));

@@ -404,7 +404,7 @@ fn validate_port(field: &str, port: u16) -> Result<u16, ApiError> {
 }
 
 /// A key exactly as `WireguardKey` documents it (no surrounding white space).
-fn exact_key<K: std::str::FromStr>(field: &str, what: &str, s: &str) -> Result<K, ApiError> {
+pub(crate) fn exact_key<K: std::str::FromStr>(field: &str, what: &str, s: &str) -> Result<K, ApiError> {
     let refuse = || invalid(field, format!("must be a base64 WireGuard {what} (32 bytes, 44 characters)"));
     if s.len() != 44 || s.trim() != s {
         return Err(refuse());

@@ -12,9 +12,12 @@
 //!   listener, authenticated when `[api] metrics_auth` is set).
 
 use super::audit;
+use super::backup;
 use super::events;
 use super::formats;
 use super::gateways;
+use super::import;
+use super::keypairs;
 use super::model;
 use super::ops;
 use super::webhooks;
@@ -35,10 +38,10 @@ use utoipa::{Modify, OpenApi};
         described on the schemas that use them (`Network`, `LocalNetwork`, `RemoteNetwork`, `PeerAddress`, \
         `PortRange`). `null` for an optional request field is the same as leaving it out."),
     paths(
-        gateways::list, gateways::create, gateways::get_one, gateways::update, gateways::delete,
+        gateways::list, gateways::create, gateways::import, keypairs::create, gateways::get_one, gateways::update, gateways::delete,
         gateways::status, gateways::config, audit::list, events::stream, events::history, webhooks::create,
         webhooks::list, webhooks::get_one, webhooks::delete, webhooks::deliveries, ops::health, ops::ready,
-        ops::metrics, document
+        ops::metrics, backup::backup, backup::restore, document
     ),
     components(schemas(
         model::CreateGateway, model::UpdateGateway, model::GatewayView, model::StatusView, model::ObjectMeta,
@@ -51,7 +54,9 @@ use utoipa::{Modify, OpenApi};
         events::EventHistoryEnvelope, crate::store::EventKind, webhooks::CreateWebhook,
         webhooks::EventTypeOrAll, webhooks::WebhookView, webhooks::WebhookEnvelope, webhooks::WebhookListEnvelope,
         webhooks::DeliveryView, webhooks::DeliveryLogEnvelope,
-        crate::store::DeliveryState, formats::WebhookUrl
+        crate::store::DeliveryState, formats::WebhookUrl, formats::WgQuickPeer, import::ImportGateway,
+        keypairs::KeypairView, keypairs::KeypairEnvelope, backup::Backup, backup::BackupGateway,
+        backup::BackupWebhook, backup::RestoreOutcome, backup::RestoreReport, backup::RestoreEnvelope
     )),
     modifiers(&BearerAuth),
     tags((name = "vpn-gateways"), (name = "events", description = "The event log (Server-Sent Events and \
@@ -109,7 +114,11 @@ fn complete_operation(method: &str, op: &mut Value) {
         .get("parameters")
         .and_then(Value::as_array)
         .is_some_and(|ps| ps.iter().any(|p| p.get("in").and_then(Value::as_str) == Some("query")));
-    let idempotent = secured && matches!(method, "post" | "delete");
+    // Answers never stored (a keypair's), or a retry safe by itself (a
+    // restore's): no key to replay them by.
+    let never_stored =
+        matches!(op.get("operationId").and_then(Value::as_str), Some("create_keypair" | "restore_config"));
+    let idempotent = secured && matches!(method, "post" | "delete") && !never_stored;
     if idempotent {
         let parameter = json!({
             "name": "Idempotency-Key", "in": "header", "required": false,
@@ -198,8 +207,13 @@ fn add_links(doc: &mut Value) {
     .into_iter()
     .map(|(name, op)| (name.to_owned(), json!({"operationId": op, "parameters": id})))
     .collect();
-    if let Some(created) = doc.pointer_mut("/paths/~1api~1v1~1vpn-gateways/post/responses/201") {
-        created["links"] = Value::Object(links);
+    for create in [
+        "/paths/~1api~1v1~1vpn-gateways/post/responses/201",
+        "/paths/~1api~1v1~1vpn-gateways~1import/post/responses/201",
+    ] {
+        if let Some(created) = doc.pointer_mut(create) {
+            created["links"] = Value::Object(links.clone());
+        }
     }
     if let Some(created) = doc.pointer_mut("/paths/~1api~1v1~1webhooks/post/responses/201") {
         created["links"] = json!({
@@ -218,6 +232,33 @@ fn add_links(doc: &mut Value) {
     }
 }
 
+/// What a restore takes: a `Backup` with every secret in it (`Restore`,
+/// `RestoreGateway`, `RestoreWebhook`: the backup's schemas, the secrets
+/// required and not null).
+fn restore_schemas(doc: &mut Value) {
+    let Some(schemas) = doc.pointer_mut("/components/schemas").and_then(Value::as_object_mut) else { return };
+    for (from, to, secret) in
+        [("BackupGateway", "RestoreGateway", "pre_shared_key"), ("BackupWebhook", "RestoreWebhook", "secret")]
+    {
+        let Some(mut schema) = schemas.get(from).cloned() else { continue };
+        if let Some(required) = schema.get_mut("required").and_then(Value::as_array_mut) {
+            required.push(json!(secret));
+        }
+        if let Some(property) = schema.pointer_mut(&format!("/properties/{secret}")) {
+            if let Some(p) = property.as_object_mut() {
+                p.remove("nullable");
+            }
+        }
+        schemas.insert(to.to_owned(), schema);
+    }
+    if let Some(mut restore) = schemas.get("Backup").cloned() {
+        restore["properties"]["gateways"]["items"] = json!({"$ref": "#/components/schemas/RestoreGateway"});
+        restore["properties"]["webhooks"]["items"] = json!({"$ref": "#/components/schemas/RestoreWebhook"});
+        restore["description"] = json!("A backup made with `include_secrets=true`.");
+        schemas.insert("Restore".to_owned(), restore);
+    }
+}
+
 /// The whole document as this listener serves it. `site_cidr`: whether
 /// `[api] site_cidr` is configured (without it, a create must name
 /// `local_network_cidr`).
@@ -232,6 +273,7 @@ pub fn document_for(metrics: MetricsRoute, site_cidr: bool) -> Value {
             create["properties"]["local_network_cidr"] = json!({"$ref": "#/components/schemas/LocalNetwork"});
         }
     }
+    restore_schemas(&mut doc);
     if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
         if !metrics.served {
             paths.remove("/metrics");

@@ -125,7 +125,7 @@ pub struct DeliveryParams {
 }
 
 impl WebhookView {
-    fn new(w: &Webhook, reveal_secret: bool) -> Self {
+    pub(crate) fn new(w: &Webhook, reveal_secret: bool) -> Self {
         let events = match &w.events {
             EventSelection::All => vec!["*".to_owned()],
             EventSelection::Only(k) => k.iter().map(|k| k.as_str().to_owned()).collect(),

@@ -28,7 +28,9 @@ mod webhooks;
 pub use audit::AuditEntry;
 pub use events::{Event, EventFilter, EventKind};
 pub use idempotency::StoredResponse;
-pub use webhooks::{Attempt, Delivery, DeliveryState, DueDelivery, EventSelection, Webhook, GIVE_UP_AFTER_MILLIS};
+pub use webhooks::{
+    is_webhook_secret, Attempt, Delivery, DeliveryState, DueDelivery, EventSelection, Webhook, GIVE_UP_AFTER_MILLIS,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

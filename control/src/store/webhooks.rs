@@ -141,6 +141,14 @@ pub enum Attempt {
     },
 }
 
+/// A signing secret as `new_secret` makes them: `whsec_` and 43 base64url
+/// characters (32 bytes).
+pub fn is_webhook_secret(s: &str) -> bool {
+    s.strip_prefix("whsec_").is_some_and(|t| {
+        t.len() == 43 && base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t).is_ok_and(|b| b.len() == 32)
+    })
+}
+
 fn new_secret() -> SecretString {
     let mut bytes = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
@@ -208,13 +216,19 @@ impl Store {
             secret: new_secret(),
             created_at: now_millis(),
         };
+        self.insert_webhook(&hook)?;
+        Ok(hook)
+    }
+
+    /// Stores `hook` as it is (id and secret included: a restore's).
+    pub fn insert_webhook(&self, hook: &Webhook) -> Result<(), StoreError> {
         let conn = self.conn();
         self.check_write()?;
         conn.execute(
             "INSERT INTO webhooks (id, url, events, description, secret, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![hook.id, hook.url, hook.events.encode(), hook.description, hook.secret.expose(), hook.created_at],
         )?;
-        Ok(hook)
+        Ok(())
     }
 
     pub fn webhooks(&self) -> Result<Vec<Webhook>, StoreError> {

@@ -10,6 +10,7 @@ use axum::http::{header, Method, Request};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use tower::ServiceExt;
+use wgxdp_control::api::import::parse_import;
 use wgxdp_control::api::model::{CreateGateway, UpdateGateway};
 use wgxdp_control::api::webhooks::parse_create_webhook;
 use wgxdp_control::api::{app, ApiSettings, AppState};
@@ -151,7 +152,8 @@ async fn call_with(
 /// The first byte selects: bits 0-1 what (0 create body, 1 update body, 2
 /// the router on gateway paths, 3 the router on webhook and event-history
 /// paths); create: bit 2 no site CIDR configured, bit 3 a webhook
-/// registration instead; router: bits 2-3 the
+/// registration instead, bit 4 a wg-quick import instead, bit 5 a restore
+/// (through the router) instead; router: bits 2-3 the
 /// method, bits 4-5 the path, bit 6 the text up to the first newline is the
 /// query string (and after a `|` in it, the `Idempotency-Key` and `If-Match`
 /// header values), bit 7 a wrong API key. The rest is the body. No request may
@@ -165,6 +167,37 @@ pub fn api_bodies(data: &[u8]) {
         0 if sel & 8 != 0 => {
             if let Ok(new) = parse_create_webhook(rest) {
                 assert!(new.url.starts_with("http://") || new.url.starts_with("https://"), "{}", new.url);
+            }
+        }
+        0 if sel & 32 != 0 => {
+            // A restore through the router; one that succeeds, then the
+            // backup of everything, restores again as all unchanged.
+            let post =
+                |body: Vec<u8>| api.rt.block_on(call(&api.router, &api.key, Method::POST, "/api/v1/restore", body));
+            let (status, text) = post(rest.to_vec());
+            assert!(status < 500, "restore answered {status}: {text}");
+            if status == 200 {
+                let (status, backup) = api.rt.block_on(call(
+                    &api.router,
+                    &api.key,
+                    Method::GET,
+                    "/api/v1/backup?include_secrets=true",
+                    Vec::new(),
+                ));
+                assert_eq!(status, 200, "{backup}");
+                let (status, again) = post(backup.into_bytes());
+                let v: serde_json::Value = serde_json::from_str(&again).unwrap_or_default();
+                assert_eq!(status, 200, "{again}");
+                assert_eq!(v["data"]["gateways"]["restored"], serde_json::json!([]), "{again}");
+                assert_eq!(v["data"]["webhooks"]["restored"], serde_json::json!([]), "{again}");
+            }
+        }
+        0 if sel & 16 != 0 => {
+            let site = (sel & 4 == 0).then_some(SITE_CIDR);
+            match parse_import(rest, site, &api.ours) {
+                Ok(new) => rules_read_back(&new.firewall),
+                // The section may hold a pre-shared key: an error names lines, never quotes them.
+                Err(e) => assert!(e.status.is_client_error(), "{}", e.message),
             }
         }
         0 => {

@@ -342,6 +342,26 @@ reads_per_minute = 1200
     out.write(a, "patch_update", &[&[sel(2, 2, 1, false)][..], update.as_bytes()].concat());
     out.write(a, "list_query", &[&[sel(2, 0, 0, true)][..], b"limit=2&sort=name&order=desc&status=active\n"].concat());
     let hook = br#"{"url":"https://hooks.example/wgxdp?team=ops","events":["gateway.created","tunnel.down"],"description":"ops"}"#;
+    let section = format!(
+        "[Peer]\n# site B\nPublicKey = {remote}\nPresharedKey = {psk_b64}\nEndpoint = [2001:db8::20]:51821\nAllowedIPs = 10.20.0.0/16, fd20::/64\nAllowedIPs = 10.24.0.9\nPersistentKeepalive = 25\n"
+    );
+    let import = serde_json::json!({"name": "site-b-vpn", "region": "eu-west", "peer": section}).to_string();
+    out.write(a, "import_body", &[&[sel(0, 0, 1, false)][..], import.as_bytes()].concat());
+    let restore = serde_json::json!({
+        "format": "wgxdp-backup", "version": 1, "secrets_included": true,
+        "gateways": [{
+            "id": "vpn_restored1", "name": "site-r", "region": "eu-west", "local_network_cidr": "10.50.0.0/24",
+            "additional_local_network_cidrs": [], "remote_network_cidr": "10.30.0.0/16",
+            "additional_remote_network_cidrs": ["fd30::/64"], "remote_peer_ip": "203.0.113.30", "remote_peer_port": 51820,
+            "remote_public_key": wgxdp_dataplane::noise::PrivateKey::generate().public_key().to_base64(),
+            "pre_shared_key": psk_b64, "persistent_keepalive": 25,
+            "firewall": [{"name": "ssh", "protocol": "tcp", "port": "22", "action": "deny"}], "firewall_default": "allow"
+        }],
+        "webhooks": [{"id": "wh_restored1", "url": "http://192.0.2.1:9/r", "events": ["*"], "description": "",
+            "secret": "whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}]
+    })
+    .to_string();
+    out.write(a, "restore_body", &[&[32u8][..], restore.as_bytes()].concat());
     out.write(a, "webhook_body", &[&[sel(0, 2, 0, false)][..], &hook[..]].concat());
     out.write(a, "post_webhook", &[&[sel(3, 1, 0, false)][..], &hook[..]].concat());
     out.write(a, "webhook_deliveries", &[&[sel(3, 0, 2, true)][..], b"limit=5&before=9\n"].concat());
