@@ -1133,10 +1133,12 @@ async fn the_document_states_what_the_server_enforces() {
     // Without a site CIDR configured, a create must name its local network: the document says so.
     let bare = Api::with(ApiSettings { site_cidr: None, ..settings() });
     let doc_bare = bare.call_as(None, Method::GET, "/api/v1/openapi.json", None).await.body;
-    let required = doc_bare["components"]["schemas"]["CreateGateway"]["required"].as_array().unwrap().clone();
-    assert!(required.contains(&json!("local_network_cidr")));
-    let local = &doc_bare["components"]["schemas"]["CreateGateway"]["properties"]["local_network_cidr"];
-    assert_eq!(local, &json!({"$ref": "#/components/schemas/LocalNetwork"}), "required, so not nullable");
+    for schema in ["CreateGateway", "ImportGateway"] {
+        let required = doc_bare["components"]["schemas"][schema]["required"].as_array().unwrap().clone();
+        assert!(required.contains(&json!("local_network_cidr")), "{schema}");
+        let local = &doc_bare["components"]["schemas"][schema]["properties"]["local_network_cidr"];
+        assert_eq!(local, &json!({"$ref": "#/components/schemas/LocalNetwork"}), "{schema}: required, so not nullable");
+    }
     assert!(!create["required"].as_array().unwrap().contains(&json!("local_network_cidr")));
     let r = bare.create(new_gateway("no-local", "10.7.0.0/16")).await;
     assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
@@ -2112,6 +2114,12 @@ async fn backup_and_restore_the_whole_configuration() {
     assert_eq!(b.store.get(&ids[0]).unwrap().unwrap().status, Status::Active);
     assert_eq!(b.plane.tunnels.lock().unwrap().len(), 2);
 
+    // Only what is configured: a gateway being deleted is not.
+    b.store.set_status(&ids[1], Status::Deleting).unwrap();
+    let now = b.call(Method::GET, "/api/v1/backup", None).await;
+    assert_eq!(now.body["gateways"].as_array().unwrap().len(), 1, "{}", now.text);
+    b.store.set_status(&ids[1], Status::Active).unwrap();
+
     // A backup at odds with itself, or with what is here, changes nothing.
     let c = Api::new(1000);
     let mut clash = full.body.clone();
@@ -2133,6 +2141,17 @@ async fn backup_and_restore_the_whole_configuration() {
     bad["gateways"][0]["remote_peer_port"] = json!(0);
     let r = c.call(Method::POST, "/api/v1/restore", Some(bad)).await;
     assert_eq!(r.body["error"]["field"], "gateways[0].remote_peer_port", "{}", r.text);
+    let mut long_id = full.body.clone();
+    long_id["gateways"][0]["id"] = json!(format!("vpn_{}", "x".repeat(5000)));
+    let r = c.call(Method::POST, "/api/v1/restore", Some(long_id)).await;
+    assert_eq!(r.body["error"]["field"], "gateways[0].id", "{}", r.text);
+    assert!(r.text.len() < 1000, "the id is not quoted back: {}", r.text.len());
+    // A list longer than its limit is refused while it is read.
+    let mut many = full.body.clone();
+    many["gateways"][0]["firewall"] = json!(vec![json!({}); 257]);
+    let r = c.call(Method::POST, "/api/v1/restore", Some(many)).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+    assert!(r.text.contains("more than 256") && r.text.contains("gateways[0]"), "{}", r.text);
     let mut future = full.body.clone();
     future["version"] = json!(2);
     assert_error(
@@ -2143,5 +2162,5 @@ async fn backup_and_restore_the_whole_configuration() {
     assert_eq!(c.store.live().unwrap().len(), 1);
     assert!(c.store.webhooks().unwrap().is_empty());
     let log = c.store.audit_log(None, 100).unwrap();
-    assert_eq!(log.iter().filter(|e| e.action == "config.restore").count(), 5);
+    assert_eq!(log.iter().filter(|e| e.action == "config.restore").count(), 7);
 }

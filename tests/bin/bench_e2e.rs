@@ -18,9 +18,10 @@
 //!   wireguard-go client through the gateway to the LAN host (wgxdp against a
 //!   wireguard-go gateway).
 //! - The API (wgxdp, part of the user view section): create and status
-//!   latency (p50/p99) with 1 000 gateways under concurrent load, and whether
+//!   latency (p50/p99) up to 10 000 gateways under concurrent load, whether
 //!   forwarding pauses while peers are programmed (ping loss and worst RTT
-//!   through the tunnel during the creates).
+//!   through the tunnel during the creates), and the event fan-out latency to
+//!   100 Server-Sent Events clients.
 //!
 //! Prints the tables (equal load first) and the targets; writes a JSON report
 //! and an SVG chart.
@@ -36,6 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wgxdp_dataplane::noise::{PrivateKey, PublicKey};
+use wgxdp_integration::events::SseClient;
 use wgxdp_integration::site::{
     create_api_key, ping_from, write_private_key, ApiClient, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL,
     CLIENT_WAN, LAN_HOST,
@@ -75,7 +77,7 @@ fn options() -> Result<Options, String> {
         wgxdp,
         seconds: 10,
         packets: 2_000_000,
-        gateways: 1000,
+        gateways: 10_000,
         json: PathBuf::from("target/bench-e2e.json"),
         only: None,
         equal: equal_load::Options { rates: [20_000, 20_000], seconds: 5.0, runs: 3 },
@@ -106,6 +108,10 @@ fn options() -> Result<Options, String> {
             "--help" | "-h" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
         }
+    }
+    // Their networks are 10.120.0.0/24 upwards, below the client's 10.200.0.0/24.
+    if o.gateways > 20_000 {
+        return Err("--gateways: at most 20000".into());
     }
     if o.seconds == 0 || o.gateways == 0 || o.packets < 1000 {
         return Err("--seconds and --gateways must be at least 1, --packets at least 1000".into());
@@ -321,6 +327,12 @@ fn wgxdp_phase(o: &Options) -> (Traffic, Value) {
         ("GET", format!("/api/v1/vpn-gateways/{}/status", status_ids[i as usize % status_ids.len()]), None)
     });
     let (status_lat, status_fail) = api_load(&api, 4, per * 2, status_request);
+    // Creates once all of them exist: the figure at full size, not averaged
+    // over a table that grew from empty.
+    let base = 4 * per;
+    let (full_lat, full_fail) = api_load(&api, 4, 50, Arc::new(move |i| create_request(base + i)));
+    println!("   events: {SSE_CLIENTS} Server-Sent Events clients, {FANOUT_CHANGES} changes…");
+    let fanout = sse_fanout(&topo, &o.wgxdp, &config, &api, &ids[0]);
     let after = ping_from(&topo.client, CLIENT_TUNNEL, LAN_HOST, 3, 2);
     drop(wg);
     let exit = gateway.terminate();
@@ -328,12 +340,78 @@ fn wgxdp_phase(o: &Options) -> (Traffic, Value) {
         "gateways": ids.len(),
         "create_ms": {"p50": percentile(&create_lat, 0.5), "p99": percentile(&create_lat, 0.99), "failures": create_fail},
         "status_ms": {"p50": percentile(&status_lat, 0.5), "p99": percentile(&status_lat, 0.99), "failures": status_fail},
+        "create_at_full_size_ms": {"p50": percentile(&full_lat, 0.5), "p99": percentile(&full_lat, 0.99), "failures": full_fail},
         "forwarding_during_creates": {"pings_sent": sent, "pings_received": received, "worst_rtt_ms": worst_rtt},
+        "sse_fanout": fanout,
         "tunnel_ok_after": after,
         "decrypted_in_af_xdp": decrypted,
         "gateway_exit": exit.to_string(),
     });
     (traffic, api_figures)
+}
+
+const SSE_CLIENTS: usize = 100;
+const FANOUT_CHANGES: usize = 20;
+
+/// Event fan-out: `SSE_CLIENTS` clients stream `gateway.updated` while
+/// gateway `id` is renamed `FANOUT_CHANGES` times; per event and client, the
+/// time from the change's request to the event's arrival, and per event the
+/// spread between its first and last arrival. (At most 16 streams per API
+/// key: the clients share keys of their own.)
+fn sse_fanout(topo: &SiteTopology, wgxdp: &Path, config: &Path, api: &ApiClient, id: &str) -> Value {
+    let keys: Vec<String> = (0..SSE_CLIENTS.div_ceil(16)).map(|_| create_api_key(wgxdp, config)).collect();
+    let streams: Vec<std::net::TcpStream> =
+        topo.gateway.enter(|| (0..SSE_CLIENTS).map(|_| std::net::TcpStream::connect(API).expect("connect")).collect());
+    // Each resumes after the newest event so far: a stream that starts after
+    // the first change still gets it (from the log), and then all are live.
+    let (_, newest) = api.call("GET", "/api/v1/events/history?limit=1", None).expect("API");
+    let after = newest["data"][0]["id"].as_i64();
+    let path = "/api/v1/events?types=gateway.updated";
+    let mut clients: Vec<SseClient> =
+        streams.into_iter().enumerate().map(|(i, s)| SseClient::open(s, path, &keys[i / 16], after)).collect();
+    let rename = |n: usize| {
+        let (code, body) = api
+            .call("PATCH", &format!("/api/v1/vpn-gateways/{id}"), Some(json!({"name": format!("fanout-{n}")})))
+            .expect("API");
+        assert_eq!(code, 200, "{body}");
+    };
+    // A first change every client sees: all are subscribed from here on.
+    rename(0);
+    for c in &mut clients {
+        assert!(c.next(Duration::from_secs(10)).is_some(), "an event stream did not start: {}", c.status);
+    }
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            std::thread::spawn(move || {
+                (0..FANOUT_CHANGES).map(|_| c.next(Duration::from_secs(10)).map(|_| Instant::now())).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut sent = Vec::new();
+    for n in 1..=FANOUT_CHANGES {
+        std::thread::sleep(Duration::from_millis(50));
+        sent.push(Instant::now());
+        rename(n);
+    }
+    let arrivals: Vec<Vec<Option<Instant>>> = readers.into_iter().map(|r| r.join().expect("reader")).collect();
+    let (mut latency, mut spread, mut missed) = (Vec::new(), Vec::new(), 0);
+    for (n, at) in sent.iter().enumerate() {
+        let got: Vec<Instant> = arrivals.iter().filter_map(|a| a[n]).collect();
+        missed += arrivals.len() - got.len();
+        latency.extend(got.iter().map(|t| t.saturating_duration_since(*at)));
+        if let (Some(first), Some(last)) = (got.iter().min(), got.iter().max()) {
+            spread.push(*last - *first);
+        }
+    }
+    latency.sort();
+    spread.sort();
+    json!({
+        "clients": SSE_CLIENTS, "events": FANOUT_CHANGES, "missed": missed,
+        "latency_ms": {"p50": percentile(&latency, 0.5), "p99": percentile(&latency, 0.99),
+                       "max": percentile(&latency, 1.0)},
+        "spread_ms": {"p50": percentile(&spread, 0.5), "max": percentile(&spread, 1.0)},
+    })
 }
 
 fn client(topo: &SiteTopology, key: &PrivateKey, gw: &PublicKey, psk: Option<(&TempDir, &str)>) -> WireguardGo {
@@ -645,6 +723,23 @@ fn main() {
             api["create_ms"]["p99"].as_f64().unwrap_or(0.0),
             api["status_ms"]["p50"].as_f64().unwrap_or(0.0),
             api["status_ms"]["p99"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "creates with all {} in place: p50 {:.2} ms p99 {:.2} ms",
+            api["gateways"],
+            api["create_at_full_size_ms"]["p50"].as_f64().unwrap_or(0.0),
+            api["create_at_full_size_ms"]["p99"].as_f64().unwrap_or(0.0)
+        );
+        let e = &api["sse_fanout"];
+        println!(
+            "event fan-out to {} SSE clients: change to arrival p50 {:.2} ms p99 {:.2} ms max {:.2} ms; first to \
+             last client p50 {:.2} ms; {} missed",
+            e["clients"],
+            e["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+            e["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+            e["latency_ms"]["max"].as_f64().unwrap_or(0.0),
+            e["spread_ms"]["p50"].as_f64().unwrap_or(0.0),
+            e["missed"]
         );
         let f = &api["forwarding_during_creates"];
         println!(

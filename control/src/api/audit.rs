@@ -109,10 +109,12 @@ pub struct AuditEntryView {
     pub at: String,
     /// The API key that asked (`wg-socket`: the WireGuard socket).
     pub key_id: String,
-    /// `gateway.create`, `gateway.update`, `gateway.delete`, `webhook.create`,
-    /// `webhook.delete`, or `METHOD route`.
+    /// `gateway.create`, `gateway.update`, `gateway.delete`, `gateway.import`,
+    /// `webhook.create`, `webhook.delete`, `keypair.create`, `config.restore`,
+    /// `config.backup` (a backup with secrets), or `METHOD route`.
     pub action: String,
-    /// The gateway acted on, when there is one.
+    /// The gateway or webhook acted on, when there is one (`with-secrets`
+    /// for `config.backup`).
     pub target: Option<String>,
     /// The answer's HTTP status.
     pub status: u16,

@@ -18,29 +18,33 @@
 use super::changes::{check_conflicts, check_new, commit_create, delete};
 use super::error::ApiError;
 use super::extract::{ApiQuery, JsonBody};
-use super::model::{decode_json, exact_key, overlaps, rfc3339_millis, CreateGateway, NewGateway};
-use super::networks::Network;
+use super::model::{bounded, decode_json, exact_key, rfc3339_millis, CreateGateway, NewGateway};
+use super::networks::MAX_ADDITIONAL;
 use super::webhooks::{CreateWebhook, NewWebhook, WebhookView, MAX_WEBHOOKS};
 use super::{blocking, AppState};
 use crate::firewall::{rule_texts, FirewallRuleText};
 use crate::secret::SecretString;
-use crate::store::{is_webhook_secret, now_millis, AuditEntry, Caller, GatewayRecord, Scope, Status, Webhook};
+use crate::store::{
+    is_webhook_secret, now_millis, AuditEntry, Caller, GatewayRecord, LiveIndex, Scope, Status, Webhook,
+};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use utoipa::ToSchema;
+use wgxdp_dataplane::noise::PublicKey;
+use wgxdp_dataplane::policy::MAX_RULES;
 
 pub const FORMAT: &str = "wgxdp-backup";
 pub const VERSION: u32 = 1;
 /// Largest restore body: 10 000 gateways with firewalls fit.
 pub const RESTORE_LIMIT: usize = 64 * 1024 * 1024;
-/// Most gateways one backup holds.
-pub const MAX_GATEWAYS: usize = 100_000;
+/// Most gateways one restore takes.
+pub const MAX_GATEWAYS: usize = 20_000;
 
 /// The whole configuration. Restore takes it as `GET /api/v1/backup` gave it.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -61,7 +65,7 @@ pub struct Backup {
     /// Whether pre-shared keys and webhook secrets are in it.
     #[serde(default)]
     pub secrets_included: bool,
-    #[schema(max_items = 100000)]
+    #[schema(max_items = 20000)]
     pub gateways: Vec<BackupGateway>,
     #[schema(max_items = 100)]
     pub webhooks: Vec<BackupWebhook>,
@@ -71,7 +75,7 @@ pub struct Backup {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackupGateway {
-    #[schema(pattern = "^vpn_[a-z0-9]{1,64}$", example = "vpn_abc123")]
+    #[schema(pattern = "^vpn_[a-z0-9]{1,32}$", example = "vpn_abc123")]
     pub id: String,
     #[schema(value_type = GatewayName)]
     pub name: String,
@@ -80,10 +84,12 @@ pub struct BackupGateway {
     #[schema(value_type = LocalNetwork)]
     pub local_network_cidr: String,
     #[schema(value_type = Vec<LocalNetwork>, max_items = 63)]
+    #[serde(deserialize_with = "bounded::<_, _, MAX_ADDITIONAL>")]
     pub additional_local_network_cidrs: Vec<String>,
     #[schema(value_type = RemoteNetwork)]
     pub remote_network_cidr: String,
     #[schema(value_type = Vec<RemoteNetwork>, max_items = 63)]
+    #[serde(deserialize_with = "bounded::<_, _, MAX_ADDITIONAL>")]
     pub additional_remote_network_cidrs: Vec<String>,
     #[schema(value_type = PeerAddress)]
     pub remote_peer_ip: String,
@@ -98,6 +104,7 @@ pub struct BackupGateway {
     #[schema(minimum = 0, maximum = 65535)]
     pub persistent_keepalive: Option<u16>,
     #[schema(max_items = 256)]
+    #[serde(deserialize_with = "bounded::<_, _, MAX_RULES>")]
     pub firewall: Vec<FirewallRuleText>,
     #[schema(value_type = FirewallAction)]
     pub firewall_default: String,
@@ -107,11 +114,12 @@ pub struct BackupGateway {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackupWebhook {
-    #[schema(pattern = "^wh_[a-z0-9]{1,64}$", example = "wh_abc123")]
+    #[schema(pattern = "^wh_[a-z0-9]{1,32}$", example = "wh_abc123")]
     pub id: String,
     #[schema(value_type = WebhookUrl)]
     pub url: String,
-    #[schema(value_type = Vec<EventTypeOrAll>, min_items = 1)]
+    #[schema(value_type = Vec<EventTypeOrAll>, min_items = 1, max_items = 16)]
+    #[serde(deserialize_with = "bounded::<_, _, 16>")]
     pub events: Vec<String>,
     #[schema(max_length = 256)]
     pub description: String,
@@ -215,7 +223,10 @@ impl BackupGateway {
 
 /// The backup of what `store` holds.
 pub fn backup_of(s: &AppState, secrets: bool) -> Result<Backup, ApiError> {
-    let gateways = s.store.live()?.iter().map(|g| BackupGateway::of(g, secrets)).collect();
+    // Active ones only: a create not yet acknowledged or a gateway being
+    // deleted is no configuration to bring back.
+    let gateways =
+        s.store.live()?.iter().filter(|g| g.status == Status::Active).map(|g| BackupGateway::of(g, secrets)).collect();
     let webhooks = s
         .store
         .webhooks()?
@@ -291,8 +302,9 @@ pub async fn restore(
     body: JsonBody<RESTORE_LIMIT>,
 ) -> Result<Json<RestoreEnvelope>, ApiError> {
     require_admin(&caller)?;
-    let backup: Backup = decode_json(&body.0)?;
-    let report = state.mutate(move |s| restore_backup(s, backup)).await.map_err(ApiError::internal)??;
+    let (site, ours) = (state.settings.site_cidr.clone(), state.plane.public_key());
+    let parsed = blocking(&state, move |_| parse_restore(&body.0, site.as_deref(), &ours)).await?;
+    let report = state.mutate(move |s| restore_backup(s, parsed)).await.map_err(ApiError::internal)??;
     Ok(Json(RestoreEnvelope { data: report }))
 }
 
@@ -306,14 +318,17 @@ fn hook_at(i: usize, e: ApiError) -> ApiError {
     ApiError { field: Some(field), message: format!("webhooks[{i}]: {}", e.message), ..e }
 }
 
+/// Longest id after its prefix (the server's own are 16 long).
+const MAX_ID: usize = 32;
+
 fn valid_id(id: &str, prefix: &str) -> bool {
-    id.strip_prefix(prefix)
-        .is_some_and(|t| (1..=64).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+    id.strip_prefix(prefix).is_some_and(|t| {
+        (1..=MAX_ID).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    })
 }
 
 /// Whether stored gateway `g` is what `new` describes (its id aside).
 fn same_gateway(g: &GatewayRecord, new: &NewGateway) -> bool {
-    let rules = |r: &[wgxdp_dataplane::policy::FirewallRule]| serde_json::to_string(&rule_texts(r)).ok();
     g.name == new.name
         && g.region == new.region
         && g.local_network_cidr == new.local_network_cidr.to_string()
@@ -325,81 +340,67 @@ fn same_gateway(g: &GatewayRecord, new: &NewGateway) -> bool {
         && g.persistent_keepalive == new.persistent_keepalive
         && g.additional_remote_network_cidrs == new.additional_remote_network_cidrs
         && g.additional_local_network_cidrs == new.additional_local_network_cidrs
-        && rules(&g.firewall) == rules(&new.firewall)
+        && g.firewall == new.firewall
         && g.firewall_default == new.firewall_default
 }
 
-/// An address range of one IP version, for the overlap sweep.
-fn range(p: &wgxdp_dataplane::table::IpPrefix) -> (bool, u128, u128) {
-    let (v6, bits, start) = match p.addr() {
-        IpAddr::V4(a) => (false, 32, u128::from(u32::from(a))),
-        IpAddr::V6(a) => (true, 128, u128::from(a)),
-    };
-    let host_bits = bits - u32::from(p.prefix_len());
-    let span = if host_bits == 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
-    (v6, start, start + span)
-}
-
-/// 409 if two of the networks (of different gateways of the backup)
-/// overlap: one sort and one sweep, not a comparison of every pair.
-fn check_overlaps_within(networks: &[(usize, &str, Network)]) -> Result<(), ApiError> {
-    let mut ranges: Vec<((bool, u128, u128), usize)> =
-        networks.iter().enumerate().map(|(k, (_, _, n))| (range(&n.prefix), k)).collect();
-    ranges.sort_unstable();
-    let mut reach: Option<((bool, u128, u128), usize)> = None;
-    for &(r, k) in &ranges {
-        if let Some((_, j)) = reach.filter(|((v6, _, end), _)| *v6 == r.0 && r.1 <= *end) {
-            let ((i, id, n), (_, other, m)) = (&networks[k], &networks[j]);
-            debug_assert!(overlaps(&n.prefix, &m.prefix));
-            return Err(at(
-                *i,
-                id,
-                ApiError::conflict_at(
-                    &n.field,
-                    format!("{} {} overlaps {} of {other} in this backup", n.field, n.prefix, m.prefix),
-                ),
-            ));
-        }
-        if reach.is_none_or(|((v6, _, end), _)| v6 != r.0 || r.2 > end) {
-            reach = Some((r, k));
-        }
-    }
-    Ok(())
-}
-
 /// Validates and checks all of `backup`, then applies it (see the module's notes).
-pub fn restore_backup(s: &AppState, backup: Backup) -> Result<RestoreReport, ApiError> {
-    if backup.format != FORMAT {
+/// A restore body as it is decoded: each gateway kept as its JSON text until
+/// its turn, so that a large body is never all decoded at once.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreBody {
+    format: String,
+    version: u32,
+    #[serde(default)]
+    #[allow(dead_code)]
+    created_at: Option<String>,
+    #[serde(default)]
+    gateway_public_key: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    secrets_included: bool,
+    #[serde(deserialize_with = "bounded::<_, _, MAX_GATEWAYS>")]
+    gateways: Vec<Box<serde_json::value::RawValue>>,
+    #[serde(deserialize_with = "bounded::<_, _, MAX_WEBHOOKS>")]
+    webhooks: Vec<BackupWebhook>,
+}
+
+/// A restore body, decoded and validated on its own (what the handler runs
+/// before it takes the mutation lock, and the fuzzer runs).
+#[derive(Debug)]
+pub struct ParsedRestore {
+    gateway_public_key: Option<String>,
+    /// (position in the backup, id, the gateway as a create takes it).
+    gateways: Vec<(usize, String, NewGateway)>,
+    webhooks: Vec<BackupWebhook>,
+}
+
+/// Decodes and validates a restore body: every gateway valid on its own,
+/// as a create would take it, with its secret.
+pub fn parse_restore(bytes: &[u8], site: Option<&str>, ours: &PublicKey) -> Result<ParsedRestore, ApiError> {
+    let body: RestoreBody = decode_json(bytes)?;
+    if body.format != FORMAT {
         return Err(ApiError::validation("format", format!("format: must be `{FORMAT}`")));
     }
-    if backup.version != VERSION {
+    if body.version != VERSION {
         return Err(ApiError::validation("version", format!("version: this gateway restores version {VERSION}")));
     }
-    if backup.gateways.len() > MAX_GATEWAYS {
-        return Err(ApiError::validation("gateways", format!("gateways: at most {MAX_GATEWAYS}")));
+    if let Some(theirs) = body.gateway_public_key.as_deref() {
+        exact_key::<PublicKey>("gateway_public_key", "public key", theirs)?;
     }
-    if backup.webhooks.len() > MAX_WEBHOOKS {
-        return Err(ApiError::validation("webhooks", format!("webhooks: at most {MAX_WEBHOOKS}")));
-    }
-    let ours = s.plane.public_key();
-    let mut report = RestoreReport::default();
-    if let Some(theirs) = backup.gateway_public_key.as_deref() {
-        exact_key::<wgxdp_dataplane::noise::PublicKey>("gateway_public_key", "public key", theirs)?;
-    }
-    if let Some(theirs) = backup.gateway_public_key.as_deref().filter(|k| *k != ours.to_base64()) {
-        report.warnings.push(format!(
-            "this backup was made on a gateway whose public key is {theirs}; this gateway's is {ours}: give the \
-             remote sites the new key (GET /api/v1/vpn-gateways/{{id}}/config)"
-        ));
-    }
-    // 1. Every gateway valid on its own, as a create would take it.
-    let site = s.settings.site_cidr.as_deref();
     let mut seen = HashSet::new();
-    let mut gateways = Vec::with_capacity(backup.gateways.len());
-    for (i, g) in backup.gateways.into_iter().enumerate() {
+    let mut gateways = Vec::with_capacity(body.gateways.len());
+    for (i, raw) in body.gateways.into_iter().enumerate() {
+        let g: BackupGateway = decode_json(raw.get().as_bytes()).map_err(|e| at(i, "?", e))?;
+        drop(raw);
         let id = g.id.clone();
         if !valid_id(&id, "vpn_") {
-            return Err(at(i, &id, ApiError::validation("id", "id: must be `vpn_` and 1-64 of a-z and 0-9")));
+            return Err(at(
+                i,
+                "?",
+                ApiError::validation("id", format!("id: must be `vpn_` and 1-{MAX_ID} of a-z and 0-9")),
+            ));
         }
         if !seen.insert(id.clone()) {
             return Err(at(i, &id, ApiError::conflict_at("id", "id: is listed twice")));
@@ -415,9 +416,23 @@ pub fn restore_backup(s: &AppState, backup: Backup) -> Result<RestoreReport, Api
                 ),
             ));
         }
-        let new = g.into_create().validate(site, &ours).map_err(|e| at(i, &id, e))?;
+        let new = g.into_create().validate(site, ours).map_err(|e| at(i, &id, e))?;
         gateways.push((i, id, new));
     }
+    Ok(ParsedRestore { gateway_public_key: body.gateway_public_key, gateways, webhooks: body.webhooks })
+}
+
+/// Checks `parsed` against what is here and applies it (see the module's notes).
+pub fn restore_backup(s: &AppState, parsed: ParsedRestore) -> Result<RestoreReport, ApiError> {
+    let ours = s.plane.public_key();
+    let mut report = RestoreReport::default();
+    if let Some(theirs) = parsed.gateway_public_key.as_deref().filter(|k| *k != ours.to_base64()) {
+        report.warnings.push(format!(
+            "this backup was made on a gateway whose public key is {theirs}; this gateway's is {ours}: give the \
+             remote sites the new key (GET /api/v1/vpn-gateways/{{id}}/config)"
+        ));
+    }
+    let gateways = parsed.gateways;
     // 2. Against what is here: the same is left alone, anything else clashes.
     let mut to_make = Vec::new();
     for (i, id, new) in gateways {
@@ -436,26 +451,31 @@ pub fn restore_backup(s: &AppState, backup: Backup) -> Result<RestoreReport, Api
         }
     }
     // 3. What will be made, against this site, this host's gateways and itself.
-    let mut keys: HashMap<String, usize> = HashMap::new();
-    let mut within = Vec::new();
+    let mut batch = LiveIndex::default();
     for (i, id, new, _) in &to_make {
         let remote = check_new(s, new).map_err(|e| at(*i, id, e))?;
         let key = new.remote_public_key.to_base64();
         check_conflicts(s, &remote, Some(&key), None).map_err(|e| at(*i, id, e))?;
-        if let Some(j) = keys.insert(key, *i) {
-            let why = format!("remote_public_key: gateways[{j}] of this backup uses it too");
+        for n in &remote {
+            if let Some((other, p)) = batch.overlap(&n.prefix, None) {
+                let why = format!("{} {} overlaps {p} of {other} in this backup", n.field, n.prefix);
+                return Err(at(*i, id, ApiError::conflict_at(&n.field, why)));
+            }
+        }
+        if let Some(other) = batch.key_owner(&key, None) {
+            let why = format!("remote_public_key: {other} of this backup uses it too");
             return Err(at(*i, id, ApiError::conflict_at("remote_public_key", why)));
         }
-        within.extend(remote.into_iter().map(|n| (*i, id.as_str(), n)));
+        batch.put(id, &key, remote.iter().map(|n| n.prefix).collect());
     }
-    check_overlaps_within(&within)?;
     // Webhooks, the same way.
     let mut hooks = Vec::new();
     let existing = s.store.webhooks()?;
     let mut hook_ids = HashSet::new();
-    for (i, w) in backup.webhooks.into_iter().enumerate() {
+    for (i, w) in parsed.webhooks.into_iter().enumerate() {
         if !valid_id(&w.id, "wh_") {
-            return Err(hook_at(i, ApiError::validation("id", "id: must be `wh_` and 1-64 of a-z and 0-9")));
+            let why = format!("id: must be `wh_` and 1-{MAX_ID} of a-z and 0-9");
+            return Err(hook_at(i, ApiError::validation("id", why)));
         }
         if !hook_ids.insert(w.id.clone()) {
             return Err(hook_at(i, ApiError::conflict_at("id", "id: is listed twice")));
@@ -507,12 +527,30 @@ pub fn restore_backup(s: &AppState, backup: Backup) -> Result<RestoreReport, Api
             hooks.len()
         )));
     }
-    // 4. Apply; a failure takes back what this restore made.
-    let undo = |s: &AppState, made: &[String]| {
-        for id in made.iter().rev() {
-            if let Err(e) = delete(s, id, None) {
-                tracing::error!(%id, error = %e.message, "cannot take back a gateway of a failed restore");
-            }
+    // 4. Apply; a failure takes back what this restore made (a take-back
+    // that fails too is named in the answer: those gateways stay).
+    let undo = |s: &AppState, made: &[String], e: ApiError| {
+        let left: Vec<&str> = made
+            .iter()
+            .rev()
+            .filter(|id| match delete(s, id, None) {
+                Ok(_) => false,
+                Err(de) => {
+                    tracing::error!(%id, error = %de.message, "cannot take back a gateway of a failed restore");
+                    true
+                }
+            })
+            .map(String::as_str)
+            .collect();
+        if left.is_empty() {
+            e
+        } else {
+            let message = format!(
+                "{}; these restored gateways could not be taken back and remain: {}",
+                e.message,
+                left.join(", ")
+            );
+            ApiError { message, ..e }
         }
     };
     for (i, id, new, was_deleted) in to_make {
@@ -521,18 +559,16 @@ pub fn restore_backup(s: &AppState, backup: Backup) -> Result<RestoreReport, Api
         let made = if was_deleted { s.store.purge(&id).map_err(ApiError::from) } else { Ok(()) }
             .and_then(|()| commit_create(s, record));
         if let Err(e) = made {
-            undo(s, &report.gateways.restored);
-            return Err(at(i, &id, e));
+            return Err(undo(s, &report.gateways.restored, at(i, &id, e)));
         }
         report.gateways.restored.push(id);
     }
     for hook in hooks {
         if let Err(e) = s.store.insert_webhook(&hook) {
-            undo(s, &report.gateways.restored);
             for id in &report.webhooks.restored {
                 let _ = s.store.delete_webhook(id);
             }
-            return Err(e.into());
+            return Err(undo(s, &report.gateways.restored, e.into()));
         }
         report.webhooks.restored.push(hook.id);
     }

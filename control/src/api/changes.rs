@@ -8,7 +8,7 @@
 use super::conditional::check_if_match;
 use super::error::ApiError;
 use super::model::{overlaps, tunnel_of, NewGateway, UpdateGateway};
-use super::networks::{find_overlap, validate_remote_vs_site, GatewayNetworks, Network, ADDITIONAL_REMOTE, REMOTE};
+use super::networks::{validate_remote_vs_site, GatewayNetworks, Network, ADDITIONAL_REMOTE, REMOTE};
 use super::AppState;
 use crate::plane::DataPlane;
 use crate::store::{now_millis, EventKind, GatewayRecord, Status, Store, StoreError};
@@ -66,22 +66,16 @@ pub(crate) fn check_conflicts(
             )));
         }
     }
-    if remote.is_empty() && key.is_none() {
-        return Ok(());
-    }
-    let live = s.store.live()?;
     for n in remote {
-        if let Some((other, p)) = find_overlap(&n.prefix, &live, except) {
+        if let Some((other, p)) = s.store.remote_overlap(&n.prefix, except) {
             return Err(ApiError::conflict(format!(
-                "{} {} overlaps the remote network {p} of VPN gateway {}",
-                n.field, n.prefix, other.id
+                "{} {} overlaps the remote network {p} of VPN gateway {other}",
+                n.field, n.prefix
             )));
         }
     }
-    if let Some(other) =
-        key.and_then(|k| live.iter().find(|g| g.remote_public_key == k && Some(g.id.as_str()) != except))
-    {
-        return Err(ApiError::conflict(format!("VPN gateway {} already uses this remote_public_key", other.id)));
+    if let Some(other) = key.and_then(|k| s.store.remote_key_owner(k, except)) {
+        return Err(ApiError::conflict(format!("VPN gateway {other} already uses this remote_public_key")));
     }
     Ok(())
 }

@@ -78,6 +78,8 @@ pub fn parse_peer_section(text: &str) -> Result<PeerSection, ApiError> {
     let mut peer = PeerSection::default();
     let mut in_peer = false;
     let mut seen: Vec<&'static str> = Vec::new();
+    // (A byte order mark, as some editors write one, is no text.)
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
         let line = raw.split('#').next().unwrap_or_default().trim();
@@ -135,6 +137,11 @@ pub fn parse_peer_section(text: &str) -> Result<PeerSection, ApiError> {
                     if item.is_empty() {
                         return Err(peer_error(n, "AllowedIPs has an empty entry"));
                     }
+                    // Only what an address and a prefix length are made of:
+                    // anything else (a key run into the line) is never quoted back.
+                    if !item.bytes().all(|b| b.is_ascii_hexdigit() || b"./:".contains(&b)) {
+                        return Err(peer_error(n, "AllowedIPs holds something that is not an IP network"));
+                    }
                     let network = match item.parse::<IpAddr>() {
                         Ok(ip) => wgxdp_dataplane::table::IpPrefix::host(ip).to_string(),
                         Err(_) => item.to_owned(),
@@ -143,13 +150,14 @@ pub fn parse_peer_section(text: &str) -> Result<PeerSection, ApiError> {
                 }
             }
             _ => {
-                peer.persistent_keepalive =
-                    match value {
-                        "off" => Some(0),
-                        v => Some(v.parse::<u16>().map_err(|_| {
-                            peer_error(n, "PersistentKeepalive must be `off` or seconds from 0 to 65535")
-                        })?),
+                let refuse = || peer_error(n, "PersistentKeepalive must be `off` or seconds from 0 to 65535");
+                peer.persistent_keepalive = match value {
+                    v if v.eq_ignore_ascii_case("off") => Some(0),
+                    v if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+                        Some(v.parse::<u16>().map_err(|_| refuse())?)
                     }
+                    _ => return Err(refuse()),
+                }
             }
         }
     }
@@ -285,7 +293,7 @@ mod tests {
         assert_eq!(new.persistent_keepalive, Some(25));
         assert_eq!(new.local_network_cidr.to_string(), "10.50.0.0/24");
         // No pre-shared key: one is generated; `off` keepalive is none.
-        let bare = format!("[Peer]\nPublicKey = {key}\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 10.1.0.0/16\nPersistentKeepalive = off");
+        let bare = format!("\u{feff}[Peer]\r\nPublicKey = {key}\r\nEndpoint = 192.0.2.1:51820\r\nAllowedIPs = 10.1.0.0/16\r\nPersistentKeepalive = Off\r\n");
         let new = parse_import(&body(&bare), Some("10.50.0.0/24"), &ours()).unwrap();
         assert_eq!((new.pre_shared_key.expose().len(), new.persistent_keepalive), (44, None));
     }
@@ -307,6 +315,8 @@ mod tests {
             (peer("Endpoint 192.0.2.9:51820"), "line 5: not a `Key = Value` line"),
             (peer("AllowedIPs = 10.2.0.0/16,,10.3.0.0/16"), "line 5: AllowedIPs has an empty entry"),
             (peer("PersistentKeepalive = 70000"), "line 5: PersistentKeepalive must be"),
+            (peer("PersistentKeepalive = +25"), "line 5: PersistentKeepalive must be"),
+            (peer(&format!("AllowedIPs = 10.2.0.0/16 PresharedKey = {PSK}")), "line 5: AllowedIPs holds something"),
             (format!("[Peer]\nPublicKey = {key}\nAllowedIPs = 10.1.0.0/16"), "Endpoint is required"),
             (format!("[Peer]\nPublicKey = {key}\nEndpoint = 192.0.2.1:51820"), "AllowedIPs is required"),
             ("# nothing\n".to_owned(), "holds no [Peer] section"),

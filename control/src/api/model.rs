@@ -506,6 +506,34 @@ pub fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Ap
     })
 }
 
+/// A list of at most `MAX` items, refused while it is decoded (a huge list
+/// of tiny items never reaches memory): `#[serde(deserialize_with =
+/// "bounded::<_, _, MAX>")]`.
+pub fn bounded<'de, D, T, const MAX: usize>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Items<T, const MAX: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const MAX: usize> serde::de::Visitor<'de> for Items<T, MAX> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX} items")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX).min(1024));
+            while let Some(item) = seq.next_element()? {
+                if items.len() == MAX {
+                    return Err(serde::de::Error::custom(format!("a list of more than {MAX} items")));
+                }
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+    d.deserialize_seq(Items::<T, MAX>(std::marker::PhantomData))
+}
+
 /// `POST /api/v1/vpn-gateways` body → a validated gateway (what the handler runs).
 pub fn parse_create(bytes: &[u8], site_cidr: Option<&str>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
     CreateGateway::from_json(bytes)?.validate(site_cidr, ours)

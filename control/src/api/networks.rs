@@ -10,7 +10,7 @@
 
 use super::error::ApiError;
 use super::model::{invalid, overlaps, validate_cidr};
-use crate::store::{GatewayRecord, Status};
+use crate::store::GatewayRecord;
 use std::net::IpAddr;
 use wgxdp_dataplane::policy::MAX_NETWORKS;
 use wgxdp_dataplane::table::IpPrefix;
@@ -253,25 +253,6 @@ pub fn validate_remote_vs_site(
         ));
     }
     Ok(())
-}
-
-/// Every remote network of a stored gateway (one whose seed no longer
-/// parses contributes its additional networks only).
-pub fn remote_prefixes_of(g: &GatewayRecord) -> impl Iterator<Item = IpPrefix> + '_ {
-    g.remote_network_cidr.parse::<IpPrefix>().ok().into_iter().chain(g.additional_remote_network_cidrs.iter().copied())
-}
-
-/// The first live gateway (other than `except`) with a remote network that
-/// `prefix` overlaps, and that network.
-pub fn find_overlap<'a>(
-    prefix: &IpPrefix,
-    others: impl IntoIterator<Item = &'a GatewayRecord>,
-    except: Option<&str>,
-) -> Option<(&'a GatewayRecord, IpPrefix)> {
-    others
-        .into_iter()
-        .filter(|g| Some(g.id.as_str()) != except && g.status != Status::Deleted)
-        .find_map(|g| remote_prefixes_of(g).find(|p| overlaps(p, prefix)).map(|p| (g, p)))
 }
 
 #[cfg(test)]

@@ -265,7 +265,8 @@ fn restore_schemas(doc: &mut Value) {
 pub fn document_for(metrics: MetricsRoute, site_cidr: bool) -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     if !site_cidr {
-        if let Some(create) = doc.pointer_mut("/components/schemas/CreateGateway") {
+        for schema in ["CreateGateway", "ImportGateway"] {
+            let Some(create) = doc.pointer_mut(&format!("/components/schemas/{schema}")) else { continue };
             if let Some(required) = create.get_mut("required").and_then(Value::as_array_mut) {
                 required.push(json!("local_network_cidr"));
             }

@@ -24,10 +24,12 @@ use wgxdp_dataplane::table::IpPrefix;
 mod audit;
 mod events;
 mod idempotency;
+mod live_index;
 mod webhooks;
 pub use audit::AuditEntry;
 pub use events::{Event, EventFilter, EventKind};
 pub use idempotency::StoredResponse;
+pub use live_index::LiveIndex;
 pub use webhooks::{
     is_webhook_secret, Attempt, Delivery, DeliveryState, DueDelivery, EventSelection, Webhook, GIVE_UP_AFTER_MILLIS,
 };
@@ -133,6 +135,18 @@ pub struct GatewayRecord {
     /// Unix milliseconds.
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+impl GatewayRecord {
+    /// Every remote network (one whose seed no longer parses contributes
+    /// its additional networks only).
+    pub fn remote_prefixes(&self) -> impl Iterator<Item = IpPrefix> + '_ {
+        self.remote_network_cidr
+            .parse::<IpPrefix>()
+            .ok()
+            .into_iter()
+            .chain(self.additional_remote_network_cidrs.iter().copied())
+    }
 }
 
 /// The fields an update may change (`None`: unchanged).
@@ -259,6 +273,9 @@ pub struct Store {
     /// connection lock by every write, so counting them costs no query.
     counts: [AtomicU64; 4],
     faults: Mutex<WriteFaults>,
+    /// The live gateways' remote networks and keys, for the conflict
+    /// checks; kept exact under the connection lock like `counts`.
+    live_index: Mutex<LiveIndex>,
 }
 
 /// Injected write failures (tests of the error paths): after `skip` more
@@ -551,7 +568,46 @@ impl Store {
                 counts[status.index()].fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
             }
         }
-        Ok(Self { conn: Mutex::new(conn), queries: AtomicU64::new(0), counts, faults: Mutex::default() })
+        let store = Self {
+            conn: Mutex::new(conn),
+            queries: AtomicU64::new(0),
+            counts,
+            faults: Mutex::default(),
+            live_index: Mutex::default(),
+        };
+        {
+            let live = store.live()?;
+            let mut index = store.index();
+            for g in &live {
+                index.put(&g.id, &g.remote_public_key, g.remote_prefixes().collect());
+            }
+        }
+        Ok(store)
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, LiveIndex> {
+        self.live_index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After a write of `g` (under the connection lock): the index follows.
+    fn index_record(&self, g: &GatewayRecord) {
+        let mut index = self.index();
+        if g.status == Status::Deleted {
+            index.remove(&g.id);
+        } else {
+            index.put(&g.id, &g.remote_public_key, g.remote_prefixes().collect());
+        }
+    }
+
+    /// A live gateway (other than `except`) with a remote network that
+    /// `prefix` overlaps, and that network: O(log n), no query.
+    pub fn remote_overlap(&self, prefix: &IpPrefix, except: Option<&str>) -> Option<(String, IpPrefix)> {
+        self.index().overlap(prefix, except)
+    }
+
+    /// The live gateway (other than `except`) whose remote key is `key`.
+    pub fn remote_key_owner(&self, key: &str, except: Option<&str>) -> Option<String> {
+        self.index().key_owner(key, except).map(str::to_owned)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -646,6 +702,7 @@ impl Store {
             Ok(_) => {
                 g.seq = conn.last_insert_rowid();
                 self.count_change(None, Some(g.status));
+                self.index_record(&g);
                 Ok(g)
             }
             Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -675,6 +732,13 @@ impl Store {
         )?;
         if n > 0 {
             self.count_change(old, Some(status));
+            if status == Status::Deleted {
+                self.index().remove(id);
+            } else if old == Some(Status::Deleted) {
+                let sql = format!("SELECT {COLUMNS} FROM gateways WHERE id = ?1");
+                let g = conn.query_row(&sql, [id], record)?;
+                self.index_record(&g);
+            }
         }
         Ok(())
     }
@@ -686,6 +750,7 @@ impl Store {
         let old = Self::status_of(&conn, id)?;
         if conn.execute("DELETE FROM gateways WHERE id = ?1", [id])? > 0 {
             self.count_change(old, None);
+            self.index().remove(id);
         }
         Ok(())
     }
@@ -736,6 +801,7 @@ impl Store {
         tx.commit()?;
         if n > 0 {
             self.count_change(old, Some(g.status));
+            self.index_record(g);
         }
         if let Some(e) = &event {
             published(e);
