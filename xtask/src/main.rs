@@ -156,16 +156,48 @@ fn test(extra: &[String]) -> Result<()> {
     let deb = package::build("e2e")?;
     println!("== built wgxdp (e2e profile) and {} in {:.0} s", deb.display(), started.elapsed().as_secs_f64());
     println!("== cargo test (workspace: unit, known-answer, property, interop)");
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root())
-        .env("WGXDP_PACKAGE", &deb)
-        .env("WGXDP_REQUIRE_PACKAGE", "1")
-        .env("WGXDP_SCHEMATHESIS", setup::schemathesis_path())
-        .args(["test", "--workspace", "--all-targets"])
-        .args(extra);
-    run(&mut cmd)?;
+    let cargo_test = || {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(root())
+            .env("WGXDP_PACKAGE", &deb)
+            .env("WGXDP_REQUIRE_PACKAGE", "1")
+            .env("WGXDP_SCHEMATHESIS", setup::schemathesis_path())
+            .arg("test");
+        cmd
+    };
+    if !extra.is_empty() {
+        run(cargo_test().args(["--workspace", "--all-targets"]).args(extra))?;
+        return fuzz(&[]);
+    }
+    // The idle-tunnel test spends 200 s waiting (past REJECT_AFTER_TIME):
+    // it runs beside the rest of the suite, not after it.
+    run(cargo_test().args(["--workspace", "--all-targets", "--no-run"]))?;
+    let log_path = std::env::temp_dir().join(format!("wgxdp-idle-e2e-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    println!("   (the idle-tunnel test runs beside the rest: {IDLE_TEST}, log {})", log_path.display());
+    let mut idle = cargo_test()
+        .args(["-p", "wgxdp-control", "--test", "idle_e2e"])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("cannot start the idle-tunnel test")?;
+    let rest = run(cargo_test().args(["--workspace", "--all-targets", "--", "--skip", IDLE_TEST]));
+    let idle_status = idle.wait().context("waiting for the idle-tunnel test")?;
+    let idle_output = std::fs::read_to_string(&log_path).unwrap_or_default();
+    println!("== the idle-tunnel test ({idle_status}):");
+    for line in idle_output.lines().filter(|l| !l.trim().is_empty()) {
+        println!("   {line}");
+    }
+    let _ = std::fs::remove_file(&log_path);
+    rest?;
+    if !idle_status.success() {
+        bail!("the idle-tunnel test failed ({idle_status}); its output is above");
+    }
     fuzz(&[])
 }
+
+/// `control/tests/idle_e2e.rs`'s one test.
+const IDLE_TEST: &str = "idle_tunnel_without_keepalive_reopens_from_either_side";
 
 /// Total fuzzing time of `cargo xtask fuzz` when `--seconds` is not given.
 const FUZZ_TOTAL_SECONDS: u64 = 60;

@@ -1,6 +1,6 @@
 //! `GET /api/v1/backup` and `POST /api/v1/restore` (admin keys only): the
-//! whole configuration the store holds (every gateway that is not deleted,
-//! every webhook) as one JSON document, and that document back.
+//! whole configuration the store holds (every active gateway, every
+//! webhook) as one JSON document, and that document back.
 //!
 //! - Secrets (pre-shared keys, webhook signing secrets) are in a backup only
 //!   when asked for (`include_secrets=true`); such a backup is audited
@@ -43,8 +43,8 @@ pub const FORMAT: &str = "wgxdp-backup";
 pub const VERSION: u32 = 1;
 /// Largest restore body: 10 000 gateways with firewalls fit.
 pub const RESTORE_LIMIT: usize = 64 * 1024 * 1024;
-/// Most gateways one restore takes.
-pub const MAX_GATEWAYS: usize = 20_000;
+/// Most gateways one restore takes (and one backup holds).
+pub const MAX_GATEWAYS: usize = 100_000;
 
 /// The whole configuration. Restore takes it as `GET /api/v1/backup` gave it.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -65,7 +65,7 @@ pub struct Backup {
     /// Whether pre-shared keys and webhook secrets are in it.
     #[serde(default)]
     pub secrets_included: bool,
-    #[schema(max_items = 20000)]
+    #[schema(max_items = 100000)]
     pub gateways: Vec<BackupGateway>,
     #[schema(max_items = 100)]
     pub webhooks: Vec<BackupWebhook>,
@@ -260,7 +260,8 @@ pub fn backup_of(s: &AppState, secrets: bool) -> Result<Backup, ApiError> {
     security(("bearer" = [])),
     responses((status = 200, body = Backup,
         headers(("Cache-Control" = String, description = "`no-store`"))),
-        (status = 403, body = ErrorEnvelope)))]
+        (status = 403, body = ErrorEnvelope),
+        (status = 409, body = ErrorEnvelope, description = "Too large for a restore to take.")))]
 pub async fn backup(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -269,6 +270,16 @@ pub async fn backup(
     require_admin(&caller)?;
     let secrets = p.include_secrets.unwrap_or(false);
     let doc = blocking(&state, move |s| backup_of(s, secrets)).await?;
+    // Never a backup that no restore would take.
+    let body = serde_json::to_vec(&doc).map_err(ApiError::internal)?;
+    if doc.gateways.len() > MAX_GATEWAYS || body.len() > RESTORE_LIMIT {
+        return Err(ApiError::conflict(format!(
+            "{} gateways make a backup of {} bytes: a restore takes at most {MAX_GATEWAYS} gateways and {RESTORE_LIMIT} \
+             bytes",
+            doc.gateways.len(),
+            body.len()
+        )));
+    }
     if secrets {
         // Secrets left the gateway: on record, like a change.
         let entry = AuditEntry {
@@ -283,7 +294,8 @@ pub async fn backup(
         };
         super::audit::record(&state, entry).await;
     }
-    Ok((StatusCode::OK, [(header::CACHE_CONTROL, "no-store")], Json(doc)).into_response())
+    let headers = [(header::CACHE_CONTROL, "no-store"), (header::CONTENT_TYPE, "application/json")];
+    Ok((StatusCode::OK, headers, body).into_response())
 }
 
 /// Restore a backup (admin): ids kept, what is here already as the backup
@@ -346,7 +358,8 @@ fn same_gateway(g: &GatewayRecord, new: &NewGateway) -> bool {
 
 /// Validates and checks all of `backup`, then applies it (see the module's notes).
 /// A restore body as it is decoded: each gateway kept as its JSON text until
-/// its turn, so that a large body is never all decoded at once.
+/// its turn, every list bounded while it is read (a huge list of tiny items
+/// is refused, never built).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RestoreBody {

@@ -25,6 +25,14 @@ pub fn address_range(p: &IpPrefix) -> (bool, u128, u128) {
     (v6, first, first + span)
 }
 
+/// The prefix whose `address_range` is (v6, first, last).
+fn prefix_of(v6: bool, first: u128, last: u128) -> Option<IpPrefix> {
+    let host_bits = (last - first).count_ones() as u8;
+    let (addr, bits) =
+        if v6 { (IpAddr::V6(first.into()), 128) } else { (IpAddr::V4(u32::try_from(first).ok()?.into()), 32) };
+    IpPrefix::new(addr, bits - host_bits).ok()
+}
+
 #[derive(Debug, Default)]
 struct Entry {
     key: String,
@@ -38,6 +46,10 @@ pub struct LiveIndex {
     gateways: HashMap<String, Entry>,
     /// Remote public key (base64) → gateway id.
     keys: HashMap<String, String>,
+    /// Two live remote networks overlap (a database from before the checks,
+    /// or edited by hand): `overlap` can no longer rely on disjoint entries
+    /// and scans them all.
+    overlapping: bool,
 }
 
 impl LiveIndex {
@@ -45,6 +57,12 @@ impl LiveIndex {
     pub fn put(&mut self, id: &str, key: &str, networks: Vec<IpPrefix>) {
         self.remove(id);
         for p in &networks {
+            if !self.overlapping {
+                if let Some((other, q)) = self.overlap(p, None) {
+                    tracing::warn!(gateway = %id, %p, other = %other, %q, "live remote networks overlap; conflict checks scan");
+                    self.overlapping = true;
+                }
+            }
             let (v6, first, last) = address_range(p);
             self.ranges.insert((v6, first, last, id.to_owned()));
         }
@@ -69,15 +87,11 @@ impl LiveIndex {
     pub fn overlap(&self, prefix: &IpPrefix, except: Option<&str>) -> Option<(String, IpPrefix)> {
         let (v6, a, b) = address_range(prefix);
         let other = |id: &String| Some(id.as_str()) != except;
-        let found = |(_, first, last, id): &(bool, u128, u128, String)| {
-            let net = self
-                .gateways
-                .get(id)?
-                .networks
-                .iter()
-                .find(|p| address_range(p).1 == *first && address_range(p).2 == *last)?;
-            Some((id.clone(), *net))
-        };
+        let found =
+            |(_, first, last, id): &(bool, u128, u128, String)| Some((id.clone(), prefix_of(v6, *first, *last)?));
+        if self.overlapping {
+            return self.ranges.iter().filter(|e| e.0 == v6 && e.1 <= b && e.2 >= a && other(&e.3)).find_map(found);
+        }
         // Starting inside [a, b].
         let inside = self.ranges.range((v6, a, 0, String::new())..).take_while(|e| e.0 == v6 && e.1 <= b);
         if let Some(hit) = inside.filter(|e| other(&e.3)).find_map(&found) {
@@ -164,6 +178,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn overlapping_entries_from_an_old_database_are_still_found() {
+        let mut index = LiveIndex::default();
+        index.put("vpn_a", "KA", vec![p("10.0.0.0/8")]);
+        index.put("vpn_b", "KB", vec![p("10.1.0.0/16")]);
+        assert_eq!(index.overlap(&p("10.2.0.0/16"), None), Some(("vpn_a".into(), p("10.0.0.0/8"))));
+        assert_eq!(index.overlap(&p("10.1.2.0/24"), Some("vpn_b")), Some(("vpn_a".into(), p("10.0.0.0/8"))));
+        let mut within = LiveIndex::default();
+        within.put("vpn_c", "KC", vec![p("fd00::/8"), p("fd01::/16")]);
+        assert_eq!(within.overlap(&p("fd02::/16"), None), Some(("vpn_c".into(), p("fd00::/8"))));
     }
 
     #[test]

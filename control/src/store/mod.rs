@@ -421,6 +421,24 @@ fn encode_rules(rules: &[FirewallRule]) -> Result<String, StoreError> {
     Ok(serde_json::to_string(&rule_texts(rules))?)
 }
 
+/// What the live index needs of a row (`index_entry`): a narrow read that
+/// decodes no firewall.
+const INDEX_COLUMNS: &str = "id, remote_public_key, remote_network_cidr, additional_remote_network_cidrs";
+
+/// (id, remote key, remote networks) of a row read with `INDEX_COLUMNS`; a
+/// network that does not decode is left out, as `remote_prefixes` does.
+fn index_entry(row: &Row<'_>) -> rusqlite::Result<(String, String, Vec<IpPrefix>)> {
+    let (id, key, seed): (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
+    let more: Option<String> = row.get(3)?;
+    let networks = seed
+        .parse::<IpPrefix>()
+        .ok()
+        .into_iter()
+        .chain(more.as_deref().map(decode_prefixes).and_then(Result::ok).unwrap_or_default())
+        .collect();
+    Ok((id, key, networks))
+}
+
 fn decode_prefixes(json: &str) -> Result<Vec<IpPrefix>, String> {
     let texts: Vec<String> = serde_json::from_str(json).map_err(|e| format!("not a JSON list of strings: {e}"))?;
     texts.iter().map(|s| s.parse::<IpPrefix>().map_err(|e| format!("`{s}`: {e}"))).collect()
@@ -576,10 +594,14 @@ impl Store {
             live_index: Mutex::default(),
         };
         {
-            let live = store.live()?;
+            let conn = store.conn();
+            let sql =
+                format!("SELECT {INDEX_COLUMNS} FROM gateways WHERE status IN ('creating', 'active', 'deleting')");
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map([], index_entry)?.collect::<Result<Vec<_>, _>>()?;
             let mut index = store.index();
-            for g in &live {
-                index.put(&g.id, &g.remote_public_key, g.remote_prefixes().collect());
+            for (id, key, networks) in rows {
+                index.put(&id, &key, networks);
             }
         }
         Ok(store)
@@ -726,6 +748,14 @@ impl Store {
         self.check_write()?;
         let conn = self.conn();
         let old = Self::status_of(&conn, id)?;
+        // A gateway that comes back to life: what the index needs, read
+        // before the write (a read that fails then changes nothing).
+        let revived = if old == Some(Status::Deleted) && status != Status::Deleted {
+            let sql = format!("SELECT {INDEX_COLUMNS} FROM gateways WHERE id = ?1");
+            Some(conn.query_row(&sql, [id], index_entry)?)
+        } else {
+            None
+        };
         let n = conn.execute(
             "UPDATE gateways SET status = ?2, updated_at = ?3 WHERE id = ?1",
             params![id, status.as_str(), at],
@@ -734,10 +764,8 @@ impl Store {
             self.count_change(old, Some(status));
             if status == Status::Deleted {
                 self.index().remove(id);
-            } else if old == Some(Status::Deleted) {
-                let sql = format!("SELECT {COLUMNS} FROM gateways WHERE id = ?1");
-                let g = conn.query_row(&sql, [id], record)?;
-                self.index_record(&g);
+            } else if let Some((id, key, networks)) = revived {
+                self.index().put(&id, &key, networks);
             }
         }
         Ok(())
@@ -1043,10 +1071,39 @@ mod tests {
             let shown = err.to_string();
             assert!(shown.contains(&g.id) && shown.contains(column) && shown.contains(says), "{shown}");
             assert!(matches!(store.live(), Err(StoreError::Corrupt(_))));
+            // Still opens (API keys stay manageable), its networks still indexed.
+            let again = Store::open(&path).unwrap();
+            assert!(again.list_api_keys().is_ok(), "{column}");
+            assert_eq!(again.remote_key_owner("K1", None).as_deref(), Some(g.id.as_str()), "{column}");
+            drop(again);
             let default = if column == "firewall_default" { "allow" } else { "[]" };
             store.conn().execute(&format!("UPDATE gateways SET {column} = ?1"), [default]).unwrap();
         }
         assert_eq!(store.get(&g.id).unwrap().unwrap(), g);
+        drop(store);
+        remove_db(&path);
+    }
+
+    #[test]
+    fn the_live_index_follows_every_write_and_a_reopen() {
+        let (path, store) = temp_db();
+        let a = store.insert(sample("a", "KA")).unwrap();
+        let seed: IpPrefix = a.remote_network_cidr.parse().unwrap();
+        assert_eq!(store.remote_overlap(&seed, None).map(|h| h.0), Some(a.id.clone()));
+        store.set_status(&a.id, Status::Deleted).unwrap();
+        assert_eq!((store.remote_overlap(&seed, None), store.remote_key_owner("KA", None)), (None, None));
+        assert!(Store::open(&path).unwrap().remote_key_owner("KA", None).is_none(), "deleted: not indexed on open");
+        store.set_status(&a.id, Status::Active).unwrap();
+        assert_eq!(store.remote_key_owner("KA", None), Some(a.id.clone()), "revived");
+        let moved = GatewayRecord { remote_network_cidr: "10.99.0.0/16".into(), ..store.get(&a.id).unwrap().unwrap() };
+        store.save(&moved).unwrap();
+        assert_eq!(store.remote_overlap(&seed, None), None);
+        assert_eq!(store.remote_overlap(&"10.99.1.0/24".parse().unwrap(), None).map(|h| h.0), Some(a.id.clone()));
+        let reopened = Store::open(&path).unwrap();
+        assert_eq!(reopened.remote_overlap(&"10.99.1.0/24".parse().unwrap(), None).map(|h| h.0), Some(a.id.clone()));
+        drop(reopened);
+        store.purge(&a.id).unwrap();
+        assert_eq!(store.remote_key_owner("KA", None), None);
         drop(store);
         remove_db(&path);
     }
