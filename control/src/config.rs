@@ -259,7 +259,7 @@ pub struct Config {
 pub struct ApiConfig {
     pub listen: SocketAddr,
     pub database: PathBuf,
-    pub site_cidr: Option<String>,
+    pub site_cidr: Option<IpPrefix>,
     pub public_address: Option<IpAddr>,
     pub mutations_per_minute: u32,
     pub reads_per_minute: u32,
@@ -422,7 +422,13 @@ impl Config {
         };
         // The site's network, if the API names it: the peers' default local network.
         let site_cidr = match file.api.as_ref().and_then(|a| a.site_cidr.as_deref()) {
-            Some(c) => Some(c.parse::<IpPrefix>().map_err(|e| ConfigError::Api(format!("site_cidr `{c}`: {e}")))?),
+            Some(c) => {
+                let site = c.parse::<IpPrefix>().map_err(|e| ConfigError::Api(format!("site_cidr `{c}`: {e}")))?;
+                // What every create without a local_network_cidr takes: the same rules.
+                crate::api::networks::check_local_network("site_cidr", site)
+                    .map_err(|e| ConfigError::Api(format!("`{c}`: {}", e.message)))?;
+                Some(site)
+            }
             None => None,
         };
         let key_text = read_secret(&i.private_key_file, "private key")?;
@@ -508,7 +514,7 @@ impl Config {
                 Some(ApiConfig {
                     listen: a.listen,
                     database: a.database,
-                    site_cidr: a.site_cidr,
+                    site_cidr,
                     public_address: a.public_address,
                     mutations_per_minute: a.mutations_per_minute,
                     reads_per_minute: a.reads_per_minute,
@@ -662,6 +668,11 @@ mod tests {
         let bad = [
             ("[api]\n", "database"),
             ("[api]\ndatabase = \"/d\"\nsite_cidr = \"10.0.0.1/8\"\n", "site_cidr"),
+            (
+                "[api]\ndatabase = \"/d\"\nsite_cidr = \"127.0.0.0/8\"\n",
+                "site_cidr: 127.0.0.0/8 overlaps 127.0.0.0/8 (loopback",
+            ),
+            ("[api]\ndatabase = \"/d\"\nsite_cidr = \"fe80::/64\"\n", "link-local"),
             ("[api]\ndatabase = \"/d\"\nmutations_per_minute = 0\n", "at least 1"),
             ("[api]\ndatabase = \"/d\"\nlisten = \"nowhere\"\n", "listen"),
             ("[api]\ndatabase = \"/d\"\ncolour = 1\n", "colour"),

@@ -22,6 +22,13 @@ impl From<String> for SecretString {
     }
 }
 
+/// Takes the text out of a zeroizing string (a key's base64) without a copy.
+impl From<zeroize::Zeroizing<String>> for SecretString {
+    fn from(mut s: zeroize::Zeroizing<String>) -> Self {
+        Self(std::mem::take(&mut *s))
+    }
+}
+
 impl core::str::FromStr for SecretString {
     type Err = core::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -145,9 +145,9 @@ async fn run(
     let server = match api {
         Some(a) => {
             let settings = ApiSettings {
-                site_cidr: a.config.site_cidr.clone(),
+                site_cidr: a.config.site_cidr,
                 host_addresses,
-                public_address: public_address.map_or_else(|| "0.0.0.0".into(), |a| a.to_string()),
+                public_address: public_address.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
                 mutations_per_minute: a.config.mutations_per_minute,
                 reads_per_minute: a.config.reads_per_minute,
                 auth_failures_per_minute: a.config.auth_failures_per_minute,

@@ -117,8 +117,8 @@ impl Api {
 
 fn settings() -> ApiSettings {
     ApiSettings {
-        site_cidr: Some("10.50.0.0/24".into()),
-        public_address: "198.51.100.1".into(),
+        site_cidr: Some("10.50.0.0/24".parse().unwrap()),
+        public_address: "198.51.100.1".parse().unwrap(),
         mutations_per_minute: 1000,
         reads_per_minute: 100_000,
         ..ApiSettings::default()
@@ -768,7 +768,7 @@ async fn store_failure_after_the_data_plane_changed_is_reconciled() {
     assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     api.store.inject_write_failures(0, 0);
     assert_eq!(api.plane.tunnel(&stuck.id).unwrap(), before, "the data plane runs what the record says");
-    assert_eq!(api.store.get(&stuck.id).unwrap().unwrap().remote_network_cidr, "10.81.0.0/16");
+    assert_eq!(api.store.get(&stuck.id).unwrap().unwrap().remote_network_cidr.to_string(), "10.81.0.0/16");
     assert_eq!(events_of(&api.store, &stuck.id), ["gateway.created"], "no event for a change not made");
     // A write that fails once is retried: the change lands, with its event.
     api.store.inject_write_failures(0, 1);
@@ -1530,6 +1530,34 @@ async fn patch_replaces_the_rules_on_the_running_tunnel_and_they_survive_a_resta
     let r = api.call(Method::PATCH, &gateway_uri(&id), Some(json!({"firewall": []}))).await;
     assert_eq!(r.body["data"]["firewall"], json!([]), "{}", r.text);
     assert!(api.plane.tunnel(&id).unwrap().policy.rules.is_empty());
+}
+
+/// A row edited by hand into something that does not decode: the restart
+/// logs it and starts every other tunnel; the row itself stays as it was.
+#[tokio::test]
+async fn a_restart_starts_every_tunnel_but_one_whose_stored_row_does_not_decode() {
+    let api = Api::new(1000);
+    let good = id_of(&api.create(new_gateway("good", "10.1.0.0/16")).await);
+    let broken = id_of(&api.create(new_gateway("broken", "10.2.0.0/16")).await);
+    let db = rusqlite::Connection::open(&api.db).unwrap();
+    for (column, value) in [("remote_peer_ip", "192.0.2.300"), ("pre_shared_key", "not a key")] {
+        db.execute(&format!("UPDATE gateways SET {column} = ?1 WHERE id = ?2"), [value, broken.as_str()]).unwrap();
+        let store = Arc::new(Store::open(&api.db).unwrap());
+        let err = store.get(&broken).unwrap_err().to_string();
+        assert!(err.contains(&broken) && err.contains(column), "{err}");
+        let plane = Arc::new(MemoryPlane::new(PrivateKey::generate().public_key()));
+        let restarted = AppState::new(store.clone(), plane.clone(), settings());
+        assert_eq!(wgxdp_control::api::changes::replay(&restarted).unwrap(), 1, "{column}");
+        assert!(plane.tunnel(&good).is_some() && plane.tunnel(&broken).is_none(), "{column}");
+        // Still held against new gateways: its networks and key stay taken.
+        assert_eq!(store.remote_overlap(&"10.2.3.0/24".parse().unwrap(), None).map(|h| h.0), Some(broken.clone()));
+        let original = api.store.get(&good).unwrap().unwrap();
+        db.execute(
+            "UPDATE gateways SET remote_peer_ip = '192.0.2.1', pre_shared_key = ?1 WHERE id = ?2",
+            [&*original.pre_shared_key.to_base64_secret(), broken.as_str()],
+        )
+        .unwrap();
+    }
 }
 
 #[tokio::test]

@@ -76,6 +76,7 @@ fn idle_site(wgxdp: &Path, prefix: &'static str, lan_first: bool) -> Result<Stri
 }
 
 #[test]
+#[ignore = "200 s of waiting: `cargo xtask test` runs it in a process of its own beside the suite (`-- --ignored`)"]
 fn idle_tunnel_without_keepalive_reopens_from_either_side() {
     require_tools(&["ip", "wireguard-go", "wg", "ping", "ethtool"]);
     let wgxdp = e2e_binary(Path::new(env!("CARGO_BIN_EXE_wgxdp")));

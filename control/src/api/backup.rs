@@ -33,11 +33,11 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::net::IpAddr;
 use std::sync::Arc;
 use utoipa::ToSchema;
 use wgxdp_dataplane::noise::PublicKey;
 use wgxdp_dataplane::policy::MAX_RULES;
+use wgxdp_dataplane::table::IpPrefix;
 
 pub const FORMAT: &str = "wgxdp-backup";
 pub const VERSION: u32 = 1;
@@ -182,18 +182,18 @@ impl BackupGateway {
             id: g.id.clone(),
             name: g.name.clone(),
             region: g.region.clone(),
-            local_network_cidr: g.local_network_cidr.clone(),
+            local_network_cidr: g.local_network_cidr.to_string(),
             additional_local_network_cidrs: g.additional_local_network_cidrs.iter().map(ToString::to_string).collect(),
-            remote_network_cidr: g.remote_network_cidr.clone(),
+            remote_network_cidr: g.remote_network_cidr.to_string(),
             additional_remote_network_cidrs: g
                 .additional_remote_network_cidrs
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
-            remote_peer_ip: g.remote_peer_ip.clone(),
-            remote_peer_port: g.remote_peer_port,
-            remote_public_key: g.remote_public_key.clone(),
-            pre_shared_key: secrets.then(|| g.pre_shared_key.clone()),
+            remote_peer_ip: g.remote_endpoint.ip().to_string(),
+            remote_peer_port: g.remote_endpoint.port(),
+            remote_public_key: g.remote_public_key.to_base64(),
+            pre_shared_key: secrets.then(|| g.pre_shared_key.to_base64_secret().into()),
             persistent_keepalive: g.persistent_keepalive,
             firewall: rule_texts(&g.firewall),
             firewall_default: g.firewall_default.as_str().to_owned(),
@@ -314,8 +314,8 @@ pub async fn restore(
     body: JsonBody<RESTORE_LIMIT>,
 ) -> Result<Json<RestoreEnvelope>, ApiError> {
     require_admin(&caller)?;
-    let (site, ours) = (state.settings.site_cidr.clone(), state.plane.public_key());
-    let parsed = blocking(&state, move |_| parse_restore(&body.0, site.as_deref(), &ours)).await?;
+    let (site, ours) = (state.settings.site_cidr, state.plane.public_key());
+    let parsed = blocking(&state, move |_| parse_restore(&body.0, site, &ours)).await?;
     let report = state.mutate(move |s| restore_backup(s, parsed)).await.map_err(ApiError::internal)??;
     Ok(Json(RestoreEnvelope { data: report }))
 }
@@ -343,11 +343,10 @@ fn valid_id(id: &str, prefix: &str) -> bool {
 fn same_gateway(g: &GatewayRecord, new: &NewGateway) -> bool {
     g.name == new.name
         && g.region == new.region
-        && g.local_network_cidr == new.local_network_cidr.to_string()
-        && g.remote_network_cidr == new.remote_network_cidr.to_string()
-        && g.remote_peer_ip.parse::<IpAddr>().ok() == Some(new.remote_peer_ip)
-        && g.remote_peer_port == new.remote_peer_port
-        && g.remote_public_key == new.remote_public_key.to_base64()
+        && g.local_network_cidr == new.local_network_cidr
+        && g.remote_network_cidr == new.remote_network_cidr
+        && g.remote_endpoint == new.remote_endpoint
+        && g.remote_public_key == new.remote_public_key
         && g.pre_shared_key == new.pre_shared_key
         && g.persistent_keepalive == new.persistent_keepalive
         && g.additional_remote_network_cidrs == new.additional_remote_network_cidrs
@@ -383,7 +382,7 @@ struct RestoreBody {
 /// before it takes the mutation lock, and the fuzzer runs).
 #[derive(Debug)]
 pub struct ParsedRestore {
-    gateway_public_key: Option<String>,
+    gateway_public_key: Option<PublicKey>,
     /// (position in the backup, id, the gateway as a create takes it).
     gateways: Vec<(usize, String, NewGateway)>,
     webhooks: Vec<BackupWebhook>,
@@ -391,7 +390,7 @@ pub struct ParsedRestore {
 
 /// Decodes and validates a restore body: every gateway valid on its own,
 /// as a create would take it, with its secret.
-pub fn parse_restore(bytes: &[u8], site: Option<&str>, ours: &PublicKey) -> Result<ParsedRestore, ApiError> {
+pub fn parse_restore(bytes: &[u8], site: Option<IpPrefix>, ours: &PublicKey) -> Result<ParsedRestore, ApiError> {
     let body: RestoreBody = decode_json(bytes)?;
     if body.format != FORMAT {
         return Err(ApiError::validation("format", format!("format: must be `{FORMAT}`")));
@@ -399,9 +398,10 @@ pub fn parse_restore(bytes: &[u8], site: Option<&str>, ours: &PublicKey) -> Resu
     if body.version != VERSION {
         return Err(ApiError::validation("version", format!("version: this gateway restores version {VERSION}")));
     }
-    if let Some(theirs) = body.gateway_public_key.as_deref() {
-        exact_key::<PublicKey>("gateway_public_key", "public key", theirs)?;
-    }
+    let gateway_public_key = match body.gateway_public_key.as_deref() {
+        Some(theirs) => Some(exact_key::<PublicKey>("gateway_public_key", "public key", theirs)?),
+        None => None,
+    };
     let mut seen = HashSet::new();
     let mut gateways = Vec::with_capacity(body.gateways.len());
     for (i, raw) in body.gateways.into_iter().enumerate() {
@@ -432,14 +432,14 @@ pub fn parse_restore(bytes: &[u8], site: Option<&str>, ours: &PublicKey) -> Resu
         let new = g.into_create().validate(site, ours).map_err(|e| at(i, &id, e))?;
         gateways.push((i, id, new));
     }
-    Ok(ParsedRestore { gateway_public_key: body.gateway_public_key, gateways, webhooks: body.webhooks })
+    Ok(ParsedRestore { gateway_public_key, gateways, webhooks: body.webhooks })
 }
 
 /// Checks `parsed` against what is here and applies it (see the module's notes).
 pub fn restore_backup(s: &AppState, parsed: ParsedRestore) -> Result<RestoreReport, ApiError> {
     let ours = s.plane.public_key();
     let mut report = RestoreReport::default();
-    if let Some(theirs) = parsed.gateway_public_key.as_deref().filter(|k| *k != ours.to_base64()) {
+    if let Some(theirs) = parsed.gateway_public_key.filter(|k| *k != ours) {
         report.warnings.push(format!(
             "this backup was made on a gateway whose public key is {theirs}; this gateway's is {ours}: give the \
              remote sites the new key (GET /api/v1/vpn-gateways/{{id}}/config)"
@@ -467,7 +467,7 @@ pub fn restore_backup(s: &AppState, parsed: ParsedRestore) -> Result<RestoreRepo
     let mut batch = LiveIndex::default();
     for (i, id, new, _) in &to_make {
         let remote = check_new(s, new).map_err(|e| at(*i, id, e))?;
-        let key = new.remote_public_key.to_base64();
+        let key = new.remote_public_key;
         check_conflicts(s, &remote, Some(&key), None).map_err(|e| at(*i, id, e))?;
         for n in &remote {
             if let Some((other, p)) = batch.overlap(&n.prefix, None) {
@@ -479,7 +479,7 @@ pub fn restore_backup(s: &AppState, parsed: ParsedRestore) -> Result<RestoreRepo
             let why = format!("remote_public_key: {other} of this backup uses it too");
             return Err(at(*i, id, ApiError::conflict_at("remote_public_key", why)));
         }
-        batch.put(id, &key, remote.iter().map(|n| n.prefix).collect());
+        batch.put(id, Some(key), remote.iter().map(|n| n.prefix).collect());
     }
     // Webhooks, the same way.
     let mut hooks = Vec::new();

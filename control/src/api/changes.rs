@@ -10,9 +10,9 @@ use super::error::ApiError;
 use super::model::{overlaps, tunnel_of, NewGateway, UpdateGateway};
 use super::networks::{validate_remote_vs_site, GatewayNetworks, Network, ADDITIONAL_REMOTE, REMOTE};
 use super::AppState;
-use crate::plane::DataPlane;
 use crate::store::{now_millis, EventKind, GatewayRecord, Status, Store, StoreError};
 use std::time::Duration;
+use wgxdp_dataplane::noise::PublicKey;
 
 pub(crate) fn existing(store: &Store, id: &str) -> Result<GatewayRecord, ApiError> {
     store.get(id)?.ok_or_else(|| ApiError::not_found(id))
@@ -48,7 +48,7 @@ fn store_unavailable(e: StoreError) -> ApiError {
 pub(crate) fn check_conflicts(
     s: &AppState,
     remote: &[Network],
-    key: Option<&str>,
+    key: Option<&PublicKey>,
     except: Option<&str>,
 ) -> Result<(), ApiError> {
     for (index, peer) in s.settings.static_peers.iter().enumerate() {
@@ -60,7 +60,7 @@ pub(crate) fn check_conflicts(
                 )));
             }
         }
-        if key.is_some_and(|k| k == peer.public_key.to_base64()) {
+        if key == Some(&peer.public_key) {
             return Err(ApiError::conflict(format!(
                 "peer {index} in the configuration file already uses this remote_public_key"
             )));
@@ -95,7 +95,7 @@ fn refuse_transient(g: &GatewayRecord) -> Result<(), ApiError> {
 pub fn check_new(s: &AppState, new: &NewGateway) -> Result<Vec<Network>, ApiError> {
     let remote = new.networks().remote;
     for n in &remote {
-        validate_remote_vs_site(n, s.settings.site_cidr.as_deref(), &s.settings.host_addresses)?;
+        validate_remote_vs_site(n, s.settings.site_cidr, &s.settings.host_addresses)?;
     }
     Ok(remote)
 }
@@ -117,9 +117,9 @@ pub fn check_update(
         ADDITIONAL_REMOTE => changes.additional_remote_network_cidrs.is_some(),
         _ => false,
     };
-    let remote: Vec<Network> = GatewayNetworks::of_record(&new)?.remote.into_iter().filter(|n| named(n.list)).collect();
+    let remote: Vec<Network> = GatewayNetworks::of_record(&new).remote.into_iter().filter(|n| named(n.list)).collect();
     for n in &remote {
-        validate_remote_vs_site(n, s.settings.site_cidr.as_deref(), &s.settings.host_addresses)?;
+        validate_remote_vs_site(n, s.settings.site_cidr, &s.settings.host_addresses)?;
     }
     Ok((new, remote))
 }
@@ -127,8 +127,7 @@ pub fn check_update(
 /// Stores a validated gateway and starts its tunnel; returns the `active` record.
 pub fn create(s: &AppState, new: NewGateway) -> Result<GatewayRecord, ApiError> {
     let remote = check_new(s, &new)?;
-    let key = new.remote_public_key.to_base64();
-    check_conflicts(s, &remote, Some(&key), None)?;
+    check_conflicts(s, &remote, Some(&new.remote_public_key), None)?;
     commit_create(s, new.into_record(now_millis()))
 }
 
@@ -140,8 +139,7 @@ pub(crate) fn commit_create(s: &AppState, record: GatewayRecord) -> Result<Gatew
         StoreError::DuplicateKey => ApiError::conflict("a VPN gateway already uses this remote_public_key"),
         e => e.into(),
     })?;
-    let tunnel = tunnel_of(&record).map_err(ApiError::internal)?;
-    if let Err(e) = s.plane.apply(&record.id, &tunnel) {
+    if let Err(e) = s.plane.apply(&record.id, &tunnel_of(&record)) {
         // Never acknowledged: take the record back out.
         if let Err(pe) = write_retrying(&record.id, || s.store.purge(&record.id)) {
             // Left `creating` without a tunnel: the next start finishes the create.
@@ -183,16 +181,14 @@ pub fn update(s: &AppState, id: &str, body: UpdateGateway, if_match: Option<&str
     // Every change a new stamp (the ETag's), even two in one millisecond or
     // after the clock stepped back.
     new.updated_at = now_millis().max(old.updated_at + 1);
-    let tunnel = tunnel_of(&new).map_err(ApiError::internal)?;
     // The data plane first, then the record with its event in one
     // transaction; if that write fails, the data plane goes back.
     let restore_plane = || {
-        if let Err(pe) = tunnel_of(&old).map_err(|e| e.to_string()).and_then(|t| s.plane.apply(id, &t).map_err(|e| e.0))
-        {
+        if let Err(pe) = s.plane.apply(id, &tunnel_of(&old)) {
             tracing::error!(id = %id, error = %pe, "cannot restore the tunnel of a gateway whose change failed");
         }
     };
-    if let Err(e) = s.plane.apply(id, &tunnel) {
+    if let Err(e) = s.plane.apply(id, &tunnel_of(&new)) {
         // Undo whatever part of the change the data plane took.
         restore_plane();
         return Err(ApiError::unavailable(format!("the data plane refused the change: {e}")));
@@ -238,10 +234,19 @@ pub fn delete(s: &AppState, id: &str, if_match: Option<&str>) -> Result<GatewayR
 ///
 /// A change the previous run did not finish was never acknowledged, nor its
 /// event recorded: finishing it records it (`gateway.created`, `.deleted`).
+/// A row that does not decode (edited by hand) is logged, naming it and its
+/// column, and left as it is: the other tunnels still start.
 pub fn replay(state: &AppState) -> Result<usize, StoreError> {
     let (store, plane) = (&state.store, &*state.plane);
     let mut running = 0;
-    for mut g in store.live()? {
+    for row in store.live_rows()? {
+        let mut g = match row {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "a stored gateway cannot be read; its tunnel is not started");
+                continue;
+            }
+        };
         match g.status {
             Status::Deleting => {
                 let _ = plane.remove(&g.id);
@@ -249,7 +254,7 @@ pub fn replay(state: &AppState) -> Result<usize, StoreError> {
                 g.status = Status::Deleted;
                 state.settle(&g, EventKind::GatewayDeleted)?;
             }
-            Status::Creating | Status::Active => match program(plane, &g) {
+            Status::Creating | Status::Active => match plane.apply(&g.id, &tunnel_of(&g)) {
                 Ok(()) => {
                     if g.status == Status::Creating {
                         g.updated_at = now_millis().max(g.updated_at + 1);
@@ -264,9 +269,4 @@ pub fn replay(state: &AppState) -> Result<usize, StoreError> {
         }
     }
     Ok(running)
-}
-
-fn program(plane: &dyn DataPlane, g: &GatewayRecord) -> Result<(), String> {
-    let tunnel = tunnel_of(g)?;
-    plane.apply(&g.id, &tunnel).map_err(|e| e.0)
 }

@@ -154,29 +154,14 @@ struct Selection {
 }
 
 impl Selection {
-    fn parse(gateway_id: Option<String>, types: Option<&str>) -> Result<Self, ApiError> {
-        let kinds = types
-            .map(|t| {
-                t.split(',')
-                    .map(|k| {
-                        EventKind::parse(k).ok_or_else(|| {
-                            ApiError::bad_request(format!("types: `{k}` is not an event type ({})", type_names()))
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .transpose()?;
-        Ok(Self { gateway_id, kinds })
+    fn new(gateway_id: Option<String>, types: Option<EventKinds>) -> Self {
+        Self { gateway_id, kinds: types.map(|t| t.0) }
     }
 
     fn wants(&self, e: &Event) -> bool {
         self.gateway_id.as_ref().is_none_or(|g| *g == e.gateway_id)
             && self.kinds.as_ref().is_none_or(|k| k.contains(&e.kind))
     }
-}
-
-fn type_names() -> String {
-    EventKind::ALL.map(EventKind::as_str).join(", ")
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -190,7 +175,26 @@ pub struct StreamParams {
     /// Only this gateway's events.
     pub gateway_id: Option<String>,
     /// Only these event types, comma-separated (e.g. `tunnel.up,tunnel.down`).
-    pub types: Option<String>,
+    #[param(value_type = Option<String>)]
+    pub types: Option<EventKinds>,
+}
+
+/// A comma-separated list of event types, as a query parameter carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventKinds(pub Vec<EventKind>);
+
+impl<'de> Deserialize<'de> for EventKinds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        text.split(',')
+            .map(|k| {
+                EventKind::parse(k).ok_or_else(|| {
+                    serde::de::Error::custom(format!("types: `{k}` is not an event type ({})", EventKind::names()))
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
 }
 
 /// `Last-Event-ID` if present (a value that is no event id is a 400).
@@ -300,7 +304,7 @@ pub async fn stream(
     headers: HeaderMap,
     ApiQuery(p): ApiQuery<StreamParams>,
 ) -> Result<Response, ApiError> {
-    let selection = Selection::parse(p.gateway_id, p.types.as_deref())?;
+    let selection = Selection::new(p.gateway_id, p.types);
     if p.after.is_some_and(|a| a < 0) {
         return Err(ApiError::bad_request("after must be a non-negative event id"));
     }
@@ -370,14 +374,19 @@ mod tests {
 
     #[test]
     fn selections_parse_types_and_filter() {
-        let s = Selection::parse(Some("vpn_a".into()), Some("tunnel.up,tunnel.down")).unwrap();
+        let parse = |q: &str| serde_urlencoded::from_str::<StreamParams>(q);
+        let p = parse("gateway_id=vpn_a&types=tunnel.up%2Ctunnel.down").unwrap();
+        assert_eq!(p.types, Some(EventKinds(vec![EventKind::TunnelUp, EventKind::TunnelDown])));
+        let s = Selection::new(p.gateway_id, p.types);
         let e = |kind, id: &str| Event { seq: 1, at: 0, kind, gateway_id: id.into(), data: serde_json::Value::Null };
         assert!(s.wants(&e(EventKind::TunnelUp, "vpn_a")));
         assert!(!s.wants(&e(EventKind::GatewayCreated, "vpn_a")));
         assert!(!s.wants(&e(EventKind::TunnelUp, "vpn_b")));
-        assert!(Selection::parse(None, None).unwrap().wants(&e(EventKind::HandshakeFailed, "x")));
-        let err = Selection::parse(None, Some("tunnel.up,")).unwrap_err();
-        assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST);
+        assert!(Selection::new(None, None).wants(&e(EventKind::HandshakeFailed, "x")));
+        for bad in ["types=tunnel.up,", "types=", "types=TUNNEL.UP", "types=*"] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("is not an event type (gateway.created,"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -170,7 +170,7 @@ pub async fn list(
             ("ETag" = String, description = "The gateway configuration's entity tag, for `If-Match`"))),
         (status = 409, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
 pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
-    let new = parse_create(&body, state.settings.site_cidr.as_deref(), &state.plane.public_key())?;
+    let new = parse_create(&body, state.settings.site_cidr, &state.plane.public_key())?;
     created(&state, new).await
 }
 
@@ -196,7 +196,7 @@ async fn created(state: &Arc<AppState>, new: NewGateway) -> Result<Response, Api
             ("ETag" = String, description = "The gateway configuration's entity tag, for `If-Match`"))),
         (status = 409, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
 pub async fn import(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
-    let new = parse_import(&body, state.settings.site_cidr.as_deref(), &state.plane.public_key())?;
+    let new = parse_import(&body, state.settings.site_cidr, &state.plane.public_key())?;
     created(&state, new).await.map_err(peer_field)
 }
 

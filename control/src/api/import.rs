@@ -21,6 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use utoipa::ToSchema;
 use wgxdp_dataplane::noise::PublicKey;
 use wgxdp_dataplane::policy::MAX_NETWORKS;
+use wgxdp_dataplane::table::IpPrefix;
 
 /// Longest `peer` text taken (a section with 64 networks is far shorter).
 pub const MAX_SECTION: usize = 8192;
@@ -203,7 +204,7 @@ impl ImportGateway {
 
 /// The import body → a validated gateway (what the handler and the fuzzer
 /// run); errors name the section's keys.
-pub fn parse_import(bytes: &[u8], site_cidr: Option<&str>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
+pub fn parse_import(bytes: &[u8], site_cidr: Option<IpPrefix>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
     let body: ImportGateway = decode_json(bytes)?;
     body.into_create()?.validate(site_cidr, ours).map_err(peer_field)
 }
@@ -263,9 +264,13 @@ pub fn peer_field(mut e: ApiError) -> ApiError {
 mod tests {
     use super::*;
     use axum::http::StatusCode;
-    use wgxdp_dataplane::noise::PrivateKey;
+    use wgxdp_dataplane::noise::{PresharedKey, PrivateKey};
 
     const PSK: &str = "sjIbzf0fbRgxz3s0hK2wPgl8g2Gh5d7g2xSpKBs1Ots=";
+
+    fn site() -> Option<IpPrefix> {
+        Some("10.50.0.0/24".parse().unwrap())
+    }
 
     fn body(peer: &str) -> Vec<u8> {
         serde_json::json!({"name": "site-b", "region": "eu", "peer": peer}).to_string().into_bytes()
@@ -283,10 +288,10 @@ mod tests {
              Endpoint = [2001:db8::5]:51821\nAllowedIPs = 10.1.0.0/16, fd01::/64\nallowedips=10.9.0.7\n\
              PersistentKeepalive = 25\n"
         );
-        let new = parse_import(&body(&section), Some("10.50.0.0/24"), &ours()).unwrap();
+        let new = parse_import(&body(&section), site(), &ours()).unwrap();
         assert_eq!(new.remote_public_key, key);
-        assert_eq!(new.pre_shared_key.expose(), PSK);
-        assert_eq!((new.remote_peer_ip, new.remote_peer_port), ("2001:db8::5".parse().unwrap(), 51821));
+        assert_eq!(*new.pre_shared_key.to_base64_secret(), PSK);
+        assert_eq!(new.remote_endpoint, "[2001:db8::5]:51821".parse().unwrap());
         assert_eq!(new.remote_network_cidr.to_string(), "10.1.0.0/16");
         let more: Vec<String> = new.additional_remote_network_cidrs.iter().map(ToString::to_string).collect();
         assert_eq!(more, ["fd01::/64", "10.9.0.7/32"]);
@@ -294,8 +299,9 @@ mod tests {
         assert_eq!(new.local_network_cidr.to_string(), "10.50.0.0/24");
         // No pre-shared key: one is generated; `off` keepalive is none.
         let bare = format!("\u{feff}[Peer]\r\nPublicKey = {key}\r\nEndpoint = 192.0.2.1:51820\r\nAllowedIPs = 10.1.0.0/16\r\nPersistentKeepalive = Off\r\n");
-        let new = parse_import(&body(&bare), Some("10.50.0.0/24"), &ours()).unwrap();
-        assert_eq!((new.pre_shared_key.expose().len(), new.persistent_keepalive), (44, None));
+        let new = parse_import(&body(&bare), site(), &ours()).unwrap();
+        assert_ne!(*new.pre_shared_key, PresharedKey::default(), "a generated key");
+        assert_eq!(new.persistent_keepalive, None);
     }
 
     #[test]
@@ -322,7 +328,7 @@ mod tests {
             ("# nothing\n".to_owned(), "holds no [Peer] section"),
             ("[Peers]".to_owned(), "line 1: not a section"),
         ] {
-            let e = parse_import(&body(&section), Some("10.50.0.0/24"), &ours()).unwrap_err();
+            let e = parse_import(&body(&section), site(), &ours()).unwrap_err();
             assert_eq!((e.status, e.field.as_deref()), (StatusCode::UNPROCESSABLE_ENTITY, Some("peer")), "{section}");
             assert!(e.message.contains(says), "{section}: {}", e.message);
             assert!(!e.message.contains(PSK), "{}", e.message);
@@ -383,7 +389,7 @@ mod tests {
                 StatusCode::CONFLICT,
             ),
         ] {
-            let e = parse_import(&body(&peer), Some("10.50.0.0/24"), &me).unwrap_err();
+            let e = parse_import(&body(&peer), site(), &me).unwrap_err();
             assert_eq!((e.status, e.field.as_deref()), (status, Some(field)), "{peer}: {}", e.message);
             assert!(e.message.starts_with("peer."), "{}", e.message);
             assert!(!e.message.contains("remote_") && !e.message.contains(PSK), "{}", e.message);

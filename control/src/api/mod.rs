@@ -39,12 +39,12 @@ use wgxdp_dataplane::table::IpPrefix;
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
     /// Default `local_network_cidr` (this site's network).
-    pub site_cidr: Option<String>,
+    pub site_cidr: Option<IpPrefix>,
     /// The gateway host's own addresses (every interface, read at start): no
     /// tunnel may route them.
     pub host_addresses: Vec<std::net::IpAddr>,
     /// The address remote peers reach this gateway at (for `local_ip` and configs).
-    pub public_address: String,
+    pub public_address: std::net::IpAddr,
     pub mutations_per_minute: u32,
     pub reads_per_minute: u32,
     /// Failed authentications allowed per source address (IPv6: per /64) and
@@ -71,7 +71,7 @@ impl Default for ApiSettings {
         Self {
             site_cidr: None,
             host_addresses: Vec::new(),
-            public_address: "0.0.0.0".into(),
+            public_address: std::net::Ipv4Addr::UNSPECIFIED.into(),
             mutations_per_minute: 100,
             reads_per_minute: 1200,
             auth_failures_per_minute: auth::DEFAULT_AUTH_FAILURES_PER_MINUTE,
@@ -181,7 +181,7 @@ impl AppState {
 
     pub fn local_side(&self) -> LocalSide {
         LocalSide {
-            ip: self.settings.public_address.clone(),
+            ip: self.settings.public_address,
             port: self.plane.listen_port(),
             public_key: self.plane.public_key(),
         }

@@ -3,7 +3,8 @@
 
 use super::error::ApiError;
 use super::networks::{
-    parse_list, validate_network, validate_remote_cidr, GatewayNetworks, ADDITIONAL_LOCAL, ADDITIONAL_REMOTE, REMOTE,
+    check_local_network, parse_list, validate_network, validate_remote_cidr, GatewayNetworks, ADDITIONAL_LOCAL,
+    ADDITIONAL_REMOTE, REMOTE,
 };
 use crate::firewall::{parse_action, parse_rules, rule_texts, FirewallAction, FirewallRuleText};
 use crate::plane::{Tunnel, TunnelStatus};
@@ -274,7 +275,7 @@ pub fn is_up(status: &TunnelStatus, now: SystemTime) -> bool {
 /// What the gateway says about itself in every view.
 #[derive(Debug, Clone)]
 pub struct LocalSide {
-    pub ip: String,
+    pub ip: IpAddr,
     pub port: u16,
     pub public_key: PublicKey,
 }
@@ -288,9 +289,9 @@ impl GatewayView {
             status: g.status,
             region: g.region.clone(),
             tunnel_type: "wireguard".into(),
-            local_network_cidr: g.local_network_cidr.clone(),
+            local_network_cidr: g.local_network_cidr.to_string(),
             additional_local_network_cidrs: g.additional_local_network_cidrs.iter().map(ToString::to_string).collect(),
-            remote_network_cidr: g.remote_network_cidr.clone(),
+            remote_network_cidr: g.remote_network_cidr.to_string(),
             additional_remote_network_cidrs: g
                 .additional_remote_network_cidrs
                 .iter()
@@ -298,12 +299,12 @@ impl GatewayView {
                 .collect(),
             firewall: rule_texts(&g.firewall),
             firewall_default: g.firewall_default.as_str().to_owned(),
-            remote_peer_ip: g.remote_peer_ip.clone(),
-            remote_peer_port: g.remote_peer_port,
-            remote_public_key: g.remote_public_key.clone(),
-            pre_shared_key: if reveal_psk { g.pre_shared_key.expose().to_owned() } else { MASK.into() },
+            remote_peer_ip: g.remote_endpoint.ip().to_string(),
+            remote_peer_port: g.remote_endpoint.port(),
+            remote_public_key: g.remote_public_key.to_base64(),
+            pre_shared_key: if reveal_psk { g.pre_shared_key.to_base64_secret().to_string() } else { MASK.into() },
             persistent_keepalive: g.persistent_keepalive,
-            local_ip: local.ip.clone(),
+            local_ip: local.ip.to_string(),
             local_port: local.port,
             local_public_key: local.public_key.to_base64(),
             tunnel_status: if is_up(&live, SystemTime::now()) { "up" } else { "down" }.into(),
@@ -420,9 +421,8 @@ pub fn validate_public_key(s: &str, ours: &PublicKey) -> Result<PublicKey, ApiEr
     Ok(key)
 }
 
-pub fn validate_psk(s: &str) -> Result<SecretString, ApiError> {
-    let _: PresharedKey = exact_key("pre_shared_key", "pre-shared key", s)?;
-    Ok(SecretString::new(s.to_owned()))
+pub fn validate_psk(s: &str) -> Result<PresharedKey, ApiError> {
+    exact_key("pre_shared_key", "pre-shared key", s)
 }
 
 pub fn overlaps(a: &IpPrefix, b: &IpPrefix) -> bool {
@@ -449,10 +449,9 @@ pub struct NewGateway {
     pub region: String,
     pub local_network_cidr: IpPrefix,
     pub remote_network_cidr: IpPrefix,
-    pub remote_peer_ip: IpAddr,
-    pub remote_peer_port: u16,
+    pub remote_endpoint: SocketAddr,
     pub remote_public_key: PublicKey,
-    pub pre_shared_key: SecretString,
+    pub pre_shared_key: Box<PresharedKey>,
     pub persistent_keepalive: Option<u16>,
     pub additional_remote_network_cidrs: Vec<IpPrefix>,
     pub additional_local_network_cidrs: Vec<IpPrefix>,
@@ -469,11 +468,10 @@ impl NewGateway {
             name: self.name,
             status: Status::Creating,
             region: self.region,
-            local_network_cidr: self.local_network_cidr.to_string(),
-            remote_network_cidr: self.remote_network_cidr.to_string(),
-            remote_peer_ip: self.remote_peer_ip.to_string(),
-            remote_peer_port: self.remote_peer_port,
-            remote_public_key: self.remote_public_key.to_base64(),
+            local_network_cidr: self.local_network_cidr,
+            remote_network_cidr: self.remote_network_cidr,
+            remote_endpoint: self.remote_endpoint,
+            remote_public_key: self.remote_public_key,
             pre_shared_key: self.pre_shared_key,
             persistent_keepalive: self.persistent_keepalive,
             additional_remote_network_cidrs: self.additional_remote_network_cidrs,
@@ -535,7 +533,7 @@ where
 }
 
 /// `POST /api/v1/vpn-gateways` body → a validated gateway (what the handler runs).
-pub fn parse_create(bytes: &[u8], site_cidr: Option<&str>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
+pub fn parse_create(bytes: &[u8], site_cidr: Option<IpPrefix>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
     CreateGateway::from_json(bytes)?.validate(site_cidr, ours)
 }
 
@@ -549,7 +547,7 @@ impl CreateGateway {
         decode_json(bytes)
     }
 
-    pub fn validate(self, site_cidr: Option<&str>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
+    pub fn validate(self, site_cidr: Option<IpPrefix>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
         let name = validate_name(&required(self.name, "name")?)?;
         let region = validate_region(&required(self.region, "region")?)?;
         validate_tunnel_type(&required(self.tunnel_type, "tunnel_type")?)?;
@@ -558,12 +556,12 @@ impl CreateGateway {
         let key = validate_public_key(&required(self.remote_public_key, "remote_public_key")?, ours)?;
         let port = validate_port("remote_peer_port", self.remote_peer_port.unwrap_or(51820))?;
         let psk = match self.pre_shared_key {
-            Some(s) => validate_psk(s.expose())?,
-            None => SecretString::new(PresharedKey::generate().to_base64_secret().to_string()),
+            Some(s) => Box::new(validate_psk(s.expose())?),
+            None => Box::new(PresharedKey::generate()),
         };
         let local = match (self.local_network_cidr, site_cidr) {
             (Some(s), _) => validate_network("local_network_cidr", &s)?,
-            (None, Some(s)) => validate_network("local_network_cidr", s)?,
+            (None, Some(site)) => check_local_network("local_network_cidr", site)?,
             (None, None) => {
                 return Err(invalid("local_network_cidr", "is required (no site CIDR is configured on this gateway)"))
             }
@@ -582,8 +580,7 @@ impl CreateGateway {
             region,
             local_network_cidr: local,
             remote_network_cidr: remote,
-            remote_peer_ip: peer_ip,
-            remote_peer_port: port,
+            remote_endpoint: SocketAddr::new(peer_ip, port),
             remote_public_key: key,
             pre_shared_key: psk,
             persistent_keepalive: self.persistent_keepalive.filter(|&k| k > 0),
@@ -614,8 +611,7 @@ impl UpdateGateway {
         };
         if [REMOTE, ADDITIONAL_REMOTE, ADDITIONAL_LOCAL].into_iter().any(in_request) {
             if let Some(s) = &self.remote_network_cidr {
-                let remote = validate_remote_cidr(REMOTE, s)?;
-                c.remote_network_cidr = Some(remote.to_string());
+                c.remote_network_cidr = Some(validate_remote_cidr(REMOTE, s)?);
             }
             if let Some(list) = &self.additional_remote_network_cidrs {
                 c.additional_remote_network_cidrs = Some(parse_list(ADDITIONAL_REMOTE, list)?);
@@ -626,10 +622,10 @@ impl UpdateGateway {
             // The rules hold for the gateway as it would be.
             let mut next = current.clone();
             next.apply(&c);
-            GatewayNetworks::of_record(&next)?.check(in_request)?;
+            GatewayNetworks::of_record(&next).check(in_request)?;
         }
         if let Some(s) = self.remote_peer_ip {
-            c.remote_peer_ip = Some(validate_peer_ip(&s)?.to_string());
+            c.remote_peer_ip = Some(validate_peer_ip(&s)?);
         }
         if let Some(p) = self.remote_peer_port {
             c.remote_peer_port = Some(validate_port("remote_peer_port", p)?);
@@ -651,26 +647,19 @@ impl UpdateGateway {
 }
 
 /// The data plane's view of a stored gateway.
-pub fn tunnel_of(g: &GatewayRecord) -> Result<Tunnel, String> {
-    let public_key = g.remote_public_key.parse().map_err(|_| "stored remote_public_key is invalid".to_owned())?;
-    let preshared_key = g.pre_shared_key.expose().parse().map_err(|_| "stored pre_shared_key is invalid".to_owned())?;
-    let remote: IpPrefix =
-        g.remote_network_cidr.parse().map_err(|_| "stored remote_network_cidr is invalid".to_owned())?;
-    let local: IpPrefix =
-        g.local_network_cidr.parse().map_err(|_| "stored local_network_cidr is invalid".to_owned())?;
-    let ip: IpAddr = g.remote_peer_ip.parse().map_err(|_| "stored remote_peer_ip is invalid".to_owned())?;
-    Ok(Tunnel {
-        public_key,
-        preshared_key,
-        endpoint: Some(SocketAddr::new(ip, g.remote_peer_port)),
-        allowed_ips: std::iter::once(remote).chain(g.additional_remote_network_cidrs.iter().copied()).collect(),
+pub fn tunnel_of(g: &GatewayRecord) -> Tunnel {
+    Tunnel {
+        public_key: g.remote_public_key,
+        preshared_key: (*g.pre_shared_key).clone(),
+        endpoint: Some(g.remote_endpoint),
+        allowed_ips: g.remote_prefixes().collect(),
         persistent_keepalive: g.persistent_keepalive,
         policy: ForwardingPolicy {
-            local_networks: std::iter::once(local).chain(g.additional_local_network_cidrs.iter().copied()).collect(),
+            local_networks: g.local_prefixes().collect(),
             rules: g.firewall.clone(),
             default_action: g.firewall_default,
         },
-    })
+    }
 }
 
 /// A wg-quick configuration for the remote side of `g`.
@@ -689,13 +678,10 @@ pub fn remote_config(g: &GatewayRecord, local: &LocalSide) -> String {
         g.name,
         g.id,
         g.remote_public_key,
-        g.remote_peer_port,
-        local.public_key.to_base64(),
-        SocketAddr::new(local.ip.parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)), local.port),
-        std::iter::once(g.local_network_cidr.clone())
-            .chain(g.additional_local_network_cidrs.iter().map(ToString::to_string))
-            .collect::<Vec<_>>()
-            .join(", "),
+        g.remote_endpoint.port(),
+        local.public_key,
+        SocketAddr::new(local.ip, local.port),
+        g.local_prefixes().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
     );
     s.push_str(&format!("PersistentKeepalive = {}\n", g.persistent_keepalive.unwrap_or(25)));
     s
@@ -722,7 +708,7 @@ mod tests {
             r#"{{"name":"site-a","region":"eu","tunnel_type":"wireguard","remote_network_cidr":"10.1.0.0/16",
                "remote_peer_ip":"192.0.2.1","remote_public_key":"{peer}","pre_shared_key":"{PSK}"}}"#
         );
-        let new = parse_create(body.as_bytes(), Some("10.50.0.0/24"), &ours).unwrap();
+        let new = parse_create(body.as_bytes(), Some("10.50.0.0/24".parse().unwrap()), &ours).unwrap();
         assert!(!format!("{new:?}").contains(PSK));
     }
 
@@ -730,9 +716,9 @@ mod tests {
     fn fuzz_entry_points_reject_garbage_without_panicking() {
         let ours = wgxdp_dataplane::noise::PrivateKey::generate().public_key();
         let current = GatewayRecord {
-            remote_network_cidr: "10.1.0.0/16".into(),
+            remote_network_cidr: "10.1.0.0/16".parse().unwrap(),
             additional_remote_network_cidrs: vec!["10.2.0.0/16".parse().unwrap()],
-            ..crate::store::sample("n", &ours.to_base64())
+            ..crate::store::sample("n", "peer")
         };
         let inputs: [&[u8]; 9] = [
             b"",
@@ -774,16 +760,16 @@ mod tests {
                "firewall":[{{"name":"no ssh","protocol":"tcp","port":"22","action":"deny"}}],
                "firewall_default":"deny"}}"#
         );
-        let new = parse_create(body.as_bytes(), Some("10.50.0.0/24"), &ours).unwrap();
+        let new = parse_create(body.as_bytes(), Some("10.50.0.0/24".parse().unwrap()), &ours).unwrap();
         let g = new.into_record(crate::store::now_millis());
-        let t = tunnel_of(&g).unwrap();
+        let t = tunnel_of(&g);
         let p = |s: &str| s.parse::<IpPrefix>().unwrap();
         assert_eq!(t.allowed_ips, vec![p("10.1.0.0/16"), p("fd01::/64")]);
         assert_eq!(t.policy.local_networks, vec![p("10.50.0.0/24"), p("fd50::/64")]);
         assert_eq!(t.policy.default_action, RuleAction::Deny);
         assert_eq!(t.policy.rules.len(), 1);
         assert_eq!(t.policy.rules[0].name, "no ssh");
-        let local = LocalSide { ip: "198.51.100.1".into(), port: 51820, public_key: ours };
+        let local = LocalSide { ip: "198.51.100.1".parse().unwrap(), port: 51820, public_key: ours };
         assert!(remote_config(&g, &local).contains("AllowedIPs = 10.50.0.0/24, fd50::/64\n"));
     }
 }

@@ -55,13 +55,18 @@ const SPECIAL: [(&str, &str); 11] = [
 /// range (a wider one, even `0.0.0.0/0`, may be local: the data plane never
 /// forwards to multicast or broadcast groups).
 pub fn validate_network(field: &str, s: &str) -> Result<IpPrefix, ApiError> {
-    validate_against_special(field, s, false)
+    carried(field, validate_cidr(field, s)?, false)
 }
 
-/// `remote`: no overlap with a special range either way (a remote network
-/// steers the LAN's packets into the tunnel and is routed on the host).
-fn validate_against_special(field: &str, s: &str, remote: bool) -> Result<IpPrefix, ApiError> {
-    let prefix = validate_cidr(field, s)?;
+/// `validate_network` of a prefix already parsed (the configured site CIDR).
+pub fn check_local_network(field: &str, prefix: IpPrefix) -> Result<IpPrefix, ApiError> {
+    carried(field, prefix, false)
+}
+
+/// `prefix` unless it clashes with a special range: lies inside one, or (for
+/// a `remote` one, which steers the LAN's packets into the tunnel and is
+/// routed on the host) overlaps one either way.
+fn carried(field: &str, prefix: IpPrefix, remote: bool) -> Result<IpPrefix, ApiError> {
     for (range, what) in SPECIAL {
         let special: IpPrefix = range.parse().expect("a valid prefix");
         let inside = special.contains(prefix.addr()) && special.prefix_len() <= prefix.prefix_len();
@@ -87,7 +92,7 @@ pub fn validate_remote_cidr(field: &str, s: &str) -> Result<IpPrefix, ApiError> 
             format!("{remote} is a default route; a tunnel carries a remote site's networks, not all traffic"),
         ));
     }
-    validate_against_special(field, s, true)
+    carried(field, remote, true)
 }
 
 /// An `additional_*` list of CIDR strings: at most `MAX_ADDITIONAL`, each
@@ -159,13 +164,13 @@ impl GatewayNetworks {
     }
 
     /// The networks of a stored gateway.
-    pub fn of_record(g: &GatewayRecord) -> Result<Self, ApiError> {
-        Ok(Self::new(
-            validate_cidr(REMOTE, &g.remote_network_cidr)?,
+    pub fn of_record(g: &GatewayRecord) -> Self {
+        Self::new(
+            g.remote_network_cidr,
             &g.additional_remote_network_cidrs,
-            validate_cidr(LOCAL, &g.local_network_cidr)?,
+            g.local_network_cidr,
             &g.additional_local_network_cidrs,
-        ))
+        )
     }
 
     /// The rules that hold within one gateway: remote networks disjoint,
@@ -231,11 +236,11 @@ impl GatewayNetworks {
 /// its LAN address, which the site's hosts reach it at, its WAN address...).
 pub fn validate_remote_vs_site(
     remote: &Network,
-    site_cidr: Option<&str>,
+    site_cidr: Option<IpPrefix>,
     host_addresses: &[IpAddr],
 ) -> Result<(), ApiError> {
     let (field, prefix) = (remote.field.as_str(), &remote.prefix);
-    if let Some(site) = site_cidr.and_then(|s| s.parse::<IpPrefix>().ok()) {
+    if let Some(site) = site_cidr {
         if overlaps(prefix, &site) {
             return Err(clash(
                 field,

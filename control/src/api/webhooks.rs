@@ -201,8 +201,7 @@ impl CreateWebhook {
                 let mut kinds = Vec::new();
                 for e in &list {
                     let k = EventKind::parse(e).ok_or_else(|| {
-                        let names = EventKind::ALL.map(EventKind::as_str).join(", ");
-                        invalid("events", format!("`{e}` is not an event type ({names}, or *)"))
+                        invalid("events", format!("`{e}` is not an event type ({}, or *)", EventKind::names()))
                     })?;
                     if !kinds.contains(&k) {
                         kinds.push(k);

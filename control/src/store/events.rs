@@ -56,6 +56,11 @@ impl EventKind {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
+
+    /// Every type's name, for an error that lists them.
+    pub fn names() -> String {
+        Self::ALL.map(EventKind::as_str).join(", ")
+    }
 }
 
 /// One recorded event.

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use wgxdp_dataplane::noise::PublicKey;
 use wgxdp_dataplane::table::IpPrefix;
 
 /// A prefix as a range of addresses of one IP version: (is IPv6, first, last).
@@ -35,7 +36,7 @@ fn prefix_of(v6: bool, first: u128, last: u128) -> Option<IpPrefix> {
 
 #[derive(Debug, Default)]
 struct Entry {
-    key: String,
+    key: Option<PublicKey>,
     networks: Vec<IpPrefix>,
 }
 
@@ -44,8 +45,8 @@ pub struct LiveIndex {
     /// (is IPv6, first, last, gateway id) of every remote network.
     ranges: BTreeSet<(bool, u128, u128, String)>,
     gateways: HashMap<String, Entry>,
-    /// Remote public key (base64) → gateway id.
-    keys: HashMap<String, String>,
+    /// Remote public key → gateway id.
+    keys: HashMap<PublicKey, String>,
     /// Two live remote networks overlap (a database from before the checks,
     /// or edited by hand): `overlap` can no longer rely on disjoint entries
     /// and scans them all.
@@ -53,8 +54,9 @@ pub struct LiveIndex {
 }
 
 impl LiveIndex {
-    /// Gateway `id` now has `key` and `networks` (replacing what it had).
-    pub fn put(&mut self, id: &str, key: &str, networks: Vec<IpPrefix>) {
+    /// Gateway `id` now has `key` (none: its stored key does not decode) and
+    /// `networks` (replacing what it had).
+    pub fn put(&mut self, id: &str, key: Option<PublicKey>, networks: Vec<IpPrefix>) {
         self.remove(id);
         for p in &networks {
             if !self.overlapping {
@@ -66,8 +68,10 @@ impl LiveIndex {
             let (v6, first, last) = address_range(p);
             self.ranges.insert((v6, first, last, id.to_owned()));
         }
-        self.keys.insert(key.to_owned(), id.to_owned());
-        self.gateways.insert(id.to_owned(), Entry { key: key.to_owned(), networks });
+        if let Some(key) = key {
+            self.keys.insert(key, id.to_owned());
+        }
+        self.gateways.insert(id.to_owned(), Entry { key, networks });
     }
 
     /// Gateway `id` is no longer live.
@@ -77,8 +81,8 @@ impl LiveIndex {
             let (v6, first, last) = address_range(p);
             self.ranges.remove(&(v6, first, last, id.to_owned()));
         }
-        if self.keys.get(&old.key).is_some_and(|owner| owner == id) {
-            self.keys.remove(&old.key);
+        if let Some(key) = old.key.filter(|k| self.keys.get(k).is_some_and(|owner| owner == id)) {
+            self.keys.remove(&key);
         }
     }
 
@@ -110,7 +114,7 @@ impl LiveIndex {
     }
 
     /// The live gateway (other than `except`) whose remote key is `key`.
-    pub fn key_owner(&self, key: &str, except: Option<&str>) -> Option<&str> {
+    pub fn key_owner(&self, key: &PublicKey, except: Option<&str>) -> Option<&str> {
         self.keys.get(key).map(String::as_str).filter(|id| Some(*id) != except)
     }
 
@@ -129,6 +133,10 @@ mod tests {
 
     fn p(s: &str) -> IpPrefix {
         s.parse().unwrap()
+    }
+
+    fn k(tag: &str) -> Option<PublicKey> {
+        Some(crate::store::test_key(tag))
     }
 
     fn overlapping(x: &IpPrefix, y: &IpPrefix) -> bool {
@@ -161,7 +169,7 @@ mod tests {
                     }
                 }
                 held.extend(nets.iter().map(|n| (id.clone(), *n)));
-                index.put(&id, &format!("key{g}"), nets);
+                index.put(&id, k(&format!("key{g}")), nets);
             }
             for _ in 0..50 {
                 let len = (next() % 33) as u8;
@@ -183,30 +191,33 @@ mod tests {
     #[test]
     fn overlapping_entries_from_an_old_database_are_still_found() {
         let mut index = LiveIndex::default();
-        index.put("vpn_a", "KA", vec![p("10.0.0.0/8")]);
-        index.put("vpn_b", "KB", vec![p("10.1.0.0/16")]);
+        index.put("vpn_a", k("KA"), vec![p("10.0.0.0/8")]);
+        index.put("vpn_b", k("KB"), vec![p("10.1.0.0/16")]);
         assert_eq!(index.overlap(&p("10.2.0.0/16"), None), Some(("vpn_a".into(), p("10.0.0.0/8"))));
         assert_eq!(index.overlap(&p("10.1.2.0/24"), Some("vpn_b")), Some(("vpn_a".into(), p("10.0.0.0/8"))));
         let mut within = LiveIndex::default();
-        within.put("vpn_c", "KC", vec![p("fd00::/8"), p("fd01::/16")]);
+        within.put("vpn_c", k("KC"), vec![p("fd00::/8"), p("fd01::/16")]);
         assert_eq!(within.overlap(&p("fd02::/16"), None), Some(("vpn_c".into(), p("fd00::/8"))));
     }
 
     #[test]
     fn put_replaces_and_remove_forgets() {
         let mut index = LiveIndex::default();
-        index.put("vpn_a", "KA", vec![p("10.1.0.0/16"), p("fd01::/64")]);
-        index.put("vpn_b", "KB", vec![p("10.2.0.0/16")]);
+        index.put("vpn_a", k("KA"), vec![p("10.1.0.0/16"), p("fd01::/64")]);
+        index.put("vpn_b", k("KB"), vec![p("10.2.0.0/16")]);
         assert_eq!(index.overlap(&p("10.1.2.0/24"), None), Some(("vpn_a".into(), p("10.1.0.0/16"))));
         assert_eq!(index.overlap(&p("10.0.0.0/8"), Some("vpn_a")), Some(("vpn_b".into(), p("10.2.0.0/16"))));
         assert_eq!(index.overlap(&p("fd01::1/128"), None), Some(("vpn_a".into(), p("fd01::/64"))));
         assert_eq!(index.overlap(&p("10.1.0.0/16"), Some("vpn_a")), None);
         assert_eq!(index.overlap(&p("::/0"), Some("vpn_a")), None, "IPv6 ranges are apart from IPv4 ones");
-        assert_eq!(index.key_owner("KA", None), Some("vpn_a"));
-        assert_eq!(index.key_owner("KA", Some("vpn_a")), None);
-        index.put("vpn_a", "KA2", vec![p("10.3.0.0/16")]);
+        assert_eq!(index.key_owner(&k("KA").unwrap(), None), Some("vpn_a"));
+        assert_eq!(index.key_owner(&k("KA").unwrap(), Some("vpn_a")), None);
+        index.put("vpn_a", k("KA2"), vec![p("10.3.0.0/16")]);
         assert_eq!(index.overlap(&p("10.1.0.0/16"), None), None, "the old networks are gone");
-        assert_eq!((index.key_owner("KA", None), index.key_owner("KA2", None)), (None, Some("vpn_a")));
+        assert_eq!(
+            (index.key_owner(&k("KA").unwrap(), None), index.key_owner(&k("KA2").unwrap(), None)),
+            (None, Some("vpn_a"))
+        );
         index.remove("vpn_a");
         index.remove("vpn_a");
         assert_eq!((index.overlap(&p("10.3.0.0/16"), None), index.len()), (None, 1));

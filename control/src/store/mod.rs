@@ -12,12 +12,15 @@ use crate::firewall::{rule_texts, FirewallRuleText};
 use crate::secret::SecretString;
 use base64::Engine;
 use blake2::{Blake2s256, Digest};
+use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension, Row};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
+use wgxdp_dataplane::noise::{PresharedKey, PublicKey};
 use wgxdp_dataplane::policy::{FirewallRule, RuleAction};
 use wgxdp_dataplane::table::IpPrefix;
 
@@ -117,12 +120,14 @@ pub struct GatewayRecord {
     pub name: String,
     pub status: Status,
     pub region: String,
-    pub local_network_cidr: String,
-    pub remote_network_cidr: String,
-    pub remote_peer_ip: String,
-    pub remote_peer_port: u16,
-    pub remote_public_key: String,
-    pub pre_shared_key: SecretString,
+    pub local_network_cidr: IpPrefix,
+    pub remote_network_cidr: IpPrefix,
+    /// `remote_peer_ip` and `remote_peer_port`.
+    pub remote_endpoint: SocketAddr,
+    pub remote_public_key: PublicKey,
+    /// Boxed: a record moves (vectors grow, pages are built) while the key
+    /// stays in one place, zeroized when the record is dropped.
+    pub pre_shared_key: Box<PresharedKey>,
     pub persistent_keepalive: Option<u16>,
     /// Remote networks routed into the tunnel besides `remote_network_cidr`.
     pub additional_remote_network_cidrs: Vec<IpPrefix>,
@@ -138,14 +143,14 @@ pub struct GatewayRecord {
 }
 
 impl GatewayRecord {
-    /// Every remote network (one whose seed no longer parses contributes
-    /// its additional networks only).
+    /// Every remote network, the seed first.
     pub fn remote_prefixes(&self) -> impl Iterator<Item = IpPrefix> + '_ {
-        self.remote_network_cidr
-            .parse::<IpPrefix>()
-            .ok()
-            .into_iter()
-            .chain(self.additional_remote_network_cidrs.iter().copied())
+        std::iter::once(self.remote_network_cidr).chain(self.additional_remote_network_cidrs.iter().copied())
+    }
+
+    /// Every local network, the seed first.
+    pub fn local_prefixes(&self) -> impl Iterator<Item = IpPrefix> + '_ {
+        std::iter::once(self.local_network_cidr).chain(self.additional_local_network_cidrs.iter().copied())
     }
 }
 
@@ -153,10 +158,10 @@ impl GatewayRecord {
 #[derive(Debug, Clone, Default)]
 pub struct GatewayChanges {
     pub name: Option<String>,
-    pub remote_network_cidr: Option<String>,
-    pub remote_peer_ip: Option<String>,
+    pub remote_network_cidr: Option<IpPrefix>,
+    pub remote_peer_ip: Option<IpAddr>,
     pub remote_peer_port: Option<u16>,
-    pub pre_shared_key: Option<SecretString>,
+    pub pre_shared_key: Option<PresharedKey>,
     pub persistent_keepalive: Option<Option<u16>>,
     /// Replaces the whole list.
     pub additional_remote_network_cidrs: Option<Vec<IpPrefix>>,
@@ -172,17 +177,17 @@ impl GatewayRecord {
         if let Some(v) = &c.name {
             self.name = v.clone();
         }
-        if let Some(v) = &c.remote_network_cidr {
-            self.remote_network_cidr = v.clone();
+        if let Some(v) = c.remote_network_cidr {
+            self.remote_network_cidr = v;
         }
-        if let Some(v) = &c.remote_peer_ip {
-            self.remote_peer_ip = v.clone();
+        if let Some(v) = c.remote_peer_ip {
+            self.remote_endpoint.set_ip(v);
         }
         if let Some(v) = c.remote_peer_port {
-            self.remote_peer_port = v;
+            self.remote_endpoint.set_port(v);
         }
         if let Some(v) = &c.pre_shared_key {
-            self.pre_shared_key = v.clone();
+            *self.pre_shared_key = v.clone();
         }
         if let Some(v) = c.persistent_keepalive {
             self.persistent_keepalive = v;
@@ -426,15 +431,18 @@ fn encode_rules(rules: &[FirewallRule]) -> Result<String, StoreError> {
 const INDEX_COLUMNS: &str = "id, remote_public_key, remote_network_cidr, additional_remote_network_cidrs";
 
 /// (id, remote key, remote networks) of a row read with `INDEX_COLUMNS`; a
-/// network that does not decode is left out, as `remote_prefixes` does.
-fn index_entry(row: &Row<'_>) -> rusqlite::Result<(String, String, Vec<IpPrefix>)> {
-    let (id, key, seed): (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
-    let more: Option<String> = row.get(3)?;
-    let networks = seed
-        .parse::<IpPrefix>()
-        .ok()
+/// value that does not decode is left out (reading the whole row names it).
+fn index_entry(row: &Row<'_>) -> rusqlite::Result<(String, Option<PublicKey>, Vec<IpPrefix>)> {
+    let text = |index: usize| match row.get::<_, Value>(index) {
+        Ok(Value::Text(t)) => Some(t),
+        _ => None,
+    };
+    let id: String = row.get(0)?;
+    let key = text(1).and_then(|k| k.parse().ok());
+    let networks = text(2)
+        .and_then(|seed| seed.parse::<IpPrefix>().ok())
         .into_iter()
-        .chain(more.as_deref().map(decode_prefixes).and_then(Result::ok).unwrap_or_default())
+        .chain(text(3).and_then(|more| decode_prefixes(&more).ok()).unwrap_or_default())
         .collect();
     Ok((id, key, networks))
 }
@@ -479,7 +487,15 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An active gateway for tests, named `name`, with remote key text `key`.
+/// A distinct public key per `tag` (at most 32 bytes), for tests.
+#[cfg(test)]
+pub(crate) fn test_key(tag: &str) -> PublicKey {
+    let mut key = [0u8; 32];
+    key[..tag.len()].copy_from_slice(tag.as_bytes());
+    PublicKey(key)
+}
+
+/// An active gateway for tests, named `name`, with remote key `test_key(key)`.
 #[cfg(test)]
 pub(crate) fn sample(name: &str, key: &str) -> GatewayRecord {
     let now = now_millis();
@@ -489,12 +505,11 @@ pub(crate) fn sample(name: &str, key: &str) -> GatewayRecord {
         name: name.into(),
         status: Status::Active,
         region: "local".into(),
-        local_network_cidr: "10.50.0.0/24".into(),
-        remote_network_cidr: "10.200.0.0/24".into(),
-        remote_peer_ip: "192.0.2.1".into(),
-        remote_peer_port: 51820,
-        remote_public_key: key.into(),
-        pre_shared_key: SecretString::new("psk".into()),
+        local_network_cidr: "10.50.0.0/24".parse().expect("a prefix"),
+        remote_network_cidr: "10.200.0.0/24".parse().expect("a prefix"),
+        remote_endpoint: "192.0.2.1:51820".parse().expect("an endpoint"),
+        remote_public_key: test_key(key),
+        pre_shared_key: Box::new(PresharedKey::generate()),
         persistent_keepalive: Some(25),
         additional_remote_network_cidrs: Vec::new(),
         additional_local_network_cidrs: Vec::new(),
@@ -508,8 +523,6 @@ pub(crate) fn sample(name: &str, key: &str) -> GatewayRecord {
 fn record(row: &Row<'_>) -> rusqlite::Result<GatewayRecord> {
     let id: String = row.get(0)?;
     let status: String = row.get(3)?;
-    let port: i64 = row.get(8)?;
-    let keepalive: Option<i64> = row.get(11)?;
     // A value that does not decode, as a conversion error `StoreError` recognises.
     let decode = |index: usize, column: &'static str, reason: String| {
         rusqlite::Error::FromSqlConversionFailure(
@@ -518,26 +531,55 @@ fn record(row: &Row<'_>) -> rusqlite::Result<GatewayRecord> {
             Box::new(CorruptValue { id: id.clone(), column, reason }),
         )
     };
+    // A text column holding one typed value.
+    fn typed<T: std::str::FromStr>(row: &Row<'_>, index: usize, what: &str) -> Result<T, String>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let text = row.get::<_, String>(index).map_err(|e| e.to_string())?;
+        text.parse().map_err(|e| format!("not {what}: {e}"))
+    }
+    let column = |index: usize, name: &'static str| move |r: String| decode(index, name, r);
+    let local_network_cidr = typed(row, 5, "a CIDR").map_err(column(5, "local_network_cidr"))?;
+    let remote_network_cidr = typed(row, 6, "a CIDR").map_err(column(6, "remote_network_cidr"))?;
+    let remote_peer_ip: IpAddr = typed(row, 7, "an IP address").map_err(column(7, "remote_peer_ip"))?;
+    let remote_peer_port = match row.get::<_, Value>(8)? {
+        Value::Integer(p) => u16::try_from(p).ok().filter(|&p| p != 0).ok_or_else(|| format!("{p} is not a port")),
+        other => Err(format!("{other:?} is not a port")),
+    }
+    .map_err(|r| decode(8, "remote_peer_port", format!("{r} (1-65535)")))?;
+    let persistent_keepalive = match row.get::<_, Value>(11)? {
+        Value::Null => Ok(None),
+        Value::Integer(k) => u16::try_from(k).map(Some).map_err(|_| format!("{k} is not 0-65535 seconds")),
+        other => Err(format!("{other:?} is not a number of seconds")),
+    }
+    .map_err(column(11, "persistent_keepalive"))?;
+    let remote_public_key = typed(row, 9, "a key").map_err(column(9, "remote_public_key"))?;
+    // Parsed straight from the row: no copy of the secret text outlives this.
+    let pre_shared_key = {
+        let text = zeroize::Zeroizing::new(row.get::<_, String>(10)?);
+        let key = text.parse::<PresharedKey>().map_err(|e| decode(10, "pre_shared_key", format!("not a key: {e}")))?;
+        Box::new(key)
+    };
     let additional_remote_network_cidrs =
-        decode_prefixes(&row.get::<_, String>(14)?).map_err(|r| decode(14, "additional_remote_network_cidrs", r))?;
+        decode_prefixes(&row.get::<_, String>(14)?).map_err(column(14, "additional_remote_network_cidrs"))?;
     let additional_local_network_cidrs =
-        decode_prefixes(&row.get::<_, String>(15)?).map_err(|r| decode(15, "additional_local_network_cidrs", r))?;
-    let firewall = decode_rules(&row.get::<_, String>(16)?).map_err(|r| decode(16, "firewall", r))?;
+        decode_prefixes(&row.get::<_, String>(15)?).map_err(column(15, "additional_local_network_cidrs"))?;
+    let firewall = decode_rules(&row.get::<_, String>(16)?).map_err(column(16, "firewall"))?;
     let firewall_default =
-        crate::firewall::parse_action(&row.get::<_, String>(17)?).map_err(|r| decode(17, "firewall_default", r))?;
+        crate::firewall::parse_action(&row.get::<_, String>(17)?).map_err(column(17, "firewall_default"))?;
     Ok(GatewayRecord {
         id: id.clone(),
         seq: row.get(1)?,
         name: row.get(2)?,
         status: Status::parse(&status).unwrap_or(Status::Deleted),
         region: row.get(4)?,
-        local_network_cidr: row.get(5)?,
-        remote_network_cidr: row.get(6)?,
-        remote_peer_ip: row.get(7)?,
-        remote_peer_port: u16::try_from(port).unwrap_or(0),
-        remote_public_key: row.get(9)?,
-        pre_shared_key: SecretString::new(row.get(10)?),
-        persistent_keepalive: keepalive.and_then(|k| u16::try_from(k).ok()),
+        local_network_cidr,
+        remote_network_cidr,
+        remote_endpoint: SocketAddr::new(remote_peer_ip, remote_peer_port),
+        remote_public_key,
+        pre_shared_key,
+        persistent_keepalive,
         additional_remote_network_cidrs,
         additional_local_network_cidrs,
         firewall,
@@ -601,7 +643,7 @@ impl Store {
             let rows = stmt.query_map([], index_entry)?.collect::<Result<Vec<_>, _>>()?;
             let mut index = store.index();
             for (id, key, networks) in rows {
-                index.put(&id, &key, networks);
+                index.put(&id, key, networks);
             }
         }
         Ok(store)
@@ -617,7 +659,7 @@ impl Store {
         if g.status == Status::Deleted {
             index.remove(&g.id);
         } else {
-            index.put(&g.id, &g.remote_public_key, g.remote_prefixes().collect());
+            index.put(&g.id, Some(g.remote_public_key), g.remote_prefixes().collect());
         }
     }
 
@@ -628,7 +670,7 @@ impl Store {
     }
 
     /// The live gateway (other than `except`) whose remote key is `key`.
-    pub fn remote_key_owner(&self, key: &str, except: Option<&str>) -> Option<String> {
+    pub fn remote_key_owner(&self, key: &PublicKey, except: Option<&str>) -> Option<String> {
         self.index().key_owner(key, except).map(str::to_owned)
     }
 
@@ -694,6 +736,7 @@ impl Store {
         let (additional_remote, additional_local) =
             (encode_prefixes(&g.additional_remote_network_cidrs)?, encode_prefixes(&g.additional_local_network_cidrs)?);
         let firewall = encode_rules(&g.firewall)?;
+        let psk = g.pre_shared_key.to_base64_secret();
         let conn = self.conn();
         let r = conn.execute(
             "INSERT INTO gateways (id, name, status, region, local_network_cidr, remote_network_cidr, remote_peer_ip,
@@ -705,12 +748,12 @@ impl Store {
                 g.name,
                 g.status.as_str(),
                 g.region,
-                g.local_network_cidr,
-                g.remote_network_cidr,
-                g.remote_peer_ip,
-                i64::from(g.remote_peer_port),
-                g.remote_public_key,
-                g.pre_shared_key.expose(),
+                g.local_network_cidr.to_string(),
+                g.remote_network_cidr.to_string(),
+                g.remote_endpoint.ip().to_string(),
+                i64::from(g.remote_endpoint.port()),
+                g.remote_public_key.to_base64(),
+                *psk,
                 g.persistent_keepalive.map(i64::from),
                 g.created_at,
                 g.updated_at,
@@ -765,7 +808,7 @@ impl Store {
             if status == Status::Deleted {
                 self.index().remove(id);
             } else if let Some((id, key, networks)) = revived {
-                self.index().put(&id, &key, networks);
+                self.index().put(&id, key, networks);
             }
         }
         Ok(())
@@ -801,6 +844,7 @@ impl Store {
         let (additional_remote, additional_local) =
             (encode_prefixes(&g.additional_remote_network_cidrs)?, encode_prefixes(&g.additional_local_network_cidrs)?);
         let firewall = encode_rules(&g.firewall)?;
+        let psk = g.pre_shared_key.to_base64_secret();
         let conn = self.conn();
         let old = Self::status_of(&conn, &g.id)?;
         let tx = rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)?;
@@ -812,10 +856,10 @@ impl Store {
             params![
                 g.id,
                 g.name,
-                g.remote_network_cidr,
-                g.remote_peer_ip,
-                i64::from(g.remote_peer_port),
-                g.pre_shared_key.expose(),
+                g.remote_network_cidr.to_string(),
+                g.remote_endpoint.ip().to_string(),
+                i64::from(g.remote_endpoint.port()),
+                *psk,
                 g.persistent_keepalive.map(i64::from),
                 g.status.as_str(),
                 g.updated_at,
@@ -839,10 +883,16 @@ impl Store {
 
     /// Every gateway not yet deleted, oldest first (what the data plane should hold).
     pub fn live(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+        self.live_rows()?.into_iter().collect()
+    }
+
+    /// `live`, row by row: a row that does not decode is its own error
+    /// (`Corrupt`, naming it), and the others still come back.
+    pub fn live_rows(&self) -> Result<Vec<Result<GatewayRecord, StoreError>>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM gateways WHERE status != 'deleted' ORDER BY seq");
         let conn = self.conn();
         let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map([], record)?.collect::<Result<Vec<_>, _>>()?;
+        let rows = stmt.query_map([], record)?.map(|r| r.map_err(StoreError::from)).collect();
         Ok(rows)
     }
 
@@ -1025,8 +1075,9 @@ mod tests {
         CREATE UNIQUE INDEX gateways_live_key ON gateways(remote_public_key) WHERE status != 'deleted';
         INSERT INTO gateways (id, name, status, region, local_network_cidr, remote_network_cidr, remote_peer_ip,
             remote_peer_port, remote_public_key, pre_shared_key, persistent_keepalive, created_at, updated_at)
-        VALUES ('vpn_old', 'old-site', 'active', 'eu', '10.50.0.0/24', '10.9.0.0/16', '192.0.2.9', 51820, 'K9',
-            'psk', NULL, 1000, 2000);";
+        VALUES ('vpn_old', 'old-site', 'active', 'eu', '10.50.0.0/24', '10.9.0.0/16', '192.0.2.9', 51820,
+            'SzkAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=', 'sjIbzf0fbRgxz3s0hK2wPgl8g2Gh5d7g2xSpKBs1Ots=', NULL, 1000,
+            2000);";
 
     #[test]
     fn a_database_of_the_first_schema_is_migrated_on_open() {
@@ -1035,9 +1086,14 @@ mod tests {
         let store = Store::open(&path).unwrap();
         let old = store.get("vpn_old").unwrap().expect("the old gateway is still there");
         assert_eq!(
-            (old.name.as_str(), old.remote_network_cidr.as_str(), old.updated_at),
+            (old.name.as_str(), old.remote_network_cidr.to_string().as_str(), old.updated_at),
             ("old-site", "10.9.0.0/16", 2000)
         );
+        assert_eq!(
+            (old.remote_public_key, old.remote_endpoint.to_string()),
+            (test_key("K9"), "192.0.2.9:51820".into())
+        );
+        assert_eq!(*old.pre_shared_key.to_base64_secret(), "sjIbzf0fbRgxz3s0hK2wPgl8g2Gh5d7g2xSpKBs1Ots=");
         assert!(old.additional_remote_network_cidrs.is_empty() && old.additional_local_network_cidrs.is_empty());
         assert!(old.firewall.is_empty());
         assert_eq!(old.firewall_default, RuleAction::Allow, "what the gateway did before rules existed");
@@ -1058,12 +1114,21 @@ mod tests {
         let (path, store) = temp_db();
         let g = store.insert(sample("corrupt", "K1")).unwrap();
         for (column, value, says) in [
+            ("local_network_cidr", "10.50.0.1/24", "not a CIDR"),
+            ("remote_network_cidr", "10.200.0.0", "not a CIDR"),
+            ("remote_peer_ip", "192.0.2.300", "not an IP address"),
+            ("remote_peer_port", "0", "0 is not a port"),
+            ("remote_peer_port", "70000", "70000 is not a port"),
+            ("remote_public_key", "K1", "not a key"),
+            ("pre_shared_key", "psk", "not a key"),
             ("firewall", "[{\"name\":\"x\",\"protocol\":\"gre\"}]", "rule 0: protocol"),
             ("firewall", "not json", "not a JSON list of rules"),
             ("additional_local_network_cidrs", "[\"10.1.2.3/16\"]", "10.1.2.3/16"),
             ("additional_remote_network_cidrs", "{}", "not a JSON list"),
             ("firewall_default", "maybe", "allow or deny"),
         ] {
+            let stored: rusqlite::types::Value =
+                store.conn().query_row(&format!("SELECT {column} FROM gateways"), [], |r| r.get(0)).unwrap();
             store.conn().execute(&format!("UPDATE gateways SET {column} = ?1"), [value]).unwrap();
             let err = store.get(&g.id).unwrap_err();
             let StoreError::Corrupt(c) = &err else { panic!("{column}: {err:?}") };
@@ -1071,13 +1136,13 @@ mod tests {
             let shown = err.to_string();
             assert!(shown.contains(&g.id) && shown.contains(column) && shown.contains(says), "{shown}");
             assert!(matches!(store.live(), Err(StoreError::Corrupt(_))));
-            // Still opens (API keys stay manageable), its networks still indexed.
+            // Still opens (API keys stay manageable), what still decodes still indexed.
             let again = Store::open(&path).unwrap();
             assert!(again.list_api_keys().is_ok(), "{column}");
-            assert_eq!(again.remote_key_owner("K1", None).as_deref(), Some(g.id.as_str()), "{column}");
+            let owner = again.remote_key_owner(&test_key("K1"), None);
+            assert_eq!(owner.is_some(), column != "remote_public_key", "{column}");
             drop(again);
-            let default = if column == "firewall_default" { "allow" } else { "[]" };
-            store.conn().execute(&format!("UPDATE gateways SET {column} = ?1"), [default]).unwrap();
+            store.conn().execute(&format!("UPDATE gateways SET {column} = ?1"), [stored]).unwrap();
         }
         assert_eq!(store.get(&g.id).unwrap().unwrap(), g);
         drop(store);
@@ -1088,14 +1153,20 @@ mod tests {
     fn the_live_index_follows_every_write_and_a_reopen() {
         let (path, store) = temp_db();
         let a = store.insert(sample("a", "KA")).unwrap();
-        let seed: IpPrefix = a.remote_network_cidr.parse().unwrap();
+        let seed = a.remote_network_cidr;
         assert_eq!(store.remote_overlap(&seed, None).map(|h| h.0), Some(a.id.clone()));
         store.set_status(&a.id, Status::Deleted).unwrap();
-        assert_eq!((store.remote_overlap(&seed, None), store.remote_key_owner("KA", None)), (None, None));
-        assert!(Store::open(&path).unwrap().remote_key_owner("KA", None).is_none(), "deleted: not indexed on open");
+        assert_eq!((store.remote_overlap(&seed, None), store.remote_key_owner(&test_key("KA"), None)), (None, None));
+        assert!(
+            Store::open(&path).unwrap().remote_key_owner(&test_key("KA"), None).is_none(),
+            "deleted: not indexed on open"
+        );
         store.set_status(&a.id, Status::Active).unwrap();
-        assert_eq!(store.remote_key_owner("KA", None), Some(a.id.clone()), "revived");
-        let moved = GatewayRecord { remote_network_cidr: "10.99.0.0/16".into(), ..store.get(&a.id).unwrap().unwrap() };
+        assert_eq!(store.remote_key_owner(&test_key("KA"), None), Some(a.id.clone()), "revived");
+        let moved = GatewayRecord {
+            remote_network_cidr: "10.99.0.0/16".parse().unwrap(),
+            ..store.get(&a.id).unwrap().unwrap()
+        };
         store.save(&moved).unwrap();
         assert_eq!(store.remote_overlap(&seed, None), None);
         assert_eq!(store.remote_overlap(&"10.99.1.0/24".parse().unwrap(), None).map(|h| h.0), Some(a.id.clone()));
@@ -1103,7 +1174,7 @@ mod tests {
         assert_eq!(reopened.remote_overlap(&"10.99.1.0/24".parse().unwrap(), None).map(|h| h.0), Some(a.id.clone()));
         drop(reopened);
         store.purge(&a.id).unwrap();
-        assert_eq!(store.remote_key_owner("KA", None), None);
+        assert_eq!(store.remote_key_owner(&test_key("KA"), None), None);
         drop(store);
         remove_db(&path);
     }

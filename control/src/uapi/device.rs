@@ -135,25 +135,13 @@ fn keepalive_secs(spec: &PeerSpec) -> u16 {
     spec.config.persistent_keepalive.map_or(0, |d| u16::try_from(d.as_secs()).unwrap_or(u16::MAX))
 }
 
-/// A stored gateway's peer fields: key, pre-shared key, endpoint, allowed IPs.
-fn gateway_peer(g: &GatewayRecord) -> Result<(PublicKey, PresharedKey, SocketAddr, Vec<IpPrefix>), UapiError> {
-    let corrupt = |what: &str| UapiError::new(errno::EIO, format!("VPN gateway {}: stored {what} is invalid", g.id));
-    let key: PublicKey = g.remote_public_key.parse().map_err(|_| corrupt("remote_public_key"))?;
-    let psk: PresharedKey = g.pre_shared_key.expose().parse().map_err(|_| corrupt("pre_shared_key"))?;
-    let ip: std::net::IpAddr = g.remote_peer_ip.parse().map_err(|_| corrupt("remote_peer_ip"))?;
-    let first: IpPrefix = g.remote_network_cidr.parse().map_err(|_| corrupt("remote_network_cidr"))?;
-    let mut allowed = vec![first];
-    allowed.extend(g.additional_remote_network_cidrs.iter().copied());
-    Ok((key, psk, SocketAddr::new(ip, g.remote_peer_port), allowed))
-}
-
 /// The API gateways the device shows: those running or about to.
 fn shown(g: &GatewayRecord) -> bool {
     matches!(g.status, Status::Active | Status::Creating)
 }
 
 fn secret_base64(psk: &PresharedKey) -> SecretString {
-    SecretString::new(psk.to_base64_secret().to_string())
+    psk.to_base64_secret().into()
 }
 
 /// Where each peer of a `set` is in its list, by public key.
@@ -238,17 +226,16 @@ impl UapiDevice {
         }
         let gateways = self.gateways()?;
         for (g, live) in gateways.iter().zip(self.gateway_statuses(&gateways)) {
-            let (public_key, preshared_key, stored, allowed_ips) = gateway_peer(g)?;
             let live = live.unwrap_or_default();
             peers.push(PeerState {
-                public_key,
-                preshared_key,
-                endpoint: live.endpoint.or(Some(stored)),
+                public_key: g.remote_public_key,
+                preshared_key: (*g.pre_shared_key).clone(),
+                endpoint: live.endpoint.or(Some(g.remote_endpoint)),
                 last_handshake: live.last_handshake,
                 rx_bytes: live.bytes_received,
                 tx_bytes: live.bytes_sent,
                 persistent_keepalive: g.persistent_keepalive.unwrap_or(0),
-                allowed_ips,
+                allowed_ips: g.remote_prefixes().collect(),
             });
         }
         Ok(DeviceState { private_key: RedactedKey(private_key), listen_port: self.listen_port, fwmark: 0, peers })
@@ -286,14 +273,13 @@ impl UapiDevice {
         let gateways = self.gateways()?;
         let live = self.gateway_statuses(&gateways);
         for (g, live) in gateways.into_iter().zip(live) {
-            let (key, preshared_key, endpoint, allowed_ips) = gateway_peer(&g)?;
             wanted.push(Wanted {
-                key,
-                preshared_key,
-                endpoint: Some(endpoint),
+                key: g.remote_public_key,
+                preshared_key: (*g.pre_shared_key).clone(),
+                endpoint: Some(g.remote_endpoint),
                 live_endpoint: live.and_then(|s| s.endpoint),
                 keepalive: g.persistent_keepalive.unwrap_or(0),
-                allowed_ips,
+                allowed_ips: g.remote_prefixes().collect(),
                 removed: false,
                 origin: Origin::Gateway(Box::new(g)),
             });
@@ -420,10 +406,8 @@ impl UapiDevice {
                 Origin::New => {
                     let body = new_gateway(w)?;
                     let state = self.api_state()?;
-                    let new = body
-                        .clone()
-                        .validate(state.settings.site_cidr.as_deref(), &self.plane.public_key())
-                        .map_err(from_api)?;
+                    let new =
+                        body.clone().validate(state.settings.site_cidr, &self.plane.public_key()).map_err(from_api)?;
                     changes::check_new(state, &new).map_err(from_api)?;
                     pending.push(Pending {
                         holder: format!("new peer {}", w.key),
@@ -486,8 +470,8 @@ impl UapiDevice {
             })
             .collect();
         for g in self.api_state()?.store.live().map_err(|e| from_api(e.into()))? {
-            let (key, _, _, networks) = gateway_peer(&g)?;
-            out.push(Holding { holder: g.id, key: Some(key), networks });
+            let networks = g.remote_prefixes().collect();
+            out.push(Holding { holder: g.id, key: Some(g.remote_public_key), networks });
         }
         Ok(out)
     }
@@ -548,7 +532,7 @@ impl UapiDevice {
                 Step::Delete(id) => changes::delete(state, &id, None).map(|_| None),
                 Step::Update(id, body) => changes::update(state, &id, body, None).map(|_| None),
                 Step::Create(body) => body
-                    .validate(state.settings.site_cidr.as_deref(), &self.plane.public_key())
+                    .validate(state.settings.site_cidr, &self.plane.public_key())
                     .and_then(|new| changes::create(state, new))
                     .map(|g| {
                         tracing::info!(id = %g.id, name = %g.name, "VPN gateway added through the wg socket");
@@ -657,7 +641,7 @@ mod tests {
             policy: Default::default(),
         };
         let settings = ApiSettings {
-            site_cidr: Some("10.50.0.0/24".into()),
+            site_cidr: Some("10.50.0.0/24".parse().unwrap()),
             static_peers: vec![StaticPeer {
                 public_key: config_peer.config.public_key,
                 allowed_ips: config_peer.allowed_ips.clone(),
@@ -675,7 +659,7 @@ mod tests {
         }
 
         fn gateway(&self, key: &PublicKey) -> Option<GatewayRecord> {
-            self.store.live().unwrap().into_iter().find(|g| g.remote_public_key == key.to_base64())
+            self.store.live().unwrap().into_iter().find(|g| g.remote_public_key == *key)
         }
 
         /// The store and the data plane hold the same gateways.
@@ -683,7 +667,7 @@ mod tests {
             let live = self.store.live().unwrap();
             assert_eq!(self.plane.tunnels.lock().unwrap().len(), live.len());
             for g in &live {
-                assert_eq!(self.plane.tunnel(&g.id), Some(crate::api::model::tunnel_of(g).unwrap()), "{}", g.id);
+                assert_eq!(self.plane.tunnel(&g.id), Some(crate::api::model::tunnel_of(g)), "{}", g.id);
             }
         }
     }
@@ -708,13 +692,13 @@ mod tests {
             (&*format!("wg-{}", &key.to_base64()[..8]), "wg", Status::Active)
         );
         assert_eq!(
-            (g.remote_network_cidr.as_str(), g.remote_peer_ip.as_str(), g.remote_peer_port),
-            ("10.60.0.0/16", "203.0.113.5", 51821)
+            (g.remote_network_cidr.to_string(), g.remote_endpoint.to_string()),
+            ("10.60.0.0/16".into(), "203.0.113.5:51821".into())
         );
         assert_eq!(g.additional_remote_network_cidrs, vec!["fd60::/64".parse().unwrap()]);
-        assert_eq!((g.local_network_cidr.as_str(), g.persistent_keepalive), ("10.50.0.0/24", Some(25)));
+        assert_eq!((g.local_network_cidr.to_string().as_str(), g.persistent_keepalive), ("10.50.0.0/24", Some(25)));
         // No pre-shared key given: none (all zeros), as WireGuard means it.
-        assert_eq!(g.pre_shared_key.expose().parse::<PresharedKey>().unwrap(), PresharedKey::default());
+        assert_eq!(*g.pre_shared_key, PresharedKey::default());
         f.assert_in_step();
 
         let state = f.device.get().unwrap();
@@ -740,13 +724,16 @@ mod tests {
         f.set(&format!("public_key={k}\npreshared_key={}\nallowed_ip=10.61.0.0/16\n", hex(&psk))).unwrap();
         let g = f.gateway(&key).unwrap();
         assert_eq!(g.id, id);
-        assert_eq!(g.pre_shared_key.expose().parse::<PresharedKey>().unwrap(), PresharedKey::from_bytes(psk));
-        assert_eq!(g.remote_network_cidr, "10.60.0.0/16");
+        assert_eq!(*g.pre_shared_key, PresharedKey::from_bytes(psk));
+        assert_eq!(g.remote_network_cidr, "10.60.0.0/16".parse().unwrap());
         assert_eq!(g.additional_remote_network_cidrs, vec!["10.61.0.0/16".parse().unwrap()]);
         // replace_allowed_ips: the list becomes exactly what follows.
         f.set(&format!("public_key={k}\nreplace_allowed_ips=true\nallowed_ip=10.62.0.0/16\n")).unwrap();
         let g = f.gateway(&key).unwrap();
-        assert_eq!((g.remote_network_cidr.as_str(), g.additional_remote_network_cidrs.len()), ("10.62.0.0/16", 0));
+        assert_eq!(
+            (g.remote_network_cidr.to_string().as_str(), g.additional_remote_network_cidrs.len()),
+            ("10.62.0.0/16", 0)
+        );
         // An empty list leaves a gateway nothing to route: refused.
         assert_eq!(f.set(&format!("public_key={k}\nreplace_allowed_ips=true\n")).unwrap_err().errno, errno::EINVAL);
         // update_only never creates; removing an unknown peer is no error.
@@ -801,7 +788,11 @@ mod tests {
         .unwrap();
         assert_eq!(f.gateway(&a).unwrap().id, a_id, "an unchanged listed peer keeps its gateway");
         assert!(f.gateway(&b).is_none(), "an unlisted peer is removed");
-        assert_eq!(f.gateway(&c).unwrap().remote_network_cidr, "10.61.0.0/16", "b's network went to c");
+        assert_eq!(
+            f.gateway(&c).unwrap().remote_network_cidr,
+            "10.61.0.0/16".parse().unwrap(),
+            "b's network went to c"
+        );
         f.assert_in_step();
         // A configuration-file peer cannot be dropped: refused whole.
         let before = f.store.live().unwrap();
@@ -867,14 +858,14 @@ mod tests {
             hex(&[3; 32])
         ))
         .unwrap();
-        assert_eq!(f.gateway(&b).unwrap().remote_network_cidr, "10.62.0.0/16");
-        assert_eq!(f.gateway(&c).unwrap().remote_network_cidr, "10.63.0.0/16");
+        assert_eq!(f.gateway(&b).unwrap().remote_network_cidr, "10.62.0.0/16".parse().unwrap());
+        assert_eq!(f.gateway(&c).unwrap().remote_network_cidr, "10.63.0.0/16".parse().unwrap());
         f.set(&format!(
             "public_key={kc}\nreplace_allowed_ips=true\nallowed_ip=10.64.0.0/16\n\
              public_key={kb}\nreplace_allowed_ips=true\nallowed_ip=10.63.0.0/16\n"
         ))
         .unwrap();
-        assert_eq!(f.gateway(&b).unwrap().remote_network_cidr, "10.63.0.0/16");
+        assert_eq!(f.gateway(&b).unwrap().remote_network_cidr, "10.63.0.0/16".parse().unwrap());
         // A swap has no order in which every step is valid: refused, nothing changes.
         let before = f.store.live().unwrap();
         let e = f.set(&format!(
@@ -896,7 +887,7 @@ mod tests {
         ))
         .unwrap();
         assert!(f.gateway(&a).is_none());
-        assert_eq!(f.gateway(&d).unwrap().remote_network_cidr, "10.60.0.0/16");
+        assert_eq!(f.gateway(&d).unwrap().remote_network_cidr, "10.60.0.0/16".parse().unwrap());
         f.assert_in_step();
     }
 

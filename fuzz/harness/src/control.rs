@@ -68,7 +68,9 @@ struct Api {
     record: GatewayRecord,
 }
 
-const SITE_CIDR: &str = "10.50.0.0/24";
+fn site_cidr() -> wgxdp_dataplane::table::IpPrefix {
+    "10.50.0.0/24".parse().expect("a prefix")
+}
 
 fn api() -> &'static Api {
     static API: OnceLock<Api> = OnceLock::new();
@@ -90,8 +92,8 @@ fn api() -> &'static Api {
         let ours = PrivateKey::generate().public_key();
         let plane = Arc::new(MemoryPlane::new(ours));
         let settings = ApiSettings {
-            site_cidr: Some(SITE_CIDR.into()),
-            public_address: "198.51.100.1".into(),
+            site_cidr: Some(site_cidr()),
+            public_address: std::net::Ipv4Addr::new(198, 51, 100, 1).into(),
             mutations_per_minute: 1_000_000,
             reads_per_minute: 1_000_000,
             auth_failures_per_minute: 1_000_000,
@@ -206,7 +208,7 @@ pub fn api_bodies(data: &[u8]) {
             }
         }
         0 if sel & 16 != 0 => {
-            let site = (sel & 4 == 0).then_some(SITE_CIDR);
+            let site = (sel & 4 == 0).then(site_cidr);
             match parse_import(rest, site, &api.ours) {
                 Ok(new) => rules_read_back(&new.firewall),
                 // The section may hold a pre-shared key: an error names lines, never quotes them.
@@ -215,7 +217,7 @@ pub fn api_bodies(data: &[u8]) {
         }
         0 => {
             if let Ok(body) = serde_json::from_slice::<CreateGateway>(rest) {
-                let site = (sel & 4 == 0).then_some(SITE_CIDR);
+                let site = (sel & 4 == 0).then(site_cidr);
                 if let Ok(new) = body.validate(site, &api.ours) {
                     rules_read_back(&new.firewall);
                 }
