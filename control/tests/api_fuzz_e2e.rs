@@ -5,7 +5,8 @@
 //! stateful phase that follows the document's links from a create to the
 //! gateway's other operations). Any finding fails the test: a schema-valid
 //! request refused, a status code or header the document does not list, a
-//! response that violates its schema, a 5xx. Its report is in the test output.
+//! response that violates its schema, a 5xx. Its report is in the test output,
+//! passing or not.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -71,7 +72,10 @@ fn the_api_keeps_its_openapi_contract_under_schemathesis() {
         .output()
         .expect("run schemathesis");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // Written past the test harness's capture: the report is in the log
+    // (CI's too) whether the run passes or fails.
+    let shown = format!("== Schemathesis report\n{stdout}\n{}\n", String::from_utf8_lossy(&out.stderr));
+    std::io::Write::write_all(&mut std::io::stderr().lock(), shown.as_bytes()).expect("write the report");
     assert!(out.status.success(), "schemathesis found problems (report above); serve said:\n{}", serve.errors());
     assert!(stdout.contains("Stateful") && stdout.contains("API Links"), "the stateful phase did not run");
     // The generated requests reached every kind of change, not only refusals.
