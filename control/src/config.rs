@@ -424,9 +424,15 @@ impl Config {
         let site_cidr = match file.api.as_ref().and_then(|a| a.site_cidr.as_deref()) {
             Some(c) => {
                 let site = c.parse::<IpPrefix>().map_err(|e| ConfigError::Api(format!("site_cidr `{c}`: {e}")))?;
-                // What every create without a local_network_cidr takes: the same rules.
+                // What every create without a local_network_cidr takes: the same
+                // rules; and no default route (every remote network would overlap it).
                 crate::api::networks::check_local_network("site_cidr", site)
-                    .map_err(|e| ConfigError::Api(format!("`{c}`: {}", e.message)))?;
+                    .map_err(|e| ConfigError::Api(e.message))?;
+                if site.prefix_len() == 0 {
+                    return Err(ConfigError::Api(format!(
+                        "site_cidr {site} is a default route: every remote network would overlap it"
+                    )));
+                }
                 Some(site)
             }
             None => None,
@@ -673,6 +679,7 @@ mod tests {
                 "site_cidr: 127.0.0.0/8 overlaps 127.0.0.0/8 (loopback",
             ),
             ("[api]\ndatabase = \"/d\"\nsite_cidr = \"fe80::/64\"\n", "link-local"),
+            ("[api]\ndatabase = \"/d\"\nsite_cidr = \"0.0.0.0/0\"\n", "site_cidr 0.0.0.0/0 is a default route"),
             ("[api]\ndatabase = \"/d\"\nmutations_per_minute = 0\n", "at least 1"),
             ("[api]\ndatabase = \"/d\"\nlisten = \"nowhere\"\n", "listen"),
             ("[api]\ndatabase = \"/d\"\ncolour = 1\n", "colour"),

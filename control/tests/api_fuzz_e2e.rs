@@ -75,7 +75,7 @@ fn the_api_keeps_its_openapi_contract_under_schemathesis() {
     // Written past the test harness's capture: the report is in the log
     // (CI's too) whether the run passes or fails.
     let shown = format!("== Schemathesis report\n{stdout}\n{}\n", String::from_utf8_lossy(&out.stderr));
-    std::io::Write::write_all(&mut std::io::stderr().lock(), shown.as_bytes()).expect("write the report");
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), shown.as_bytes());
     assert!(out.status.success(), "schemathesis found problems (report above); serve said:\n{}", serve.errors());
     assert!(stdout.contains("Stateful") && stdout.contains("API Links"), "the stateful phase did not run");
     // The generated requests reached every kind of change, not only refusals.

@@ -144,7 +144,7 @@ pub struct Gateway {
     public_key: PublicKey,
     queues: u32,
     /// Tunnel prefixes routed through the host interface.
-    routes: Mutex<std::collections::BTreeSet<IpPrefix>>,
+    routes: Mutex<crate::host::HostRoutes>,
     /// The peers `GatewayConfig::peers` started with, in that order.
     config_peers: Vec<PeerId>,
     /// The crypto threads (stopped after the workers: declared after `threads`).
@@ -442,7 +442,7 @@ impl Gateway {
         programs.attach(Side::Lan, &cfg.lan_interface)?;
         let prefixes: Vec<IpPrefix> = prefixes.into_iter().collect();
         programs.set_tunnel_prefixes(&prefixes)?;
-        let mut routes = std::collections::BTreeSet::new();
+        let mut routes = crate::host::HostRoutes::default();
         if let Err(e) = host_tun.sync_routes(&mut routes, &prefixes) {
             tracing::warn!(error = %e, "cannot route the tunnel prefixes through the host interface");
         }

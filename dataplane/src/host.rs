@@ -193,16 +193,17 @@ impl HostTun {
         Ok(n as usize)
     }
 
-    /// Makes the routes through this interface exactly `prefixes` (given the
-    /// ones added before, `installed`, which it updates). A prefix the host
-    /// already routes elsewhere is left alone, with a warning: the host's own
-    /// packets to it then do not enter the tunnel. Costs O(n log n) and a
-    /// netlink request per prefix that changed: one gateway of thousands
-    /// changes one route.
-    pub fn sync_routes(&self, installed: &mut BTreeSet<IpPrefix>, prefixes: &[IpPrefix]) -> io::Result<()> {
+    /// Makes the routes through this interface exactly `prefixes` (given
+    /// what earlier calls did, `routes`, which it updates). Costs O(n log n)
+    /// and a netlink request per prefix that changed: one gateway of
+    /// thousands changes one route.
+    pub fn sync_routes(&self, routes: &mut HostRoutes, prefixes: &[IpPrefix]) -> io::Result<()> {
         let wanted: BTreeSet<IpPrefix> = prefixes.iter().copied().collect();
-        let gone: Vec<IpPrefix> = installed.difference(&wanted).copied().collect();
-        let missing: Vec<IpPrefix> = wanted.difference(installed).copied().collect();
+        // A refused prefix that is no longer wanted is tried again if it comes back.
+        routes.refused.retain(|p| wanted.contains(p));
+        let gone: Vec<IpPrefix> = routes.installed.difference(&wanted).copied().collect();
+        let missing: Vec<IpPrefix> =
+            wanted.iter().filter(|p| !routes.installed.contains(p) && !routes.refused.contains(p)).copied().collect();
         if gone.is_empty() && missing.is_empty() {
             return Ok(());
         }
@@ -211,19 +212,27 @@ impl HostTun {
             match netlink::interface_route(&nl, gone, self.ifindex, false) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(e) => tracing::warn!(prefix = %gone, error = %e, "removing a tunnel route failed"),
+                // Still ours in the kernel: the next sync tries again.
+                Err(e) => {
+                    tracing::warn!(prefix = %gone, error = %e, "removing a tunnel route failed");
+                    continue;
+                }
             }
-            installed.remove(gone);
+            routes.installed.remove(gone);
         }
         for new in &missing {
             match netlink::interface_route(&nl, new, self.ifindex, true) {
                 Ok(()) => {
-                    installed.insert(*new);
+                    routes.installed.insert(*new);
                 }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => tracing::warn!(
-                    prefix = %new, interface = %self.name,
-                    "the host already routes this tunnel prefix elsewhere; its own packets to it will not enter the tunnel"
-                ),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    tracing::warn!(
+                        prefix = %new, interface = %self.name,
+                        "the host already routes this tunnel prefix elsewhere; its own packets to it will not enter \
+                         the tunnel (not retried while the prefix stays)"
+                    );
+                    routes.refused.insert(*new);
+                }
                 Err(e) => tracing::warn!(prefix = %new, error = %e, "adding a tunnel route failed"),
             }
         }
@@ -231,9 +240,61 @@ impl HostTun {
     }
 }
 
+/// The host routes `HostTun::sync_routes` keeps: those it added through the
+/// interface, and those the host already routed elsewhere (warned about
+/// once, and left alone while the prefix stays wanted).
+#[derive(Debug, Default)]
+pub struct HostRoutes {
+    installed: BTreeSet<IpPrefix>,
+    refused: BTreeSet<IpPrefix>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The routes `ip` shows through `dev`, as text.
+    fn routes_through(dev: &str) -> Vec<String> {
+        let out = std::process::Command::new("ip").args(["route", "show", "dev", dev]).output().expect("ip");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().next().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    /// In a network namespace of this test's own (root, as the suite runs):
+    /// only the difference reaches the kernel, a prefix the host routes
+    /// elsewhere is refused once and not retried while it stays, and one
+    /// that stops being wanted leaves.
+    #[test]
+    fn host_routes_follow_the_wanted_set() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare(2) with a constant flag, on this thread only (its
+            // own network namespace; the thread ends with the test).
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "{}", io::Error::last_os_error());
+            let ip = |args: &[&str]| assert!(std::process::Command::new("ip").args(args).status().unwrap().success());
+            ip(&["link", "set", "lo", "up"]);
+            ip(&["route", "add", "10.3.0.0/16", "dev", "lo"]);
+            let tun = HostTun::open("wgxdp-rt0", 1420).expect("a TUN device");
+            let p = |s: &str| s.parse::<IpPrefix>().unwrap();
+            let mut routes = HostRoutes::default();
+            tun.sync_routes(&mut routes, &[p("10.1.0.0/16"), p("10.2.0.0/16"), p("10.3.0.0/16")]).unwrap();
+            assert_eq!(routes_through("wgxdp-rt0"), ["10.1.0.0/16", "10.2.0.0/16"]);
+            assert_eq!(routes.refused.iter().copied().collect::<Vec<_>>(), [p("10.3.0.0/16")]);
+            // Someone removes ours behind our back: a sync that changes nothing leaves it so.
+            ip(&["route", "del", "10.2.0.0/16", "dev", "wgxdp-rt0"]);
+            tun.sync_routes(&mut routes, &[p("10.1.0.0/16"), p("10.2.0.0/16"), p("10.3.0.0/16")]).unwrap();
+            assert_eq!(routes_through("wgxdp-rt0"), ["10.1.0.0/16"], "no request for what did not change");
+            // 10.1 leaves; 10.3 is no longer wanted, so it would be tried again.
+            ip(&["route", "del", "10.3.0.0/16", "dev", "lo"]);
+            tun.sync_routes(&mut routes, &[p("10.2.0.0/16")]).unwrap();
+            assert!(routes.refused.is_empty() && routes_through("wgxdp-rt0").is_empty());
+            tun.sync_routes(&mut routes, &[p("10.2.0.0/16"), p("10.3.0.0/16")]).unwrap();
+            assert_eq!(routes_through("wgxdp-rt0"), ["10.3.0.0/16"]);
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn host_addresses_are_a_sorted_set() {

@@ -179,7 +179,7 @@ fn test(extra: &[String]) -> Result<()> {
     let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     println!("   (the idle-tunnel test runs beside the rest: {IDLE_TEST}, log {})", log_path.display());
     let mut idle = cargo_test()
-        .args(["-p", "wgxdp-control", "--test", "idle_e2e", "--", "--ignored"])
+        .args(["-p", "wgxdp-control", "--test", "idle_e2e", "--", "--ignored", "--exact", IDLE_TEST])
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()

@@ -242,10 +242,12 @@ pub fn replay(state: &AppState) -> Result<usize, StoreError> {
     for row in store.live_rows()? {
         let mut g = match row {
             Ok(g) => g,
-            Err(e) => {
+            Err(e @ StoreError::Corrupt(_)) => {
                 tracing::error!(error = %e, "a stored gateway cannot be read; its tunnel is not started");
                 continue;
             }
+            // The database itself failed: no start on part of the store.
+            Err(e) => return Err(e),
         };
         match g.status {
             Status::Deleting => {

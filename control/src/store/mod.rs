@@ -520,60 +520,89 @@ pub(crate) fn sample(name: &str, key: &str) -> GatewayRecord {
     }
 }
 
+/// A stored value that does not decode, as a conversion error `StoreError`
+/// recognises (`Corrupt`, naming the row and the column).
+fn corrupt(index: usize, id: &str, column: &'static str, reason: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        index,
+        rusqlite::types::Type::Text,
+        Box::new(CorruptValue { id: id.to_owned(), column, reason }),
+    )
+}
+
+/// Column `index` of gateway `id`'s row as `T`: a value of another type is
+/// `corrupt`; a failing database stays the error it is.
+fn column_as<T: rusqlite::types::FromSql>(
+    row: &Row<'_>,
+    id: &str,
+    index: usize,
+    column: &'static str,
+) -> rusqlite::Result<T> {
+    row.get(index).map_err(|e| match e {
+        rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => corrupt(index, id, column, e.to_string()),
+        e => e,
+    })
+}
+
+/// Text column `index` parsed as `what`.
+fn column_parsed<T: std::str::FromStr>(
+    row: &Row<'_>,
+    id: &str,
+    index: usize,
+    column: &'static str,
+    what: &str,
+) -> rusqlite::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    let text: String = column_as(row, id, index, column)?;
+    text.parse().map_err(|e| corrupt(index, id, column, format!("`{text}` is not {what}: {e}")))
+}
+
 fn record(row: &Row<'_>) -> rusqlite::Result<GatewayRecord> {
     let id: String = row.get(0)?;
-    let status: String = row.get(3)?;
-    // A value that does not decode, as a conversion error `StoreError` recognises.
-    let decode = |index: usize, column: &'static str, reason: String| {
-        rusqlite::Error::FromSqlConversionFailure(
-            index,
-            rusqlite::types::Type::Text,
-            Box::new(CorruptValue { id: id.clone(), column, reason }),
-        )
-    };
-    // A text column holding one typed value.
-    fn typed<T: std::str::FromStr>(row: &Row<'_>, index: usize, what: &str) -> Result<T, String>
-    where
-        T::Err: std::fmt::Display,
-    {
-        let text = row.get::<_, String>(index).map_err(|e| e.to_string())?;
-        text.parse().map_err(|e| format!("not {what}: {e}"))
-    }
-    let column = |index: usize, name: &'static str| move |r: String| decode(index, name, r);
-    let local_network_cidr = typed(row, 5, "a CIDR").map_err(column(5, "local_network_cidr"))?;
-    let remote_network_cidr = typed(row, 6, "a CIDR").map_err(column(6, "remote_network_cidr"))?;
-    let remote_peer_ip: IpAddr = typed(row, 7, "an IP address").map_err(column(7, "remote_peer_ip"))?;
-    let remote_peer_port = match row.get::<_, Value>(8)? {
-        Value::Integer(p) => u16::try_from(p).ok().filter(|&p| p != 0).ok_or_else(|| format!("{p} is not a port")),
-        other => Err(format!("{other:?} is not a port")),
-    }
-    .map_err(|r| decode(8, "remote_peer_port", format!("{r} (1-65535)")))?;
-    let persistent_keepalive = match row.get::<_, Value>(11)? {
-        Value::Null => Ok(None),
-        Value::Integer(k) => u16::try_from(k).map(Some).map_err(|_| format!("{k} is not 0-65535 seconds")),
-        other => Err(format!("{other:?} is not a number of seconds")),
-    }
-    .map_err(column(11, "persistent_keepalive"))?;
-    let remote_public_key = typed(row, 9, "a key").map_err(column(9, "remote_public_key"))?;
+    let id = id.as_str();
+    let with = |index: usize, column: &'static str| move |reason: String| corrupt(index, id, column, reason);
+    let status = Status::parse(&column_as::<String>(row, id, 3, "status")?)
+        .ok_or_else(|| corrupt(3, id, "status", "not creating, active, deleting or deleted".into()))?;
+    let local_network_cidr = column_parsed(row, id, 5, "local_network_cidr", "a CIDR")?;
+    let remote_network_cidr = column_parsed(row, id, 6, "remote_network_cidr", "a CIDR")?;
+    let remote_peer_ip: IpAddr = column_parsed(row, id, 7, "remote_peer_ip", "an IP address")?;
+    let port: i64 = column_as(row, id, 8, "remote_peer_port")?;
+    let remote_peer_port = u16::try_from(port)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| corrupt(8, id, "remote_peer_port", format!("{port} is not a port (1-65535)")))?;
+    let remote_public_key = column_parsed(row, id, 9, "remote_public_key", "a key")?;
     // Parsed straight from the row: no copy of the secret text outlives this.
     let pre_shared_key = {
-        let text = zeroize::Zeroizing::new(row.get::<_, String>(10)?);
-        let key = text.parse::<PresharedKey>().map_err(|e| decode(10, "pre_shared_key", format!("not a key: {e}")))?;
+        let text = zeroize::Zeroizing::new(column_as::<String>(row, id, 10, "pre_shared_key")?);
+        let key =
+            text.parse::<PresharedKey>().map_err(|e| corrupt(10, id, "pre_shared_key", format!("not a key: {e}")))?;
         Box::new(key)
     };
-    let additional_remote_network_cidrs =
-        decode_prefixes(&row.get::<_, String>(14)?).map_err(column(14, "additional_remote_network_cidrs"))?;
-    let additional_local_network_cidrs =
-        decode_prefixes(&row.get::<_, String>(15)?).map_err(column(15, "additional_local_network_cidrs"))?;
-    let firewall = decode_rules(&row.get::<_, String>(16)?).map_err(column(16, "firewall"))?;
+    let keepalive: Option<i64> = column_as(row, id, 11, "persistent_keepalive")?;
+    let persistent_keepalive = keepalive
+        .map(|k| {
+            u16::try_from(k).map_err(|_| corrupt(11, id, "persistent_keepalive", format!("{k} is not 0-65535 seconds")))
+        })
+        .transpose()?;
+    let text = |index: usize, column: &'static str| column_as::<String>(row, id, index, column);
+    let additional_remote_network_cidrs = decode_prefixes(&text(14, "additional_remote_network_cidrs")?)
+        .map_err(with(14, "additional_remote_network_cidrs"))?;
+    let additional_local_network_cidrs = decode_prefixes(&text(15, "additional_local_network_cidrs")?)
+        .map_err(with(15, "additional_local_network_cidrs"))?;
+    let firewall = decode_rules(&text(16, "firewall")?).map_err(with(16, "firewall"))?;
     let firewall_default =
-        crate::firewall::parse_action(&row.get::<_, String>(17)?).map_err(column(17, "firewall_default"))?;
+        crate::firewall::parse_action(&text(17, "firewall_default")?).map_err(with(17, "firewall_default"))?;
     Ok(GatewayRecord {
-        id: id.clone(),
+        id: id.to_owned(),
         seq: row.get(1)?,
-        name: row.get(2)?,
-        status: Status::parse(&status).unwrap_or(Status::Deleted),
-        region: row.get(4)?,
+        name: text(2, "name")?,
+        status,
+        region: text(4, "region")?,
         local_network_cidr,
         remote_network_cidr,
         remote_endpoint: SocketAddr::new(remote_peer_ip, remote_peer_port),
@@ -584,8 +613,8 @@ fn record(row: &Row<'_>) -> rusqlite::Result<GatewayRecord> {
         additional_local_network_cidrs,
         firewall,
         firewall_default,
-        created_at: row.get(12)?,
-        updated_at: row.get(13)?,
+        created_at: column_as(row, id, 12, "created_at")?,
+        updated_at: column_as(row, id, 13, "updated_at")?,
     })
 }
 
@@ -637,8 +666,7 @@ impl Store {
         };
         {
             let conn = store.conn();
-            let sql =
-                format!("SELECT {INDEX_COLUMNS} FROM gateways WHERE status IN ('creating', 'active', 'deleting')");
+            let sql = format!("SELECT {INDEX_COLUMNS} FROM gateways WHERE status != 'deleted'");
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map([], index_entry)?.collect::<Result<Vec<_>, _>>()?;
             let mut index = store.index();
@@ -1119,6 +1147,9 @@ mod tests {
             ("remote_peer_ip", "192.0.2.300", "not an IP address"),
             ("remote_peer_port", "0", "0 is not a port"),
             ("remote_peer_port", "70000", "70000 is not a port"),
+            ("remote_peer_port", "many", "remote_peer_port"),
+            ("persistent_keepalive", "70000", "70000 is not 0-65535 seconds"),
+            ("status", "paused", "not creating, active, deleting or deleted"),
             ("remote_public_key", "K1", "not a key"),
             ("pre_shared_key", "psk", "not a key"),
             ("firewall", "[{\"name\":\"x\",\"protocol\":\"gre\"}]", "rule 0: protocol"),
