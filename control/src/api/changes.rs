@@ -239,16 +239,8 @@ pub fn delete(s: &AppState, id: &str, if_match: Option<&str>) -> Result<GatewayR
 pub fn replay(state: &AppState) -> Result<usize, StoreError> {
     let (store, plane) = (&state.store, &*state.plane);
     let mut running = 0;
-    for row in store.live_rows()? {
-        let mut g = match row {
-            Ok(g) => g,
-            Err(e @ StoreError::Corrupt(_)) => {
-                tracing::error!(error = %e, "a stored gateway cannot be read; its tunnel is not started");
-                continue;
-            }
-            // The database itself failed: no start on part of the store.
-            Err(e) => return Err(e),
-        };
+    // A failing database stops the start: no start on part of the store.
+    for mut g in store.live_readable()? {
         match g.status {
             Status::Deleting => {
                 let _ = plane.remove(&g.id);

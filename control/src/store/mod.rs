@@ -914,9 +914,26 @@ impl Store {
         self.live_rows()?.into_iter().collect()
     }
 
+    /// `live` without the rows that do not decode (edited by hand): each is
+    /// logged, naming it and its column, and left out; the others come back.
+    /// A failing database is still an error.
+    pub fn live_readable(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+        let mut out = Vec::new();
+        for row in self.live_rows()? {
+            match row {
+                Ok(g) => out.push(g),
+                Err(e @ StoreError::Corrupt(_)) => {
+                    tracing::error!(error = %e, "a stored gateway cannot be read; left out")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     /// `live`, row by row: a row that does not decode is its own error
     /// (`Corrupt`, naming it), and the others still come back.
-    pub fn live_rows(&self) -> Result<Vec<Result<GatewayRecord, StoreError>>, StoreError> {
+    fn live_rows(&self) -> Result<Vec<Result<GatewayRecord, StoreError>>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM gateways WHERE status != 'deleted' ORDER BY seq");
         let conn = self.conn();
         let mut stmt = conn.prepare(&sql)?;

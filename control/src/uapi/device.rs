@@ -196,7 +196,7 @@ impl UapiDevice {
     fn gateways(&self) -> Result<Vec<GatewayRecord>, UapiError> {
         match &self.api {
             None => Ok(Vec::new()),
-            Some(s) => Ok(s.store.live().map_err(|e| from_api(e.into()))?.into_iter().filter(shown).collect()),
+            Some(s) => Ok(s.store.live_readable().map_err(|e| from_api(e.into()))?.into_iter().filter(shown).collect()),
         }
     }
 
@@ -469,7 +469,7 @@ impl UapiDevice {
                 networks: p.allowed_ips.clone(),
             })
             .collect();
-        for g in self.api_state()?.store.live().map_err(|e| from_api(e.into()))? {
+        for g in self.api_state()?.store.live_readable().map_err(|e| from_api(e.into()))? {
             let networks = g.remote_prefixes().collect();
             out.push(Holding { holder: g.id, key: Some(g.remote_public_key), networks });
         }
@@ -711,6 +711,27 @@ mod tests {
             (key, Some("203.0.113.5:51821".parse().unwrap()), 25)
         );
         assert_eq!(p.allowed_ips, vec!["10.60.0.0/16".parse().unwrap(), "fd60::/64".parse().unwrap()]);
+    }
+
+    /// A gateway row edited by hand into something that does not decode:
+    /// `wg show` lists every other peer, and its networks stay taken.
+    #[test]
+    fn a_gateway_row_that_does_not_decode_is_left_out_but_still_holds_its_networks() {
+        let f = fixture(true);
+        let ((a, ka), (b, kb)) = (peer(), peer());
+        f.set(&format!("public_key={ka}\nendpoint=203.0.113.5:51821\nallowed_ip=10.60.0.0/16\n")).unwrap();
+        f.set(&format!("public_key={kb}\nendpoint=203.0.113.6:51821\nallowed_ip=10.61.0.0/16\n")).unwrap();
+        let broken = f.gateway(&b).unwrap().id;
+        let db = rusqlite::Connection::open(&f.db).unwrap();
+        db.execute("UPDATE gateways SET remote_peer_ip = 'x' WHERE id = ?1", [&broken]).unwrap();
+        let shown: Vec<PublicKey> = f.device.get().unwrap().peers.iter().map(|p| p.public_key).collect();
+        assert_eq!(shown, [PublicKey(CONFIG_PEER), a]);
+        let (_, kc) = peer();
+        let claim = f.set(&format!("public_key={kc}\nendpoint=203.0.113.7:1\nallowed_ip=10.61.1.0/24\n")).unwrap_err();
+        assert_eq!(claim.errno, errno::EEXIST, "{}", claim.message);
+        let (d, kd) = peer();
+        f.set(&format!("public_key={kd}\nendpoint=203.0.113.8:1\nallowed_ip=10.62.0.0/16\n")).unwrap();
+        assert_eq!(f.device.get().unwrap().peers.len(), 3, "{d} added beside it");
     }
 
     #[test]
