@@ -20,8 +20,9 @@
 //! - The API (wgxdp, part of the user view section): create and status
 //!   latency (p50/p99) up to 10 000 gateways under concurrent load, whether
 //!   forwarding pauses while peers are programmed (ping loss and worst RTT
-//!   through the tunnel during the creates), and the event fan-out latency to
-//!   100 Server-Sent Events clients.
+//!   through the tunnel during the creates), the event fan-out latency to
+//!   100 Server-Sent Events clients, and a restart on the full database
+//!   (until the API answers, until the client's tunnel passes again).
 //!
 //! Prints the tables (equal load first) and the targets; writes a JSON report
 //! and an SVG chart.
@@ -335,8 +336,25 @@ fn wgxdp_phase(o: &Options) -> (Traffic, Value) {
     println!("   events: {SSE_CLIENTS} Server-Sent Events clients, {FANOUT_CHANGES} changes…");
     let fanout = sse_fanout(&topo, &o.wgxdp, &config, &api, &ids[0]);
     let after = ping_from(&topo.client, CLIENT_TUNNEL, LAN_HOST, 3, 2);
-    drop(wg);
     let exit = gateway.terminate();
+    // A restart on the full database: until the API answers (every tunnel
+    // replayed into the data plane first), and until the client's tunnel
+    // passes again (the gateway starts a handshake with each peer).
+    println!("   restart: `wgxdp serve` again on the database of {} gateways…", ids.len());
+    let began = Instant::now();
+    let mut restarted = ServeProcess::start(&topo.gateway, &o.wgxdp, &config, &dir.0);
+    restarted.wait_for_output("wgxdp: api listening", Duration::from_secs(600));
+    let ready = began.elapsed();
+    let passes = loop {
+        if ping_from(&topo.client, CLIENT_TUNNEL, LAN_HOST, 1, 1) {
+            break Some(began.elapsed());
+        }
+        if began.elapsed() > ready + Duration::from_secs(60) {
+            break None;
+        }
+    };
+    let restart_exit = restarted.terminate();
+    drop(wg);
     let api_figures = json!({
         "gateways": ids.len(),
         "create_ms": {"p50": percentile(&create_lat, 0.5), "p99": percentile(&create_lat, 0.99), "failures": create_fail},
@@ -345,6 +363,11 @@ fn wgxdp_phase(o: &Options) -> (Traffic, Value) {
         "forwarding_during_creates": {"pings_sent": sent, "pings_received": received, "worst_rtt_ms": worst_rtt},
         "sse_fanout": fanout,
         "tunnel_ok_after": after,
+        "restart": {
+            "api_ready_s": ready.as_secs_f64(),
+            "tunnel_passes_s": passes.map(|d| d.as_secs_f64()),
+            "exit": restart_exit.to_string(),
+        },
         "decrypted_in_af_xdp": decrypted,
         "gateway_exit": exit.to_string(),
     });
@@ -755,6 +778,13 @@ fn main() {
             e["change_acknowledged_ms"]["p50"].as_f64().unwrap_or(0.0),
             e["spread_ms"]["p50"].as_f64().unwrap_or(0.0),
             e["missed"]
+        );
+        let r = &api["restart"];
+        println!(
+            "restart with {} gateways: API ready after {:.1} s, the client's tunnel passes after {}",
+            api["gateways"],
+            r["api_ready_s"].as_f64().unwrap_or(0.0),
+            r["tunnel_passes_s"].as_f64().map_or("- (not within 60 s)".into(), |s| format!("{s:.1} s"))
         );
         let f = &api["forwarding_during_creates"];
         println!(
