@@ -85,6 +85,17 @@ fn programs_steer_count_and_detach() {
     lan_sender.send_to(b"no longer a tunnel", "10.99.1.1:7").unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(progs.stats().unwrap().get(stat::LAN_NO_SOCKET), before);
+    // One prefix at a time, as a peer's change does: on (beside a prefix
+    // that is not held going off, a no-op), then off again.
+    let (tunnel, other) = ("10.99.0.0/16".parse().unwrap(), "10.98.0.0/16".parse().unwrap());
+    progs.update_tunnel_prefixes(&[(tunnel, true), (other, false)]).unwrap();
+    lan_sender.send_to(b"a tunnel again", "10.99.1.1:7").unwrap();
+    wait_for("steered again", || progs.stats().unwrap().get(stat::LAN_NO_SOCKET) > before);
+    let before = progs.stats().unwrap().get(stat::LAN_NO_SOCKET);
+    progs.update_tunnel_prefixes(&[(tunnel, false)]).unwrap();
+    lan_sender.send_to(b"not any more", "10.99.1.1:7").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(progs.stats().unwrap().get(stat::LAN_NO_SOCKET), before);
 
     // Dropping detaches both programs.
     drop(progs);

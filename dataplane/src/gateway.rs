@@ -646,6 +646,7 @@ impl Gateway {
     /// endpoint, a handshake starts at once (site-to-site: either side may open).
     pub fn add_peer(&self, spec: PeerSpec) -> Result<PeerId, GatewayError> {
         let key = spec.config.public_key;
+        let touched = spec.allowed_ips.clone();
         let id = self
             .with_device(move |d| {
                 let id = d.add_peer(spec.config, spec.endpoint, &spec.allowed_ips).map_err(|e| e.to_string())?;
@@ -654,8 +655,10 @@ impl Gateway {
                 Ok::<_, String>(id)
             })?
             .map_err(|reason| GatewayError::Peer { key, reason })?;
-        if let Err(e) = self.sync_tunnel_prefixes() {
+        if let Err(e) = self.sync_tunnel_prefixes(&touched) {
             let _ = self.with_device(move |d| d.remove_peer(id));
+            // What the failed sync did take goes back out.
+            let _ = self.sync_tunnel_prefixes(&touched);
             return Err(e);
         }
         Ok(id)
@@ -664,15 +667,18 @@ impl Gateway {
     /// Removes a peer: its routes leave XDP, its keys are zeroized. Other
     /// peers are not disturbed. False if there was no such peer.
     pub fn remove_peer(&self, id: PeerId) -> Result<bool, GatewayError> {
+        let touched = self.shared.tables.allowed_ips.prefixes_of(id);
         let removed = self.with_device(move |d| d.remove_peer(id))?;
-        self.sync_tunnel_prefixes()?;
+        self.sync_tunnel_prefixes(&touched)?;
         Ok(removed)
     }
 
     /// Replaces a peer's allowed IPs (routes and inbound source check).
     pub fn set_allowed_ips(&self, id: PeerId, prefixes: Vec<IpPrefix>) -> Result<(), GatewayError> {
+        let mut touched = self.shared.tables.allowed_ips.prefixes_of(id);
+        touched.extend(&prefixes);
         self.with_device(move |d| d.set_allowed_ips(id, &prefixes))?;
-        self.sync_tunnel_prefixes()
+        self.sync_tunnel_prefixes(&touched)
     }
 
     /// Replaces what a peer's remote site may reach, on the running data plane
@@ -717,17 +723,20 @@ impl Gateway {
             && self.programs.lock().unwrap_or_else(|p| p.into_inner()).attached().len() == 2
     }
 
-    /// Makes the LAN program steer exactly the prefixes some peer routes.
-    /// Makes the LAN program steer, and the host route through the host
-    /// interface, exactly the prefixes some peer routes.
-    fn sync_tunnel_prefixes(&self) -> Result<(), GatewayError> {
-        let mut all: Vec<IpPrefix> = self.shared.tables.allowed_ips.entries().into_iter().map(|(p, _)| p).collect();
-        all.sort_unstable();
-        all.dedup();
-        self.programs.lock().unwrap_or_else(|p| p.into_inner()).set_tunnel_prefixes(&all)?;
+    /// After a change that touched the prefixes `touched` (a peer's old and
+    /// new allowed IPs): the LAN program steers, and the host routes through
+    /// the host interface, each of them exactly when some peer now routes it.
+    /// The others are untouched: O(k log n), whatever the number of peers.
+    /// Decided and applied under the programs' lock, so concurrent changes
+    /// apply in the order they read the table.
+    fn sync_tunnel_prefixes(&self, touched: &[IpPrefix]) -> Result<(), GatewayError> {
+        let mut programs = self.programs.lock().unwrap_or_else(|p| p.into_inner());
+        let table = &self.shared.tables.allowed_ips;
+        let changes: Vec<(IpPrefix, bool)> = touched.iter().map(|p| (*p, table.holds(p))).collect();
+        programs.update_tunnel_prefixes(&changes)?;
         if let Some(tun) = &self.shared.host_tun {
             let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = tun.sync_routes(&mut routes, &all) {
+            if let Err(e) = tun.update_routes(&mut routes, &changes) {
                 tracing::warn!(error = %e, "cannot route the tunnel prefixes through the host interface");
             }
         }

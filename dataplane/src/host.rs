@@ -194,46 +194,58 @@ impl HostTun {
     }
 
     /// Makes the routes through this interface exactly `prefixes` (given
-    /// what earlier calls did, `routes`, which it updates). Costs O(n log n)
-    /// and a netlink request per prefix that changed: one gateway of
-    /// thousands changes one route.
+    /// what earlier calls did, `routes`, which it updates).
     pub fn sync_routes(&self, routes: &mut HostRoutes, prefixes: &[IpPrefix]) -> io::Result<()> {
         let wanted: BTreeSet<IpPrefix> = prefixes.iter().copied().collect();
-        // A refused prefix that is no longer wanted is tried again if it comes back.
-        routes.refused.retain(|p| wanted.contains(p));
-        let gone: Vec<IpPrefix> = routes.installed.difference(&wanted).copied().collect();
-        let missing: Vec<IpPrefix> =
-            wanted.iter().filter(|p| !routes.installed.contains(p) && !routes.refused.contains(p)).copied().collect();
-        if gone.is_empty() && missing.is_empty() {
-            return Ok(());
-        }
-        let nl = Rtnetlink::open()?;
-        for gone in &gone {
-            match netlink::interface_route(&nl, gone, self.ifindex, false) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                // Still ours in the kernel: the next sync tries again.
-                Err(e) => {
-                    tracing::warn!(prefix = %gone, error = %e, "removing a tunnel route failed");
-                    continue;
-                }
+        let known = routes.installed.iter().chain(&routes.refused);
+        let mut changes: Vec<(IpPrefix, bool)> = known.filter(|p| !wanted.contains(p)).map(|p| (*p, false)).collect();
+        changes.extend(wanted.iter().map(|p| (*p, true)));
+        self.update_routes(routes, &changes)
+    }
+
+    /// Routes (`true`) or stops routing each prefix of `changes` through this
+    /// interface; the others stay as they are. A netlink request per prefix
+    /// that changes: one gateway of thousands changes one route. A prefix the
+    /// host already routes elsewhere is left alone, with a warning (once: it
+    /// is not tried again while it stays wanted); the host's own packets to
+    /// it then do not enter the tunnel.
+    pub fn update_routes(&self, routes: &mut HostRoutes, changes: &[(IpPrefix, bool)]) -> io::Result<()> {
+        let mut nl = None;
+        for &(p, wanted) in changes {
+            if !wanted {
+                // Tried again if it is wanted again.
+                routes.refused.remove(&p);
             }
-            routes.installed.remove(gone);
-        }
-        for new in &missing {
-            match netlink::interface_route(&nl, new, self.ifindex, true) {
-                Ok(()) => {
-                    routes.installed.insert(*new);
+            let add = wanted && !routes.installed.contains(&p) && !routes.refused.contains(&p);
+            let remove = !wanted && routes.installed.contains(&p);
+            if !add && !remove {
+                continue;
+            }
+            let nl = match &mut nl {
+                Some(nl) => nl,
+                None => nl.insert(Rtnetlink::open()?),
+            };
+            match netlink::interface_route(nl, &p, self.ifindex, add) {
+                Ok(()) if add => {
+                    routes.installed.insert(p);
                 }
+                Ok(()) => {
+                    routes.installed.remove(&p);
+                }
+                Err(e) if !add && e.raw_os_error() == Some(libc::ESRCH) => {
+                    routes.installed.remove(&p);
+                }
+                // Still ours in the kernel: the next change of it tries again.
+                Err(e) if !add => tracing::warn!(prefix = %p, error = %e, "removing a tunnel route failed"),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     tracing::warn!(
-                        prefix = %new, interface = %self.name,
+                        prefix = %p, interface = %self.name,
                         "the host already routes this tunnel prefix elsewhere; its own packets to it will not enter \
-                         the tunnel (not retried while the prefix stays)"
+                         the tunnel (not tried again while the prefix stays)"
                     );
-                    routes.refused.insert(*new);
+                    routes.refused.insert(p);
                 }
-                Err(e) => tracing::warn!(prefix = %new, error = %e, "adding a tunnel route failed"),
+                Err(e) => tracing::warn!(prefix = %p, error = %e, "adding a tunnel route failed"),
             }
         }
         Ok(())

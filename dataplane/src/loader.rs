@@ -176,22 +176,36 @@ impl XdpPrograms {
     /// peers' allowed IPs), changing only the entries that differ.
     pub fn set_tunnel_prefixes(&mut self, prefixes: &[IpPrefix]) -> Result<(), LoaderError> {
         let wanted: BTreeSet<IpPrefix> = prefixes.iter().copied().collect();
-        for p in self.tunnel_prefixes.difference(&wanted) {
-            let r = match p.addr() {
-                IpAddr::V4(a) => self.tunnel_v4.remove(&Key::new(u32::from(p.prefix_len()), a.octets())),
-                IpAddr::V6(a) => self.tunnel_v6.remove(&Key::new(u32::from(p.prefix_len()), a.octets())),
-            };
-            if let Err(e) = r {
-                tracing::warn!(prefix = %p, error = %e, "removing a tunnel prefix from XDP failed");
+        let gone = self.tunnel_prefixes.difference(&wanted).map(|p| (*p, false));
+        let changes: Vec<(IpPrefix, bool)> =
+            gone.chain(wanted.difference(&self.tunnel_prefixes).map(|p| (*p, true))).collect();
+        self.update_tunnel_prefixes(&changes)
+    }
+
+    /// Steers (`true`) or stops steering each prefix of `changes`; the others
+    /// stay as they are. O(k log n) for k changes: what one peer's change
+    /// costs, however many peers there are. Each entry is recorded as soon as
+    /// the map took it, so a failure midway leaves nothing untracked.
+    pub fn update_tunnel_prefixes(&mut self, changes: &[(IpPrefix, bool)]) -> Result<(), LoaderError> {
+        for &(p, wanted) in changes {
+            let held = self.tunnel_prefixes.contains(&p);
+            if wanted && !held {
+                match p.addr() {
+                    IpAddr::V4(a) => self.tunnel_v4.insert(&Key::new(u32::from(p.prefix_len()), a.octets()), 1, 0)?,
+                    IpAddr::V6(a) => self.tunnel_v6.insert(&Key::new(u32::from(p.prefix_len()), a.octets()), 1, 0)?,
+                }
+                self.tunnel_prefixes.insert(p);
+            } else if !wanted && held {
+                let r = match p.addr() {
+                    IpAddr::V4(a) => self.tunnel_v4.remove(&Key::new(u32::from(p.prefix_len()), a.octets())),
+                    IpAddr::V6(a) => self.tunnel_v6.remove(&Key::new(u32::from(p.prefix_len()), a.octets())),
+                };
+                if let Err(e) = r {
+                    tracing::warn!(prefix = %p, error = %e, "removing a tunnel prefix from XDP failed");
+                }
+                self.tunnel_prefixes.remove(&p);
             }
         }
-        for p in wanted.difference(&self.tunnel_prefixes) {
-            match p.addr() {
-                IpAddr::V4(a) => self.tunnel_v4.insert(&Key::new(u32::from(p.prefix_len()), a.octets()), 1, 0)?,
-                IpAddr::V6(a) => self.tunnel_v6.insert(&Key::new(u32::from(p.prefix_len()), a.octets()), 1, 0)?,
-            }
-        }
-        self.tunnel_prefixes = wanted;
         Ok(())
     }
 

@@ -380,6 +380,11 @@ impl<V: Copy + PartialEq + core::fmt::Debug> SharedAllowedIps<V> {
         self.set_prefixes(value, &[]);
     }
 
+    /// Whether some value holds exactly `prefix`.
+    pub fn holds(&self, prefix: &IpPrefix) -> bool {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).contains_key(prefix)
+    }
+
     /// The prefixes currently mapped to `value`.
     pub fn prefixes_of(&self, value: V) -> Vec<IpPrefix> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
