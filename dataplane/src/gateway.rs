@@ -145,6 +145,9 @@ pub struct Gateway {
     queues: u32,
     /// Tunnel prefixes routed through the host interface.
     routes: Mutex<crate::host::HostRoutes>,
+    /// A sync of the tunnel prefixes failed (or a change's prefixes are not
+    /// known): the next sync is a full one, which repairs what is off.
+    resync: AtomicBool,
     /// The peers `GatewayConfig::peers` started with, in that order.
     config_peers: Vec<PeerId>,
     /// The crypto threads (stopped after the workers: declared after `threads`).
@@ -600,6 +603,7 @@ impl Gateway {
             public_key,
             queues,
             routes,
+            resync: AtomicBool::new(false),
             config_peers,
             _crypto: crypto,
         })
@@ -647,14 +651,16 @@ impl Gateway {
     pub fn add_peer(&self, spec: PeerSpec) -> Result<PeerId, GatewayError> {
         let key = spec.config.public_key;
         let touched = spec.allowed_ips.clone();
-        let id = self
-            .with_device(move |d| {
-                let id = d.add_peer(spec.config, spec.endpoint, &spec.allowed_ips).map_err(|e| e.to_string())?;
+        let done = self.with_device(move |d| {
+            let added = d.add_peer(spec.config, spec.endpoint, &spec.allowed_ips).map_err(|e| e.to_string());
+            if let Ok(id) = added {
                 d.set_policy(id, spec.policy);
                 d.initiate(id);
-                Ok::<_, String>(id)
-            })?
-            .map_err(|reason| GatewayError::Peer { key, reason })?;
+            }
+            (spec.allowed_ips, added)
+        });
+        let (_, added) = self.after_change(done)?;
+        let id = added.map_err(|reason| GatewayError::Peer { key, reason })?;
         if let Err(e) = self.sync_tunnel_prefixes(&touched) {
             let _ = self.with_device(move |d| d.remove_peer(id));
             // What the failed sync did take goes back out.
@@ -667,18 +673,38 @@ impl Gateway {
     /// Removes a peer: its routes leave XDP, its keys are zeroized. Other
     /// peers are not disturbed. False if there was no such peer.
     pub fn remove_peer(&self, id: PeerId) -> Result<bool, GatewayError> {
-        let touched = self.shared.tables.allowed_ips.prefixes_of(id);
-        let removed = self.with_device(move |d| d.remove_peer(id))?;
+        // Its prefixes read with the change, on the control thread.
+        let done = self.with_device(move |d| (d.tables().allowed_ips.prefixes_of(id), d.remove_peer(id)));
+        let (touched, removed) = self.after_change(done)?;
         self.sync_tunnel_prefixes(&touched)?;
         Ok(removed)
     }
 
     /// Replaces a peer's allowed IPs (routes and inbound source check).
     pub fn set_allowed_ips(&self, id: PeerId, prefixes: Vec<IpPrefix>) -> Result<(), GatewayError> {
-        let mut touched = self.shared.tables.allowed_ips.prefixes_of(id);
-        touched.extend(&prefixes);
-        self.with_device(move |d| d.set_allowed_ips(id, &prefixes))?;
+        let done = self.with_device(move |d| {
+            let mut touched = d.tables().allowed_ips.prefixes_of(id);
+            d.set_allowed_ips(id, &prefixes);
+            touched.extend(prefixes);
+            (touched, ())
+        });
+        let (touched, ()) = self.after_change(done)?;
         self.sync_tunnel_prefixes(&touched)
+    }
+
+    /// What a change on the control thread returned, with the prefixes it
+    /// touched. If it did not answer (it may still have run, or run later),
+    /// the prefixes are unknown: a full sync now and at the next change,
+    /// then the error.
+    fn after_change<R>(
+        &self,
+        done: Result<(Vec<IpPrefix>, R), GatewayError>,
+    ) -> Result<(Vec<IpPrefix>, R), GatewayError> {
+        done.inspect_err(|_| {
+            self.resync.store(true, Ordering::Relaxed);
+            let _ = self.sync_tunnel_prefixes(&[]);
+            self.resync.store(true, Ordering::Relaxed);
+        })
     }
 
     /// Replaces what a peer's remote site may reach, on the running data plane
@@ -729,18 +755,31 @@ impl Gateway {
     /// The others are untouched: O(k log n), whatever the number of peers.
     /// Decided and applied under the programs' lock, so concurrent changes
     /// apply in the order they read the table.
+    /// After a failure (a map or route change refused, a change whose
+    /// prefixes are unknown) the next sync is a full one: every peer's
+    /// prefixes against what is steered and routed, O(n), repairing what the
+    /// failure left off; it stays full until one succeeds.
     fn sync_tunnel_prefixes(&self, touched: &[IpPrefix]) -> Result<(), GatewayError> {
         let mut programs = self.programs.lock().unwrap_or_else(|p| p.into_inner());
         let table = &self.shared.tables.allowed_ips;
+        let full = self.resync.swap(false, Ordering::Relaxed);
+        let all: Vec<IpPrefix> = if full { table.entries().into_iter().map(|(p, _)| p).collect() } else { Vec::new() };
         let changes: Vec<(IpPrefix, bool)> = touched.iter().map(|p| (*p, table.holds(p))).collect();
-        programs.update_tunnel_prefixes(&changes)?;
+        let steered = if full { programs.set_tunnel_prefixes(&all) } else { programs.update_tunnel_prefixes(&changes) };
+        // The routes follow even when the map refused a change.
+        let mut routed = true;
         if let Some(tun) = &self.shared.host_tun {
             let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = tun.update_routes(&mut routes, &changes) {
+            let r = if full { tun.sync_routes(&mut routes, &all) } else { tun.update_routes(&mut routes, &changes) };
+            routed = r.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "cannot route the tunnel prefixes through the host interface");
-            }
+                false
+            });
         }
-        Ok(())
+        if steered.is_err() || !routed {
+            self.resync.store(true, Ordering::Relaxed);
+        }
+        Ok(steered?)
     }
 
     /// Stops every thread and detaches the XDP programs.

@@ -194,8 +194,8 @@ impl HostTun {
     }
 
     /// Makes the routes through this interface exactly `prefixes` (given
-    /// what earlier calls did, `routes`, which it updates).
-    pub fn sync_routes(&self, routes: &mut HostRoutes, prefixes: &[IpPrefix]) -> io::Result<()> {
+    /// what earlier calls did, `routes`, which it updates). As `update_routes`.
+    pub fn sync_routes(&self, routes: &mut HostRoutes, prefixes: &[IpPrefix]) -> io::Result<bool> {
         let wanted: BTreeSet<IpPrefix> = prefixes.iter().copied().collect();
         let known = routes.installed.iter().chain(&routes.refused);
         let mut changes: Vec<(IpPrefix, bool)> = known.filter(|p| !wanted.contains(p)).map(|p| (*p, false)).collect();
@@ -208,9 +208,11 @@ impl HostTun {
     /// that changes: one gateway of thousands changes one route. A prefix the
     /// host already routes elsewhere is left alone, with a warning (once: it
     /// is not tried again while it stays wanted); the host's own packets to
-    /// it then do not enter the tunnel.
-    pub fn update_routes(&self, routes: &mut HostRoutes, changes: &[(IpPrefix, bool)]) -> io::Result<()> {
+    /// it then do not enter the tunnel. False if a change failed (logged;
+    /// the routes stay as they were for it).
+    pub fn update_routes(&self, routes: &mut HostRoutes, changes: &[(IpPrefix, bool)]) -> io::Result<bool> {
         let mut nl = None;
+        let mut all_done = true;
         for &(p, wanted) in changes {
             if !wanted {
                 // Tried again if it is wanted again.
@@ -235,8 +237,11 @@ impl HostTun {
                 Err(e) if !add && e.raw_os_error() == Some(libc::ESRCH) => {
                     routes.installed.remove(&p);
                 }
-                // Still ours in the kernel: the next change of it tries again.
-                Err(e) if !add => tracing::warn!(prefix = %p, error = %e, "removing a tunnel route failed"),
+                // Still ours in the kernel: kept, for a later sync to remove.
+                Err(e) if !add => {
+                    tracing::warn!(prefix = %p, error = %e, "removing a tunnel route failed");
+                    all_done = false;
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     tracing::warn!(
                         prefix = %p, interface = %self.name,
@@ -245,10 +250,13 @@ impl HostTun {
                     );
                     routes.refused.insert(p);
                 }
-                Err(e) => tracing::warn!(prefix = %p, error = %e, "adding a tunnel route failed"),
+                Err(e) => {
+                    tracing::warn!(prefix = %p, error = %e, "adding a tunnel route failed");
+                    all_done = false;
+                }
             }
         }
-        Ok(())
+        Ok(all_done)
     }
 }
 
