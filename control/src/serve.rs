@@ -154,6 +154,7 @@ async fn run(
                 static_peers: a.static_peers,
                 metrics_auth: a.config.metrics_auth,
                 metrics_separate: a.metrics_listener.is_some(),
+                ..ApiSettings::default()
             };
             let state = AppState::new(a.store, plane.clone(), settings);
             let replayed = state.clone();

@@ -1414,6 +1414,52 @@ async fn firewall_and_network_errors_name_the_field() {
     assert_eq!(api.plane.tunnel(&id).unwrap().policy.rules.len(), 256, "a refused change changes nothing");
 }
 
+/// The data plane steers a bounded number of remote networks per address
+/// family (its XDP map): past it, a create, a change or a restore is a 409
+/// that says so, counting every peer; a deleted gateway's networks free room.
+#[tokio::test]
+async fn remote_networks_beyond_what_the_data_plane_steers_are_refused() {
+    let static_key = PrivateKey::generate().public_key();
+    let api = Api::with(ApiSettings {
+        static_peers: vec![StaticPeer { public_key: static_key, allowed_ips: vec!["10.30.0.0/16".parse().unwrap()] }],
+        max_remote_networks: 3,
+        ..settings()
+    });
+    let mut a = new_gateway("site-a", "10.10.0.0/16");
+    a["additional_remote_network_cidrs"] = json!(["fd11::/64"]);
+    let a = id_of(&api.create(a).await);
+    let b = id_of(&api.create(new_gateway("site-b", "10.11.0.0/16")).await);
+    // Three IPv4 networks in use (one of them the configuration file's).
+    let r = api.create(new_gateway("site-c", "10.12.0.0/16")).await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    assert!(r.text.contains("at most 3 IPv4 remote networks") && r.text.contains("3 are in use"), "{}", r.text);
+    // Changing a gateway's networks within its own share is fine; growing it is not.
+    let r = api.call(Method::PATCH, &gateway_uri(&b), Some(json!({"remote_network_cidr": "10.13.0.0/16"}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = api
+        .call(Method::PATCH, &gateway_uri(&b), Some(json!({"additional_remote_network_cidrs": ["10.14.0.0/16"]})))
+        .await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    // IPv6 has room of its own.
+    let r = api
+        .call(
+            Method::PATCH,
+            &gateway_uri(&a),
+            Some(json!({"additional_remote_network_cidrs": ["fd11::/64", "fd12::/64"]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // A restore counts the backup's gateways together.
+    let backup = api.call(Method::GET, "/api/v1/backup?include_secrets=true", None).await;
+    assert_eq!(backup.status, StatusCode::OK, "{}", backup.text);
+    assert_eq!(api.call(Method::DELETE, &gateway_uri(&b), None).await.status, StatusCode::OK);
+    let r = api.call(Method::POST, "/api/v1/vpn-gateways", Some(new_gateway("site-d", "10.15.0.0/16"))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "the deleted gateway's network freed room: {}", r.text);
+    let r = api.call(Method::POST, "/api/v1/restore", Some(backup.body.clone())).await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    assert!(r.text.contains("at most 3 IPv4 remote networks"), "{}", r.text);
+}
+
 #[tokio::test]
 async fn remote_networks_may_not_overlap_across_gateways() {
     let static_key = PrivateKey::generate().public_key();

@@ -14,6 +14,8 @@ use aya::Ebpf;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
+/// Most tunnel prefixes the LAN program steers, per address family.
+pub use wgxdp_common::MAX_TUNNEL_PREFIXES;
 use wgxdp_common::{config, maps, programs, stat};
 
 #[derive(Debug, thiserror::Error)]

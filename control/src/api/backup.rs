@@ -15,7 +15,7 @@
 //!   anything changes; a failure while applying takes back what the restore
 //!   made. API keys are not part of a backup.
 
-use super::changes::{check_conflicts, check_new, commit_create, delete};
+use super::changes::{check_capacity, check_conflicts, check_new, commit_create, delete};
 use super::error::ApiError;
 use super::extract::{ApiQuery, JsonBody};
 use super::model::{bounded, decode_json, exact_key, rfc3339_millis, CreateGateway, NewGateway};
@@ -481,6 +481,9 @@ pub fn restore_backup(s: &AppState, parsed: ParsedRestore) -> Result<RestoreRepo
         }
         batch.put(id, Some(key), remote.iter().map(|n| n.prefix).collect());
     }
+    // All of them together within what the data plane steers.
+    let batch_networks: Vec<IpPrefix> = to_make.iter().flat_map(|(_, _, new, _)| new.remote_prefixes()).collect();
+    check_capacity(s, &batch_networks, None)?;
     // Webhooks, the same way.
     let mut hooks = Vec::new();
     let existing = s.store.webhooks()?;

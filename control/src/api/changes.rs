@@ -13,6 +13,7 @@ use super::AppState;
 use crate::store::{now_millis, EventKind, GatewayRecord, Status, Store, StoreError};
 use std::time::Duration;
 use wgxdp_dataplane::noise::PublicKey;
+use wgxdp_dataplane::table::IpPrefix;
 
 pub(crate) fn existing(store: &Store, id: &str) -> Result<GatewayRecord, ApiError> {
     store.get(id)?.ok_or_else(|| ApiError::not_found(id))
@@ -80,6 +81,28 @@ pub(crate) fn check_conflicts(
     Ok(())
 }
 
+/// 409 if `remote` (every remote network of new gateways, or of gateway
+/// `except` as a change makes it) would take the data plane past the remote
+/// networks of one address family it can steer, every peer together.
+pub(crate) fn check_capacity(s: &AppState, remote: &[IpPrefix], except: Option<&str>) -> Result<(), ApiError> {
+    let max = s.settings.max_remote_networks;
+    for (v6, family) in [(false, "IPv4"), (true, "IPv6")] {
+        let adding = remote.iter().filter(|p| p.addr().is_ipv6() == v6).count();
+        if adding == 0 {
+            continue;
+        }
+        let files = s.settings.static_peers.iter().flat_map(|p| &p.allowed_ips);
+        let held = s.store.remote_network_count(v6, except) + files.filter(|p| p.addr().is_ipv6() == v6).count();
+        if held + adding > max {
+            return Err(ApiError::conflict(format!(
+                "this gateway routes at most {max} {family} remote networks, all VPN gateways and configuration-file \
+                 peers together; {held} are in use"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn refuse_transient(g: &GatewayRecord) -> Result<(), ApiError> {
     match g.status {
         s if s.is_transient() => {
@@ -128,6 +151,7 @@ pub fn check_update(
 pub fn create(s: &AppState, new: NewGateway) -> Result<GatewayRecord, ApiError> {
     let remote = check_new(s, &new)?;
     check_conflicts(s, &remote, Some(&new.remote_public_key), None)?;
+    check_capacity(s, &remote.iter().map(|n| n.prefix).collect::<Vec<_>>(), None)?;
     commit_create(s, new.into_record(now_millis()))
 }
 
@@ -178,6 +202,7 @@ pub fn update(s: &AppState, id: &str, body: UpdateGateway, if_match: Option<&str
     check_if_match(if_match, &old)?;
     let (mut new, remote) = check_update(s, &old, body)?;
     check_conflicts(s, &remote, None, Some(id))?;
+    check_capacity(s, &new.remote_prefixes().collect::<Vec<_>>(), Some(id))?;
     // Every change a new stamp (the ETag's), even two in one millisecond or
     // after the clock stepped back.
     new.updated_at = now_millis().max(old.updated_at + 1);

@@ -57,6 +57,9 @@ pub struct ApiSettings {
     pub metrics_auth: bool,
     /// `/metrics` is served by `metrics_app` on its own listener, not by `app`.
     pub metrics_separate: bool,
+    /// Most remote networks per address family, all peers together: what
+    /// the LAN program's map of tunnel prefixes holds.
+    pub max_remote_networks: usize,
 }
 
 /// A configuration-file peer as the API's conflict checks see it.
@@ -78,6 +81,7 @@ impl Default for ApiSettings {
             static_peers: Vec::new(),
             metrics_auth: false,
             metrics_separate: false,
+            max_remote_networks: wgxdp_dataplane::loader::MAX_TUNNEL_PREFIXES as usize,
         }
     }
 }

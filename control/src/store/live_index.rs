@@ -47,6 +47,8 @@ pub struct LiveIndex {
     gateways: HashMap<String, Entry>,
     /// Remote public key → gateway id.
     keys: HashMap<PublicKey, String>,
+    /// Remote networks per address family (IPv4, IPv6).
+    counts: [usize; 2],
     /// Two live remote networks overlap (a database from before the checks,
     /// or edited by hand): `overlap` can no longer rely on disjoint entries
     /// and scans them all.
@@ -67,6 +69,7 @@ impl LiveIndex {
             }
             let (v6, first, last) = address_range(p);
             self.ranges.insert((v6, first, last, id.to_owned()));
+            self.counts[usize::from(v6)] += 1;
         }
         if let Some(key) = key {
             self.keys.insert(key, id.to_owned());
@@ -80,6 +83,7 @@ impl LiveIndex {
         for p in &old.networks {
             let (v6, first, last) = address_range(p);
             self.ranges.remove(&(v6, first, last, id.to_owned()));
+            self.counts[usize::from(v6)] -= 1;
         }
         if let Some(key) = old.key.filter(|k| self.keys.get(k).is_some_and(|owner| owner == id)) {
             self.keys.remove(&key);
@@ -116,6 +120,15 @@ impl LiveIndex {
     /// The live gateway (other than `except`) whose remote key is `key`.
     pub fn key_owner(&self, key: &PublicKey, except: Option<&str>) -> Option<&str> {
         self.keys.get(key).map(String::as_str).filter(|id| Some(*id) != except)
+    }
+
+    /// How many remote networks of one family (`v6`) the live gateways
+    /// other than `except` route.
+    pub fn network_count(&self, v6: bool, except: Option<&str>) -> usize {
+        let own = except
+            .and_then(|id| self.gateways.get(id))
+            .map_or(0, |g| g.networks.iter().filter(|p| p.addr().is_ipv6() == v6).count());
+        self.counts[usize::from(v6)] - own
     }
 
     pub fn len(&self) -> usize {
@@ -207,6 +220,8 @@ mod tests {
         index.put("vpn_b", k("KB"), vec![p("10.2.0.0/16")]);
         assert_eq!(index.overlap(&p("10.1.2.0/24"), None), Some(("vpn_a".into(), p("10.1.0.0/16"))));
         assert_eq!(index.overlap(&p("10.0.0.0/8"), Some("vpn_a")), Some(("vpn_b".into(), p("10.2.0.0/16"))));
+        assert_eq!((index.network_count(false, None), index.network_count(true, None)), (2, 1));
+        assert_eq!((index.network_count(false, Some("vpn_a")), index.network_count(true, Some("vpn_a"))), (1, 0));
         assert_eq!(index.overlap(&p("fd01::1/128"), None), Some(("vpn_a".into(), p("fd01::/64"))));
         assert_eq!(index.overlap(&p("10.1.0.0/16"), Some("vpn_a")), None);
         assert_eq!(index.overlap(&p("::/0"), Some("vpn_a")), None, "IPv6 ranges are apart from IPv4 ones");
@@ -220,6 +235,7 @@ mod tests {
         );
         index.remove("vpn_a");
         index.remove("vpn_a");
+        assert_eq!((index.network_count(false, None), index.network_count(true, None)), (1, 0));
         assert_eq!((index.overlap(&p("10.3.0.0/16"), None), index.len()), (None, 1));
         assert_eq!(address_range(&p("0.0.0.0/0")), (false, 0, u128::from(u32::MAX)));
         assert_eq!(address_range(&p("::/0")), (true, 0, u128::MAX));

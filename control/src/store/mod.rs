@@ -697,6 +697,12 @@ impl Store {
         self.index().overlap(prefix, except)
     }
 
+    /// How many remote networks of one family the live gateways other than
+    /// `except` route: no query.
+    pub fn remote_network_count(&self, v6: bool, except: Option<&str>) -> usize {
+        self.index().network_count(v6, except)
+    }
+
     /// The live gateway (other than `except`) whose remote key is `key`.
     pub fn remote_key_owner(&self, key: &PublicKey, except: Option<&str>) -> Option<String> {
         self.index().key_owner(key, except).map(str::to_owned)
