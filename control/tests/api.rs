@@ -113,6 +113,11 @@ impl Api {
     async fn create(&self, body: Value) -> Reply {
         self.call(Method::POST, "/api/v1/vpn-gateways", Some(body)).await
     }
+
+    /// `PATCH` of gateway `id` with `body`.
+    async fn patch(&self, id: &str, body: Value) -> Reply {
+        self.call(Method::PATCH, &gateway_uri(id), Some(body)).await
+    }
 }
 
 fn settings() -> ApiSettings {
@@ -1434,26 +1439,18 @@ async fn remote_networks_beyond_what_the_data_plane_steers_are_refused() {
     assert_error(&r, StatusCode::CONFLICT, "conflict");
     assert!(r.text.contains("at most 3 IPv4 remote networks") && r.text.contains("3 are in use"), "{}", r.text);
     // Changing a gateway's networks within its own share is fine; growing it is not.
-    let r = api.call(Method::PATCH, &gateway_uri(&b), Some(json!({"remote_network_cidr": "10.13.0.0/16"}))).await;
+    let r = api.patch(&b, json!({"remote_network_cidr": "10.13.0.0/16"})).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let r = api
-        .call(Method::PATCH, &gateway_uri(&b), Some(json!({"additional_remote_network_cidrs": ["10.14.0.0/16"]})))
-        .await;
+    let r = api.patch(&b, json!({"additional_remote_network_cidrs": ["10.14.0.0/16"]})).await;
     assert_error(&r, StatusCode::CONFLICT, "conflict");
     // IPv6 has room of its own.
-    let r = api
-        .call(
-            Method::PATCH,
-            &gateway_uri(&a),
-            Some(json!({"additional_remote_network_cidrs": ["fd11::/64", "fd12::/64"]})),
-        )
-        .await;
+    let r = api.patch(&a, json!({"additional_remote_network_cidrs": ["fd11::/64", "fd12::/64"]})).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     // A restore counts the backup's gateways together.
     let backup = api.call(Method::GET, "/api/v1/backup?include_secrets=true", None).await;
     assert_eq!(backup.status, StatusCode::OK, "{}", backup.text);
     assert_eq!(api.call(Method::DELETE, &gateway_uri(&b), None).await.status, StatusCode::OK);
-    let r = api.call(Method::POST, "/api/v1/vpn-gateways", Some(new_gateway("site-d", "10.15.0.0/16"))).await;
+    let r = api.create(new_gateway("site-d", "10.15.0.0/16")).await;
     assert_eq!(r.status, StatusCode::CREATED, "the deleted gateway's network freed room: {}", r.text);
     let r = api.call(Method::POST, "/api/v1/restore", Some(backup.body.clone())).await;
     assert_error(&r, StatusCode::CONFLICT, "conflict");

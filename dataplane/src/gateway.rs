@@ -755,6 +755,7 @@ impl Gateway {
     /// The others are untouched: O(k log n), whatever the number of peers.
     /// Decided and applied under the programs' lock, so concurrent changes
     /// apply in the order they read the table.
+    ///
     /// After a failure (a map or route change refused, a change whose
     /// prefixes are unknown) the next sync is a full one: every peer's
     /// prefixes against what is steered and routed, O(n), repairing what the

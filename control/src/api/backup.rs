@@ -482,7 +482,8 @@ pub fn restore_backup(s: &AppState, parsed: ParsedRestore) -> Result<RestoreRepo
         batch.put(id, Some(key), remote.iter().map(|n| n.prefix).collect());
     }
     // All of them together within what the data plane steers.
-    let batch_networks: Vec<IpPrefix> = to_make.iter().flat_map(|(_, _, new, _)| new.remote_prefixes()).collect();
+    let batch_networks: Vec<IpPrefix> =
+        to_make.iter().flat_map(|(_, _, new, _)| new.networks().remote).map(|n| n.prefix).collect();
     check_capacity(s, &batch_networks, None)?;
     // Webhooks, the same way.
     let mut hooks = Vec::new();

@@ -49,7 +49,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let q = parts.uri.query().unwrap_or("");
-        serde_urlencoded::from_str(q).map(Self).map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))
+        parse_query(parts.uri.query().unwrap_or("")).map(Self)
     }
+}
+
+/// A query string as `ApiQuery` decodes it (public so that fuzzers drive
+/// the same decoder; the event stream, which never ends, has no other way).
+pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(query).map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))
 }

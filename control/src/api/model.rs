@@ -460,11 +460,6 @@ pub struct NewGateway {
 }
 
 impl NewGateway {
-    /// Every remote network, the seed first.
-    pub fn remote_prefixes(&self) -> impl Iterator<Item = IpPrefix> + '_ {
-        std::iter::once(self.remote_network_cidr).chain(self.additional_remote_network_cidrs.iter().copied())
-    }
-
     /// The record to store for it: `creating`, with a fresh id, made `now`.
     pub fn into_record(self, now: i64) -> GatewayRecord {
         GatewayRecord {

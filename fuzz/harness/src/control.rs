@@ -10,6 +10,8 @@ use axum::http::{header, Method, Request};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use tower::ServiceExt;
+use wgxdp_control::api::events::StreamParams;
+use wgxdp_control::api::extract::parse_query;
 use wgxdp_control::api::import::parse_import;
 use wgxdp_control::api::model::{CreateGateway, UpdateGateway};
 use wgxdp_control::api::webhooks::parse_create_webhook;
@@ -241,7 +243,7 @@ pub fn api_bodies(data: &[u8]) {
                 (_, 0) => hooks.to_owned(),
                 (_, 1) => format!("{hooks}/{}", api.hook),
                 (_, 2) => format!("{hooks}/{}/deliveries", api.hook),
-                // (Not the event stream: it never ends.)
+                // (Not the event stream: it never ends; its query is decoded below.)
                 (_, _) => "/api/v1/events/history".to_owned(),
             };
             let (first_line, body) = match (sel & 64 != 0, rest.iter().position(|&b| b == b'\n')) {
@@ -255,6 +257,15 @@ pub fn api_bodies(data: &[u8]) {
                 Some((l, None)) => (Some(l), None),
                 None => (None, None),
             };
+            if let (Some(q), 3, 3) = (query, kind, sel >> 4 & 3) {
+                // The event stream's parameters (the stream itself never ends),
+                // through the decoder it runs: never a panic, and an accepted
+                // `types` names at least one event type.
+                let q = String::from_utf8_lossy(q);
+                if let Ok(StreamParams { types: Some(kinds), .. }) = parse_query::<StreamParams>(&q) {
+                    assert!(!kinds.0.is_empty(), "{q}");
+                }
+            }
             let uri = match query {
                 Some(q) => format!("{path}?{}", String::from_utf8_lossy(q)),
                 None => path,

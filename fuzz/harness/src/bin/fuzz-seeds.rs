@@ -366,6 +366,12 @@ reads_per_minute = 1200
     out.write(a, "post_webhook", &[&[sel(3, 1, 0, false)][..], &hook[..]].concat());
     out.write(a, "webhook_deliveries", &[&[sel(3, 0, 2, true)][..], b"limit=5&before=9\n"].concat());
     out.write(a, "event_history", &[&[sel(3, 0, 3, true)][..], b"type=tunnel.up&gateway_id=vpn_x&limit=3\n"].concat());
+    // Also decoded as the event stream's parameters.
+    out.write(
+        a,
+        "event_stream_query",
+        &[&[sel(3, 0, 3, true)][..], b"types=tunnel.up,handshake.failed&after=3\n"].concat(),
+    );
     out.write(a, "get_status", &[sel(2, 0, 2, false)]);
     out.write(a, "get_config", &[sel(2, 0, 3, false)]);
     out.write(a, "bad_key", &[sel(2, 0, 1, false) | 128]);
