@@ -37,7 +37,7 @@ const CHUNK: usize = 256;
 /// For `crypto_threads`: a bigger pool and longer runs, so that filling and
 /// draining the crypto pipeline at each run's ends stays a small share.
 const LONG_POOL: usize = 8192;
-const LONG_CHUNK: usize = 1024;
+const LONG_CHUNK: usize = 2048;
 /// Datagrams the client seals ahead, outside the timed region, then fed in
 /// one timed run (sustained traffic: a helper thread parks only between runs).
 const SEALED_AHEAD: usize = 4096;
@@ -163,6 +163,8 @@ fn bench_wan_to_lan(
                     if dma == Dma::Untimed {
                         io.evict_received();
                     }
+                    // As sustained traffic would, not parked by the untimed copy.
+                    m.wake_helpers();
                     let work = Instant::now();
                     m.run_until_idle(&mut batch, now);
                     delivered += m.worker.frames_mut().take_sent(Port::Lan, |f| {
@@ -231,6 +233,8 @@ fn bench_lan_to_wan(
                     if dma == Dma::Untimed {
                         io.evict_received();
                     }
+                    // As sustained traffic would, not parked by the untimed copy.
+                    m.wake_helpers();
                     let work = Instant::now();
                     m.run_until_idle(&mut batch, work);
                     let sent = m.worker.frames_mut().take_sent(Port::Wan, |f| {

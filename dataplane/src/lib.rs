@@ -20,6 +20,7 @@ pub mod nic;
 pub mod noise;
 pub mod peer_view;
 pub mod policy;
+pub mod prefetch;
 pub mod slow_path;
 pub mod snapshot;
 pub mod staging;

@@ -246,6 +246,14 @@ impl MemoryWorker {
         m
     }
 
+    /// Wakes parked crypto helpers (benches: before a timed run, as
+    /// sustained traffic keeps them awake).
+    pub fn wake_helpers(&self) {
+        if let Some(pool) = &self.crypto {
+            pool.wake_all();
+        }
+    }
+
     /// Helper threads running this worker's AEAD besides itself.
     pub fn crypto_helpers(&self) -> usize {
         self.crypto.as_ref().map_or(0, crate::crypto_pool::CryptoPool::helpers)

@@ -778,17 +778,10 @@ impl<S: FrameIo> Worker<S> {
 /// the NIC wrote the frames to memory, and each one's first lines are read
 /// one after the other below (the loads overlap instead of stalling in turn).
 fn prefetch_headers<S: FrameIo>(io: &S, batch: &[S::Frame]) {
-    #[cfg(target_arch = "x86_64")]
     for frame in batch {
         let data = io.data(frame);
-        for line in data.chunks(64).take(2) {
-            // SAFETY: PREFETCHT0 (SSE, part of x86-64) only hints the cache;
-            // the address is inside a live frame.
-            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
-        }
+        crate::prefetch::lines(data.as_ptr(), data.len(), 2);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (io, batch);
 }
 
 /// A copy of `frame[range]` in `buf`, out of the frame pool (for the rare
