@@ -444,25 +444,30 @@ impl<S: FrameIo> Worker<S> {
         from: Endpoint,
         now: Instant,
     ) {
+        let crypto = &mut self.crypto;
         let job = self.io.with_data_mut(&mut frame, None, |buf| {
             let buf = buf.get_mut(message).ok_or(DropReason::Malformed)?;
             let incoming = transport::incoming(snapshot, buf.get(message_at..).ok_or(DropReason::Malformed)?, now)?;
-            let (peer, counter, keypair) = (incoming.peer, incoming.counter, incoming.keypair.clone());
+            let rings = crypto.as_mut().ok_or(DropReason::Malformed)?;
+            // Alive until the job queued next (below, at this sequence
+            // number: a full ring delivers from the head, never moves the tail)
+            // is taken back.
+            rings.open_pins.pin(rings.opens.next_seq(), incoming.keypair);
             let op = AeadOp::Open { src: message_at + TRANSPORT_HEADER_LEN };
-            // The keypair and the frame go into the job's local below; nothing
-            // touches the frame's bytes until `settle_opens` takes it back.
-            // SAFETY: so both stay alive, put (`FrameIo`) and unaliased.
-            let job = unsafe { AeadJob::new(&keypair, counter, std::ptr::from_mut(buf), op) };
-            Ok((job, keypair, peer, counter))
+            // Nothing touches the frame's bytes until `settle_opens` takes it back.
+            // SAFETY: so the keypair (pinned) and the frame (in the job's
+            // local) stay alive, put (`FrameIo`) and unaliased.
+            let job = unsafe { AeadJob::new(incoming.keypair, incoming.counter, std::ptr::from_mut(buf), op) };
+            Ok((job, incoming.peer, incoming.counter))
         });
-        let (job, keypair, peer, counter) = match job {
+        let (job, peer, counter) = match job {
             Ok(prepared) => prepared,
             Err(reason) => {
                 self.counters.dropped(reason);
                 return self.io.release(frame);
             }
         };
-        let mut item = (job, Opening { frame, keypair, peer, counter, from });
+        let mut item = (job, Opening { frame, peer, counter, from });
         while let Some(rings) = self.crypto.as_mut() {
             match rings.opens.push(item.0, item.1) {
                 Ok(()) => break,
@@ -486,21 +491,26 @@ impl<S: FrameIo> Worker<S> {
     ) -> usize {
         let mut finished = 0;
         while let Some(rings) = self.crypto.as_mut() {
+            let seq = rings.opens.head_seq();
             let next =
                 if rings.opens.in_flight() > keep { rings.opens.next_in_order() } else { rings.opens.next_ready() };
-            let Some((Opening { frame, keypair, peer, counter, from }, outcome)) = next else { break };
+            let Some((Opening { frame, peer, counter, from }, outcome)) = next else { break };
             finished += 1;
-            let opened = match outcome {
-                Some(plain_len) => {
+            let opened = match (outcome, rings.open_pins.of(seq)) {
+                (Some(plain_len), Some(keypair)) => {
                     let plain = ETHERNET_HEADER_LEN..ETHERNET_HEADER_LEN + plain_len as usize;
                     match self.io.data(&frame).get(plain) {
-                        Some(plain) => transport::accept(snapshot, &keypair, peer, counter, plain, from, now),
+                        Some(plain) => transport::accept(snapshot, keypair, peer, counter, plain, from, now),
                         None => Err(DropReason::Malformed),
                     }
                 }
-                None => Err(DropReason::Authentication),
+                (Some(_), None) => Err(DropReason::Malformed),
+                (None, _) => Err(DropReason::Authentication),
             };
             self.after_open(frame, opened, snapshot, neighbors, now);
+        }
+        if let Some(rings) = self.crypto.as_mut() {
+            rings.open_pins.release_before(rings.opens.head_seq());
         }
         finished
     }
@@ -512,7 +522,7 @@ impl<S: FrameIo> Worker<S> {
         while let Some(rings) = self.crypto.as_mut() {
             let next =
                 if rings.seals.in_flight() > keep { rings.seals.next_in_order() } else { rings.seals.next_ready() };
-            let Some((Sealing { frame, path, to, .. }, outcome)) = next else { break };
+            let Some((Sealing { frame, path, to }, outcome)) = next else { break };
             finished += 1;
             match outcome {
                 Some(_) => self.send_sealed(frame, &path, to),
@@ -521,6 +531,9 @@ impl<S: FrameIo> Worker<S> {
                     self.io.release(frame);
                 }
             }
+        }
+        if let Some(rings) = self.crypto.as_mut() {
+            rings.seal_pins.release_before(rings.seals.head_seq());
         }
         finished
     }
@@ -628,8 +641,8 @@ impl<S: FrameIo> Worker<S> {
     fn on_lan(&mut self, mut frame: S::Frame, snapshot: &mut Snapshot<'_>, now: Instant) {
         match self.encrypt_to_wan(&mut frame, snapshot, now) {
             Ok(Sealed::InFrame) => return self.io.send(Port::Wan, frame),
-            Ok(Sealed::Queued(job, keypair, path, to)) => {
-                let mut item = (job, Sealing { frame, _keypair: keypair, path, to });
+            Ok(Sealed::Queued(job, path, to)) => {
+                let mut item = (job, Sealing { frame, path, to });
                 while let Some(rings) = self.crypto.as_mut() {
                     match rings.seals.push(item.0, item.1) {
                         Ok(()) => break,
@@ -734,24 +747,24 @@ impl<S: FrameIo> Worker<S> {
         let body = hdr + TRANSPORT_HEADER_LEN;
         // With crypto threads: the hop and the counter here; the move behind
         // the headers, the padding and the AEAD there.
-        let parallel = match self.crypto {
-            Some(_) => Some(tally.keypair_arc()?.clone()),
-            None => None,
-        };
-        let at = if parallel.is_some() { inner.start } else { body };
+        let parallel = self.crypto.is_some();
+        let at = if parallel { inner.start } else { body };
         let sealed = self.io.with_data_mut(frame, Some(total), |buf| {
             if buf.len() != total {
                 return Err(SealError::BufferTooSmall);
             }
-            let Some(keypair) = &parallel else {
+            if !parallel {
                 buf.copy_within(inner, body);
                 return seal_frame(buf, hdr, len, true, tally, &path, ep.addr, now).map(|_| None);
-            };
+            }
             flow::decrement_hop(&mut buf[inner.clone()]);
             let counter = transport::reserve_seal(tally, len, now)?;
+            let keypair = tally.keypair().ok_or(SealError::NoSession)?;
             let op = AeadOp::Seal { inner_at: inner.start, message_at: hdr, len };
-            // The keypair and the frame go into the job's local (`on_lan`);
-            // nothing touches the frame's bytes until `settle_seals` takes it back.
+            // The keypair is the tally's (which holds it until the pin
+            // below), then pinned; the frame goes into the job's local
+            // (`on_lan`); nothing touches the frame's bytes until
+            // `settle_seals` takes it back.
             // SAFETY: so both stay alive, put (`FrameIo`) and unaliased.
             Ok(Some(unsafe { AeadJob::new(keypair, counter, std::ptr::from_mut(buf), op) }))
         });
@@ -766,11 +779,21 @@ impl<S: FrameIo> Worker<S> {
                 );
             }
         };
+        let Some(job) = sealed else {
+            bump(&counters.encrypted);
+            return Some(Ok(Sealed::InFrame));
+        };
+        let (Some(rings), Some(keypair)) = (self.crypto.as_mut(), tally.keypair_arc()) else {
+            // (Unreachable: the job was made on this keypair, for these
+            // rings.) Its frame is not sealed yet: never sent as it is.
+            debug_assert!(false, "a sealing job without rings or keypair");
+            return Some(Err(DropReason::Expired));
+        };
+        // Alive until the job `on_lan` queues next (at this sequence number:
+        // a full ring delivers from the head) is taken back.
+        rings.seal_pins.pin(rings.seals.next_seq(), keypair);
         bump(&counters.encrypted);
-        Some(Ok(match (sealed, parallel) {
-            (Some(job), Some(keypair)) => Sealed::Queued(job, keypair, path, ep.addr),
-            _ => Sealed::InFrame,
-        }))
+        Some(Ok(Sealed::Queued(job, path, ep.addr)))
     }
 }
 
@@ -805,7 +828,7 @@ enum Sealed {
     InFrame,
     /// Prepared in its own frame, whose AEAD the crypto threads run; then
     /// framed from the path to the address.
-    Queued(AeadJob, Arc<Keypair>, crate::peer_view::L2Path, std::net::SocketAddr),
+    Queued(AeadJob, crate::peer_view::L2Path, std::net::SocketAddr),
     /// Sent or staged from a copy; its frame is free.
     Elsewhere,
 }
@@ -816,21 +839,79 @@ enum Sealed {
 pub struct CryptoRings<F> {
     opens: RingOwner<AeadJob, Opening<F>>,
     seals: RingOwner<AeadJob, Sealing<F>>,
+    /// The keypairs of both rings' jobs. Declared after the rings: dropped
+    /// after them, once their drop waited for every claimed job.
+    open_pins: KeypairPins,
+    seal_pins: KeypairPins,
 }
 
 impl<F> CryptoRings<F> {
     /// A worker's rings, served by `pool`'s helpers.
     pub fn new(pool: &mut CryptoPoolBuilder<AeadJob>) -> Self {
-        Self { opens: pool.ring(CRYPTO_RING), seals: pool.ring(CRYPTO_RING) }
+        Self {
+            opens: pool.ring(CRYPTO_RING),
+            seals: pool.ring(CRYPTO_RING),
+            open_pins: KeypairPins::with_capacity(CRYPTO_RING),
+            seal_pins: KeypairPins::with_capacity(CRYPTO_RING),
+        }
     }
 }
 
-/// A received message whose AEAD is in flight: its frame and keypair, kept
-/// alive here until the outcome comes back, and what `accept` needs then.
+/// The keypairs of one ring's jobs in flight, kept alive without an `Arc`
+/// per packet: consecutive jobs on one keypair (a tunnel's traffic) share one
+/// reference, released once the last of them is taken back.
+#[derive(Debug)]
+struct KeypairPins {
+    /// The sequence numbers of the first and last job on each keypair, oldest
+    /// first, each run after the one before it. At most one entry per job in
+    /// flight plus the job being queued: never grows past its capacity.
+    pinned: std::collections::VecDeque<(u64, u64, Arc<Keypair>)>,
+}
+
+impl KeypairPins {
+    fn with_capacity(jobs: usize) -> Self {
+        Self { pinned: std::collections::VecDeque::with_capacity(jobs + 1) }
+    }
+
+    /// Keeps `keypair` alive for the job `seq` (the next one queued). Should
+    /// a pin for `seq` be there already (its job never queued), this one
+    /// replaces it: `of` finds the keypair the queued job uses.
+    fn pin(&mut self, seq: u64, keypair: &Arc<Keypair>) {
+        match self.pinned.back_mut() {
+            Some((_, last, pinned)) if Arc::ptr_eq(pinned, keypair) => *last = seq,
+            Some((first, last, pinned)) if *last == seq => {
+                if *first == seq {
+                    *pinned = keypair.clone();
+                } else {
+                    *last -= 1;
+                    self.pinned.push_back((seq, seq, keypair.clone()));
+                }
+            }
+            _ => self.pinned.push_back((seq, seq, keypair.clone())),
+        }
+    }
+
+    /// The keypair of the job `seq`, once every job before it was taken back
+    /// (their keypairs are released here).
+    fn of(&mut self, seq: u64) -> Option<&Keypair> {
+        self.release_before(seq);
+        self.pinned.front().filter(|&&(first, _, _)| first <= seq).map(|(_, _, keypair)| &**keypair)
+    }
+
+    /// Releases the keypairs only jobs before `seq` used.
+    fn release_before(&mut self, seq: u64) {
+        while self.pinned.front().is_some_and(|&(_, last, _)| last < seq) {
+            self.pinned.pop_front();
+        }
+    }
+}
+
+/// A received message whose AEAD is in flight: its frame, kept here until the
+/// outcome comes back (its keypair in the ring's pins), and what `accept`
+/// needs then.
 #[derive(Debug)]
 struct Opening<F> {
     frame: F,
-    keypair: Arc<Keypair>,
     peer: PeerId,
     counter: u64,
     from: Endpoint,
@@ -840,7 +921,6 @@ struct Opening<F> {
 #[derive(Debug)]
 struct Sealing<F> {
     frame: F,
-    _keypair: Arc<Keypair>,
     path: crate::peer_view::L2Path,
     to: std::net::SocketAddr,
 }
@@ -1251,6 +1331,57 @@ mod tests {
     };
     use std::sync::Arc;
     use std::time::SystemTime;
+
+    fn keypair(index: u32) -> Arc<Keypair> {
+        let key = [index as u8; 32];
+        Arc::new(Keypair::new(AeadBackend::Ring, index, index + 1, true, Instant::now(), &key, &key))
+    }
+
+    /// A ring's keypairs stay alive, one reference per run of jobs on the same
+    /// keypair, until the last job of the run is taken back; each job finds
+    /// its own keypair however the runs change.
+    #[test]
+    fn keypair_pins_keep_each_jobs_keypair_until_it_is_taken_back() {
+        let (a, b) = (keypair(1), keypair(2));
+        let mut pins = KeypairPins::with_capacity(8);
+        // Jobs 0-2 on a, 3 on b, 4-5 on a again (a rekey and back).
+        for (seq, k) in [(0, &a), (1, &a), (2, &a), (3, &b), (4, &a), (5, &a)] {
+            pins.pin(seq, k);
+        }
+        assert_eq!(pins.pinned.len(), 3, "one entry per run, not per job");
+        assert_eq!(pins.pinned.capacity(), 9, "room for every job in flight and the one being queued");
+        assert_eq!(Arc::strong_count(&a), 3, "a is pinned twice (two runs), not once per job");
+        for (seq, k) in [(0, &a), (1, &a), (2, &a), (3, &b), (4, &a), (5, &a)] {
+            let found = pins.of(seq).expect("a pinned job");
+            assert!(std::ptr::eq(found, &**k), "job {seq} got another keypair");
+        }
+        assert_eq!(Arc::strong_count(&b), 1, "b's only job was taken back: released");
+        assert_eq!(Arc::strong_count(&a), 2, "a's last run still pinned until job 5 is delivered");
+        pins.release_before(6);
+        assert_eq!((Arc::strong_count(&a), pins.pinned.len()), (1, 0));
+        assert!(pins.of(6).is_none());
+    }
+
+    /// A pin whose job was never queued is replaced by the next pin for the
+    /// same sequence number: the job queued there finds its own keypair, and
+    /// the jobs before it keep theirs.
+    #[test]
+    fn a_pin_for_a_job_never_queued_is_replaced() {
+        let (a, b, c) = (keypair(1), keypair(2), keypair(3));
+        let mut pins = KeypairPins::with_capacity(8);
+        pins.pin(0, &a);
+        pins.pin(1, &a);
+        // Job 2: pinned on a (joining a's run), never queued; then queued on c.
+        pins.pin(2, &a);
+        pins.pin(2, &c);
+        // Job 3: pinned on b (a run of its own), never queued; then queued on c.
+        pins.pin(3, &b);
+        pins.pin(3, &c);
+        assert_eq!(Arc::strong_count(&b), 1, "the orphan pin is gone");
+        for (seq, k) in [(0, &a), (1, &a), (2, &c), (3, &c)] {
+            assert!(std::ptr::eq(pins.of(seq).expect("pinned"), &**k), "job {seq} got another keypair");
+        }
+    }
 
     fn io(m: &mut MemoryWorker) -> &mut MemoryFrames {
         m.worker.frames_mut()
