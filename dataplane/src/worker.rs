@@ -1820,6 +1820,57 @@ mod tests {
         assert_eq!(io(&mut m).free_frames(), crate::testing::MEMORY_FRAMES);
     }
 
+    /// A rekey with two crypto threads: datagrams sealed on the old and on the
+    /// new keypair, interleaved in one batch, are each opened and accepted on
+    /// their own keypair (its replay window; both count from 0), so every one
+    /// reaches the LAN, in arrival order, and none is refused as a replay.
+    #[test]
+    fn parallel_crypto_accepts_two_keypairs_interleaved_in_one_batch() {
+        let mut m = MemoryWorker::with_crypto_threads(AeadBackend::Ring, 2);
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let gateway: std::net::SocketAddr = crate::testing::GATEWAY_ADDR.parse().unwrap();
+        let old: Vec<Vec<u8>> = (0..40)
+            .map(|i| m.wan_frame(&numbered(2 * i, 64 + 30 * i as usize, CLIENT_TUNNEL, LAN_HOST), now))
+            .collect();
+        // Past the rekey timeout the client starts a new handshake; the worker
+        // hands the initiation to the control side, whose answer gives the
+        // client its new keypair.
+        let (now, wall) = (now + std::time::Duration::from_secs(6), wall + std::time::Duration::from_secs(6));
+        let mut out = vec![0u8; 2048];
+        m.client.initiate(m.client_peer);
+        let initiation =
+            m.client.poll_transmit(now, wall, &mut out).map(|t| out[..t.len].to_vec()).expect("an initiation");
+        let frame = m.frame_payload(&initiation);
+        assert!(io(&mut m).inject(Port::Wan, &frame));
+        m.run_until_idle(&mut Vec::new(), now);
+        let (jobs, _, control) = m.control_side();
+        let mut job = jobs.try_recv().expect("the initiation reached the control side");
+        let len = job.len;
+        let response = match control.receive_from(job.from, &mut job.bytes[..len], false, now, wall, &mut out) {
+            Ok(Action::Send { bytes, .. }) => bytes.to_vec(),
+            other => panic!("expected a response, got {other:?}"),
+        };
+        let mut response = response;
+        let mut scratch = vec![0u8; 2048];
+        let _ = m.client.receive(gateway, &mut response, false, now, wall, &mut scratch);
+        let new: Vec<Vec<u8>> = (0..40)
+            .map(|i| m.wan_frame(&numbered(2 * i + 1, 1420 - 30 * i as usize, CLIENT_TUNNEL, LAN_HOST), now))
+            .collect();
+        assert_ne!(old[0][46..50], new[0][46..50], "the new datagrams name another receiver index");
+        let mut expected = Vec::new();
+        for (i, (o, n)) in old.iter().zip(&new).enumerate() {
+            assert!(io(&mut m).inject(Port::Wan, n));
+            assert!(io(&mut m).inject(Port::Wan, o));
+            expected.extend([2 * i as u32 + 1, 2 * i as u32]);
+        }
+        m.run_until_idle(&mut Vec::new(), now);
+        let mut got = Vec::new();
+        io(&mut m).take_sent(Port::Lan, |f| got.push(id_of(&f[14..])));
+        assert_eq!(got, expected);
+        assert_eq!(m.counters.drops.get(DropReason::Replay), 0);
+        assert_eq!(io(&mut m).free_frames(), crate::testing::MEMORY_FRAMES, "every frame is back in the pool");
+    }
+
     /// Roaming with two crypto threads: the endpoint follows the last
     /// authenticated packet in arrival order, and replies go there.
     #[test]
