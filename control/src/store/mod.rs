@@ -395,8 +395,47 @@ const COLUMNS: &str = "id, seq, name, status, region, local_network_cidr, remote
 /// scopes existed could do everything, and still can.
 const ADDED_API_KEY_COLUMNS: [(&str, &str); 1] = [("scope", "TEXT NOT NULL DEFAULT 'admin'")];
 
-/// Adds the columns of `added` that `table` lacks, in one transaction.
-fn migrate(conn: &Connection, table: &str, added: &[(&str, &str)]) -> Result<(), StoreError> {
+/// The schema version this build reads and writes (`PRAGMA user_version`).
+/// Version 1 is every table and column as `SCHEMA` and the `ADDED_*` lists
+/// make them; a later change of the schema is a step of `migrate_schema`
+/// from the version before it, with this number raised.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Brings the database to `SCHEMA_VERSION`, in one transaction; a database
+/// a newer wgxdp wrote (a higher version) is refused untouched, since this
+/// build would misread it.
+fn migrate_schema(conn: &Connection) -> Result<(), String> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| e.to_string())?;
+    if version > SCHEMA_VERSION {
+        return Err(format!(
+            "its schema is version {version}, written by a newer wgxdp; this one knows versions up to \
+             {SCHEMA_VERSION}: run a wgxdp at least as new as the one that wrote it"
+        ));
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let steps = || -> Result<(), StoreError> {
+        let tx = conn.unchecked_transaction()?;
+        // Version 0: a new database, or one from before versions (any of the
+        // earlier schemas): what is missing is made.
+        tx.execute_batch(SCHEMA)?;
+        add_columns(&tx, "gateways", &ADDED_GATEWAY_COLUMNS)?;
+        add_columns(&tx, "api_keys", &ADDED_API_KEY_COLUMNS)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        Ok(())
+    };
+    steps().map_err(|e| e.to_string())?;
+    if version > 0 {
+        tracing::info!(from = version, to = SCHEMA_VERSION, "database schema migrated");
+    }
+    Ok(())
+}
+
+/// Adds the columns of `added` that `table` lacks (inside the caller's
+/// transaction).
+fn add_columns(conn: &Connection, table: &str, added: &[(&str, &str)]) -> Result<(), StoreError> {
     let present: Vec<String> = conn
         .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?
         .query_map([], |r| r.get(0))?
@@ -406,11 +445,9 @@ fn migrate(conn: &Connection, table: &str, added: &[(&str, &str)]) -> Result<(),
         return Ok(());
     }
     let had_rows: bool = conn.query_row(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), [], |r| r.get(0))?;
-    let tx = conn.unchecked_transaction()?;
     for (name, declaration) in &missing {
-        tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {declaration}"))?;
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {declaration}"))?;
     }
-    tx.commit()?;
     if had_rows {
         let names: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
         tracing::info!(table, columns = %names.join(", "), "database migrated: existing rows gained columns");
@@ -635,10 +672,7 @@ impl Store {
             return Err(err(format!("cannot switch to WAL (journal mode is {mode})")));
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
-        conn.execute_batch(SCHEMA)?;
-        migrate(&conn, "gateways", &ADDED_GATEWAY_COLUMNS)
-            .and_then(|()| migrate(&conn, "api_keys", &ADDED_API_KEY_COLUMNS))
-            .map_err(|e| err(format!("cannot migrate the schema: {e}")))?;
+        migrate_schema(&conn).map_err(|e| err(format!("cannot use its schema: {e}")))?;
         // The WAL and shared-memory files hold the same data: same mode.
         for suffix in ["-wal", "-shm"] {
             let side = format!("{}{suffix}", path.display());
@@ -1135,6 +1169,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("{}.db", random_id("wgxdp-store-old-")));
         Connection::open(&path).unwrap().execute_batch(FIRST_SCHEMA).unwrap();
         let store = Store::open(&path).unwrap();
+        assert_eq!(user_version(&path), SCHEMA_VERSION, "migrated and stamped with the current version");
         let old = store.get("vpn_old").unwrap().expect("the old gateway is still there");
         assert_eq!(
             (old.name.as_str(), old.remote_network_cidr.to_string().as_str(), old.updated_at),
@@ -1157,6 +1192,31 @@ mod tests {
         let store = Store::open(&path).unwrap();
         assert_eq!(store.live().unwrap(), vec![changed]);
         drop(store);
+        remove_db(&path);
+    }
+
+    fn user_version(path: &Path) -> i64 {
+        Connection::open(path).unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap()
+    }
+
+    /// A new database gets the current schema version; one a newer wgxdp
+    /// wrote (a higher version) is refused with an error naming both
+    /// versions, and left as it was.
+    #[test]
+    fn the_schema_is_versioned_and_a_newer_one_is_refused() {
+        let (path, store) = temp_db();
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+        store.insert(sample("kept", "K1")).unwrap();
+        drop(store);
+        let newer = SCHEMA_VERSION + 1;
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", newer).unwrap();
+        let refused = Store::open(&path).map(|_| ()).unwrap_err().to_string();
+        for says in [format!("version {newer}"), format!("up to {SCHEMA_VERSION}"), "newer wgxdp".to_owned()] {
+            assert!(refused.contains(&says), "{refused:?} should say {says:?}");
+        }
+        assert_eq!(user_version(&path), newer, "left as it was");
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", SCHEMA_VERSION).unwrap();
+        assert_eq!(Store::open(&path).unwrap().live().unwrap().len(), 1, "the rows are intact");
         remove_db(&path);
     }
 
