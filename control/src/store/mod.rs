@@ -396,38 +396,54 @@ const COLUMNS: &str = "id, seq, name, status, region, local_network_cidr, remote
 const ADDED_API_KEY_COLUMNS: [(&str, &str); 1] = [("scope", "TEXT NOT NULL DEFAULT 'admin'")];
 
 /// The schema version this build reads and writes (`PRAGMA user_version`).
-/// Version 1 is every table and column as `SCHEMA` and the `ADDED_*` lists
-/// make them; a later change of the schema is a step of `migrate_schema`
-/// from the version before it, with this number raised.
+/// Version 1 is every table, index and column as `SCHEMA` and the `ADDED_*`
+/// lists make them (idempotent: run at every open, they also remake what was
+/// removed by hand); a later change of the schema is a step in
+/// `migrate_schema` for databases below its version, with this number raised.
 pub const SCHEMA_VERSION: i64 = 1;
 
-/// Brings the database to `SCHEMA_VERSION`, in one transaction; a database
-/// a newer wgxdp wrote (a higher version) is refused untouched, since this
-/// build would misread it.
-fn migrate_schema(conn: &Connection) -> Result<(), String> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| e.to_string())?;
+fn schema_version(conn: &Connection) -> Result<i64, String> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| e.to_string())
+}
+
+/// Refuses a database a newer wgxdp wrote (a higher version): this build
+/// would misread it. Only reads.
+fn refuse_newer_schema(version: i64) -> Result<(), String> {
     if version > SCHEMA_VERSION {
         return Err(format!(
             "its schema is version {version}, written by a newer wgxdp; this one knows versions up to \
              {SCHEMA_VERSION}: run a wgxdp at least as new as the one that wrote it"
         ));
     }
-    if version == SCHEMA_VERSION {
-        return Ok(());
-    }
-    let steps = || -> Result<(), StoreError> {
-        let tx = conn.unchecked_transaction()?;
+    Ok(())
+}
+
+/// Brings the database to `SCHEMA_VERSION` in one transaction, taken before
+/// the version is read (two processes opening an old database at once: the
+/// second waits, then finds it current).
+fn migrate_schema(conn: &Connection) -> Result<(), String> {
+    let steps = || -> Result<i64, String> {
+        let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| e.to_string())?;
+        let version = schema_version(&tx)?;
+        refuse_newer_schema(version)?;
         // Version 0: a new database, or one from before versions (any of the
-        // earlier schemas): what is missing is made.
-        tx.execute_batch(SCHEMA)?;
-        add_columns(&tx, "gateways", &ADDED_GATEWAY_COLUMNS)?;
-        add_columns(&tx, "api_keys", &ADDED_API_KEY_COLUMNS)?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        tx.commit()?;
-        Ok(())
+        // earlier schemas). At every version: what is missing is made.
+        let make = || -> Result<(), StoreError> {
+            tx.execute_batch(SCHEMA)?;
+            add_columns(&tx, "gateways", &ADDED_GATEWAY_COLUMNS)?;
+            add_columns(&tx, "api_keys", &ADDED_API_KEY_COLUMNS)?;
+            if version < SCHEMA_VERSION {
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            }
+            Ok(())
+        };
+        make().map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())?;
+        Ok(version)
     };
-    steps().map_err(|e| e.to_string())?;
-    if version > 0 {
+    let version = steps()?;
+    if version > 0 && version < SCHEMA_VERSION {
         tracing::info!(from = version, to = SCHEMA_VERSION, "database schema migrated");
     }
     Ok(())
@@ -667,6 +683,8 @@ impl Store {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(e.to_string()))?;
         let conn = Connection::open(path).map_err(|e| err(e.to_string()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Before anything writes to it (the journal mode included).
+        schema_version(&conn).and_then(refuse_newer_schema).map_err(|e| err(format!("cannot use its schema: {e}")))?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if mode != "wal" {
             return Err(err(format!("cannot switch to WAL (journal mode is {mode})")));
@@ -1217,6 +1235,42 @@ mod tests {
         assert_eq!(user_version(&path), newer, "left as it was");
         Connection::open(&path).unwrap().pragma_update(None, "user_version", SCHEMA_VERSION).unwrap();
         assert_eq!(Store::open(&path).unwrap().live().unwrap().len(), 1, "the rows are intact");
+        remove_db(&path);
+    }
+
+    /// A migration that fails part way (here an `api_keys` that is a view,
+    /// which takes no new column) leaves nothing of itself: no table made,
+    /// the version as it was.
+    #[test]
+    fn a_failed_migration_changes_nothing() {
+        let path = std::env::temp_dir().join(format!("{}.db", random_id("wgxdp-store-view-")));
+        Connection::open(&path).unwrap().execute_batch("CREATE VIEW api_keys AS SELECT 1 AS id;").unwrap();
+        let refused = Store::open(&path).map(|_| ()).unwrap_err().to_string();
+        assert!(refused.contains("cannot use its schema"), "{refused}");
+        let conn = Connection::open(&path).unwrap();
+        let tables: i64 =
+            conn.query_row("SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table'", [], |r| r.get(0)).unwrap();
+        assert_eq!((tables, user_version(&path)), (0, 0), "rolled back whole");
+        drop(conn);
+        remove_db(&path);
+    }
+
+    /// At the current version a table or index removed by hand is made again
+    /// at open (the rule it carries is back).
+    #[test]
+    fn what_was_removed_by_hand_is_made_again_at_open() {
+        let (path, store) = temp_db();
+        drop(store);
+        Connection::open(&path).unwrap().execute_batch("DROP TABLE idempotency; DROP INDEX events_kind;").unwrap();
+        drop(Store::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let present: i64 = conn
+            .query_row("SELECT COUNT(*) FROM sqlite_schema WHERE name IN ('idempotency', 'events_kind')", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(present, 2);
+        drop(conn);
         remove_db(&path);
     }
 
