@@ -727,7 +727,25 @@ pub fn database_finding(database: &Path) -> (Severity, String) {
         );
     }
     if database.exists() {
-        (Severity::Ok, format!("{} exists; its directory is writable", database.display()))
+        let version = crate::store::schema_version_of(database)
+            .map_err(|e| format!("{} cannot be read as a database: {e}", database.display()))
+            .and_then(|v| {
+                crate::store::refuse_newer_schema(v).map(|()| v).map_err(|e| format!("{}: {e}", database.display()))
+            });
+        match version {
+            Err(message) => (Severity::Error, message),
+            Ok(v) if v < crate::store::SCHEMA_VERSION => (
+                Severity::Ok,
+                format!(
+                    "{} exists (schema version {v}; `serve` brings it to {}); its directory is writable",
+                    database.display(),
+                    crate::store::SCHEMA_VERSION
+                ),
+            ),
+            Ok(v) => {
+                (Severity::Ok, format!("{} exists (schema version {v}); its directory is writable", database.display()))
+            }
+        }
     } else if existing == dir {
         (Severity::Ok, format!("{} will be created (mode 0600) in {}", database.display(), dir.display()))
     } else {
@@ -844,6 +862,22 @@ mod tests {
         let (s, m) = database_finding(&dir.join("file/db"));
         assert_eq!(s, Severity::Error, "{m}");
         assert!(m.contains("is not a directory"), "{m}");
+        // An existing database: its schema version; a newer one than this
+        // build knows, or a file that is no database, is an error.
+        let db = dir.join("store.db");
+        drop(crate::store::Store::open(&db).unwrap());
+        let (s, m) = database_finding(&db);
+        assert_eq!(s, Severity::Ok, "{m}");
+        assert!(m.contains(&format!("schema version {}", crate::store::SCHEMA_VERSION)), "{m}");
+        let newer = crate::store::SCHEMA_VERSION + 1;
+        rusqlite::Connection::open(&db).unwrap().pragma_update(None, "user_version", newer).unwrap();
+        let (s, m) = database_finding(&db);
+        assert_eq!(s, Severity::Error, "{m}");
+        assert!(m.contains(&format!("version {newer}")) && m.contains("newer wgxdp"), "{m}");
+        std::fs::write(dir.join("text.db"), b"not a database at all, just text").unwrap();
+        let (s, m) = database_finding(&dir.join("text.db"));
+        assert_eq!(s, Severity::Error, "{m}");
+        assert!(m.contains("cannot be read as a database"), "{m}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -406,9 +406,17 @@ fn schema_version(conn: &Connection) -> Result<i64, String> {
     conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| e.to_string())
 }
 
+/// The schema version of the database file at `path`, read without writing
+/// (`wgxdp check`); an error when it is no SQLite database.
+pub fn schema_version_of(path: &Path) -> Result<i64, String> {
+    let conn =
+        Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| e.to_string())?;
+    schema_version(&conn)
+}
+
 /// Refuses a database a newer wgxdp wrote (a higher version): this build
 /// would misread it. Only reads.
-fn refuse_newer_schema(version: i64) -> Result<(), String> {
+pub fn refuse_newer_schema(version: i64) -> Result<(), String> {
     if version > SCHEMA_VERSION {
         return Err(format!(
             "its schema is version {version}, written by a newer wgxdp; this one knows versions up to \
