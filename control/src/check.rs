@@ -734,16 +734,11 @@ pub fn database_finding(database: &Path) -> (Severity, String) {
             });
         match version {
             Err(message) => (Severity::Error, message),
-            Ok(v) if v < crate::store::SCHEMA_VERSION => (
-                Severity::Ok,
-                format!(
-                    "{} exists (schema version {v}; `serve` brings it to {}); its directory is writable",
-                    database.display(),
-                    crate::store::SCHEMA_VERSION
-                ),
-            ),
             Ok(v) => {
-                (Severity::Ok, format!("{} exists (schema version {v}); its directory is writable", database.display()))
+                let to = crate::store::SCHEMA_VERSION;
+                let migrated = if v < to { format!("; `serve` brings it to {to}") } else { String::new() };
+                let found = format!("schema version {v}{migrated}");
+                (Severity::Ok, format!("{} exists ({found}); its directory is writable", database.display()))
             }
         }
     } else if existing == dir {

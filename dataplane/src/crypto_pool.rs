@@ -341,9 +341,7 @@ impl<J: Job, L> RingOwner<J, L> {
         let local = self.local[index].take()?;
         Some((local, (outcome & OK != 0).then_some(outcome as u32)))
     }
-}
 
-impl<J: Job, L> RingOwner<J, L> {
     /// Starts loading what delivering the next jobs will read: the frame of
     /// the job `DELIVERY_AHEAD` places after the head when it is finished,
     /// and the outcome line of the one as far again after it.
@@ -425,10 +423,17 @@ impl Wake {
     /// Wakes one parked helper, if any (one per `publish`: a busy ring keeps
     /// waking more).
     fn notify(&self) {
-        for (thread, asleep) in self.helpers.get().map(Vec::as_slice).unwrap_or_default() {
-            if asleep.load(Ordering::Relaxed) && asleep.swap(false, Ordering::AcqRel) {
-                return thread.unpark();
-            }
+        self.wake_parked(1);
+    }
+
+    /// Wakes up to `max` parked helpers (a woken one finds its flag cleared).
+    fn wake_parked(&self, max: usize) {
+        let parked = self.helpers.get().map(Vec::as_slice).unwrap_or_default().iter();
+        for (thread, _) in parked
+            .filter(|(_, asleep)| asleep.load(Ordering::Relaxed) && asleep.swap(false, Ordering::AcqRel))
+            .take(max)
+        {
+            thread.unpark();
         }
     }
 }
@@ -576,11 +581,7 @@ impl CryptoPool {
     /// Wakes every parked helper: it looks for work for `SPIN` before it
     /// parks again (for a caller that knows traffic is about to come).
     pub fn wake_all(&self) {
-        for (thread, asleep) in self.wake.helpers.get().map(Vec::as_slice).unwrap_or_default() {
-            if asleep.swap(false, Ordering::AcqRel) {
-                thread.unpark();
-            }
-        }
+        self.wake.wake_parked(usize::MAX);
     }
 }
 

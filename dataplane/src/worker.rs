@@ -1846,11 +1846,10 @@ mod tests {
         let (jobs, _, control) = m.control_side();
         let mut job = jobs.try_recv().expect("the initiation reached the control side");
         let len = job.len;
-        let response = match control.receive_from(job.from, &mut job.bytes[..len], false, now, wall, &mut out) {
+        let mut response = match control.receive_from(job.from, &mut job.bytes[..len], false, now, wall, &mut out) {
             Ok(Action::Send { bytes, .. }) => bytes.to_vec(),
             other => panic!("expected a response, got {other:?}"),
         };
-        let mut response = response;
         let mut scratch = vec![0u8; 2048];
         let _ = m.client.receive(gateway, &mut response, false, now, wall, &mut scratch);
         let new: Vec<Vec<u8>> = (0..40)

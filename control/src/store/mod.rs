@@ -428,31 +428,28 @@ pub fn refuse_newer_schema(version: i64) -> Result<(), String> {
 
 /// Brings the database to `SCHEMA_VERSION` in one transaction, taken before
 /// the version is read (two processes opening an old database at once: the
-/// second waits, then finds it current).
+/// second waits, then finds it current); an error rolls it all back.
 fn migrate_schema(conn: &Connection) -> Result<(), String> {
-    let steps = || -> Result<i64, String> {
-        let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| e.to_string())?;
-        let version = schema_version(&tx)?;
-        refuse_newer_schema(version)?;
-        // Version 0: a new database, or one from before versions (any of the
-        // earlier schemas). At every version: what is missing is made.
-        let make = || -> Result<(), StoreError> {
-            tx.execute_batch(SCHEMA)?;
-            add_columns(&tx, "gateways", &ADDED_GATEWAY_COLUMNS)?;
-            add_columns(&tx, "api_keys", &ADDED_API_KEY_COLUMNS)?;
-            if version < SCHEMA_VERSION {
-                tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            }
-            Ok(())
-        };
-        make().map_err(|e| e.to_string())?;
-        tx.commit().map_err(|e| e.to_string())?;
-        Ok(version)
-    };
-    let version = steps()?;
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| e.to_string())?;
+    let version = schema_version(&tx)?;
+    refuse_newer_schema(version)?;
+    make_schema(&tx, version).and_then(|()| Ok(tx.commit()?)).map_err(|e| e.to_string())?;
     if version > 0 && version < SCHEMA_VERSION {
         tracing::info!(from = version, to = SCHEMA_VERSION, "database schema migrated");
+    }
+    Ok(())
+}
+
+/// Version 0 is a new database, or one from before versions (any of the
+/// earlier schemas). At every version what is missing is made; then the
+/// version is stamped.
+fn make_schema(conn: &Connection, version: i64) -> Result<(), StoreError> {
+    conn.execute_batch(SCHEMA)?;
+    add_columns(conn, "gateways", &ADDED_GATEWAY_COLUMNS)?;
+    add_columns(conn, "api_keys", &ADDED_API_KEY_COLUMNS)?;
+    if version < SCHEMA_VERSION {
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     Ok(())
 }
