@@ -18,6 +18,7 @@ pub mod blast;
 pub mod events;
 pub mod hostile;
 pub mod icmp;
+pub mod postgres;
 pub mod site;
 
 /// Runs a command, panicking with its output if it fails.

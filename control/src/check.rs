@@ -687,6 +687,28 @@ fn check_listen_port(r: &mut Report, port: u16) {
     bind_finding(r, "listen port", addr, true, "WireGuard handshakes and the kernel slow path");
 }
 
+/// What a database's schema `version` means to `serve`: an error for one a
+/// newer wgxdp wrote (`serve` would refuse it), else what `serve` does.
+fn schema_finding(database: &str, version: i64) -> Result<String, String> {
+    crate::store::refuse_newer_schema(version).map_err(|e| format!("{database}: {e}"))?;
+    let to = crate::store::SCHEMA_VERSION;
+    Ok(match version {
+        v if v < to => format!("schema version {v}; `serve` brings it to {to}"),
+        v => format!("schema version {v}"),
+    })
+}
+
+/// Whether `serve` can use the PostgreSQL at `at`: it answers, and its
+/// schema is one this build reads. Reads only.
+pub fn postgres_finding(at: &crate::store::PostgresAt) -> (Severity, String) {
+    let described =
+        crate::store::parse_postgres_url(&at.url).map_or_else(|e| e, |c| crate::store::describe_postgres(&c));
+    match crate::store::postgres_schema_version(at).and_then(|v| schema_finding(&described, v)) {
+        Ok(found) => (Severity::Ok, format!("{described} answers ({found})")),
+        Err(e) => (Severity::Error, format!("{described}: {e}")),
+    }
+}
+
 /// The database's directory: `serve` creates what is missing.
 pub fn database_finding(database: &Path) -> (Severity, String) {
     let writable = |p: &Path| {
@@ -727,19 +749,12 @@ pub fn database_finding(database: &Path) -> (Severity, String) {
         );
     }
     if database.exists() {
-        let version = crate::store::schema_version_of(database)
+        let found = crate::store::schema_version_of(database)
             .map_err(|e| format!("{} cannot be read as a database: {e}", database.display()))
-            .and_then(|v| {
-                crate::store::refuse_newer_schema(v).map(|()| v).map_err(|e| format!("{}: {e}", database.display()))
-            });
-        match version {
+            .and_then(|v| schema_finding(&database.display().to_string(), v));
+        match found {
             Err(message) => (Severity::Error, message),
-            Ok(v) => {
-                let to = crate::store::SCHEMA_VERSION;
-                let migrated = if v < to { format!("; `serve` brings it to {to}") } else { String::new() };
-                let found = format!("schema version {v}{migrated}");
-                (Severity::Ok, format!("{} exists ({found}); its directory is writable", database.display()))
-            }
+            Ok(found) => (Severity::Ok, format!("{} exists ({found}); its directory is writable", database.display())),
         }
     } else if existing == dir {
         (Severity::Ok, format!("{} will be created (mode 0600) in {}", database.display(), dir.display()))
@@ -753,7 +768,10 @@ fn check_api(r: &mut Report, api: &config::ApiConfig) {
     if let Some(m) = api.metrics_listen {
         bind_finding(r, "metrics listen", m, false, "/metrics");
     }
-    let (severity, message) = database_finding(&api.database);
+    let (severity, message) = match &api.store {
+        crate::store::StoreLocation::Sqlite(path) => database_finding(path),
+        crate::store::StoreLocation::Postgres(at) => postgres_finding(at),
+    };
     r.push(severity, "api database", message);
 }
 
@@ -874,6 +892,37 @@ mod tests {
         assert_eq!(s, Severity::Error, "{m}");
         assert!(m.contains("cannot be read as a database"), "{m}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A PostgreSQL store: whether it answers and what its schema means to
+    /// `serve`, read without writing.
+    #[test]
+    fn a_postgresql_store() {
+        use crate::store::{PostgresAt, Store, StoreLocation};
+        let cluster = wgxdp_integration::postgres::Cluster::shared();
+        let url = cluster.database();
+        let at = PostgresAt::url(url.clone());
+        let (s, m) = postgres_finding(&at);
+        assert_eq!(s, Severity::Ok, "{m}");
+        assert!(m.contains("answers (schema version 0; `serve` brings it to"), "{m}");
+        assert!(m.contains("PostgreSQL postgres@"), "{m}");
+        assert_eq!(cluster.psql_at(&url, "SELECT to_regclass('gateways') IS NULL"), "t", "check wrote nothing");
+        drop(Store::open_at(&StoreLocation::Postgres(at.clone())).unwrap());
+        let (s, m) = postgres_finding(&at);
+        assert_eq!(
+            (s, m.contains(&format!("(schema version {})", crate::store::SCHEMA_VERSION))),
+            (Severity::Ok, true),
+            "{m}"
+        );
+        let newer = crate::store::SCHEMA_VERSION + 1;
+        cluster.psql_at(&url, &format!("UPDATE schema_version SET version = {newer}"));
+        let (s, m) = postgres_finding(&at);
+        assert_eq!(s, Severity::Error, "{m}");
+        assert!(m.contains("newer wgxdp"), "{m}");
+        let nowhere = PostgresAt::url("postgresql:///x?host=/nonexistent-wgxdp&user=u");
+        let (s, m) = postgres_finding(&nowhere);
+        assert_eq!(s, Severity::Error, "{m}");
+        assert!(m.contains("PostgreSQL u@/nonexistent-wgxdp/x"), "{m}");
     }
 
     #[test]

@@ -39,7 +39,7 @@
 //!
 //! [api]                                # optional: the HTTP API and its store
 //! listen = "127.0.0.1:8080"
-//! database = "/var/lib/wgxdp/wgxdp.db" # created with mode 0600
+//! database = "/var/lib/wgxdp/wgxdp.db" # created with mode 0600 (or [store] below)
 //! site_cidr = "10.50.0.0/24"           # default local_network_cidr
 //! # public_address = "203.0.113.150"   # default: the WAN interface's address
 //! # mutations_per_minute = 100         # per API key
@@ -47,6 +47,10 @@
 //! # auth_failures_per_minute = 30      # per source address (IPv6: /64), then 429
 //! # metrics_auth = false               # true: /metrics needs an API key
 //! # metrics_listen = "127.0.0.1:9100"  # serve /metrics here (and not on `listen`)
+//!
+//! # [store]                            # instead of [api] database: a PostgreSQL
+//! # url = "postgres://wgxdp@db.example/wgxdp"   # that several nodes share
+//! # password_file = "/etc/wgxdp/pg.pass"        # mode 0600; keeps it out of the URL
 //! ```
 //!
 //! Peers from `[[peer]]` are fixed for the process's life; gateways created
@@ -57,6 +61,8 @@
 
 use crate::api::model::overlaps;
 use crate::firewall::parse_action;
+use crate::secret::SecretString;
+use crate::store::{PostgresAt, StoreLocation};
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -75,6 +81,16 @@ pub struct ConfigFile {
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerSection>,
     pub api: Option<ApiSection>,
+    pub store: Option<StoreSection>,
+}
+
+/// `[store]`: a PostgreSQL database several nodes share, instead of `[api] database`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    pub url: String,
+    /// The password, kept out of the URL (mode 0600 like the key files).
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,7 +98,7 @@ pub struct ConfigFile {
 pub struct ApiSection {
     #[serde(default = "default_api_listen")]
     pub listen: SocketAddr,
-    pub database: PathBuf,
+    pub database: Option<PathBuf>,
     pub site_cidr: Option<String>,
     pub public_address: Option<IpAddr>,
     #[serde(default = "default_mutations")]
@@ -258,7 +274,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
-    pub database: PathBuf,
+    /// `[api] database` (SQLite), or `[store]` (PostgreSQL).
+    pub store: StoreLocation,
     pub site_cidr: Option<IpPrefix>,
     pub public_address: Option<IpAddr>,
     pub mutations_per_minute: u32,
@@ -505,31 +522,60 @@ impl Config {
             });
         }
         check_peer_overlaps(&peers)?;
-        let api = match file.api {
-            None => None,
-            Some(a) => {
-                if a.mutations_per_minute == 0 || a.reads_per_minute == 0 || a.auth_failures_per_minute == 0 {
-                    return Err(ConfigError::Api("rate limits must be at least 1 per minute".into()));
+        let api =
+            match file.api {
+                None if file.store.is_some() => {
+                    return Err(ConfigError::Api("[store] holds the API's data: it needs an [api] section".into()))
                 }
-                if a.metrics_listen == Some(a.listen) {
-                    return Err(ConfigError::Api(format!(
-                        "metrics_listen {} is the API's own address; leave it out to serve /metrics there",
-                        a.listen
-                    )));
+                None => None,
+                Some(a) => {
+                    let store =
+                        match (a.database, file.store) {
+                            (Some(path), None) => StoreLocation::Sqlite(path),
+                            (None, Some(st)) => {
+                                crate::store::parse_postgres_url(&st.url)
+                                    .map_err(|e| ConfigError::Api(format!("[store] url: {e}")))?;
+                                let password = match &st.password_file {
+                                    Some(path) => {
+                                        let text = read_secret(path, "PostgreSQL password")?;
+                                        Some(SecretString::new(text.trim_end_matches(['\r', '\n']).to_owned()))
+                                    }
+                                    None => None,
+                                };
+                                StoreLocation::Postgres(PostgresAt { url: st.url, password })
+                            }
+                            (Some(_), Some(_)) => return Err(ConfigError::Api(
+                                "both `database` and [store] name the store: keep `database` (SQLite on this host) or \
+                             [store] url (a PostgreSQL several nodes share)"
+                                    .into(),
+                            )),
+                            (None, None) => return Err(ConfigError::Api(
+                                "[api] needs `database` (a SQLite file) or a [store] section with a PostgreSQL `url`"
+                                    .into(),
+                            )),
+                        };
+                    if a.mutations_per_minute == 0 || a.reads_per_minute == 0 || a.auth_failures_per_minute == 0 {
+                        return Err(ConfigError::Api("rate limits must be at least 1 per minute".into()));
+                    }
+                    if a.metrics_listen == Some(a.listen) {
+                        return Err(ConfigError::Api(format!(
+                            "metrics_listen {} is the API's own address; leave it out to serve /metrics there",
+                            a.listen
+                        )));
+                    }
+                    Some(ApiConfig {
+                        listen: a.listen,
+                        store,
+                        site_cidr,
+                        public_address: a.public_address,
+                        mutations_per_minute: a.mutations_per_minute,
+                        reads_per_minute: a.reads_per_minute,
+                        auth_failures_per_minute: a.auth_failures_per_minute,
+                        metrics_auth: a.metrics_auth,
+                        metrics_listen: a.metrics_listen,
+                    })
                 }
-                Some(ApiConfig {
-                    listen: a.listen,
-                    database: a.database,
-                    site_cidr,
-                    public_address: a.public_address,
-                    mutations_per_minute: a.mutations_per_minute,
-                    reads_per_minute: a.reads_per_minute,
-                    auth_failures_per_minute: a.auth_failures_per_minute,
-                    metrics_auth: a.metrics_auth,
-                    metrics_listen: a.metrics_listen,
-                })
-            }
-        };
+            };
         Ok(Self {
             api,
             wan: i.wan,
@@ -656,6 +702,36 @@ mod tests {
         ] {
             let e = Config::parse(&config(&k.0, &peer(bad)), Path::new("t.toml")).unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    /// `[store]`: a PostgreSQL instead of `[api] database`, its password
+    /// from a private file, never both, never without `[api]`.
+    #[test]
+    fn store_section() {
+        let k = key_file(0o600, &PrivateKey::generate().to_base64_secret());
+        let pass = key_file(0o600, "s3cret\n");
+        let loose = key_file(0o644, "s3cret\n");
+        let pg = |extra: &str| format!("[api]\n[store]\nurl = \"postgres://wg@db.example/fleet\"\n{extra}");
+        let api = Config::parse(&config(&k.0, &pg("")), Path::new("t.toml")).unwrap().api.unwrap();
+        assert_eq!(api.store, StoreLocation::Postgres(PostgresAt::url("postgres://wg@db.example/fleet")));
+        let with_file = pg(&format!("password_file = \"{}\"\n", pass.0.display()));
+        let api = Config::parse(&config(&k.0, &with_file), Path::new("t.toml")).unwrap().api.unwrap();
+        let StoreLocation::Postgres(at) = &api.store else { panic!("{:?}", api.store) };
+        assert_eq!(at.password.as_ref().map(|p| p.expose()), Some("s3cret"), "the line's end is not the password's");
+        assert!(!format!("{api:?}").contains("s3cret"), "redacted in Debug");
+        let bad = [
+            (pg(&format!("password_file = \"{}\"\n", loose.0.display())), "chmod 600".to_owned()),
+            (pg("password_file = \"/nonexistent/pass\"\n"), "/nonexistent/pass".to_owned()),
+            (pg("colour = 1\n"), "colour".to_owned()),
+            ("[api]\n[store]\nurl = \"mysql://db/x\"\n".to_owned(), "[store] url: not a PostgreSQL URL".to_owned()),
+            ("[store]\nurl = \"postgres://db/x\"\n".to_owned(), "needs an [api] section".to_owned()),
+            ("[api]\ndatabase = \"/d\"\n[store]\nurl = \"postgres://db/x\"\n".to_owned(), "keep `database`".to_owned()),
+            ("[api]\n".to_owned(), "or a [store] section".to_owned()),
+        ];
+        for (text, needle) in bad {
+            let e = Config::parse(&config(&k.0, &text), Path::new("t.toml")).unwrap_err().to_string();
+            assert!(e.contains(&needle), "{text}: {e}");
         }
     }
 

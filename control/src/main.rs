@@ -125,7 +125,7 @@ fn parse_scope(s: &str) -> Result<Scope, String> {
 fn apikey(config: &std::path::Path, command: ApiKeyCommand, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     let cfg = wgxdp_control::config::Config::load(config)?;
     let api = cfg.api.ok_or_else(|| anyhow::anyhow!("{} has no [api] section", config.display()))?;
-    let store = wgxdp_control::store::Store::open(&api.database)?;
+    let store = wgxdp_control::store::Store::open_at(&api.store)?;
     match command {
         ApiKeyCommand::Create { name, scope } => {
             let (info, secret) = store.create_api_key(&name, scope)?;

@@ -37,7 +37,7 @@ fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<std::net::TcpL
 }
 
 fn prepare_api(config: ApiConfig, static_peers: Vec<StaticPeer>) -> anyhow::Result<ApiStart> {
-    let store = Arc::new(Store::open(&config.database)?);
+    let store = Arc::new(Store::open_at(&config.store)?);
     let listener = bind(config.listen, "the API")?;
     let metrics_listener = config.metrics_listen.map(|a| bind(a, "/metrics")).transpose()?;
     Ok(ApiStart { store, listener, metrics_listener, config, static_peers })

@@ -24,6 +24,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("dpkg-dev", "dpkg-shlibdeps: the Debian package's library dependencies"),
     ("systemd", "systemd-analyze verify checks the packaged unit"),
     ("man-db", "the package test renders the manual page"),
+    ("postgresql", "the store's PostgreSQL backend is tested against a real server"),
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

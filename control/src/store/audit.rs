@@ -2,8 +2,8 @@
 //! socket's changes), whatever its outcome, in the order they happened.
 //! Entries older than `RETENTION_MILLIS` are dropped as new ones come.
 
+use super::sql::{self, args, Row};
 use super::{now_millis, Store, StoreError};
-use rusqlite::params;
 
 /// How long entries are kept: 90 days.
 pub const RETENTION_MILLIS: i64 = 90 * 24 * 60 * 60 * 1000;
@@ -29,82 +29,90 @@ pub struct AuditEntry {
     pub replayed: bool,
 }
 
+fn entry(r: &Row) -> Result<AuditEntry, String> {
+    Ok(AuditEntry {
+        seq: r.int(0)?,
+        at: r.int(1)?,
+        key_id: r.text(2)?,
+        action: r.text(3)?,
+        target: r.opt_text(4)?,
+        status: u16::try_from(r.int(5)?).unwrap_or(0),
+        error_code: r.opt_text(6)?,
+        replayed: r.int(7)? != 0,
+    })
+}
+
 impl Store {
     /// Appends `e` (its `seq` is assigned); returns the entry as stored.
     pub fn record_audit(&self, mut e: AuditEntry) -> Result<AuditEntry, StoreError> {
-        let conn = self.conn();
-        let tx = conn.unchecked_transaction()?;
-        tx.execute("DELETE FROM audit_log WHERE at < ?1", [now_millis() - RETENTION_MILLIS])?;
-        tx.execute(
-            "INSERT INTO audit_log (at, key_id, action, target, status, error_code, replayed)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![e.at, e.key_id, e.action, e.target, i64::from(e.status), e.error_code, e.replayed],
-        )?;
-        e.seq = tx.last_insert_rowid();
-        tx.commit()?;
+        e.seq = self.transaction(|sql| {
+            sql.execute("DELETE FROM audit_log WHERE at < ?", args![now_millis() - RETENTION_MILLIS])?;
+            let row = sql.query_one(
+                "INSERT INTO audit_log (at, key_id, action, target, status, error_code, replayed)
+                 VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                args![
+                    e.at,
+                    &e.key_id,
+                    &e.action,
+                    e.target.as_ref(),
+                    i64::from(e.status),
+                    e.error_code.as_ref(),
+                    e.replayed
+                ],
+            )?;
+            row.int(0).map_err(|r| sql::unreadable("audit_log", r))
+        })?;
         Ok(e)
     }
 
     /// Up to `limit` entries, newest first, older than `before` (a `seq`) if given.
     pub fn audit_log(&self, before: Option<i64>, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT seq, at, key_id, action, target, status, error_code, replayed FROM audit_log
-             WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
-        )?;
-        let rows = stmt
-            .query_map(params![before.unwrap_or(i64::MAX), limit as i64], |r| {
-                Ok(AuditEntry {
-                    seq: r.get(0)?,
-                    at: r.get(1)?,
-                    key_id: r.get(2)?,
-                    action: r.get(3)?,
-                    target: r.get(4)?,
-                    status: u16::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
-                    error_code: r.get(6)?,
-                    replayed: r.get(7)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        let rows = self.run(|sql| {
+            sql.query(
+                "SELECT seq, at, key_id, action, target, status, error_code, replayed FROM audit_log
+                 WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                args![before.unwrap_or(i64::MAX), i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+        })?;
+        rows.iter().map(entry).collect::<Result<_, _>>().map_err(|r| sql::unreadable("audit_log", r))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::each_backend;
     use super::*;
 
     #[test]
     fn entries_come_back_newest_first_in_pages_and_survive_a_reopen() {
-        let dir = std::env::temp_dir().join(super::super::random_id("wgxdp-audit-"));
-        let path = dir.join("db");
-        let store = Store::open(&path).unwrap();
-        for i in 0..5u16 {
-            let e = AuditEntry {
-                seq: 0,
-                at: now_millis() + i64::from(i),
-                key_id: "key_a".into(),
-                action: "gateway.create".into(),
-                target: (i % 2 == 0).then(|| format!("vpn_{i}")),
-                status: 200 + i,
-                error_code: None,
-                replayed: i == 4,
-            };
-            assert_eq!(store.record_audit(e).unwrap().seq, i64::from(i) + 1);
-        }
-        drop(store);
-        let store = Store::open(&path).unwrap();
-        let first = store.audit_log(None, 3).unwrap();
-        assert_eq!(first.iter().map(|e| e.status).collect::<Vec<_>>(), [204, 203, 202]);
-        let rest = store.audit_log(Some(first[2].seq), 3).unwrap();
-        assert_eq!(rest.iter().map(|e| e.status).collect::<Vec<_>>(), [201, 200]);
-        assert_eq!(rest[1].target.as_deref(), Some("vpn_0"));
-        assert!(first[0].replayed && !first[1].replayed);
-        // An entry past the retention window goes when the next one comes.
-        let old = AuditEntry { at: now_millis() - RETENTION_MILLIS - 1, ..first[0].clone() };
-        store.record_audit(old).unwrap();
-        store.record_audit(first[0].clone()).unwrap();
-        assert_eq!(store.audit_log(None, 100).unwrap().len(), 6);
-        let _ = std::fs::remove_dir_all(&dir);
+        each_backend(|db| {
+            let store = db.open();
+            for i in 0..5u16 {
+                let e = AuditEntry {
+                    seq: 0,
+                    at: now_millis() + i64::from(i),
+                    key_id: "key_a".into(),
+                    action: "gateway.create".into(),
+                    target: (i % 2 == 0).then(|| format!("vpn_{i}")),
+                    status: 200 + i,
+                    error_code: None,
+                    replayed: i == 4,
+                };
+                assert_eq!(store.record_audit(e).unwrap().seq, i64::from(i) + 1);
+            }
+            drop(store);
+            let store = db.open();
+            let first = store.audit_log(None, 3).unwrap();
+            assert_eq!(first.iter().map(|e| e.status).collect::<Vec<_>>(), [204, 203, 202]);
+            let rest = store.audit_log(Some(first[2].seq), 3).unwrap();
+            assert_eq!(rest.iter().map(|e| e.status).collect::<Vec<_>>(), [201, 200]);
+            assert_eq!(rest[1].target.as_deref(), Some("vpn_0"));
+            assert!(first[0].replayed && !first[1].replayed);
+            // An entry past the retention window goes when the next one comes.
+            let old = AuditEntry { at: now_millis() - RETENTION_MILLIS - 1, ..first[0].clone() };
+            store.record_audit(old).unwrap();
+            store.record_audit(first[0].clone()).unwrap();
+            assert_eq!(store.audit_log(None, 100).unwrap().len(), 6);
+        });
     }
 }

@@ -4,8 +4,8 @@
 //! (`webhooks`) in the same transaction: the outbox cannot miss an event
 //! the log holds.
 
+use super::sql::{self, args, Row, Sql};
 use super::{now_millis, Store, StoreError};
-use rusqlite::{params, Row};
 
 /// How long events are kept: 30 days.
 pub const RETENTION_MILLIS: i64 = 30 * 24 * 60 * 60 * 1000;
@@ -86,22 +86,20 @@ pub struct EventFilter {
 }
 
 /// The event whose columns (`EVENT_COLUMNS`, in order) start at `first` in `row`.
-pub(super) fn event_at(row: &Row<'_>, first: usize) -> rusqlite::Result<Event> {
-    let kind: String = row.get(first + 2)?;
-    let data: String = row.get(first + 4)?;
+pub(super) fn event_at(row: &Row, first: usize) -> Result<Event, String> {
     Ok(Event {
-        seq: row.get(first)?,
-        at: row.get(first + 1)?,
+        seq: row.int(first)?,
+        at: row.int(first + 1)?,
         // A kind this binary does not know (a newer one wrote it) reads as a
         // plain update rather than failing the whole page.
-        kind: EventKind::parse(&kind).unwrap_or(EventKind::GatewayUpdated),
-        gateway_id: row.get(first + 3)?,
-        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+        kind: EventKind::parse(&row.text(first + 2)?).unwrap_or(EventKind::GatewayUpdated),
+        gateway_id: row.text(first + 3)?,
+        data: serde_json::from_str(&row.text(first + 4)?).unwrap_or(serde_json::Value::Null),
     })
 }
 
-fn event(row: &Row<'_>) -> rusqlite::Result<Event> {
-    event_at(row, 0)
+fn events(rows: &[Row]) -> Result<Vec<Event>, StoreError> {
+    rows.iter().map(|r| event_at(r, 0)).collect::<Result<_, _>>().map_err(|e| sql::unreadable("events", e))
 }
 
 const EVENT_COLUMNS: &str = "seq, at, kind, gateway_id, data";
@@ -109,19 +107,19 @@ const EVENT_COLUMNS: &str = "seq, at, kind, gateway_id, data";
 /// Appends an event (and its webhook deliveries) inside the caller's
 /// transaction, dropping events past retention.
 pub(super) fn insert(
-    tx: &rusqlite::Connection,
+    sql: &dyn Sql,
     kind: EventKind,
     gateway_id: &str,
     data: serde_json::Value,
 ) -> Result<Event, StoreError> {
     let now = now_millis();
-    tx.execute("DELETE FROM events WHERE at < ?1", [now - RETENTION_MILLIS])?;
-    tx.execute(
-        "INSERT INTO events (at, kind, gateway_id, data) VALUES (?1, ?2, ?3, ?4)",
-        params![now, kind.as_str(), gateway_id, data.to_string()],
+    sql.execute("DELETE FROM events WHERE at < ?", args![now - RETENTION_MILLIS])?;
+    let row = sql.query_one(
+        "INSERT INTO events (at, kind, gateway_id, data) VALUES (?, ?, ?, ?) RETURNING seq",
+        args![now, kind.as_str(), gateway_id, data.to_string()],
     )?;
-    let seq = tx.last_insert_rowid();
-    super::webhooks::queue_deliveries(tx, seq, kind, now)?;
+    let seq = row.int(0).map_err(|e| sql::unreadable("events", e))?;
+    super::webhooks::queue_deliveries(sql, seq, kind, now)?;
     Ok(Event { seq, at: now, kind, gateway_id: gateway_id.to_owned(), data })
 }
 
@@ -136,11 +134,8 @@ impl Store {
         data: serde_json::Value,
         published: impl FnOnce(&Event),
     ) -> Result<Event, StoreError> {
-        let conn = self.conn();
         self.check_write()?;
-        let tx = conn.unchecked_transaction()?;
-        let e = insert(&tx, kind, gateway_id, data)?;
-        tx.commit()?;
+        let e = self.transaction(|sql| insert(sql, kind, gateway_id, data))?;
         published(&e);
         Ok(e)
     }
@@ -148,11 +143,13 @@ impl Store {
     /// Up to `limit` events after `after` (a `seq`), oldest first: what a
     /// stream resumes with.
     pub fn events_after(&self, after: i64, limit: usize) -> Result<Vec<Event>, StoreError> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
-        let rows = stmt.query_map(params![after, limit as i64], event)?.collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        let rows = self.run(|sql| {
+            sql.query(
+                &format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"),
+                args![after, i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+        })?;
+        events(&rows)
     }
 
     /// Up to `limit` events matching `filter`, newest first, older than
@@ -163,81 +160,81 @@ impl Store {
         filter: &EventFilter,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE seq < ?1
-               AND (?2 IS NULL OR gateway_id = ?2) AND (?3 IS NULL OR kind = ?3)
-             ORDER BY seq DESC LIMIT ?4"
-        ))?;
-        let rows = stmt
-            .query_map(
-                params![
+        let kind = filter.kind.map(EventKind::as_str);
+        let rows = self.run(|sql| {
+            sql.query(
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE seq < ?
+                       AND (CAST(? AS TEXT) IS NULL OR gateway_id = ?) AND (CAST(? AS TEXT) IS NULL OR kind = ?)
+                     ORDER BY seq DESC LIMIT ?"
+                ),
+                args![
                     before.unwrap_or(i64::MAX),
-                    filter.gateway_id,
-                    filter.kind.map(EventKind::as_str),
-                    limit as i64
+                    filter.gateway_id.as_ref(),
+                    filter.gateway_id.as_ref(),
+                    kind,
+                    kind,
+                    i64::try_from(limit).unwrap_or(i64::MAX)
                 ],
-                event,
-            )?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+            )
+        })?;
+        events(&rows)
     }
 
     /// The newest event's `seq` (0 when there is none).
     pub fn last_event_seq(&self) -> Result<i64, StoreError> {
-        let conn = self.conn();
-        Ok(conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?)
+        let row = self.run(|sql| sql.query_one("SELECT COALESCE(MAX(seq), 0) FROM events", &[]))?;
+        row.int(0).map_err(|e| sql::unreadable("events", e))
     }
 
     /// The gateways whose latest tunnel event is `tunnel.up`: after a
     /// restart their sessions are gone, and they are announced down.
     pub fn tunnels_last_up(&self) -> Result<Vec<String>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT gateway_id, kind FROM events WHERE seq IN (
-                 SELECT MAX(seq) FROM events WHERE kind IN ('tunnel.up', 'tunnel.down') GROUP BY gateway_id)",
-        )?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows.into_iter().filter(|(_, k)| k == EventKind::TunnelUp.as_str()).map(|(id, _)| id).collect())
+        let rows = self.run(|sql| {
+            sql.query(
+                "SELECT gateway_id FROM events WHERE kind = ? AND seq IN (
+                     SELECT MAX(seq) FROM events WHERE kind IN (?, ?) GROUP BY gateway_id)",
+                args![EventKind::TunnelUp.as_str(), EventKind::TunnelUp.as_str(), EventKind::TunnelDown.as_str()],
+            )
+        })?;
+        rows.iter().map(|r| r.text(0)).collect::<Result<_, _>>().map_err(|e| sql::unreadable("events", e))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::each_backend;
     use super::*;
     use serde_json::json;
 
     #[test]
     fn events_keep_their_order_and_pages_survive_a_reopen() {
-        let dir = std::env::temp_dir().join(super::super::random_id("wgxdp-events-"));
-        let path = dir.join("db");
-        let store = Store::open(&path).unwrap();
-        let mut published = Vec::new();
-        for (i, kind) in EventKind::ALL.into_iter().enumerate() {
-            let id = if i % 2 == 0 { "vpn_a" } else { "vpn_b" };
-            let e = store.append_event(kind, id, json!({"i": i}), |e| published.push(e.seq)).unwrap();
-            assert_eq!(e.seq, i as i64 + 1);
-        }
-        assert_eq!(published, [1, 2, 3, 4, 5, 6], "published in the log's order");
-        drop(store);
-        let store = Store::open(&path).unwrap();
-        assert_eq!(store.last_event_seq().unwrap(), 6);
-        let after = store.events_after(2, 3).unwrap();
-        assert_eq!(after.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
-        assert_eq!(after[0].kind, EventKind::GatewayDeleted);
-        assert_eq!(after[0].data, json!({"i": 2}));
-        let a = EventFilter { gateway_id: Some("vpn_a".into()), kind: None };
-        let page = store.events_before(None, &a, 2).unwrap();
-        assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [5, 3]);
-        let next = store.events_before(Some(3), &a, 2).unwrap();
-        assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), [1]);
-        let ups = EventFilter { gateway_id: None, kind: Some(EventKind::TunnelUp) };
-        assert_eq!(store.events_before(None, &ups, 10).unwrap().len(), 1);
-        // vpn_b's last tunnel event is up (seq 4); vpn_a's is down (seq 5).
-        assert_eq!(store.tunnels_last_up().unwrap(), ["vpn_b"]);
-        let _ = std::fs::remove_dir_all(&dir);
+        each_backend(|db| {
+            let store = db.open();
+            let mut published = Vec::new();
+            for (i, kind) in EventKind::ALL.into_iter().enumerate() {
+                let id = if i % 2 == 0 { "vpn_a" } else { "vpn_b" };
+                let e = store.append_event(kind, id, json!({"i": i}), |e| published.push(e.seq)).unwrap();
+                assert_eq!(e.seq, i as i64 + 1);
+            }
+            assert_eq!(published, [1, 2, 3, 4, 5, 6], "published in the log's order");
+            drop(store);
+            let store = db.open();
+            assert_eq!(store.last_event_seq().unwrap(), 6);
+            let after = store.events_after(2, 3).unwrap();
+            assert_eq!(after.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
+            assert_eq!(after[0].kind, EventKind::GatewayDeleted);
+            assert_eq!(after[0].data, json!({"i": 2}));
+            let a = EventFilter { gateway_id: Some("vpn_a".into()), kind: None };
+            let page = store.events_before(None, &a, 2).unwrap();
+            assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [5, 3]);
+            let next = store.events_before(Some(3), &a, 2).unwrap();
+            assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), [1]);
+            let ups = EventFilter { gateway_id: None, kind: Some(EventKind::TunnelUp) };
+            assert_eq!(store.events_before(None, &ups, 10).unwrap().len(), 1);
+            // vpn_b's last tunnel event is up (seq 4); vpn_a's is down (seq 5).
+            assert_eq!(store.tunnels_last_up().unwrap(), ["vpn_b"]);
+        });
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! request, per API key and idempotency key, kept for a day and replayed to
 //! retries of the same request.
 
+use super::sql::{self, args};
 use super::{now_millis, Store, StoreError};
-use rusqlite::{params, OptionalExtension};
 
 /// How long an answer is kept for retries.
 pub const RETENTION_MILLIS: i64 = 24 * 60 * 60 * 1000;
@@ -36,30 +36,21 @@ impl Store {
     /// The answer stored for (`key_id`, `idem_key`) within the retention window.
     pub fn idempotent_response(&self, key_id: &str, idem_key: &str) -> Result<Option<StoredResponse>, StoreError> {
         let oldest = now_millis() - RETENTION_MILLIS;
-        let row = self
-            .conn()
-            .query_row(
+        let row = self.run(|sql| {
+            sql.query_opt(
                 "SELECT fingerprint, status, headers, body, created_at FROM idempotency
-                 WHERE key_id = ?1 AND idem_key = ?2 AND created_at >= ?3",
-                params![key_id, idem_key, oldest],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, Vec<u8>>(3)?,
-                        r.get::<_, i64>(4)?,
-                    ))
-                },
+                 WHERE key_id = ? AND idem_key = ? AND created_at >= ?",
+                args![key_id, idem_key, oldest],
             )
-            .optional()?;
-        let Some((fingerprint, status, headers, body, created_at)) = row else { return Ok(None) };
+        })?;
+        let Some(r) = row else { return Ok(None) };
+        let unreadable = |e| sql::unreadable("idempotency", e);
         Ok(Some(StoredResponse {
-            fingerprint,
-            status: u16::try_from(status).unwrap_or(500),
-            headers: serde_json::from_str(&headers)?,
-            body,
-            created_at,
+            fingerprint: r.text(0).map_err(unreadable)?,
+            status: u16::try_from(r.int(1).map_err(unreadable)?).unwrap_or(500),
+            headers: serde_json::from_str(&r.text(2).map_err(unreadable)?)?,
+            body: r.blob(3).map_err(unreadable)?,
+            created_at: r.int(4).map_err(unreadable)?,
         }))
     }
 
@@ -72,56 +63,58 @@ impl Store {
         response: &StoredResponse,
     ) -> Result<(), StoreError> {
         let headers = serde_json::to_string(&response.headers)?;
-        let conn = self.conn();
-        let tx = conn.unchecked_transaction()?;
-        tx.execute("DELETE FROM idempotency WHERE created_at < ?1", [now_millis() - RETENTION_MILLIS])?;
-        tx.execute(
-            "INSERT OR REPLACE INTO idempotency (key_id, idem_key, fingerprint, status, headers, body, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                key_id,
-                idem_key,
-                response.fingerprint,
-                i64::from(response.status),
-                headers,
-                response.body,
-                response.created_at
-            ],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.transaction(|sql| {
+            sql.execute("DELETE FROM idempotency WHERE created_at < ?", args![now_millis() - RETENTION_MILLIS])?;
+            sql.execute(
+                "INSERT INTO idempotency (key_id, idem_key, fingerprint, status, headers, body, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (key_id, idem_key) DO UPDATE SET fingerprint = excluded.fingerprint,
+                     status = excluded.status, headers = excluded.headers, body = excluded.body,
+                     created_at = excluded.created_at",
+                args![
+                    key_id,
+                    idem_key,
+                    &response.fingerprint,
+                    i64::from(response.status),
+                    headers,
+                    response.body.clone(),
+                    response.created_at
+                ],
+            )?;
+            Ok(())
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::each_backend;
     use super::*;
 
     #[test]
     fn answers_are_kept_per_api_key_for_a_day_and_survive_a_reopen() {
-        let dir = std::env::temp_dir().join(super::super::random_id("wgxdp-idem-"));
-        let path = dir.join("db");
-        let store = Store::open(&path).unwrap();
-        let answer = StoredResponse {
-            fingerprint: "f1".into(),
-            status: 201,
-            headers: vec![("location".into(), "/x".into())],
-            body: b"{\"psk\":\"secret\"}".to_vec(),
-            created_at: now_millis(),
-        };
-        store.save_idempotent_response("key_a", "k1", &answer).unwrap();
-        assert!(!format!("{answer:?}").contains("secret"));
-        drop(store);
-        let store = Store::open(&path).unwrap();
-        assert_eq!(store.idempotent_response("key_a", "k1").unwrap(), Some(answer.clone()));
-        assert_eq!(store.idempotent_response("key_b", "k1").unwrap(), None, "per API key");
-        // Past the window: not replayed, and the next write drops it.
-        let old = StoredResponse { created_at: now_millis() - RETENTION_MILLIS - 1, ..answer.clone() };
-        store.save_idempotent_response("key_a", "k2", &old).unwrap();
-        assert_eq!(store.idempotent_response("key_a", "k2").unwrap(), None);
-        store.save_idempotent_response("key_a", "k3", &answer).unwrap();
-        let rows: i64 = store.conn().query_row("SELECT COUNT(*) FROM idempotency", [], |r| r.get(0)).unwrap();
-        assert_eq!(rows, 2);
-        let _ = std::fs::remove_dir_all(&dir);
+        each_backend(|db| {
+            let store = db.open();
+            let answer = StoredResponse {
+                fingerprint: "f1".into(),
+                status: 201,
+                headers: vec![("location".into(), "/x".into())],
+                body: b"{\"psk\":\"secret\"}".to_vec(),
+                created_at: now_millis(),
+            };
+            store.save_idempotent_response("key_a", "k1", &answer).unwrap();
+            assert!(!format!("{answer:?}").contains("secret"));
+            drop(store);
+            let store = db.open();
+            assert_eq!(store.idempotent_response("key_a", "k1").unwrap(), Some(answer.clone()));
+            assert_eq!(store.idempotent_response("key_b", "k1").unwrap(), None, "per API key");
+            // Past the window: not replayed, and the next write drops it.
+            let old = StoredResponse { created_at: now_millis() - RETENTION_MILLIS - 1, ..answer.clone() };
+            store.save_idempotent_response("key_a", "k2", &old).unwrap();
+            assert_eq!(store.idempotent_response("key_a", "k2").unwrap(), None);
+            store.save_idempotent_response("key_a", "k3", &answer).unwrap();
+            let rows = store.query_raw("SELECT COUNT(*) FROM idempotency", &[]);
+            assert_eq!(rows[0].int(0), Ok(2));
+        });
     }
 }

@@ -7,10 +7,10 @@
 //! backoff until it succeeds or `GIVE_UP_AFTER_MILLIS` passes.
 
 use super::events::{event_at, EventKind};
+use super::sql::{self, args, Row, Sql};
 use super::{now_millis, random_id, Event, Store, StoreError};
 use crate::secret::SecretString;
 use base64::Engine;
-use rusqlite::{params, Connection, OptionalExtension, Row};
 
 /// A delivery that has not succeeded this long after its event is given up.
 pub const GIVE_UP_AFTER_MILLIS: i64 = 24 * 60 * 60 * 1000;
@@ -155,48 +155,54 @@ fn new_secret() -> SecretString {
     SecretString::new(format!("whsec_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)))
 }
 
-fn webhook(row: &Row<'_>) -> rusqlite::Result<Webhook> {
+fn webhook(row: &Row) -> Result<Webhook, String> {
     Ok(Webhook {
-        id: row.get(0)?,
-        url: row.get(1)?,
-        events: EventSelection::decode(&row.get::<_, String>(2)?),
-        description: row.get(3)?,
-        secret: SecretString::new(row.get(4)?),
-        created_at: row.get(5)?,
+        id: row.text(0)?,
+        url: row.text(1)?,
+        events: EventSelection::decode(&row.text(2)?),
+        description: row.text(3)?,
+        secret: SecretString::new(row.text(4)?),
+        created_at: row.int(5)?,
     })
 }
 
 const WEBHOOK_COLUMNS: &str = "id, url, events, description, secret, created_at";
 
-fn delivery(row: &Row<'_>) -> rusqlite::Result<Delivery> {
-    let kind: Option<String> = row.get(3)?;
+fn delivery(row: &Row) -> Result<Delivery, String> {
     Ok(Delivery {
-        seq: row.get(0)?,
-        webhook_id: row.get(1)?,
-        event_seq: row.get(2)?,
-        event_kind: kind.as_deref().and_then(EventKind::parse),
-        state: DeliveryState::parse(&row.get::<_, String>(4)?),
-        attempts: u32::try_from(row.get::<_, i64>(5)?).unwrap_or(u32::MAX),
-        next_attempt_at: row.get(6)?,
-        last_attempt_at: row.get(7)?,
-        last_status: row.get::<_, Option<i64>>(8)?.and_then(|s| u16::try_from(s).ok()),
-        last_error: row.get(9)?,
-        created_at: row.get(10)?,
+        seq: row.int(0)?,
+        webhook_id: row.text(1)?,
+        event_seq: row.int(2)?,
+        event_kind: row.opt_text(3)?.as_deref().and_then(EventKind::parse),
+        state: DeliveryState::parse(&row.text(4)?),
+        attempts: u32::try_from(row.int(5)?).unwrap_or(u32::MAX),
+        next_attempt_at: row.opt_int(6)?,
+        last_attempt_at: row.opt_int(7)?,
+        last_status: row.opt_int(8)?.and_then(|s| u16::try_from(s).ok()),
+        last_error: row.opt_text(9)?,
+        created_at: row.int(10)?,
     })
+}
+
+fn unreadable(reason: String) -> StoreError {
+    sql::unreadable("webhook", reason)
 }
 
 /// Queues event `seq` (of `kind`) for every webhook that wants it; part of
 /// the event's own transaction.
-pub(super) fn queue_deliveries(conn: &Connection, seq: i64, kind: EventKind, now: i64) -> Result<(), StoreError> {
-    conn.execute(
-        "DELETE FROM webhook_deliveries WHERE state != 'pending' AND created_at < ?1",
-        [now - LOG_RETENTION_MILLIS],
+pub(super) fn queue_deliveries(sql: &dyn Sql, seq: i64, kind: EventKind, now: i64) -> Result<(), StoreError> {
+    sql.execute(
+        "DELETE FROM webhook_deliveries WHERE state != 'pending' AND created_at < ?",
+        args![now - LOG_RETENTION_MILLIS],
     )?;
-    conn.execute(
-        "INSERT INTO webhook_deliveries (webhook_id, event_seq, state, attempts, next_attempt_at, created_at)
-         SELECT id, ?1, 'pending', 0, ?2, ?2 FROM webhooks
-         WHERE events = '*' OR instr(events, ?3) > 0",
-        params![seq, now, format!(",{},", kind.as_str())],
+    sql.execute(
+        &format!(
+            "INSERT INTO webhook_deliveries (webhook_id, event_seq, state, attempts, next_attempt_at, created_at)
+             SELECT id, CAST(? AS BIGINT), 'pending', 0, CAST(? AS BIGINT), CAST(? AS BIGINT) FROM webhooks
+             WHERE events = '*' OR {}(events, CAST(? AS TEXT)) > 0",
+            sql.dialect().position()
+        ),
+        args![seq, now, now, format!(",{},", kind.as_str())],
     )?;
     Ok(())
 }
@@ -222,102 +228,106 @@ impl Store {
 
     /// Stores `hook` as it is (id and secret included: a restore's).
     pub fn insert_webhook(&self, hook: &Webhook) -> Result<(), StoreError> {
-        let conn = self.conn();
         self.check_write()?;
-        conn.execute(
-            "INSERT INTO webhooks (id, url, events, description, secret, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![hook.id, hook.url, hook.events.encode(), hook.description, hook.secret.expose(), hook.created_at],
-        )?;
+        self.run(|sql| {
+            sql.execute(
+                "INSERT INTO webhooks (id, url, events, description, secret, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                args![
+                    &hook.id,
+                    &hook.url,
+                    hook.events.encode(),
+                    &hook.description,
+                    hook.secret.expose(),
+                    hook.created_at
+                ],
+            )
+        })?;
         Ok(())
     }
 
     pub fn webhooks(&self) -> Result<Vec<Webhook>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id"))?;
-        let rows = stmt.query_map([], webhook)?.collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        let rows =
+            self.run(|sql| sql.query(&format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id"), &[]))?;
+        rows.iter().map(webhook).collect::<Result<_, _>>().map_err(unreadable)
     }
 
     pub fn webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
-        let conn = self.conn();
-        Ok(conn
-            .query_row(&format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?1"), [id], webhook)
-            .optional()?)
+        let row =
+            self.run(|sql| sql.query_opt(&format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?"), args![id]))?;
+        row.as_ref().map(webhook).transpose().map_err(unreadable)
     }
 
     /// Removes a webhook with its pending deliveries and log; `None` if there is none.
     pub fn delete_webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
-        let conn = self.conn();
         self.check_write()?;
-        // Write-locked from the start: a read first would make the delete
-        // fail at once if another connection wrote in between.
-        let tx = rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)?;
-        let Some(hook) =
-            tx.query_row(&format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?1"), [id], webhook).optional()?
-        else {
-            return Ok(None);
-        };
-        tx.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?1", [id])?;
-        tx.execute("DELETE FROM webhooks WHERE id = ?1", [id])?;
-        tx.commit()?;
-        Ok(Some(hook))
+        self.transaction(|sql| {
+            let Some(row) =
+                sql.query_opt(&format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?"), args![id])?
+            else {
+                return Ok(None);
+            };
+            let hook = webhook(&row).map_err(unreadable)?;
+            sql.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?", args![id])?;
+            sql.execute("DELETE FROM webhooks WHERE id = ?", args![id])?;
+            Ok(Some(hook))
+        })
     }
 
     /// Up to `limit` deliveries that are due at `now`, one per webhook at most.
     pub fn due_deliveries(&self, now: i64, limit: usize) -> Result<Vec<DueDelivery>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT d.seq, d.webhook_id, w.url, w.secret, d.attempts, d.created_at, e.seq IS NOT NULL,
-                    e.seq, e.at, e.kind, e.gateway_id, e.data
-             FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
-                  LEFT JOIN events e ON e.seq = d.event_seq
-             WHERE d.seq IN ({HEADS}) AND d.next_attempt_at <= ?1
-             ORDER BY d.next_attempt_at LIMIT ?2"
-        ))?;
-        let rows = stmt
-            .query_map(params![now, limit as i64], |r| {
-                let present: bool = r.get(6)?;
+        let rows = self.run(|sql| {
+            sql.query(
+                &format!(
+                    "SELECT d.seq, d.webhook_id, w.url, w.secret, d.attempts, d.created_at, e.seq IS NOT NULL,
+                            e.seq, e.at, e.kind, e.gateway_id, e.data
+                     FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
+                          LEFT JOIN events e ON e.seq = d.event_seq
+                     WHERE d.seq IN ({HEADS}) AND d.next_attempt_at <= ?
+                     ORDER BY d.next_attempt_at LIMIT ?"
+                ),
+                args![now, i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+        })?;
+        rows.iter()
+            .map(|r| {
                 Ok(DueDelivery {
-                    seq: r.get(0)?,
-                    webhook_id: r.get(1)?,
-                    url: r.get(2)?,
-                    secret: SecretString::new(r.get(3)?),
-                    attempts: u32::try_from(r.get::<_, i64>(4)?).unwrap_or(u32::MAX),
-                    created_at: r.get(5)?,
-                    event: if present { Some(event_at(r, 7)?) } else { None },
+                    seq: r.int(0)?,
+                    webhook_id: r.text(1)?,
+                    url: r.text(2)?,
+                    secret: SecretString::new(r.text(3)?),
+                    attempts: u32::try_from(r.int(4)?).unwrap_or(u32::MAX),
+                    created_at: r.int(5)?,
+                    event: if r.int(6)? != 0 { Some(event_at(r, 7)?) } else { None },
                 })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+            })
+            .collect::<Result<_, String>>()
+            .map_err(unreadable)
     }
 
     /// When the next delivery falls due (`None`: nothing is pending).
     pub fn next_delivery_at(&self) -> Result<Option<i64>, StoreError> {
-        let conn = self.conn();
-        Ok(conn.query_row(
-            &format!("SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE seq IN ({HEADS})"),
-            [],
-            |r| r.get(0),
-        )?)
+        let row = self.run(|sql| {
+            sql.query_one(&format!("SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE seq IN ({HEADS})"), &[])
+        })?;
+        row.opt_int(0).map_err(unreadable)
     }
 
     /// Makes every pending delivery due at `now` (a restart: the outage may
     /// have been ours); returns how many there are.
     pub fn retry_pending_now(&self, now: i64) -> Result<usize, StoreError> {
-        let conn = self.conn();
         self.check_write()?;
-        conn.execute(
-            "UPDATE webhook_deliveries SET next_attempt_at = ?1 WHERE state = 'pending' AND next_attempt_at > ?1",
-            [now],
-        )?;
-        Ok(conn
-            .query_row("SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'", [], |r| r.get::<_, i64>(0))?
-            as usize)
+        let row = self.run(|sql| {
+            sql.execute(
+                "UPDATE webhook_deliveries SET next_attempt_at = ? WHERE state = 'pending' AND next_attempt_at > ?",
+                args![now, now],
+            )?;
+            sql.query_one("SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'", &[])
+        })?;
+        Ok(usize::try_from(row.int(0).map_err(unreadable)?).unwrap_or(0))
     }
 
     /// Records an attempt at delivery `seq`.
     pub fn record_attempt(&self, seq: i64, attempt: &Attempt, now: i64) -> Result<(), StoreError> {
-        let conn = self.conn();
         self.check_write()?;
         let (state, status, error, next) = match attempt {
             Attempt::Delivered { status } => (DeliveryState::Delivered, Some(*status), None, None),
@@ -328,85 +338,89 @@ impl Store {
                 (DeliveryState::Failed, *status, Some(error.as_str()), None)
             }
         };
-        conn.execute(
-            "UPDATE webhook_deliveries SET state = ?2, attempts = attempts + 1, next_attempt_at = ?3,
-                 last_attempt_at = ?4, last_status = ?5, last_error = ?6
-             WHERE seq = ?1 AND state = 'pending'",
-            params![seq, state.as_str(), next, now, status.map(i64::from), error],
-        )?;
+        self.run(|sql| {
+            sql.execute(
+                "UPDATE webhook_deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?,
+                     last_attempt_at = ?, last_status = ?, last_error = ?
+                 WHERE seq = ? AND state = 'pending'",
+                args![state.as_str(), next, now, status.map(i64::from), error, seq],
+            )
+        })?;
         Ok(())
     }
 
     /// Webhook `id`'s deliveries, newest first, older than `before` if given.
     pub fn deliveries(&self, id: &str, before: Option<i64>, limit: usize) -> Result<Vec<Delivery>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT d.seq, d.webhook_id, d.event_seq, e.kind, d.state, d.attempts, d.next_attempt_at,
-                    d.last_attempt_at, d.last_status, d.last_error, d.created_at
-             FROM webhook_deliveries d LEFT JOIN events e ON e.seq = d.event_seq
-             WHERE d.webhook_id = ?1 AND d.seq < ?2 ORDER BY d.seq DESC LIMIT ?3",
-        )?;
-        let rows = stmt
-            .query_map(params![id, before.unwrap_or(i64::MAX), limit as i64], delivery)?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        let rows = self.run(|sql| {
+            sql.query(
+                "SELECT d.seq, d.webhook_id, d.event_seq, e.kind, d.state, d.attempts, d.next_attempt_at,
+                        d.last_attempt_at, d.last_status, d.last_error, d.created_at
+                 FROM webhook_deliveries d LEFT JOIN events e ON e.seq = d.event_seq
+                 WHERE d.webhook_id = ? AND d.seq < ? ORDER BY d.seq DESC LIMIT ?",
+                args![id, before.unwrap_or(i64::MAX), i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+        })?;
+        rows.iter().map(delivery).collect::<Result<_, _>>().map_err(unreadable)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::each_backend;
     use super::*;
     use serde_json::json;
 
     #[test]
     fn deliveries_are_queued_per_matching_webhook_in_order_and_survive_a_reopen() {
-        let dir = std::env::temp_dir().join(random_id("wgxdp-webhooks-"));
-        let path = dir.join("db");
-        let store = Store::open(&path).unwrap();
-        let all = store.create_webhook("http://a/", &EventSelection::All, "").unwrap();
-        let ups = store.create_webhook("http://b/", &EventSelection::Only(vec![EventKind::TunnelUp]), "b").unwrap();
-        assert!(all.secret.expose().starts_with("whsec_") && all.secret.expose() != ups.secret.expose());
-        store.append_event(EventKind::GatewayCreated, "vpn_a", json!({}), |_| {}).unwrap();
-        store.append_event(EventKind::TunnelUp, "vpn_a", json!({}), |_| {}).unwrap();
-        let now = now_millis();
-        // One due delivery per webhook: `all`'s first, `ups`'s only.
-        let due = store.due_deliveries(now, 10).unwrap();
-        let mut heads: Vec<(String, i64)> =
-            due.iter().map(|d| (d.webhook_id.clone(), d.event.as_ref().unwrap().seq)).collect();
-        heads.sort();
-        let mut expected = vec![(all.id.clone(), 1), (ups.id.clone(), 2)];
-        expected.sort();
-        assert_eq!(heads, expected);
-        let first = due.iter().find(|d| d.webhook_id == all.id).unwrap();
-        assert_eq!(first.secret.expose(), all.secret.expose());
-        // A failure holds `all`'s queue until the retry is due.
-        let failed = Attempt::Failed { status: Some(503), error: "busy".into(), retry_at: Some(now + 5000) };
-        store.record_attempt(first.seq, &failed, now).unwrap();
-        assert!(store.due_deliveries(now, 10).unwrap().iter().all(|d| d.webhook_id != all.id));
-        assert!(store.next_delivery_at().unwrap().is_some_and(|at| at <= now), "`ups` is still due");
-        drop(store);
-        let store = Store::open(&path).unwrap();
-        let later = store.due_deliveries(now + 5000, 10).unwrap();
-        let retry = later.iter().find(|d| d.webhook_id == all.id).unwrap();
-        assert_eq!((retry.seq, retry.attempts), (first.seq, 1));
-        store.record_attempt(retry.seq, &Attempt::Delivered { status: 204 }, now + 5000).unwrap();
-        let next = store.due_deliveries(now + 5000, 10).unwrap();
-        assert_eq!(next.iter().find(|d| d.webhook_id == all.id).unwrap().event.as_ref().unwrap().seq, 2);
-        let log = store.deliveries(&all.id, None, 10).unwrap();
-        assert_eq!(log.iter().map(|d| d.state).collect::<Vec<_>>(), [DeliveryState::Pending, DeliveryState::Delivered]);
-        assert_eq!(
-            (log[1].attempts, log[1].last_status, log[1].event_kind),
-            (2, Some(204), Some(EventKind::GatewayCreated))
-        );
-        // Giving up ends the delivery as failed.
-        let gone = Attempt::Failed { status: None, error: "refused".into(), retry_at: None };
-        store.record_attempt(log[0].seq, &gone, now).unwrap();
-        assert_eq!(store.deliveries(&all.id, None, 1).unwrap()[0].state, DeliveryState::Failed);
-        // Deleting a webhook takes its queue and log along.
-        assert_eq!(store.delete_webhook(&ups.id).unwrap().map(|w| w.description), Some("b".into()));
-        assert!(store.delete_webhook(&ups.id).unwrap().is_none());
-        assert!(store.deliveries(&ups.id, None, 10).unwrap().is_empty());
-        assert_eq!(store.webhooks().unwrap().len(), 1);
-        let _ = std::fs::remove_dir_all(&dir);
+        each_backend(|db| {
+            let store = db.open();
+            let all = store.create_webhook("http://a/", &EventSelection::All, "").unwrap();
+            let ups = store.create_webhook("http://b/", &EventSelection::Only(vec![EventKind::TunnelUp]), "b").unwrap();
+            assert!(all.secret.expose().starts_with("whsec_") && all.secret.expose() != ups.secret.expose());
+            store.append_event(EventKind::GatewayCreated, "vpn_a", json!({}), |_| {}).unwrap();
+            store.append_event(EventKind::TunnelUp, "vpn_a", json!({}), |_| {}).unwrap();
+            let now = now_millis();
+            // One due delivery per webhook: `all`'s first, `ups`'s only.
+            let due = store.due_deliveries(now, 10).unwrap();
+            let mut heads: Vec<(String, i64)> =
+                due.iter().map(|d| (d.webhook_id.clone(), d.event.as_ref().unwrap().seq)).collect();
+            heads.sort();
+            let mut expected = vec![(all.id.clone(), 1), (ups.id.clone(), 2)];
+            expected.sort();
+            assert_eq!(heads, expected);
+            let first = due.iter().find(|d| d.webhook_id == all.id).unwrap();
+            assert_eq!(first.secret.expose(), all.secret.expose());
+            // A failure holds `all`'s queue until the retry is due.
+            let failed = Attempt::Failed { status: Some(503), error: "busy".into(), retry_at: Some(now + 5000) };
+            store.record_attempt(first.seq, &failed, now).unwrap();
+            assert!(store.due_deliveries(now, 10).unwrap().iter().all(|d| d.webhook_id != all.id));
+            assert!(store.next_delivery_at().unwrap().is_some_and(|at| at <= now), "`ups` is still due");
+            drop(store);
+            let store = db.open();
+            let later = store.due_deliveries(now + 5000, 10).unwrap();
+            let retry = later.iter().find(|d| d.webhook_id == all.id).unwrap();
+            assert_eq!((retry.seq, retry.attempts), (first.seq, 1));
+            store.record_attempt(retry.seq, &Attempt::Delivered { status: 204 }, now + 5000).unwrap();
+            let next = store.due_deliveries(now + 5000, 10).unwrap();
+            assert_eq!(next.iter().find(|d| d.webhook_id == all.id).unwrap().event.as_ref().unwrap().seq, 2);
+            let log = store.deliveries(&all.id, None, 10).unwrap();
+            assert_eq!(
+                log.iter().map(|d| d.state).collect::<Vec<_>>(),
+                [DeliveryState::Pending, DeliveryState::Delivered]
+            );
+            assert_eq!(
+                (log[1].attempts, log[1].last_status, log[1].event_kind),
+                (2, Some(204), Some(EventKind::GatewayCreated))
+            );
+            // Giving up ends the delivery as failed.
+            let gone = Attempt::Failed { status: None, error: "refused".into(), retry_at: None };
+            store.record_attempt(log[0].seq, &gone, now).unwrap();
+            assert_eq!(store.deliveries(&all.id, None, 1).unwrap()[0].state, DeliveryState::Failed);
+            // Deleting a webhook takes its queue and log along.
+            assert_eq!(store.delete_webhook(&ups.id).unwrap().map(|w| w.description), Some("b".into()));
+            assert!(store.delete_webhook(&ups.id).unwrap().is_none());
+            assert!(store.deliveries(&ups.id, None, 10).unwrap().is_empty());
+            assert_eq!(store.webhooks().unwrap().len(), 1);
+        });
     }
 }

@@ -1,0 +1,406 @@
+//! The shared backend: PostgreSQL through a pool of `tokio-postgres`
+//! connections (deadpool) driven by a runtime of the store's own, so that
+//! the store's calls block the way SQLite's do, from any thread, without
+//! touching the API's runtime. The schema version is the one row of the
+//! `schema_version` table; migrations take an advisory lock, so nodes that
+//! start together migrate one at a time.
+
+use super::schema::{self, refuse_newer_schema, SCHEMA_VERSION};
+use super::sql::{Database, Dialect, Row, Sql, SqlValue};
+use super::{PostgresAt, StoreError};
+use bytes::BytesMut;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::future::Future;
+use std::time::Duration;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{IsNull, ToSql, Type};
+
+/// Connections the pool keeps at most: the API's blocking threads share them.
+const POOL_SIZE: usize = 16;
+/// How long a call waits for a connection, or to make one, before it fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The advisory lock key migrations hold ("wgxdp" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0077_6778_6470;
+
+pub struct PostgresDb {
+    /// `None` only while dropping (the runtime is shut down in the background,
+    /// which is allowed from an async context too).
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    described: String,
+}
+
+impl std::fmt::Debug for PostgresDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresDb").field("at", &self.described).finish_non_exhaustive()
+    }
+}
+
+impl Drop for PostgresDb {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+        return StoreError::Unique;
+    }
+    // The server's own message when there is one (the error's Display alone says "db error").
+    match e.as_db_error() {
+        Some(db) => StoreError::Database(format!("{}: {}", db.severity(), db.message())),
+        None => {
+            // "error connecting to server" says little without its cause.
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            StoreError::Database(text)
+        }
+    }
+}
+
+/// `?` placeholders (the store's) as `$1`, `$2`… (PostgreSQL's). No
+/// statement the store runs has a `?` inside a quoted literal.
+fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl ToSql for SqlValue {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        let text = [Type::TEXT, Type::VARCHAR, Type::BPCHAR, Type::NAME, Type::UNKNOWN];
+        match self {
+            SqlValue::Null => Ok(IsNull::Yes),
+            SqlValue::Int(v) if *ty == Type::INT8 => v.to_sql(ty, out),
+            SqlValue::Int(v) if *ty == Type::INT4 => i32::try_from(*v)?.to_sql(ty, out),
+            SqlValue::Int(v) if *ty == Type::INT2 => i16::try_from(*v)?.to_sql(ty, out),
+            SqlValue::Int(v) if *ty == Type::BOOL => (*v != 0).to_sql(ty, out),
+            SqlValue::Real(v) if *ty == Type::FLOAT8 => v.to_sql(ty, out),
+            SqlValue::Text(v) if text.contains(ty) => v.as_str().to_sql(ty, out),
+            SqlValue::Blob(v) if *ty == Type::BYTEA => v.as_slice().to_sql(ty, out),
+            v => Err(format!("{v:?} cannot be a {ty} parameter").into()),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn to_sql_checked(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.to_sql(ty, out)
+    }
+}
+
+fn row(r: &tokio_postgres::Row) -> Result<Row, StoreError> {
+    let column = |i: usize| -> Result<SqlValue, tokio_postgres::Error> {
+        let ty = r.columns()[i].type_();
+        Ok(match *ty {
+            Type::INT8 => r.try_get::<_, Option<i64>>(i)?.into(),
+            Type::INT4 => r.try_get::<_, Option<i32>>(i)?.map(i64::from).into(),
+            Type::INT2 => r.try_get::<_, Option<i16>>(i)?.map(i64::from).into(),
+            Type::BOOL => r.try_get::<_, Option<bool>>(i)?.into(),
+            Type::FLOAT8 => r.try_get::<_, Option<f64>>(i)?.map_or(SqlValue::Null, SqlValue::Real),
+            Type::BYTEA => r.try_get::<_, Option<Vec<u8>>>(i)?.into(),
+            _ => r.try_get::<_, Option<String>>(i)?.into(),
+        })
+    };
+    Ok(Row((0..r.len()).map(column).collect::<Result<_, _>>().map_err(pg_error)?))
+}
+
+/// A connection or a transaction, run to completion on the calling thread.
+struct PgSql<'a, C: GenericClient>(&'a C);
+
+impl<C: GenericClient> Sql for PgSql<'_, C> {
+    fn execute(&self, sql: &str, args: &[SqlValue]) -> Result<u64, StoreError> {
+        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        futures_executor::block_on(async {
+            let stmt = self.0.prepare_cached(&numbered(sql)).await?;
+            self.0.execute(&stmt, &params).await
+        })
+        .map_err(pg_error)
+    }
+
+    fn query(&self, sql: &str, args: &[SqlValue]) -> Result<Vec<Row>, StoreError> {
+        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        let rows = futures_executor::block_on(async {
+            let stmt = self.0.prepare_cached(&numbered(sql)).await?;
+            self.0.query(&stmt, &params).await
+        })
+        .map_err(pg_error)?;
+        rows.iter().map(row).collect()
+    }
+
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+}
+
+impl Database for PostgresDb {
+    fn with(&self, work: &mut dyn FnMut(&dyn Sql) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let client = self.client()?;
+        work(&PgSql(&client))
+    }
+
+    fn transaction(&self, work: &mut dyn FnMut(&dyn Sql) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let mut client = self.client()?;
+        let tx = futures_executor::block_on(client.transaction()).map_err(pg_error)?;
+        // An error drops `tx`, which rolls it back.
+        work(&PgSql(&tx))?;
+        futures_executor::block_on(tx.commit()).map_err(pg_error)
+    }
+
+    fn describe(&self) -> String {
+        self.described.clone()
+    }
+}
+
+impl PostgresDb {
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("the runtime lives until the store is dropped")
+    }
+
+    /// Runs `f` on the store's runtime (what needs one: connecting, pool
+    /// timers) and waits for it, from any thread.
+    fn on_runtime<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> Result<T, StoreError> {
+        futures_executor::block_on(self.runtime().spawn(f))
+            .map_err(|e| StoreError::Database(format!("the store's runtime failed: {e}")))
+    }
+
+    fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        let pool = self.pool.clone();
+        self.on_runtime(async move { pool.get().await })?.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => pg_error(e),
+            e => StoreError::Database(format!("no connection to PostgreSQL: {e}")),
+        })
+    }
+
+    /// Connects to the database at `url` (`postgres://user@host/db`, or
+    /// `postgresql:///db?host=/run/postgresql` for a Unix socket) and brings
+    /// its schema to `SCHEMA_VERSION`.
+    pub fn open(at: &PostgresAt) -> Result<Self, StoreError> {
+        let mut config =
+            parse_url(&at.url).map_err(|reason| StoreError::Open { path: "[store] url".into(), reason })?;
+        if let Some(password) = &at.password {
+            config.password(password.expose());
+        }
+        config.connect_timeout(CONNECT_TIMEOUT).application_name("wgxdp");
+        let described = describe(&config);
+        let err = |reason: String| StoreError::Open { path: described.clone(), reason };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("wgxdp-store")
+            .enable_all()
+            .build()
+            .map_err(|e| err(format!("cannot start the store's runtime: {e}")))?;
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        let db = Self { runtime: Some(runtime), pool, described: described.clone() };
+        db.migrate().map_err(|e| err(format!("cannot use its schema: {e}")))?;
+        Ok(db)
+    }
+
+    /// Brings the schema to `SCHEMA_VERSION` in one transaction under the
+    /// migration lock; a newer version is refused before anything is written.
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut version = 0;
+        self.transaction(&mut |sql| {
+            sql.execute("SELECT pg_advisory_xact_lock(?)", &[SqlValue::Int(MIGRATION_LOCK)])?;
+            let table = sql.query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])?;
+            version = match table.int(0).map_err(StoreError::Database)? {
+                0 => 0,
+                _ => sql
+                    .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])?
+                    .int(0)
+                    .map_err(StoreError::Database)?,
+            };
+            refuse_newer_schema(version).map_err(StoreError::Database)?;
+            for statement in schema::tables(Dialect::Postgres).split(';').filter(|s| !s.trim().is_empty()) {
+                sql.execute(statement, &[])?;
+            }
+            for (table, added) in schema::ADDED_COLUMNS {
+                for (name, declaration) in added {
+                    sql.execute(&format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {declaration}"), &[])?;
+                }
+            }
+            sql.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)", &[])?;
+            if version < SCHEMA_VERSION {
+                sql.execute("DELETE FROM schema_version", &[])?;
+                sql.execute("INSERT INTO schema_version (version) VALUES (?)", &[SqlValue::Int(SCHEMA_VERSION)])?;
+            }
+            Ok(())
+        })?;
+        schema::log_migrated(version);
+        Ok(())
+    }
+}
+
+/// The schema version of the database at `at`, read on one connection
+/// that writes nothing (`wgxdp check`); 0 for a database wgxdp never used.
+pub fn schema_version_at(at: &PostgresAt) -> Result<i64, String> {
+    let mut config = parse_url(&at.url)?;
+    if let Some(password) = &at.password {
+        config.password(password.expose());
+    }
+    config.connect_timeout(CONNECT_TIMEOUT).application_name("wgxdp check");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let read = async {
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        let connection = tokio::spawn(connection);
+        let exists: bool = client.query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[]).await?.get(0);
+        let version = match exists {
+            false => 0,
+            true => client.query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[]).await?.get(0),
+        };
+        drop(client);
+        let _ = connection.await;
+        Ok::<i64, tokio_postgres::Error>(version)
+    };
+    runtime.block_on(read).map_err(|e| match pg_error(e) {
+        StoreError::Database(reason) => reason,
+        e => e.to_string(),
+    })
+}
+
+/// The connection settings `url` gives; an error that never repeats the URL
+/// (it may hold a password).
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("not a PostgreSQL URL: it starts with postgres:// or postgresql://".into());
+    }
+    url.parse().map_err(|e| format!("not a PostgreSQL URL: {e}"))
+}
+
+/// Where the database is, without the password.
+pub fn describe(config: &tokio_postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    format!(
+        "PostgreSQL {}@{}/{}",
+        config.get_user().unwrap_or("(default user)"),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("(default database)")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    //! What only the PostgreSQL backend has: its schema version table and
+    //! its migration lock (the conformance suite is in `store::tests`).
+    use super::super::testing::TestDb;
+    use super::super::{sample, Store, StoreLocation};
+    use super::*;
+    use wgxdp_integration::postgres::Cluster;
+
+    fn url(db: &TestDb) -> &str {
+        let StoreLocation::Postgres(at) = &db.location else { unreachable!("a PostgreSQL test database") };
+        &at.url
+    }
+
+    /// A new database gets the current version; one a newer wgxdp wrote is
+    /// refused, naming both versions, with nothing written; the rows stay.
+    #[test]
+    fn the_schema_is_versioned_and_a_newer_one_is_refused() {
+        let db = TestDb::postgres();
+        let store = db.open();
+        store.insert(sample("kept", "K1")).unwrap();
+        drop(store);
+        let cluster = Cluster::shared();
+        assert_eq!(cluster.psql_at(url(&db), "SELECT version FROM schema_version"), SCHEMA_VERSION.to_string());
+        let newer = SCHEMA_VERSION + 1;
+        cluster.psql_at(url(&db), &format!("UPDATE schema_version SET version = {newer}; DROP INDEX events_kind"));
+        let refused = Store::open_at(&db.location).map(|_| ()).unwrap_err().to_string();
+        for says in [format!("version {newer}"), format!("up to {SCHEMA_VERSION}"), "newer wgxdp".to_owned()] {
+            assert!(refused.contains(&says), "{refused:?} should say {says:?}");
+        }
+        let left = "SELECT (SELECT version FROM schema_version), to_regclass('events_kind') IS NULL";
+        assert_eq!(cluster.psql_at(url(&db), left), format!("{newer}|t"), "left as it was: nothing remade");
+        cluster.psql_at(url(&db), &format!("UPDATE schema_version SET version = {SCHEMA_VERSION}"));
+        let store = db.open();
+        assert_eq!(store.live().unwrap().len(), 1, "the rows are intact");
+        assert_eq!(cluster.psql_at(url(&db), "SELECT to_regclass('events_kind') IS NOT NULL"), "t", "remade");
+    }
+
+    /// Nodes that start together on a new database migrate one at a time
+    /// (the advisory lock): every open succeeds and one version row is left.
+    #[test]
+    fn nodes_that_start_together_migrate_once() {
+        let db = TestDb::postgres();
+        std::thread::scope(|s| {
+            let opens: Vec<_> = (0..4).map(|_| s.spawn(|| Store::open_at(&db.location).map(|_| ()))).collect();
+            for open in opens {
+                open.join().unwrap().unwrap();
+            }
+        });
+        let rows = Cluster::shared().psql_at(url(&db), "SELECT COUNT(*), MIN(version) FROM schema_version");
+        assert_eq!(rows, format!("1|{SCHEMA_VERSION}"));
+    }
+
+    /// Tables and indexes removed by hand are made again at the next open.
+    #[test]
+    fn what_was_removed_by_hand_is_made_again_at_open() {
+        let db = TestDb::postgres();
+        drop(db.open());
+        let cluster = Cluster::shared();
+        cluster.psql_at(url(&db), "DROP TABLE idempotency; DROP INDEX gateways_live_key");
+        let store = db.open();
+        store.insert(sample("a", "K1")).unwrap();
+        assert!(
+            matches!(store.insert(sample("b", "K1")), Err(super::super::StoreError::DuplicateKey)),
+            "the unique index is back"
+        );
+        assert_eq!(cluster.psql_at(url(&db), "SELECT to_regclass('idempotency') IS NOT NULL"), "t");
+    }
+
+    #[test]
+    fn placeholders_are_numbered_in_order() {
+        assert_eq!(numbered("SELECT ? WHERE a = ? AND b IN (?, ?)"), "SELECT $1 WHERE a = $2 AND b IN ($3, $4)");
+        assert_eq!(numbered("SELECT 1"), "SELECT 1");
+    }
+
+    #[test]
+    fn a_url_is_described_without_its_password() {
+        let config: tokio_postgres::Config = "postgres://wg:hunter2@db.example:5433/fleet".parse().unwrap();
+        let d = describe(&config);
+        assert_eq!(d, "PostgreSQL wg@db.example/fleet");
+        assert!(!d.contains("hunter2"));
+        for bad in ["postgres://wg:hunter2@[::1", "mysql://wg:hunter2@db/x", "hunter2"] {
+            let e = PostgresDb::open(&PostgresAt::url(bad)).unwrap_err().to_string();
+            assert!(!e.contains("hunter2") && e.contains("[store] url"), "{e}");
+        }
+    }
+}

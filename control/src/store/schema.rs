@@ -1,0 +1,147 @@
+//! The schema both backends hold, written once: `{serial}`, `{int}`,
+//! `{blob}` and `{bytewise}` become each database's types. A column added after the first
+//! schema is listed in `ADDED_COLUMNS` (each declared once), applied where
+//! missing at every open.
+
+use super::sql::Dialect;
+
+/// The first schema. Columns added since are in `ADDED_COLUMNS`.
+const TEMPLATE: &str = "
+CREATE TABLE IF NOT EXISTS gateways (
+    seq                  {serial},
+    id                   TEXT NOT NULL UNIQUE,
+    name                 TEXT{bytewise} NOT NULL,
+    status               TEXT NOT NULL,
+    region               TEXT NOT NULL,
+    local_network_cidr   TEXT NOT NULL,
+    remote_network_cidr  TEXT NOT NULL,
+    remote_peer_ip       TEXT NOT NULL,
+    remote_peer_port     {int} NOT NULL,
+    remote_public_key    TEXT NOT NULL,
+    pre_shared_key       TEXT NOT NULL,
+    persistent_keepalive {int},
+    created_at           {int} NOT NULL,
+    updated_at           {int} NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS gateways_live_key ON gateways(remote_public_key) WHERE status != 'deleted';
+CREATE INDEX IF NOT EXISTS gateways_name ON gateways(name, seq);
+CREATE INDEX IF NOT EXISTS gateways_created ON gateways(created_at, seq);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    hash       TEXT NOT NULL UNIQUE,
+    created_at {int} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq        {serial},
+    at         {int} NOT NULL,
+    key_id     TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    target     TEXT,
+    status     {int} NOT NULL,
+    error_code TEXT,
+    replayed   {int} NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS audit_log_age ON audit_log(at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key_id      TEXT NOT NULL,
+    idem_key    TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    status      {int} NOT NULL,
+    headers     TEXT NOT NULL,
+    body        {blob} NOT NULL,
+    created_at  {int} NOT NULL,
+    PRIMARY KEY (key_id, idem_key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency(created_at);
+CREATE TABLE IF NOT EXISTS events (
+    seq        {serial},
+    at         {int} NOT NULL,
+    kind       TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    data       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_age ON events(at);
+CREATE INDEX IF NOT EXISTS events_gateway ON events(gateway_id, seq);
+CREATE INDEX IF NOT EXISTS events_kind ON events(kind, seq);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id          TEXT PRIMARY KEY,
+    url         TEXT NOT NULL,
+    events      TEXT NOT NULL,
+    description TEXT NOT NULL,
+    secret      TEXT NOT NULL,
+    created_at  {int} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    seq             {serial},
+    webhook_id      TEXT NOT NULL,
+    event_seq       {int} NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        {int} NOT NULL,
+    next_attempt_at {int},
+    last_attempt_at {int},
+    last_status     {int},
+    last_error      TEXT,
+    created_at      {int} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_pending ON webhook_deliveries(webhook_id, seq) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS webhook_deliveries_of ON webhook_deliveries(webhook_id, seq);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_age ON webhook_deliveries(created_at);
+";
+
+/// Every table and index as `dialect` declares them.
+pub fn tables(dialect: Dialect) -> String {
+    // `{bytewise}`: names sort by their bytes on both (SQLite's default;
+    // PostgreSQL's would follow the server's locale), so that a listing's
+    // order and its page cursors mean the same on either.
+    let (serial, int, blob, bytewise) = match dialect {
+        Dialect::Sqlite => ("INTEGER PRIMARY KEY AUTOINCREMENT", "INTEGER", "BLOB", ""),
+        Dialect::Postgres => ("BIGSERIAL PRIMARY KEY", "BIGINT", "BYTEA", " COLLATE \"C\""),
+    };
+    TEMPLATE.replace("{serial}", serial).replace("{int}", int).replace("{blob}", blob).replace("{bytewise}", bytewise)
+}
+
+/// Columns of `gateways` added after the first schema, with the value rows
+/// that predate them get: no additional networks, no rules, default allow
+/// (what those gateways did before rules existed).
+const ADDED_GATEWAY_COLUMNS: [(&str, &str); 4] = [
+    ("additional_remote_network_cidrs", "TEXT NOT NULL DEFAULT '[]'"),
+    ("additional_local_network_cidrs", "TEXT NOT NULL DEFAULT '[]'"),
+    ("firewall", "TEXT NOT NULL DEFAULT '[]'"),
+    ("firewall_default", "TEXT NOT NULL DEFAULT 'allow'"),
+];
+
+/// Columns of `api_keys` added after the first schema: keys from before
+/// scopes existed could do everything, and still can.
+const ADDED_API_KEY_COLUMNS: [(&str, &str); 1] = [("scope", "TEXT NOT NULL DEFAULT 'admin'")];
+
+/// Every table's added columns.
+pub const ADDED_COLUMNS: [(&str, &[(&str, &str)]); 2] =
+    [("gateways", &ADDED_GATEWAY_COLUMNS), ("api_keys", &ADDED_API_KEY_COLUMNS)];
+
+/// The schema version this build reads and writes (SQLite: `PRAGMA user_version`;
+/// PostgreSQL: the `schema_version` table).
+/// Version 1 is every table, index and column as `SCHEMA` and the `ADDED_*`
+/// lists make them (idempotent: run at every open, they also remake what was
+/// removed by hand); a later change of the schema is a step in
+/// `migrate_schema` for databases below its version, with this number raised.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Refuses a database a newer wgxdp wrote (a higher version): this build
+/// would misread it. Only reads.
+pub fn refuse_newer_schema(version: i64) -> Result<(), String> {
+    if version > SCHEMA_VERSION {
+        return Err(format!(
+            "its schema is version {version}, written by a newer wgxdp; this one knows versions up to \
+             {SCHEMA_VERSION}: run a wgxdp at least as new as the one that wrote it"
+        ));
+    }
+    Ok(())
+}
+
+/// Logs a migration from `version` (0: a new database, nothing to say).
+pub fn log_migrated(version: i64) {
+    if version > 0 && version < SCHEMA_VERSION {
+        tracing::info!(from = version, to = SCHEMA_VERSION, "database schema migrated");
+    }
+}
