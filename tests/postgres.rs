@@ -140,6 +140,14 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Every row of the database at `url`, as `pg_dump` writes them.
+    pub fn dump(&self, url: &str) -> String {
+        let out =
+            Command::new(self.bin.join("pg_dump")).args(["--data-only", "-d", url]).output().expect("pg_dump runs");
+        assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// A new, empty database; its URL (the Unix socket, no password).
     pub fn database(&self) -> String {
         let name = crate::unique_name("t").replace('-', "_").to_lowercase();

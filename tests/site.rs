@@ -81,10 +81,18 @@ impl SiteTopology {
     /// A whole `wgxdp serve` configuration for this topology with an `[api]`
     /// section on `listen`, its database at `database`, plus `extra` lines.
     pub fn api_config(&self, key_file: &Path, listen: &str, database: &Path, extra: &str) -> String {
+        self.api_config_on(key_file, listen, &StoreAt::Sqlite(database.to_owned()), extra)
+    }
+
+    /// `api_config` with its store at `store`.
+    pub fn api_config_on(&self, key_file: &Path, listen: &str, store: &StoreAt, extra: &str) -> String {
+        let (database, section) = match store {
+            StoreAt::Sqlite(path) => (format!("database = \"{}\"\n", path.display()), String::new()),
+            StoreAt::Postgres(url) => (String::new(), format!("\n[store]\nurl = \"{url}\"\n")),
+        };
         format!(
-            "{}\n[api]\nlisten = \"{listen}\"\ndatabase = \"{}\"\nsite_cidr = \"{SITE_CIDR}\"\n{extra}",
+            "{}\n[api]\nlisten = \"{listen}\"\n{database}site_cidr = \"{SITE_CIDR}\"\n{extra}{section}",
             self.interface_section(key_file),
-            database.display()
         )
     }
 
@@ -294,6 +302,15 @@ impl Drop for ServeProcess {
     }
 }
 
+/// Where a test gateway keeps its store.
+#[derive(Debug, Clone)]
+pub enum StoreAt {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (its URL).
+    Postgres(String),
+}
+
 /// Where the end-to-end tests' gateways serve the API (in their namespace).
 pub const API_LISTEN: &str = "127.0.0.1:8080";
 
@@ -311,14 +328,20 @@ pub struct ApiSite {
 impl ApiSite {
     /// `extra`: more lines of the `[api]` section.
     pub fn new(prefix: &str, extra: &str) -> Self {
+        Self::on(prefix, extra, None)
+    }
+
+    /// `new`, its store on `store` (`None`: a SQLite file in its directory).
+    pub fn on(prefix: &str, extra: &str, store: Option<StoreAt>) -> Self {
         crate::require_tools(&["ip", "wireguard-go", "wg", "ping", "ethtool"]);
         let topo = SiteTopology::new(prefix);
         let dir = TempDir::new(&format!("wgxdp-{prefix}"));
         let key_file = dir.join("gw.key");
         let gateway_key = write_private_key(&key_file).public_key();
         let config = dir.join("gw.toml");
-        let db = dir.join("state/wgxdp.db");
-        std::fs::write(&config, topo.api_config(&key_file, API_LISTEN, &db, extra)).expect("write the configuration");
+        let store = store.unwrap_or_else(|| StoreAt::Sqlite(dir.join("state/wgxdp.db")));
+        let text = topo.api_config_on(&key_file, API_LISTEN, &store, extra);
+        std::fs::write(&config, text).expect("write the configuration");
         Self { topo, dir, config, gateway_key }
     }
 

@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use wgxdp_dataplane::noise::{PresharedKey, PrivateKey};
 use wgxdp_integration::site::{
-    create_api_key, ping_from, ApiClient, ApiSite, ServeProcess, API_LISTEN, CLIENT_TUNNEL, CLIENT_WAN, LAN_HOST,
+    create_api_key, ping_from, ApiClient, ApiSite, ServeProcess, StoreAt, API_LISTEN, CLIENT_TUNNEL, CLIENT_WAN,
+    LAN_HOST,
 };
 use wgxdp_integration::{Netns, WireguardGo};
 
@@ -177,7 +178,21 @@ fn api_creates_updates_and_deletes_live_tunnels() {
 
 #[test]
 fn kill_9_during_creates_loses_no_acknowledged_gateway() {
-    let site = Site::new("k");
+    kill_9_during_creates_loses_no_acknowledged_gateway_on(Site::new("k"));
+}
+
+/// The same on a PostgreSQL store (the test process's own server).
+#[test]
+fn kill_9_during_creates_loses_no_acknowledged_gateway_on_postgresql() {
+    let url = wgxdp_integration::postgres::Cluster::shared().database();
+    kill_9_during_creates_loses_no_acknowledged_gateway_on(Site(ApiSite::on(
+        "kp",
+        "mutations_per_minute = 100000\n",
+        Some(StoreAt::Postgres(url)),
+    )));
+}
+
+fn kill_9_during_creates_loses_no_acknowledged_gateway_on(site: Site) {
     let mut gateway = site.serve();
     let key = site.api_key();
     let client_key = PrivateKey::generate();
