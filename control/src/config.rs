@@ -48,6 +48,10 @@
 //! # metrics_auth = false               # true: /metrics needs an API key
 //! # metrics_listen = "127.0.0.1:9100"  # serve /metrics here (and not on `listen`)
 //!
+//! # [node]                             # this serve as one node of a fleet
+//! # id = "gw-eu-1"                     # default: the host name
+//! # region = "eu-west"                 # the one region it serves (default: every region)
+//!
 //! # [store]                            # instead of [api] database: a PostgreSQL
 //! # url = "postgres://wgxdp@db.example/wgxdp"   # that several nodes share
 //! # password_file = "/etc/wgxdp/pg.pass"        # mode 0600; keeps it out of the URL
@@ -82,6 +86,17 @@ pub struct ConfigFile {
     pub peers: Vec<PeerSection>,
     pub api: Option<ApiSection>,
     pub store: Option<StoreSection>,
+    pub node: Option<NodeSection>,
+}
+
+/// `[node]`: this `serve` as one node of a fleet.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Default: the host name.
+    pub id: Option<String>,
+    /// The one region it serves (default: every region).
+    pub region: Option<String>,
 }
 
 /// `[store]`: a PostgreSQL database several nodes share, instead of `[api] database`.
@@ -274,6 +289,10 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
+    /// `[node] id` (default: the host name).
+    pub node_id: String,
+    /// `[node] region`, or `store::EVERY_REGION`.
+    pub node_region: String,
     /// `[api] database` (SQLite), or `[store]` (PostgreSQL).
     pub store: StoreLocation,
     pub site_cidr: Option<IpPrefix>,
@@ -283,6 +302,65 @@ pub struct ApiConfig {
     pub auth_failures_per_minute: u32,
     pub metrics_auth: bool,
     pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Where the API keeps its data: `[api] database` or `[store]`, exactly one.
+fn store_location(
+    database: Option<PathBuf>,
+    store: Option<StoreSection>,
+    read_secret: SecretReader<'_>,
+) -> Result<StoreLocation, ConfigError> {
+    match (database, store) {
+        (Some(path), None) => Ok(StoreLocation::Sqlite(path)),
+        (None, Some(st)) => {
+            crate::store::parse_postgres_url(&st.url).map_err(|e| ConfigError::Api(format!("[store] url: {e}")))?;
+            let password = match &st.password_file {
+                Some(path) => {
+                    let text = read_secret(path, "PostgreSQL password")?;
+                    Some(SecretString::new(text.trim_end_matches(['\r', '\n']).to_owned()))
+                }
+                None => None,
+            };
+            Ok(StoreLocation::Postgres(PostgresAt { url: st.url, password }))
+        }
+        (Some(_), Some(_)) => Err(ConfigError::Api(
+            "both `database` and [store] name the store: keep `database` (SQLite on this host) or [store] url (a \
+             PostgreSQL several nodes share)"
+                .into(),
+        )),
+        (None, None) => Err(ConfigError::Api(
+            "[api] needs `database` (a SQLite file) or a [store] section with a PostgreSQL `url`".into(),
+        )),
+    }
+}
+
+/// This node's (id, region): `[node]`, or the host name and every region.
+fn node_identity(node: Option<NodeSection>) -> Result<(String, String), ConfigError> {
+    let node = node.unwrap_or(NodeSection { id: None, region: None });
+    let id = match node.id {
+        Some(id) => node_name(&id).map_err(|e| ConfigError::Api(format!("[node] id `{id}` {e}")))?,
+        None => {
+            let host = host_name().replace(['.', '_'], "-").to_lowercase();
+            node_name(&host)
+                .map_err(|e| ConfigError::Api(format!("the host name `{host}` as a node id {e}: set [node] id")))?
+        }
+    };
+    let region = match node.region {
+        Some(r) => node_name(&r).map_err(|e| ConfigError::Api(format!("[node] region `{r}` {e}")))?,
+        None => crate::store::EVERY_REGION.to_owned(),
+    };
+    Ok((id, region))
+}
+
+/// A node id or region: what the API takes as a region (1-64 of a-z, 0-9, '-').
+fn node_name(name: &str) -> Result<String, String> {
+    let ok = crate::store::is_region_name(name);
+    ok.then(|| name.to_owned()).ok_or_else(|| crate::store::REGION_NAME_RULE.to_owned())
+}
+
+/// This host's name (`uname -n`).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
 }
 
 /// How `Config::parse_with` obtains the contents of a key file.
@@ -522,60 +600,38 @@ impl Config {
             });
         }
         check_peer_overlaps(&peers)?;
-        let api =
-            match file.api {
-                None if file.store.is_some() => {
-                    return Err(ConfigError::Api("[store] holds the API's data: it needs an [api] section".into()))
+        let api = match file.api {
+            None if file.store.is_some() || file.node.is_some() => {
+                return Err(ConfigError::Api("[store] and [node] belong to the API: they need an [api] section".into()))
+            }
+            None => None,
+            Some(a) => {
+                let store = store_location(a.database, file.store, read_secret)?;
+                let (node_id, node_region) = node_identity(file.node)?;
+                if a.mutations_per_minute == 0 || a.reads_per_minute == 0 || a.auth_failures_per_minute == 0 {
+                    return Err(ConfigError::Api("rate limits must be at least 1 per minute".into()));
                 }
-                None => None,
-                Some(a) => {
-                    let store =
-                        match (a.database, file.store) {
-                            (Some(path), None) => StoreLocation::Sqlite(path),
-                            (None, Some(st)) => {
-                                crate::store::parse_postgres_url(&st.url)
-                                    .map_err(|e| ConfigError::Api(format!("[store] url: {e}")))?;
-                                let password = match &st.password_file {
-                                    Some(path) => {
-                                        let text = read_secret(path, "PostgreSQL password")?;
-                                        Some(SecretString::new(text.trim_end_matches(['\r', '\n']).to_owned()))
-                                    }
-                                    None => None,
-                                };
-                                StoreLocation::Postgres(PostgresAt { url: st.url, password })
-                            }
-                            (Some(_), Some(_)) => return Err(ConfigError::Api(
-                                "both `database` and [store] name the store: keep `database` (SQLite on this host) or \
-                             [store] url (a PostgreSQL several nodes share)"
-                                    .into(),
-                            )),
-                            (None, None) => return Err(ConfigError::Api(
-                                "[api] needs `database` (a SQLite file) or a [store] section with a PostgreSQL `url`"
-                                    .into(),
-                            )),
-                        };
-                    if a.mutations_per_minute == 0 || a.reads_per_minute == 0 || a.auth_failures_per_minute == 0 {
-                        return Err(ConfigError::Api("rate limits must be at least 1 per minute".into()));
-                    }
-                    if a.metrics_listen == Some(a.listen) {
-                        return Err(ConfigError::Api(format!(
-                            "metrics_listen {} is the API's own address; leave it out to serve /metrics there",
-                            a.listen
-                        )));
-                    }
-                    Some(ApiConfig {
-                        listen: a.listen,
-                        store,
-                        site_cidr,
-                        public_address: a.public_address,
-                        mutations_per_minute: a.mutations_per_minute,
-                        reads_per_minute: a.reads_per_minute,
-                        auth_failures_per_minute: a.auth_failures_per_minute,
-                        metrics_auth: a.metrics_auth,
-                        metrics_listen: a.metrics_listen,
-                    })
+                if a.metrics_listen == Some(a.listen) {
+                    return Err(ConfigError::Api(format!(
+                        "metrics_listen {} is the API's own address; leave it out to serve /metrics there",
+                        a.listen
+                    )));
                 }
-            };
+                Some(ApiConfig {
+                    listen: a.listen,
+                    node_id,
+                    node_region,
+                    store,
+                    site_cidr,
+                    public_address: a.public_address,
+                    mutations_per_minute: a.mutations_per_minute,
+                    reads_per_minute: a.reads_per_minute,
+                    auth_failures_per_minute: a.auth_failures_per_minute,
+                    metrics_auth: a.metrics_auth,
+                    metrics_listen: a.metrics_listen,
+                })
+            }
+        };
         Ok(Self {
             api,
             wan: i.wan,
@@ -725,7 +781,7 @@ mod tests {
             (pg("password_file = \"/nonexistent/pass\"\n"), "/nonexistent/pass".to_owned()),
             (pg("colour = 1\n"), "colour".to_owned()),
             ("[api]\n[store]\nurl = \"mysql://db/x\"\n".to_owned(), "[store] url: not a PostgreSQL URL".to_owned()),
-            ("[store]\nurl = \"postgres://db/x\"\n".to_owned(), "needs an [api] section".to_owned()),
+            ("[store]\nurl = \"postgres://db/x\"\n".to_owned(), "need an [api] section".to_owned()),
             ("[api]\ndatabase = \"/d\"\n[store]\nurl = \"postgres://db/x\"\n".to_owned(), "keep `database`".to_owned()),
             ("[api]\n".to_owned(), "or a [store] section".to_owned()),
         ];
@@ -733,6 +789,31 @@ mod tests {
             let e = Config::parse(&config(&k.0, &text), Path::new("t.toml")).unwrap_err().to_string();
             assert!(e.contains(&needle), "{text}: {e}");
         }
+    }
+
+    /// `[node]`: an id and a region of the API's own form; by default the
+    /// host name and every region; only beside `[api]`.
+    #[test]
+    fn node_section() {
+        let k = key_file(0o600, &PrivateKey::generate().to_base64_secret());
+        let api = |node: &str| format!("[api]\ndatabase = \"/d\"\n{node}");
+        let c =
+            Config::parse(&config(&k.0, &api("[node]\nid = \"gw-eu-1\"\nregion = \"eu-west\"\n")), Path::new("t.toml"));
+        let a = c.unwrap().api.unwrap();
+        assert_eq!((a.node_id.as_str(), a.node_region.as_str()), ("gw-eu-1", "eu-west"));
+        let a = Config::parse(&config(&k.0, &api("")), Path::new("t.toml")).unwrap().api.unwrap();
+        assert_eq!(a.node_region, crate::store::EVERY_REGION);
+        assert!(crate::store::is_region_name(&a.node_id), "the host name, made a node id: {}", a.node_id);
+        for (node, needle) in [
+            ("[node]\nid = \"GW 1\"\n", "[node] id `GW 1` must be 1-64 characters"),
+            ("[node]\nregion = \"\"\n", "[node] region `` must be"),
+            ("[node]\nzone = \"a\"\n", "zone"),
+        ] {
+            let e = Config::parse(&config(&k.0, &api(node)), Path::new("t.toml")).unwrap_err().to_string();
+            assert!(e.contains(needle), "{node}: {e}");
+        }
+        let e = Config::parse(&config(&k.0, "[node]\nid = \"a\"\n"), Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("need an [api] section"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use crate::api::{self, ApiSettings, AppState, StaticPeer};
 use crate::config::{ApiConfig, Config, WgSocket};
 use crate::plane::{DataPlane, GatewayPlane};
-use crate::store::Store;
+use crate::store::{Store, ThisNode};
 use crate::uapi::{self, UapiDevice, UapiSocket};
 use anyhow::Context;
 use std::net::SocketAddr;
@@ -28,6 +28,8 @@ struct ApiStart {
     metrics_listener: Option<std::net::TcpListener>,
     config: ApiConfig,
     static_peers: Vec<StaticPeer>,
+    /// This process as a node of the store's fleet, registered.
+    node: ThisNode,
 }
 
 fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<std::net::TcpListener> {
@@ -40,7 +42,18 @@ fn prepare_api(config: ApiConfig, static_peers: Vec<StaticPeer>) -> anyhow::Resu
     let store = Arc::new(Store::open_at(&config.store)?);
     let listener = bind(config.listen, "the API")?;
     let metrics_listener = config.metrics_listen.map(|a| bind(a, "/metrics")).transpose()?;
-    Ok(ApiStart { store, listener, metrics_listener, config, static_peers })
+    let node = ThisNode {
+        id: config.node_id.clone(),
+        region: config.node_region.clone(),
+        api: config.listen.to_string(),
+        incarnation: crate::store::incarnation(),
+        started_at: crate::store::now_millis(),
+    };
+    // Registered before anything is attached: a second process with this
+    // node id stops here.
+    register(&store, &node).with_context(|| format!("cannot register node {} in {}", node.id, store.describe()))?;
+    tracing::info!(node = %node.id, region = %node.region, store = %store.describe(), "node registered");
+    Ok(ApiStart { store, listener, metrics_listener, config, static_peers, node })
 }
 
 pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Result<()> {
@@ -154,6 +167,7 @@ async fn run(
                 static_peers: a.static_peers,
                 metrics_auth: a.config.metrics_auth,
                 metrics_separate: a.metrics_listener.is_some(),
+                node: a.node,
                 ..ApiSettings::default()
             };
             let state = AppState::new(a.store, plane.clone(), settings);
@@ -161,6 +175,7 @@ async fn run(
             let restored = tokio::task::spawn_blocking(move || api::changes::replay(&replayed)).await??;
             tokio::spawn(api::tunnel_watch::run(state.clone()));
             tokio::spawn(api::webhook_delivery::run(state.clone()));
+            tokio::spawn(heartbeat(state.clone(), stop.clone()));
             api_state = Some(state.clone());
             // Event streams never end on their own: the graceful shutdown
             // ends them, or it would wait for their clients forever.
@@ -228,8 +243,65 @@ async fn run(
         if left > 0 {
             tracing::warn!(left, "API changes still running at exit; the next start replays the store");
         }
+        // The other nodes see this one lost at once, not after the TTL.
+        let leaving = state.clone();
+        match tokio::task::spawn_blocking(move || leaving.store.leave(&leaving.settings.node)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot mark this node stopped in the store"),
+            Err(e) => tracing::warn!(error = %e, "cannot mark this node stopped in the store"),
+        }
     }
     Ok(())
+}
+
+/// Registers `node`. Its id held by a process of this host that is gone (a
+/// crash, then a restart): taken over at once. Held by a process that may
+/// still run (here or elsewhere): waits until the holder has been silent for
+/// the TTL, and gives up (another live process has this id) after twice it.
+fn register(store: &Store, node: &ThisNode) -> Result<(), crate::store::StoreError> {
+    let deadline = std::time::Instant::now() + Duration::from_millis(2 * crate::store::NODE_TTL_MILLIS.unsigned_abs());
+    loop {
+        match store.heartbeat(node) {
+            Err(crate::store::StoreError::NodeIdTaken(taken)) if crate::store::holder_is_dead(&taken.holder) => {
+                if store.take_over(node, &taken.holder)? {
+                    tracing::info!(node = %node.id, "node id taken over from a process of this host that is gone");
+                    return Ok(());
+                }
+            }
+            Err(crate::store::StoreError::NodeIdTaken(taken)) if std::time::Instant::now() < deadline => {
+                tracing::warn!(node = %node.id, silent_for_ms = taken.silent_for_millis,
+                    "node id held by another process; waiting for it to go silent");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Renews this node's heartbeat every `HEARTBEAT_MILLIS` until `stop`. A
+/// store that does not answer is logged once per outage; the node is lost
+/// to the others until it answers again.
+async fn heartbeat(state: Arc<AppState>, stop: Arc<AtomicBool>) {
+    let mut failing = false;
+    let mut every = tokio::time::interval(Duration::from_millis(crate::store::HEARTBEAT_MILLIS.unsigned_abs()));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !stop.load(Ordering::Relaxed) {
+        every.tick().await;
+        let s = state.clone();
+        let beat = tokio::task::spawn_blocking(move || s.store.heartbeat(&s.settings.node)).await;
+        match beat.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("node heartbeat recorded again");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!(error = %e, "cannot record this node's heartbeat; the other nodes will see it lost");
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// Binds the `wg` socket the configuration asks for. One named explicitly
@@ -329,5 +401,40 @@ fn log_stats(gateway: &Gateway) {
     for (q, w) in stats.workers.iter().enumerate() {
         let nonzero: Vec<String> = w.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
         println!("wgxdp: stats queue{q} {}", nonzero.join(" "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::each_backend;
+
+    fn node(incarnation: String) -> ThisNode {
+        ThisNode {
+            id: "gw-1".into(),
+            region: crate::store::EVERY_REGION.into(),
+            api: "127.0.0.1:8080".into(),
+            incarnation,
+            started_at: crate::store::now_millis(),
+        }
+    }
+
+    /// A restart after a crash takes the node id at once from the dead
+    /// process's incarnation (no wait for the TTL).
+    #[test]
+    fn a_restart_after_a_crash_takes_the_node_id_at_once() {
+        each_backend(|db| {
+            let store = db.open();
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            let dead = child.id();
+            child.wait().unwrap();
+            let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+            store.heartbeat(&node(format!("{}/{dead}/crashed", boot.trim()))).unwrap();
+            let restarted = node(crate::store::incarnation());
+            let started = std::time::Instant::now();
+            register(&store, &restarted).unwrap();
+            assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+            store.heartbeat(&restarted).expect("this process holds the id now");
+        });
     }
 }

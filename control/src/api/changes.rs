@@ -10,7 +10,7 @@ use super::error::ApiError;
 use super::model::{overlaps, tunnel_of, NewGateway, UpdateGateway};
 use super::networks::{validate_remote_vs_site, GatewayNetworks, Network, ADDITIONAL_REMOTE, REMOTE};
 use super::AppState;
-use crate::store::{now_millis, EventKind, GatewayRecord, Status, Store, StoreError};
+use crate::store::{now_millis, EventKind, GatewayRecord, Status, Store, StoreError, EVERY_REGION};
 use std::time::Duration;
 use wgxdp_dataplane::noise::PublicKey;
 use wgxdp_dataplane::table::IpPrefix;
@@ -113,9 +113,38 @@ fn refuse_transient(g: &GatewayRecord) -> Result<(), ApiError> {
     }
 }
 
+/// A gateway of `region` is served here: this node serves every region or
+/// that one. Otherwise 422 when no live node serves it, or 409 naming the
+/// live nodes that do (a node runs only its own region's tunnels).
+pub(crate) fn check_region(s: &AppState, region: &str) -> Result<(), ApiError> {
+    let me = &s.settings.node;
+    if me.region == EVERY_REGION || me.region == region {
+        return Ok(());
+    }
+    let serving = s.store.live_nodes_of(region)?;
+    if serving.is_empty() {
+        return Err(ApiError::validation(
+            "region",
+            format!("no live node serves region `{region}` (GET /api/v1/nodes lists the nodes and their regions)"),
+        ));
+    }
+    let names: Vec<String> = serving.iter().map(|n| format!("{} (API {})", n.id, n.api)).collect();
+    Err(ApiError::conflict_at(
+        "region",
+        format!(
+            "node {} serves region `{}`; region `{region}` is served by {}: send the request there",
+            me.id,
+            me.region,
+            names.join(", ")
+        ),
+    ))
+}
+
 /// The remote networks of a new gateway, checked against this site (its
-/// networks and the host's addresses); not yet against other gateways.
+/// networks and the host's addresses) and its region; not yet against other
+/// gateways.
 pub fn check_new(s: &AppState, new: &NewGateway) -> Result<Vec<Network>, ApiError> {
+    check_region(s, &new.region)?;
     let remote = new.networks().remote;
     for n in &remote {
         validate_remote_vs_site(n, s.settings.site_cidr, &s.settings.host_addresses)?;

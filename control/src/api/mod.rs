@@ -17,6 +17,7 @@ pub mod import;
 pub mod keypairs;
 pub mod model;
 pub mod networks;
+pub mod nodes;
 pub mod openapi;
 pub mod ops;
 pub mod paging;
@@ -60,6 +61,8 @@ pub struct ApiSettings {
     /// Most remote networks per address family, all peers together: what
     /// the LAN program's map of tunnel prefixes holds.
     pub max_remote_networks: usize,
+    /// This `serve` as a node of the store's fleet.
+    pub node: crate::store::ThisNode,
 }
 
 /// A configuration-file peer as the API's conflict checks see it.
@@ -82,6 +85,13 @@ impl Default for ApiSettings {
             metrics_auth: false,
             metrics_separate: false,
             max_remote_networks: wgxdp_dataplane::loader::MAX_TUNNEL_PREFIXES as usize,
+            node: crate::store::ThisNode {
+                id: "local".into(),
+                region: crate::store::EVERY_REGION.into(),
+                api: String::new(),
+                incarnation: crate::store::incarnation(),
+                started_at: crate::store::now_millis(),
+            },
         }
     }
 }
@@ -214,6 +224,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/webhooks", get(webhooks::list).post(webhooks::create))
         .route("/webhooks/:id", get(webhooks::get_one).delete(webhooks::delete))
         .route("/webhooks/:id/deliveries", get(webhooks::deliveries))
+        .route("/nodes", get(nodes::list))
         // Inside authentication (the idempotency layer needs the caller).
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::idempotent))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));

@@ -369,10 +369,8 @@ pub fn validate_name(name: &str) -> Result<String, ApiError> {
 }
 
 fn validate_region(region: &str) -> Result<String, ApiError> {
-    let ok = (1..=64).contains(&region.len())
-        && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !ok {
-        return Err(invalid("region", "must be 1-64 characters of a-z, 0-9 and '-'"));
+    if !crate::store::is_region_name(region) {
+        return Err(invalid("region", crate::store::REGION_NAME_RULE));
     }
     Ok(region.to_owned())
 }

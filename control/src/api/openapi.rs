@@ -19,6 +19,7 @@ use super::gateways;
 use super::import;
 use super::keypairs;
 use super::model;
+use super::nodes;
 use super::ops;
 use super::webhooks;
 use super::AppState;
@@ -40,7 +41,7 @@ use utoipa::{Modify, OpenApi};
     paths(
         gateways::list, gateways::create, gateways::import, keypairs::create, gateways::get_one, gateways::update, gateways::delete,
         gateways::status, gateways::config, audit::list, events::stream, events::history, webhooks::create,
-        webhooks::list, webhooks::get_one, webhooks::delete, webhooks::deliveries, ops::health, ops::ready,
+        webhooks::list, webhooks::get_one, webhooks::delete, webhooks::deliveries, nodes::list, ops::health, ops::ready,
         ops::metrics, backup::backup, backup::restore, document
     ),
     components(schemas(
@@ -55,7 +56,7 @@ use utoipa::{Modify, OpenApi};
         webhooks::EventTypeOrAll, webhooks::WebhookView, webhooks::WebhookEnvelope, webhooks::WebhookListEnvelope,
         webhooks::DeliveryView, webhooks::DeliveryLogEnvelope,
         crate::store::DeliveryState, formats::WebhookUrl, formats::WgQuickPeer, import::ImportGateway,
-        keypairs::KeypairView, keypairs::KeypairEnvelope, backup::Backup, backup::BackupGateway,
+        keypairs::KeypairView, keypairs::KeypairEnvelope, nodes::NodeView, nodes::NodeState, nodes::NodeListEnvelope, backup::Backup, backup::BackupGateway,
         backup::BackupWebhook, backup::RestoreOutcome, backup::RestoreReport, backup::RestoreEnvelope
     )),
     modifiers(&BearerAuth),

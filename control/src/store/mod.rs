@@ -29,6 +29,7 @@ mod audit;
 mod events;
 mod idempotency;
 mod live_index;
+mod nodes;
 mod postgres;
 mod schema;
 pub(crate) mod sql;
@@ -40,6 +41,10 @@ pub use audit::AuditEntry;
 pub use events::{Event, EventFilter, EventKind};
 pub use idempotency::StoredResponse;
 pub use live_index::LiveIndex;
+pub use nodes::{
+    holder_is_dead, incarnation, is_region_name, NodeIdTaken, NodeRecord, ThisNode, EVERY_REGION, HEARTBEAT_MILLIS,
+    NODE_TTL_MILLIS, REGION_NAME_RULE,
+};
 pub use postgres::{
     describe as describe_postgres, parse_url as parse_postgres_url, schema_version_at as postgres_schema_version,
 };
@@ -63,6 +68,8 @@ pub enum StoreError {
     Corrupt(CorruptValue),
     #[error("cannot encode a value for the database: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("{0}")]
+    NodeIdTaken(NodeIdTaken),
     #[error("database error: write failed (injected fault)")]
     InjectedFault,
 }

@@ -87,6 +87,14 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 CREATE INDEX IF NOT EXISTS webhook_deliveries_pending ON webhook_deliveries(webhook_id, seq) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS webhook_deliveries_of ON webhook_deliveries(webhook_id, seq);
 CREATE INDEX IF NOT EXISTS webhook_deliveries_age ON webhook_deliveries(created_at);
+CREATE TABLE IF NOT EXISTS nodes (
+    id           TEXT PRIMARY KEY,
+    region       TEXT NOT NULL,
+    api          TEXT NOT NULL,
+    incarnation  TEXT NOT NULL,
+    started_at   {int} NOT NULL,
+    heartbeat_at {int} NOT NULL
+);
 ";
 
 /// Every table and index as `dialect` declares them.

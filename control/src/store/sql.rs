@@ -179,6 +179,14 @@ pub enum Dialect {
 }
 
 impl Dialect {
+    /// The database's clock, Unix milliseconds (one clock for every node).
+    pub fn now_millis(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+            Dialect::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+
     /// The position of `needle` in `haystack` (1-based; 0 when absent).
     pub fn position(self) -> &'static str {
         match self {

@@ -34,7 +34,8 @@ use wgxdp_dataplane::noise::{PresharedKey, PrivateKey, PublicKey};
 use wgxdp_dataplane::table::IpPrefix;
 use zeroize::Zeroizing;
 
-/// The region of gateways created through the socket.
+/// The region of gateways created through the socket (on a node that
+/// serves every region).
 pub const UAPI_REGION: &str = "wg";
 
 /// The gateway as one WireGuard device.
@@ -404,8 +405,8 @@ impl UapiDevice {
                 }
                 Origin::New if w.removed => {}
                 Origin::New => {
-                    let body = new_gateway(w)?;
                     let state = self.api_state()?;
+                    let body = new_gateway(w, &state.settings.node.region)?;
                     let new =
                         body.clone().validate(state.settings.site_cidr, &self.plane.public_key()).map_err(from_api)?;
                     changes::check_new(state, &new).map_err(from_api)?;
@@ -570,8 +571,10 @@ impl UapiDevice {
 /// Who the audit log names for changes through the WireGuard socket.
 pub const AUDIT_KEY_ID: &str = "wg-socket";
 
-/// The create request for a peer first seen in a `set`.
-fn new_gateway(w: &Wanted) -> Result<CreateGateway, UapiError> {
+/// The create request for a peer first seen in a `set`: in `UAPI_REGION`,
+/// or this node's region if it serves only one (`node_region`).
+fn new_gateway(w: &Wanted, node_region: &str) -> Result<CreateGateway, UapiError> {
+    let region = if node_region == crate::store::EVERY_REGION { UAPI_REGION } else { node_region };
     let endpoint = w.endpoint.ok_or_else(|| {
         UapiError::invalid(format!("new peer {}: a VPN gateway needs an endpoint (the remote site's address)", w.key))
     })?;
@@ -581,7 +584,7 @@ fn new_gateway(w: &Wanted) -> Result<CreateGateway, UapiError> {
     let key = w.key.to_base64();
     Ok(CreateGateway {
         name: Some(format!("wg-{}", &key[..8])),
-        region: Some(UAPI_REGION.into()),
+        region: Some(region.into()),
         tunnel_type: Some("wireguard".into()),
         remote_network_cidr: Some(first.to_string()),
         remote_peer_ip: Some(endpoint.ip().to_string()),

@@ -18,7 +18,9 @@ use std::time::{Duration, SystemTime};
 use tower::ServiceExt;
 use wgxdp_control::api::{app, ApiSettings, AppState, StaticPeer};
 use wgxdp_control::plane::{MemoryPlane, TunnelStatus};
-use wgxdp_control::store::{random_id, DeliveryState, PostgresAt, Scope, Status, Store, StoreLocation};
+use wgxdp_control::store::{
+    random_id, DeliveryState, PostgresAt, Scope, Status, Store, StoreLocation, ThisNode, EVERY_REGION,
+};
 use wgxdp_dataplane::noise::{PresharedKey, PrivateKey};
 use wgxdp_integration::events::{verify_signature, WebhookReceiver};
 use wgxdp_integration::postgres::Cluster;
@@ -822,8 +824,9 @@ async fn store_failure_after_the_data_plane_changed_is_reconciled() {
 }
 
 /// The routes the router serves (method, OpenAPI path).
-const ROUTES: [(&str, &str); 23] = [
+const ROUTES: [(&str, &str); 24] = [
     ("get", "/api/v1/vpn-gateways"),
+    ("get", "/api/v1/nodes"),
     ("post", "/api/v1/vpn-gateways"),
     ("post", "/api/v1/vpn-gateways/import"),
     ("post", "/api/v1/keypairs"),
@@ -2273,4 +2276,68 @@ async fn backup_and_restore_the_whole_configuration() {
     assert!(c.store.webhooks().unwrap().is_empty());
     let log = c.store.audit_log(None, 100).unwrap();
     assert_eq!(log.iter().filter(|e| e.action == "config.restore").count(), 7);
+}
+
+/// A node as `serve` registers it.
+fn node(id: &str, region: &str) -> ThisNode {
+    ThisNode {
+        id: id.into(),
+        region: region.into(),
+        api: format!("{id}.example:8080"),
+        incarnation: wgxdp_control::store::incarnation(),
+        started_at: 1_700_000_000_000,
+    }
+}
+
+/// `GET /nodes` lists every node with its region and liveness; a node that
+/// serves one region takes gateways of that region only: another region is
+/// refused, naming the live nodes that serve it (409) or saying none does
+/// (422), through the API and the restore alike.
+#[tokio::test]
+async fn nodes_are_listed_and_a_region_this_node_does_not_serve_is_refused() {
+    let me = node("gw-eu-1", "eu-west");
+    let api = Api::with(ApiSettings { node: me.clone(), mutations_per_minute: 1000, ..settings() });
+    api.store.heartbeat(&me).unwrap();
+    let everywhere = node("gw-any", EVERY_REGION);
+    api.store.heartbeat(&everywhere).unwrap();
+    let list = api.call(Method::GET, "/api/v1/nodes", None).await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.text);
+    let nodes = list.body["data"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{}", list.text);
+    assert_eq!(
+        (nodes[0]["id"].as_str(), nodes[0]["region"].as_str(), nodes[0]["state"].as_str()),
+        (Some("gw-any"), None, Some("live"))
+    );
+    assert_eq!((nodes[1]["region"].as_str(), nodes[1]["this_node"].as_bool()), (Some("eu-west"), Some(true)));
+    assert_eq!(nodes[1]["api"], "gw-eu-1.example:8080");
+    assert!(nodes[1]["silent_for_ms"].as_i64().is_some_and(|ms| (0..5_000).contains(&ms)), "{}", list.text);
+    // Its own region: created here.
+    let r = api.create(new_gateway("eu-site", "10.1.0.0/16")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    // Another region with a live node that serves it (every region): 409 naming it.
+    let mut us = new_gateway("us-site", "10.2.0.0/16");
+    us["region"] = json!("us-east");
+    let r = api.create(us.clone()).await;
+    assert_error(&r, StatusCode::CONFLICT, "conflict");
+    assert_eq!(r.body["error"]["field"], "region");
+    assert!(r.text.contains("gw-any (API gw-any.example:8080)"), "{}", r.text);
+    // That node stops: no live node serves the region, 422.
+    api.store.leave(&everywhere).unwrap();
+    let r = api.create(us.clone()).await;
+    assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert!(r.text.contains("no live node serves region `us-east`"), "{}", r.text);
+    let list = api.call(Method::GET, "/api/v1/nodes", None).await;
+    assert_eq!(list.body["data"][0]["state"], "lost", "{}", list.text);
+    // A restore of a backup holding a gateway of a region nobody serves: refused whole.
+    let backup = api.call(Method::GET, "/api/v1/backup?include_secrets=true", None).await;
+    assert_eq!(backup.status, StatusCode::OK, "{}", backup.text);
+    let mut body = backup.body.clone();
+    let gateways = body["gateways"].as_array_mut().unwrap();
+    assert_eq!(gateways.len(), 1, "{}", backup.text);
+    gateways[0]["region"] = json!("us-east");
+    let fresh = Api::with(ApiSettings { node: me.clone(), mutations_per_minute: 1000, ..settings() });
+    let r = fresh.call(Method::POST, "/api/v1/restore", Some(body)).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
+    assert!(r.text.contains("us-east"), "{}", r.text);
+    assert!(fresh.store.live().unwrap().is_empty(), "nothing restored");
 }
