@@ -79,6 +79,10 @@ impl Cluster {
         let data = dir.join("data");
         let mut initdb = as_server_user(&bin.join("initdb"));
         initdb.arg("-D").arg(&data).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+        // A linguistic default collation (ICU, English), as production
+        // servers often have: orders that depend on it differ from byte
+        // order ("a" < "B" < "b"), so the store must not.
+        initdb.args(["--locale=C.UTF-8", "--locale-provider=icu", "--icu-locale=en-US"]);
         checked(initdb, "initdb");
         // The watcher: starts the server, waits for its standard input to
         // close (this process gone), then stops it and removes the directory.

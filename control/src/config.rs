@@ -106,6 +106,11 @@ pub struct StoreSection {
     pub url: String,
     /// The password, kept out of the URL (mode 0600 like the key files).
     pub password_file: Option<PathBuf>,
+    /// Allows a PostgreSQL on another host without TLS (this build speaks
+    /// none): only where the network between them is already private (a
+    /// VPN, IPsec), since the rows hold pre-shared keys.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -313,7 +318,25 @@ fn store_location(
     match (database, store) {
         (Some(path), None) => Ok(StoreLocation::Sqlite(path)),
         (None, Some(st)) => {
-            crate::store::parse_postgres_url(&st.url).map_err(|e| ConfigError::Api(format!("[store] url: {e}")))?;
+            let parsed =
+                crate::store::parse_postgres_url(&st.url).map_err(|e| ConfigError::Api(format!("[store] url: {e}")))?;
+            if parsed.get_password().is_some() {
+                return Err(ConfigError::Api(
+                    "[store] url holds a password: put it in password_file (mode 0600) instead, so that the \
+                     configuration file holds no secret"
+                        .into(),
+                ));
+            }
+            let remote = crate::store::postgres_plaintext_hosts(&parsed);
+            if !remote.is_empty() && !st.insecure_plaintext {
+                return Err(ConfigError::Api(format!(
+                    "[store] url reaches {} over the network, and this build speaks no TLS to PostgreSQL: the rows \
+                     (pre-shared keys among them) would cross it in clear. Use a Unix socket or loopback (a local \
+                     PostgreSQL, or a tunnel to the remote one), or set insecure_plaintext = true where the network \
+                     is already private",
+                    remote.join(", ")
+                )));
+            }
             let password = match &st.password_file {
                 Some(path) => {
                     let text = read_secret(path, "PostgreSQL password")?;
@@ -768,7 +791,9 @@ mod tests {
         let k = key_file(0o600, &PrivateKey::generate().to_base64_secret());
         let pass = key_file(0o600, "s3cret\n");
         let loose = key_file(0o644, "s3cret\n");
-        let pg = |extra: &str| format!("[api]\n[store]\nurl = \"postgres://wg@db.example/fleet\"\n{extra}");
+        let pg = |extra: &str| {
+            format!("[api]\n[store]\nurl = \"postgres://wg@db.example/fleet\"\ninsecure_plaintext = true\n{extra}")
+        };
         let api = Config::parse(&config(&k.0, &pg("")), Path::new("t.toml")).unwrap().api.unwrap();
         assert_eq!(api.store, StoreLocation::Postgres(PostgresAt::url("postgres://wg@db.example/fleet")));
         let with_file = pg(&format!("password_file = \"{}\"\n", pass.0.display()));
@@ -784,11 +809,19 @@ mod tests {
             ("[store]\nurl = \"postgres://db/x\"\n".to_owned(), "need an [api] section".to_owned()),
             ("[api]\ndatabase = \"/d\"\n[store]\nurl = \"postgres://db/x\"\n".to_owned(), "keep `database`".to_owned()),
             ("[api]\n".to_owned(), "or a [store] section".to_owned()),
+            ("[api]\n[store]\nurl = \"postgres://wg:hunter2@localhost/x\"\n".to_owned(), "holds a password".to_owned()),
+            (
+                "[api]\n[store]\nurl = \"postgres://localhost/x?password=hunter2\"\n".to_owned(),
+                "password_file".to_owned(),
+            ),
+            ("[api]\n[store]\nurl = \"postgres://wg@db.example/x\"\n".to_owned(), "reaches db.example".to_owned()),
         ];
         for (text, needle) in bad {
             let e = Config::parse(&config(&k.0, &text), Path::new("t.toml")).unwrap_err().to_string();
-            assert!(e.contains(&needle), "{text}: {e}");
+            assert!(e.contains(&needle) && !e.contains("hunter2"), "{text}: {e}");
         }
+        let local = "[api]\n[store]\nurl = \"postgresql:///x?host=/run/postgresql\"\n";
+        assert!(Config::parse(&config(&k.0, local), Path::new("t.toml")).is_ok(), "a Unix socket needs no TLS");
     }
 
     /// `[node]`: an id and a region of the API's own form; by default the

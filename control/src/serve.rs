@@ -283,12 +283,21 @@ fn register(store: &Store, node: &ThisNode) -> Result<(), crate::store::StoreErr
 /// to the others until it answers again.
 async fn heartbeat(state: Arc<AppState>, stop: Arc<AtomicBool>) {
     let mut failing = false;
+    let stop_all = stop.clone();
     let mut every = tokio::time::interval(Duration::from_millis(crate::store::HEARTBEAT_MILLIS.unsigned_abs()));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !stop.load(Ordering::Relaxed) {
         every.tick().await;
         let s = state.clone();
         let beat = tokio::task::spawn_blocking(move || s.store.heartbeat(&s.settings.node)).await;
+        if let Ok(Err(crate::store::StoreError::NodeIdTaken(taken))) = &beat {
+            // Silent past the TTL (a stalled store, a paused host) and another
+            // process took this id: two would run one node's tunnels.
+            tracing::error!(error = %taken, "this node's id was taken while it was silent; stopping");
+            println!("wgxdp: node id {} taken by another process; stopping", taken.id);
+            stop_all.store(true, Ordering::Relaxed);
+            return;
+        }
         match beat.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
             Ok(()) if failing => {
                 failing = false;
@@ -428,8 +437,9 @@ mod tests {
             let mut child = std::process::Command::new("true").spawn().unwrap();
             let dead = child.id();
             child.wait().unwrap();
-            let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
-            store.heartbeat(&node(format!("{}/{dead}/crashed", boot.trim()))).unwrap();
+            let mine = crate::store::incarnation();
+            let boot = mine.split('/').next().unwrap();
+            store.heartbeat(&node(format!("{boot}/{dead}/crashed"))).unwrap();
             let restarted = node(crate::store::incarnation());
             let started = std::time::Instant::now();
             register(&store, &restarted).unwrap();

@@ -10,7 +10,7 @@ use super::error::ApiError;
 use super::model::{overlaps, tunnel_of, NewGateway, UpdateGateway};
 use super::networks::{validate_remote_vs_site, GatewayNetworks, Network, ADDITIONAL_REMOTE, REMOTE};
 use super::AppState;
-use crate::store::{now_millis, EventKind, GatewayRecord, Status, Store, StoreError, EVERY_REGION};
+use crate::store::{now_millis, EventKind, GatewayRecord, Status, Store, StoreError};
 use std::time::Duration;
 use wgxdp_dataplane::noise::PublicKey;
 use wgxdp_dataplane::table::IpPrefix;
@@ -118,7 +118,7 @@ fn refuse_transient(g: &GatewayRecord) -> Result<(), ApiError> {
 /// live nodes that do (a node runs only its own region's tunnels).
 pub(crate) fn check_region(s: &AppState, region: &str) -> Result<(), ApiError> {
     let me = &s.settings.node;
-    if me.region == EVERY_REGION || me.region == region {
+    if me.serves(region) {
         return Ok(());
     }
     let serving = s.store.live_nodes_of(region)?;
@@ -229,6 +229,8 @@ pub fn update(s: &AppState, id: &str, body: UpdateGateway, if_match: Option<&str
     // The precondition first (RFC 9110 13.2.2): a stale tag is a 412 whatever
     // else the change would meet.
     check_if_match(if_match, &old)?;
+    // Its tunnel runs on the nodes of its region: changed there.
+    check_region(s, &old.region)?;
     let (mut new, remote) = check_update(s, &old, body)?;
     check_conflicts(s, &remote, None, Some(id))?;
     check_capacity(s, &new.remote_prefixes().collect::<Vec<_>>(), Some(id))?;
@@ -260,6 +262,7 @@ pub fn update(s: &AppState, id: &str, body: UpdateGateway, if_match: Option<&str
 pub fn delete(s: &AppState, id: &str, if_match: Option<&str>) -> Result<GatewayRecord, ApiError> {
     let g = existing(&s.store, id)?;
     check_if_match(if_match, &g)?;
+    check_region(s, &g.region)?;
     refuse_transient(&g)?;
     s.store.set_status(id, Status::Deleting)?;
     if let Err(e) = s.plane.remove(id) {
@@ -294,7 +297,8 @@ pub fn replay(state: &AppState) -> Result<usize, StoreError> {
     let (store, plane) = (&state.store, &*state.plane);
     let mut running = 0;
     // A failing database stops the start: no start on part of the store.
-    for mut g in store.live_readable()? {
+    // Only this node's region: the other regions' tunnels run elsewhere.
+    for mut g in store.live_readable()?.into_iter().filter(|g| state.settings.node.serves(&g.region)) {
         match g.status {
             Status::Deleting => {
                 let _ = plane.remove(&g.id);

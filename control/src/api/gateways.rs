@@ -130,7 +130,10 @@ pub async fn list(
     let after = match p.cursor.as_deref() {
         None => None,
         Some(c) => {
-            let c = Cursor::decode(c).ok_or_else(|| ApiError::bad_request("cursor is not valid"))?;
+            // A name no gateway can have (control characters) is no position.
+            let c = Cursor::decode(c)
+                .filter(|c| !matches!(&c.key, SortKey::Name(n) if n.chars().any(char::is_control)))
+                .ok_or_else(|| ApiError::bad_request("cursor is not valid"))?;
             let key_matches = matches!(
                 (&c.key, sort),
                 (SortKey::Name(_), ListSort::Name) | (SortKey::CreatedAt(_), ListSort::CreatedAt)

@@ -150,6 +150,11 @@ impl AppState {
         let state = self.clone();
         tokio::task::spawn_blocking(move || {
             let _guard = guard;
+            // Fleet-wide too, on a shared store: the checks see every node's
+            // writes and nobody writes between them and this change's write.
+            let _exclusive = state.store.exclusive().map_err(
+                |e| tracing::error!(error = %e, "cannot take the store's write lock; the change runs without it"),
+            );
             f(&state)
         })
         .await

@@ -98,7 +98,14 @@ pub async fn run(state: Arc<AppState>) {
     let restarted = state.mutate(|s| match s.store.tunnels_last_up() {
         Ok(ids) => {
             for id in ids {
-                s.emit(EventKind::TunnelDown, &id, json!({"reason": "restart"}));
+                // Only the tunnels this node ran: another region's live on.
+                let ours = match s.store.get(&id) {
+                    Ok(Some(g)) => s.settings.node.serves(&g.region),
+                    Ok(None) | Err(_) => s.settings.node.region == crate::store::EVERY_REGION,
+                };
+                if ours {
+                    s.emit(EventKind::TunnelDown, &id, json!({"reason": "restart"}));
+                }
             }
         }
         Err(e) => tracing::error!(error = %e, "cannot read which tunnels were up before the restart"),

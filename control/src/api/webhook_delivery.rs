@@ -31,6 +31,9 @@ pub const FIRST_DELAY_MILLIS: i64 = 1000;
 pub const MAX_DELAY_MILLIS: i64 = 15 * 60 * 1000;
 /// Looked at the outbox at least this often.
 const IDLE_WAKE: Duration = Duration::from_secs(30);
+/// How long a claimed delivery is this node's: past an attempt's `TIMEOUT`
+/// with room to record it. A node that dies meanwhile leaves it due again.
+const CLAIM: Duration = Duration::from_secs(60);
 /// The error text kept per attempt, at most.
 const MAX_ERROR: usize = 200;
 
@@ -111,6 +114,18 @@ fn lock(in_flight: &InFlight) -> std::sync::MutexGuard<'_, HashSet<String>> {
 /// holds the webhook back a while: the delivery is still due, and trying
 /// again at once would flood the receiver.
 fn deliver_one(state: &AppState, d: &DueDelivery) {
+    // Claimed first: nodes that share a store each see the delivery due,
+    // and only the one that claims it sends it.
+    let now = crate::store::now_millis();
+    match state.store.claim_delivery(d.seq, now, now + CLAIM.as_millis() as i64) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::error!(error = %e, delivery = d.seq, "cannot claim a webhook delivery");
+            std::thread::sleep(STORE_ERROR_PAUSE);
+            return;
+        }
+    }
     let outcome = attempt(d, crate::store::now_millis());
     match &outcome {
         Attempt::Delivered { .. } => tracing::debug!(webhook = %d.webhook_id, delivery = d.seq, "webhook delivered"),

@@ -214,6 +214,9 @@ impl CreateWebhook {
         if description.chars().count() > MAX_DESCRIPTION {
             return Err(invalid("description", format!("at most {MAX_DESCRIPTION} characters")));
         }
+        if description.contains('\0') {
+            return Err(invalid("description", "must not contain a NUL character"));
+        }
         Ok(NewWebhook { url, events, description })
     }
 }

@@ -3,7 +3,7 @@
 //! Entries older than `RETENTION_MILLIS` are dropped as new ones come.
 
 use super::sql::{self, args, Row};
-use super::{now_millis, Store, StoreError};
+use super::{Store, StoreError};
 
 /// How long entries are kept: 90 days.
 pub const RETENTION_MILLIS: i64 = 90 * 24 * 60 * 60 * 1000;
@@ -45,8 +45,16 @@ fn entry(r: &Row) -> Result<AuditEntry, String> {
 impl Store {
     /// Appends `e` (its `seq` is assigned); returns the entry as stored.
     pub fn record_audit(&self, mut e: AuditEntry) -> Result<AuditEntry, StoreError> {
+        // What a request named (a path's id) is kept as text either backend
+        // stores: a NUL character becomes U+FFFD.
+        if let Some(t) = e.target.as_mut().filter(|t| sql::holds_nul(t)) {
+            *t = t.replace('\0', "\u{fffd}");
+        }
         e.seq = self.transaction(|sql| {
-            sql.execute("DELETE FROM audit_log WHERE at < ?", args![now_millis() - RETENTION_MILLIS])?;
+            sql.execute(
+                &format!("DELETE FROM audit_log WHERE at < {} - ?", sql.dialect().now_millis()),
+                args![RETENTION_MILLIS],
+            )?;
             let row = sql.query_one(
                 "INSERT INTO audit_log (at, key_id, action, target, status, error_code, replayed)
                  VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
@@ -80,6 +88,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use super::super::now_millis;
     use super::super::testing::each_backend;
     use super::*;
 

@@ -4,7 +4,7 @@
 //! (`webhooks`) in the same transaction: the outbox cannot miss an event
 //! the log holds.
 
-use super::sql::{self, args, Row, Sql};
+use super::sql::{self, args, Dialect, Row, Sql};
 use super::{now_millis, Store, StoreError};
 
 /// How long events are kept: 30 days.
@@ -104,6 +104,9 @@ fn events(rows: &[Row]) -> Result<Vec<Event>, StoreError> {
 
 const EVENT_COLUMNS: &str = "seq, at, kind, gateway_id, data";
 
+/// The advisory lock event appends take on PostgreSQL ("wgxdpev").
+const EVENT_APPEND_LOCK: i64 = 0x0077_6778_6470_6576;
+
 /// Appends an event (and its webhook deliveries) inside the caller's
 /// transaction, dropping events past retention.
 pub(super) fn insert(
@@ -113,7 +116,13 @@ pub(super) fn insert(
     data: serde_json::Value,
 ) -> Result<Event, StoreError> {
     let now = now_millis();
-    sql.execute("DELETE FROM events WHERE at < ?", args![now - RETENTION_MILLIS])?;
+    if sql.dialect() == Dialect::Postgres {
+        // One append at a time, held to the commit: sequence numbers then
+        // commit in their order, so a stream that has read up to `seq` never
+        // sees a lower one commit later (SQLite writes one at a time anyway).
+        sql.execute("SELECT pg_advisory_xact_lock(?)", args![EVENT_APPEND_LOCK])?;
+    }
+    sql.execute(&format!("DELETE FROM events WHERE at < {} - ?", sql.dialect().now_millis()), args![RETENTION_MILLIS])?;
     let row = sql.query_one(
         "INSERT INTO events (at, kind, gateway_id, data) VALUES (?, ?, ?, ?) RETURNING seq",
         args![now, kind.as_str(), gateway_id, data.to_string()],
@@ -160,6 +169,9 @@ impl Store {
         filter: &EventFilter,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
+        if filter.gateway_id.as_deref().is_some_and(sql::holds_nul) {
+            return Ok(Vec::new());
+        }
         let kind = filter.kind.map(EventKind::as_str);
         let rows = self.run(|sql| {
             sql.query(

@@ -64,7 +64,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         let headers = serde_json::to_string(&response.headers)?;
         self.transaction(|sql| {
-            sql.execute("DELETE FROM idempotency WHERE created_at < ?", args![now_millis() - RETENTION_MILLIS])?;
+            sql.execute(
+                &format!("DELETE FROM idempotency WHERE created_at < {} - ?", sql.dialect().now_millis()),
+                args![RETENTION_MILLIS],
+            )?;
             sql.execute(
                 "INSERT INTO idempotency (key_id, idem_key, fingerprint, status, headers, body, created_at)
                  VALUES (?, ?, ?, ?, ?, ?, ?)

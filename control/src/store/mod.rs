@@ -18,7 +18,7 @@ use blake2::{Blake2s256, Digest};
 use sql::{args, Database, Row, Sql, SqlValue};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 use wgxdp_dataplane::noise::{PresharedKey, PublicKey};
@@ -46,7 +46,8 @@ pub use nodes::{
     NODE_TTL_MILLIS, REGION_NAME_RULE,
 };
 pub use postgres::{
-    describe as describe_postgres, parse_url as parse_postgres_url, schema_version_at as postgres_schema_version,
+    describe as describe_postgres, parse_url as parse_postgres_url, plaintext_hosts as postgres_plaintext_hosts,
+    schema_version_at as postgres_schema_version,
 };
 pub use schema::{refuse_newer_schema, SCHEMA_VERSION};
 pub use sqlite::schema_version_of;
@@ -283,13 +284,28 @@ pub struct Store {
     /// How many times the database was used (reads and writes): lets tests
     /// prove that a path (e.g. `/metrics`) never touches the database.
     queries: AtomicU64,
-    /// Gateways per status (`Status as usize`), kept exact by every
-    /// write inside its unit of work, so counting them costs no query.
+    /// Gateways per status (`Status as usize`), kept by every write once it
+    /// is committed, so counting them costs no query. Exact for this node's
+    /// writes; the writes of other nodes on a shared store show after a
+    /// restart.
     counts: [AtomicU64; 4],
     faults: Mutex<WriteFaults>,
     /// The live gateways' remote networks and keys, for the conflict
     /// checks; kept exact like `counts`.
     live_index: Mutex<LiveIndex>,
+    /// The gateways' revision (`store_meta`) this node's counts and index
+    /// reflect: another node's write moves it, and the next `exclusive`
+    /// reloads them.
+    seen_revision: AtomicI64,
+}
+
+/// The store-wide write lock (`Store::exclusive`), held until dropped.
+pub struct Exclusive(#[allow(dead_code)] Option<Box<dyn Send>>);
+
+impl std::fmt::Debug for Exclusive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Exclusive(held)" } else { "Exclusive(this process)" })
+    }
 }
 
 /// Injected write failures (tests of the error paths): after `skip` more
@@ -474,6 +490,21 @@ fn record(row: &Row) -> Result<GatewayRecord, StoreError> {
     })
 }
 
+/// The gateways' revision: moved by every write of a gateway row.
+fn revision(sql: &dyn Sql) -> Result<i64, StoreError> {
+    let row = sql.query_one("SELECT COALESCE(MAX(gateway_revision), 0) FROM store_meta", &[])?;
+    row.int(0).map_err(|e| sql::unreadable("store_meta", e))
+}
+
+/// Moves the revision, inside a gateway write's transaction; the new value.
+fn bump_revision(sql: &dyn Sql) -> Result<Option<i64>, StoreError> {
+    let row = sql.query_opt(
+        "UPDATE store_meta SET gateway_revision = gateway_revision + 1 WHERE id = 1 RETURNING gateway_revision",
+        &[],
+    )?;
+    row.map(|r| r.int(0).map_err(|e| sql::unreadable("store_meta", e))).transpose()
+}
+
 /// Where the store keeps its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
@@ -486,10 +517,19 @@ pub enum StoreLocation {
 /// A PostgreSQL database: its URL (`postgres://user@host/db`, or
 /// `postgresql:///db?host=/run/postgresql` for a Unix socket) and, kept apart
 /// from it, the password (`[store] password_file`), if any.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PostgresAt {
     pub url: String,
     pub password: Option<SecretString>,
+}
+
+/// The URL may hold a password: shown as `describe_postgres` shows it.
+impl std::fmt::Debug for PostgresAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at =
+            parse_postgres_url(&self.url).map_or_else(|_| "<not a PostgreSQL URL>".into(), |c| describe_postgres(&c));
+        f.debug_struct("PostgresAt").field("at", &at).field("password", &self.password).finish()
+    }
 }
 
 impl PostgresAt {
@@ -520,22 +560,57 @@ impl Store {
             counts: Default::default(),
             faults: Mutex::default(),
             live_index: Mutex::default(),
+            seen_revision: AtomicI64::new(-1),
         };
-        store.run(|sql| {
-            for row in sql.query("SELECT status, COUNT(*) FROM gateways GROUP BY status", &[])? {
-                let (status, n) = (row.text(0), row.int(1).map_err(|e| sql::unreadable("gateways", e))?);
-                let status = status.ok().and_then(|s| Status::parse(&s)).unwrap_or(Status::Deleted);
-                store.counts[status.index()].fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
-            }
-            let rows = sql.query(&format!("SELECT {INDEX_COLUMNS} FROM gateways WHERE status != 'deleted'"), &[])?;
-            let mut index = store.index();
-            for row in &rows {
-                let (id, key, networks) = index_entry(row)?;
-                index.put(&id, key, networks);
-            }
-            Ok(())
-        })?;
+        store.reload()?;
         Ok(store)
+    }
+
+    /// Reads the counts and the live index afresh, and the revision they reflect.
+    fn reload(&self) -> Result<(), StoreError> {
+        let (revision, counts, rows) = self.transaction(|sql| {
+            let revision = revision(sql)?;
+            let counts = sql.query("SELECT status, COUNT(*) FROM gateways GROUP BY status", &[])?;
+            let rows = sql.query(&format!("SELECT {INDEX_COLUMNS} FROM gateways WHERE status != 'deleted'"), &[])?;
+            Ok((revision, counts, rows))
+        })?;
+        let mut fresh: [u64; 4] = [0; 4];
+        for row in counts {
+            let (status, n) = (row.text(0), row.int(1).map_err(|e| sql::unreadable("gateways", e))?);
+            let status = status.ok().and_then(|s| Status::parse(&s)).unwrap_or(Status::Deleted);
+            fresh[status.index()] += u64::try_from(n).unwrap_or(0);
+        }
+        let mut index = LiveIndex::default();
+        for row in &rows {
+            let (id, key, networks) = index_entry(row)?;
+            index.put(&id, key, networks);
+        }
+        *self.index() = index;
+        for (count, n) in self.counts.iter().zip(fresh) {
+            count.store(n, Ordering::Relaxed);
+        }
+        self.seen_revision.store(revision, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Takes the store-wide write lock for a check-then-write (on a shared
+    /// store, one node at a time) and brings this node's counts and index up
+    /// to date with what other nodes wrote. Held until the guard drops.
+    pub fn exclusive(&self) -> Result<Exclusive, StoreError> {
+        let guard = self.db.exclusive()?;
+        let current = self.run(revision)?;
+        if current != self.seen_revision.load(Ordering::Relaxed) {
+            self.reload()?;
+        }
+        Ok(Exclusive(guard))
+    }
+
+    /// After this node's committed write that moved the revision to `to`:
+    /// still in step only if nobody else wrote in between.
+    fn wrote(&self, to: Option<i64>) {
+        if let Some(to) = to {
+            let _ = self.seen_revision.compare_exchange(to - 1, to, Ordering::Relaxed, Ordering::Relaxed);
+        }
     }
 
     /// Runs `work` on a connection (each statement on its own).
@@ -559,7 +634,7 @@ impl Store {
         self.live_index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// After a write of `g` (inside its unit of work): the index follows.
+    /// After a committed write of `g`: the index follows.
     fn index_record(&self, g: &GatewayRecord) {
         let mut index = self.index();
         if g.status == Status::Deleted {
@@ -619,7 +694,8 @@ impl Store {
 
     fn count_change(&self, from: Option<Status>, to: Option<Status>) {
         if let Some(s) = from {
-            self.counts[s.index()].fetch_sub(1, Ordering::Relaxed);
+            // Never below zero, whatever a concurrent writer did.
+            let _ = self.counts[s.index()].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
         if let Some(s) = to {
             self.counts[s.index()].fetch_add(1, Ordering::Relaxed);
@@ -643,7 +719,7 @@ impl Store {
             (encode_prefixes(&g.additional_remote_network_cidrs)?, encode_prefixes(&g.additional_local_network_cidrs)?);
         let firewall = encode_rules(&g.firewall)?;
         let psk = g.pre_shared_key.to_base64_secret();
-        let inserted = self.run(|sql| {
+        let inserted = self.transaction(|sql| {
             let row = sql.query_one(
                 "INSERT INTO gateways (id, name, status, region, local_network_cidr, remote_network_cidr,
                      remote_peer_ip, remote_peer_port, remote_public_key, pre_shared_key, persistent_keepalive,
@@ -670,19 +746,26 @@ impl Store {
                     g.firewall_default.as_str()
                 ],
             )?;
-            g.seq = row.int(0).map_err(|e| sql::unreadable("gateways", e))?;
-            self.count_change(None, Some(g.status));
-            self.index_record(&g);
-            Ok(())
+            let seq = row.int(0).map_err(|e| sql::unreadable("gateways", e))?;
+            Ok((seq, bump_revision(sql)?))
         });
         match inserted {
-            Ok(()) => Ok(g),
+            Ok((seq, revision)) => {
+                g.seq = seq;
+                self.wrote(revision);
+                self.count_change(None, Some(g.status));
+                self.index_record(&g);
+                Ok(g)
+            }
             Err(StoreError::Unique) => Err(StoreError::DuplicateKey),
             Err(e) => Err(e),
         }
     }
 
     pub fn get(&self, id: &str) -> Result<Option<GatewayRecord>, StoreError> {
+        if sql::holds_nul(id) {
+            return Ok(None);
+        }
         let row = self.run(|sql| sql.query_opt(&format!("SELECT {COLUMNS} FROM gateways WHERE id = ?"), args![id]))?;
         row.as_ref().map(record).transpose()
     }
@@ -694,7 +777,7 @@ impl Store {
     /// `set_status`, stamping `updated_at` with `at` (Unix milliseconds).
     pub fn set_status_at(&self, id: &str, status: Status, at: i64) -> Result<(), StoreError> {
         self.check_write()?;
-        self.transaction(|sql| {
+        let (old, changed, revived) = self.transaction(|sql| {
             let old = Self::status_of(sql, id)?;
             // A gateway that comes back to life: what the index needs, read
             // before the write (a read that fails then changes nothing).
@@ -708,29 +791,37 @@ impl Store {
                 "UPDATE gateways SET status = ?, updated_at = ? WHERE id = ?",
                 args![status.as_str(), at, id],
             )?;
-            if n > 0 {
-                self.count_change(old, Some(status));
-                if status == Status::Deleted {
-                    self.index().remove(id);
-                } else if let Some((id, key, networks)) = revived {
-                    self.index().put(&id, key, networks);
-                }
+            let revision = if n > 0 { bump_revision(sql)? } else { None };
+            Ok((old, n > 0, (revived, revision)))
+        })?;
+        let (revived, revision) = revived;
+        // Memory follows only what was committed.
+        self.wrote(revision);
+        if changed {
+            self.count_change(old, Some(status));
+            if status == Status::Deleted {
+                self.index().remove(id);
+            } else if let Some((id, key, networks)) = revived {
+                self.index().put(&id, key, networks);
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 
     /// Removes a record that was never acknowledged (a create that failed).
     pub fn purge(&self, id: &str) -> Result<(), StoreError> {
         self.check_write()?;
-        self.transaction(|sql| {
+        let (old, removed, revision) = self.transaction(|sql| {
             let old = Self::status_of(sql, id)?;
-            if sql.execute("DELETE FROM gateways WHERE id = ?", args![id])? > 0 {
-                self.count_change(old, None);
-                self.index().remove(id);
-            }
-            Ok(())
-        })
+            let removed = sql.execute("DELETE FROM gateways WHERE id = ?", args![id])? > 0;
+            Ok((old, removed, if removed { bump_revision(sql)? } else { None }))
+        })?;
+        self.wrote(revision);
+        if removed {
+            self.count_change(old, None);
+            self.index().remove(id);
+        }
+        Ok(())
     }
 
     /// Writes every mutable field of `g` (and its `updated_at`).
@@ -752,7 +843,7 @@ impl Store {
             (encode_prefixes(&g.additional_remote_network_cidrs)?, encode_prefixes(&g.additional_local_network_cidrs)?);
         let firewall = encode_rules(&g.firewall)?;
         let psk = g.pre_shared_key.to_base64_secret();
-        self.transaction(|sql| {
+        let saved = self.transaction(|sql| {
             let old = Self::status_of(sql, &g.id)?;
             let n = sql.execute(
                 "UPDATE gateways SET name = ?, remote_network_cidr = ?, remote_peer_ip = ?, remote_peer_port = ?,
@@ -776,13 +867,19 @@ impl Store {
                 ],
             )?;
             let event = event.map(|(kind, data)| events::insert(sql, kind, &g.id, data)).transpose()?;
-            if n > 0 {
-                self.count_change(old, Some(g.status));
-                self.index_record(g);
-            }
-            Ok(event)
-        })?
-        .inspect(published);
+            let revision = if n > 0 { bump_revision(sql)? } else { None };
+            Ok((old, n > 0, event, revision))
+        })?;
+        // Memory follows only what was committed.
+        let (old, changed, event, revision) = saved;
+        self.wrote(revision);
+        if changed {
+            self.count_change(old, Some(g.status));
+            self.index_record(g);
+        }
+        if let Some(e) = &event {
+            published(e);
+        }
         Ok(())
     }
 
@@ -1010,6 +1107,34 @@ mod tests {
         });
     }
 
+    /// Two nodes on one store: under `exclusive` (what every API change
+    /// takes), each sees the other's writes in its conflict checks and
+    /// counts; writes of its own keep it in step without a reload.
+    #[test]
+    fn each_node_sees_the_others_writes_under_the_write_lock() {
+        each_backend(|db| {
+            let (a, b) = (db.open(), db.open());
+            let g = a.insert(sample("a", "KA")).unwrap();
+            let seed = g.remote_network_cidr;
+            assert_eq!(b.remote_overlap(&seed, None), None, "not yet seen");
+            drop(b.exclusive().unwrap());
+            assert_eq!(b.remote_overlap(&seed, None).map(|h| h.0), Some(g.id.clone()), "seen under the lock");
+            assert_eq!(b.remote_key_owner(&test_key("KA"), None), Some(g.id.clone()));
+            assert_eq!(b.status_counts()[1], (Status::Active, 1));
+            b.set_status(&g.id, Status::Deleted).unwrap();
+            let before = a.queries();
+            drop(a.exclusive().unwrap());
+            assert_eq!(a.remote_overlap(&seed, None), None, "the delete on the other node is seen");
+            assert_eq!(a.status_counts()[3], (Status::Deleted, 1));
+            assert!(a.queries() > before);
+            // Its own writes only: no reload (one query for the revision).
+            let before = a.queries();
+            a.insert(sample("c", "KC")).unwrap();
+            let _held = a.exclusive().unwrap();
+            assert_eq!(a.queries(), before + 2, "the insert and the revision read");
+        });
+    }
+
     /// Two handles inserting the same remote key at once: the database
     /// itself keeps it unique among live gateways, whoever wins.
     #[test]
@@ -1220,13 +1345,46 @@ mod tests {
         });
     }
 
-    /// A database that does not answer is an error on every call (never a
-    /// hang or a panic), and `ping` says so.
+    /// A key with a NUL character (which PostgreSQL refuses in text) matches
+    /// nothing on either backend, without an error; an audit entry naming
+    /// one is kept, the character replaced.
+    #[test]
+    fn a_key_with_a_nul_character_matches_nothing() {
+        each_backend(|db| {
+            let store = db.open();
+            let g = store.insert(sample("a", "K1")).unwrap();
+            let nul = format!("{}\0", g.id);
+            assert_eq!(store.get(&nul).unwrap(), None);
+            assert_eq!(store.webhook("wh_\0").unwrap().map(|w| w.id), None);
+            assert!(store.delete_webhook("wh_\0").unwrap().is_none());
+            assert!(store.deliveries("wh_\0", None, 10).unwrap().is_empty());
+            let filter = EventFilter { gateway_id: Some(nul.clone()), kind: None };
+            assert!(store.events_before(None, &filter, 10).unwrap().is_empty());
+            let entry = AuditEntry {
+                seq: 0,
+                at: now_millis(),
+                key_id: "key_a".into(),
+                action: "gateway.get".into(),
+                target: Some(nul),
+                status: 404,
+                error_code: Some("not_found".into()),
+                replayed: false,
+            };
+            store.record_audit(entry).unwrap();
+            assert_eq!(store.audit_log(None, 1).unwrap()[0].target, Some(format!("{}\u{fffd}", g.id)));
+        });
+    }
+
+    /// A database that cannot be reached is a clear error at open, naming
+    /// where it was looked for; a database that is not there too.
     #[test]
     fn an_unreachable_postgresql_is_a_clear_error() {
         let url = "postgresql:///nowhere?host=/nonexistent-wgxdp&port=1&user=postgres";
         let e = Store::open_at(&StoreLocation::Postgres(PostgresAt::url(url))).map(|_| ()).unwrap_err().to_string();
         assert!(e.contains("PostgreSQL postgres@/nonexistent-wgxdp/nowhere"), "{e}");
+        assert!(e.contains("No such file or directory"), "the cause: {e}");
+        let with_password = PostgresAt::url("postgres://wg:hunter2@db.example/x");
+        assert!(!format!("{with_password:?}").contains("hunter2"), "{with_password:?}");
         let db = TestDb::postgres();
         let StoreLocation::Postgres(at) = &db.location else { unreachable!() };
         let store = db.open();

@@ -31,8 +31,16 @@ pub fn incarnation() -> String {
     format!("{}/{}/{}", boot_id(), std::process::id(), super::random_id(""))
 }
 
+/// This boot of this host, and the PID namespace (a process id means one
+/// process only within its namespace: containers have their own).
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|b| b.trim().to_owned()).unwrap_or_default()
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|b| b.trim().to_owned());
+    let pid_ns = std::fs::read_link("/proc/self/ns/pid").map(|l| l.display().to_string());
+    match (boot, pid_ns) {
+        (Ok(boot), Ok(ns)) if !boot.is_empty() => format!("{boot}:{}", ns.replace(['/', ':'], "")),
+        // Unknown: never taken as "this host" (no takeover at once).
+        _ => String::new(),
+    }
 }
 
 /// True when `holder` (an `incarnation()`) was a process of this boot of
@@ -84,8 +92,20 @@ impl NodeRecord {
 
     /// Whether it serves gateways of `region`.
     pub fn serves(&self, region: &str) -> bool {
-        self.region == EVERY_REGION || self.region == region
+        serves(&self.region, region)
     }
+}
+
+impl ThisNode {
+    /// Whether this node serves (runs the tunnels of) gateways of `region`.
+    pub fn serves(&self, region: &str) -> bool {
+        serves(&self.region, region)
+    }
+}
+
+/// A node of `node_region` serves gateways of `region`.
+fn serves(node_region: &str, region: &str) -> bool {
+    node_region == EVERY_REGION || node_region == region
 }
 
 /// A second live process configured with this node's id.
@@ -208,6 +228,7 @@ mod tests {
     fn a_holder_is_dead_only_if_it_ran_on_this_boot_and_is_gone() {
         assert!(!holder_is_dead(&incarnation()), "this process");
         let boot = boot_id();
+        assert!(!boot.is_empty() && !boot.contains('/'), "{boot}");
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();

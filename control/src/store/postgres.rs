@@ -19,8 +19,17 @@ use tokio_postgres::types::{IsNull, ToSql, Type};
 const POOL_SIZE: usize = 16;
 /// How long a call waits for a connection, or to make one, before it fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a statement may run, or wait for a lock, before the server
+/// cancels it: a call fails rather than holding the API up.
+const STATEMENT_TIMEOUT_MS: u32 = 15_000;
+const LOCK_TIMEOUT_MS: u32 = 5_000;
+/// A server that stops answering (host gone, network cut) is noticed by TCP
+/// within this, instead of the system's quarter of an hour.
+const DEAD_PEER: Duration = Duration::from_secs(15);
 /// The advisory lock key migrations hold ("wgxdp" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0077_6778_6470;
+/// The advisory lock a check-then-write holds fleet-wide ("wgxdpwr").
+const WRITE_LOCK: i64 = 0x0077_6778_6470_7772;
 
 pub struct PostgresDb {
     /// `None` only while dropping (the runtime is shut down in the background,
@@ -171,6 +180,27 @@ impl Database for PostgresDb {
     fn describe(&self) -> String {
         self.described.clone()
     }
+
+    fn exclusive(&self) -> Result<Option<Box<dyn Send>>, StoreError> {
+        let client = self.client()?;
+        futures_executor::block_on(client.execute("SELECT pg_advisory_lock($1)", &[&WRITE_LOCK])).map_err(pg_error)?;
+        Ok(Some(Box::new(WriteLock(Some(client)))))
+    }
+}
+
+/// The session-level lock `exclusive` took, on the connection holding it.
+struct WriteLock(Option<deadpool_postgres::Object>);
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take() else { return };
+        let unlocked = futures_executor::block_on(client.execute("SELECT pg_advisory_unlock($1)", &[&WRITE_LOCK]));
+        if let Err(e) = unlocked {
+            // Closing the connection ends its session, and the lock with it.
+            tracing::warn!(error = %pg_error(e), "cannot release the store's write lock; closing its connection");
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
 }
 
 impl PostgresDb {
@@ -202,7 +232,7 @@ impl PostgresDb {
         if let Some(password) = &at.password {
             config.password(password.expose());
         }
-        config.connect_timeout(CONNECT_TIMEOUT).application_name("wgxdp");
+        limit(&mut config);
         let described = describe(&config);
         let err = |reason: String| StoreError::Open { path: described.clone(), reason };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -243,6 +273,11 @@ impl PostgresDb {
                     .map_err(StoreError::Database)?,
             };
             refuse_newer_schema(version).map_err(StoreError::Database)?;
+            // A schema already whole is left alone: DDL would take strong
+            // locks on busy tables, and needs a role that owns them.
+            if version == SCHEMA_VERSION && schema_is_whole(sql)? {
+                return Ok(());
+            }
             for statement in schema::tables(Dialect::Postgres).split(';').filter(|s| !s.trim().is_empty()) {
                 sql.execute(statement, &[])?;
             }
@@ -270,7 +305,7 @@ pub fn schema_version_at(at: &PostgresAt) -> Result<i64, String> {
     if let Some(password) = &at.password {
         config.password(password.expose());
     }
-    config.connect_timeout(CONNECT_TIMEOUT).application_name("wgxdp check");
+    limit(&mut config);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     let read = async {
         let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
@@ -290,6 +325,40 @@ pub fn schema_version_at(at: &PostgresAt) -> Result<i64, String> {
     })
 }
 
+/// The bounds every connection of the store has: connect, statement and
+/// lock timeouts, TCP keepalives and a user timeout (a silent server fails
+/// calls instead of hanging them). Options the URL gives come first.
+fn limit(config: &mut tokio_postgres::Config) {
+    let options = format!(
+        "{} -c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS}",
+        config.get_options().unwrap_or_default()
+    );
+    config
+        .connect_timeout(CONNECT_TIMEOUT)
+        .application_name("wgxdp")
+        .options(options.trim_start())
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(5))
+        .tcp_user_timeout(DEAD_PEER);
+}
+
+/// The hosts of `config` that are reached over a network without TLS: TCP
+/// hosts other than this machine's loopback (this build speaks no TLS to
+/// PostgreSQL; a Unix socket or loopback never leaves the host).
+pub fn plaintext_hosts(config: &tokio_postgres::Config) -> Vec<String> {
+    config
+        .get_hosts()
+        .iter()
+        .filter_map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => {
+                let loopback = name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
+                (!loopback).then(|| name.clone())
+            }
+            tokio_postgres::config::Host::Unix(_) => None,
+        })
+        .collect()
+}
+
 /// The connection settings `url` gives; an error that never repeats the URL
 /// (it may hold a password).
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
@@ -297,6 +366,33 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
         return Err("not a PostgreSQL URL: it starts with postgres:// or postgresql://".into());
     }
     url.parse().map_err(|e| format!("not a PostgreSQL URL: {e}"))
+}
+
+/// Every table, index and added column of the schema is there.
+fn schema_is_whole(sql: &dyn Sql) -> Result<bool, StoreError> {
+    let objects = schema::objects();
+    let marks = vec!["?"; objects.len()].join(", ");
+    let args: Vec<SqlValue> = objects.iter().map(|o| SqlValue::from(*o)).collect();
+    let found = sql.query_one(
+        &format!(
+            "SELECT COUNT(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = current_schema() AND c.relname IN ({marks})"
+        ),
+        &args,
+    )?;
+    let columns: Vec<(&str, &str)> =
+        schema::ADDED_COLUMNS.iter().flat_map(|(t, added)| added.iter().map(move |(c, _)| (*t, *c))).collect();
+    let pairs = vec!["(?, ?)"; columns.len()].join(", ");
+    let args: Vec<SqlValue> = columns.iter().flat_map(|(t, c)| [SqlValue::from(*t), SqlValue::from(*c)]).collect();
+    let added = sql.query_one(
+        &format!(
+            "SELECT COUNT(*) FROM information_schema.columns
+             WHERE table_schema = current_schema() AND (table_name, column_name) IN ({pairs})"
+        ),
+        &args,
+    )?;
+    let count = |r: &Row| r.int(0).map_err(StoreError::Database);
+    Ok(count(&found)? == objects.len() as i64 && count(&added)? == columns.len() as i64)
 }
 
 /// Where the database is, without the password.
@@ -377,6 +473,7 @@ mod tests {
         drop(db.open());
         let cluster = Cluster::shared();
         cluster.psql_at(url(&db), "DROP TABLE idempotency; DROP INDEX gateways_live_key");
+        cluster.psql_at(url(&db), "ALTER TABLE gateways DROP COLUMN firewall_default");
         let store = db.open();
         store.insert(sample("a", "K1")).unwrap();
         assert!(
@@ -384,6 +481,54 @@ mod tests {
             "the unique index is back"
         );
         assert_eq!(cluster.psql_at(url(&db), "SELECT to_regclass('idempotency') IS NOT NULL"), "t");
+        assert_eq!(
+            store.live().unwrap()[0].firewall_default,
+            wgxdp_dataplane::policy::RuleAction::Allow,
+            "column back"
+        );
+    }
+
+    /// A whole schema is left alone at open (no DDL): a role that may only
+    /// read and write the rows, not change the tables, runs a node.
+    #[test]
+    fn a_role_that_owns_no_table_can_run_a_node_on_a_whole_schema() {
+        let db = TestDb::postgres();
+        drop(db.open());
+        let role = wgxdp_integration::unique_name("wg_app_");
+        let cluster = Cluster::shared();
+        cluster.psql_at(
+            url(&db),
+            &format!(
+                "CREATE ROLE {role} LOGIN; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};
+                 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+            ),
+        );
+        let as_app = url(&db).replace("user=postgres", &format!("user={role}"));
+        let store = Store::open_at(&StoreLocation::Postgres(PostgresAt::url(as_app))).expect("opens without DDL");
+        store.insert(sample("a", "K1")).unwrap();
+        assert_eq!(store.live().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn plaintext_hosts_are_the_tcp_hosts_off_this_machine() {
+        let hosts = |url: &str| plaintext_hosts(&parse_url(url).unwrap());
+        assert_eq!(hosts("postgres://u@db.example/x"), ["db.example"]);
+        assert_eq!(hosts("postgres://u@10.0.0.5,127.0.0.1/x"), ["10.0.0.5"]);
+        assert!(hosts("postgres://u@localhost/x").is_empty());
+        assert!(hosts("postgres://u@[::1]:5433/x").is_empty());
+        assert!(hosts("postgresql:///x?host=/run/postgresql").is_empty());
+    }
+
+    /// Every connection gets the store's timeouts, after the URL's options.
+    #[test]
+    fn connections_are_bounded() {
+        let mut config = parse_url("postgres://u@localhost/x?options=-c%20search_path%3Dwg").unwrap();
+        limit(&mut config);
+        let options = config.get_options().unwrap();
+        assert!(options.starts_with("-c search_path=wg "), "{options}");
+        assert!(options.contains("statement_timeout=15000") && options.contains("lock_timeout=5000"), "{options}");
+        assert_eq!(config.get_tcp_user_timeout(), Some(&DEAD_PEER));
+        assert!(config.get_keepalives());
     }
 
     #[test]

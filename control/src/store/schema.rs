@@ -87,6 +87,11 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 CREATE INDEX IF NOT EXISTS webhook_deliveries_pending ON webhook_deliveries(webhook_id, seq) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS webhook_deliveries_of ON webhook_deliveries(webhook_id, seq);
 CREATE INDEX IF NOT EXISTS webhook_deliveries_age ON webhook_deliveries(created_at);
+CREATE TABLE IF NOT EXISTS store_meta (
+    id               {int} PRIMARY KEY,
+    gateway_revision {int} NOT NULL
+);
+INSERT INTO store_meta (id, gateway_revision) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS nodes (
     id           TEXT PRIMARY KEY,
     region       TEXT NOT NULL,
@@ -123,6 +128,15 @@ const ADDED_GATEWAY_COLUMNS: [(&str, &str); 4] = [
 /// scopes existed could do everything, and still can.
 const ADDED_API_KEY_COLUMNS: [(&str, &str); 1] = [("scope", "TEXT NOT NULL DEFAULT 'admin'")];
 
+/// The tables and indexes `tables` makes, by name.
+pub fn objects() -> Vec<&'static str> {
+    TEMPLATE
+        .split(" IF NOT EXISTS ")
+        .skip(1)
+        .filter_map(|rest| rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next())
+        .collect()
+}
+
 /// Every table's added columns.
 pub const ADDED_COLUMNS: [(&str, &[(&str, &str)]); 2] =
     [("gateways", &ADDED_GATEWAY_COLUMNS), ("api_keys", &ADDED_API_KEY_COLUMNS)];
@@ -151,5 +165,19 @@ pub fn refuse_newer_schema(version: i64) -> Result<(), String> {
 pub fn log_migrated(version: i64) {
     if version > 0 && version < SCHEMA_VERSION {
         tracing::info!(from = version, to = SCHEMA_VERSION, "database schema migrated");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_objects_are_every_table_and_index() {
+        let objects = objects();
+        for name in ["gateways", "gateways_live_key", "api_keys", "events", "events_kind", "nodes", "webhook_deliveries_age"] {
+            assert!(objects.contains(&name), "{name}: {objects:?}");
+        }
+        assert_eq!(objects.len(), TEMPLATE.matches("IF NOT EXISTS").count());
     }
 }

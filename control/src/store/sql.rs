@@ -145,6 +145,13 @@ impl Row {
     }
 }
 
+/// No stored text holds a NUL character (PostgreSQL refuses them in text,
+/// and every row comes through the same checks on either backend): a key
+/// that holds one matches nothing, on both alike, without a query.
+pub fn holds_nul(key: &str) -> bool {
+    key.contains('\0')
+}
+
 /// A column of a table that is not a gateway row did not decode: the
 /// database holds something this build did not write.
 pub fn unreadable(table: &str, reason: String) -> StoreError {
@@ -179,7 +186,9 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    /// The database's clock, Unix milliseconds (one clock for every node).
+    /// The database's clock, Unix milliseconds (one clock for every node:
+    /// liveness and retention are measured on it, so a node whose clock is
+    /// off neither looks dead nor drops the others' rows).
     pub fn now_millis(self) -> &'static str {
         match self {
             Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
@@ -205,6 +214,12 @@ pub trait Database: Send + Sync + std::fmt::Debug {
     fn transaction(&self, work: &mut dyn FnMut(&dyn Sql) -> Result<(), StoreError>) -> Result<(), StoreError>;
     /// Where it is, for messages (a path, or a URL without its password).
     fn describe(&self) -> String;
+    /// Takes the store-wide write lock (shared by every node of a shared
+    /// store) until the returned guard drops; `None` where one process is
+    /// the only writer (SQLite, whose callers serialise their writes).
+    fn exclusive(&self) -> Result<Option<Box<dyn Send>>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// `Database::with` and `::transaction` returning what `work` returns.

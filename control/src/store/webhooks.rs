@@ -192,8 +192,11 @@ fn unreadable(reason: String) -> StoreError {
 /// the event's own transaction.
 pub(super) fn queue_deliveries(sql: &dyn Sql, seq: i64, kind: EventKind, now: i64) -> Result<(), StoreError> {
     sql.execute(
-        "DELETE FROM webhook_deliveries WHERE state != 'pending' AND created_at < ?",
-        args![now - LOG_RETENTION_MILLIS],
+        &format!(
+            "DELETE FROM webhook_deliveries WHERE state != 'pending' AND created_at < {} - ?",
+            sql.dialect().now_millis()
+        ),
+        args![LOG_RETENTION_MILLIS],
     )?;
     sql.execute(
         &format!(
@@ -252,6 +255,9 @@ impl Store {
     }
 
     pub fn webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
+        if sql::holds_nul(id) {
+            return Ok(None);
+        }
         let row =
             self.run(|sql| sql.query_opt(&format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?"), args![id]))?;
         row.as_ref().map(webhook).transpose().map_err(unreadable)
@@ -260,6 +266,9 @@ impl Store {
     /// Removes a webhook with its pending deliveries and log; `None` if there is none.
     pub fn delete_webhook(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
         self.check_write()?;
+        if sql::holds_nul(id) {
+            return Ok(None);
+        }
         self.transaction(|sql| {
             let Some(row) =
                 sql.query_opt(&format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?"), args![id])?
@@ -326,6 +335,21 @@ impl Store {
         Ok(usize::try_from(row.int(0).map_err(unreadable)?).unwrap_or(0))
     }
 
+    /// Claims delivery `seq`, due at `now`, until `until`: true if this
+    /// caller may attempt it, false if another (a node sharing the store)
+    /// claimed or settled it first. The claim moves its due time to `until`.
+    pub fn claim_delivery(&self, seq: i64, now: i64, until: i64) -> Result<bool, StoreError> {
+        self.check_write()?;
+        let n = self.run(|sql| {
+            sql.execute(
+                "UPDATE webhook_deliveries SET next_attempt_at = ?
+                 WHERE seq = ? AND state = 'pending' AND next_attempt_at <= ?",
+                args![until, seq, now],
+            )
+        })?;
+        Ok(n == 1)
+    }
+
     /// Records an attempt at delivery `seq`.
     pub fn record_attempt(&self, seq: i64, attempt: &Attempt, now: i64) -> Result<(), StoreError> {
         self.check_write()?;
@@ -351,6 +375,9 @@ impl Store {
 
     /// Webhook `id`'s deliveries, newest first, older than `before` if given.
     pub fn deliveries(&self, id: &str, before: Option<i64>, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        if sql::holds_nul(id) {
+            return Ok(Vec::new());
+        }
         let rows = self.run(|sql| {
             sql.query(
                 "SELECT d.seq, d.webhook_id, d.event_seq, e.kind, d.state, d.attempts, d.next_attempt_at,

@@ -2341,3 +2341,26 @@ async fn nodes_are_listed_and_a_region_this_node_does_not_serve_is_refused() {
     assert!(r.text.contains("us-east"), "{}", r.text);
     assert!(fresh.store.live().unwrap().is_empty(), "nothing restored");
 }
+
+/// Ids with a NUL character (which PostgreSQL refuses in text) are simply
+/// not found, on either backend; a cursor or a description with one is a
+/// clear 400 / 422, never a 500.
+#[tokio::test]
+async fn nul_characters_are_not_found_or_refused_never_a_server_error() {
+    let api = Api::new(1000);
+    for uri in ["/api/v1/vpn-gateways/vpn_%00", "/api/v1/webhooks/wh_%00", "/api/v1/webhooks/wh_%00/deliveries"] {
+        assert_error(&api.call(Method::GET, uri, None).await, StatusCode::NOT_FOUND, "not_found");
+    }
+    assert_error(
+        &api.call(Method::DELETE, "/api/v1/vpn-gateways/vpn_%00", None).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let r = api.call(Method::GET, "/api/v1/events/history?gateway_id=vpn_%00", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let hook = json!({"url": "https://hooks.example/x", "events": ["*"], "description": "a\u{0}b"});
+    let r = api.call(Method::POST, "/api/v1/webhooks", Some(hook)).await;
+    assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    let log = api.store.audit_log(None, 100).unwrap();
+    assert!(log.iter().any(|e| e.action == "gateway.delete" && e.status == 404), "audited: {log:?}");
+}
