@@ -29,6 +29,7 @@
 //!
 //! Usage: wgxdp-bench-e2e <wgxdp binary> [--seconds N] [--packets N] [--gateways N] [--json FILE]
 //!        [--only equal-load,capacity,handshakes,user-view] [--equal-rate-64 PPS] [--equal-rate-1420 PPS]
+//!        [--store sqlite,postgres]
 //!        [--equal-seconds S] [--equal-runs N] [--busy-poll]
 
 use serde_json::{json, Value};
@@ -40,8 +41,8 @@ use std::time::{Duration, Instant};
 use wgxdp_dataplane::noise::{PrivateKey, PublicKey};
 use wgxdp_integration::events::SseClient;
 use wgxdp_integration::site::{
-    create_api_key, ping_from, write_private_key, ApiClient, ServeProcess, SiteTopology, TempDir, CLIENT_TUNNEL,
-    CLIENT_WAN, LAN_HOST,
+    create_api_key, ping_from, write_private_key, ApiClient, ServeProcess, SiteTopology, StoreAt, TempDir,
+    CLIENT_TUNNEL, CLIENT_WAN, LAN_HOST,
 };
 use wgxdp_integration::{require_tools, run, Netns, Userspace, WireguardGo};
 
@@ -63,12 +64,15 @@ struct Options {
     equal: equal_load::Options,
     /// Also run wgxdp with `busy_poll = true` as a gateway of its own.
     busy_poll: bool,
+    /// The stores the API part of user-view runs on, each in turn.
+    stores: Vec<String>,
 }
 
 const SECTIONS: [&str; 4] = ["equal-load", "capacity", "handshakes", "user-view"];
 
 const USAGE: &str = "usage: wgxdp-bench-e2e <wgxdp> [--seconds N] [--packets N] [--gateways N] [--json FILE] \
     [--only SECTION,...] [--equal-rate-64 PPS] [--equal-rate-1420 PPS] [--equal-seconds S] [--equal-runs N] [--busy-poll]\n\
+    [--store sqlite,postgres] (the stores user-view's API runs on, in turn; PostgreSQL: a server this run starts)\n\
     sections: equal-load, capacity, handshakes, user-view (TCP/UDP through a wireguard-go client, and the API)";
 
 fn options() -> Result<Options, String> {
@@ -83,6 +87,7 @@ fn options() -> Result<Options, String> {
         only: None,
         equal: equal_load::Options { rates: [20_000, 20_000], seconds: 5.0, runs: 3 },
         busy_poll: false,
+        stores: vec!["sqlite".into()],
     };
     fn number<T: std::str::FromStr>(name: &str, v: String) -> Result<T, String> {
         v.parse().map_err(|_| format!("{name}: not a number"))
@@ -99,6 +104,13 @@ fn options() -> Result<Options, String> {
             "--equal-seconds" => o.equal.seconds = number(&a, value(&a)?)?,
             "--equal-runs" => o.equal.runs = number(&a, value(&a)?)?,
             "--busy-poll" => o.busy_poll = true,
+            "--store" => {
+                let list: Vec<String> = value(&a)?.split(',').map(|s| s.trim().to_owned()).collect();
+                if let Some(bad) = list.iter().find(|s| !["sqlite", "postgres"].contains(&s.as_str())) {
+                    return Err(format!("--store: unknown store `{bad}` (sqlite, postgres)"));
+                }
+                o.stores = list;
+            }
             "--only" => {
                 let list: Vec<String> = value(&a)?.split(',').map(|s| s.trim().to_owned()).collect();
                 if let Some(bad) = list.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
@@ -265,15 +277,19 @@ fn ping_during(client: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle
     })
 }
 
-fn wgxdp_phase(o: &Options) -> (Traffic, Value) {
-    println!("== wgxdp: topology, `wgxdp serve` with its API, the client's gateway created through the API");
+fn wgxdp_phase(o: &Options, store: &str) -> (Traffic, Value) {
+    println!("== wgxdp: topology, `wgxdp serve` with its API on {store}, the client's gateway created through the API");
     let topo = SiteTopology::new("bx");
     let dir = TempDir::new("wgxdp-bench");
     let key_file = dir.join("gw.key");
     let gw_pub = write_private_key(&key_file).public_key();
     let config = dir.join("gw.toml");
     let limits = "mutations_per_minute = 1000000\nreads_per_minute = 1000000\n";
-    std::fs::write(&config, topo.api_config(&key_file, API, &dir.join("bench.db"), limits)).expect("config");
+    let at = match store {
+        "postgres" => StoreAt::Postgres(wgxdp_integration::postgres::Cluster::shared().database()),
+        _ => StoreAt::Sqlite(dir.join("bench.db")),
+    };
+    std::fs::write(&config, topo.api_config_on(&key_file, API, &at, limits)).expect("config");
     let mut gateway = ServeProcess::start(&topo.gateway, &o.wgxdp, &config, &dir.0);
     gateway.wait_for_output("wgxdp: api listening", Duration::from_secs(10));
     let key = create_api_key(&o.wgxdp, &config);
@@ -356,6 +372,7 @@ fn wgxdp_phase(o: &Options) -> (Traffic, Value) {
     let restart_exit = restarted.terminate();
     drop(wg);
     let api_figures = json!({
+        "store": store,
         "gateways": ids.len(),
         "create_ms": {"p50": percentile(&create_lat, 0.5), "p99": percentile(&create_lat, 0.99), "failures": create_fail},
         "status_ms": {"p50": percentile(&status_lat, 0.5), "p99": percentile(&status_lat, 0.99), "failures": status_fail},
@@ -609,7 +626,10 @@ fn main() {
     }
 
     let user_view = o.runs("user-view").then(|| {
-        let (x, api) = wgxdp_phase(&o);
+        // The traffic of the first store's run; the API figures of every store's.
+        let mut runs: Vec<(Traffic, Value)> = o.stores.iter().map(|s| wgxdp_phase(&o, s)).collect();
+        let api: Vec<Value> = runs.iter().map(|r| r.1.clone()).collect();
+        let x = runs.remove(0).0;
         let g = userspace_phase(&o, Userspace::WireguardGo);
         let b = have_boringtun.then(|| userspace_phase(&o, Userspace::Boringtun));
         (x, api, g, b)
@@ -752,9 +772,10 @@ fn main() {
             println!("{name:<44}{value:>9.2}x{:>10}", if value >= goal { "met" } else { "NOT met" });
         }
     }
-    if let Some((_, api, _, _)) = &user_view {
+    for api in user_view.iter().flat_map(|u| &u.1) {
+        println!("\nAPI on {}:", api["store"].as_str().unwrap_or("?"));
         println!(
-            "\nAPI with {} gateways: create p50 {:.2} ms p99 {:.2} ms; status p50 {:.2} ms p99 {:.2} ms",
+            "API with {} gateways: create p50 {:.2} ms p99 {:.2} ms; status p50 {:.2} ms p99 {:.2} ms",
             api["gateways"],
             api["create_ms"]["p50"].as_f64().unwrap_or(0.0),
             api["create_ms"]["p99"].as_f64().unwrap_or(0.0),
@@ -849,7 +870,8 @@ fn main() {
             "boringtun": b.map(|b| json!({"tcp_up_mbps": b.tcp_up_mbps, "tcp_down_mbps": b.tcp_down_mbps, "udp64_pps": b.udp64_pps, "udp64_offered_pps": b.udp64_offered_pps})),
         })),
         "targets": targets.iter().map(|(n, v, goal)| json!({"target": n, "ratio": v, "goal": goal, "met": v >= goal})).collect::<Vec<_>>(),
-        "api": user_view.as_ref().map(|u| u.1.clone()),
+        "api": user_view.as_ref().map(|u| u.1[0].clone()),
+        "api_by_store": user_view.as_ref().map(|u| u.1.clone()),
         "elapsed_s": started.elapsed().as_secs_f64(),
     });
     if let Some(parent) = o.json.parent() {

@@ -316,7 +316,7 @@ pub async fn restore(
     require_admin(&caller)?;
     let (site, ours) = (state.settings.site_cidr, state.plane.public_key());
     let parsed = blocking(&state, move |_| parse_restore(&body.0, site, &ours)).await?;
-    let report = state.mutate(move |s| restore_backup(s, parsed)).await.map_err(ApiError::internal)??;
+    let report = state.change(move |s| restore_backup(s, parsed)).await?;
     Ok(Json(RestoreEnvelope { data: report }))
 }
 

@@ -179,10 +179,7 @@ pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody
 
 /// Runs a validated create; its 201 (the pre-shared key shown).
 async fn created(state: &Arc<AppState>, new: NewGateway) -> Result<Response, ApiError> {
-    let (tag, env) = state
-        .mutate(move |s| Ok::<_, ApiError>(tagged(s, &changes::create(s, new)?, true)))
-        .await
-        .map_err(ApiError::internal)??;
+    let (tag, env) = state.change(move |s| Ok(tagged(s, &changes::create(s, new)?, true))).await?;
     let location = format!("/api/v1/vpn-gateways/{}", env.data.id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], tag, env).into_response())
 }
@@ -226,9 +223,7 @@ pub async fn update(
 ) -> Result<Tagged, ApiError> {
     let body = UpdateGateway::from_json(&body)?;
     let if_match = if_match(&headers);
-    let updated = state
-        .mutate(move |s| Ok::<_, ApiError>(tagged(s, &changes::update(s, &id, body, if_match.as_deref())?, false)));
-    updated.await.map_err(ApiError::internal)?
+    state.change(move |s| Ok(tagged(s, &changes::update(s, &id, body, if_match.as_deref())?, false))).await
 }
 
 /// Delete a VPN gateway: its tunnel stops; the record stays listable as `deleted`.
@@ -244,9 +239,7 @@ pub async fn delete(
     headers: HeaderMap,
 ) -> Result<Tagged, ApiError> {
     let if_match = if_match(&headers);
-    let deleted =
-        state.mutate(move |s| Ok::<_, ApiError>(tagged(s, &changes::delete(s, &id, if_match.as_deref())?, false)));
-    deleted.await.map_err(ApiError::internal)?
+    state.change(move |s| Ok(tagged(s, &changes::delete(s, &id, if_match.as_deref())?, false))).await
 }
 
 /// Live tunnel status from the data plane.

@@ -139,9 +139,11 @@ impl AppState {
         })
     }
 
-    /// Runs `f` off the async runtime under the mutation lock, which it holds
-    /// until `f` returns even if the caller stops waiting (a client that
-    /// disconnects cannot let another change start beside a running one).
+    /// Runs `f` off the async runtime under this process's mutation lock,
+    /// which it holds until `f` returns even if the caller stops waiting (a
+    /// client that disconnects cannot let another change start beside a
+    /// running one). For what touches only this node (the tunnel watch);
+    /// changes to the store's gateways and webhooks go through `change`.
     pub async fn mutate<R: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&AppState) -> R + Send + 'static,
@@ -150,14 +152,40 @@ impl AppState {
         let state = self.clone();
         tokio::task::spawn_blocking(move || {
             let _guard = guard;
-            // Fleet-wide too, on a shared store: the checks see every node's
-            // writes and nobody writes between them and this change's write.
-            let _exclusive = state.store.exclusive().map_err(
-                |e| tracing::error!(error = %e, "cannot take the store's write lock; the change runs without it"),
-            );
             f(&state)
         })
         .await
+    }
+
+    /// `mutate`, also holding the store-wide write lock (on a shared store,
+    /// fleet-wide: the checks see every node's writes and nobody writes
+    /// between them and this change's write). A lock that cannot be had
+    /// gives `refused`'s answer instead: a change never runs without it.
+    pub async fn mutate_exclusive<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&AppState) -> R + Send + 'static,
+        refused: impl FnOnce(crate::store::StoreError) -> R + Send + 'static,
+    ) -> Result<R, tokio::task::JoinError> {
+        self.mutate(move |s| match s.store.exclusive() {
+            Ok(_held) => f(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot take the store's write lock; the change is refused");
+                refused(e)
+            }
+        })
+        .await
+    }
+
+    /// A change of the store's gateways or webhooks (`mutate_exclusive`): a
+    /// lock that cannot be had is a 503.
+    pub async fn change<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&AppState) -> Result<T, error::ApiError> + Send + 'static,
+    ) -> Result<T, error::ApiError> {
+        let refused = |_| {
+            Err(error::ApiError::unavailable("the store is busy or does not answer; the change was not made, retry"))
+        };
+        self.mutate_exclusive(f, refused).await.map_err(error::ApiError::internal)?
     }
 
     /// A token a mutation's task holds while it runs.

@@ -117,7 +117,7 @@ fn deliver_one(state: &AppState, d: &DueDelivery) {
     // Claimed first: nodes that share a store each see the delivery due,
     // and only the one that claims it sends it.
     let now = crate::store::now_millis();
-    match state.store.claim_delivery(d.seq, now, now + CLAIM.as_millis() as i64) {
+    match state.store.claim_delivery(d.seq, now, CLAIM.as_millis() as i64) {
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {

@@ -257,14 +257,13 @@ pub async fn create(
     require_admin(&caller)?;
     let new = parse_create_webhook(&body)?;
     let hook = state
-        .mutate(move |s| {
+        .change(move |s| {
             if s.store.webhooks()?.len() >= MAX_WEBHOOKS {
                 return Err(ApiError::conflict(format!("{MAX_WEBHOOKS} webhooks exist; delete one first")));
             }
             Ok(s.store.create_webhook(&new.url, &new.events, &new.description)?)
         })
-        .await
-        .map_err(ApiError::internal)??;
+        .await?;
     tracing::info!(id = %hook.id, "webhook created");
     let location = format!("/api/v1/webhooks/{}", hook.id);
     Ok((
@@ -311,10 +310,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<Json<WebhookEnvelope>, ApiError> {
     require_admin(&caller)?;
-    let hook = state
-        .mutate(move |s| s.store.delete_webhook(&id)?.ok_or_else(|| hook_not_found(&id)))
-        .await
-        .map_err(ApiError::internal)??;
+    let hook = state.change(move |s| s.store.delete_webhook(&id)?.ok_or_else(|| hook_not_found(&id))).await?;
     tracing::info!(id = %hook.id, "webhook deleted");
     Ok(Json(WebhookEnvelope { data: WebhookView::new(&hook, false) }))
 }

@@ -497,12 +497,15 @@ fn revision(sql: &dyn Sql) -> Result<i64, StoreError> {
 }
 
 /// Moves the revision, inside a gateway write's transaction; the new value.
+/// Its row gone (removed by hand) fails the write: the other nodes would
+/// no longer see this node's writes.
 fn bump_revision(sql: &dyn Sql) -> Result<Option<i64>, StoreError> {
     let row = sql.query_opt(
         "UPDATE store_meta SET gateway_revision = gateway_revision + 1 WHERE id = 1 RETURNING gateway_revision",
         &[],
     )?;
-    row.map(|r| r.int(0).map_err(|e| sql::unreadable("store_meta", e))).transpose()
+    let row = row.ok_or_else(|| StoreError::Database("the store_meta row is gone; restart to remake it".into()))?;
+    row.int(0).map(Some).map_err(|e| sql::unreadable("store_meta", e))
 }
 
 /// Where the store keeps its data.

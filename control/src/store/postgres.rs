@@ -28,6 +28,10 @@ const LOCK_TIMEOUT_MS: u32 = 5_000;
 const DEAD_PEER: Duration = Duration::from_secs(15);
 /// The advisory lock key migrations hold ("wgxdp" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0077_6778_6470;
+/// How long a change waits for another node's to end before it is refused.
+const EXCLUSIVE_WAIT: Duration = Duration::from_secs(30);
+/// How long a node waits for another's migration at start.
+const MIGRATION_WAIT_MS: u32 = 120_000;
 /// The advisory lock a check-then-write holds fleet-wide ("wgxdpwr").
 const WRITE_LOCK: i64 = 0x0077_6778_6470_7772;
 
@@ -183,8 +187,26 @@ impl Database for PostgresDb {
 
     fn exclusive(&self) -> Result<Option<Box<dyn Send>>, StoreError> {
         let client = self.client()?;
-        futures_executor::block_on(client.execute("SELECT pg_advisory_lock($1)", &[&WRITE_LOCK])).map_err(pg_error)?;
-        Ok(Some(Box::new(WriteLock(Some(client)))))
+        // Tried, not waited for on the server: a change of another node that
+        // runs long (a restore) outlasts the lock timeout, and this wait has
+        // a bound of its own.
+        let deadline = std::time::Instant::now() + EXCLUSIVE_WAIT;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let row = futures_executor::block_on(client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITE_LOCK]))
+                .map_err(pg_error)?;
+            if row.get::<_, bool>(0) {
+                return Ok(Some(Box::new(WriteLock(Some(client)))));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StoreError::Database(format!(
+                    "another node held the store's write lock for {} s",
+                    EXCLUSIVE_WAIT.as_secs()
+                )));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
     }
 }
 
@@ -263,6 +285,8 @@ impl PostgresDb {
     fn migrate(&self) -> Result<(), StoreError> {
         let mut version = 0;
         self.transaction(&mut |sql| {
+            // Another node's migration may outlast the connection's lock timeout.
+            sql.execute(&format!("SET LOCAL lock_timeout = {MIGRATION_WAIT_MS}"), &[])?;
             sql.execute("SELECT pg_advisory_xact_lock(?)", &[SqlValue::Int(MIGRATION_LOCK)])?;
             let table = sql.query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])?;
             version = match table.int(0).map_err(StoreError::Database)? {
@@ -346,17 +370,19 @@ fn limit(config: &mut tokio_postgres::Config) {
 /// hosts other than this machine's loopback (this build speaks no TLS to
 /// PostgreSQL; a Unix socket or loopback never leaves the host).
 pub fn plaintext_hosts(config: &tokio_postgres::Config) -> Vec<String> {
-    config
-        .get_hosts()
-        .iter()
-        .filter_map(|h| match h {
-            tokio_postgres::config::Host::Tcp(name) => {
-                let loopback = name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
-                (!loopback).then(|| name.clone())
-            }
-            tokio_postgres::config::Host::Unix(_) => None,
-        })
-        .collect()
+    let addresses = config.get_hostaddrs();
+    let names = config.get_hosts().iter().enumerate().filter_map(|(i, h)| match h {
+        // A `hostaddr` is where the connection goes; the name is then only
+        // for authentication.
+        tokio_postgres::config::Host::Tcp(_) if addresses.get(i).is_some() => None,
+        tokio_postgres::config::Host::Tcp(name) => {
+            let loopback = name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
+            (!loopback).then(|| name.clone())
+        }
+        tokio_postgres::config::Host::Unix(_) => None,
+    });
+    let addresses = addresses.iter().filter(|a| !a.is_loopback()).map(ToString::to_string);
+    names.chain(addresses).collect()
 }
 
 /// The connection settings `url` gives; an error that never repeats the URL
@@ -451,6 +477,28 @@ mod tests {
         assert_eq!(cluster.psql_at(url(&db), "SELECT to_regclass('events_kind') IS NOT NULL"), "t", "remade");
     }
 
+    /// The write lock excludes: while one node holds it, another's
+    /// `exclusive` waits, and takes it once the first lets go.
+    #[test]
+    fn the_write_lock_is_held_by_one_node_at_a_time() {
+        let db = TestDb::postgres();
+        let (a, b) = (db.open(), db.open());
+        let held = a.exclusive().unwrap();
+        let taken = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let _lock = b.exclusive().unwrap();
+                taken.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(!taken.load(std::sync::atomic::Ordering::SeqCst), "taken while the other node held it");
+            drop(held);
+            waiter.join().unwrap();
+        });
+        assert!(taken.into_inner());
+        drop(a.exclusive().expect("free again"));
+    }
+
     /// Nodes that start together on a new database migrate one at a time
     /// (the advisory lock): every open succeeds and one version row is left.
     #[test]
@@ -517,6 +565,8 @@ mod tests {
         assert!(hosts("postgres://u@localhost/x").is_empty());
         assert!(hosts("postgres://u@[::1]:5433/x").is_empty());
         assert!(hosts("postgresql:///x?host=/run/postgresql").is_empty());
+        assert_eq!(hosts("postgres://u@localhost/x?hostaddr=10.0.0.5"), ["10.0.0.5"], "hostaddr is where it goes");
+        assert!(hosts("postgres://u@db.example/x?hostaddr=127.0.0.1").is_empty());
     }
 
     /// Every connection gets the store's timeouts, after the URL's options.

@@ -137,17 +137,28 @@ pub fn objects() -> Vec<&'static str> {
         .collect()
 }
 
+/// Columns of `webhook_deliveries` added after the first schema: until when
+/// a node has claimed a delivery (Unix milliseconds, the database's clock).
+const ADDED_DELIVERY_COLUMNS: [(&str, &str); 1] = [("claimed_until", "BIGINT")];
+
 /// Every table's added columns.
-pub const ADDED_COLUMNS: [(&str, &[(&str, &str)]); 2] =
-    [("gateways", &ADDED_GATEWAY_COLUMNS), ("api_keys", &ADDED_API_KEY_COLUMNS)];
+pub const ADDED_COLUMNS: [(&str, &[(&str, &str)]); 3] = [
+    ("gateways", &ADDED_GATEWAY_COLUMNS),
+    ("api_keys", &ADDED_API_KEY_COLUMNS),
+    ("webhook_deliveries", &ADDED_DELIVERY_COLUMNS),
+];
 
 /// The schema version this build reads and writes (SQLite: `PRAGMA user_version`;
 /// PostgreSQL: the `schema_version` table).
-/// Version 1 is every table, index and column as `SCHEMA` and the `ADDED_*`
-/// lists make them (idempotent: run at every open, they also remake what was
-/// removed by hand); a later change of the schema is a step in
-/// `migrate_schema` for databases below its version, with this number raised.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Each version is every table, index and column as `TEMPLATE` and
+/// `ADDED_COLUMNS` make them (idempotent: run where anything is missing,
+/// they also remake what was removed by hand). Version 2 added the nodes,
+/// the gateways' revision (`store_meta`) and claimed webhook deliveries: a
+/// build of version 1 would write gateways without moving the revision,
+/// which the other nodes rely on, so it refuses a version-2 database. A
+/// change that needs more than adding is a step of its own in each
+/// backend's migration, with this number raised.
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Refuses a database a newer wgxdp wrote (a higher version): this build
 /// would misread it. Only reads.
@@ -175,7 +186,9 @@ mod tests {
     #[test]
     fn the_objects_are_every_table_and_index() {
         let objects = objects();
-        for name in ["gateways", "gateways_live_key", "api_keys", "events", "events_kind", "nodes", "webhook_deliveries_age"] {
+        for name in
+            ["gateways", "gateways_live_key", "api_keys", "events", "events_kind", "nodes", "webhook_deliveries_age"]
+        {
             assert!(objects.contains(&name), "{name}: {objects:?}");
         }
         assert_eq!(objects.len(), TEMPLATE.matches("IF NOT EXISTS").count());

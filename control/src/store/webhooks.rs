@@ -327,7 +327,12 @@ impl Store {
         self.check_write()?;
         let row = self.run(|sql| {
             sql.execute(
-                "UPDATE webhook_deliveries SET next_attempt_at = ? WHERE state = 'pending' AND next_attempt_at > ?",
+                &format!(
+                    "UPDATE webhook_deliveries SET next_attempt_at = ?
+                     WHERE state = 'pending' AND next_attempt_at > ?
+                       AND (claimed_until IS NULL OR claimed_until < {})",
+                    sql.dialect().now_millis()
+                ),
                 args![now, now],
             )?;
             sql.query_one("SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'", &[])
@@ -335,16 +340,22 @@ impl Store {
         Ok(usize::try_from(row.int(0).map_err(unreadable)?).unwrap_or(0))
     }
 
-    /// Claims delivery `seq`, due at `now`, until `until`: true if this
+    /// Claims delivery `seq`, due at `now`, for `for_millis`: true if this
     /// caller may attempt it, false if another (a node sharing the store)
-    /// claimed or settled it first. The claim moves its due time to `until`.
-    pub fn claim_delivery(&self, seq: i64, now: i64, until: i64) -> Result<bool, StoreError> {
+    /// claimed or settled it first. The claim moves its due time past it.
+    pub fn claim_delivery(&self, seq: i64, now: i64, for_millis: i64) -> Result<bool, StoreError> {
         self.check_write()?;
+        // The claim's end on the database's clock: a node whose clock is
+        // ahead cannot take a delivery another is still sending.
         let n = self.run(|sql| {
+            let db_now = sql.dialect().now_millis();
             sql.execute(
-                "UPDATE webhook_deliveries SET next_attempt_at = ?
-                 WHERE seq = ? AND state = 'pending' AND next_attempt_at <= ?",
-                args![until, seq, now],
+                &format!(
+                    "UPDATE webhook_deliveries SET next_attempt_at = ?, claimed_until = {db_now} + ?
+                     WHERE seq = ? AND state = 'pending' AND next_attempt_at <= ?
+                       AND (claimed_until IS NULL OR claimed_until < {db_now})"
+                ),
+                args![now + for_millis, for_millis, seq, now],
             )
         })?;
         Ok(n == 1)
@@ -365,7 +376,7 @@ impl Store {
         self.run(|sql| {
             sql.execute(
                 "UPDATE webhook_deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?,
-                     last_attempt_at = ?, last_status = ?, last_error = ?
+                     last_attempt_at = ?, last_status = ?, last_error = ?, claimed_until = NULL
                  WHERE seq = ? AND state = 'pending'",
                 args![state.as_str(), next, now, status.map(i64::from), error, seq],
             )

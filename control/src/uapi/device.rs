@@ -248,7 +248,10 @@ impl UapiDevice {
     pub async fn set(self: &Arc<Self>, req: SetRequest) -> Result<(), UapiError> {
         let device = self.clone();
         let done = match &self.api {
-            Some(s) => s.mutate(move |_| device.set_blocking(req)).await,
+            Some(s) => {
+                let refused = |e| Err(UapiError::new(errno::EIO, format!("the store's write lock cannot be had: {e}")));
+                s.mutate_exclusive(move |_| device.set_blocking(req), refused).await
+            }
             None => tokio::task::spawn_blocking(move || device.set_blocking(req)).await,
         };
         done.map_err(|e| UapiError::new(errno::EIO, format!("the change did not finish: {e}")))?
