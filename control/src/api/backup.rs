@@ -121,7 +121,7 @@ pub struct BackupWebhook {
     #[schema(value_type = Vec<EventTypeOrAll>, min_items = 1, max_items = 16)]
     #[serde(deserialize_with = "bounded::<_, _, 16>")]
     pub events: Vec<String>,
-    #[schema(max_length = 256)]
+    #[schema(max_length = 256, pattern = "^[^\\u0000]*$")]
     pub description: String,
     /// Only in a backup made with `include_secrets=true`; a restore needs it.
     #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "exposed")]

@@ -32,7 +32,8 @@ pub struct CreateWebhook {
     /// The event types to deliver, or `["*"]` for all (the default).
     #[schema(value_type = Option<Vec<EventTypeOrAll>>, nullable, min_items = 1)]
     pub events: Option<Vec<String>>,
-    #[schema(nullable, max_length = 256)]
+    /// Free text, without NUL characters.
+    #[schema(nullable, max_length = 256, pattern = "^[^\\u0000]*$")]
     pub description: Option<String>,
 }
 
