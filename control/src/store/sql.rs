@@ -192,7 +192,10 @@ impl Dialect {
     pub fn now_millis(self) -> &'static str {
         match self {
             Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
-            Dialect::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+            // The statement's start: stable within it, so a comparison with a
+            // column can use its index (clock_timestamp() is volatile, and
+            // made every retention delete a scan of its table).
+            Dialect::Postgres => "CAST(EXTRACT(EPOCH FROM statement_timestamp()) * 1000 AS BIGINT)",
         }
     }
 
