@@ -90,7 +90,7 @@ pub struct ConfigFile {
 }
 
 /// `[node]`: this `serve` as one node of a fleet.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSection {
     /// Default: the host name.
@@ -359,7 +359,7 @@ fn store_location(
 
 /// This node's (id, region): `[node]`, or the host name and every region.
 fn node_identity(node: Option<NodeSection>) -> Result<(String, String), ConfigError> {
-    let node = node.unwrap_or(NodeSection { id: None, region: None });
+    let node = node.unwrap_or_default();
     let id = match node.id {
         Some(id) => node_name(&id).map_err(|e| ConfigError::Api(format!("[node] id `{id}` {e}")))?,
         None => {

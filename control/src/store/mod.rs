@@ -499,13 +499,13 @@ fn revision(sql: &dyn Sql) -> Result<i64, StoreError> {
 /// Moves the revision, inside a gateway write's transaction; the new value.
 /// Its row gone (removed by hand) fails the write: the other nodes would
 /// no longer see this node's writes.
-fn bump_revision(sql: &dyn Sql) -> Result<Option<i64>, StoreError> {
+fn bump_revision(sql: &dyn Sql) -> Result<i64, StoreError> {
     let row = sql.query_opt(
         "UPDATE store_meta SET gateway_revision = gateway_revision + 1 WHERE id = 1 RETURNING gateway_revision",
         &[],
     )?;
     let row = row.ok_or_else(|| StoreError::Database("the store_meta row is gone; restart to remake it".into()))?;
-    row.int(0).map(Some).map_err(|e| sql::unreadable("store_meta", e))
+    row.int(0).map_err(|e| sql::unreadable("store_meta", e))
 }
 
 /// Where the store keeps its data.
@@ -750,7 +750,7 @@ impl Store {
                 ],
             )?;
             let seq = row.int(0).map_err(|e| sql::unreadable("gateways", e))?;
-            Ok((seq, bump_revision(sql)?))
+            Ok((seq, Some(bump_revision(sql)?)))
         });
         match inserted {
             Ok((seq, revision)) => {
@@ -794,7 +794,7 @@ impl Store {
                 "UPDATE gateways SET status = ?, updated_at = ? WHERE id = ?",
                 args![status.as_str(), at, id],
             )?;
-            let revision = if n > 0 { bump_revision(sql)? } else { None };
+            let revision = if n > 0 { Some(bump_revision(sql)?) } else { None };
             Ok((old, n > 0, (revived, revision)))
         })?;
         let (revived, revision) = revived;
@@ -817,7 +817,7 @@ impl Store {
         let (old, removed, revision) = self.transaction(|sql| {
             let old = Self::status_of(sql, id)?;
             let removed = sql.execute("DELETE FROM gateways WHERE id = ?", args![id])? > 0;
-            Ok((old, removed, if removed { bump_revision(sql)? } else { None }))
+            Ok((old, removed, if removed { Some(bump_revision(sql)?) } else { None }))
         })?;
         self.wrote(revision);
         if removed {
@@ -870,7 +870,7 @@ impl Store {
                 ],
             )?;
             let event = event.map(|(kind, data)| events::insert(sql, kind, &g.id, data)).transpose()?;
-            let revision = if n > 0 { bump_revision(sql)? } else { None };
+            let revision = if n > 0 { Some(bump_revision(sql)?) } else { None };
             Ok((old, n > 0, event, revision))
         })?;
         // Memory follows only what was committed.

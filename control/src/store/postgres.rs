@@ -249,6 +249,17 @@ impl PostgresDb {
     /// `postgresql:///db?host=/run/postgresql` for a Unix socket) and brings
     /// its schema to `SCHEMA_VERSION`.
     pub fn open(at: &PostgresAt) -> Result<Self, StoreError> {
+        let db = Self::connect(at)?;
+        db.migrate().map_err(|e| StoreError::Open {
+            path: db.described.clone(),
+            reason: format!("cannot use its schema: {e}"),
+        })?;
+        Ok(db)
+    }
+
+    /// The pool for the database at `at`, its schema as it is. No
+    /// connection is made until the first call.
+    fn connect(at: &PostgresAt) -> Result<Self, StoreError> {
         let mut config =
             parse_url(&at.url).map_err(|reason| StoreError::Open { path: "[store] url".into(), reason })?;
         if let Some(password) = &at.password {
@@ -275,9 +286,7 @@ impl PostgresDb {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| err(e.to_string()))?;
-        let db = Self { runtime: Some(runtime), pool, described: described.clone() };
-        db.migrate().map_err(|e| err(format!("cannot use its schema: {e}")))?;
-        Ok(db)
+        Ok(Self { runtime: Some(runtime), pool, described })
     }
 
     /// Brings the schema to `SCHEMA_VERSION` in one transaction under the
@@ -288,14 +297,7 @@ impl PostgresDb {
             // Another node's migration may outlast the connection's lock timeout.
             sql.execute(&format!("SET LOCAL lock_timeout = {MIGRATION_WAIT_MS}"), &[])?;
             sql.execute("SELECT pg_advisory_xact_lock(?)", &[SqlValue::Int(MIGRATION_LOCK)])?;
-            let table = sql.query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])?;
-            version = match table.int(0).map_err(StoreError::Database)? {
-                0 => 0,
-                _ => sql
-                    .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])?
-                    .int(0)
-                    .map_err(StoreError::Database)?,
-            };
+            version = schema_version(sql)?;
             refuse_newer_schema(version).map_err(StoreError::Database)?;
             // A schema already whole is left alone: DDL would take strong
             // locks on busy tables, and needs a role that owns them.
@@ -322,28 +324,21 @@ impl PostgresDb {
     }
 }
 
-/// The schema version of the database at `at`, read on one connection
-/// that writes nothing (`wgxdp check`); 0 for a database wgxdp never used.
-pub fn schema_version_at(at: &PostgresAt) -> Result<i64, String> {
-    let mut config = parse_url(&at.url)?;
-    if let Some(password) = &at.password {
-        config.password(password.expose());
+/// The schema version of a database (0 for one wgxdp never used).
+fn schema_version(sql: &dyn Sql) -> Result<i64, StoreError> {
+    let table = sql.query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])?;
+    if table.int(0).map_err(StoreError::Database)? == 0 {
+        return Ok(0);
     }
-    limit(&mut config);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let read = async {
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-        let connection = tokio::spawn(connection);
-        let exists: bool = client.query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[]).await?.get(0);
-        let version = match exists {
-            false => 0,
-            true => client.query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[]).await?.get(0),
-        };
-        drop(client);
-        let _ = connection.await;
-        Ok::<i64, tokio_postgres::Error>(version)
-    };
-    runtime.block_on(read).map_err(|e| match pg_error(e) {
+    let row = sql.query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])?;
+    row.int(0).map_err(StoreError::Database)
+}
+
+/// The schema version of the database at `at`, read without writing
+/// (`wgxdp check`); 0 for a database wgxdp never used.
+pub fn schema_version_at(at: &PostgresAt) -> Result<i64, String> {
+    let db = PostgresDb::connect(at).map_err(|e| e.to_string())?;
+    super::sql::run(&db, false, schema_version).map_err(|e| match e {
         StoreError::Database(reason) => reason,
         e => e.to_string(),
     })

@@ -246,11 +246,7 @@ async fn create_get_update_delete_lifecycle() {
     // PATCH: name, CIDR and PSK rotation; the running tunnel follows.
     let new_psk = PresharedKey::generate().to_base64_secret().to_string();
     let r = api
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/vpn-gateways/{id}"),
-            Some(json!({"name": "site-a-renamed", "remote_network_cidr": "10.2.0.0/16", "pre_shared_key": new_psk})),
-        )
+        .patch(&id, json!({"name": "site-a-renamed", "remote_network_cidr": "10.2.0.0/16", "pre_shared_key": new_psk}))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["data"]["name"], "site-a-renamed");
@@ -438,13 +434,7 @@ async fn conflicts() {
     assert_error(&r, StatusCode::CONFLICT, "conflict");
     assert!(r.text.contains(&id), "names the gateway it overlaps: {}", r.text);
     let other = api.create(new_gateway("fourth", "10.12.0.0/16")).await.body["data"]["id"].as_str().unwrap().to_owned();
-    let r = api
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/vpn-gateways/{other}"),
-            Some(json!({"remote_network_cidr": "10.10.0.0/24"})),
-        )
-        .await;
+    let r = api.patch(&other, json!({"remote_network_cidr": "10.10.0.0/24"})).await;
     assert_error(&r, StatusCode::CONFLICT, "conflict");
     // Transient states refuse changes.
     for transient in [Status::Creating, Status::Deleting] {
@@ -730,13 +720,7 @@ async fn config_file_peers_take_part_in_the_conflict_checks() {
     assert!(r.text.contains("configuration file"), "{}", r.text);
     // PATCH cannot move onto a static peer's prefix either.
     let id = api.create(new_gateway("neighbour", "10.22.0.0/16")).await.body["data"]["id"].as_str().unwrap().to_owned();
-    let r = api
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/vpn-gateways/{id}"),
-            Some(json!({"remote_network_cidr": "10.20.1.0/24"})),
-        )
-        .await;
+    let r = api.patch(&id, json!({"remote_network_cidr": "10.20.1.0/24"})).await;
     assert_error(&r, StatusCode::CONFLICT, "conflict");
     assert_eq!(api.plane.tunnels.lock().unwrap().len(), 1, "only the non-overlapping gateway reached the data plane");
 }
@@ -1145,7 +1129,7 @@ async fn the_document_states_what_the_server_enforces() {
     let all_null = json!({"name": null, "remote_network_cidr": null, "remote_peer_ip": null, "remote_peer_port": null,
         "pre_shared_key": null, "persistent_keepalive": null, "additional_remote_network_cidrs": null,
         "additional_local_network_cidrs": null, "firewall": null, "firewall_default": null});
-    let r = api.call(Method::PATCH, &gateway_uri(&id), Some(all_null)).await;
+    let r = api.patch(&id, all_null).await;
     assert_eq!((r.status, r.body["data"]["name"].clone()), (StatusCode::OK, json!("all-nulls")), "{}", r.text);
     // Names are kept as given: white space around them is theirs, all-blank is refused.
     let r = api.create(new_gateway(" spaced ", "10.8.0.0/16")).await;
@@ -1241,9 +1225,7 @@ async fn a_tunnel_cannot_claim_the_sites_own_addresses() {
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let id = r.body["data"]["id"].as_str().unwrap().to_owned();
     for (cidr, says) in [("10.50.0.7/32", "site_cidr"), ("192.168.7.0/24", "gateway host"), ("0.0.0.0/0", "default")] {
-        let r = api
-            .call(Method::PATCH, &format!("/api/v1/vpn-gateways/{id}"), Some(json!({"remote_network_cidr": cidr})))
-            .await;
+        let r = api.patch(&id, json!({"remote_network_cidr": cidr})).await;
         let (status, code) = refusal_for(says);
         assert_error(&r, status, code);
         assert_eq!(r.body["error"]["field"], "remote_network_cidr", "{cidr}");
@@ -1453,7 +1435,7 @@ async fn firewall_and_network_errors_name_the_field() {
             "gateway host",
         ),
     ] {
-        let r = api.call(Method::PATCH, &gateway_uri(&id), Some(patch.clone())).await;
+        let r = api.patch(&id, patch.clone()).await;
         let (status, code) = refusal_for(says);
         assert_error(&r, status, code);
         assert_eq!(r.body["error"]["field"], expected_field, "{patch}: {}", r.text);
@@ -1536,20 +1518,14 @@ async fn remote_networks_may_not_overlap_across_gateways() {
         (&a, json!({"additional_remote_network_cidrs": ["10.12.0.0/16"]})),
         (&a, json!({"additional_remote_network_cidrs": ["10.30.0.0/24"]})),
     ] {
-        let r = api.call(Method::PATCH, &gateway_uri(id), Some(patch.clone())).await;
+        let r = api.patch(id, patch.clone()).await;
         assert_error(&r, StatusCode::CONFLICT, "conflict");
     }
     // A gateway may rearrange its own networks, and a deleted one frees them.
-    let r = api
-        .call(Method::PATCH, &gateway_uri(&a), Some(json!({"additional_remote_network_cidrs": ["10.10.0.0/16"]})))
-        .await;
+    let r = api.patch(&a, json!({"additional_remote_network_cidrs": ["10.10.0.0/16"]})).await;
     assert_error(&r, StatusCode::CONFLICT, "conflict");
     let r = api
-        .call(
-            Method::PATCH,
-            &gateway_uri(&a),
-            Some(json!({"remote_network_cidr": "10.11.0.0/16", "additional_remote_network_cidrs": ["10.10.0.0/16"]})),
-        )
+        .patch(&a, json!({"remote_network_cidr": "10.11.0.0/16", "additional_remote_network_cidrs": ["10.10.0.0/16"]}))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(api.plane.tunnel(&a).unwrap().allowed_ips, prefixes(&["10.11.0.0/16", "10.10.0.0/16"]));
@@ -1568,7 +1544,7 @@ async fn patch_replaces_the_rules_on_the_running_tunnel_and_they_survive_a_resta
     let id = id_of(&api.create(body).await);
     let before = api.plane.tunnel(&id).unwrap();
     // Only the name: rules and networks stay.
-    let r = api.call(Method::PATCH, &gateway_uri(&id), Some(json!({"name": "renamed"}))).await;
+    let r = api.patch(&id, json!({"name": "renamed"})).await;
     assert_eq!(r.body["data"]["firewall"][0]["name"], "Allow ICMP", "{}", r.text);
     assert_eq!(api.plane.tunnel(&id).unwrap(), before);
     // The whole list is replaced, in the new order, and the default changes.
@@ -1577,11 +1553,7 @@ async fn patch_replaces_the_rules_on_the_running_tunnel_and_they_survive_a_resta
         {"name": "rest", "protocol": "any", "action": "deny"}
     ]);
     let r = api
-        .call(
-            Method::PATCH,
-            &gateway_uri(&id),
-            Some(json!({"firewall": rules, "firewall_default": "deny", "additional_local_network_cidrs": []})),
-        )
+        .patch(&id, json!({"firewall": rules, "firewall_default": "deny", "additional_local_network_cidrs": []}))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(
@@ -1598,7 +1570,7 @@ async fn patch_replaces_the_rules_on_the_running_tunnel_and_they_survive_a_resta
     assert_eq!((t.public_key, t.allowed_ips.clone()), (before.public_key, before.allowed_ips.clone()));
     // A data plane that refuses the new rules: 503, and the record keeps the old ones.
     *api.plane.fail_with.lock().unwrap() = Some("control thread busy".into());
-    let r = api.call(Method::PATCH, &gateway_uri(&id), Some(json!({"firewall": []}))).await;
+    let r = api.patch(&id, json!({"firewall": []})).await;
     assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     *api.plane.fail_with.lock().unwrap() = None;
     assert_eq!(api.store.get(&id).unwrap().unwrap().firewall.len(), 2);
@@ -1612,7 +1584,7 @@ async fn patch_replaces_the_rules_on_the_running_tunnel_and_they_survive_a_resta
     let record = store.get(&id).unwrap().unwrap();
     assert_eq!(record.firewall_default, wgxdp_dataplane::policy::RuleAction::Deny);
     // An empty list clears every rule.
-    let r = api.call(Method::PATCH, &gateway_uri(&id), Some(json!({"firewall": []}))).await;
+    let r = api.patch(&id, json!({"firewall": []})).await;
     assert_eq!(r.body["data"]["firewall"], json!([]), "{}", r.text);
     assert!(api.plane.tunnel(&id).unwrap().policy.rules.is_empty());
 }
@@ -1683,9 +1655,7 @@ async fn status_counts_hits_per_rule_and_metrics_escape_the_names() {
     assert!(r.text.contains(&escaped), "{escaped} in\n{}", r.text);
     assert!(!r.text.contains(&plain), "a gateway without rules has no rule counters");
     // New rules: their counters start from zero (the data plane restarts them).
-    let r = api
-        .call(Method::PATCH, &gateway_uri(&id), Some(json!({"firewall": [{"name": "only", "protocol": "any"}]})))
-        .await;
+    let r = api.patch(&id, json!({"firewall": [{"name": "only", "protocol": "any"}]})).await;
     assert_eq!(r.status, StatusCode::OK);
     api.plane.statuses.lock().unwrap().insert(id.clone(), status(Vec::new()));
     let r = api.call(Method::GET, &format!("{}/status", gateway_uri(&id)), None).await;
@@ -1826,7 +1796,7 @@ async fn events_stream_in_order_and_resume_after_a_disconnect_without_gaps() {
 
     // The client goes away; meanwhile the gateway changes and is deleted.
     drop(stream);
-    let r = api.call(Method::PATCH, &gateway_uri(&id), Some(json!({"name": "events-b"}))).await;
+    let r = api.patch(&id, json!({"name": "events-b"})).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let r = api.call(Method::DELETE, &gateway_uri(&id), None).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
@@ -1985,7 +1955,7 @@ async fn webhooks_get_signed_deliveries_retried_until_the_receiver_is_back_and_a
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // An event the webhook did not ask for is not delivered.
-    let r = api.call(Method::PATCH, &gateway_uri(&id), Some(json!({"name": "renamed"}))).await;
+    let r = api.patch(&id, json!({"name": "renamed"})).await;
     assert_eq!(r.status, StatusCode::OK);
 
     // The receiver goes down again, the gateway is deleted, the server stops.

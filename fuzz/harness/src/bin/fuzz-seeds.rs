@@ -319,6 +319,19 @@ reads_per_minute = 1200
         .as_bytes(),
     );
 
+    out.write(
+        f,
+        "fleet.toml",
+        format!(
+            "[interface]\nwan = \"eth0\"\nlan = \"eth1\"\nprivate_key_file = \"{}\"\n[api]\nlisten = \"10.0.0.11:8080\"\n\
+             [node]\nid = \"gw-eu-1\"\nregion = \"eu-west\"\n[store]\n\
+             url = \"postgresql:///wgxdp?host=/run/postgresql&user=wgxdp\"\npassword_file = \"{}\"\n",
+            private.display(),
+            psk.display()
+        )
+        .as_bytes(),
+    );
+
     // api_bodies: a selector byte, then the body (see `control::api_bodies`).
     let a = "api_bodies";
     let remote = wgxdp_dataplane::noise::PrivateKey::generate().public_key().to_base64();
