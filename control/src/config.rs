@@ -90,13 +90,17 @@ pub struct ConfigFile {
 }
 
 /// `[node]`: this `serve` as one node of a fleet.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSection {
     /// Default: the host name.
     pub id: Option<String>,
     /// The one region it serves (default: every region).
     pub region: Option<String>,
+    /// An address that keepalived (VRRP) moves between the nodes of a
+    /// region: this node serves the region's gateways only while the address
+    /// is on one of its interfaces (default: always).
+    pub floating_address: Option<IpAddr>,
 }
 
 /// `[store]`: a PostgreSQL database several nodes share, instead of `[api] database`.
@@ -298,6 +302,8 @@ pub struct ApiConfig {
     pub node_id: String,
     /// `[node] region`, or `store::EVERY_REGION`.
     pub node_region: String,
+    /// `[node] floating_address`.
+    pub floating_address: Option<IpAddr>,
     /// `[api] database` (SQLite), or `[store]` (PostgreSQL).
     pub store: StoreLocation,
     pub site_cidr: Option<IpPrefix>,
@@ -358,8 +364,8 @@ fn store_location(
 }
 
 /// This node's (id, region): `[node]`, or the host name and every region.
-fn node_identity(node: Option<NodeSection>) -> Result<(String, String), ConfigError> {
-    let node = node.unwrap_or_default();
+fn node_identity(node: Option<&NodeSection>) -> Result<(String, String), ConfigError> {
+    let node = node.cloned().unwrap_or_default();
     let id = match node.id {
         Some(id) => node_name(&id).map_err(|e| ConfigError::Api(format!("[node] id `{id}` {e}")))?,
         None => {
@@ -630,7 +636,14 @@ impl Config {
             None => None,
             Some(a) => {
                 let store = store_location(a.database, file.store, read_secret)?;
-                let (node_id, node_region) = node_identity(file.node)?;
+                let (node_id, node_region) = node_identity(file.node.as_ref())?;
+                let floating_address = file.node.as_ref().and_then(|n| n.floating_address);
+                if let (Some(floating), Some(public)) = (floating_address, a.public_address) {
+                    if floating != public {
+                        tracing::warn!(%floating, %public, "[node] floating_address is not [api] public_address: \
+                            the remote sites must reach the floating one");
+                    }
+                }
                 if a.mutations_per_minute == 0 || a.reads_per_minute == 0 || a.auth_failures_per_minute == 0 {
                     return Err(ConfigError::Api("rate limits must be at least 1 per minute".into()));
                 }
@@ -644,6 +657,7 @@ impl Config {
                     listen: a.listen,
                     node_id,
                     node_region,
+                    floating_address,
                     store,
                     site_cidr,
                     public_address: a.public_address,

@@ -70,6 +70,8 @@ pub trait DataPlane: Send + Sync + 'static {
     fn apply(&self, id: &str, tunnel: &Tunnel) -> Result<(), PlaneError>;
     /// Removes the tunnel `id` (no error if absent).
     fn remove(&self, id: &str) -> Result<(), PlaneError>;
+    /// The ids of the tunnels it runs (API ones, not the configuration file's).
+    fn tunnel_ids(&self) -> Vec<String>;
     /// Live state of each tunnel in `ids` (in order; `None`: not in the data plane).
     fn statuses(&self, ids: &[&str]) -> Vec<Option<TunnelStatus>>;
     fn status(&self, id: &str) -> Option<TunnelStatus> {
@@ -154,6 +156,8 @@ impl Tunnels {
     fn apply(&self, peers: &impl PeerControl, id: &str, new: &Tunnel) -> Result<(), PlaneError> {
         let mut tunnels = self.lock();
         match tunnels.get_mut(id) {
+            // Nothing changes: no trip to the control thread.
+            Some((_, old)) if old == new => {}
             None => {
                 let peer = Self::add(peers, new)?;
                 tunnels.insert(id.to_owned(), (peer, new.clone()));
@@ -278,6 +282,10 @@ impl DataPlane for GatewayPlane {
 
     fn remove(&self, id: &str) -> Result<(), PlaneError> {
         self.tunnels.remove(&self.gateway, id)
+    }
+
+    fn tunnel_ids(&self) -> Vec<String> {
+        self.tunnels.ids()
     }
 
     fn statuses(&self, ids: &[&str]) -> Vec<Option<TunnelStatus>> {
@@ -420,6 +428,10 @@ impl DataPlane for MemoryPlane {
         }
         self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         Ok(())
+    }
+
+    fn tunnel_ids(&self) -> Vec<String> {
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
     }
 
     fn statuses(&self, ids: &[&str]) -> Vec<Option<TunnelStatus>> {

@@ -38,7 +38,14 @@ fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<std::net::TcpL
     Ok(listener)
 }
 
-fn prepare_api(config: ApiConfig, static_peers: Vec<StaticPeer>) -> anyhow::Result<ApiStart> {
+/// What the remote sites configure to reach this node: key, address, port.
+struct RemoteSide {
+    public_key: String,
+    public_address: Option<std::net::IpAddr>,
+    listen_port: u16,
+}
+
+fn prepare_api(config: ApiConfig, static_peers: Vec<StaticPeer>, side: RemoteSide) -> anyhow::Result<ApiStart> {
     let store = Arc::new(Store::open_at(&config.store)?);
     let listener = bind(config.listen, "the API")?;
     let metrics_listener = config.metrics_listen.map(|a| bind(a, "/metrics")).transpose()?;
@@ -48,6 +55,9 @@ fn prepare_api(config: ApiConfig, static_peers: Vec<StaticPeer>) -> anyhow::Resu
         api: config.listen.to_string(),
         incarnation: crate::store::incarnation(),
         started_at: crate::store::now_millis(),
+        public_key: side.public_key,
+        public_address: side.public_address.map(|a| a.to_string()).unwrap_or_default(),
+        listen_port: side.listen_port,
     };
     // Registered before anything is attached: a second process with this
     // node id stops here.
@@ -69,10 +79,14 @@ pub fn serve(config_path: &Path, stats_every: Option<Duration>) -> anyhow::Resul
         .iter()
         .map(|p| StaticPeer { public_key: p.config.public_key, allowed_ips: p.allowed_ips.clone() })
         .collect();
-    let api = cfg.api.clone().map(|a| prepare_api(a, static_peers)).transpose()?;
-    let public_address =
-        api.as_ref().and_then(|a| a.config.public_address).or_else(|| interface_addrs(&cfg.wan).0.map(Into::into));
+    let public_address = cfg
+        .api
+        .as_ref()
+        .and_then(|a| a.public_address.or(a.floating_address))
+        .or_else(|| interface_addrs(&cfg.wan).0.map(Into::into));
     let listen_port = cfg.listen_port;
+    let side = RemoteSide { public_key: cfg.private_key.public_key().to_base64(), public_address, listen_port };
+    let api = cfg.api.clone().map(|a| prepare_api(a, static_peers, side)).transpose()?;
     // The host's own addresses (every interface): no API tunnel may route them.
     let host_addresses = wgxdp_dataplane::gateway::host_addresses();
     // What a `[[peer]]` site reaches when neither it nor `[api] site_cidr` says.
@@ -168,11 +182,19 @@ async fn run(
                 metrics_auth: a.config.metrics_auth,
                 metrics_separate: a.metrics_listener.is_some(),
                 node: a.node,
+                floating_address: a.config.floating_address,
                 ..ApiSettings::default()
             };
             let state = AppState::new(a.store, plane.clone(), settings);
             let replayed = state.clone();
             let restored = tokio::task::spawn_blocking(move || api::changes::replay(&replayed)).await??;
+            {
+                let (state, stop) = (state.clone(), stop.clone());
+                std::thread::Builder::new()
+                    .name("wgxdp-serving".into())
+                    .spawn(move || api::serving::run(state, stop))
+                    .context("cannot start the serving thread")?;
+            }
             tokio::spawn(api::tunnel_watch::run(state.clone()));
             tokio::spawn(api::webhook_delivery::run(state.clone()));
             tokio::spawn(heartbeat(state.clone(), stop.clone()));
@@ -423,6 +445,7 @@ mod tests {
             api: "127.0.0.1:8080".into(),
             incarnation,
             started_at: crate::store::now_millis(),
+            ..ThisNode::default()
         }
     }
 

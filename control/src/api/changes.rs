@@ -9,7 +9,7 @@ use super::conditional::check_if_match;
 use super::error::ApiError;
 use super::model::{overlaps, tunnel_of, NewGateway, UpdateGateway};
 use super::networks::{validate_remote_vs_site, GatewayNetworks, Network, ADDITIONAL_REMOTE, REMOTE};
-use super::AppState;
+use super::{serving, AppState};
 use crate::store::{now_millis, EventKind, GatewayRecord, Status, Store, StoreError};
 use std::time::Duration;
 use wgxdp_dataplane::noise::PublicKey;
@@ -113,31 +113,41 @@ fn refuse_transient(g: &GatewayRecord) -> Result<(), ApiError> {
     }
 }
 
-/// A gateway of `region` is served here: this node serves every region or
-/// that one. Otherwise 422 when no live node serves it, or 409 naming the
-/// live nodes that do (a node runs only its own region's tunnels).
+/// A gateway of `region` can be served: by this node, or by a live node
+/// of that region (any node's API takes any region's changes; the serving
+/// node runs them). 422 when none does.
 pub(crate) fn check_region(s: &AppState, region: &str) -> Result<(), ApiError> {
-    let me = &s.settings.node;
-    if me.serves(region) {
+    if s.settings.node.serves(region) || !s.store.live_nodes_of(region)?.is_empty() {
         return Ok(());
     }
-    let serving = s.store.live_nodes_of(region)?;
-    if serving.is_empty() {
-        return Err(ApiError::validation(
-            "region",
-            format!("no live node serves region `{region}` (GET /api/v1/nodes lists the nodes and their regions)"),
-        ));
-    }
-    let names: Vec<String> = serving.iter().map(|n| format!("{} (API {})", n.id, n.api)).collect();
-    Err(ApiError::conflict_at(
+    Err(ApiError::validation(
         "region",
-        format!(
-            "node {} serves region `{}`; region `{region}` is served by {}: send the request there",
-            me.id,
-            me.region,
-            names.join(", ")
-        ),
+        format!("no live node serves region `{region}` (GET /api/v1/nodes lists the nodes and their regions)"),
     ))
+}
+
+/// A change of a gateway of `region` (`id`: an existing one) runs in this
+/// node's data plane: this node serves the region, may serve now (its
+/// floating address, if any, is here) and holds the gateway's lease, or
+/// takes it because no live node holds it. Otherwise the serving node runs
+/// it (`serving`): this node only writes the store.
+fn served_here(s: &AppState, region: &str, id: Option<&str>) -> Result<bool, ApiError> {
+    let me = &s.settings.node;
+    if !me.serves(region) || !serving::holds_floating_address(s) {
+        return Ok(false);
+    }
+    let Some(id) = id else { return Ok(true) };
+    Ok(match s.store.lease_of(id)? {
+        Some(lease) if lease.node_id == me.id => true,
+        Some(lease) if lease.holder_live => false,
+        _ => s.store.claim_lease(me, id, -1)?,
+    })
+}
+
+/// The change that made `g` runs in this node's data plane already (or
+/// nothing runs any more): the answer need not wait for another node.
+pub fn is_served_here(s: &AppState, g: &GatewayRecord) -> bool {
+    g.status == Status::Deleted || s.served.lock().unwrap_or_else(|p| p.into_inner()).runs(g)
 }
 
 /// The remote networks of a new gateway, checked against this site (its
@@ -186,12 +196,21 @@ pub fn create(s: &AppState, new: NewGateway) -> Result<GatewayRecord, ApiError> 
 
 /// Stores a new gateway (`creating`) and starts its tunnel; returns the
 /// `active` record. Its checks are done: `create` runs them for one gateway,
-/// `restore` for a whole backup.
+/// `restore` for a whole backup. One that another node serves is stored
+/// `creating`, and returned so: that node starts it (`serving`).
 pub(crate) fn commit_create(s: &AppState, record: GatewayRecord) -> Result<GatewayRecord, ApiError> {
-    let record = s.store.insert(record).map_err(|e| match e {
+    let duplicate = |e| match e {
         StoreError::DuplicateKey => ApiError::conflict("a VPN gateway already uses this remote_public_key"),
         e => e.into(),
-    })?;
+    };
+    if !served_here(s, &record.region, None)? {
+        let record = s.store.insert(record).map_err(duplicate)?;
+        tracing::info!(id = %record.id, region = %record.region, "VPN gateway stored; its region's node starts it");
+        return Ok(record);
+    }
+    // Held by this node from the start: no other node may claim it between
+    // the insert and the tunnel.
+    let record = s.store.insert_served(record, &s.settings.node).map_err(duplicate)?;
     if let Err(e) = s.plane.apply(&record.id, &tunnel_of(&record)) {
         // Never acknowledged: take the record back out.
         if let Err(pe) = write_retrying(&record.id, || s.store.purge(&record.id)) {
@@ -217,6 +236,7 @@ pub(crate) fn commit_create(s: &AppState, record: GatewayRecord) -> Result<Gatew
         }
         return Err(store_unavailable(e));
     }
+    s.served.lock().unwrap_or_else(|p| p.into_inner()).record(&active);
     tracing::info!(id = %active.id, name = %active.name, "VPN gateway created");
     Ok(active)
 }
@@ -229,14 +249,19 @@ pub fn update(s: &AppState, id: &str, body: UpdateGateway, if_match: Option<&str
     // The precondition first (RFC 9110 13.2.2): a stale tag is a 412 whatever
     // else the change would meet.
     check_if_match(if_match, &old)?;
-    // Its tunnel runs on the nodes of its region: changed there.
-    check_region(s, &old.region)?;
     let (mut new, remote) = check_update(s, &old, body)?;
     check_conflicts(s, &remote, None, Some(id))?;
     check_capacity(s, &new.remote_prefixes().collect::<Vec<_>>(), Some(id))?;
     // Every change a new stamp (the ETag's), even two in one millisecond or
     // after the clock stepped back.
     new.updated_at = now_millis().max(old.updated_at + 1);
+    if !served_here(s, &old.region, Some(id))? {
+        // Its serving node applies it (and, until one serves it, the next
+        // node that does).
+        s.settle(&new, EventKind::GatewayUpdated).map_err(store_unavailable)?;
+        tracing::info!(%id, "VPN gateway updated; its serving node applies it");
+        return Ok(new);
+    }
     // The data plane first, then the record with its event in one
     // transaction; if that write fails, the data plane goes back.
     let restore_plane = || {
@@ -253,6 +278,7 @@ pub fn update(s: &AppState, id: &str, body: UpdateGateway, if_match: Option<&str
         restore_plane();
         return Err(store_unavailable(e));
     }
+    s.served.lock().unwrap_or_else(|p| p.into_inner()).record(&new);
     tracing::info!(id = %id, "VPN gateway updated");
     Ok(new)
 }
@@ -262,7 +288,9 @@ pub fn update(s: &AppState, id: &str, body: UpdateGateway, if_match: Option<&str
 pub fn delete(s: &AppState, id: &str, if_match: Option<&str>) -> Result<GatewayRecord, ApiError> {
     let g = existing(&s.store, id)?;
     check_if_match(if_match, &g)?;
-    check_region(s, &g.region)?;
+    if !served_here(s, &g.region, Some(id))? {
+        return delete_elsewhere(s, g);
+    }
     refuse_transient(&g)?;
     s.store.set_status(id, Status::Deleting)?;
     if let Err(e) = s.plane.remove(id) {
@@ -281,44 +309,45 @@ pub fn delete(s: &AppState, id: &str, if_match: Option<&str>) -> Result<GatewayR
         // next start completes; the client may not assume it is done.
         return Err(store_unavailable(e));
     }
+    s.served.lock().unwrap_or_else(|p| p.into_inner()).record(&deleted);
+    if let Err(e) = s.store.drop_lease(&s.settings.node, id) {
+        tracing::warn!(%id, error = %e, "cannot drop the lease of a deleted gateway; dropped at the next pass");
+    }
     tracing::info!(id = %id, "VPN gateway deleted");
     Ok(deleted)
 }
 
-/// Brings the data plane in line with the store after a start: gateways
-/// still `creating` are programmed and become `active`, `active` ones are
-/// programmed, `deleting` ones become `deleted`. Returns how many tunnels run.
-///
-/// A change the previous run did not finish was never acknowledged, nor its
-/// event recorded: finishing it records it (`gateway.created`, `.deleted`).
-/// A row that does not decode (edited by hand) is logged, naming it and its
-/// column, and left as it is: the other tunnels still start.
-pub fn replay(state: &AppState) -> Result<usize, StoreError> {
-    let (store, plane) = (&state.store, &*state.plane);
-    let mut running = 0;
-    // A failing database stops the start: no start on part of the store.
-    // Only this node's region: the other regions' tunnels run elsewhere.
-    for mut g in store.live_readable()?.into_iter().filter(|g| state.settings.node.serves(&g.region)) {
-        match g.status {
-            Status::Deleting => {
-                let _ = plane.remove(&g.id);
-                g.updated_at = now_millis().max(g.updated_at + 1);
-                g.status = Status::Deleted;
-                state.settle(&g, EventKind::GatewayDeleted)?;
-            }
-            Status::Creating | Status::Active => match plane.apply(&g.id, &tunnel_of(&g)) {
-                Ok(()) => {
-                    if g.status == Status::Creating {
-                        g.updated_at = now_millis().max(g.updated_at + 1);
-                        g.status = Status::Active;
-                        state.settle(&g, EventKind::GatewayCreated)?;
-                    }
-                    running += 1;
-                }
-                Err(e) => tracing::error!(id = %g.id, error = %e, "cannot restore a tunnel into the data plane"),
-            },
-            Status::Deleted => {}
-        }
+/// Deletes gateway `g`, which another node serves: marked `deleting`, which
+/// its serving node completes (one still `creating` there may go too: it
+/// waits for that node). When no live node holds it, nothing runs it: it
+/// is `deleted` at once.
+fn delete_elsewhere(s: &AppState, mut g: GatewayRecord) -> Result<GatewayRecord, ApiError> {
+    match g.status {
+        Status::Deleting => return Err(ApiError::conflict(format!("VPN gateway {} is deleting", g.id))),
+        Status::Deleted => return Err(ApiError::conflict(format!("VPN gateway {} is deleted", g.id))),
+        Status::Creating | Status::Active => {}
     }
-    Ok(running)
+    g.updated_at = now_millis().max(g.updated_at + 1);
+    let held = s.store.lease_of(&g.id)?.is_some_and(|l| l.holder_live);
+    if held {
+        s.store.set_status_at(&g.id, Status::Deleting, g.updated_at)?;
+        g.status = Status::Deleting;
+        tracing::info!(id = %g.id, "VPN gateway deleting; its serving node removes it");
+    } else {
+        g.status = Status::Deleted;
+        s.settle(&g, EventKind::GatewayDeleted).map_err(store_unavailable)?;
+        tracing::info!(id = %g.id, "VPN gateway deleted (no node served it)");
+    }
+    Ok(g)
+}
+
+/// Brings the data plane in line with the store after a start: claims the
+/// gateways this node serves, programs them, finishes the changes the
+/// previous run did not (`creating` ones become `active`, `deleting` ones
+/// `deleted`, each recording its event, which was never recorded since the
+/// change was never acknowledged). A row that does not decode (edited by
+/// hand) is logged, naming it and its column, and left as it is: the other
+/// tunnels still start. Returns how many tunnels run.
+pub fn replay(state: &AppState) -> Result<usize, StoreError> {
+    Ok(serving::pass(state)?.running)
 }

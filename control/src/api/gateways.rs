@@ -11,7 +11,7 @@ use super::model::{
     parse_create, remote_config, GatewayEnvelope, GatewayListEnvelope, GatewayView, ListMeta, NewGateway, ObjectMeta,
     StatusEnvelope, StatusView, UpdateGateway,
 };
-use super::{blocking, AppState};
+use super::{blocking, serving, AppState};
 use crate::plane::TunnelStatus;
 use crate::store::{GatewayRecord, ListQuery, SortField, SortKey, Status};
 use axum::extract::{Path, State};
@@ -22,11 +22,41 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Live state from the data plane for each record (none for deleted ones), in one trip.
+/// Live state for each record (none for deleted ones): from this node's
+/// data plane, in one trip; for a gateway another node serves, what that
+/// node published (while it is live), in one query.
 fn live_statuses(state: &AppState, records: &[GatewayRecord]) -> Vec<Option<TunnelStatus>> {
     let ids: Vec<&str> = records.iter().map(|g| g.id.as_str()).collect();
-    let live = state.plane.statuses(&ids);
-    records.iter().zip(live).map(|(g, s)| s.filter(|_| g.status != Status::Deleted)).collect()
+    let mut live = state.plane.statuses(&ids);
+    for (s, g) in live.iter_mut().zip(records) {
+        if g.status == Status::Deleted {
+            *s = None;
+        }
+    }
+    let elsewhere: Vec<usize> =
+        (0..records.len()).filter(|&i| live[i].is_none() && records[i].status != Status::Deleted).collect();
+    if elsewhere.is_empty() {
+        return live;
+    }
+    let asked: Vec<&str> = elsewhere.iter().map(|&i| ids[i]).collect();
+    match state.store.published_statuses(&asked) {
+        Ok(published) => {
+            for (i, p) in elsewhere.into_iter().zip(published) {
+                live[i] = p.filter(|p| p.publisher_live).map(|p| p.status);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the tunnel states other nodes published"),
+    }
+    live
+}
+
+/// After a change to `g` that another node serves: its answer once that
+/// node runs it (at most `serving::APPLIED_WAIT`), or as stored.
+async fn once_served(state: &Arc<AppState>, g: GatewayRecord) -> Result<GatewayRecord, ApiError> {
+    if changes::is_served_here(state, &g) {
+        return Ok(g);
+    }
+    blocking(state, move |s| Ok(serving::wait_until_served(s, &g.id, g.updated_at, serving::APPLIED_WAIT)?)).await
 }
 
 /// A gateway's answer: its view and, in an `ETag` header, its entity tag.
@@ -44,7 +74,7 @@ fn if_match(headers: &HeaderMap) -> Option<String> {
 fn envelope(state: &AppState, g: &GatewayRecord, reveal_psk: bool) -> GatewayEnvelope {
     let live = live_statuses(state, std::slice::from_ref(g)).pop().flatten();
     GatewayEnvelope {
-        data: GatewayView::new(g, live.as_ref(), &state.local_side(), reveal_psk),
+        data: GatewayView::new(g, live.as_ref(), &state.local_side_of(&g.region), reveal_psk),
         meta: ObjectMeta { persistence: "synced".into() },
     }
 }
@@ -156,10 +186,16 @@ pub async fn list(
             };
             Cursor { sort, order, status, key, seq: g.seq }.encode()
         });
-        let local = s.local_side();
+        let mut sides = std::collections::HashMap::new();
         let live = live_statuses(s, &rows);
-        let data: Vec<GatewayView> =
-            rows.iter().zip(&live).map(|(g, l)| GatewayView::new(g, l.as_ref(), &local, false)).collect();
+        let data: Vec<GatewayView> = rows
+            .iter()
+            .zip(&live)
+            .map(|(g, l)| {
+                let local = sides.entry(g.region.as_str()).or_insert_with(|| s.local_side_of(&g.region));
+                GatewayView::new(g, l.as_ref(), local, false)
+            })
+            .collect();
         Ok(Json(GatewayListEnvelope { meta: ListMeta { limit, count: data.len(), next_cursor }, data }))
     })
     .await
@@ -179,7 +215,9 @@ pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody
 
 /// Runs a validated create; its 201 (the pre-shared key shown).
 async fn created(state: &Arc<AppState>, new: NewGateway) -> Result<Response, ApiError> {
-    let (tag, env) = state.change(move |s| Ok(tagged(s, &changes::create(s, new)?, true))).await?;
+    let g = state.change(move |s| changes::create(s, new)).await?;
+    let g = once_served(state, g).await?;
+    let (tag, env) = blocking(state, move |s| Ok(tagged(s, &g, true))).await?;
     let location = format!("/api/v1/vpn-gateways/{}", env.data.id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], tag, env).into_response())
 }
@@ -223,7 +261,9 @@ pub async fn update(
 ) -> Result<Tagged, ApiError> {
     let body = UpdateGateway::from_json(&body)?;
     let if_match = if_match(&headers);
-    state.change(move |s| Ok(tagged(s, &changes::update(s, &id, body, if_match.as_deref())?, false))).await
+    let g = state.change(move |s| changes::update(s, &id, body, if_match.as_deref())).await?;
+    let g = once_served(&state, g).await?;
+    blocking(&state, move |s| Ok(tagged(s, &g, false))).await
 }
 
 /// Delete a VPN gateway: its tunnel stops; the record stays listable as `deleted`.
@@ -239,7 +279,9 @@ pub async fn delete(
     headers: HeaderMap,
 ) -> Result<Tagged, ApiError> {
     let if_match = if_match(&headers);
-    state.change(move |s| Ok(tagged(s, &changes::delete(s, &id, if_match.as_deref())?, false))).await
+    let g = state.change(move |s| changes::delete(s, &id, if_match.as_deref())).await?;
+    let g = once_served(&state, g).await?;
+    blocking(&state, move |s| Ok(tagged(s, &g, false))).await
 }
 
 /// Live tunnel status from the data plane.
@@ -253,7 +295,11 @@ pub async fn status(
     blocking(&state, move |s| {
         let g = changes::existing(&s.store, &id)?;
         let live = live_statuses(s, std::slice::from_ref(&g)).pop().flatten();
-        Ok(Json(StatusEnvelope { data: StatusView::new(&g, live.as_ref()) }))
+        let serving_node = match s.store.lease_of(&g.id)? {
+            Some(lease) if lease.holder_live || lease.node_id == s.settings.node.id => Some(lease.node_id),
+            _ => None,
+        };
+        Ok(Json(StatusEnvelope { data: StatusView::new(&g, live.as_ref(), serving_node) }))
     })
     .await
 }
@@ -269,7 +315,7 @@ pub async fn config(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
         if g.status == Status::Deleted {
             return Err(ApiError::conflict(format!("VPN gateway {id} is deleted")));
         }
-        let text = remote_config(&g, &s.local_side());
+        let text = remote_config(&g, &s.local_side_of(&g.region));
         Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
     })
     .await

@@ -21,6 +21,7 @@ pub mod nodes;
 pub mod openapi;
 pub mod ops;
 pub mod paging;
+pub mod serving;
 pub mod tunnel_watch;
 pub mod webhook_delivery;
 pub mod webhooks;
@@ -63,6 +64,8 @@ pub struct ApiSettings {
     pub max_remote_networks: usize,
     /// This `serve` as a node of the store's fleet.
     pub node: crate::store::ThisNode,
+    /// `[node] floating_address`: serve only while it is on this host.
+    pub floating_address: Option<std::net::IpAddr>,
 }
 
 /// A configuration-file peer as the API's conflict checks see it.
@@ -85,13 +88,8 @@ impl Default for ApiSettings {
             metrics_auth: false,
             metrics_separate: false,
             max_remote_networks: wgxdp_dataplane::loader::MAX_TUNNEL_PREFIXES as usize,
-            node: crate::store::ThisNode {
-                id: "local".into(),
-                region: crate::store::EVERY_REGION.into(),
-                api: String::new(),
-                incarnation: crate::store::incarnation(),
-                started_at: crate::store::now_millis(),
-            },
+            node: crate::store::ThisNode::default(),
+            floating_address: None,
         }
     }
 }
@@ -111,9 +109,12 @@ pub struct AppState {
     /// Held by every mutation's task (`auth::require_api_key`): `drain`
     /// waits until none is left.
     mutations_in_flight: Arc<()>,
-    /// Serializes mutations (the API's and the `wg` socket's): check-then-write
-    /// and the data plane stay in step. Taken through `mutate`.
+    /// Serializes mutations (the API's and the `wg` socket's, and the
+    /// serving passes): check-then-write and the data plane stay in step.
+    /// Taken through `mutate`.
     mutations: Arc<tokio::sync::Mutex<()>>,
+    /// What the data plane runs of the gateways this node serves.
+    pub served: std::sync::Mutex<serving::Served>,
 }
 
 impl std::fmt::Debug for dyn DataPlane {
@@ -136,6 +137,7 @@ impl AppState {
             idempotent_requests: tokio::sync::Mutex::new(()),
             mutations_in_flight: Arc::new(()),
             mutations: Arc::default(),
+            served: Default::default(),
         })
     }
 
@@ -215,7 +217,7 @@ impl AppState {
 
     /// A `gateway.*` event's data: the gateway as `GET` shows it (its key masked).
     pub fn gateway_event_data(&self, g: &GatewayRecord) -> serde_json::Value {
-        let view = model::GatewayView::new(g, None, &self.local_side(), false);
+        let view = model::GatewayView::new(g, None, &self.local_side_of(&g.region), false);
         serde_json::to_value(view).unwrap_or_default()
     }
 
@@ -232,6 +234,29 @@ impl AppState {
             port: self.plane.listen_port(),
             public_key: self.plane.public_key(),
         }
+    }
+
+    /// What the remote site of a gateway of `region` configures: this
+    /// node's side if it serves the region, else the side a node of that
+    /// region published (a live one first), else this node's.
+    pub fn local_side_of(&self, region: &str) -> LocalSide {
+        let own = self.local_side();
+        if self.settings.node.serves(region) {
+            return own;
+        }
+        let Ok(mut nodes) = self.store.nodes() else { return own };
+        nodes.retain(|n| n.region == region);
+        nodes.sort_by_key(|n| !n.is_live());
+        nodes
+            .iter()
+            .find_map(|n| {
+                Some(LocalSide {
+                    ip: n.public_address.parse().ok()?,
+                    port: Some(n.listen_port).filter(|p| *p > 0)?,
+                    public_key: n.public_key.parse().ok()?,
+                })
+            })
+            .unwrap_or(own)
     }
 }
 

@@ -199,6 +199,9 @@ pub struct StatusView {
     /// Packets each firewall rule matched, in rule order, since the rules
     /// last changed (or the gateway started).
     pub firewall_hits: Vec<FirewallRuleHits>,
+    /// The node whose data plane runs this tunnel (`GET /api/v1/nodes`);
+    /// null while none does (no live node of its region has taken it yet).
+    pub serving_node: Option<String>,
 }
 
 /// How often one firewall rule matched.
@@ -318,9 +321,10 @@ impl GatewayView {
 }
 
 impl StatusView {
-    pub fn new(g: &GatewayRecord, live: Option<&TunnelStatus>) -> Self {
+    pub fn new(g: &GatewayRecord, live: Option<&TunnelStatus>, serving_node: Option<String>) -> Self {
         let live = live.cloned().unwrap_or_default();
         Self {
+            serving_node,
             id: g.id.clone(),
             tunnel_status: if is_up(&live, SystemTime::now()) { "up" } else { "down" }.into(),
             bytes_sent: live.bytes_sent,

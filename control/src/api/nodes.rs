@@ -37,6 +37,8 @@ pub struct NodeView {
     pub last_heartbeat_at: String,
     /// Milliseconds since its last heartbeat, on the store's clock.
     pub silent_for_ms: i64,
+    /// How many gateways it holds the lease of (serves, while live).
+    pub gateways_served: u64,
 }
 
 impl NodeView {
@@ -49,6 +51,7 @@ impl NodeView {
             started_at: rfc3339_millis(n.started_at),
             last_heartbeat_at: rfc3339_millis(n.heartbeat_at),
             silent_for_ms: n.silent_for_millis.max(0),
+            gateways_served: n.serving,
             id: n.id.clone(),
         }
     }

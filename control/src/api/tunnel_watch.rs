@@ -90,6 +90,35 @@ impl TunnelWatch {
     }
 }
 
+/// A tunnel's state is published again at most this often (a change of
+/// whether it is up is never held back longer).
+pub const PUBLISH_EVERY: Duration = Duration::from_secs(2);
+
+/// What this node last published of each tunnel, and when.
+#[derive(Debug, Default)]
+struct Published(HashMap<String, (TunnelStatus, Instant)>);
+
+impl Published {
+    /// The states to publish now: changed, and not published within
+    /// `PUBLISH_EVERY` (or never). Tunnels gone from `live` are forgotten.
+    fn due(&mut self, live: Vec<(String, TunnelStatus)>, now: Instant) -> Vec<(String, TunnelStatus)> {
+        let running: std::collections::HashSet<&str> = live.iter().map(|(id, _)| id.as_str()).collect();
+        self.0.retain(|id, _| running.contains(id.as_str()));
+        live.into_iter()
+            .filter(|(id, s)| match self.0.get(id) {
+                None => true,
+                Some((last, at)) => last != s && now.saturating_duration_since(*at) >= PUBLISH_EVERY,
+            })
+            .collect()
+    }
+
+    fn done(&mut self, published: Vec<(String, TunnelStatus)>, now: Instant) {
+        for (id, s) in published {
+            self.0.insert(id, (s, now));
+        }
+    }
+}
+
 /// Runs the watch until the runtime stops. First, tunnels the log last saw
 /// up are announced down: their sessions did not survive the restart.
 pub async fn run(state: Arc<AppState>) {
@@ -98,9 +127,9 @@ pub async fn run(state: Arc<AppState>) {
     let restarted = state.mutate(|s| match s.store.tunnels_last_up() {
         Ok(ids) => {
             for id in ids {
-                // Only the tunnels this node ran: another region's live on.
-                let ours = match s.store.get(&id) {
-                    Ok(Some(g)) => s.settings.node.serves(&g.region),
+                // Only the tunnels this node ran: another node's live on.
+                let ours = match s.store.lease_of(&id) {
+                    Ok(Some(lease)) => lease.node_id == s.settings.node.id,
                     Ok(None) | Err(_) => s.settings.node.region == crate::store::EVERY_REGION,
                 };
                 if ours {
@@ -114,6 +143,7 @@ pub async fn run(state: Arc<AppState>) {
         tracing::error!("announcing the tunnels a restart took down failed");
     }
     let watch = Arc::new(std::sync::Mutex::new(TunnelWatch::default()));
+    let published = Arc::new(std::sync::Mutex::new(Published::default()));
     let mut ticker = tokio::time::interval(INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -125,8 +155,9 @@ pub async fn run(state: Arc<AppState>) {
             // A data plane that did not answer says nothing about its tunnels.
             let Some(live) = s.plane.all_statuses() else {
                 tracing::debug!("the data plane did not answer; tunnel events wait for the next look");
-                return;
+                return None;
             };
+            let shown = s.store.is_shared().then(|| live.clone());
             let mut watch = watch.lock().unwrap_or_else(|p| p.into_inner());
             // What the watch knows changes only once its events are recorded:
             // an event the store refused is found again at the next look.
@@ -139,10 +170,30 @@ pub async fn run(state: Arc<AppState>) {
             if recorded {
                 *watch = next;
             }
+            shown
         });
         // A look that panicked is logged; the next one starts afresh.
-        if let Err(e) = looked.await {
-            tracing::error!(error = %e, "a look at the tunnels failed");
+        let live = match looked.await {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::error!(error = %e, "a look at the tunnels failed");
+                None
+            }
+        };
+        // On a shared store, for the other nodes' answers.
+        if let Some(live) = live {
+            let (s, published) = (state.clone(), published.clone());
+            let done = tokio::task::spawn_blocking(move || {
+                let mut published = published.lock().unwrap_or_else(|p| p.into_inner());
+                let due = published.due(live, Instant::now());
+                match s.store.publish_statuses(&s.settings.node, &due) {
+                    Ok(()) => published.done(due, Instant::now()),
+                    Err(e) => tracing::warn!(error = %e, "cannot publish the tunnels' state to the other nodes"),
+                }
+            });
+            if let Err(e) = done.await {
+                tracing::error!(error = %e, "publishing the tunnels' state failed");
+            }
         }
     }
 }

@@ -28,6 +28,7 @@ use wgxdp_dataplane::table::IpPrefix;
 mod audit;
 mod events;
 mod idempotency;
+mod leases;
 mod live_index;
 mod nodes;
 mod postgres;
@@ -40,6 +41,7 @@ mod webhooks;
 pub use audit::AuditEntry;
 pub use events::{Event, EventFilter, EventKind};
 pub use idempotency::StoredResponse;
+pub use leases::{Lease, PublishedStatus, ServedChanges};
 pub use live_index::LiveIndex;
 pub use nodes::{
     holder_is_dead, incarnation, is_region_name, NodeIdTaken, NodeRecord, ThisNode, EVERY_REGION, HEARTBEAT_MILLIS,
@@ -297,6 +299,24 @@ pub struct Store {
     /// reflect: another node's write moves it, and the next `exclusive`
     /// reloads them.
     seen_revision: AtomicI64,
+    /// Moved by every change of the gateways or their leases this process
+    /// commits, and by other nodes' (once `watch_changes` listens).
+    changes: std::sync::Arc<ChangeSignal>,
+    listening: std::sync::Once,
+}
+
+/// A counter that moves at each change, and wakes who waits for one.
+#[derive(Debug, Default)]
+struct ChangeSignal {
+    count: Mutex<u64>,
+    moved: std::sync::Condvar,
+}
+
+impl ChangeSignal {
+    fn signal(&self) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.moved.notify_all();
+    }
 }
 
 /// The store-wide write lock (`Store::exclusive`), held until dropped.
@@ -496,16 +516,25 @@ fn revision(sql: &dyn Sql) -> Result<i64, StoreError> {
     row.int(0).map_err(|e| sql::unreadable("store_meta", e))
 }
 
-/// Moves the revision, inside a gateway write's transaction; the new value.
-/// Its row gone (removed by hand) fails the write: the other nodes would
-/// no longer see this node's writes.
-fn bump_revision(sql: &dyn Sql) -> Result<i64, StoreError> {
+/// Moves the revision, inside a gateway write's transaction, and stamps
+/// gateway `id`'s row with it (if the row is still there); the new value.
+/// The revision's row stays locked until the commit, so writes commit in
+/// revision order: a reader that sees one has seen every lower one. The
+/// serving nodes are told (PostgreSQL: `NOTIFY`, sent at the commit). Its
+/// row gone (removed by hand) fails the write: the other nodes would no
+/// longer see this node's writes.
+fn bump_revision(sql: &dyn Sql, id: &str) -> Result<i64, StoreError> {
     let row = sql.query_opt(
         "UPDATE store_meta SET gateway_revision = gateway_revision + 1 WHERE id = 1 RETURNING gateway_revision",
         &[],
     )?;
     let row = row.ok_or_else(|| StoreError::Database("the store_meta row is gone; restart to remake it".into()))?;
-    row.int(0).map_err(|e| sql::unreadable("store_meta", e))
+    let revision = row.int(0).map_err(|e| sql::unreadable("store_meta", e))?;
+    sql.execute("UPDATE gateways SET revision = ? WHERE id = ?", args![revision, id])?;
+    if let Some(notify) = sql.dialect().notify_change() {
+        sql.execute(notify, &[])?;
+    }
+    Ok(revision)
 }
 
 /// Where the store keeps its data.
@@ -564,6 +593,8 @@ impl Store {
             faults: Mutex::default(),
             live_index: Mutex::default(),
             seen_revision: AtomicI64::new(-1),
+            changes: Default::default(),
+            listening: std::sync::Once::new(),
         };
         store.reload()?;
         Ok(store)
@@ -613,7 +644,38 @@ impl Store {
     fn wrote(&self, to: Option<i64>) {
         if let Some(to) = to {
             let _ = self.seen_revision.compare_exchange(to - 1, to, Ordering::Relaxed, Ordering::Relaxed);
+            self.changes.signal();
         }
+    }
+
+    /// Several nodes may share it (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        self.db.is_shared()
+    }
+
+    /// Where the change counter stands (for `wait_for_change`).
+    pub fn change_mark(&self) -> u64 {
+        *self.changes.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the change counter moved past `mark` or `limit` passed;
+    /// where it stands then.
+    pub fn wait_for_change(&self, mark: u64, limit: std::time::Duration) -> u64 {
+        let count = self.changes.count.lock().unwrap_or_else(|p| p.into_inner());
+        let (count, _) =
+            self.changes.moved.wait_timeout_while(count, limit, |c| *c == mark).unwrap_or_else(|p| p.into_inner());
+        *count
+    }
+
+    /// From now on, other nodes' committed changes move the change counter
+    /// as well (PostgreSQL: `LISTEN`; a lost connection is made again). Once.
+    pub fn watch_changes(&self) {
+        self.listening.call_once(|| {
+            let changes = self.changes.clone();
+            if let Err(e) = self.db.listen(std::sync::Arc::new(move || changes.signal())) {
+                tracing::warn!(error = %e, "cannot listen for other nodes' changes; reading them once a second");
+            }
+        });
     }
 
     /// Runs `work` on a connection (each statement on its own).
@@ -716,7 +778,17 @@ impl Store {
     }
 
     /// Inserts a new gateway and returns it with its sequence number.
-    pub fn insert(&self, mut g: GatewayRecord) -> Result<GatewayRecord, StoreError> {
+    pub fn insert(&self, g: GatewayRecord) -> Result<GatewayRecord, StoreError> {
+        self.insert_leased(g, None)
+    }
+
+    /// `insert`, with the gateway's lease held by `me` from the same
+    /// transaction on (no other node can claim it in between).
+    pub fn insert_served(&self, g: GatewayRecord, me: &ThisNode) -> Result<GatewayRecord, StoreError> {
+        self.insert_leased(g, Some(me))
+    }
+
+    fn insert_leased(&self, mut g: GatewayRecord, me: Option<&ThisNode>) -> Result<GatewayRecord, StoreError> {
         self.check_write()?;
         let (additional_remote, additional_local) =
             (encode_prefixes(&g.additional_remote_network_cidrs)?, encode_prefixes(&g.additional_local_network_cidrs)?);
@@ -750,7 +822,10 @@ impl Store {
                 ],
             )?;
             let seq = row.int(0).map_err(|e| sql::unreadable("gateways", e))?;
-            Ok((seq, Some(bump_revision(sql)?)))
+            if let Some(me) = me {
+                leases::hold_new(sql, me, &g.id)?;
+            }
+            Ok((seq, Some(bump_revision(sql, &g.id)?)))
         });
         match inserted {
             Ok((seq, revision)) => {
@@ -794,7 +869,7 @@ impl Store {
                 "UPDATE gateways SET status = ?, updated_at = ? WHERE id = ?",
                 args![status.as_str(), at, id],
             )?;
-            let revision = if n > 0 { Some(bump_revision(sql)?) } else { None };
+            let revision = if n > 0 { Some(bump_revision(sql, id)?) } else { None };
             Ok((old, n > 0, (revived, revision)))
         })?;
         let (revived, revision) = revived;
@@ -817,7 +892,7 @@ impl Store {
         let (old, removed, revision) = self.transaction(|sql| {
             let old = Self::status_of(sql, id)?;
             let removed = sql.execute("DELETE FROM gateways WHERE id = ?", args![id])? > 0;
-            Ok((old, removed, if removed { Some(bump_revision(sql)?) } else { None }))
+            Ok((old, removed, if removed { Some(bump_revision(sql, id)?) } else { None }))
         })?;
         self.wrote(revision);
         if removed {
@@ -870,7 +945,7 @@ impl Store {
                 ],
             )?;
             let event = event.map(|(kind, data)| events::insert(sql, kind, &g.id, data)).transpose()?;
-            let revision = if n > 0 { Some(bump_revision(sql)?) } else { None };
+            let revision = if n > 0 { Some(bump_revision(sql, &g.id)?) } else { None };
             Ok((old, n > 0, event, revision))
         })?;
         // Memory follows only what was committed.

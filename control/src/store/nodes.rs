@@ -70,6 +70,27 @@ pub struct ThisNode {
     pub incarnation: String,
     /// Unix milliseconds, this node's clock.
     pub started_at: i64,
+    /// What the remote sites of its region configure: the gateway's public
+    /// key (base64), address and UDP port ("", "", 0: not said).
+    pub public_key: String,
+    pub public_address: String,
+    pub listen_port: u16,
+}
+
+/// A node of every region, this process, started now, saying nothing of its side.
+impl Default for ThisNode {
+    fn default() -> Self {
+        Self {
+            id: "local".into(),
+            region: EVERY_REGION.into(),
+            api: String::new(),
+            incarnation: incarnation(),
+            started_at: super::now_millis(),
+            public_key: String::new(),
+            public_address: String::new(),
+            listen_port: 0,
+        }
+    }
 }
 
 /// A node as the store holds it.
@@ -83,6 +104,12 @@ pub struct NodeRecord {
     pub heartbeat_at: i64,
     /// How long ago that was, on the same clock.
     pub silent_for_millis: i64,
+    /// As `ThisNode` says them.
+    pub public_key: String,
+    pub public_address: String,
+    pub listen_port: u16,
+    /// How many gateways it holds the lease of.
+    pub serving: u64,
 }
 
 impl NodeRecord {
@@ -129,6 +156,10 @@ fn node(r: &Row) -> Result<NodeRecord, String> {
         started_at: r.int(3)?,
         heartbeat_at: r.int(4)?,
         silent_for_millis: r.int(5)?,
+        public_key: r.text(6)?,
+        public_address: r.text(7)?,
+        listen_port: u16::try_from(r.int(8)?).unwrap_or(0),
+        serving: u64::try_from(r.int(9)?).unwrap_or(0),
     })
 }
 
@@ -140,14 +171,26 @@ impl Store {
             let now = sql.dialect().now_millis();
             let changed = sql.execute(
                 &format!(
-                    "INSERT INTO nodes (id, region, api, incarnation, started_at, heartbeat_at)
-                     VALUES (?, ?, ?, ?, ?, {now})
+                    "INSERT INTO nodes (id, region, api, incarnation, started_at, heartbeat_at, public_key,
+                         public_address, listen_port)
+                     VALUES (?, ?, ?, ?, ?, {now}, ?, ?, ?)
                      ON CONFLICT (id) DO UPDATE SET region = excluded.region, api = excluded.api,
                          incarnation = excluded.incarnation, started_at = excluded.started_at,
-                         heartbeat_at = excluded.heartbeat_at
+                         heartbeat_at = excluded.heartbeat_at, public_key = excluded.public_key,
+                         public_address = excluded.public_address, listen_port = excluded.listen_port
                      WHERE nodes.incarnation = excluded.incarnation OR nodes.heartbeat_at < {now} - ?"
                 ),
-                args![&me.id, &me.region, &me.api, &me.incarnation, me.started_at, NODE_TTL_MILLIS],
+                args![
+                    &me.id,
+                    &me.region,
+                    &me.api,
+                    &me.incarnation,
+                    me.started_at,
+                    &me.public_key,
+                    &me.public_address,
+                    i64::from(me.listen_port),
+                    NODE_TTL_MILLIS
+                ],
             )?;
             if changed == 0 {
                 let row = sql.query_one(
@@ -195,7 +238,9 @@ impl Store {
             let now = sql.dialect().now_millis();
             sql.query(
                 &format!(
-                    "SELECT id, region, api, started_at, heartbeat_at, {now} - heartbeat_at FROM nodes ORDER BY id"
+                    "SELECT id, region, api, started_at, heartbeat_at, {now} - heartbeat_at, public_key,
+                         public_address, listen_port, (SELECT COUNT(*) FROM leases WHERE node_id = nodes.id)
+                     FROM nodes ORDER BY id"
                 ),
                 &[],
             )
@@ -221,6 +266,7 @@ mod tests {
             api: "127.0.0.1:8080".into(),
             incarnation: incarnation(),
             started_at: super::super::now_millis(),
+            ..ThisNode::default()
         }
     }
 

@@ -40,6 +40,8 @@ pub struct PostgresDb {
     /// which is allowed from an async context too).
     runtime: Option<tokio::runtime::Runtime>,
     pool: Pool,
+    /// How to connect (for `listen`'s own connection).
+    config: tokio_postgres::Config,
     described: String,
 }
 
@@ -185,6 +187,32 @@ impl Database for PostgresDb {
         self.described.clone()
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn listen(&self, changed: std::sync::Arc<dyn Fn() + Send + Sync>) -> Result<(), StoreError> {
+        let (config, described) = (self.config.clone(), self.described.clone());
+        self.runtime().spawn(async move {
+            let mut failing = false;
+            loop {
+                match listen_once(&config, &changed).await {
+                    Err(e) if !failing => {
+                        tracing::warn!(store = %described, error = %e,
+                            "not told of other nodes' changes; reading them once a second until the store answers");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                    Ok(()) => failing = false,
+                }
+                // Whatever the gap hid is read at once.
+                changed();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        Ok(())
+    }
+
     fn exclusive(&self) -> Result<Option<Box<dyn Send>>, StoreError> {
         let client = self.client()?;
         // Tried, not waited for on the server: a change of another node that
@@ -223,6 +251,36 @@ impl Drop for WriteLock {
             drop(deadpool_postgres::Object::take(client));
         }
     }
+}
+
+/// The channel `Dialect::notify_change` notifies.
+const CHANGE_CHANNEL: &str = "wgxdp_gateways";
+
+/// Listens on `CHANGE_CHANNEL` over a connection of its own, calling
+/// `changed` for each notification, until the connection ends. `changed`
+/// is called once the listening starts as well: what changed before it
+/// (or while a previous connection was down) is read then.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    changed: &std::sync::Arc<dyn Fn() + Send + Sync>,
+) -> Result<(), tokio_postgres::Error> {
+    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let heard = changed.clone();
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => heard(),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {CHANGE_CHANNEL}")).await?;
+    changed();
+    let ended = driver.await;
+    drop(client);
+    ended.unwrap_or(Ok(()))
 }
 
 impl PostgresDb {
@@ -275,7 +333,7 @@ impl PostgresDb {
             .build()
             .map_err(|e| err(format!("cannot start the store's runtime: {e}")))?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             tokio_postgres::NoTls,
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
@@ -286,7 +344,7 @@ impl PostgresDb {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| err(e.to_string()))?;
-        Ok(Self { runtime: Some(runtime), pool, described })
+        Ok(Self { runtime: Some(runtime), pool, config, described })
     }
 
     /// Brings the schema to `SCHEMA_VERSION` in one transaction under the

@@ -100,6 +100,27 @@ CREATE TABLE IF NOT EXISTS nodes (
     started_at   {int} NOT NULL,
     heartbeat_at {int} NOT NULL
 );
+CREATE TABLE IF NOT EXISTS leases (
+    gateway_id TEXT PRIMARY KEY,
+    node_id    TEXT NOT NULL,
+    since      {int} NOT NULL,
+    applied_at {int} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leases_node ON leases(node_id);
+CREATE TABLE IF NOT EXISTS tunnel_status (
+    gateway_id       TEXT PRIMARY KEY,
+    node_id          TEXT NOT NULL,
+    published_at     {int} NOT NULL,
+    bytes_sent       {int} NOT NULL,
+    bytes_received   {int} NOT NULL,
+    packets_sent     {int} NOT NULL,
+    packets_received {int} NOT NULL,
+    handshakes       {int} NOT NULL,
+    handshake_failures {int} NOT NULL,
+    last_handshake   {int},
+    endpoint         TEXT,
+    rule_hits        TEXT NOT NULL
+);
 ";
 
 /// Every table and index as `dialect` declares them.
@@ -117,11 +138,14 @@ pub fn tables(dialect: Dialect) -> String {
 /// Columns of `gateways` added after the first schema, with the value rows
 /// that predate them get: no additional networks, no rules, default allow
 /// (what those gateways did before rules existed).
-const ADDED_GATEWAY_COLUMNS: [(&str, &str); 4] = [
+const ADDED_GATEWAY_COLUMNS: [(&str, &str); 5] = [
     ("additional_remote_network_cidrs", "TEXT NOT NULL DEFAULT '[]'"),
     ("additional_local_network_cidrs", "TEXT NOT NULL DEFAULT '[]'"),
     ("firewall", "TEXT NOT NULL DEFAULT '[]'"),
     ("firewall_default", "TEXT NOT NULL DEFAULT 'allow'"),
+    // The gateways' revision (`store_meta`) its last write moved it to: the
+    // serving nodes read what changed since they last looked.
+    ("revision", "BIGINT NOT NULL DEFAULT 0"),
 ];
 
 /// Columns of `api_keys` added after the first schema: keys from before
@@ -141,11 +165,21 @@ pub fn objects() -> Vec<&'static str> {
 /// a node has claimed a delivery (Unix milliseconds, the database's clock).
 const ADDED_DELIVERY_COLUMNS: [(&str, &str); 1] = [("claimed_until", "BIGINT")];
 
+/// Columns of `nodes` added after the first schema: what the remote sites
+/// of the node's region configure (its key, address and port; empty and 0
+/// until it says).
+const ADDED_NODE_COLUMNS: [(&str, &str); 3] = [
+    ("public_key", "TEXT NOT NULL DEFAULT ''"),
+    ("public_address", "TEXT NOT NULL DEFAULT ''"),
+    ("listen_port", "BIGINT NOT NULL DEFAULT 0"),
+];
+
 /// Every table's added columns.
-pub const ADDED_COLUMNS: [(&str, &[(&str, &str)]); 3] = [
+pub const ADDED_COLUMNS: [(&str, &[(&str, &str)]); 4] = [
     ("gateways", &ADDED_GATEWAY_COLUMNS),
     ("api_keys", &ADDED_API_KEY_COLUMNS),
     ("webhook_deliveries", &ADDED_DELIVERY_COLUMNS),
+    ("nodes", &ADDED_NODE_COLUMNS),
 ];
 
 /// The schema version this build reads and writes (SQLite: `PRAGMA user_version`;
@@ -155,10 +189,14 @@ pub const ADDED_COLUMNS: [(&str, &[(&str, &str)]); 3] = [
 /// they also remake what was removed by hand). Version 2 added the nodes,
 /// the gateways' revision (`store_meta`) and claimed webhook deliveries: a
 /// build of version 1 would write gateways without moving the revision,
-/// which the other nodes rely on, so it refuses a version-2 database. A
+/// which the other nodes rely on, so it refuses a version-2 database.
+/// Version 3 added the leases (which node serves each gateway), the
+/// published tunnel statuses, each gateway row's revision and the nodes'
+/// public keys and addresses: a version-2 build would write gateways without
+/// their row's revision, which the serving nodes rely on. A
 /// change that needs more than adding is a step of its own in each
 /// backend's migration, with this number raised.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Refuses a database a newer wgxdp wrote (a higher version): this build
 /// would misread it. Only reads.

@@ -199,6 +199,16 @@ impl Dialect {
         }
     }
 
+    /// The statement that tells the other nodes the gateways changed, sent
+    /// when its transaction commits (`Store::watch_changes` hears it); none
+    /// where one process is the only writer.
+    pub fn notify_change(self) -> Option<&'static str> {
+        match self {
+            Dialect::Sqlite => None,
+            Dialect::Postgres => Some("NOTIFY wgxdp_gateways"),
+        }
+    }
+
     /// The position of `needle` in `haystack` (1-based; 0 when absent).
     pub fn position(self) -> &'static str {
         match self {
@@ -222,6 +232,17 @@ pub trait Database: Send + Sync + std::fmt::Debug {
     /// the only writer (SQLite, whose callers serialise their writes).
     fn exclusive(&self) -> Result<Option<Box<dyn Send>>, StoreError> {
         Ok(None)
+    }
+    /// Several processes share it (a fleet's nodes).
+    fn is_shared(&self) -> bool {
+        false
+    }
+    /// Calls `changed` each time another process commits a change of the
+    /// gateways (`Dialect::notify_change`), until the database is dropped;
+    /// nothing where this process is the only writer.
+    fn listen(&self, changed: std::sync::Arc<dyn Fn() + Send + Sync>) -> Result<(), StoreError> {
+        let _ = changed;
+        Ok(())
     }
 }
 

@@ -100,6 +100,19 @@ impl Api {
         Self { router, state, key: key.expose().to_owned(), plane, store, db }
     }
 
+    /// Another node on this one's database (its own store handle, data plane
+    /// and key pair, which its node record shows), as another `serve` of the
+    /// fleet would be.
+    fn beside(&self, mut settings: ApiSettings) -> Self {
+        let store = Arc::new(Store::open_at(&self.db).unwrap());
+        let public_key = PrivateKey::generate().public_key();
+        settings.node.public_key = public_key.to_base64();
+        let plane = Arc::new(MemoryPlane::new(public_key));
+        let state = AppState::new(store.clone(), plane.clone(), settings);
+        let router = app(state.clone());
+        Self { router, state, key: self.key.clone(), plane, store, db: self.db.clone() }
+    }
+
     async fn raw(&self, req: Request<Body>) -> Reply {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
@@ -2256,15 +2269,15 @@ fn node(id: &str, region: &str) -> ThisNode {
         api: format!("{id}.example:8080"),
         incarnation: wgxdp_control::store::incarnation(),
         started_at: 1_700_000_000_000,
+        ..ThisNode::default()
     }
 }
 
-/// `GET /nodes` lists every node with its region and liveness; a node that
-/// serves one region takes gateways of that region only: another region is
-/// refused, naming the live nodes that serve it (409) or saying none does
-/// (422), through the API and the restore alike.
+/// `GET /nodes` lists every node with its region and liveness. A gateway
+/// of a region no live node serves is refused (422), through the API and
+/// the restore alike; a region another live node serves is taken.
 #[tokio::test]
-async fn nodes_are_listed_and_a_region_this_node_does_not_serve_is_refused() {
+async fn nodes_are_listed_and_a_region_no_live_node_serves_is_refused() {
     let me = node("gw-eu-1", "eu-west");
     let api = Api::with(ApiSettings { node: me.clone(), mutations_per_minute: 1000, ..settings() });
     api.store.heartbeat(&me).unwrap();
@@ -2281,23 +2294,32 @@ async fn nodes_are_listed_and_a_region_this_node_does_not_serve_is_refused() {
     assert_eq!((nodes[1]["region"].as_str(), nodes[1]["this_node"].as_bool()), (Some("eu-west"), Some(true)));
     assert_eq!(nodes[1]["api"], "gw-eu-1.example:8080");
     assert!(nodes[1]["silent_for_ms"].as_i64().is_some_and(|ms| (0..5_000).contains(&ms)), "{}", list.text);
-    // Its own region: created here.
+    // Its own region: created and running here.
     let r = api.create(new_gateway("eu-site", "10.1.0.0/16")).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    // Another region with a live node that serves it (every region): 409 naming it.
+    assert_eq!(r.body["data"]["status"], "active");
+    let list = api.call(Method::GET, "/api/v1/nodes", None).await;
+    assert_eq!(list.body["data"][1]["gateways_served"], 1, "{}", list.text);
+    // Another region a live node serves (every region): stored for it, not run here.
     let mut us = new_gateway("us-site", "10.2.0.0/16");
     us["region"] = json!("us-east");
     let r = api.create(us.clone()).await;
-    assert_error(&r, StatusCode::CONFLICT, "conflict");
-    assert_eq!(r.body["error"]["field"], "region");
-    assert!(r.text.contains("gw-any (API gw-any.example:8080)"), "{}", r.text);
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["data"]["status"], "creating", "nobody ran gw-any's pass: {}", r.text);
+    let us_id = r.body["data"]["id"].as_str().unwrap().to_owned();
+    assert!(!api.plane.tunnels.lock().unwrap().contains_key(&us_id), "another node's tunnel");
     // That node stops: no live node serves the region, 422.
     api.store.leave(&everywhere).unwrap();
-    let r = api.create(us.clone()).await;
+    let mut us2 = new_gateway("us-site-2", "10.3.0.0/16");
+    us2["region"] = json!("us-east");
+    let r = api.create(us2).await;
     assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
     assert!(r.text.contains("no live node serves region `us-east`"), "{}", r.text);
     let list = api.call(Method::GET, "/api/v1/nodes", None).await;
     assert_eq!(list.body["data"][0]["state"], "lost", "{}", list.text);
+    // Its `creating` gateway can still go: nothing runs it, deleted at once.
+    let r = api.call(Method::DELETE, &gateway_uri(&us_id), None).await;
+    assert_eq!((r.status, r.body["data"]["status"].as_str()), (StatusCode::OK, Some("deleted")), "{}", r.text);
     // A restore of a backup holding a gateway of a region nobody serves: refused whole.
     let backup = api.call(Method::GET, "/api/v1/backup?include_secrets=true", None).await;
     assert_eq!(backup.status, StatusCode::OK, "{}", backup.text);
@@ -2310,6 +2332,153 @@ async fn nodes_are_listed_and_a_region_this_node_does_not_serve_is_refused() {
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
     assert!(r.text.contains("us-east"), "{}", r.text);
     assert!(fresh.store.live().unwrap().is_empty(), "nothing restored");
+}
+
+/// A node of a fleet as `serve` runs it: heartbeats, serving passes and
+/// the tunnel watch, until dropped (then it stops as a killed node would:
+/// silent, its leases left to lapse).
+struct FleetNode {
+    api: Api,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    watch: tokio::task::JoinHandle<()>,
+}
+
+impl FleetNode {
+    fn start(api: Api) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (state, flag) = (api.state.clone(), stop.clone());
+        let beats = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                state.store.heartbeat(&state.settings.node).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        let (state, flag) = (api.state.clone(), stop.clone());
+        let serving = std::thread::spawn(move || wgxdp_control::api::serving::run(state, flag));
+        let watch = tokio::spawn(wgxdp_control::api::tunnel_watch::run(api.state.clone()));
+        Self { api, stop, threads: vec![beats, serving], watch }
+    }
+
+    /// Stops as `kill -9` would: no more heartbeats or passes, nothing said.
+    fn kill(mut self) -> Api {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+        self.watch.abort();
+        self.api
+    }
+}
+
+/// Waits (at most 15 s) until `done` holds.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn fleet_settings(id: &str, region: &str, address: &str) -> ApiSettings {
+    let mut node = node(id, region);
+    node.public_address = address.into();
+    node.listen_port = 51820;
+    ApiSettings { node, public_address: address.parse().unwrap(), ..settings() }
+}
+
+/// Three nodes on one store, two in eu-west and one in us-east. A gateway
+/// created, changed and deleted through us-east's API for eu-west runs on
+/// the eu-west node that holds its lease (and only there), each answer
+/// given once that node runs the change; the answers show eu-west's side
+/// (key, address), the status names the serving node (and, on a shared
+/// store, the serving node's published counters). When that node stops,
+/// the other eu-west node takes its gateways over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_any_node_runs_on_the_node_that_serves_the_gateway() {
+    let first = Api::with(fleet_settings("gw-first", "nowhere", "192.0.2.1"));
+    let eu1 = FleetNode::start(first.beside(fleet_settings("gw-eu-1", "eu-west", "198.51.100.1")));
+    let eu1_key = eu1.api.state.settings.node.public_key.clone();
+    let us1 = FleetNode::start(first.beside(fleet_settings("gw-us-1", "us-east", "203.0.113.1")));
+    eventually("both nodes heartbeat", || first.store.live_nodes_of("eu-west").unwrap().len() == 1).await;
+    eventually("both nodes heartbeat", || first.store.live_nodes_of("us-east").unwrap().len() == 1).await;
+    let (us, eu) = (&us1.api, &eu1.api);
+
+    // Created through us-east for eu-west: active once eu-west's node runs it.
+    let r = us.create(new_gateway("eu-site", "10.1.0.0/16")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let data = &r.body["data"];
+    assert_eq!(data["status"], "active", "{}", r.text);
+    assert_eq!(
+        (data["local_public_key"].as_str(), data["local_ip"].as_str()),
+        (Some(eu1_key.as_str()), Some("198.51.100.1"))
+    );
+    let id = data["id"].as_str().unwrap().to_owned();
+    assert!(eu.plane.tunnels.lock().unwrap().contains_key(&id), "running on the serving node");
+    assert!(us.plane.tunnels.lock().unwrap().is_empty(), "not on the node that took the request");
+    let config = us.call(Method::GET, &format!("{}/config", gateway_uri(&id)), None).await;
+    assert!(config.text.contains(&format!("PublicKey = {eu1_key}")), "{}", config.text);
+    assert!(config.text.contains("Endpoint = 198.51.100.1:51820"), "{}", config.text);
+    let created = first.store.events_after(0, 100).unwrap();
+    assert_eq!(created.iter().filter(|e| e.kind.as_str() == "gateway.created").count(), 1, "one event: {created:?}");
+
+    // Its live status through us-east: the serving node, and (shared store) its counters.
+    eu.plane
+        .statuses
+        .lock()
+        .unwrap()
+        .insert(id.clone(), TunnelStatus { bytes_received: 4242, ..TunnelStatus::default() });
+    let status_uri = format!("{}/status", gateway_uri(&id));
+    let r = us.call(Method::GET, &status_uri, None).await;
+    assert_eq!(r.body["data"]["serving_node"], "gw-eu-1", "{}", r.text);
+    if super::POSTGRES {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = us.call(Method::GET, &status_uri, None).await;
+            if r.body["data"]["bytes_received"] == 4242 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never published: {}", r.text);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // Changed through us-east: the serving node runs the change when the answer comes.
+    let r = us.patch(&id, json!({"remote_network_cidr": "10.9.0.0/16"})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let running = eu.plane.tunnels.lock().unwrap().get(&id).cloned().unwrap();
+    assert!(running.allowed_ips.contains(&"10.9.0.0/16".parse().unwrap()), "{running:?}");
+
+    // A second eu-west node stands by; the first stops (killed): the second takes over.
+    let eu2 = FleetNode::start(first.beside(fleet_settings("gw-eu-2", "eu-west", "198.51.100.1")));
+    let r2 = us.create(new_gateway("eu-site-2", "10.2.0.0/16")).await;
+    assert_eq!(r2.body["data"]["status"], "active", "{}", r2.text);
+    let id2 = r2.body["data"]["id"].as_str().unwrap().to_owned();
+    assert!(eu2.api.plane.tunnels.lock().unwrap().is_empty(), "the first node serves both");
+    let killed = eu1.kill();
+    let standby = eu2.api.plane.clone();
+    eventually("the standby runs both tunnels", || {
+        let t = standby.tunnels.lock().unwrap();
+        t.contains_key(&id) && t.contains_key(&id2)
+    })
+    .await;
+    let r = us.call(Method::GET, &status_uri, None).await;
+    assert_eq!(r.body["data"]["serving_node"], "gw-eu-2", "{}", r.text);
+    let list = us.call(Method::GET, "/api/v1/nodes", None).await;
+    let served: Vec<(String, i64)> = list.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["id"].as_str().unwrap().to_owned(), n["gateways_served"].as_i64().unwrap()))
+        .collect();
+    assert!(served.contains(&("gw-eu-2".into(), 2)), "{served:?}");
+
+    // Deleted through us-east: gone from the serving node when the answer comes.
+    let r = us.call(Method::DELETE, &gateway_uri(&id), None).await;
+    assert_eq!((r.status, r.body["data"]["status"].as_str()), (StatusCode::OK, Some("deleted")), "{}", r.text);
+    assert!(!standby.tunnels.lock().unwrap().contains_key(&id));
+    assert!(killed.plane.tunnels.lock().unwrap().contains_key(&id), "the killed node's plane is as it was left");
+    drop((eu2.kill(), us1.kill()));
 }
 
 /// Ids with a NUL character (which PostgreSQL refuses in text) are simply

@@ -1,0 +1,456 @@
+//! Which node serves each gateway: a lease in the store (`leases`), held
+//! while its node is live (heartbeat within `NODE_TTL_MILLIS`, on the
+//! database's clock). A live node of the gateway's region claims what no
+//! live node holds: a new gateway, or every gateway of a node that stopped
+//! (fail-over). The holder records which version of the gateway its data
+//! plane runs (`applied_at`: that version's `updated_at`), so that the node
+//! that took a change through its API can tell when it took effect. The
+//! holder also publishes its tunnels' live state (`tunnel_status`), which
+//! the other nodes answer from.
+
+use super::nodes::{ThisNode, EVERY_REGION, NODE_TTL_MILLIS};
+use super::sql::{self, args, Row, Sql, SqlValue};
+use super::{record, GatewayRecord, Store, StoreError, COLUMNS};
+use crate::plane::TunnelStatus;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// `applied_at` of a lease just claimed: its holder has run no version yet.
+const NOT_APPLIED: i64 = -1;
+
+/// Ids at most in one `IN (...)` list.
+const IDS_PER_QUERY: usize = 500;
+
+/// Who serves a gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub node_id: String,
+    /// The `updated_at` of the version the holder's data plane runs (-1: none yet).
+    pub applied_at: i64,
+    /// The holder heartbeats: the lease holds.
+    pub holder_live: bool,
+}
+
+/// What a holder has to bring into its data plane (`Store::served_changes`).
+#[derive(Debug, Default)]
+pub struct ServedChanges {
+    /// Held gateways written since the revision asked for, or claimed and not
+    /// yet applied, in revision order (deleted ones included), each with the
+    /// revision its last write moved the gateways to.
+    pub records: Vec<(i64, GatewayRecord)>,
+    /// The highest revision read: ask from there next time.
+    pub revision: i64,
+}
+
+/// A tunnel's live state as its serving node last published it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedStatus {
+    pub node_id: String,
+    /// When (Unix milliseconds, the database's clock).
+    pub published_at: i64,
+    pub status: TunnelStatus,
+    /// Its publisher heartbeats (the state is current, not a stopped node's last).
+    pub publisher_live: bool,
+}
+
+/// `SELECT ... node_id IN (live nodes)`: a node is live while it heartbeats.
+fn live_nodes(sql: &dyn Sql) -> String {
+    format!("SELECT id FROM nodes WHERE heartbeat_at >= {} - {NODE_TTL_MILLIS}", sql.dialect().now_millis())
+}
+
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn published(row: &Row) -> Result<(String, PublishedStatus), String> {
+    let count = |i: usize| row.int(i).map(|n| u64::try_from(n).unwrap_or(0));
+    let endpoint = row.opt_text(10)?.map(|e| e.parse().map_err(|e| format!("endpoint: {e}"))).transpose()?;
+    let rule_hits = serde_json::from_str(&row.text(11)?).map_err(|e| format!("rule_hits: {e}"))?;
+    let last_handshake = row.opt_int(9)?.map(|ms| UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+    let status = TunnelStatus {
+        bytes_sent: count(3)?,
+        bytes_received: count(4)?,
+        packets_sent: count(5)?,
+        packets_received: count(6)?,
+        handshakes: count(7)?,
+        handshake_failures: count(8)?,
+        last_handshake,
+        endpoint,
+        rule_hits,
+    };
+    let publisher_live = row.int(12)? == 1;
+    Ok((row.text(0)?, PublishedStatus { node_id: row.text(1)?, published_at: row.int(2)?, status, publisher_live }))
+}
+
+/// Inside a new gateway's insert: `me` holds it, running no version yet
+/// (its create acknowledges none; the next pass does).
+pub(super) fn hold_new(sql: &dyn Sql, me: &ThisNode, id: &str) -> Result<(), StoreError> {
+    let now = sql.dialect().now_millis();
+    sql.execute(
+        &format!(
+            "INSERT INTO leases (gateway_id, node_id, since, applied_at) VALUES (?, ?, {now}, {NOT_APPLIED})
+             ON CONFLICT (gateway_id) DO UPDATE SET node_id = excluded.node_id, since = excluded.since,
+                 applied_at = excluded.applied_at"
+        ),
+        args![id, &me.id],
+    )?;
+    Ok(())
+}
+
+impl Store {
+    /// Claims for `me` every gateway of its region(s) that no live node
+    /// holds (new, or its holder stopped); how many. Two nodes claiming at
+    /// once: each gateway goes to one.
+    pub fn claim_leases(&self, me: &ThisNode) -> Result<u64, StoreError> {
+        let claimed = self.run(|sql| {
+            let (now, live) = (sql.dialect().now_millis(), live_nodes(sql));
+            sql.execute(
+                &format!(
+                    "INSERT INTO leases (gateway_id, node_id, since, applied_at)
+                     SELECT id, ?, {now}, {NOT_APPLIED} FROM gateways
+                     WHERE status != 'deleted' AND (? = '{EVERY_REGION}' OR region = ?)
+                       AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.gateway_id = gateways.id
+                                       AND (l.node_id = ? OR l.node_id IN ({live})))
+                     ON CONFLICT (gateway_id) DO UPDATE
+                         SET node_id = excluded.node_id, since = excluded.since, applied_at = {NOT_APPLIED}
+                         WHERE leases.node_id != excluded.node_id AND leases.node_id NOT IN ({live})"
+                ),
+                args![&me.id, &me.region, &me.region, &me.id],
+            )
+        })?;
+        if claimed > 0 {
+            self.changes.signal();
+        }
+        Ok(claimed)
+    }
+
+    /// Holds gateway `id` for `me` unless a live node (other than `me`)
+    /// does; true if `me` holds it now (for a change made here).
+    pub fn claim_lease(&self, me: &ThisNode, id: &str, applied_at: i64) -> Result<bool, StoreError> {
+        let n = self.run(|sql| {
+            let (now, live) = (sql.dialect().now_millis(), live_nodes(sql));
+            sql.execute(
+                &format!(
+                    "INSERT INTO leases (gateway_id, node_id, since, applied_at) VALUES (?, ?, {now}, ?)
+                     ON CONFLICT (gateway_id) DO UPDATE
+                         SET node_id = excluded.node_id, since = excluded.since, applied_at = excluded.applied_at
+                         WHERE leases.node_id = excluded.node_id OR leases.node_id NOT IN ({live})"
+                ),
+                args![id, &me.id, applied_at],
+            )
+        })?;
+        Ok(n > 0)
+    }
+
+    /// Who serves gateway `id`, if anyone claimed it.
+    pub fn lease_of(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        let row = self.run(|sql| {
+            let live = live_nodes(sql);
+            sql.query_opt(
+                &format!(
+                    "SELECT node_id, applied_at, CASE WHEN node_id IN ({live}) THEN 1 ELSE 0 END
+                     FROM leases WHERE gateway_id = ?"
+                ),
+                args![id],
+            )
+        })?;
+        row.map(|r| -> Result<Lease, String> {
+            Ok(Lease { node_id: r.text(0)?, applied_at: r.int(1)?, holder_live: r.int(2)? == 1 })
+        })
+        .transpose()
+        .map_err(|e| sql::unreadable("leases", e))
+    }
+
+    /// Records that `me`'s data plane runs these versions (gateway id and
+    /// the `updated_at` it runs), in one transaction; a lease `me` no
+    /// longer holds is left alone.
+    pub fn acknowledge(&self, me: &ThisNode, applied: &[(String, i64)]) -> Result<(), StoreError> {
+        if applied.is_empty() {
+            return Ok(());
+        }
+        self.transaction(|sql| {
+            for (id, at) in applied {
+                sql.execute(
+                    "UPDATE leases SET applied_at = ? WHERE gateway_id = ? AND node_id = ?",
+                    args![*at, id, &me.id],
+                )?;
+            }
+            if let Some(notify) = sql.dialect().notify_change() {
+                sql.execute(notify, &[])?;
+            }
+            Ok(())
+        })?;
+        self.changes.signal();
+        Ok(())
+    }
+
+    /// Gives up every lease `me` holds (it may no longer serve them: its
+    /// floating address went elsewhere); how many.
+    pub fn release_leases(&self, me: &ThisNode) -> Result<u64, StoreError> {
+        let n = self.run(|sql| {
+            sql.execute("DELETE FROM tunnel_status WHERE node_id = ?", args![&me.id])?;
+            sql.execute("DELETE FROM leases WHERE node_id = ?", args![&me.id])
+        })?;
+        Ok(n)
+    }
+
+    /// Forgets `me`'s lease of gateway `id` (deleted) and its published state.
+    pub fn drop_lease(&self, me: &ThisNode, id: &str) -> Result<(), StoreError> {
+        self.run(|sql| {
+            sql.execute("DELETE FROM tunnel_status WHERE gateway_id = ? AND node_id = ?", args![id, &me.id])?;
+            sql.execute("DELETE FROM leases WHERE gateway_id = ? AND node_id = ?", args![id, &me.id])
+        })?;
+        Ok(())
+    }
+
+    /// How many leases `me` holds.
+    pub fn held_lease_count(&self, me: &ThisNode) -> Result<u64, StoreError> {
+        let row = self.run(|sql| sql.query_one("SELECT COUNT(*) FROM leases WHERE node_id = ?", args![&me.id]))?;
+        let n = row.int(0).map_err(|e| sql::unreadable("leases", e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The ids of the gateways `me` holds.
+    pub fn held_ids(&self, me: &ThisNode) -> Result<Vec<String>, StoreError> {
+        let rows = self.run(|sql| sql.query("SELECT gateway_id FROM leases WHERE node_id = ?", args![&me.id]))?;
+        rows.iter().map(|r| r.text(0)).collect::<Result<_, _>>().map_err(|e| sql::unreadable("leases", e))
+    }
+
+    /// The gateways `me` holds that were written after `revision`, or
+    /// claimed and not yet applied. A row that does not decode is logged
+    /// and left out (its version is never acknowledged).
+    pub fn served_changes(&self, me: &ThisNode, revision: i64) -> Result<ServedChanges, StoreError> {
+        let rows = self.run(|sql| {
+            sql.query(
+                &format!(
+                    "SELECT {COLUMNS}, gateways.revision FROM gateways JOIN leases ON leases.gateway_id = gateways.id
+                     WHERE leases.node_id = ? AND (gateways.revision > ? OR leases.applied_at < 0)
+                     ORDER BY gateways.revision"
+                ),
+                args![&me.id, revision],
+            )
+        })?;
+        let mut out = ServedChanges { records: Vec::with_capacity(rows.len()), revision };
+        let revision_column = COLUMNS.split(',').count();
+        for row in &rows {
+            let at = row.int(revision_column).map_err(|e| sql::unreadable("gateways", e))?;
+            out.revision = out.revision.max(at);
+            match record(row) {
+                Ok(g) => out.records.push((at, g)),
+                Err(e @ StoreError::Corrupt(_)) => {
+                    tracing::error!(error = %e, "a served gateway cannot be read; left out")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Publishes the live state of tunnels `me` runs (gateway id, state),
+    /// in one transaction.
+    pub fn publish_statuses(&self, me: &ThisNode, statuses: &[(String, TunnelStatus)]) -> Result<(), StoreError> {
+        if statuses.is_empty() {
+            return Ok(());
+        }
+        let encoded: Vec<(String, Option<String>)> = statuses
+            .iter()
+            .map(|(_, s)| Ok((serde_json::to_string(&s.rule_hits)?, s.endpoint.map(|e| e.to_string()))))
+            .collect::<Result<_, serde_json::Error>>()?;
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.transaction(|sql| {
+            let now = sql.dialect().now_millis();
+            let text = format!(
+                "INSERT INTO tunnel_status (gateway_id, node_id, published_at, bytes_sent, bytes_received,
+                     packets_sent, packets_received, handshakes, handshake_failures, last_handshake, endpoint, rule_hits)
+                 VALUES (?, ?, {now}, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (gateway_id) DO UPDATE SET node_id = excluded.node_id,
+                     published_at = excluded.published_at, bytes_sent = excluded.bytes_sent,
+                     bytes_received = excluded.bytes_received, packets_sent = excluded.packets_sent,
+                     packets_received = excluded.packets_received, handshakes = excluded.handshakes,
+                     handshake_failures = excluded.handshake_failures, last_handshake = excluded.last_handshake,
+                     endpoint = excluded.endpoint, rule_hits = excluded.rule_hits"
+            );
+            for ((id, s), (hits, endpoint)) in statuses.iter().zip(&encoded) {
+                sql.execute(
+                    &text,
+                    args![
+                        id,
+                        &me.id,
+                        count(s.bytes_sent),
+                        count(s.bytes_received),
+                        count(s.packets_sent),
+                        count(s.packets_received),
+                        count(s.handshakes),
+                        count(s.handshake_failures),
+                        s.last_handshake.map(millis),
+                        endpoint.as_deref(),
+                        hits.as_str()
+                    ],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The published live state of each gateway in `ids` (in order; `None`:
+    /// nothing published).
+    pub fn published_statuses(&self, ids: &[&str]) -> Result<Vec<Option<PublishedStatus>>, StoreError> {
+        let mut found = std::collections::HashMap::new();
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let params: Vec<SqlValue> = chunk.iter().map(|id| SqlValue::from(*id)).collect();
+            let rows = self.run(|sql| {
+                sql.query(
+                    &format!(
+                        "SELECT gateway_id, node_id, published_at, bytes_sent, bytes_received, packets_sent,
+                             packets_received, handshakes, handshake_failures, last_handshake, endpoint, rule_hits,
+                             CASE WHEN node_id IN ({}) THEN 1 ELSE 0 END
+                         FROM tunnel_status WHERE gateway_id IN ({})",
+                        live_nodes(sql),
+                        placeholders(chunk.len())
+                    ),
+                    &params,
+                )
+            })?;
+            for row in &rows {
+                let (id, status) = published(row).map_err(|e| sql::unreadable("tunnel_status", e))?;
+                found.insert(id, status);
+            }
+        }
+        Ok(ids.iter().map(|id| found.remove(*id)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::each_backend;
+    use super::super::{sample, Status};
+    use super::*;
+
+    fn node(id: &str, region: &str) -> ThisNode {
+        ThisNode { id: id.into(), region: region.into(), ..ThisNode::default() }
+    }
+
+    fn holder(store: &Store, id: &str) -> Option<String> {
+        store.lease_of(id).unwrap().map(|l| l.node_id)
+    }
+
+    /// A live node claims its region's gateways no live node holds, once;
+    /// another region's stay unclaimed; a second node of the region gets
+    /// none while the first lives, and all of them when it stops.
+    #[test]
+    fn leases_go_to_one_live_node_of_the_region_and_fail_over_when_it_stops() {
+        each_backend(|db| {
+            let store = db.open();
+            let (a1, a2, b1) = (node("a1", "eu"), node("a2", "eu"), node("b1", "us"));
+            for n in [&a1, &a2, &b1] {
+                store.heartbeat(n).unwrap();
+            }
+            let mut eu = sample("eu-1", "k1");
+            eu.region = "eu".into();
+            let eu = store.insert(eu).unwrap();
+            let mut eu2 = sample("eu-2", "k2");
+            eu2.region = "eu".into();
+            let eu2 = store.insert(eu2).unwrap();
+            let mut us = sample("us-1", "k3");
+            us.region = "us".into();
+            let us = store.insert(us).unwrap();
+            assert_eq!(store.claim_leases(&a1).unwrap(), 2);
+            assert_eq!(store.claim_leases(&a1).unwrap(), 0, "held already");
+            assert_eq!(store.claim_leases(&a2).unwrap(), 0, "a live node holds them");
+            assert_eq!((holder(&store, &eu.id), holder(&store, &us.id)), (Some("a1".into()), None));
+            let lease = store.lease_of(&eu.id).unwrap().unwrap();
+            assert!(lease.holder_live && lease.applied_at < 0, "{lease:?}");
+            assert!(!store.claim_lease(&a2, &eu.id, 5).unwrap(), "a2 may not take a live node's lease");
+            // What a1 must bring into its data plane: both, until applied.
+            let changes = store.served_changes(&a1, -1).unwrap();
+            assert_eq!(changes.records.iter().map(|(_, g)| g.name.as_str()).collect::<Vec<_>>(), ["eu-1", "eu-2"]);
+            store.acknowledge(&a1, &[(eu.id.clone(), eu.updated_at), (eu2.id.clone(), eu2.updated_at)]).unwrap();
+            assert!(store.served_changes(&a1, changes.revision).unwrap().records.is_empty(), "nothing new");
+            assert_eq!(store.lease_of(&eu.id).unwrap().unwrap().applied_at, eu.updated_at);
+            // A write moves it into the changes again.
+            store.set_status(&eu2.id, Status::Deleting).unwrap();
+            let again = store.served_changes(&a1, changes.revision).unwrap();
+            assert_eq!(again.records.len(), 1);
+            assert_eq!(again.records[0].1.status, Status::Deleting);
+            assert!(again.revision > changes.revision);
+            // a1 stops: a2 takes everything of the region at once.
+            store.leave(&a1).unwrap();
+            assert!(!store.lease_of(&eu.id).unwrap().unwrap().holder_live);
+            assert_eq!(store.claim_leases(&a2).unwrap(), 2);
+            assert_eq!(holder(&store, &eu.id), Some("a2".into()));
+            assert_eq!(store.served_changes(&a2, i64::MAX).unwrap().records.len(), 2, "claimed: not yet applied");
+            assert_eq!(store.held_lease_count(&a2).unwrap(), 2);
+            assert_eq!(store.held_ids(&a1).unwrap(), Vec::<String>::new());
+            // a1 comes back: its acknowledgement of a lease it lost changes nothing.
+            store.heartbeat(&a1).unwrap();
+            store.acknowledge(&a1, &[(eu.id.clone(), 99)]).unwrap();
+            assert_eq!(store.lease_of(&eu.id).unwrap().unwrap().applied_at, -1);
+            // us's node claims its own; a node of every region takes what nobody serves.
+            assert_eq!(store.claim_leases(&b1).unwrap(), 1);
+            assert_eq!(holder(&store, &us.id), Some("b1".into()));
+            assert_eq!(store.release_leases(&a2).unwrap(), 2);
+            let everywhere = node("any", EVERY_REGION);
+            store.heartbeat(&everywhere).unwrap();
+            assert_eq!(store.claim_leases(&everywhere).unwrap(), 2, "the released eu gateways");
+            store.drop_lease(&everywhere, &eu.id).unwrap();
+            assert_eq!(holder(&store, &eu.id), None);
+        });
+    }
+
+    /// Two nodes of a region claiming at once (each on its own handle): every
+    /// gateway goes to exactly one.
+    #[test]
+    fn concurrent_claims_give_each_gateway_to_one_node() {
+        each_backend(|db| {
+            let (one, two) = (std::sync::Arc::new(db.open()), std::sync::Arc::new(db.open()));
+            let (a1, a2) = (node("a1", "eu"), node("a2", "eu"));
+            one.heartbeat(&a1).unwrap();
+            one.heartbeat(&a2).unwrap();
+            for i in 0..40 {
+                let mut g = sample(&format!("g{i}"), &format!("key{i}"));
+                g.region = "eu".into();
+                one.insert(g).unwrap();
+            }
+            let claim = |store: std::sync::Arc<Store>, me: ThisNode| {
+                std::thread::spawn(move || (0..5).map(|_| store.claim_leases(&me).unwrap()).sum::<u64>())
+            };
+            let (x, y) = (claim(one.clone(), a1.clone()), claim(two.clone(), a2.clone()));
+            let (x, y) = (x.join().unwrap(), y.join().unwrap());
+            assert_eq!(x + y, 40, "{x} + {y}");
+            assert_eq!(one.held_lease_count(&a1).unwrap() + one.held_lease_count(&a2).unwrap(), 40);
+        });
+    }
+
+    /// Published tunnel states round-trip, each replacing the last.
+    #[test]
+    fn published_statuses_round_trip() {
+        each_backend(|db| {
+            let store = db.open();
+            let me = node("a1", "eu");
+            let status = TunnelStatus {
+                bytes_sent: 1,
+                bytes_received: 2,
+                packets_sent: 3,
+                packets_received: 4,
+                handshakes: 5,
+                handshake_failures: 6,
+                last_handshake: Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)),
+                endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+                rule_hits: vec![7, 8],
+            };
+            store.publish_statuses(&me, &[("g1".into(), TunnelStatus::default())]).unwrap();
+            store.publish_statuses(&me, &[("g1".into(), status.clone())]).unwrap();
+            let found = store.published_statuses(&["g1", "g2"]).unwrap();
+            let first = found[0].as_ref().unwrap();
+            assert_eq!((&first.node_id, &first.status), (&me.id, &status));
+            assert!(!first.publisher_live, "a1 never heartbeated");
+            store.heartbeat(&me).unwrap();
+            assert!(store.published_statuses(&["g1"]).unwrap()[0].as_ref().unwrap().publisher_live);
+            assert!(first.published_at > 1_700_000_000_000);
+            assert!(found[1].is_none());
+        });
+    }
+}
