@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 pub mod blast;
 pub mod events;
+pub mod fleet;
 pub mod hostile;
 pub mod icmp;
 pub mod postgres;

@@ -58,6 +58,7 @@ fn prepare_api(config: ApiConfig, static_peers: Vec<StaticPeer>, side: RemoteSid
         public_key: side.public_key,
         public_address: side.public_address.map(|a| a.to_string()).unwrap_or_default(),
         listen_port: side.listen_port,
+        site_cidr: config.site_cidr.map(|c| c.to_string()).unwrap_or_default(),
     };
     // Registered before anything is attached: a second process with this
     // node id stops here.

@@ -150,14 +150,23 @@ pub fn is_served_here(s: &AppState, g: &GatewayRecord) -> bool {
     g.status == Status::Deleted || s.served.lock().unwrap_or_else(|p| p.into_inner()).runs(g)
 }
 
+/// The site network of `region` and the host addresses its tunnels may not
+/// route: this host's where this node serves the region (another region's
+/// hosts are their nodes' own concern).
+fn site_of<'a>(s: &'a AppState, region: &str) -> (Option<IpPrefix>, &'a [std::net::IpAddr]) {
+    let hosts: &[std::net::IpAddr] = if s.settings.node.serves(region) { &s.settings.host_addresses } else { &[] };
+    (s.site_cidr_of(region), hosts)
+}
+
 /// The remote networks of a new gateway, checked against this site (its
 /// networks and the host's addresses) and its region; not yet against other
 /// gateways.
 pub fn check_new(s: &AppState, new: &NewGateway) -> Result<Vec<Network>, ApiError> {
     check_region(s, &new.region)?;
     let remote = new.networks().remote;
+    let (site, hosts) = site_of(s, &new.region);
     for n in &remote {
-        validate_remote_vs_site(n, s.settings.site_cidr, &s.settings.host_addresses)?;
+        validate_remote_vs_site(n, site, hosts)?;
     }
     Ok(remote)
 }
@@ -180,8 +189,9 @@ pub fn check_update(
         _ => false,
     };
     let remote: Vec<Network> = GatewayNetworks::of_record(&new).remote.into_iter().filter(|n| named(n.list)).collect();
+    let (site, hosts) = site_of(s, &old.region);
     for n in &remote {
-        validate_remote_vs_site(n, s.settings.site_cidr, &s.settings.host_addresses)?;
+        validate_remote_vs_site(n, site, hosts)?;
     }
     Ok((new, remote))
 }

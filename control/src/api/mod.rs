@@ -236,6 +236,24 @@ impl AppState {
         }
     }
 
+    /// The nodes of `region` (not this one's), live ones first.
+    fn nodes_of(&self, region: &str) -> Vec<crate::store::NodeRecord> {
+        let mut nodes = self.store.nodes().unwrap_or_default();
+        nodes.retain(|n| n.region == region && n.id != self.settings.node.id);
+        nodes.sort_by_key(|n| !n.is_live());
+        nodes
+    }
+
+    /// The site network of `region` (a create's default `local_network_cidr`,
+    /// what its remote networks may not overlap): this node's if it serves
+    /// the region, else the one a node of that region published.
+    pub fn site_cidr_of(&self, region: &str) -> Option<IpPrefix> {
+        if self.settings.node.serves(region) {
+            return self.settings.site_cidr;
+        }
+        self.nodes_of(region).iter().find_map(|n| n.site_cidr.parse().ok()).or(self.settings.site_cidr)
+    }
+
     /// What the remote site of a gateway of `region` configures: this
     /// node's side if it serves the region, else the side a node of that
     /// region published (a live one first), else this node's.
@@ -244,10 +262,7 @@ impl AppState {
         if self.settings.node.serves(region) {
             return own;
         }
-        let Ok(mut nodes) = self.store.nodes() else { return own };
-        nodes.retain(|n| n.region == region);
-        nodes.sort_by_key(|n| !n.is_live());
-        nodes
+        self.nodes_of(region)
             .iter()
             .find_map(|n| {
                 Some(LocalSide {

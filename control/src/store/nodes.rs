@@ -75,6 +75,8 @@ pub struct ThisNode {
     pub public_key: String,
     pub public_address: String,
     pub listen_port: u16,
+    /// `[api] site_cidr` ("": none), the default local network of its region's gateways.
+    pub site_cidr: String,
 }
 
 /// A node of every region, this process, started now, saying nothing of its side.
@@ -89,6 +91,7 @@ impl Default for ThisNode {
             public_key: String::new(),
             public_address: String::new(),
             listen_port: 0,
+            site_cidr: String::new(),
         }
     }
 }
@@ -108,6 +111,7 @@ pub struct NodeRecord {
     pub public_key: String,
     pub public_address: String,
     pub listen_port: u16,
+    pub site_cidr: String,
     /// How many gateways it holds the lease of.
     pub serving: u64,
 }
@@ -160,6 +164,7 @@ fn node(r: &Row) -> Result<NodeRecord, String> {
         public_address: r.text(7)?,
         listen_port: u16::try_from(r.int(8)?).unwrap_or(0),
         serving: u64::try_from(r.int(9)?).unwrap_or(0),
+        site_cidr: r.text(10)?,
     })
 }
 
@@ -172,12 +177,13 @@ impl Store {
             let changed = sql.execute(
                 &format!(
                     "INSERT INTO nodes (id, region, api, incarnation, started_at, heartbeat_at, public_key,
-                         public_address, listen_port)
-                     VALUES (?, ?, ?, ?, ?, {now}, ?, ?, ?)
+                         public_address, listen_port, site_cidr)
+                     VALUES (?, ?, ?, ?, ?, {now}, ?, ?, ?, ?)
                      ON CONFLICT (id) DO UPDATE SET region = excluded.region, api = excluded.api,
                          incarnation = excluded.incarnation, started_at = excluded.started_at,
                          heartbeat_at = excluded.heartbeat_at, public_key = excluded.public_key,
-                         public_address = excluded.public_address, listen_port = excluded.listen_port
+                         public_address = excluded.public_address, listen_port = excluded.listen_port,
+                         site_cidr = excluded.site_cidr
                      WHERE nodes.incarnation = excluded.incarnation OR nodes.heartbeat_at < {now} - ?"
                 ),
                 args![
@@ -189,6 +195,7 @@ impl Store {
                     &me.public_key,
                     &me.public_address,
                     i64::from(me.listen_port),
+                    &me.site_cidr,
                     NODE_TTL_MILLIS
                 ],
             )?;
@@ -239,7 +246,8 @@ impl Store {
             sql.query(
                 &format!(
                     "SELECT id, region, api, started_at, heartbeat_at, {now} - heartbeat_at, public_key,
-                         public_address, listen_port, (SELECT COUNT(*) FROM leases WHERE node_id = nodes.id)
+                         public_address, listen_port, (SELECT COUNT(*) FROM leases WHERE node_id = nodes.id),
+                         site_cidr
                      FROM nodes ORDER BY id"
                 ),
                 &[],

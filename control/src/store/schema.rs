@@ -167,9 +167,10 @@ const ADDED_DELIVERY_COLUMNS: [(&str, &str); 1] = [("claimed_until", "BIGINT")];
 
 /// Columns of `nodes` added after the first schema: what the remote sites
 /// of the node's region configure (its key, address and port; empty and 0
-/// until it says).
-const ADDED_NODE_COLUMNS: [(&str, &str); 3] = [
+/// until it says) and the site's network it serves (`[api] site_cidr`).
+const ADDED_NODE_COLUMNS: [(&str, &str); 4] = [
     ("public_key", "TEXT NOT NULL DEFAULT ''"),
+    ("site_cidr", "TEXT NOT NULL DEFAULT ''"),
     ("public_address", "TEXT NOT NULL DEFAULT ''"),
     ("listen_port", "BIGINT NOT NULL DEFAULT 0"),
 ];
