@@ -17,6 +17,10 @@
 //! - User view: TCP both ways (iperf3) and the 64-byte UDP rate from a
 //!   wireguard-go client through the gateway to the LAN host (wgxdp against a
 //!   wireguard-go gateway).
+//! - Fleet (`fleet.rs`): three nodes on one PostgreSQL; how long a change
+//!   made through one region's node takes to run on another region's
+//!   serving node (beside the same change made on the serving node), and
+//!   how long a fail-over takes.
 //! - The API (wgxdp, part of the user view section): create and status
 //!   latency (p50/p99) up to 10 000 gateways under concurrent load, whether
 //!   forwarding pauses while peers are programmed (ping loss and worst RTT
@@ -28,7 +32,7 @@
 //! and an SVG chart.
 //!
 //! Usage: wgxdp-bench-e2e <wgxdp binary> [--seconds N] [--packets N] [--gateways N] [--json FILE]
-//!        [--only equal-load,capacity,handshakes,user-view] [--equal-rate-64 PPS] [--equal-rate-1420 PPS]
+//!        [--only equal-load,capacity,handshakes,user-view,fleet] [--equal-rate-64 PPS] [--equal-rate-1420 PPS]
 //!        [--store sqlite,postgres]
 //!        [--equal-seconds S] [--equal-runs N] [--busy-poll]
 
@@ -48,6 +52,7 @@ use wgxdp_integration::{require_tools, run, Netns, Userspace, WireguardGo};
 
 mod capacity;
 mod equal_load;
+mod fleet;
 mod handshakes;
 
 const API: &str = "127.0.0.1:8080";
@@ -68,12 +73,13 @@ struct Options {
     stores: Vec<String>,
 }
 
-const SECTIONS: [&str; 4] = ["equal-load", "capacity", "handshakes", "user-view"];
+const SECTIONS: [&str; 5] = ["equal-load", "capacity", "handshakes", "user-view", "fleet"];
 
 const USAGE: &str = "usage: wgxdp-bench-e2e <wgxdp> [--seconds N] [--packets N] [--gateways N] [--json FILE] \
     [--only SECTION,...] [--equal-rate-64 PPS] [--equal-rate-1420 PPS] [--equal-seconds S] [--equal-runs N] [--busy-poll]\n\
     [--store sqlite,postgres] (the stores user-view's API runs on, in turn; PostgreSQL: a server this run starts)\n\
-    sections: equal-load, capacity, handshakes, user-view (TCP/UDP through a wireguard-go client, and the API)";
+    sections: equal-load, capacity, handshakes, user-view (TCP/UDP through a wireguard-go client, and the API),\n\
+    fleet (three nodes on one PostgreSQL: change propagation and fail-over; at most 1000 of --gateways)";
 
 fn options() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
@@ -635,6 +641,11 @@ fn main() {
         (x, api, g, b)
     });
 
+    let fleet_figures = o.runs("fleet").then(|| {
+        println!("== fleet: three nodes on one PostgreSQL");
+        fleet::measure(&o.wgxdp, o.gateways.min(1000))
+    });
+
     // The tables: equal load first.
     if let Some((baseline, results, _)) = &equal {
         equal_load::print(&o.equal, baseline, results);
@@ -816,6 +827,10 @@ fn main() {
         );
     }
 
+    if let Some(f) = &fleet_figures {
+        fleet::print(f);
+    }
+
     let rate_json = |r: &capacity::Rate| {
         json!({"offered_pps": r.offered_pps, "delivered_pps": r.delivered_pps, "delivered_gbps": r.delivered_gbps,
                "lower_bound": r.generator_limited()})
@@ -872,6 +887,7 @@ fn main() {
         "targets": targets.iter().map(|(n, v, goal)| json!({"target": n, "ratio": v, "goal": goal, "met": v >= goal})).collect::<Vec<_>>(),
         "api": user_view.as_ref().map(|u| u.1[0].clone()),
         "api_by_store": user_view.as_ref().map(|u| u.1.clone()),
+        "fleet": fleet_figures,
         "elapsed_s": started.elapsed().as_secs_f64(),
     });
     if let Some(parent) = o.json.parent() {
