@@ -133,20 +133,27 @@ pub(crate) fn check_region(s: &AppState, region: &str) -> Result<(), ApiError> {
 /// it (`serving`): this node only writes the store.
 fn served_here(s: &AppState, region: &str, id: Option<&str>) -> Result<bool, ApiError> {
     let me = &s.settings.node;
+    let lease = id.map(|id| s.store.lease_of(id)).transpose()?.flatten();
+    if lease.as_ref().is_some_and(|l| l.node_id == me.id) {
+        return Ok(true);
+    }
     if !me.serves(region) || !serving::holds_floating_address(s) {
         return Ok(false);
     }
-    let Some(id) = id else { return Ok(true) };
-    Ok(match s.store.lease_of(id)? {
-        Some(lease) if lease.node_id == me.id => true,
-        Some(lease) if lease.holder_live => false,
-        _ => s.store.claim_lease(me, id, -1)?,
+    // A node of every region leaves a region to its own live nodes.
+    if me.region != region && !s.store.live_nodes_in(region)?.is_empty() {
+        return Ok(false);
+    }
+    Ok(match (id, lease) {
+        (None, _) => true,
+        (Some(_), Some(lease)) if lease.holder_live => false,
+        (Some(id), _) => s.store.claim_lease(me, id)?,
     })
 }
 
 /// The change that made `g` runs in this node's data plane already (or
 /// nothing runs any more): the answer need not wait for another node.
-pub fn is_served_here(s: &AppState, g: &GatewayRecord) -> bool {
+pub(crate) fn is_served_here(s: &AppState, g: &GatewayRecord) -> bool {
     g.status == Status::Deleted || s.served.lock().unwrap_or_else(|p| p.into_inner()).runs(g)
 }
 
@@ -156,6 +163,24 @@ pub fn is_served_here(s: &AppState, g: &GatewayRecord) -> bool {
 fn site_of<'a>(s: &'a AppState, region: &str) -> (Option<IpPrefix>, &'a [std::net::IpAddr]) {
     let hosts: &[std::net::IpAddr] = if s.settings.node.serves(region) { &s.settings.host_addresses } else { &[] };
     (s.site_cidr_of(region), hosts)
+}
+
+/// What only the serving node knows, checked where it runs a gateway that
+/// another node's API took: its remote networks against this host's
+/// addresses and this node's configuration-file peers, its key against
+/// theirs.
+pub(crate) fn check_served_here(s: &AppState, g: &GatewayRecord) -> Result<(), ApiError> {
+    let remote = GatewayNetworks::of_record(g).remote;
+    for n in &remote {
+        validate_remote_vs_site(n, None, &s.settings.host_addresses)?;
+    }
+    for (index, peer) in s.settings.static_peers.iter().enumerate() {
+        let clash = remote.iter().any(|n| peer.allowed_ips.iter().any(|p| overlaps(p, &n.prefix)));
+        if clash || peer.public_key == g.remote_public_key {
+            return Err(ApiError::conflict(format!("it clashes with peer {index} of this node's configuration file")));
+        }
+    }
+    Ok(())
 }
 
 /// The remote networks of a new gateway, checked against this site (its

@@ -50,10 +50,21 @@ fn live_statuses(state: &AppState, records: &[GatewayRecord]) -> Vec<Option<Tunn
     live
 }
 
-/// After a change to `g` that another node serves: its answer once that
-/// node runs it (at most `serving::APPLIED_WAIT`), or as stored.
-async fn once_served(state: &Arc<AppState>, g: GatewayRecord) -> Result<GatewayRecord, ApiError> {
-    if changes::is_served_here(state, &g) {
+/// Runs `change` (`AppState::change`); its gateway once the data plane that
+/// serves it runs it: at once when that is this node's, else after waiting
+/// (outside every lock) for the serving node, at most `serving::APPLIED_WAIT`.
+async fn changed(
+    state: &Arc<AppState>,
+    change: impl FnOnce(&AppState) -> Result<GatewayRecord, ApiError> + Send + 'static,
+) -> Result<GatewayRecord, ApiError> {
+    let (g, here) = state
+        .change(move |s| {
+            let g = change(s)?;
+            let here = changes::is_served_here(s, &g);
+            Ok((g, here))
+        })
+        .await?;
+    if here {
         return Ok(g);
     }
     blocking(state, move |s| Ok(serving::wait_until_served(s, &g.id, g.updated_at, serving::APPLIED_WAIT)?)).await
@@ -227,8 +238,7 @@ fn site_cidr_for(state: &AppState, body: &[u8]) -> Option<wgxdp_dataplane::table
 
 /// Runs a validated create; its 201 (the pre-shared key shown).
 async fn created(state: &Arc<AppState>, new: NewGateway) -> Result<Response, ApiError> {
-    let g = state.change(move |s| changes::create(s, new)).await?;
-    let g = once_served(state, g).await?;
+    let g = changed(state, move |s| changes::create(s, new)).await?;
     let (tag, env) = blocking(state, move |s| Ok(tagged(s, &g, true))).await?;
     let location = format!("/api/v1/vpn-gateways/{}", env.data.id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], tag, env).into_response())
@@ -273,8 +283,7 @@ pub async fn update(
 ) -> Result<Tagged, ApiError> {
     let body = UpdateGateway::from_json(&body)?;
     let if_match = if_match(&headers);
-    let g = state.change(move |s| changes::update(s, &id, body, if_match.as_deref())).await?;
-    let g = once_served(&state, g).await?;
+    let g = changed(&state, move |s| changes::update(s, &id, body, if_match.as_deref())).await?;
     blocking(&state, move |s| Ok(tagged(s, &g, false))).await
 }
 
@@ -291,8 +300,7 @@ pub async fn delete(
     headers: HeaderMap,
 ) -> Result<Tagged, ApiError> {
     let if_match = if_match(&headers);
-    let g = state.change(move |s| changes::delete(s, &id, if_match.as_deref())).await?;
-    let g = once_served(&state, g).await?;
+    let g = changed(&state, move |s| changes::delete(s, &id, if_match.as_deref())).await?;
     blocking(&state, move |s| Ok(tagged(s, &g, false))).await
 }
 
@@ -327,7 +335,8 @@ pub async fn config(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
         if g.status == Status::Deleted {
             return Err(ApiError::conflict(format!("VPN gateway {id} is deleted")));
         }
-        let text = remote_config(&g, &s.local_side_of(&g.region));
+        // Never another node's side by mistake: a store that cannot say is a 503.
+        let text = remote_config(&g, &s.try_local_side_of(&g.region)?);
         Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
     })
     .await

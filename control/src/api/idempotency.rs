@@ -5,8 +5,9 @@
 //! changes nothing: a client that lost the 201 of a create learns the new
 //! gateway and its one-time pre-shared key by retrying. The same key with a
 //! different request is refused (422). A failed request is not stored: it
-//! changed nothing, so its retry runs again. Idempotent requests run one at a
-//! time, so a retry sent while its original still runs waits for it; the
+//! changed nothing, so its retry runs again. Requests with one key (of one
+//! API key) run one at a time, so a retry sent while its original still runs
+//! (on this node) waits for it; other keys do not wait for them. The
 //! authentication middleware runs a mutation to its end even if its client
 //! goes away, so the answer is stored for the retry.
 
@@ -21,6 +22,54 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use blake2::{Blake2s256, Digest};
 use std::sync::Arc;
+
+/// One lock per (API key id, `Idempotency-Key`), kept while held or awaited.
+#[derive(Debug, Default)]
+pub struct KeyedLocks(std::sync::Mutex<KeyedMap>);
+
+type KeyedMap = std::collections::HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
+impl KeyedLocks {
+    fn map(&self) -> std::sync::MutexGuard<'_, KeyedMap> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for `key`'s lock; held until the guard drops.
+    pub async fn lock(&self, key: (String, String)) -> KeyedGuard<'_> {
+        let lock = self.map().entry(key.clone()).or_default().clone();
+        let held = lock.clone().lock_owned().await;
+        KeyedGuard { locks: self, key, held: Some(held), lock }
+    }
+
+    /// How many keys have a lock now (held or awaited).
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A held `KeyedLocks` lock; its entry goes when nobody else holds or awaits it.
+#[derive(Debug)]
+pub struct KeyedGuard<'a> {
+    locks: &'a KeyedLocks,
+    key: (String, String),
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for KeyedGuard<'_> {
+    fn drop(&mut self) {
+        self.held.take();
+        let mut map = self.locks.map();
+        // The map's reference and this one: nobody else can reach it without the map.
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.key);
+        }
+    }
+}
 
 pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED: &str = "idempotent-replayed";
@@ -76,7 +125,7 @@ pub async fn idempotent(State(state): State<Arc<AppState>>, req: Request, next: 
         }
     };
     let print = fingerprint(&parts.method, parts.uri.path(), &bytes);
-    let _one_at_a_time = state.idempotent_requests.lock().await;
+    let _one_at_a_time = state.idempotent_requests.lock((caller.key_id.clone(), key.clone())).await;
     let store = state.store.clone();
     let (key_id, idem) = (caller.key_id.clone(), key.clone());
     match tokio::task::spawn_blocking(move || store.idempotent_response(&key_id, &idem)).await {
@@ -117,6 +166,31 @@ pub async fn idempotent(State(state): State<Arc<AppState>>, req: Request, next: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Requests with one key wait for each other, other keys do not, and a
+    /// key's lock is forgotten once nobody holds or awaits it.
+    #[tokio::test]
+    async fn one_key_at_a_time_other_keys_at_once() {
+        let locks = Arc::new(KeyedLocks::default());
+        let key = |k: &str| ("key_1".to_owned(), k.to_owned());
+        let first = locks.lock(key("a")).await;
+        // Another key: at once.
+        let other = tokio::time::timeout(std::time::Duration::from_secs(5), locks.lock(key("b"))).await;
+        assert!(other.is_ok(), "another key did not wait");
+        drop(other);
+        // The same key: waits until the first is done.
+        let waiter = {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                let _g = locks.lock(("key_1".to_owned(), "a".to_owned())).await;
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "the same key waited");
+        drop(first);
+        waiter.await.unwrap();
+        assert!(locks.is_empty(), "forgotten: {}", locks.len());
+    }
 
     #[test]
     fn keys_and_fingerprints() {

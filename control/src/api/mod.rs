@@ -104,8 +104,8 @@ pub struct AppState {
     pub auth_failures: SourceLimiter,
     /// The event log's live side (SSE streams, the webhook deliverer).
     pub events: Arc<events::EventHub>,
-    /// Requests with an `Idempotency-Key` run one at a time (`idempotency`).
-    idempotent_requests: tokio::sync::Mutex<()>,
+    /// Requests with one `Idempotency-Key` run one at a time (`idempotency`).
+    idempotent_requests: idempotency::KeyedLocks,
     /// Held by every mutation's task (`auth::require_api_key`): `drain`
     /// waits until none is left.
     mutations_in_flight: Arc<()>,
@@ -134,7 +134,7 @@ impl AppState {
             limiter,
             auth_failures,
             events: Arc::default(),
-            idempotent_requests: tokio::sync::Mutex::new(()),
+            idempotent_requests: Default::default(),
             mutations_in_flight: Arc::new(()),
             mutations: Arc::default(),
             served: Default::default(),
@@ -228,6 +228,18 @@ impl AppState {
         self.store.save_with_event(g, Some((kind, data)), |e| self.events.publish(e))
     }
 
+    /// `settle`, only if the stored gateway is still `from` (status,
+    /// `updated_at`); false (nothing written) if another change came first.
+    pub fn settle_from(
+        &self,
+        g: &GatewayRecord,
+        from: (crate::store::Status, i64),
+        kind: crate::store::EventKind,
+    ) -> Result<bool, crate::store::StoreError> {
+        let data = self.gateway_event_data(g);
+        self.store.settle_from(g, from, (kind, data), |e| self.events.publish(e))
+    }
+
     pub fn local_side(&self) -> LocalSide {
         LocalSide {
             ip: self.settings.public_address,
@@ -236,33 +248,45 @@ impl AppState {
         }
     }
 
-    /// The nodes of `region` (not this one's), live ones first.
-    fn nodes_of(&self, region: &str) -> Vec<crate::store::NodeRecord> {
-        let mut nodes = self.store.nodes().unwrap_or_default();
-        nodes.retain(|n| n.region == region && n.id != self.settings.node.id);
+    /// The nodes of exactly `region` (not this one, not those of every
+    /// region), live ones first; `None` when this node's own side is the
+    /// region's: it is a node of that region, or of every region while the
+    /// region has no live node of its own.
+    fn others_of(&self, region: &str) -> Result<Option<Vec<crate::store::NodeRecord>>, crate::store::StoreError> {
+        let me = &self.settings.node;
+        if me.region == region {
+            return Ok(None);
+        }
+        let mut nodes = self.store.nodes()?;
+        nodes.retain(|n| n.region == region && n.id != me.id);
+        if me.serves(region) && !nodes.iter().any(|n| n.is_live()) {
+            return Ok(None);
+        }
         nodes.sort_by_key(|n| !n.is_live());
-        nodes
+        Ok(Some(nodes))
     }
 
     /// The site network of `region` (a create's default `local_network_cidr`,
-    /// what its remote networks may not overlap): this node's if it serves
-    /// the region, else the one a node of that region published.
+    /// what its remote networks may not overlap): this node's if its side is
+    /// the region's, else the one a node of that region published.
     pub fn site_cidr_of(&self, region: &str) -> Option<IpPrefix> {
-        if self.settings.node.serves(region) {
-            return self.settings.site_cidr;
+        match self.others_of(region) {
+            Ok(Some(nodes)) => nodes.iter().find_map(|n| n.site_cidr.parse().ok()).or(self.settings.site_cidr),
+            Ok(None) => self.settings.site_cidr,
+            Err(e) => {
+                tracing::warn!(%region, error = %e, "cannot read the region's nodes; this node's site_cidr is used");
+                self.settings.site_cidr
+            }
         }
-        self.nodes_of(region).iter().find_map(|n| n.site_cidr.parse().ok()).or(self.settings.site_cidr)
     }
 
     /// What the remote site of a gateway of `region` configures: this
-    /// node's side if it serves the region, else the side a node of that
-    /// region published (a live one first), else this node's.
-    pub fn local_side_of(&self, region: &str) -> LocalSide {
+    /// node's side if it is the region's (`others_of`), else the side a node
+    /// of that region published (a live one first), else this node's.
+    pub fn try_local_side_of(&self, region: &str) -> Result<LocalSide, crate::store::StoreError> {
         let own = self.local_side();
-        if self.settings.node.serves(region) {
-            return own;
-        }
-        self.nodes_of(region)
+        let Some(nodes) = self.others_of(region)? else { return Ok(own) };
+        Ok(nodes
             .iter()
             .find_map(|n| {
                 Some(LocalSide {
@@ -271,7 +295,16 @@ impl AppState {
                     public_key: n.public_key.parse().ok()?,
                 })
             })
-            .unwrap_or(own)
+            .unwrap_or(own))
+    }
+
+    /// `try_local_side_of`; a store that cannot say is logged, and this
+    /// node's side shown (the configuration, `/config`, refuses instead).
+    pub fn local_side_of(&self, region: &str) -> LocalSide {
+        self.try_local_side_of(region).unwrap_or_else(|e| {
+            tracing::warn!(%region, error = %e, "cannot read the region's nodes; this node's side is shown");
+            self.local_side()
+        })
     }
 }
 

@@ -34,13 +34,16 @@ pub struct Served {
     applied: HashMap<String, i64>,
     /// The gateways' revision read up to.
     revision: i64,
-    /// This node held leases at the last pass.
+    /// The leases' revision (takeovers) last compared with.
+    lease_revision: i64,
+    /// This node may hold leases (true until a pass found it holds none:
+    /// after a restart, the store may still hold some in its name).
     holding: bool,
 }
 
 impl Default for Served {
     fn default() -> Self {
-        Self { applied: HashMap::new(), revision: -1, holding: false }
+        Self { applied: HashMap::new(), revision: -1, lease_revision: -1, holding: true }
     }
 }
 
@@ -88,21 +91,27 @@ pub fn pass(s: &AppState) -> Result<Pass, StoreError> {
     let mut out = Pass::default();
     if !holds_floating_address(s) {
         if served.holding || !served.applied.is_empty() {
-            let released = s.store.release_leases(me)?;
-            for id in served.applied.keys() {
-                if let Err(e) = s.plane.remove(id) {
-                    tracing::error!(%id, error = %e, "cannot remove a tunnel this node no longer serves");
+            // The tunnels stop first: even a store that fails now must not
+            // leave them running beside the node that has the address.
+            for id in s.plane.tunnel_ids() {
+                match s.plane.remove(&id) {
+                    Ok(()) => out.removed += 1,
+                    Err(e) => tracing::error!(%id, error = %e, "cannot remove a tunnel this node no longer serves"),
                 }
             }
-            out.removed = served.applied.len();
-            tracing::warn!(
-                released,
-                "the floating address is not on this node: its gateways are left to the node that has it"
-            );
-            *served = Served::default();
+            served.applied.clear();
+            let released = s.store.release_leases(me)?;
+            if released > 0 || out.removed > 0 {
+                tracing::warn!(
+                    released,
+                    "the floating address is not on this node: its gateways are left to the node that has it"
+                );
+            }
+            *served = Served { holding: false, ..Served::default() };
         }
         return Ok(out);
     }
+    served.holding = true;
     s.store.claim_leases(me)?;
     let changes = s.store.served_changes(me, served.revision)?;
     let mut acknowledged = Vec::new();
@@ -113,7 +122,7 @@ pub fn pass(s: &AppState) -> Result<Pass, StoreError> {
                 out.applied += 1;
                 acknowledged.push((id, at));
             }
-            Ok(None) => out.removed += 1,
+            Ok(None) => {}
             Err(e) => {
                 tracing::error!(error = %e, "a served gateway's change did not take effect; retrying at the next pass");
                 out.failed += 1;
@@ -124,9 +133,10 @@ pub fn pass(s: &AppState) -> Result<Pass, StoreError> {
     s.store.acknowledge(me, &acknowledged)?;
     served.revision = read_up_to;
     // Leases another node took (this one was silent past the TTL): their
-    // tunnels run there now, not here.
-    let held = usize::try_from(s.store.held_lease_count(me)?).unwrap_or(usize::MAX);
-    if held != served.applied.len() {
+    // tunnels run there now, not here. Every takeover moves the leases'
+    // revision; only then are the sets compared.
+    let lease_revision = s.store.lease_revision()?;
+    if lease_revision != served.lease_revision {
         let held: std::collections::HashSet<String> = s.store.held_ids(me)?.into_iter().collect();
         let lost: Vec<String> = served.applied.keys().filter(|id| !held.contains(*id)).cloned().collect();
         for id in lost {
@@ -139,8 +149,10 @@ pub fn pass(s: &AppState) -> Result<Pass, StoreError> {
                 Err(e) => tracing::error!(%id, error = %e, "cannot remove a tunnel another node serves now"),
             }
         }
+        if served.applied.keys().all(|id| held.contains(id)) {
+            served.lease_revision = lease_revision;
+        }
     }
-    served.holding = held > 0;
     out.running = served.applied.len();
     Ok(out)
 }
@@ -161,9 +173,13 @@ fn bring_in(s: &AppState, served: &mut Served, mut g: GatewayRecord) -> Result<O
             s.plane.remove(&g.id).map_err(|e| format!("gateway {}: {e}", g.id))?;
             served.applied.remove(&g.id);
             if g.status == Status::Deleting {
+                let from = (g.status, g.updated_at);
                 g.updated_at = crate::store::now_millis().max(g.updated_at + 1);
                 g.status = Status::Deleted;
-                s.settle(&g, EventKind::GatewayDeleted).map_err(|e| e.to_string())?;
+                if !s.settle_from(&g, from, EventKind::GatewayDeleted).map_err(|e| e.to_string())? {
+                    // Changed since it was read: the next pass reads it again.
+                    return Ok(None);
+                }
                 tracing::info!(id = %g.id, "VPN gateway deleted");
             }
             s.store.drop_lease(me, &g.id).map_err(|e| e.to_string())?;
@@ -171,15 +187,28 @@ fn bring_in(s: &AppState, served: &mut Served, mut g: GatewayRecord) -> Result<O
         }
         Status::Creating | Status::Active => {
             if served.applied.get(&g.id) != Some(&g.updated_at) {
+                // A create or change another node's API took could not be
+                // checked against what only this node knows. (What ran
+                // before a restart or a takeover runs again as it was.)
+                if g.status == Status::Creating || served.applied.contains_key(&g.id) {
+                    super::changes::check_served_here(s, &g)
+                        .map_err(|e| format!("gateway {} is not run here: {}", g.id, e.message))?;
+                }
                 s.plane.apply(&g.id, &tunnel_of(&g)).map_err(|e| format!("gateway {}: {e}", g.id))?;
             }
+            served.record(&g);
             if g.status == Status::Creating {
+                let from = (g.status, g.updated_at);
                 g.updated_at = crate::store::now_millis().max(g.updated_at + 1);
                 g.status = Status::Active;
-                s.settle(&g, EventKind::GatewayCreated).map_err(|e| e.to_string())?;
+                // Changed since it was read (deleted through another node):
+                // what runs is left to the next pass, which reads it again.
+                if !s.settle_from(&g, from, EventKind::GatewayCreated).map_err(|e| e.to_string())? {
+                    return Ok(None);
+                }
+                served.record(&g);
                 tracing::info!(id = %g.id, name = %g.name, "VPN gateway created");
             }
-            served.record(&g);
             Ok(Some((g.id, g.updated_at)))
         }
     }
@@ -250,5 +279,112 @@ pub fn wait_until_served(
         }
         // Told by the serving node's acknowledgement (NOTIFY); polled as well.
         s.store.wait_for_change(mark, (deadline - now).min(Duration::from_millis(200)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ApiSettings;
+    use crate::plane::MemoryPlane;
+    use crate::store::testing::TestDb;
+    use crate::store::{sample, ThisNode};
+
+    fn node_state(db: &TestDb, floating: Option<&str>) -> (Arc<AppState>, Arc<MemoryPlane>) {
+        let store = Arc::new(db.open());
+        let plane = Arc::new(MemoryPlane::new(wgxdp_dataplane::noise::PrivateKey::generate().public_key()));
+        let node = ThisNode { id: "a1".into(), region: "eu".into(), ..ThisNode::default() };
+        store.heartbeat(&node).unwrap();
+        let settings =
+            ApiSettings { node, floating_address: floating.map(|a| a.parse().unwrap()), ..ApiSettings::default() };
+        (AppState::new(store, plane.clone(), settings), plane)
+    }
+
+    fn eu_gateway(name: &str, status: Status) -> GatewayRecord {
+        let mut g = sample(name, name);
+        g.region = "eu".into();
+        g.status = status;
+        g
+    }
+
+    /// A node that starts without its floating address (keepalived moved it
+    /// while the node was down) gives up the leases the store still holds
+    /// in its name, so that the node with the address can take them.
+    #[test]
+    fn a_node_without_its_floating_address_gives_up_what_the_store_says_it_holds() {
+        let db = TestDb::sqlite();
+        let (s, plane) = node_state(&db, Some("192.0.2.254"));
+        let g = s.store.insert_served(eu_gateway("held", Status::Active), &s.settings.node).unwrap();
+        assert!(!holds_floating_address(&s));
+        pass(&s).unwrap();
+        assert_eq!(s.store.lease_of(&g.id).unwrap(), None, "released");
+        assert!(plane.tunnels.lock().unwrap().is_empty());
+        // And it claims nothing while the address is elsewhere.
+        s.store.insert(eu_gateway("new", Status::Creating)).unwrap();
+        pass(&s).unwrap();
+        assert_eq!(s.store.held_lease_count(&s.settings.node).unwrap(), 0);
+    }
+
+    /// A create read by the serving node and deleted through another node
+    /// before its settle: the settle is refused (no `gateway.created`), and
+    /// the next pass removes the tunnel and completes the delete.
+    #[test]
+    fn a_create_deleted_while_it_was_brought_in_is_removed_not_revived() {
+        let db = TestDb::sqlite();
+        let (s, plane) = node_state(&db, None);
+        let g = s.store.insert(eu_gateway("racing", Status::Creating)).unwrap();
+        assert_eq!(s.store.claim_leases(&s.settings.node).unwrap(), 1);
+        let read = s.store.get(&g.id).unwrap().unwrap();
+        s.store.set_status_at(&g.id, Status::Deleting, g.updated_at + 1).unwrap();
+        let mut served = Served::default();
+        assert_eq!(bring_in(&s, &mut served, read).unwrap(), None, "the settle found it changed");
+        assert_eq!(s.store.get(&g.id).unwrap().unwrap().status, Status::Deleting);
+        assert!(plane.tunnels.lock().unwrap().contains_key(&g.id), "applied before the settle");
+        let passed = pass(&s).unwrap();
+        assert_eq!(passed.running, 0, "{passed:?}");
+        assert!(plane.tunnels.lock().unwrap().is_empty());
+        assert_eq!(s.store.get(&g.id).unwrap().unwrap().status, Status::Deleted);
+        let kinds: Vec<String> =
+            s.store.events_after(0, 10).unwrap().iter().map(|e| e.kind.as_str().to_owned()).collect();
+        assert_eq!(kinds, ["gateway.deleted"], "never created");
+    }
+
+    /// A create another node's API took that routes this host's own address
+    /// is not run here (that node could not know the address); it stays
+    /// `creating` until deleted.
+    #[test]
+    fn a_create_that_routes_this_hosts_address_is_not_run() {
+        let db = TestDb::sqlite();
+        let (s, plane) = node_state(&db, None);
+        let host = sample("x", "x").remote_network_cidr.addr();
+        let s = AppState::new(
+            s.store.clone(),
+            plane.clone(),
+            ApiSettings { host_addresses: vec![host], ..s.settings.clone() },
+        );
+        let g = s.store.insert(eu_gateway("routes-host", Status::Creating)).unwrap();
+        let passed = pass(&s).unwrap();
+        assert_eq!((passed.running, passed.failed), (0, 1), "{passed:?}");
+        assert!(plane.tunnels.lock().unwrap().is_empty());
+        assert_eq!(s.store.get(&g.id).unwrap().unwrap().status, Status::Creating);
+    }
+
+    /// Leases another node took while this one was silent: their tunnels
+    /// stop here at the next pass.
+    #[test]
+    fn tunnels_whose_lease_another_node_took_stop_here() {
+        let db = TestDb::sqlite();
+        let (s, plane) = node_state(&db, None);
+        let g = s.store.insert(eu_gateway("moved", Status::Creating)).unwrap();
+        assert_eq!(pass(&s).unwrap().running, 1);
+        assert!(plane.tunnels.lock().unwrap().contains_key(&g.id));
+        // a1 silent past the TTL; a2 claims.
+        s.store.leave(&s.settings.node).unwrap();
+        let a2 = ThisNode { id: "a2".into(), region: "eu".into(), ..ThisNode::default() };
+        s.store.heartbeat(&a2).unwrap();
+        assert_eq!(s.store.claim_leases(&a2).unwrap(), 1);
+        s.store.heartbeat(&s.settings.node).unwrap();
+        assert_eq!(pass(&s).unwrap().running, 0);
+        assert!(plane.tunnels.lock().unwrap().is_empty(), "runs on a2 only");
     }
 }

@@ -892,6 +892,7 @@ impl Store {
         let (old, removed, revision) = self.transaction(|sql| {
             let old = Self::status_of(sql, id)?;
             let removed = sql.execute("DELETE FROM gateways WHERE id = ?", args![id])? > 0;
+            sql.execute("DELETE FROM leases WHERE gateway_id = ?", args![id])?;
             Ok((old, removed, if removed { Some(bump_revision(sql, id)?) } else { None }))
         })?;
         self.wrote(revision);
@@ -916,35 +917,72 @@ impl Store {
         event: Option<(EventKind, serde_json::Value)>,
         published: impl FnOnce(&Event),
     ) -> Result<(), StoreError> {
+        self.save_if(g, None, event, published).map(|_| ())
+    }
+
+    /// `save_with_event`, only if the stored gateway is still `from` (its
+    /// status and `updated_at`): a write that settles what was read before
+    /// it, which another node's change since must not be overwritten by.
+    /// False (nothing written, no event) if it changed.
+    pub fn settle_from(
+        &self,
+        g: &GatewayRecord,
+        from: (Status, i64),
+        event: (EventKind, serde_json::Value),
+        published: impl FnOnce(&Event),
+    ) -> Result<bool, StoreError> {
+        self.save_if(g, Some(from), Some(event), published)
+    }
+
+    fn save_if(
+        &self,
+        g: &GatewayRecord,
+        from: Option<(Status, i64)>,
+        event: Option<(EventKind, serde_json::Value)>,
+        published: impl FnOnce(&Event),
+    ) -> Result<bool, StoreError> {
         self.check_write()?;
         let (additional_remote, additional_local) =
             (encode_prefixes(&g.additional_remote_network_cidrs)?, encode_prefixes(&g.additional_local_network_cidrs)?);
         let firewall = encode_rules(&g.firewall)?;
         let psk = g.pre_shared_key.to_base64_secret();
+        let condition = if from.is_some() { " AND status = ? AND updated_at = ?" } else { "" };
         let saved = self.transaction(|sql| {
             let old = Self::status_of(sql, &g.id)?;
+            let mut params = args![
+                &g.name,
+                g.remote_network_cidr.to_string(),
+                g.remote_endpoint.ip().to_string(),
+                i64::from(g.remote_endpoint.port()),
+                psk.as_str(),
+                g.persistent_keepalive.map(i64::from),
+                g.status.as_str(),
+                g.updated_at,
+                additional_remote,
+                additional_local,
+                firewall,
+                g.firewall_default.as_str(),
+                &g.id
+            ]
+            .to_vec();
+            if let Some((status, at)) = from {
+                params.extend([SqlValue::from(status.as_str()), SqlValue::from(at)]);
+            }
             let n = sql.execute(
-                "UPDATE gateways SET name = ?, remote_network_cidr = ?, remote_peer_ip = ?, remote_peer_port = ?,
-                     pre_shared_key = ?, persistent_keepalive = ?, status = ?, updated_at = ?,
-                     additional_remote_network_cidrs = ?, additional_local_network_cidrs = ?, firewall = ?,
-                     firewall_default = ? WHERE id = ?",
-                args![
-                    &g.name,
-                    g.remote_network_cidr.to_string(),
-                    g.remote_endpoint.ip().to_string(),
-                    i64::from(g.remote_endpoint.port()),
-                    psk.as_str(),
-                    g.persistent_keepalive.map(i64::from),
-                    g.status.as_str(),
-                    g.updated_at,
-                    additional_remote,
-                    additional_local,
-                    firewall,
-                    g.firewall_default.as_str(),
-                    &g.id
-                ],
+                &format!(
+                    "UPDATE gateways SET name = ?, remote_network_cidr = ?, remote_peer_ip = ?, remote_peer_port = ?,
+                         pre_shared_key = ?, persistent_keepalive = ?, status = ?, updated_at = ?,
+                         additional_remote_network_cidrs = ?, additional_local_network_cidrs = ?, firewall = ?,
+                         firewall_default = ? WHERE id = ?{condition}"
+                ),
+                &params,
             )?;
-            let event = event.map(|(kind, data)| events::insert(sql, kind, &g.id, data)).transpose()?;
+            // A conditional write that found the gateway changed records nothing.
+            let event = if n > 0 || from.is_none() {
+                event.map(|(kind, data)| events::insert(sql, kind, &g.id, data)).transpose()?
+            } else {
+                None
+            };
             let revision = if n > 0 { Some(bump_revision(sql, &g.id)?) } else { None };
             Ok((old, n > 0, event, revision))
         })?;
@@ -958,7 +996,7 @@ impl Store {
         if let Some(e) = &event {
             published(e);
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// Every gateway not yet deleted, oldest first (what the data plane should hold).

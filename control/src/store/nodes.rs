@@ -230,13 +230,17 @@ impl Store {
 
     /// Marks `me` stopped (a clean exit): the others see it lost at once.
     pub fn leave(&self, me: &ThisNode) -> Result<(), StoreError> {
-        self.run(|sql| {
+        self.transaction(|sql| {
             sql.execute(
                 "UPDATE nodes SET heartbeat_at = 0 WHERE id = ? AND incarnation = ?",
                 args![&me.id, &me.incarnation],
-            )
-        })?;
-        Ok(())
+            )?;
+            // Its region's other nodes claim its gateways at once.
+            if let Some(notify) = sql.dialect().notify_change() {
+                sql.execute(notify, &[])?;
+            }
+            Ok(())
+        })
     }
 
     /// Every node that ever registered, by id.
@@ -257,6 +261,11 @@ impl Store {
     }
 
     /// The live nodes that serve `region`.
+    /// The live nodes whose region is exactly `region` (not those of every region).
+    pub fn live_nodes_in(&self, region: &str) -> Result<Vec<NodeRecord>, StoreError> {
+        Ok(self.nodes()?.into_iter().filter(|n| n.is_live() && n.region == region).collect())
+    }
+
     pub fn live_nodes_of(&self, region: &str) -> Result<Vec<NodeRecord>, StoreError> {
         Ok(self.nodes()?.into_iter().filter(|n| n.is_live() && n.serves(region)).collect())
     }

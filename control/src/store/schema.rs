@@ -175,8 +175,13 @@ const ADDED_NODE_COLUMNS: [(&str, &str); 4] = [
     ("listen_port", "BIGINT NOT NULL DEFAULT 0"),
 ];
 
+/// Columns of `store_meta` added after the first schema: moved each time a
+/// node takes a lease another node held (its holder must stop serving it).
+const ADDED_META_COLUMNS: [(&str, &str); 1] = [("lease_revision", "BIGINT NOT NULL DEFAULT 0")];
+
 /// Every table's added columns.
-pub const ADDED_COLUMNS: [(&str, &[(&str, &str)]); 4] = [
+pub const ADDED_COLUMNS: [(&str, &[(&str, &str)]); 5] = [
+    ("store_meta", &ADDED_META_COLUMNS),
     ("gateways", &ADDED_GATEWAY_COLUMNS),
     ("api_keys", &ADDED_API_KEY_COLUMNS),
     ("webhook_deliveries", &ADDED_DELIVERY_COLUMNS),

@@ -2454,7 +2454,11 @@ async fn a_change_through_any_node_runs_on_the_node_that_serves_the_gateway() {
     let r2 = us.create(new_gateway("eu-site-2", "10.2.0.0/16")).await;
     assert_eq!(r2.body["data"]["status"], "active", "{}", r2.text);
     let id2 = r2.body["data"]["id"].as_str().unwrap().to_owned();
-    assert!(eu2.api.plane.tunnels.lock().unwrap().is_empty(), "the first node serves both");
+    // One node of the region runs it (whichever claimed it first), never both.
+    let on = |api: &Api| api.plane.tunnels.lock().unwrap().contains_key(&id2);
+    assert!(on(&eu1.api) != on(&eu2.api), "on exactly one node");
+    assert!(!on(us), "not on the node that took the request");
+    assert!(!eu2.api.plane.tunnels.lock().unwrap().contains_key(&id), "the first gateway stays where it runs");
     let killed = eu1.kill();
     let standby = eu2.api.plane.clone();
     eventually("the standby runs both tunnels", || {

@@ -324,7 +324,7 @@ reads_per_minute = 1200
         "fleet.toml",
         format!(
             "[interface]\nwan = \"eth0\"\nlan = \"eth1\"\nprivate_key_file = \"{}\"\n[api]\nlisten = \"10.0.0.11:8080\"\n\
-             [node]\nid = \"gw-eu-1\"\nregion = \"eu-west\"\n[store]\n\
+             [node]\nid = \"gw-eu-1\"\nregion = \"eu-west\"\nfloating_address = \"203.0.113.10\"\n[store]\n\
              url = \"postgresql:///wgxdp?host=/run/postgresql&user=wgxdp\"\npassword_file = \"{}\"\n",
             private.display(),
             psk.display()
