@@ -133,11 +133,16 @@ pub(crate) fn check_region(s: &AppState, region: &str) -> Result<(), ApiError> {
 /// it (`serving`): this node only writes the store.
 fn served_here(s: &AppState, region: &str, id: Option<&str>) -> Result<bool, ApiError> {
     let me = &s.settings.node;
+    // Without its floating address a node runs nothing (its next pass
+    // gives up what it holds).
+    if !serving::holds_floating_address(s) {
+        return Ok(false);
+    }
     let lease = id.map(|id| s.store.lease_of(id)).transpose()?.flatten();
     if lease.as_ref().is_some_and(|l| l.node_id == me.id) {
         return Ok(true);
     }
-    if !me.serves(region) || !serving::holds_floating_address(s) {
+    if !me.serves(region) {
         return Ok(false);
     }
     // A node of every region leaves a region to its own live nodes.
@@ -161,7 +166,8 @@ pub(crate) fn is_served_here(s: &AppState, g: &GatewayRecord) -> bool {
 /// route: this host's where this node serves the region (another region's
 /// hosts are their nodes' own concern).
 fn site_of<'a>(s: &'a AppState, region: &str) -> (Option<IpPrefix>, &'a [std::net::IpAddr]) {
-    let hosts: &[std::net::IpAddr] = if s.settings.node.serves(region) { &s.settings.host_addresses } else { &[] };
+    let ours = matches!(s.others_of(region), Ok(None));
+    let hosts: &[std::net::IpAddr] = if ours { &s.settings.host_addresses } else { &[] };
     (s.site_cidr_of(region), hosts)
 }
 
@@ -326,7 +332,13 @@ pub fn delete(s: &AppState, id: &str, if_match: Option<&str>) -> Result<GatewayR
     if !served_here(s, &g.region, Some(id))? {
         return delete_elsewhere(s, g);
     }
-    refuse_transient(&g)?;
+    // A gateway this node serves is `creating` here only when its tunnel
+    // could not be started (a create another node took that this node
+    // refused): it can go. A local create never shows: it ends under the
+    // same lock as this.
+    if g.status != Status::Creating {
+        refuse_transient(&g)?;
+    }
     s.store.set_status(id, Status::Deleting)?;
     if let Err(e) = s.plane.remove(id) {
         // The tunnel still runs: so is the gateway.
@@ -371,6 +383,9 @@ fn delete_elsewhere(s: &AppState, mut g: GatewayRecord) -> Result<GatewayRecord,
     } else {
         g.status = Status::Deleted;
         s.settle(&g, EventKind::GatewayDeleted).map_err(store_unavailable)?;
+        if let Err(e) = s.store.forget_lease(&g.id) {
+            tracing::warn!(id = %g.id, error = %e, "cannot forget the lease of a deleted gateway");
+        }
         tracing::info!(id = %g.id, "VPN gateway deleted (no node served it)");
     }
     Ok(g)

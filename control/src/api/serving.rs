@@ -39,11 +39,32 @@ pub struct Served {
     /// This node may hold leases (true until a pass found it holds none:
     /// after a restart, the store may still hold some in its name).
     holding: bool,
+    /// Gateways whose change did not take effect, retried at each pass
+    /// (how many times, so that only the first failure is an error).
+    retry: HashMap<String, u32>,
+    /// Versions changes made here ran (nobody elsewhere waits for them: the
+    /// pass does not acknowledge them).
+    ran_here: HashMap<String, i64>,
+    /// When every unheld gateway and every stopped node's lease was last
+    /// looked at, and the live nodes and leases' revision then.
+    full_claim: Option<(Instant, Vec<String>, i64)>,
 }
+
+/// Every unheld gateway is looked for at least this often (besides when a
+/// node comes or goes, or leases move): new ones are looked for at each pass.
+const FULL_CLAIM_EVERY: Duration = Duration::from_secs(30);
 
 impl Default for Served {
     fn default() -> Self {
-        Self { applied: HashMap::new(), revision: -1, lease_revision: -1, holding: true }
+        Self {
+            applied: HashMap::new(),
+            revision: -1,
+            lease_revision: -1,
+            holding: true,
+            retry: HashMap::new(),
+            ran_here: HashMap::new(),
+            full_claim: None,
+        }
     }
 }
 
@@ -55,8 +76,17 @@ impl Served {
 
     /// A change made here (the data plane runs `g` as it is now).
     pub fn record(&mut self, g: &GatewayRecord) {
+        self.runs_now(g);
+        if g.status != Status::Deleted {
+            self.ran_here.insert(g.id.clone(), g.updated_at);
+        }
+    }
+
+    /// The data plane runs `g` as it is now.
+    fn runs_now(&mut self, g: &GatewayRecord) {
         if g.status == Status::Deleted {
             self.applied.remove(&g.id);
+            self.ran_here.remove(&g.id);
         } else {
             self.applied.insert(g.id.clone(), g.updated_at);
         }
@@ -112,26 +142,60 @@ pub fn pass(s: &AppState) -> Result<Pass, StoreError> {
         return Ok(out);
     }
     served.holding = true;
-    s.store.claim_leases(me)?;
+    // New gateways at each pass; stopped nodes' leases and every unheld
+    // gateway when a node came or went, leases moved, or a while passed.
+    let (live, lease_revision) = (s.store.live_node_ids()?, s.store.lease_revision()?);
+    let full = served.full_claim.as_ref().is_none_or(|(at, was_live, was_revision)| {
+        at.elapsed() >= FULL_CLAIM_EVERY || *was_live != live || *was_revision != lease_revision
+    });
+    if full {
+        s.store.claim_leases(me)?;
+        served.full_claim = Some((Instant::now(), live, s.store.lease_revision()?));
+    } else {
+        s.store.claim_new_leases(me, served.revision)?;
+    }
     let changes = s.store.served_changes(me, served.revision)?;
+    let mut records: Vec<(i64, GatewayRecord)> = changes.records.into_iter().map(|(_, a, g)| (a, g)).collect();
+    // What failed before, read again (while still held here).
+    let retry = std::mem::take(&mut served.retry);
+    for (id, _) in &retry {
+        if records.iter().any(|(_, g)| &g.id == id) {
+            continue;
+        }
+        if let (Some(g), Some(lease)) = (s.store.get(id)?, s.store.lease_of(id)?) {
+            if lease.node_id == me.id {
+                records.push((lease.applied_at, g));
+            }
+        }
+    }
     let mut acknowledged = Vec::new();
-    let mut read_up_to = changes.revision;
-    for (revision, g) in changes.records {
+    for (lease_applied, g) in records {
+        let id = g.id.clone();
         match bring_in(s, &mut served, g) {
             Ok(Some((id, at))) => {
                 out.applied += 1;
-                acknowledged.push((id, at));
+                // Only a version not yet acknowledged, nor run by a change
+                // made here: an acknowledgement wakes every node.
+                let ran_here = served.ran_here.remove(&id) == Some(at);
+                if lease_applied != at && !ran_here {
+                    acknowledged.push((id, at));
+                }
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::error!(error = %e, "a served gateway's change did not take effect; retrying at the next pass");
+                let tries = retry.get(&id).copied().unwrap_or(0);
+                if tries == 0 {
+                    tracing::error!(error = %e, "a served gateway's change did not take effect; retrying at each pass");
+                } else {
+                    tracing::debug!(error = %e, tries, "a served gateway's change still does not take effect");
+                }
                 out.failed += 1;
-                read_up_to = read_up_to.min(revision - 1);
+                served.retry.insert(id, tries + 1);
             }
         }
     }
     s.store.acknowledge(me, &acknowledged)?;
-    served.revision = read_up_to;
+    served.revision = changes.revision;
     // Leases another node took (this one was silent past the TTL): their
     // tunnels run there now, not here. Every takeover moves the leases'
     // revision; only then are the sets compared.
@@ -196,7 +260,7 @@ fn bring_in(s: &AppState, served: &mut Served, mut g: GatewayRecord) -> Result<O
                 }
                 s.plane.apply(&g.id, &tunnel_of(&g)).map_err(|e| format!("gateway {}: {e}", g.id))?;
             }
-            served.record(&g);
+            served.runs_now(&g);
             if g.status == Status::Creating {
                 let from = (g.status, g.updated_at);
                 g.updated_at = crate::store::now_millis().max(g.updated_at + 1);
@@ -206,7 +270,7 @@ fn bring_in(s: &AppState, served: &mut Served, mut g: GatewayRecord) -> Result<O
                 if !s.settle_from(&g, from, EventKind::GatewayCreated).map_err(|e| e.to_string())? {
                     return Ok(None);
                 }
-                served.record(&g);
+                served.runs_now(&g);
                 tracing::info!(id = %g.id, name = %g.name, "VPN gateway created");
             }
             Ok(Some((g.id, g.updated_at)))
@@ -367,6 +431,14 @@ mod tests {
         assert_eq!((passed.running, passed.failed), (0, 1), "{passed:?}");
         assert!(plane.tunnels.lock().unwrap().is_empty());
         assert_eq!(s.store.get(&g.id).unwrap().unwrap().status, Status::Creating);
+        // Nothing wakes the next pass: no acknowledgement was written.
+        let mark = s.store.change_mark();
+        pass(&s).unwrap();
+        assert_eq!(s.store.change_mark(), mark, "a retry that fails again writes nothing");
+        // Its serving node can delete it.
+        let deleted = crate::api::changes::delete(&s, &g.id, None).unwrap();
+        assert_eq!(deleted.status, Status::Deleted);
+        assert_eq!(pass(&s).unwrap().failed, 0, "no longer retried");
     }
 
     /// Leases another node took while this one was silent: their tunnels

@@ -16,6 +16,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// `applied_at` of a lease just claimed: its holder has run no version yet.
 const NOT_APPLIED: i64 = -1;
+/// `applied_at` of a gateway created through its holder's own API: the
+/// create ran it, and acknowledged nothing (nobody waited elsewhere).
+const RUN_HERE: i64 = 0;
 
 /// Ids at most in one `IN (...)` list.
 const IDS_PER_QUERY: usize = 500;
@@ -35,8 +38,9 @@ pub struct Lease {
 pub struct ServedChanges {
     /// Held gateways written since the revision asked for, or claimed and not
     /// yet applied, in revision order (deleted ones included), each with the
-    /// revision its last write moved the gateways to.
-    pub records: Vec<(i64, GatewayRecord)>,
+    /// revision its last write moved the gateways to and the version its
+    /// lease says runs (`Lease::applied_at`).
+    pub records: Vec<(i64, i64, GatewayRecord)>,
     /// The highest revision read: ask from there next time.
     pub revision: i64,
 }
@@ -85,13 +89,13 @@ fn published(row: &Row) -> Result<(String, PublishedStatus), String> {
     Ok((row.text(0)?, PublishedStatus { node_id: row.text(1)?, published_at: row.int(2)?, status, publisher_live }))
 }
 
-/// Inside a new gateway's insert: `me` holds it, running no version yet
-/// (its create acknowledges none; the next pass does).
+/// Inside a new gateway's insert: `me` holds it, and the change that made
+/// it runs it (nobody waits for an acknowledgement of it).
 pub(super) fn hold_new(sql: &dyn Sql, me: &ThisNode, id: &str) -> Result<(), StoreError> {
     let now = sql.dialect().now_millis();
     sql.execute(
         &format!(
-            "INSERT INTO leases (gateway_id, node_id, since, applied_at) VALUES (?, ?, {now}, {NOT_APPLIED})
+            "INSERT INTO leases (gateway_id, node_id, since, applied_at) VALUES (?, ?, {now}, {RUN_HERE})
              ON CONFLICT (gateway_id) DO UPDATE SET node_id = excluded.node_id, since = excluded.since,
                  applied_at = excluded.applied_at"
         ),
@@ -103,37 +107,65 @@ pub(super) fn hold_new(sql: &dyn Sql, me: &ThisNode, id: &str) -> Result<(), Sto
 impl Store {
     /// Claims for `me` every gateway of its region that no live node holds
     /// (new, or its holder stopped); how many. A node of every region takes
-    /// only the gateways of regions with no live node of their own. Two
-    /// nodes claiming at once: each gateway goes to one.
+    /// only the gateways of regions with no live node of their own, and a
+    /// node of a region takes its region's back from one. Two nodes claiming
+    /// at once: each gateway goes to one.
     pub fn claim_leases(&self, me: &ThisNode) -> Result<u64, StoreError> {
-        let claimed = self.transaction(|sql| {
+        Ok(self.take_over_leases(me)? + self.claim_new_leases(me, -1)?)
+    }
+
+    /// The region's gateways of `me` (`mine`'s parameters: region twice).
+    fn mine(now: &str) -> String {
+        format!(
+            "status != 'deleted' AND (region = ? OR (? = '{EVERY_REGION}' AND region NOT IN
+                 (SELECT region FROM nodes WHERE heartbeat_at >= {now} - {NODE_TTL_MILLIS})))"
+        )
+    }
+
+    /// `claim_leases`' first half: the leases of `me`'s region held by
+    /// stopped nodes (and, for a node of a region, by nodes of every
+    /// region). Moves the leases' revision: their holders must stop.
+    pub fn take_over_leases(&self, me: &ThisNode) -> Result<u64, StoreError> {
+        let taken = self.transaction(|sql| {
             let (now, live) = (sql.dialect().now_millis(), live_nodes(sql));
-            let mine = format!(
-                "status != 'deleted' AND (region = ? OR (? = '{EVERY_REGION}' AND region NOT IN
-                     (SELECT region FROM nodes WHERE heartbeat_at >= {now} - {NODE_TTL_MILLIS})))"
-            );
-            // Taken from holders that stopped: they must stop serving them.
+            let mine = Self::mine(now);
             let taken = sql.execute(
                 &format!(
                     "UPDATE leases SET node_id = ?, since = {now}, applied_at = {NOT_APPLIED}
-                     WHERE node_id != ? AND node_id NOT IN ({live})
+                     WHERE node_id != ?
+                       AND (node_id NOT IN ({live})
+                            OR (? != '{EVERY_REGION}' AND node_id IN (SELECT id FROM nodes WHERE region = '{EVERY_REGION}')))
                        AND gateway_id IN (SELECT id FROM gateways WHERE {mine})"
                 ),
-                args![&me.id, &me.id, &me.region, &me.region],
+                args![&me.id, &me.id, &me.region, &me.region, &me.region],
             )?;
             if taken > 0 {
                 sql.execute("UPDATE store_meta SET lease_revision = lease_revision + 1 WHERE id = 1", &[])?;
             }
-            let new = sql.execute(
+            Ok(taken)
+        })?;
+        if taken > 0 {
+            self.changes.signal();
+        }
+        Ok(taken)
+    }
+
+    /// `claim_leases`' second half: the gateways of `me`'s region that no
+    /// node holds, among those written after revision `since` (-1: all).
+    pub fn claim_new_leases(&self, me: &ThisNode, since: i64) -> Result<u64, StoreError> {
+        let claimed = self.run(|sql| {
+            let now = sql.dialect().now_millis();
+            let mine = Self::mine(now);
+            sql.execute(
                 &format!(
                     "INSERT INTO leases (gateway_id, node_id, since, applied_at)
                      SELECT id, ?, {now}, {NOT_APPLIED} FROM gateways
-                     WHERE {mine} AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.gateway_id = gateways.id)
+                     WHERE revision > ? AND {mine}
+                       AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.gateway_id = gateways.id)
                      ON CONFLICT (gateway_id) DO NOTHING"
                 ),
-                args![&me.id, &me.region, &me.region],
-            )?;
-            Ok(taken + new)
+                args![&me.id, since, &me.region, &me.region],
+            )
         })?;
         if claimed > 0 {
             self.changes.signal();
@@ -141,15 +173,22 @@ impl Store {
         Ok(claimed)
     }
 
+    /// The ids of the live nodes, in order (what a change of liveness moves).
+    pub fn live_node_ids(&self) -> Result<Vec<String>, StoreError> {
+        let rows = self.run(|sql| sql.query(&format!("{} ORDER BY id", live_nodes(sql)), &[]))?;
+        rows.iter().map(|r| r.text(0)).collect::<Result<_, _>>().map_err(|e| sql::unreadable("nodes", e))
+    }
+
     /// Holds gateway `id` for `me` unless a live node (other than `me`)
     /// does; true if `me` holds it now (for a change made here).
     pub fn claim_lease(&self, me: &ThisNode, id: &str) -> Result<bool, StoreError> {
         self.transaction(|sql| {
             let (now, live) = (sql.dialect().now_millis(), live_nodes(sql));
+            let live_gateway = "SELECT id FROM gateways WHERE id = ? AND status != 'deleted'";
             let taken = sql.execute(
                 &format!(
                     "UPDATE leases SET node_id = ?, since = {now}, applied_at = {NOT_APPLIED}
-                     WHERE gateway_id = ? AND node_id != ? AND node_id NOT IN ({live})"
+                     WHERE gateway_id IN ({live_gateway}) AND node_id != ? AND node_id NOT IN ({live})"
                 ),
                 args![&me.id, id, &me.id],
             )?;
@@ -159,10 +198,11 @@ impl Store {
             }
             sql.execute(
                 &format!(
-                    "INSERT INTO leases (gateway_id, node_id, since, applied_at) VALUES (?, ?, {now}, {NOT_APPLIED})
+                    "INSERT INTO leases (gateway_id, node_id, since, applied_at)
+                     SELECT id, ?, {now}, {NOT_APPLIED} FROM gateways WHERE id = ? AND status != 'deleted'
                      ON CONFLICT (gateway_id) DO NOTHING"
                 ),
-                args![id, &me.id],
+                args![&me.id, id],
             )?;
             let holder = sql.query_opt("SELECT node_id FROM leases WHERE gateway_id = ?", args![id])?;
             Ok(holder.and_then(|r| r.text(0).ok()).is_some_and(|h| h == me.id))
@@ -223,6 +263,8 @@ impl Store {
         let n = self.transaction(|sql| {
             sql.execute("DELETE FROM tunnel_status WHERE node_id = ?", args![&me.id])?;
             let n = sql.execute("DELETE FROM leases WHERE node_id = ?", args![&me.id])?;
+            // The others look at every unheld gateway again.
+            sql.execute("UPDATE store_meta SET lease_revision = lease_revision + 1 WHERE id = 1", &[])?;
             // The node that has the address now claims them at once.
             if let Some(notify) = sql.dialect().notify_change() {
                 sql.execute(notify, &[])?;
@@ -230,6 +272,16 @@ impl Store {
             Ok(n)
         })?;
         Ok(n)
+    }
+
+    /// Forgets whoever's lease of gateway `id` (deleted while no live node
+    /// held it) and its published state.
+    pub fn forget_lease(&self, id: &str) -> Result<(), StoreError> {
+        self.run(|sql| {
+            sql.execute("DELETE FROM tunnel_status WHERE gateway_id = ?", args![id])?;
+            sql.execute("DELETE FROM leases WHERE gateway_id = ?", args![id])
+        })?;
+        Ok(())
     }
 
     /// Forgets `me`'s lease of gateway `id` (deleted) and its published state.
@@ -261,20 +313,27 @@ impl Store {
         let rows = self.run(|sql| {
             sql.query(
                 &format!(
-                    "SELECT {COLUMNS}, gateways.revision FROM gateways JOIN leases ON leases.gateway_id = gateways.id
-                     WHERE leases.node_id = ? AND (gateways.revision > ? OR leases.applied_at < 0)
-                     ORDER BY gateways.revision"
+                    "SELECT {COLUMNS}, gateways.revision, leases.applied_at
+                     FROM gateways JOIN leases ON leases.gateway_id = gateways.id
+                     WHERE gateways.revision > ? AND leases.node_id = ?
+                     UNION ALL
+                     SELECT {COLUMNS}, gateways.revision, leases.applied_at
+                     FROM leases JOIN gateways ON gateways.id = leases.gateway_id
+                     WHERE leases.node_id = ? AND leases.applied_at < 0 AND gateways.revision <= ?
+                     ORDER BY {}",
+                    COLUMNS.split(',').count() + 1
                 ),
-                args![&me.id, revision],
+                args![revision, &me.id, &me.id, revision],
             )
         })?;
         let mut out = ServedChanges { records: Vec::with_capacity(rows.len()), revision };
         let revision_column = COLUMNS.split(',').count();
         for row in &rows {
             let at = row.int(revision_column).map_err(|e| sql::unreadable("gateways", e))?;
+            let applied = row.int(revision_column + 1).map_err(|e| sql::unreadable("leases", e))?;
             out.revision = out.revision.max(at);
             match record(row) {
-                Ok(g) => out.records.push((at, g)),
+                Ok(g) => out.records.push((at, applied, g)),
                 Err(e @ StoreError::Corrupt(_)) => {
                     tracing::error!(error = %e, "a served gateway cannot be read; left out")
                 }
@@ -407,7 +466,7 @@ mod tests {
             assert!(!store.claim_lease(&a2, &eu.id).unwrap(), "a2 may not take a live node's lease");
             // What a1 must bring into its data plane: both, until applied.
             let changes = store.served_changes(&a1, -1).unwrap();
-            assert_eq!(changes.records.iter().map(|(_, g)| g.name.as_str()).collect::<Vec<_>>(), ["eu-1", "eu-2"]);
+            assert_eq!(changes.records.iter().map(|(_, _, g)| g.name.as_str()).collect::<Vec<_>>(), ["eu-1", "eu-2"]);
             store.acknowledge(&a1, &[(eu.id.clone(), eu.updated_at), (eu2.id.clone(), eu2.updated_at)]).unwrap();
             assert!(store.served_changes(&a1, changes.revision).unwrap().records.is_empty(), "nothing new");
             assert_eq!(store.lease_of(&eu.id).unwrap().unwrap().applied_at, eu.updated_at);
@@ -415,7 +474,7 @@ mod tests {
             store.set_status(&eu2.id, Status::Deleting).unwrap();
             let again = store.served_changes(&a1, changes.revision).unwrap();
             assert_eq!(again.records.len(), 1);
-            assert_eq!(again.records[0].1.status, Status::Deleting);
+            assert_eq!(again.records[0].2.status, Status::Deleting);
             assert!(again.revision > changes.revision);
             // a1 stops: a2 takes everything of the region at once, which
             // moves the leases' revision (a1 must learn it lost them).
@@ -470,6 +529,16 @@ mod tests {
             store.leave(&eu).unwrap();
             assert!(store.claim_lease(&any, &g.id).unwrap(), "its holder stopped");
             assert_eq!(holder(&store, &g.id), Some("any".into()));
+            // The region's node comes back: it takes its region back, which
+            // the node of every region learns from the leases' revision.
+            store.heartbeat(&eu).unwrap();
+            let before = store.lease_revision().unwrap();
+            assert_eq!(store.claim_leases(&eu).unwrap(), 1);
+            assert_eq!(holder(&store, &g.id), Some("eu-1".into()));
+            assert_eq!(holder(&store, &other.id), Some("any".into()), "a region without a node of its own");
+            assert!(store.lease_revision().unwrap() > before);
+            store.leave(&eu).unwrap();
+            assert!(store.claim_lease(&any, &g.id).unwrap());
             // A purge (a create the data plane refused) takes its lease along.
             store.purge(&g.id).unwrap();
             assert_eq!(holder(&store, &g.id), None);
@@ -550,17 +619,18 @@ mod tests {
                 rule_hits: vec![7, 8],
             };
             // Only what `me` holds is published.
-            store.publish_statuses(&me, &[("g1".into(), TunnelStatus::default())]).unwrap();
-            assert!(store.published_statuses(&["g1"]).unwrap()[0].is_none(), "not held");
-            assert!(store.claim_lease(&me, "g1").unwrap());
-            store.publish_statuses(&me, &[("g1".into(), TunnelStatus::default())]).unwrap();
-            store.publish_statuses(&me, &[("g1".into(), status.clone())]).unwrap();
-            let found = store.published_statuses(&["g1", "g2"]).unwrap();
+            let g1 = store.insert(sample("g1", "k1")).unwrap().id;
+            store.publish_statuses(&me, &[(g1.clone(), TunnelStatus::default())]).unwrap();
+            assert!(store.published_statuses(&[&g1]).unwrap()[0].is_none(), "not held");
+            assert!(store.claim_lease(&me, &g1).unwrap());
+            store.publish_statuses(&me, &[(g1.clone(), TunnelStatus::default())]).unwrap();
+            store.publish_statuses(&me, &[(g1.clone(), status.clone())]).unwrap();
+            let found = store.published_statuses(&[&g1, "g2"]).unwrap();
             let first = found[0].as_ref().unwrap();
             assert_eq!((&first.node_id, &first.status), (&me.id, &status));
             assert!(!first.publisher_live, "a1 never heartbeated");
             store.heartbeat(&me).unwrap();
-            assert!(store.published_statuses(&["g1"]).unwrap()[0].as_ref().unwrap().publisher_live);
+            assert!(store.published_statuses(&[&g1]).unwrap()[0].as_ref().unwrap().publisher_live);
             assert!(first.published_at > 1_700_000_000_000);
             assert!(found[1].is_none());
         });

@@ -260,12 +260,12 @@ impl Store {
         rows.iter().map(node).collect::<Result<_, _>>().map_err(|e| sql::unreadable("nodes", e))
     }
 
-    /// The live nodes that serve `region`.
     /// The live nodes whose region is exactly `region` (not those of every region).
     pub fn live_nodes_in(&self, region: &str) -> Result<Vec<NodeRecord>, StoreError> {
         Ok(self.nodes()?.into_iter().filter(|n| n.is_live() && n.region == region).collect())
     }
 
+    /// The live nodes that serve `region` (its own and those of every region).
     pub fn live_nodes_of(&self, region: &str) -> Result<Vec<NodeRecord>, StoreError> {
         Ok(self.nodes()?.into_iter().filter(|n| n.is_live() && n.serves(region)).collect())
     }

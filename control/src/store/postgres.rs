@@ -370,6 +370,9 @@ impl PostgresDb {
                     sql.execute(&format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {declaration}"), &[])?;
                 }
             }
+            for (_, index) in schema::ADDED_INDEXES {
+                sql.execute(index, &[])?;
+            }
             sql.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)", &[])?;
             if version < SCHEMA_VERSION {
                 sql.execute("DELETE FROM schema_version", &[])?;

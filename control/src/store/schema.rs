@@ -106,7 +106,7 @@ CREATE TABLE IF NOT EXISTS leases (
     since      {int} NOT NULL,
     applied_at {int} NOT NULL
 );
-CREATE INDEX IF NOT EXISTS leases_node ON leases(node_id);
+CREATE INDEX IF NOT EXISTS leases_node ON leases(node_id, applied_at);
 CREATE TABLE IF NOT EXISTS tunnel_status (
     gateway_id       TEXT PRIMARY KEY,
     node_id          TEXT NOT NULL,
@@ -152,12 +152,19 @@ const ADDED_GATEWAY_COLUMNS: [(&str, &str); 5] = [
 /// scopes existed could do everything, and still can.
 const ADDED_API_KEY_COLUMNS: [(&str, &str); 1] = [("scope", "TEXT NOT NULL DEFAULT 'admin'")];
 
-/// The tables and indexes `tables` makes, by name.
+/// Indexes on columns added after the first schema (made after them), by name.
+pub const ADDED_INDEXES: [(&str, &str); 1] = [
+    // What the serving nodes read at each pass: the gateways written since.
+    ("gateways_revision", "CREATE INDEX IF NOT EXISTS gateways_revision ON gateways(revision)"),
+];
+
+/// The tables and indexes `tables` and `ADDED_INDEXES` make, by name.
 pub fn objects() -> Vec<&'static str> {
     TEMPLATE
         .split(" IF NOT EXISTS ")
         .skip(1)
         .filter_map(|rest| rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next())
+        .chain(ADDED_INDEXES.iter().map(|(name, _)| *name))
         .collect()
 }
 
@@ -235,6 +242,6 @@ mod tests {
         {
             assert!(objects.contains(&name), "{name}: {objects:?}");
         }
-        assert_eq!(objects.len(), TEMPLATE.matches("IF NOT EXISTS").count());
+        assert_eq!(objects.len(), TEMPLATE.matches("IF NOT EXISTS").count() + ADDED_INDEXES.len());
     }
 }

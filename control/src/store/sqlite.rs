@@ -164,6 +164,9 @@ fn make_schema(conn: &Connection, version: i64) -> Result<(), StoreError> {
     for (table, added) in schema::ADDED_COLUMNS {
         add_columns(conn, table, added)?;
     }
+    for (_, index) in schema::ADDED_INDEXES {
+        conn.execute_batch(index)?;
+    }
     if version < SCHEMA_VERSION {
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
