@@ -66,7 +66,7 @@ pub struct NodeListEnvelope {
 #[utoipa::path(get, path = "/api/v1/nodes", operation_id = "list_nodes", tag = "operations",
     security(("bearer" = [])), responses((status = 200, body = NodeListEnvelope), (status = 401, body = ErrorEnvelope)))]
 pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<NodeListEnvelope>, ApiError> {
-    let nodes = blocking(&state, |s| Ok(s.store.nodes()?)).await?;
+    let nodes = blocking(&state, |s| Ok(s.store.nodes_serving()?)).await?;
     let me = &state.settings.node.id;
     Ok(Json(NodeListEnvelope { data: nodes.iter().map(|n| NodeView::new(n, me)).collect() }))
 }

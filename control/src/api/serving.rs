@@ -158,7 +158,7 @@ pub fn pass(s: &AppState) -> Result<Pass, StoreError> {
     let mut records: Vec<(i64, GatewayRecord)> = changes.records.into_iter().map(|(_, a, g)| (a, g)).collect();
     // What failed before, read again (while still held here).
     let retry = std::mem::take(&mut served.retry);
-    for (id, _) in &retry {
+    for id in retry.keys() {
         if records.iter().any(|(_, g)| &g.id == id) {
             continue;
         }

@@ -313,9 +313,12 @@ impl Store {
         let rows = self.run(|sql| {
             sql.query(
                 &format!(
+                    // CROSS JOIN: SQLite then drives from the gateways
+                    // written since (their revision's index), never from
+                    // every lease of the node.
                     "SELECT {COLUMNS}, gateways.revision, leases.applied_at
-                     FROM gateways JOIN leases ON leases.gateway_id = gateways.id
-                     WHERE gateways.revision > ? AND leases.node_id = ?
+                     FROM gateways CROSS JOIN leases
+                     WHERE gateways.revision > ? AND leases.gateway_id = gateways.id AND leases.node_id = ?
                      UNION ALL
                      SELECT {COLUMNS}, gateways.revision, leases.applied_at
                      FROM leases JOIN gateways ON gateways.id = leases.gateway_id

@@ -112,7 +112,7 @@ pub struct NodeRecord {
     pub public_address: String,
     pub listen_port: u16,
     pub site_cidr: String,
-    /// How many gateways it holds the lease of.
+    /// How many gateways it holds the lease of (`Store::nodes_serving`; 0 from `nodes`).
     pub serving: u64,
 }
 
@@ -245,13 +245,22 @@ impl Store {
 
     /// Every node that ever registered, by id.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.node_rows("0")
+    }
+
+    /// `nodes`, each with how many gateways it serves (`serving`): counted,
+    /// so for `GET /nodes`, not for the checks of every change.
+    pub fn nodes_serving(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.node_rows("(SELECT COUNT(*) FROM leases WHERE node_id = nodes.id)")
+    }
+
+    fn node_rows(&self, serving: &str) -> Result<Vec<NodeRecord>, StoreError> {
         let rows = self.run(|sql| {
             let now = sql.dialect().now_millis();
             sql.query(
                 &format!(
                     "SELECT id, region, api, started_at, heartbeat_at, {now} - heartbeat_at, public_key,
-                         public_address, listen_port, (SELECT COUNT(*) FROM leases WHERE node_id = nodes.id),
-                         site_cidr
+                         public_address, listen_port, {serving}, site_cidr
                      FROM nodes ORDER BY id"
                 ),
                 &[],
