@@ -152,6 +152,8 @@ impl Store {
 
     /// `claim_leases`' second half: the gateways of `me`'s region that no
     /// node holds, among those written after revision `since` (-1: all).
+    /// In one order on every node, so that two claiming at once wait for
+    /// each other rather than deadlock.
     pub fn claim_new_leases(&self, me: &ThisNode, since: i64) -> Result<u64, StoreError> {
         let claimed = self.run(|sql| {
             let now = sql.dialect().now_millis();
@@ -162,6 +164,7 @@ impl Store {
                      SELECT id, ?, {now}, {NOT_APPLIED} FROM gateways
                      WHERE revision > ? AND {mine}
                        AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.gateway_id = gateways.id)
+                     ORDER BY id
                      ON CONFLICT (gateway_id) DO NOTHING"
                 ),
                 args![&me.id, since, &me.region, &me.region],
