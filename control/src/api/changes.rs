@@ -52,6 +52,24 @@ pub(crate) fn check_conflicts(
     key: Option<&PublicKey>,
     except: Option<&str>,
 ) -> Result<(), ApiError> {
+    check_static_peers(s, remote, key)?;
+    for n in remote {
+        if let Some((other, p)) = s.store.remote_overlap(&n.prefix, except) {
+            return Err(ApiError::conflict(format!(
+                "{} {} overlaps the remote network {p} of VPN gateway {other}",
+                n.field, n.prefix
+            )));
+        }
+    }
+    if let Some(other) = key.and_then(|k| s.store.remote_key_owner(k, except)) {
+        return Err(ApiError::conflict(format!("VPN gateway {other} already uses this remote_public_key")));
+    }
+    Ok(())
+}
+
+/// 409 if a remote network in `remote` overlaps, or `key` equals, a peer of
+/// this node's configuration file.
+fn check_static_peers(s: &AppState, remote: &[Network], key: Option<&PublicKey>) -> Result<(), ApiError> {
     for (index, peer) in s.settings.static_peers.iter().enumerate() {
         for n in remote {
             if let Some(p) = peer.allowed_ips.iter().find(|p| overlaps(p, &n.prefix)) {
@@ -66,17 +84,6 @@ pub(crate) fn check_conflicts(
                 "peer {index} in the configuration file already uses this remote_public_key"
             )));
         }
-    }
-    for n in remote {
-        if let Some((other, p)) = s.store.remote_overlap(&n.prefix, except) {
-            return Err(ApiError::conflict(format!(
-                "{} {} overlaps the remote network {p} of VPN gateway {other}",
-                n.field, n.prefix
-            )));
-        }
-    }
-    if let Some(other) = key.and_then(|k| s.store.remote_key_owner(k, except)) {
-        return Err(ApiError::conflict(format!("VPN gateway {other} already uses this remote_public_key")));
     }
     Ok(())
 }
@@ -142,11 +149,9 @@ fn served_here(s: &AppState, region: &str, id: Option<&str>) -> Result<bool, Api
     if lease.as_ref().is_some_and(|l| l.node_id == me.id) {
         return Ok(true);
     }
-    if !me.serves(region) {
-        return Ok(false);
-    }
-    // A node of every region leaves a region to its own live nodes.
-    if me.region != region && !s.store.live_nodes_in(region)?.is_empty() {
+    // Its own region, or (a node of every region) one with no live node of
+    // its own: `others_of`, the rule the side and site shown follow too.
+    if s.others_of(region)?.is_some() {
         return Ok(false);
     }
     Ok(match (id, lease) {
@@ -180,13 +185,7 @@ pub(crate) fn check_served_here(s: &AppState, g: &GatewayRecord) -> Result<(), A
     for n in &remote {
         validate_remote_vs_site(n, None, &s.settings.host_addresses)?;
     }
-    for (index, peer) in s.settings.static_peers.iter().enumerate() {
-        let clash = remote.iter().any(|n| peer.allowed_ips.iter().any(|p| overlaps(p, &n.prefix)));
-        if clash || peer.public_key == g.remote_public_key {
-            return Err(ApiError::conflict(format!("it clashes with peer {index} of this node's configuration file")));
-        }
-    }
-    Ok(())
+    check_static_peers(s, &remote, Some(&g.remote_public_key))
 }
 
 /// The remote networks of a new gateway, checked against this site (its

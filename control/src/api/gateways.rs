@@ -220,20 +220,9 @@ pub async fn list(
             ("ETag" = String, description = "The gateway configuration's entity tag, for `If-Match`"))),
         (status = 409, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
 pub async fn create(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
-    let new = blocking(&state, move |s| parse_create(&body, site_cidr_for(s, &body), &s.plane.public_key())).await?;
+    // Blocking: another region's site network is read from the store.
+    let new = blocking(&state, move |s| parse_create(&body, |r| s.site_cidr_of(r), &s.plane.public_key())).await?;
     created(&state, new).await
-}
-
-/// The `site_cidr` that defaults a create's `local_network_cidr`: the one of
-/// the region the body names (another region's nodes publish theirs).
-fn site_cidr_for(state: &AppState, body: &[u8]) -> Option<wgxdp_dataplane::table::IpPrefix> {
-    let region = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("region")?.as_str().map(str::to_owned));
-    match region {
-        Some(region) => state.site_cidr_of(&region),
-        None => state.settings.site_cidr,
-    }
 }
 
 /// Runs a validated create; its 201 (the pre-shared key shown).
@@ -256,7 +245,7 @@ async fn created(state: &Arc<AppState>, new: NewGateway) -> Result<Response, Api
             ("ETag" = String, description = "The gateway configuration's entity tag, for `If-Match`"))),
         (status = 409, body = ErrorEnvelope), (status = 503, body = ErrorEnvelope)))]
 pub async fn import(State(state): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
-    let new = blocking(&state, move |s| parse_import(&body, site_cidr_for(s, &body), &s.plane.public_key())).await?;
+    let new = blocking(&state, move |s| parse_import(&body, |r| s.site_cidr_of(r), &s.plane.public_key())).await?;
     created(&state, new).await.map_err(peer_field)
 }
 

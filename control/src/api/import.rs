@@ -204,9 +204,13 @@ impl ImportGateway {
 
 /// The import body → a validated gateway (what the handler and the fuzzer
 /// run); errors name the section's keys.
-pub fn parse_import(bytes: &[u8], site_cidr: Option<IpPrefix>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
+pub fn parse_import(
+    bytes: &[u8],
+    site_cidr_of: impl FnOnce(&str) -> Option<IpPrefix>,
+    ours: &PublicKey,
+) -> Result<NewGateway, ApiError> {
     let body: ImportGateway = decode_json(bytes)?;
-    body.into_create()?.validate(site_cidr, ours).map_err(peer_field)
+    body.into_create()?.validate_in(site_cidr_of, ours).map_err(peer_field)
 }
 
 /// The create's names for what the section gave, and the section's names
@@ -288,7 +292,7 @@ mod tests {
              Endpoint = [2001:db8::5]:51821\nAllowedIPs = 10.1.0.0/16, fd01::/64\nallowedips=10.9.0.7\n\
              PersistentKeepalive = 25\n"
         );
-        let new = parse_import(&body(&section), site(), &ours()).unwrap();
+        let new = parse_import(&body(&section), |_| site(), &ours()).unwrap();
         assert_eq!(new.remote_public_key, key);
         assert_eq!(*new.pre_shared_key.to_base64_secret(), PSK);
         assert_eq!(new.remote_endpoint, "[2001:db8::5]:51821".parse().unwrap());
@@ -299,7 +303,7 @@ mod tests {
         assert_eq!(new.local_network_cidr.to_string(), "10.50.0.0/24");
         // No pre-shared key: one is generated; `off` keepalive is none.
         let bare = format!("\u{feff}[Peer]\r\nPublicKey = {key}\r\nEndpoint = 192.0.2.1:51820\r\nAllowedIPs = 10.1.0.0/16\r\nPersistentKeepalive = Off\r\n");
-        let new = parse_import(&body(&bare), site(), &ours()).unwrap();
+        let new = parse_import(&body(&bare), |_| site(), &ours()).unwrap();
         assert_ne!(*new.pre_shared_key, PresharedKey::default(), "a generated key");
         assert_eq!(new.persistent_keepalive, None);
     }
@@ -328,17 +332,17 @@ mod tests {
             ("# nothing\n".to_owned(), "holds no [Peer] section"),
             ("[Peers]".to_owned(), "line 1: not a section"),
         ] {
-            let e = parse_import(&body(&section), site(), &ours()).unwrap_err();
+            let e = parse_import(&body(&section), |_| site(), &ours()).unwrap_err();
             assert_eq!((e.status, e.field.as_deref()), (StatusCode::UNPROCESSABLE_ENTITY, Some("peer")), "{section}");
             assert!(e.message.contains(says), "{section}: {}", e.message);
             assert!(!e.message.contains(PSK), "{}", e.message);
         }
         let long = format!("[Peer]\n#{}", "x".repeat(MAX_SECTION));
-        assert!(parse_import(&body(&long), None, &ours()).unwrap_err().message.contains("at most 8192 bytes"));
-        let missing = parse_import(br#"{"name":"site-b","region":"eu"}"#, None, &ours()).unwrap_err();
+        assert!(parse_import(&body(&long), |_| None, &ours()).unwrap_err().message.contains("at most 8192 bytes"));
+        let missing = parse_import(br#"{"name":"site-b","region":"eu"}"#, |_| None, &ours()).unwrap_err();
         assert_eq!(missing.field.as_deref(), Some("peer"));
         let unknown =
-            parse_import(br#"{"name":"site-b","region":"eu","peer":"","remote_peer_ip":"1.2.3.4"}"#, None, &ours());
+            parse_import(br#"{"name":"site-b","region":"eu","peer":"","remote_peer_ip":"1.2.3.4"}"#, |_| None, &ours());
         assert_eq!(unknown.unwrap_err().status, StatusCode::BAD_REQUEST);
     }
 
@@ -389,7 +393,7 @@ mod tests {
                 StatusCode::CONFLICT,
             ),
         ] {
-            let e = parse_import(&body(&peer), site(), &me).unwrap_err();
+            let e = parse_import(&body(&peer), |_| site(), &me).unwrap_err();
             assert_eq!((e.status, e.field.as_deref()), (status, Some(field)), "{peer}: {}", e.message);
             assert!(e.message.starts_with("peer."), "{}", e.message);
             assert!(!e.message.contains("remote_") && !e.message.contains(PSK), "{}", e.message);

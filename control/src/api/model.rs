@@ -534,9 +534,15 @@ where
     d.deserialize_seq(Items::<T, MAX>(std::marker::PhantomData))
 }
 
-/// `POST /api/v1/vpn-gateways` body → a validated gateway (what the handler runs).
-pub fn parse_create(bytes: &[u8], site_cidr: Option<IpPrefix>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
-    CreateGateway::from_json(bytes)?.validate(site_cidr, ours)
+/// `POST /api/v1/vpn-gateways` body → a validated gateway (what the handler
+/// runs). `site_cidr_of`: the site network of the region the body names
+/// (the default `local_network_cidr`).
+pub fn parse_create(
+    bytes: &[u8],
+    site_cidr_of: impl FnOnce(&str) -> Option<IpPrefix>,
+    ours: &PublicKey,
+) -> Result<NewGateway, ApiError> {
+    CreateGateway::from_json(bytes)?.validate_in(site_cidr_of, ours)
 }
 
 /// `PATCH /api/v1/vpn-gateways/{id}` body → validated changes to `current`.
@@ -547,6 +553,16 @@ pub fn parse_update(bytes: &[u8], current: &GatewayRecord) -> Result<GatewayChan
 impl CreateGateway {
     pub fn from_json(bytes: &[u8]) -> Result<Self, ApiError> {
         decode_json(bytes)
+    }
+
+    /// `validate`, with the site network of the region the body names.
+    pub fn validate_in(
+        self,
+        site_cidr_of: impl FnOnce(&str) -> Option<IpPrefix>,
+        ours: &PublicKey,
+    ) -> Result<NewGateway, ApiError> {
+        let site_cidr = self.region.as_deref().and_then(site_cidr_of);
+        self.validate(site_cidr, ours)
     }
 
     pub fn validate(self, site_cidr: Option<IpPrefix>, ours: &PublicKey) -> Result<NewGateway, ApiError> {
@@ -710,7 +726,7 @@ mod tests {
             r#"{{"name":"site-a","region":"eu","tunnel_type":"wireguard","remote_network_cidr":"10.1.0.0/16",
                "remote_peer_ip":"192.0.2.1","remote_public_key":"{peer}","pre_shared_key":"{PSK}"}}"#
         );
-        let new = parse_create(body.as_bytes(), Some("10.50.0.0/24".parse().unwrap()), &ours).unwrap();
+        let new = parse_create(body.as_bytes(), |_| Some("10.50.0.0/24".parse().unwrap()), &ours).unwrap();
         assert!(!format!("{new:?}").contains(PSK));
     }
 
@@ -734,7 +750,7 @@ mod tests {
             b"{\"colour\": 1}",
         ];
         for input in inputs {
-            assert!(parse_create(input, None, &ours).is_err());
+            assert!(parse_create(input, |_| None, &ours).is_err());
             let _ = parse_update(input, &current);
         }
         // Overlapping the gateway's local network is a conflict; a default route is no remote network.
@@ -762,7 +778,7 @@ mod tests {
                "firewall":[{{"name":"no ssh","protocol":"tcp","port":"22","action":"deny"}}],
                "firewall_default":"deny"}}"#
         );
-        let new = parse_create(body.as_bytes(), Some("10.50.0.0/24".parse().unwrap()), &ours).unwrap();
+        let new = parse_create(body.as_bytes(), |_| Some("10.50.0.0/24".parse().unwrap()), &ours).unwrap();
         let g = new.into_record(crate::store::now_millis());
         let t = tunnel_of(&g);
         let p = |s: &str| s.parse::<IpPrefix>().unwrap();

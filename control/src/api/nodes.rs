@@ -42,7 +42,7 @@ pub struct NodeView {
 }
 
 impl NodeView {
-    fn new(n: &NodeRecord, me: &str) -> Self {
+    fn new(n: &NodeRecord, gateways_served: u64, me: &str) -> Self {
         Self {
             region: (n.region != EVERY_REGION).then(|| n.region.clone()),
             api: n.api.clone(),
@@ -51,7 +51,7 @@ impl NodeView {
             started_at: rfc3339_millis(n.started_at),
             last_heartbeat_at: rfc3339_millis(n.heartbeat_at),
             silent_for_ms: n.silent_for_millis.max(0),
-            gateways_served: n.serving,
+            gateways_served,
             id: n.id.clone(),
         }
     }
@@ -68,5 +68,5 @@ pub struct NodeListEnvelope {
 pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<NodeListEnvelope>, ApiError> {
     let nodes = blocking(&state, |s| Ok(s.store.nodes_serving()?)).await?;
     let me = &state.settings.node.id;
-    Ok(Json(NodeListEnvelope { data: nodes.iter().map(|n| NodeView::new(n, me)).collect() }))
+    Ok(Json(NodeListEnvelope { data: nodes.iter().map(|(n, served)| NodeView::new(n, *served, me)).collect() }))
 }

@@ -386,7 +386,7 @@ mod tests {
         // And it claims nothing while the address is elsewhere.
         s.store.insert(eu_gateway("new", Status::Creating)).unwrap();
         pass(&s).unwrap();
-        assert_eq!(s.store.held_lease_count(&s.settings.node).unwrap(), 0);
+        assert_eq!(s.store.held_ids(&s.settings.node).unwrap().len(), 0);
     }
 
     /// A create read by the serving node and deleted through another node

@@ -112,8 +112,6 @@ pub struct NodeRecord {
     pub public_address: String,
     pub listen_port: u16,
     pub site_cidr: String,
-    /// How many gateways it holds the lease of (`Store::nodes_serving`; 0 from `nodes`).
-    pub serving: u64,
 }
 
 impl NodeRecord {
@@ -163,8 +161,7 @@ fn node(r: &Row) -> Result<NodeRecord, String> {
         public_key: r.text(6)?,
         public_address: r.text(7)?,
         listen_port: u16::try_from(r.int(8)?).unwrap_or(0),
-        serving: u64::try_from(r.int(9)?).unwrap_or(0),
-        site_cidr: r.text(10)?,
+        site_cidr: r.text(9)?,
     })
 }
 
@@ -245,33 +242,30 @@ impl Store {
 
     /// Every node that ever registered, by id.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        self.node_rows("0")
+        Ok(self.node_rows(false)?.into_iter().map(|(n, _)| n).collect())
     }
 
-    /// `nodes`, each with how many gateways it serves (`serving`): counted,
+    /// `nodes`, each with how many gateways it holds the lease of: counted,
     /// so for `GET /nodes`, not for the checks of every change.
-    pub fn nodes_serving(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        self.node_rows("(SELECT COUNT(*) FROM leases WHERE node_id = nodes.id)")
+    pub fn nodes_serving(&self) -> Result<Vec<(NodeRecord, u64)>, StoreError> {
+        self.node_rows(true)
     }
 
-    fn node_rows(&self, serving: &str) -> Result<Vec<NodeRecord>, StoreError> {
+    fn node_rows(&self, count: bool) -> Result<Vec<(NodeRecord, u64)>, StoreError> {
+        let serving = if count { "(SELECT COUNT(*) FROM leases WHERE node_id = nodes.id)" } else { "0" };
         let rows = self.run(|sql| {
             let now = sql.dialect().now_millis();
             sql.query(
                 &format!(
                     "SELECT id, region, api, started_at, heartbeat_at, {now} - heartbeat_at, public_key,
-                         public_address, listen_port, {serving}, site_cidr
+                         public_address, listen_port, site_cidr, {serving}
                      FROM nodes ORDER BY id"
                 ),
                 &[],
             )
         })?;
-        rows.iter().map(node).collect::<Result<_, _>>().map_err(|e| sql::unreadable("nodes", e))
-    }
-
-    /// The live nodes whose region is exactly `region` (not those of every region).
-    pub fn live_nodes_in(&self, region: &str) -> Result<Vec<NodeRecord>, StoreError> {
-        Ok(self.nodes()?.into_iter().filter(|n| n.is_live() && n.region == region).collect())
+        let decoded = |r: &Row| Ok((node(r)?, u64::try_from(r.int(10)?).unwrap_or(0)));
+        rows.iter().map(decoded).collect::<Result<_, String>>().map_err(|e| sql::unreadable("nodes", e))
     }
 
     /// The live nodes that serve `region` (its own and those of every region).

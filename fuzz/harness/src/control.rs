@@ -211,7 +211,7 @@ pub fn api_bodies(data: &[u8]) {
         }
         0 if sel & 16 != 0 => {
             let site = (sel & 4 == 0).then(site_cidr);
-            match parse_import(rest, site, &api.ours) {
+            match parse_import(rest, |_| site, &api.ours) {
                 Ok(new) => rules_read_back(&new.firewall),
                 // The section may hold a pre-shared key: an error names lines, never quotes them.
                 Err(e) => assert!(e.status.is_client_error(), "{}", e.message),
