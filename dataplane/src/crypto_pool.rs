@@ -14,6 +14,16 @@
 //! last authenticated packet. A job that fails (a forged packet) completes as
 //! failed and releases its slot at once: it never stalls the packets behind it.
 //!
+//! What crosses between cores is kept to one transfer per line and direction
+//! (`aead_cores` in the `aead` bench is the ceiling: bare AEAD on two cores):
+//! a job is a cache line the owner writes and its claimer reads; outcomes are
+//! tagged with their job's number (nothing is reset), eight to a line, and a
+//! claimer stores them a line at a time, so the owner reads each line about
+//! once instead of taking it back from the claimer per job. Claimers load a
+//! claim's first lines together and the next job's frame whole while one
+//! runs, for writing (PREFETCHW), and hand what the owner reads next to the
+//! shared cache (CLDEMOTE, `prefetch.rs`).
+//!
 //! One ring per worker, one pool of helpers for all rings. Helpers spin briefly
 //! when they run out of work, then park; an owner that publishes wakes parked
 //! helpers (a missed wake-up costs at most `PARK` of help, never a packet: the
@@ -49,10 +59,19 @@ pub trait Job: Copy + Send + 'static {
     /// many small jobs at once, fewer large ones.
     fn size(&self) -> u32;
 
-    /// Starts loading what `run` will touch (a hint: it reads and writes
-    /// nothing): called for every job of a claim before the first runs, and
-    /// by the owner for a finished job it is about to deliver.
+    /// Cache hints (they read and write nothing). `prefetch`: the first
+    /// lines `run` touches, for every job of a claim before the first runs.
     fn prefetch(&self) {}
+
+    /// All that `run` touches: the claim's next job, while one runs.
+    fn prefetch_whole(&self) {}
+
+    /// What the claimer hands back for the owner to read, to the shared
+    /// cache (after `run`, by a helper).
+    fn demote_result(&self) {}
+
+    /// What the owner touches of a finished job, before it delivers it.
+    fn prefetch_result(&self) {}
 }
 
 /// Jobs a helper claims at once, at most, and bytes of AEAD they may add up
@@ -73,21 +92,41 @@ const OWNER_CLAIM_BYTES: u32 = 8192;
 const SPIN: Duration = Duration::from_micros(200);
 const PARK: Duration = Duration::from_millis(5);
 
-/// A slot's outcome word: 0 while pending; `DONE`, with `OK` and the value.
-const DONE: u64 = 1 << 63;
-const OK: u64 = 1 << 62;
-/// The owner ran it (for `take_offloaded`).
-const HERE: u64 = 1 << 61;
+/// A job's outcome word: its tag (`tag`) once it is done, then whether it
+/// succeeded (`OK`), whether the owner ran it (`HERE`, for
+/// `take_offloaded`), and the job's value (a value above `VALUE` fails it).
+const OK: u64 = 1 << 31;
+const HERE: u64 = 1 << 30;
+const VALUE: u64 = HERE - 1;
 
-/// One job and its outcome, on a cache line of its own: the owner filling
-/// the next slot never stalls a helper finishing this one.
+/// The outcome word's tag for the job numbered `index`: the low 32 bits of
+/// `index + 1`. Neither the initial 0 nor the word the slot's previous job
+/// left (`index + 1 - capacity`) carries it, so nothing is reset between
+/// jobs: the owner only reads outcome lines, never writes them.
+fn tag(index: u64) -> u64 {
+    (index.wrapping_add(1) & 0xffff_ffff) << 32
+}
+
+/// Whether `word` is the outcome of the job numbered `index`.
+fn is_done(word: u64, index: u64) -> bool {
+    word & !0xffff_ffff == tag(index)
+}
+
+/// One job, on a cache line of its own: written by the owner, read by the
+/// thread that claims it (one transfer, one way).
 #[repr(align(64))]
 struct Slot<J> {
     job: UnsafeCell<MaybeUninit<J>>,
     /// `Job::size` of the job, readable before it is claimed.
     size: AtomicU32,
-    outcome: AtomicU64,
 }
+
+/// Outcomes of consecutive jobs, a cache line of them: written by the
+/// claimers, read by the owner, which takes eight back in one transfer.
+#[repr(align(64))]
+struct OutcomeLine([AtomicU64; OUTCOMES_PER_LINE]);
+
+const OUTCOMES_PER_LINE: usize = 8;
 
 /// Keeps a hot atomic on its own cache lines (no false sharing between the
 /// owner's and the helpers' counters).
@@ -97,6 +136,7 @@ struct Padded<T>(T);
 /// The shared half of one worker's ring; see the module documentation.
 pub struct SequenceRing<J> {
     slots: Box<[Slot<J>]>,
+    outcomes: Box<[OutcomeLine]>,
     mask: u64,
     /// Jobs `[0, published)` are written (only the owner stores).
     published: Padded<AtomicU64>,
@@ -136,39 +176,55 @@ impl<J: Job> SequenceRing<J> {
     /// owner ran it.
     fn work_as(&self, max: u64, budget: u32, here: u64) -> usize {
         let Some(claimed) = self.claim(max, budget) else { return 0 };
-        // Should a job panic (or its prefetch), the rest of the claim
-        // completes as failed too.
-        let mut rest = FailRest { ring: self, next: claimed.start, end: claimed.end };
-        // The claim's frames and outcomes load together, not one miss per job.
+        // Stored a line at a time; should a job panic (or a prefetch), what
+        // is done is stored and the rest of the claim fails.
+        let mut outcomes = ClaimOutcomes {
+            ring: self,
+            stored: claimed.start,
+            next: claimed.start,
+            end: claimed.end,
+            words: [0; OUTCOMES_PER_LINE],
+            demote: here == 0,
+        };
+        // The claim's first lines and outcomes load together, not one miss
+        // per job.
         for index in claimed.clone() {
-            let slot = &self.slots[(index & self.mask) as usize];
-            // SAFETY: claimed by this thread: written, and not rewritten
-            // before its outcome is stored (a copy of a `Copy` job).
-            unsafe { (*slot.job.get()).assume_init_read() }.prefetch();
-            crate::prefetch::lines(slot.outcome.as_ptr().cast(), 8, 1);
+            self.job(index).prefetch();
+            crate::prefetch::lines_for_write(self.outcome(index).as_ptr().cast(), 8, 1);
         }
         for index in claimed.clone() {
-            rest.next = index + 1;
-            self.run(index, here);
+            // The next job's frame loads whole while this one runs.
+            if index + 1 < claimed.end {
+                self.job(index + 1).prefetch_whole();
+            }
+            let word = self.run(index, here);
+            outcomes.record(index, word);
         }
         claimed.count()
     }
 
-    /// Runs the claimed job `index`; `here` (`HERE` or 0) is kept in its
-    /// outcome: whether the owner ran it.
-    fn run(&self, index: u64, here: u64) {
+    /// A copy of the job numbered `index`, which this thread claimed.
+    fn job(&self, index: u64) -> J {
         let slot = &self.slots[(index & self.mask) as usize];
-        // (`index` was published: its job written before the Release store
-        // this thread's Acquire load saw.)
-        // SAFETY: claimed by this thread alone; not rewritten before its outcome.
-        let job = unsafe { (*slot.job.get()).assume_init_read() };
-        // Failed unless the job returns: a panicking job must not leave its
-        // owner waiting forever.
-        let mut outcome = Outcome { slot: &slot.outcome, value: DONE | here };
-        // SAFETY: this thread claimed the job just now, and runs it once,
-        // before `outcome` stores its result.
-        if let Some(value) = unsafe { job.run() } {
-            outcome.value = DONE | OK | here | u64::from(value);
+        // SAFETY: claimed by this thread: published (written before the
+        // Release store of `published` this thread's Acquire load saw), and
+        // not rewritten before its outcome is stored (a copy of a `Copy` job).
+        unsafe { (*slot.job.get()).assume_init_read() }
+    }
+
+    /// Runs the claimed job `index` and returns its outcome word (`here`:
+    /// `HERE` or 0, whether the owner ran it), to be stored after.
+    fn run(&self, index: u64, here: u64) -> u64 {
+        let job = self.job(index);
+        // SAFETY: this thread claimed the job just now and runs it once; its
+        // outcome is stored after (`ClaimOutcomes`).
+        let value = unsafe { job.run() }.map(u64::from).filter(|&v| v <= VALUE);
+        if here == 0 {
+            job.demote_result();
+        }
+        match value {
+            Some(value) => tag(index) | here | OK | value,
+            None => tag(index) | here,
         }
     }
 
@@ -201,31 +257,54 @@ impl<J: Job> SequenceRing<J> {
     }
 }
 
-/// Completes the claimed jobs `next..end` as failed when dropped before they
-/// ran (a job of the same claim panicked).
-struct FailRest<'a, J> {
+/// The outcomes of one claim's jobs, stored a cache line at a time: a line
+/// the owner polls is written once when this claim's last job on it is done,
+/// not once per job (each store would take the line back from the owner,
+/// each poll take it back again). Dropped early (a job panicked), it stores
+/// what is done and fails the rest.
+struct ClaimOutcomes<'a, J> {
     ring: &'a SequenceRing<J>,
+    /// Jobs `[stored, next)` are done, their words in `words` (by position
+    /// on their line); `[next, end)` have not run.
+    stored: u64,
     next: u64,
     end: u64,
+    words: [u64; OUTCOMES_PER_LINE],
+    /// Hand each line stored to the shared cache (a helper's: the owner
+    /// reads it next).
+    demote: bool,
 }
 
-impl<J> Drop for FailRest<'_, J> {
-    fn drop(&mut self) {
-        for index in self.next..self.end {
-            self.ring.slots[(index & self.ring.mask) as usize].outcome.store(DONE, Ordering::Release);
+impl<J> ClaimOutcomes<'_, J> {
+    /// The outcome word of the job `next`, the claim's next in order.
+    fn record(&mut self, index: u64, word: u64) {
+        debug_assert_eq!(index, self.next, "jobs of a claim run in order");
+        self.words[index as usize % OUTCOMES_PER_LINE] = word;
+        self.next = index + 1;
+        if self.next.is_multiple_of(OUTCOMES_PER_LINE as u64) || self.next == self.end {
+            self.store_done();
         }
+    }
+
+    /// Stores the words of the jobs done (all on one line: `record` stores
+    /// at each line's end).
+    fn store_done(&mut self) {
+        for index in self.stored..self.next {
+            self.ring.outcome(index).store(self.words[index as usize % OUTCOMES_PER_LINE], Ordering::Release);
+        }
+        if self.demote && self.stored < self.next {
+            crate::prefetch::demote(self.ring.outcome(self.stored).as_ptr().cast());
+        }
+        self.stored = self.next;
     }
 }
 
-/// Stores a job's outcome when dropped (also while unwinding).
-struct Outcome<'a> {
-    slot: &'a AtomicU64,
-    value: u64,
-}
-
-impl Drop for Outcome<'_> {
+impl<J> Drop for ClaimOutcomes<'_, J> {
     fn drop(&mut self) {
-        self.slot.store(self.value, Ordering::Release);
+        self.store_done();
+        for index in self.next..self.end {
+            self.ring.outcome(index).store(tag(index), Ordering::Release);
+        }
     }
 }
 
@@ -267,6 +346,9 @@ impl<J: Job, L> RingOwner<J, L> {
         slot.size.store(job.size(), Ordering::Relaxed);
         self.local[index] = Some(local);
         self.tail += 1;
+        if self.tail - self.published >= PUBLISH_EVERY {
+            self.publish();
+        }
         Ok(())
     }
 
@@ -301,8 +383,7 @@ impl<J: Job, L> RingOwner<J, L> {
     /// The oldest job in flight with its outcome if it has one already (no
     /// waiting).
     pub fn next_ready(&mut self) -> Option<(L, Option<u32>)> {
-        let slot = &self.ring.slots[(self.head & self.ring.mask) as usize];
-        if self.is_empty() || slot.outcome.load(Ordering::Acquire) & DONE == 0 {
+        if self.is_empty() || !self.ring.is_done(self.head) {
             return None;
         }
         self.next_in_order()
@@ -316,12 +397,12 @@ impl<J: Job, L> RingOwner<J, L> {
             return None;
         }
         self.publish();
-        let index = (self.head & self.ring.mask) as usize;
-        let slot = &self.ring.slots[index];
-        let mut outcome = slot.outcome.load(Ordering::Acquire);
+        let word = self.ring.outcome(self.head);
+        let mut outcome = word.load(Ordering::Acquire);
         let mut idle = 0u32;
-        while outcome & DONE == 0 {
-            if self.ring.work_as(OWNER_CLAIM, OWNER_CLAIM_BYTES, HERE) == 0 {
+        while !is_done(outcome, self.head) {
+            let n = self.ring.work_as(OWNER_CLAIM, OWNER_CLAIM_BYTES, HERE);
+            if n == 0 {
                 idle += 1;
                 // The head's claimer was preempted (a job takes microseconds):
                 // let the scheduler run it rather than spin through its slice.
@@ -331,40 +412,39 @@ impl<J: Job, L> RingOwner<J, L> {
                     relax();
                 }
             }
-            outcome = slot.outcome.load(Ordering::Acquire);
+            outcome = word.load(Ordering::Acquire);
         }
-        slot.outcome.store(0, Ordering::Relaxed);
+        let index = (self.head & self.ring.mask) as usize;
         self.head += 1;
         self.prefetch_ahead();
         self.delivered += 1;
         self.ran_here += u64::from(outcome & HERE != 0);
         let local = self.local[index].take()?;
-        Some((local, (outcome & OK != 0).then_some(outcome as u32)))
+        Some((local, (outcome & OK != 0).then_some((outcome & VALUE) as u32)))
     }
 
-    /// Starts loading what delivering the next jobs will read: the frame of
-    /// the job `DELIVERY_AHEAD` places after the head when it is finished,
-    /// and the outcome line of the one as far again after it.
+    /// Starts loading what delivering the jobs of the outcome line after
+    /// the head's will touch, those finished (never a frame a claimer is
+    /// still writing): once per line, as the head reaches a new one, so
+    /// that each outcome line is read about once.
     fn prefetch_ahead(&self) {
-        let done = self.head + DELIVERY_AHEAD;
-        if done < self.tail {
-            let slot = &self.ring.slots[(done & self.ring.mask) as usize];
-            if slot.outcome.load(Ordering::Relaxed) & DONE != 0 {
+        if !self.head.is_multiple_of(OUTCOMES_PER_LINE as u64) {
+            return;
+        }
+        let ahead = self.head + OUTCOMES_PER_LINE as u64;
+        for index in ahead..self.tail.min(ahead + OUTCOMES_PER_LINE as u64) {
+            if self.ring.is_done(index) {
+                let slot = &self.ring.slots[(index & self.ring.mask) as usize];
                 // SAFETY: a published job, not rewritten before it is
                 // delivered (by this thread); claimers only read it.
-                unsafe { (*slot.job.get()).assume_init_read() }.prefetch();
+                unsafe { (*slot.job.get()).assume_init_read() }.prefetch_result();
             }
-        }
-        let later = done + DELIVERY_AHEAD;
-        if later < self.tail {
-            let slot = &self.ring.slots[(later & self.ring.mask) as usize];
-            crate::prefetch::lines(slot.outcome.as_ptr().cast(), 8, 1);
         }
     }
 }
 
-/// How many jobs after the head delivery loads ahead.
-const DELIVERY_AHEAD: u64 = 8;
+/// Jobs queued before they are published without waiting for the batch's end.
+const PUBLISH_EVERY: u64 = 16;
 
 impl<J, L> RingOwner<J, L> {
     /// Makes the queued jobs visible to the helpers (once per batch: one
@@ -386,9 +466,7 @@ impl<J, L> Drop for RingOwner<J, L> {
         // Claimed jobs may still be writing into memory their locals own (frames).
         self.publish();
         while self.head < self.tail {
-            let slot = &self.ring.slots[(self.head & self.ring.mask) as usize];
-            if slot.outcome.load(Ordering::Acquire) & DONE != 0 {
-                slot.outcome.store(0, Ordering::Relaxed);
+            if self.ring.is_done(self.head) {
                 self.head += 1;
             } else if !self.ring.claim_and_skip(self.head) {
                 relax();
@@ -398,6 +476,17 @@ impl<J, L> Drop for RingOwner<J, L> {
 }
 
 impl<J> SequenceRing<J> {
+    /// The outcome word of the job numbered `index`.
+    fn outcome(&self, index: u64) -> &AtomicU64 {
+        let at = (index & self.mask) as usize;
+        &self.outcomes[at / OUTCOMES_PER_LINE].0[at % OUTCOMES_PER_LINE]
+    }
+
+    /// Whether the job numbered `index` has its outcome.
+    fn is_done(&self, index: u64) -> bool {
+        is_done(self.outcome(index).load(Ordering::Acquire), index)
+    }
+
     /// On the owner's drop: completes unclaimed jobs up to `head` without
     /// running them (their frames go away with the owner).
     fn claim_and_skip(&self, head: u64) -> bool {
@@ -408,7 +497,7 @@ impl<J> SequenceRing<J> {
         if self.claimed.0.compare_exchange(next, next + 1, Ordering::AcqRel, Ordering::Relaxed).is_err() {
             return false;
         }
-        self.slots[(next & self.mask) as usize].outcome.store(DONE, Ordering::Release);
+        self.outcome(next).store(tag(next), Ordering::Release);
         true
     }
 }
@@ -417,6 +506,8 @@ impl<J> SequenceRing<J> {
 #[derive(Default)]
 struct Wake {
     helpers: OnceLock<Vec<(Thread, Arc<AtomicBool>)>>,
+    /// Times a helper got back to work after a waker cleared its flag.
+    resumed: AtomicU64,
 }
 
 impl Wake {
@@ -426,15 +517,19 @@ impl Wake {
         self.wake_parked(1);
     }
 
-    /// Wakes up to `max` parked helpers (a woken one finds its flag cleared).
-    fn wake_parked(&self, max: usize) {
+    /// Wakes up to `max` parked helpers (a woken one finds its flag
+    /// cleared); returns how many.
+    fn wake_parked(&self, max: usize) -> usize {
         let parked = self.helpers.get().map(Vec::as_slice).unwrap_or_default().iter();
+        let mut woken = 0;
         for (thread, _) in parked
             .filter(|(_, asleep)| asleep.load(Ordering::Relaxed) && asleep.swap(false, Ordering::AcqRel))
             .take(max)
         {
             thread.unpark();
+            woken += 1;
         }
+        woken
     }
 }
 
@@ -459,16 +554,14 @@ impl<J: Job> Default for CryptoPoolBuilder<J> {
 impl<J: Job> CryptoPoolBuilder<J> {
     /// A new ring of `capacity` (a power of two) slots, for one owner.
     pub fn ring<L>(&mut self, capacity: usize) -> RingOwner<J, L> {
-        let capacity = capacity.next_power_of_two().max(2);
+        let capacity = capacity.next_power_of_two().max(OUTCOMES_PER_LINE);
         let slots = (0..capacity)
-            .map(|_| Slot {
-                job: UnsafeCell::new(MaybeUninit::uninit()),
-                size: AtomicU32::new(0),
-                outcome: AtomicU64::new(0),
-            })
+            .map(|_| Slot { job: UnsafeCell::new(MaybeUninit::uninit()), size: AtomicU32::new(0) })
             .collect();
+        let outcomes = (0..capacity / OUTCOMES_PER_LINE).map(|_| OutcomeLine(Default::default())).collect();
         let ring = Arc::new(SequenceRing {
             slots,
+            outcomes,
             mask: capacity as u64 - 1,
             published: Padded(AtomicU64::new(0)),
             claimed: Padded(AtomicU64::new(0)),
@@ -486,7 +579,7 @@ impl<J: Job> CryptoPoolBuilder<J> {
         let mut threads = Vec::with_capacity(helpers);
         let mut handles = Vec::with_capacity(helpers);
         for i in 0..helpers {
-            let (rings, halt) = (self.rings.clone(), stop.clone());
+            let (rings, halt, wake) = (self.rings.clone(), stop.clone(), self.wake.clone());
             let asleep = Arc::new(AtomicBool::new(false));
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
             let flag = asleep.clone();
@@ -496,7 +589,7 @@ impl<J: Job> CryptoPoolBuilder<J> {
                         tracing::warn!(helper = i, core = id, "could not pin the crypto thread");
                     }
                 }
-                help(&rings, &flag, &halt, i);
+                help(&rings, &flag, &halt, &wake, i);
             });
             match spawned {
                 Ok(t) => {
@@ -521,13 +614,14 @@ impl<J: Job> CryptoPoolBuilder<J> {
 /// After work it spins for `SPIN` (traffic comes in batches), then parks
 /// until an owner publishes (or `PARK` passes: a missed wake-up costs that
 /// much help, never a packet). An idle helper only wakes every `PARK`.
-fn help<J: Job>(rings: &[Arc<SequenceRing<J>>], asleep: &AtomicBool, stop: &AtomicBool, offset: usize) {
+fn help<J: Job>(rings: &[Arc<SequenceRing<J>>], asleep: &AtomicBool, stop: &AtomicBool, wake: &Wake, offset: usize) {
     let mut idle_since: Option<Instant> = None;
     let mut spins = 0u32;
     while !stop.load(Ordering::Relaxed) {
         let mut worked = false;
         for k in 0..rings.len() {
-            worked |= rings[(offset + k) % rings.len()].work(HELPER_CLAIM, HELPER_CLAIM_BYTES) > 0;
+            let n = rings[(offset + k) % rings.len()].work(HELPER_CLAIM, HELPER_CLAIM_BYTES);
+            worked |= n > 0;
         }
         if worked {
             idle_since = None;
@@ -554,6 +648,7 @@ fn help<J: Job>(rings: &[Arc<SequenceRing<J>>], asleep: &AtomicBool, stop: &Atom
         // back to sleep.
         if !asleep.swap(false, Ordering::AcqRel) {
             (idle_since, spins) = (None, 0);
+            wake.resumed.fetch_add(1, Ordering::Release);
         } else if !rings.iter().any(|r| r.has_unclaimed()) {
             spins = 63;
         }
@@ -580,8 +675,14 @@ impl CryptoPool {
 
     /// Wakes every parked helper: it looks for work for `SPIN` before it
     /// parks again (for a caller that knows traffic is about to come).
-    pub fn wake_all(&self) {
-        self.wake.wake_parked(usize::MAX);
+    /// Returns once they all run again, or after `wait` at most.
+    pub fn wake_all(&self, wait: Duration) {
+        let before = self.wake.resumed.load(Ordering::Acquire);
+        let woken = self.wake.wake_parked(usize::MAX) as u64;
+        let since = Instant::now();
+        while self.wake.resumed.load(Ordering::Acquire).wrapping_sub(before) < woken && since.elapsed() < wait {
+            std::thread::yield_now();
+        }
     }
 }
 
@@ -613,8 +714,8 @@ pub enum AeadOp {
 
 /// The AEAD of one transport message, by descriptor: a keypair and a frame's
 /// bytes that the owning worker keeps alive, and does not touch, until it
-/// takes the outcome back from its ring. Small enough that a slot (job and
-/// outcome) is one cache line: one transfer between cores per job and side.
+/// takes the outcome back from its ring. Small enough that a job (with its
+/// size) is one cache line: one transfer, from the owner to its claimer.
 #[derive(Debug, Clone, Copy)]
 pub struct AeadJob {
     keypair: *const Keypair,
@@ -667,7 +768,19 @@ impl Job for AeadJob {
 
     /// The message's first lines; the hardware prefetcher streams the rest.
     fn prefetch(&self) {
-        crate::prefetch::lines(self.buf, self.len as usize, PREFETCH_LINES);
+        crate::prefetch::lines_for_write(self.buf, self.len as usize, PREFETCH_LINES);
+    }
+
+    fn prefetch_result(&self) {
+        crate::prefetch::lines_for_write(self.buf, self.len as usize, 1);
+    }
+
+    fn prefetch_whole(&self) {
+        crate::prefetch::lines_for_write(self.buf, self.len as usize, usize::MAX);
+    }
+
+    fn demote_result(&self) {
+        crate::prefetch::demote(self.buf);
     }
 
     unsafe fn run(&self) -> Option<u32> {
@@ -693,7 +806,7 @@ impl Job for AeadJob {
     }
 }
 
-// A transport job's slot is one cache line.
+// A transport job is one cache line.
 const _: () = assert!(core::mem::size_of::<Slot<AeadJob>>() == 64);
 
 #[cfg(test)]
@@ -747,6 +860,61 @@ mod tests {
         assert!(claimed_three.is_err(), "the first job panicked");
         let delivered: Vec<_> = std::iter::from_fn(|| owner.next_in_order()).collect();
         assert_eq!(delivered, vec![(0, None), (1, None), (2, None)]);
+    }
+
+    /// Outcomes are stored a line at a time: a job that panics after others
+    /// of its claim finished still stores theirs, and fails itself and the
+    /// rest.
+    #[test]
+    fn a_panic_mid_claim_keeps_the_outcomes_of_the_jobs_done_before_it() {
+        let counter = runs();
+        let mut builder = CryptoPoolBuilder::<Fake>::default();
+        let mut owner = builder.ring::<u8>(16);
+        let job = |delay_us| Fake { value: 9, delay_us, fail: false, runs: counter };
+        for (i, delay) in [0, 0, PANICS, 0].into_iter().enumerate() {
+            owner.push(job(delay), i as u8).map_err(|_| ()).unwrap();
+        }
+        owner.publish();
+        let ring = owner.ring.clone();
+        let claimed_four = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || ring.work(8, u32::MAX)));
+        assert!(claimed_four.is_err(), "the third job panicked");
+        let delivered: Vec<_> = std::iter::from_fn(|| owner.next_in_order()).collect();
+        assert_eq!(delivered, vec![(0, Some(9)), (1, Some(9)), (2, None), (3, None)]);
+    }
+
+    /// A value the outcome word cannot hold fails its job rather than being
+    /// cut short.
+    #[test]
+    fn a_value_too_large_for_the_outcome_fails_the_job() {
+        let counter = runs();
+        let mut builder = CryptoPoolBuilder::<Fake>::default();
+        let mut owner = builder.ring::<u8>(8);
+        for (i, value) in [VALUE as u32, VALUE as u32 + 1, u32::MAX].into_iter().enumerate() {
+            owner.push(Fake { value, delay_us: 0, fail: false, runs: counter }, i as u8).map_err(|_| ()).unwrap();
+        }
+        let delivered: Vec<_> = std::iter::from_fn(|| owner.next_in_order()).collect();
+        assert_eq!(delivered, vec![(0, Some(VALUE as u32)), (1, None), (2, None)]);
+    }
+
+    /// Outcome words are never reset: a job's tag tells its outcome from the
+    /// initial word and from the one the slot's previous job left, also
+    /// where the 32-bit tag wraps.
+    #[test]
+    fn an_outcome_is_told_from_the_previous_laps_by_its_tag() {
+        for capacity in [8u64, 64, 1 << 20] {
+            for index in [0, 1, capacity - 1, capacity, (1 << 32) - 2, (1 << 32) - 1, 1 << 32, u64::MAX - 1] {
+                let word = tag(index) | OK | 5;
+                assert!(is_done(word, index));
+                assert!(is_done(tag(index), index), "failed is done too");
+                assert!(!is_done(word, index.wrapping_add(capacity)), "a lap later: {index} {capacity}");
+                if index >= capacity {
+                    assert!(!is_done(tag(index - capacity) | OK, index), "the previous lap's: {index} {capacity}");
+                }
+            }
+        }
+        // The initial word: not done for any job of the first laps (a slot's
+        // later laps find the word its previous job left).
+        assert!((0..1 << 20).all(|index| !is_done(0, index)));
     }
 
     fn runs() -> &'static AtomicU32 {
@@ -842,8 +1010,15 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert!(asleep(), "an idle helper parks");
-        // Woken without work, it looks for some, then parks again.
-        pool.wake_all();
+        // Woken without work, it runs (`wake_all` returns once it does),
+        // looks for some, then parks again.
+        let resumed = pool.wake.resumed.load(Ordering::Acquire);
+        pool.wake_all(Duration::from_secs(2));
+        assert_eq!(
+            pool.wake.resumed.load(Ordering::Acquire),
+            resumed + 1,
+            "woken, and running before wake_all returns"
+        );
         let deadline = Instant::now() + Duration::from_secs(2);
         while !asleep() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));

@@ -6,7 +6,7 @@ use crate::noise::peer::PeerConfig;
 use crate::noise::{AeadBackend, PresharedKey, PrivateKey};
 use crate::wire::{ip_protocol, Ipv4Packet, IPV4_HEADER_LEN};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 pub const GATEWAY_ADDR: &str = "192.0.2.1:51820";
 pub const CLIENT_ADDR: &str = "192.0.2.2:51820";
@@ -246,11 +246,11 @@ impl MemoryWorker {
         m
     }
 
-    /// Wakes parked crypto helpers (benches: before a timed run, as
-    /// sustained traffic keeps them awake).
+    /// Wakes parked crypto helpers and waits (10 ms at most) until they run
+    /// (benches: before a timed run, as sustained traffic keeps them awake).
     pub fn wake_helpers(&self) {
         if let Some(pool) = &self.crypto {
-            pool.wake_all();
+            pool.wake_all(Duration::from_millis(10));
         }
     }
 

@@ -331,10 +331,7 @@ impl<S: FrameIo> Worker<S> {
         let neighbors = shared.neighbors.load();
         let received = self.io.recv(Port::Wan, batch, BATCH);
         add(&self.counters.wan_rx, received);
-        prefetch_headers(&self.io, batch);
-        for frame in batch.drain(..) {
-            self.on_wan(frame, &mut snapshot, &neighbors, now);
-        }
+        self.drain_batch(batch, |w, frame| w.on_wan(frame, &mut snapshot, &neighbors, now));
         if let Some(rings) = self.crypto.as_mut() {
             rings.opens.publish();
         }
@@ -345,10 +342,7 @@ impl<S: FrameIo> Worker<S> {
         snapshot.flush();
         let sent = self.io.recv(Port::Lan, batch, BATCH);
         add(&self.counters.lan_rx, sent);
-        prefetch_headers(&self.io, batch);
-        for frame in batch.drain(..) {
-            self.on_lan(frame, &mut snapshot, now);
-        }
+        self.drain_batch(batch, |w, frame| w.on_lan(frame, &mut snapshot, now));
         if let Some(rings) = self.crypto.as_mut() {
             rings.seals.publish();
         }
@@ -371,6 +365,22 @@ impl<S: FrameIo> Worker<S> {
         self.io.flush();
         self.counters.drops.count_n(DropReason::TxFull, self.io.take_tx_full());
         work
+    }
+
+    /// Hands each frame of a received `batch` to `handle`, in order, their
+    /// headers loading together first. With the AEAD on this thread (no
+    /// crypto threads), the next frame also starts loading whole: it is read
+    /// and written through while this one is handled.
+    fn drain_batch(&mut self, batch: &mut Vec<S::Frame>, mut handle: impl FnMut(&mut Self, S::Frame)) {
+        prefetch_headers(&self.io, batch);
+        let inline = self.crypto.is_none();
+        let mut frames = batch.drain(..).peekable();
+        while let Some(frame) = frames.next() {
+            if let (true, Some(next)) = (inline, frames.peek()) {
+                prefetch_whole(&self.io, next);
+            }
+            handle(self, frame);
+        }
     }
 
     /// The queue's frames (for tests and benches that feed them).
@@ -807,6 +817,13 @@ fn prefetch_headers<S: FrameIo>(io: &S, batch: &[S::Frame]) {
     }
 }
 
+/// Starts loading all of a frame, for writing (the AEAD runs through it in
+/// place).
+fn prefetch_whole<S: FrameIo>(io: &S, frame: &S::Frame) {
+    let data = io.data(frame);
+    crate::prefetch::lines_for_write(data.as_ptr(), data.len(), usize::MAX);
+}
+
 /// A copy of `frame[range]` in `buf`, out of the frame pool (for the rare
 /// paths that take new frames from the pool while the packet is read).
 fn spill<'b, S: FrameIo>(io: &S, frame: &S::Frame, range: core::ops::Range<usize>, buf: &'b mut [u8]) -> &'b [u8] {
@@ -925,11 +942,11 @@ struct Sealing<F> {
     to: std::net::SocketAddr,
 }
 
-/// Slots per ring: a batch kept in flight and the next batch.
-const CRYPTO_RING: usize = 2 * BATCH;
+/// Slots per ring: the jobs kept in flight, the next batch, and room.
+const CRYPTO_RING: usize = 4 * BATCH;
 /// Jobs per direction left in flight at the end of a batch that received
 /// some: the helpers' work while this thread delivers and parses the next.
-const CRYPTO_IN_FLIGHT: usize = BATCH;
+const CRYPTO_IN_FLIGHT: usize = 2 * BATCH;
 
 /// With an inner packet at `buf[hdr + 16..][..len]`: one hop less when it is
 /// being forwarded (`hop`), sealed on `tally`'s keypair behind its transport
