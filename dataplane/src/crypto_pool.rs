@@ -79,7 +79,8 @@ pub trait Job: Copy + Send + 'static {
 /// slots and frames prefetched together, so the misses on lines the owner
 /// wrote overlap instead of stalling one after another (32 jobs of 64 bytes,
 /// 22 of 1420, 3 jumbo frames). The owner never waits for more than the
-/// oldest of them: a claim runs oldest first.
+/// oldest of them: a claim runs oldest first and stores the first outcome at
+/// once, the rest a line at a time (`ClaimOutcomes`).
 const HELPER_CLAIM: u64 = 32;
 const HELPER_CLAIM_BYTES: u32 = 32768;
 
@@ -180,6 +181,7 @@ impl<J: Job> SequenceRing<J> {
         // is done is stored and the rest of the claim fails.
         let mut outcomes = ClaimOutcomes {
             ring: self,
+            first: claimed.start,
             stored: claimed.start,
             next: claimed.start,
             end: claimed.end,
@@ -190,7 +192,9 @@ impl<J: Job> SequenceRing<J> {
         // per job.
         for index in claimed.clone() {
             self.job(index).prefetch();
-            crate::prefetch::lines_for_write(self.outcome(index).as_ptr().cast(), 8, 1);
+            if index == claimed.start || index.is_multiple_of(OUTCOMES_PER_LINE as u64) {
+                crate::prefetch::lines_for_write(self.outcome(index).as_ptr().cast(), 8, 1);
+            }
         }
         for index in claimed.clone() {
             // The next job's frame loads whole while this one runs.
@@ -264,6 +268,9 @@ impl<J: Job> SequenceRing<J> {
 /// what is done and fails the rest.
 struct ClaimOutcomes<'a, J> {
     ring: &'a SequenceRing<J>,
+    /// The claim's oldest job: the owner may be waiting for it, so its
+    /// outcome is stored at once.
+    first: u64,
     /// Jobs `[stored, next)` are done, their words in `words` (by position
     /// on their line); `[next, end)` have not run.
     stored: u64,
@@ -281,13 +288,13 @@ impl<J> ClaimOutcomes<'_, J> {
         debug_assert_eq!(index, self.next, "jobs of a claim run in order");
         self.words[index as usize % OUTCOMES_PER_LINE] = word;
         self.next = index + 1;
-        if self.next.is_multiple_of(OUTCOMES_PER_LINE as u64) || self.next == self.end {
+        if index == self.first || self.next.is_multiple_of(OUTCOMES_PER_LINE as u64) || self.next == self.end {
             self.store_done();
         }
     }
 
     /// Stores the words of the jobs done (all on one line: `record` stores
-    /// at each line's end).
+    /// at each line's end), the claim's first job alone.
     fn store_done(&mut self) {
         for index in self.stored..self.next {
             self.ring.outcome(index).store(self.words[index as usize % OUTCOMES_PER_LINE], Ordering::Release);
@@ -331,9 +338,10 @@ impl<J, L> core::fmt::Debug for RingOwner<J, L> {
 }
 
 impl<J: Job, L> RingOwner<J, L> {
-    /// Queues `job` (visible to the helpers at the next `publish`, or when
-    /// this thread waits in `next_in_order`); gives both back when the ring
-    /// is full (take a completion with `next_in_order` first).
+    /// Queues `job` (visible to the helpers at the next `publish`, at the
+    /// latest once `PUBLISH_EVERY` jobs wait, or when this thread waits in
+    /// `next_in_order`); gives both back when the ring is full (take a
+    /// completion with `next_in_order` first).
     pub fn push(&mut self, job: J, local: L) -> Result<(), (J, L)> {
         if self.tail - self.head > self.ring.mask {
             return Err((job, local));
@@ -447,8 +455,9 @@ impl<J: Job, L> RingOwner<J, L> {
 const PUBLISH_EVERY: u64 = 16;
 
 impl<J, L> RingOwner<J, L> {
-    /// Makes the queued jobs visible to the helpers (once per batch: one
-    /// store the helpers read, not one per job) and wakes a parked one.
+    /// Makes the queued jobs visible to the helpers (at a batch's end and
+    /// every `PUBLISH_EVERY` jobs: one store the helpers read, not one per
+    /// job) and wakes a parked one.
     pub fn publish(&mut self) {
         if self.published < self.tail {
             self.published = self.tail;
@@ -555,6 +564,8 @@ impl<J: Job> CryptoPoolBuilder<J> {
     /// A new ring of `capacity` (a power of two) slots, for one owner.
     pub fn ring<L>(&mut self, capacity: usize) -> RingOwner<J, L> {
         let capacity = capacity.next_power_of_two().max(OUTCOMES_PER_LINE);
+        // Outcome tags are the low 32 bits of a job's number (`tag`).
+        assert!(capacity <= 1 << 31, "a ring of at most 2^31 jobs");
         let slots = (0..capacity)
             .map(|_| Slot { job: UnsafeCell::new(MaybeUninit::uninit()), size: AtomicU32::new(0) })
             .collect();
@@ -639,7 +650,10 @@ fn help<J: Job>(rings: &[Arc<SequenceRing<J>>], asleep: &AtomicBool, stop: &Atom
         }
         asleep.store(true, Ordering::SeqCst);
         if rings.iter().any(|r| r.has_unclaimed()) || stop.load(Ordering::SeqCst) {
-            asleep.store(false, Ordering::Relaxed);
+            // A waker that cleared the flag meanwhile is told this one runs.
+            if !asleep.swap(false, Ordering::AcqRel) {
+                wake.resumed.fetch_add(1, Ordering::Release);
+            }
             continue;
         }
         std::thread::park_timeout(PARK);
@@ -675,14 +689,16 @@ impl CryptoPool {
 
     /// Wakes every parked helper: it looks for work for `SPIN` before it
     /// parks again (for a caller that knows traffic is about to come).
-    /// Returns once they all run again, or after `wait` at most.
-    pub fn wake_all(&self, wait: Duration) {
+    /// Returns how many it woke, once they all run again (or after `wait`
+    /// at most).
+    pub fn wake_all(&self, wait: Duration) -> usize {
         let before = self.wake.resumed.load(Ordering::Acquire);
-        let woken = self.wake.wake_parked(usize::MAX) as u64;
+        let woken = self.wake.wake_parked(usize::MAX);
         let since = Instant::now();
-        while self.wake.resumed.load(Ordering::Acquire).wrapping_sub(before) < woken && since.elapsed() < wait {
+        while self.wake.resumed.load(Ordering::Acquire).wrapping_sub(before) < woken as u64 && since.elapsed() < wait {
             std::thread::yield_now();
         }
+        woken
     }
 }
 
@@ -878,7 +894,9 @@ mod tests {
         let ring = owner.ring.clone();
         let claimed_four = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || ring.work(8, u32::MAX)));
         assert!(claimed_four.is_err(), "the third job panicked");
-        let delivered: Vec<_> = std::iter::from_fn(|| owner.next_in_order()).collect();
+        // Every outcome is there without anyone running a job (no waiting:
+        // a missing one fails here rather than hanging).
+        let delivered: Vec<_> = std::iter::from_fn(|| owner.next_ready()).collect();
         assert_eq!(delivered, vec![(0, Some(9)), (1, Some(9)), (2, None), (3, None)]);
     }
 
@@ -1012,13 +1030,18 @@ mod tests {
         assert!(asleep(), "an idle helper parks");
         // Woken without work, it runs (`wake_all` returns once it does),
         // looks for some, then parks again.
-        let resumed = pool.wake.resumed.load(Ordering::Acquire);
-        pool.wake_all(Duration::from_secs(2));
-        assert_eq!(
-            pool.wake.resumed.load(Ordering::Acquire),
-            resumed + 1,
-            "woken, and running before wake_all returns"
-        );
+        // (A park that times out just then wakes it first: asleep again
+        // within a few ms, it is woken on the next try.)
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let resumed = pool.wake.resumed.load(Ordering::Acquire);
+            if pool.wake_all(Duration::from_secs(2)) == 1 {
+                assert!(pool.wake.resumed.load(Ordering::Acquire) > resumed, "running before wake_all returns");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the helper is woken");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let deadline = Instant::now() + Duration::from_secs(2);
         while !asleep() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));

@@ -15,7 +15,7 @@ pub const LINE: usize = 64;
 fn line_starts(ptr: *const u8, len: usize, lines: usize) -> impl Iterator<Item = *const u8> {
     let skew = ptr as usize % LINE;
     let first = ptr.wrapping_sub(skew);
-    let touched = if len == 0 { 0 } else { (skew + len).div_ceil(LINE) };
+    let touched = if len == 0 { 0 } else { skew.saturating_add(len).div_ceil(LINE) };
     (0..touched.min(lines)).map(move |k| first.wrapping_add(k * LINE))
 }
 
@@ -115,6 +115,7 @@ mod tests {
         assert_eq!(starts(63, 2, usize::MAX), vec![0, 64]);
         assert_eq!(starts(64, 1, usize::MAX), vec![64]);
         assert!(starts(5, 0, usize::MAX).is_empty());
+        assert_eq!(starts(14, usize::MAX, 3), vec![0, 64, 128], "no overflow");
     }
 
     #[test]

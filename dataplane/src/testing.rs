@@ -254,6 +254,12 @@ impl MemoryWorker {
         }
     }
 
+    /// Stops the crypto helpers: the worker runs its jobs itself, when it
+    /// waits for one (tests).
+    pub fn stop_helpers(&mut self) {
+        self.crypto = None;
+    }
+
     /// Helper threads running this worker's AEAD besides itself.
     pub fn crypto_helpers(&self) -> usize {
         self.crypto.as_ref().map_or(0, crate::crypto_pool::CryptoPool::helpers)

@@ -331,22 +331,24 @@ impl<S: FrameIo> Worker<S> {
         let neighbors = shared.neighbors.load();
         let received = self.io.recv(Port::Wan, batch, BATCH);
         add(&self.counters.wan_rx, received);
+        let opens_before = self.crypto.as_ref().map_or(0, |r| r.opens.next_seq());
         self.drain_batch(batch, |w, frame| w.on_wan(frame, &mut snapshot, &neighbors, now));
-        if let Some(rings) = self.crypto.as_mut() {
-            rings.opens.publish();
-        }
-        // A batch that received nothing finishes what is in flight.
-        let keep = if received == 0 { 0 } else { CRYPTO_IN_FLIGHT };
-        let mut finished = self.settle_opens(&mut snapshot, &neighbors, keep, now);
+        let opens_queued = self.crypto.as_mut().map_or(0, |r| {
+            r.opens.publish();
+            r.opens.next_seq() - opens_before
+        });
+        let mut finished = self.settle_opens(&mut snapshot, &neighbors, kept_in_flight(opens_queued), now);
         // Sends follow an endpoint that a received packet just moved.
         snapshot.flush();
         let sent = self.io.recv(Port::Lan, batch, BATCH);
         add(&self.counters.lan_rx, sent);
+        let seals_before = self.crypto.as_ref().map_or(0, |r| r.seals.next_seq());
         self.drain_batch(batch, |w, frame| w.on_lan(frame, &mut snapshot, now));
-        if let Some(rings) = self.crypto.as_mut() {
-            rings.seals.publish();
-        }
-        finished += self.settle_seals(if sent == 0 { 0 } else { CRYPTO_IN_FLIGHT });
+        let seals_queued = self.crypto.as_mut().map_or(0, |r| {
+            r.seals.publish();
+            r.seals.next_seq() - seals_before
+        });
+        finished += self.settle_seals(kept_in_flight(seals_queued));
         drop(snapshot);
         add(&self.counters.decrypted, std::mem::take(&mut self.decrypted));
         if let Some(rings) = self.crypto.as_mut() {
@@ -944,9 +946,21 @@ struct Sealing<F> {
 
 /// Slots per ring: the jobs kept in flight, the next batch, and room.
 const CRYPTO_RING: usize = 4 * BATCH;
-/// Jobs per direction left in flight at the end of a batch that received
-/// some: the helpers' work while this thread delivers and parses the next.
+/// Jobs per direction left in flight at the end of a batch that queued some:
+/// the helpers' work while this thread delivers and parses the next.
 const CRYPTO_IN_FLIGHT: usize = 2 * BATCH;
+
+/// Jobs left in flight after a batch that queued `queued` of them: none when
+/// it queued none (nothing received, or only frames that need no AEAD:
+/// handshakes, garbage, refused messages), so that such frames never hold
+/// packets back waiting for helpers.
+fn kept_in_flight(queued: u64) -> usize {
+    if queued == 0 {
+        0
+    } else {
+        CRYPTO_IN_FLIGHT
+    }
+}
 
 /// With an inner packet at `buf[hdr + 16..][..len]`: one hop less when it is
 /// being forwarded (`hop`), sealed on `tally`'s keypair behind its transport
@@ -1488,6 +1502,30 @@ mod tests {
         assert_eq!(io(&mut m).take_sent(Port::Lan, |_| {}), 0);
         assert_eq!(io(&mut m).take_sent(Port::Wan, |_| {}), 0);
         assert_eq!(m.counters.drops.total(), 13, "every bad frame is a counted drop: {:?}", m.counters.named());
+    }
+
+    /// Frames that queue no AEAD (garbage here) never leave earlier packets
+    /// waiting for helpers: a batch that queued none finishes what is in
+    /// flight, on this thread if need be.
+    #[test]
+    fn a_batch_that_queues_no_aead_finishes_what_is_in_flight() {
+        let mut m = MemoryWorker::with_crypto_threads(AeadBackend::Ring, 2);
+        // The worker alone runs jobs now, and only when it waits for one.
+        m.stop_helpers();
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        for i in 0..10 {
+            let frame = m.wan_frame(&numbered(i, 100, CLIENT_TUNNEL, LAN_HOST), now);
+            assert!(io(&mut m).inject(Port::Wan, &frame));
+        }
+        m.worker.process_batch(&mut batch, now);
+        assert_eq!(io(&mut m).take_sent(Port::Lan, |_| {}), 0, "kept in flight for helpers");
+        assert!(io(&mut m).inject(Port::Wan, &[0u8; 20]));
+        m.worker.process_batch(&mut batch, now);
+        let mut got = Vec::new();
+        io(&mut m).take_sent(Port::Lan, |f| got.push(id_of(&f[14..])));
+        assert_eq!(got, (0..10).collect::<Vec<_>>(), "finished behind a batch of garbage");
+        assert_eq!(m.counters.drops.total(), 1, "{:?}", m.counters.named());
     }
 
     /// The crash seen in the field: under load (a valid-MAC1 flood), datagrams
