@@ -78,9 +78,10 @@ pub trait Job: Copy + Send + 'static {
 /// to: one contended update of the claim counter for all of them, and their
 /// slots and frames prefetched together, so the misses on lines the owner
 /// wrote overlap instead of stalling one after another (32 jobs of 64 bytes,
-/// 22 of 1420, 3 jumbo frames). The owner never waits for more than the
-/// oldest of them: a claim runs oldest first and stores the first outcome at
-/// once, the rest a line at a time (`ClaimOutcomes`).
+/// 22 of 1420, 3 jumbo frames). A claim runs oldest first and stores its
+/// first outcome at once, the rest a line at a time (`ClaimOutcomes`): the
+/// owner waits for the oldest job, then at most for the rest of its outcome
+/// line (7 jobs).
 const HELPER_CLAIM: u64 = 32;
 const HELPER_CLAIM_BYTES: u32 = 32768;
 
@@ -650,8 +651,10 @@ fn help<J: Job>(rings: &[Arc<SequenceRing<J>>], asleep: &AtomicBool, stop: &Atom
         }
         asleep.store(true, Ordering::SeqCst);
         if rings.iter().any(|r| r.has_unclaimed()) || stop.load(Ordering::SeqCst) {
-            // A waker that cleared the flag meanwhile is told this one runs.
+            // A waker that cleared the flag meanwhile is told this one runs,
+            // and it looks for work for `SPIN` as any woken helper does.
             if !asleep.swap(false, Ordering::AcqRel) {
+                (idle_since, spins) = (None, 0);
                 wake.resumed.fetch_add(1, Ordering::Release);
             }
             continue;
@@ -690,7 +693,8 @@ impl CryptoPool {
     /// Wakes every parked helper: it looks for work for `SPIN` before it
     /// parks again (for a caller that knows traffic is about to come).
     /// Returns how many it woke, once they all run again (or after `wait`
-    /// at most).
+    /// at most; with several helpers, one woken by an owner's publish just
+    /// then may count for one of these, so it may return a little early).
     pub fn wake_all(&self, wait: Duration) -> usize {
         let before = self.wake.resumed.load(Ordering::Acquire);
         let woken = self.wake.wake_parked(usize::MAX);
