@@ -103,8 +103,9 @@ const VALUE: u64 = HERE - 1;
 
 /// The outcome word's tag for the job numbered `index`: the low 32 bits of
 /// `index + 1`. Neither the initial 0 nor the word the slot's previous job
-/// left (`index + 1 - capacity`) carries it, so nothing is reset between
-/// jobs: the owner only reads outcome lines, never writes them.
+/// left (`index + 1 - capacity`) carries it (a ring holds at most 2^31
+/// jobs), so nothing is reset between jobs: the owner only reads outcome
+/// lines, never writes them.
 fn tag(index: u64) -> u64 {
     (index.wrapping_add(1) & 0xffff_ffff) << 32
 }

@@ -112,7 +112,8 @@ mod tests {
             assert_eq!(store.idempotent_response("key_a", "k1").unwrap(), Some(answer.clone()));
             assert_eq!(store.idempotent_response("key_b", "k1").unwrap(), None, "per API key");
             // Past the window: not replayed, and the next write drops it.
-            let old = StoredResponse { created_at: now_millis() - RETENTION_MILLIS - 1, ..answer.clone() };
+            // (A second past it: the delete compares with the database's clock.)
+            let old = StoredResponse { created_at: now_millis() - RETENTION_MILLIS - 1_000, ..answer.clone() };
             store.save_idempotent_response("key_a", "k2", &old).unwrap();
             assert_eq!(store.idempotent_response("key_a", "k2").unwrap(), None);
             store.save_idempotent_response("key_a", "k3", &answer).unwrap();
