@@ -864,23 +864,29 @@ mod tests {
     /// A `Fake::delay_us` that makes the job panic.
     const PANICS: u16 = u16::MAX;
 
+    /// Claims jobs of `delays` (one of them `PANICS`) in one claim on this
+    /// thread, which panics; returns what the owner then takes back without
+    /// anyone running a job (no waiting: a missing outcome ends the list
+    /// rather than hanging).
+    fn after_a_panicking_claim(delays: &[u16]) -> Vec<(u8, Option<u32>)> {
+        let counter = runs();
+        let mut builder = CryptoPoolBuilder::<Fake>::default();
+        let mut owner = builder.ring::<u8>(16);
+        for (i, &delay_us) in delays.iter().enumerate() {
+            owner.push(Fake { value: 9, delay_us, fail: false, runs: counter }, i as u8).map_err(|_| ()).unwrap();
+        }
+        owner.publish();
+        let ring = owner.ring.clone();
+        let claim = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || ring.work(16, u32::MAX)));
+        assert!(claim.is_err(), "a job panicked");
+        std::iter::from_fn(|| owner.next_ready()).collect()
+    }
+
     /// A job that panics completes as failed, and so does the rest of the
     /// claim it was part of: its owner never waits forever.
     #[test]
     fn a_panicking_job_fails_its_whole_claim_instead_of_hanging_the_owner() {
-        let counter = runs();
-        let mut builder = CryptoPoolBuilder::<Fake>::default();
-        let mut owner = builder.ring::<u8>(8);
-        let job = |delay_us| Fake { value: 9, delay_us, fail: false, runs: counter };
-        for (i, delay) in [PANICS, 0, 0].into_iter().enumerate() {
-            owner.push(job(delay), i as u8).map_err(|_| ()).unwrap();
-        }
-        owner.publish();
-        let ring = owner.ring.clone();
-        let claimed_three = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || ring.work(4, u32::MAX)));
-        assert!(claimed_three.is_err(), "the first job panicked");
-        let delivered: Vec<_> = std::iter::from_fn(|| owner.next_in_order()).collect();
-        assert_eq!(delivered, vec![(0, None), (1, None), (2, None)]);
+        assert_eq!(after_a_panicking_claim(&[PANICS, 0, 0]), vec![(0, None), (1, None), (2, None)]);
     }
 
     /// Outcomes are stored a line at a time: a job that panics after others
@@ -888,21 +894,7 @@ mod tests {
     /// rest.
     #[test]
     fn a_panic_mid_claim_keeps_the_outcomes_of_the_jobs_done_before_it() {
-        let counter = runs();
-        let mut builder = CryptoPoolBuilder::<Fake>::default();
-        let mut owner = builder.ring::<u8>(16);
-        let job = |delay_us| Fake { value: 9, delay_us, fail: false, runs: counter };
-        for (i, delay) in [0, 0, PANICS, 0].into_iter().enumerate() {
-            owner.push(job(delay), i as u8).map_err(|_| ()).unwrap();
-        }
-        owner.publish();
-        let ring = owner.ring.clone();
-        let claimed_four = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || ring.work(8, u32::MAX)));
-        assert!(claimed_four.is_err(), "the third job panicked");
-        // Every outcome is there without anyone running a job (no waiting:
-        // a missing one fails here rather than hanging).
-        let delivered: Vec<_> = std::iter::from_fn(|| owner.next_ready()).collect();
-        assert_eq!(delivered, vec![(0, Some(9)), (1, Some(9)), (2, None), (3, None)]);
+        assert_eq!(after_a_panicking_claim(&[0, 0, PANICS, 0]), vec![(0, Some(9)), (1, Some(9)), (2, None), (3, None)]);
     }
 
     /// A value the outcome word cannot hold fails its job rather than being

@@ -237,11 +237,7 @@ fn bring_in(s: &AppState, served: &mut Served, mut g: GatewayRecord) -> Result<O
             s.plane.remove(&g.id).map_err(|e| format!("gateway {}: {e}", g.id))?;
             served.applied.remove(&g.id);
             if g.status == Status::Deleting {
-                let from = (g.status, g.updated_at);
-                g.updated_at = crate::store::now_millis().max(g.updated_at + 1);
-                g.status = Status::Deleted;
-                if !s.settle_from(&g, from, EventKind::GatewayDeleted).map_err(|e| e.to_string())? {
-                    // Changed since it was read: the next pass reads it again.
+                if !settle_to(s, &mut g, Status::Deleted, EventKind::GatewayDeleted)? {
                     return Ok(None);
                 }
                 tracing::info!(id = %g.id, "VPN gateway deleted");
@@ -262,12 +258,9 @@ fn bring_in(s: &AppState, served: &mut Served, mut g: GatewayRecord) -> Result<O
             }
             served.runs_now(&g);
             if g.status == Status::Creating {
-                let from = (g.status, g.updated_at);
-                g.updated_at = crate::store::now_millis().max(g.updated_at + 1);
-                g.status = Status::Active;
-                // Changed since it was read (deleted through another node):
-                // what runs is left to the next pass, which reads it again.
-                if !s.settle_from(&g, from, EventKind::GatewayCreated).map_err(|e| e.to_string())? {
+                // Deleted through another node meanwhile: what runs is left
+                // to the next pass.
+                if !settle_to(s, &mut g, Status::Active, EventKind::GatewayCreated)? {
                     return Ok(None);
                 }
                 served.runs_now(&g);
@@ -281,6 +274,16 @@ fn bring_in(s: &AppState, served: &mut Served, mut g: GatewayRecord) -> Result<O
 /// Runs passes until `stop`: at each change the store reports, and every
 /// `PASS_EVERY` regardless. On a dedicated thread (a pass blocks on the
 /// store and the data plane).
+/// Writes `g` on as a new version in status `to`, with its event, unless
+/// the stored gateway changed since it was read: false then, nothing
+/// written (the next pass reads it again).
+fn settle_to(s: &AppState, g: &mut GatewayRecord, to: Status, kind: EventKind) -> Result<bool, String> {
+    let from = (g.status, g.updated_at);
+    g.updated_at = crate::store::now_millis().max(g.updated_at + 1);
+    g.status = to;
+    s.settle_from(g, from, kind).map_err(|e| e.to_string())
+}
+
 pub fn run(state: Arc<AppState>, stop: Arc<AtomicBool>) {
     state.store.watch_changes();
     let mut mark = state.store.change_mark();
@@ -352,7 +355,7 @@ mod tests {
     use crate::api::ApiSettings;
     use crate::plane::MemoryPlane;
     use crate::store::testing::TestDb;
-    use crate::store::{sample, ThisNode};
+    use crate::store::{sample, sample_in, ThisNode};
 
     fn node_state(db: &TestDb, floating: Option<&str>) -> (Arc<AppState>, Arc<MemoryPlane>) {
         let store = Arc::new(db.open());
@@ -365,10 +368,7 @@ mod tests {
     }
 
     fn eu_gateway(name: &str, status: Status) -> GatewayRecord {
-        let mut g = sample(name, name);
-        g.region = "eu".into();
-        g.status = status;
-        g
+        GatewayRecord { status, ..sample_in(name, name, "eu") }
     }
 
     /// A node that starts without its floating address (keepalived moved it

@@ -432,7 +432,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::super::testing::each_backend;
-    use super::super::{sample, Status};
+    use super::super::{sample, sample_in, Status};
     use super::*;
 
     fn node(id: &str, region: &str) -> ThisNode {
@@ -454,15 +454,9 @@ mod tests {
             for n in [&a1, &a2, &b1] {
                 store.heartbeat(n).unwrap();
             }
-            let mut eu = sample("eu-1", "k1");
-            eu.region = "eu".into();
-            let eu = store.insert(eu).unwrap();
-            let mut eu2 = sample("eu-2", "k2");
-            eu2.region = "eu".into();
-            let eu2 = store.insert(eu2).unwrap();
-            let mut us = sample("us-1", "k3");
-            us.region = "us".into();
-            let us = store.insert(us).unwrap();
+            let eu = store.insert(sample_in("eu-1", "k1", "eu")).unwrap();
+            let eu2 = store.insert(sample_in("eu-2", "k2", "eu")).unwrap();
+            let us = store.insert(sample_in("us-1", "k3", "us")).unwrap();
             assert_eq!(store.claim_leases(&a1).unwrap(), 2);
             assert_eq!(store.claim_leases(&a1).unwrap(), 0, "held already");
             assert_eq!(store.claim_leases(&a2).unwrap(), 0, "a live node holds them");
@@ -521,12 +515,8 @@ mod tests {
             let (eu, any) = (node("eu-1", "eu"), node("any", EVERY_REGION));
             store.heartbeat(&eu).unwrap();
             store.heartbeat(&any).unwrap();
-            let mut g = sample("eu-site", "k1");
-            g.region = "eu".into();
-            let g = store.insert(g).unwrap();
-            let mut other = sample("ap-site", "k2");
-            other.region = "ap".into();
-            let other = store.insert(other).unwrap();
+            let g = store.insert(sample_in("eu-site", "k1", "eu")).unwrap();
+            let other = store.insert(sample_in("ap-site", "k2", "ap")).unwrap();
             assert_eq!(store.claim_leases(&any).unwrap(), 1, "only the region nobody else serves");
             assert_eq!(holder(&store, &other.id), Some("any".into()));
             assert_eq!(holder(&store, &g.id), None);
@@ -593,9 +583,7 @@ mod tests {
             one.heartbeat(&a1).unwrap();
             one.heartbeat(&a2).unwrap();
             for i in 0..40 {
-                let mut g = sample(&format!("g{i}"), &format!("key{i}"));
-                g.region = "eu".into();
-                one.insert(g).unwrap();
+                one.insert(sample_in(&format!("g{i}"), &format!("key{i}"), "eu")).unwrap();
             }
             let claim = |store: std::sync::Arc<Store>, me: ThisNode| {
                 std::thread::spawn(move || (0..5).map(|_| store.claim_leases(&me).unwrap()).sum::<u64>())

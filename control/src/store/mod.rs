@@ -440,6 +440,12 @@ pub(crate) fn sample(name: &str, key: &str) -> GatewayRecord {
     }
 }
 
+/// `sample`, in `region`.
+#[cfg(test)]
+pub(crate) fn sample_in(name: &str, key: &str, region: &str) -> GatewayRecord {
+    GatewayRecord { region: region.into(), ..sample(name, key) }
+}
+
 /// A gateway row read with `COLUMNS`. A value that does not decode is
 /// `Corrupt`, naming the row and the column.
 fn record(row: &Row) -> Result<GatewayRecord, StoreError> {
